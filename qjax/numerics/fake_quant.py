@@ -1,0 +1,129 @@
+"""``fake_quant``: quantize-dequantize with a straight-through backward pass.
+
+The forward pass is bit-for-bit ``dequantize(quantize(x, spec))``. The backward pass
+is a ``jax.custom_vjp`` chosen by ``spec.ste``:
+
+* ``"plain"``: identity, ``dL/dx = g``.
+* ``"clipped"``: ``dL/dx = g`` where ``x / s`` (plus zero point) lies in
+  ``[qmin, qmax]``, else 0.
+* ``"lsq"``: Learned Step Size Quantization (Esser et al., ICLR 2020). The scale ``s``
+  is an input and gets the gradient
+  ``dL/ds = gscale * sum g * (qmin if v < qmin, qmax if v > qmax, else q(v) - v)``,
+  ``v = x / s``, with ``gscale = 1 / sqrt(N * qmax)`` where ``N`` is the number of
+  elements sharing that scale; ``dL/dx`` is the clipped STE.
+
+The scale of ``"plain"``/``"clipped"`` is treated as a constant (calibration is not
+differentiated).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics.formats import Format
+from qjax.numerics.granularity import from_grouped, scale_from_grouped, to_grouped
+from qjax.numerics.quantize import _check_spec, as_float_array, scale_grouped
+from qjax.numerics.scaling import compute_dtype, dequantize_values, quantize_values, rounding_noise
+from qjax.numerics.spec import QuantSpec
+
+
+def _forward(fmt: Format, x, s, zp, noise):
+    rounding = "nearest" if noise is None else "stochastic"
+    q = quantize_values(x, s, zp, fmt, rounding, noise=noise)
+    return dequantize_values(q, s, zp, x.dtype), q
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _fake_quant_core(fmt: Format, ste: str, grad_scale: float, x, s, zp, noise):
+    return _forward(fmt, x, s, zp, noise)[0]
+
+
+def _core_fwd(fmt, ste, grad_scale, x, s, zp, noise):
+    y, q = _forward(fmt, x, s, zp, noise)
+    return y, (x, s, zp, noise, q)
+
+
+def _core_bwd(fmt, ste, grad_scale, res, g):
+    x, s, zp, noise, q = res
+    v = x * (1.0 / s)
+    if zp is not None:
+        v = v + zp
+    inside = (v >= fmt.qmin) & (v <= fmt.qmax)
+    gx = g if ste == "plain" else jnp.where(inside, g, jnp.zeros_like(g))
+    if ste == "lsq":
+        qf = q.astype(x.dtype)
+        ds = jnp.where(v < fmt.qmin, fmt.qmin, jnp.where(v > fmt.qmax, fmt.qmax, qf - v))
+        axes = tuple(i for i in range(x.ndim) if s.shape[i] == 1 and x.shape[i] != 1)
+        gs = jnp.sum(g * ds, axis=axes, keepdims=True).reshape(s.shape) * grad_scale
+    else:
+        gs = jnp.zeros_like(s)
+    zero = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    return gx, gs, zero(zp), zero(noise)
+
+
+_fake_quant_core.defvjp(_core_fwd, _core_bwd)
+
+
+def fake_quant(
+    x,
+    spec: QuantSpec,
+    *,
+    scale=None,
+    zero_point=None,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """Quantize and dequantize ``x``, differentiably (see module docstring).
+
+    Args:
+      x: floating-point array.
+      spec: the :class:`QuantSpec`; ``spec.ste`` picks the backward rule.
+      scale: optional scale (broadcastable to the stored scale shape). Required for
+        ``ste="lsq"``, where it is learned: initialise it with :func:`lsq_init_scale`.
+      zero_point: zero point for an asymmetric spec with a given scale.
+      key: PRNG key for ``rounding="stochastic"`` (the same key gives the same rounding
+        as ``quantize(x, spec, key=key)``).
+
+    Returns:
+      An array of ``x``'s shape and dtype equal to ``dequantize(quantize(x, spec))``.
+
+    Raises:
+      TypeError / ValueError: as :func:`qjax.quantize`; also ``ste="lsq"`` without a scale.
+    """
+    spec = _check_spec(spec)
+    x = as_float_array(x)
+    if spec.ste == "lsq" and scale is None:
+        raise ValueError(
+            "ste='lsq' learns the scale: pass scale=... (initialise it with qjax.lsq_init_scale(x, spec))"
+        )
+    if scale is not None and spec.ste != "lsq":
+        scale = jax.lax.stop_gradient(scale)
+    g = scale_grouped(x, spec, scale=scale, zero_point=zero_point)
+    s = g.scale if spec.ste == "lsq" else jax.lax.stop_gradient(g.scale)
+    zp = None if g.zero_point is None else jax.lax.stop_gradient(g.zero_point.astype(s.dtype))
+    noise = None
+    if spec.rounding == "stochastic":
+        noise = rounding_noise(key, g.x.shape, g.x.dtype)
+    grad_scale = 1.0 / math.sqrt(max(g.layout.group_count, 1) * spec.format.qmax)
+    y = _fake_quant_core(spec.format, spec.ste, grad_scale, g.x, s, zp, noise)
+    return from_grouped(y, g.layout).astype(x.dtype)
+
+
+def lsq_init_scale(x, spec: QuantSpec) -> jax.Array:
+    """LSQ's initial step size ``2 * mean(|x|) / sqrt(qmax)`` per scale group, in the
+    stored scale shape (a zero group gets scale 1).
+
+    Raises:
+      TypeError / ValueError: as :func:`qjax.quantize`.
+    """
+    spec = _check_spec(spec)
+    x = as_float_array(x)
+    layout = spec.layout(x.shape)
+    xg = to_grouped(jnp.abs(x.astype(compute_dtype(x.dtype))), layout, pad_mode="edge")
+    m = jnp.mean(xg, axis=layout.grouped_reduce_axes(), keepdims=True)  # empty -> NaN -> 1
+    s = 2.0 * m / math.sqrt(spec.format.qmax)
+    s = jnp.where(s > 0, s, jnp.ones_like(s))
+    return jnp.broadcast_to(scale_from_grouped(s, layout), layout.scale_shape)

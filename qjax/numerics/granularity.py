@@ -1,0 +1,179 @@
+"""Granularity: which elements share a scale.
+
+Three granularities compose:
+
+* per-tensor: one scale (``channel_axes=()``),
+* per-channel over any set of axes: one scale per index of ``channel_axes``,
+* per-group: axis ``group_axis`` is cut into consecutive groups of ``group_size``
+  elements, each with its own scale (combinable with channel axes).
+
+Scales are stored with the rank of the tensor: size ``shape[a]`` on channel axes,
+``ceil(shape[g] / group_size)`` on the group axis and 1 elsewhere, so a scale
+broadcasts against the tensor's "grouped view" after one ``expand_dims``.
+
+All axes are normalised to negative indices, so a ``QArray`` keeps working when a
+transform such as ``jax.vmap`` removes leading axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+
+
+def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
+    """Return ``axis`` as a negative index into a rank-``ndim`` array.
+
+    Raises:
+      ValueError: the axis is out of range (the message names ``what``).
+    """
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise TypeError(f"{what} must be an int, got {axis!r}")
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{what}={axis} is out of range for an array of rank {ndim}")
+    return axis - ndim if axis >= 0 else axis
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Granularity resolved against a concrete shape (all axes negative)."""
+
+    shape: tuple[int, ...]
+    channel_axes: tuple[int, ...]
+    group_axis: int | None
+    group_size: int | None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def num_groups(self) -> int:
+        if self.group_axis is None:
+            return 1
+        return math.ceil(self.shape[self.group_axis] / self.group_size)
+
+    @property
+    def padded_length(self) -> int:
+        return self.num_groups * self.group_size
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of the stored scale (rank of the tensor)."""
+        out = []
+        for a in range(-self.ndim, 0):
+            if a in self.channel_axes:
+                out.append(self.shape[a])
+            elif a == self.group_axis:
+                out.append(self.num_groups)
+            else:
+                out.append(1)
+        return tuple(out)
+
+    @property
+    def group_count(self) -> int:
+        """Number of elements that share one scale (padding included)."""
+        n = 1
+        for a in range(-self.ndim, 0):
+            if a in self.channel_axes:
+                continue
+            n *= self.group_size if a == self.group_axis else self.shape[a]
+        return n
+
+    def grouped_reduce_axes(self) -> tuple[int, ...]:
+        """Axes (negative, in the grouped view) reduced to compute one scale."""
+        if self.group_axis is None:
+            return tuple(a for a in range(-self.ndim, 0) if a not in self.channel_axes)
+        # In the grouped view the group axis g becomes (num_groups, group_size); axes
+        # right of g keep their negative index, axes left of it shift by one.
+        axes = []
+        for a in range(-self.ndim, 0):
+            if a == self.group_axis:
+                axes.append(a)  # the group_size axis sits at g's old negative index
+            elif a not in self.channel_axes:
+                axes.append(a - 1 if a < self.group_axis else a)
+        return tuple(axes)
+
+
+def resolve_layout(
+    shape: Sequence[int],
+    channel_axes: Sequence[int],
+    group_axis: int | None,
+    group_size: int | None,
+    pad_groups: bool = False,
+) -> Layout:
+    """Check a granularity against ``shape`` and normalise it.
+
+    Raises:
+      ValueError: an axis is out of range or repeated, the group axis is also a channel
+        axis, or ``group_size`` does not divide the group axis and ``pad_groups`` is off.
+    """
+    shape = tuple(int(s) for s in shape)
+    ndim = len(shape)
+    chans = tuple(normalize_axis(a, ndim, "channel_axes entry") for a in channel_axes)
+    if len(set(chans)) != len(chans):
+        raise ValueError(f"channel_axes {tuple(channel_axes)} repeats an axis (rank {ndim})")
+    gaxis = None
+    if group_axis is not None:
+        gaxis = normalize_axis(group_axis, ndim, "group_axis")
+        if gaxis in chans:
+            raise ValueError(f"group_axis={group_axis} is also in channel_axes={tuple(channel_axes)}")
+        length = shape[gaxis]
+        if length % group_size and not pad_groups:
+            raise ValueError(
+                f"group_size={group_size} does not divide axis {group_axis} of length {length} "
+                f"(shape {shape}); choose a divisor or pass pad_groups=True to pad the last group"
+            )
+    return Layout(shape, tuple(sorted(chans)), gaxis, group_size if gaxis is not None else None)
+
+
+def to_grouped(x: jnp.ndarray, layout: Layout, pad_mode: str = "edge") -> jnp.ndarray:
+    """Split the group axis of ``x`` into ``(num_groups, group_size)``.
+
+    A last group shorter than ``group_size`` is padded (``"edge"`` repeats the last
+    element, which leaves min/max/absmax of that group unchanged; ``"zero"`` pads zeros).
+    """
+    if layout.group_axis is None:
+        return x
+    g = x.ndim + layout.group_axis
+    extra = layout.padded_length - x.shape[g]
+    if extra:
+        widths = [(0, 0)] * x.ndim
+        widths[g] = (0, extra)
+        x = jnp.pad(x, widths, mode="edge" if pad_mode == "edge" else "constant")
+    return x.reshape(x.shape[:g] + (layout.num_groups, layout.group_size) + x.shape[g + 1 :])
+
+
+def from_grouped(xg: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """Inverse of :func:`to_grouped` (drops the padding)."""
+    if layout.group_axis is None:
+        return xg
+    g = xg.ndim - 1 + layout.group_axis
+    x = xg.reshape(xg.shape[:g] + (layout.padded_length,) + xg.shape[g + 2 :])
+    length = layout.shape[layout.group_axis]
+    if length != layout.padded_length:
+        x = _slice_axis(x, g, length)
+    return x
+
+
+def _slice_axis(x: jnp.ndarray, axis: int, length: int) -> jnp.ndarray:
+    index = [slice(None)] * x.ndim
+    index[axis] = slice(0, length)
+    return x[tuple(index)]
+
+
+def scale_to_grouped(scale: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """Stored scale -> broadcastable against the grouped view."""
+    if layout.group_axis is None:
+        return scale
+    return jnp.expand_dims(scale, scale.ndim + layout.group_axis + 1)
+
+
+def scale_from_grouped(scale_g: jnp.ndarray, layout: Layout) -> jnp.ndarray:
+    """Grouped-view keepdims scale -> stored scale."""
+    if layout.group_axis is None:
+        return scale_g
+    return jnp.squeeze(scale_g, scale_g.ndim + layout.group_axis)

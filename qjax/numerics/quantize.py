@@ -1,0 +1,170 @@
+"""``quantize``, ``dequantize`` and ``compute_scale``."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics.calibration import Fixed
+from qjax.numerics.granularity import (
+    Layout,
+    from_grouped,
+    normalize_axis,
+    scale_from_grouped,
+    scale_to_grouped,
+    to_grouped,
+)
+from qjax.numerics.packing import pack
+from qjax.numerics.qarray import QArray
+from qjax.numerics.scaling import compute_dtype, quantize_values, scale_from_range
+from qjax.numerics.spec import QuantSpec
+
+
+def as_float_array(x, name: str = "x") -> jax.Array:
+    """``x`` as a JAX array, checking it is floating point.
+
+    Raises:
+      TypeError: ``x`` is not a floating-point array (the message names ``name``).
+    """
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"{name} must be a floating-point array to quantize, got dtype {x.dtype}")
+    return x
+
+
+def _check_spec(spec) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a qjax.QuantSpec, got {type(spec).__name__}")
+    return spec
+
+
+class Grouped(NamedTuple):
+    """A tensor in its grouped view with the scale that goes with it."""
+
+    x: jax.Array  # grouped view, compute dtype
+    scale: jax.Array  # grouped view, broadcastable
+    zero_point: jax.Array | None
+    layout: Layout
+
+
+def _given(value, layout: Layout, name: str, dtype) -> jax.Array:
+    value = jnp.asarray(value, dtype=dtype)
+    want = layout.scale_shape
+    try:
+        return jnp.broadcast_to(value, want)
+    except ValueError:
+        raise ValueError(f"{name} of shape {value.shape} does not broadcast to the scale shape {want}") from None
+
+
+def scale_grouped(
+    x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None
+) -> Grouped:
+    """Lay ``x`` out by ``spec``'s granularity and compute (or take) its scale.
+
+    Shared by :func:`quantize` and ``fake_quant`` so both round identically.
+    """
+    layout = spec.layout(x.shape)
+    cdt = compute_dtype(x.dtype)
+    xg = to_grouped(x.astype(cdt), layout, pad_mode="edge")
+    fmt = spec.format
+    axes = layout.grouped_reduce_axes()
+    if scale is None:
+        lo, hi = spec.calibration(xg, axes, fmt, spec.symmetric)
+        s, zp = scale_from_range(lo, hi, fmt, spec.symmetric)
+        check_finite = isinstance(spec.calibration, Fixed)
+    else:
+        s = scale_to_grouped(_given(scale, layout, "scale", cdt), layout)
+        zp = None
+        if not spec.symmetric:
+            if zero_point is None:
+                raise ValueError("asymmetric quantization with a given scale also needs zero_point")
+            zp = scale_to_grouped(_given(zero_point, layout, "zero_point", fmt.storage_dtype), layout)
+        check_finite = True
+    if check_finite and xg.size:
+        bad = jnp.any(~jnp.isfinite(xg), axis=axes, keepdims=True)
+        s = jnp.where(bad, jnp.nan, s)
+    # The barrier keeps XLA from folding the scale's arithmetic into the elementwise
+    # division differently in different programs, so quantize/dequantize and fake_quant
+    # round identically whether run eagerly or inside any jit.
+    s = jax.lax.optimization_barrier(s)
+    return Grouped(xg, s, zp, layout)
+
+
+def compute_scale(x, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    """Calibrate ``x`` per ``spec`` and return ``(scale, zero_point)`` in stored shape.
+
+    Raises:
+      TypeError: ``x`` is not floating point; ValueError: granularity does not fit ``x``.
+    """
+    spec = _check_spec(spec)
+    g = scale_grouped(as_float_array(x), spec)
+    zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, g.layout)
+    return scale_from_grouped(g.scale, g.layout), zp
+
+
+def quantize(
+    x,
+    spec: QuantSpec,
+    *,
+    key: jax.Array | None = None,
+    scale=None,
+    zero_point=None,
+) -> QArray:
+    """Quantize a float array.
+
+    Args:
+      x: floating-point array (any float dtype; bf16 is computed in float32).
+      spec: the :class:`QuantSpec`.
+      key: PRNG key, required when ``spec.rounding == "stochastic"``.
+      scale: optional precomputed scale (broadcastable to the stored scale shape); when
+        given, calibration is skipped. ``zero_point`` likewise, for asymmetric specs.
+
+    Returns:
+      A :class:`QArray`; ``dequantize(quantize(x, spec))`` has ``x``'s shape and dtype.
+      Groups that contain NaN/Inf dequantize to NaN.
+
+    Raises:
+      TypeError: ``x`` is not floating point or ``spec`` is not a QuantSpec.
+      ValueError: an axis is out of range, the group size does not divide, a stochastic
+        spec has no key, or a given scale has the wrong shape.
+
+    Example:
+      >>> q = qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
+      >>> w_hat = qjax.dequantize(q)
+    """
+    spec = _check_spec(spec)
+    x = as_float_array(x)
+    g = scale_grouped(x, spec, scale=scale, zero_point=zero_point)
+    layout = g.layout
+    q = from_grouped(quantize_values(g.x, g.scale, g.zero_point, spec.format, spec.rounding, key), layout)
+    packed_axis = packed_len = None
+    if spec.packed and x.ndim > 0:
+        packed_axis = normalize_axis(spec.pack_axis, x.ndim, "pack_axis")
+        packed_len = x.shape[packed_axis]
+        q = pack(q, spec.format.pack_bits, packed_axis)
+    zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, layout)
+    return QArray(
+        q,
+        scale_from_grouped(g.scale, layout),
+        zp,
+        format=spec.format,
+        dtype=x.dtype,
+        channel_axes=layout.channel_axes,
+        group_axis=layout.group_axis,
+        group_size=layout.group_size,
+        packed_axis=packed_axis,
+        packed_length=packed_len,
+    )
+
+
+def dequantize(q: QArray) -> jax.Array:
+    """The real values a :class:`QArray` stands for (``q.dequantize()``).
+
+    Raises:
+      TypeError: ``q`` is not a QArray.
+    """
+    if not isinstance(q, QArray):
+        raise TypeError(f"dequantize expects a qjax.QArray, got {type(q).__name__}")
+    return q.dequantize()

@@ -1,0 +1,130 @@
+"""Scales, zero points, rounding and the elementwise quantize/dequantize maps.
+
+These are the arithmetic kernels shared by ``quantize``, ``fake_quant`` and the
+calibrators. They operate on arrays that are already laid out so the scale
+broadcasts (see :mod:`qjax.numerics.granularity`), in float32 (float64 when the input
+is float64).
+
+Non-finite input: a scale group whose range is not finite (it saw a NaN or ±Inf) gets
+a NaN scale, so every element of that group dequantizes to NaN. Integer codes cannot
+hold NaN; this makes bad input visible instead of silently finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics.formats import Format
+
+ROUNDING_MODES = ("nearest", "stochastic")
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float64 stays float64; every other float computes in float32."""
+    return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
+
+
+def scale_from_range(
+    lo: jnp.ndarray, hi: jnp.ndarray, fmt: Format, symmetric: bool
+) -> tuple[jnp.ndarray, jnp.ndarray | None]:
+    """Map a calibrated range ``[lo, hi]`` to ``(scale, zero_point)``.
+
+    Divisions by constants are written as multiplications by their reciprocal, and
+    ``quantize_values`` multiplies by ``1 / scale``: XLA rewrites divisions that way
+    inside ``jit`` but not op by op, so writing it explicitly makes eager and jitted
+    quantization round identically.
+
+    Symmetric: ``scale = max(|lo|, |hi|) / qmax`` and no zero point. Asymmetric: the
+    range is widened to contain 0 (so 0 is exact), ``scale = (hi - lo) / (qmax - qmin)``
+    and ``zero_point = clip(round(qmin - lo / scale))``. A zero range (all-zero or
+    constant input) gets scale 1, never 0 or NaN. A non-finite range gets scale NaN.
+    """
+    finite = jnp.isfinite(lo) & jnp.isfinite(hi)
+    if symmetric:
+        amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+        scale = amax * (1.0 / fmt.qmax)
+        zero_point = None
+    else:
+        lo = jnp.minimum(lo, 0)
+        hi = jnp.maximum(hi, 0)
+        scale = (hi - lo) * (1.0 / (fmt.qmax - fmt.qmin))
+    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+    scale = jnp.where(finite, scale, jnp.full_like(scale, jnp.nan))
+    if not symmetric:
+        zp = jnp.clip(jnp.round(fmt.qmin - lo * (1.0 / scale)), fmt.qmin, fmt.qmax)
+        zero_point = jnp.where(finite, zp, 0).astype(fmt.storage_dtype)
+    return scale, zero_point
+
+
+def rounding_noise(key: jax.Array | None, shape, dtype) -> jnp.ndarray:
+    """The ``U[0, 1)`` noise stochastic rounding adds (one draw per element).
+
+    Raises:
+      ValueError: ``key`` is ``None``.
+    """
+    if key is None:
+        raise ValueError("rounding='stochastic' needs a PRNG key: pass key=jax.random.key(...)")
+    return jax.random.uniform(key, shape, dtype=dtype)
+
+
+def round_values(
+    y: jnp.ndarray, rounding: str, key: jax.Array | None = None, noise: jnp.ndarray | None = None
+) -> jnp.ndarray:
+    """Round to integers: ties to even (``"nearest"``) or stochastically, unbiased:
+    ``floor(y + u)`` with ``u ~ U[0, 1)`` so ``E[round(y)] = y``. Stochastic rounding
+    draws ``u`` from ``key`` unless the ``noise`` itself is given."""
+    if rounding == "nearest":
+        return jnp.round(y)
+    if rounding == "stochastic":
+        u = rounding_noise(key, y.shape, y.dtype) if noise is None else noise
+        return jnp.floor(y + u)
+    raise ValueError(f"rounding={rounding!r} is not one of {ROUNDING_MODES}")
+
+
+def quantize_values(
+    x: jnp.ndarray,
+    scale: jnp.ndarray,
+    zero_point: jnp.ndarray | None,
+    fmt: Format,
+    rounding: str = "nearest",
+    key: jax.Array | None = None,
+    noise: jnp.ndarray | None = None,
+) -> jnp.ndarray:
+    """Elementwise ``x -> clip(round(x * (1 / scale)) + zero_point)`` in the storage dtype.
+
+    For fp8 formats: ``clip(x / scale, ±max)`` cast to fp8 (nearest, ties to even).
+    ``scale`` must broadcast against ``x``.
+    """
+    y = x.astype(scale.dtype) * (1.0 / scale)
+    if fmt.is_float:
+        if rounding != "nearest":
+            raise ValueError(f"fp8 formats support rounding='nearest' only, got {rounding!r}")
+        return jnp.clip(y, -fmt.max_value, fmt.max_value).astype(fmt.storage_dtype)
+    q = round_values(y, rounding, key, noise)
+    if zero_point is not None:
+        q = q + zero_point.astype(q.dtype)
+    q = jnp.clip(q, fmt.qmin, fmt.qmax)
+    # NaN codes would be undefined after the cast; their scale is already NaN, so any
+    # finite code dequantizes to NaN. Use 0 to keep the cast well defined.
+    q = jnp.where(jnp.isnan(q), 0, q)
+    return q.astype(fmt.storage_dtype)
+
+
+def dequantize_values(
+    q: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None, dtype
+) -> jnp.ndarray:
+    """Elementwise ``(q - zero_point) * scale`` cast to ``dtype``."""
+    y = q.astype(scale.dtype)
+    if zero_point is not None:
+        y = y - zero_point.astype(scale.dtype)
+    return (y * scale).astype(dtype)
+
+
+def representable_bounds(
+    scale: jnp.ndarray, zero_point: jnp.ndarray | None, fmt: Format
+) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Real-valued interval ``[lo, hi]`` that quantizes without clipping."""
+    zp = 0.0 if zero_point is None else zero_point.astype(scale.dtype)
+    return (fmt.qmin - zp) * scale, (fmt.qmax - zp) * scale
+

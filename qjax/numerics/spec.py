@@ -1,0 +1,184 @@
+"""``QuantSpec``: everything needed to quantize one tensor, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from qjax.numerics import calibration as calib
+from qjax.numerics.formats import Format, as_format
+from qjax.numerics.granularity import Layout, resolve_layout
+from qjax.numerics.scaling import ROUNDING_MODES
+
+STE_MODES = ("plain", "clipped", "lsq")
+
+
+class _PerToken:
+    """Sentinel for ``channel_axes``: one scale per token (every non-contracting axis of
+    an activation operand). It is resolved per op by the graph layer; a tensor on its own
+    has no contracting axis, so ``quantize`` treats it as "every axis but the last"."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "qjax.PER_TOKEN"
+
+    def __reduce__(self):
+        return (_PerToken, ())
+
+
+PER_TOKEN = _PerToken()
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+    """How to quantize a tensor.
+
+    Args:
+      format: number format, e.g. ``qjax.int8``, ``qjax.int4``, ``qjax.fp8_e4m3`` (or its
+        name, e.g. ``"int4"``).
+      channel_axes: axes that get their own scale (``()`` is per-tensor; ``(-1,)`` is per
+        output channel of a ``(in, out)`` kernel), or ``qjax.PER_TOKEN``.
+      group_size: with ``group_axis``, cut that axis into groups of this many elements,
+        each with its own scale (combinable with ``channel_axes``).
+      group_axis: the axis cut into groups.
+      symmetric: scale only (``True``) or scale and integer zero point.
+      calibration: a ``qjax.calib`` calibrator; default absmax (symmetric) or minmax.
+      rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (needs a key).
+      ste: backward rule of ``fake_quant``: ``"plain"``, ``"clipped"`` or ``"lsq"``.
+      pad_groups: allow a ``group_size`` that does not divide the axis (last group short).
+      pack: store 2-bit and 3/4-bit integers packed four / two to a byte.
+      pack_axis: the axis along which values are packed.
+
+    Raises:
+      ValueError / TypeError: any field is invalid; the message names it.
+
+    Example:
+      >>> spec = QuantSpec(qjax.int4, channel_axes=(-1,), group_size=128, group_axis=0)
+    """
+
+    format: Format
+    channel_axes: tuple[int, ...] | _PerToken = ()
+    group_size: int | None = None
+    group_axis: int | None = None
+    symmetric: bool = True
+    calibration: calib.Calibration | None = None
+    rounding: str = "nearest"
+    ste: str = "clipped"
+    pad_groups: bool = False
+    pack: bool = True
+    pack_axis: int = -1
+
+    def __post_init__(self):
+        fmt = as_format(self.format)
+        object.__setattr__(self, "format", fmt)
+        axes = self.channel_axes
+        if axes is not PER_TOKEN:
+            if isinstance(axes, int) and not isinstance(axes, bool):
+                axes = (axes,)
+            if not isinstance(axes, (tuple, list)) or not all(
+                isinstance(a, int) and not isinstance(a, bool) for a in axes
+            ):
+                raise TypeError(f"channel_axes must be a tuple of ints or qjax.PER_TOKEN, got {axes!r}")
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"channel_axes {tuple(axes)} repeats an axis")
+            object.__setattr__(self, "channel_axes", tuple(axes))
+        if (self.group_size is None) != (self.group_axis is None):
+            raise ValueError(
+                "group_size and group_axis go together: per-group quantization needs both "
+                f"(got group_size={self.group_size}, group_axis={self.group_axis})"
+            )
+        if self.group_size is not None:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+                raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
+            if not isinstance(self.group_axis, int) or isinstance(self.group_axis, bool):
+                raise TypeError(f"group_axis must be an int, got {self.group_axis!r}")
+            if axes is PER_TOKEN:
+                raise ValueError("per-group quantization cannot be combined with qjax.PER_TOKEN")
+            if self.group_axis in self.channel_axes:
+                raise ValueError(f"group_axis={self.group_axis} is also in channel_axes={self.channel_axes}")
+        if self.calibration is None:
+            object.__setattr__(self, "calibration", calib.absmax() if self.symmetric else calib.minmax())
+        if not isinstance(self.calibration, calib.Calibration):
+            raise TypeError(
+                f"calibration must be a qjax.calib calibrator (e.g. qjax.calib.absmax()), got {self.calibration!r}"
+            )
+        if self.rounding not in ROUNDING_MODES:
+            raise ValueError(f"rounding={self.rounding!r} is not one of {ROUNDING_MODES}")
+        if self.ste not in STE_MODES:
+            raise ValueError(f"ste={self.ste!r} is not one of {STE_MODES}")
+        if fmt.is_float:
+            if not self.symmetric:
+                raise ValueError(f"{fmt.name} is a float format: it supports symmetric=True only")
+            if self.rounding != "nearest":
+                raise ValueError(f"{fmt.name} supports rounding='nearest' only")
+        if self.ste == "lsq" and not self.symmetric:
+            raise ValueError("ste='lsq' (learned step size) supports symmetric quantization only")
+        if not isinstance(self.pack_axis, int) or isinstance(self.pack_axis, bool):
+            raise TypeError(f"pack_axis must be an int, got {self.pack_axis!r}")
+
+    @property
+    def bits(self) -> int:
+        return self.format.bits
+
+    @property
+    def packed(self) -> bool:
+        """Whether values of this spec are stored packed several per byte."""
+        return bool(self.pack and self.format.pack_bits is not None)
+
+    def layout(self, shape) -> Layout:
+        """Resolve this spec's granularity against a concrete ``shape``.
+
+        Raises:
+          ValueError: an axis is out of range for ``shape`` or the group size does not
+            divide (and ``pad_groups`` is off).
+        """
+        axes = self.channel_axes
+        if axes is PER_TOKEN:
+            axes = tuple(range(len(shape) - 1))
+        return resolve_layout(shape, axes, self.group_axis, self.group_size, self.pad_groups)
+
+    def replace(self, **changes) -> QuantSpec:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (see :func:`spec_from_dict`)."""
+        return {
+            "format": self.format.name,
+            "channel_axes": "per_token" if self.channel_axes is PER_TOKEN else list(self.channel_axes),
+            "group_size": self.group_size,
+            "group_axis": self.group_axis,
+            "symmetric": self.symmetric,
+            "calibration": self.calibration.to_dict(),
+            "rounding": self.rounding,
+            "ste": self.ste,
+            "pad_groups": self.pad_groups,
+            "pack": self.pack,
+            "pack_axis": self.pack_axis,
+        }
+
+
+def spec_from_dict(d: dict[str, Any]) -> QuantSpec:
+    """Inverse of :meth:`QuantSpec.to_dict`.
+
+    Raises:
+      ValueError: unknown keys or invalid values.
+    """
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(QuantSpec)}
+    unknown = set(d) - known
+    if unknown:
+        raise ValueError(f"unknown QuantSpec keys {sorted(unknown)}; expected a subset of {sorted(known)}")
+    if "calibration" in d and isinstance(d["calibration"], dict):
+        d["calibration"] = calib.calibration_from_dict(d["calibration"])
+    if d.get("channel_axes") == "per_token":
+        d["channel_axes"] = PER_TOKEN
+    elif "channel_axes" in d:
+        d["channel_axes"] = tuple(d["channel_axes"])
+    return QuantSpec(**d)

@@ -1,0 +1,136 @@
+"""Quantization policies: rules from a leaf path to the quantization of that leaf
+(``weight``) and of the activations of the ops that read it (``act``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from qjax.numerics.spec import PER_TOKEN, QuantSpec, spec_from_dict
+from qjax.rules import Match, RuleSet, compile_pattern
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One policy rule.
+
+    Args:
+      pattern: regular expression matched with ``re.fullmatch`` against leaf paths.
+      weight: how to quantize the matched leaf, or ``None`` to keep it in float.
+      act: how to quantize activations of ops that read the leaf (used by the function
+        transforms), or ``None``.
+
+    ``Rule(pattern, None)`` (no weight, no act) means "leave alone".
+
+    Raises:
+      TypeError / ValueError: bad pattern or spec types (the message names the pattern).
+    """
+
+    pattern: str
+    weight: QuantSpec | None = None
+    act: QuantSpec | None = None
+
+    def __post_init__(self):
+        compile_pattern(self.pattern)
+        for name in ("weight", "act"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, QuantSpec):
+                raise TypeError(f"Rule {self.pattern!r}: {name} must be a qjax.QuantSpec or None, got {v!r}")
+        if self.weight is not None and self.weight.channel_axes is PER_TOKEN:
+            raise ValueError(f"Rule {self.pattern!r}: qjax.PER_TOKEN is for activations, not weights")
+
+    @property
+    def skips(self) -> bool:
+        """True for a "leave alone" rule."""
+        return self.weight is None and self.act is None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "weight": None if self.weight is None else self.weight.to_dict(),
+            "act": None if self.act is None else self.act.to_dict(),
+        }
+
+
+class Policy:
+    """An immutable, ordered list of :class:`Rule` (first match wins).
+
+    Example:
+      >>> policy = qjax.Policy([
+      ...     qjax.Rule(r"params/.*embed.*", None),
+      ...     qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,))),
+      ... ])
+
+    Raises:
+      TypeError: an entry is not a :class:`Rule`.
+    """
+
+    def __init__(self, rules: Iterable[Rule]):
+        rules = tuple(rules)
+        for i, r in enumerate(rules):
+            if not isinstance(r, Rule):
+                raise TypeError(f"Policy entry {i} must be a qjax.Rule, got {r!r}")
+        self.rules: tuple[Rule, ...] = rules
+        self._set = RuleSet((r.pattern, None if r.skips else r) for r in rules)
+
+    @property
+    def ruleset(self) -> RuleSet[Rule]:
+        """The policy as a generic :class:`qjax.rules.RuleSet` (skip rules have value None)."""
+        return self._set
+
+    def match(self, path: str) -> Match[Rule] | None:
+        """The first rule matching ``path`` (``value`` is ``None`` for a skip rule)."""
+        return self._set.match(path)
+
+    def weight_spec(self, path: str) -> QuantSpec | None:
+        """The weight spec for ``path`` (``None``: keep float)."""
+        m = self.match(path)
+        return None if m is None or m.value is None else m.value.weight
+
+    def act_spec(self, path: str) -> QuantSpec | None:
+        """The activation spec of ops reading ``path`` (``None``: float activations)."""
+        m = self.match(path)
+        return None if m is None or m.value is None else m.value.act
+
+    def unused(self, tree: Any) -> list[str]:
+        """Patterns that matched no leaf of ``tree``."""
+        return self._set.unused(tree)
+
+    def to_json(self) -> str:
+        """Serialise to JSON (see :meth:`from_json`)."""
+        return json.dumps({"qjax_policy": 1, "rules": [r.to_dict() for r in self.rules]}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Policy:
+        """Parse a policy written by :meth:`to_json`.
+
+        Raises:
+          ValueError: not a qjax policy, or a rule is malformed.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict) or "rules" not in data:
+            raise ValueError("not a qjax policy JSON document (no 'rules' list)")
+        rules = []
+        for i, r in enumerate(data["rules"]):
+            try:
+                rules.append(
+                    Rule(
+                        r["pattern"],
+                        weight=None if r.get("weight") is None else spec_from_dict(r["weight"]),
+                        act=None if r.get("act") is None else spec_from_dict(r["act"]),
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"policy rule {i} is malformed: {e}") from e
+        return cls(rules)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Policy) and self.rules == other.rules
+
+    def __hash__(self) -> int:
+        return hash(self.rules)
+
+    def __repr__(self) -> str:
+        return "Policy([\n" + "".join(f"    {r!r},\n" for r in self.rules) + "])"

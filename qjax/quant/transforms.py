@@ -1,0 +1,149 @@
+"""Pytree transforms: quantize, dequantize and fake-quantize the leaves a policy selects."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import jax
+
+from qjax.numerics.fake_quant import fake_quant, lsq_init_scale
+from qjax.numerics.qarray import QArray
+from qjax.numerics.quantize import quantize
+from qjax.numerics.spec import QuantSpec
+from qjax.quant.policy import Policy, Rule
+from qjax.rules import Match, leaves_with_paths, map_matched, map_with_path
+
+
+def _check_policy(policy) -> Policy:
+    if not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a qjax.Policy, got {type(policy).__name__}")
+    return policy
+
+
+def _leaf_error(path: str, m: Match[Rule], e: Exception) -> Exception:
+    return type(e)(f"leaf {path!r} (matched rule {m.index} {m.pattern!r}): {e}")
+
+
+def _weight_matches(policy: Policy):
+    """Visitor factory: call ``fn(path, leaf, spec, match)`` for leaves with a weight spec."""
+
+    def wrap(fn):
+        def visit(path, leaf, m):
+            spec = m.value.weight
+            if spec is None:
+                return leaf
+            if isinstance(leaf, QArray):
+                raise ValueError(f"leaf {path!r} is already quantized (matched rule {m.index} {m.pattern!r})")
+            try:
+                return fn(path, leaf, spec)
+            except (TypeError, ValueError) as e:
+                raise _leaf_error(path, m, e) from e
+
+        return visit
+
+    return wrap
+
+
+def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
+    if key is None:
+        return None
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def quantize_params(params: Any, policy: Policy, *, key: jax.Array | None = None) -> Any:
+    """Replace every leaf whose rule has a ``weight`` spec by its :class:`QArray`.
+
+    Args:
+      params: any pytree (Linen variables, NNX ``State``, dicts of arrays).
+      policy: the :class:`Policy`.
+      key: PRNG key, needed when a spec uses stochastic rounding (one key per leaf is
+        derived from the leaf path).
+
+    Returns:
+      A pytree of the same structure; matched leaves are ``QArray`` (boxes kept).
+
+    Raises:
+      ValueError / TypeError: a spec does not fit a leaf (axis out of range, group size,
+        non-float leaf); the message names the leaf path and the rule.
+
+    Example:
+      >>> qparams = qjax.quantize_params(variables, policy)
+    """
+    _check_policy(policy)
+
+    @_weight_matches(policy)
+    def q(path, leaf, spec):
+        return quantize(leaf, spec, key=_leaf_key(key, path))
+
+    return map_matched(q, params, policy.ruleset)
+
+
+def dequantize_params(tree: Any) -> Any:
+    """Replace every :class:`QArray` leaf by its dequantized float array."""
+    return map_with_path(lambda _, leaf: leaf.dequantize() if isinstance(leaf, QArray) else leaf, tree)
+
+
+def lsq_scales(params: Any, policy: Policy) -> dict[str, jax.Array]:
+    """Initial learnable scales for leaves whose weight spec has ``ste="lsq"``.
+
+    Returns:
+      ``{path: scale}`` (a pytree an optax optimizer can train beside the params),
+      initialised with :func:`qjax.lsq_init_scale`.
+    """
+    _check_policy(policy)
+    out = {}
+    for path, leaf in leaves_with_paths(params):
+        spec = policy.weight_spec(path)
+        if spec is not None and spec.ste == "lsq":
+            m = policy.match(path)
+            try:
+                out[path] = lsq_init_scale(leaf, spec)
+            except (TypeError, ValueError) as e:
+                raise _leaf_error(path, m, e) from e
+    return out
+
+
+def fake_quant_params(
+    params: Any,
+    policy: Policy,
+    *,
+    scales: dict[str, jax.Array] | None = None,
+    key: jax.Array | None = None,
+) -> Any:
+    """Fake-quantize (quantize-dequantize) every leaf whose rule has a ``weight`` spec,
+    differentiably: gradients follow each spec's ``ste`` rule (QAT on weights).
+
+    Args:
+      params: pytree of float arrays.
+      policy: the :class:`Policy`.
+      scales: learnable scales ``{path: scale}`` from :func:`lsq_scales`, required for
+        leaves whose spec has ``ste="lsq"`` (their gradient flows to these scales).
+      key: PRNG key for stochastic rounding (one key per leaf, derived from its path).
+
+    Returns:
+      A pytree of the same structure and dtypes.
+
+    Raises:
+      ValueError / TypeError: as :func:`quantize_params`; also an lsq leaf with no scale.
+    """
+    _check_policy(policy)
+    scales = scales or {}
+    unknown = set(scales) - {p for p, _ in leaves_with_paths(params)}
+    if unknown:
+        raise ValueError(f"scales given for paths that are not leaves of params: {sorted(unknown)}")
+
+    @_weight_matches(policy)
+    def fq(path, leaf, spec: QuantSpec):
+        scale = scales.get(path)
+        if spec.ste == "lsq" and scale is None:
+            raise ValueError("ste='lsq' needs a learnable scale: pass scales=qjax.lsq_scales(params, policy)")
+        return fake_quant(leaf, spec, scale=scale, key=_leaf_key(key, path))
+
+    return map_matched(fq, params, policy.ruleset)
+
+
+def quantized_leaves(tree: Any) -> dict[str, QArray]:
+    """``{path: QArray}`` for every quantized leaf of ``tree``."""
+    return {p: leaf for p, leaf in leaves_with_paths(tree) if isinstance(leaf, QArray)}
+
