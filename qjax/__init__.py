@@ -5,7 +5,7 @@ distillation, mixed-precision search, sharding and low-bit kernels, as pure tran
 over pytrees and functions. See ``DESIGN.md`` for the architecture.
 """
 
-from qjax import rules
+from qjax import checkpoint, rules
 from qjax.numerics import (
     PER_TOKEN,
     FloatFormat,
@@ -63,6 +63,7 @@ __all__ = [
     "QuantSpec",
     "Rule",
     "calib",
+    "checkpoint",
 
     "compute_scale",
     "dequantize",

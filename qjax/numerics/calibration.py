@@ -12,6 +12,7 @@ Available as ``qjax.calib.absmax()``, ``minmax()``, ``percentile(p)``, ``mse()``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -34,7 +35,8 @@ def _move_to_end(x: jnp.ndarray, axes: Axes) -> tuple[jnp.ndarray, tuple[int, ..
     keep = [a for a in range(x.ndim) if a not in pos]
     y = jnp.transpose(x, keep + pos)
     kept_shape = tuple(x.shape[a] for a in keep)
-    y = y.reshape(kept_shape + (-1,))
+    # explicit size, not -1: a -1 is ambiguous when a kept axis has length 0
+    y = y.reshape((*kept_shape, math.prod(x.shape[a] for a in pos)))
     keepdims_shape = tuple(1 if a in pos else x.shape[a] for a in range(x.ndim))
     return y, keepdims_shape
 

@@ -4,8 +4,9 @@ The forward pass is bit-for-bit ``dequantize(quantize(x, spec))``. The backward 
 is a ``jax.custom_vjp`` chosen by ``spec.ste``:
 
 * ``"plain"``: identity, ``dL/dx = g``.
-* ``"clipped"``: ``dL/dx = g`` where ``x / s`` (plus zero point) lies in
-  ``[qmin, qmax]``, else 0.
+* ``"clipped"``: ``dL/dx = g`` where the quantizer did not clip ``x`` (its rounded code
+  ``round(x / s) + zero_point`` lies in ``[qmin, qmax]``; for fp8, ``|x / s|`` rounds
+  to at most the largest finite value), else 0.
 * ``"lsq"``: Learned Step Size Quantization (Esser et al., ICLR 2020). The scale ``s``
   is an input and gets the gradient
   ``dL/ds = gscale * sum g * (qmin if v < qmin, qmax if v > qmax, else q(v) - v)``,
@@ -25,9 +26,15 @@ import jax
 import jax.numpy as jnp
 
 from qjax.numerics.formats import Format
-from qjax.numerics.granularity import from_grouped, scale_from_grouped, to_grouped
+from qjax.numerics.granularity import from_grouped, reduce_groups, scale_from_grouped, to_grouped
 from qjax.numerics.quantize import _check_spec, as_float_array, scale_grouped
-from qjax.numerics.scaling import compute_dtype, dequantize_values, quantize_values, rounding_noise
+from qjax.numerics.scaling import (
+    compute_dtype,
+    dequantize_values,
+    quantize_values,
+    round_values,
+    rounding_noise,
+)
 from qjax.numerics.spec import QuantSpec
 
 
@@ -47,12 +54,30 @@ def _core_fwd(fmt, ste, grad_scale, x, s, zp, noise):
     return y, (x, s, zp, noise, q)
 
 
+def _not_clipped(fmt: Format, x, s, zp, noise):
+    """Where the forward pass did not saturate: the rounded code (before the clip) lies
+    in ``[qmin, qmax]``. Testing ``x / s`` against ``[qmin, qmax]`` instead would cut
+    the gradient of calibrated extremes that sit a float ulp (or, with a rounded zero
+    point, up to half a step) past the bound yet round onto ``qmin``/``qmax`` unclipped."""
+    y = x * (1.0 / s)
+    if fmt.is_float:
+        # the fp8 cast rounds |y| below max + ulp(max) / 2 onto max without saturating
+        bound = fmt.max_value + 2.0 ** (math.floor(math.log2(fmt.max_value)) - fmt.mantissa_bits - 1)
+        return jnp.abs(y) < bound
+    r = round_values(y, "nearest" if noise is None else "stochastic", noise=noise)
+    if zp is not None:
+        r = r + zp
+    return (r >= fmt.qmin) & (r <= fmt.qmax)
+
+
 def _core_bwd(fmt, ste, grad_scale, res, g):
     x, s, zp, noise, q = res
     v = x * (1.0 / s)
     if zp is not None:
         v = v + zp
     inside = (v >= fmt.qmin) & (v <= fmt.qmax)
+    if ste == "clipped":
+        inside = _not_clipped(fmt, x, s, zp, noise)
     gx = g if ste == "plain" else jnp.where(inside, g, jnp.zeros_like(g))
     if ste == "lsq":
         qf = q.astype(x.dtype)
@@ -61,7 +86,7 @@ def _core_bwd(fmt, ste, grad_scale, res, g):
         gs = jnp.sum(g * ds, axis=axes, keepdims=True).reshape(s.shape) * grad_scale
     else:
         gs = jnp.zeros_like(s)
-    zero = lambda a: None if a is None else jnp.zeros_like(a)  # noqa: E731
+    zero = lambda a: None if a is None else jnp.zeros_like(a)
     return gx, gs, zero(zp), zero(noise)
 
 
@@ -99,6 +124,11 @@ def fake_quant(
         raise ValueError(
             "ste='lsq' learns the scale: pass scale=... (initialise it with qjax.lsq_init_scale(x, spec))"
         )
+    return _fake_quant(x, spec, scale, zero_point, key)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _fake_quant(x, spec: QuantSpec, scale, zero_point, key):
     if scale is not None and spec.ste != "lsq":
         scale = jax.lax.stop_gradient(scale)
     g = scale_grouped(x, spec, scale=scale, zero_point=zero_point)
@@ -123,7 +153,10 @@ def lsq_init_scale(x, spec: QuantSpec) -> jax.Array:
     x = as_float_array(x)
     layout = spec.layout(x.shape)
     xg = to_grouped(jnp.abs(x.astype(compute_dtype(x.dtype))), layout, pad_mode="edge")
-    m = jnp.mean(xg, axis=layout.grouped_reduce_axes(), keepdims=True)  # empty -> NaN -> 1
+    axes = layout.grouped_reduce_axes()
+    # a short last group averages its own elements only (not the padding)
+    # (an empty group's mean is NaN, and gets scale 1 below)
+    (m,) = reduce_groups(lambda part: (jnp.mean(part, axis=axes, keepdims=True),), xg, layout)
     s = 2.0 * m / math.sqrt(spec.format.qmax)
     s = jnp.where(s > 0, s, jnp.ones_like(s))
     return jnp.broadcast_to(scale_from_grouped(s, layout), layout.scale_shape)

@@ -21,7 +21,9 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
@@ -30,8 +32,9 @@ def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
     Raises:
       ValueError: the axis is out of range (the message names ``what``).
     """
-    if not isinstance(axis, int) or isinstance(axis, bool):
+    if not isinstance(axis, (int, np.integer)) or isinstance(axis, (bool, np.bool_)):
         raise TypeError(f"{what} must be an int, got {axis!r}")
+    axis = int(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(f"{what}={axis} is out of range for an array of rank {ndim}")
     return axis - ndim if axis >= 0 else axis
@@ -144,7 +147,7 @@ def to_grouped(x: jnp.ndarray, layout: Layout, pad_mode: str = "edge") -> jnp.nd
         widths = [(0, 0)] * x.ndim
         widths[g] = (0, extra)
         x = jnp.pad(x, widths, mode="edge" if pad_mode == "edge" else "constant")
-    return x.reshape(x.shape[:g] + (layout.num_groups, layout.group_size) + x.shape[g + 1 :])
+    return x.reshape((*x.shape[:g], layout.num_groups, layout.group_size, *x.shape[g + 1 :]))
 
 
 def from_grouped(xg: jnp.ndarray, layout: Layout) -> jnp.ndarray:
@@ -152,7 +155,7 @@ def from_grouped(xg: jnp.ndarray, layout: Layout) -> jnp.ndarray:
     if layout.group_axis is None:
         return xg
     g = xg.ndim - 1 + layout.group_axis
-    x = xg.reshape(xg.shape[:g] + (layout.padded_length,) + xg.shape[g + 2 :])
+    x = xg.reshape((*xg.shape[:g], layout.padded_length, *xg.shape[g + 2 :]))
     length = layout.shape[layout.group_axis]
     if length != layout.padded_length:
         x = _slice_axis(x, g, length)
@@ -163,6 +166,27 @@ def _slice_axis(x: jnp.ndarray, axis: int, length: int) -> jnp.ndarray:
     index = [slice(None)] * x.ndim
     index[axis] = slice(0, length)
     return x[tuple(index)]
+
+
+def reduce_groups(fn, xg: jnp.ndarray, layout: Layout) -> tuple[jnp.ndarray, ...]:
+    """Apply a per-group keepdims reduction ``fn(part) -> tuple of arrays`` to the
+    grouped view, giving a short (padded) last group only its real elements.
+
+    Padding repeats the last element, which leaves absmax/min/max unchanged but would
+    bias statistics that count elements (percentile, MSE, mean); so a padded last group
+    is reduced on its own and the results are concatenated along the groups axis.
+    """
+    length = layout.shape[layout.group_axis] if layout.group_axis is not None else 0
+    rem = length % layout.group_size if layout.group_axis is not None else 0
+    if not rem:
+        return tuple(fn(xg))
+    gpos = xg.ndim - 1 + layout.group_axis  # the num_groups axis of the grouped view
+    n = layout.num_groups
+    last = jax.lax.slice_in_dim(jax.lax.slice_in_dim(xg, n - 1, n, axis=gpos), 0, rem, axis=gpos + 1)
+    parts = [tuple(fn(last))]
+    if n > 1:
+        parts.insert(0, tuple(fn(jax.lax.slice_in_dim(xg, 0, n - 1, axis=gpos))))
+    return tuple(jnp.concatenate(rs, axis=gpos) for rs in zip(*parts))
 
 
 def scale_to_grouped(scale: jnp.ndarray, layout: Layout) -> jnp.ndarray:

@@ -52,7 +52,8 @@ def pack(values: jnp.ndarray, bits: int, axis: int = -1) -> jnp.ndarray:
         widths = [(0, 0)] * v.ndim
         widths[ax] = (0, extra)
         v = jnp.pad(v, widths)
-    v = v.reshape(v.shape[:ax] + (-1, per) + v.shape[ax + 1 :])
+    # explicit sizes, not -1: a -1 is ambiguous when another axis has length 0
+    v = v.reshape((*v.shape[:ax], v.shape[ax] // per, per, *v.shape[ax + 1 :]))
     shifts = (jnp.arange(per, dtype=jnp.uint8) * bits).reshape((per,) + (1,) * (v.ndim - ax - 2))
     return _or_reduce(v << shifts, ax + 1)
 
@@ -93,7 +94,7 @@ def unpack(
     if signed:
         sign = jnp.int16(1 << (bits - 1))
         fields = ((fields.astype(jnp.int16) ^ sign) - sign).astype(jnp.int8)
-    out = fields.reshape(packed.shape[:ax] + (-1,) + packed.shape[ax + 1 :])
+    out = fields.reshape((*packed.shape[:ax], packed.shape[ax] * per, *packed.shape[ax + 1 :]))
     if out.shape[ax] != length:
         index = [slice(None)] * out.ndim
         index[ax] = slice(0, length)

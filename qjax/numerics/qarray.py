@@ -34,7 +34,7 @@ class QArray:
         dtype does not match the format.
     """
 
-    __slots__ = ("values", "scale", "zero_point") + _AUX
+    __slots__ = ("values", "scale", "zero_point", *_AUX)
 
     def __init__(
         self,
@@ -130,7 +130,9 @@ class QArray:
         fmt = self.format
         expected = jnp.dtype(jnp.uint8) if self.packed_axis is not None else fmt.storage_dtype
         if jnp.dtype(self.values.dtype) != expected:
-            raise ValueError(f"QArray values have dtype {self.values.dtype}, expected {expected} for {fmt.name}")
+            raise ValueError(
+                f"QArray values have dtype {self.values.dtype}, expected {expected} for {fmt.name}"
+            )
         if not jnp.issubdtype(self.dtype, jnp.floating):
             raise TypeError(f"QArray dtype must be a float dtype, got {self.dtype}")
         ndim = self.ndim
@@ -152,7 +154,9 @@ class QArray:
                 f"group_size={self.group_size} need scale shape {want}"
             )
         if self.zero_point is not None and tuple(np.shape(self.zero_point)) != want:
-            raise ValueError(f"QArray zero_point has shape {tuple(np.shape(self.zero_point))}, expected {want}")
+            raise ValueError(
+                f"QArray zero_point has shape {tuple(np.shape(self.zero_point))}, expected {want}"
+            )
 
     def __repr__(self) -> str:
         gran = "per-tensor"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ from qjax.numerics.granularity import (
     Layout,
     from_grouped,
     normalize_axis,
+    reduce_groups,
     scale_from_grouped,
     scale_to_grouped,
     to_grouped,
@@ -55,7 +57,9 @@ def _given(value, layout: Layout, name: str, dtype) -> jax.Array:
     try:
         return jnp.broadcast_to(value, want)
     except ValueError:
-        raise ValueError(f"{name} of shape {value.shape} does not broadcast to the scale shape {want}") from None
+        raise ValueError(
+            f"{name} of shape {value.shape} does not broadcast to the scale shape {want}"
+        ) from None
 
 
 def scale_grouped(
@@ -71,11 +75,14 @@ def scale_grouped(
     fmt = spec.format
     axes = layout.grouped_reduce_axes()
     if scale is None:
-        lo, hi = spec.calibration(xg, axes, fmt, spec.symmetric)
+        lo, hi = reduce_groups(lambda part: spec.calibration(part, axes, fmt, spec.symmetric), xg, layout)
         s, zp = scale_from_range(lo, hi, fmt, spec.symmetric)
         check_finite = isinstance(spec.calibration, Fixed)
     else:
         s = scale_to_grouped(_given(scale, layout, "scale", cdt), layout)
+        # A given scale that is not positive (e.g. an LSQ step pushed below zero by the
+        # optimizer) would silently flip or zero values: make it NaN, visibly.
+        s = jnp.where(s > 0, s, jnp.nan)
         zp = None
         if not spec.symmetric:
             if zero_point is None:
@@ -98,8 +105,15 @@ def compute_scale(x, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
     Raises:
       TypeError: ``x`` is not floating point; ValueError: granularity does not fit ``x``.
     """
-    spec = _check_spec(spec)
-    g = scale_grouped(as_float_array(x), spec)
+    return _compute_scale(as_float_array(x), _check_spec(spec))
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _compute_scale(x, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
+    # Jitted like quantize: run op by op, percentile/MSE calibration can differ from the
+    # compiled program in the last ulp, and then quantize(x, spec, scale=compute_scale(x,
+    # spec)[0]) would not reproduce quantize(x, spec).
+    g = scale_grouped(x, spec)
     zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, g.layout)
     return scale_from_grouped(g.scale, g.layout), zp
 
@@ -123,7 +137,8 @@ def quantize(
 
     Returns:
       A :class:`QArray`; ``dequantize(quantize(x, spec))`` has ``x``'s shape and dtype.
-      Groups that contain NaN/Inf dequantize to NaN.
+      Groups that contain NaN/Inf, or whose given scale is not positive, dequantize
+      to NaN.
 
     Raises:
       TypeError: ``x`` is not floating point or ``spec`` is not a QuantSpec.
@@ -134,8 +149,12 @@ def quantize(
       >>> q = qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
       >>> w_hat = qjax.dequantize(q)
     """
-    spec = _check_spec(spec)
-    x = as_float_array(x)
+    return _quantize(as_float_array(x), _check_spec(spec), key, scale, zero_point)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _quantize(x, spec: QuantSpec, key, scale, zero_point) -> QArray:
+    # Compiled once per (shape, dtype, spec): eager calls cost one dispatch, not dozens.
     g = scale_grouped(x, spec, scale=scale, zero_point=zero_point)
     layout = g.layout
     q = from_grouped(quantize_values(g.x, g.scale, g.zero_point, spec.format, spec.rounding, key), layout)
@@ -167,4 +186,7 @@ def dequantize(q: QArray) -> jax.Array:
     """
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a qjax.QArray, got {type(q).__name__}")
-    return q.dequantize()
+    return _dequantize(q)
+
+
+_dequantize = jax.jit(lambda q: q.dequantize())

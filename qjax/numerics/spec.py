@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from qjax.numerics import calibration as calib
 from qjax.numerics.formats import Format, as_format
 from qjax.numerics.granularity import Layout, resolve_layout
@@ -33,6 +35,16 @@ class _PerToken:
 
 
 PER_TOKEN = _PerToken()
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _as_int(v, name: str):
+    """Python int from an int or numpy integer; anything else is returned for the
+    field's own check to reject with its message."""
+    return int(v) if _is_int(v) else v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +89,17 @@ class QuantSpec:
     def __post_init__(self):
         fmt = as_format(self.format)
         object.__setattr__(self, "format", fmt)
+        for name in ("group_size", "group_axis", "pack_axis"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _as_int(value, name))
         axes = self.channel_axes
         if axes is not PER_TOKEN:
-            if isinstance(axes, int) and not isinstance(axes, bool):
+            if _is_int(axes):
                 axes = (axes,)
-            if not isinstance(axes, (tuple, list)) or not all(
-                isinstance(a, int) and not isinstance(a, bool) for a in axes
-            ):
+            if not isinstance(axes, (tuple, list)) or not all(_is_int(a) for a in axes):
                 raise TypeError(f"channel_axes must be a tuple of ints or qjax.PER_TOKEN, got {axes!r}")
+            axes = tuple(int(a) for a in axes)
             if len(set(axes)) != len(axes):
                 raise ValueError(f"channel_axes {tuple(axes)} repeats an axis")
             object.__setattr__(self, "channel_axes", tuple(axes))
@@ -94,7 +109,8 @@ class QuantSpec:
                 f"(got group_size={self.group_size}, group_axis={self.group_axis})"
             )
         if self.group_size is not None:
-            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < 1:
+            gs = self.group_size
+            if not isinstance(gs, int) or isinstance(gs, bool) or gs < 1:
                 raise ValueError(f"group_size must be a positive int, got {self.group_size!r}")
             if not isinstance(self.group_axis, int) or isinstance(self.group_axis, bool):
                 raise TypeError(f"group_axis must be an int, got {self.group_axis!r}")
@@ -106,7 +122,8 @@ class QuantSpec:
             object.__setattr__(self, "calibration", calib.absmax() if self.symmetric else calib.minmax())
         if not isinstance(self.calibration, calib.Calibration):
             raise TypeError(
-                f"calibration must be a qjax.calib calibrator (e.g. qjax.calib.absmax()), got {self.calibration!r}"
+                "calibration must be a qjax.calib calibrator (e.g. qjax.calib.absmax()), "
+                f"got {self.calibration!r}"
             )
         if self.rounding not in ROUNDING_MODES:
             raise ValueError(f"rounding={self.rounding!r} is not one of {ROUNDING_MODES}")

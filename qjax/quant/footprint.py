@@ -22,6 +22,7 @@ class LeafFootprint:
     kind: str  # dtype name, or the QArray format name
     nbytes: int
     float_nbytes: int
+    quantized: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +46,7 @@ class Footprint:
     @property
     def quantized_total(self) -> int:
         """Bytes held by quantized leaves only."""
-        return sum(leaf.nbytes for leaf in self.leaves if leaf.kind.startswith(("int", "uint", "fp8")))
+        return sum(leaf.nbytes for leaf in self.leaves if leaf.quantized)
 
     @property
     def ratio(self) -> float:
@@ -71,7 +72,7 @@ def footprint(tree: Any) -> Footprint:
     for path, leaf in leaves_with_paths(tree):
         if isinstance(leaf, QArray):
             float_bytes = math.prod(leaf.shape) * leaf.dtype.itemsize
-            rows.append(LeafFootprint(path, leaf.shape, leaf.format.name, leaf.nbytes, float_bytes))
+            rows.append(LeafFootprint(path, leaf.shape, leaf.format.name, leaf.nbytes, float_bytes, True))
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):
             n = math.prod(np.shape(leaf)) * jnp.dtype(leaf.dtype).itemsize
             rows.append(LeafFootprint(path, tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name, n, n))

@@ -45,18 +45,35 @@ def _weight_matches(policy: Policy):
     return wrap
 
 
+def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
+    scales = scales or {}
+    unknown = set(scales) - {p for p, _ in leaves_with_paths(params)}
+    if unknown:
+        raise ValueError(f"scales given for paths that are not leaves of params: {sorted(unknown)}")
+    return scales
+
+
 def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
     if key is None:
         return None
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def quantize_params(params: Any, policy: Policy, *, key: jax.Array | None = None) -> Any:
+def quantize_params(
+    params: Any,
+    policy: Policy,
+    *,
+    scales: dict[str, jax.Array] | None = None,
+    key: jax.Array | None = None,
+) -> Any:
     """Replace every leaf whose rule has a ``weight`` spec by its :class:`QArray`.
 
     Args:
       params: any pytree (Linen variables, NNX ``State``, dicts of arrays).
       policy: the :class:`Policy`.
+      scales: ``{path: scale}`` to use instead of calibrating, e.g. the LSQ scales
+        learned during QAT (:func:`lsq_scales`), so the exported model equals the
+        fake-quantized one. Required for leaves whose spec has ``ste="lsq"``.
       key: PRNG key, needed when a spec uses stochastic rounding (one key per leaf is
         derived from the leaf path).
 
@@ -71,10 +88,17 @@ def quantize_params(params: Any, policy: Policy, *, key: jax.Array | None = None
       >>> qparams = qjax.quantize_params(variables, policy)
     """
     _check_policy(policy)
+    scales = _check_scales(params, scales)
 
     @_weight_matches(policy)
     def q(path, leaf, spec):
-        return quantize(leaf, spec, key=_leaf_key(key, path))
+        scale = scales.get(path)
+        if spec.ste == "lsq" and scale is None:
+            raise ValueError(
+                "ste='lsq' learns the scale: pass the trained scales=... (from qjax.lsq_scales) so "
+                "the quantized model matches the QAT one"
+            )
+        return quantize(leaf, spec, scale=scale, key=_leaf_key(key, path))
 
     return map_matched(q, params, policy.ruleset)
 
@@ -128,10 +152,7 @@ def fake_quant_params(
       ValueError / TypeError: as :func:`quantize_params`; also an lsq leaf with no scale.
     """
     _check_policy(policy)
-    scales = scales or {}
-    unknown = set(scales) - {p for p, _ in leaves_with_paths(params)}
-    if unknown:
-        raise ValueError(f"scales given for paths that are not leaves of params: {sorted(unknown)}")
+    scales = _check_scales(params, scales)
 
     @_weight_matches(policy)
     def fq(path, leaf, spec: QuantSpec):

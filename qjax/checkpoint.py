@@ -1,0 +1,324 @@
+"""Orbax save/restore of pytrees holding ``QArray``s, masks, plain arrays and a ``Policy``.
+
+A checkpoint directory holds ``arrays/`` (Orbax: one entry per array leaf, a dict
+``{values, scale, zero_point}`` per QArray leaf), ``qjax_checkpoint.json`` (format version,
+each leaf's ``qjax.rules`` path and metadata, the container structure when it is made of
+dicts/lists/tuples, Python scalars and strings) and, optionally, ``policy.json``. Arrays
+keep their dtype (int4/int2 QArray values are already packed ``uint8``) except fp8, stored
+bitcast to ``uint8``. The JSON file is written last: without it a save is incomplete.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from qjax.numerics.formats import format_from_name
+from qjax.numerics.qarray import QArray
+from qjax.quant.policy import Policy
+from qjax.rules import leaves_with_paths, map_with_path
+
+FORMAT_VERSION = 1
+_META, _POLICY, _ARRAYS = "qjax_checkpoint.json", "policy.json", "arrays"
+_PARTS = ("values", "scale", "zero_point")
+_LEAF = "*"
+_KEY = jax.dtypes.prng_key
+_barrier_ids = itertools.count()
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(f"qjax_checkpoint_{name}_{next(_barrier_ids)}")
+
+
+def _key(i: int) -> str:
+    return f"leaf_{i:06d}"
+
+
+def _array_meta(x) -> dict[str, Any]:
+    return {"shape": [int(d) for d in x.shape], "dtype": jnp.dtype(x.dtype).name}
+
+
+def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
+    """JSON metadata of one leaf; the same function describes saved and target leaves."""
+    if isinstance(leaf, QArray):
+        meta = {"kind": "qarray", "format": leaf.format.name, "dtype": jnp.dtype(leaf.dtype).name,
+                "channel_axes": list(leaf.channel_axes), "group_axis": leaf.group_axis,
+                "group_size": leaf.group_size, "packed_axis": leaf.packed_axis,
+                "packed_length": leaf.packed_length}
+        for part in _PARTS:
+            child = getattr(leaf, part)
+            meta[part] = None if child is None else _array_meta(child)
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(leaf.dtype, _KEY):
+        meta = {"kind": "array", **_array_meta(leaf)}
+    elif isinstance(leaf, (bool, int, float, str)):
+        meta = {"kind": "scalar", "value": leaf}
+    else:
+        what = f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')}".strip()
+        raise TypeError(f"leaf {path!r}: cannot checkpoint a {what} (arrays, QArrays, Python scalars and "
+                        "strings only; store PRNG keys as jax.random.key_data(key))")
+    return {"path": path, **meta}
+
+
+def _stored_dtype(dtype) -> np.dtype:
+    """fp8 is stored as uint8 (tensorstore may not support it); other dtypes as they are."""
+    dtype = jnp.dtype(dtype)
+    return np.dtype(np.uint8) if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8 else dtype
+
+
+def _cast(x, dtype) -> Any:
+    """Bitcast between a dtype and its stored dtype (on device for jax arrays)."""
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    return jax.lax.bitcast_convert_type(x, dtype) if isinstance(x, jax.Array) else np.asarray(x).view(dtype)
+
+
+def _on_device(x) -> Any:
+    """Restored numpy arrays go to the default device unless JAX would change their dtype
+    (64-bit types without ``jax_enable_x64``): those stay numpy, bit-exact."""
+    keep = isinstance(x, jax.Array) or jax.dtypes.canonicalize_dtype(x.dtype) != x.dtype
+    return x if keep else jnp.asarray(x)
+
+
+def _parts(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{name: {shape, dtype}}`` of the arrays stored for a leaf (none for a scalar)."""
+    if m["kind"] == "array":
+        return {"array": m}
+    return {k: m[k] for k in _PARTS if m.get(k) is not None}
+
+
+def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
+    """A leaf from its metadata and its arrays (jax arrays or ``ShapeDtypeStruct``s)."""
+    if m["kind"] != "qarray":
+        return parts.get("array", m.get("value"))
+    aux = (format_from_name(m["format"]), jnp.dtype(m["dtype"]), tuple(m["channel_axes"]), m["group_axis"],
+           m["group_size"], m["packed_axis"], m["packed_length"])
+    return QArray.tree_unflatten(aux, [parts.get(k) for k in _PARTS])
+
+
+def _encode(x: Any) -> Any:
+    """The container structure as JSON (``None`` where it holds other node types)."""
+    if x is None:
+        return None
+    if isinstance(x, QArray) or jax.tree_util.all_leaves([x]):
+        return _LEAF
+    if type(x) is dict and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in x):
+        items = [[k, _encode(v)] for k, v in x.items()]
+        kind = "dict"
+    elif type(x) in (list, tuple):
+        items, kind = [_encode(v) for v in x], type(x).__name__
+    else:
+        raise TypeError(type(x).__name__)
+    return {kind: items}
+
+
+def _decode(s: Any, mark: object) -> Any:
+    if s is None or s == _LEAF:
+        return None if s is None else mark
+    (kind, items), = s.items()
+    if kind == "dict":
+        return {k: _decode(v, mark) for k, v in items}
+    return {"list": list, "tuple": tuple}[kind](_decode(v, mark) for v in items)
+
+
+def _check_dir(path: epath.Path, overwrite: bool) -> None:
+    if not path.exists():
+        return
+    names = {p.name for p in path.iterdir()}
+    if names and not overwrite:
+        raise FileExistsError(f"checkpoint directory {path} already exists and is not empty; "
+                              "pass overwrite=True to replace it")
+    foreign = sorted(n for n in names if n not in (_META, _POLICY) and not n.startswith(_ARRAYS))
+    if foreign:
+        raise FileExistsError(f"refusing to overwrite {path}: it holds files that are not part of a qjax "
+                              f"checkpoint ({', '.join(foreign[:5])}); remove them yourself")
+    if jax.process_index() == 0:
+        for p in path.iterdir():
+            p.rmtree() if p.is_dir() else p.unlink()
+
+
+def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool = False) -> None:
+    """Save a pytree of arrays, ``QArray``s, masks and scalars (and a ``Policy``) with Orbax.
+
+    Args:
+      directory: checkpoint directory (a path or ``epath``-style string); created if needed.
+        An existing empty directory is used as is.
+      tree: any pytree (dicts, lists, tuples, Linen variables, NNX ``State``, ...) whose
+        leaves are jax/numpy arrays, ``QArray``s, Python scalars or strings.
+      policy: a ``qjax.Policy`` stored as JSON beside the arrays (see :func:`restore_policy`).
+      overwrite: replace an existing non-empty checkpoint directory.
+
+    Raises:
+      FileExistsError: ``directory`` is not empty and ``overwrite`` is false, or it holds
+        files that are not part of a qjax checkpoint (never deleted).
+      TypeError: a leaf cannot be stored (the message names its path), or ``policy`` is
+        not a ``Policy``.
+
+    Example:
+      >>> qjax.checkpoint.save("/tmp/ckpt", qparams, policy=policy)
+      >>> qparams = qjax.checkpoint.restore("/tmp/ckpt")
+    """
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy must be a qjax.Policy or None, got {type(policy).__name__}")
+    path = epath.Path(directory)
+    leaves = leaves_with_paths(tree)
+    metas = [_leaf_meta(p, leaf) for p, leaf in leaves]
+    arrays = {}
+    for i, ((_, leaf), m) in enumerate(zip(leaves, metas)):
+        if parts := _parts(m):
+            arrays[_key(i)] = {k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
+                               for k, p in parts.items()}
+    try:
+        structure, tree_type = _encode(tree), None
+    except TypeError as e:
+        structure, tree_type = None, str(e)
+    _check_dir(path, overwrite)
+    _sync("prepare")
+    path.mkdir(parents=True, exist_ok=True)
+    if arrays:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(path / _ARRAYS, args=ocp.args.StandardSave(arrays))
+    if jax.process_index() == 0:
+        if policy is not None:
+            (path / _POLICY).write_text(policy.to_json())
+        meta = dict(qjax_checkpoint=FORMAT_VERSION, leaves=metas, structure=structure, tree_type=tree_type)
+        (path / _META).write_text(json.dumps(meta, indent=1))
+    _sync("done")
+
+
+def _read_meta(path: epath.Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
+    if not (path / _META).exists():
+        raise FileNotFoundError(f"{path} is not a qjax checkpoint: it has no {_META} (incomplete save?)")
+    meta = json.loads((path / _META).read_text())
+    version = meta.get("qjax_checkpoint")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: checkpoint format version {version!r} is not supported "
+                         f"(this qjax reads versions up to {FORMAT_VERSION})")
+    return meta
+
+
+def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) -> None:
+    where = f"checkpoint {path} does not match the target"
+    for i in range(max(len(saved), len(units))):
+        want = saved[i] if i < len(saved) else {"path": None}
+        have = _leaf_meta(*units[i]) if i < len(units) else {"path": None}
+        if want["path"] != have["path"]:
+            ck, tg = ("no more leaves" if m["path"] is None else repr(m["path"]) for m in (want, have))
+            raise ValueError(f"{where}: first differing leaf: checkpoint has {ck} where the target has {tg}")
+        for k in ["kind", *want]:
+            if k not in ("path", "value") and want.get(k) != have.get(k):
+                raise ValueError(f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "
+                                 f"{want.get(k)!r}, target {have.get(k)!r}")
+
+
+def _fit(s, shape):
+    """A scale's sharding from its weight's: replicate dimensions the mesh axes do not divide."""
+    if not isinstance(s, jax.sharding.NamedSharding):
+        return s
+    spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+    size = lambda e: math.prod(s.mesh.shape[n] for n in (e if isinstance(e, tuple) else (e,)))
+    spec = [None if e is None or d % size(e) else e for d, e in zip(shape, spec)]
+    return jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def _array_shardings(target: Any, shardings: Any) -> list:
+    """One sharding (or ``None``) per array leaf of ``target``, in flatten order."""
+    if shardings is None:
+        return [getattr(x, "sharding", None) for x in jax.tree.leaves(target)]
+    is_leaf = lambda x: x is None or isinstance(x, jax.sharding.Sharding)
+    reps = jax.tree.map(lambda s, sub: (s,) * len(jax.tree.leaves(sub)), shardings, target, is_leaf=is_leaf)
+    return jax.tree.leaves(reps, is_leaf=is_leaf)
+
+
+def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
+    """Restore a pytree saved by :func:`save`.
+
+    Args:
+      directory: the checkpoint directory.
+      target: a pytree of the saved structure (e.g. the tree that was saved, an NNX
+        ``State`` from ``nnx.split``, Linen variables, or ``jax.eval_shape`` of either);
+        its leaves may be arrays, ``jax.ShapeDtypeStruct``s or ``QArray``s of those. The
+        result has its structure (NNX ``Variable``s and other boxes kept). Without it, the
+        saved structure is rebuilt when it is made of dicts, lists, tuples and ``None``.
+      shardings: a ``jax.sharding.Sharding``, or a pytree of them (``None`` entries: no
+        placement) that is a prefix of ``target``; a sharding given for a ``QArray`` is
+        used for its values and, with axes its shape cannot take replicated, for its
+        scale and zero point. Default: the shardings of ``target``'s jax arrays (and of
+        ``ShapeDtypeStruct``s that have one); other leaves go to the default device.
+
+    Returns:
+      The tree, with jax arrays (bit-identical to the saved ones), ``QArray``s with their
+      saved format and granularity, and Python scalars as saved.
+
+    Raises:
+      FileNotFoundError: ``directory`` does not exist or holds no qjax checkpoint.
+      ValueError: ``target`` does not match the checkpoint (the message names the first
+        differing leaf path and, for a shape/dtype/format difference, both values); or
+        no ``target`` is given for a tree whose structure is not stored.
+
+    Example:
+      >>> graphdef, state = nnx.split(model)
+      >>> model = nnx.merge(graphdef, qjax.checkpoint.restore("/tmp/ckpt", state))
+    """
+    path = epath.Path(directory)
+    meta = _read_meta(path)
+    saved = meta["leaves"]
+    if target is None:
+        if meta["tree_type"] is not None:
+            raise ValueError(f"checkpoint {path} holds a {meta['tree_type']} tree whose structure is not "
+                             "stored; pass target= (e.g. the state from nnx.split)")
+        abstract = iter([_build(m, {k: jax.ShapeDtypeStruct(tuple(p["shape"]), jnp.dtype(p["dtype"]))
+                                    for k, p in _parts(m).items()}) for m in saved])
+        target = map_with_path(lambda _p, _leaf: next(abstract), _decode(meta["structure"], object()))
+    units = leaves_with_paths(target)
+    _check(path, saved, units)
+    flat_shardings = iter(_array_shardings(target, shardings))
+    abstract = {}
+    for i, m in enumerate(saved):
+        if m["kind"] == "scalar":
+            next(flat_shardings)
+        for k, p in _parts(m).items():
+            s, shape, dtype = next(flat_shardings), tuple(p["shape"]), _stored_dtype(p["dtype"])
+            s = s if k in ("array", "values") else _fit(s, shape)
+            abstract.setdefault(_key(i), {})[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=s)
+    out = {}
+    if abstract:
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            out = ckptr.restore(path / _ARRAYS, args=ocp.args.StandardRestore(abstract))
+    it = iter(_build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
+              for i, m in enumerate(saved))
+    return map_with_path(lambda _p, _leaf: next(it), target)
+
+
+def restore_policy(directory) -> Policy | None:
+    """The ``Policy`` saved with a checkpoint.
+
+    Args:
+      directory: the checkpoint directory.
+
+    Returns:
+      The ``qjax.Policy`` given to :func:`save`, or ``None`` if none was.
+
+    Raises:
+      FileNotFoundError: ``directory`` does not exist or holds no qjax checkpoint.
+      ValueError: the stored policy is malformed.
+
+    Example:
+      >>> policy = qjax.checkpoint.restore_policy("/tmp/ckpt")
+    """
+    path = epath.Path(directory)
+    _read_meta(path)
+    if not (path / _POLICY).exists():
+        return None
+    return Policy.from_json((path / _POLICY).read_text())

@@ -1,0 +1,144 @@
+"""Independent numpy references for qjax.numerics tests.
+
+Nothing here imports qjax: scale groups are enumerated with explicit slices (not the
+library's grouped view), and every formula is the documented one, written in numpy
+float32 the way the docs say the library computes it (divisions by constants as
+multiplications by a float32 reciprocal, ``x * (1 / scale)``), so integer codes can be
+compared exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+F32 = np.float32
+
+
+def scale_groups(
+    shape: tuple[int, ...],
+    channel_axes: tuple[int, ...] = (),
+    group_axis: int | None = None,
+    group_size: int | None = None,
+) -> tuple[tuple[int, ...], Iterator[tuple[tuple[int, ...], tuple[slice, ...]]]]:
+    """Scale shape, and for every scale index the slice of ``x`` it covers.
+
+    A short last group (``group_size`` not dividing) is simply the shorter slice: it is
+    quantized on its own, with no padding.
+    """
+    nd = len(shape)
+    ch = {a % nd for a in channel_axes}
+    g = None if group_axis is None else group_axis % nd
+    scale_shape = tuple(
+        shape[a] if a in ch else (math.ceil(shape[a] / group_size) if a == g else 1) for a in range(nd)
+    )
+
+    def it():
+        for idx in np.ndindex(*scale_shape):
+            sl = []
+            for a, i in enumerate(idx):
+                if a in ch:
+                    sl.append(slice(i, i + 1))
+                elif a == g:
+                    sl.append(slice(i * group_size, (i + 1) * group_size))
+                else:
+                    sl.append(slice(None))
+            yield idx, tuple(sl)
+
+    return scale_shape, it()
+
+
+def ref_range(v: np.ndarray, calib: str, symmetric: bool, p: float = 99.0, lohi=(-1.0, 1.0)):
+    """Calibrated range of one group, as documented (float64 for percentile)."""
+    v = np.asarray(v, np.float32)
+    if calib == "fixed":
+        lo, hi = F32(lohi[0]), F32(lohi[1])
+    elif calib == "absmax":
+        a = np.max(np.abs(v), initial=F32(0))
+        return -a, a
+    elif calib == "minmax":
+        lo, hi = np.min(v, initial=F32(0)), np.max(v, initial=F32(0))
+    elif calib == "percentile":
+        if v.size == 0:
+            return F32(0), F32(0)
+        if symmetric:
+            a = np.percentile(np.abs(v).astype(np.float64), p)
+            return -a, a
+        return np.percentile(v.astype(np.float64), 100 - p), np.percentile(v.astype(np.float64), p)
+    else:  # pragma: no cover
+        raise ValueError(calib)
+    if symmetric:
+        a = max(abs(lo), abs(hi))
+        return -a, a
+    return lo, hi
+
+
+def ref_scale(lo, hi, qmin: int, qmax: int, symmetric: bool):
+    """``scale_from_range`` as documented, in float32."""
+    lo, hi = F32(lo), F32(hi)
+    finite = np.isfinite(lo) and np.isfinite(hi)
+    if symmetric:
+        s = F32(max(abs(lo), abs(hi))) * F32(1.0 / qmax)
+        zp = None
+    else:
+        lo, hi = min(lo, F32(0)), max(hi, F32(0))
+        s = F32(hi - lo) * F32(1.0 / (qmax - qmin))
+    s = F32(s) if s > 0 else F32(1)
+    if not finite:
+        s = F32(np.nan)
+    if not symmetric:
+        zp = 0 if not finite else int(np.clip(np.rint(F32(qmin) - lo * (F32(1) / s)), qmin, qmax))
+    return s, zp
+
+
+def ref_codes(v, s, zp, qmin, qmax):
+    """``clip(rint(v * (1/s)) + zp)`` in float32; NaN codes become 0."""
+    y = np.asarray(v, np.float32) * (F32(1) / F32(s))
+    q = np.rint(y) + (0 if zp is None else zp)
+    q = np.clip(q, qmin, qmax)
+    return np.where(np.isnan(q), 0, q).astype(np.int64)
+
+
+def ref_quantize(
+    x,
+    qmin: int,
+    qmax: int,
+    *,
+    channel_axes=(),
+    group_axis=None,
+    group_size=None,
+    symmetric=True,
+    calib=None,
+    **calib_kw,
+):
+    """Reference fake-quantization of ``x`` (float32 numpy).
+
+    Returns ``(codes int64, scale (scale shape), zero_point or None, dequantized float32)``.
+    """
+    x = np.asarray(x, np.float32)
+    calib = calib or ("absmax" if symmetric else "minmax")
+    scale_shape, groups = scale_groups(x.shape, channel_axes, group_axis, group_size)
+    scale = np.zeros(scale_shape, np.float32)
+    zps = None if symmetric else np.zeros(scale_shape, np.int64)
+    codes = np.zeros(x.shape, np.int64)
+    dq = np.zeros(x.shape, np.float32)
+    for idx, sl in groups:
+        v = x[sl]
+        lo, hi = ref_range(v, calib, symmetric, **calib_kw)
+        s, zp = ref_scale(lo, hi, qmin, qmax, symmetric)
+        if calib == "fixed" and not np.all(np.isfinite(v)):
+            s = F32(np.nan)
+        scale[idx] = s
+        if zps is not None:
+            zps[idx] = zp
+        q = ref_codes(v, s, zp, qmin, qmax)
+        codes[sl] = q
+        dq[sl] = (q - (0 if zp is None else zp)).astype(np.float32) * s
+    return codes, scale, zps, dq
+
+
+def ulp(x) -> np.ndarray:
+    """Float32 unit in the last place of ``x``."""
+    return np.spacing(np.abs(np.asarray(x, np.float32)))

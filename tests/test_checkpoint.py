@@ -1,0 +1,232 @@
+"""qjax.checkpoint: exact Orbax round trips of QArrays, masks, plain arrays and policies."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import qjax
+from qjax import checkpoint
+
+
+def _w(seed, shape, dtype=jnp.float32):
+    return jax.random.normal(jax.random.key(seed), shape, dtype)
+
+
+def linen_tree():
+    q = qjax.quantize
+    return {
+        "params": {
+            "Dense_0": {
+                "kernel": q(_w(0, (16, 8)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,))),
+                "bias": _w(1, (8,), jnp.bfloat16),
+            },
+            "Dense_1": {
+                "kernel": q(_w(2, (32, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8,
+                                                            group_axis=0)),
+                "bias": jnp.arange(8, dtype=jnp.int32),
+            },
+            "int2": q(_w(3, (8, 12)), qjax.QuantSpec(qjax.int2, channel_axes=(0,))),
+            "asym": q(_w(4, (8, 6), jnp.bfloat16), qjax.QuantSpec(qjax.uint8, channel_axes=(-1,),
+                                                                  symmetric=False)),
+            "e4m3": q(_w(5, (4, 8)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,))),
+            "e5m2": q(_w(6, (4, 8)), qjax.QuantSpec(qjax.fp8_e5m2)),
+            "raw_fp8": _w(7, (3, 5)).astype(jnp.float8_e4m3fn),
+        },
+        "masks": {"Dense_0": {"kernel": _w(8, (16, 8)) > 0}},
+        "extra": [None, (jnp.float32(1.5), 7, "note")],
+    }
+
+
+def assert_identical(a, b):
+    """Same structure (QArray static metadata included) and bit-identical arrays."""
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        if hasattr(x, "dtype"):
+            assert isinstance(y, jax.Array)
+            assert x.dtype == y.dtype and x.shape == y.shape
+            np.testing.assert_array_equal(np.ravel(x).view(np.uint8), np.ravel(y).view(np.uint8))
+        else:
+            assert type(x) is type(y) and x == y
+
+
+def test_round_trip_without_target(tmp_path):
+    tree = linen_tree()
+    checkpoint.save(tmp_path / "ckpt", tree)
+    restored = checkpoint.restore(tmp_path / "ckpt")
+    assert_identical(tree, restored)
+    k = restored["params"]["Dense_1"]["kernel"]
+    assert (k.format, k.group_size, k.packed_axis, k.packed_length) == (qjax.int4, 8, -1, 8)
+    assert k.values.dtype == jnp.uint8 and k.values.shape == (32, 4)
+    assert restored["params"]["asym"].zero_point is not None
+    assert restored["params"]["Dense_0"]["kernel"].zero_point is None
+    assert restored["params"]["e4m3"].values.dtype == jnp.float8_e4m3fn
+    np.testing.assert_array_equal(qjax.dequantize(k), qjax.dequantize(tree["params"]["Dense_1"]["kernel"]))
+    meta = json.loads((tmp_path / "ckpt" / "qjax_checkpoint.json").read_text())
+    assert meta["qjax_checkpoint"] == checkpoint.FORMAT_VERSION
+    assert checkpoint.restore_policy(tmp_path / "ckpt") is None
+
+
+def test_round_trip_into_abstract_target(tmp_path):
+    tree = linen_tree()
+    checkpoint.save(tmp_path, tree)  # an existing empty directory is fine
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
+                            tree)
+    assert_identical(tree, checkpoint.restore(tmp_path, abstract))
+    assert_identical(tree, checkpoint.restore(tmp_path, tree))
+
+
+class _MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up = nnx.Linear(8, 16, rngs=rngs)
+        self.down = nnx.Linear(16, 4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(nnx.relu(self.up(x)))
+
+
+def test_nnx_state_round_trip(tmp_path):
+    graphdef, state = nnx.split(_MLP(nnx.Rngs(0)))
+    policy = qjax.Policy([qjax.Rule(r".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)))])
+    qstate = qjax.quantize_params(state, policy)
+    checkpoint.save(tmp_path / "c", qstate, policy=policy)
+
+    abstract = nnx.eval_shape(lambda: qjax.quantize_params(nnx.split(_MLP(nnx.Rngs(1)))[1], policy))
+    restored = checkpoint.restore(tmp_path / "c", abstract)
+    assert isinstance(restored, nnx.State)
+    assert isinstance(restored["up"]["kernel"], nnx.Param)
+    assert_identical(qstate, restored)
+    assert checkpoint.restore_policy(tmp_path / "c") == policy
+    model = nnx.merge(graphdef, qjax.dequantize_params(restored))
+    assert model(jnp.ones((2, 8))).shape == (2, 4)
+
+    with pytest.raises(ValueError, match=r"down/kernel.*kind.*'qarray'.*'array'"):
+        checkpoint.restore(tmp_path / "c", state)  # float target: QArray-ness differs
+    with pytest.raises(ValueError, match=r"State.*target="):
+        checkpoint.restore(tmp_path / "c")
+
+
+def test_policy_round_trip(tmp_path):
+    policy = qjax.Policy([
+        qjax.Rule(r"params/.*embed.*", None),
+        qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,),
+                                                             calibration=qjax.calib.mse(32, 0.3)),
+                  act=qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN,
+                                     calibration=qjax.calib.percentile(99.9))),
+        qjax.Rule(r"params/head/.*", weight=qjax.QuantSpec(qjax.uint4, symmetric=False, group_size=32,
+                                                           group_axis=0, calibration=qjax.calib.fixed(-1, 2)),
+                  act=qjax.QuantSpec(qjax.fp8_e4m3)),
+    ])
+    checkpoint.save(tmp_path / "c", {"w": jnp.ones(3)}, policy=policy)
+    restored = checkpoint.restore_policy(tmp_path / "c")
+    assert restored == policy
+    assert restored.rules[1].act.channel_axes is qjax.PER_TOKEN
+    with pytest.raises(TypeError, match="Policy"):
+        checkpoint.save(tmp_path / "d", {"w": jnp.ones(3)}, policy={"rules": []})
+
+
+def test_mismatched_target_names_path(tmp_path):
+    tree = linen_tree()
+    checkpoint.save(tmp_path / "c", tree)
+
+    def expect(edit, msg):
+        target = jax.tree.map(lambda x: x, tree)
+        edit(target)
+        with pytest.raises(ValueError, match=msg):
+            checkpoint.restore(tmp_path / "c", target)
+
+    def drop_bias(t):
+        del t["params"]["Dense_0"]["bias"]
+
+    def set_leaf(*keys, value):
+        def edit(t):
+            for k in keys[:-1]:
+                t = t[k]
+            t[keys[-1]] = value
+        return edit
+
+    expect(drop_bias, r"first differing leaf: checkpoint has 'params/Dense_0/bias' where the target has "
+                      r"'params/Dense_0/kernel'")
+    expect(set_leaf("params", "Dense_0", "bias", value=jnp.zeros(9, jnp.bfloat16)),
+           r"'params/Dense_0/bias' differs in shape: checkpoint \[8\], target \[9\]")
+    expect(set_leaf("masks", "Dense_0", "kernel", value=jnp.zeros((16, 8), jnp.int8)),
+           r"'masks/Dense_0/kernel' differs in dtype: checkpoint 'bool', target 'int8'")
+    int4 = qjax.quantize(_w(3, (8, 12)), qjax.QuantSpec(qjax.int4, channel_axes=(0,)))
+    expect(set_leaf("params", "int2", value=int4),
+           r"'params/int2' differs in format: checkpoint 'int2', target 'int4'")
+    expect(set_leaf("zzz", value=jnp.ones(2)), r"checkpoint has no more leaves where the target has 'zzz'")
+    with pytest.raises(TypeError, match=r"leaf 'bad'.*object"):
+        checkpoint.save(tmp_path / "bad", {"bad": object()})
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope"):
+        checkpoint.restore(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        checkpoint.restore_policy(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a qjax checkpoint"):
+        checkpoint.restore(tmp_path)
+
+
+def test_overwrite(tmp_path):
+    d = tmp_path / "c"
+    checkpoint.save(d, {"a": jnp.ones(3)}, policy=qjax.Policy([qjax.Rule(".*", None)]))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        checkpoint.save(d, {"b": jnp.zeros(2)})
+    assert_identical(checkpoint.restore(d), {"a": jnp.ones(3)})
+    checkpoint.save(d, {"b": jnp.zeros(2)}, overwrite=True)
+    assert_identical(checkpoint.restore(d), {"b": jnp.zeros(2)})
+    assert checkpoint.restore_policy(d) is None
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"notes\.txt"):
+        checkpoint.save(tmp_path / "other", {"a": jnp.ones(3)}, overwrite=True)
+    assert (tmp_path / "other" / "notes.txt").exists()
+
+
+def test_sharded_restore(tmp_path):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    s2d = NamedSharding(mesh, P("data", "model"))
+    tree = {
+        "kernel": _w(0, (16, 8)),
+        "q4": qjax.quantize(_w(1, (16, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,))),
+        "fp8": qjax.quantize(_w(2, (16, 8)), qjax.QuantSpec(qjax.fp8_e5m2, channel_axes=(-1,))),
+        "bias": jnp.ones(8),
+    }
+    checkpoint.save(tmp_path / "c", tree)
+
+    shardings = {"kernel": s2d, "q4": s2d, "fp8": s2d, "bias": None}
+    restored = checkpoint.restore(tmp_path / "c", shardings=shardings)
+    assert_identical(tree, restored)
+    assert restored["kernel"].sharding == s2d
+    assert restored["q4"].values.sharding == s2d  # packed (16, 4)
+    assert restored["q4"].scale.sharding.spec == P(None, "model")  # scale (1, 8)
+    assert restored["fp8"].values.sharding == s2d and restored["fp8"].values.dtype == jnp.float8_e5m2
+    assert len(restored["bias"].devices()) == 1
+
+    # Without shardings=, the target's own shardings are used.
+    last = lambda x: NamedSharding(mesh, P(*[None] * (x.ndim - 1), "model"))
+    target = jax.tree.map(lambda x: jax.device_put(x, last(x)), tree)
+    restored = checkpoint.restore(tmp_path / "c", target)
+    assert_identical(tree, restored)
+    assert restored["kernel"].sharding.spec == P(None, "model")
+    assert restored["q4"].scale.sharding == target["q4"].scale.sharding
+    assert restored["bias"].sharding == target["bias"].sharding
+
+
+def test_small_trees_and_scalars(tmp_path):
+    trees = [None, {}, [], {"a": None, "b": {3: (1, 2.5, True, "x"), 1: [np.float32(2)]}}, jnp.ones(3),
+             qjax.quantize(_w(0, (4, 4)), qjax.QuantSpec(qjax.int8)), np.arange(3, dtype=np.int64)]
+    for i, tree in enumerate(trees):
+        checkpoint.save(tmp_path / str(i), tree)
+        restored = checkpoint.restore(tmp_path / str(i))
+        assert jax.tree.structure(restored) == jax.tree.structure(tree)
+        for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)):
+            assert type(x) is type(y) or isinstance(y, jax.Array)
+            assert np.array_equal(x, y) and np.asarray(x).dtype == np.asarray(y).dtype  # int64 stays numpy

@@ -1,0 +1,79 @@
+"""``qjax demo`` end to end (``--fast``) and the CLI's error path."""
+
+import json
+import sys
+
+import pytest
+
+from qjax.cli import main
+
+
+def test_demo_runs_and_writes_results(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "demo"  # created by the command
+    rc = main(["demo", "--fast", "--quiet", "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert rc == 0, stderr
+    assert stderr == ""  # --quiet: no progress output
+    result = json.loads((out / "results.json").read_text())
+    report = (out / "report.md").read_text()
+    rows = {r["key"]: r for r in result["rows"]}
+    expected = {
+        "float",
+        "int8_tensor",
+        "int8_channel",
+        "int4_tensor",
+        "int4_channel",
+        "int4_group16",
+        "int2_channel",
+        "int8_channel_mse",
+        "fp8_e4m3",
+        "qat_int4_channel",
+        "qat_int2_channel",
+        "qat_int2_channel_lsq",
+    }
+    assert set(rows) == expected
+    for r in rows.values():  # every row is in the printed table and the report
+        assert r["method"] in stdout and f"| {r['method']} |" in report
+    assert "dequantized for evaluation" in stdout and "dequantized for evaluation" in report
+    assert result["fast"] is True and result["seed"] == 0
+
+    float_acc = rows["float"]["accuracy"]
+    assert result["float_accuracy"] == float_acc > 0.9
+    assert rows["int8_channel"]["accuracy"] >= float_acc - 0.02
+    assert rows["float"]["ratio"] == pytest.approx(1.0)
+    int8_bytes = rows["int8_channel"]["bytes"]
+    for key in ("int4_tensor", "int4_channel", "int4_group16", "qat_int4_channel"):
+        assert rows[key]["bytes"] < int8_bytes, key
+    assert rows["int2_channel"]["bytes"] < rows["int4_channel"]["bytes"] < int8_bytes < rows["float"]["bytes"]
+    for key in ("qat_int4_channel", "qat_int2_channel", "qat_int2_channel_lsq"):
+        # quantize-then-dequantize evaluates exactly like the fake-quant forward pass
+        assert rows[key]["accuracy"] == rows[key]["fake_quant_accuracy"], key
+        assert rows[key]["accuracy"] > 0.85, key
+
+
+def test_out_pointing_at_a_file_fails_with_one_line(tmp_path, capsys):
+    target = tmp_path / "not_a_dir"
+    target.write_text("x")
+    rc = main(["demo", "--fast", "--quiet", "--out", str(target)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and err.startswith("qjax: error:") and str(target) in err
+    assert "Traceback" not in err
+
+
+def test_bad_arguments_fail_with_one_line(capsys):
+    assert main(["demo", "--seed", "minus-one"]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--seed" in err
+    assert main(["no-such-command"]) != 0
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_missing_sklearn_names_the_extra(tmp_path, capsys, monkeypatch):
+    for name in [m for m in sys.modules if m == "sklearn" or m.startswith("sklearn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn...` fail
+    rc = main(["demo", "--fast", "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "pip install qjax[experiments]" in err
