@@ -5,7 +5,8 @@ distillation, mixed-precision search, sharding and low-bit kernels, as pure tran
 over pytrees and functions. See ``DESIGN.md`` for the architecture.
 """
 
-from qjax import checkpoint, rules
+from qjax import checkpoint, graph, rules
+from qjax.graph import nnx_apply
 from qjax.numerics import (
     PER_TOKEN,
     FloatFormat,
@@ -40,20 +41,29 @@ from qjax.numerics import (
 )
 from qjax.numerics import calibration as calib
 from qjax.quant import (
+    ActStats,
     Footprint,
     Policy,
     Rule,
+    calibrate,
     dequantize_params,
     fake_quant_params,
+    fake_quantized,
     footprint,
     lsq_scales,
     quantize_params,
+    quantized,
     quantized_leaves,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActStats",
+    "calibrate",
+    "fake_quantized",
+    "quantized",
+    "graph",
     "PER_TOKEN",
     "FloatFormat",
     "Footprint",
@@ -85,6 +95,7 @@ __all__ = [
     "is_qarray",
     "lsq_init_scale",
     "lsq_scales",
+    "nnx_apply",
     "quantize",
     "quantize_params",
     "quantized_leaves",

@@ -28,7 +28,7 @@ from qjax.rules import leaves_with_paths, map_with_path
 
 FORMAT_VERSION = 1
 _META, _POLICY, _ARRAYS = "qjax_checkpoint.json", "policy.json", "arrays"
-_PARTS = ("values", "scale", "zero_point")
+_PARTS = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
 _LEAF = "*"
 _KEY = jax.dtypes.prng_key
 _barrier_ids = itertools.count()

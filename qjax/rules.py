@@ -56,7 +56,7 @@ def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     for kp, unit in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]:
         prefix = path_str(kp)
         if is_box(unit):
-            for _, leaf in jax.tree_util.tree_flatten_with_path(unit, is_leaf=lambda x: isinstance(x, QArray))[0]:
+            for leaf in jax.tree.leaves(unit, is_leaf=lambda x: isinstance(x, QArray)):
                 out.append((prefix, leaf))
         else:
             out.append((prefix, unit))

@@ -2,9 +2,12 @@
 
 Children: ``values`` (integer codes in the format's storage dtype, or ``uint8`` when
 packed; fp8 values for float formats), ``scale`` and ``zero_point`` (``None`` when
-symmetric). Static aux data: format, original dtype, granularity and packing. All axes
-are stored as negative indices, so ``jax.vmap`` over leading axes keeps a ``QArray``
-consistent; the logical shape is derived from ``values``.
+symmetric), and optionally ``act_scale``/``act_zero_point``: the static (calibrated)
+quantization of the activations of the ops that read this weight, stored with it so a
+stacked (``nn.scan``) weight carries one per layer. Static aux data: format, original
+dtype, granularity and packing. All axes are stored as negative indices, so ``jax.vmap``
+over leading axes keeps a ``QArray`` consistent; the logical shape is derived from
+``values``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from qjax.numerics.granularity import Layout, from_grouped, scale_to_grouped, to
 from qjax.numerics.packing import packed_length, unpack
 from qjax.numerics.scaling import dequantize_values
 
+_CHILDREN = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
 _AUX = ("format", "dtype", "channel_axes", "group_axis", "group_size", "packed_axis", "packed_length")
 
 
@@ -34,7 +38,7 @@ class QArray:
         dtype does not match the format.
     """
 
-    __slots__ = ("values", "scale", "zero_point", *_AUX)
+    __slots__ = (*_CHILDREN, *_AUX)
 
     def __init__(
         self,
@@ -42,6 +46,8 @@ class QArray:
         scale: jax.Array,
         zero_point: jax.Array | None = None,
         *,
+        act_scale: jax.Array | None = None,
+        act_zero_point: jax.Array | None = None,
         format: Format,
         dtype,
         channel_axes: tuple[int, ...] = (),
@@ -51,6 +57,7 @@ class QArray:
         packed_length: int | None = None,
     ):
         self.values, self.scale, self.zero_point = values, scale, zero_point
+        self.act_scale, self.act_zero_point = act_scale, act_zero_point
         self.format = format
         self.dtype = jnp.dtype(dtype)
         self.channel_axes = tuple(channel_axes)
@@ -64,16 +71,31 @@ class QArray:
             (jax.tree_util.GetAttrKey("values"), self.values),
             (jax.tree_util.GetAttrKey("scale"), self.scale),
             (jax.tree_util.GetAttrKey("zero_point"), self.zero_point),
+            (jax.tree_util.GetAttrKey("act_scale"), self.act_scale),
+            (jax.tree_util.GetAttrKey("act_zero_point"), self.act_zero_point),
         )
         return children, tuple(getattr(self, k) for k in _AUX)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
         obj = object.__new__(cls)
-        obj.values, obj.scale, obj.zero_point = children
+        for k, v in zip(_CHILDREN, children):
+            object.__setattr__(obj, k, v)
         for k, v in zip(_AUX, aux):
             object.__setattr__(obj, k, v)
         return obj
+
+    def replace_children(self, children) -> QArray:
+        """The same static metadata with new children (``values, scale, zero_point,
+        act_scale, act_zero_point``); no validation (children may be specs or shapes)."""
+        return QArray.tree_unflatten(tuple(getattr(self, k) for k in _AUX), list(children))
+
+    def with_act_scale(self, act_scale, act_zero_point=None) -> QArray:
+        """This weight with a static activation scale (and zero point) stored beside it:
+        the quantization of the activations of ops that read this weight."""
+        return self.replace_children(
+            [self.values, self.scale, self.zero_point, act_scale, act_zero_point]
+        )
 
     # -- derived properties ---------------------------------------------------------
     @property
@@ -100,7 +122,7 @@ class QArray:
     def nbytes(self) -> int:
         """Bytes held by values, scale and zero point."""
         total = 0
-        for leaf in (self.values, self.scale, self.zero_point):
+        for leaf in (self.values, self.scale, self.zero_point, self.act_scale, self.act_zero_point):
             if leaf is not None:
                 total += math.prod(np.shape(leaf)) * jnp.dtype(leaf.dtype).itemsize
         return total

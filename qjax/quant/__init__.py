@@ -1,6 +1,9 @@
 """Quantization policies and transforms."""
 
+from qjax.quant.int8_training import int8_dot_general
+from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
+from qjax.quant.functions import ActStats, calibrate, fake_quantized, quantized
 from qjax.quant.policy import Policy, Rule
 from qjax.quant.transforms import (
     dequantize_params,
@@ -11,6 +14,10 @@ from qjax.quant.transforms import (
 )
 
 __all__ = [
+    "ActStats",
+    "calibrate",
+    "fake_quantized",
+    "quantized",
     "Footprint",
     "LeafFootprint",
     "Policy",
@@ -18,6 +25,9 @@ __all__ = [
     "dequantize_params",
     "fake_quant_params",
     "footprint",
+    "int8_dot_general",
+    "quantized_conv_general_dilated",
+    "quantized_dot_general",
     "lsq_scales",
     "quantize_params",
     "quantized_leaves",

@@ -21,6 +21,9 @@ class Rule:
       weight: how to quantize the matched leaf, or ``None`` to keep it in float.
       act: how to quantize activations of ops that read the leaf (used by the function
         transforms), or ``None``.
+      grad: int8 training: how to quantize the incoming gradient of the matmuls reading
+        the leaf (``fake_quantized`` then runs the forward and both backward matmuls as
+        integer matmuls, AQT-style); needs ``weight`` and ``act``. ``None``: float backward.
 
     ``Rule(pattern, None)`` (no weight, no act) means "leave alone".
 
@@ -31,15 +34,18 @@ class Rule:
     pattern: str
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
+    grad: QuantSpec | None = None
 
     def __post_init__(self):
         compile_pattern(self.pattern)
-        for name in ("weight", "act"):
+        for name in ("weight", "act", "grad"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, QuantSpec):
                 raise TypeError(f"Rule {self.pattern!r}: {name} must be a qjax.QuantSpec or None, got {v!r}")
         if self.weight is not None and self.weight.channel_axes is PER_TOKEN:
             raise ValueError(f"Rule {self.pattern!r}: qjax.PER_TOKEN is for activations, not weights")
+        if self.grad is not None and (self.weight is None or self.act is None):
+            raise ValueError(f"Rule {self.pattern!r}: grad= (int8 training) needs weight= and act= specs")
 
     @property
     def skips(self) -> bool:
@@ -51,6 +57,7 @@ class Rule:
             "pattern": self.pattern,
             "weight": None if self.weight is None else self.weight.to_dict(),
             "act": None if self.act is None else self.act.to_dict(),
+            "grad": None if self.grad is None else self.grad.to_dict(),
         }
 
 
@@ -120,6 +127,7 @@ class Policy:
                         r["pattern"],
                         weight=None if r.get("weight") is None else spec_from_dict(r["weight"]),
                         act=None if r.get("act") is None else spec_from_dict(r["act"]),
+                        grad=None if r.get("grad") is None else spec_from_dict(r["grad"]),
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:

@@ -6,10 +6,12 @@ import zlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from qjax.numerics.fake_quant import fake_quant, lsq_init_scale
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
+from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.quant.policy import Policy, Rule
 from qjax.rules import Match, leaves_with_paths, map_matched, map_with_path
@@ -45,11 +47,15 @@ def _weight_matches(policy: Policy):
     return wrap
 
 
+def _check_paths(params: Any, by_path: dict, what: str) -> None:
+    unknown = set(by_path) - {p for p, _ in leaves_with_paths(params)}
+    if unknown:
+        raise ValueError(f"{what} given for paths that are not leaves of params: {sorted(unknown)}")
+
+
 def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
     scales = scales or {}
-    unknown = set(scales) - {p for p, _ in leaves_with_paths(params)}
-    if unknown:
-        raise ValueError(f"scales given for paths that are not leaves of params: {sorted(unknown)}")
+    _check_paths(params, scales, "scales")
     return scales
 
 
@@ -63,6 +69,7 @@ def quantize_params(
     params: Any,
     policy: Policy,
     *,
+    act_stats: dict[str, Any] | None = None,
     scales: dict[str, jax.Array] | None = None,
     key: jax.Array | None = None,
 ) -> Any:
@@ -71,6 +78,9 @@ def quantize_params(
     Args:
       params: any pytree (Linen variables, NNX ``State``, dicts of arrays).
       policy: the :class:`Policy`.
+      act_stats: ``{path: ActStats}`` from :func:`qjax.calibrate`: the static scale of the
+        activations of the ops reading each leaf, computed with the rule's ``act`` spec,
+        is stored in the weight's ``QArray`` (``act_scale``/``act_zero_point``).
       scales: ``{path: scale}`` to use instead of calibrating, e.g. the LSQ scales
         learned during QAT (:func:`lsq_scales`), so the exported model equals the
         fake-quantized one. Required for leaves whose spec has ``ste="lsq"``.
@@ -89,6 +99,14 @@ def quantize_params(
     """
     _check_policy(policy)
     scales = _check_scales(params, scales)
+    act_stats = act_stats or {}
+    _check_paths(params, act_stats, "act_stats")
+    for path in act_stats:
+        if policy.weight_spec(path) is None:
+            raise ValueError(
+                f"act_stats for leaf {path!r}, whose weight the policy keeps in float: static "
+                "activation scales are stored with a quantized weight"
+            )
 
     @_weight_matches(policy)
     def q(path, leaf, spec):
@@ -98,7 +116,17 @@ def quantize_params(
                 "ste='lsq' learns the scale: pass the trained scales=... (from qjax.lsq_scales) so "
                 "the quantized model matches the QAT one"
             )
-        return quantize(leaf, spec, scale=scale, key=_leaf_key(key, path))
+        q = quantize(leaf, spec, scale=scale, key=_leaf_key(key, path))
+        stats = act_stats.get(path)
+        if stats is None:
+            return q
+        act = policy.act_spec(path)
+        if act is None:
+            raise ValueError("act_stats given but the rule has no act spec")
+        act_scale, act_zp = scale_from_range(
+            jnp.asarray(stats.lo, jnp.float32), jnp.asarray(stats.hi, jnp.float32), act.format, act.symmetric
+        )
+        return q.with_act_scale(act_scale, act_zp)
 
     return map_matched(q, params, policy.ruleset)
 

@@ -1,0 +1,25 @@
+"""Reading a function as a jaxpr: which params leaf feeds which matmul/conv operand, and
+re-evaluating it with those ops replaced."""
+
+from qjax.graph.interpret import Handler, LayoutOp, WeightRef, evaluate, materialize, run
+from qjax.graph.layout import apply_layout, unpacked
+from qjax.graph.ops import OpInfo, find_ops, operand_channel_axes
+from qjax.graph.trace import Traced, abstract_params, nnx_apply, trace
+
+__all__ = [
+    "Handler",
+    "LayoutOp",
+    "OpInfo",
+    "Traced",
+    "WeightRef",
+    "abstract_params",
+    "apply_layout",
+    "evaluate",
+    "find_ops",
+    "materialize",
+    "nnx_apply",
+    "operand_channel_axes",
+    "run",
+    "trace",
+    "unpacked",
+]

@@ -1,0 +1,349 @@
+"""Re-evaluating a jaxpr with the ops that read params replaced.
+
+:func:`evaluate` walks a jaxpr equation by equation. Params leaves enter as
+:class:`WeightRef`s: symbolic values that remember the leaf path, the stored leaf
+(a ``QArray`` or a float array) and the layout ops applied since. Layout ops on a
+``WeightRef`` extend it; a ``dot_general`` or ``conv_general_dilated`` that reads one is
+handed to the :class:`Handler`; any other consumer gets the float value
+(:func:`materialize`). Higher-order primitives are entered only when a ``WeightRef``
+flows into them (otherwise they are bound unchanged, custom derivative rules and all):
+
+* ``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``: the body is evaluated inline
+  (the ops inside it get the handler's derivative rules instead of the custom ones);
+* ``scan``: rebuilt with ``lax.scan``; a stacked param fed as ``xs`` is sliced per
+  iteration (a stacked ``QArray`` slices with its per-layer scales), so every iteration
+  is the same op, identified by the stacked leaf's path;
+* ``cond``, ``while``: rebuilt with ``lax.switch`` / ``lax.while_loop``, weights closed
+  over; a value a ``cond`` branch did not emit is NaN (not executed); emitting inside a
+  ``while`` body is an error (it runs a data-dependent number of times);
+* ``remat``/``checkpoint``: rebuilt with ``jax.checkpoint`` (same policy);
+* ``shard_map``: rebuilt with ``jax.shard_map``; a ``QArray`` weight is passed in with
+  scale specs derived from the weight's spec.
+
+Handlers may ``emit`` values (e.g. calibration statistics) keyed by path; inside a
+``scan`` they are stacked per iteration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jcore
+
+from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
+from qjax.numerics.qarray import QArray
+
+TARGET_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutOp:
+    """One layout equation applied to a weight: primitive, params, extra operands."""
+
+    primitive: Any
+    params: dict
+    operands: tuple = ()
+
+    def apply(self, x):
+        return self.primitive.bind(x, *self.operands, **self.params)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightRef:
+    """A params leaf (or a layout view of it) flowing through the jaxpr.
+
+    Attributes:
+      path: the leaf's path (the op identity of everything that reads it).
+      leaf: the stored leaf: a ``QArray`` or a float array (a per-iteration slice inside
+        a ``scan`` over stacked params).
+      ops: layout ops applied since the leaf, in order.
+      depth: how many leading axes of the params leaf enclosing ``scan``s sliced off
+        (a spec written for the stacked leaf is adapted with :func:`spec_for_slice`).
+    """
+
+    path: str
+    leaf: Any
+    ops: tuple[LayoutOp, ...] = ()
+    depth: int = 0  # leading (stacked) axes of the params leaf sliced off by enclosing scans
+
+    def float_leaf(self):
+        return self.leaf.dequantize() if isinstance(self.leaf, QArray) else self.leaf
+
+
+def spec_for_slice(spec, depth: int):
+    """A weight spec written for a stacked params leaf, adapted to one ``scan`` slice of
+    it (``depth`` leading axes removed): non-negative axes shift down, axes that named a
+    stacked dim are dropped (each slice gets its own scales there), negative axes stay.
+
+    Raises:
+      ValueError: the spec's group axis is a stacked dim.
+    """
+    if depth == 0 or spec is None:
+        return spec
+    from qjax.numerics.spec import PER_TOKEN
+
+    def shift(a):
+        return a if a < 0 else a - depth
+
+    changes = {}
+    if spec.channel_axes is not PER_TOKEN:
+        changes["channel_axes"] = tuple(shift(a) for a in spec.channel_axes if a < 0 or a >= depth)
+    if spec.group_axis is not None:
+        if 0 <= spec.group_axis < depth:
+            raise ValueError(f"group_axis={spec.group_axis} is a stacked (scanned) axis of the leaf")
+        changes["group_axis"] = shift(spec.group_axis)
+    if spec.pack_axis >= 0:
+        changes["pack_axis"] = max(spec.pack_axis - depth, 0)
+    return spec.replace(**changes)
+
+
+def materialize(value):
+    """The float value of a ``WeightRef`` (dequantized, layout ops replayed); other
+    values are returned as they are."""
+    if not isinstance(value, WeightRef):
+        return value
+    x = value.float_leaf()
+    for op in value.ops:
+        x = op.apply(x)
+    return x
+
+
+class Handler:
+    """Decides what a target op that reads a weight becomes.
+
+    Subclasses override :meth:`target`; returning ``None`` evaluates the op on float
+    values (weights materialized).
+    """
+
+    def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
+        return None
+
+
+class _Emitter:
+    """Collects emitted values: ``values[key]`` is the list of everything emitted under
+    ``key`` (an op read several times emits several values)."""
+
+    def __init__(self):
+        self.values: dict[str, list] = {}
+
+    def __call__(self, key: str, value) -> None:
+        self.values.setdefault(key, []).append(value)
+
+
+def bind_eqn(eqn, invals) -> list:
+    """Bind an equation's primitive, unchanged, to new inputs; always a list of outputs."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    with eqn.ctx.manager:
+        out = eqn.primitive.bind(*invals, **params)
+    return out if eqn.primitive.multiple_results else [out]
+
+
+def _has_ref(values) -> bool:
+    return any(isinstance(v, WeightRef) for v in values)
+
+
+def evaluate(jaxpr, consts, args, handler: Handler, emit: Callable[[str, Any], None]) -> list:
+    """Evaluate an (open) ``jaxpr`` on ``consts`` and ``args`` (values or ``WeightRef``s)."""
+    env: dict = {}
+
+    def read(v):
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for v, x in zip(jaxpr.constvars, consts):
+        env[v] = x
+    for v, x in zip(jaxpr.invars, args):
+        env[v] = x
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        outs = _eval_eqn(eqn, invals, handler, emit) if _has_ref(invals) else bind_eqn(eqn, invals)
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = x
+    return [read(v) for v in jaxpr.outvars]
+
+
+def _eval_eqn(eqn, invals, handler, emit):
+    name = eqn.primitive.name
+    if name in TARGET_PRIMITIVES:
+        out = handler.target(eqn, invals, emit)
+        return out if out is not None else bind_eqn(eqn, [materialize(x) for x in invals])
+    if name in LAYOUT_PRIMITIVES and isinstance(invals[0], WeightRef) and not _has_ref(invals[1:]):
+        ref = invals[0]
+        params = dict(eqn.params)
+        op = LayoutOp(eqn.primitive, params, tuple(invals[1:]))
+        return [dataclasses.replace(ref, ops=(*ref.ops, op))]
+    rule = _RULES.get(name)
+    if rule is not None:
+        return rule(eqn, invals, handler, emit)
+    return bind_eqn(eqn, [materialize(x) for x in invals])
+
+
+def _closed(sub, args, handler, emit):
+    return evaluate(sub.jaxpr, sub.consts, args, handler, emit)
+
+
+def _inline(key):
+    def rule(eqn, invals, handler, emit):
+        return [materialize(x) for x in _closed(eqn.params[key], invals, handler, emit)]
+
+    return rule
+
+
+def _split(values, *sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append(list(values[i : i + n]))
+        i += n
+    out.append(list(values[i:]))
+    return out
+
+
+def _scan(eqn, invals, handler, emit):
+    p = eqn.params
+    consts, init, xs = _split(invals, p["num_consts"], p["num_carry"])
+    init = [materialize(x) for x in init]
+    # A direct params leaf fed as xs is scanned as its stored form (QArray slices too).
+    sliced = [isinstance(x, WeightRef) and not x.ops for x in xs]
+    xs_in = [x.leaf if s else materialize(x) for x, s in zip(xs, sliced)]
+    refs = [x if s else None for x, s in zip(xs, sliced)]
+    body = p["jaxpr"]
+
+    def step(carry, x_slices):
+        local = _Emitter()
+        x_vals = [
+            x
+            if r is None
+            else WeightRef(r.path, leading_slice(x) if isinstance(x, QArray) else x, (), r.depth + 1)
+            for r, x in zip(refs, x_slices)
+        ]
+        outs = [materialize(o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
+        return outs[: p["num_carry"]], (outs[p["num_carry"] :], local.values)
+
+    carry, (ys, emitted) = lax.scan(
+        step, init, xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    )
+    for k, vs in emitted.items():
+        for v in vs:
+            emit(k, v)
+    return [*carry, *ys]
+
+
+def _no_emit(what):
+    def forbid(key, value):
+        raise ValueError(
+            f"op {key!r} inside {what} emits values (e.g. calibration statistics); that is not "
+            f"supported inside {what}: move the op out of it or calibrate a version without it"
+        )
+
+    return forbid
+
+
+def _cond(eqn, invals, handler, emit):
+    index, *ops = invals
+    branches = eqn.params["branches"]
+
+    def run_branch(sub):
+        local = _Emitter()
+        outs = [materialize(o) for o in _closed(sub, ops, handler, local)]
+        return outs, local.values
+
+    # Emitted values must have one structure across branches: find the union first (an
+    # abstract pass), then fill what a branch does not emit with NaN ("not executed").
+    union: dict = {}
+    for sub in branches:
+        union.update(jax.eval_shape(lambda sub=sub: run_branch(sub)[1]))
+
+    def branch(sub):
+        def fn():
+            outs, values = run_branch(sub)
+            filled = {
+                k: values[k]
+                if k in values
+                else jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), shape)
+                for k, shape in union.items()
+            }
+            return outs, filled
+
+        return fn
+
+    outs, emitted = lax.switch(index, [branch(sub) for sub in branches])
+    for k, vs in emitted.items():
+        for v in vs:
+            emit(k, v)
+    return outs
+
+
+def _while(eqn, invals, handler, emit):
+    p = eqn.params
+    cond_consts, body_consts, init = _split(invals, p["cond_nconsts"], p["body_nconsts"])
+    init = [materialize(x) for x in init]
+    inner_emit = _no_emit("lax.while_loop")
+
+    def cond(carry):
+        return _closed(p["cond_jaxpr"], [*cond_consts, *carry], handler, inner_emit)[0]
+
+    def body(carry):
+        return [materialize(o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, inner_emit)]
+
+    return lax.while_loop(cond, body, init)
+
+
+def _remat(eqn, invals, handler, emit):
+    p = eqn.params
+    is_ref = [isinstance(x, WeightRef) for x in invals]
+    plain = [x for x, r in zip(invals, is_ref) if not r]
+
+    def fn(*plain_args):
+        it = iter(plain_args)
+        args = [x if r else next(it) for x, r in zip(invals, is_ref)]
+        local = _Emitter()
+        outs = evaluate(p["jaxpr"], [], args, handler, local)
+        return [materialize(o) for o in outs], local.values
+
+    outs, emitted = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*plain)
+    for k, vs in emitted.items():
+        for v in vs:
+            emit(k, v)
+    return outs
+
+
+def _shard_map(eqn, invals, handler, emit):
+    from qjax.graph.sharding import shard_map_rule  # sharding details live apart
+
+    return shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, WeightRef)
+
+
+_RULES: dict[str, Callable] = {
+    "jit": _inline("jaxpr"),
+    "pjit": _inline("jaxpr"),
+    "closed_call": _inline("call_jaxpr"),
+    "core_call": _inline("call_jaxpr"),
+    "custom_jvp_call": _inline("call_jaxpr"),
+    "custom_vjp_call": _inline("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _inline("fun_jaxpr"),
+    "scan": _scan,
+    "cond": _cond,
+    "while": _while,
+    "remat2": _remat,
+    "checkpoint": _remat,
+    "shard_map": _shard_map,
+}
+
+
+def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dict]:
+    """Evaluate a :class:`qjax.graph.trace.Traced` with params as ``WeightRef``s.
+
+    Returns:
+      ``(outputs, emitted)``: the flat outputs and, by key, the list of values handlers
+      emitted (stacked along a leading axis for ops inside a ``scan``).
+    """
+    refs = [WeightRef(path, leaf) for path, leaf in zip(traced.param_paths, params_leaves)]
+    emitter = _Emitter()
+    closed = traced.jaxpr
+    outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)
+    return [materialize(o) for o in outs], emitter.values

@@ -1,0 +1,104 @@
+"""What the graph layer knows about a target op: which operand a weight is, and the
+axes of the other operand (activation) that a per-token scale runs over."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+from jax import lax
+
+from qjax.graph.interpret import Handler, WeightRef, run
+from qjax.graph.trace import trace
+
+
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """One matmul/conv that reads a params leaf.
+
+    Attributes:
+      path: the params leaf path (the op's identity).
+      primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
+      weight_operand: 0 (lhs) or 1 (rhs).
+      weight_shape: the weight operand's shape as the op sees it (after layout ops).
+      activation_shape: the other operand's shape (``None`` if it is also a weight).
+      params: the equation's params (dimension numbers etc.).
+    """
+
+    path: str
+    primitive: str
+    weight_operand: int
+    weight_shape: tuple[int, ...]
+    activation_shape: tuple[int, ...] | None
+    params: dict[str, Any]
+
+
+class _Recorder(Handler):
+    def __init__(self):
+        self.ops: list[OpInfo] = []
+
+    def target(self, eqn, invals, emit):
+        for i, x in enumerate(invals[:2]):
+            if isinstance(x, WeightRef):
+                other = invals[1 - i]
+                self.ops.append(
+                    OpInfo(
+                        x.path,
+                        eqn.primitive.name,
+                        i,
+                        tuple(eqn.invars[i].aval.shape),
+                        None if isinstance(other, WeightRef) else tuple(eqn.invars[1 - i].aval.shape),
+                        dict(eqn.params),
+                    )
+                )
+        return None
+
+
+def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
+    """Every ``dot_general``/``conv_general_dilated`` of ``f(params, *args, **kwargs)``
+    that reads a params leaf (through layout ops, ``jit``, ``scan``, ``cond``, ``remat``,
+    custom derivatives, ...), in evaluation order; an op inside a ``scan`` body is listed
+    once.
+
+    Example:
+      >>> [op.path for op in qjax.graph.find_ops(model.apply, variables, x)]
+      ['params/Dense_0/kernel', 'params/Dense_1/kernel']
+    """
+    traced = trace(f, params, *args, **kwargs)
+    recorder = _Recorder()
+    # Abstract evaluation: the recorder sees every op at trace time, nothing is computed.
+    jax.eval_shape(
+        lambda p, a: run(traced, recorder, p, a)[0], list(traced.param_leaves), jax.tree.leaves(args)
+    )
+    # A cond branch is traced twice (an abstract pass finds what it emits): drop repeats.
+    seen, ops = set(), []
+    for op in recorder.ops:
+        key = (
+            op.path,
+            op.primitive,
+            op.weight_operand,
+            op.weight_shape,
+            op.activation_shape,
+            repr(op.params),
+        )
+        if key not in seen:
+            seen.add(key)
+            ops.append(op)
+    return ops
+
+
+def operand_channel_axes(primitive: str, params: dict[str, Any], operand: int, ndim: int) -> tuple[int, ...]:
+    """Axes of an operand that are not contracted (``PER_TOKEN`` scale axes).
+
+    ``dot_general``: every non-contracting dimension of that operand (batch dims
+    included). ``conv_general_dilated``: the batch dimension of the input.
+    """
+    if primitive == "dot_general":
+        (lc, rc), _ = params["dimension_numbers"]
+        contracting = set(lc if operand == 0 else rc)
+        return tuple(a for a in range(ndim) if a not in contracting)
+    dn = params["dimension_numbers"]
+    if not isinstance(dn, lax.ConvDimensionNumbers):
+        dn = lax.conv_dimension_numbers((1,) * ndim, (1,) * ndim, dn)
+    return (dn.lhs_spec[0],) if operand == 0 else (dn.rhs_spec[0],)

@@ -1,0 +1,370 @@
+"""Function transforms: ``calibrate``, ``quantized`` and ``fake_quantized``.
+
+Each takes any ``f(params, *args, **kwargs)`` (a Linen ``apply``, an NNX model split into
+graphdef/state, a plain function) and re-evaluates its jaxpr with the matmuls and
+convolutions that read a params leaf replaced (see :mod:`qjax.graph`). The policy rule
+matched by that leaf's path gives the weight spec and the activation spec of the op.
+Positional arguments after ``params`` are traced; keyword arguments are static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, spec_for_slice
+from qjax.graph.layout import apply_layout
+from qjax.graph.ops import operand_channel_axes
+from qjax.graph.trace import trace
+from qjax.numerics.fake_quant import fake_quant
+from qjax.numerics.qarray import QArray
+from qjax.numerics.quantize import quantize
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.int8_training import int8_dot_general
+from qjax.quant.policy import Policy, Rule
+
+
+def _rule(policy: Policy, path: str) -> Rule | None:
+    m = policy.match(path)
+    return None if m is None else m.value
+
+
+def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
+    """``PER_TOKEN`` -> the concrete non-contracting axes of this operand."""
+    if spec.channel_axes is not PER_TOKEN:
+        return spec
+    ndim = len(eqn.invars[operand].aval.shape)
+    return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
+
+
+def _leaf_key(key, path: str):
+    return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def _weight_operand(invals) -> int | None:
+    """Index of the single weight operand of a binary target op (``None`` if both or neither)."""
+    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
+    return refs[0] if len(refs) == 1 else None
+
+
+def _run(f, handler_factory: Callable[[], Handler], params, args, kwargs):
+    traced = trace(f, params, *args, **kwargs)
+    handler = handler_factory()
+    outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+    return jax.tree.unflatten(traced.out_tree, outs), emitted
+
+
+# -- fake_quantized (QAT) -------------------------------------------------------------
+
+
+def _named_errors(method):
+    """Re-raise errors of a handler's ``target`` naming the leaf path and its rule."""
+
+    @functools.wraps(method)
+    def target(self, eqn, invals, emit):
+        try:
+            return method(self, eqn, invals, emit)
+        except (TypeError, ValueError) as e:
+            refs = [x.path for x in invals if isinstance(x, WeightRef)]
+            if not refs or any(p in str(e) for p in refs):
+                raise
+            m = self.policy.match(refs[0])
+            rule = "" if m is None else f" (matched rule {m.index} {m.pattern!r})"
+            raise type(e)(f"leaf {refs[0]!r}{rule}, {eqn.primitive.name}: {e}") from e
+
+    return target
+
+
+class _FakeQuant(Handler):
+    def __init__(self, policy: Policy, scales: dict, key):
+        self.policy, self.scales, self.key = policy, scales, key
+
+    @_named_errors
+    def target(self, eqn, invals, emit):
+        wi = _weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        rule = _rule(self.policy, ref.path)
+        if rule is None:
+            return None
+        args = [materialize(x) for x in invals]
+        if rule.grad is not None:
+            return [self._int8_training(eqn, args, wi, rule, ref.path)]
+        if rule.weight is not None:
+            w = ref.float_leaf()
+            spec = spec_for_slice(rule.weight, ref.depth)
+            w = fake_quant(w, spec, scale=self.scales.get(ref.path), key=_leaf_key(self.key, ref.path))
+            for op in ref.ops:
+                w = op.apply(w)
+            args[wi] = w
+        if rule.act is not None:
+            ai = 1 - wi
+            spec = _resolve_act_spec(rule.act, eqn, ai)
+            if spec.ste == "lsq":
+                raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
+            args[ai] = fake_quant(args[ai], spec, key=_leaf_key(self.key, ref.path + ":act"))
+        return bind_eqn(eqn, args)
+
+    def _int8_training(self, eqn, args, wi, rule: Rule, path: str):
+        if eqn.primitive.name != "dot_general":
+            raise ValueError(
+                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) covers dot_general "
+                f"matmuls; {eqn.primitive.name} is not supported"
+            )
+        specs = [None, None]
+        specs[wi], specs[1 - wi] = rule.weight, rule.act
+        key = _leaf_key(self.key, path + ":grad")
+        if key is None and rule.grad.rounding == "stochastic":
+            raise ValueError(
+                f"leaf {path!r} (rule {rule.pattern!r}): the grad spec rounds stochastically: pass "
+                "key= to fake_quantized (use a fresh key every step)"
+            )
+        out = int8_dot_general(
+            args[0],
+            args[1],
+            eqn.params["dimension_numbers"],
+            lhs_spec=specs[0],
+            rhs_spec=specs[1],
+            grad_spec=rule.grad,
+            key=key,
+        )
+        return out.astype(eqn.outvars[0].aval.dtype)
+
+
+def fake_quantized(f: Callable, policy: Policy, *, scales: dict | None = None, key=None) -> Callable:
+    """``f`` with the weights and activations of its matmuls/convs fake-quantized, for
+    quantization-aware training.
+
+    Weights go through :func:`qjax.fake_quant` in their stored layout (so per-channel axes
+    are the leaf's), activations through ``fake_quant`` with the rule's ``act`` spec
+    (``PER_TOKEN`` resolved per op). Gradients follow each spec's ``ste`` rule, for
+    convolutions too. Rules with a ``grad`` spec train in integers instead (AQT-style):
+    the forward matmul and both backward matmuls run as int8 matmuls with per-token /
+    per-channel scales, the gradient quantized by ``grad`` (see
+    :func:`qjax.quant.int8_training.int8_dot_general`).
+
+    Args:
+      f: ``f(params, *args, **kwargs)``.
+      policy: the :class:`qjax.Policy`.
+      scales: learned LSQ weight scales ``{path: scale}`` (see :func:`qjax.lsq_scales`).
+      key: PRNG key for stochastic rounding.
+
+    Returns:
+      A function with ``f``'s signature.
+
+    Example:
+      >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
+    """
+    scales = scales or {}
+
+    @functools.wraps(f)
+    def g(params, *args, **kwargs):
+        return _run(f, lambda: _FakeQuant(policy, scales, key), params, args, kwargs)[0]
+
+    return g
+
+
+# -- calibrate -------------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActStats:
+    """Calibrated activation range of one op (per stacked layer inside a ``scan``).
+
+    ``lo``/``hi`` are the calibrator's range combined over batches (min/max for absmax and
+    minmax, the mean of the per-batch ranges for percentile and MSE); ``count`` batches.
+    """
+
+    lo: jax.Array
+    hi: jax.Array
+    count: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+
+class _Calibrate(Handler):
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    @_named_errors
+    def target(self, eqn, invals, emit):
+        wi = _weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        rule = _rule(self.policy, ref.path)
+        if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
+            return None  # float activations, or dynamic per-token scales: nothing to calibrate
+        spec = rule.act
+        if spec.channel_axes or spec.group_size is not None:
+            raise ValueError(
+                f"leaf {ref.path!r} (rule {rule.pattern!r}): static activation scales are per-tensor "
+                "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
+            )
+        act = materialize(invals[1 - wi]).astype(jnp.float32)
+        axes = tuple(range(act.ndim))
+        lo, hi = spec.calibration(act, axes, spec.format, spec.symmetric)
+        emit(ref.path, (lo.reshape(()), hi.reshape(())))
+        return None
+
+
+def _combine_in_batch(values: list, mean: bool):
+    """Merge the ranges an op emitted in one batch (one per read of its weight)."""
+    if len(values) == 1:
+        return values[0]
+    los = jnp.stack([v[0] for v in values])
+    his = jnp.stack([v[1] for v in values])
+    return (jnp.nanmean(los, 0), jnp.nanmean(his, 0)) if mean else (jnp.nanmin(los, 0), jnp.nanmax(his, 0))
+
+
+def _merge(prev: ActStats | None, lo, hi, mean: bool) -> ActStats:
+    """Fold one batch's range into the running statistics. NaN marks an op that did not
+    run in that batch (a ``cond`` branch not taken) and leaves the statistics as they were."""
+    if prev is None:
+        return ActStats(lo, hi, 1)
+    if not mean:  # fmin/fmax ignore NaN
+        return ActStats(jnp.fmin(prev.lo, lo), jnp.fmax(prev.hi, hi), prev.count + 1)
+    c = prev.count
+
+    def avg(p, b):
+        p_missing = jnp.isnan(p)
+        updated = jnp.where(p_missing, b, (p * c + b) / (c + 1))
+        return jnp.where(jnp.isnan(b), p, updated)
+
+    return ActStats(avg(prev.lo, lo), avg(prev.hi, hi), c + 1)
+
+
+def calibrate(f: Callable, policy: Policy, params: Any, batches: Iterable, **kwargs) -> dict[str, ActStats]:
+    """Collect static activation ranges for every op whose rule has a per-tensor ``act``
+    spec, streaming over ``batches`` (no activations are kept).
+
+    Args:
+      f: ``f(params, *args, **kwargs)``.
+      policy: the :class:`qjax.Policy`; each rule's ``act.calibration`` is used.
+      params: float params.
+      batches: an iterable of positional-argument tuples (a bare array means ``(array,)``).
+      **kwargs: static keyword arguments of ``f``.
+
+    Returns:
+      ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
+      an ``nn.scan`` stack get per-layer ranges (leading axis).
+
+    Raises:
+      ValueError: no batches, or a rule asks for static non-per-tensor activation scales.
+    """
+
+    def one(params, args):
+        return _run(f, lambda: _Calibrate(policy), params, args, kwargs)[1]
+
+    step = jax.jit(one)
+    stats: dict[str, ActStats] = {}
+    n = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        for path, value in step(params, args).items():
+            rule = _rule(policy, path)
+            mean = rule.act.calibration.name in ("percentile", "mse")
+            lo, hi = _combine_in_batch(value, mean)
+            stats[path] = _merge(stats.get(path), lo, hi, mean)
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate needs at least one batch")
+    return stats
+
+
+# -- quantized (integer execution) -------------------------------------------------------
+
+
+class _Serve(Handler):
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    @_named_errors
+    def target(self, eqn, invals, emit):
+        from qjax.quant import ops  # the op library sits beside this module
+
+        wi = _weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        rule = _rule(self.policy, ref.path)
+        wspec = None if rule is None else rule.weight
+        if isinstance(ref.leaf, QArray):
+            w = ref.leaf
+        elif wspec is not None:
+            w = quantize(ref.leaf, spec_for_slice(wspec, ref.depth))
+        else:
+            return None  # float weight, no rule: the float op
+        for op in ref.ops:
+            w = apply_layout(w, op.primitive.name, op.params, op.operands, op.apply)
+            if w is None:
+                return None  # scales cannot follow this layout: float fallback, still correct
+        act = materialize(invals[1 - wi])
+        aspec = None if rule is None or rule.act is None else _resolve_act_spec(rule.act, eqn, 1 - wi)
+        static = {}
+        if aspec is not None and w.act_scale is not None:
+            static = {"lhs_scale": w.act_scale, "lhs_zero_point": w.act_zero_point}
+        out_dtype = eqn.outvars[0].aval.dtype
+        p = eqn.params
+        if eqn.primitive.name == "conv_general_dilated":
+            if wi != 1:
+                return None
+            out = ops.quantized_conv_general_dilated(
+                act,
+                w,
+                window_strides=p["window_strides"],
+                padding=p["padding"],
+                lhs_dilation=p["lhs_dilation"],
+                rhs_dilation=p["rhs_dilation"],
+                dimension_numbers=p["dimension_numbers"],
+                feature_group_count=p["feature_group_count"],
+                batch_group_count=p["batch_group_count"],
+                lhs_spec=aspec,
+                out_dtype=out_dtype,
+                **static,
+            )
+            return [out]
+        dn = p["dimension_numbers"]
+        if wi == 1:
+            out = ops.quantized_dot_general(act, w, dn, lhs_spec=aspec, out_dtype=out_dtype, **static)
+            return [out]
+        # weight on the left: swap operands, then move the output dims back
+        (lc, rc), (lb, rb) = dn
+        out = ops.quantized_dot_general(
+            act, w, ((rc, lc), (rb, lb)), lhs_spec=aspec, out_dtype=out_dtype, **static
+        )
+        nb = len(lb)
+        n_act_free = len(eqn.invars[1].aval.shape) - len(rc) - nb
+        n_w_free = out.ndim - nb - n_act_free
+        perm = (*range(nb), *range(nb + n_act_free, nb + n_act_free + n_w_free), *range(nb, nb + n_act_free))
+        return [lax.transpose(out, perm)]
+
+
+def quantized(f: Callable, policy: Policy) -> Callable:
+    """``f`` with its matmuls/convs executed on quantized weights and activations.
+
+    Weights are read from ``QArray`` leaves (``qjax.quantize_params``) or quantized on the
+    fly from float leaves by the rule's ``weight`` spec; no float copy of a quantized
+    weight is made for the op. With an ``act`` spec the activation is quantized too
+    (statically when the weight carries a calibrated ``act_scale``, else dynamically) and
+    the op runs on integers (int8×int8→int32) or fp8; without one it is weight-only
+    (W8A16/W4A16). Ops whose weight layout the scales cannot follow fall back to the
+    float op on the dequantized weight.
+
+    Example:
+      >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)
+      >>> y = jax.jit(qjax.quantized(model.apply, policy))(qparams, x)
+    """
+
+    @functools.wraps(f)
+    def g(params, *args, **kwargs):
+        return _run(f, lambda: _Serve(policy), params, args, kwargs)[0]
+
+    return g

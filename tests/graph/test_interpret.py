@@ -1,0 +1,277 @@
+"""The graph layer: which params leaf feeds which matmul/conv, through every construct."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import qjax
+from qjax.graph import find_ops
+
+
+def _paths(f, params, *args):
+    return [(op.path, op.primitive, op.weight_operand) for op in find_ops(f, params, *args)]
+
+
+X = jnp.ones((2, 8))
+W = {"w": jnp.ones((8, 4)), "v": jnp.ones((4, 3))}
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda p, x: x @ p["w"],
+        lambda p, x: jnp.dot(x, p["w"]),
+        lambda p, x: jnp.matmul(x, p["w"]),
+        lambda p, x: jnp.einsum("bi,ij->bj", x, p["w"]),
+        lambda p, x: jax.lax.dot_general(x, p["w"], (((1,), (0,)), ((), ()))),
+        lambda p, x: (p["w"].T @ x.T).T,  # weight on the left, transposed
+        lambda p, x: x @ p["w"].astype(jnp.bfloat16).astype(jnp.float32),
+        lambda p, x: jax.jit(lambda a, b: a @ b)(x, p["w"]),
+        lambda p, x: jax.checkpoint(lambda a: a @ p["w"])(x),
+        lambda p, x: jax.nn.relu(x) @ p["w"],  # custom_jvp before the matmul
+    ],
+)
+def test_single_matmul_forms(fn):
+    ops = find_ops(fn, W, X)
+    assert [op.path for op in ops] == ["w"]
+
+
+def test_three_operand_einsum_and_chain():
+    ops = _paths(lambda p, x: jnp.einsum("bi,ij,jk->bk", x, p["w"], p["v"]), W, X)
+    assert {o[0] for o in ops} == {"w", "v"}
+
+
+def test_custom_vjp_inside_model():
+    @jax.custom_vjp
+    def mm(a, b):
+        return a @ b
+
+    mm.defvjp(lambda a, b: (a @ b, (a, b)), lambda r, g: (g @ r[1].T, r[0].T @ g))
+    assert _paths(lambda p, x: mm(x, p["w"]), W, X) == [("w", "dot_general", 1)]
+
+
+def test_cond_and_while():
+    def f(p, x):
+        y = jax.lax.cond(x.sum() > 0, lambda: x @ p["w"], lambda: -(x @ p["w"]))
+        return jax.lax.fori_loop(0, 3, lambda i, c: jnp.tanh(c @ p["v"] @ p["v"].T), y)
+
+    paths = {o[0] for o in _paths(f, W, X)}
+    assert paths == {"w", "v"}
+
+
+def test_conv_with_feature_groups():
+    class C(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Conv(8, (3, 3), strides=2)(x)
+            return nn.Conv(8, (3, 3), feature_group_count=8)(x)
+
+    x = jnp.ones((1, 8, 8, 3))
+    v = C().init(jax.random.key(0), x)
+    ops = find_ops(C().apply, v, x)
+    assert [(o.path, o.primitive) for o in ops] == [
+        ("params/Conv_0/kernel", "conv_general_dilated"),
+        ("params/Conv_1/kernel", "conv_general_dilated"),
+    ]
+    assert ops[1].params["feature_group_count"] == 8
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(nn.Dense(8)(x)), None
+
+
+class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(8)(x)
+        x, _ = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)()(x, None)
+        return nn.remat(nn.Dense)(4)(x)
+
+
+def test_nn_scan_stack_is_one_op_per_stacked_leaf():
+    v = Stack().init(jax.random.key(0), X)
+    ops = find_ops(Stack().apply, v, X)
+    assert [o.path for o in ops] == [
+        "params/Dense_0/kernel",
+        "params/ScanBlock_0/Dense_0/kernel",
+        "params/CheckpointDense_0/kernel",
+    ]
+    assert ops[1].weight_shape == (8, 8)  # the per-layer slice
+
+
+def test_found_after_float_function_ran_with_same_shapes():
+    class Custom(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return x @ self.param("w", nn.initializers.ones, (8, 4))
+
+    v = Custom().init(jax.random.key(0), X)
+    jax.jit(Custom().apply)(v, X)  # warm the trace cache with the float function
+    Custom().apply(v, X)
+    assert [o.path for o in find_ops(Custom().apply, v, X)] == ["params/w"]
+
+
+def test_nnx_model_split_state():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(8, 16, rngs=rngs)
+            self.b = nnx.Linear(16, 4, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(nnx.relu(self.a(x)))
+
+    graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    apply = lambda s, x: nnx.merge(graphdef, s)(x)
+    assert [o.path for o in find_ops(apply, state, X)] == ["a/kernel", "b/kernel"]
+
+
+def test_shard_map_body():
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+
+    def f(p, x):
+        body = lambda w, x: jax.lax.psum(x @ w, "model")
+        return jax.shard_map(
+            body, mesh=mesh, in_specs=(P("model", None), P("data", "model")), out_specs=P("data", None)
+        )(p["w"], x)
+
+    w = jax.device_put(jnp.ones((8, 4)), jax.NamedSharding(mesh, P("model", None)))
+    x = jax.device_put(jnp.ones((4, 8)), jax.NamedSharding(mesh, P("data", "model")))
+    assert _paths(f, {"w": w}, x) == [("w", "dot_general", 1)]
+
+
+def test_weight_read_by_elementwise_op_is_not_a_target():
+    assert find_ops(lambda p, x: x * p["w"][:, 0], W, X) == []
+
+
+# -- fake_quantized ------------------------------------------------------------------
+
+INT8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+
+
+def test_fake_quantized_equals_hand_fake_quant_reference():
+    policy = qjax.Policy(
+        [qjax.Rule("w", weight=INT8, act=qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN))]
+    )
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 4))
+    got = qjax.fake_quantized(lambda p, x: x @ p["w"], policy)({"w": w}, x)
+    xq = qjax.fake_quant(x, qjax.QuantSpec(qjax.int8, channel_axes=(0,)))
+    want = xq @ qjax.fake_quant(w, INT8)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_fake_quantized_gradients_are_the_ste_gradients():
+    policy = qjax.Policy([qjax.Rule("w", weight=INT8)])
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 4))
+    g = jax.grad(lambda p: jnp.sum(qjax.fake_quantized(lambda p, x: x @ p["w"], policy)(p, x) ** 2))({"w": w})
+    wq = qjax.fake_quant(w, INT8)
+    # d/dW sum((x Wq)^2) with identity STE (absmax calibration clips nothing) = 2 x^T (x Wq)
+    np.testing.assert_allclose(g["w"], 2 * x.T @ (x @ wq), rtol=1e-5)
+
+
+def test_fake_quantized_conv_gradients_are_real():
+    class C(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3, 3))(x)
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 3))
+    v = C().init(jax.random.key(1), x)
+    policy = qjax.Policy(
+        [
+            qjax.Rule(
+                ".*kernel",
+                weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)),
+                act=qjax.QuantSpec(qjax.int8),
+            )
+        ]
+    )
+    g = jax.grad(lambda v: jnp.sum(qjax.fake_quantized(C().apply, policy)(v, x) ** 2))(v)
+    gk = g["params"]["Conv_0"]["kernel"]
+    assert float(jnp.abs(gk).min()) >= 0 and float(jnp.abs(gk).sum()) > 0
+    ref = jax.grad(lambda v: jnp.sum(C().apply(v, x) ** 2))(v)["params"]["Conv_0"]["kernel"]
+    assert float(jnp.vdot(gk, ref) / (jnp.linalg.norm(gk) * jnp.linalg.norm(ref))) > 0.95
+
+
+def test_fake_quantized_scan_stack_uses_per_layer_slices():
+    v = Stack().init(jax.random.key(0), X)
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=spec)])
+    got = qjax.fake_quantized(Stack().apply, policy)(v, X)
+
+    # Reference: fake-quantize each layer's slice on its own (the op sees the slice).
+    def fq_leaf(path, leaf):
+        if not path.endswith("kernel"):
+            return leaf
+        if leaf.ndim == 3:
+            return jnp.stack([qjax.fake_quant(leaf[i], spec) for i in range(leaf.shape[0])])
+        return qjax.fake_quant(leaf, spec)
+
+    want = Stack().apply(qjax.rules.map_with_path(fq_leaf, v), X)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_unmatched_layers_stay_float():
+    policy = qjax.Policy([qjax.Rule("nothing", weight=INT8)])
+    x = jax.random.normal(jax.random.key(0), (5, 8))
+    f = lambda p, x: x @ p["w"]
+    np.testing.assert_array_equal(qjax.fake_quantized(f, policy)(W, x), f(W, x))
+
+
+# -- calibrate -------------------------------------------------------------------------
+
+
+def test_calibrate_streams_absmax_and_is_batch_size_free():
+    policy = qjax.Policy([qjax.Rule("w", weight=INT8, act=qjax.QuantSpec(qjax.int8))])
+    f = lambda p, x: jnp.tanh(x @ p["w"]) @ p["w"].T
+    xs = [jax.random.normal(jax.random.key(i), (n, 8)) * (i + 1) for i, n in enumerate([3, 7, 16])]
+    stats = qjax.calibrate(f, policy, W, xs)
+    assert set(stats) == {"w"} and stats["w"].count == 3
+    # both reads of w are the same op: the range covers both activations of every batch
+    acts = [a for x in xs for a in (x, jnp.tanh(x @ W["w"]))]
+    want = max(float(jnp.abs(a).max()) for a in acts)
+    np.testing.assert_allclose(stats["w"].hi, want, rtol=1e-6)
+    assert stats["w"].hi.shape == ()
+
+
+def test_calibrate_scan_gives_per_layer_ranges_and_cond_skips_untaken():
+    v = Stack().init(jax.random.key(0), X)
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=INT8, act=qjax.QuantSpec(qjax.int8))])
+    stats = qjax.calibrate(Stack().apply, policy, v, [X, 2 * X])
+    assert stats["params/ScanBlock_0/Dense_0/kernel"].hi.shape == (3,)
+
+    def f(p, x):
+        return jax.lax.cond(x.sum() > 0, lambda: x @ p["w"], lambda: (2 * x) @ p["v"].T)
+
+    pol = qjax.Policy(
+        [qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8, calibration=qjax.calib.minmax()))]
+    )
+    p = {"w": jnp.ones((8, 4)), "v": jnp.ones((4, 8))}
+    s = qjax.calibrate(f, pol, p, [jnp.ones((2, 8)), -jnp.ones((2, 8)) * 3])
+    np.testing.assert_allclose([s["w"].lo, s["w"].hi], [-1.0, 1.0])  # only the first batch took it
+    np.testing.assert_allclose([s["v"].lo, s["v"].hi], [-6.0, 6.0])
+
+
+def test_calibrate_errors():
+    policy = qjax.Policy([qjax.Rule("w", weight=INT8, act=qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))])
+    with pytest.raises(ValueError, match="static activation scales are per-tensor"):
+        qjax.calibrate(lambda p, x: x @ p["w"], policy, W, [X])
+    ok = qjax.Policy([qjax.Rule("w", weight=INT8, act=qjax.QuantSpec(qjax.int8))])
+    with pytest.raises(ValueError, match="at least one batch"):
+        qjax.calibrate(lambda p, x: x @ p["w"], ok, W, [])
+
+    def loop(p, x):
+        body = lambda c: (c[0] @ p["v"] @ p["v"].T, c[1] + 1)
+        return jax.lax.while_loop(lambda c: c[1] < x.shape[0], body, (x @ p["w"], 0))[0]
+
+    with pytest.raises(ValueError, match=r"inside lax\.while_loop"):
+        qjax.calibrate(
+            loop, qjax.Policy([qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8))]), W, [X]
+        )
