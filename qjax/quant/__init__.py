@@ -1,9 +1,9 @@
 """Quantization policies and transforms."""
 
-from qjax.quant.int8_training import int8_dot_general
-from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.functions import ActStats, calibrate, fake_quantized, quantized
+from qjax.quant.int8_training import int8_dot_general
+from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.policy import Policy, Rule
 from qjax.quant.transforms import (
     dequantize_params,
