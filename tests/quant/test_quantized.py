@@ -214,3 +214,38 @@ def test_bad_rule_names_the_path():
     )
     with pytest.raises(ValueError, match="params/Dense_0/kernel"):
         qjax.quantized(MLP().apply, policy)(v, x)
+
+
+def test_qat_with_fake_quantized_converges_and_exports():
+    # 3-class problem, W4A8 QAT from a float init, then integer execution of the result
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    centers = jax.random.normal(k1, (3, 20)) * 2
+    labels = jax.random.randint(k2, (512,), 0, 3)
+    x = centers[labels] + jax.random.normal(k3, (512, 20))
+    model = MLP()
+    v = model.init(jax.random.key(4), x[:1])
+    policy = qjax.Policy([
+        qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), act=TOK8)
+    ])
+    import optax
+
+    opt = optax.adam(3e-3)
+
+    def loss_fn(p):
+        logits = qjax.fake_quantized(model.apply, policy)(p, x)[:, :3]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def step(p, s):
+        loss, g = jax.value_and_grad(loss_fn)(p)
+        u, s = opt.update(g, s)
+        return optax.apply_updates(p, u), s, loss
+
+    s = opt.init(v)
+    first = None
+    for _ in range(150):
+        v, s, loss = step(v, s)
+        first = float(loss) if first is None else first
+    assert float(loss) < 0.2 * first
+    served = qjax.quantized(model.apply, policy)(qjax.quantize_params(v, policy), x)[:, :3]
+    assert float((served.argmax(-1) == labels).mean()) > 0.9
