@@ -29,7 +29,9 @@ Registering (``register_variant``) puts a ``Variant`` into ``INFER_VARIANTS`` or
 ``expect`` says how the harness proves a variant is not silently running float (besides a
 nonzero output error): ``"int_dot"`` = the compiled HLO must contain an integer-accumulating
 dot (``s32[...] dot(``); ``"int_weights"`` = ``state`` must hold int8/int4 arrays (weight-only
-schemes dequantize to float before a float dot); ``None`` = no check (the float reference).
+schemes dequantize to float before a float dot); ``"fake_quant"`` = simulated quantization
+(QAT with float dots): only the generic check that the output / gradients differ from
+float; ``None`` = no check (the float reference).
 
 Peer settings (all symmetric absmax, no calibration data needed):
 
@@ -75,7 +77,7 @@ import numpy as np
 import optax
 
 Kind = Literal["infer", "train"]
-Expect = Literal["int_dot", "int_weights"] | None
+Expect = Literal["int_dot", "int_weights", "fake_quant"] | None
 
 LEARNING_RATE = 1e-3
 

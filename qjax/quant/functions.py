@@ -54,6 +54,22 @@ def _weight_operand(invals) -> int | None:
     return refs[0] if len(refs) == 1 else None
 
 
+class _PolicyHandler(Handler):
+    """A handler driven by a policy: finds the op's weight operand and its rule."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+
+    def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:
+        """``(operand index, weight ref, matched rule or None)``, or ``None`` when the op
+        does not read exactly one weight."""
+        wi = _weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        return wi, ref, _rule(self.policy, ref.path)
+
+
 def _run(f, handler_factory: Callable[[], Handler], params, args, kwargs):
     traced = trace(f, params, *args, **kwargs)
     handler = handler_factory()
@@ -82,17 +98,17 @@ def _named_errors(method):
     return target
 
 
-class _FakeQuant(Handler):
+class _FakeQuant(_PolicyHandler):
     def __init__(self, policy: Policy, scales: dict, key):
-        self.policy, self.scales, self.key = policy, scales, key
+        super().__init__(policy)
+        self.scales, self.key = scales, key
 
     @_named_errors
     def target(self, eqn, invals, emit):
-        wi = _weight_operand(invals)
-        if wi is None:
+        found = self.weight(invals)
+        if found is None:
             return None
-        ref = invals[wi]
-        rule = _rule(self.policy, ref.path)
+        wi, ref, rule = found
         if rule is None:
             return None
         args = [materialize(x) for x in invals]
@@ -189,17 +205,13 @@ class ActStats:
     count: int = dataclasses.field(metadata=dict(static=True), default=1)
 
 
-class _Calibrate(Handler):
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
+class _Calibrate(_PolicyHandler):
     @_named_errors
     def target(self, eqn, invals, emit):
-        wi = _weight_operand(invals)
-        if wi is None:
+        found = self.weight(invals)
+        if found is None:
             return None
-        ref = invals[wi]
-        rule = _rule(self.policy, ref.path)
+        wi, ref, rule = found
         if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
             return None  # float activations, or dynamic per-token scales: nothing to calibrate
         spec = rule.act
@@ -282,19 +294,15 @@ def calibrate(f: Callable, policy: Policy, params: Any, batches: Iterable, **kwa
 # -- quantized (integer execution) -------------------------------------------------------
 
 
-class _Serve(Handler):
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
+class _Serve(_PolicyHandler):
     @_named_errors
     def target(self, eqn, invals, emit):
         from qjax.quant import ops  # the op library sits beside this module
 
-        wi = _weight_operand(invals)
-        if wi is None:
+        found = self.weight(invals)
+        if found is None:
             return None
-        ref = invals[wi]
-        rule = _rule(self.policy, ref.path)
+        wi, ref, rule = found
         wspec = None if rule is None else rule.weight
         if isinstance(ref.leaf, QArray):
             w = ref.leaf
