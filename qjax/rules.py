@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, TypeVar
 
@@ -48,6 +49,14 @@ def key_str(key: Any) -> str:
 def path_str(keypath: Sequence[Any]) -> str:
     """Join a JAX key path with ``/`` (``(DictKey('params'), DictKey('w'))`` -> ``params/w``)."""
     return "/".join(key_str(k) for k in keypath)
+
+
+def fold_in_path(key: jax.Array | None, path: str) -> jax.Array | None:
+    """A PRNG key for one leaf: ``key`` folded with a stable hash of its path (``None``
+    stays ``None``). Independent per leaf, reproducible across processes."""
+    if key is None:
+        return None
+    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:

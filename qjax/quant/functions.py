@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -29,6 +28,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.policy import Policy, Rule
+from qjax.rules import fold_in_path
 
 
 def _rule(policy: Policy, path: str) -> Rule | None:
@@ -42,10 +42,6 @@ def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
         return spec
     ndim = len(eqn.invars[operand].aval.shape)
     return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
-
-
-def _leaf_key(key, path: str):
-    return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def _weight_operand(invals) -> int | None:
@@ -117,7 +113,7 @@ class _FakeQuant(_PolicyHandler):
         if rule.weight is not None:
             w = ref.float_leaf()
             spec = spec_for_slice(rule.weight, ref.depth)
-            w = fake_quant(w, spec, scale=self.scales.get(ref.path), key=_leaf_key(self.key, ref.path))
+            w = fake_quant(w, spec, scale=self.scales.get(ref.path), key=fold_in_path(self.key, ref.path))
             for op in ref.ops:
                 w = op.apply(w)
             args[wi] = w
@@ -126,7 +122,7 @@ class _FakeQuant(_PolicyHandler):
             spec = _resolve_act_spec(rule.act, eqn, ai)
             if spec.ste == "lsq":
                 raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
-            args[ai] = fake_quant(args[ai], spec, key=_leaf_key(self.key, ref.path + ":act"))
+            args[ai] = fake_quant(args[ai], spec, key=fold_in_path(self.key, ref.path + ":act"))
         return bind_eqn(eqn, args)
 
     def _int8_training(self, eqn, args, wi, rule: Rule, path: str):
@@ -137,7 +133,7 @@ class _FakeQuant(_PolicyHandler):
             )
         specs = [None, None]
         specs[wi], specs[1 - wi] = rule.weight, rule.act
-        key = _leaf_key(self.key, path + ":grad")
+        key = fold_in_path(self.key, path + ":grad")
         if key is None and rule.grad.rounding == "stochastic":
             raise ValueError(
                 f"leaf {path!r} (rule {rule.pattern!r}): the grad spec rounds stochastically: pass "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 import jax
@@ -14,7 +13,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.quant.policy import Policy, Rule
-from qjax.rules import Match, leaves_with_paths, map_matched, map_with_path
+from qjax.rules import Match, fold_in_path, leaves_with_paths, map_matched, map_with_path
 
 
 def _check_policy(policy) -> Policy:
@@ -57,12 +56,6 @@ def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> dict[str,
     scales = scales or {}
     _check_paths(params, scales, "scales")
     return scales
-
-
-def _leaf_key(key: jax.Array | None, path: str) -> jax.Array | None:
-    if key is None:
-        return None
-    return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def quantize_params(
@@ -116,7 +109,7 @@ def quantize_params(
                 "ste='lsq' learns the scale: pass the trained scales=... (from qjax.lsq_scales) so "
                 "the quantized model matches the QAT one"
             )
-        q = quantize(leaf, spec, scale=scale, key=_leaf_key(key, path))
+        q = quantize(leaf, spec, scale=scale, key=fold_in_path(key, path))
         stats = act_stats.get(path)
         if stats is None:
             return q
@@ -187,7 +180,7 @@ def fake_quant_params(
         scale = scales.get(path)
         if spec.ste == "lsq" and scale is None:
             raise ValueError("ste='lsq' needs a learnable scale: pass scales=qjax.lsq_scales(params, policy)")
-        return fake_quant(leaf, spec, scale=scale, key=_leaf_key(key, path))
+        return fake_quant(leaf, spec, scale=scale, key=fold_in_path(key, path))
 
     return map_matched(fq, params, policy.ruleset)
 
