@@ -160,10 +160,18 @@ def test_fake_quantized_equals_hand_fake_quant_reference():
     )
     x = jax.random.normal(jax.random.key(0), (5, 8))
     w = jax.random.normal(jax.random.key(1), (8, 4))
-    got = qjax.fake_quantized(lambda p, x: x @ p["w"], policy)({"w": w}, x)
+    f = lambda p, x: x @ p["w"]
     xq = qjax.fake_quant(x, qjax.QuantSpec(qjax.int8, channel_axes=(0,)))
     want = xq @ qjax.fake_quant(w, INT8)
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(qjax.fake_quantized(f, policy, integer_forward=False)({"w": w}, x), want)
+    # the integer forward computes the same products, summed in int32 then scaled
+    got = qjax.fake_quantized(f, policy)({"w": w}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    g_int = jax.grad(lambda p: jnp.sum(jnp.sin(qjax.fake_quantized(f, policy)(p, x))))({"w": w})
+    g_float = jax.grad(
+        lambda p: jnp.sum(jnp.sin(qjax.fake_quantized(f, policy, integer_forward=False)(p, x)))
+    )({"w": w})
+    np.testing.assert_allclose(g_int["w"], g_float["w"], rtol=1e-5, atol=1e-5)
 
 
 def test_fake_quantized_gradients_are_the_ste_gradients():
