@@ -1,0 +1,69 @@
+"""FitNets hints (Romero, Ballas, Kahou, Chassang, Gatta & Bengio, "FitNets: Hints for
+Thin Deep Nets", ICLR 2015).
+
+A student feature ``u`` (the "guided" layer) is regressed onto a teacher feature ``v``
+(the "hint" layer) through a learnable regressor ``r`` that maps the student's width to
+the teacher's:
+
+    L_hint = mean((r(u) − v)²)
+
+(the paper writes ``½‖r(u) − v‖²`` summed; the mean is the common implementation, e.g.
+``nn.MSELoss`` in the CRD / torchdistill code, and differs by a constant factor).
+
+The regressor here is an *adapter*: an affine map on the channel (last) axis,
+``r(u) = u·W + b``. On ``[B, D]`` features it is a linear layer; on channels-last
+feature maps ``[B, H, W, C]`` it is a 1×1 convolution (the paper uses a convolutional
+regressor; a 1×1 one is the usual choice when the spatial sizes agree). Adapter params
+are a plain pytree ``{"kernel": [C_s, C_t], "bias": [C_t]}`` that is trained together
+with the student (see :func:`qjax.distill.distill_step`) and discarded afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax.distill.topk import as_float
+
+Adapter = dict[str, jax.Array]
+
+
+def init_adapter(key: jax.Array, in_features: int, out_features: int, *, dtype: Any = jnp.float32) -> Adapter:
+    """A fresh adapter ``{"kernel": [in, out], "bias": [out]}`` (LeCun-normal kernel,
+    zero bias, as Flax's ``Dense``)."""
+    kernel = jax.nn.initializers.lecun_normal()(key, (in_features, out_features), dtype)
+    return {"kernel": kernel, "bias": jnp.zeros((out_features,), dtype)}
+
+
+def apply_adapter(adapter: Adapter, features: jax.Array) -> jax.Array:
+    """``features·W + b`` on the last (channel) axis."""
+    return jnp.einsum("...i,io->...o", features, adapter["kernel"]) + adapter["bias"]
+
+
+def hint_loss(
+    student_features: jax.Array,
+    teacher_features: jax.Array,
+    adapter: Adapter | Callable[[jax.Array], jax.Array] | None = None,
+) -> jax.Array:
+    """``mean((r(u) − v)²)`` (see the module docstring).
+
+    Args:
+      student_features: ``u``, ``[..., C_s]``.
+      teacher_features: ``v``, ``[..., C_t]``.
+      adapter: the regressor ``r``: adapter params (:func:`init_adapter`), any callable,
+        or ``None`` for the identity (then the shapes must agree).
+
+    Raises:
+      ValueError: the (adapted) student and teacher shapes differ.
+    """
+    u = as_float(student_features)
+    if adapter is not None:
+        u = adapter(u) if callable(adapter) else apply_adapter(adapter, u)
+    v = as_float(teacher_features)
+    if u.shape != v.shape:
+        hint = "" if adapter is not None else " (pass an adapter: qjax.distill.init_adapter(key, C_s, C_t))"
+        raise ValueError(f"hint_loss: student features {u.shape} vs teacher features {v.shape}{hint}")
+    return jnp.mean(jnp.square(as_float(u) - v))

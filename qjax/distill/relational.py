@@ -1,0 +1,165 @@
+"""Relational feature losses: match how examples of a batch relate to each other, not
+the features themselves (so student and teacher widths may differ, no adapter needed).
+
+Features are flattened to ``F ∈ R^{B×D}`` (``B`` examples). Every quantity is built
+from the batch Gram matrix ``G = F Fᵀ`` and reduced with ``jnp`` over the whole batch,
+so under ``jax.jit`` with a batch sharded across devices the result is the global one
+(with explicit-sharding meshes the features are gathered first, see :func:`replicated`).
+
+* RKD (Park, Kim, Lu & Cho, "Relational Knowledge Distillation", CVPR 2019):
+
+      ψ_D(i, j)    = ‖f_i − f_j‖₂ / μ,   μ = mean_{i≠j} ‖f_i − f_j‖₂
+      ψ_A(i, j, k) = ⟨e_ji, e_ki⟩,       e_ji = (f_j − f_i)/‖f_j − f_i‖₂  (angle at vertex i)
+      L_D = mean_{i≠j} huber(ψ_D^s − ψ_D^t),  L_A = mean_{i,j,k distinct} huber(ψ_A^s − ψ_A^t)
+      L_RKD = λ_D·L_D + λ_A·L_A          (huber = smooth-L1 with δ = 1; paper λ_D:λ_A = 1:2,
+                                          25 and 50 in the authors' code)
+
+  Both potentials are invariant to scaling the features (and to translating and
+  rotating them).
+
+* SP (Tung & Mori, "Similarity-Preserving Knowledge Distillation", ICCV 2019):
+
+      G̃ = row-normalise(F Fᵀ),   L_SP = ‖G̃_s − G̃_t‖_F² / B²
+
+* PKT (Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge
+  Transfer", ECCV 2018), with cosine-similarity kernels:
+
+      K_ij = (1 + cos(f_i, f_j)) / 2,    P_ij = K_ij / Σ_j K_ij
+      L_PKT = mean_{i,j} P^t_ij · log((P^t_ij + ε) / (P^s_ij + ε))     (ε = 1e-7)
+
+  as in the authors' code (the mean over all ``B²`` entries of the KL terms).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax.distill.topk import as_float
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` gathered to every device when its type carries an *explicit* sharding
+    (``jax.make_mesh(..., axis_types=Explicit)``): a ``[B, B]`` relation of a batch
+    sharded on one mesh axis cannot be sharded on that axis twice. With auto sharding
+    (or none) ``x`` is returned as is and XLA places the collectives."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is not None and any(s is not None for s in spec):
+        return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+    return x
+
+
+def _flat(features: jax.Array, min_batch: int = 2) -> jax.Array:
+    f = as_float(features)
+    if f.ndim < 2:
+        raise ValueError(f"relational losses need a batch of features [B, ...], got shape {f.shape}")
+    if f.shape[0] < min_batch:
+        raise ValueError(f"this relational loss needs at least {min_batch} examples, got {f.shape[0]}")
+    return replicated(f.reshape(f.shape[0], -1))
+
+
+def _huber(x: jax.Array) -> jax.Array:
+    """Smooth L1 with δ = 1: ``x²/2`` for ``|x| < 1``, else ``|x| − 1/2``."""
+    a = jnp.abs(x)
+    return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
+
+
+def _safe_sqrt(sq: jax.Array, keep: jax.Array) -> jax.Array:
+    """``sqrt(max(sq, 0))`` where ``keep``, 0 elsewhere, with finite gradients at 0."""
+    keep = keep & (sq > 0)
+    return jnp.where(keep, jnp.sqrt(jnp.where(keep, sq, 1.0)), 0.0)
+
+
+def pairwise_distances(features: jax.Array) -> jax.Array:
+    """``D_ij = ‖f_i − f_j‖₂`` (``[B, B]``, zero diagonal) from the Gram matrix."""
+    f = _flat(features)
+    g = f @ f.T
+    sq_norm = jnp.diagonal(g)
+    sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * g
+    off = ~jnp.eye(f.shape[0], dtype=bool)
+    return _safe_sqrt(sq, off)
+
+
+def rkd_distance_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+    """``mean_{i≠j} huber(ψ_D^s − ψ_D^t)`` (see the module docstring)."""
+    ds, dt = pairwise_distances(student_features), pairwise_distances(teacher_features)
+    b = ds.shape[0]
+    off = ~jnp.eye(b, dtype=bool)
+    n = b * (b - 1)
+    psi_s = ds / jnp.maximum(jnp.sum(ds) / n, 1e-12)
+    psi_t = dt / jnp.maximum(jnp.sum(dt) / n, 1e-12)
+    return jnp.sum(jnp.where(off, _huber(psi_s - psi_t), 0.0)) / n
+
+
+def _angles(features: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``cos[i, j, k] = ⟨f_j − f_i, f_k − f_i⟩ / (‖f_j − f_i‖ ‖f_k − f_i‖)`` and the mask of
+    distinct ``(i, j, k)``; from the Gram matrix (no ``[B, B, D]`` tensor)."""
+    f = _flat(features, min_batch=3)
+    b = f.shape[0]
+    g = f @ f.T
+    d = pairwise_distances(f)
+    gii = jnp.diagonal(g)
+    # <f_j - f_i, f_k - f_i> = G_jk - G_ij - G_ik + G_ii
+    dot = g[None, :, :] - g[:, :, None] - g[:, None, :] + gii[:, None, None]
+    eye = jnp.eye(b, dtype=bool)
+    distinct = ~eye[:, :, None] & ~eye[:, None, :] & ~eye[None, :, :]
+    den = d[:, :, None] * d[:, None, :]
+    ok = distinct & (den > 0)
+    cos = jnp.where(ok, dot / jnp.where(ok, den, 1.0), 0.0)
+    return cos, distinct
+
+
+def rkd_angle_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+    """``mean_{i,j,k distinct} huber(ψ_A^s − ψ_A^t)`` (see the module docstring)."""
+    cs, distinct = _angles(student_features)
+    ct, _ = _angles(teacher_features)
+    b = cs.shape[0]
+    n = b * (b - 1) * (b - 2)
+    return jnp.sum(jnp.where(distinct, _huber(cs - ct), 0.0)) / n
+
+
+def rkd_loss(
+    student_features: jax.Array,
+    teacher_features: jax.Array,
+    distance_weight: Any = 1.0,
+    angle_weight: Any = 2.0,
+) -> jax.Array:
+    """``λ_D·L_D + λ_A·L_A`` (RKD; see the module docstring). Features ``[B, ...]``;
+    student and teacher widths may differ. The angle term costs ``O(B³)`` memory."""
+    loss = 0.0
+    if not (isinstance(distance_weight, (int, float)) and distance_weight == 0):
+        loss = loss + distance_weight * rkd_distance_loss(student_features, teacher_features)
+    if not (isinstance(angle_weight, (int, float)) and angle_weight == 0):
+        loss = loss + angle_weight * rkd_angle_loss(student_features, teacher_features)
+    return jnp.asarray(loss)
+
+
+def _row_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)), eps)
+
+
+def sp_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
+    """``‖G̃_s − G̃_t‖_F² / B²`` (similarity-preserving KD; see the module docstring)."""
+    fs, ft = _flat(student_features), _flat(teacher_features)
+    if fs.shape[0] != ft.shape[0]:
+        raise ValueError(f"sp_loss: batch sizes differ ({fs.shape[0]} vs {ft.shape[0]})")
+    gs, gt = _row_normalize(fs @ fs.T), _row_normalize(ft @ ft.T)
+    return jnp.sum(jnp.square(gs - gt)) / fs.shape[0] ** 2
+
+
+def _pkt_probs(features: jax.Array, eps: float) -> jax.Array:
+    f = _flat(features)
+    norm = jnp.sqrt(jnp.sum(f * f, axis=1, keepdims=True))
+    f = f / (norm + eps)
+    k = (f @ f.T + 1.0) / 2.0
+    return k / jnp.sum(k, axis=1, keepdims=True)
+
+
+def pkt_loss(student_features: jax.Array, teacher_features: jax.Array, *, eps: float = 1e-7) -> jax.Array:
+    """``mean_{i,j} P^t_ij log((P^t_ij + ε)/(P^s_ij + ε))`` (PKT; see the module docstring)."""
+    ps, pt = _pkt_probs(student_features, eps), _pkt_probs(teacher_features, eps)
+    if ps.shape != pt.shape:
+        raise ValueError(f"pkt_loss: batch sizes differ ({ps.shape[0]} vs {pt.shape[0]})")
+    return jnp.mean(pt * jnp.log((pt + eps) / (ps + eps)))

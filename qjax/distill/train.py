@@ -1,0 +1,190 @@
+"""Teacher–student training: one jitted step that runs a frozen teacher and a trained
+student (optionally fake-quantized), captures the features the loss needs, and updates
+the student and its adapters with optax.
+
+The teacher is frozen twice over: its params are a separate argument of the step (they
+are never in the optimizer state and never returned) and both its params and its outputs
+pass through ``jax.lax.stop_gradient``, so no gradient is computed for them. The trained
+pytree is ``{"student": student_params, "adapters": adapters}``: adapters (e.g. FitNets
+regressors, :func:`qjax.distill.init_adapter`) train with the student and are dropped
+after distillation.
+
+When ``batch["teacher"]`` holds cached teacher outputs (logits or a
+:class:`qjax.distill.TopKTeacher` from :func:`cache_teacher`), the teacher forward pass is
+skipped (teacher features cannot come from the cache).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qjax.distill.capture import Features, capture
+from qjax.distill.soft_targets import kd_loss
+from qjax.distill.topk import TopKTeacher, topk_teacher
+from qjax.quant.functions import fake_quantized
+from qjax.quant.policy import Policy
+
+
+class Outputs(NamedTuple):
+    """What a model produced in a step: its output (logits; for a cached teacher, the
+    cached logits or :class:`TopKTeacher`) and the captured ``{path: {"input", "output"}}``."""
+
+    logits: Any
+    features: Features
+
+
+class DistillState(NamedTuple):
+    """Trained params ``{"student", "adapters"}``, optimizer state and step count."""
+
+    params: dict[str, Any]
+    opt_state: Any
+    step: jax.Array
+
+
+class DistillStep(NamedTuple):
+    """The functions :func:`distill_step` builds.
+
+    Attributes:
+      init: ``init(student_params, adapters=None) -> DistillState``.
+      loss: ``loss(params, teacher_params, batch) -> (loss, metrics)`` (not jitted),
+        ``params`` being ``{"student", "adapters"}``.
+      step: ``step(state, teacher_params, batch) -> (state, metrics)`` (jitted unless
+        ``jit=False``).
+    """
+
+    init: Callable[..., DistillState]
+    loss: Callable[..., tuple[jax.Array, dict]]
+    step: Callable[..., tuple[DistillState, dict]]
+
+
+LossFn = Callable[[Outputs, Outputs, Mapping[str, Any], Any], Any]
+
+
+def _args(batch: Mapping[str, Any]) -> tuple:
+    x = batch["x"]
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _forward(fn: Callable, patterns: Sequence[str] | None, add_bias: bool, policy: Policy | None):
+    """``(params, *args) -> (output, features)``; capture inside, fake-quant outside."""
+    if patterns:
+        f = capture(fn, patterns, add_bias=add_bias)
+    else:
+        f = lambda p, *a: (fn(p, *a), {})
+    return fake_quantized(f, policy) if policy is not None else f
+
+
+def distill_step(
+    student_fn: Callable,
+    teacher_fn: Callable | None,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    *,
+    student_patterns: Sequence[str] | None = None,
+    teacher_patterns: Sequence[str] | None = None,
+    student_policy: Policy | None = None,
+    add_bias: bool = False,
+    jit: bool = True,
+) -> DistillStep:
+    """Build the init / loss / step functions of teacher–student training.
+
+    Args:
+      student_fn: ``student_fn(params, *inputs)`` (Linen ``apply``,
+        ``qjax.nnx_apply(graphdef)``, plain function).
+      teacher_fn: the same for the teacher; ``None``: only cached outputs
+        (``batch["teacher"]``) or no teacher at all (``teacher.logits`` is ``None``).
+      loss_fn: ``loss_fn(student, teacher, batch, adapters)`` with ``student`` and
+        ``teacher`` :class:`Outputs`; returns a scalar or ``(scalar, metrics_dict)``.
+      tx: the optax optimizer of the student and adapters.
+      student_patterns / teacher_patterns: param-path patterns of the layers to capture
+        (:func:`qjax.distill.capture`).
+      student_policy: fake-quantize the student with this :class:`qjax.Policy`
+        (``qjax.fake_quantized``) while distilling: quantization-aware distillation in
+        the same step and the same jit.
+      add_bias: captured outputs include the layer's bias.
+      jit: jit the step.
+
+    ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
+    labels the loss reads (e.g. ``"y"``), and optionally ``"teacher"`` (cached outputs).
+
+    Example:
+      >>> ds = distill_step(student.apply, teacher.apply, kd_objective(4.0, 0.9), optax.adam(1e-3))
+      >>> state = ds.init(student_vars)
+      >>> state, metrics = ds.step(state, teacher_vars, {"x": x, "y": y})
+    """
+    student = _forward(student_fn, student_patterns, add_bias, student_policy)
+    teacher = None if teacher_fn is None else _forward(teacher_fn, teacher_patterns, add_bias, None)
+
+    def teacher_outputs(teacher_params, batch) -> Outputs:
+        if "teacher" in batch:
+            if teacher_patterns:
+                raise ValueError("cached teacher outputs carry no features: drop teacher_patterns")
+            return jax.lax.stop_gradient(Outputs(batch["teacher"], {}))
+        if teacher is None:
+            return Outputs(None, {})  # student-only training (e.g. a baseline with the same step)
+        if teacher_params is None:
+            raise ValueError("no teacher params: pass them, or cached outputs as batch['teacher']")
+        out, feats = teacher(jax.lax.stop_gradient(teacher_params), *_args(batch))
+        return jax.lax.stop_gradient(Outputs(out, feats))
+
+    def loss(params, teacher_params, batch):
+        s_out, s_feats = student(params["student"], *_args(batch))
+        t = teacher_outputs(teacher_params, batch)
+        result = loss_fn(Outputs(s_out, s_feats), t, batch, params["adapters"])
+        value, metrics = result if isinstance(result, tuple) else (result, {})
+        return value, {"loss": value, **metrics}
+
+    def init(student_params, adapters=None) -> DistillState:
+        params = {"student": student_params, "adapters": {} if adapters is None else adapters}
+        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+    def step(state: DistillState, teacher_params, batch):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, teacher_params, batch)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return DistillState(params, opt_state, state.step + 1), metrics
+
+    return DistillStep(init, loss, jax.jit(step) if jit else step)
+
+
+def kd_objective(temperature: float = 4.0, alpha: float = 0.9, *, label_key: str = "y", **kwargs) -> LossFn:
+    """A ``loss_fn`` for :func:`distill_step`: :func:`qjax.distill.kd_loss` of the
+    student and teacher logits and ``batch[label_key]`` (extra keyword arguments go to
+    ``kd_loss``)."""
+
+    def loss_fn(student: Outputs, teacher: Outputs, batch, adapters):
+        del adapters
+        return kd_loss(student.logits, teacher.logits, batch[label_key], temperature, alpha, **kwargs)
+
+    return loss_fn
+
+
+def cache_teacher(
+    teacher_fn: Callable,
+    teacher_params: Any,
+    inputs: Any,
+    *,
+    k: int,
+    temperature: float,
+    standardize: bool = False,
+    batch_size: int = 512,
+) -> TopKTeacher:
+    """Run the teacher once over ``inputs`` (an array, or a tuple of arrays, with
+    examples on the leading axis) and keep its top-``k`` tempered log-probabilities
+    (:func:`qjax.distill.topk_teacher`). Index the result with example indices
+    (``cache[idx]``) and pass it as ``batch["teacher"]``."""
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    n = len(args[0])
+
+    @jax.jit
+    def one(params, *xs):
+        return topk_teacher(teacher_fn(params, *xs), k, temperature, standardize=standardize)
+
+    parts = [one(teacher_params, *(a[i : i + batch_size] for a in args)) for i in range(0, n, batch_size)]
+    return jax.tree.map(lambda *xs: jnp.asarray(np.concatenate([np.asarray(x) for x in xs])), *parts)

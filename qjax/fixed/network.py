@@ -1,0 +1,276 @@
+"""Fixed-point inference of whole functions: ``fixed_point(f, rules)(params, x)``.
+
+Rules (the qjax rule engine: ``re.fullmatch`` on leaf paths, first match wins) map a
+params leaf to
+
+* a :class:`LayerFormats` — the leaf is the weight of the matmuls/convolutions that read
+  it (found by dataflow, :mod:`qjax.graph`): the weight is held in ``weight`` format, the
+  other operand is cast to ``input``, the product is accumulated exactly in the derived
+  integer accumulator (:func:`qjax.fixed.accumulator_format`) and cast to ``output``;
+* a :class:`Format` — the leaf (a bias, a scale) is rounded onto that format and used
+  where the function uses it;
+* ``None`` or no match — the leaf and the ops reading it stay in float ("floats at the
+  critical places").
+
+Between the ops the graph layer carries values as the function's float dtype. Every
+value a fixed-point op emits is ``mantissa · 2^-F`` of a format of at most 24 bits
+(checked), which float32 represents exactly, and every rounding happens in an integer
+cast; so elementwise code between layers (bias add, ReLU, max pooling, reshapes) acts on
+exact fixed-point values, and the next layer's ``input`` cast rounds their result exactly
+as an integer pipeline would (bit-exactness against an integer reference is tested).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax.fixed.array import FixedArray, is_fixed, to_float
+from qjax.fixed.cast import cast, from_float
+from qjax.fixed.format import Format
+from qjax.fixed.linalg import conv_general_dilated, dot_general
+from qjax.graph.interpret import Handler, WeightRef, materialize, run
+from qjax.graph.trace import trace
+from qjax.rules import RuleSet, is_box, leaves_with_paths, map_matched, path_str
+
+FLOAT_MANTISSA_BITS = {jnp.dtype(jnp.float32): 24, jnp.dtype(jnp.float64): 53}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerFormats:
+    """The formats of one layer (the ops that read a params leaf as their weight).
+
+    Args:
+      weight: the weight's format.
+      input: the format the other operand (the activation) is cast to.
+      output: the format the exact accumulator is cast to; ``None`` keeps the accumulator
+        (then it must fit the float carrier: at most 24 bits for float32).
+      grad: training only (:func:`qjax.fixed.fake_fixed_point`): the format the gradient
+        of the op's output is rounded to in the backward pass (use ``STOCHASTIC``
+        rounding); ``None`` keeps float gradients.
+
+    Raises:
+      TypeError: a field is not a :class:`Format` (or ``None`` where allowed).
+    """
+
+    weight: Format
+    input: Format
+    output: Format | None = None
+    grad: Format | None = None
+
+    def __post_init__(self):
+        for name in ("weight", "input", "output", "grad"):
+            v = getattr(self, name)
+            if v is None and name in ("output", "grad"):
+                continue
+            if not isinstance(v, Format):
+                raise TypeError(f"LayerFormats.{name} must be a qjax.fixed.Format, got {v!r}")
+
+
+def as_rules(rules) -> RuleSet:
+    """A :class:`qjax.rules.RuleSet` from a ``RuleSet`` or ``(pattern, value)`` pairs,
+    values checked.
+
+    Raises:
+      TypeError: a value is not a ``LayerFormats``, ``Format`` or ``None``.
+    """
+    rs = rules if isinstance(rules, RuleSet) else RuleSet(list(rules))
+    for pattern, value in rs:
+        if value is not None and not isinstance(value, (LayerFormats, Format)):
+            raise TypeError(
+                f"fixed-point rule {pattern!r}: the value must be a LayerFormats, a Format or None, "
+                f"got {value!r}"
+            )
+    return rs
+
+
+def leaf_key(key, path: str):
+    """A per-leaf PRNG key (``None`` stays ``None``)."""
+    return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
+
+
+def fixed_params(params: Any, rules) -> Any:
+    """Round the matched leaves of ``params`` onto their formats, as ``FixedArray``s.
+
+    ``LayerFormats`` leaves get their ``weight`` format, ``Format`` leaves that format;
+    the rest is unchanged. Deterministic rounding only (a ``STOCHASTIC`` format needs
+    a key: use :func:`qjax.fixed.from_float` yourself).
+
+    Returns:
+      The same structure with ``FixedArray`` leaves (integer mantissas, no float copy).
+    """
+    rs = as_rules(rules)
+
+    def visit(path, leaf, m):
+        fmt = m.value.weight if isinstance(m.value, LayerFormats) else m.value
+        return from_float(leaf, fmt) if not is_fixed(leaf) else cast(leaf, fmt)
+
+    return map_matched(visit, params, rs)
+
+
+def _carriers(params: Any, rs: RuleSet) -> tuple[Any, dict[str, FixedArray]]:
+    """Float carriers for ``FixedArray`` leaves (their exact values) and ``Format``-matched
+    float leaves rounded onto their format; ``{path: FixedArray}`` of the stored ones."""
+    stored: dict[str, FixedArray] = {}
+
+    def unit(kp, x):
+        path = path_str(kp)
+        if is_box(x):
+            return jax.tree.map(lambda leaf: one(path, leaf), x, is_leaf=is_fixed)
+        return one(path, x)
+
+    def one(path, leaf):
+        m = rs.match(path)
+        value = None if m is None else m.value
+        if is_fixed(leaf):
+            if isinstance(value, Format) and leaf.format != value:
+                leaf = cast(leaf, value)
+            stored[path] = leaf
+            dtype = jnp.float64 if leaf.format.width > 24 and jax.config.jax_enable_x64 else jnp.float32
+            return to_float(leaf, dtype)
+        if isinstance(value, Format):
+            return to_float(from_float(leaf, value), jnp.asarray(leaf).dtype)
+        return leaf
+
+    tree = jax.tree_util.tree_map_with_path(unit, params, is_leaf=lambda x: is_fixed(x) or is_box(x))
+    return tree, stored
+
+
+def _carrier_check(fmt: Format, dtype, what: str) -> None:
+    bits = FLOAT_MANTISSA_BITS.get(jnp.dtype(dtype))
+    if bits is None or fmt.width > bits:
+        raise ValueError(
+            f"{what}: {fmt} is carried between ops as {jnp.dtype(dtype).name}, which holds at most "
+            f"{bits or 0} bits exactly; choose an output format of at most {bits or 0} bits"
+        )
+
+
+def weight_operand(invals) -> int | None:
+    """Index of the single weight operand of a binary target op (``None`` if both/neither)."""
+    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
+    return refs[0] if len(refs) == 1 else None
+
+
+def layer_rule(rs: RuleSet, path: str):
+    """``(LayerFormats, match)`` for a weight path, or ``(None, match)``."""
+    m = rs.match(path)
+    if m is None or not isinstance(m.value, LayerFormats):
+        return None, m
+    return m.value, m
+
+
+def where(path: str, m) -> str:
+    rule = "" if m is None else f" (rule {m.index} {m.pattern!r})"
+    return f"leaf {path!r}{rule}"
+
+
+class _FixedServe(Handler):
+    def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key):
+        self.rs, self.stored, self.key = rs, stored, key
+
+    def _weight(self, ref: WeightRef, fmt: Format) -> FixedArray | None:
+        stored = self.stored.get(ref.path)
+        if stored is not None and ref.depth == 0:
+            w = stored if stored.format == fmt else cast(stored, fmt, key=leaf_key(self.key, ref.path))
+        else:
+            if stored is not None and stored.format.width > FLOAT_MANTISSA_BITS[jnp.dtype(ref.leaf.dtype)]:
+                raise ValueError(f"a stored {stored.format} scan slice is not exact in float")
+            w = from_float(ref.float_leaf(), fmt, key=leaf_key(self.key, ref.path))
+        mant = w.mantissa
+        for op in ref.ops:
+            if op.primitive.name == "convert_element_type":
+                if not jnp.issubdtype(op.params["new_dtype"], jnp.floating):
+                    return None
+                continue  # a float dtype change of the weight: the fixed value is kept
+            mant = op.apply(mant)
+        return FixedArray(mant, fmt)
+
+    def target(self, eqn, invals, emit):
+        wi = weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        lf, m = layer_rule(self.rs, ref.path)
+        if lf is None:
+            return None
+        what = f"{where(ref.path, m)}, {eqn.primitive.name}"
+        out_dtype = eqn.outvars[0].aval.dtype
+        if lf.output is not None:
+            _carrier_check(lf.output, out_dtype, what)
+        p = eqn.params
+        okey = leaf_key(self.key, ref.path + ":out")
+        try:
+            w = self._weight(ref, lf.weight)
+            if w is None:
+                return None
+            x = from_float(materialize(invals[1 - wi]), lf.input, key=leaf_key(self.key, ref.path + ":in"))
+            ops = [x, w] if wi == 1 else [w, x]
+            if eqn.primitive.name == "dot_general":
+                y = dot_general(ops[0], ops[1], p["dimension_numbers"], lf.output, key=okey)
+            else:
+                y = conv_general_dilated(
+                    ops[0],
+                    ops[1],
+                    p["window_strides"],
+                    p["padding"],
+                    p["lhs_dilation"],
+                    p["rhs_dilation"],
+                    p["dimension_numbers"],
+                    p["feature_group_count"],
+                    p["batch_group_count"],
+                    lf.output,
+                    key=okey,
+                )
+        except ValueError as e:
+            named = str(e).startswith(eqn.primitive.name)  # accumulator errors name the op
+            raise ValueError(f"{where(ref.path, m) if named else what}: {e}") from e
+        if lf.output is None:
+            _carrier_check(y.format, out_dtype, what + " (output=None keeps the accumulator)")
+        return [to_float(y, out_dtype)]
+
+
+def fixed_point(f: Callable, rules, *, key=None) -> Callable:
+    """``f`` with the matmuls/convs that read matched params run in fixed point.
+
+    Args:
+      f: any ``f(params, *args, **kwargs)`` (Linen ``apply``, an NNX split, a plain
+        function); positional args are traced, keyword args static.
+      rules: ``(pattern, LayerFormats | Format | None)`` pairs or a ``RuleSet``.
+      key: PRNG key, needed only if a format rounds ``STOCHASTIC``.
+
+    Returns:
+      ``g(params, *args, **kwargs)`` with ``f``'s outputs. ``params`` may hold float leaves
+      (rounded on the fly) or ``FixedArray`` leaves (:func:`fixed_params`; their
+      mantissas are used directly).
+
+    Raises:
+      ValueError: an accumulator too wide (naming the leaf and rule), an output format
+        wider than the float carrier holds exactly.
+
+    Example:
+      >>> rules = [(r".*/kernel", LayerFormats(Format(8, 2), Format(8, 3), Format(12, 5))),
+      ...          (r".*/bias", Format(12, 5))]
+      >>> y = jax.jit(qjax.fixed.fixed_point(model.apply, rules))(variables, x)
+    """
+    rs = as_rules(rules)
+
+    @functools.wraps(f)
+    def g(params, *args, **kwargs):
+        carriers, stored = _carriers(params, rs)
+        traced = trace(f, carriers, *args, **kwargs)
+        outs, _ = run(traced, _FixedServe(rs, stored, key), list(traced.param_leaves), jax.tree.leaves(args))
+        return jax.tree.unflatten(traced.out_tree, outs)
+
+    return g
+
+
+def unused_rules(rules, params: Any) -> list[str]:
+    """Patterns that matched no leaf of ``params`` (first-match semantics)."""
+    carriers, _ = _carriers(params, RuleSet([]))
+    return as_rules(rules).unused([p for p, _ in leaves_with_paths(carriers)])

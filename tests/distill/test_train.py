@@ -1,0 +1,155 @@
+"""Teacher–student steps: frozen teacher, trained student and adapters, cached top-k
+teacher outputs, fake-quantized student."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import qjax
+from qjax import distill
+
+
+class MLP(nn.Module):
+    hidden: int
+    classes: int = 5
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Dense(self.hidden, name="body")(x))
+        return nn.Dense(self.classes, name="head")(x)
+
+
+X = jax.random.normal(jax.random.key(0), (64, 12))
+Y = jax.random.randint(jax.random.key(1), (64,), 0, 5)
+TEACHER, STUDENT = MLP(64), MLP(8)
+T_VARS = TEACHER.init(jax.random.key(2), X)
+S_VARS = STUDENT.init(jax.random.key(3), X)
+T_FEAT, S_FEAT = "params/body/kernel", "params/body/kernel"
+
+
+def kd_hint(student, teacher, batch, adapters):
+    kd = distill.kd_loss(student.logits, teacher.logits, batch["y"], 4.0, 0.9)
+    hint = distill.hint_loss(
+        student.features[S_FEAT]["output"], teacher.features[T_FEAT]["output"], adapters["body"]
+    )
+    return kd + 0.5 * hint, {"kd": kd, "hint": hint}
+
+
+def _step():
+    return distill.distill_step(
+        STUDENT.apply,
+        TEACHER.apply,
+        kd_hint,
+        optax.adam(1e-2),
+        student_patterns=[S_FEAT],
+        teacher_patterns=[T_FEAT],
+        add_bias=True,
+    )
+
+
+def test_teacher_stays_fixed_and_loss_decreases():
+    ds = _step()
+    adapters = {"body": distill.init_adapter(jax.random.key(4), 8, 64)}
+    state = ds.init(S_VARS, adapters)
+    # the teacher is not in the optimizer state
+    assert len(jax.tree.leaves(state.opt_state)) == 1 + 2 * len(jax.tree.leaves(state.params))
+    teacher_before = jax.tree.map(np.array, T_VARS)
+    batch = {"x": X, "y": Y}
+    first = None
+    for _ in range(60):
+        state, metrics = ds.step(state, T_VARS, batch)
+        first = metrics if first is None else first
+    assert int(state.step) == 60
+    assert float(metrics["loss"]) < 0.6 * float(first["loss"])
+    assert float(metrics["hint"]) < float(first["hint"]) and float(metrics["kd"]) < float(first["kd"])
+    jax.tree.map(np.testing.assert_array_equal, T_VARS, teacher_before)
+    # the student and the adapter moved
+    assert not np.allclose(state.params["adapters"]["body"]["kernel"], adapters["body"]["kernel"])
+    body = state.params["student"]["params"]["body"]["kernel"]
+    assert not np.allclose(body, S_VARS["params"]["body"]["kernel"])
+    # no gradient reaches the teacher (stop_gradient), even if one asks for it
+    g_teacher = jax.grad(lambda t: ds.loss(state.params, t, batch)[0])(T_VARS)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+
+
+def test_loss_matches_hand_written_objective():
+    ds = _step()
+    adapters = {"body": distill.init_adapter(jax.random.key(4), 8, 64)}
+    params = {"student": S_VARS, "adapters": adapters}
+    got, metrics = ds.loss(params, T_VARS, {"x": X, "y": Y})
+    sp, tp = S_VARS["params"], T_VARS["params"]
+    s_h = X @ sp["body"]["kernel"] + sp["body"]["bias"]
+    t_h = X @ tp["body"]["kernel"] + tp["body"]["bias"]
+    want = distill.kd_loss(STUDENT.apply(S_VARS, X), TEACHER.apply(T_VARS, X), Y, 4.0, 0.9)
+    want = want + 0.5 * distill.hint_loss(s_h, t_h, adapters["body"])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert set(metrics) == {"loss", "kd", "hint"}
+
+
+def test_cached_topk_teacher_skips_the_teacher():
+    full = distill.cache_teacher(TEACHER.apply, T_VARS, X, k=5, temperature=4.0, batch_size=24)
+    top2 = distill.cache_teacher(TEACHER.apply, T_VARS, X, k=2, temperature=4.0, batch_size=24)
+    assert full.log_probs.shape == (64, 5) and top2.indices.shape == (64, 2)
+    ds = distill.distill_step(STUDENT.apply, None, distill.kd_objective(4.0, 0.9), optax.adam(1e-2))
+    kd = distill.kd_objective(4.0, 0.9)
+    live = distill.distill_step(STUDENT.apply, TEACHER.apply, kd, optax.adam(1e-2))
+    params = {"student": S_VARS, "adapters": {}}
+    idx = np.arange(10, 40)
+    batch = {"x": X[idx], "y": Y[idx]}
+    want = live.loss(params, T_VARS, batch)[0]
+    np.testing.assert_allclose(ds.loss(params, None, {**batch, "teacher": full[idx]})[0], want, rtol=1e-5)
+    approx = ds.loss(params, None, {**batch, "teacher": top2[idx]})[0]
+    assert abs(float(approx) - float(want)) < 0.1 * float(want)
+    # training from the cache only (teacher_params=None) reduces the loss
+    state = ds.init(S_VARS)
+    losses = []
+    for _ in range(40):
+        state, m = ds.step(state, None, {"x": X, "y": Y, "teacher": top2})
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.7 * losses[0]
+    with pytest.raises(ValueError, match="no teacher params"):
+        live.loss(params, None, batch)
+    feats = distill.distill_step(
+        STUDENT.apply, TEACHER.apply, kd_hint, optax.sgd(0.1), teacher_patterns=[T_FEAT]
+    )
+    with pytest.raises(ValueError, match="features"):
+        feats.loss(params, T_VARS, {**batch, "teacher": full[idx]})
+
+
+def test_fake_quantized_student_in_the_same_step():
+    w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=w4)])
+    ds = distill.distill_step(
+        STUDENT.apply,
+        TEACHER.apply,
+        kd_hint,
+        optax.adam(1e-2),
+        student_patterns=[S_FEAT],
+        teacher_patterns=[T_FEAT],
+        student_policy=policy,
+        add_bias=True,
+    )
+    adapters = {"body": distill.init_adapter(jax.random.key(4), 8, 64)}
+    params = {"student": S_VARS, "adapters": adapters}
+    got = ds.loss(params, T_VARS, {"x": X, "y": Y})[0]
+    # by hand: the student's logits and features with fake-quantized int4 kernels
+    sp, tp = S_VARS["params"], T_VARS["params"]
+    s_logits = qjax.fake_quantized(STUDENT.apply, policy)(S_VARS, X)
+    s_h = X @ qjax.fake_quant(sp["body"]["kernel"], w4) + sp["body"]["bias"]
+    t_h = X @ tp["body"]["kernel"] + tp["body"]["bias"]
+    want = distill.kd_loss(s_logits, TEACHER.apply(T_VARS, X), Y, 4.0, 0.9)
+    want = want + 0.5 * distill.hint_loss(s_h, t_h, adapters["body"])
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    float_loss = _step().loss(params, T_VARS, {"x": X, "y": Y})[0]
+    assert abs(float(got) - float(float_loss)) > 1e-4
+    # one jitted step trains through the quantizer (straight-through gradients)
+    state = ds.init(S_VARS, adapters)
+    first = None
+    for _ in range(60):
+        state, m = ds.step(state, T_VARS, {"x": X, "y": Y})
+        first = m if first is None else first
+    assert float(m["loss"]) < 0.7 * float(first["loss"])
+    assert ds.step._cache_size() == 1
