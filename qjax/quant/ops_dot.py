@@ -114,7 +114,7 @@ def _kind(x, spec) -> str:
     return "fp8" if fmt.is_float else "int"
 
 
-def _choose(method: str, kinds, rows, dtypes, packed=(False, False)) -> str:
+def _choose(method: str, kinds, rows, dtypes, packed=(False, False), groups=(None, None)) -> str:
     """Resolve ``method`` (see the table in :mod:`qjax.quant.ops`).
 
     Raises:
@@ -147,6 +147,12 @@ def _choose(method: str, kinds, rows, dtypes, packed=(False, False)) -> str:
         if rows[f] <= limit and dt != jnp.float64:
             return "split"
         if dt.itemsize >= 4 and not packed[1 - f]:
+            return "dequant"
+        gs = groups[1 - f]
+        if gs is not None and rows[f] > gs:
+            # Per-group weights with many rows: one dequantize beats a dot per group plus
+            # per-group rescaling (1.05x vs 1.46x float32 at M=1024, K=1536, N=384 g128;
+            # experiments/results/bench_quantized.md) and compiles ~9x faster.
             return "dequant"
     return "convert"
 
@@ -227,7 +233,10 @@ def quantized_dot_general(
     kinds = (_kind(lhs, lhs_spec), _kind(rhs, rhs_spec))
     rows = (math.prod(lshape[d] for d in token[0]), math.prod(rshape[d] for d in token[1]))
     packed = tuple((isinstance(x, QArray) and x.packed_axis is not None) for x in (lhs, rhs))
-    m = _choose(method, kinds, rows, dtypes, packed)
+    groups = tuple(
+        (x.group_size if isinstance(x, QArray) and x.group_axis is not None else None) for x in (lhs, rhs)
+    )
+    m = _choose(method, kinds, rows, dtypes, packed, groups)
     out_dtype = jnp.dtype(out_dtype if out_dtype is not None else jnp.result_type(*dtypes))
     cfg = _Config(dn, specs[0], specs[1], m, out_dtype, token)
     return _qdot(cfg, lhs, rhs, lhs_scale, lhs_zero_point, rhs_scale, rhs_zero_point, key)
