@@ -55,12 +55,21 @@ class Calibration:
 
 @dataclasses.dataclass(frozen=True)
 class AbsMax(Calibration):
-    """Range ``[-max|x|, max|x|]``."""
+    """Range ``[-max|x|, max|x|]``.
 
+    With ``half_step=True`` the largest magnitude maps to ``qmax + 1/2`` steps instead of
+    ``qmax`` (scale ``max|x| / (qmax + 0.5)``): it still rounds onto ``±qmax`` (at most
+    half a step of clipping), and the step is finer, which matters for narrow formats
+    (int4: 7.5 instead of 7 steps per side; Qwix's default bound).
+    """
+
+    half_step: bool = False
     name = "absmax"
 
     def __call__(self, x, axes, fmt, symmetric):
         a = jnp.max(jnp.abs(x), axis=axes, keepdims=True, initial=0.0)
+        if self.half_step and not fmt.is_float:
+            a = a * (fmt.qmax / (fmt.qmax + 0.5))
         return -a, a
 
 
@@ -165,9 +174,9 @@ class Fixed(Calibration):
         return _symmetric(lo, hi) if symmetric else (lo, hi)
 
 
-def absmax() -> AbsMax:
-    """Calibrate to the largest magnitude."""
-    return AbsMax()
+def absmax(half_step: bool = False) -> AbsMax:
+    """Calibrate to the largest magnitude (``half_step``: map it to ``qmax + 1/2`` steps)."""
+    return AbsMax(bool(half_step))
 
 
 def minmax() -> MinMax:

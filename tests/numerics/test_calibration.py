@@ -4,6 +4,7 @@ search; degenerate (zero, constant, empty, non-finite) inputs; serialisation."""
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -252,3 +253,20 @@ def test_fixed_range_used_as_is():
     s = F32(2.5) * F32(1 / 255)
     assert float(qa.scale.item()) == s
     assert int(qa.zero_point.item()) == int(np.rint(F32(0.5) * (F32(1) / s)))
+
+
+def test_absmax_half_step_is_finer_and_stays_within_half_a_step():
+    x = jax.random.normal(jax.random.key(0), (256, 64))
+    plain = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    half = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), calibration=qjax.calib.absmax(half_step=True))
+    s_plain, _ = qjax.compute_scale(x, plain)
+    s_half, _ = qjax.compute_scale(x, half)
+    np.testing.assert_allclose(s_half, s_plain * 7 / 7.5, rtol=1e-6)
+    q = qjax.quantize(x, half)
+    err = jnp.abs(qjax.dequantize(q) - x)
+    assert bool((err <= s_half / 2 * (1 + 1e-5)).all())
+    codes = q.unpacked_values()
+    assert int(codes.max()) == 7 and int(codes.min()) >= -8
+    mse = lambda spec: float(jnp.mean((qjax.dequantize(qjax.quantize(x, spec)) - x) ** 2))
+    assert mse(half) < mse(plain)
+    assert qjax.numerics.calibration.calibration_from_dict(half.calibration.to_dict()) == half.calibration
