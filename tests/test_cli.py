@@ -28,6 +28,7 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
         "int2_channel",
         "int8_channel_mse",
         "fp8_e4m3",
+        "w8a8_int",
         "qat_int4_channel",
         "qat_int2_channel",
         "qat_int2_channel_lsq",
@@ -41,6 +42,7 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
     float_acc = rows["float"]["accuracy"]
     assert result["float_accuracy"] == float_acc > 0.9
     assert rows["int8_channel"]["accuracy"] >= float_acc - 0.02
+    assert rows["w8a8_int"]["accuracy"] >= float_acc - 0.02  # integer execution
     assert rows["float"]["ratio"] == pytest.approx(1.0)
     int8_bytes = rows["int8_channel"]["bytes"]
     for key in ("int4_tensor", "int4_channel", "int4_group16", "qat_int4_channel"):
