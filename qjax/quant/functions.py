@@ -110,10 +110,14 @@ def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, a
         return forward(act, w_leaf)
 
     def fwd(act, w_leaf):
-        return forward(act, w_leaf), (act, w_leaf)
+        # The fake-quant path's VJP is built here, so its residuals (the fake-quantized
+        # operands and clip masks) are computed once, in the forward pass; its unused
+        # float primal output is dead code for XLA.
+        _, vjp_fn = jax.vjp(fake_path, act, w_leaf)
+        return forward(act, w_leaf), vjp_fn
 
-    def bwd(res, g):
-        return jax.vjp(fake_path, *res)[1](g)
+    def bwd(vjp_fn, g):
+        return vjp_fn(g)
 
     op.defvjp(fwd, bwd)
     return op
