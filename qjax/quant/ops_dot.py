@@ -149,7 +149,7 @@ def _choose(method: str, kinds, rows, dtypes, packed=(False, False), groups=(Non
         if dt.itemsize >= 4 and not packed[1 - f]:
             return "dequant"
         gs = groups[1 - f]
-        if gs is not None and rows[f] > gs:
+        if gs is not None and rows[f] >= gs:
             # Per-group weights with many rows: one dequantize beats a dot per group plus
             # per-group rescaling (1.05x vs 1.46x float32 at M=1024, K=1536, N=384 g128;
             # experiments/results/bench_quantized.md) and compiles ~9x faster.
