@@ -42,55 +42,24 @@ import json
 import math
 import os
 import platform
-import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import time_interleaved
 
 import qjax
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DN = (((1,), (0,)), ((), ()))
-
-
-def time_interleaved(
-    variants: dict[str, Callable[[], Any]], *, repeats: int, target_s: float, reference: str
-) -> dict[str, dict[str, Any]]:
-    """Median seconds per call of each zero-argument variant, sampled interleaved;
-    ``ratio`` is the median over rounds of the paired ratio to ``reference``."""
-    inner = {}
-    for name, fn in variants.items():
-        jax.block_until_ready(fn())
-        jax.block_until_ready(fn())
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        once = time.perf_counter() - t
-        inner[name] = max(1, math.ceil(target_s / max(once, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            fn, n = variants[name], inner[name]
-            t = time.perf_counter()
-            for _ in range(n):
-                jax.block_until_ready(fn())
-            samples[name].append((time.perf_counter() - t) / n)
-    ref = samples[reference]
-    return {
-        name: {
-            "median_s": statistics.median(s),
-            "min_s": min(s),
-            "ratio": statistics.median(a / b for a, b in zip(s, ref)),
-            "inner": inner[name],
-        }
-        for name, s in samples.items()
-    }
 
 
 def rel_err(y, ref) -> float:

@@ -45,14 +45,11 @@ import datetime
 import importlib
 import importlib.util
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax
 import models
 import peers
+from timing import time_interleaved
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,45 +77,6 @@ ISSUE_REFERENCE = {
     ("train", "mlp", 256, "qwix_qat_w8a8"): 1.02,
     ("train", "mlp", 256, "aqt_fqt_int8"): 4.2,
 }
-
-
-# -- timing -------------------------------------------------------------------------------
-
-
-def time_interleaved(
-    variants: dict[str, Callable[[], Any]], *, repeats: int, target_s: float, reference: str
-) -> dict[str, dict[str, Any]]:
-    """Median seconds per call of each zero-argument variant (each call blocked on); the
-    variants are warmed up, then sampled in rotating interleaved order. ``ratio`` is the
-    median over rounds of a variant's sample / the reference's sample of the same round."""
-    inner = {}
-    for name, fn in variants.items():
-        jax.block_until_ready(fn())  # compile (already compiled by the checks) / warm
-        jax.block_until_ready(fn())
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        once = time.perf_counter() - t
-        inner[name] = max(1, math.ceil(target_s / max(once, 1e-6)))
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    names = list(variants)
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn, n = variants[name], inner[name]
-            t = time.perf_counter()
-            for _ in range(n):
-                jax.block_until_ready(fn())
-            samples[name].append((time.perf_counter() - t) / n)
-    ref = samples[reference]
-    return {
-        name: {
-            "median_s": statistics.median(s),
-            "min_s": min(s),
-            "ratio": statistics.median(a / b for a, b in zip(s, ref)),
-            "inner": inner[name],
-            "samples_s": s,
-        }
-        for name, s in samples.items()
-    }
 
 
 # -- one workload ---------------------------------------------------------------------------
