@@ -7,10 +7,6 @@ Only the public qjax API is used.
 
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from report import machine, write  # noqa: F401  (re-exported for the experiment scripts)
 
 import qjax
 from qjax import distill
@@ -223,25 +220,6 @@ def fmt_paired(p: dict[str, Any]) -> str:
     return f"{p['mean']:+.2f} ± {p['std']:.2f} ({p['better_on']}/{p['seeds']})"
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "qjax": qjax.__version__,
-        "load_avg_1min_start": os.getloadavg()[0],
-    }
-
-
-def write(name: str, result: dict[str, Any], markdown: str, out: Path = RESULTS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown)
 
 
 def fmt(s: dict[str, Any]) -> str:

@@ -16,10 +16,6 @@ range.
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import json
-import os
-import platform
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from report import machine, write  # noqa: F401  (re-exported for the experiment scripts)
 
-import qjax
 from qjax import fixed as qf
 
 RESULTS = Path(__file__).parent / "results"
@@ -151,25 +147,6 @@ def fixed_accuracy(model: nn.Module, params, rules, data: Data, width: int) -> f
     return fixed_evaluator(model, rules, data, width)(params)
 
 
-def machine() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": platform.machine(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "backend": jax.default_backend(),
-        "devices": jax.device_count(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "qjax": qjax.__version__,
-        "load_avg_1min_start": os.getloadavg()[0],
-    }
-
-
-def write(name: str, result: dict[str, Any], markdown: str, out: Path = RESULTS) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown)
 
 
 def describe(rules) -> dict[str, str]:
