@@ -31,7 +31,7 @@ from typing import Any
 
 import jax
 
-from qjax.graph import Handler, WeightRef, materialize, run, trace
+from qjax.graph import Handler, WeightRef, bind_eqn, materialize, run, trace
 from qjax.numerics.qarray import QArray
 from qjax.rules import RuleSet
 
@@ -61,9 +61,7 @@ class _Capture(Handler):
             return None
         wi = matched[0]
         args = [materialize(x) for x in invals]
-        params = eqn.primitive.get_bind_params(eqn.params)
-        with eqn.ctx.manager:
-            out = eqn.primitive.bind(*args, **params)
+        (out,) = bind_eqn(eqn, args)
         self.depth[invals[wi].path] = invals[wi].depth
         emit(invals[wi].path, {"input": args[1 - wi], "output": out})
         return [out]

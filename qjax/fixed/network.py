@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,9 +34,9 @@ from qjax.fixed.array import FixedArray, is_fixed, to_float
 from qjax.fixed.cast import cast, from_float
 from qjax.fixed.format import Format
 from qjax.fixed.linalg import conv_general_dilated, dot_general
-from qjax.graph.interpret import Handler, WeightRef, materialize, run
+from qjax.graph.interpret import Handler, WeightRef, materialize, run, weight_operand
 from qjax.graph.trace import trace
-from qjax.rules import RuleSet, is_box, leaves_with_paths, map_matched, path_str
+from qjax.rules import RuleSet, fold_in_path, is_box, leaves_with_paths, map_matched, path_str
 
 FLOAT_MANTISSA_BITS = {jnp.dtype(jnp.float32): 24, jnp.dtype(jnp.float64): 53}
 
@@ -88,11 +87,6 @@ def as_rules(rules) -> RuleSet:
                 f"got {value!r}"
             )
     return rs
-
-
-def leaf_key(key, path: str):
-    """A per-leaf PRNG key (``None`` stays ``None``)."""
-    return None if key is None else jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
 def fixed_params(params: Any, rules) -> Any:
@@ -151,12 +145,6 @@ def _carrier_check(fmt: Format, dtype, what: str) -> None:
         )
 
 
-def weight_operand(invals) -> int | None:
-    """Index of the single weight operand of a binary target op (``None`` if both/neither)."""
-    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
-    return refs[0] if len(refs) == 1 else None
-
-
 def layer_rule(rs: RuleSet, path: str):
     """``(LayerFormats, match)`` for a weight path, or ``(None, match)``."""
     m = rs.match(path)
@@ -177,11 +165,11 @@ class _FixedServe(Handler):
     def _weight(self, ref: WeightRef, fmt: Format) -> FixedArray | None:
         stored = self.stored.get(ref.path)
         if stored is not None and ref.depth == 0:
-            w = stored if stored.format == fmt else cast(stored, fmt, key=leaf_key(self.key, ref.path))
+            w = stored if stored.format == fmt else cast(stored, fmt, key=fold_in_path(self.key, ref.path))
         else:
             if stored is not None and stored.format.width > FLOAT_MANTISSA_BITS[jnp.dtype(ref.leaf.dtype)]:
                 raise ValueError(f"a stored {stored.format} scan slice is not exact in float")
-            w = from_float(ref.float_leaf(), fmt, key=leaf_key(self.key, ref.path))
+            w = from_float(ref.float_leaf(), fmt, key=fold_in_path(self.key, ref.path))
         mant = w.mantissa
         for op in ref.ops:
             if op.primitive.name == "convert_element_type":
@@ -204,12 +192,13 @@ class _FixedServe(Handler):
         if lf.output is not None:
             _carrier_check(lf.output, out_dtype, what)
         p = eqn.params
-        okey = leaf_key(self.key, ref.path + ":out")
+        okey = fold_in_path(self.key, ref.path + ":out")
         try:
             w = self._weight(ref, lf.weight)
             if w is None:
                 return None
-            x = from_float(materialize(invals[1 - wi]), lf.input, key=leaf_key(self.key, ref.path + ":in"))
+            in_key = fold_in_path(self.key, ref.path + ":in")
+            x = from_float(materialize(invals[1 - wi]), lf.input, key=in_key)
             ops = [x, w] if wi == 1 else [w, x]
             if eqn.primitive.name == "dot_general":
                 y = dot_general(ops[0], ops[1], p["dimension_numbers"], lf.output, key=okey)

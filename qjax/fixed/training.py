@@ -29,10 +29,10 @@ from qjax.fixed.arith import add
 from qjax.fixed.array import to_float
 from qjax.fixed.cast import from_float
 from qjax.fixed.format import Format
-from qjax.fixed.network import FLOAT_MANTISSA_BITS, as_rules, layer_rule, leaf_key, weight_operand, where
-from qjax.graph.interpret import Handler, bind_eqn, materialize, run
+from qjax.fixed.network import FLOAT_MANTISSA_BITS, as_rules, layer_rule, where
+from qjax.graph.interpret import Handler, bind_eqn, materialize, run, weight_operand
 from qjax.graph.trace import trace
-from qjax.rules import leaves_with_paths, map_with_path
+from qjax.rules import fold_in_path, leaves_with_paths, map_with_path
 
 
 def _fake(x, fmt: Format, key):
@@ -125,7 +125,7 @@ class _FakeFixed(Handler):
         lf, m = layer_rule(self.rs, ref.path)
         if lf is None:
             return None
-        k = lambda tag: leaf_key(self.key, ref.path + tag)
+        k = lambda tag: fold_in_path(self.key, ref.path + tag)
         try:
             w = fake_fixed(ref.float_leaf(), lf.weight, key=k(":w"), ste=self.ste)
             for op in ref.ops:
@@ -235,7 +235,7 @@ def fixed_updates(inner: optax.GradientTransformation, rules, key) -> optax.Grad
                     f"{where(path, m)}: {fmt} is too wide for exact updates of {jnp.dtype(p.dtype).name} "
                     f"params (at most {bits - 1} bits)"
                 )
-            k = leaf_key(step_key, path)
+            k = fold_in_path(step_key, path)
             k1, k2 = jax.random.split(k)
             p_fx = from_float(p, fmt, key=k1)
             u_fx = from_float(u_leaves[path], _update_format(fmt), key=k2)

@@ -1,7 +1,16 @@
 """Reading a function as a jaxpr: which params leaf feeds which matmul/conv operand, and
 re-evaluating it with those ops replaced."""
 
-from qjax.graph.interpret import Handler, LayoutOp, WeightRef, evaluate, materialize, run
+from qjax.graph.interpret import (
+    Handler,
+    LayoutOp,
+    WeightRef,
+    bind_eqn,
+    evaluate,
+    materialize,
+    run,
+    weight_operand,
+)
 from qjax.graph.layout import apply_layout, unpacked
 from qjax.graph.ops import OpInfo, find_ops, operand_channel_axes
 from qjax.graph.trace import Traced, abstract_params, nnx_apply, trace
@@ -14,6 +23,7 @@ __all__ = [
     "WeightRef",
     "abstract_params",
     "apply_layout",
+    "bind_eqn",
     "evaluate",
     "find_ops",
     "materialize",
@@ -22,4 +32,5 @@ __all__ = [
     "run",
     "trace",
     "unpacked",
+    "weight_operand",
 ]

@@ -102,6 +102,13 @@ def spec_for_slice(spec, depth: int):
     return spec.replace(**changes)
 
 
+def weight_operand(invals) -> int | None:
+    """Index of the single ``WeightRef`` among a binary target op's first two operands
+    (``None`` if both or neither are weights)."""
+    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
+    return refs[0] if len(refs) == 1 else None
+
+
 def materialize(value):
     """The float value of a ``WeightRef`` (dequantized, layout ops replayed); other
     values are returned as they are."""

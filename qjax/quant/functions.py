@@ -18,7 +18,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, spec_for_slice
+from qjax.graph.interpret import (
+    Handler,
+    WeightRef,
+    bind_eqn,
+    materialize,
+    run,
+    spec_for_slice,
+    weight_operand,
+)
 from qjax.graph.layout import apply_layout
 from qjax.graph.ops import operand_channel_axes
 from qjax.graph.trace import trace
@@ -44,12 +52,6 @@ def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
     return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
 
 
-def _weight_operand(invals) -> int | None:
-    """Index of the single weight operand of a binary target op (``None`` if both or neither)."""
-    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
-    return refs[0] if len(refs) == 1 else None
-
-
 class _PolicyHandler(Handler):
     """A handler driven by a policy: finds the op's weight operand and its rule."""
 
@@ -59,7 +61,7 @@ class _PolicyHandler(Handler):
     def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:
         """``(operand index, weight ref, matched rule or None)``, or ``None`` when the op
         does not read exactly one weight."""
-        wi = _weight_operand(invals)
+        wi = weight_operand(invals)
         if wi is None:
             return None
         ref = invals[wi]
