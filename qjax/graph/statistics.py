@@ -1,0 +1,205 @@
+"""Streaming statistics of the activation inputs of the matmuls/convs that read params.
+
+One mechanism for everything that needs "what goes into the layer that reads weight W":
+GPTQ/AWQ Hessians (``XᵀX``), Wanda's per-input-feature norms, SmoothQuant's per-channel
+maxima. :func:`input_statistics` traces ``f`` once per input shape, re-evaluates it
+over calibration batches and, for every ``dot_general`` / ``conv_general_dilated`` that
+reads a matched params leaf, hands the activation operand to a user statistic as a 2-D
+``rows`` array: one row per token/position, one column per element of the weight's
+contracted axes (in the leaf's axis order, flattened). The statistic's results are summed
+over the reads of the op and over the batches; nothing else is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run
+from qjax.graph.trace import trace
+from qjax.rules import RuleSet
+
+
+@dataclasses.dataclass(frozen=True)
+class InputStatistic:
+    """The accumulated statistic of one weight's layer inputs.
+
+    Attributes:
+      value: the statistic summed over all reads and batches (leading stacked-layer axes
+        first for an op inside a ``scan`` over stacked params).
+      rows: how many activation rows (tokens/positions) were summed.
+      weight_axes: the axes of the params leaf that the statistic's columns run over (the
+        contracted axes, in leaf order, flattened in that order).
+      weight_shape: the params leaf's shape.
+    """
+
+    value: Any
+    rows: int
+    weight_axes: tuple[int, ...]
+    weight_shape: tuple[int, ...]
+
+
+def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
+    """For each axis of the weight as the op sees it, the params-leaf axis it is
+    (layout ops may only be transposes and dtype conversions)."""
+    axes = list(range(view_ndim))
+    for op in reversed(ref.ops):
+        name = op.primitive.name
+        if name == "transpose":
+            perm = op.params["permutation"]
+            axes = [perm[a] for a in axes]
+        elif name not in ("convert_element_type", "copy", "copy_p"):
+            raise ValueError(
+                f"input statistics of {ref.path!r}: the weight reaches the op through {name!r}; only "
+                "transposes and dtype conversions can be mapped back to the params leaf's axes"
+            )
+    return [a + ref.depth for a in axes]
+
+
+def _rows(eqn, act, wi: int, ref: WeightRef) -> tuple[jax.Array, tuple[int, ...]]:
+    """The activation as ``[rows, K]`` with ``K`` ordered like the weight leaf's
+    contracted axes, and those axes."""
+    w_view_ndim = eqn.invars[wi].aval.ndim
+    leaf_axes = _view_to_leaf_axes(ref, w_view_ndim)
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if lb or rb:
+            raise ValueError(f"input statistics of {ref.path!r}: a dot_general with batch dimensions")
+        w_contract, a_contract = (rc, lc) if wi == 1 else (lc, rc)
+        order = np.argsort([leaf_axes[d] for d in w_contract])
+        a_contract = [a_contract[i] for i in order]
+        w_axes = tuple(sorted(leaf_axes[d] for d in w_contract))
+    else:
+        if wi != 1:
+            raise ValueError(f"input statistics of {ref.path!r}: the weight is the convolution's lhs")
+        if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
+            raise ValueError(
+                f"input statistics of {ref.path!r}: grouped/depthwise convolutions are not supported"
+            )
+        dn = eqn.params["dimension_numbers"]
+        a_contract = [dn.lhs_spec[1]]
+        w_axes = (leaf_axes[dn.rhs_spec[1]],)
+    rest = [a for a in range(act.ndim) if a not in a_contract]
+    x = jnp.transpose(act, (*rest, *a_contract))
+    k = int(np.prod([act.shape[a] for a in a_contract]))
+    return x.reshape(-1, k), w_axes
+
+
+class _Collect(Handler):
+    def __init__(self, rules: RuleSet | None, statistic: Callable):
+        self.rules = rules
+        self.statistic = statistic
+        self.meta: dict[str, tuple] = {}
+
+    def target(self, eqn, invals, emit):
+        refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
+        if len(refs) != 1:
+            return None
+        wi = refs[0]
+        ref = invals[wi]
+        if self.rules is not None and self.rules.match(ref.path) is None:
+            return None
+        args = [materialize(x) for x in invals]
+        rows, w_axes = _rows(eqn, args[1 - wi], wi, ref)
+        self.meta[ref.path] = (w_axes, ref.depth)
+        emit(ref.path, (self.statistic(rows.astype(jnp.float32)), rows.shape[0]))
+        return bind_eqn(eqn, args)
+
+
+def input_statistics(
+    f: Callable,
+    params: Any,
+    batches: Iterable,
+    statistic: Callable[[jax.Array], Any],
+    *,
+    patterns: str | Sequence[str] | None = None,
+    **kwargs,
+) -> dict[str, InputStatistic]:
+    """Sum ``statistic(rows)`` of every matched layer's input over ``batches``.
+
+    Args:
+      f: ``f(params, *args, **kwargs)``: Linen ``apply``, ``qjax.nnx_apply(graphdef)`` or
+        a plain function of a params pytree.
+      params: float params.
+      batches: iterable of positional-argument tuples (a bare array means ``(array,)``).
+      statistic: ``rows [R, K] float32 -> pytree of arrays`` (e.g. ``lambda x: x.T @ x``);
+        results are added across reads and batches, so it must be additive.
+      patterns: param-path regular expression(s) (``re.fullmatch``) selecting the weights;
+        ``None``: every weight read by a matmul/conv.
+      **kwargs: static keyword arguments of ``f``.
+
+    Returns:
+      ``{path: InputStatistic}``.
+
+    Raises:
+      ValueError: no batches; a pattern matches no op; the weight reaches the op through a
+        reshape (its axes cannot be mapped back), or the op has batch dimensions or is a
+        grouped convolution (the error names the path).
+
+    Example:
+      >>> stats = input_statistics(model.apply, variables, [(x,) for x in calib],
+      ...                          lambda r: r.T @ r, patterns=r".*/kernel")
+      >>> h = stats["params/Dense_0/kernel"].value / stats["params/Dense_0/kernel"].rows
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    rules = None if patterns is None else RuleSet([(p, True) for p in patterns])
+    cache: dict[Any, tuple] = {}
+
+    def compiled(args):
+        sig = jax.tree.map(lambda a: (jnp.shape(a), jnp.result_type(a)), args)
+        key = (jax.tree.structure(args), tuple(jax.tree.leaves(sig)))
+        if key not in cache:
+            traced = trace(f, params, *args, **kwargs)
+            handler = _Collect(rules, statistic)
+
+            def one(leaves, args_leaves):
+                emitted = run(traced, handler, leaves, args_leaves)[1]
+                out = {}
+                for path, values in emitted.items():
+                    total = jax.tree.map(lambda *xs: sum(xs), *[v[0] for v in values])
+                    out[path] = (total, sum(v[1] for v in values))
+                return out
+
+            cache[key] = (traced, handler, jax.jit(one))
+        return cache[key]
+
+    totals: dict[str, list] = {}
+    meta: dict[str, tuple] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    n = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        traced, handler, fn = compiled(args)
+        out = fn(list(traced.param_leaves), jax.tree.leaves(args))
+        meta.update(handler.meta)
+        shapes.update({p: tuple(np.shape(leaf)) for p, leaf in zip(traced.param_paths, traced.param_leaves)})
+        for path, (value, rows) in out.items():
+            rows = int(np.ravel(np.asarray(rows))[0])  # stacked per layer inside a scan: all equal
+            if path in totals:
+                prev, prev_rows = totals[path]
+                totals[path] = [jax.tree.map(jnp.add, prev, value), prev_rows + rows]
+            else:
+                totals[path] = [value, rows]
+        n += 1
+    if n == 0:
+        raise ValueError("input_statistics needs at least one batch")
+    if rules is not None:
+        unused = rules.unused(list(totals))
+        if unused:
+            raise ValueError(f"input_statistics: pattern(s) {unused} matched no matmul/conv weight")
+    return {
+        path: InputStatistic(value, rows, meta[path][0], shapes[path])
+        for path, (value, rows) in totals.items()
+    }
+
+
+def gram(rows: jax.Array) -> jax.Array:
+    """``rowsᵀ·rows`` at full float32 precision (the layer-input Hessian of GPTQ up to 2/N)."""
+    return lax.dot_general(rows, rows, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
