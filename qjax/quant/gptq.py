@@ -23,7 +23,7 @@ Implementation notes:
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
@@ -37,7 +37,7 @@ from qjax.numerics.quantize import compute_scale, quantize
 from qjax.numerics.spec import QuantSpec
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params
-from qjax.rules import leaves_with_paths, map_with_path
+from qjax.rules import RuleSet, leaves_with_paths, map_with_path
 
 
 def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | None:
@@ -246,24 +246,33 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    stages: Sequence[str] | None = None,
     act_stats: dict[str, Any] | None = None,
     **kwargs,
 ) -> Any:
     """:func:`qjax.quantize_params` with GPTQ for every 2-D kernel a matmul reads.
 
-    Layer-input Hessians are collected on the float model in one streaming pass (all
-    layers see float inputs: "non-sequential" GPTQ); every leaf whose rule has a weight
-    spec and that is read as ``x @ kernel`` is GPTQ-quantized with that spec, the other
-    quantized leaves (e.g. embeddings) are rounded to nearest as ``quantize_params``
-    does. Static activation scales (``act_stats``) are attached as usual.
+    Layer-input Hessians are collected by streaming the calibration batches through
+    ``f``; every leaf whose rule has a weight spec and that is read as ``x @ kernel`` is
+    GPTQ-quantized with that spec, the other quantized leaves (e.g. embeddings) are
+    rounded to nearest as ``quantize_params`` does. Static activation scales
+    (``act_stats``) are attached as usual.
+
+    With ``stages`` (path patterns, e.g. one per transformer block), the layers are
+    quantized stage by stage and each stage's Hessians are collected on the model whose
+    earlier stages are already quantized (so later layers compensate for the error of
+    earlier ones, as in the reference GPTQ's sequential mode); without, all Hessians come
+    from the float model (one pass).
 
     Args:
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, plain).
       params: float params.
-      batches: calibration batches (tuples of positional args).
+      batches: calibration batches (tuples of positional args); iterated once per stage.
       policy: the :class:`qjax.Policy` (its weight specs: integer, per output channel or
         per tensor, optionally grouped along the input axis).
       block_size, damp, act_order: see :func:`gptq_quantize`.
+      stages: ordered path patterns (``re.fullmatch``); a kernel goes in the first stage
+        it matches; kernels matching none are quantized in a final stage.
       act_stats: from :func:`qjax.calibrate`, for W8A8-style static activation scales.
       **kwargs: static keyword arguments of ``f``.
 
@@ -271,25 +280,43 @@ def gptq(
       The quantized params (``QArray`` leaves), runnable with ``qjax.quantized(f, policy)``.
 
     Raises:
-      ValueError: as :func:`gptq_quantize`, naming the leaf.
+      ValueError: as :func:`gptq_quantize`, naming the leaf; a stage pattern matching no
+        GPTQ kernel.
 
     Example:
       >>> qparams = gptq(model.apply, variables, [(x,) for x in calib], policy)
       >>> y = qjax.quantized(model.apply, policy)(qparams, x)
     """
+    batches = list(batches)
     qparams = quantize_params(params, policy, act_stats=act_stats)
-    hessians = input_hessians(f, params, batches, **kwargs)
     leaves = dict(leaves_with_paths(params))
+    rtn = dict(leaves_with_paths(qparams))
+    candidates = [
+        p for p, leaf in leaves.items()
+        if policy.weight_spec(p) is not None and isinstance(rtn[p], QArray) and jnp.ndim(leaf) == 2
+    ]
+    stage_rules = RuleSet([(pattern, i) for i, pattern in enumerate(stages or ())])
+    unused = stage_rules.unused(candidates)
+    if unused:
+        raise ValueError(f"gptq: stage pattern(s) {unused} match no kernel the policy quantizes")
+    order = {p: (m.value if (m := stage_rules.match(p)) else len(stage_rules)) for p in candidates}
+    done: dict[str, QArray] = {}
+    current = params
+    for stage in sorted(set(order.values())):
+        todo = [p for p in candidates if order[p] == stage]
+        hessians = input_hessians(f, current, batches, **kwargs)
+        for path in todo:
+            if path not in hessians:
+                continue  # not read by a matmul (e.g. an embedding table): stays RTN
+            q = gptq_quantize(leaves[path], hessians[path], policy.weight_spec(path), block_size=block_size,
+                              damp=damp, act_order=act_order, path=path)
+            done[path] = q
+        current = map_with_path(lambda p, x: done[p].dequantize() if p in done else x, params)
 
     def visit(path, leaf):
-        spec = policy.weight_spec(path)
-        if spec is None or path not in hessians or not isinstance(leaf, QArray):
+        if path not in done:
             return leaf
-        w = leaves[path]
-        if w.ndim != 2:
-            return leaf
-        q = gptq_quantize(w, hessians[path], spec, block_size=block_size, damp=damp, act_order=act_order,
-                          path=path)
+        q = done[path]
         return q.with_act_scale(leaf.act_scale, leaf.act_zero_point) if leaf.act_scale is not None else q
 
     return map_with_path(visit, qparams)

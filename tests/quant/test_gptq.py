@@ -211,3 +211,33 @@ def test_gptq_params_through_a_linen_model():
     err = lambda p: float(jnp.mean((qjax.quantized(model.apply, policy)(p, x_test) - ref) ** 2))
     assert isinstance(qp["params"]["Dense_0"]["kernel"], qjax.QArray)
     assert err(qp) < err(rtn)
+
+
+def test_sequential_stages_and_stage_errors():
+    import flax.linen as nn
+
+    from qjax.quant.gptq import gptq
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            hidden = nn.relu(nn.Dense(32)(x))
+            return nn.Dense(8)(hidden)
+
+    rng = np.random.default_rng(2)
+    xs = [jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32)) for _ in range(2)]
+    model = MLP()
+    variables = model.init(jax.random.key(0), xs[0])
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=int4_spec(8))])
+    batches = [(x,) for x in xs]
+    seq = gptq(model.apply, variables, batches, policy, stages=[r"params/Dense_0/.*"])
+    # Stage 2's Hessian comes from the model whose first layer is already quantized.
+    first = seq["params"]["Dense_0"]["kernel"].dequantize()
+    hidden = [jax.nn.relu(x @ first + variables["params"]["Dense_0"]["bias"]) for x in xs]
+    h = sum(np.asarray(a, np.float64).T @ np.asarray(a, np.float64) for a in hidden) / 128
+    want = gptq_quantize(variables["params"]["Dense_1"]["kernel"], h.astype(np.float32), int4_spec(8))
+    np.testing.assert_allclose(
+        np.asarray(seq["params"]["Dense_1"]["kernel"].dequantize()), np.asarray(want.dequantize()), atol=1e-5
+    )
+    with pytest.raises(ValueError, match="stage pattern"):
+        gptq(model.apply, variables, batches, policy, stages=[r"params/nope/.*"])
