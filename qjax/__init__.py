@@ -45,21 +45,31 @@ from qjax.quant import (
     Footprint,
     Policy,
     Rule,
+    awq,
     calibrate,
     dequantize_params,
     fake_quant_params,
     fake_quantized,
     footprint,
+    gptq,
     lsq_scales,
     quantize_params,
     quantized,
     quantized_leaves,
+    smooth,
+    smoothquant,
+    with_input_scales,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ActStats",
+    "awq",
+    "gptq",
+    "smooth",
+    "smoothquant",
+    "with_input_scales",
     "calibrate",
     "fake_quantized",
     "quantized",

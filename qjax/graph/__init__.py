@@ -1,6 +1,7 @@
 """Reading a function as a jaxpr: which params leaf feeds which matmul/conv operand, and
 re-evaluating it with those ops replaced."""
 
+from qjax.graph.fold import FoldGroup, fold_groups
 from qjax.graph.interpret import (
     Handler,
     LayoutOp,
@@ -13,9 +14,15 @@ from qjax.graph.interpret import (
 )
 from qjax.graph.layout import apply_layout, unpacked
 from qjax.graph.ops import OpInfo, find_ops, operand_channel_axes
+from qjax.graph.statistics import InputStatistic, gram, input_statistics
 from qjax.graph.trace import Traced, abstract_params, nnx_apply, trace
 
 __all__ = [
+    "FoldGroup",
+    "InputStatistic",
+    "fold_groups",
+    "gram",
+    "input_statistics",
     "Handler",
     "LayoutOp",
     "OpInfo",

@@ -7,12 +7,14 @@ over calibration batches and, for every ``dot_general`` / ``conv_general_dilated
 reads a matched params leaf, hands the activation operand to a user statistic as a 2-D
 ``rows`` array: one row per token/position, one column per element of the weight's
 contracted axes (in the leaf's axis order, flattened). The statistic's results are summed
-over the reads of the op and over the batches; nothing else is kept.
+(or combined by ``combine=``, e.g. ``jnp.maximum`` for running maxima) over the reads of
+the op and over the batches; nothing else is kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -119,6 +121,7 @@ def input_statistics(
     statistic: Callable[[jax.Array], Any],
     *,
     patterns: str | Sequence[str] | None = None,
+    combine: Callable[[Any, Any], Any] = jnp.add,
     **kwargs,
 ) -> dict[str, InputStatistic]:
     """Sum ``statistic(rows)`` of every matched layer's input over ``batches``.
@@ -129,9 +132,12 @@ def input_statistics(
       params: float params.
       batches: iterable of positional-argument tuples (a bare array means ``(array,)``).
       statistic: ``rows [R, K] float32 -> pytree of arrays`` (e.g. ``lambda x: x.T @ x``);
-        results are added across reads and batches, so it must be additive.
+        results are combined across reads and batches with ``combine``, so it must be
+        additive (or, e.g., a maximum with ``combine=jnp.maximum``).
       patterns: param-path regular expression(s) (``re.fullmatch``) selecting the weights;
         ``None``: every weight read by a matmul/conv.
+      combine: associative ``(a, b) -> a ⊕ b`` applied leafwise to merge the statistics of
+        reads and batches (default ``jnp.add``; ``jnp.maximum`` for per-channel maxima).
       **kwargs: static keyword arguments of ``f``.
 
     Returns:
@@ -163,7 +169,7 @@ def input_statistics(
                 emitted = run(traced, handler, leaves, args_leaves)[1]
                 out = {}
                 for path, values in emitted.items():
-                    total = jax.tree.map(lambda *xs: sum(xs), *[v[0] for v in values])
+                    total = functools.reduce(lambda a, b: jax.tree.map(combine, a, b), [v[0] for v in values])
                     out[path] = (total, sum(v[1] for v in values))
                 return out
 
@@ -184,7 +190,7 @@ def input_statistics(
             rows = int(np.ravel(np.asarray(rows))[0])  # stacked per layer inside a scan: all equal
             if path in totals:
                 prev, prev_rows = totals[path]
-                totals[path] = [jax.tree.map(jnp.add, prev, value), prev_rows + rows]
+                totals[path] = [jax.tree.map(combine, prev, value), prev_rows + rows]
             else:
                 totals[path] = [value, rows]
         n += 1

@@ -1,10 +1,14 @@
 """Quantization policies and transforms."""
 
+from qjax.quant.awq import AWQSearch, awq, awq_factors
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.functions import ActStats, calibrate, fake_quantized, quantized
+from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.policy import Policy, Rule
+from qjax.quant.smoothing import smooth, with_input_scales
+from qjax.quant.smoothquant import smoothquant, smoothquant_factors
 from qjax.quant.transforms import (
     dequantize_params,
     fake_quant_params,
@@ -14,6 +18,16 @@ from qjax.quant.transforms import (
 )
 
 __all__ = [
+    "AWQSearch",
+    "awq",
+    "awq_factors",
+    "gptq",
+    "gptq_quantize",
+    "input_hessians",
+    "smooth",
+    "smoothquant",
+    "smoothquant_factors",
+    "with_input_scales",
     "ActStats",
     "calibrate",
     "fake_quantized",

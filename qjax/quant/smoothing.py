@@ -1,0 +1,285 @@
+"""Per-input-channel smoothing factors: ``x @ W == (x / s) @ (diag(s) · W)``.
+
+A factor ``s`` (shape ``[K]``, positive) of the matmul reading weight ``W`` multiplies
+the weight's input rows by ``s`` and divides its activation input by ``s``; the product is
+unchanged in exact arithmetic, but the ranges each operand presents to a quantizer move
+(SmoothQuant migrates activation outliers into the weight; AWQ enlarges salient weight
+rows). ``K`` runs over the weight's contracted axes in leaf order, flattened, exactly like
+the columns of :func:`qjax.graph.statistics.input_statistics` (``InputStatistic.weight_axes``).
+
+* :func:`smooth` applies factors to params: weight rows scaled, and the ``1/s`` folded
+  into the producer's params where :func:`qjax.graph.fold.fold_groups` allows it
+  (LayerNorm/RMSNorm ``gamma``/``beta``, a previous linear layer's output columns and
+  bias); the other factors are returned as *runtime factors*.
+* :func:`with_input_scales` applies runtime factors: ``f`` re-evaluated with the
+  activation of each listed matmul divided by its factor. The weight still flows from
+  ``params`` to the matmul, so ``qjax.quantized``/``qjax.calibrate``/``input_statistics``
+  compose with it.
+
+Invariant: ``with_input_scales(f, runtime)(smoothed, x) == f(params, x)`` up to float
+rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.graph.fold import FoldGroup, fold_groups, non_matmul_reads
+from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, weight_operand
+from qjax.graph.statistics import _view_to_leaf_axes
+from qjax.graph.trace import trace
+from qjax.numerics.qarray import QArray
+from qjax.rules import leaves_with_paths, map_with_path
+
+FactorKey = str | tuple[str, ...]
+_OPAQUE = frozenset({"scan", "cond", "while", "shard_map"})  # matmul reads inside: handled by the walker
+
+
+def _contraction(eqn, wi: int, ref: WeightRef) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """``(weight leaf axes contracted, sorted; the activation axes paired with them, in
+    the same order)`` of a matmul/conv reading ``ref``.
+
+    Raises:
+      ValueError: naming the path, when the axes cannot be mapped (see ``input_statistics``).
+    """
+    leaf_axes = _view_to_leaf_axes(ref, eqn.invars[wi].aval.ndim)
+    if eqn.primitive.name == "dot_general":
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        if lb or rb:
+            raise ValueError(f"smoothing {ref.path!r}: a dot_general with batch dimensions")
+        w_contract, a_contract = (rc, lc) if wi == 1 else (lc, rc)
+        order = np.argsort([leaf_axes[d] for d in w_contract])
+        return tuple(leaf_axes[w_contract[i]] for i in order), tuple(a_contract[i] for i in order)
+    dn = eqn.params["dimension_numbers"]
+    if wi != 1 or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
+        raise ValueError(
+            f"smoothing {ref.path!r}: grouped convolutions or the weight as lhs are not supported"
+        )
+    return (leaf_axes[dn.rhs_spec[1]],), (dn.lhs_spec[1],)
+
+
+def _check_depth(ref: WeightRef) -> None:
+    if ref.depth:
+        raise ValueError(
+            f"smoothing {ref.path!r}: the weight is read inside a scan over stacked params; per-layer "
+            "factors of a stacked weight are not supported"
+        )
+
+
+class _Divide(Handler):
+    def __init__(self, factors: Mapping[str, jax.Array]):
+        self.factors = factors
+        self.seen: set[str] = set()
+
+    def target(self, eqn, invals, emit):
+        wi = weight_operand(invals)
+        if wi is None or invals[wi].path not in self.factors:
+            return None
+        ref = invals[wi]
+        _check_depth(ref)
+        args = [materialize(x) for x in invals]
+        _, a_axes = _contraction(eqn, wi, ref)
+        act = args[1 - wi]
+        s = self.factors[ref.path]
+        sizes = [act.shape[a] for a in a_axes]
+        if s.shape != (math.prod(sizes),):
+            raise ValueError(f"input factor of {ref.path!r}: shape {s.shape}, the matmul contracts {sizes}")
+        order = np.argsort(a_axes)
+        s_nd = jnp.transpose(s.reshape(sizes), order)
+        shape = [act.shape[d] if d in a_axes else 1 for d in range(act.ndim)]
+        args[1 - wi] = (act / s_nd.reshape(shape).astype(act.dtype)).astype(act.dtype)
+        self.seen.add(ref.path)
+        return bind_eqn(eqn, args)
+
+
+def _expand(factors: Mapping[FactorKey, Any]) -> dict[str, jax.Array]:
+    out: dict[str, jax.Array] = {}
+    for key, s in factors.items():
+        for path in (key,) if isinstance(key, str) else tuple(key):
+            if path in out:
+                raise ValueError(f"input factor of {path!r} given twice")
+            out[path] = jnp.asarray(s)
+    return out
+
+
+def with_input_scales(f: Callable, factors: Mapping[FactorKey, Any]) -> Callable:
+    """``f`` with the activation input of the matmuls reading each listed weight divided
+    by its per-input-channel factor (the runtime half of :func:`smooth`).
+
+    Args:
+      f: ``f(params, *args, **kwargs)``.
+      factors: ``{path or tuple of paths: s}``, ``s`` of shape ``[K]`` in the order of
+        the weight's contracted axes (leaf order, flattened); every read of the weight
+        is divided. Empty: ``f`` itself is returned.
+
+    Returns:
+      ``g(params, *args, **kwargs)``; the weights still flow from ``params`` into the
+      matmuls, so ``qjax.quantized(g, policy)`` and ``qjax.calibrate(g, ...)`` see them.
+
+    Raises:
+      ValueError (when ``g`` is called): a path is read by no matmul, the factor's shape
+      does not match, or the weight sits in a ``scan`` over stacked params (names the path).
+
+    Example:
+      >>> smoothed, runtime = smooth(model.apply, variables, factors, x)
+      >>> y = qjax.quantized(with_input_scales(model.apply, runtime), policy)(qparams, x)
+    """
+    table = _expand(factors)
+    if not table:
+        return f
+
+    @functools.wraps(f)
+    def g(params, *args, **kwargs):
+        traced = trace(f, params, *args, **kwargs)
+        handler = _Divide(table)
+        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+        missing = sorted(set(table) - handler.seen)
+        if missing:
+            raise ValueError(f"with_input_scales: no matmul/conv reads {missing}")
+        return jax.tree.unflatten(traced.out_tree, outs)
+
+    return g
+
+
+class _Axes(Handler):
+    def __init__(self):
+        self.axes: dict[str, tuple[int, ...]] = {}
+
+    def target(self, eqn, invals, emit):
+        wi = weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        try:
+            _check_depth(ref)
+            axes = _contraction(eqn, wi, ref)[0]
+        except ValueError as e:
+            axes = e  # reported only if a factor is asked for this path
+        prev = self.axes.setdefault(ref.path, axes)
+        if not isinstance(prev, Exception) and prev != axes:
+            self.axes[ref.path] = ValueError(f"smoothing {ref.path!r}: read with different contracted axes")
+        return None
+
+
+def input_axes(f: Callable, params: Any, *args, **kwargs) -> dict[str, tuple[int, ...] | Exception]:
+    """``{path: contracted leaf axes}`` of every weight a matmul/conv of ``f`` reads
+    (an exception instead, raised by :func:`smooth` if a factor is given for it)."""
+    traced = trace(f, params, *args, **kwargs)
+    handler = _Axes()
+    jax.eval_shape(
+        lambda p, a: run(traced, handler, p, a)[0], list(traced.param_leaves), jax.tree.leaves(args)
+    )
+    return handler.axes
+
+
+def row_factor(s: jax.Array, shape: tuple[int, ...], axes: tuple[int, ...]) -> jax.Array:
+    """``s`` (``[K]``) reshaped to broadcast over a leaf of ``shape`` along ``axes``."""
+    return jnp.reshape(s, [shape[a] if a in axes else 1 for a in range(len(shape))])
+
+
+def _check_factor(path: str, s, k: int) -> jax.Array:
+    s = jnp.asarray(s)
+    if s.shape != (k,):
+        raise ValueError(f"input factor of {path!r}: shape {s.shape}, expected ({k},)")
+    if not jnp.issubdtype(s.dtype, jnp.floating):
+        s = s.astype(jnp.float32)
+    if not bool(jnp.all(jnp.isfinite(s) & (s > 0))):
+        raise ValueError(f"input factor of {path!r}: must be finite and positive")
+    return s
+
+
+def smooth(
+    f: Callable,
+    params: Any,
+    factors: Mapping[FactorKey, Any],
+    *args,
+    groups: list[FoldGroup] | None = None,
+    **kwargs,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """Apply per-input-channel factors: weight rows × ``s``, activations ÷ ``s`` folded
+    into params where possible.
+
+    A factor keyed by the exact set of paths of a foldable group (see
+    :func:`qjax.graph.fold.fold_groups`; a 1-path group may be keyed by the path) is
+    folded into that group's producer leaves; any other key (a path of a non-foldable
+    group, a part of a group, several paths sharing one factor) gets runtime factors.
+
+    Args:
+      f: ``f(params, *args, **kwargs)``.
+      params: float params.
+      factors: ``{path or tuple of paths: s}``, ``s`` of shape ``[K]``, positive.
+      *args: example positional arguments of ``f`` (shapes and dtypes matter).
+      groups: precomputed ``fold_groups(f, params, *args, **kwargs)``.
+      **kwargs: static keyword arguments of ``f``.
+
+    Returns:
+      ``(smoothed params, runtime factors {path: s})``:
+      ``with_input_scales(f, runtime)(smoothed, *args) == f(params, *args)`` up to rounding.
+
+    Raises:
+      ValueError: a path is not a weight read by a matmul, is also read by another op
+        (e.g. a tied embedding's lookup), is already quantized, is given twice, or its
+        factor has the wrong shape or is not positive (names the path). Factors are
+        validated, so ``smooth`` runs eagerly (not under ``jit``).
+
+    Example:
+      >>> groups = fold_groups(model.apply, variables, x)
+      >>> s = {g.paths: my_factor(g) for g in groups}
+      >>> smoothed, runtime = smooth(model.apply, variables, s, x, groups=groups)
+    """
+    if groups is None:
+        groups = fold_groups(f, params, *args, **kwargs)
+    axes = input_axes(f, params, *args, **kwargs)
+    others = non_matmul_reads(f, params, *args, **kwargs)
+    leaves = dict(leaves_with_paths(params))
+    foldable = {frozenset(g.paths): g for g in groups if g.foldable}
+    new: dict[str, jax.Array] = {}
+    runtime: dict[str, jax.Array] = {}
+    seen: set[str] = set()
+
+    def current(path):
+        leaf = new.get(path, leaves[path])
+        if isinstance(leaf, QArray):
+            raise ValueError(f"smoothing {path!r}: the leaf is quantized; smooth float params")
+        return jnp.asarray(leaf)
+
+    def put(path, value, like):
+        new[path] = value.astype(like.dtype)
+
+    for key, s in factors.items():
+        paths = (key,) if isinstance(key, str) else tuple(key)
+        for path in paths:
+            if path not in axes:
+                raise ValueError(f"input factor for {path!r}: no matmul/conv reads this params leaf")
+            if isinstance(axes[path], Exception):
+                raise axes[path]
+            if path in seen:
+                raise ValueError(f"input factor of {path!r} given twice")
+            other = [p for p in others.get(path, []) if p not in _OPAQUE]
+            if other:
+                raise ValueError(
+                    f"input factor of {path!r}: the leaf is also read by {other[0]!r} (not as a matmul "
+                    "weight), which scaling its rows would change"
+                )
+            seen.add(path)
+        for path in paths:
+            w = current(path)
+            k = math.prod(w.shape[a] for a in axes[path])
+            sp = _check_factor(path, s, k)
+            put(path, w * row_factor(sp, w.shape, axes[path]), w)
+        group = foldable.get(frozenset(paths))
+        if group is None:
+            runtime.update(dict.fromkeys(paths, sp))
+            continue
+        ext = jnp.ones(group.num_channels + 1, sp.dtype).at[group.channel_ids].set(sp)
+        for path, ids in group.targets:
+            leaf = current(path)
+            put(path, leaf / ext[ids], leaf)
+    return map_with_path(lambda p, leaf: new.get(p, leaf), params), runtime
