@@ -5,7 +5,7 @@ distillation, mixed-precision search, sharding and low-bit kernels, as pure tran
 over pytrees and functions. See ``DESIGN.md`` for the architecture.
 """
 
-from qjax import checkpoint, distill, fixed, graph, rules
+from qjax import checkpoint, distill, fixed, graph, models, prune, rules
 from qjax.graph import nnx_apply
 from qjax.numerics import (
     PER_TOKEN,
@@ -86,6 +86,8 @@ __all__ = [
     "checkpoint",
     "distill",
     "fixed",
+    "models",
+    "prune",
 
     "compute_scale",
     "dequantize",

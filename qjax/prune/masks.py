@@ -1,0 +1,460 @@
+"""Masks as pytrees: which leaves are pruned, masks from scores, applying, counting and
+bit-packing them.
+
+A mask tree mirrors the params tree (boxes such as NNX ``Variable`` preserved): a
+``bool`` array of the leaf's shape for each *targeted* leaf (True = kept), ``None`` for a
+skipped one. By default leaves with ``ndim >= 2`` are targeted; ``rules`` (the rule
+engine of :mod:`qjax.rules`: ``re.fullmatch`` on the ``/``-joined path, first match wins)
+override per leaf: ``None`` skips, a float sets the leaf's sparsity, a
+:class:`~qjax.prune.sparsity.LeafConfig` or a sparsity type sets sparsity and/or type,
+``True`` targets with the defaults. A rule that matches no leaf is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.numerics.qarray import QArray
+from qjax.prune.distribution import get_distribution, leaf_counts
+from qjax.prune.sparsity import (
+    LeafConfig,
+    SparsityType,
+    Unstructured,
+    check_sparsity,
+    select_prune,
+    target_count,
+    top_units,
+)
+from qjax.rules import RuleSet, leaves_with_paths, map_with_path
+
+__all__ = [
+    "SCOPES",
+    "LeafSummary",
+    "PackedMask",
+    "Summary",
+    "Target",
+    "apply_masks",
+    "as_rules",
+    "masks_from_scores",
+    "pack_masks",
+    "resolve_targets",
+    "summary",
+    "unpack_masks",
+]
+
+SCOPES = ("layer", "global")
+
+
+class _Absent:
+    """Stands in for a ``None`` leaf so that its path can be listed."""
+
+
+_ABSENT = _Absent()
+
+
+def _paths(tree: Any) -> list[tuple[str, Any]]:
+    """``[(path, leaf)]`` including ``None`` leaves (as ``None``), boxes transparent."""
+    marked = jax.tree.map(lambda x: _ABSENT if x is None else x, tree, is_leaf=lambda x: x is None)
+    return [(p, None if leaf is _ABSENT else leaf) for p, leaf in leaves_with_paths(marked)]
+
+
+def as_rules(rules: Any) -> RuleSet:
+    """``rules`` as a :class:`qjax.rules.RuleSet` (a RuleSet, or ``(pattern, value)`` pairs).
+
+    Raises:
+      ValueError, TypeError: a malformed rule or pattern (from ``RuleSet``).
+    """
+    if isinstance(rules, RuleSet):
+        return rules
+    return RuleSet(list(rules or ()))
+
+
+def check_scope(scope: str) -> str:
+    """Raise ``ValueError`` for an unknown scope (lists the known ones)."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; known: {list(SCOPES)}")
+    return scope
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A targeted leaf: its path, shape, sparsity override (``None``: the pruner's) and type."""
+
+    path: str
+    shape: tuple[int, ...]
+    sparsity: float | None
+    sparsity_type: SparsityType
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+
+def resolve_targets(
+    tree: Any, rules: Any = (), sparsity_type: SparsityType | None = None
+) -> dict[str, Target]:
+    """Which leaves of ``tree`` are pruned, and how.
+
+    Args:
+      tree: params (or scores: a ``None`` leaf is skipped).
+      rules: ``(pattern, value)`` pairs or a RuleSet (see the module docstring).
+      sparsity_type: the default type (``Unstructured()``).
+
+    Returns:
+      ``{path: Target}`` for the targeted leaves, in flatten order.
+
+    Raises:
+      ValueError: a rule matches no leaf (names the pattern); a bad rule value or a leaf
+        the type cannot prune (names the path).
+      TypeError: a targeted leaf is a ``QArray`` (prune before quantizing).
+
+    Example:
+      >>> list(resolve_targets(variables, [(r".*/embed/.*", None)]))
+      ['params/Dense_0/kernel', 'params/Dense_1/kernel']
+    """
+    default = sparsity_type if sparsity_type is not None else Unstructured()
+    if not isinstance(default, SparsityType):
+        raise TypeError(
+            f"sparsity_type must be a SparsityType (Unstructured(), NM(..), ...), got {default!r}"
+        )
+    rs = as_rules(rules)
+    pairs = _paths(tree)
+    unused = rs.unused([p for p, _ in pairs])
+    if unused:
+        raise ValueError(f"pruning rule pattern(s) {unused} match no leaf of the tree")
+    out: dict[str, Target] = {}
+    for path, leaf in pairs:
+        if leaf is None:
+            continue
+        m = rs.match(path)
+        shape = tuple(np.shape(leaf))
+        sparsity, stype = None, default
+        if m is None:
+            if len(shape) < 2:
+                continue
+        elif m.value is None:
+            continue
+        elif m.value is True:
+            pass
+        elif isinstance(m.value, LeafConfig):
+            sparsity = m.value.sparsity
+            stype = m.value.sparsity_type or default
+        elif isinstance(m.value, SparsityType):
+            stype = m.value
+        elif isinstance(m.value, float | int) and not isinstance(m.value, bool):
+            sparsity = check_sparsity(m.value, f"sparsity of rule {m.pattern!r} for {path!r}")
+        else:
+            raise ValueError(
+                f"rule {m.pattern!r} matching {path!r} has value {m.value!r}; expected None (skip), a "
+                f"float sparsity, a LeafConfig, a sparsity type or True"
+            )
+        if isinstance(leaf, QArray):
+            raise TypeError(f"leaf {path!r} is a QArray: prune before quantizing (or skip it with a rule)")
+        stype.validate(path, shape)
+        out[path] = Target(path, shape, sparsity, stype)
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _leaf_select(stype: SparsityType, path: str, score: jax.Array, count: jax.Array) -> jax.Array:
+    return stype.leaf_mask(score, count, path)
+
+
+def _leaf_mask(t: Target, score: jax.Array, count: Any) -> jax.Array:
+    # One compiled selection per (type, path, shape); the count is traced, so eager calls at
+    # many sparsities reuse it. Counts are int32: a ranking covers fewer than 2**31 elements.
+    return _leaf_select(t.sparsity_type, "", score, jnp.asarray(count, jnp.int32))
+
+
+def masks_from_scores(
+    scores: Any,
+    sparsity: Any,
+    *,
+    sparsity_type: SparsityType | None = None,
+    scope: str = "layer",
+    distribution: str | Callable = "uniform",
+    rules: Any = (),
+    params: Any = None,
+) -> Any:
+    """Masks keeping the highest-scoring elements/units.
+
+    Rounding: a leaf of ``n`` elements at sparsity ``s`` prunes ``floor(s*n + 0.5)``
+    elements (layer scope, uniform); global scope prunes ``floor(s*N + 0.5)`` of all ``N``
+    elements it ranks. Structured units (blocks, channels) are pruned in rank order while
+    at least half of the next unit fits in the budget (closest count). Ties: the lower
+    index (within a leaf; across leaves, the earlier leaf in flatten order) is pruned
+    first. NaN scores are pruned first. See :func:`qjax.prune.sparsity.select_prune`.
+
+    Scopes: ``"layer"`` ranks within each leaf (the ``distribution`` gives each leaf its
+    sparsity); ``"global"`` ranks the units of all targeted leaves together by mean element
+    score (``distribution`` must be ``"uniform"``). Leaves with a rule sparsity are pruned
+    layer-wise at that sparsity, outside the distribution and the global ranking; ``NM``
+    (fixed density) and ``Unstructured(per_slice=...)`` leaves are always decided per leaf.
+
+    Args:
+      scores: a params-shaped tree of scores (``None`` leaves are skipped).
+      sparsity: fraction of zeros among targeted elements, in [0, 1]; may be traced.
+      sparsity_type: default type (``Unstructured()``).
+      scope: ``"layer"`` or ``"global"``.
+      distribution: ``"uniform"``, ``"erk"`` or ``fn(shapes, sparsity) -> {path: sparsity}``.
+      rules: per-path overrides (see the module docstring).
+      params: if given, targets are resolved on ``params`` and the masks mirror its
+        structure (scores are looked up by path).
+
+    Returns:
+      The mask tree (bool, True = kept; ``None`` for skipped leaves).
+
+    Raises:
+      ValueError: unknown scope/distribution; sparsity outside [0, 1]; a rule matching
+        no leaf; a targeted leaf without a score or with a score of another shape.
+
+    Example:
+      >>> scores = jax.tree.map(jnp.abs, params)
+      >>> masks = masks_from_scores(scores, 0.9, scope="global")
+    """
+    sparsity = check_sparsity(sparsity)
+    check_scope(scope)
+    get_distribution(distribution)
+    if scope == "global" and distribution != "uniform":
+        raise ValueError(
+            f"distribution={distribution!r} applies to scope='layer'; scope='global' ranks all leaves "
+            f"together"
+        )
+    struct = scores if params is None else params
+    targets = resolve_targets(struct, rules, sparsity_type)
+    score_of = dict(leaves_with_paths(scores))
+    for path, t in targets.items():
+        sc = score_of.get(path)
+        if sc is None:
+            raise ValueError(f"no score for targeted leaf {path!r}")
+        if tuple(np.shape(sc)) != t.shape:
+            raise ValueError(f"score of {path!r} has shape {np.shape(sc)}, the leaf {t.shape}")
+
+    masks: dict[str, jax.Array] = {}
+    own = {p: t for p, t in targets.items() if t.sparsity is not None or t.sparsity_type.fixed_density}
+    for p, t in own.items():
+        s = t.sparsity if t.sparsity is not None else 0.0
+        masks[p] = _leaf_mask(t, score_of[p], target_count(s, t.size))
+    pool = {p: t for p, t in targets.items() if p not in own}
+    if scope == "layer":
+        counts = leaf_counts({p: t.shape for p, t in pool.items()}, sparsity, distribution)
+        for p, t in pool.items():
+            masks[p] = _leaf_mask(t, score_of[p], counts[p])
+    else:
+        masks.update(_global_masks(pool, score_of, sparsity))
+    return map_with_path(lambda p, _: masks.get(p), struct)
+
+
+def _global_masks(pool: dict[str, Target], score_of: dict[str, Any], sparsity: Any) -> dict[str, jax.Array]:
+    out = {}
+    ranked = {}
+    for p, t in pool.items():
+        if t.sparsity_type.per_leaf_only:
+            out[p] = _leaf_mask(t, score_of[p], target_count(sparsity, t.size))
+        else:
+            ranked[p] = t
+    if ranked:
+        key = tuple((t.sparsity_type, "") for t in ranked.values())
+        count = jnp.asarray(target_count(sparsity, sum(t.size for t in ranked.values())), jnp.int32)
+        out.update(zip(ranked, _global_select(key, tuple(score_of[p] for p in ranked), count)))
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _global_select(key: tuple, scores: tuple, count: jax.Array) -> list[jax.Array]:
+    units, sizes, prot, spans = [], [], [], []
+    start = 0
+    for (stype, p), score in zip(key, scores):
+        u, z = stype.units(score, p)
+        units.append(u.astype(jnp.float32))
+        sizes.append(np.asarray(z, np.int64))
+        prot.append(top_units(u, stype.min_keep) if stype.min_keep else jnp.zeros(u.shape, bool))
+        spans.append((start, start + u.shape[0]))
+        start += u.shape[0]
+    prune = select_prune(jnp.concatenate(units), np.concatenate(sizes), count, jnp.concatenate(prot))
+    return [stype.expand(~prune[a:b], score.shape) for (stype, _), score, (a, b) in zip(key, scores, spans)]
+
+
+# -- applying and counting -------------------------------------------------------------------
+
+
+def apply_masks(tree: Any, masks: Any) -> Any:
+    """``tree`` with pruned elements zeroed (``x * mask``, dtype kept).
+
+    Works on params and any params-shaped tree (gradients, optimizer moments); leaves
+    whose mask is ``None`` (or that the mask tree lacks) are returned unchanged. Jit-safe.
+
+    Args:
+      tree: params or a params-shaped tree.
+      masks: a mask tree (e.g. from :func:`masks_from_scores`), matched by path.
+
+    Returns:
+      The masked tree, same structure (boxes kept).
+
+    Raises:
+      ValueError: a mask path not in ``tree``, or a mask of the wrong shape (names the path).
+      TypeError: a masked leaf is a ``QArray`` (prune before quantizing).
+
+    Example:
+      >>> sparse_params = apply_masks(params, qjax.prune.magnitude(params, 0.9))
+    """
+    mask_of = {p: m for p, m in leaves_with_paths(masks)}
+    seen = set()
+
+    def visit(path, leaf):
+        m = mask_of.get(path)
+        if m is None or leaf is None:
+            return leaf
+        seen.add(path)
+        if isinstance(leaf, QArray):
+            raise TypeError(f"leaf {path!r} is a QArray: apply masks before quantizing")
+        if tuple(np.shape(m)) != tuple(np.shape(leaf)):
+            raise ValueError(f"mask of {path!r} has shape {np.shape(m)}, the leaf {np.shape(leaf)}")
+        return jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))
+
+    out = map_with_path(visit, tree)
+    extra = sorted(set(mask_of) - seen)
+    if extra:
+        raise ValueError(f"masks for paths not in the tree: {extra}")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafSummary:
+    """Counts of one masked leaf: elements, zeros (pruned) and their ratio."""
+
+    total: int
+    zeros: int
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    """Exact counts per targeted leaf and in total; ``str()`` is a table.
+
+    Attributes:
+      leaves: ``{path: LeafSummary}`` in flatten order.
+    """
+
+    leaves: dict[str, LeafSummary]
+
+    @property
+    def total(self) -> int:
+        return sum(s.total for s in self.leaves.values())
+
+    @property
+    def zeros(self) -> int:
+        return sum(s.zeros for s in self.leaves.values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        rows = [(p, f"{s.total:,}", f"{s.zeros:,}", f"{s.sparsity:.2%}") for p, s in self.leaves.items()]
+        rows.append(("total", f"{self.total:,}", f"{self.zeros:,}", f"{self.sparsity:.2%}"))
+        head = ("leaf", "elements", "zeros", "sparsity")
+        w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+        line = lambda r: "  ".join([r[0].ljust(w[0])] + [c.rjust(w[i + 1]) for i, c in enumerate(r[1:])])
+        sep = "-" * (sum(w) + 6)
+        return "\n".join([line(head), sep, *map(line, rows[:-1]), sep, line(rows[-1])])
+
+
+def summary(masks: Any) -> Summary:
+    """Exact per-leaf and total counts of a mask tree (host-side: not for use under jit).
+
+    Args:
+      masks: a mask tree (``None`` leaves are skipped and not counted) or a packed one.
+
+    Returns:
+      A :class:`Summary`: ``.leaves[path].total / .zeros / .sparsity``, ``.total``,
+      ``.zeros``, ``.sparsity`` (over targeted leaves) and a readable ``str()`` table.
+
+    Example:
+      >>> print(summary(masks))          # one row per pruned leaf, then the total
+      >>> summary(masks).sparsity        # 0.9
+    """
+    masks = unpack_masks(masks)
+    leaves = {}
+    for path, m in leaves_with_paths(masks):
+        m = np.asarray(m)
+        total = int(m.size)
+        leaves[path] = LeafSummary(total, total - int(np.count_nonzero(m)))
+    return Summary(leaves)
+
+
+# -- bit packing ------------------------------------------------------------------------------
+
+
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True)
+class PackedMask:
+    """A bool mask packed 8 per byte: ``bits`` (uint8, ``ceil(size / 8)``) is
+    ``np.packbits(mask.reshape(-1))`` (big-endian bit order); ``shape`` is static."""
+
+    bits: Any
+    shape: tuple[int, ...]
+
+    def tree_flatten(self):
+        return (self.bits,), self.shape
+
+    @classmethod
+    def tree_unflatten(cls, shape, children):
+        return cls(children[0], shape)
+
+    def unpack(self) -> jax.Array:
+        n = math.prod(self.shape)
+        shifts = jnp.arange(7, -1, -1, dtype=jnp.uint8)
+        bits = (jnp.asarray(self.bits, jnp.uint8)[:, None] >> shifts) & 1
+        return bits.reshape(-1)[:n].astype(bool).reshape(self.shape)
+
+
+def _pack(mask: jax.Array) -> PackedMask:
+    flat = jnp.asarray(mask, bool).reshape(-1)
+    n = flat.shape[0]
+    flat = jnp.pad(flat, (0, -n % 8)).astype(jnp.uint8).reshape(-1, 8)
+    weights = jnp.asarray([128, 64, 32, 16, 8, 4, 2, 1], jnp.uint8)
+    return PackedMask((flat * weights).sum(axis=1, dtype=jnp.uint8), tuple(np.shape(mask)))
+
+
+def pack_masks(masks: Any) -> Any:
+    """Bit-pack a mask tree (8 mask elements per byte): every bool leaf becomes a
+    :class:`PackedMask` (same bytes as ``np.packbits`` of the flattened leaf), ``None``
+    stays ``None``, boxes are kept. Jit-safe; :func:`unpack_masks` inverts it exactly.
+
+    Example:
+      >>> packed = pack_masks(masks)     # 1/8 of the bytes, e.g. for checkpoints
+      >>> restored = unpack_masks(packed)
+    """
+    return map_with_path(lambda _, m: m if isinstance(m, PackedMask) else _pack(m), masks)
+
+
+def unpack_masks(packed: Any) -> Any:
+    """Inverse of :func:`pack_masks`: every :class:`PackedMask` back to its bool array
+    (other leaves, e.g. already unpacked masks, pass through unchanged). Jit-safe.
+
+    Args:
+      packed: a tree from :func:`pack_masks`.
+
+    Returns:
+      The bool mask tree, exactly as packed.
+
+    Example:
+      >>> masks = unpack_masks(pack_masks(masks))
+    """
+    return jax.tree.map(
+        lambda x: x.unpack() if isinstance(x, PackedMask) else x,
+        packed,
+        is_leaf=lambda x: isinstance(x, PackedMask),
+    )

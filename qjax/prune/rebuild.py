@@ -1,0 +1,173 @@
+"""Running and rebuilding shrunk Flax models (the params come from :func:`qjax.prune.shrink.shrink`).
+
+* Linen modules check stored param shapes against their hyperparameters on ``apply``
+  (``nn.Dense(64)`` with a ``(in, 40)`` kernel raises ``ScopeParamShapeError``).
+  :func:`linen_apply` runs a module under ``flax.linen.intercept_methods``: a ``Dense``,
+  ``DenseGeneral`` or ``Conv`` whose stored kernel disagrees with its ``features`` runs as a
+  clone (bound to the same scope) with the stored sizes. Norm layers infer their size from
+  the input and need nothing. :func:`feature_counts` gives the new sizes per module for
+  users who rebuild modules from a config instead.
+* NNX modules hold arrays and sizes: :func:`shrink_nnx` updates the state in place and fixes
+  ``in_features``/``out_features``/``num_features``/``kernel_shape``/``feature_group_count``
+  of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.BatchNorm``,
+  ``nnx.LayerNorm``, ``nnx.RMSNorm`` so the module stays consistent.
+
+Attention modules whose head count is a hyperparameter (``nn.MultiHeadDotProductAttention``,
+``nnx.MultiHeadAttention``) are not resized: write the head split as
+``reshape(..., -1, head_dim)`` or build them with the new head count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from flax import linen as nn
+from flax import nnx
+
+from qjax.prune.shrink import ShrinkPlan
+
+
+def _resize_interceptor(next_fun, args, kwargs, context):
+    mod = context.module
+    if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv)):
+        return next_fun(*args, **kwargs)
+    if not mod.has_variable("params", "kernel"):
+        return next_fun(*args, **kwargs)
+    kernel = np.shape(mod.get_variable("params", "kernel"))
+    updates: dict[str, Any] = {}
+    if isinstance(mod, nn.DenseGeneral):
+        feats = mod.features if isinstance(mod.features, tuple) else (mod.features,)
+        stored = tuple(kernel[len(kernel) - len(feats) :])
+        if stored != feats:
+            updates["features"] = stored if isinstance(mod.features, tuple) else stored[0]
+    elif kernel[-1] != mod.features:
+        updates["features"] = kernel[-1]
+    if isinstance(mod, nn.Conv) and mod.feature_group_count > 1 and args:
+        groups = np.shape(args[0])[-1] // kernel[-2]
+        if groups != mod.feature_group_count:
+            updates["feature_group_count"] = groups
+    if not updates:
+        return next_fun(*args, **kwargs)
+    return mod.clone(parent=mod.scope, **updates)(*args, **kwargs)
+
+
+def linen_apply(module: nn.Module, method: str | Callable | None = None) -> Callable[..., Any]:
+    """``module.apply`` that accepts shrunk variables.
+
+    Args:
+      module: the Linen module as configured for the unshrunk model.
+      method: passed to ``module.apply`` (default ``__call__``).
+
+    Returns:
+      ``apply(variables, *args, **kwargs)``, the same as ``module.apply`` but ``Dense``,
+      ``DenseGeneral`` and ``Conv`` submodules take their output size (and a depthwise conv
+      its ``feature_group_count``) from the stored kernel. Jit-safe.
+
+    Example:
+      >>> small, plan = shrink(partial(model.apply, train=False), variables, masks, x)
+      >>> y = jax.jit(linen_apply(model))(small, x, train=False)
+    """
+
+    def apply(variables, *args, **kwargs):
+        with nn.intercept_methods(_resize_interceptor):
+            return module.apply(variables, *args, method=method, **kwargs)
+
+    return apply
+
+
+def feature_counts(plan: ShrinkPlan) -> dict[str, int]:
+    """New output sizes per module path, for rebuilding modules from a config.
+
+    A module's output size is its kernel's last axis (``Dense``/``Conv`` ``features``) or,
+    for modules without a kernel (norms), the length of their 1-D leaves. Only modules
+    whose output size changes are listed; a collection prefix (``params/``,
+    ``batch_stats/``) is dropped.
+
+    Args:
+      plan: a :class:`~qjax.prune.shrink.ShrinkPlan`.
+
+    Returns:
+      ``{module path: new size}``, e.g. ``{"Dense_0": 40, "BatchNorm_0": 12}``.
+
+    Example:
+      >>> counts = feature_counts(plan)
+      >>> model = MLP(hidden=counts["Dense_0"])
+    """
+    new = plan.new_shapes()
+    out: dict[str, int] = {}
+    for path, shape in new.items():
+        parts = path.split("/")
+        if parts[0] in ("params", "batch_stats"):
+            parts = parts[1:]
+        module, leaf = "/".join(parts[:-1]), parts[-1]
+        old = plan.shapes[path]
+        if leaf == "kernel" and shape[-1] != old[-1]:
+            out[module] = shape[-1]
+        elif (
+            len(shape) == 1 and shape != old and not any(k.endswith("/kernel") for k in _siblings(plan, path))
+        ):
+            out.setdefault(module, shape[0])
+    return out
+
+
+def _siblings(plan: ShrinkPlan, path: str) -> list[str]:
+    prefix = path.rsplit("/", 1)[0] + "/"
+    return [p for p in plan.shapes if p.startswith(prefix) and "/" not in p[len(prefix) :]]
+
+
+def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
+    """Shrink an NNX model in place with a plan made on ``nnx.split(model)``'s state.
+
+    Args:
+      model: the NNX module (its state must still have the unshrunk shapes).
+      plan: from ``shrink(qjax.graph.nnx_apply(graphdef), state, masks, x)``.
+
+    Returns:
+      ``model`` itself, updated: every planned variable sliced and the size attributes
+      of ``Linear``, ``LinearGeneral``, ``Conv``, ``BatchNorm``, ``LayerNorm`` and ``RMSNorm``
+      submodules set from their new arrays.
+
+    Raises:
+      KeyError, ValueError: the plan does not fit the model's state (names the path).
+
+    Example:
+      >>> graphdef, state = nnx.split(model)
+      >>> _, plan = shrink(qjax.graph.nnx_apply(graphdef), state, masks, x)
+      >>> shrink_nnx(model, plan)
+      >>> model(x)  # runs with the smaller arrays
+    """
+    old_groups = {}
+    for _, mod in nnx.iter_modules(model):
+        if isinstance(mod, nnx.Conv):
+            old_groups[id(mod)] = (mod.feature_group_count, mod.out_features)
+    nnx.update(model, plan.apply(nnx.state(model)))
+    for _, mod in nnx.iter_modules(model):
+        _fix_sizes(mod, old_groups.get(id(mod)))
+    return model
+
+
+def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None) -> None:
+    if isinstance(mod, nnx.Conv):
+        shape = tuple(mod.kernel.shape)
+        groups, out_before = conv_before
+        if groups > 1 and shape[-2] == 1:  # depthwise: one group per remaining channel
+            groups = groups * shape[-1] // out_before
+        mod.feature_group_count = groups
+        mod.kernel_shape = shape
+        mod.in_features, mod.out_features = shape[-2] * groups, shape[-1]
+    elif isinstance(mod, nnx.LinearGeneral):
+        shape = tuple(mod.kernel.shape)
+        n_in = len(mod.in_features)
+        mod.in_features, mod.out_features = shape[:n_in], shape[n_in:]
+        if hasattr(mod, "kernel_shape"):
+            mod.kernel_shape = shape
+    elif isinstance(mod, nnx.Linear):
+        mod.in_features, mod.out_features = tuple(mod.kernel.shape)
+    elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
+        for name in ("scale", "bias", "mean", "var"):
+            v = getattr(mod, name, None)
+            if isinstance(v, nnx.Variable) and v.get_value() is not None:
+                mod.num_features = np.shape(v.get_value())[-1]
+                break

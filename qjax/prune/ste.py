@@ -1,0 +1,122 @@
+"""Straight-through pruning: dense weights, masked forward.
+
+The model reads ``w * mask`` in the forward pass while the gradient flows to the dense ``w``
+as if no mask were there (the straight-through estimator), so pruned weights keep learning
+and can come back when the masks are recomputed (Zhou et al. 2021, "Learning N:M
+fine-grained structured sparse neural networks from scratch"). With ``sr_decay > 0`` the
+backward adds ``sr_decay * (1 - mask) * w`` (their SR-STE), pulling pruned weights towards 0.
+
+Use it with ``sparsify(tx, pruner, schedule, ste=True)``, which keeps the params dense and only
+maintains the masks (read them with :func:`qjax.prune.sparsify.get_masks`)::
+
+    tx = sparsify(optax.adam(1e-3), Magnitude(0.5, sparsity_type=NM(2, 4)), periodic(100), ste=True)
+    def loss_fn(params, opt_state, x, y):
+        w = apply_masks_ste(params, get_masks(opt_state))
+        return loss(model.apply(w, x), y)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics.qarray import QArray
+from qjax.rules import path_str
+
+__all__ = ["apply_masks_ste", "masked_ste"]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _ste(x: jax.Array, mask: jax.Array, sr_decay: float) -> jax.Array:
+    return jnp.where(mask, x, jnp.zeros_like(x))
+
+
+def _ste_fwd(x, mask, sr_decay):
+    return _ste(x, mask, sr_decay), (x, mask)
+
+
+def _ste_bwd(sr_decay, res, g):
+    x, mask = res
+    if sr_decay:
+        g = g + (sr_decay * jnp.where(mask, jnp.zeros_like(x), x)).astype(g.dtype)
+    return g, None
+
+
+_ste.defvjp(_ste_fwd, _ste_bwd)
+
+
+def masked_ste(x: jax.Array, mask: jax.Array, sr_decay: float = 0.0) -> jax.Array:
+    """``x * mask`` in the forward pass, identity gradient with respect to ``x``.
+
+    Args:
+      x: a float array (the dense weight).
+      mask: a ``bool`` array broadcastable to ``x`` (``True`` = kept).
+      sr_decay: SR-STE decay ``λ``: the gradient becomes ``g + λ (1 - mask) x`` (default 0,
+        plain straight-through).
+
+    Returns:
+      ``where(mask, x, 0)`` with ``x``'s dtype; its VJP maps a cotangent ``g`` to ``g``
+      (plus the SR-STE term), none to the mask.
+
+    Raises:
+      TypeError: ``x`` is not a floating-point array.
+
+    Example:
+      >>> x, m = jnp.array([1.0, -2.0]), jnp.array([True, False])
+      >>> masked_ste(x, m).tolist(), jax.grad(lambda x: masked_ste(x, m).sum())(x).tolist()
+      ([1.0, 0.0], [1.0, 1.0])
+    """
+    if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating):
+        raise TypeError(f"masked_ste needs a floating-point array, got {jnp.asarray(x).dtype}")
+    return _ste(x, jnp.asarray(mask, bool), float(sr_decay))
+
+
+def apply_masks_ste(tree: Any, masks: Any, sr_decay: float = 0.0) -> Any:
+    """Apply a mask tree with a straight-through gradient (see :func:`masked_ste`).
+
+    Same contract as :func:`qjax.prune.masks.apply_masks` (``None`` mask = leaf unchanged;
+    boxes such as NNX ``Variable`` kept), but ``jax.grad`` of a function of the result with
+    respect to ``tree`` is the gradient with respect to the masked tree, unmasked.
+
+    Args:
+      tree: params (or any params-shaped tree) of float arrays.
+      masks: a mask tree mirroring ``tree`` (``bool`` arrays or ``None``).
+      sr_decay: SR-STE decay (default 0).
+
+    Returns:
+      A tree like ``tree`` with masked leaves replaced by ``where(mask, w, 0)``.
+
+    Raises:
+      TypeError: a masked leaf is a ``QArray`` or not floating point (names the path).
+      ValueError: ``tree`` and ``masks`` have different structures.
+
+    Example:
+      >>> p = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+      >>> m = {"w": jnp.eye(2, dtype=bool), "b": None}
+      >>> apply_masks_ste(p, m)["w"].tolist()
+      [[1.0, 0.0], [0.0, 1.0]]
+    """
+
+    def one(kp, mask, leaf):
+        if mask is None:
+            return leaf
+        if not isinstance(leaf, QArray) and not hasattr(leaf, "dtype"):
+            raise ValueError(
+                f"apply_masks_ste: masks do not mirror the tree at {path_str(kp)!r}: got {type(leaf)}"
+            )
+        if isinstance(leaf, QArray) or not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            kind = "a QArray" if isinstance(leaf, QArray) else jnp.asarray(leaf).dtype
+            raise TypeError(
+                f"apply_masks_ste: leaf {path_str(kp)!r} is {kind}; only float leaves can be masked"
+            )
+        return _ste(leaf, jnp.asarray(mask, bool), float(sr_decay))
+
+    try:
+        return jax.tree_util.tree_map_with_path(
+            one, masks, tree, is_leaf=lambda x: x is None or isinstance(x, QArray)
+        )
+    except ValueError as e:
+        raise ValueError(f"apply_masks_ste: masks do not mirror the tree: {e}") from None

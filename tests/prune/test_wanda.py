@@ -1,0 +1,163 @@
+"""Activation norms through the graph layer, and the Wanda pruner."""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import qjax
+from qjax.prune.activations import activation_norms
+from qjax.prune.pruners import Wanda
+from qjax.prune.sparsity import Unstructured
+
+RNG = np.random.default_rng(0)
+
+
+def arr(*shape):
+    return jnp.asarray(RNG.normal(size=shape), jnp.float32)
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(6)(x))
+        return nn.Dense(3)(h)
+
+
+def test_dense_norms_stream_over_batches_and_tokens():
+    x = arr(4, 5, 8)  # (batch, tokens, features)
+    model = MLP()
+    v = model.init(jax.random.key(0), x[:1])
+    norms = activation_norms(model.apply, v, [x[:1], (x[1:3],), x[3:]])
+    assert set(norms) == {"params/Dense_0/kernel", "params/Dense_1/kernel"}
+    n0 = norms["params/Dense_0/kernel"]
+    assert n0.shape == (8, 1)
+    ref = np.sqrt((np.asarray(x, np.float64) ** 2).sum(axis=(0, 1)))
+    np.testing.assert_allclose(n0[:, 0], ref, rtol=1e-5)
+    d0 = v["params"]["Dense_0"]
+    h = np.maximum(np.asarray(x) @ np.asarray(d0["kernel"]) + np.asarray(d0["bias"]), 0)
+    ref1 = np.sqrt((h**2).sum(axis=(0, 1)))
+    np.testing.assert_allclose(norms["params/Dense_1/kernel"][:, 0], ref1, rtol=1e-4)
+    only = activation_norms(model.apply, v, [x], patterns=r".*Dense_1/kernel")
+    assert list(only) == ["params/Dense_1/kernel"]
+    with pytest.raises(ValueError, match="Dense_9"):
+        activation_norms(model.apply, v, [x], patterns=[r".*Dense_9/kernel"])
+    with pytest.raises(ValueError, match="at least one batch"):
+        activation_norms(model.apply, v, [])
+
+
+def test_conv_and_grouped_conv_norms():
+    class C(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3, 3))(x), nn.Conv(6, (1, 1), feature_group_count=2)(x)
+
+    x = arr(2, 5, 5, 4)
+    m = C()
+    v = m.init(jax.random.key(0), x)
+    norms = activation_norms(m.apply, v, [x])
+    per_feature = np.sqrt((np.asarray(x, np.float64) ** 2).sum(axis=(0, 1, 2)))  # (4,)
+    n0 = norms["params/Conv_0/kernel"]
+    assert n0.shape == (1, 1, 4, 1)  # per input feature over batch and spatial positions
+    np.testing.assert_allclose(n0.ravel(), per_feature, rtol=1e-5)
+    n1 = norms["params/Conv_1/kernel"]
+    assert n1.shape == (1, 1, 2, 6)  # grouped: each output channel sees its group's features
+    for o in range(6):
+        g = o // 3
+        np.testing.assert_allclose(n1[0, 0, :, o], per_feature[2 * g : 2 * g + 2], rtol=1e-5)
+
+
+def test_dense_general_multi_axis_and_layout_ops():
+    def f(p, x):
+        h = jnp.einsum("bd,dhk->bhk", x, p["qkv"])  # contracts axis 0 of (d, h, k)
+        o = jnp.einsum("bhk,hko->bo", h, p["out"])  # contracts axes 0, 1
+        y = o @ p["w_t"].T  # (out, in) stored, transposed before the matmul
+        return y @ p["flat"].reshape(4, 3)  # stored flat (2, 6), reshaped
+
+    p = {"qkv": arr(5, 2, 3), "out": arr(2, 3, 7), "w_t": arr(4, 7), "flat": arr(2, 6)}
+    x = arr(9, 5)
+    norms = activation_norms(f, p, [x])
+    assert norms["qkv"].shape == (5, 1, 1)
+    np.testing.assert_allclose(norms["qkv"].ravel(), np.linalg.norm(np.asarray(x), axis=0), rtol=1e-5)
+    h = np.einsum("bd,dhk->bhk", np.asarray(x), np.asarray(p["qkv"]))
+    assert norms["out"].shape == (2, 3, 1)
+    np.testing.assert_allclose(norms["out"][..., 0], np.sqrt((h**2).sum(0)), rtol=1e-4)
+    o = np.einsum("bhk,hko->bo", h, np.asarray(p["out"]))
+    assert norms["w_t"].shape == (1, 7)  # the contracted axis is the leaf's axis 1
+    np.testing.assert_allclose(norms["w_t"][0], np.linalg.norm(o, axis=0), rtol=1e-4)
+    y = o @ np.asarray(p["w_t"]).T
+    ref = np.linalg.norm(y, axis=0)  # (4,) input features of the (4, 3) view
+    got = np.broadcast_to(norms["flat"], (2, 6)).reshape(4, 3)
+    np.testing.assert_allclose(got, np.broadcast_to(ref[:, None], (4, 3)), rtol=1e-4)
+    # Wanda score uses them directly
+    m = Wanda(sparsity=0.5).masks(p, act_norms=norms)
+    assert m["qkv"].shape == (5, 2, 3)
+
+
+def test_unsupported_layout_op_names_the_path():
+    f = lambda p, x: x @ p["w"][:, :3]
+    with pytest.raises(ValueError, match=r"'w'.*'slice'"):
+        activation_norms(f, {"w": arr(4, 6)}, [arr(2, 4)])
+
+
+def test_scan_stack_gets_per_layer_norms():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.tanh(nn.Dense(4)(x)), None
+
+    Stack = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    x = arr(5, 4)
+    m = Stack()
+    v = m.init(jax.random.key(0), x, None)
+    norms = activation_norms(lambda v, x: m.apply(v, x, None), v, [x])
+    (path,) = norms
+    assert norms[path].shape == (3, 4, 1)
+    np.testing.assert_allclose(norms[path][0, :, 0], np.linalg.norm(np.asarray(x), axis=0), rtol=1e-5)
+    k = np.asarray(v["params"]["Dense_0"]["kernel"])
+    b = np.asarray(v["params"]["Dense_0"]["bias"])
+    h1 = np.tanh(np.asarray(x) @ k[0] + b[0])
+    np.testing.assert_allclose(norms[path][1, :, 0], np.linalg.norm(h1, axis=0), rtol=1e-4)
+
+
+def test_nnx_model_and_wanda_reference():
+    model = nnx.Sequential(nnx.Linear(6, 8, rngs=nnx.Rngs(0)), nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    graphdef, state = nnx.split(model)
+    x = arr(16, 6)
+    norms = activation_norms(qjax.nnx_apply(graphdef), state, [x[:8], x[8:]])
+    assert set(norms) == {"layers/0/kernel", "layers/1/kernel"}
+    masks = Wanda(sparsity=0.5).masks(state, act_norms=norms)
+    w = np.asarray(state["layers"][0]["kernel"][...])
+    score = np.abs(w) * np.linalg.norm(np.asarray(x), axis=0)[:, None]
+    keep = np.ones(w.size, bool)
+    keep[np.argsort(score.ravel(), kind="stable")[: math.floor(0.5 * w.size + 0.5)]] = False
+    np.testing.assert_array_equal(np.asarray(masks["layers"][0]["kernel"][...]).ravel(), keep)
+
+
+def test_wanda_per_output_and_errors():
+    model = MLP()
+    x = arr(10, 8)
+    v = model.init(jax.random.key(1), x)
+    norms = activation_norms(model.apply, v, [x])
+    pr = Wanda(sparsity=0.5, sparsity_type=Unstructured(per_slice=-1))
+    m = np.asarray(pr.masks(v, act_norms=norms)["params"]["Dense_0"]["kernel"])
+    w = np.asarray(v["params"]["Dense_0"]["kernel"])
+    score = np.abs(w) * np.asarray(norms["params/Dense_0/kernel"])
+    for j in range(w.shape[1]):  # the paper's comparison group: each output
+        keep = np.ones(8, bool)
+        keep[np.argsort(score[:, j], kind="stable")[:4]] = False
+        np.testing.assert_array_equal(m[:, j], keep)
+    # under jit with a traced sparsity
+    f = jax.jit(lambda v, s, n: pr.masks(v, s, act_norms=n))
+    np.testing.assert_array_equal(f(v, jnp.float32(0.5), norms)["params"]["Dense_0"]["kernel"], m)
+    with pytest.raises(ValueError, match="Wanda needs act_norms"):
+        Wanda().masks(v)
+    partial = {"params/Dense_0/kernel": norms["params/Dense_0/kernel"]}
+    with pytest.raises(ValueError, match="no activation norm for 'params/Dense_1/kernel'"):
+        Wanda().masks(v, act_norms=partial)
+    ok = Wanda(rules=[(r".*Dense_1.*", None)]).masks(v, state=partial)
+    assert ok["params"]["Dense_1"]["kernel"] is None
