@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 __all__ = [
     "NM",
@@ -113,6 +114,42 @@ def _rank_order(scores: jax.Array, protected: jax.Array | None = None) -> jax.Ar
     return jnp.lexsort(tuple(keys))
 
 
+def _order_keys(scores: jax.Array, protected: jax.Array | None) -> jax.Array:
+    """``uint32`` keys whose ascending order is the pruning order of :func:`_rank_order`
+    (ties aside): NaN lowest, then ascending score (``-0.0 == 0.0``), protected highest."""
+    s = scores.astype(jnp.float32)
+    s = jnp.where(s == 0, jnp.float32(0), s)
+    bits = lax.bitcast_convert_type(s, jnp.uint32)
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+    key = jnp.where(jnp.isnan(s), jnp.uint32(0), key)
+    if protected is not None:
+        key = jnp.where(protected, jnp.uint32(0xFFFFFFFF), key)
+    return key
+
+
+def _select_elements(scores: jax.Array, target: Any, protected: jax.Array | None) -> jax.Array:
+    """:func:`select_prune` for units of size 1 without sorting: the ``target``-th
+    smallest key is found by bisection over its 32 bits (32 counting passes, O(n) each;
+    XLA:CPU sorts millions of elements far slower), then ties at that key are pruned
+    lowest index first. Same result as the sorted order."""
+    key = _order_keys(scores, protected)
+    k = jnp.clip(jnp.asarray(target, jnp.int32), 0, key.shape[0])
+    if protected is not None:
+        k = jnp.minimum(k, jnp.sum(~protected, dtype=jnp.int32))
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(key <= mid, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    kth, _ = lax.fori_loop(0, 32, bisect, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
+    below = key < kth
+    ties = key == kth
+    need = k - jnp.sum(below, dtype=jnp.int32)
+    return (below | (ties & (jnp.cumsum(ties, dtype=jnp.int32) <= need))) & (k > 0)
+
+
 def top_units(scores: jax.Array, k: int) -> jax.Array:
     """Boolean ``(U,)``: the ``min(k, U)`` highest-priority units of a 1-D score vector
     (the last ones in pruning order: highest score, later index on ties).
@@ -158,6 +195,8 @@ def select_prune(scores: jax.Array, sizes: Any, target: Any, protected: jax.Arra
     u = scores.shape[0]
     if u == 0:
         return jnp.zeros((0,), bool)
+    if isinstance(sizes, np.ndarray | list | tuple) and np.all(np.asarray(sizes) == 1):
+        return _select_elements(scores, target, protected)
     order = _rank_order(scores, protected)
     z = jnp.asarray(sizes, jnp.int32)[order]
     cum = jnp.cumsum(z) - z

@@ -295,3 +295,23 @@ def test_leaf_config_validation():
         LeafConfig(1.2)
     with pytest.raises(TypeError):
         LeafConfig(0.3, sparsity_type="nm")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("nan"), float("inf"), -float("inf"), 1e-30]),
+             min_size=1, max_size=40),
+    st.integers(0, 45),
+    st.booleans(),
+)
+def test_bisection_selection_equals_the_sorted_order(values, target, with_protected):
+    from qjax.prune.sparsity import _rank_order, _select_elements
+
+    scores = jnp.asarray(values, jnp.float32)
+    protected = jnp.asarray(np.arange(len(values)) % 3 == 0) if with_protected else None
+    got = np.asarray(_select_elements(scores, target, protected))
+    order = np.asarray(_rank_order(scores, protected))
+    k = min(target, len(values) - (int(np.sum(protected)) if with_protected else 0))
+    want = np.zeros(len(values), bool)
+    want[order[:k]] = True
+    np.testing.assert_array_equal(got, want)
