@@ -5,7 +5,8 @@ A checkpoint directory holds ``arrays/`` (Orbax: one entry per array leaf, a dic
 each leaf's ``qjax.rules`` path and metadata, the container structure when it is made of
 dicts/lists/tuples, Python scalars and strings) and, optionally, ``policy.json``. Arrays
 keep their dtype (int4/int2 QArray values are already packed ``uint8``) except fp8, stored
-bitcast to ``uint8``. The JSON file is written last: without it a save is incomplete.
+bitcast to ``uint8``, and bool arrays (pruning masks), stored bit-packed 8 per byte. The JSON
+file is written last: without it a save is incomplete.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
         for part in _PARTS:
             child = getattr(leaf, part)
             meta[part] = None if child is None else _array_meta(child)
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.dtype(leaf.dtype) == jnp.bool_:
+        meta = {"kind": "bits", **_array_meta(leaf)}  # masks: stored 8 per byte
     elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(leaf.dtype, _KEY):
         meta = {"kind": "array", **_array_meta(leaf)}
     elif isinstance(leaf, (bool, int, float, str)):
@@ -91,13 +94,36 @@ def _on_device(x) -> Any:
 
 def _parts(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{name: {shape, dtype}}`` of the arrays stored for a leaf (none for a scalar)."""
+    if m["kind"] in ("array", "bits") and math.prod(m["shape"]) == 0:
+        return {}  # Orbax stores no zero-size arrays: rebuilt from the metadata
     if m["kind"] == "array":
         return {"array": m}
+    if m["kind"] == "bits":
+        return {"array": {"shape": [-(-math.prod(m["shape"]) // 8)], "dtype": "uint8"}}
     return {k: m[k] for k in _PARTS if m.get(k) is not None}
+
+
+def _pack_bits(x) -> Any:
+    """A bool array as ``np.packbits`` of its flattening (big-endian bits), on device."""
+    flat = jnp.asarray(x, jnp.uint8).reshape(-1)
+    flat = jnp.pad(flat, (0, -flat.shape[0] % 8)).reshape(-1, 8)
+    return jnp.sum(flat << jnp.arange(7, -1, -1, dtype=jnp.uint8), axis=1, dtype=jnp.uint8)
+
+
+def _unpack_bits(bits, shape) -> Any:
+    if isinstance(bits, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(tuple(shape), jnp.bool_)
+    n = math.prod(shape)
+    out = (jnp.asarray(bits, jnp.uint8)[:, None] >> jnp.arange(7, -1, -1, dtype=jnp.uint8)) & 1
+    return out.reshape(-1)[:n].astype(jnp.bool_).reshape(tuple(shape))
 
 
 def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
     """A leaf from its metadata and its arrays (jax arrays or ``ShapeDtypeStruct``s)."""
+    if m["kind"] in ("array", "bits") and not parts:
+        return jnp.zeros(tuple(m["shape"]), jnp.bool_ if m["kind"] == "bits" else m["dtype"])
+    if m["kind"] == "bits":
+        return _unpack_bits(parts["array"], m["shape"])
     if m["kind"] != "qarray":
         return parts.get("array", m.get("value"))
     aux = (format_from_name(m["format"]), jnp.dtype(m["dtype"]), tuple(m["channel_axes"]), m["group_axis"],
@@ -175,6 +201,9 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
     arrays = {}
     for i, ((_, leaf), m) in enumerate(zip(leaves, metas)):
         if parts := _parts(m):
+            if m["kind"] == "bits":
+                arrays[_key(i)] = {"array": _pack_bits(leaf)}
+                continue
             arrays[_key(i)] = {k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
                                for k, p in parts.items()}
     try:
@@ -216,7 +245,8 @@ def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) ->
         if want["path"] != have["path"]:
             ck, tg = ("no more leaves" if m["path"] is None else repr(m["path"]) for m in (want, have))
             raise ValueError(f"{where}: first differing leaf: checkpoint has {ck} where the target has {tg}")
-        for k in ["kind", *want]:
+        bits = "bits" in (want.get("kind"), have.get("kind"))  # a bool mask vs another dtype: say dtype
+        for k in ["dtype", "kind", *want] if bits else ["kind", *want]:
             if k not in ("path", "value") and want.get(k) != have.get(k):
                 raise ValueError(f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "
                                  f"{want.get(k)!r}, target {have.get(k)!r}")
@@ -285,19 +315,25 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
     _check(path, saved, units)
     flat_shardings = iter(_array_shardings(target, shardings))
     abstract = {}
+    bit_shardings = {}
     for i, m in enumerate(saved):
-        if m["kind"] == "scalar":
-            next(flat_shardings)
+        if m["kind"] == "scalar" or (m["kind"] in ("array", "bits") and not _parts(m)):
+            next(flat_shardings)  # a leaf with no stored array still has its target's sharding slot
         for k, p in _parts(m).items():
             s, shape, dtype = next(flat_shardings), tuple(p["shape"]), _stored_dtype(p["dtype"])
+            if m["kind"] == "bits":  # packed bytes: read whole, placed after unpacking
+                bit_shardings[i], s = s, None
             s = s if k in ("array", "values") else _fit(s, shape)
             abstract.setdefault(_key(i), {})[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=s)
     out = {}
     if abstract:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             out = ckptr.restore(path / _ARRAYS, args=ocp.args.StandardRestore(abstract))
-    it = iter(_build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
-              for i, m in enumerate(saved))
+    def leaf(i, m):
+        x = _build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
+        return x if bit_shardings.get(i) is None else jax.device_put(x, bit_shardings[i])
+
+    it = iter(leaf(i, m) for i, m in enumerate(saved))
     return map_with_path(lambda _p, _leaf: next(it), target)
 
 

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -230,3 +232,40 @@ def test_small_trees_and_scalars(tmp_path):
         for x, y in zip(jax.tree.leaves(tree), jax.tree.leaves(restored)):
             assert type(x) is type(y) or isinstance(y, jax.Array)
             assert np.array_equal(x, y) and np.asarray(x).dtype == np.asarray(y).dtype  # int64 stays numpy
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(0, 3), st.integers(0, 37), st.integers(0, 2**31 - 1))
+def test_bool_masks_round_trip_bit_packed(tmp_path_factory, rows, cols, seed):
+    path = tmp_path_factory.mktemp("masks") / "ck"
+    mask = np.random.default_rng(seed).random((rows, cols)) < 0.3
+    tree = {"params": {"kernel": jnp.asarray(mask), "bias": None}, "step": 3}
+    checkpoint.save(path, tree)
+    meta = json.loads((path / "qjax_checkpoint.json").read_text())
+    assert meta["leaves"][0]["kind"] == "bits"  # stored 8 per byte
+    got = checkpoint.restore(path)
+    assert got["params"]["bias"] is None and got["step"] == 3
+    assert got["params"]["kernel"].dtype == jnp.bool_
+    np.testing.assert_array_equal(np.asarray(got["params"]["kernel"]), mask)
+    again = checkpoint.restore(path, tree)
+    np.testing.assert_array_equal(np.asarray(again["params"]["kernel"]), mask)
+
+
+def test_sharded_mask_restore(tmp_path):
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    s2d = NamedSharding(mesh, P("data", "model"))
+    mask = jax.device_put(jnp.asarray(np.random.default_rng(0).random((8, 6)) < 0.5), s2d)
+    checkpoint.save(tmp_path / "ck", {"m": mask})
+    got = checkpoint.restore(tmp_path / "ck", {"m": mask})
+    assert got["m"].sharding == s2d
+    np.testing.assert_array_equal(np.asarray(got["m"]), np.asarray(mask))
+
+
+def test_zero_size_leaves_keep_later_shardings_aligned(tmp_path):
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    s = NamedSharding(mesh, P("data"))
+    tree = {"a": jnp.zeros((0, 3)), "b": jnp.zeros((0,), bool), "c": jax.device_put(jnp.arange(16.0), s)}
+    checkpoint.save(tmp_path / "ck", tree)
+    got = checkpoint.restore(tmp_path / "ck", tree)
+    assert got["a"].shape == (0, 3) and got["b"].dtype == jnp.bool_ and got["c"].sharding == s
+    np.testing.assert_array_equal(np.asarray(got["c"]), np.arange(16.0))
