@@ -58,35 +58,42 @@ def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
             axes = [perm[a] for a in axes]
         elif name not in ("convert_element_type", "copy", "copy_p"):
             raise ValueError(
-                f"input statistics of {ref.path!r}: the weight reaches the op through {name!r}; only "
+                f"{ref.path!r}: the weight reaches its matmul/conv through {name!r}; only "
                 "transposes and dtype conversions can be mapped back to the params leaf's axes"
             )
     return [a + ref.depth for a in axes]
 
 
-def _rows(eqn, act, wi: int, ref: WeightRef) -> tuple[jax.Array, tuple[int, ...]]:
-    """The activation as ``[rows, K]`` with ``K`` ordered like the weight leaf's
-    contracted axes, and those axes."""
-    w_view_ndim = eqn.invars[wi].aval.ndim
-    leaf_axes = _view_to_leaf_axes(ref, w_view_ndim)
+def contraction(eqn, wi: int, ref: WeightRef, what: str = "input statistics") -> tuple[tuple, tuple]:
+    """``(weight leaf axes contracted, sorted; the activation axes paired with them, in the
+    same order)`` of the ``dot_general``/``conv_general_dilated`` ``eqn`` whose operand
+    ``wi`` is ``ref``.
+
+    Raises:
+      ValueError: naming ``what`` and the path: the weight reaches the op through a layout
+        op other than a transpose/conversion, a dot_general has batch dimensions, or a
+        convolution is grouped or has the weight as its lhs.
+    """
+    leaf_axes = _view_to_leaf_axes(ref, eqn.invars[wi].aval.ndim)
     if eqn.primitive.name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         if lb or rb:
-            raise ValueError(f"input statistics of {ref.path!r}: a dot_general with batch dimensions")
+            raise ValueError(f"{what} of {ref.path!r}: a dot_general with batch dimensions")
         w_contract, a_contract = (rc, lc) if wi == 1 else (lc, rc)
         order = np.argsort([leaf_axes[d] for d in w_contract])
-        a_contract = [a_contract[i] for i in order]
-        w_axes = tuple(sorted(leaf_axes[d] for d in w_contract))
-    else:
-        if wi != 1:
-            raise ValueError(f"input statistics of {ref.path!r}: the weight is the convolution's lhs")
-        if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-            raise ValueError(
-                f"input statistics of {ref.path!r}: grouped/depthwise convolutions are not supported"
-            )
-        dn = eqn.params["dimension_numbers"]
-        a_contract = [dn.lhs_spec[1]]
-        w_axes = (leaf_axes[dn.rhs_spec[1]],)
+        return tuple(leaf_axes[w_contract[i]] for i in order), tuple(a_contract[i] for i in order)
+    if wi != 1:
+        raise ValueError(f"{what} of {ref.path!r}: the weight is the convolution's lhs")
+    if eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
+        raise ValueError(f"{what} of {ref.path!r}: grouped/depthwise convolutions are not supported")
+    dn = eqn.params["dimension_numbers"]
+    return (leaf_axes[dn.rhs_spec[1]],), (dn.lhs_spec[1],)
+
+
+def _rows(eqn, act, wi: int, ref: WeightRef) -> tuple[jax.Array, tuple[int, ...]]:
+    """The activation as ``[rows, K]`` with ``K`` ordered like the weight leaf's
+    contracted axes, and those axes."""
+    w_axes, a_contract = contraction(eqn, wi, ref)
     rest = [a for a in range(act.ndim) if a not in a_contract]
     x = jnp.transpose(act, (*rest, *a_contract))
     k = int(np.prod([act.shape[a] for a in a_contract]))

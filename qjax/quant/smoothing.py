@@ -33,7 +33,7 @@ import numpy as np
 
 from qjax.graph.fold import FoldGroup, fold_groups, non_matmul_reads
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, weight_operand
-from qjax.graph.statistics import _view_to_leaf_axes
+from qjax.graph.statistics import contraction
 from qjax.graph.trace import trace
 from qjax.numerics.qarray import QArray
 from qjax.rules import leaves_with_paths, map_with_path
@@ -43,26 +43,9 @@ _OPAQUE = frozenset({"scan", "cond", "while", "shard_map"})  # matmul reads insi
 
 
 def _contraction(eqn, wi: int, ref: WeightRef) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(weight leaf axes contracted, sorted; the activation axes paired with them, in
-    the same order)`` of a matmul/conv reading ``ref``.
-
-    Raises:
-      ValueError: naming the path, when the axes cannot be mapped (see ``input_statistics``).
-    """
-    leaf_axes = _view_to_leaf_axes(ref, eqn.invars[wi].aval.ndim)
-    if eqn.primitive.name == "dot_general":
-        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-        if lb or rb:
-            raise ValueError(f"smoothing {ref.path!r}: a dot_general with batch dimensions")
-        w_contract, a_contract = (rc, lc) if wi == 1 else (lc, rc)
-        order = np.argsort([leaf_axes[d] for d in w_contract])
-        return tuple(leaf_axes[w_contract[i]] for i in order), tuple(a_contract[i] for i in order)
-    dn = eqn.params["dimension_numbers"]
-    if wi != 1 or eqn.params["feature_group_count"] != 1 or eqn.params["batch_group_count"] != 1:
-        raise ValueError(
-            f"smoothing {ref.path!r}: grouped convolutions or the weight as lhs are not supported"
-        )
-    return (leaf_axes[dn.rhs_spec[1]],), (dn.lhs_spec[1],)
+    """The contracted weight-leaf axes and their paired activation axes (see
+    :func:`qjax.graph.statistics.contraction`)."""
+    return contraction(eqn, wi, ref, "smoothing")
 
 
 def _check_depth(ref: WeightRef) -> None:
