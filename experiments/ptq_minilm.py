@@ -59,6 +59,7 @@ def asym_spec(fmt, group: int) -> qjax.QuantSpec:
                           calibration=qjax.calib.minmax())
 
 
+SQ_ALPHA = 0.5
 GPTQ_DAMP = 0.1  # ~1k calibration tokens: the Hessians of the 1536-wide layers are rank-deficient
 DYNAMIC = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
 STATIC = qjax.QuantSpec(qjax.int8, calibration=qjax.calib.percentile(99.99))
@@ -102,6 +103,16 @@ def qjax_variants(model, variables, calib: list[tuple], fast: bool) -> dict[str,
     ps = policy(w_spec(qjax.int8), STATIC)
     add("W8A8 static", ps, lambda: qjax.quantize_params(
         variables, ps, act_stats=qjax.calibrate(model.apply, ps, variables, calib)))
+    for name, pol, foldable in [("W8A8 dynamic + SmoothQuant", p, False),
+                                ("W8A8 static + SmoothQuant", ps, False),
+                                ("W8A8 static + SmoothQuant (folded only)", ps, True)]:
+        t = time.perf_counter()
+        sm, runtime = qjax.smoothquant(model.apply, variables, calib, alpha=SQ_ALPHA, patterns=KERNELS,
+                                       foldable_only=foldable)
+        fs = qjax.with_input_scales(model.apply, runtime)
+        stats = qjax.calibrate(fs, pol, sm, calib) if pol is ps else None
+        qp = jax.block_until_ready(qjax.quantize_params(sm, pol, act_stats=stats))
+        out[name] = (qjax.quantized(fs, pol), qp, time.perf_counter() - t)
     p8 = policy(w_spec(qjax.int8))
     add("W8A16", p8, lambda: qjax.quantize_params(variables, p8))
     for cal_name, cal in [("absmax", None), ("percentile", qjax.calib.percentile(99.9)),
@@ -115,6 +126,12 @@ def qjax_variants(model, variables, calib: list[tuple], fast: bool) -> dict[str,
         add(f"W{bits}A16 g128 GPTQ", sym, lambda sym=sym: gptq(model.apply, variables, calib, sym))
         add(f"W{bits}A16 g128 GPTQ asym act-order", asym,
             lambda asym=asym: gptq(model.apply, variables, calib, asym, act_order=True, damp=GPTQ_DAMP))
+        for label, pol, clip in [("AWQ", sym, False), ("AWQ asym + clip", asym, True)]:
+            t = time.perf_counter()
+            qp, runtime = qjax.awq(model.apply, variables, calib, pol, clip=clip)
+            qp = jax.block_until_ready(qp)
+            apply = qjax.quantized(qjax.with_input_scales(model.apply, runtime), pol)
+            out[f"W{bits}A16 g128 {label}"] = (apply, qp, time.perf_counter() - t)
     return out
 
 

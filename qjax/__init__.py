@@ -5,7 +5,7 @@ distillation, mixed-precision search, sharding and low-bit kernels, as pure tran
 over pytrees and functions. See ``DESIGN.md`` for the architecture.
 """
 
-from qjax import checkpoint, distill, fixed, graph, models, prune, rules
+from qjax import checkpoint, distill, fixed, graph, models, parallel, prune, rules
 from qjax.graph import nnx_apply
 from qjax.numerics import (
     PER_TOKEN,
@@ -87,6 +87,7 @@ __all__ = [
     "distill",
     "fixed",
     "models",
+    "parallel",
     "prune",
 
     "compute_scale",

@@ -1,0 +1,463 @@
+"""Sharded train and eval steps: one ``jax.jit`` with in/out shardings and donated state.
+
+:func:`train_step` is the core: ``loss_fn(params, batch, key, *extra)`` is differentiated,
+the gradients are pinned to the params' shardings, the optax update runs, and the new
+params and optimizer state are pinned to theirs (in Auto mode they drift otherwise). The
+builders for quantization-aware training (:func:`qat_step`), int8 training
+(:func:`int8_step`, optionally with per-shard local scales), pruning (:func:`prune_step`,
+a :func:`qjax.prune.sparsify` optimizer) and distillation (:func:`distill_train_step`) only
+make the loss. :func:`eval_step` serves quantized params with :func:`qjax.quantized`.
+
+A batch is a mapping with ``"x"`` (the model input, or a tuple of inputs) and whatever
+the objective reads (``"y"``); every array is split on its leading axis over
+``("data", "fsdp")`` unless other shardings are given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from qjax.distill.train import distill_step as _distill_step
+from qjax.parallel.mesh import BATCH_AXES, is_explicit
+from qjax.parallel.shardings import pin, place, shardings, state_shardings
+from qjax.quant.functions import fake_quantized, quantized
+from qjax.quant.policy import Policy
+
+Objective = Callable[[Any, Mapping[str, Any]], Any]
+
+
+class TrainState(NamedTuple):
+    """What a training run holds: params, optimizer state, step count and a raw PRNG key
+    (``uint32[2]``, split every step)."""
+
+    params: Any
+    opt_state: Any
+    step: jax.Array
+    key: jax.Array
+
+
+def _raw_key(key: Any) -> np.ndarray:
+    if isinstance(key, int):
+        return np.asarray(jax.random.key_data(jax.random.key(key)))
+    key = jnp.asarray(key)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return np.asarray(key, np.uint32)
+
+
+def _mesh_of(tree: Any) -> Mesh:
+    for s in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        if isinstance(s, NamedSharding):
+            return s.mesh
+    raise ValueError("no NamedSharding found: build the shardings with qjax.parallel.shardings")
+
+
+def train_state_shardings(
+    params: Any, tx: optax.GradientTransformation, rules: Any, mesh: Mesh, *, logical_axis_rules=None
+) -> TrainState:
+    """Shardings of a :class:`TrainState`: params by ``rules``, optimizer state like the
+    params it mirrors (``sparsify`` masks included), step and key replicated.
+
+    Args:
+      params: the params (or ``jax.eval_shape`` of them).
+      tx: the optax optimizer (its state's structure is read with ``jax.eval_shape``).
+      rules: partition rules (e.g. a :mod:`qjax.parallel.presets` preset).
+      mesh: the mesh.
+      logical_axis_rules: Flax logical-axis rules for annotated params.
+
+    Returns:
+      A :class:`TrainState` of ``NamedSharding`` trees.
+
+    Raises:
+      ValueError: a rule does not fit a leaf (names the path and the rule).
+
+    Example:
+      >>> sh = train_state_shardings(params, tx, presets.hybrid(), make_mesh(data=2, fsdp=2, tensor=2))
+    """
+    ps = shardings(params, rules, mesh, logical_axis_rules=logical_axis_rules)
+    opt = state_shardings(jax.eval_shape(tx.init, params), params, ps, mesh)
+    rep = NamedSharding(mesh, P())
+    return TrainState(ps, opt, rep, rep)
+
+
+def init_train_state(
+    params: Any, tx: optax.GradientTransformation, state_shardings: TrainState, *, key: Any = 0
+) -> TrainState:
+    """Place ``params`` and build the optimizer state directly in its shardings.
+
+    Args:
+      params: params (host or device arrays; every process passes the same values).
+      tx: the optax optimizer.
+      state_shardings: from :func:`train_state_shardings`.
+      key: an int seed, a typed or raw PRNG key (the step's randomness: stochastic
+        rounding, dropout).
+
+    Returns:
+      A sharded :class:`TrainState` at step 0.
+    """
+    rep = state_shardings.key
+    params = place(params, state_shardings.params)
+    key = place(_raw_key(key), rep)
+
+    def init(p, k):
+        return TrainState(p, tx.init(p), jnp.zeros((), jnp.int32), k)
+
+    mesh = _mesh_of(state_shardings)
+    with jax.set_mesh(mesh):
+        return jax.jit(init, in_shardings=(state_shardings.params, rep), out_shardings=state_shardings)(
+            params, key
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedStep:
+    """A jitted sharded function that runs under its mesh (``jax.set_mesh``).
+
+    Attributes:
+      jitted: the ``jax.jit`` function.
+      mesh: its mesh.
+    """
+
+    jitted: Any
+    mesh: Mesh
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        """``jitted.lower(*args)`` under the mesh."""
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+    def compile(self, *args):
+        """The compiled executable for these arguments (callable like the step; its
+        ``as_text()`` is the partitioned HLO)."""
+        return self.lower(*args).compile()
+
+    def hlo(self, *args) -> str:
+        """The compiled (partitioned) HLO text, e.g. for :func:`qjax.parallel.hlo.collectives`."""
+        return self.compile(*args).as_text()
+
+
+def _split(out: Any) -> tuple[jax.Array, dict]:
+    value, metrics = out if isinstance(out, tuple) else (out, {})
+    return value, dict(metrics)
+
+
+def _value_and_grad(loss_fn: Callable, params, batch, key, extra):
+    def loss(p):
+        value, metrics = _split(loss_fn(p, batch, key, *extra))
+        return value, {"loss": value, **metrics}
+
+    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return metrics, grads
+
+
+def _local_value_and_grad(loss_fn: Callable, mesh: Mesh, axes: tuple[str, ...], batch_specs: Any):
+    """Per-shard loss and gradients (everything, scales included, computed from the local
+    batch), averaged over the batch axes: the only collective is the mean of the results."""
+
+    def per_shard(params, batch, key, extra):
+        idx = lax.axis_index(axes)
+        metrics, grads = _value_and_grad(loss_fn, params, batch, jax.random.fold_in(key, idx), extra)
+        return lax.pmean((metrics, grads), axes)
+
+    def run(params, batch, key, extra):
+        f = jax.shard_map(
+            per_shard,
+            mesh=mesh,
+            in_specs=(P(), batch_specs, P(), P()),
+            out_specs=P(),
+            axis_names=set(axes),
+            check_vma=False,
+        )
+        return f(params, batch, key, extra)
+
+    return run
+
+
+def train_step(
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+    *,
+    extra_shardings: Sequence[Any] = (),
+    donate: bool = True,
+    local_batch_axes: Sequence[str] | None = None,
+) -> ShardedStep:
+    """One sharded training step.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch, key, *extra) -> loss`` or ``(loss, metrics_dict)``;
+        ``key`` is a fresh raw PRNG key every step.
+      tx: the optax optimizer.
+      state_shardings: from :func:`train_state_shardings`.
+      batch_shardings: shardings of the batch (a prefix tree), e.g.
+        ``qjax.parallel.batch_shardings(mesh, batch)``.
+      extra_shardings: shardings of extra (not trained, not donated) arguments, e.g. the
+        teacher params.
+      donate: donate the state (its buffers are reused for the new state).
+      local_batch_axes: compute loss and gradients per shard of these mesh axes inside
+        ``jax.shard_map`` and average them (per-shard quantization scales; params must be
+        replicated along these axes or are gathered); ``None``: one global computation.
+
+    Returns:
+      A :class:`ShardedStep` ``step(state, batch, *extra) -> (state, metrics)``; metrics
+      (``"loss"`` and the loss function's) are replicated.
+
+    Example:
+      >>> step = train_step(lambda p, b, k: xent(apply(p, b["x"]), b["y"]), tx, sh, batch_shardings(mesh, b))
+      >>> state, metrics = step(state, batch)
+    """
+    mesh = _mesh_of(state_shardings)
+    rep = NamedSharding(mesh, P())
+    explicit = is_explicit(mesh)
+    grad_specs = state_shardings.params
+    local = None
+    if local_batch_axes is not None:
+        specs = jax.tree.map(
+            lambda s: s.spec, batch_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
+        )
+        local = _local_value_and_grad(loss_fn, mesh, tuple(local_batch_axes), specs)
+
+    def step(state: TrainState, batch, *extra):
+        key, sub = jax.random.split(state.key)
+        if local is None and explicit:
+            # Explicit axes: model code rarely names the output sharding of every matmul, so
+            # the loss and gradients are computed with the axes Auto and come back pinned.
+            vg = jax.sharding.auto_axes(
+                lambda *a: _value_and_grad(loss_fn, *a), out_sharding=(rep, grad_specs)
+            )
+            metrics, grads = vg(state.params, batch, sub, extra)
+        elif local is None:
+            metrics, grads = _value_and_grad(loss_fn, state.params, batch, sub, extra)
+        else:
+            metrics, grads = local(state.params, batch, sub, extra)
+        grads = pin(grads, state_shardings.params, mesh)
+        update = tx.update
+        if explicit:  # optimizers (e.g. sparsify's global top-k) are not written for explicit types
+            update = jax.sharding.auto_axes(update, out_sharding=(grad_specs, state_shardings.opt_state))
+        updates, opt_state = update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = TrainState(
+            pin(params, state_shardings.params, mesh),
+            pin(opt_state, state_shardings.opt_state, mesh),
+            state.step + 1,
+            key,
+        )
+        return new, metrics
+
+    jitted = jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_shardings, *extra_shardings),
+        out_shardings=(state_shardings, rep),
+        donate_argnums=(0,) if donate else (),
+    )
+    return ShardedStep(jitted, mesh)
+
+
+def _inputs(batch: Mapping[str, Any]) -> tuple:
+    x = batch["x"]
+    return x if isinstance(x, tuple) else (x,)
+
+
+def qat_step(
+    apply_fn: Callable,
+    policy: Policy,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+    *,
+    integer_forward: bool = True,
+    local_batch_axes: Sequence[str] | None = None,
+    donate: bool = True,
+) -> ShardedStep:
+    """Quantization-aware training step: ``objective(fake_quantized(apply_fn, policy)(params,
+    *batch["x"]), batch)``, sharded (see :func:`train_step`).
+
+    Args:
+      apply_fn: ``apply_fn(params, *inputs)``.
+      policy: the :class:`qjax.Policy` (rules with ``grad=`` train in int8: :func:`int8_step`).
+      objective: ``objective(outputs, batch) -> loss`` or ``(loss, metrics)``.
+      tx, state_shardings, batch_shardings, donate, local_batch_axes: see :func:`train_step`.
+      integer_forward: see :func:`qjax.fake_quantized`.
+
+    Example:
+      >>> step = qat_step(model.apply, policy, xent, tx, sh, batch_shardings(mesh, batch))
+    """
+
+    def loss_fn(params, batch, key):
+        out = fake_quantized(apply_fn, policy, key=key, integer_forward=integer_forward)(
+            params, *_inputs(batch)
+        )
+        return objective(out, batch)
+
+    return train_step(
+        loss_fn, tx, state_shardings, batch_shardings, donate=donate, local_batch_axes=local_batch_axes
+    )
+
+
+def int8_step(
+    apply_fn: Callable,
+    policy: Policy,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+    *,
+    local_scales: bool = False,
+    batch_axes: Sequence[str] = BATCH_AXES,
+    donate: bool = True,
+) -> ShardedStep:
+    """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
+    ``grad=``), sharded.
+
+    The weight-gradient matmul contracts over the batch; its per-channel scales are maxima
+    over the batch, so with the batch sharded they need an all-reduce (max). With
+    ``local_scales=True`` every batch shard quantizes with scales from its own rows, runs its
+    integer matmuls locally and only the float gradients are averaged: no all-reduce of
+    scales (the result differs from the global-scale step by the scales' locality; it
+    equals averaging the single-device step's gradients over the shards).
+
+    Args:
+      apply_fn, policy, objective, tx, state_shardings, batch_shardings, donate: see
+        :func:`qat_step`.
+      local_scales: per-shard local scales (see above).
+      batch_axes: the mesh axes the batch is split over (for ``local_scales``).
+
+    Raises:
+      ValueError: no rule of ``policy`` has a ``grad`` spec.
+    """
+    if not any(r.grad is not None for r in policy.rules):
+        raise ValueError("int8_step: no rule of the policy has grad= (int8 training); use qat_step")
+    return qat_step(
+        apply_fn,
+        policy,
+        objective,
+        tx,
+        state_shardings,
+        batch_shardings,
+        donate=donate,
+        local_batch_axes=tuple(batch_axes) if local_scales else None,
+    )
+
+
+def prune_step(
+    apply_fn: Callable,
+    objective: Objective,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    batch_shardings: Any,
+    *,
+    policy: Policy | None = None,
+    donate: bool = True,
+) -> ShardedStep:
+    """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner
+    state sharded like the params), optionally quantization-aware (``policy``).
+
+    Example:
+      >>> tx = qjax.prune.sparsify(optax.adam(1e-3), qjax.prune.Magnitude(0.5), qjax.prune.one_shot(2))
+      >>> sh = train_state_shardings(params, tx, presets.fsdp(), mesh)
+      >>> step = prune_step(model.apply, xent, tx, sh, batch_shardings(mesh, batch))
+    """
+
+    def loss_fn(params, batch, key):
+        f = apply_fn if policy is None else fake_quantized(apply_fn, policy, key=key)
+        return objective(f(params, *_inputs(batch)), batch)
+
+    return train_step(loss_fn, tx, state_shardings, batch_shardings, donate=donate)
+
+
+def distill_train_step(
+    student_fn: Callable,
+    teacher_fn: Callable | None,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    state_shardings: TrainState,
+    teacher_shardings: Any,
+    batch_shardings: Any,
+    *,
+    donate: bool = True,
+    **distill_kwargs,
+) -> ShardedStep:
+    """Sharded teacher–student step (:func:`qjax.distill.train.distill_step`'s loss).
+
+    The trained params are ``{"student": ..., "adapters": ...}`` (build the shardings with
+    :func:`train_state_shardings` of that tree); the frozen teacher params are an extra,
+    not donated argument sharded by ``teacher_shardings``.
+
+    Args:
+      student_fn, teacher_fn, loss_fn: see :func:`qjax.distill.train.distill_step`.
+      tx, state_shardings, batch_shardings, donate: see :func:`train_step`.
+      teacher_shardings: shardings of the teacher params (e.g. ``shardings(teacher, rules, mesh)``).
+      **distill_kwargs: ``student_patterns``, ``teacher_patterns``, ``student_policy``,
+        ``add_bias`` of ``distill_step``.
+
+    Returns:
+      ``step(state, batch, teacher_params) -> (state, metrics)``.
+    """
+    ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
+
+    def loss(params, batch, key, teacher_params):
+        return ds.loss(params, teacher_params, batch)
+
+    return train_step(
+        loss, tx, state_shardings, batch_shardings, extra_shardings=(teacher_shardings,), donate=donate
+    )
+
+
+def eval_step(
+    apply_fn: Callable,
+    policy: Policy | None,
+    param_shardings: Any,
+    batch_shardings: Any,
+    *,
+    out_shardings: Any = None,
+) -> ShardedStep:
+    """Sharded evaluation: ``quantized(apply_fn, policy)(params, *inputs)`` (``apply_fn``
+    itself when ``policy`` is ``None``) with the params and inputs in their shardings.
+
+    Args:
+      apply_fn: ``apply_fn(params, *inputs)``.
+      policy: the :class:`qjax.Policy` for integer execution of ``QArray`` params.
+      param_shardings: ``shardings(qparams, rules, mesh)`` (``QArray`` scales derived).
+      batch_shardings: shardings of the inputs tuple (a prefix).
+      out_shardings: shardings of the output (default: chosen by the compiler; on an
+        Explicit-axes mesh, split on the leading axis like the batch).
+
+    Returns:
+      ``step(params, *inputs) -> outputs``.
+
+    Example:
+      >>> ev = eval_step(model.apply, policy, shardings(qparams, presets.hybrid(), mesh), batch_sh)
+      >>> logits = ev(qparams, x)
+    """
+    f = apply_fn if policy is None else quantized(apply_fn, policy)
+    mesh = _mesh_of(param_shardings)
+    if is_explicit(mesh):
+        # Explicit axes: run the model with the axes Auto (model code rarely names every
+        # matmul's output sharding); outputs come back split like the batch unless given.
+        out = out_shardings if out_shardings is not None else NamedSharding(mesh, P(BATCH_AXES))
+        f = jax.sharding.auto_axes(f, out_sharding=out)
+
+    def run(params, *inputs):
+        return f(params, *inputs)
+
+    in_sh = (
+        param_shardings,
+        *(batch_shardings if isinstance(batch_shardings, tuple) else (batch_shardings,)),
+    )
+    return ShardedStep(jax.jit(run, in_shardings=in_sh, out_shardings=out_shardings), mesh)

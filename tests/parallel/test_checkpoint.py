@@ -1,0 +1,89 @@
+"""Sharded checkpoints (params with QArrays, masks, optimizer state, step, key) saved on a
+2×4 mesh restore on 8×1 and 1×1 meshes with identical values."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import qjax
+from qjax import checkpoint
+from qjax import parallel as qp
+from qjax.parallel import presets
+
+
+def _tree():
+    k = jax.random.split(jax.random.key(0), 3)
+    w = jax.random.normal(k[0], (32, 16))
+    return {
+        "params": {
+            "up": {"kernel": jax.random.normal(k[1], (16, 32)), "bias": jnp.arange(32.0)},
+            "down": {
+                "kernel": qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(-1,))),
+                "bias": jnp.zeros(16),
+            },
+            "q4": {
+                "kernel": qjax.quantize(
+                    w, qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8, group_axis=0)
+                )
+            },
+        },
+        "masks": {"up": {"kernel": jax.random.normal(k[2], (16, 32)) > 0}},
+    }
+
+
+MESHES = {"2x4": (1, 2, 4), "8x1": (1, 8, 1), "1x1": (1, 1, 1)}
+
+
+def _mesh(name):
+    shape = MESHES[name]
+    return qp.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+
+
+def _same(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("target", ["8x1", "1x1"])
+def test_qjax_checkpoint_across_mesh_shapes(tmp_path, target):
+    tree = _tree()
+    saved = jax.device_put(tree, qp.shardings(tree, presets.hybrid(), _mesh("2x4")))
+    assert saved["params"]["q4"]["kernel"].scale.sharding.spec == P("fsdp", None)  # (4, 16) group scales
+    assert saved["params"]["down"]["kernel"].values.sharding.spec == P("tensor", "fsdp")
+    checkpoint.save(tmp_path / "c", saved)
+    sh = qp.shardings(tree, presets.fsdp(), _mesh(target))
+    got = checkpoint.restore(tmp_path / "c", tree, shardings=sh)
+    _same(got, tree)
+    for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(sh)):
+        assert x.sharding == s
+
+
+def test_train_checkpointer_across_mesh_shapes(tmp_path):
+    params = {"up": {"kernel": jnp.ones((16, 32)), "bias": jnp.ones(32)}}
+    tx = qjax.prune.sparsify(optax.adam(1e-2), qjax.prune.Magnitude(sparsity=0.5), qjax.prune.one_shot(0))
+    sh = qp.train_state_shardings(params, tx, presets.hybrid(), _mesh("2x4"))
+    state = qp.init_train_state(params, tx, sh, key=1)
+    grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), params)
+    updates, opt = tx.update(grads, state.opt_state, state.params)
+    state = state._replace(
+        params=optax.apply_updates(state.params, updates), opt_state=opt, step=state.step + 1
+    )
+    with qp.TrainCheckpointer(tmp_path / "run", every=1, async_save=True) as ckpt:
+        assert ckpt.save(1, state)
+    want = jax.tree.map(np.asarray, state)
+    for target in ("8x1", "1x1"):
+        tsh = qp.train_state_shardings(params, tx, presets.fsdp(), _mesh(target))
+        with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt:
+            got = ckpt.restore(jax.eval_shape(lambda: state), tsh)
+        _same(got, want)
+        masks = qjax.prune.get_masks(got.opt_state)["up"]["kernel"]
+        assert masks.dtype == jnp.bool_ and masks.sharding == tsh.params["up"]["kernel"]
+    with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt, pytest.raises(ValueError, match="leaf 0"):
+        ckpt.restore({"other": jnp.zeros(3)})
+    with qp.TrainCheckpointer(tmp_path / "empty", every=1) as ckpt, pytest.raises(FileNotFoundError):
+        ckpt.restore(state)

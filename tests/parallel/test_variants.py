@@ -1,0 +1,131 @@
+"""int8 training (global and per-shard local scales), pruning, distillation and int8
+serving, sharded on 8 CPU devices, against single-device references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import qjax
+from qjax import parallel as qp
+from qjax.distill.train import kd_objective
+from qjax.parallel import hlo, presets
+
+from .common import INT8, MLP, QAT, batch, init, sgd, xent
+from .test_steps import assert_close, run
+
+
+def test_int8_training_global_scales_matches_single_device():
+    b = batch(2)
+    want, want_losses, _ = run(MLP(), b, INT8, (1, 1, 1), presets.data_parallel(), steps=2)
+    state, losses, text = run(MLP(), b, INT8, (8, 1, 1), presets.data_parallel(), steps=2)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
+    assert_close(state.params, want.params)
+    ops = hlo.collectives(text)
+    # global scales of the weight-gradient matmul: max over the sharded batch is all-reduced,
+    # and the int8 matmul's partial int32 sums are all-reduced exactly (s32)
+    assert any(op.reduction == "maximum" for op in ops)
+    assert any(dt == "s32" for op in ops if op.kind == "all-reduce" for dt, _ in op.shapes)
+
+
+def test_int8_local_scales_no_scale_all_reduce():
+    b = batch(3)
+    model, tx = MLP(), sgd()
+    state, _, text = run(model, b, INT8, (8, 1, 1), presets.data_parallel(), steps=1, local=True)
+    ops = hlo.collectives(text)
+    assert not [op for op in ops if op.reduction in ("maximum", "minimum")], ops
+    assert [op.kind for op in ops] == ["all-reduce"]  # one fused mean of loss and gradients
+    # reference: the single-device int8 gradients of each shard (its key folded with the
+    # shard index), averaged
+    params = init(model, b["x"])
+    _, sub = jax.random.split(jax.random.key_data(jax.random.key(7)))
+
+    def loss(p, x, y, key):
+        return xent(qjax.fake_quantized(model.apply, INT8, key=key)(p, x), {"y": y})
+
+    grad = jax.jit(jax.grad(loss))
+    grads = [
+        grad(params, b["x"][2 * i : 2 * i + 2], b["y"][2 * i : 2 * i + 2], jax.random.fold_in(sub, i))
+        for i in range(8)
+    ]
+    g = jax.tree.map(lambda *a: sum(a) / 8, *grads)
+    updates, _ = tx.update(g, tx.init(params), params)
+    assert_close(state.params, optax.apply_updates(params, updates))
+
+
+def test_prune_step_masks_sharded_like_params():
+    b = batch(4)
+    model = MLP()
+    params = init(model, b["x"])
+    tx = qjax.prune.sparsify(sgd(), qjax.prune.Magnitude(sparsity=0.5), qjax.prune.one_shot(1))
+    out = {}
+    for name, shape, rules in (
+        ("single", (1, 1, 1), presets.data_parallel()),
+        ("fsdp", (1, 8, 1), presets.fsdp()),
+    ):
+        mesh = qp.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        sh = qp.train_state_shardings(params, tx, rules, mesh)
+        masks_sh = qjax.prune.get_masks(sh.opt_state)
+        assert masks_sh["params"]["up"]["kernel"] == sh.params["params"]["up"]["kernel"]
+        assert masks_sh["params"]["up"]["bias"] is None  # biases are not pruned
+        state = qp.init_train_state(params, tx, sh)
+        step = qp.prune_step(model.apply, xent, tx, sh, qp.batch_shardings(mesh, b), policy=QAT)
+        for _ in range(3):
+            state, _ = step(state, b)
+        out[name] = state
+    masks = qjax.prune.get_masks(out["fsdp"].opt_state)["params"]["up"]["kernel"]
+    assert masks.sharding.spec == P(None, "fsdp") and masks.sharding.shard_shape(masks.shape) == (16, 4)
+    np.testing.assert_array_equal(
+        masks, qjax.prune.get_masks(out["single"].opt_state)["params"]["up"]["kernel"]
+    )
+    assert float(jnp.mean(out["fsdp"].params["params"]["up"]["kernel"] == 0)) == pytest.approx(0.5, abs=0.02)
+    assert_close(out["fsdp"].params, out["single"].params)
+
+
+def test_distill_step_teacher_sharded():
+    b = batch(5)
+    student, teacher = MLP(hidden=16), MLP(hidden=64)
+    sp, tp = init(student, b["x"]), init(teacher, b["x"])
+    tx = sgd()
+    out = {}
+    for name, shape, rules in (
+        ("single", (1, 1, 1), presets.data_parallel()),
+        ("hybrid", (2, 2, 2), presets.hybrid()),
+    ):
+        mesh = qp.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        trained = {"student": sp, "adapters": {}}
+        sh = qp.train_state_shardings(trained, tx, rules, mesh)
+        tsh = qp.shardings(tp, rules, mesh)
+        state = qp.init_train_state(trained, tx, sh)
+        teacher_params = jax.device_put(tp, tsh)
+        step = qp.distill_train_step(
+            student.apply, teacher.apply, kd_objective(2.0, 0.5), tx, sh, tsh, qp.batch_shardings(mesh, b)
+        )
+        for _ in range(2):
+            state, metrics = step(state, b, teacher_params)
+        out[name] = (state, float(metrics["loss"]))
+        assert teacher_params["params"]["up"]["kernel"].sharding.spec == tsh["params"]["up"]["kernel"].spec
+    assert tsh["params"]["up"]["kernel"].spec == P("fsdp", "tensor")
+    assert out["hybrid"][1] == pytest.approx(out["single"][1], rel=1e-5)
+    assert_close(out["hybrid"][0].params, out["single"][0].params)
+
+
+def test_int8_eval_hybrid_is_exact():
+    b = batch(6)
+    model = MLP()
+    qparams = qjax.quantize_params(init(model, b["x"]), QAT)
+    want = jax.jit(qjax.quantized(model.apply, QAT))(qparams, b["x"])
+    mesh = qp.make_mesh(2, 2, 2)
+    psh = qp.shardings(qparams, presets.hybrid(), mesh)
+    up = psh["params"]["up"]["kernel"]
+    assert isinstance(up, qjax.QArray)
+    assert up.values.spec == P("fsdp", "tensor") and up.scale.spec == P(None, "tensor")  # scale (1, 32)
+    ev = qp.eval_step(model.apply, QAT, psh, qp.batch_sharding(mesh, 2))
+    qparams = jax.device_put(qparams, psh)
+    got = ev(qparams, jax.device_put(b["x"], qp.batch_sharding(mesh, 2)))
+    np.testing.assert_array_equal(got, want)
+    ops = hlo.collectives(ev.hlo(qparams, b["x"]))
+    # FSDP gathers the int8 codes themselves (1 byte per weight), not a float copy
+    assert any(op.kind == "all-gather" and op.shapes[0][0] == "s8" for op in ops)
