@@ -1,0 +1,146 @@
+"""The multiple-choice knapsack MILP against brute force on random small instances,
+with ties, pins, forbidden pairs and several budget rows; infeasibility; Pareto sweeps."""
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from qjax import autoprec
+
+
+def brute_force(obj, costs, budgets, ties=(), pins=None, allowed=None):
+    """(best objective, a best choice) by enumeration, or None if infeasible."""
+    n_l, n_f = obj.shape
+    best = None
+    for choice in itertools.product(range(n_f), repeat=n_l):
+        if allowed is not None and not all(allowed[i, c] for i, c in enumerate(choice)):
+            continue
+        if any(choice[i] != f for i, f in (pins or {}).items()):
+            continue
+        if any(len({choice[i] for i in g}) > 1 for g in ties):
+            continue
+        rows = np.arange(n_l)
+        if any(costs[k][rows, choice].sum() > b for k, b in budgets.items()):
+            continue
+        o = obj[rows, choice].sum()
+        if best is None or o < best[0]:
+            best = (o, choice)
+    return best
+
+
+@st.composite
+def instances(draw):
+    n_l = draw(st.integers(1, 4))
+    n_f = draw(st.integers(1, 3))
+    ints = lambda lo, hi: st.lists(st.integers(lo, hi), min_size=n_l * n_f, max_size=n_l * n_f)
+    obj = np.array(draw(ints(-5, 20)), float).reshape(n_l, n_f)
+    n_rows = draw(st.integers(1, 2))
+    costs = {f"c{k}": np.array(draw(ints(0, 10)), float).reshape(n_l, n_f) for k in range(n_rows)}
+    budgets = {k: float(draw(st.integers(0, 10 * n_l))) for k in costs}
+    allowed = np.array(draw(st.lists(st.booleans(), min_size=n_l * n_f, max_size=n_l * n_f))).reshape(
+        n_l, n_f
+    )
+    allowed[:, 0] = True  # keep every layer with some option
+    ties = []
+    if n_l >= 2 and draw(st.booleans()):
+        ties = [tuple(sorted(draw(st.sets(st.integers(0, n_l - 1), min_size=2, max_size=n_l))))]
+    pins = {}
+    if draw(st.booleans()):
+        pins = {draw(st.integers(0, n_l - 1)): 0}
+    return obj, costs, budgets, allowed, ties, pins
+
+
+@settings(max_examples=60)
+@given(instances())
+def test_milp_equals_brute_force(inst):
+    obj, costs, budgets, allowed, ties, pins = inst
+    want = brute_force(obj, costs, budgets, ties, pins, allowed)
+    if want is None:
+        with pytest.raises(autoprec.InfeasibleError):
+            autoprec.solve(obj, costs, budgets, ties=ties, pins=pins, allowed=allowed)
+        return
+    sol = autoprec.solve(obj, costs, budgets, ties=ties, pins=pins, allowed=allowed)
+    assert sol.objective == pytest.approx(want[0], abs=1e-9)
+    ch = sol.choice
+    assert all(allowed[i, c] for i, c in enumerate(ch))
+    assert all(ch[i] == f for i, f in pins.items())
+    assert all(len({ch[i] for i in g}) == 1 for g in ties)
+    for k, b in budgets.items():
+        assert sol.costs[k] == costs[k][np.arange(len(ch)), ch].sum() <= b
+
+
+def test_inf_entries_forbid_and_ties_pins_honoured():
+    obj = np.array([[0.0, 5.0, 9.0], [0.0, 1.0, 3.0], [0.0, 7.0, 8.0], [0.0, 2.0, 6.0]])
+    size = np.array([[4.0, 2.0, 1.0]] * 4)
+    obj[1, 2] = np.inf  # layer 1 cannot take candidate 2
+    sol = autoprec.solve(obj, {"size": size}, {"size": 8})
+    assert sol.choice[1] != 2 and sol.costs["size"] <= 8
+    tied = autoprec.solve(obj, {"size": size}, {"size": 9}, ties=[(0, 2)], pins={3: 0})
+    assert tied.choice[0] == tied.choice[2] and tied.choice[3] == 0
+    assert tied.objective == pytest.approx(brute_force(obj, {"size": size}, {"size": 9}, [(0, 2)], {3: 0})[0])
+    with pytest.raises(autoprec.InfeasibleError, match="pinned"):
+        autoprec.solve(obj, {"size": size}, {"size": 99}, pins={1: 2})
+
+
+def test_infeasible_budget_message():
+    obj = np.zeros((3, 2))
+    size = np.array([[4.0, 2.0]] * 3)
+    with pytest.raises(autoprec.InfeasibleError, match=r"size <= 5 \(the least achievable alone is 6\)"):
+        autoprec.solve(obj, {"size": size}, {"size": 5})
+    with pytest.raises(ValueError, match="budget 'bops' has no cost matrix"):
+        autoprec.solve(obj, {"size": size}, {"bops": 5})
+    with pytest.raises(ValueError, match=r"costs\['size'\] has shape \(2, 2\)"):
+        autoprec.solve(obj, {"size": size[:2]}, {"size": 5})
+    with pytest.raises(ValueError, match="ties"):
+        autoprec.solve(obj, {"size": size}, {"size": 9}, ties=[(0, 7)])
+
+
+@settings(max_examples=15)
+@given(instances())
+def test_pareto_monotone_and_optimal(inst):
+    obj, costs, _, allowed, ties, pins = inst
+    front = autoprec.pareto(obj, costs, "c0", points=8, ties=ties, pins=pins, allowed=allowed)
+    assert front
+    c = [p.costs["c0"] for p in front]
+    o = [p.objective for p in front]
+    assert all(a < b for a, b in itertools.pairwise(c)) and all(a > b for a, b in itertools.pairwise(o))
+    for p in front:  # every point is optimal at its own cost
+        want = brute_force(obj, {"c0": costs["c0"]}, {"c0": p.costs["c0"]}, ties, pins, allowed)
+        assert p.objective == pytest.approx(want[0], abs=1e-9)
+    unconstrained = brute_force(obj, {}, {}, ties, pins, allowed)
+    assert o[-1] == pytest.approx(unconstrained[0], abs=1e-9)
+    cheapest = brute_force(costs["c0"], {}, {}, ties, pins, allowed)
+    assert c[0] == pytest.approx(cheapest[0])
+
+
+@settings(max_examples=15)
+@given(instances())
+def test_exact_pareto_is_the_whole_frontier(inst):
+    obj, costs, _, allowed, ties, pins = inst
+    front = autoprec.pareto(obj, costs, "c0", points=1000, exact=True, ties=ties, pins=pins, allowed=allowed)
+    # brute-force frontier: sort all feasible assignments by cost, keep strict improvements
+    n_l, n_f = obj.shape
+    feasible = []
+    for choice in itertools.product(range(n_f), repeat=n_l):
+        ok = all(allowed[i, c] for i, c in enumerate(choice)) and all(choice[i] == f for i, f in pins.items())
+        if ok and all(len({choice[i] for i in g}) == 1 for g in ties):
+            rows = np.arange(n_l)
+            feasible.append((costs["c0"][rows, choice].sum(), obj[rows, choice].sum()))
+    want, best = [], np.inf
+    for c, o in sorted(feasible):
+        if o < best - 1e-9:
+            want.append((c, o))
+            best = o
+    assert [p.costs["c0"] for p in front] == [c for c, _ in want]
+    assert [p.objective for p in front] == pytest.approx([o for _, o in want])
+
+
+def test_pareto_errors():
+    obj = np.zeros((2, 2))
+    with pytest.raises(ValueError, match="sweep 'x' is not a cost"):
+        autoprec.pareto(obj, {"c": obj}, "x")
+    with pytest.raises(ValueError, match="swept"):
+        autoprec.pareto(obj, {"c": obj}, "c", budgets={"c": 1})
