@@ -96,6 +96,8 @@ def train(
     transform: Transform | None = None,
     scales: Any = None,
     on_epoch: Callable[[float], None] | None = None,
+    tx: optax.GradientTransformation | None = None,
+    apply: Callable | None = None,
 ) -> tuple[Any, Any]:
     """Train with optax adam on minibatches (one jitted ``lax.scan`` per epoch).
 
@@ -105,18 +107,23 @@ def train(
         flow through it to ``variables`` and ``scales``.
       scales: extra trainable pytree (e.g. LSQ step sizes from ``qjax.lsq_scales``).
       on_epoch: called with the epoch's mean training loss.
+      tx: the optimizer (default ``optax.adam(lr)``), e.g. a ``qjax.prune.sparsify`` one.
+      apply: the forward function (default ``model.apply``), e.g. for a shrunk model.
 
     Returns:
-      ``(variables, scales)`` after training.
+      ``(variables, scales)`` after training; with a given ``tx``, ``((variables,
+      scales), opt_state)``.
     """
     transform = transform or _identity
     scales = {} if scales is None else scales
-    tx = optax.adam(lr)
+    given_tx = tx is not None
+    tx = tx if given_tx else optax.adam(lr)
+    apply = apply or model.apply
     trainable = (variables, scales)
     opt_state = tx.init(trainable)
 
     def loss_fn(tr, xb, yb):
-        logits = model.apply(transform(*tr), xb)
+        logits = apply(transform(*tr), xb)
         return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
 
     @jax.jit
@@ -138,7 +145,7 @@ def train(
         trainable, opt_state, loss = run_epoch(trainable, opt_state, data.x_train[perm], data.y_train[perm])
         if on_epoch is not None:
             on_epoch(float(loss))
-    return trainable
+    return (trainable, opt_state) if given_tx else trainable
 
 
 def make_accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray) -> Callable[[Any], float]:

@@ -25,14 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
+import optax
 
 import qjax
-from qjax import _demo
+from qjax import _demo, prune
 
 NOTE = (
     "PTQ/QAT rows: weights are quantized with qjax.quantize_params and dequantized for evaluation; "
     "the W8A8 row runs the model with qjax.quantized (int8 x int8 -> int32 matmuls, calibrated "
-    "static activation scales); only Dense kernels are quantized, biases stay float32."
+    "static activation scales); only Dense kernels are quantized, biases stay float32. Pruning rows "
+    "fine-tune with qjax.prune.sparsify (bytes: kept values + a 1-bit mask per pruned kernel); the "
+    "channel row removes half the hidden neurons with qjax.prune.shrink and fine-tunes the smaller model."
 )
 
 
@@ -95,6 +99,28 @@ def _qat_methods() -> list[tuple[str, str, Any]]:
     ]
 
 
+def _prune_methods(steps: int) -> list[tuple[str, str, Any, Any]]:
+    """Pruning rows: (key, label, pruner, schedule); ``steps``: fine-tune steps."""
+    every = max(1, steps // 20)
+    return [
+        ("magnitude90_gradual", "magnitude pruning 90% (gradual, global)",
+         prune.Magnitude(0.9, scope="global"), prune.polynomial(0.9, 0, max(1, int(0.6 * steps)), every)),
+        ("nm_2_4", "2:4 sparsity (magnitude, one-shot)",
+         prune.Magnitude(0.5, sparsity_type=prune.NM(2, 4, axis=-2)), prune.one_shot(0)),
+    ]
+
+
+def _sparse_bytes(tree: Any, masks: Any) -> int:
+    """Bytes of ``tree`` stored sparse: kept values plus a 1-bit mask for pruned leaves,
+    dense for the others."""
+
+    def leaf_bytes(m, x):
+        item = np.dtype(x.dtype).itemsize
+        return x.size * item if m is None else int(np.sum(np.asarray(m))) * item + (x.size + 7) // 8
+
+    return int(sum(jax.tree.leaves(jax.tree.map(leaf_bytes, masks, tree, is_leaf=lambda v: v is None))))
+
+
 def run_demo(
     *, fast: bool = False, seed: int = 0, quiet: bool = False, log: Callable[[str], None] | None = None
 ) -> dict[str, Any]:
@@ -121,16 +147,17 @@ def run_demo(
     accuracy = _demo.make_accuracy(model, data.x_test, data.y_test)
     rows: list[dict[str, Any]] = []
 
-    def add(key, label, kind, acc, tree, seconds, **extra):
+    def add(key, label, kind, acc, tree, seconds, nbytes=None, **extra):
         fp = qjax.footprint(tree)
+        nbytes = fp.total if nbytes is None else nbytes
         rows.append(
             dict(
                 key=key,
                 method=label,
                 kind=kind,
                 accuracy=acc,
-                bytes=fp.total,
-                ratio=fp.float_total / fp.total,
+                bytes=nbytes,
+                ratio=float_bytes / nbytes if rows else 1.0,
                 seconds=seconds,
                 **extra,
             )
@@ -148,6 +175,7 @@ def run_demo(
             seed=seed,
             on_epoch=lambda loss: _tick(pb, loss),
         )
+    float_bytes = qjax.footprint(variables).float_total
     add("float", "float32 (trained)", "float", accuracy(variables), variables, time.perf_counter() - t)
 
     # 2. post-training quantization of the kernels
@@ -201,6 +229,35 @@ def run_demo(
         fq_acc = accuracy(jax.jit(lambda v, s, p=policy: qjax.fake_quant_params(v, p, scales=s))(qv, qs))
         add(key, label, "qat", acc, qvars, time.perf_counter() - t, fake_quant_accuracy=fq_acc)
 
+    # 4. pruning: fine-tune with qjax.prune.sparsify (masks in the optimizer state), and
+    #    structured channel pruning physically shrunk with qjax.prune.shrink
+    prune_epochs = 3 * qat_epochs  # 90% sparsity needs a longer fine-tune than QAT
+    steps = prune_epochs * (len(data.x_train) // 128)
+    for key, label, pruner, schedule in _prune_methods(steps):
+        t = time.perf_counter()
+        tx = prune.sparsify(optax.adam(3e-4), pruner, schedule, key=seed)
+        with bar(total=prune_epochs, desc=label) as pb:
+            (pv, _), opt_state = _demo.train(
+                model, variables, data, epochs=prune_epochs, lr=3e-4, seed=seed + 2, tx=tx,
+                on_epoch=lambda loss, pb=pb: _tick(pb, loss),
+            )
+        masks = prune.get_masks(opt_state)[0]
+        summary = prune.summary(masks)
+        add(key, label, "prune", accuracy(pv), pv, time.perf_counter() - t, nbytes=_sparse_bytes(pv, masks),
+            sparsity=summary.sparsity)
+    t = time.perf_counter()
+    channel = prune.Magnitude(0.5, sparsity_type=prune.Channel(-1), rules=[(r"params/Dense_2/kernel", None)])
+    small, _plan = prune.shrink(model.apply, variables, channel.masks(variables), data.x_test[:2], vote="any")
+    small_apply = prune.linen_apply(model)
+    with bar(total=prune_epochs, desc="channel pruning 50% + shrink") as pb:
+        small, _ = _demo.train(
+            model, small, data, epochs=prune_epochs, lr=3e-4, seed=seed + 3, apply=small_apply,
+            on_epoch=lambda loss, pb=pb: _tick(pb, loss),
+        )
+    acc = float((np.argmax(jax.jit(small_apply)(small, data.x_test), -1) == data.y_test).mean())
+    add("channel50_shrink", "channel pruning 50% + shrink (smaller dense model)", "prune", acc, small,
+        time.perf_counter() - t)
+
     total = time.perf_counter() - t_start
     log(f"demo finished in {total:.1f} s")
     return {
@@ -208,7 +265,7 @@ def run_demo(
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "seed": seed,
         "fast": fast,
-        "epochs": {"float": epochs, "qat": qat_epochs},
+        "epochs": {"float": epochs, "qat": qat_epochs, "prune": prune_epochs},
         "data": {"name": "sklearn digits 8x8", "train": len(data.y_train), "test": len(data.y_test)},
         "model": "MLP 64-256-256-10 (Flax linen), optax adam",
         "note": NOTE,
@@ -266,14 +323,15 @@ def format_report(result: dict[str, Any]) -> str:
     v = result["versions"]
     return "\n".join(
         [
-            "# qjax demo: digits MLP, weight quantization",
+            "# qjax demo: digits MLP, quantization and pruning",
             "",
             f"- date: {result['date']}; machine: {result['machine']}; python {v['python']}, "
             f"jax {v['jax']}, qjax {v['qjax']}",
             f"- data: {result['data']['name']} ({result['data']['train']} train / "
             f"{result['data']['test']} test, seed {result['seed']})",
             f"- model: {result['model']}; epochs: float {result['epochs']['float']}, "
-            f"QAT {result['epochs']['qat']}{' (--fast)' if result['fast'] else ''}",
+            f"QAT {result['epochs']['qat']}, pruning {result['epochs']['prune']}"
+            f"{' (--fast)' if result['fast'] else ''}",
             f"- {result['note']}",
             "- bytes: `qjax.footprint(...).total` of all variables (values, scales, float biases); "
             "seconds: wall time of that row's step (training, or quantize + evaluate, compile included).",

@@ -32,6 +32,9 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
         "qat_int4_channel",
         "qat_int2_channel",
         "qat_int2_channel_lsq",
+        "magnitude90_gradual",
+        "nm_2_4",
+        "channel50_shrink",
     }
     assert set(rows) == expected
     for r in rows.values():  # every row is in the printed table and the report
@@ -48,6 +51,12 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
     for key in ("int4_tensor", "int4_channel", "int4_group16", "qat_int4_channel"):
         assert rows[key]["bytes"] < int8_bytes, key
     assert rows["int2_channel"]["bytes"] < rows["int4_channel"]["bytes"] < int8_bytes < rows["float"]["bytes"]
+    # pruning rows: exact sparsity reached inside the optimizer, sparse storage smaller than dense
+    assert rows["magnitude90_gradual"]["sparsity"] == pytest.approx(0.9, abs=1e-4)
+    assert rows["nm_2_4"]["sparsity"] == pytest.approx(0.5, abs=1e-4)
+    assert rows["magnitude90_gradual"]["bytes"] < rows["nm_2_4"]["bytes"] < rows["float"]["bytes"]
+    assert rows["channel50_shrink"]["bytes"] < rows["float"]["bytes"] / 3
+    assert rows["channel50_shrink"]["accuracy"] > 0.85
     for key in ("qat_int4_channel", "qat_int2_channel", "qat_int2_channel_lsq"):
         # quantize-then-dequantize evaluates exactly like the fake-quant forward pass
         assert rows[key]["accuracy"] == rows[key]["fake_quant_accuracy"], key
