@@ -49,24 +49,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from digits_models import CNN
 from distill_common import load, train_plain
 from report import RESULTS, machine, write
 from timing import time_interleaved
 
 import qjax
 from qjax import autoprec
-
-
-class CNN(nn.Module):
-    """3x3 conv 16 -> avg-pool -> 3x3 conv 32 -> dense 64 -> dense 10."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(16, (3, 3), name="conv1")(x))
-        x = nn.avg_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Conv(32, (3, 3), name="conv2")(x))
-        x = nn.relu(nn.Dense(64, name="fc")(x.reshape(x.shape[0], -1)))
-        return nn.Dense(10, name="head")(x)
 
 
 class MLP(nn.Module):

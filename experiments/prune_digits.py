@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from digits_models import CNN
 from distill_common import load
 from report import machine, write
 
@@ -56,19 +57,6 @@ class MLP(nn.Module):
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, name="fc1")(x))
         x = nn.relu(nn.Dense(128, name="fc2")(x))
-        return nn.Dense(10, name="head")(x)
-
-
-class CNN(nn.Module):
-    """3x3 conv 16 -> 2x2 avg-pool -> 3x3 conv 32 -> dense 64 -> 10 (the autoprec study's CNN;
-    XLA:CPU's convolution backward pass makes wider CNNs slow to fine-tune here)."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = nn.relu(nn.Conv(16, (3, 3), name="conv1")(x))
-        x = nn.avg_pool(x, (2, 2), (2, 2))
-        x = nn.relu(nn.Conv(32, (3, 3), name="conv2")(x))
-        x = nn.relu(nn.Dense(64, name="fc")(x.reshape(x.shape[0], -1)))
         return nn.Dense(10, name="head")(x)
 
 
