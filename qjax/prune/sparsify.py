@@ -301,13 +301,11 @@ def sparsify(
                 is_leaf=_is_none,
             )
             u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
-            changed = jax.tree.map(lambda a, b: None if a is None else a != b, old, new, is_leaf=_is_none)
-            inner_state = _cond(
-                flag,
-                lambda s: reset_opt_state(s, changed, params, inner),
-                lambda s: s,
-                inner_state,
-            )
+            def reset(s):  # only on update steps: the comparison is a full pass over the masks
+                changed = jax.tree.map(lambda a, b: None if a is None else a != b, old, new, is_leaf=_is_none)
+                return reset_opt_state(s, changed, params, inner)
+
+            inner_state = _cond(flag, reset, lambda s: s, inner_state)
             u = jax.tree.map(
                 lambda a, b, x, p: x if a is None else jnp.where(a & b, x, -p.astype(x.dtype)),
                 old,
