@@ -35,6 +35,9 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
         "magnitude90_gradual",
         "nm_2_4",
         "channel50_shrink",
+        "fixed16",
+        "fixed8",
+        "kd_student",
     }
     assert set(rows) == expected
     for r in rows.values():  # every row is in the printed table and the report
@@ -57,6 +60,10 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
     assert rows["magnitude90_gradual"]["bytes"] < rows["nm_2_4"]["bytes"] < rows["float"]["bytes"]
     assert rows["channel50_shrink"]["bytes"] < rows["float"]["bytes"] / 3
     assert rows["channel50_shrink"]["accuracy"] > 0.85
+    # fixed point: integer execution close to float; KD student smaller than the teacher
+    assert rows["fixed16"]["accuracy"] >= float_acc - 0.02
+    assert rows["fixed8"]["bytes"] < rows["fixed16"]["bytes"] < rows["float"]["bytes"]
+    assert rows["kd_student"]["bytes"] < rows["float"]["bytes"] / 4 and rows["kd_student"]["accuracy"] > 0.8
     for key in ("qat_int4_channel", "qat_int2_channel", "qat_int2_channel_lsq"):
         # quantize-then-dequantize evaluates exactly like the fake-quant forward pass
         assert rows[key]["accuracy"] == rows[key]["fake_quant_accuracy"], key
