@@ -5,7 +5,7 @@ distillation, mixed-precision search, sharding and low-bit kernels, as pure tran
 over pytrees and functions. See ``DESIGN.md`` for the architecture.
 """
 
-from qjax import autoprec, checkpoint, distill, fixed, graph, models, parallel, prune, rules
+from qjax import autoprec, checkpoint, distill, fixed, graph, kernels, models, parallel, prune, rules
 from qjax.graph import nnx_apply
 from qjax.numerics import (
     PER_TOKEN,
@@ -65,6 +65,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "autoprec",
+    "kernels",
     "ActStats",
     "awq",
     "gptq",

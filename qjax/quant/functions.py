@@ -365,7 +365,7 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None) -> QArray | No
     return w
 
 
-def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None):
+def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto"):
     """Run a target equation on an activation and a quantized weight (operand ``wi``)."""
     from qjax.quant import ops  # the op library sits beside this module
 
@@ -391,11 +391,13 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None):
         )
     dn = p["dimension_numbers"]
     if wi == 1:
-        return ops.quantized_dot_general(act, w, dn, lhs_spec=aspec, out_dtype=out_dtype, **static)
+        return ops.quantized_dot_general(
+            act, w, dn, lhs_spec=aspec, out_dtype=out_dtype, backend=backend, **static
+        )
     # weight on the left: swap operands, then move the output dims back
     (lc, rc), (lb, rb) = dn
     out = ops.quantized_dot_general(
-        act, w, ((rc, lc), (rb, lb)), lhs_spec=aspec, out_dtype=out_dtype, **static
+        act, w, ((rc, lc), (rb, lb)), lhs_spec=aspec, out_dtype=out_dtype, backend=backend, **static
     )
     nb = len(lb)
     n_act_free = len(eqn.invars[1].aval.shape) - len(rc) - nb
@@ -405,6 +407,10 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None):
 
 
 class _Serve(_PolicyHandler):
+    def __init__(self, policy: Policy, backend: str = "auto"):
+        super().__init__(policy)
+        self.backend = backend
+
     @_named_errors
     def target(self, eqn, invals, emit):
         found = self.weight(invals)
@@ -417,10 +423,10 @@ class _Serve(_PolicyHandler):
         if w is None:
             return None  # float weight without a rule, or a layout scales cannot follow: float op
         aspec = None if rule is None or rule.act is None else _resolve_act_spec(rule.act, eqn, 1 - wi)
-        return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec)]
+        return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend)]
 
 
-def quantized(f: Callable, policy: Policy) -> Callable:
+def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable:
     """``f`` with its matmuls/convs executed on quantized weights and activations.
 
     Weights are read from ``QArray`` leaves (``qjax.quantize_params``) or quantized on the
@@ -438,6 +444,6 @@ def quantized(f: Callable, policy: Policy) -> Callable:
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
-        return _run(f, lambda: _Serve(policy), params, args, kwargs)[0]
+        return _run(f, lambda: _Serve(policy, backend), params, args, kwargs)[0]
 
     return g

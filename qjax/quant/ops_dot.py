@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax.kernels import dispatch as kdispatch
 from qjax.numerics.qarray import QArray
 from qjax.numerics.spec import QuantSpec
 from qjax.quant import ops_common as oc
@@ -34,6 +35,7 @@ class _Config:
     method: str  # resolved, never "auto"
     out_dtype: Any
     token_axes: tuple  # (lhs, rhs) non-contracting axes
+    kernel: Any = None  # a qjax.kernels.dispatch.KernelPlan when method == "kernel"
 
 
 # -- dimension numbers ----------------------------------------------------------------
@@ -83,6 +85,8 @@ def _normalize_dn(dimension_numbers, lshape, rshape, lhs, rhs) -> tuple:
 
 
 def _impl(cfg: _Config, lhs, rhs, ls, lz, rs, rz, key):
+    if cfg.method == "kernel":
+        return kdispatch.run(cfg.kernel, lhs, rhs, cfg.lhs_spec, ls, lz, key, cfg.out_dtype)
     lkey = rkey = key
     if key is not None and cfg.lhs_spec is not None and cfg.rhs_spec is not None:
         lkey, rkey = jax.random.split(key)
@@ -171,6 +175,7 @@ def quantized_dot_general(
     rhs_scale=None,
     rhs_zero_point=None,
     method: str = "auto",
+    backend: str = "auto",
 ) -> jax.Array:
     """``lax.dot_general(lhs, rhs, dimension_numbers)`` with quantized operands.
 
@@ -193,6 +198,10 @@ def quantized_dot_general(
         the float operand cut into int8 pieces), ``"convert"`` (codes converted to a
         float dtype in which they are exact, scales applied after the dot),
         ``"dequant"`` (dequantize, then a float dot).
+      backend: ``"auto"`` (a Pallas kernel where the platform, op and shape are covered and
+        the tuning table measured it faster; else XLA), ``"xla"``, ``"pallas"`` (the kernel
+        or a ``ValueError`` saying why not), ``"interpret-gpu"`` / ``"interpret-tpu"``
+        (the kernel in the Pallas interpreter). See :mod:`qjax.kernels.dispatch`.
 
     Returns:
       The ``dot_general`` result, in ``out_dtype``. Differentiable w.r.t. float
@@ -238,7 +247,15 @@ def quantized_dot_general(
     )
     m = _choose(method, kinds, rows, dtypes, packed, groups)
     out_dtype = jnp.dtype(out_dtype if out_dtype is not None else jnp.result_type(*dtypes))
-    cfg = _Config(dn, specs[0], specs[1], m, out_dtype, token)
+    kdispatch.check_backend(backend)
+    plan = None
+    if backend != "xla" and (method == "auto" or backend != "auto"):
+        plan, why = kdispatch.plan(lhs, rhs, dn, specs[0], lhs_scale, lhs_zero_point, backend)
+        if plan is None and backend != "auto":
+            raise ValueError(f"backend={backend!r} cannot run this dot_general with a kernel: {why}")
+        if plan is not None:
+            m = "kernel"
+    cfg = _Config(dn, specs[0], specs[1], m, out_dtype, token, plan)
     return _qdot(cfg, lhs, rhs, lhs_scale, lhs_zero_point, rhs_scale, rhs_zero_point, key)
 
 

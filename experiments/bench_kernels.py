@@ -1,0 +1,470 @@
+"""Low-bit matmul kernels: check correctness, tune block sizes, time against XLA.
+
+On a GPU (or TPU) this:
+
+1. checks each kernel against a float64 / integer reference (bit-exact for int8 x int8);
+2. for each case times every candidate block config and keeps the fastest (the tuning
+   table ``qjax/kernels/tuning_<platform>.json`` is written from these winners with
+   ``--write-table``);
+3. times, in the same run, XLA's bfloat16 dot and XLA's own quantized formulation (int8
+   dot for W8A8; the int8 / int4 weight converted inside XLA's fused dot for weight-only),
+   with warm-up, ``block_until_ready`` and weights rotated past the L2 cache;
+4. reports each time as a ratio to both and as a fraction of the roofline (measured copy
+   bandwidth; datasheet tensor-core peaks), and writes a JSON to ``experiments/results/``.
+
+Cases (issue 10): W4A16 and W8A16 at batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, per
+channel and with groups of 128; W8A8 at 4096^3.
+
+    python experiments/bench_kernels.py --out experiments/results/bench_kernels_gpu.json
+
+On CPU only the correctness checks run (interpret mode) unless ``--force``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.kernels import BlockConfig, api, pack_int4, tuning
+from qjax.kernels import _common as kc
+
+PEAKS = {  # dense tensor-core peaks, datasheet (SXM): (bf16, int8) in op/s
+    "H100": (989e12, 1979e12),
+    "H200": (989e12, 1979e12),
+    "A100": (312e12, 624e12),
+}
+L2_BYTES = 60 * 2**20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def device_info():
+    d = jax.devices()[0]
+    name = getattr(d, "device_kind", str(d))
+    peak = next((v for k, v in PEAKS.items() if k in name), (None, None))
+    return d.platform, name, peak
+
+
+def copy_bandwidth() -> float:
+    """Bytes read + written per second by an on-device elementwise copy of 2 GiB."""
+    x = jnp.ones((2**30,), jnp.bfloat16)
+    f = jax.jit(lambda x: x + 1)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * x.nbytes / min(ts)
+
+
+def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
+    """Median seconds per call of ``fn(x, w, *rest)``: one jitted program calls it on every
+    pair of the distinct activation buffers ``xs`` and rotated weight buffers ``ws`` (at
+    least ``min_calls`` calls, so the per-program dispatch cost is amortized; distinct
+    buffers, so XLA cannot merge identical calls)."""
+    xs = list(xs)
+    while len(xs) * len(ws) < min_calls:
+        xs.append(xs[0] + 0)
+    run = jax.jit(lambda xs, ws, rest: [fn(x, w, *rest) for x in xs for w in ws])
+    jax.block_until_ready(run(xs, ws, rest))
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(xs, ws, rest))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) / (len(xs) * len(ws))
+
+
+def rotations(nbytes: int) -> int:
+    return int(min(32, max(2, math.ceil(4 * L2_BYTES / max(1, nbytes)))))
+
+
+# -- candidates -----------------------------------------------------------------------------------
+
+
+def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
+    c = []
+    if kind == "w8a8":
+        for bm, bn, bk, w, s in [
+            (128, 128, 128, 8, 3),
+            (128, 256, 128, 8, 3),
+            (128, 128, 64, 4, 4),
+            (64, 128, 128, 4, 4),
+            (128, 256, 64, 8, 4),
+            (256, 128, 64, 8, 3),
+            (128, 128, 128, 4, 4),
+            (64, 256, 128, 8, 3),
+        ]:
+            c.append(BlockConfig(bm, bn, bk, 1, False, w, s))
+    elif m <= 16:
+        for bk in (256, 128):
+            for split in (4, 2, 8, 1):
+                for bn in (64, 128, 32):
+                    c.append(BlockConfig(16, bn, bk, split, True, 4, 4))
+    elif m <= 64:
+        for bm in (32, 64):
+            for bn in (64, 128):
+                for bk in (64, 128):
+                    for split in (1, 2):
+                        c.append(BlockConfig(bm, bn, bk, split, False, 4, 4))
+    else:
+        for bm, bn, bk, w, s in [
+            (128, 128, 64, 8, 3),
+            (128, 128, 128, 8, 3),
+            (64, 128, 64, 4, 4),
+            (128, 64, 64, 4, 4),
+            (128, 256, 64, 8, 3),
+            (64, 64, 128, 4, 4),
+        ]:
+            c.append(BlockConfig(bm, bn, bk, 1, False, w, s))
+    ok = []
+    for cfg in c:
+        try:
+            api.check_config_gpu(cfg, kind, m, k, n, group, layout)
+            ok.append(cfg)
+        except ValueError:
+            pass
+    return ok
+
+
+# -- cases ----------------------------------------------------------------------------------------
+
+
+def make_weight_only(rng, bits, m, k, n, group, layout, pack_block):
+    lo, hi = (-8, 7) if bits == 4 else (-128, 127)
+    codes = rng.integers(lo, hi + 1, (k, n)).astype(np.int8)
+    s = rng.uniform(0.5, 1.5, (1 if group is None else k // group, n)).astype(np.float32) / (
+        hi * math.sqrt(k)
+    )
+    if bits == 8:
+        w = jnp.asarray(codes)
+    elif layout == "k_halves":
+        w = pack_int4(jnp.asarray(codes), pack_block=pack_block)
+    else:  # n_pairs (qjax.quantize's default packing)
+        w = pack_n_pairs(codes)
+    return codes, jnp.asarray(s), w
+
+
+def pack_n_pairs(codes):
+    return jnp.asarray(((codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)).astype(np.uint8))
+
+
+def reference_weight_only(x, codes, s, group):
+    k = codes.shape[0]
+    rows = k if group is None else group
+    w = (
+        codes.reshape(k // rows, rows, -1).astype(np.float64) * np.asarray(s, np.float64)[:, None, :]
+    ).reshape(k, -1)
+    return np.asarray(x, np.float64) @ w
+
+
+def rel_err(out, ref) -> float:
+    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / max(1e-30, np.max(np.abs(ref))))
+
+
+def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw, peak, deadline):
+    x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    kind = "w4a16" if bits == 4 else "w8a16"
+    fn = api.w4a16_matmul if bits == 4 else api.w8a16_matmul
+    codes, s, _ = make_weight_only(rng, bits, m, k, n, group, layout, 128)
+    ref = reference_weight_only(np.asarray(x0, np.float32), codes, s, group)
+    wbytes = k * n * bits // 8
+    r = rotations(wbytes)
+    res = {"kernel": kind, "layout": layout, "m": m, "k": k, "n": n, "group_size": group, "rotations": r}
+    best = None
+    for cfg in tune_cfgs:
+        if time.perf_counter() > deadline and best is not None:
+            break
+        pb = (cfg.block_k if cfg is not None else 128) if layout == "k_halves" else None
+        if bits == 8:
+            w = jnp.asarray(codes)
+        elif layout == "k_halves":
+            w = pack_int4(jnp.asarray(codes), pack_block=pb)
+        else:
+            w = pack_n_pairs(codes)
+        kw = {"layout": layout, "pack_block": pb} if bits == 4 else {}
+        call = lambda x, w, s, cfg=cfg, kw=kw: fn(
+            x, w, s, group_size=group, platform=platform, config=cfg, **kw
+        )
+        try:
+            out = jax.jit(call)(x0, w, s)
+            err = rel_err(out, ref)
+            if not err < 2e-2:
+                res.setdefault("bad_configs", []).append(
+                    {"config": cfg.to_dict() if cfg else None, "rel_err": err}
+                )
+                continue
+            ws = [w] + [w + 0 if w.dtype != jnp.uint8 else w ^ jnp.uint8(0) for _ in range(r - 1)]
+            t = time_calls(call, [x0], ws, (s,))
+        except Exception as e:  # a config the compiler rejects: record, go on
+            res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg, err)
+    if best is None:
+        res["error"] = "no config compiled"
+        return res
+    t, cfg, err = best
+    # baselines: XLA bf16 dot, XLA's own quantized formulation
+    wf = jnp.asarray(codes, jnp.bfloat16)
+    bf16 = lambda x, w: x @ w
+    t_bf16 = time_calls(bf16, [x0], [wf + i for i in range(rotations(2 * k * n))])
+    if bits == 8:
+        wq = jnp.asarray(codes)
+    else:
+        wq = jnp.asarray(codes).astype(jnp.int4)
+    if group is None:
+        xla_q = lambda x, w, s: (
+            jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32) * s
+        ).astype(jnp.bfloat16)
+    else:
+        xla_q = lambda x, w, s: kc.xla_weight_only(
+            x, w.astype(jnp.int8), s, layout="int8", group_size=group, out_dtype=jnp.bfloat16
+        )
+    try:
+        t_xq = time_calls(xla_q, [x0], [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)], (s,))
+    except Exception as e:
+        t_xq = None
+        res["xla_quant_error"] = repr(e)[:300]
+    nbytes = wbytes + 2 * m * k + 2 * m * n + s.size * 4
+    t_roof = max(nbytes / bw, 2 * m * n * k / peak[0]) if peak[0] else nbytes / bw
+    res.update(
+        {
+            "config": cfg.to_dict() if cfg else None,
+            "rel_err": err,
+            "kernel_us": t * 1e6,
+            "xla_bf16_us": t_bf16 * 1e6,
+            "xla_quant_us": None if t_xq is None else t_xq * 1e6,
+            "speedup_vs_bf16": t_bf16 / t,
+            "speedup_vs_xla_quant": None if t_xq is None else t_xq / t,
+            "roofline_fraction": t_roof / t,
+        }
+    )
+    return res
+
+
+def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline):
+    a = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+    b = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    sa = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)) / 127, jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.5, 1.5, (1, n)) / (127 * math.sqrt(k)), jnp.float32)
+    ref = (
+        (np.asarray(a, np.float64) @ np.asarray(b, np.float64))
+        * np.asarray(sa, np.float64)
+        * np.asarray(sb, np.float64)
+    )
+    res = {"kernel": "w8a8", "layout": "int8", "m": m, "k": k, "n": n, "group_size": None}
+    best = None
+    for cfg in tune_cfgs:
+        if time.perf_counter() > deadline and best is not None:
+            break
+        call = lambda a, b, sa, sb, cfg=cfg: api.int8_matmul(a, b, sa, sb, platform=platform, config=cfg)
+        try:
+            out = jax.jit(call)(a, b, sa, sb)
+            err = rel_err(out, ref)
+            if not err < 1e-2:
+                res.setdefault("bad_configs", []).append(
+                    {"config": cfg.to_dict() if cfg else None, "rel_err": err}
+                )
+                continue
+            t = time_calls(call, [a], [b, b + 0, b + 0, b + 0], (sa, sb), min_calls=16)
+        except Exception as e:
+            res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
+            continue
+        if best is None or t < best[0]:
+            best = (t, cfg, err)
+    if best is None:
+        res["error"] = "no config compiled"
+        return res
+    t, cfg, err = best
+    af, bf = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    t_bf16 = time_calls(lambda x, w: x @ w, [af], [bf, bf + 0, bf + 0, bf + 0], min_calls=16)
+    t_i8 = time_calls(
+        lambda a, b, sa, sb: kc.xla_int8_matmul(a, b, sa, sb),
+        [a],
+        [b, b + 0, b + 0, b + 0],
+        (sa, sb),
+        min_calls=16,
+    )
+    flops = 2 * m * n * k
+    res.update(
+        {
+            "config": cfg.to_dict() if cfg else None,
+            "rel_err": err,
+            "kernel_us": t * 1e6,
+            "xla_bf16_us": t_bf16 * 1e6,
+            "xla_int8_us": t_i8 * 1e6,
+            "speedup_vs_bf16": t_bf16 / t,
+            "speedup_vs_xla_int8": t_i8 / t,
+            "kernel_tops": flops / t / 1e12,
+            "roofline_fraction": (flops / peak[1]) / t if peak[1] else None,
+        }
+    )
+    return res
+
+
+def exactness_checks(rng, platform, interpret=False):
+    """int8 kernel bit-exact (K small enough that float32 holds the sums exactly) and each
+    weight-only layout within bf16 tolerance, odd M."""
+    out = []
+    for m in (1, 7, 130):
+        a = jnp.asarray(rng.integers(-128, 128, (m, 512)), jnp.int8)
+        b = jnp.asarray(rng.integers(-128, 128, (512, 256)), jnp.int8)
+        y = api.int8_matmul(a, b, 1.0, 1.0, out_dtype=jnp.float32, platform=platform, interpret=interpret)
+        exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64)
+        out.append(
+            {"check": f"int8 exact m={m}", "ok": bool(np.array_equal(np.asarray(y).astype(np.int64), exact))}
+        )
+    for bits, layout, group in [
+        (4, "k_halves", None),
+        (4, "k_halves", 128),
+        (4, "n_pairs", None),
+        (4, "n_pairs", 64),
+        (4, "k_pairs", 128),
+        (8, "int8", None),
+        (8, "int8", 128),
+    ]:
+        for m in (1, 13, 70):
+            k, n = 512, 256
+            codes, s, w = make_weight_only(
+                rng, bits, m, k, n, group, layout if layout != "k_pairs" else "int8", 128
+            )
+            if layout == "k_pairs":
+                w = jnp.asarray(((codes[0::2] & 15) | ((codes[1::2] & 15) << 4)).astype(np.uint8))
+            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+            ref = reference_weight_only(np.asarray(x, np.float32), codes, s, group)
+            if bits == 4:
+                y = api.w4a16_matmul(
+                    x,
+                    w,
+                    s,
+                    group_size=group,
+                    layout=layout,
+                    platform=platform,
+                    interpret=interpret,
+                    out_dtype=jnp.float32,
+                )
+            else:
+                y = api.w8a16_matmul(
+                    x, w, s, group_size=group, platform=platform, interpret=interpret, out_dtype=jnp.float32
+                )
+            e = rel_err(y, ref)
+            out.append({"check": f"{layout} g={group} m={m}", "ok": e < 1e-2, "rel_err": e})
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="experiments/results/bench_kernels.json")
+    p.add_argument("--write-table", default=None, help="write the tuning table here")
+    p.add_argument("--budget-s", type=float, default=300, help="stop tuning after this many seconds")
+    p.add_argument("--sizes", default="4096,8192")
+    p.add_argument("--batches", default="1,4,16,64,256")
+    p.add_argument("--force", action="store_true", help="time on CPU too (kernels in interpret mode: slow)")
+    args = p.parse_args(argv)
+    rng = np.random.default_rng(0)
+    platform, name, peak = device_info()
+    kplat = {"gpu": "gpu", "tpu": "tpu"}.get(platform)
+    log(f"device: {name} ({platform}), jax {jax.__version__}")
+    report = {
+        "device": name,
+        "platform": platform,
+        "jax": jax.__version__,
+        "date": datetime.date.today().isoformat(),
+        "checks": [],
+        "cases": [],
+    }
+    if kplat is None and not args.force:
+        report["checks"] = exactness_checks(rng, "gpu", interpret=True)
+        log(json.dumps(report["checks"], indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        return
+    report["checks"] = exactness_checks(rng, kplat)
+    log("checks:", all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]])
+    bw = copy_bandwidth()
+    report["copy_bandwidth_GBps"] = bw / 1e9
+    log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
+    t0 = time.perf_counter()
+    n_cases = 0
+    sizes = [int(v) for v in args.sizes.split(",")]
+    batches = [int(v) for v in args.batches.split(",")]
+    plan = [("w8a8", 4096, None, "int8")]
+    for size in sizes:
+        for bits, layout, group in [(4, "k_halves", None), (4, "k_halves", 128), (8, "int8", None)]:
+            for m in batches:
+                plan.append((bits, size, m, layout, group))
+    n_total = len(plan)
+    best_small = {}
+    for item in plan:
+        n_cases += 1
+        # time left is shared evenly by the cases still to run
+        deadline = time.perf_counter() + max(
+            5.0, (args.budget_s - (time.perf_counter() - t0)) / (n_total - n_cases + 1)
+        )
+        try:
+            if item[0] == "w8a8":
+                _, size, _, _ = item
+                cands = gpu_candidates("w8a8", size, size, size, None, "int8") if kplat == "gpu" else [None]
+                res = int8_case(rng, kplat, size, size, size, cands, peak, deadline)
+            else:
+                bits, size, m, layout, group = item
+                kind = "w4a16" if bits == 4 else "w8a16"
+                key = (bits, size, layout, group)
+                if m <= 16 and key in best_small:  # one kernel serves every batch <= 16: reuse its winner
+                    cands = [best_small[key]]
+                else:
+                    cands = (
+                        gpu_candidates(kind, max(m, 16), size, size, group, layout)
+                        if kplat == "gpu"
+                        else [None]
+                    )
+                res = weight_only_case(
+                    rng, kplat, bits, m, size, size, group, layout, cands, bw, peak, deadline
+                )
+                if m <= 16 and res.get("config") and key not in best_small:
+                    best_small[key] = BlockConfig.from_dict(res["config"])
+        except Exception:
+            res = {"case": repr(item), "error": traceback.format_exc()[-800:]}
+        report["cases"].append(res)
+        short = {
+            k: (round(v, 3) if isinstance(v, float) else v)
+            for k, v in res.items()
+            if k not in ("failed_configs", "bad_configs")
+        }
+        log(json.dumps(short))
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.write_table:
+        entries = [
+            tuning.TunedEntry(
+                kernel=r["kernel"] if r["kernel"] != "w4a16" else f"w4a16_{r['layout']}",
+                m=r["m"],
+                k=r["k"],
+                n=r["n"],
+                group_size=r["group_size"],
+                config=BlockConfig.from_dict(r["config"]),
+                kernel_us=r["kernel_us"],
+                xla_us=min(
+                    v for v in (r.get("xla_bf16_us"), r.get("xla_quant_us"), r.get("xla_int8_us")) if v
+                ),
+            )
+            for r in report["cases"]
+            if r.get("config")
+        ]
+        tuning.write_table(Path(args.write_table), name, report["date"], entries)
+    log(f"done in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""Shared pieces of the low-bit matmul kernels: weight layouts, operand checks, block
+configurations and the XLA formulation every kernel must agree with.
+
+Weight layouts (``layout=``) for a weight ``W`` of shape ``(K, N)``:
+
+* ``"int8"``: ``int8`` codes ``(K, N)``.
+* ``"k_halves"``: int4 codes packed two per byte along K, *the two halves of each block
+  of* ``pack_block`` *rows in the low and high nibbles*: byte ``[c*P/2 + j, n]`` holds
+  ``W[c*P + j, n]`` (low nibble) and ``W[c*P + P/2 + j, n]`` (high nibble), ``P =
+  pack_block``. A kernel whose K tile is ``P`` reads its activation tile as two contiguous
+  halves: no interleave, no strided access. Built by :func:`qjax.kernels.pack_int4`.
+* ``"k_pairs"``: int4 packed along K as ``qjax.quantize`` stores it (``pack_axis=0``):
+  byte ``[r, n]`` holds ``W[2r, n]`` (low) and ``W[2r + 1, n]`` (high).
+* ``"n_pairs"``: int4 packed along N as ``qjax.quantize`` stores it by default
+  (``pack_axis=-1``): byte ``[k, c]`` holds ``W[k, 2c]`` (low) and ``W[k, 2c + 1]`` (high).
+
+Nibbles are two's-complement int4 (``-8..7``); packed bytes may be ``uint8`` or ``int8``.
+Scales are ``(1, N)`` / ``(N,)`` (per output channel) or ``(K // group_size, N)`` (groups
+of ``group_size`` consecutive rows of K).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch parameters of one kernel call.
+
+    Attributes:
+      block_m, block_n, block_k: tile of the output rows, output columns and contraction.
+      split_k: the contraction cut into this many chunks run by separate programs
+        (partial float32 sums added afterwards); GPU weight-only kernels only.
+      swap: compute the transposed product ``W^T x^T`` so the (large) weight tile is the
+        left operand of the tensor-core instruction and the few activation rows its
+        narrow right side (GPU, small batches).
+      num_warps, num_stages: Triton launch parameters (GPU only).
+    """
+
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    swap: bool = False
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BlockConfig:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+
+def check_2d(name: str, x, dtypes: tuple | None = None) -> None:
+    """Raise a ``ValueError``/``TypeError`` naming ``name`` unless ``x`` is a 2-D array of
+    one of ``dtypes``."""
+    if not hasattr(x, "shape") or len(x.shape) != 2:
+        raise ValueError(f"{name} must be a 2-D array, got shape {getattr(x, 'shape', type(x).__name__)}")
+    if dtypes is not None and jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in dtypes]:
+        raise TypeError(
+            f"{name} must have dtype {' or '.join(str(jnp.dtype(d)) for d in dtypes)}, got {x.dtype}"
+        )
+
+
+def logical_k_n(layout: str, w_shape: tuple[int, int]) -> tuple[int, int]:
+    """``(K, N)`` of the weight a packed array of ``w_shape`` holds."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    k, n = w_shape
+    if layout in ("k_halves", "k_pairs"):
+        return 2 * k, n
+    if layout == "n_pairs":
+        return k, 2 * n
+    return k, n
+
+
+def normalize_weight_scales(scales, k: int, n: int, group_size: int | None) -> jax.Array:
+    """Scales as a float32 ``(K // group_size, N)`` array (``(1, N)`` per channel).
+
+    Raises:
+      ValueError: a shape that is neither per channel nor per group, or a group size that
+        does not divide K.
+    """
+    s = jnp.asarray(scales)
+    if group_size is None:
+        if s.shape not in ((n,), (1, n)):
+            raise ValueError(f"per-channel scales must have shape ({n},) or (1, {n}), got {s.shape}")
+        return s.reshape(1, n).astype(jnp.float32)
+    if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+        raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={k}")
+    if s.shape != (k // group_size, n):
+        raise ValueError(
+            f"group scales must have shape ({k // group_size}, {n}) for K={k}, "
+            f"group_size={group_size}, got {s.shape}"
+        )
+    return s.astype(jnp.float32)
+
+
+def row_scale(scale, m: int, name: str) -> jax.Array:
+    """A scalar, ``(M,)`` or ``(M, 1)`` scale as a float32 ``(M, 1)`` column."""
+    s = jnp.asarray(scale, jnp.float32)
+    if s.ndim == 0:
+        return jnp.full((m, 1), s)
+    if s.shape in ((m,), (m, 1)):
+        return s.reshape(m, 1)
+    raise ValueError(f"{name} must be a scalar or have shape ({m},) or ({m}, 1), got {s.shape}")
+
+
+def col_scale(scale, n: int, name: str) -> jax.Array:
+    """A scalar, ``(N,)`` or ``(1, N)`` scale as a float32 ``(1, N)`` row."""
+    s = jnp.asarray(scale, jnp.float32)
+    if s.ndim == 0:
+        return jnp.full((1, n), s)
+    if s.shape in ((n,), (1, n)):
+        return s.reshape(1, n)
+    raise ValueError(f"{name} must be a scalar or have shape ({n},) or (1, {n}), got {s.shape}")
+
+
+# -- int4 nibbles ----------------------------------------------------------------------------------
+
+
+def as_int8(packed) -> jax.Array:
+    """Packed bytes as ``int8`` (a bitcast for ``uint8``)."""
+    packed = jnp.asarray(packed)
+    if packed.dtype == jnp.uint8:
+        return lax.bitcast_convert_type(packed, jnp.int8)
+    if packed.dtype != jnp.int8:
+        raise TypeError(f"packed int4 weights must be uint8 or int8 bytes, got {packed.dtype}")
+    return packed
+
+
+def nibbles(p: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sign-extended low and high nibbles of ``int8`` bytes, as ``int32`` (used inside the
+    kernels and by the XLA formulation alike)."""
+    p = p.astype(jnp.int32)
+    lo = lax.shift_right_arithmetic(lax.shift_left(p, 28), 28)
+    hi = lax.shift_right_arithmetic(lax.shift_left(p, 24), 28)
+    return lo, hi
+
+
+def pack_int4(codes, *, pack_block: int = 128) -> jax.Array:
+    """Pack int4 codes ``(K, N)`` into the ``"k_halves"`` layout (see module doc).
+
+    Args:
+      codes: integer array ``(K, N)`` with values in ``[-8, 7]``.
+      pack_block: K block whose two halves share bytes; even, divides K.
+
+    Returns:
+      ``uint8`` array ``(K // 2, N)``.
+
+    Raises:
+      ValueError: codes that are not 2-D integers, or a ``pack_block`` that does not fit K.
+    """
+    codes = jnp.asarray(codes)
+    check_2d("codes", codes)
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"codes must be integers, got {codes.dtype}")
+    k, n = codes.shape
+    if pack_block <= 0 or pack_block % 2 or k % pack_block:
+        raise ValueError(f"pack_block={pack_block} must be even and divide K={k}")
+    c = codes.astype(jnp.int32).reshape(k // pack_block, 2, pack_block // 2, n)
+    b = (c[:, 0] & 0xF) | ((c[:, 1] & 0xF) << 4)
+    return b.reshape(k // 2, n).astype(jnp.uint8)
+
+
+def unpack_codes(w, layout: str, pack_block: int | None = None) -> jax.Array:
+    """The ``int32`` codes ``(K, N)`` a weight array of ``layout`` holds."""
+    if layout == "int8":
+        return jnp.asarray(w).astype(jnp.int32)
+    lo, hi = nibbles(as_int8(w))
+    r, c = lo.shape
+    if layout == "k_pairs":
+        return jnp.stack([lo, hi], axis=1).reshape(2 * r, c)
+    if layout == "n_pairs":
+        return jnp.stack([lo, hi], axis=2).reshape(r, 2 * c)
+    if layout == "k_halves":
+        p = pack_block
+        if p is None or p % 2 or (2 * r) % p:
+            raise ValueError(f"pack_block={p!r} must be even and divide K={2 * r} for layout 'k_halves'")
+        halves = [x.reshape(2 * r // p, p // 2, c) for x in (lo, hi)]
+        return jnp.stack(halves, axis=1).reshape(2 * r, c)
+    raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+
+
+def dequantize_weight(w, scales, *, layout: str, group_size: int | None, pack_block: int | None = None):
+    """The float32 ``(K, N)`` weight ``codes * scale``."""
+    codes = unpack_codes(w, layout, pack_block)
+    k, n = codes.shape
+    s = normalize_weight_scales(scales, k, n, group_size)
+    rows = k if group_size is None else group_size
+    return (codes.reshape(k // rows, rows, n).astype(jnp.float32) * s[:, None, :]).reshape(k, n)
+
+
+# -- XLA formulations (the fallback, and what the kernels must reproduce) ----------------------------
+
+
+def xla_weight_only(x, w, scales, *, layout, group_size, pack_block=None, out_dtype=None):
+    """``x @ dequantize(w)`` with XLA: bfloat16 operands, float32 accumulation, per-group
+    partial sums scaled in float32 (the kernels' arithmetic)."""
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    codes = unpack_codes(w, layout, pack_block)
+    k, n = codes.shape
+    s = normalize_weight_scales(scales, k, n, group_size)
+    xb = jnp.asarray(x).astype(jnp.bfloat16)
+    if group_size is None:
+        acc = jnp.dot(xb, codes.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+        return (acc * s).astype(out_dtype)
+    g = k // group_size
+    cg = codes.astype(jnp.bfloat16).reshape(g, group_size, n)
+    xg = xb.reshape(xb.shape[0], g, group_size)
+    part = jnp.einsum("mgk,gkn->gmn", xg, cg, preferred_element_type=jnp.float32)
+    return jnp.sum(part * s[:, None, :], axis=0).astype(out_dtype)
+
+
+def xla_int8_matmul(a_q, b_q, a_scale, b_scale, *, out_dtype=jnp.bfloat16):
+    """``(a_q @ b_q) * a_scale * b_scale`` with XLA's int8 x int8 -> int32 dot."""
+    acc = lax.dot_general(a_q, b_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+    return (acc.astype(jnp.float32) * a_scale * b_scale).astype(out_dtype)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pow2_at_least(x: int, lo: int) -> int:
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, x)))))
+
+
+def k_perm_pairs_to_halves(k: int, block_k: int) -> np.ndarray:
+    """Static index map taking activations of a ``"k_pairs"`` weight to the order a
+    ``"k_halves"`` kernel with tile ``block_k`` reads: ``x[:, perm]``."""
+    c, j = np.divmod(np.arange(k // 2), block_k // 2)
+    perm = np.empty(k, np.int64)
+    perm[c * block_k + j] = 2 * np.arange(k // 2)
+    perm[c * block_k + block_k // 2 + j] = 2 * np.arange(k // 2) + 1
+    return perm

@@ -1,0 +1,327 @@
+"""Public entry points of the low-bit matmul kernels.
+
+Each takes the quantized operands, picks the platform (``"gpu"``: Pallas Triton kernels,
+``"tpu"``: Pallas Mosaic kernels, ``"xla"``: the same arithmetic as plain XLA ops), picks
+block sizes (an explicit ``config``, else the tuning table, else a default), checks them
+against the shape, and runs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax.kernels import _common as c
+from qjax.kernels import tuning
+from qjax.kernels._common import BlockConfig
+
+PLATFORMS = ("gpu", "tpu", "xla")
+
+
+def resolve_platform(platform: str | None, interpret) -> str:
+    """``platform`` or the default backend's (``cuda``/``rocm``/``gpu`` -> ``"gpu"``,
+    ``tpu`` -> ``"tpu"``, anything else -> ``"xla"``).
+
+    Raises:
+      ValueError: unknown platform, or ``interpret`` without a kernel platform named.
+    """
+    if platform is None:
+        backend = jax.default_backend()
+        platform = "gpu" if backend in ("gpu", "cuda", "rocm") else "tpu" if backend == "tpu" else "xla"
+        if interpret and platform == "xla":
+            raise ValueError(
+                "interpret=True on a CPU backend: name the kernel to interpret with platform='gpu' or 'tpu'"
+            )
+    if platform not in PLATFORMS:
+        raise ValueError(f"platform={platform!r} is not one of {PLATFORMS}")
+    return platform
+
+
+def _pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_size, layout) -> None:
+    """Raise ``ValueError`` naming the rule a GPU config breaks for this shape.
+
+    Rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot); ``block_n``
+    divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
+    ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
+    tiles keep at least 16 along the contraction after unpacking.
+    """
+
+    def bad(msg):
+        raise ValueError(f"config {cfg} does not fit {kind} at M={m}, K={k}, N={n}: {msg}")
+
+    for name in ("block_m", "block_n", "block_k"):
+        if not _pow2(getattr(cfg, name)):
+            bad(f"{name} must be a power of two")
+    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 16:
+        bad("block_m, block_n and block_k must be at least 16")
+    if n % cfg.block_n:
+        bad("block_n must divide N")
+    if cfg.split_k < 1 or k % cfg.split_k or (k // cfg.split_k) % cfg.block_k:
+        bad("split_k must divide K and block_k must divide K // split_k")
+    if kind == "w8a8" and cfg.split_k != 1:
+        bad("split_k is for the weight-only kernels")
+    if layout in ("k_halves", "k_pairs") and cfg.block_k < 32:
+        bad("int4 packed along K needs block_k >= 32 (two halves of at least 16)")
+    if layout == "n_pairs" and cfg.block_n < 32:
+        bad("int4 packed along N needs block_n >= 32 (two halves of at least 16)")
+    if group_size is not None and (group_size % cfg.block_k or (k // cfg.split_k) % group_size):
+        bad(f"block_k must divide group_size={group_size} and group_size must divide K // split_k")
+
+
+def default_config_gpu(kind: str, m: int, k: int, n: int, group_size, layout, pack_block=None) -> BlockConfig:
+    """A reasonable GPU config when the tuning table has none (see ``check_config_gpu``)."""
+    if layout == "k_halves":
+        bk_pref = pack_block
+    elif kind == "w8a8":
+        bk_pref = 128
+    else:
+        bk_pref = 128 if m <= 64 else 64
+    bk = bk_pref
+    limit = group_size if group_size is not None else k
+    while bk > 16 and (limit % bk or k % bk):
+        bk //= 2
+    if kind == "w8a8":
+        bm = 128 if m > 64 else max(16, c.pow2_at_least(m, 16))
+        bn = next(b for b in (128, 64, 32, 16) if n % b == 0) if n % 16 == 0 else 16
+        return BlockConfig(bm, bn, bk, 1, False, 8 if bm * bn >= 128 * 128 else 4, 3)
+    if m <= 16:
+        bn = next((b for b in (64, 32, 128, 16) if n % b == 0), 16)
+        tiles = n // bn
+        split = 1
+        while (
+            tiles * split < 128
+            and split < 8
+            and k % (2 * split * bk) == 0
+            and (group_size is None or (k // (2 * split)) % group_size == 0)
+        ):
+            split *= 2
+        return BlockConfig(16, bn, bk, split, True, 4, 4)
+    bm = 64 if m <= 64 else 128
+    bn = next((b for b in (128, 64, 32, 16) if n % b == 0), 16)
+    return BlockConfig(bm, bn, bk, 1, False, 4 if bm == 64 else 8, 3)
+
+
+def _kernel_name(kind: str, layout: str) -> str:
+    return kind if kind != "w4a16" else f"w4a16_{layout}"
+
+
+def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:
+    """``config``, else the tuning table's nearest entry that fits, else the default."""
+    if platform == "tpu":
+        from qjax.kernels import tpu
+
+        if config is not None:
+            return config
+        tpu_kind = "int8_matmul" if kind == "w8a8" else "weight_only"
+        return tpu.default_config_tpu(tpu_kind, m, k, n, group_size, layout, pack_block)
+    if config is not None:
+        check_config_gpu(config, kind, m, k, n, group_size, layout)
+        return config
+    entry = tuning.lookup("gpu", _kernel_name(kind, layout), m, k, n, group_size)
+    if entry is not None:
+        try:
+            check_config_gpu(entry.config, kind, m, k, n, group_size, layout)
+            if layout != "k_halves" or entry.config.block_k == pack_block:
+                return entry.config
+        except ValueError:
+            pass
+    cfg = default_config_gpu(kind, m, k, n, group_size, layout, pack_block)
+    check_config_gpu(cfg, kind, m, k, n, group_size, layout)
+    return cfg
+
+
+def _weight_only(
+    x, w, scales, *, bits, layout, group_size, pack_block, out_dtype, platform, config, interpret
+):
+    c.check_2d("x", x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"x must be a float array, got {x.dtype}")
+    c.check_2d("w", w)
+    w = c.as_int8(w) if bits == 4 else w
+    if bits == 8 and w.dtype != jnp.int8:
+        raise TypeError(f"w must be int8 codes, got {w.dtype}")
+    k, n = c.logical_k_n(layout, w.shape)
+    m = x.shape[0]
+    if x.shape[1] != k:
+        raise ValueError(
+            f"x has {x.shape[1]} columns but the {layout} weight {tuple(w.shape)} holds K={k} rows"
+        )
+    if layout == "k_halves" and (pack_block is None or pack_block % 2 or k % pack_block):
+        raise ValueError(f"pack_block={pack_block!r} must be even and divide K={k}")
+    s = c.normalize_weight_scales(scales, k, n, group_size)
+    if layout == "k_halves" and group_size is not None and group_size % pack_block:
+        raise ValueError(
+            f"pack_block={pack_block} must divide group_size={group_size} (each byte's two "
+            "nibbles must share a group)"
+        )
+    out_dtype = jnp.dtype(out_dtype or x.dtype)
+    platform = resolve_platform(platform, interpret)
+    if m == 0 or n == 0 or platform == "xla":
+        return c.xla_weight_only(
+            x, w, s, layout=layout, group_size=group_size, pack_block=pack_block, out_dtype=out_dtype
+        )
+    kind = "w4a16" if bits == 4 else "w8a16"
+    cfg = choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config)
+    if platform == "tpu":
+        from qjax.kernels import tpu
+
+        return tpu.weight_only_matmul_tpu(
+            x,
+            w,
+            s,
+            layout=layout,
+            group_size=group_size,
+            pack_block=pack_block,
+            out_dtype=out_dtype,
+            config=cfg,
+            interpret=interpret,
+        )
+    from qjax.kernels import gpu
+
+    if layout == "k_halves" and cfg.block_k != pack_block:
+        raise ValueError(
+            f"for layout 'k_halves' the kernel's block_k ({cfg.block_k}) must equal pack_block ({pack_block})"
+        )
+    return gpu.weight_only_matmul_gpu(
+        x, w, s, layout=layout, group_size=group_size, out_dtype=out_dtype, config=cfg, interpret=interpret
+    )
+
+
+def w4a16_matmul(
+    x: jax.Array,
+    w_packed: jax.Array,
+    scales: jax.Array,
+    *,
+    group_size: int | None = None,
+    layout: str = "k_halves",
+    pack_block: int | None = 128,
+    out_dtype=None,
+    platform: str | None = None,
+    config: BlockConfig | None = None,
+    interpret=False,
+) -> jax.Array:
+    """``x @ W`` for a weight of packed int4 codes times scales (W4A16).
+
+    Args:
+      x: ``(M, K)`` float activations (the kernels compute in bfloat16, accumulate in
+        float32).
+      w_packed: ``uint8``/``int8`` bytes in ``layout``: ``"k_halves"`` ``(K/2, N)`` from
+        :func:`qjax.kernels.pack_int4` (default), ``"k_pairs"`` ``(K/2, N)`` or
+        ``"n_pairs"`` ``(K, N/2)`` as ``qjax.quantize`` packs along K or N.
+      scales: ``(N,)``/``(1, N)`` per channel, or ``(K // group_size, N)``.
+      group_size: rows of K sharing a scale (``None``: per channel).
+      layout: see above.
+      pack_block: the ``"k_halves"`` block (the GPU kernel's K tile equals it).
+      out_dtype: result dtype (default ``x.dtype``).
+      platform: ``"gpu"``, ``"tpu"`` or ``"xla"`` (default: the default backend's; CPU ->
+        ``"xla"``).
+      config: block sizes (default: tuning table, else a heuristic).
+      interpret: run the kernel in the Pallas interpreter (``True``, or for TPU a
+        ``pltpu.InterpretParams``); needs ``platform`` on CPU.
+
+    Returns:
+      ``(M, N)`` array of ``out_dtype``.
+
+    Raises:
+      ValueError / TypeError: shapes, dtypes, group size, pack block or config that do not fit,
+        named in the message.
+
+    Example:
+      >>> w = qjax.kernels.pack_int4(codes, pack_block=128)
+      >>> y = qjax.kernels.w4a16_matmul(x, w, scales, group_size=128)
+    """
+    return _weight_only(
+        x,
+        w_packed,
+        scales,
+        bits=4,
+        layout=layout,
+        group_size=group_size,
+        pack_block=pack_block,
+        out_dtype=out_dtype,
+        platform=platform,
+        config=config,
+        interpret=interpret,
+    )
+
+
+def w8a16_matmul(
+    x: jax.Array,
+    w_q: jax.Array,
+    scales: jax.Array,
+    *,
+    group_size: int | None = None,
+    out_dtype=None,
+    platform: str | None = None,
+    config: BlockConfig | None = None,
+    interpret=False,
+) -> jax.Array:
+    """``x @ W`` for int8 weight codes ``(K, N)`` times per-channel or per-group scales
+    (W8A16). Arguments as :func:`w4a16_matmul`."""
+    return _weight_only(
+        x,
+        w_q,
+        scales,
+        bits=8,
+        layout="int8",
+        group_size=group_size,
+        pack_block=None,
+        out_dtype=out_dtype,
+        platform=platform,
+        config=config,
+        interpret=interpret,
+    )
+
+
+def int8_matmul(
+    a_q: jax.Array,
+    b_q: jax.Array,
+    a_scale,
+    b_scale,
+    *,
+    out_dtype=jnp.bfloat16,
+    platform: str | None = None,
+    config: BlockConfig | None = None,
+    interpret=False,
+) -> jax.Array:
+    """``(a_q @ b_q) * a_scale[:, None] * b_scale[None, :]`` with int8 x int8 -> int32
+    accumulation and the rescale fused in the kernel's epilogue (W8A8).
+
+    Args:
+      a_q: ``(M, K)`` int8 (activations, per-token or per-tensor scale).
+      b_q: ``(K, N)`` int8 (weights, per-channel or per-tensor scale).
+      a_scale: scalar, ``(M,)`` or ``(M, 1)``.
+      b_scale: scalar, ``(N,)`` or ``(1, N)``.
+      out_dtype, platform, config, interpret: as :func:`w4a16_matmul`.
+
+    Returns:
+      ``(M, N)`` array of ``out_dtype``.
+
+    Raises:
+      ValueError / TypeError: operands that are not int8 matrices with matching K, or
+        scales of the wrong shape.
+    """
+    c.check_2d("a_q", a_q, (jnp.int8,))
+    c.check_2d("b_q", b_q, (jnp.int8,))
+    m, k = a_q.shape
+    k2, n = b_q.shape
+    if k != k2:
+        raise ValueError(f"a_q is {tuple(a_q.shape)} and b_q is {tuple(b_q.shape)}: contraction sizes differ")
+    sa = c.row_scale(a_scale, m, "a_scale")
+    sb = c.col_scale(b_scale, n, "b_scale")
+    out_dtype = jnp.dtype(out_dtype)
+    platform = resolve_platform(platform, interpret)
+    if m == 0 or n == 0 or k == 0 or platform == "xla":
+        return c.xla_int8_matmul(a_q, b_q, sa, sb, out_dtype=out_dtype)
+    cfg = choose_config(platform, "w8a8", m, k, n, None, "int8", None, config)
+    if platform == "tpu":
+        from qjax.kernels import tpu
+
+        return tpu.int8_matmul_tpu(a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret)
+    from qjax.kernels import gpu
+
+    return gpu.int8_matmul_gpu(a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret)

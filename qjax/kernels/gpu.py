@@ -1,0 +1,252 @@
+"""Pallas GPU kernels (Triton backend) for low-bit matmul.
+
+Why Triton and not Mosaic GPU: Mosaic GPU exposes Hopper's ``wgmma`` directly but wants
+its operands staged through shared memory in swizzled layouts that the kernel must set up
+by hand (``plgpu.wgmma`` has no integer-nibble path: int4 would have to be unpacked into a
+second shared-memory buffer first), and it runs on Hopper only. The Triton backend lowers
+``dot`` to ``wgmma`` on Hopper and ``mma`` elsewhere by itself, unpacks nibbles in
+registers, pipelines the K loop (``num_stages``) and runs on Ampere as well, so one kernel
+source covers every NVIDIA GPU qjax users have.
+
+Two kernels:
+
+* :func:`weight_only_matmul_gpu` -- W4A16 / W8A16: bfloat16 activations times int8 or
+  packed int4 codes, float32 accumulation, per-channel or per-group scales. Nibbles are
+  sign-extended with two int8 shifts in registers; for the ``"k_halves"`` layout each K tile
+  is two contiguous halves (no interleave); the ``"k_pairs"`` / ``"n_pairs"`` layouts that
+  ``qjax.quantize`` produces are interleaved in registers (a Triton join).
+  Group scales multiply each tile's float32 partial product (one group per
+  tile). For small batches ``swap=True`` computes ``W^T x^T`` so the weight tile is the
+  wide side of the tensor-core instruction and the batch (padded to 16) the narrow one;
+  ``split_k`` cuts K across programs to fill the GPU when N alone gives too few tiles.
+* :func:`int8_matmul_gpu` -- W8A8: int8 x int8 -> int32 blocked GEMM, the per-token x
+  per-channel rescale fused in the epilogue, grouped tile order for L2 reuse.
+
+Rows beyond M are masked, never padded, so a batch of 1 costs no extra copy.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltr
+
+from qjax.kernels._common import BlockConfig, cdiv
+
+_F32 = jnp.float32
+_DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
+_DN_SWAP = (((0,), (1,)), ((), ()))  # w (k, n) x x (m, k) -> (n, m)
+
+
+def _nibbles_i8(p):
+    """Sign-extended low / high nibbles of int8 bytes, as bfloat16 (exact)."""
+    four = jnp.int8(4)
+    lo = lax.shift_right_arithmetic(lax.shift_left(p, four), four)
+    hi = lax.shift_right_arithmetic(p, four)
+    return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+
+
+def _load(ref, idx, mask):
+    if mask is None:
+        return ref[idx]
+    return pltr.load(ref.at[idx], mask=mask, other=0)
+
+
+def _store(ref, idx, value, mask):
+    if mask is None:
+        ref[idx] = value
+    else:
+        pltr.store(ref.at[idx], value, mask=mask)
+
+
+# -- weight-only -----------------------------------------------------------------------------------
+
+
+def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size):
+    bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
+    bn = o_ref.shape[-1]
+    if m % bm:
+        rows = pl.program_id(1) * bm + jnp.arange(bm, dtype=jnp.int32)
+        rmask = (rows < m)[:, None]
+    else:
+        rmask = None
+
+    def mm(xt, wt):
+        if swap:
+            return lax.dot_general(wt, xt, _DN_SWAP, preferred_element_type=_F32)
+        return lax.dot_general(xt, wt, _DN, preferred_element_type=_F32)
+
+    def x_tile(start, size):
+        return _load(x_ref, (slice(None), pl.ds(start, size)), rmask).astype(jnp.bfloat16)
+
+    def oriented(s):  # a (1, bn) scale row as it multiplies the accumulator
+        return s.T if swap else s
+
+    def body(t, acc):
+        k0 = pl.multiple_of(t * bk, bk)
+        if layout == "k_halves":  # two contiguous halves of the activation tile, no interleave
+            r0 = pl.multiple_of(t * (bk // 2), bk // 2)
+            lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
+            part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
+        else:
+            if layout == "int8":
+                w = w_ref[pl.ds(k0, bk), :].astype(jnp.bfloat16)
+            elif layout == "n_pairs":  # interleave columns in registers
+                lo, hi = _nibbles_i8(w_ref[pl.ds(k0, bk), :])
+                w = jnp.stack([lo, hi], axis=-1).reshape(bk, bn)
+            else:  # k_pairs: interleave rows (Triton joins along the last axis only)
+                r0 = pl.multiple_of(t * (bk // 2), bk // 2)
+                lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
+                w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
+            part = mm(x_tile(k0, bk), w)
+        if group_size is not None:
+            part = part * oriented(s_ref[pl.ds((t * bk) // group_size, 1), :])
+        return acc + part
+
+    shape = (bn, bm) if swap else (bm, bn)
+    acc = lax.fori_loop(0, steps, body, jnp.zeros(shape, _F32))
+    if group_size is None:
+        acc = acc * oriented(s_ref[...])
+    out = (acc.T if swap else acc).astype(o_ref.dtype)
+    _store(o_ref, (slice(None), slice(None)), out, rmask)
+
+
+def weight_only_matmul_gpu(
+    x, w, scales, *, layout, group_size, out_dtype, config: BlockConfig, interpret=False
+):
+    """``x @ W`` for an int8 / packed-int4 weight on a GPU (Pallas Triton backend).
+
+    Args:
+      x: ``(M, K)`` activations (cast to bfloat16).
+      w: the weight in ``layout`` (``int8`` bytes; see :mod:`qjax.kernels._common`).
+      scales: float32 ``(K // group_size, N)`` or ``(1, N)`` (``group_size=None``).
+      layout, group_size: the weight's layout and group size along K.
+      out_dtype: result dtype.
+      config: tiles; ``block_k`` must divide ``K // split_k`` and, with groups, the group
+        size; ``block_n`` must divide N. For ``"k_halves"`` the tile must equal the pack
+        block (the caller checks).
+      interpret: run in the Pallas interpreter.
+
+    Returns:
+      ``(M, N)`` array of ``out_dtype``.
+    """
+    m, k = x.shape
+    n = scales.shape[1]
+    bm, bn, bk, split = config.block_m, config.block_n, config.block_k, config.split_k
+    kc = k // split
+    steps = kc // bk
+    if layout == "n_pairs":
+        w_block, w_index = (kc, bn // 2), (lambda j, i, s: (s, j))
+    elif layout == "int8":
+        w_block, w_index = (kc, bn), (lambda j, i, s: (s, j))
+    else:
+        w_block, w_index = (kc // 2, bn), (lambda j, i, s: (s, j))
+    if group_size is None:
+        s_spec = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
+    else:
+        s_spec = pl.BlockSpec((kc // group_size, bn), lambda j, i, s: (s, j))
+    grid = (n // bn, cdiv(m, bm), split)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, n), _F32)
+        out_spec = pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j))
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
+    kernel = functools.partial(
+        _weight_only_kernel, layout=layout, m=m, cfg=config, steps=steps, group_size=group_size
+    )
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=[pl.BlockSpec((bm, kc), lambda j, i, s: (i, s)), pl.BlockSpec(w_block, w_index), s_spec],
+        out_specs=out_spec,
+        compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=f"qjax_w{8 if layout == 'int8' else 4}a16_{layout}",
+    )(x, w, scales)
+    if split > 1:
+        out = jnp.sum(out, axis=0).astype(out_dtype)
+    return out
+
+
+# -- int8 x int8 ---------------------------------------------------------------------------------------
+
+_GROUP_M = 8
+
+
+def _tile_ij(pid, num_m, num_n):
+    """Grouped ordering: consecutive programs share a band of ``_GROUP_M`` row tiles, so
+    the column tiles they read stay in L2."""
+    width = _GROUP_M * num_n
+    first = (pid // width) * _GROUP_M
+    size = jnp.minimum(num_m - first, _GROUP_M)
+    return first + (pid % width) % size, (pid % width) // size
+
+
+def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, num_n):
+    bm, bk = cfg.block_m, cfg.block_k
+    if m % bm:
+        i, _ = _tile_ij(pl.program_id(0), num_m, num_n)
+        rmask = ((i * bm + jnp.arange(bm, dtype=jnp.int32)) < m)[:, None]
+    else:
+        rmask = None
+
+    def body(t, acc):
+        k0 = pl.multiple_of(t * bk, bk)
+        a = _load(a_ref, (slice(None), pl.ds(k0, bk)), rmask)
+        b = b_ref[pl.ds(k0, bk), :]
+        return acc + lax.dot_general(a, b, _DN, preferred_element_type=jnp.int32)
+
+    acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, o_ref.shape[-1]), jnp.int32))
+    a_s = _load(as_ref, (slice(None), slice(None)), rmask)
+    out = acc.astype(_F32) * a_s * bs_ref[...]
+    _store(o_ref, (slice(None), slice(None)), out.astype(o_ref.dtype), rmask)
+
+
+def int8_matmul_gpu(a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfig, interpret=False):
+    """``(a_q @ b_q) * a_scale * b_scale`` with int8 operands on a GPU (Pallas Triton).
+
+    Args:
+      a_q: ``(M, K)`` int8; b_q: ``(K, N)`` int8.
+      a_scale: float32 ``(M, 1)``; b_scale: float32 ``(1, N)``.
+      out_dtype: result dtype.
+      config: ``block_n`` divides N, ``block_k`` divides K (the caller checks).
+      interpret: run in the Pallas interpreter.
+
+    Returns:
+      ``(M, N)`` array of ``out_dtype``.
+    """
+    m, k = a_q.shape
+    n = b_q.shape[1]
+    bm, bn = config.block_m, config.block_n
+    num_m, num_n = cdiv(m, bm), n // bn
+
+    def rows(pid):
+        return _tile_ij(pid, num_m, num_n)[0]
+
+    def cols(pid):
+        return _tile_ij(pid, num_m, num_n)[1]
+
+    kernel = functools.partial(
+        _int8_kernel, m=m, cfg=config, steps=k // config.block_k, num_m=num_m, num_n=num_n
+    )
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+        grid=(num_m * num_n,),
+        in_specs=[
+            pl.BlockSpec((bm, k), lambda p: (rows(p), 0)),
+            pl.BlockSpec((k, bn), lambda p: (0, cols(p))),
+            pl.BlockSpec((bm, 1), lambda p: (rows(p), 0)),
+            pl.BlockSpec((1, bn), lambda p: (0, cols(p))),
+        ],
+        out_specs=pl.BlockSpec((bm, bn), lambda p: (rows(p), cols(p))),
+        compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="qjax_int8_matmul",
+    )(a_q, b_q, a_scale, b_scale)

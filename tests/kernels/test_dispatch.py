@@ -1,0 +1,152 @@
+"""Dispatch from ``qjax.quantized`` / ``quantized_dot_general`` to the Pallas kernels
+(``backend=``), checked on CPU with the kernels in the Pallas interpreter."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax.kernels import BlockConfig, dispatch, tuning
+from qjax.quant.ops import quantized_dot_general
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(128)(nn.relu(nn.Dense(256)(x)))
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = MLP()
+    x = jax.random.normal(jax.random.key(0), (3, 5, 256), jnp.bfloat16)
+    return m, m.init(jax.random.key(1), x), x
+
+
+WEIGHT_SPECS = {
+    "int4 packed along N": qjax.QuantSpec(qjax.int4, channel_axes=(-1,)),
+    "int4 g128 packed along K": qjax.QuantSpec(
+        qjax.int4, channel_axes=(-1,), group_axis=0, group_size=128, pack_axis=0
+    ),
+    "int4 g64 packed along N": qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=64),
+    "int8": qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),
+}
+
+
+@pytest.mark.parametrize("backend", ["interpret-gpu", "interpret-tpu"])
+@pytest.mark.parametrize("name", list(WEIGHT_SPECS))
+def test_weight_only_kernels_match_xla(model, name, backend):
+    m, v, x = model
+    pol = qjax.Policy([qjax.Rule(r".*kernel", weight=WEIGHT_SPECS[name])])
+    qp = qjax.quantize_params(v, pol)
+    ref = qjax.quantized(m.apply, pol, backend="xla")(qp, x).astype(jnp.float32)
+    out = qjax.quantized(m.apply, pol, backend=backend)(qp, x).astype(jnp.float32)
+    assert out.shape == ref.shape == (3, 5, 128)
+    # same codes and scales; bf16 rounding of the hidden activation and the output differ
+    np.testing.assert_allclose(out, ref, atol=2e-2 * float(jnp.max(jnp.abs(ref))))
+
+
+@pytest.mark.parametrize("backend", ["interpret-gpu", "interpret-tpu"])
+def test_w8a8_kernel_matches_xla(model, backend):
+    m, v, x = model
+    pol = qjax.Policy(
+        [
+            qjax.Rule(
+                r".*kernel",
+                weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),
+                act=qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN),
+            )
+        ]
+    )
+    qp = qjax.quantize_params(v, pol)
+    xf = x.astype(jnp.float32)
+    ref = qjax.quantized(m.apply, pol, backend="xla")(qp, xf)
+    out = qjax.quantized(m.apply, pol, backend=backend)(qp, xf)
+    # same integer products and the same float32 rescale
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_w8a8_static_scale_and_grad():
+    x = jax.random.normal(jax.random.key(2), (6, 128))
+    w = qjax.quantize(
+        jax.random.normal(jax.random.key(3), (128, 64)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+    )
+    spec = qjax.QuantSpec(qjax.int8)
+    dn = (((1,), (0,)), ((), ()))
+
+    def f(x, backend):
+        return quantized_dot_general(x, w, dn, lhs_spec=spec, lhs_scale=jnp.float32(0.03), backend=backend)
+
+    np.testing.assert_allclose(f(x, "interpret-gpu"), f(x, "xla"), rtol=1e-6, atol=1e-6)
+    g_kernel = jax.grad(lambda x: f(x, "interpret-gpu").sum())(x)
+    g_xla = jax.grad(lambda x: f(x, "xla").sum())(x)
+    np.testing.assert_allclose(g_kernel, g_xla, rtol=1e-6)
+
+
+def test_auto_on_cpu_is_xla(model):
+    m, v, x = model
+    pol = qjax.Policy([qjax.Rule(r".*kernel", weight=WEIGHT_SPECS["int8"])])
+    qp = qjax.quantize_params(v, pol)
+    np.testing.assert_array_equal(
+        qjax.quantized(m.apply, pol)(qp, x), qjax.quantized(m.apply, pol, backend="xla")(qp, x)
+    )
+
+
+def test_forced_kernel_errors_name_the_leaf_and_reason(model):
+    m, v, x = model
+    pol = qjax.Policy([qjax.Rule(r".*kernel", weight=WEIGHT_SPECS["int8"])])
+    qp = qjax.quantize_params(v, pol)
+    with pytest.raises(ValueError, match=r"params/Dense_\d/kernel.*backend='pallas'.*no GPU or TPU"):
+        qjax.quantized(m.apply, pol, backend="pallas")(qp, x)
+    asym = qjax.Policy(
+        [qjax.Rule(r".*kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,), symmetric=False))]
+    )
+    with pytest.raises(ValueError, match="zero point"):
+        qjax.quantized(m.apply, asym, backend="interpret-gpu")(qjax.quantize_params(v, asym), x)
+    with pytest.raises(ValueError, match="backend='triton' is not one of"):
+        qjax.quantized(m.apply, pol, backend="triton")(qp, x)
+
+
+def test_uncovered_ops_fall_back_or_raise():
+    w = qjax.quantize(jnp.ones((64, 32)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
+    assert plan is not None and plan.kind == "w8a16" and plan.layout == "int8"
+    plan, why = dispatch.plan(x.T, w, (((0,), (0,)), ((), ())), None, None, None, "interpret-gpu")
+    assert plan is None and "last axis" in why
+    w2 = qjax.quantize(jnp.ones((64, 32)), qjax.QuantSpec(qjax.int2, channel_axes=(-1,)))
+    plan, why = dispatch.plan(x, w2, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
+    assert plan is None and "nibbles only" in why
+    fp8 = qjax.quantize(jnp.ones((64, 32)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,)))
+    plan, why = dispatch.plan(x, fp8, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
+    assert plan is None and "signed integer" in why
+    small = qjax.quantize(jnp.ones((64, 8)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
+    plan, why = dispatch.plan(x, small, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
+    assert plan is None and "block_n must divide N" in why  # N=8: no legal GPU tile
+
+
+def test_tuning_lookup_buckets_and_nearest_shape():
+    cfg = BlockConfig(16, 64, 128, 2, True)
+    entries = (
+        tuning.TunedEntry("w8a16", 1, 4096, 4096, None, cfg, 10.0, 30.0),
+        tuning.TunedEntry("w8a16", 16, 8192, 8192, None, cfg, 40.0, 30.0),
+        tuning.TunedEntry("w8a16", 256, 4096, 4096, None, cfg, 50.0, 40.0),
+    )
+    e = tuning.lookup("gpu", "w8a16", 4, 4096, 4096, None, entries)
+    assert e.k == 4096 and e.speedup == 3.0  # same bucket (<= 16), nearest (K, N)
+    assert tuning.lookup("gpu", "w8a16", 12, 7000, 9000, None, entries).k == 8192
+    assert tuning.lookup("gpu", "w8a16", 100, 4096, 4096, None, entries) is None  # bucket 128: none measured
+    assert tuning.lookup("gpu", "w8a16", 4, 4096, 4096, 128, entries) is None  # other group size
+    assert tuning.m_bucket(1) == tuning.m_bucket(16) == 16 and tuning.m_bucket(17) == 32
+
+
+def test_tuning_table_round_trip(tmp_path):
+    e = tuning.TunedEntry("w4a16_k_halves", 16, 4096, 4096, 128, BlockConfig(16, 64, 128, 4, True), 5.0, 12.5)
+    path = tmp_path / "t.json"
+    tuning.write_table(path, "dev", "2026-11-26", [e])
+    import json
+
+    rows = json.loads(path.read_text())["entries"]
+    assert rows[0]["config"]["split_k"] == 4 and rows[0]["xla_us"] == 12.5

@@ -1,0 +1,319 @@
+"""Pallas GPU (Triton backend) kernels and the public kernel API, checked on CPU.
+
+* interpret mode against numpy references built from the codes and scales: the int8
+  kernel bit-exact, the weight-only kernels within float32-accumulation error;
+* unwritten tiles: the Pallas interpreter fills float outputs with NaN before the kernel
+  runs (``pallas.primitives.uninitialized_value``), so every result must be finite;
+* lowering for CUDA (``lower(lowering_platforms=("cuda",))``, which builds the Triton IR)
+  for the default configs over a range of shapes and for non-default ones;
+* the layouts (pack / unpack round trips, the pairs -> halves permutation) as properties;
+* clear errors for bad operands and configs.
+"""
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qjax.kernels import BlockConfig, api, int8_matmul, pack_int4, unpack_codes, w4a16_matmul, w8a16_matmul
+from qjax.kernels import _common as kc
+
+C = BlockConfig
+
+
+@pytest.fixture
+def rng(request):
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def pack_pairs(codes, axis):
+    c = np.asarray(codes)
+    if axis == 0:
+        return ((c[0::2] & 15) | ((c[1::2] & 15) << 4)).astype(np.uint8)
+    return ((c[:, 0::2] & 15) | ((c[:, 1::2] & 15) << 4)).astype(np.uint8)
+
+
+def weight_in_layout(codes, layout, pack_block=None):
+    if layout == "int8":
+        return jnp.asarray(codes, jnp.int8)
+    if layout == "k_halves":
+        return pack_int4(jnp.asarray(codes), pack_block=pack_block)
+    return jnp.asarray(pack_pairs(codes, 0 if layout == "k_pairs" else 1))
+
+
+def reference(x, codes, scales, group):
+    k = codes.shape[0]
+    rows = k if group is None else group
+    s = np.asarray(scales, np.float64).reshape(-1, codes.shape[1])
+    w = (codes.reshape(k // rows, rows, -1).astype(np.float64) * s[:, None, :]).reshape(k, -1)
+    xf = np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+    return xf @ w, np.abs(xf) @ np.abs(w)
+
+
+# -- int8 x int8 ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "m,k,n,cfg",
+    [
+        (1, 64, 64, C(16, 32, 32, num_warps=4)),
+        (7, 384, 192, C(16, 64, 128)),
+        (130, 512, 128, C(64, 64, 64)),  # rows masked in the last tile
+        (64, 256, 256, C(32, 128, 64, num_stages=2)),
+    ],
+)
+def test_int8_kernel_bit_exact(rng, m, k, n, cfg):
+    a = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-128, 128, (k, n)).astype(np.int8)
+    a[0, :] = -128  # extreme row / column
+    b[:, 0] = -128
+    out = int8_matmul(a, b, 1.0, 1.0, out_dtype=jnp.float32, platform="gpu", config=cfg, interpret=True)
+    exact = a.astype(np.int64) @ b.astype(np.int64)
+    assert np.all(np.abs(exact) < 2**24)  # float32 holds every sum exactly
+    np.testing.assert_array_equal(np.asarray(out).astype(np.int64), exact)
+
+
+def test_int8_kernel_fused_rescale(rng):
+    m, k, n = 37, 256, 128
+    a = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    b = rng.integers(-127, 128, (k, n)).astype(np.int8)
+    sa = rng.uniform(0.001, 0.01, m).astype(np.float32)
+    sb = rng.uniform(0.001, 0.01, n).astype(np.float32)
+    out = int8_matmul(
+        a, b, sa, sb, out_dtype=jnp.float32, platform="gpu", config=C(16, 64, 64), interpret=True
+    )
+    ref = (a.astype(np.int64) @ b.astype(np.int64)) * sa.astype(np.float64)[:, None] * sb.astype(np.float64)
+    assert np.all(np.isfinite(out))
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
+    # default config, bfloat16 output, and the XLA platform agree
+    y = int8_matmul(a, b, sa, sb, platform="gpu", interpret=True)
+    z = int8_matmul(a, b, sa, sb, platform="xla")
+    assert y.dtype == z.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(z, np.float32))
+
+
+# -- weight-only ----------------------------------------------------------------------------------
+
+WEIGHT_ONLY_CASES = [
+    # layout, group, m, k, n, config
+    ("k_halves", None, 1, 256, 64, C(16, 32, 128, 1, True)),
+    ("k_halves", 128, 5, 512, 64, C(16, 32, 128, 2, True)),
+    ("k_halves", 64, 33, 256, 128, C(16, 64, 64, 2, False)),
+    ("k_pairs", 128, 17, 512, 128, C(16, 64, 64, 2, False)),
+    ("k_pairs", None, 2, 256, 64, C(16, 32, 64, 4, True)),
+    ("n_pairs", None, 3, 256, 128, C(16, 64, 64, 1, True)),
+    ("n_pairs", 64, 20, 256, 128, C(32, 64, 64, 2, False)),
+    ("int8", 64, 7, 256, 64, C(16, 32, 32, 2, True)),
+    ("int8", None, 40, 192, 96, C(16, 32, 64, 3, False)),
+]
+
+
+@pytest.mark.parametrize("layout,group,m,k,n,cfg", WEIGHT_ONLY_CASES)
+def test_weight_only_kernel_matches_float64(rng, layout, group, m, k, n, cfg):
+    bits = 8 if layout == "int8" else 4
+    lim = 2 ** (bits - 1)
+    codes = rng.integers(-lim, lim, (k, n))
+    scales = rng.uniform(0.01, 0.1, (1 if group is None else k // group, n)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = weight_in_layout(codes, layout, cfg.block_k)
+    if bits == 4:
+        out = w4a16_matmul(
+            x,
+            w,
+            scales,
+            group_size=group,
+            layout=layout,
+            pack_block=cfg.block_k,
+            out_dtype=jnp.float32,
+            platform="gpu",
+            config=cfg,
+            interpret=True,
+        )
+    else:
+        out = w8a16_matmul(
+            x, w, scales, group_size=group, out_dtype=jnp.float32, platform="gpu", config=cfg, interpret=True
+        )
+    ref, mag = reference(x, codes, scales, group)
+    out = np.asarray(out, np.float64)
+    assert out.shape == (m, n) and np.all(np.isfinite(out))
+    # bf16 x and codes are exact; only float32 accumulation and scaling round
+    assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-6)
+
+
+@pytest.mark.parametrize("layout", ["k_halves", "k_pairs", "n_pairs"])
+def test_weight_only_default_config_bf16_output(rng, layout):
+    m, k, n = 9, 512, 256
+    codes = rng.integers(-8, 8, (k, n))
+    scales = rng.uniform(0.01, 0.1, (k // 128, n)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = weight_in_layout(codes, layout, 128)
+    out = w4a16_matmul(x, w, scales, group_size=128, layout=layout, platform="gpu", interpret=True)
+    assert out.dtype == jnp.bfloat16
+    ref, mag = reference(x, codes, scales, 128)
+    assert np.all(np.abs(np.asarray(out, np.float64) - ref) <= 2**-8 * np.abs(ref) + 1e-5 * mag + 1e-6)
+    xla = w4a16_matmul(x, w, scales, group_size=128, layout=layout, platform="xla")
+    assert np.all(np.abs(np.asarray(xla, np.float64) - ref) <= 2**-8 * np.abs(ref) + 1e-5 * mag + 1e-6)
+
+
+def test_float32_activations_are_rounded_to_bf16(rng):
+    k, n = 128, 64
+    codes = rng.integers(-8, 8, (k, n))
+    x = rng.normal(size=(4, k)).astype(np.float32)
+    s = np.full((1, n), 0.05, np.float32)
+    out = w4a16_matmul(x, pack_int4(codes), s, out_dtype=jnp.float32, platform="gpu", interpret=True)
+    ref, mag = reference(jnp.asarray(x, jnp.bfloat16), codes, s, None)
+    assert np.all(np.abs(np.asarray(out) - ref) <= 1e-5 * mag + 1e-6)
+
+
+def test_empty_batch(rng):
+    w = pack_int4(rng.integers(-8, 8, (128, 64)))
+    out = w4a16_matmul(jnp.zeros((0, 128), jnp.bfloat16), w, jnp.ones((64,)), platform="gpu", interpret=True)
+    assert out.shape == (0, 64)
+
+
+# -- layouts ---------------------------------------------------------------------------------------
+
+
+@given(st.integers(1, 4), st.sampled_from([2, 4, 8, 32]), st.integers(1, 5), st.integers(0, 2**31 - 1))
+def test_pack_int4_halves_round_trip(blocks, pack_block, n, seed):
+    codes = np.random.default_rng(seed).integers(-8, 8, (blocks * pack_block, n))
+    packed = pack_int4(codes, pack_block=pack_block)
+    assert packed.dtype == jnp.uint8 and packed.shape == (blocks * pack_block // 2, n)
+    np.testing.assert_array_equal(unpack_codes(packed, "k_halves", pack_block), codes)
+    # the defining property: byte row c*P/2 + j holds rows c*P + j (low) and c*P + P/2 + j (high)
+    lo, hi = (np.asarray(v) for v in kc.nibbles(kc.as_int8(packed)))
+    c, j = divmod(np.arange(packed.shape[0]), pack_block // 2)
+    np.testing.assert_array_equal(lo, codes[c * pack_block + j])
+    np.testing.assert_array_equal(hi, codes[c * pack_block + pack_block // 2 + j])
+
+
+@given(st.integers(1, 4), st.sampled_from([2, 8, 64]), st.integers(0, 2**31 - 1))
+def test_pairs_layouts_round_trip(half_k, n2, seed):
+    codes = np.random.default_rng(seed).integers(-8, 8, (2 * half_k, 2 * n2))
+    np.testing.assert_array_equal(unpack_codes(pack_pairs(codes, 0), "k_pairs"), codes)
+    np.testing.assert_array_equal(unpack_codes(pack_pairs(codes, 1), "n_pairs"), codes)
+
+
+@pytest.mark.parametrize("k,block_k", [(8, 4), (256, 128), (512, 64)])
+def test_pairs_to_halves_permutation(rng, k, block_k):
+    codes = rng.integers(-8, 8, (k, 3))
+    x = rng.normal(size=(2, k))
+    perm = kc.k_perm_pairs_to_halves(k, block_k)
+    assert sorted(perm) == list(range(k))
+    as_halves = unpack_codes(pack_pairs(codes, 0), "k_halves", block_k)  # same bytes, read as halves
+    np.testing.assert_allclose(x[:, perm] @ np.asarray(as_halves), x @ codes, rtol=1e-12)
+
+
+def test_pack_int4_errors():
+    with pytest.raises(ValueError, match="pack_block=6 must be even and divide K=8"):
+        pack_int4(np.zeros((8, 2), np.int32), pack_block=6)
+    with pytest.raises(ValueError, match="must be integers"):
+        pack_int4(np.zeros((8, 2), np.float32))
+    with pytest.raises(ValueError, match="2-D"):
+        pack_int4(np.zeros((8,), np.int32))
+
+
+# -- lowering for CUDA (Triton IR) ------------------------------------------------------------------
+
+
+def _lower_cuda(fn, *args):
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 256, 1000])
+@pytest.mark.parametrize("k,n", [(4096, 4096), (8192, 8192), (384, 1536), (1536, 384)])
+def test_default_configs_lower_for_cuda(m, k, n):
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    for layout, group in [
+        ("k_halves", None),
+        ("k_halves", 128),
+        ("n_pairs", None),
+        ("k_pairs", 64),
+        ("int8", None),
+    ]:
+        wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(layout, (k // 2, n))
+        w = jax.ShapeDtypeStruct(wshape, jnp.int8 if layout == "int8" else jnp.uint8)
+        s = jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32)
+        if layout == "int8":
+            _lower_cuda(lambda x, w, s, g=group: w8a16_matmul(x, w, s, group_size=g, platform="gpu"), x, w, s)
+        else:
+            pb = api.choose_config("gpu", "w4a16", m, k, n, group, layout, 128, None).block_k
+            _lower_cuda(
+                lambda x, w, s, layout=layout, pb=pb, g=group: w4a16_matmul(
+                    x, w, s, group_size=g, layout=layout, pack_block=pb, platform="gpu"
+                ),
+                x,
+                w,
+                s,
+            )
+    a = jax.ShapeDtypeStruct((m, k), jnp.int8)
+    b = jax.ShapeDtypeStruct((k, n), jnp.int8)
+    _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, platform="gpu"), a, b)
+
+
+@pytest.mark.parametrize(
+    "cfg", [C(128, 256, 64, 1, False, 8, 4), C(256, 128, 64, 1, False, 8, 3), C(64, 128, 128, 1, False, 4, 4)]
+)
+def test_int8_configs_lower_for_cuda(cfg):
+    a = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
+    _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, platform="gpu", config=cfg), a, a)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_config_rules_are_named():
+    def check(cfg, match, kind="w4a16", m=16, k=512, n=256, group=None, layout="k_halves"):
+        with pytest.raises(ValueError, match=match):
+            api.check_config_gpu(cfg, kind, m, k, n, group, layout)
+
+    check(C(16, 48, 64), "block_n must be a power of two")
+    check(C(8, 64, 64), "at least 16")
+    check(C(16, 512, 64), "block_n must divide N")
+    check(C(16, 64, 64, 3), "split_k must divide K")
+    check(C(16, 64, 256, 4), "block_k must divide K // split_k")
+    check(C(16, 64, 16), "block_k >= 32")
+    check(C(16, 16, 64), "block_n >= 32", layout="n_pairs")
+    check(C(16, 64, 128), "block_k must divide group_size=64", group=64)
+    check(C(16, 64, 64, 2), "split_k is for the weight-only", kind="w8a8", layout="int8")
+
+
+def test_operand_errors(rng):
+    x = jnp.ones((4, 128), jnp.bfloat16)
+    w = pack_int4(np.zeros((128, 64), np.int32))
+    s = jnp.ones((64,))
+    with pytest.raises(ValueError, match="x has 100 columns"):
+        w4a16_matmul(jnp.ones((4, 100)), w, s)
+    with pytest.raises(ValueError, match=r"per-channel scales must have shape \(64,\)"):
+        w4a16_matmul(x, w, jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match="group_size=48 must be a positive divisor of K=128"):
+        w4a16_matmul(x, w, jnp.ones((2, 64)), group_size=48)
+    with pytest.raises(ValueError, match="pack_block=64 must divide group_size=32"):
+        w4a16_matmul(
+            x,
+            pack_int4(np.zeros((128, 64), np.int32), pack_block=64),
+            jnp.ones((4, 64)),
+            group_size=32,
+            pack_block=64,
+        )
+    with pytest.raises(TypeError, match="uint8 or int8"):
+        w4a16_matmul(x, jnp.zeros((64, 64), jnp.int32), s)
+    with pytest.raises(TypeError, match="must be int8 codes"):
+        w8a16_matmul(x, jnp.zeros((128, 64), jnp.int32), s)
+    with pytest.raises(ValueError, match="platform='gpu' or 'tpu'"):
+        w4a16_matmul(x, w, s, interpret=True)
+    with pytest.raises(ValueError, match="platform='cuda' is not one of"):
+        w4a16_matmul(x, w, s, platform="cuda")
+    with pytest.raises(ValueError, match="must equal pack_block"):
+        w4a16_matmul(x, w, s, platform="gpu", config=C(16, 64, 64), interpret=True)
+    a = jnp.zeros((4, 128), jnp.int8)
+    with pytest.raises(TypeError, match="a_q must have dtype int8"):
+        int8_matmul(a.astype(jnp.int32), a.T, 1.0, 1.0)
+    with pytest.raises(ValueError, match="contraction sizes differ"):
+        int8_matmul(a, a, 1.0, 1.0)
+    with pytest.raises(ValueError, match=r"a_scale must be a scalar or have shape \(4,\)"):
+        int8_matmul(a, a.T, jnp.ones((3,)), 1.0)
