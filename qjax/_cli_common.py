@@ -1,0 +1,27 @@
+"""Pieces shared by the ``qjax`` subcommands: the one-line error type and output folders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CLIError(Exception):
+    """A mistake in how the command was called; shown as one line, no traceback."""
+
+
+def prepare_out(out: str | None) -> Path | None:
+    """``--out DIR`` created (parents too); ``None`` when not given.
+
+    Raises:
+      CLIError: DIR is a file or cannot be created.
+    """
+    if out is None:
+        return None
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"--out {out}: cannot create directory ({e.strerror or e})") from None
+    return path
