@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from qjax import _demo
 from qjax._cli_common import CLIError, prepare_out
 from qjax._demo_run import NOTE, run_demo
-from qjax._report import format_report, format_table
+from qjax._report import format_report, format_table, write_plots
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,10 +46,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         try:
             (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
             (out / "report.md").write_text(format_report(result))
+            plots = write_plots(result, out)
         except OSError as e:
             raise CLIError(f"--out {args.out}: cannot write results ({e.strerror or e})") from None
         if not args.quiet:
-            print(f"wrote {out / 'report.md'} and {out / 'results.json'}")
+            extra = f" and {len(plots)} PNG plots" if plots else " (no plots: matplotlib is not installed)"
+            print(f"wrote {out / 'report.md'}, {out / 'results.json'}{extra}")
     return 0
 
 

@@ -38,6 +38,7 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
         "fixed16",
         "fixed8",
         "kd_student",
+        "mixed_precision",
     }
     assert set(rows) == expected
     for r in rows.values():  # every row is in the printed table and the report
@@ -64,10 +65,27 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
     assert rows["fixed16"]["accuracy"] >= float_acc - 0.02
     assert rows["fixed8"]["bytes"] < rows["fixed16"]["bytes"] < rows["float"]["bytes"]
     assert rows["kd_student"]["bytes"] < rows["float"]["bytes"] / 4 and rows["kd_student"]["accuracy"] > 0.8
+    # latency column: every row timed against the float model
+    assert rows["float"]["latency_ratio"] == 1.0
+    assert all(r["latency_ms"] > 0 and r["latency_ratio"] > 0 for r in rows.values())
+    assert "latency x float" in stdout
+    # mixed precision: within its budget (about 3 bits/weight), frontier measured, curve starts at float
+    mp = rows["mixed_precision"]
+    assert rows["int2_channel"]["bytes"] <= mp["bytes"] <= rows["int4_channel"]["bytes"]
+    assert len(mp["choice"].split()) == 3 and set(mp["choice"].split()) <= {"int2", "int4", "int8", "float"}
+    front = result["mixed_precision_pareto"]
+    assert len(front) >= 2 and all(p["accuracy"] is not None for p in front)
+    assert [p["bytes"] for p in front] == sorted(p["bytes"] for p in front)
+    curve = result["sparsity_curve"]
+    assert curve[0]["sparsity"] == 0.0 and curve[0]["accuracy"] == float_acc
+    assert curve[-1]["accuracy"] < float_acc
     for key in ("qat_int4_channel", "qat_int2_channel", "qat_int2_channel_lsq"):
         # quantize-then-dequantize evaluates exactly like the fake-quant forward pass
         assert rows[key]["accuracy"] == rows[key]["fake_quant_accuracy"], key
         assert rows[key]["accuracy"] > 0.85, key
+    pytest.importorskip("matplotlib")
+    for name in ("accuracy_vs_size.png", "sparsity_curve.png", "mixed_precision_pareto.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_out_pointing_at_a_file_fails_with_one_line(tmp_path, capsys):
