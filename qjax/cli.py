@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Sequence
 
 from qjax import _demo
+from qjax._bench import add_bench_parser
 from qjax._cli_common import CLIError, prepare_out
 from qjax._demo_run import NOTE, run_demo
 from qjax._report import format_report, format_table, write_plots
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     demo.set_defaults(handler=_cmd_demo)
+    add_bench_parser(sub)
     return parser
 
 
