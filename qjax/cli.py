@@ -1,10 +1,14 @@
 """The ``qjax`` command.
 
-``qjax demo [--fast] [--out DIR] [--seed N] [--quiet]`` trains a small float MLP on
-scikit-learn's bundled 8x8 digits, then compares post-training weight quantization
-(PTQ) and quantization-aware fine-tuning (QAT) of its kernels: accuracy, bytes held
-(``qjax.footprint``) and time per method. Quantized weights are dequantized for
-evaluation (integer execution comes later); biases stay float32.
+* ``qjax demo [--fast] [--out DIR] [--seed N] [--quiet]``: a small float MLP trained on
+  scikit-learn's bundled 8x8 digits, then the whole toolbox (PTQ, W8A8 integer execution,
+  QAT, pruning and shrinking, fixed point, distillation, mixed-precision search) in one
+  table: accuracy, bytes, CPU latency vs float, time per step; ``--out`` adds
+  ``report.md``, ``results.json`` and PNG plots (``qjax._demo_run``, ``qjax._report``).
+* ``qjax compress --config FILE``: the same steps on a user's model named by a JSON/TOML
+  config (``qjax._compress``).
+* ``qjax bench``: the benchmark scripts of ``experiments/`` that apply on this machine
+  (``qjax._bench``).
 
 Mistakes in how the command is called print one line to stderr and exit non-zero;
 ``--debug`` shows the traceback instead.
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 from qjax import _demo
 from qjax._bench import add_bench_parser
 from qjax._cli_common import CLIError, prepare_out
+from qjax._compress import add_compress_parser
 from qjax._demo_run import NOTE, run_demo
 from qjax._report import format_report, format_table, write_plots
 
@@ -89,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     demo.set_defaults(handler=_cmd_demo)
+    add_compress_parser(sub)
     add_bench_parser(sub)
     return parser
 
