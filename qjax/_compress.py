@@ -36,7 +36,7 @@ from qjax._compress_config import (
     validate_config,
 )
 from qjax._compress_entry import call_entry, load_function
-from qjax._demo_run import _sparse_bytes
+from qjax._demo_run import _sparse_bytes, latency_ms
 from qjax._report import format_table, progress_factory, tick
 
 __all__ = ["add_compress_parser", "cmd_compress", "run_compress"]
@@ -46,7 +46,9 @@ NOTE = (
     "bytes: qjax.footprint(...).total of the params after the step (quantized values, scales, float "
     "leaves); pruned rows count kept values plus a 1-bit mask per pruned leaf; a channel-pruned row is "
     "the physically smaller model. ptq rows are evaluated dequantized unless execute is 'integer' "
-    "(qjax.quantized). seconds: wall time of the step, compilation included."
+    "(qjax.quantized). latency x float: median time of the row's deployable forward pass (qjax.quantized "
+    "integer execution for quantized rows, dense matmuls for pruned ones) on the first batch, relative to "
+    "the float model. seconds: wall time of the step, compilation included."
 )
 
 
@@ -214,7 +216,7 @@ def _ptq(ctx: dict, step: Step) -> dict:
         acc = _evaluate(m, jax.jit(qjax.quantized(m["apply_fn"], policy)), q)
     else:
         acc = _evaluate(m, jax.jit(m["apply_fn"]), jax.jit(qjax.dequantize_params)(q))
-    return {"accuracy": acc, "tree": q}
+    return {"accuracy": acc, "tree": q, "serve": (qjax.quantized(m["apply_fn"], policy), q)}
 
 
 def _qat(ctx: dict, step: Step) -> dict:
@@ -228,7 +230,11 @@ def _qat(ctx: dict, step: Step) -> dict:
 
     (p, s), _ = _train(ctx, step, loss_of, (m["params"], scales), optax.adam(step.opts["lr"]))
     q = jax.jit(lambda p, s: qjax.quantize_params(p, policy, scales=s))(p, s)
-    return {"accuracy": _evaluate(m, jax.jit(m["apply_fn"]), jax.jit(qjax.dequantize_params)(q)), "tree": q}
+    return {
+        "accuracy": _evaluate(m, jax.jit(m["apply_fn"]), jax.jit(qjax.dequantize_params)(q)),
+        "tree": q,
+        "serve": (qjax.quantized(m["apply_fn"], policy), q),
+    }
 
 
 def _sparsity_type(kind: str):
@@ -260,6 +266,7 @@ def _prune(ctx: dict, step: Step) -> dict:
         "tree": params,
         "bytes": _sparse_bytes(params, masks),
         "sparsity": float(prune.summary(masks).sparsity),
+        "serve": (m["apply_fn"], params),  # dense matmuls on zeros: no sparse kernel
     }
 
 
@@ -283,7 +290,11 @@ def _channel(ctx: dict, step: Step, pruner: Any) -> dict:
             f"skip the output layer with a rule{hint}"
         )
     small, _ = _train(ctx, step, _supervised(m, small_apply), small, optax.adam(step.opts["lr"]))
-    return {"accuracy": _evaluate(m, jax.jit(small_apply), small), "tree": small}
+    return {
+        "accuracy": _evaluate(m, jax.jit(small_apply), small),
+        "tree": small,
+        "serve": (small_apply, small),
+    }
 
 
 def _distill(ctx: dict, step: Step) -> dict:
@@ -303,7 +314,11 @@ def _distill(ctx: dict, step: Step) -> dict:
             state, metrics = ds.step(state, m["params"], {"x": (x,), "y": y})
             tick(pb, float(metrics["loss"]) if pb is not None and i % 20 == 0 else None)
     params = state.params["student"]
-    return {"accuracy": _evaluate(m, jax.jit(student["apply_fn"]), params), "tree": params}
+    return {
+        "accuracy": _evaluate(m, jax.jit(student["apply_fn"]), params),
+        "tree": params,
+        "serve": (student["apply_fn"], params),
+    }
 
 
 _RUN = {"ptq": _ptq, "qat": _qat, "prune": _prune, "distill": _distill}
@@ -383,7 +398,9 @@ def run_compress(
 
     Returns:
       The results (the content of ``results.json``): ``rows`` of ``key, method, kind,
-      accuracy, bytes, ratio, seconds`` (pruning rows also ``sparsity``), float row first.
+      accuracy, bytes, ratio, seconds, latency_ms, latency_ratio`` (pruning rows also
+      ``sparsity``), float row first. Latency: the row's deployable forward pass
+      (``qjax.quantized`` for quantized rows) on the first batch, median, vs the float model.
 
     Raises:
       ConfigError: a mistake in the config (a :class:`CLIError`).
@@ -418,6 +435,8 @@ def run_compress(
             ) from e
         fp = qjax.footprint(m["params"])
         float_bytes = fp.float_total
+        x_lat = next(_batches(m, 1))[0]
+        float_ms = latency_ms(m["apply_fn"], m["params"], x_lat)
         rows = [
             dict(
                 key="float",
@@ -427,6 +446,8 @@ def run_compress(
                 bytes=fp.total,
                 ratio=float_bytes / fp.total,
                 seconds=time.perf_counter() - t,
+                latency_ms=float_ms,
+                latency_ratio=1.0,
             )
         ]
         log(f"float model: accuracy {acc:.4f}, {fp.total:,} bytes")
@@ -442,6 +463,9 @@ def run_compress(
                     "(rerun with --debug for the traceback)"
                 ) from e
             tree = out.pop("tree")
+            serve_fn, serve_params = out.pop("serve")
+            out["latency_ms"] = latency_ms(serve_fn, serve_params, x_lat)
+            out["latency_ratio"] = out["latency_ms"] / float_ms
             nbytes = out.pop("bytes", None)
             nbytes = qjax.footprint(tree).total if nbytes is None else nbytes
             acc = out.pop("accuracy")

@@ -113,7 +113,9 @@ def test_example_fast_config_end_to_end(qjax_main, tmp_path, capsys):
     ]
     for r in rows:
         assert r["method"] in stdout and f"| {r['method']} |" in report
-        assert set(r) >= {"key", "kind", "method", "accuracy", "bytes", "ratio", "seconds"}
+        assert set(r) >= {"key", "kind", "method", "accuracy", "bytes", "ratio", "seconds", "latency_ratio"}
+        assert r["latency_ms"] > 0
+    assert rows[0]["latency_ratio"] == 1.0 and "latency x float" in stdout
     by = {r["key"]: r for r in rows}
     float_acc, float_bytes = by["float"]["accuracy"], by["float"]["bytes"]
     assert float_acc > 0.9
