@@ -71,6 +71,25 @@ class MLP(nn.Module):
         return nn.Dense(self.classes)(x)
 
 
+class CNN(nn.Module):
+    """The demo's teacher: ``3x3 conv -> 2x2 avg-pool -> 3x3 conv -> dense -> dense`` on
+    the 8x8 digit images (flat 64-feature rows are reshaped to ``(8, 8, 1)``). Small,
+    because XLA:CPU's convolution backward pass is slow."""
+
+    features: Sequence[int] = (16, 32)
+    hidden: int = 64
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], 8, 8, 1)
+        x = nn.relu(nn.Conv(self.features[0], (3, 3), name="conv1")(x))
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        x = nn.relu(nn.Conv(self.features[1], (3, 3), name="conv2")(x))
+        x = nn.relu(nn.Dense(self.hidden, name="fc")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(self.classes, name="head")(x)
+
+
 def init_variables(model: nn.Module, seed: int, in_features: int = 64) -> Any:
     """The model's variables (``{"params": ...}``) initialised from ``seed``."""
     return model.init(jax.random.key(seed), jnp.zeros((1, in_features), jnp.float32))

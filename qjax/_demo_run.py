@@ -20,9 +20,10 @@ from qjax._report import progress_factory, tick
 NOTE = (
     "PTQ/QAT rows: weights are quantized with qjax.quantize_params and dequantized for evaluation; "
     "the W8A8 row runs the model with qjax.quantized (int8 x int8 -> int32 matmuls, calibrated "
-    "static activation scales); only Dense kernels are quantized, biases stay float32. Pruning rows "
+    "static activation scales); only conv and dense kernels are quantized, biases stay float32. Pruning rows "
     "fine-tune with qjax.prune.sparsify (bytes: kept values + a 1-bit mask per pruned kernel); the "
-    "channel row removes half the hidden neurons with qjax.prune.shrink and fine-tunes the smaller model. "
+    "channel row removes half of the conv channels and hidden neurons with qjax.prune.shrink and "
+    "fine-tunes the smaller model. "
     "Fixed-point rows run integer matmuls with per-layer calibrated ap_fixed formats (bytes: kernels at "
     "that width); the KD row is a separate, 4x narrower student trained against the float model. "
     "The mixed-precision row picks int2/int4/int8/float per kernel (Hutchinson Hessian traces, MILP) "
@@ -44,8 +45,8 @@ def _methods() -> list[tuple[str, str, Any]]:
         ("int4_channel", "PTQ int4 per-channel", Q(qjax.int4, channel_axes=(-1,))),
         (
             "int4_group16",
-            "PTQ int4 per-channel, groups of 16 (input axis)",
-            Q(qjax.int4, channel_axes=(-1,), group_size=16, group_axis=0),
+            "PTQ int4 per-channel, groups of 16 (input channels)",
+            Q(qjax.int4, channel_axes=(-1,), group_size=16, group_axis=-2, pad_groups=True),
         ),
         ("int2_channel", "PTQ int2 per-channel", Q(qjax.int2, channel_axes=(-1,))),
         (
@@ -92,7 +93,8 @@ def _prune_methods(steps: int) -> list[tuple[str, str, Any, Any]]:
         (
             "nm_2_4",
             "2:4 sparsity (magnitude, one-shot)",
-            prune.Magnitude(0.5, sparsity_type=prune.NM(2, 4, axis=-2)),
+            # along the input channels; the first conv has a single input channel
+            prune.Magnitude(0.5, sparsity_type=prune.NM(2, 4, axis=-2), rules=[(r".*conv1/kernel", None)]),
             prune.one_shot(0),
         ),
     ]
@@ -189,7 +191,7 @@ def run_demo(
 
     t_start = time.perf_counter()
     data = _demo.load_digits(seed)
-    model = _demo.MLP()
+    model = _demo.CNN()
     accuracy = _demo.make_accuracy(model, data.x_test, data.y_test)
     rows: list[dict[str, Any]] = []
 
@@ -348,7 +350,7 @@ def run_demo(
             serve=(model.apply, pv),
         )  # dense matmuls on zeros: no sparse kernel
     t = time.perf_counter()
-    channel = prune.Magnitude(0.5, sparsity_type=prune.Channel(-1), rules=[(r"params/Dense_2/kernel", None)])
+    channel = prune.Magnitude(0.5, sparsity_type=prune.Channel(-1), rules=[(r"params/head/kernel", None)])
     small, _plan = prune.shrink(model.apply, variables, channel.masks(variables), data.x_test[:2], vote="any")
     small_apply = prune.linen_apply(model)
     with bar(total=prune_epochs, desc="channel pruning 50% + shrink") as pb:
@@ -365,7 +367,7 @@ def run_demo(
     acc = float((np.argmax(jax.jit(small_apply)(small, data.x_test), -1) == data.y_test).mean())
     add(
         "channel50_shrink",
-        "channel pruning 50% + shrink (smaller dense model)",
+        "channel pruning 50% + shrink (smaller model)",
         "prune",
         acc,
         small,
@@ -463,7 +465,7 @@ def run_demo(
         "fast": fast,
         "epochs": {"float": epochs, "qat": qat_epochs, "prune": prune_epochs},
         "data": {"name": "sklearn digits 8x8", "train": len(data.y_train), "test": len(data.y_test)},
-        "model": "MLP 64-256-256-10 (Flax linen), optax adam",
+        "model": "CNN conv3x3(16)-avgpool-conv3x3(32)-dense(64)-dense(10) (Flax linen), optax adam",
         "note": NOTE,
         "versions": {"python": platform.python_version(), "jax": jax.__version__, "qjax": qjax.__version__},
         "machine": platform.machine(),

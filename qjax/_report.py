@@ -146,7 +146,7 @@ def format_report(result: dict[str, Any]) -> str:
     v = result["versions"]
     return "\n".join(
         [
-            "# qjax demo: digits MLP, quantization and pruning",
+            "# qjax demo: digits CNN, the whole toolbox",
             "",
             f"- date: {result['date']}; machine: {result['machine']}; python {v['python']}, "
             f"jax {v['jax']}, qjax {v['qjax']}",

@@ -1,6 +1,6 @@
 """The ``qjax`` command.
 
-* ``qjax demo [--fast] [--out DIR] [--seed N] [--quiet]``: a small float MLP trained on
+* ``qjax demo [--fast] [--out DIR] [--seed N] [--quiet]``: a small float CNN trained on
   scikit-learn's bundled 8x8 digits, then the whole toolbox (PTQ, W8A8 integer execution,
   QAT, pruning and shrinking, fixed point, distillation, mixed-precision search) in one
   table: accuracy, bytes, CPU latency vs float, time per step; ``--out`` adds
@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="train a small MLP on digits and compare weight quantization methods",
+        help="train a small CNN on digits and compare every compression method",
         description=(
-            "Train a small float MLP on scikit-learn's bundled 8x8 digits, then compare post-training "
+            "Train a small float CNN on scikit-learn's bundled 8x8 digits, then compare post-training "
             "weight quantization and quantization-aware fine-tuning of its kernels: accuracy, bytes "
             "held and time per method. " + NOTE
         ),

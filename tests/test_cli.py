@@ -72,7 +72,7 @@ def test_demo_runs_and_writes_results(tmp_path, capsys):
     # mixed precision: within its budget (about 3 bits/weight), frontier measured, curve starts at float
     mp = rows["mixed_precision"]
     assert rows["int2_channel"]["bytes"] <= mp["bytes"] <= rows["int4_channel"]["bytes"]
-    assert len(mp["choice"].split()) == 3 and set(mp["choice"].split()) <= {"int2", "int4", "int8", "float"}
+    assert len(mp["choice"].split()) == 4 and set(mp["choice"].split()) <= {"int2", "int4", "int8", "float"}
     front = result["mixed_precision_pareto"]
     assert len(front) >= 2 and all(p["accuracy"] is not None for p in front)
     assert [p["bytes"] for p in front] == sorted(p["bytes"] for p in front)
