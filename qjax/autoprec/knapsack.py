@@ -245,6 +245,7 @@ def pareto(
     ties: Sequence[Sequence[int]] = (),
     pins: Mapping[int, int] | None = None,
     allowed=None,
+    sweep_max: float | None = None,
 ) -> tuple[Solution, ...]:
     """The objective/cost Pareto frontier along cost ``sweep``.
 
@@ -262,6 +263,9 @@ def pareto(
       points: budget values tried (≥ 2), or with ``exact`` the most points returned.
       exact: enumerate the whole frontier (one or two MILPs per point).
       budgets: fixed budgets on other costs.
+      sweep_max: upper end of the swept budget (default: the cost of the unconstrained
+        optimum), to spend the points on the useful range when the full-precision end is
+        far away (e.g. float32 at 4x the int8 size).
 
     Returns:
       Solutions sorted by increasing ``sweep`` cost with strictly decreasing objective.
@@ -288,6 +292,10 @@ def pareto(
         raise _infeasible(prog, fixed)
     lo = prog.totals(cheapest)[1][sweep]
     hi = max(prog.totals(best)[1][sweep], lo)
+    if sweep_max is not None:
+        if sweep_max < lo:
+            raise ValueError(f"pareto: sweep_max={sweep_max} is below the least achievable {sweep} cost {lo}")
+        hi = min(hi, float(sweep_max))
     choices = []
     if exact:
         # Step below each point by well over the solver's feasibility tolerance (see

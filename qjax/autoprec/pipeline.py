@@ -447,6 +447,7 @@ def search(
     pin_first_last: str | None = None,
     sweep: str = "bytes",
     points: int = 16,
+    sweep_max: float | None = None,
     eval_fn: Callable[[Policy], float] | None = None,
     max_drop: float | None = None,
     evaluate_pareto: bool = False,
@@ -479,6 +480,8 @@ def search(
       pin_first_last: pin the first and last layers (evaluation order) to this candidate.
       sweep: the cost along which the frontier is swept (and, for ``max_drop``, minimised).
       points: budget values of the frontier sweep.
+      sweep_max: upper end of the frontier sweep (default: the cost of the all-best
+        configuration, often float, far above the useful range).
       eval_fn: ``eval_fn(policy) -> metric`` (higher is better, e.g. accuracy of
         ``qjax.fake_quantized(apply_fn, policy)``); ``eval_fn(qjax.Policy([]))`` is the
         float baseline.
@@ -536,7 +539,14 @@ def search(
     pin_map = _pins(problem, pins, pin_first_last)
     fixed = {k: b for k, b in budgets.items() if k != sweep}
     front = pareto(
-        problem.objective, problem.costs, sweep, points=points, budgets=fixed, ties=tie_groups, pins=pin_map
+        problem.objective,
+        problem.costs,
+        sweep,
+        points=points,
+        budgets=fixed,
+        ties=tie_groups,
+        pins=pin_map,
+        sweep_max=sweep_max,
     )
     names = problem.names
 

@@ -117,6 +117,21 @@ def test_pareto_monotone_and_optimal(inst):
 
 
 @settings(max_examples=15)
+@given(instances(), st.floats(0.0, 1.0))
+def test_pareto_sweep_max_limits_the_range(inst, frac):
+    obj, costs, _, allowed, ties, pins = inst
+    full = autoprec.pareto(obj, costs, "c0", points=8, ties=ties, pins=pins, allowed=allowed)
+    lo, hi = full[0].costs["c0"], full[-1].costs["c0"]
+    cap = lo + frac * (hi - lo)
+    front = autoprec.pareto(obj, costs, "c0", points=8, ties=ties, pins=pins, allowed=allowed, sweep_max=cap)
+    assert front and all(p.costs["c0"] <= cap + 1e-9 for p in front)
+    assert front[0].costs["c0"] == pytest.approx(lo)
+    # the last point is the optimum under the cap
+    want = brute_force(obj, {"c0": costs["c0"]}, {"c0": cap}, ties, pins, allowed)
+    assert front[-1].objective == pytest.approx(want[0], abs=1e-9)
+
+
+@settings(max_examples=15)
 @given(instances())
 def test_exact_pareto_is_the_whole_frontier(inst):
     obj, costs, _, allowed, ties, pins = inst
@@ -144,3 +159,5 @@ def test_pareto_errors():
         autoprec.pareto(obj, {"c": obj}, "x")
     with pytest.raises(ValueError, match="swept"):
         autoprec.pareto(obj, {"c": obj}, "c", budgets={"c": 1})
+    with pytest.raises(ValueError, match="sweep_max=-1 is below the least achievable c cost"):
+        autoprec.pareto(obj, {"c": obj + 1}, "c", sweep_max=-1)
