@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -323,7 +324,17 @@ def _fisher(loss_fn: LossFn, params: Any, batches: Iterable, paths, what: str):
         diag = d if diag is None else [a + b for a, b in zip(diag, d)]
         norms.append(np.asarray(sq, np.float64))
         n += sizes.pop()
-    return sel, [x / n for x in diag], np.concatenate(norms, 0)
+    norms = np.concatenate(norms, 0)
+    if norms.size and not norms.any():
+        warnings.warn(
+            f"{what}: every per-example gradient is exactly zero (a loss at its minimum, e.g. a "
+            "distillation loss against the model itself): the empirical Fisher carries no "
+            "sensitivity information here; use hutchinson_trace (Gauss-Newton at such a point) or "
+            "direct_sensitivity",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return sel, [x / n for x in diag], norms
 
 
 def fisher_diagonal(

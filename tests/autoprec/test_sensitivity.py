@@ -122,6 +122,24 @@ def test_fisher_matches_per_example_loop(data):
         autoprec.fisher_trace(_loss, params, [(x, y[:3])])
 
 
+def test_fisher_warns_when_every_gradient_is_zero(data):
+    x, _ = data
+    params = _mlp_params()
+
+    def self_distill(p, xb):  # zero at p == params: every per-example gradient vanishes
+        return jnp.sum(
+            (
+                _loss(p, xb, jnp.zeros(xb.shape[0], jnp.int32))
+                - _loss(params, xb, jnp.zeros(xb.shape[0], jnp.int32))
+            )
+            ** 2
+        )
+
+    with pytest.warns(RuntimeWarning, match="empirical Fisher carries no sensitivity information"):
+        tr = autoprec.fisher_trace(self_distill, params, [(x,)])
+    assert all(t.trace == 0.0 for t in tr.values())
+
+
 def test_direct_sensitivity_is_single_layer_loss_change(data):
     x, y = data
     params = _mlp_params()
