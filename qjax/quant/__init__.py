@@ -5,6 +5,7 @@ from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.functions import ActStats, calibrate, fake_quantized, quantized
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
+from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.policy import Policy, Rule
 from qjax.quant.smoothing import smooth, with_input_scales
@@ -39,6 +40,7 @@ __all__ = [
     "dequantize_params",
     "fake_quant_params",
     "footprint",
+    "int8_conv_general_dilated",
     "int8_dot_general",
     "quantized_conv_general_dilated",
     "quantized_dot_general",

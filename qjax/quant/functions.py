@@ -35,6 +35,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.int8_training import int8_dot_general
+from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.policy import Policy, Rule
 from qjax.rules import fold_in_path
 
@@ -178,10 +179,16 @@ class _FakeQuant(_PolicyHandler):
         return eqn.primitive.name == "dot_general" or wi == 1
 
     def _int8_training(self, eqn, args, wi, rule: Rule, path: str):
-        if eqn.primitive.name != "dot_general":
+        name = eqn.primitive.name
+        if name not in ("dot_general", "conv_general_dilated"):
             raise ValueError(
                 f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) covers dot_general "
-                f"matmuls; {eqn.primitive.name} is not supported"
+                f"matmuls and conv_general_dilated convolutions; {name} is not supported"
+            )
+        if name == "conv_general_dilated" and wi != 1:
+            raise ValueError(
+                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) of a convolution needs the "
+                "weight as the kernel (rhs) operand; here it is the input (lhs)"
             )
         specs = [None, None]
         specs[wi], specs[1 - wi] = rule.weight, rule.act
@@ -191,15 +198,33 @@ class _FakeQuant(_PolicyHandler):
                 f"leaf {path!r} (rule {rule.pattern!r}): the grad spec rounds stochastically: pass "
                 "key= to fake_quantized (use a fresh key every step)"
             )
-        out = int8_dot_general(
-            args[0],
-            args[1],
-            eqn.params["dimension_numbers"],
-            lhs_spec=specs[0],
-            rhs_spec=specs[1],
-            grad_spec=rule.grad,
-            key=key,
-        )
+        if name == "conv_general_dilated":
+            p = eqn.params
+            out = int8_conv_general_dilated(
+                args[0],
+                args[1],
+                window_strides=p["window_strides"],
+                padding=p["padding"],
+                lhs_dilation=p["lhs_dilation"],
+                rhs_dilation=p["rhs_dilation"],
+                dimension_numbers=p["dimension_numbers"],
+                feature_group_count=p["feature_group_count"],
+                batch_group_count=p["batch_group_count"],
+                lhs_spec=specs[0],
+                rhs_spec=specs[1],
+                grad_spec=rule.grad,
+                key=key,
+            )
+        else:
+            out = int8_dot_general(
+                args[0],
+                args[1],
+                eqn.params["dimension_numbers"],
+                lhs_spec=specs[0],
+                rhs_spec=specs[1],
+                grad_spec=rule.grad,
+                key=key,
+            )
         return out.astype(eqn.outvars[0].aval.dtype)
 
 

@@ -1,0 +1,357 @@
+"""int8 training (AQT-style) of ``lax.conv_general_dilated``: the forward conv and both
+backward convs (input gradient and weight gradient) are int8×int8→int32 convolutions.
+
+Each conv quantizes its two operands with scales that vary only along dimensions that
+are free in *that* conv, so every int32 accumulation factors into scales exactly:
+
+* forward ``y = conv(x, w)`` sums over input features and the kernel window: ``x`` gets
+  one scale per batch sample, ``w`` one per output feature;
+* input gradient ``dx = conv_transpose(g, w)`` sums over output features and the kernel
+  window: ``g`` gets one scale per batch sample, ``w`` is re-quantized with one scale per
+  input feature (per ``(group, input feature)`` for grouped convs);
+* weight gradient ``dw = conv(x, g)`` sums over the batch and output positions: ``x`` is
+  re-quantized with one scale per input feature, ``g`` gets one per output feature.
+
+The backward convs are built by JAX's own transpose rules of ``conv_general_dilated``
+(strides, padding, dilations, dimension numbers and feature groups handled there), run
+on the int8 codes with ``preferred_element_type=int32``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import math
+from types import SimpleNamespace
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from qjax.numerics.quantize import quantize
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.ops_common import INT32_LIMIT
+from qjax.quant.ops_conv import quantized_conv_general_dilated
+
+_TRANSPOSE_PARAMS = {
+    "window_strides",
+    "padding",
+    "lhs_dilation",
+    "rhs_dilation",
+    "dimension_numbers",
+    "feature_group_count",
+    "batch_group_count",
+    "precision",
+    "preferred_element_type",
+    "out_sharding",
+}
+try:  # private JAX API: the transpose rules of conv_general_dilated
+    from jax._src.lax.convolution import (
+        _conv_general_dilated_transpose_lhs as _transpose_lhs,
+    )
+    from jax._src.lax.convolution import (
+        _conv_general_dilated_transpose_rhs as _transpose_rhs,
+    )
+
+    for _fn in (_transpose_lhs, _transpose_rhs):
+        if not _TRANSPOSE_PARAMS <= set(inspect.signature(_fn).parameters):
+            raise ImportError(f"unexpected signature of {_fn.__name__}")
+except (ImportError, AttributeError, TypeError, ValueError):
+    # A future JAX without these rules (or with other parameters): _backward_conv then
+    # transposes a float32 conv evaluated on the integer codes instead (exact while the
+    # partial sums stay below 2**24).
+    _transpose_lhs = _transpose_rhs = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    window_strides: tuple
+    padding: tuple  # explicit (lo, hi) pairs
+    lhs_dilation: tuple
+    rhs_dilation: tuple
+    dn: lax.ConvDimensionNumbers
+    groups: int  # feature_group_count
+    lhs_spec: QuantSpec
+    rhs_spec: QuantSpec
+    grad_spec: QuantSpec
+
+    def conv_kwargs(self) -> dict[str, Any]:
+        return dict(
+            window_strides=self.window_strides,
+            padding=self.padding,
+            lhs_dilation=self.lhs_dilation,
+            rhs_dilation=self.rhs_dilation,
+            dimension_numbers=self.dn,
+            feature_group_count=self.groups,
+        )
+
+
+def _quantize(x, spec: QuantSpec, axes, key, what: str):
+    """Symmetric int codes of ``x`` with one scale per index of ``axes``."""
+    spec = spec.replace(
+        channel_axes=tuple(axes), symmetric=True, pack=False, group_size=None, group_axis=None
+    )
+    if spec.rounding == "stochastic" and key is None:
+        raise ValueError(
+            f"int8_conv_general_dilated: the {what} spec rounds stochastically and needs a PRNG key: "
+            "pass key= (a fresh key every step)"
+        )
+    q = quantize(x.astype(jnp.float32), spec, key=key if spec.rounding == "stochastic" else None)
+    return q.values, q.scale.astype(jnp.float32)
+
+
+def _along(v, axes_sizes: dict[int, int], ndim: int):
+    """``v`` (its dims in increasing order of ``axes_sizes``' keys) reshaped to broadcast
+    against an array of rank ``ndim``."""
+    shape = [1] * ndim
+    for d, n in axes_sizes.items():
+        shape[d] = n
+    return v.reshape(shape)
+
+
+def _group_slice(a, axis: int, groups: int, start: int, stop: int):
+    """Indices ``start:stop`` of every group along ``axis`` (groups outermost)."""
+    if start == 0 and stop * groups == a.shape[axis]:
+        return a
+    before, n, after = a.shape[:axis], a.shape[axis], a.shape[axis + 1 :]
+    a = lax.slice_in_dim(a.reshape(*before, groups, n // groups, *after), start, stop, axis=axis + 1)
+    return a.reshape(*before, groups * (stop - start), *after)
+
+
+def _backward_conv(cfg: _Config, wrt: str, g, other, shape):
+    """Integer-valued cotangent of operand ``wrt`` ("lhs" / "rhs", of ``shape``) of
+    ``conv(lhs, rhs)`` given the codes ``g`` of the output cotangent and the codes
+    ``other`` of the other operand; int32 from JAX's transpose rule, or float32."""
+    kw = cfg.conv_kwargs()
+    if _transpose_lhs is not None:
+        rule = _transpose_lhs if wrt == "lhs" else _transpose_rhs
+        # The rule reads only the abstract value of the operand it transposes for.
+        undefined = SimpleNamespace(aval=jax.core.ShapedArray(tuple(shape), jnp.int32))
+        lhs, rhs = (undefined, other) if wrt == "lhs" else (other, undefined)
+        return rule(
+            g,
+            lhs,
+            rhs,
+            **kw,
+            batch_group_count=1,
+            precision=None,
+            preferred_element_type=jnp.int32,
+            out_sharding=None,
+        )
+    # Fallback when the private transpose rules are gone (a future JAX): transpose a float32
+    # conv evaluated on the integer codes. Exact while the partial sums stay below 2**24;
+    # beyond that float32 rounding (relative 6e-8) is far below the int8 quantization error.
+    f32 = jnp.float32
+    other = other.astype(f32)
+
+    def conv(a, b):
+        return lax.conv_general_dilated(
+            a, b, **kw, precision=lax.Precision.HIGHEST, preferred_element_type=f32
+        )
+
+    primal = jax.ShapeDtypeStruct(tuple(shape), f32)
+    fn = (lambda x: conv(x, other)) if wrt == "lhs" else (lambda w: conv(other, w))
+    return jax.linear_transpose(fn, primal)(g.astype(f32))[0]
+
+
+def _chunks(n: int, per_item: int, bound: int) -> list[tuple[int, int]]:
+    """Split ``n`` summed items (``per_item`` products of magnitude <= ``bound`` each) into
+    ranges whose sums fit int32."""
+    size = max(1, min(n, INT32_LIMIT // max(1, bound * per_item)))
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def _bound(spec: QuantSpec) -> int:
+    return max(-spec.format.qmin, spec.format.qmax)
+
+
+def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
+    (n_o, c_o), o_r, (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[0], cfg.dn.lhs_spec[:2]
+    groups, nd = cfg.groups, rhs.ndim
+    gq, sg = _quantize(g, cfg.grad_spec, (n_o,), kg, "grad")
+    # The weight with one scale per (group, input feature): split O into (groups, O / groups).
+    perm = cfg.dn.rhs_spec
+    w = lax.transpose(rhs, perm)  # O, I, spatial...
+    n_out, n_in = w.shape[:2]
+    wq, sw = _quantize(w.reshape(groups, n_out // groups, *w.shape[1:]), cfg.rhs_spec, (0, 2), kw, "weight")
+    wq = lax.transpose(wq.reshape(w.shape), tuple(perm.index(d) for d in range(nd)))
+    window = math.prod(w.shape[2:])
+    acc = None
+    # dx sums over the output features of a group and the window: chunk the features.
+    for start, stop in _chunks(n_out // groups, window, _bound(cfg.grad_spec) * _bound(cfg.rhs_spec)):
+        part = _backward_conv(
+            cfg,
+            "lhs",
+            _group_slice(gq, c_o, groups, start, stop),
+            _group_slice(wq, o_r, groups, start, stop),
+            lhs_shape,
+        ).astype(jnp.float32)
+        acc = part if acc is None else acc + part
+    sg = _along(sg.reshape(-1), {n_l: g.shape[n_o]}, nd)
+    return acc * sg * _along(sw.reshape(-1), {c_l: groups * n_in}, nd)
+
+
+def _drhs(cfg: _Config, g, lhs, rhs_shape, kg, kx):
+    (n_o, c_o), (o_r, i_r), (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[:2], cfg.dn.lhs_spec[:2]
+    groups, nd = cfg.groups, lhs.ndim
+    gq, sg = _quantize(g, cfg.grad_spec, (c_o,), kg, "grad")
+    xq, sx = _quantize(lhs, cfg.lhs_spec, (c_l,), kx, "activation")
+    positions = math.prod(g.shape[d] for d in cfg.dn.out_spec[2:])
+    acc = None
+    # dw sums over the batch and the output positions: chunk the batch.
+    for start, stop in _chunks(g.shape[n_o], positions, _bound(cfg.grad_spec) * _bound(cfg.lhs_spec)):
+        part = _backward_conv(
+            cfg,
+            "rhs",
+            lax.slice_in_dim(gq, start, stop, axis=n_o),
+            lax.slice_in_dim(xq, start, stop, axis=n_l),
+            rhs_shape,
+        ).astype(jnp.float32)
+        acc = part if acc is None else acc + part
+    n_out, n_in = rhs_shape[o_r], rhs_shape[i_r]
+    # dw[o, i] sums x[., group(o) * n_in + i] * g[., o]: the scale of element (o, i).
+    s = (sg.reshape(groups, n_out // groups, 1) * sx.reshape(groups, 1, n_in)).reshape(n_out, n_in)
+    return acc * _along(s if o_r < i_r else s.T, {o_r: n_out, i_r: n_in}, nd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _int8_conv(lhs, rhs, key, cfg: _Config):
+    kf = None if key is None else jax.random.fold_in(key, 0)
+    return quantized_conv_general_dilated(
+        lhs,
+        rhs,
+        **cfg.conv_kwargs(),
+        lhs_spec=cfg.lhs_spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False),
+        rhs_spec=cfg.rhs_spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False),
+        key=kf,
+        method="int",
+    )
+
+
+def _fwd(lhs, rhs, key, cfg):
+    return _int8_conv(lhs, rhs, key, cfg), (lhs, rhs, key)
+
+
+def _bwd(cfg, res, g):
+    lhs, rhs, key = res
+    keys = [None] * 4
+    if key is not None:
+        keys = list(jax.random.split(jax.random.fold_in(key, 1), 4))
+    if g.size == 0 or lhs.size == 0 or rhs.size == 0:
+        return jnp.zeros_like(lhs), jnp.zeros_like(rhs), None
+    dlhs = _dlhs(cfg, g, rhs, lhs.shape, keys[0], keys[1])
+    drhs = _drhs(cfg, g, lhs, rhs.shape, keys[2], keys[3])
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+
+
+_int8_conv.defvjp(_fwd, _bwd)
+
+
+def _check_spec(name: str, spec) -> QuantSpec:
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"int8_conv_general_dilated: {name} must be a qjax.QuantSpec, got {spec!r}")
+    fmt = spec.format
+    if fmt.is_float or not fmt.signed or fmt.bits > 8:
+        raise ValueError(
+            f"int8_conv_general_dilated: {name} format {fmt!r} is not supported: the integer convs need "
+            "a signed integer format of at most 8 bits (e.g. qjax.int8, qjax.int4)"
+        )
+    return spec
+
+
+def int8_conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    *,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    lhs_spec: QuantSpec,
+    rhs_spec: QuantSpec,
+    grad_spec: QuantSpec,
+    key: jax.Array | None = None,
+) -> jax.Array:
+    """``lax.conv_general_dilated`` trained in integers: the forward conv and both
+    backward convs run as int8×int8→int32 convolutions with scales that factor exactly.
+
+    Forward: the input (``lhs``) with one scale per batch sample, the kernel (``rhs``) with
+    one per output feature. Input gradient: the output gradient with one scale per batch
+    sample, the kernel re-quantized with one per input feature. Weight gradient: the input
+    re-quantized with one scale per input feature, the output gradient with one per output
+    feature. Grouped convs (``feature_group_count > 1``, depthwise included) are supported.
+    The backward convs are JAX's transpose rules of ``conv_general_dilated`` run on the int8
+    codes (if a future JAX drops that private API, a float32 conv on the codes is
+    transposed instead, exact while partial sums stay below 2**24); contractions too
+    long for int32 are split into chunks summed in float32.
+
+    Args:
+      lhs, rhs: float input and kernel.
+      window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count: as for ``lax.conv_general_dilated``.
+      lhs_spec, rhs_spec: formats (and rounding) of the input and the kernel (signed
+        integers of at most 8 bits); their granularity is replaced as above and the
+        backward re-quantizations are symmetric.
+      grad_spec: format of the output gradient in the backward convs, typically
+        ``QuantSpec(qjax.int8, rounding="stochastic")`` (symmetric).
+      key: PRNG key, required when a spec rounds stochastically (``grad_spec``: at the
+        backward pass).
+
+    Returns:
+      The float result; its VJP is the integer backward pass.
+
+    Raises:
+      ValueError: ``batch_group_count > 1`` (not supported), a spec format that is not a
+        signed integer of at most 8 bits, string padding with ``lhs_dilation``, shapes that
+        do not fit, a stochastic spec without ``key``.
+    """
+    lhs_spec, rhs_spec, grad_spec = (
+        _check_spec(n, s)
+        for n, s in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec))
+    )
+    if int(batch_group_count) != 1:
+        raise ValueError(
+            f"int8_conv_general_dilated: batch_group_count={batch_group_count} is not supported: a "
+            "batch-grouped conv sums batch samples into each output feature, so the per-sample input "
+            "scales of int8 training cannot be applied by the integer forward conv; use the float conv "
+            "(batch-grouped convs arise as weight gradients of grouped convs, rarely in models)"
+        )
+    lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
+    if lhs.ndim != rhs.ndim or lhs.ndim < 3:
+        raise ValueError(
+            f"int8_conv_general_dilated: lhs {lhs.shape} and rhs {rhs.shape} need the same rank >= 3"
+        )
+    nsp = lhs.ndim - 2
+    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    ints = lambda v: (1,) * nsp if v is None else tuple(int(s) for s in v)
+    strides, ldil, rdil = ints(window_strides), ints(lhs_dilation), ints(rhs_dilation)
+    if isinstance(padding, str):
+        if ldil != (1,) * nsp:
+            raise ValueError(
+                "int8_conv_general_dilated: string padding with lhs_dilation is not defined; give "
+                "explicit (low, high) pairs"
+            )
+        in_sp = [lhs.shape[d] for d in dn.lhs_spec[2:]]
+        k_sp = [(rhs.shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], rdil)]
+        padding = lax.padtype_to_pads(in_sp, k_sp, strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    fgc = int(feature_group_count)
+    if (
+        fgc < 1
+        or rhs.shape[dn.rhs_spec[0]] % fgc
+        or lhs.shape[dn.lhs_spec[1]] != fgc * rhs.shape[dn.rhs_spec[1]]
+    ):
+        raise ValueError(
+            f"int8_conv_general_dilated: feature_group_count={feature_group_count} does not fit lhs "
+            f"{lhs.shape} / rhs {rhs.shape} with dimension numbers {dn}"
+        )
+    cfg = _Config(strides, padding, ldil, rdil, dn, fgc, lhs_spec, rhs_spec, grad_spec)
+    return _int8_conv(lhs, rhs, key, cfg)
+
+
+__all__ = ["int8_conv_general_dilated"]
