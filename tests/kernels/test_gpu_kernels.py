@@ -221,7 +221,10 @@ def test_pack_int4_errors():
 
 
 def _lower_cuda(fn, *args):
-    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    """Lower for CUDA on this CPU; the module must call the Triton kernel (the Pallas
+    kernel was lowered to Triton IR, not replaced by an XLA fallback)."""
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "__gpu$xla.gpu.triton" in text
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 256, 1000])
