@@ -36,6 +36,7 @@ import numpy as np
 
 from qjax.kernels import BlockConfig, api, pack_int4, tuning
 from qjax.kernels import _common as kc
+from qjax.numerics import packing
 
 PEAKS = {  # dense tensor-core peaks, datasheet (SXM): (bf16, int8) in op/s
     "H100": (989e12, 1979e12),
@@ -134,7 +135,7 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         try:
             api.check_config_gpu(cfg, kind, m, k, n, group, layout)
             ok.append(cfg)
-        except ValueError:
+        except ValueError:  # a tile that does not fit this shape: not a candidate
             pass
     return ok
 
@@ -142,23 +143,24 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
 # -- cases ----------------------------------------------------------------------------------------
 
 
-def make_weight_only(rng, bits, m, k, n, group, layout, pack_block):
+def make_weight_only(rng, bits, k, n, group):
+    """Random codes ``(K, N)`` and scales (per channel or per group)."""
     lo, hi = (-8, 7) if bits == 4 else (-128, 127)
     codes = rng.integers(lo, hi + 1, (k, n)).astype(np.int8)
     s = rng.uniform(0.5, 1.5, (1 if group is None else k // group, n)).astype(np.float32) / (
         hi * math.sqrt(k)
     )
-    if bits == 8:
-        w = jnp.asarray(codes)
-    elif layout == "k_halves":
-        w = pack_int4(jnp.asarray(codes), pack_block=pack_block)
-    else:  # n_pairs (qjax.quantize's default packing)
-        w = pack_n_pairs(codes)
-    return codes, jnp.asarray(s), w
+    return codes, jnp.asarray(s)
 
 
-def pack_n_pairs(codes):
-    return jnp.asarray(((codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)).astype(np.uint8))
+def weight_in_layout(codes, layout, pack_block=None):
+    """The codes as a kernel operand: int8, the kernel-native int4 halves, or the pair
+    layouts ``qjax.quantize`` stores (``k_pairs``: packed along K, ``n_pairs``: along N)."""
+    if layout == "int8":
+        return jnp.asarray(codes)
+    if layout == "k_halves":
+        return pack_int4(jnp.asarray(codes), pack_block=pack_block)
+    return packing.pack(jnp.asarray(codes), 4, axis=0 if layout == "k_pairs" else 1)
 
 
 def reference_weight_only(x, codes, s, group):
@@ -178,7 +180,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     kind = "w4a16" if bits == 4 else "w8a16"
     fn = api.w4a16_matmul if bits == 4 else api.w8a16_matmul
-    codes, s, _ = make_weight_only(rng, bits, m, k, n, group, layout, 128)
+    codes, s = make_weight_only(rng, bits, k, n, group)
     ref = reference_weight_only(np.asarray(x0, np.float32), codes, s, group)
     wbytes = k * n * bits // 8
     r = rotations(wbytes)
@@ -188,12 +190,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
         if time.perf_counter() > deadline and best is not None:
             break
         pb = (cfg.block_k if cfg is not None else 128) if layout == "k_halves" else None
-        if bits == 8:
-            w = jnp.asarray(codes)
-        elif layout == "k_halves":
-            w = pack_int4(jnp.asarray(codes), pack_block=pb)
-        else:
-            w = pack_n_pairs(codes)
+        w = weight_in_layout(codes, layout, pb)
         kw = {"layout": layout, "pack_block": pb} if bits == 4 else {}
         call = lambda x, w, s, cfg=cfg, kw=kw: fn(
             x, w, s, group_size=group, platform=platform, config=cfg, **kw
@@ -338,11 +335,8 @@ def exactness_checks(rng, platform, interpret=False):
     ]:
         for m in (1, 13, 70):
             k, n = 512, 256
-            codes, s, w = make_weight_only(
-                rng, bits, m, k, n, group, layout if layout != "k_pairs" else "int8", 128
-            )
-            if layout == "k_pairs":
-                w = jnp.asarray(((codes[0::2] & 15) | ((codes[1::2] & 15) << 4)).astype(np.uint8))
+            codes, s = make_weight_only(rng, bits, k, n, group)
+            w = weight_in_layout(codes, layout, 128)
             x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
             ref = reference_weight_only(np.asarray(x, np.float32), codes, s, group)
             if bits == 4:
@@ -448,7 +442,7 @@ def main(argv=None):
     if args.write_table:
         entries = [
             tuning.TunedEntry(
-                kernel=r["kernel"] if r["kernel"] != "w4a16" else f"w4a16_{r['layout']}",
+                kernel=tuning.kernel_name(r["kernel"], r["layout"]),
                 m=r["m"],
                 k=r["k"],
                 n=r["n"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -25,3 +26,19 @@ def prepare_out(out: str | None) -> Path | None:
     except OSError as e:
         raise CLIError(f"--out {out}: cannot create directory ({e.strerror or e})") from None
     return path
+
+
+def seed_arg(text: str) -> int:
+    """argparse type of ``--seed``: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
+    return value
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (for one-line errors)."""
+    return (str(e).splitlines() or [""])[0]

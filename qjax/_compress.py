@@ -26,7 +26,7 @@ import optax
 
 import qjax
 from qjax import prune
-from qjax._cli_common import CLIError, prepare_out
+from qjax._cli_common import CLIError, first_line, prepare_out, seed_arg
 from qjax._compress_config import (
     ENTRY_REQUIRED,
     STUDENT_REQUIRED,
@@ -55,16 +55,6 @@ NOTE = (
 # -- command line -------------------------------------------------------------------------------
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
 def add_compress_parser(sub: Any) -> None:
     """Add the ``compress`` subcommand to an argparse subparsers object."""
     p = sub.add_parser(
@@ -78,7 +68,7 @@ def add_compress_parser(sub: Any) -> None:
     )
     p.add_argument("--config", required=True, metavar="FILE", help="the config file (.json, .toml, .yaml)")
     p.add_argument("--out", metavar="DIR", help="write report.md and results.json to DIR")
-    p.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, metavar="N", help="random seed (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(handler=cmd_compress)
@@ -130,10 +120,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0]
 
 
 def _paths_hint(params: Any) -> str:
@@ -430,7 +416,7 @@ def run_compress(
             raise
         except Exception as e:
             raise CLIError(
-                f"evaluating the model from entry {cfg.entry!r} raised {type(e).__name__}: {_first_line(e)} "
+                f"evaluating the model from entry {cfg.entry!r} raised {type(e).__name__}: {first_line(e)} "
                 "(rerun with --debug for the traceback)"
             ) from e
         fp = qjax.footprint(m["params"])
@@ -459,7 +445,7 @@ def run_compress(
                 raise
             except Exception as e:
                 raise CLIError(
-                    f"{step.where} failed: {type(e).__name__}: {_first_line(e)} "
+                    f"{step.where} failed: {type(e).__name__}: {first_line(e)} "
                     "(rerun with --debug for the traceback)"
                 ) from e
             tree = out.pop("tree")

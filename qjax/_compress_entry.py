@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import qjax
-from qjax._cli_common import CLIError
+from qjax._cli_common import CLIError, first_line
 from qjax._compress_config import ENTRY_KEYS
 
 
@@ -36,15 +36,11 @@ def _load_file(file: Path, spec: str, what: str, modules: dict) -> Any:
     except Exception as e:
         del sys.modules[name]
         raise CLIError(
-            f"{what} {spec!r}: importing {file} raised {type(e).__name__}: {_first_line(e)} "
+            f"{what} {spec!r}: importing {file} raised {type(e).__name__}: {first_line(e)} "
             "(rerun with --debug for the traceback)"
         ) from e
     modules[key] = module
     return module
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [""])[0]
 
 
 def load_function(spec: str, base_dir: Path, what: str, modules: dict) -> Callable:
@@ -66,10 +62,10 @@ def load_function(spec: str, base_dir: Path, what: str, modules: dict) -> Callab
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise CLIError(f"{what} {spec!r}: cannot import module {target!r} ({_first_line(e)})") from None
+            raise CLIError(f"{what} {spec!r}: cannot import module {target!r} ({first_line(e)})") from None
         except Exception as e:
             raise CLIError(
-                f"{what} {spec!r}: importing {target!r} raised {type(e).__name__}: {_first_line(e)} "
+                f"{what} {spec!r}: importing {target!r} raised {type(e).__name__}: {first_line(e)} "
                 "(rerun with --debug for the traceback)"
             ) from e
         mname = target
@@ -116,7 +112,7 @@ def call_entry(fn: Callable, spec: str, what: str, kwargs: dict, seed: int, requ
         raise
     except Exception as e:
         raise CLIError(
-            f"{what} {spec!r} raised {type(e).__name__}: {_first_line(e)} "
+            f"{what} {spec!r} raised {type(e).__name__}: {first_line(e)} "
             "(rerun with --debug for the traceback)"
         ) from e
     if not isinstance(out, Mapping):

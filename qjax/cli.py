@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 from qjax import _demo
 from qjax._bench import add_bench_parser
-from qjax._cli_common import CLIError, prepare_out
+from qjax._cli_common import CLIError, first_line, prepare_out, seed_arg
 from qjax._compress import add_compress_parser
 from qjax._demo_run import NOTE, run_demo
 from qjax._report import format_report, format_table, write_plots
@@ -64,16 +64,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- command line -----------------------------------------------------------------------
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The ``qjax`` argument parser (subcommands: ``demo``)."""
     parser = _Parser(prog="qjax", description="qjax: compress and accelerate neural networks in JAX.")
@@ -90,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--fast", action="store_true", help="fewer training epochs (a quick check)")
     demo.add_argument("--out", metavar="DIR", help="write report.md and results.json to DIR")
-    demo.add_argument("--seed", type=_seed, default=0, metavar="N", help="random seed (default 0)")
+    demo.add_argument("--seed", type=seed_arg, default=0, metavar="N", help="random seed (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
     demo.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     demo.set_defaults(handler=_cmd_demo)
@@ -123,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
-        first = (str(e).splitlines() or [""])[0]
+        first = first_line(e)
         print(
             f"qjax: internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)",
             file=sys.stderr,

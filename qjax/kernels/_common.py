@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax.numerics import packing
+
 LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
 
 
@@ -181,12 +183,12 @@ def unpack_codes(w, layout: str, pack_block: int | None = None) -> jax.Array:
     """The ``int32`` codes ``(K, N)`` a weight array of ``layout`` holds."""
     if layout == "int8":
         return jnp.asarray(w).astype(jnp.int32)
+    if layout in ("k_pairs", "n_pairs"):  # qjax.quantize's own packing
+        axis = 0 if layout == "k_pairs" else 1
+        w = lax.bitcast_convert_type(as_int8(w), jnp.uint8)
+        return packing.unpack(w, 4, 2 * w.shape[axis], axis=axis, signed=True).astype(jnp.int32)
     lo, hi = nibbles(as_int8(w))
     r, c = lo.shape
-    if layout == "k_pairs":
-        return jnp.stack([lo, hi], axis=1).reshape(2 * r, c)
-    if layout == "n_pairs":
-        return jnp.stack([lo, hi], axis=2).reshape(r, 2 * c)
     if layout == "k_halves":
         p = pack_block
         if p is None or p % 2 or (2 * r) % p:

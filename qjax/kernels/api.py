@@ -105,10 +105,6 @@ def default_config_gpu(kind: str, m: int, k: int, n: int, group_size, layout, pa
     return BlockConfig(bm, bn, bk, 1, False, 4 if bm == 64 else 8, 3)
 
 
-def _kernel_name(kind: str, layout: str) -> str:
-    return kind if kind != "w4a16" else f"w4a16_{layout}"
-
-
 def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:
     """``config``, else the tuning table's nearest entry that fits, else the default."""
     if platform == "tpu":
@@ -121,13 +117,13 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
     if config is not None:
         check_config_gpu(config, kind, m, k, n, group_size, layout)
         return config
-    entry = tuning.lookup("gpu", _kernel_name(kind, layout), m, k, n, group_size)
+    entry = tuning.lookup("gpu", tuning.kernel_name(kind, layout), m, k, n, group_size)
     if entry is not None:
         try:
             check_config_gpu(entry.config, kind, m, k, n, group_size, layout)
             if layout != "k_halves" or entry.config.block_k == pack_block:
                 return entry.config
-        except ValueError:
+        except ValueError:  # the nearest measured config does not fit this shape: use the default
             pass
     cfg = default_config_gpu(kind, m, k, n, group_size, layout, pack_block)
     check_config_gpu(cfg, kind, m, k, n, group_size, layout)

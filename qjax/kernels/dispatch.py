@@ -156,7 +156,7 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     except ValueError as e:
         return None, str(e)
     if backend == "auto":
-        name = kind if kind != "w4a16" else f"w4a16_{layout}"
+        name = tuning.kernel_name(kind, layout)
         entry = tuning.lookup(platform, name, m, k, n, group)
         if entry is None or entry.speedup <= 1.0:
             return (

@@ -39,6 +39,11 @@ class TunedEntry:
         return self.xla_us / self.kernel_us
 
 
+def kernel_name(kind: str, layout: str) -> str:
+    """The table's kernel key: ``"w8a8"``, ``"w8a16"``, or ``"w4a16_<layout>"``."""
+    return kind if kind != "w4a16" else f"w4a16_{layout}"
+
+
 def m_bucket(m: int) -> int:
     """Batch bucket: the next power of two of ``m``, at least 16."""
     return max(16, 1 << max(0, math.ceil(math.log2(max(1, m)))))
