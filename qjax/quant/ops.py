@@ -49,8 +49,11 @@ Formulations (``method=``)
 
 Packed int4/int2 weights are never interleave-unpacked (``qjax.numerics.unpack`` costs
 more than the whole float32 matvec for a 1024x1024 int4 weight): each bit field is
-sign-extended by two int8 shifts and contracted on its own (packed axis free: outputs
-interleaved, which is cheap; packed axis contracted: the other operand is strided).
+sign-extended by two int8 shifts (packed axis free: outputs interleaved, which is cheap;
+packed axis contracted: the other operand is strided). The fields are concatenated and
+contracted as one dot, unless the contraction is cut into group blocks anyway, where
+each field runs on its own (the concatenated copy then costs more than the dots it
+saves).
 
 fp8: XLA:CPU accepts an fp8 x fp8 ``dot_general`` with float32 accumulation but converts
 both operands to float32 internally (2.7 ms vs 1.4 ms through bfloat16 for 256x1024 @
@@ -89,7 +92,7 @@ naive dequantize, then dot  1.86 (W8) / 3.77 (W4) / 3.44 (W4 g128) at batch 1
 
 (s = split, c = convert, d = dequant.) Hence: two integer operands -> ``"int"``; a float
 activation (no spec) x integer weight -> ``"split"`` up to 4 rows (1 row for packed
-weights), else ``"dequant"`` for a float32 activation and an unpacked weight (the
+weights with groups), else ``"dequant"`` for a float32 activation and an unpacked weight (the
 converted float32 weight is materialized either way and XLA:CPU does not fuse the
 convert into the dot), else ``"convert"`` (bfloat16 activations use XLA:CPU's bfloat16
 kernel: exact products, float32 sums); fp8 or mixed float/fp8 -> ``"convert"``. With two

@@ -21,10 +21,11 @@ from qjax.quant import ops_common as oc
 from qjax.quant import ops_dot_core as core
 
 # Weight-only (float activation x integer weight): method "split" up to this many
-# activation rows (tokens) (int4/int2 packed weights: SPLIT_MAX_ROWS_PACKED), then
-# "dequant" (float32 activation, int8 weight) or "convert" (see qjax.quant.ops).
+# activation rows (tokens) (int4/int2 packed weights in groups: SPLIT_MAX_ROWS_PACKED_GROUPS,
+# as their bit fields run as one dot per field and group), then "dequant" (float32
+# activation, int8 weight) or "convert" (see qjax.quant.ops).
 SPLIT_MAX_ROWS = 4
-SPLIT_MAX_ROWS_PACKED = 1
+SPLIT_MAX_ROWS_PACKED_GROUPS = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def _choose(method: str, kinds, rows, dtypes, packed=(False, False), groups=(Non
     if weight_only:
         f = kinds.index("float")
         dt = jnp.dtype(dtypes[f])
-        limit = SPLIT_MAX_ROWS_PACKED if packed[1 - f] else SPLIT_MAX_ROWS
+        limit = SPLIT_MAX_ROWS_PACKED_GROUPS if packed[1 - f] and groups[1 - f] else SPLIT_MAX_ROWS
         if rows[f] <= limit and dt != jnp.float64:
             return "split"
         if dt.itemsize >= 4 and not packed[1 - f]:

@@ -1,0 +1,78 @@
+"""Method "split" (a float activation cut into int8 pieces): the pieces against
+``qjax.quantize``, reconstruction precision, and non-finite / all-zero tokens. Packed
+int4/int2 weights (contracted one operand per bit field, concatenated into one dot or
+one dot per field): every layout, size-1 and odd axes, groups and zero points, against
+the int64 reference."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from test_ops import check_float, check_int_dot
+
+import qjax
+from qjax.quant.ops import quantized_dot_general as qdot
+from qjax.quant.ops_common import split_pieces
+
+MM = (((1,), (0,)), ((), ()))
+TOKENS = qjax.QuantSpec(qjax.int8, channel_axes=(0,))
+finite = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40), elements=finite))
+def test_first_piece_is_quantize_and_pieces_reconstruct(x):
+    codes, scales = split_pieces(jnp.asarray(x), (0,))
+    assert codes.dtype == jnp.int8 and codes.shape == (3, *x.shape)
+    q = qjax.quantize(jnp.asarray(x), TOKENS)
+    live = np.abs(x).max(axis=1) > 0  # all-zero tokens: codes 0 whatever the scale
+    np.testing.assert_array_equal(np.asarray(codes[0])[live], np.asarray(q.values)[live])
+    np.testing.assert_array_equal(np.asarray(scales[0])[live], np.asarray(q.scale)[live])
+    rebuilt = np.sum(np.asarray(codes, np.float64) * np.asarray(scales, np.float64), axis=0)
+    amax = np.abs(x.astype(np.float64)).max(axis=1, keepdims=True)
+    # XLA:CPU flushes subnormals: the finer pieces of tokens below ~1e-32 lose them
+    assert np.all(np.abs(rebuilt - x) <= amax * 2.0**-22 + 1e-32)
+
+
+def test_non_finite_token_gives_nan_row_only():
+    rng = np.random.default_rng(0)
+    w = qjax.quantize(jnp.asarray(rng.normal(size=(64, 24)), jnp.float32), qjax.QuantSpec(qjax.int4))
+    x = rng.normal(size=(4, 64)).astype(np.float32)
+    x[1, 5], x[2, 7], x[3] = np.nan, np.inf, 0.0
+    y = np.asarray(qdot(jnp.asarray(x), w, MM, method="split"))
+    ref = x[0].astype(np.float64) @ np.asarray(w.dequantize(), np.float64)
+    np.testing.assert_allclose(y[0], ref, rtol=1e-5, atol=1e-5)
+    assert np.isnan(y[1]).all() and np.isnan(y[2]).all()
+    np.testing.assert_array_equal(y[3], 0.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    k=st.integers(1, 70),
+    n=st.integers(1, 9),
+    m=st.sampled_from([1, 3]),
+    fmt=st.sampled_from(["int4", "uint4", "int2"]),
+    pack_axis=st.sampled_from([0, 1]),
+    group=st.sampled_from([None, 4, 8]),
+    seed=st.integers(0, 2**16),
+)
+def test_packed_weight_matches_int64_reference(k, n, m, fmt, pack_axis, group, seed):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, n)), jnp.float32)
+    kw = dict(channel_axes=(1,), pack_axis=pack_axis, symmetric=fmt != "uint4")
+    if group is not None:
+        kw.update(group_size=group, group_axis=0, pad_groups=True)
+    qw = qjax.quantize(w, qjax.QuantSpec(getattr(qjax, fmt), **kw))
+    assert qw.packed_axis % 2 == pack_axis
+    # integer activations: exact against the int64 reference
+    tokens = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    y = qdot(x, qw, MM, lhs_spec=tokens)
+    check_int_dot(y, qjax.quantize(x, TOKENS), qw, MM, exact=group is None)
+    # float activations (weight-only), every formulation: the float64 reference
+    wd, xd = np.asarray(qw.dequantize(), np.float64), np.asarray(x, np.float64)
+    for method in ("split", "convert"):
+        check_float(qdot(x, qw, MM, method=method), xd @ wd, np.abs(xd) @ np.abs(wd))
