@@ -80,12 +80,14 @@ A8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
 
 
 def auto_method(x, q, spec) -> str:
-    """What method='auto' resolves to (read from the op's config)."""
+    """What method='auto' resolves to (the rule ``quantized_dot_general`` applies)."""
     from qjax.quant import ops_dot
 
     kinds = ("int" if spec is not None else "float", "int")
     rows = (x.shape[0], q.shape[1])
-    return ops_dot._choose("auto", kinds, rows, (x.dtype, q.dtype), (False, q.packed_axis is not None))
+    packed = (False, q.packed_axis is not None)
+    groups = (None, q.group_size if q.group_axis is not None else None)
+    return ops_dot._choose("auto", kinds, rows, (x.dtype, q.dtype), packed, groups)
 
 
 def bench_dot(batches: list[int], k: int, n: int, *, repeats: int, target_s: float) -> list[dict[str, Any]]:

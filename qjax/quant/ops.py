@@ -71,23 +71,25 @@ input has batch 1; zero padding makes padded positions count as real zeros) and
 
 ``method="auto"`` (measured by ``experiments/bench_ops.py``, results in
 ``experiments/results/bench_ops.md``: x (batch, 1024) @ w (1024, 1024) on a 2-core
-AVX-512 x86 CPU, XLA:CPU, jax 0.10.2; time / float32 ``x @ w`` time, paired, +-15% run
-to run; W8 = int8 per channel, W4 = int4 per channel packed, g128 = groups of 128 along K):
+AVX-512 x86 CPU, XLA:CPU, jax 0.10.2, 2026-11-26, load ~2; time / float32 ``x @ w``
+time, paired; +-15% run to run, and up to 1.5x on one-row calls between runs minutes
+apart on this shared machine; W8 = int8 per channel, W4 = int4 per channel packed,
+g128 = groups of 128 along K):
 
 =========================  =======  =======  =======  =======
 batch                       1        4        16       256
 =========================  =======  =======  =======  =======
-float32 x @ w (ms)          0.086    0.071    0.199    1.38
-W8A8 int8 per token: int    0.98     1.47     0.86     0.70
-W4A8: int                   1.51     1.95     1.29     0.74
-W4 g128 A8: int             1.58     2.19     1.87     0.92
-W8, f32 activation          1.07 s   2.33 s   1.41 d   1.01 d
-W4, f32 activation          1.74 s   2.15 c   1.45 c   1.23 c
-W4 g128, f32 activation     1.75 s   1.90 c   1.36 c   1.32 c
-W8, bf16 activation         1.08 s   2.03 s   1.40 c   0.62 c
-W4, bf16 activation         1.75 s   2.15 c   1.27 c   0.66 c
-W4 g128, bf16 activation    1.77 s   1.91 c   1.05 c   0.73 c
-naive dequantize, then dot  1.86 (W8) / 3.77 (W4) / 3.44 (W4 g128) at batch 1
+float32 x @ w (ms)          0.080    0.071    0.163    1.217
+W8A8 int8 per token: int    0.89     1.47     0.97     0.77
+W4A8: int                   1.76     2.21     1.13     0.80
+W4 g128 A8: int             2.18     2.66     2.41     0.99
+W8, f32 activation          1.05 s   1.92 s   1.67 d   1.26 d
+W4, f32 activation          1.77 s   2.59 s   1.80 c   1.13 c
+W4 g128, f32 activation     1.88 s   2.04 c   1.58 c   1.51 d
+W8, bf16 activation         1.00 s   1.92 s   1.53 c   0.72 c
+W4, bf16 activation         1.91 s   2.55 s   1.41 c   0.65 c
+W4 g128, bf16 activation    1.95 s   2.08 c   1.22 c   1.17 d
+naive dequantize, then dot  1.98 (W8) / 3.79 (W4) / 4.15 (W4 g128) at batch 1
 =========================  =======  =======  =======  =======
 
 (s = split, c = convert, d = dequant.) Hence: two integer operands -> ``"int"``; a float
