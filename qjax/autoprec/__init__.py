@@ -26,15 +26,8 @@ from qjax.autoprec.cost import (
 )
 from qjax.autoprec.hardware import HARDWARE, Hardware, cpu_has_int8_dot, detect_hardware, lookup
 from qjax.autoprec.knapsack import InfeasibleError, Solution, pareto, solve
-from qjax.autoprec.pipeline import (
-    SENSITIVITIES,
-    Evaluation,
-    ParetoPoint,
-    Problem,
-    SearchResult,
-    build_problem,
-    search,
-)
+from qjax.autoprec.pipeline import SENSITIVITIES, Evaluation, ParetoPoint, SearchResult, search
+from qjax.autoprec.problem import Problem, build_problem
 from qjax.autoprec.sensitivity import (
     EigenEstimate,
     TraceEstimate,
