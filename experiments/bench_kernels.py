@@ -13,7 +13,9 @@ On a GPU (or TPU) this:
    bandwidth; datasheet tensor-core peaks), and writes a JSON to ``experiments/results/``.
 
 Cases (issue 10): W4A16 and W8A16 at batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, per
-channel and with groups of 128; W8A8 at 4096^3.
+channel and with groups of 128; W8A8 at 4096^3 with the weight as stored ``(K, N)`` and
+transposed to ``(N, K)`` (K-major, what Hopper's 8-bit ``wgmma`` reads; the timed call
+includes the transpose, ``kernel_only_us`` is the kernel alone).
 
     python experiments/bench_kernels.py --out experiments/results/bench_kernels_gpu.json
 
@@ -252,7 +254,10 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     return res
 
 
-def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline):
+def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
+    """W8A8 at ``(m, k, n)``. ``b_layout="nk"``: the kernel reads the weight transposed
+    ``(N, K)``; the timed call transposes the ``(K, N)`` weight first (what
+    ``qjax.quantized`` pays), ``kernel_only_us`` is the kernel on a stored ``(N, K)``."""
     a = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
     b = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
     sa = jnp.asarray(rng.uniform(0.5, 1.5, (m, 1)) / 127, jnp.float32)
@@ -262,12 +267,18 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline):
         * np.asarray(sa, np.float64)
         * np.asarray(sb, np.float64)
     )
-    res = {"kernel": "w8a8", "layout": "int8", "m": m, "k": k, "n": n, "group_size": None}
+    res = {"kernel": "w8a8", "layout": b_layout, "m": m, "k": k, "n": n, "group_size": None}
     best = None
+
+    def matmul(a, b, sa, sb, cfg, stored=False):
+        if b_layout == "nk" and not stored:
+            b = b.T
+        return api.int8_matmul(a, b, sa, sb, b_layout=b_layout, platform=platform, config=cfg)
+
     for cfg in tune_cfgs:
         if time.perf_counter() > deadline and best is not None:
             break
-        call = lambda a, b, sa, sb, cfg=cfg: api.int8_matmul(a, b, sa, sb, platform=platform, config=cfg)
+        call = lambda a, b, sa, sb, cfg=cfg: matmul(a, b, sa, sb, cfg)
         try:
             out = jax.jit(call)(a, b, sa, sb)
             err = rel_err(out, ref)
@@ -286,6 +297,11 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline):
         res["error"] = "no config compiled"
         return res
     t, cfg, err = best
+    if b_layout == "nk":
+        bt = b.T + 0
+        stored = lambda a, b, sa, sb: matmul(a, b, sa, sb, cfg, stored=True)
+        t_stored = time_calls(stored, [a], [bt, bt + 0, bt + 0, bt + 0], (sa, sb), min_calls=16)
+        res["kernel_only_us"] = t_stored * 1e6
     af, bf = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
     t_bf16 = time_calls(lambda x, w: x @ w, [af], [bf, bf + 0, bf + 0, bf + 0], min_calls=16)
     t_i8 = time_calls(
@@ -319,11 +335,12 @@ def exactness_checks(rng, platform, interpret=False):
     for m in (1, 7, 130):
         a = jnp.asarray(rng.integers(-128, 128, (m, 512)), jnp.int8)
         b = jnp.asarray(rng.integers(-128, 128, (512, 256)), jnp.int8)
-        y = api.int8_matmul(a, b, 1.0, 1.0, out_dtype=jnp.float32, platform=platform, interpret=interpret)
         exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64)
-        out.append(
-            {"check": f"int8 exact m={m}", "ok": bool(np.array_equal(np.asarray(y).astype(np.int64), exact))}
-        )
+        for b_layout, bl in (("kn", b), ("nk", b.T + 0)):
+            kw = dict(out_dtype=jnp.float32, b_layout=b_layout, platform=platform, interpret=interpret)
+            y = api.int8_matmul(a, bl, 1.0, 1.0, **kw)
+            ok = bool(np.array_equal(np.asarray(y).astype(np.int64), exact))
+            out.append({"check": f"int8 exact m={m} b_layout={b_layout}", "ok": ok})
     for bits, layout, group in [
         (4, "k_halves", None),
         (4, "k_halves", 128),
@@ -394,7 +411,7 @@ def main(argv=None):
     n_cases = 0
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
-    plan = [("w8a8", 4096, None, "int8")]
+    plan = [("w8a8", 4096, None, "kn"), ("w8a8", 4096, None, "nk")]
     for size in sizes:
         for bits, layout, group in [(4, "k_halves", None), (4, "k_halves", 128), (8, "int8", None)]:
             for m in batches:
@@ -409,9 +426,9 @@ def main(argv=None):
         )
         try:
             if item[0] == "w8a8":
-                _, size, _, _ = item
-                cands = gpu_candidates("w8a8", size, size, size, None, "int8") if kplat == "gpu" else [None]
-                res = int8_case(rng, kplat, size, size, size, cands, peak, deadline)
+                _, size, _, b_layout = item
+                cands = gpu_candidates("w8a8", size, size, size, None, b_layout) if kplat == "gpu" else [None]
+                res = int8_case(rng, kplat, size, size, size, cands, peak, deadline, b_layout)
             else:
                 bits, size, m, layout, group = item
                 kind = "w4a16" if bits == 4 else "w8a16"

@@ -14,6 +14,9 @@ Weight layouts (``layout=``) for a weight ``W`` of shape ``(K, N)``:
 * ``"n_pairs"``: int4 packed along N as ``qjax.quantize`` stores it by default
   (``pack_axis=-1``): byte ``[k, c]`` holds ``W[k, 2c]`` (low) and ``W[k, 2c + 1]`` (high).
 
+The W8A8 kernels take the weight as ``(K, N)`` or, with ``b_layout="nk"``, transposed
+``(N, K)`` (:data:`B_LAYOUTS`).
+
 Nibbles are two's-complement int4 (``-8..7``); packed bytes may be ``uint8`` or ``int8``.
 Scales are ``(1, N)`` / ``(N,)`` (per output channel) or ``(K // group_size, N)`` (groups
 of ``group_size`` consecutive rows of K).
@@ -228,9 +231,20 @@ def xla_weight_only(x, w, scales, *, layout, group_size, pack_block=None, out_dt
     return jnp.sum(part * s[:, None, :], axis=0).astype(out_dtype)
 
 
-def xla_int8_matmul(a_q, b_q, a_scale, b_scale, *, out_dtype=jnp.bfloat16):
-    """``(a_q @ b_q) * a_scale * b_scale`` with XLA's int8 x int8 -> int32 dot."""
-    acc = lax.dot_general(a_q, b_q, (((1,), (0,)), ((), ())), preferred_element_type=jnp.int32)
+B_LAYOUTS = ("kn", "nk")  # W8A8 weight: (K, N), or transposed (N, K) (K-major: Hopper's int8 wgmma)
+
+
+def int8_dimension_numbers(b_layout: str):
+    """``dot_general`` dimension numbers of ``a (M, K)`` with a weight in ``b_layout``."""
+    if b_layout not in B_LAYOUTS:
+        raise ValueError(f"b_layout={b_layout!r} is not one of {B_LAYOUTS}")
+    return (((1,), (0 if b_layout == "kn" else 1,)), ((), ()))
+
+
+def xla_int8_matmul(a_q, b_q, a_scale, b_scale, *, out_dtype=jnp.bfloat16, b_layout="kn"):
+    """``(a_q @ b_q) * a_scale * b_scale`` with XLA's int8 x int8 -> int32 dot
+    (``b_q`` is ``(N, K)`` with ``b_layout="nk"``)."""
+    acc = lax.dot_general(a_q, b_q, int8_dimension_numbers(b_layout), preferred_element_type=jnp.int32)
     return (acc.astype(jnp.float32) * a_scale * b_scale).astype(out_dtype)
 
 

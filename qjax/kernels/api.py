@@ -280,6 +280,7 @@ def int8_matmul(
     b_scale,
     *,
     out_dtype=jnp.bfloat16,
+    b_layout: str = "kn",
     platform: str | None = None,
     config: BlockConfig | None = None,
     interpret=False,
@@ -289,7 +290,10 @@ def int8_matmul(
 
     Args:
       a_q: ``(M, K)`` int8 (activations, per-token or per-tensor scale).
-      b_q: ``(K, N)`` int8 (weights, per-channel or per-tensor scale).
+      b_q: ``(K, N)`` int8 (weights, per-channel or per-tensor scale), or ``(N, K)`` with
+        ``b_layout="nk"``. On Hopper the 8-bit tensor-core instruction reads both operands
+        K-major, so weights stored ``(N, K)`` (transposed once, offline) spare the kernel
+        a transpose of every weight tile.
       a_scale: scalar, ``(M,)`` or ``(M, 1)``.
       b_scale: scalar, ``(N,)`` or ``(1, N)``.
       out_dtype, platform, config, interpret: as :func:`w4a16_matmul`.
@@ -298,26 +302,31 @@ def int8_matmul(
       ``(M, N)`` array of ``out_dtype``.
 
     Raises:
-      ValueError / TypeError: operands that are not int8 matrices with matching K, or
-        scales of the wrong shape.
+      ValueError / TypeError: operands that are not int8 matrices with matching K, an
+        unknown ``b_layout``, or scales of the wrong shape.
     """
     c.check_2d("a_q", a_q, (jnp.int8,))
     c.check_2d("b_q", b_q, (jnp.int8,))
+    c.int8_dimension_numbers(b_layout)  # validates b_layout
     m, k = a_q.shape
-    k2, n = b_q.shape
+    k2, n = b_q.shape if b_layout == "kn" else b_q.shape[::-1]
     if k != k2:
-        raise ValueError(f"a_q is {tuple(a_q.shape)} and b_q is {tuple(b_q.shape)}: contraction sizes differ")
+        raise ValueError(
+            f"a_q is {tuple(a_q.shape)} and b_q is {tuple(b_q.shape)} (b_layout={b_layout!r}): "
+            "contraction sizes differ"
+        )
     sa = c.row_scale(a_scale, m, "a_scale")
     sb = c.col_scale(b_scale, n, "b_scale")
     out_dtype = jnp.dtype(out_dtype)
     platform = resolve_platform(platform, interpret)
     if m == 0 or n == 0 or k == 0 or platform == "xla":
-        return c.xla_int8_matmul(a_q, b_q, sa, sb, out_dtype=out_dtype)
-    cfg = choose_config(platform, "w8a8", m, k, n, None, "int8", None, config)
+        return c.xla_int8_matmul(a_q, b_q, sa, sb, out_dtype=out_dtype, b_layout=b_layout)
+    cfg = choose_config(platform, "w8a8", m, k, n, None, b_layout, None, config)
+    kw = dict(out_dtype=out_dtype, config=cfg, b_layout=b_layout, interpret=interpret)
     if platform == "tpu":
         from qjax.kernels import tpu
 
-        return tpu.int8_matmul_tpu(a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret)
+        return tpu.int8_matmul_tpu(a_q, b_q, sa, sb, **kw)
     from qjax.kernels import gpu
 
-    return gpu.int8_matmul_gpu(a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret)
+    return gpu.int8_matmul_gpu(a_q, b_q, sa, sb, **kw)

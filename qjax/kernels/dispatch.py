@@ -45,7 +45,7 @@ class KernelPlan:
     """What the dispatch decided for one op (static: hashed into the jitted op)."""
 
     kind: str  # "w8a8", "w4a16", "w8a16"
-    layout: str
+    layout: str  # weight-only: a qjax.kernels layout; W8A8: "kn" or "nk" (weight transposed in-program)
     group_size: int | None
     m: int
     k: int
@@ -149,20 +149,25 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         if layout != "int8" or rhs.format.bits != 8 or group is not None:
             return None, "W8A8 needs an int8 per-channel weight"
         kind = "w8a8"
+        layout = "kn"
     if m == 0 or n == 0 or k == 0:
         return None, "empty operand"
-    try:
-        cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
-    except ValueError as e:
-        return None, str(e)
     if backend == "auto":
-        name = tuning.kernel_name(kind, layout)
-        entry = tuning.lookup(platform, name, m, k, n, group)
-        if entry is None or entry.speedup <= 1.0:
+        # W8A8 may also run on the transposed weight (the transpose is in the timed program)
+        layouts = (layout, "nk") if kind == "w8a8" else (layout,)
+        look = lambda lo: tuning.lookup(platform, tuning.kernel_name(kind, lo), m, k, n, group)
+        found = [(e.speedup, lo) for lo in layouts if (e := look(lo)) is not None and e.speedup > 1.0]
+        if not found:
+            name = tuning.kernel_name(kind, layout)
             return (
                 None,
                 f"no measured speedup for {name} at M={m}, K={k}, N={n} in the {platform} tuning table",
             )
+        layout = max(found)[1]
+    try:
+        cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
+    except ValueError as e:
+        return None, str(e)
     return KernelPlan(kind, layout, group, m, k, n, platform, interpret, cfg), ""
 
 
@@ -176,7 +181,8 @@ def run(p: KernelPlan, lhs, rhs: QArray, lhs_spec, lhs_scale, lhs_zero_point, ke
     if p.kind == "w8a8":
         q = quantize(lhs, lhs_spec, key=key, scale=lhs_scale, zero_point=lhs_zero_point)
         a_scale = jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (*lead, 1)).reshape(p.m, 1)
-        y = api.int8_matmul(q.values.reshape(p.m, p.k), rhs.values, a_scale, scales, **common)
+        b = rhs.values if p.layout == "kn" else rhs.values.T
+        y = api.int8_matmul(q.values.reshape(p.m, p.k), b, a_scale, scales, b_layout=p.layout, **common)
     elif p.kind == "w8a16":
         y = api.w8a16_matmul(lhs.reshape(p.m, p.k), rhs.values, scales, group_size=p.group_size, **common)
     else:

@@ -20,7 +20,10 @@ Two kernels:
   wide side of the tensor-core instruction and the batch (padded to 16) the narrow one;
   ``split_k`` cuts K across programs to fill the GPU when N alone gives too few tiles.
 * :func:`int8_matmul_gpu` -- W8A8: int8 x int8 -> int32 blocked GEMM, the per-token x
-  per-channel rescale fused in the epilogue, grouped tile order for L2 reuse.
+  per-channel rescale fused in the epilogue, grouped tile order for L2 reuse. The weight
+  may come as ``(K, N)`` or transposed ``(N, K)``: Hopper's 8-bit ``wgmma`` reads both
+  operands K-major, so a ``(K, N)`` weight tile needs a transpose on chip that the
+  ``(N, K)`` one does not.
 
 Rows beyond M are masked, never padded, so a batch of 1 costs no extra copy.
 """
@@ -35,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax.kernels._common import BlockConfig, cdiv
+from qjax.kernels._common import BlockConfig, cdiv, int8_dimension_numbers
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
@@ -188,8 +191,9 @@ def _tile_ij(pid, num_m, num_n):
     return first + (pid % width) % size, (pid % width) // size
 
 
-def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, num_n):
+def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, num_n, b_layout):
     bm, bk = cfg.block_m, cfg.block_k
+    dn = int8_dimension_numbers(b_layout)
     if m % bm:
         i, _ = _tile_ij(pl.program_id(0), num_m, num_n)
         rmask = ((i * bm + jnp.arange(bm, dtype=jnp.int32)) < m)[:, None]
@@ -199,8 +203,8 @@ def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, n
     def body(t, acc):
         k0 = pl.multiple_of(t * bk, bk)
         a = _load(a_ref, (slice(None), pl.ds(k0, bk)), rmask)
-        b = b_ref[pl.ds(k0, bk), :]
-        return acc + lax.dot_general(a, b, _DN, preferred_element_type=jnp.int32)
+        b = b_ref[pl.ds(k0, bk), :] if b_layout == "kn" else b_ref[:, pl.ds(k0, bk)]
+        return acc + lax.dot_general(a, b, dn, preferred_element_type=jnp.int32)
 
     acc = lax.fori_loop(0, steps, body, jnp.zeros((bm, o_ref.shape[-1]), jnp.int32))
     a_s = _load(as_ref, (slice(None), slice(None)), rmask)
@@ -208,11 +212,13 @@ def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, n
     _store(o_ref, (slice(None), slice(None)), out.astype(o_ref.dtype), rmask)
 
 
-def int8_matmul_gpu(a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfig, interpret=False):
+def int8_matmul_gpu(
+    a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfig, b_layout="kn", interpret=False
+):
     """``(a_q @ b_q) * a_scale * b_scale`` with int8 operands on a GPU (Pallas Triton).
 
     Args:
-      a_q: ``(M, K)`` int8; b_q: ``(K, N)`` int8.
+      a_q: ``(M, K)`` int8; b_q: ``(K, N)`` int8, or ``(N, K)`` with ``b_layout="nk"``.
       a_scale: float32 ``(M, 1)``; b_scale: float32 ``(1, N)``.
       out_dtype: result dtype.
       config: ``block_n`` divides N, ``block_k`` divides K (the caller checks).
@@ -222,7 +228,7 @@ def int8_matmul_gpu(a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfi
       ``(M, N)`` array of ``out_dtype``.
     """
     m, k = a_q.shape
-    n = b_q.shape[1]
+    n = b_q.shape[1] if b_layout == "kn" else b_q.shape[0]
     bm, bn = config.block_m, config.block_n
     num_m, num_n = cdiv(m, bm), n // bn
 
@@ -233,7 +239,12 @@ def int8_matmul_gpu(a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfi
         return _tile_ij(pid, num_m, num_n)[1]
 
     kernel = functools.partial(
-        _int8_kernel, m=m, cfg=config, steps=k // config.block_k, num_m=num_m, num_n=num_n
+        _int8_kernel, m=m, cfg=config, steps=k // config.block_k, num_m=num_m, num_n=num_n, b_layout=b_layout
+    )
+    b_spec = (
+        pl.BlockSpec((k, bn), lambda p: (0, cols(p)))
+        if b_layout == "kn"
+        else pl.BlockSpec((bn, k), lambda p: (cols(p), 0))
     )
     return pl.pallas_call(
         kernel,
@@ -241,7 +252,7 @@ def int8_matmul_gpu(a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfi
         grid=(num_m * num_n,),
         in_specs=[
             pl.BlockSpec((bm, k), lambda p: (rows(p), 0)),
-            pl.BlockSpec((k, bn), lambda p: (0, cols(p))),
+            b_spec,
             pl.BlockSpec((bm, 1), lambda p: (rows(p), 0)),
             pl.BlockSpec((1, bn), lambda p: (0, cols(p))),
         ],

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from qjax.kernels._common import LAYOUTS, BlockConfig, as_int8, cdiv, nibbles
+from qjax.kernels._common import LAYOUTS, BlockConfig, as_int8, cdiv, int8_dimension_numbers, nibbles
 
 __all__ = ["default_config_tpu", "int8_matmul_tpu", "weight_only_matmul_tpu"]
 
@@ -194,14 +194,14 @@ def default_config_tpu(
 # -- int8 x int8 ---------------------------------------------------------------------------------
 
 
-def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, acc_ref):
+def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, acc_ref, *, dn):
     k = pl.program_id(2)
 
     @pl.when(k == 0)
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc_ref[...] += lax.dot_general(a_ref[...], b_ref[...], _DOT, preferred_element_type=jnp.int32)
+    acc_ref[...] += lax.dot_general(a_ref[...], b_ref[...], dn, preferred_element_type=jnp.int32)
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _():
@@ -210,12 +210,21 @@ def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, acc_ref):
 
 
 def int8_matmul_tpu(
-    a_q, b_q, a_scale, b_scale, *, out_dtype, config: BlockConfig | None = None, interpret=False
+    a_q,
+    b_q,
+    a_scale,
+    b_scale,
+    *,
+    out_dtype,
+    config: BlockConfig | None = None,
+    b_layout="kn",
+    interpret=False,
 ) -> jax.Array:
     """``(a_q @ b_q) * a_scale * b_scale`` as a Pallas TPU kernel.
 
     Args:
-      a_q: ``int8`` ``(M, K)``; b_q: ``int8`` ``(K, N)``.
+      a_q: ``int8`` ``(M, K)``; b_q: ``int8`` ``(K, N)``, or ``(N, K)`` with ``b_layout="nk"``
+        (the MXU contracts a transposed right operand natively).
       a_scale: float32 ``(M, 1)``; b_scale: float32 ``(1, N)``.
       out_dtype: dtype of the result.
       config: tiles (``block_m`` % 32, ``block_n`` % 128, ``block_k`` % 128); default
@@ -226,24 +235,29 @@ def int8_matmul_tpu(
       ``(M, N)`` array of ``out_dtype``: the int32 accumulator, converted to float32 and
       scaled in the epilogue of the last K step.
     """
+    dn = int8_dimension_numbers(b_layout)
     m, k = a_q.shape
-    n = b_q.shape[1]
+    n = b_q.shape[1] if b_layout == "kn" else b_q.shape[0]
     if config is None:
         config = default_config_tpu("int8_matmul", m, k, n)
     _check_int8_config(config)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     mp, np_, kp = _round_up(m, bm), _round_up(n, bn), _round_up(k, bk)
-    a_q, b_q = _pad2(a_q, mp, kp), _pad2(b_q, kp, np_)
+    a_q = _pad2(a_q, mp, kp)
+    if b_layout == "kn":
+        b_q, b_spec = _pad2(b_q, kp, np_), pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j))
+    else:
+        b_q, b_spec = _pad2(b_q, np_, kp), pl.BlockSpec((bn, bk), lambda i, j, kk: (j, kk))
     a_scale = _pad2(jnp.asarray(a_scale, jnp.float32).reshape(m, 1), mp, 1)
     b_scale = _pad2(jnp.asarray(b_scale, jnp.float32).reshape(1, n), 1, np_)
 
     out = pl.pallas_call(
-        _int8_kernel,
+        functools.partial(_int8_kernel, dn=dn),
         out_shape=jax.ShapeDtypeStruct((mp, np_), jnp.dtype(out_dtype)),
         grid=(mp // bm, np_ // bn, kp // bk),
         in_specs=[
             pl.BlockSpec((bm, bk), lambda i, j, kk: (i, kk)),
-            pl.BlockSpec((bk, bn), lambda i, j, kk: (kk, j)),
+            b_spec,
             pl.BlockSpec((bm, 1), lambda i, j, kk: (i, 0)),
             pl.BlockSpec((1, bn), lambda i, j, kk: (0, j)),
         ],

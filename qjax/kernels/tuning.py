@@ -40,8 +40,11 @@ class TunedEntry:
 
 
 def kernel_name(kind: str, layout: str) -> str:
-    """The table's kernel key: ``"w8a8"``, ``"w8a16"``, or ``"w4a16_<layout>"``."""
-    return kind if kind != "w4a16" else f"w4a16_{layout}"
+    """The table's kernel key: ``"w8a8"`` (weight ``(K, N)``), ``"w8a8_nk"`` (weight
+    ``(N, K)``), ``"w8a16"``, or ``"w4a16_<layout>"``."""
+    if kind == "w4a16":
+        return f"w4a16_{layout}"
+    return "w8a8_nk" if kind == "w8a8" and layout == "nk" else kind
 
 
 def m_bucket(m: int) -> int:

@@ -1,6 +1,8 @@
 """Dispatch from ``qjax.quantized`` / ``quantized_dot_general`` to the Pallas kernels
 (``backend=``), checked on CPU with the kernels in the Pallas interpreter."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -150,3 +152,41 @@ def test_tuning_table_round_trip(tmp_path):
 
     rows = json.loads(path.read_text())["entries"]
     assert rows[0]["config"]["split_k"] == 4 and rows[0]["xla_us"] == 12.5
+
+
+W8A8_TOKENS = qjax.QuantSpec(qjax.int8, channel_axes=(0,))  # resolved per-token spec of a (4, 64) input
+
+
+@pytest.mark.parametrize(
+    "speedups,expected",
+    [((1.3, 1.8), "nk"), ((1.8, 1.3), "kn"), ((None, 1.2), "nk"), ((0.9, 0.8), None), ((None, None), None)],
+)
+def test_auto_w8a8_takes_the_faster_weight_layout(monkeypatch, speedups, expected):
+    cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
+    entries = tuple(
+        tuning.TunedEntry(name, 16, 64, 32, None, cfg, 10.0, 10.0 * s)
+        for name, s in zip(("w8a8", "w8a8_nk"), speedups, strict=True)
+        if s is not None
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (64, 32)), WEIGHT_SPECS["int8"])
+    x = jnp.ones((4, 64), jnp.float32)
+    plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), W8A8_TOKENS, None, None, "auto")
+    if expected is None:
+        assert plan is None and "no measured speedup for w8a8 at M=4, K=64, N=32" in why
+    else:
+        assert plan is not None and plan.kind == "w8a8" and plan.layout == expected
+
+
+def test_w8a8_transposed_weight_plan_runs_like_the_plain_one():
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (256, 128)), WEIGHT_SPECS["int8"])
+    x = jax.random.normal(jax.random.key(1), (4, 256), jnp.float32)
+    dn = (((1,), (0,)), ((), ()))
+    plan, _ = dispatch.plan(x, w, dn, W8A8_TOKENS, None, None, "interpret-gpu")
+    assert plan.layout == "kn"
+    run = lambda p: dispatch.run(p, x, w, W8A8_TOKENS, None, None, None, jnp.float32)
+    y, y_nk = run(plan), run(dataclasses.replace(plan, layout="nk"))
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_nk))
+    ref = quantized_dot_general(x, w, dn, lhs_spec=W8A8_TOKENS, backend="xla")
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)

@@ -66,12 +66,16 @@ def reference(x, codes, scales, group):
         (64, 256, 256, C(32, 128, 64, num_stages=2)),
     ],
 )
-def test_int8_kernel_bit_exact(rng, m, k, n, cfg):
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_int8_kernel_bit_exact(rng, m, k, n, cfg, b_layout):
     a = rng.integers(-128, 128, (m, k)).astype(np.int8)
     b = rng.integers(-128, 128, (k, n)).astype(np.int8)
     a[0, :] = -128  # extreme row / column
     b[:, 0] = -128
-    out = int8_matmul(a, b, 1.0, 1.0, out_dtype=jnp.float32, platform="gpu", config=cfg, interpret=True)
+    bl = b if b_layout == "kn" else np.ascontiguousarray(b.T)
+    out = int8_matmul(
+        a, bl, 1.0, 1.0, out_dtype=jnp.float32, b_layout=b_layout, platform="gpu", config=cfg, interpret=True
+    )
     exact = a.astype(np.int64) @ b.astype(np.int64)
     assert np.all(np.abs(exact) < 2**24)  # float32 holds every sum exactly
     np.testing.assert_array_equal(np.asarray(out).astype(np.int64), exact)
@@ -256,14 +260,17 @@ def test_default_configs_lower_for_cuda(m, k, n):
     a = jax.ShapeDtypeStruct((m, k), jnp.int8)
     b = jax.ShapeDtypeStruct((k, n), jnp.int8)
     _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, platform="gpu"), a, b)
+    b_nk = jax.ShapeDtypeStruct((n, k), jnp.int8)
+    _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, b_layout="nk", platform="gpu"), a, b_nk)
 
 
 @pytest.mark.parametrize(
     "cfg", [C(128, 256, 64, 1, False, 8, 4), C(256, 128, 64, 1, False, 8, 3), C(64, 128, 128, 1, False, 4, 4)]
 )
-def test_int8_configs_lower_for_cuda(cfg):
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_int8_configs_lower_for_cuda(cfg, b_layout):
     a = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
-    _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, platform="gpu", config=cfg), a, a)
+    _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, b_layout=b_layout, platform="gpu", config=cfg), a, a)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -320,3 +327,17 @@ def test_operand_errors(rng):
         int8_matmul(a, a, 1.0, 1.0)
     with pytest.raises(ValueError, match=r"a_scale must be a scalar or have shape \(4,\)"):
         int8_matmul(a, a.T, jnp.ones((3,)), 1.0)
+    with pytest.raises(ValueError, match=r"b_layout='nk'\): contraction sizes differ"):
+        int8_matmul(a, a.T, 1.0, 1.0, b_layout="nk")
+    with pytest.raises(ValueError, match=r"b_layout='kn ' is not one of \('kn', 'nk'\)"):
+        int8_matmul(a, a.T, 1.0, 1.0, b_layout="kn ")
+
+
+def test_int8_transposed_weight_on_xla(rng):
+    a = rng.integers(-127, 128, (5, 96)).astype(np.int8)
+    b = rng.integers(-127, 128, (96, 40)).astype(np.int8)
+    sa, sb = rng.uniform(0.01, 0.1, 5).astype(np.float32), rng.uniform(0.01, 0.1, 40).astype(np.float32)
+    y = int8_matmul(a, b, sa, sb, out_dtype=jnp.float32, platform="xla")
+    bt = np.ascontiguousarray(b.T)
+    z = int8_matmul(a, bt, sa, sb, out_dtype=jnp.float32, b_layout="nk", platform="xla")
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(z))

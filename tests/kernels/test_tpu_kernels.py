@@ -92,12 +92,17 @@ def _int8_operands(rng, m, k, n, unit_scales):
     )
 
 
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
 @pytest.mark.parametrize("m,k,n,config,interpret", INT8_CASES)
-def test_int8_accumulator_bit_exact(rng, m, k, n, config, interpret):
+def test_int8_accumulator_bit_exact(rng, m, k, n, config, interpret, b_layout):
     a, b, sa, sb = _int8_operands(rng, m, k, n, unit_scales=True)
     ref = a.astype(np.int64) @ b.astype(np.int64)
     assert np.abs(ref).max() <= 2**24  # exact in float32 (K = 1024: the -128 row x column reaches it)
-    out = tpu.int8_matmul_tpu(a, b, sa, sb, out_dtype=jnp.float32, config=config, interpret=interpret)
+    if b_layout == "nk":
+        b = np.ascontiguousarray(b.T)
+    out = tpu.int8_matmul_tpu(
+        a, b, sa, sb, out_dtype=jnp.float32, config=config, b_layout=b_layout, interpret=interpret
+    )
     assert out.shape == (m, n) and out.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(out).astype(np.int64), ref)
 
@@ -241,6 +246,8 @@ def test_lowering_int8_defaults(m):
             jax.ShapeDtypeStruct((1, n), jnp.float32),
         )
         _lower_tpu(lambda *a: tpu.int8_matmul_tpu(*a, out_dtype=jnp.bfloat16), *args)
+        nk = (args[0], jax.ShapeDtypeStruct((n, k), jnp.int8), *args[2:])
+        _lower_tpu(lambda *a: tpu.int8_matmul_tpu(*a, out_dtype=jnp.bfloat16, b_layout="nk"), *nk)
 
 
 def _wo_args(layout, m, k, n, group_size, x_dtype=jnp.bfloat16):
