@@ -12,10 +12,12 @@ On a GPU (or TPU) this:
 4. reports each time as a ratio to both and as a fraction of the roofline (measured copy
    bandwidth; datasheet tensor-core peaks), and writes a JSON to ``experiments/results/``.
 
-Cases (issue 10): W4A16 and W8A16 at batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, per
-channel and with groups of 128; W8A8 at 4096^3 with the weight as stored ``(K, N)`` and
-transposed to ``(N, K)`` (K-major, what Hopper's 8-bit ``wgmma`` reads; the timed call
-includes the transpose, ``kernel_only_us`` is the kernel alone).
+Cases (issue 10): W4A16 (the kernel-native ``k_halves`` layout and ``n_pairs``, the one
+``qjax.quantize`` stores and ``qjax.quantized(..., backend=...)`` dispatches) and W8A16 at
+batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, W4 per channel and with groups of 128;
+W8A8 at 4096^3 with the weight as stored ``(K, N)`` and transposed to ``(N, K)``
+(K-major, what Hopper's 8-bit ``wgmma`` reads; the timed call includes the transpose,
+``kernel_only_us`` is the kernel alone).
 
     python experiments/bench_kernels.py --out experiments/results/bench_kernels_gpu.json
 
@@ -383,6 +385,11 @@ def main(argv=None):
     p.add_argument("--budget-s", type=float, default=300, help="stop tuning after this many seconds")
     p.add_argument("--sizes", default="4096,8192")
     p.add_argument("--batches", default="1,4,16,64,256")
+    p.add_argument(
+        "--layouts",
+        default="k_halves,n_pairs,int8",
+        help="weight-only layouts to time (n_pairs / k_pairs: what qjax.quantized dispatches)",
+    )
     p.add_argument("--force", action="store_true", help="time on CPU too (kernels in interpret mode: slow)")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
@@ -413,8 +420,9 @@ def main(argv=None):
     batches = [int(v) for v in args.batches.split(",")]
     plan = [("w8a8", 4096, None, "kn"), ("w8a8", 4096, None, "nk")]
     for size in sizes:
-        for bits, layout, group in [(4, "k_halves", None), (4, "k_halves", 128), (8, "int8", None)]:
-            for m in batches:
+        for layout in args.layouts.split(","):
+            bits, groups = (8, (None,)) if layout == "int8" else (4, (None, 128))
+            for group, m in ((g, m) for g in groups for m in batches):
                 plan.append((bits, size, m, layout, group))
     n_total = len(plan)
     best_small = {}
