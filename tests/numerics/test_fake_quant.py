@@ -319,3 +319,20 @@ def test_fake_quant_bad_input():
         fake_quant(np.ones(4, np.int8), QuantSpec(qjax.int8))
     with pytest.raises(TypeError, match="spec"):
         fake_quant(np.ones(4, np.float32), qjax.int8)
+
+
+def test_clipped_ste_skips_the_mask_only_where_nothing_can_clip():
+    from qjax.numerics.fake_quant import _never_clips
+
+    base = QuantSpec(qjax.int8, channel_axes=(-1,), ste="clipped")
+    assert _never_clips(base, None, None)
+    assert not _never_clips(base, jnp.ones((1, 6)), None)  # a given scale can clip
+    assert not _never_clips(base.replace(calibration=qjax.calib.absmax(half_step=True)), None, None)
+    assert not _never_clips(base.replace(symmetric=False), None, None)
+    assert not _never_clips(base.replace(rounding="stochastic"), None, None)
+    assert not _never_clips(base.replace(calibration=qjax.calib.percentile(99.0)), None, None)
+    # half_step maps the extreme to qmax + 1/2: round-half-even sends 127.5 to 128, clipped
+    x = np.array([[1.0, 0.25, -0.5]], np.float32)
+    spec = QuantSpec(qjax.int8, calibration=qjax.calib.absmax(half_step=True), ste="clipped")
+    g = np.asarray(_vjp(x, spec, np.ones_like(x)))
+    assert g[0, 0] == 0.0 and np.all(g[0, 1:] == 1.0)
