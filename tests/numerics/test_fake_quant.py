@@ -322,15 +322,14 @@ def test_fake_quant_bad_input():
 
 
 def test_clipped_ste_skips_the_mask_only_where_nothing_can_clip():
-    from qjax.numerics.fake_quant import _never_clips
+    from qjax.numerics.fake_quant import never_clips
 
     base = QuantSpec(qjax.int8, channel_axes=(-1,), ste="clipped")
-    assert _never_clips(base, None, None)
-    assert not _never_clips(base, jnp.ones((1, 6)), None)  # a given scale can clip
-    assert not _never_clips(base.replace(calibration=qjax.calib.absmax(half_step=True)), None, None)
-    assert not _never_clips(base.replace(symmetric=False), None, None)
-    assert not _never_clips(base.replace(rounding="stochastic"), None, None)
-    assert not _never_clips(base.replace(calibration=qjax.calib.percentile(99.0)), None, None)
+    assert never_clips(base)
+    assert not never_clips(base.replace(calibration=qjax.calib.absmax(half_step=True)))
+    assert not never_clips(base.replace(symmetric=False))
+    assert not never_clips(base.replace(rounding="stochastic"))
+    assert not never_clips(base.replace(calibration=qjax.calib.percentile(99.0)))
     # half_step maps the extreme to qmax + 1/2: round-half-even sends 127.5 to 128, clipped
     x = np.array([[1.0, 0.25, -0.5]], np.float32)
     spec = QuantSpec(qjax.int8, calibration=qjax.calib.absmax(half_step=True), ste="clipped")

@@ -1,5 +1,6 @@
 """Method "split" (a float activation cut into int8 pieces): the pieces against
-``qjax.quantize``, reconstruction precision, and non-finite / all-zero tokens. Packed
+``qjax.quantize``, reconstruction precision, and non-finite / all-zero tokens. The lean
+dynamic activation quantizer against ``qjax.quantize``. Packed
 int4/int2 weights (contracted one operand per bit field, concatenated into one dot or
 one dot per field): every layout, size-1 and odd axes, groups and zero points, against
 the int64 reference."""
@@ -76,3 +77,43 @@ def test_packed_weight_matches_int64_reference(k, n, m, fmt, pack_axis, group, s
     wd, xd = np.asarray(qw.dequantize(), np.float64), np.asarray(x, np.float64)
     for method in ("split", "convert"):
         check_float(qdot(x, qw, MM, method=method), xd @ wd, np.abs(xd) @ np.abs(wd))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=3, max_side=24), elements=finite),
+    st.sampled_from(["per_token", "per_tensor", "last_axis"]),
+    st.sampled_from([np.float32, "bfloat16"]),
+)
+def test_dynamic_activation_quantizer_is_quantize(x, granularity, dtype):
+    """The ops quantize activations with a lean absmax quantizer (no clip, no NaN guard):
+    its codes and scales must be ``qjax.quantize``'s for finite inputs."""
+    from qjax.quant.ops_common import _lean_dynamic, _quantize_dynamic_absmax
+
+    axes = {"per_token": qjax.PER_TOKEN, "per_tensor": (), "last_axis": (-1,)}[granularity]
+    spec = qjax.QuantSpec(qjax.int8, channel_axes=axes)
+    xs = jnp.asarray(x).astype(dtype)
+    if axes is qjax.PER_TOKEN:
+        spec = spec.replace(channel_axes=tuple(range(x.ndim - 1)))
+    assert _lean_dynamic(spec)
+    lean, ref = _quantize_dynamic_absmax(xs, spec), qjax.quantize(xs, spec)
+    np.testing.assert_array_equal(np.asarray(lean.values), np.asarray(ref.values))
+    np.testing.assert_array_equal(np.asarray(lean.scale), np.asarray(ref.scale))
+    assert lean.dtype == ref.dtype and lean.channel_axes == ref.channel_axes
+
+
+def test_dynamic_activation_quantizer_non_finite_and_excluded_specs():
+    from qjax.quant.ops_common import _lean_dynamic
+
+    assert not _lean_dynamic(qjax.QuantSpec(qjax.int8, calibration=qjax.calib.absmax(half_step=True)))
+    assert not _lean_dynamic(qjax.QuantSpec(qjax.int8, symmetric=False))
+    assert not _lean_dynamic(qjax.QuantSpec(qjax.fp8_e4m3))
+    assert not _lean_dynamic(qjax.QuantSpec(qjax.int8, channel_axes=(0,), group_size=8, group_axis=1))
+    rng = np.random.default_rng(1)
+    w = jnp.asarray(rng.normal(size=(32, 8)), jnp.float32)
+    w = qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(1,)))
+    x = rng.normal(size=(3, 32)).astype(np.float32)
+    x[1, 3], x[2, 0] = np.inf, np.nan
+    tokens = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    y = np.asarray(qdot(jnp.asarray(x), w, MM, lhs_spec=tokens))
+    assert np.isfinite(y[0]).all() and np.isnan(y[1]).all() and np.isnan(y[2]).all()
