@@ -71,7 +71,7 @@ input has batch 1; zero padding makes padded positions count as real zeros) and
 
 ``method="auto"`` (measured by ``experiments/bench_ops.py``, results in
 ``experiments/results/bench_ops.md``: x (batch, 1024) @ w (1024, 1024) on a 2-core
-AVX-512 x86 CPU, XLA:CPU, jax 0.10.2, 2026-11-26, load ~2; time / float32 ``x @ w``
+AVX-512 x86 CPU, XLA:CPU, jax 0.10.2, 2026-11-26 03:13, load 2.4-3.1; time / float32 ``x @ w``
 time, paired; +-15% run to run, and up to 1.5x on one-row calls between runs minutes
 apart on this shared machine; W8 = int8 per channel, W4 = int4 per channel packed,
 g128 = groups of 128 along K):
@@ -79,17 +79,17 @@ g128 = groups of 128 along K):
 =========================  =======  =======  =======  =======
 batch                       1        4        16       256
 =========================  =======  =======  =======  =======
-float32 x @ w (ms)          0.080    0.071    0.163    1.217
-W8A8 int8 per token: int    0.89     1.47     0.97     0.77
-W4A8: int                   1.76     2.21     1.13     0.80
-W4 g128 A8: int             2.18     2.66     2.41     0.99
-W8, f32 activation          1.05 s   1.92 s   1.67 d   1.26 d
-W4, f32 activation          1.77 s   2.59 s   1.80 c   1.13 c
-W4 g128, f32 activation     1.88 s   2.04 c   1.58 c   1.51 d
-W8, bf16 activation         1.00 s   1.92 s   1.53 c   0.72 c
-W4, bf16 activation         1.91 s   2.55 s   1.41 c   0.65 c
-W4 g128, bf16 activation    1.95 s   2.08 c   1.22 c   1.17 d
-naive dequantize, then dot  1.98 (W8) / 3.79 (W4) / 4.15 (W4 g128) at batch 1
+float32 x @ w (ms)          0.097    0.097    0.171    1.268
+W8A8 int8 per token: int    0.98     0.90     0.74     0.72
+W4A8: int                   2.18     1.67     1.22     0.76
+W4 g128 A8: int             1.78     1.70     1.85     0.97
+W8, f32 activation          1.01 s   1.31 s   1.55 d   1.14 d
+W4, f32 activation          2.43 s   1.94 s   1.96 c   1.12 c
+W4 g128, f32 activation     2.10 s   1.71 c   1.53 c   1.19 d
+W8, bf16 activation         1.07 s   1.54 s   1.46 c   0.66 c
+W4, bf16 activation         2.32 s   2.00 s   1.32 c   0.64 c
+W4 g128, bf16 activation    2.16 s   1.72 c   1.15 c   1.15 d
+naive dequantize, then dot  3.22 (W8) / 4.24 (W4) / 3.78 (W4 g128) at batch 1
 =========================  =======  =======  =======  =======
 
 (s = split, c = convert, d = dequant.) Hence: two integer operands -> ``"int"``; a float
