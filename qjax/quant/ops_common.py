@@ -393,7 +393,7 @@ def split_pieces(x: jax.Array, token_axes: Sequence[int], n: int = SPLIT_PIECES)
       ``(codes, scales)``: int8 ``(n, *x.shape)`` and float32 ``(n, *token scale shape)``.
     """
     # Written out rather than through ``quantize``: the same codes and scales (checked by
-    # tests/quant/test_ops.py), but ~5 fused loops instead of ~15 (its NaN bookkeeping for
+    # tests/quant/test_ops_split_packed.py), but ~5 fused loops instead of ~15 (its NaN bookkeeping for
     # given scales), which is most of the cost at one or a few rows.
     xf = x.astype(jnp.float32)
     reduced = tuple(d for d in range(x.ndim) if d not in token_axes)
