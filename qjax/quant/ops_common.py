@@ -23,6 +23,7 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from qjax.numerics.fake_quant import fake_quant, never_clips
+from qjax.numerics.formats import int8
 from qjax.numerics.packing import unpack
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
@@ -392,23 +393,20 @@ def split_pieces(x: jax.Array, token_axes: Sequence[int], n: int = SPLIT_PIECES)
     Returns:
       ``(codes, scales)``: int8 ``(n, *x.shape)`` and float32 ``(n, *token scale shape)``.
     """
-    # Written out rather than through ``quantize``: the same codes and scales (checked by
-    # tests/quant/test_ops_split_packed.py), but ~5 fused loops instead of ~15 (its NaN bookkeeping for
-    # given scales), which is most of the cost at one or a few rows.
+    # Piece 0 by the lean dynamic quantizer, the rest written out: the same codes and scales
+    # as ``quantize`` (tests/quant/test_ops_split_packed.py) in ~5 fused loops instead of
+    # ~15 (its NaN bookkeeping for given scales), most of the cost at one or a few rows.
     xf = x.astype(jnp.float32)
-    reduced = tuple(d for d in range(x.ndim) if d not in token_axes)
-    amax = jnp.max(jnp.abs(xf), axis=reduced, keepdims=True)
-    # as ``quantize``: scale 1 where absmax / 127 is zero (or flushed to zero), NaN for a
-    # token with NaN/Inf (its outputs are NaN)
-    s = amax * (1.0 / 127)
-    s = jnp.where(jnp.isfinite(amax), jnp.where(s > 0, s, 1.0), jnp.nan)
-    codes, scales, r = [], [], xf
-    for _ in range(n):
-        q = jnp.clip(jnp.round(r * (1.0 / s)), -127, 127)
+    first = _quantize_dynamic_absmax(xf, QuantSpec(int8, channel_axes=tuple(token_axes)))
+    s = first.scale
+    codes, scales = [first.values], [s]
+    r = xf - first.values.astype(jnp.float32) * s
+    for _ in range(n - 1):
+        s = s * (1.0 / SPLIT_RADIX)
+        q = jnp.clip(jnp.round(r * (1.0 / s)), -127, 127)  # |r| <= s * 127 / 254 up to rounding
         codes.append(q.astype(jnp.int8))
         scales.append(s)
         r = r - q * s
-        s = s * (1.0 / SPLIT_RADIX)
     return jnp.stack(codes), jnp.stack(scales)
 
 
