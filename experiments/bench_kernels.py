@@ -430,7 +430,7 @@ def main(argv=None):
         n_cases += 1
         # time left is shared evenly by the cases still to run
         deadline = time.perf_counter() + max(
-            5.0, (args.budget_s - (time.perf_counter() - t0)) / (n_total - n_cases + 1)
+            3.0, (args.budget_s - (time.perf_counter() - t0)) / (n_total - n_cases + 1)
         )
         try:
             if item[0] == "w8a8":
