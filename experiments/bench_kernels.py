@@ -100,19 +100,23 @@ def rotations(nbytes: int) -> int:
 
 
 def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
+    def tiles(rows):  # (block_m, block_n, block_k, num_warps, num_stages), no split-K or swap
+        return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
+
     c = []
     if kind == "w8a8":
-        for bm, bn, bk, w, s in [
-            (128, 128, 128, 8, 3),
-            (128, 256, 128, 8, 3),
-            (128, 128, 64, 4, 4),
-            (64, 128, 128, 4, 4),
-            (128, 256, 64, 8, 4),
-            (256, 128, 64, 8, 3),
-            (128, 128, 128, 4, 4),
-            (64, 256, 128, 8, 3),
-        ]:
-            c.append(BlockConfig(bm, bn, bk, 1, False, w, s))
+        c = tiles(
+            [
+                (128, 128, 128, 8, 3),
+                (128, 256, 128, 8, 3),
+                (128, 128, 64, 4, 4),
+                (64, 128, 128, 4, 4),
+                (128, 256, 64, 8, 4),
+                (256, 128, 64, 8, 3),
+                (128, 128, 128, 4, 4),
+                (64, 256, 128, 8, 3),
+            ]
+        )
     elif m <= 16:
         for bk in (256, 128):
             for split in (4, 2, 8, 1):
@@ -125,15 +129,16 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
                     for split in (1, 2):
                         c.append(BlockConfig(bm, bn, bk, split, False, 4, 4))
     else:
-        for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 128, 128, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 64, 64, 4, 4),
-            (128, 256, 64, 8, 3),
-            (64, 64, 128, 4, 4),
-        ]:
-            c.append(BlockConfig(bm, bn, bk, 1, False, w, s))
+        c = tiles(
+            [
+                (128, 128, 64, 8, 3),
+                (128, 128, 128, 8, 3),
+                (64, 128, 64, 4, 4),
+                (128, 64, 64, 4, 4),
+                (128, 256, 64, 8, 3),
+                (64, 64, 128, 4, 4),
+            ]
+        )
     ok = []
     for cfg in c:
         try:

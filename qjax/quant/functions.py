@@ -199,17 +199,10 @@ class _FakeQuant(_PolicyHandler):
                 "key= to fake_quantized (use a fresh key every step)"
             )
         if name == "conv_general_dilated":
-            p = eqn.params
             out = int8_conv_general_dilated(
                 args[0],
                 args[1],
-                window_strides=p["window_strides"],
-                padding=p["padding"],
-                lhs_dilation=p["lhs_dilation"],
-                rhs_dilation=p["rhs_dilation"],
-                dimension_numbers=p["dimension_numbers"],
-                feature_group_count=p["feature_group_count"],
-                batch_group_count=p["batch_group_count"],
+                **_conv_geometry(eqn),
                 lhs_spec=specs[0],
                 rhs_spec=specs[1],
                 grad_spec=rule.grad,
@@ -390,6 +383,22 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None) -> QArray | No
     return w
 
 
+_CONV_GEOMETRY = (
+    "window_strides",
+    "padding",
+    "lhs_dilation",
+    "rhs_dilation",
+    "dimension_numbers",
+    "feature_group_count",
+    "batch_group_count",
+)
+
+
+def _conv_geometry(eqn) -> dict:
+    """A ``conv_general_dilated`` equation's geometry, as keyword arguments of the qjax convs."""
+    return {k: eqn.params[k] for k in _CONV_GEOMETRY}
+
+
 def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto"):
     """Run a target equation on an activation and a quantized weight (operand ``wi``)."""
     from qjax.quant import ops  # the op library sits beside this module
@@ -398,23 +407,16 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend
     if aspec is not None and w.act_scale is not None:
         static = {"lhs_scale": w.act_scale, "lhs_zero_point": w.act_zero_point}
     out_dtype = eqn.outvars[0].aval.dtype
-    p = eqn.params
     if eqn.primitive.name == "conv_general_dilated":
         return ops.quantized_conv_general_dilated(
             act,
             w,
-            window_strides=p["window_strides"],
-            padding=p["padding"],
-            lhs_dilation=p["lhs_dilation"],
-            rhs_dilation=p["rhs_dilation"],
-            dimension_numbers=p["dimension_numbers"],
-            feature_group_count=p["feature_group_count"],
-            batch_group_count=p["batch_group_count"],
+            **_conv_geometry(eqn),
             lhs_spec=aspec,
             out_dtype=out_dtype,
             **static,
         )
-    dn = p["dimension_numbers"]
+    dn = eqn.params["dimension_numbers"]
     if wi == 1:
         return ops.quantized_dot_general(
             act, w, dn, lhs_spec=aspec, out_dtype=out_dtype, backend=backend, **static
