@@ -1,4 +1,5 @@
-"""Pallas kernels for low-bit matmul (GPU: Triton backend; TPU: Mosaic), the XLA
+"""Pallas kernels for low-bit matmul (GPU: Triton backend, plus a Mosaic GPU ``wgmma`` W8A8
+kernel for Hopper; TPU: Mosaic), the XLA
 formulation they reproduce, block-size tuning tables, and the dispatch that
 ``qjax.quantized`` uses (``backend=``).
 

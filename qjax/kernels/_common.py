@@ -35,6 +35,7 @@ from jax import lax
 from qjax.numerics import packing
 
 LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
+ENGINES = ("triton", "wgmma")  # GPU kernel families (BlockConfig.engine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,7 +49,11 @@ class BlockConfig:
       swap: compute the transposed product ``W^T x^T`` so the (large) weight tile is the
         left operand of the tensor-core instruction and the few activation rows its
         narrow right side (GPU, small batches).
-      num_warps, num_stages: Triton launch parameters (GPU only).
+      num_warps, num_stages: Triton launch parameters (GPU only); with ``engine="wgmma"``
+        ``num_stages`` is the depth of the TMA input pipeline and ``num_warps`` is unused.
+      engine: ``"triton"`` (Pallas Triton kernels: every NVIDIA GPU, every op) or
+        ``"wgmma"`` (the Pallas Mosaic GPU W8A8 kernel: Hopper only, weight ``(N, K)``; see
+        :mod:`qjax.kernels.gpu_wgmma`).
     """
 
     block_m: int
@@ -58,6 +63,7 @@ class BlockConfig:
     swap: bool = False
     num_warps: int = 4
     num_stages: int = 3
+    engine: str = "triton"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -16,6 +16,7 @@ from qjax.kernels import tuning
 from qjax.kernels._common import BlockConfig
 
 PLATFORMS = ("gpu", "tpu", "xla")
+_WGMMA_OUT = tuple(jnp.dtype(d) for d in (jnp.bfloat16, jnp.float16, jnp.float32))
 
 
 def resolve_platform(platform: str | None, interpret) -> str:
@@ -44,7 +45,8 @@ def _pow2(x: int) -> bool:
 def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_size, layout) -> None:
     """Raise ``ValueError`` naming the rule a GPU config breaks for this shape.
 
-    Rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot); ``block_n``
+    ``engine="wgmma"`` configs follow :func:`qjax.kernels.gpu_wgmma.check_config_wgmma`.
+    Triton rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot); ``block_n``
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
     ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
     tiles keep at least 16 along the contraction after unpacking.
@@ -53,6 +55,15 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     def bad(msg):
         raise ValueError(f"config {cfg} does not fit {kind} at M={m}, K={k}, N={n}: {msg}")
 
+    if cfg.engine not in c.ENGINES:
+        bad(f"engine must be one of {c.ENGINES}")
+    if cfg.engine == "wgmma":
+        if kind != "w8a8":
+            bad("the wgmma engine runs W8A8 only")
+        from qjax.kernels import gpu_wgmma
+
+        gpu_wgmma.check_config_wgmma(cfg, m, k, n, layout)
+        return
     for name in ("block_m", "block_n", "block_k"):
         if not _pow2(getattr(cfg, name)):
             bad(f"{name} must be a power of two")
@@ -105,26 +116,56 @@ def default_config_gpu(kind: str, m: int, k: int, n: int, group_size, layout, pa
     return BlockConfig(bm, bn, bk, 1, False, 4 if bm == 64 else 8, 3)
 
 
+def engines_here(kind: str, layout: str) -> tuple[str, ...]:
+    """GPU engines whose tuning entries apply to this op on the current device (``wgmma``:
+    W8A8 with the weight ``(N, K)`` on a Hopper GPU)."""
+    if kind == "w8a8" and layout == "nk":
+        from qjax.kernels import gpu_wgmma
+
+        if gpu_wgmma.available():
+            return ("triton", "wgmma")
+    return ("triton",)
+
+
+def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) -> tuning.TunedEntry | None:
+    """The ``platform`` tuning table's entry for this op with the largest measured speedup.
+
+    On a GPU, among the engines usable here (:func:`engines_here`) and only entries whose
+    config fits the shape; on a TPU the nearest entry (its block sizes are re-derived by
+    ``default_config_tpu``). ``None`` if none qualifies.
+    """
+    if platform != "gpu":
+        return tuning.lookup(platform, tuning.kernel_name(kind, layout), m, k, n, group_size)
+    fits = []
+    for engine in engines_here(kind, layout):
+        e = tuning.lookup("gpu", tuning.kernel_name(kind, layout, engine), m, k, n, group_size)
+        if e is None or (layout == "k_halves" and e.config.block_k != pack_block):
+            continue
+        try:
+            check_config_gpu(e.config, kind, m, k, n, group_size, layout)
+        except ValueError:  # the nearest measured config does not fit this shape
+            continue
+        fits.append(e)
+    return max(fits, key=lambda e: e.speedup, default=None)
+
+
 def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:
-    """``config``, else the tuning table's nearest entry that fits, else the default."""
+    """``config``, else the tuning table's best entry that fits, else the default."""
     if platform == "tpu":
         from qjax.kernels import tpu
 
         if config is not None:
+            if config.engine != "triton":
+                raise ValueError(f"config {config}: engine {config.engine!r} is a GPU kernel")
             return config
         tpu_kind = "int8_matmul" if kind == "w8a8" else "weight_only"
         return tpu.default_config_tpu(tpu_kind, m, k, n, group_size, layout, pack_block)
     if config is not None:
         check_config_gpu(config, kind, m, k, n, group_size, layout)
         return config
-    entry = tuning.lookup("gpu", tuning.kernel_name(kind, layout), m, k, n, group_size)
+    entry = tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block)
     if entry is not None:
-        try:
-            check_config_gpu(entry.config, kind, m, k, n, group_size, layout)
-            if layout != "k_halves" or entry.config.block_k == pack_block:
-                return entry.config
-        except ValueError:  # the nearest measured config does not fit this shape: use the default
-            pass
+        return entry.config
     cfg = default_config_gpu(kind, m, k, n, group_size, layout, pack_block)
     check_config_gpu(cfg, kind, m, k, n, group_size, layout)
     return cfg
@@ -296,14 +337,17 @@ def int8_matmul(
         a transpose of every weight tile.
       a_scale: scalar, ``(M,)`` or ``(M, 1)``.
       b_scale: scalar, ``(N,)`` or ``(1, N)``.
-      out_dtype, platform, config, interpret: as :func:`w4a16_matmul`.
+      out_dtype, platform, config, interpret: as :func:`w4a16_matmul`. A GPU ``config``
+        with ``engine="wgmma"`` (or a tuning-table entry holding one, used only on Hopper)
+        runs the Mosaic GPU kernel of :mod:`qjax.kernels.gpu_wgmma` (needs
+        ``b_layout="nk"``; float32 / bfloat16 / float16 output).
 
     Returns:
       ``(M, N)`` array of ``out_dtype``.
 
     Raises:
       ValueError / TypeError: operands that are not int8 matrices with matching K, an
-        unknown ``b_layout``, or scales of the wrong shape.
+        unknown ``b_layout``, scales of the wrong shape, or a config that does not fit.
     """
     c.check_2d("a_q", a_q, (jnp.int8,))
     c.check_2d("b_q", b_q, (jnp.int8,))
@@ -322,6 +366,19 @@ def int8_matmul(
     if m == 0 or n == 0 or k == 0 or platform == "xla":
         return c.xla_int8_matmul(a_q, b_q, sa, sb, out_dtype=out_dtype, b_layout=b_layout)
     cfg = choose_config(platform, "w8a8", m, k, n, None, b_layout, None, config)
+    if cfg.engine == "wgmma":
+        from qjax.kernels import gpu_wgmma
+
+        if out_dtype not in _WGMMA_OUT:
+            raise ValueError(f"the wgmma engine writes {', '.join(map(str, _WGMMA_OUT))}, not {out_dtype}")
+        if interpret is True:
+            raise ValueError(
+                "interpret=True: the wgmma engine runs in JAX's GPU interpreter only with explicit "
+                "interpret parameters (InterpretGPUParams); or pick a Triton config"
+            )
+        return gpu_wgmma.int8_matmul_wgmma(
+            a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret
+        )
     kw = dict(out_dtype=out_dtype, config=cfg, b_layout=b_layout, interpret=interpret)
     if platform == "tpu":
         from qjax.kernels import tpu

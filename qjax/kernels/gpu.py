@@ -6,7 +6,9 @@ by hand (``plgpu.wgmma`` has no integer-nibble path: int4 would have to be unpac
 second shared-memory buffer first), and it runs on Hopper only. The Triton backend lowers
 ``dot`` to ``wgmma`` on Hopper and ``mma`` elsewhere by itself, unpacks nibbles in
 registers, pipelines the K loop (``num_stages``) and runs on Ampere as well, so one kernel
-source covers every NVIDIA GPU qjax users have.
+source covers every NVIDIA GPU qjax users have. The exception is the large int8 GEMM on
+Hopper, where TMA and warp specialization matter: :mod:`qjax.kernels.gpu_wgmma` is a Mosaic
+GPU kernel for that case, chosen by config (``engine="wgmma"``) or by the tuning table.
 
 Two kernels:
 

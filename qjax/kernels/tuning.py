@@ -2,7 +2,7 @@
 kernel at a shape, and its time next to XLA's.
 
 The tables live beside this module as ``tuning_<platform>.json`` and are written by
-``experiments/tune_kernels.py`` on the target machine. Lookup takes the entry of the same
+``experiments/bench_kernels.py --write-table`` on the target machine. Lookup takes the entry of the same
 kernel and layout whose batch bucket (next power of two of M, at least 16) matches and whose
 ``(K, N)`` is nearest in log scale; the dispatch in ``qjax.quantized`` uses a kernel only
 where such a measured entry says the kernel beat XLA (``speedup > 1``).
@@ -25,7 +25,7 @@ _DIR = Path(__file__).parent
 class TunedEntry:
     """One measured point: the best config for ``kernel`` at ``(m, k, n)``."""
 
-    kernel: str  # "w4a16_<layout>", "w8a16", "w8a8"
+    kernel: str  # kernel_name(): "w4a16_<layout>", "w8a16", "w8a8", "w8a8_nk", "w8a8_nk_wgmma"
     m: int
     k: int
     n: int
@@ -39,12 +39,15 @@ class TunedEntry:
         return self.xla_us / self.kernel_us
 
 
-def kernel_name(kind: str, layout: str) -> str:
+def kernel_name(kind: str, layout: str, engine: str = "triton") -> str:
     """The table's kernel key: ``"w8a8"`` (weight ``(K, N)``), ``"w8a8_nk"`` (weight
-    ``(N, K)``), ``"w8a16"``, or ``"w4a16_<layout>"``."""
+    ``(N, K)``), ``"w8a8_nk_wgmma"`` (the Hopper Mosaic GPU kernel), ``"w8a16"``, or
+    ``"w4a16_<layout>"``."""
     if kind == "w4a16":
-        return f"w4a16_{layout}"
-    return "w8a8_nk" if kind == "w8a8" and layout == "nk" else kind
+        name = f"w4a16_{layout}"
+    else:
+        name = "w8a8_nk" if kind == "w8a8" and layout == "nk" else kind
+    return name if engine == "triton" else f"{name}_{engine}"
 
 
 def m_bucket(m: int) -> int:
@@ -103,7 +106,7 @@ def lookup(
 
 
 def write_table(path: Path, device: str, date: str, entries: list[TunedEntry]) -> None:
-    """Write a table (used by ``experiments/tune_kernels.py``)."""
+    """Write a table (used by ``experiments/bench_kernels.py --write-table``)."""
     rows = [
         {
             "kernel": e.kernel,

@@ -1,0 +1,80 @@
+"""Running the Mosaic GPU (``wgmma``) kernel in JAX's GPU interpreter on a CPU.
+
+jax 0.10's interpreter cannot read a ``wgmma`` operand through a transposed ref view (its
+callback turns every transform into an index range and fails on ``TransposeTransform``),
+and 8-bit ``wgmma`` always reads the weight through one (``(N, K)`` tile viewed as
+``(K, N)``). :func:`transposed_wgmma_operands` patches the interpreter's ``wgmma`` callback
+so that a trailing transpose is applied to the operand it reads; every other call goes to
+JAX's own callback unchanged. After a failed interpreted kernel the interpreter's state must
+be reset (JAX's note on ``InterpretGPUParams``); :func:`interpret_params` returns fresh
+parameters after resetting it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import jax
+import numpy as np
+from jax._src.pallas.mosaic.interpret import utils as interpret_utils
+from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gc
+from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+from jax._src.state.types import TransposeTransform
+
+
+def interpret_params() -> InterpretGPUParams:
+    gc.reset_gpu_interpret_mode_state()
+    return InterpretGPUParams()
+
+
+def _trailing_transpose(transforms):
+    """``(index transforms, permutation or None)``; a transpose is accepted only last."""
+    transforms = jax.tree.map(int, gc._remove_noop_transforms(tuple(transforms)))
+    if transforms and isinstance(transforms[-1], TransposeTransform):
+        head, perm = transforms[:-1], transforms[-1].permutation
+    else:
+        head, perm = transforms, None
+    if any(isinstance(t, TransposeTransform) for t in head):
+        raise NotImplementedError("the test shim handles one transpose, applied last")
+    return head, perm
+
+
+def _read(shared, key_array, transforms, thread, info):
+    head, perm = _trailing_transpose(transforms)
+    key = gc.HostAllocationKey.from_array(key_array)
+    value, _, _ = shared.get_buffer_content(key, interpret_utils.to_range(head), thread, logging_info=info)
+    assert value is not None
+    return value if perm is None else np.transpose(value, perm)
+
+
+@contextlib.contextmanager
+def transposed_wgmma_operands():
+    """Within the block, interpreted ``wgmma`` reads operands through trailing transposes."""
+    original = gc.wgmma
+
+    def wgmma(**kw):
+        if all(_trailing_transpose(kw[f"{x}_transforms"])[1] is None for x in ("a", "b")):
+            return original(**kw)
+        device_id, thread_id = int(kw["device_id"]), int(kw["thread_id"])
+        shared = gc._get_shared_memory()
+        thread = shared.get_global_thread_id(device_id, thread_id)
+        info = interpret_utils.GPULoggingInfo(
+            device_id=device_id,
+            grid_point_coords=tuple(int(x) for x in kw["grid_point_coords"]),
+            thread_id=thread_id,
+            source_info=kw.get("source_info"),
+        )
+        a = _read(shared, kw["a_allocation_key_as_array"], kw["a_transforms"], thread, info)
+        b = _read(shared, kw["b_allocation_key_as_array"], kw["b_transforms"], thread, info)
+        acc_key = gc.HostAllocationKey.from_array(kw["acc_allocation_key_as_array"])
+        acc_range = interpret_utils.to_range(_trailing_transpose(kw["acc_transforms"])[0])
+        acc, _, _ = shared.get_buffer_content(acc_key, acc_range, thread, logging_info=info)
+        res = acc + np.matmul(a, b, dtype=kw["acc_dtype"])
+        shared.store_buffer_content(acc_key, acc_range, res, thread, logging_info=info)
+        return kw["token"]
+
+    gc.wgmma = wgmma
+    try:
+        yield
+    finally:
+        gc.wgmma = original
