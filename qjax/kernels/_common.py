@@ -54,6 +54,7 @@ class BlockConfig:
       engine: ``"triton"`` (Pallas Triton kernels: every NVIDIA GPU, every op) or
         ``"wgmma"`` (the Pallas Mosaic GPU W8A8 kernel: Hopper only, weight ``(N, K)``; see
         :mod:`qjax.kernels.gpu_wgmma`).
+      persistent: ``wgmma`` engine only: one block per SM looping over output tiles.
     """
 
     block_m: int
@@ -64,6 +65,7 @@ class BlockConfig:
     num_warps: int = 4
     num_stages: int = 3
     engine: str = "triton"
+    persistent: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

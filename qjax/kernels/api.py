@@ -57,6 +57,8 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
 
     if cfg.engine not in c.ENGINES:
         bad(f"engine must be one of {c.ENGINES}")
+    if cfg.persistent and cfg.engine != "wgmma":
+        bad("persistent is a wgmma-engine option")
     if cfg.engine == "wgmma":
         if kind != "w8a8":
             bad("the wgmma engine runs W8A8 only")

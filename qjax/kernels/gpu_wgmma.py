@@ -17,7 +17,10 @@ Constraints (checked by :func:`check_config_wgmma`):
   warpgroups of 64 or 128 rows), ``block_n`` a multiple of 64 up to 256 with each
   warpgroup's accumulator at most 64 x 256 or 128 x 128 (registers);
 * ``block_n`` divides N, 128 divides K; M is padded up to ``block_m`` by the wrapper;
-* the shared memory of ``num_stages`` input stages plus the output tile fits in 227 KiB.
+* the shared memory of ``num_stages`` input stages plus the output tiles fits in 227 KiB.
+
+``persistent=True`` launches one block per SM; each loops over output tiles (grouped order)
+with one set of pipeline buffers, so the next tile's loads overlap this tile's epilogue.
 
 Selected through :class:`~qjax.kernels._common.BlockConfig` with ``engine="wgmma"``
 (measured against the Triton configs in the same tuning run; see
@@ -46,7 +49,10 @@ _GROUP_M = 8  # row tiles per band of the grouped tile order (L2 reuse of weight
 # The configs the benchmark tries (tests lower each for CUDA): (block_m, block_n, stages).
 CONFIGS = tuple(
     BlockConfig(bm, bn, _BLOCK_K, num_stages=stages, engine="wgmma")
-    for bm, bn, stages in ((128, 128, 4), (128, 256, 3), (256, 128, 3), (128, 128, 3))
+    for bm, bn, stages in ((128, 128, 4), (128, 256, 3), (256, 128, 3))
+) + tuple(
+    BlockConfig(bm, bn, _BLOCK_K, num_stages=stages, engine="wgmma", persistent=True)
+    for bm, bn, stages in ((128, 128, 4), (128, 256, 3), (256, 128, 3))
 )
 
 
@@ -103,8 +109,6 @@ def _kernel(
 ):
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     wg_m = bm // 2
-    k_iters = a_gmem.shape[1] // bk
-    mi, ni = _tile_ij(lax.axis_index("tiles"), num_m, num_n)
     tr = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
     def mma(_, a_smem, b_smem, acc_ref):
@@ -113,51 +117,85 @@ def _kernel(
         plgpu.wgmma_wait(1)  # keep one wgmma in flight; its tiles are released a step late
         return acc_ref
 
-    def compute(eval_pipeline):
-        wg = lax.axis_index("wg")
-        rows = pl.ds(mi * bm + wg * wg_m, wg_m)
-        cols = pl.ds(ni * bn, bn)
-        plgpu.copy_gmem_to_smem(as_gmem.at[rows], row_smem.at[wg], bars.at[wg])
-        plgpu.copy_gmem_to_smem(bs_gmem.at[cols], col_smem.at[wg], bars.at[2 + wg])
+    def pipeline(compute):
+        return plgpu.emit_pipeline_warp_specialized(
+            mma,
+            grid=(a_gmem.shape[1] // bk,),
+            memory_registers=40,
+            in_specs=[
+                plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tr, delay_release=1),
+                plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=tr, delay_release=1),
+            ],
+            wg_axis="wg",
+            num_compute_wgs=2,
+            max_concurrent_steps=cfg.num_stages,
+            compute_context=compute,
+        )
 
-        @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wg_m, bn), jnp.int32))
-        def _(acc_ref):
-            eval_pipeline(acc_ref)
-            acc = acc_ref[...].astype(jnp.float32)
-            plgpu.barrier_wait(bars.at[wg])
-            plgpu.barrier_wait(bars.at[2 + wg])
-            a_s = row_smem[wg]
-            b_s = col_smem[wg]
-            out = acc * lax.broadcast_in_dim(a_s, acc.shape, [0]) * lax.broadcast_in_dim(b_s, acc.shape, [1])
-            out = out.astype(out_smem.dtype)
-            # leave through shared memory in _EPI x _EPI tiles, two slots in flight
-            chunks = [(r, c) for r in range(0, wg_m, _EPI) for c in range(0, bn, _EPI)]
-            for i, (r, c) in enumerate(chunks):
-                slot = out_smem.at[wg, i % 2]
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                slot[...] = out[r : r + _EPI, c : c + _EPI]
-                plgpu.commit_smem()
-                dst = o_gmem.at[pl.ds(mi * bm + wg * wg_m + r, _EPI), pl.ds(ni * bn + c, _EPI)]
-                plgpu.copy_smem_to_gmem(slot, dst)
-            plgpu.wait_smem_to_gmem(0)
+    def tile(mi, ni, allocations=None):
+        """Output tile ``(mi, ni)``: the K pipeline, then rescale and store."""
 
-    pipeline = plgpu.emit_pipeline_warp_specialized(
-        mma,
-        grid=(k_iters,),
-        memory_registers=40,
-        in_specs=[
-            plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=tr, delay_release=1),
-            plgpu.BlockSpec((bn, bk), lambda kk: (0, kk), transforms=tr, delay_release=1),
-        ],
-        wg_axis="wg",
-        num_compute_wgs=2,
-        max_concurrent_steps=cfg.num_stages,
-        compute_context=compute,
+        def compute(eval_pipeline):
+            wg = lax.axis_index("wg")
+            rows = pl.ds(mi * bm + wg * wg_m, wg_m)
+            plgpu.copy_gmem_to_smem(as_gmem.at[rows], row_smem.at[wg], bars.at[wg])
+            plgpu.copy_gmem_to_smem(bs_gmem.at[pl.ds(ni * bn, bn)], col_smem.at[wg], bars.at[2 + wg])
+
+            @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((wg_m, bn), jnp.int32))
+            def _(acc_ref):
+                eval_pipeline(acc_ref)
+                acc = acc_ref[...].astype(jnp.float32)
+                plgpu.barrier_wait(bars.at[wg])
+                plgpu.barrier_wait(bars.at[2 + wg])
+                a_s = lax.broadcast_in_dim(row_smem[wg], acc.shape, [0])
+                b_s = lax.broadcast_in_dim(col_smem[wg], acc.shape, [1])
+                out = (acc * a_s * b_s).astype(out_smem.dtype)
+                # leave through shared memory in _EPI x _EPI tiles, two slots in flight
+                chunks = [(r, c) for r in range(0, wg_m, _EPI) for c in range(0, bn, _EPI)]
+                for i, (r, c) in enumerate(chunks):
+                    slot = out_smem.at[wg, i % 2]
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                    slot[...] = out[r : r + _EPI, c : c + _EPI]
+                    plgpu.commit_smem()
+                    dst = o_gmem.at[pl.ds(mi * bm + wg * wg_m + r, _EPI), pl.ds(ni * bn + c, _EPI)]
+                    plgpu.copy_smem_to_gmem(slot, dst)
+                plgpu.wait_smem_to_gmem(0)
+
+        pipeline(compute)(
+            a_gmem.at[pl.ds(mi * bm, bm), :], b_gmem.at[pl.ds(ni * bn, bn), :], allocations=allocations
+        )
+
+    if not cfg.persistent:
+        tile(*_tile_ij(lax.axis_index("tiles"), num_m, num_n))
+        return
+    # persistent: each block walks tiles (strided by the grid) with one set of pipeline
+    # buffers, so its memory warpgroup fetches the next tile's first K steps while the
+    # compute warpgroups run this tile's epilogue
+    ignore = lambda *a, **k: None  # the pipeline body does not affect its allocations
+
+    @functools.partial(
+        pl.run_scoped,
+        allocations=pipeline(ignore).get_allocations(a_gmem, b_gmem),
+        collective_axes="wg",
     )
-    pipeline(a_gmem.at[pl.ds(mi * bm, bm), :], b_gmem.at[pl.ds(ni * bn, bn), :])
+    def _(allocations):
+        @plgpu.nd_loop((num_m * num_n,), collective_axes="tiles")
+        def _(info):
+            (pid,) = info.index
+            tile(*_tile_ij(pid, num_m, num_n), allocations)
 
 
-def int8_matmul_wgmma(a_q, b_nk, a_scale, b_scale, *, out_dtype, config: BlockConfig, interpret=False):
+def num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (132 -- an H100 / H200 SXM -- elsewhere,
+    e.g. when lowering for CUDA on a CPU)."""
+    if jax.default_backend() == "gpu":
+        return int(getattr(jax.devices()[0], "core_count", 132))
+    return 132
+
+
+def int8_matmul_wgmma(
+    a_q, b_nk, a_scale, b_scale, *, out_dtype, config: BlockConfig, interpret=False, num_blocks=None
+):
     """``(a_q @ b_nk.T) * a_scale * b_scale`` with Hopper's int8 ``wgmma`` (Pallas Mosaic GPU).
 
     Args:
@@ -166,6 +204,8 @@ def int8_matmul_wgmma(a_q, b_nk, a_scale, b_scale, *, out_dtype, config: BlockCo
       out_dtype: result dtype.
       config: a config :func:`check_config_wgmma` accepts (the caller checks).
       interpret: ``False``, or GPU interpret-mode parameters (tests).
+      num_blocks: with ``config.persistent``, the blocks launched (default: one per SM, at
+        most one per tile).
 
     Returns:
       ``(M, N)`` array of ``out_dtype``.
@@ -191,7 +231,7 @@ def int8_matmul_wgmma(a_q, b_nk, a_scale, b_scale, *, out_dtype, config: BlockCo
             plgpu.SMEM((2, 2, _EPI, _EPI), out_dtype, transforms=out_tr),
             plgpu.Barrier(num_barriers=4),
         ],
-        grid=(num_m * num_n,),
+        grid=(min(num_blocks or num_sms(), num_m * num_n) if config.persistent else num_m * num_n,),
         grid_names=("tiles",),
         num_threads=3,
         thread_name="wg",

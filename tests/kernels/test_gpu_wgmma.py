@@ -62,6 +62,33 @@ def test_interpreted_kernel_is_bit_exact(m, k, n, bm, bn, stages):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
 
 
+@pytest.mark.parametrize(
+    "m,k,n,bm,bn,stages,blocks",
+    [
+        (384, 256, 256, 128, 128, 2, 2),  # six tiles, three per block: buffers and barriers reused
+        (1200, 384, 256, 256, 128, 3, 3),  # M padded; ten tiles over three blocks (uneven)
+        (130, 256, 192, 128, 64, 2, 1),  # one block walks every tile
+    ],
+)
+def test_persistent_kernel_is_bit_exact(m, k, n, bm, bn, stages, blocks):
+    a, b_nk, sa, sb = _operands(m, k, n, seed=blocks)
+    cfg = BlockConfig(bm, bn, num_stages=stages, persistent=True, **WG)
+    api.check_config_gpu(cfg, "w8a8", m, k, n, None, "nk")
+    with transposed_wgmma_operands():
+        out = gpu_wgmma.int8_matmul_wgmma(
+            a,
+            b_nk,
+            sa,
+            sb,
+            out_dtype=jnp.float32,
+            config=cfg,
+            interpret=interpret_params(),
+            num_blocks=blocks,
+        )
+    ref = kc.xla_int8_matmul(a, b_nk, sa, sb, out_dtype=jnp.float32, b_layout="nk")
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
 def test_interpreted_kernel_matches_integer_reference_in_bf16():
     a, b_nk, _, _ = _operands(128, 256, 128, seed=3)
     ones_a, ones_b = jnp.ones((128, 1), jnp.float32), jnp.ones((1, 128), jnp.float32)
@@ -91,7 +118,9 @@ def _lower_cuda(m, k, n, cfg, out_dtype=jnp.bfloat16):
     return text
 
 
-@pytest.mark.parametrize("cfg", gpu_wgmma.CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.num_stages}")
+@pytest.mark.parametrize(
+    "cfg", gpu_wgmma.CONFIGS, ids=lambda c: f"{c.block_m}x{c.block_n}s{c.num_stages}{'p' * c.persistent}"
+)
 def test_every_shipped_config_lowers_for_cuda(cfg):
     _lower_cuda(4096, 4096, 4096, cfg)
     _lower_cuda(4096, 8192, 8192, cfg, jnp.float32)
@@ -109,6 +138,7 @@ def test_every_shipped_config_lowers_for_cuda(cfg):
         (BlockConfig(128, 256, num_stages=5, **WG), "nk", "shared memory"),
         (BlockConfig(128, 128, num_stages=1, **WG), "nk", "num_stages"),
         (BlockConfig(128, 128, split_k=2, num_stages=2, **WG), "nk", "split_k"),
+        (BlockConfig(128, 128, 128, persistent=True), "nk", "persistent is a wgmma-engine option"),
     ],
 )
 def test_configs_the_kernel_cannot_run_are_rejected(cfg, b_layout, match):
