@@ -41,6 +41,7 @@ import numpy as np
 
 from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4, tuning
 from qjax.kernels import _common as kc
+from qjax.kernels.candidates import gpu_candidates
 from qjax.numerics import packing
 
 PEAKS = {  # dense tensor-core peaks, datasheet (SXM): (bf16, int8) in op/s
@@ -95,59 +96,6 @@ def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
 
 def rotations(nbytes: int) -> int:
     return int(min(32, max(2, math.ceil(4 * L2_BYTES / max(1, nbytes)))))
-
-
-# -- candidates -----------------------------------------------------------------------------------
-
-
-def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
-    def tiles(rows):  # (block_m, block_n, block_k, num_warps, num_stages), no split-K or swap
-        return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
-
-    c = []
-    if kind == "w8a8":
-        c = tiles(
-            [
-                (128, 128, 128, 8, 3),
-                (128, 256, 128, 8, 3),
-                (128, 128, 64, 4, 4),
-                (64, 128, 128, 4, 4),
-                (128, 256, 64, 8, 4),
-                (256, 128, 64, 8, 3),
-                (128, 128, 128, 4, 4),
-                (64, 256, 128, 8, 3),
-            ]
-        )
-    elif m <= 16:
-        for bk in (256, 128):
-            for split in (4, 2, 8, 1):
-                for bn in (64, 128, 32):
-                    c.append(BlockConfig(16, bn, bk, split, True, 4, 4))
-    elif m <= 64:
-        for bm in (32, 64):
-            for bn in (64, 128):
-                for bk in (64, 128):
-                    for split in (1, 2):
-                        c.append(BlockConfig(bm, bn, bk, split, False, 4, 4))
-    else:
-        c = tiles(
-            [
-                (128, 128, 64, 8, 3),
-                (128, 128, 128, 8, 3),
-                (64, 128, 64, 4, 4),
-                (128, 64, 64, 4, 4),
-                (128, 256, 64, 8, 3),
-                (64, 64, 128, 4, 4),
-            ]
-        )
-    ok = []
-    for cfg in c:
-        try:
-            api.check_config_gpu(cfg, kind, m, k, n, group, layout)
-            ok.append(cfg)
-        except ValueError:  # a tile that does not fit this shape: not a candidate
-            pass
-    return ok
 
 
 # -- cases ----------------------------------------------------------------------------------------

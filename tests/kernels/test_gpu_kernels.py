@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from qjax.kernels import BlockConfig, api, int8_matmul, pack_int4, unpack_codes, w4a16_matmul, w8a16_matmul
 from qjax.kernels import _common as kc
+from qjax.kernels.candidates import gpu_candidates
 
 C = BlockConfig
 
@@ -271,6 +272,59 @@ def test_default_configs_lower_for_cuda(m, k, n):
 def test_int8_configs_lower_for_cuda(cfg, b_layout):
     a = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
     _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, b_layout=b_layout, platform="gpu", config=cfg), a, a)
+
+
+@pytest.mark.parametrize("size", [4096, 8192])
+@pytest.mark.parametrize(
+    "layout,group",
+    [
+        ("k_halves", None),
+        ("k_halves", 128),
+        ("n_pairs", None),
+        ("n_pairs", 128),
+        ("k_pairs", 128),
+        ("int8", None),
+        ("int8", 128),
+    ],
+)
+def test_every_tuning_candidate_lowers_for_cuda(size, layout, group):
+    """Any config a tuning table can hold comes from ``gpu_candidates``: each one lowers at
+    every shape the benchmark tunes (batch buckets 1-16, 64, 256)."""
+    k = n = size
+    kind = "w8a16" if layout == "int8" else "w4a16"
+    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(layout, (k // 2, n))
+    w = jax.ShapeDtypeStruct(wshape, jnp.int8 if layout == "int8" else jnp.uint8)
+    s = jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32)
+    for m in (1, 4, 16, 64, 256):
+        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+        cands = gpu_candidates(kind, max(m, 16), k, n, group, layout)
+        assert cands, (kind, m, layout, group)
+        for cfg in cands:
+            if layout == "int8":
+                fn = lambda x, w, s, c=cfg: w8a16_matmul(x, w, s, group_size=group, platform="gpu", config=c)
+            else:
+                fn = lambda x, w, s, c=cfg: w4a16_matmul(
+                    x,
+                    w,
+                    s,
+                    group_size=group,
+                    layout=layout,
+                    platform="gpu",
+                    config=c,
+                    pack_block=c.block_k if layout == "k_halves" else None,
+                )
+            _lower_cuda(fn, x, w, s)
+
+
+@pytest.mark.parametrize("b_layout", ["kn", "nk"])
+def test_every_w8a8_tuning_candidate_lowers_for_cuda(b_layout):
+    a = jax.ShapeDtypeStruct((4096, 4096), jnp.int8)
+    cands = gpu_candidates("w8a8", 4096, 4096, 4096, None, b_layout)
+    assert len(cands) == 8
+    for cfg in cands:
+        _lower_cuda(
+            lambda a, b, c=cfg: int8_matmul(a, b, 1.0, 1.0, b_layout=b_layout, platform="gpu", config=c), a, a
+        )
 
 
 # -- errors ----------------------------------------------------------------------------------------

@@ -1,0 +1,69 @@
+"""The block configs the tuning run tries: every entry a shipped tuning table can hold
+comes from these lists (and the tests lower each one for CUDA at the benchmark's shapes).
+
+:func:`gpu_candidates` lists the Triton configs for one op and shape, already filtered by
+:func:`qjax.kernels.api.check_config_gpu`; the Hopper ``wgmma`` W8A8 configs are
+:data:`qjax.kernels.gpu_wgmma.CONFIGS`.
+"""
+
+from __future__ import annotations
+
+from qjax.kernels import api
+from qjax.kernels._common import BlockConfig
+
+# (block_m, block_n, block_k, num_warps, num_stages): no split-K, no swap
+_W8A8_TILES = (
+    (128, 128, 128, 8, 3),
+    (128, 256, 128, 8, 3),
+    (128, 128, 64, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
+    (128, 128, 128, 4, 4),
+    (64, 256, 128, 8, 3),
+)
+_WEIGHT_ONLY_LARGE_TILES = (
+    (128, 128, 64, 8, 3),
+    (128, 128, 128, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (128, 256, 64, 8, 3),
+    (64, 64, 128, 4, 4),
+)
+
+
+def _tiles(rows) -> list[BlockConfig]:
+    return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
+
+
+def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
+    """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
+    ``(m, k, n)``: for batches up to 16 swapped operands with split-K; up to 64 small tiles
+    with optional split-K; beyond, the usual GEMM tiles. Only configs that fit the shape."""
+    if kind == "w8a8":
+        c = _tiles(_W8A8_TILES)
+    elif m <= 16:
+        c = [
+            BlockConfig(16, bn, bk, split, True, 4, 4)
+            for bk in (256, 128)
+            for split in (4, 2, 8, 1)
+            for bn in (64, 128, 32)
+        ]
+    elif m <= 64:
+        c = [
+            BlockConfig(bm, bn, bk, split, False, 4, 4)
+            for bm in (32, 64)
+            for bn in (64, 128)
+            for bk in (64, 128)
+            for split in (1, 2)
+        ]
+    else:
+        c = _tiles(_WEIGHT_ONLY_LARGE_TILES)
+    ok = []
+    for cfg in c:
+        try:
+            api.check_config_gpu(cfg, kind, m, k, n, group, layout)
+            ok.append(cfg)
+        except ValueError:  # a tile that does not fit this shape: not a candidate
+            pass
+    return ok
