@@ -59,13 +59,9 @@ def table_path(platform: str) -> Path:
     return _DIR / f"tuning_{platform}.json"
 
 
-@functools.cache
-def load_table(platform: str) -> tuple[TunedEntry, ...]:
-    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none."""
-    path = table_path(platform)
-    if not path.exists():
-        return ()
-    data = json.loads(path.read_text())
+def read_table(path: Path) -> tuple[TunedEntry, ...]:
+    """The entries of a table file (``write_table``'s format)."""
+    data = json.loads(Path(path).read_text())
     return tuple(
         TunedEntry(
             kernel=e["kernel"],
@@ -79,6 +75,13 @@ def load_table(platform: str) -> tuple[TunedEntry, ...]:
         )
         for e in data.get("entries", [])
     )
+
+
+@functools.cache
+def load_table(platform: str) -> tuple[TunedEntry, ...]:
+    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none."""
+    path = table_path(platform)
+    return read_table(path) if path.exists() else ()
 
 
 def lookup(
