@@ -21,6 +21,7 @@ test: $(VENV)/.stamp-test,experiments
 
 lint: $(VENV)/.stamp-test,experiments
 	$(PY) -m ruff check qjax tests experiments
+	$(PY) -m ruff format --check qjax tests experiments
 
 bench: $(VENV)/.stamp-test,experiments
 	$(PY) experiments/bench_numerics.py

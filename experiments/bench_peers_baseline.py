@@ -83,8 +83,14 @@ ISSUE_REFERENCE = {
 
 
 def bench_workload(
-    kind: str, model_name: str, batch: int, registry: dict[str, peers.Variant], *,
-    only: set[str] | None, repeats: int, target_s: float,
+    kind: str,
+    model_name: str,
+    batch: int,
+    registry: dict[str, peers.Variant],
+    *,
+    only: set[str] | None,
+    repeats: int,
+    target_s: float,
 ) -> list[dict[str, Any]]:
     wl = models.make_workload(model_name, batch)
     ref = peers.prepare(registry["float32"], wl)
@@ -100,8 +106,13 @@ def bench_workload(
             row.update(peers.check(p, wl, ref))
             prepared[name] = p
         except Exception as e:  # a broken variant is recorded, the run goes on
-            row.update(variant=name, library=v.library, ok=False, error=f"{type(e).__name__}: {e}",
-                       traceback=traceback.format_exc(limit=4))
+            row.update(
+                variant=name,
+                library=v.library,
+                ok=False,
+                error=f"{type(e).__name__}: {e}",
+                traceback=traceback.format_exc(limit=4),
+            )
         row["build_and_check_s"] = round(time.perf_counter() - t0, 2)
         rows[name] = row
         status = "ok" if row.get("ok") else f"FAILED {row.get('problems') or row.get('error')}"
@@ -111,7 +122,10 @@ def bench_workload(
     timings = time_interleaved(fns, repeats=repeats, target_s=target_s, reference="float32")
     for name, t in timings.items():
         rows[name].update(
-            ms=t["median_s"] * 1e3, ms_min=t["min_s"] * 1e3, x_float=t["ratio"], inner=t["inner"],
+            ms=t["median_s"] * 1e3,
+            ms_min=t["min_s"] * 1e3,
+            x_float=t["ratio"],
+            inner=t["inner"],
             samples_ms=[s * 1e3 for s in t["samples_s"]],
         )
         ref_x = ISSUE_REFERENCE.get((kind, model_name, batch, name))
@@ -227,8 +241,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--target-ms", type=float, default=None)
     ap.add_argument("--only", nargs="*", default=None, help="variant names to run (float32 always runs)")
-    ap.add_argument("--extra-module", action="append", default=[],
-                    help="module (dotted name or .py path) registering more variants; repeatable")
+    ap.add_argument(
+        "--extra-module",
+        action="append",
+        default=[],
+        help="module (dotted name or .py path) registering more variants; repeatable",
+    )
     ap.add_argument("--no-train", action="store_true")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -244,12 +262,20 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     print(f"inference variants: {list(peers.INFER_VARIANTS)}; training: {list(peers.TRAIN_VARIANTS)}")
     for model_name, batch in QUICK_INFER if args.quick else INFER_WORKLOADS:
-        rows += bench_workload("infer", model_name, batch, peers.INFER_VARIANTS,
-                               only=only, repeats=repeats, target_s=target_s)
+        rows += bench_workload(
+            "infer", model_name, batch, peers.INFER_VARIANTS, only=only, repeats=repeats, target_s=target_s
+        )
     if not args.no_train:
         for model_name, batch in QUICK_TRAIN if args.quick else TRAIN_WORKLOADS:
-            rows += bench_workload("train", model_name, batch, peers.TRAIN_VARIANTS,
-                                   only=only, repeats=repeats, target_s=target_s)
+            rows += bench_workload(
+                "train",
+                model_name,
+                batch,
+                peers.TRAIN_VARIANTS,
+                only=only,
+                repeats=repeats,
+                target_s=target_s,
+            )
     meta = {
         "date": started,
         "machine": platform.machine(),

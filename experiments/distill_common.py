@@ -220,7 +220,5 @@ def fmt_paired(p: dict[str, Any]) -> str:
     return f"{p['mean']:+.2f} ± {p['std']:.2f} ({p['better_on']}/{p['seeds']})"
 
 
-
-
 def fmt(s: dict[str, Any]) -> str:
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"

@@ -147,8 +147,6 @@ def fixed_accuracy(model: nn.Module, params, rules, data: Data, width: int) -> f
     return fixed_evaluator(model, rules, data, width)(params)
 
 
-
-
 def describe(rules) -> dict[str, str]:
     """``{path pattern: 'w=... in=... out=...'}`` for the results files."""
     out = {}

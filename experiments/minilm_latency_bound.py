@@ -72,8 +72,9 @@ def main(argv=None):
         "36 linears, int8 dot only": lambda: linear_i8(x8, w8),
         "36 linears, W8A8 (quantize + int8 dot + rescale)": lambda: w8a8(xs, w8, w8_scale),
     }
-    res = time_interleaved(variants, repeats=3 if args.fast else 7, target_s=0.3 if args.fast else 1.0,
-                           reference="float32 model")
+    res = time_interleaved(
+        variants, repeats=3 if args.fast else 7, target_s=0.3 if args.fast else 1.0, reference="float32 model"
+    )
     t = {k: v["median_s"] for k, v in res.items()}
     model_t, lin = t["float32 model"], t["36 linears, float32"]
     bound_dot = (model_t - lin + t["36 linears, int8 dot only"]) / model_t

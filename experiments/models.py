@@ -119,14 +119,15 @@ class EncoderBlock(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         h = self.num_heads
         dh = self.d_model // h
-        proj = lambda name: nn.DenseGeneral(
-            (h, dh), axis=-1, dot_general_cls=self.dot_general_cls, name=name
-        )
+        proj = lambda name: nn.DenseGeneral((h, dh), axis=-1, dot_general_cls=self.dot_general_cls, name=name)
         q, k, v = proj("query")(x), proj("key")(x), proj("value")(x)
         ctx = AttentionCore(name="attention_core")(q, k, v, mask)
         attn = EinsumDense(
-            "bqhd,hdm->bqm", (h, dh, self.d_model), (self.d_model,),
-            einsum_cls=self.einsum_cls, name="attention_out",
+            "bqhd,hdm->bqm",
+            (h, dh, self.d_model),
+            (self.d_model,),
+            einsum_cls=self.einsum_cls,
+            name="attention_out",
         )(ctx)
         x = nn.LayerNorm(epsilon=1e-12, name="attention_ln")(x + attn)
         y = nn.Dense(self.mlp_dim, dot_general_cls=self.dot_general_cls, name="mlp_in")(x)

@@ -212,9 +212,7 @@ def build_qwix_qat_w8a8(wl: models.Workload) -> TrainSpec:
 def build_qwix_qt_int8(wl: models.Workload) -> TrainSpec:
     import qwix
 
-    return _qwix_train(
-        wl, _qwix_rules(qwix.QtRule, weight_qtype="int8", act_qtype="int8", bwd_qtype="int8")
-    )
+    return _qwix_train(wl, _qwix_rules(qwix.QtRule, weight_qtype="int8", act_qtype="int8", bwd_qtype="int8"))
 
 
 # -- AQT -----------------------------------------------------------------------------------
@@ -296,21 +294,63 @@ def _peers_available() -> dict[str, bool]:
 PEERS_AVAILABLE = _peers_available()
 
 if PEERS_AVAILABLE["qwix"]:
-    register_variant("qwix_w8a8", "infer", build_qwix_w8a8, library="qwix", expect="int_dot",
-                     description="PTQ int8 weights per channel + dynamic int8 activations per token")
-    register_variant("qwix_w8", "infer", build_qwix_w8, library="qwix", expect="int_weights",
-                     description="PTQ weight-only int8 per channel")
-    register_variant("qwix_w4g128", "infer", build_qwix_w4g128, library="qwix", expect="int_weights",
-                     description="PTQ weight-only int4, groups of 128 x per channel")
-    register_variant("qwix_qat_w8a8", "train", build_qwix_qat_w8a8, library="qwix", expect="int_dot",
-                     description="QAT: int8 W8A8 forward, float straight-through backward")
-    register_variant("qwix_qt_int8", "train", build_qwix_qt_int8, library="qwix", expect="int_dot",
-                     description="quantized training: int8 forward and backward")
+    register_variant(
+        "qwix_w8a8",
+        "infer",
+        build_qwix_w8a8,
+        library="qwix",
+        expect="int_dot",
+        description="PTQ int8 weights per channel + dynamic int8 activations per token",
+    )
+    register_variant(
+        "qwix_w8",
+        "infer",
+        build_qwix_w8,
+        library="qwix",
+        expect="int_weights",
+        description="PTQ weight-only int8 per channel",
+    )
+    register_variant(
+        "qwix_w4g128",
+        "infer",
+        build_qwix_w4g128,
+        library="qwix",
+        expect="int_weights",
+        description="PTQ weight-only int4, groups of 128 x per channel",
+    )
+    register_variant(
+        "qwix_qat_w8a8",
+        "train",
+        build_qwix_qat_w8a8,
+        library="qwix",
+        expect="int_dot",
+        description="QAT: int8 W8A8 forward, float straight-through backward",
+    )
+    register_variant(
+        "qwix_qt_int8",
+        "train",
+        build_qwix_qt_int8,
+        library="qwix",
+        expect="int_dot",
+        description="quantized training: int8 forward and backward",
+    )
 if PEERS_AVAILABLE["aqt"]:
-    register_variant("aqt_w8a8", "infer", build_aqt_w8a8, library="aqtp", expect="int_dot",
-                     description="serving: frozen int8 weights per channel, int8 activations per token")
-    register_variant("aqt_fqt_int8", "train", build_aqt_fqt_int8, library="aqtp", expect="int_dot",
-                     description="fully_quantized(8, 8): int8 fwd + bwd, stochastic rounding")
+    register_variant(
+        "aqt_w8a8",
+        "infer",
+        build_aqt_w8a8,
+        library="aqtp",
+        expect="int_dot",
+        description="serving: frozen int8 weights per channel, int8 activations per token",
+    )
+    register_variant(
+        "aqt_fqt_int8",
+        "train",
+        build_aqt_fqt_int8,
+        library="aqtp",
+        expect="int_dot",
+        description="fully_quantized(8, 8): int8 fwd + bwd, stochastic rounding",
+    )
 
 
 # -- harness helpers: jitting, train step, checks ----------------------------------------------

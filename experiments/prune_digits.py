@@ -140,8 +140,10 @@ def run_model(name: str, methods: list[str], sparsities, seeds, dense_steps: int
                         "sparsity": prune.summary(prune.get_masks(st)).sparsity,
                     }
                 entry["seconds"] = round(time.perf_counter() - t, 2)
-                print(f"{name} seed {seed} {m} {s:.2f}: acc {entry['acc']:.4f} ({entry['seconds']} s)",
-                      flush=True)
+                print(
+                    f"{name} seed {seed} {m} {s:.2f}: acc {entry['acc']:.4f} ({entry['seconds']} s)",
+                    flush=True,
+                )
                 rows.setdefault(m, {}).setdefault(f"{s:.2f}", []).append(entry)
     return {"dense": dense_accs, "dense_finetuned": dense_ft_accs, "methods": rows}
 
@@ -197,15 +199,17 @@ def markdown(results: dict, meta: dict) -> str:
         lines.append("| method | " + " | ".join(f"{float(s):.0%}" for s in sparsities) + " |")
         lines.append("|---" * (len(sparsities) + 1) + "|")
         for name, by_s in res["methods"].items():
-            cells = [
-                _ms([e["acc"] for e in by_s[s]]) if s in by_s else "" for s in sparsities
-            ]
+            cells = [_ms([e["acc"] for e in by_s[s]]) if s in by_s else "" for s in sparsities]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         ch = res["methods"].get("channel")
         if ch:
-            lines += ["", "Channel pruning: masks → `qjax.prune.shrink` (physically smaller model) → "
-                      "fine-tune the small model. `max diff` is |shrunk − group-masked dense| before "
-                      "fine-tuning (must be ~0).", ""]
+            lines += [
+                "",
+                "Channel pruning: masks → `qjax.prune.shrink` (physically smaller model) → "
+                "fine-tune the small model. `max diff` is |shrunk − group-masked dense| before "
+                "fine-tuning (must be ~0).",
+                "",
+            ]
             lines.append("| target | acc before fine-tune | acc after | params dense → shrunk | max diff |")
             lines.append("|---|---|---|---|---|")
             for s, es in ch.items():

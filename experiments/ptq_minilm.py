@@ -55,8 +55,14 @@ def policy(weight: qjax.QuantSpec, act: qjax.QuantSpec | None = None) -> qjax.Po
 
 def asym_spec(fmt, group: int) -> qjax.QuantSpec:
     """Asymmetric min-max groups (GPTQ's reference setting: 16 levels with a zero point)."""
-    return qjax.QuantSpec(fmt, channel_axes=(-1,), group_size=group, group_axis=0, symmetric=False,
-                          calibration=qjax.calib.minmax())
+    return qjax.QuantSpec(
+        fmt,
+        channel_axes=(-1,),
+        group_size=group,
+        group_axis=0,
+        symmetric=False,
+        calibration=qjax.calib.minmax(),
+    )
 
 
 SQ_ALPHA = 0.5
@@ -101,22 +107,33 @@ def qjax_variants(model, variables, calib: list[tuple], fast: bool) -> dict[str,
     p = policy(w_spec(qjax.int8), DYNAMIC)
     add("W8A8 dynamic", p, lambda: qjax.quantize_params(variables, p))
     ps = policy(w_spec(qjax.int8), STATIC)
-    add("W8A8 static", ps, lambda: qjax.quantize_params(
-        variables, ps, act_stats=qjax.calibrate(model.apply, ps, variables, calib)))
-    for name, pol, foldable in [("W8A8 dynamic + SmoothQuant", p, False),
-                                ("W8A8 static + SmoothQuant", ps, False),
-                                ("W8A8 static + SmoothQuant (folded only)", ps, True)]:
+    add(
+        "W8A8 static",
+        ps,
+        lambda: qjax.quantize_params(
+            variables, ps, act_stats=qjax.calibrate(model.apply, ps, variables, calib)
+        ),
+    )
+    for name, pol, foldable in [
+        ("W8A8 dynamic + SmoothQuant", p, False),
+        ("W8A8 static + SmoothQuant", ps, False),
+        ("W8A8 static + SmoothQuant (folded only)", ps, True),
+    ]:
         t = time.perf_counter()
-        sm, runtime = qjax.smoothquant(model.apply, variables, calib, alpha=SQ_ALPHA, patterns=KERNELS,
-                                       foldable_only=foldable)
+        sm, runtime = qjax.smoothquant(
+            model.apply, variables, calib, alpha=SQ_ALPHA, patterns=KERNELS, foldable_only=foldable
+        )
         fs = qjax.with_input_scales(model.apply, runtime)
         stats = qjax.calibrate(fs, pol, sm, calib) if pol is ps else None
         qp = jax.block_until_ready(qjax.quantize_params(sm, pol, act_stats=stats))
         out[name] = (qjax.quantized(fs, pol), qp, time.perf_counter() - t)
     p8 = policy(w_spec(qjax.int8))
     add("W8A16", p8, lambda: qjax.quantize_params(variables, p8))
-    for cal_name, cal in [("absmax", None), ("percentile", qjax.calib.percentile(99.9)),
-                          ("mse", qjax.calib.mse())]:
+    for cal_name, cal in [
+        ("absmax", None),
+        ("percentile", qjax.calib.percentile(99.9)),
+        ("mse", qjax.calib.mse()),
+    ]:
         p4 = policy(w_spec(qjax.int4, 128, cal))
         add(f"W4A16 g128 RTN {cal_name}", p4, lambda p4=p4: qjax.quantize_params(variables, p4))
     for bits, sym_fmt, asym_fmt in [(4, qjax.int4, qjax.uint4), (3, qjax.int3, qjax.uint3)]:
@@ -124,8 +141,11 @@ def qjax_variants(model, variables, calib: list[tuple], fast: bool) -> dict[str,
         asym = policy(asym_spec(asym_fmt, 128))
         add(f"W{bits}A16 g128 RTN asym", asym, lambda asym=asym: qjax.quantize_params(variables, asym))
         add(f"W{bits}A16 g128 GPTQ", sym, lambda sym=sym: gptq(model.apply, variables, calib, sym))
-        add(f"W{bits}A16 g128 GPTQ asym act-order", asym,
-            lambda asym=asym: gptq(model.apply, variables, calib, asym, act_order=True, damp=GPTQ_DAMP))
+        add(
+            f"W{bits}A16 g128 GPTQ asym act-order",
+            asym,
+            lambda asym=asym: gptq(model.apply, variables, calib, asym, act_order=True, damp=GPTQ_DAMP),
+        )
         for label, pol, clip in [("AWQ", sym, False), ("AWQ asym + clip", asym, True)]:
             t = time.perf_counter()
             qp, runtime = qjax.awq(model.apply, variables, calib, pol, clip=clip)
@@ -183,14 +203,23 @@ def main() -> None:
     # Latency, batch 32 x 128 tokens, paired interleaved timing against float.
     bench = batches(tok, (eval_s * 4)[:BATCH], BATCH, padding="max_length")[0]
     timed = {}
-    for name in ["float", "W8A8 dynamic", "W8A8 static", "W8A16", "W4A16 g128 GPTQ asym act-order",
-                 "Qwix W8A8 dynamic", "Qwix W8A16", "Qwix W4A16 g128 RTN"]:
+    for name in [
+        "float",
+        "W8A8 dynamic",
+        "W8A8 static",
+        "W8A16",
+        "W4A16 g128 GPTQ asym act-order",
+        "Qwix W8A8 dynamic",
+        "Qwix W8A16",
+        "Qwix W4A16 g128 RTN",
+    ]:
         if name in variants:
             apply, params, _ = variants[name]
             fn = jax.jit(apply)
             timed[name] = lambda fn=fn, params=params: fn(params, *bench)
-    lat = time_interleaved(timed, repeats=3 if args.fast else 7, target_s=0.3 if args.fast else 1.0,
-                           reference="float")
+    lat = time_interleaved(
+        timed, repeats=3 if args.fast else 7, target_s=0.3 if args.fast else 1.0, reference="float"
+    )
     for name, r in lat.items():
         rows[name]["latency_ms"] = round(1e3 * r["median_s"], 1)
         rows[name]["latency_vs_float"] = round(r["ratio"], 3)
@@ -198,8 +227,16 @@ def main() -> None:
     md = markdown(rows, machine(), len(eval_s), len(calib_s))
     print(md)
     if not args.fast:
-        write("ptq_minilm", {"machine": machine(), "rows": rows, "eval_sentences": len(eval_s),
-                             "calib_sentences": len(calib_s)}, md)
+        write(
+            "ptq_minilm",
+            {
+                "machine": machine(),
+                "rows": rows,
+                "eval_sentences": len(eval_s),
+                "calib_sentences": len(calib_s),
+            },
+            md,
+        )
 
 
 def markdown(rows: dict, mach: dict, n_eval: int, n_calib: int) -> str:

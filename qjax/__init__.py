@@ -91,7 +91,6 @@ __all__ = [
     "models",
     "parallel",
     "prune",
-
     "compute_scale",
     "dequantize",
     "dequantize_params",

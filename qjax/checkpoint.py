@@ -51,10 +51,16 @@ def _array_meta(x) -> dict[str, Any]:
 def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
     """JSON metadata of one leaf; the same function describes saved and target leaves."""
     if isinstance(leaf, QArray):
-        meta = {"kind": "qarray", "format": leaf.format.name, "dtype": jnp.dtype(leaf.dtype).name,
-                "channel_axes": list(leaf.channel_axes), "group_axis": leaf.group_axis,
-                "group_size": leaf.group_size, "packed_axis": leaf.packed_axis,
-                "packed_length": leaf.packed_length}
+        meta = {
+            "kind": "qarray",
+            "format": leaf.format.name,
+            "dtype": jnp.dtype(leaf.dtype).name,
+            "channel_axes": list(leaf.channel_axes),
+            "group_axis": leaf.group_axis,
+            "group_size": leaf.group_size,
+            "packed_axis": leaf.packed_axis,
+            "packed_length": leaf.packed_length,
+        }
         for part in _PARTS:
             child = getattr(leaf, part)
             meta[part] = None if child is None else _array_meta(child)
@@ -66,8 +72,10 @@ def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
         meta = {"kind": "scalar", "value": leaf}
     else:
         what = f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')}".strip()
-        raise TypeError(f"leaf {path!r}: cannot checkpoint a {what} (arrays, QArrays, Python scalars and "
-                        "strings only; store PRNG keys as jax.random.key_data(key))")
+        raise TypeError(
+            f"leaf {path!r}: cannot checkpoint a {what} (arrays, QArrays, Python scalars and "
+            "strings only; store PRNG keys as jax.random.key_data(key))"
+        )
     return {"path": path, **meta}
 
 
@@ -126,8 +134,15 @@ def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
         return _unpack_bits(parts["array"], m["shape"])
     if m["kind"] != "qarray":
         return parts.get("array", m.get("value"))
-    aux = (format_from_name(m["format"]), jnp.dtype(m["dtype"]), tuple(m["channel_axes"]), m["group_axis"],
-           m["group_size"], m["packed_axis"], m["packed_length"])
+    aux = (
+        format_from_name(m["format"]),
+        jnp.dtype(m["dtype"]),
+        tuple(m["channel_axes"]),
+        m["group_axis"],
+        m["group_size"],
+        m["packed_axis"],
+        m["packed_length"],
+    )
     return QArray.tree_unflatten(aux, [parts.get(k) for k in _PARTS])
 
 
@@ -150,7 +165,7 @@ def _encode(x: Any) -> Any:
 def _decode(s: Any, mark: object) -> Any:
     if s is None or s == _LEAF:
         return None if s is None else mark
-    (kind, items), = s.items()
+    ((kind, items),) = s.items()
     if kind == "dict":
         return {k: _decode(v, mark) for k, v in items}
     return {"list": list, "tuple": tuple}[kind](_decode(v, mark) for v in items)
@@ -161,12 +176,15 @@ def _check_dir(path: epath.Path, overwrite: bool) -> None:
         return
     names = {p.name for p in path.iterdir()}
     if names and not overwrite:
-        raise FileExistsError(f"checkpoint directory {path} already exists and is not empty; "
-                              "pass overwrite=True to replace it")
+        raise FileExistsError(
+            f"checkpoint directory {path} already exists and is not empty; pass overwrite=True to replace it"
+        )
     foreign = sorted(n for n in names if n not in (_META, _POLICY) and not n.startswith(_ARRAYS))
     if foreign:
-        raise FileExistsError(f"refusing to overwrite {path}: it holds files that are not part of a qjax "
-                              f"checkpoint ({', '.join(foreign[:5])}); remove them yourself")
+        raise FileExistsError(
+            f"refusing to overwrite {path}: it holds files that are not part of a qjax "
+            f"checkpoint ({', '.join(foreign[:5])}); remove them yourself"
+        )
     if jax.process_index() == 0:
         for p in path.iterdir():
             p.rmtree() if p.is_dir() else p.unlink()
@@ -204,8 +222,10 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
             if m["kind"] == "bits":
                 arrays[_key(i)] = {"array": _pack_bits(leaf)}
                 continue
-            arrays[_key(i)] = {k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
-                               for k, p in parts.items()}
+            arrays[_key(i)] = {
+                k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
+                for k, p in parts.items()
+            }
     try:
         structure, tree_type = _encode(tree), None
     except TypeError as e:
@@ -232,8 +252,10 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
     meta = json.loads((path / _META).read_text())
     version = meta.get("qjax_checkpoint")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format version {version!r} is not supported "
-                         f"(this qjax reads versions up to {FORMAT_VERSION})")
+        raise ValueError(
+            f"{path}: checkpoint format version {version!r} is not supported "
+            f"(this qjax reads versions up to {FORMAT_VERSION})"
+        )
     return meta
 
 
@@ -248,8 +270,10 @@ def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) ->
         bits = "bits" in (want.get("kind"), have.get("kind"))  # a bool mask vs another dtype: say dtype
         for k in ["dtype", "kind", *want] if bits else ["kind", *want]:
             if k not in ("path", "value") and want.get(k) != have.get(k):
-                raise ValueError(f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "
-                                 f"{want.get(k)!r}, target {have.get(k)!r}")
+                raise ValueError(
+                    f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "
+                    f"{want.get(k)!r}, target {have.get(k)!r}"
+                )
 
 
 def _fit(s, shape):
@@ -306,10 +330,22 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
     saved = meta["leaves"]
     if target is None:
         if meta["tree_type"] is not None:
-            raise ValueError(f"checkpoint {path} holds a {meta['tree_type']} tree whose structure is not "
-                             "stored; pass target= (e.g. the state from nnx.split)")
-        abstract = iter([_build(m, {k: jax.ShapeDtypeStruct(tuple(p["shape"]), jnp.dtype(p["dtype"]))
-                                    for k, p in _parts(m).items()}) for m in saved])
+            raise ValueError(
+                f"checkpoint {path} holds a {meta['tree_type']} tree whose structure is not "
+                "stored; pass target= (e.g. the state from nnx.split)"
+            )
+        abstract = iter(
+            [
+                _build(
+                    m,
+                    {
+                        k: jax.ShapeDtypeStruct(tuple(p["shape"]), jnp.dtype(p["dtype"]))
+                        for k, p in _parts(m).items()
+                    },
+                )
+                for m in saved
+            ]
+        )
         target = map_with_path(lambda _p, _leaf: next(abstract), _decode(meta["structure"], object()))
     units = leaves_with_paths(target)
     _check(path, saved, units)
@@ -329,6 +365,7 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
     if abstract:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
             out = ckptr.restore(path / _ARRAYS, args=ocp.args.StandardRestore(abstract))
+
     def leaf(i, m):
         x = _build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
         return x if bit_shardings.get(i) is None else jax.device_put(x, bit_shardings[i])

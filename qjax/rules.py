@@ -178,9 +178,7 @@ def compile_pattern(pattern: Any, index: int | None = None) -> re.Pattern:
         raise ValueError(f"{where}pattern {pattern!r} is not a valid regular expression: {e}") from None
 
 
-def map_matched(
-    fn: Callable[[str, Any, Match[T]], Any], tree: Any, rules: RuleSet[T]
-) -> Any:
+def map_matched(fn: Callable[[str, Any, Match[T]], Any], tree: Any, rules: RuleSet[T]) -> Any:
     """Apply ``fn(path, leaf, match)`` to leaves whose first matching rule has a
     non-``None`` value; every other leaf is returned unchanged."""
 

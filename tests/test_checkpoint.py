@@ -29,13 +29,15 @@ def linen_tree():
                 "bias": _w(1, (8,), jnp.bfloat16),
             },
             "Dense_1": {
-                "kernel": q(_w(2, (32, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8,
-                                                            group_axis=0)),
+                "kernel": q(
+                    _w(2, (32, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8, group_axis=0)
+                ),
                 "bias": jnp.arange(8, dtype=jnp.int32),
             },
             "int2": q(_w(3, (8, 12)), qjax.QuantSpec(qjax.int2, channel_axes=(0,))),
-            "asym": q(_w(4, (8, 6), jnp.bfloat16), qjax.QuantSpec(qjax.uint8, channel_axes=(-1,),
-                                                                  symmetric=False)),
+            "asym": q(
+                _w(4, (8, 6), jnp.bfloat16), qjax.QuantSpec(qjax.uint8, channel_axes=(-1,), symmetric=False)
+            ),
             "e4m3": q(_w(5, (4, 8)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,))),
             "e5m2": q(_w(6, (4, 8)), qjax.QuantSpec(qjax.fp8_e5m2)),
             "raw_fp8": _w(7, (3, 5)).astype(jnp.float8_e4m3fn),
@@ -77,8 +79,9 @@ def test_round_trip_without_target(tmp_path):
 def test_round_trip_into_abstract_target(tmp_path):
     tree = linen_tree()
     checkpoint.save(tmp_path, tree)  # an existing empty directory is fine
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x,
-                            tree)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x, tree
+    )
     assert_identical(tree, checkpoint.restore(tmp_path, abstract))
     assert_identical(tree, checkpoint.restore(tmp_path, tree))
 
@@ -114,16 +117,29 @@ def test_nnx_state_round_trip(tmp_path):
 
 
 def test_policy_round_trip(tmp_path):
-    policy = qjax.Policy([
-        qjax.Rule(r"params/.*embed.*", None),
-        qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,),
-                                                             calibration=qjax.calib.mse(32, 0.3)),
-                  act=qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN,
-                                     calibration=qjax.calib.percentile(99.9))),
-        qjax.Rule(r"params/head/.*", weight=qjax.QuantSpec(qjax.uint4, symmetric=False, group_size=32,
-                                                           group_axis=0, calibration=qjax.calib.fixed(-1, 2)),
-                  act=qjax.QuantSpec(qjax.fp8_e4m3)),
-    ])
+    policy = qjax.Policy(
+        [
+            qjax.Rule(r"params/.*embed.*", None),
+            qjax.Rule(
+                r"params/.*/kernel",
+                weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,), calibration=qjax.calib.mse(32, 0.3)),
+                act=qjax.QuantSpec(
+                    qjax.int8, channel_axes=qjax.PER_TOKEN, calibration=qjax.calib.percentile(99.9)
+                ),
+            ),
+            qjax.Rule(
+                r"params/head/.*",
+                weight=qjax.QuantSpec(
+                    qjax.uint4,
+                    symmetric=False,
+                    group_size=32,
+                    group_axis=0,
+                    calibration=qjax.calib.fixed(-1, 2),
+                ),
+                act=qjax.QuantSpec(qjax.fp8_e4m3),
+            ),
+        ]
+    )
     checkpoint.save(tmp_path / "c", {"w": jnp.ones(3)}, policy=policy)
     restored = checkpoint.restore_policy(tmp_path / "c")
     assert restored == policy
@@ -150,17 +166,27 @@ def test_mismatched_target_names_path(tmp_path):
             for k in keys[:-1]:
                 t = t[k]
             t[keys[-1]] = value
+
         return edit
 
-    expect(drop_bias, r"first differing leaf: checkpoint has 'params/Dense_0/bias' where the target has "
-                      r"'params/Dense_0/kernel'")
-    expect(set_leaf("params", "Dense_0", "bias", value=jnp.zeros(9, jnp.bfloat16)),
-           r"'params/Dense_0/bias' differs in shape: checkpoint \[8\], target \[9\]")
-    expect(set_leaf("masks", "Dense_0", "kernel", value=jnp.zeros((16, 8), jnp.int8)),
-           r"'masks/Dense_0/kernel' differs in dtype: checkpoint 'bool', target 'int8'")
+    expect(
+        drop_bias,
+        r"first differing leaf: checkpoint has 'params/Dense_0/bias' where the target has "
+        r"'params/Dense_0/kernel'",
+    )
+    expect(
+        set_leaf("params", "Dense_0", "bias", value=jnp.zeros(9, jnp.bfloat16)),
+        r"'params/Dense_0/bias' differs in shape: checkpoint \[8\], target \[9\]",
+    )
+    expect(
+        set_leaf("masks", "Dense_0", "kernel", value=jnp.zeros((16, 8), jnp.int8)),
+        r"'masks/Dense_0/kernel' differs in dtype: checkpoint 'bool', target 'int8'",
+    )
     int4 = qjax.quantize(_w(3, (8, 12)), qjax.QuantSpec(qjax.int4, channel_axes=(0,)))
-    expect(set_leaf("params", "int2", value=int4),
-           r"'params/int2' differs in format: checkpoint 'int2', target 'int4'")
+    expect(
+        set_leaf("params", "int2", value=int4),
+        r"'params/int2' differs in format: checkpoint 'int2', target 'int4'",
+    )
     expect(set_leaf("zzz", value=jnp.ones(2)), r"checkpoint has no more leaves where the target has 'zzz'")
     with pytest.raises(TypeError, match=r"leaf 'bad'.*object"):
         checkpoint.save(tmp_path / "bad", {"bad": object()})
@@ -223,8 +249,15 @@ def test_sharded_restore(tmp_path):
 
 
 def test_small_trees_and_scalars(tmp_path):
-    trees = [None, {}, [], {"a": None, "b": {3: (1, 2.5, True, "x"), 1: [np.float32(2)]}}, jnp.ones(3),
-             qjax.quantize(_w(0, (4, 4)), qjax.QuantSpec(qjax.int8)), np.arange(3, dtype=np.int64)]
+    trees = [
+        None,
+        {},
+        [],
+        {"a": None, "b": {3: (1, 2.5, True, "x"), 1: [np.float32(2)]}},
+        jnp.ones(3),
+        qjax.quantize(_w(0, (4, 4)), qjax.QuantSpec(qjax.int8)),
+        np.arange(3, dtype=np.int64),
+    ]
     for i, tree in enumerate(trees):
         checkpoint.save(tmp_path / str(i), tree)
         restored = checkpoint.restore(tmp_path / str(i))

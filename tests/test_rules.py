@@ -109,6 +109,9 @@ def test_path_roundtrip_through_nested_dicts(parts):
     for p in reversed(parts):
         tree = {p: tree}
     assert leaves_with_paths(tree)[0][0] == "/".join(parts)
-    assert RuleSet([("/".join(map(re.escape, parts)), 1)]).match(
-        path_str([jax.tree_util.DictKey(p) for p in parts])
-    ).value == 1
+    assert (
+        RuleSet([("/".join(map(re.escape, parts)), 1)])
+        .match(path_str([jax.tree_util.DictKey(p) for p in parts]))
+        .value
+        == 1
+    )

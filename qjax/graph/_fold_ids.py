@@ -15,6 +15,7 @@ _IDENTITY = frozenset(
     "convert_element_type copy copy_p reduce_precision sharding_constraint pvary neg stop_gradient".split()
 )
 
+
 @dataclasses.dataclass
 class _Node:
     prim: str

@@ -63,9 +63,7 @@ def _or_reduce(x: jnp.ndarray, axis: int) -> jnp.ndarray:
     return jnp.sum(x.astype(jnp.uint32), axis=axis).astype(jnp.uint8)
 
 
-def unpack(
-    packed: jnp.ndarray, bits: int, length: int, axis: int = -1, signed: bool = True
-) -> jnp.ndarray:
+def unpack(packed: jnp.ndarray, bits: int, length: int, axis: int = -1, signed: bool = True) -> jnp.ndarray:
     """Inverse of :func:`pack`.
 
     Args:

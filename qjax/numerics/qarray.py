@@ -98,9 +98,7 @@ class QArray:
     def with_act_scale(self, act_scale, act_zero_point=None) -> QArray:
         """This weight with a static activation scale (and zero point) stored beside it:
         the quantization of the activations of ops that read this weight."""
-        return self.replace_children(
-            [self.values, self.scale, self.zero_point, act_scale, act_zero_point]
-        )
+        return self.replace_children([self.values, self.scale, self.zero_point, act_scale, act_zero_point])
 
     # -- derived properties ---------------------------------------------------------
     @property

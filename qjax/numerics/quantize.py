@@ -62,9 +62,7 @@ def _given(value, layout: Layout, name: str, dtype) -> jax.Array:
         ) from None
 
 
-def scale_grouped(
-    x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None
-) -> Grouped:
+def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None) -> Grouped:
     """Lay ``x`` out by ``spec``'s granularity and compute (or take) its scale.
 
     Shared by :func:`quantize` and ``fake_quant`` so both round identically.

@@ -127,4 +127,3 @@ def representable_bounds(
     """Real-valued interval ``[lo, hi]`` that quantizes without clipping."""
     zp = 0.0 if zero_point is None else zero_point.astype(scale.dtype)
     return (fmt.qmin - zp) * scale, (fmt.qmax - zp) * scale
-

@@ -301,6 +301,7 @@ def sparsify(
                 is_leaf=_is_none,
             )
             u, inner_state = inner.update(g, state.inner_state, params, **extra_args)
+
             def reset(s):  # only on update steps: the comparison is a full pass over the masks
                 changed = jax.tree.map(lambda a, b: None if a is None else a != b, old, new, is_leaf=_is_none)
                 return reset_opt_state(s, changed, params, inner)

@@ -80,6 +80,7 @@ def _inverse_cholesky(h: jax.Array, lam: jax.Array) -> jax.Array:
 def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: int | None):
     """Per-row (``[len(rows), N]``) scale/zero point from a stored ``[G or 1, N]`` one."""
     idx = jnp.zeros_like(rows) if group is None else rows // group
+
     def pick(a):
         return None if a is None else jnp.take(jnp.broadcast_to(a, (a.shape[0], scale.shape[1])), idx, 0)
 
@@ -119,9 +120,12 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
         ub = lax.dynamic_slice(u, (start, start), (block, block))
         rows = lax.dynamic_slice(orig_rows, (start,), (block,))
         if not lazy:
-            rs, rz = _row_scales(static_scale.astype(jnp.float32),
-                                 None if static_zp is None else static_zp.astype(jnp.float32),
-                                 jnp.minimum(rows, k - 1), group)
+            rs, rz = _row_scales(
+                static_scale.astype(jnp.float32),
+                None if static_zp is None else static_zp.astype(jnp.float32),
+                jnp.minimum(rows, k - 1),
+                group,
+            )
 
         def group_scale(wb, i, s_zp):
             # A group's scale is set when its first row comes up, from the current rows
@@ -292,7 +296,8 @@ def gptq(
     leaves = dict(leaves_with_paths(params))
     rtn = dict(leaves_with_paths(qparams))
     candidates = [
-        p for p, leaf in leaves.items()
+        p
+        for p, leaf in leaves.items()
         if policy.weight_spec(p) is not None and isinstance(rtn[p], QArray) and jnp.ndim(leaf) == 2
     ]
     stage_rules = RuleSet([(pattern, i) for i, pattern in enumerate(stages or ())])
@@ -308,8 +313,15 @@ def gptq(
         for path in todo:
             if path not in hessians:
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN
-            q = gptq_quantize(leaves[path], hessians[path], policy.weight_spec(path), block_size=block_size,
-                              damp=damp, act_order=act_order, path=path)
+            q = gptq_quantize(
+                leaves[path],
+                hessians[path],
+                policy.weight_spec(path),
+                block_size=block_size,
+                damp=damp,
+                act_order=act_order,
+                path=path,
+            )
             done[path] = q
         current = map_with_path(lambda p, x: done[p].dequantize() if p in done else x, params)
 

@@ -188,4 +188,3 @@ def fake_quant_params(
 def quantized_leaves(tree: Any) -> dict[str, QArray]:
     """``{path: QArray}`` for every quantized leaf of ``tree``."""
     return {p: leaf for p, leaf in leaves_with_paths(tree) if isinstance(leaf, QArray)}
-

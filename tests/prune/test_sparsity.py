@@ -299,8 +299,11 @@ def test_leaf_config_validation():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("nan"), float("inf"), -float("inf"), 1e-30]),
-             min_size=1, max_size=40),
+    st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("nan"), float("inf"), -float("inf"), 1e-30]),
+        min_size=1,
+        max_size=40,
+    ),
     st.integers(0, 45),
     st.booleans(),
 )

@@ -102,7 +102,11 @@ def test_asymmetric_matches_reference():
     w, h = problem(96, 20, seed=4)
     w = w + 0.7  # skewed, so the zero point matters
     spec = qjax.QuantSpec(
-        qjax.uint4, channel_axes=(-1,), group_size=32, group_axis=0, symmetric=False,
+        qjax.uint4,
+        channel_axes=(-1,),
+        group_size=32,
+        group_axis=0,
+        symmetric=False,
         calibration=qjax.calib.minmax(),
     )
     got = np.asarray(gptq_quantize(w, h, spec).dequantize())

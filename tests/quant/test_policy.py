@@ -10,11 +10,13 @@ ACT = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, calibration=qjax.ca
 
 
 def test_lookup_first_match_and_skip():
-    policy = qjax.Policy([
-        qjax.Rule(r"params/.*embed.*", None),
-        qjax.Rule(r"params/.*/kernel", weight=INT8, act=ACT),
-        qjax.Rule(r"params/head/bias", act=ACT),
-    ])
+    policy = qjax.Policy(
+        [
+            qjax.Rule(r"params/.*embed.*", None),
+            qjax.Rule(r"params/.*/kernel", weight=INT8, act=ACT),
+            qjax.Rule(r"params/head/bias", act=ACT),
+        ]
+    )
     assert policy.weight_spec("params/embed/kernel") is None
     assert policy.act_spec("params/embed/kernel") is None
     assert policy.weight_spec("params/Dense_0/kernel") is INT8
@@ -49,15 +51,27 @@ def test_policy_is_immutable_and_hashable():
 
 
 def test_json_round_trip_every_field():
-    policy = qjax.Policy([
-        qjax.Rule(r".*embed.*", None),
-        qjax.Rule(r".*/kernel", weight=qjax.QuantSpec(
-            qjax.int4, channel_axes=(-1,), group_size=64, group_axis=0, calibration=qjax.calib.mse(32, 0.5),
-            pad_groups=True, pack_axis=0), act=ACT),
-        qjax.Rule(r".*/conv", weight=qjax.QuantSpec(qjax.uint8, symmetric=False, rounding="stochastic")),
-        qjax.Rule(r".*/fp8", weight=qjax.QuantSpec(qjax.fp8_e4m3, calibration=qjax.calib.fixed(-2, 3))),
-        qjax.Rule(r".*/lsq", weight=qjax.QuantSpec(qjax.int8.with_narrow(), ste="lsq")),
-    ])
+    policy = qjax.Policy(
+        [
+            qjax.Rule(r".*embed.*", None),
+            qjax.Rule(
+                r".*/kernel",
+                weight=qjax.QuantSpec(
+                    qjax.int4,
+                    channel_axes=(-1,),
+                    group_size=64,
+                    group_axis=0,
+                    calibration=qjax.calib.mse(32, 0.5),
+                    pad_groups=True,
+                    pack_axis=0,
+                ),
+                act=ACT,
+            ),
+            qjax.Rule(r".*/conv", weight=qjax.QuantSpec(qjax.uint8, symmetric=False, rounding="stochastic")),
+            qjax.Rule(r".*/fp8", weight=qjax.QuantSpec(qjax.fp8_e4m3, calibration=qjax.calib.fixed(-2, 3))),
+            qjax.Rule(r".*/lsq", weight=qjax.QuantSpec(qjax.int8.with_narrow(), ste="lsq")),
+        ]
+    )
     again = qjax.Policy.from_json(policy.to_json())
     assert again == policy
     assert again.rules[1].act.channel_axes is qjax.PER_TOKEN

@@ -224,9 +224,9 @@ def test_qat_with_fake_quantized_converges_and_exports():
     x = centers[labels] + jax.random.normal(k3, (512, 20))
     model = MLP()
     v = model.init(jax.random.key(4), x[:1])
-    policy = qjax.Policy([
-        qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), act=TOK8)
-    ])
+    policy = qjax.Policy(
+        [qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), act=TOK8)]
+    )
     import optax
 
     opt = optax.adam(3e-3)

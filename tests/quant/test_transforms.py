@@ -29,11 +29,13 @@ def linen_vars():
 
 
 def test_quantize_params_linen(linen_vars):
-    policy = qjax.Policy([
-        qjax.Rule(r"params/Dense_2/.*", None),
-        qjax.Rule(r"params/Dense_0/kernel", weight=W4G),
-        qjax.Rule(r".*/kernel", weight=W8),
-    ])
+    policy = qjax.Policy(
+        [
+            qjax.Rule(r"params/Dense_2/.*", None),
+            qjax.Rule(r"params/Dense_0/kernel", weight=W4G),
+            qjax.Rule(r".*/kernel", weight=W8),
+        ]
+    )
     q = qjax.quantize_params(linen_vars, policy)
     d = q["params"]
     assert isinstance(d["Dense_0"]["kernel"], qjax.QArray) and d["Dense_0"]["kernel"].format == qjax.int4
