@@ -256,6 +256,16 @@ def xla_int8_matmul(a_q, b_q, a_scale, b_scale, *, out_dtype=jnp.bfloat16, b_lay
     return (acc.astype(jnp.float32) * a_scale * b_scale).astype(out_dtype)
 
 
+def grouped_tile(pid, num_m: int, num_n: int, group_m: int = 8):
+    """``(row tile, column tile)`` of program ``pid`` in grouped order: consecutive programs
+    share a band of ``group_m`` row tiles, so the column (weight) tiles they read stay in L2.
+    Works on traced integers (inside kernels) and Python ints."""
+    width = group_m * num_n
+    first = (pid // width) * group_m
+    size = jnp.minimum(num_m - first, group_m)
+    return first + (pid % width) % size, (pid % width) // size
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -40,7 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax.kernels._common import BlockConfig, cdiv, int8_dimension_numbers
+from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
@@ -181,23 +181,12 @@ def weight_only_matmul_gpu(
 
 # -- int8 x int8 ---------------------------------------------------------------------------------------
 
-_GROUP_M = 8
-
-
-def _tile_ij(pid, num_m, num_n):
-    """Grouped ordering: consecutive programs share a band of ``_GROUP_M`` row tiles, so
-    the column tiles they read stay in L2."""
-    width = _GROUP_M * num_n
-    first = (pid // width) * _GROUP_M
-    size = jnp.minimum(num_m - first, _GROUP_M)
-    return first + (pid % width) % size, (pid % width) // size
-
 
 def _int8_kernel(a_ref, b_ref, as_ref, bs_ref, o_ref, *, m, cfg, steps, num_m, num_n, b_layout):
     bm, bk = cfg.block_m, cfg.block_k
     dn = int8_dimension_numbers(b_layout)
     if m % bm:
-        i, _ = _tile_ij(pl.program_id(0), num_m, num_n)
+        i, _ = grouped_tile(pl.program_id(0), num_m, num_n)
         rmask = ((i * bm + jnp.arange(bm, dtype=jnp.int32)) < m)[:, None]
     else:
         rmask = None
@@ -235,10 +224,10 @@ def int8_matmul_gpu(
     num_m, num_n = cdiv(m, bm), n // bn
 
     def rows(pid):
-        return _tile_ij(pid, num_m, num_n)[0]
+        return grouped_tile(pid, num_m, num_n)[0]
 
     def cols(pid):
-        return _tile_ij(pid, num_m, num_n)[1]
+        return grouped_tile(pid, num_m, num_n)[1]
 
     kernel = functools.partial(
         _int8_kernel, m=m, cfg=config, steps=k // config.block_k, num_m=num_m, num_n=num_n, b_layout=b_layout

@@ -37,13 +37,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from qjax.kernels._common import BlockConfig, cdiv
+from qjax.kernels._common import BlockConfig, cdiv, grouped_tile
 
 _SWIZZLE = 128  # bytes: one int8 K tile of 128 is one swizzle row
 _BLOCK_K = 128
 _SMEM_BYTES = 227 * 1024  # sm_90 shared memory per block
 _EPI = 64  # epilogue tile (rows and columns) staged through shared memory
-_GROUP_M = 8  # row tiles per band of the grouped tile order (L2 reuse of weight tiles)
 
 
 # The configs the benchmark tries (tests lower each for CUDA): (block_m, block_n, stages).
@@ -95,13 +94,6 @@ def check_config_wgmma(cfg: BlockConfig, m: int, k: int, n: int, b_layout: str) 
         bad("num_stages must be at least 2")
     if (need := smem_bytes(cfg)) > _SMEM_BYTES:
         bad(f"needs {need} bytes of shared memory, more than {_SMEM_BYTES}")
-
-
-def _tile_ij(pid, num_m, num_n):
-    width = _GROUP_M * num_n
-    first = (pid // width) * _GROUP_M
-    size = jnp.minimum(num_m - first, _GROUP_M)
-    return first + (pid % width) % size, (pid % width) // size
 
 
 def _kernel(
@@ -166,7 +158,7 @@ def _kernel(
         )
 
     if not cfg.persistent:
-        tile(*_tile_ij(lax.axis_index("tiles"), num_m, num_n))
+        tile(*grouped_tile(lax.axis_index("tiles"), num_m, num_n))
         return
     # persistent: each block walks tiles (strided by the grid) with one set of pipeline
     # buffers, so its memory warpgroup fetches the next tile's first K steps while the
@@ -182,7 +174,7 @@ def _kernel(
         @plgpu.nd_loop((num_m * num_n,), collective_axes="tiles")
         def _(info):
             (pid,) = info.index
-            tile(*_tile_ij(pid, num_m, num_n), allocations)
+            tile(*grouped_tile(pid, num_m, num_n), allocations)
 
 
 def num_sms() -> int:

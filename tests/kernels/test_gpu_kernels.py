@@ -395,3 +395,13 @@ def test_int8_transposed_weight_on_xla(rng):
     bt = np.ascontiguousarray(b.T)
     z = int8_matmul(a, bt, sa, sb, out_dtype=jnp.float32, b_layout="nk", platform="xla")
     np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
+
+
+@given(st.integers(1, 40), st.integers(1, 20), st.sampled_from([1, 4, 8]))
+def test_grouped_tile_order_visits_every_tile_once(num_m, num_n, group_m):
+    pids = np.arange(num_m * num_n)
+    rows, cols = (np.asarray(v) for v in kc.grouped_tile(pids, num_m, num_n, group_m))
+    assert rows.min() >= 0 and rows.max() < num_m and cols.min() >= 0 and cols.max() < num_n
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == num_m * num_n
+    # a band of group_m row tiles is finished before the next begins
+    assert (np.diff(rows // group_m) >= 0).all()
