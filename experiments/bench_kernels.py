@@ -12,6 +12,11 @@ On a GPU (or TPU) this:
 4. reports each time as a ratio to both and as a fraction of the roofline (measured copy
    bandwidth; datasheet tensor-core peaks), and writes a JSON to ``experiments/results/``.
 
+Two times per program: wall clock per call over a jitted program of many calls (kernel
+time plus the launch gaps a model pays; tuning decides on this) and, on NVIDIA GPUs, the
+device time per call from CUPTI's kernel records (``device_*`` fields: no launch gaps, and
+a split-K kernel's reduction counted as the kernel it is).
+
 Cases (issue 10): W4A16 (the kernel-native ``k_halves`` layout and ``n_pairs``, the one
 ``qjax.quantize`` stores and ``qjax.quantized(..., backend=...)`` dispatches) and W8A16 at
 batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, W4 per channel and with groups of 128;
@@ -80,22 +85,55 @@ def copy_bandwidth() -> float:
     return best
 
 
-def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
-    """Median seconds per call of ``fn(x, w, *rest)``: one jitted program calls it on every
-    pair of the distinct activation buffers ``xs`` and rotated weight buffers ``ws`` (at
-    least ``min_calls`` calls, so the per-program dispatch cost is amortized; distinct
-    buffers, so XLA cannot merge identical calls)."""
+def _program(fn, xs, ws, min_calls):
+    """One jitted program calling ``fn(x, w, *rest)`` on every pair of distinct activation
+    buffers and rotated weight buffers (at least ``min_calls`` calls, so the per-program
+    dispatch cost is amortized; distinct buffers, so XLA cannot merge identical calls)."""
     xs = list(xs)
     while len(xs) * len(ws) < min_calls:
         xs.append(xs[0] + 0)
     run = jax.jit(lambda xs, ws, rest: [fn(x, w, *rest) for x in xs for w in ws])
+    return run, xs, len(xs) * len(ws)
+
+
+def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
+    """Median wall-clock seconds per call of ``fn(x, w, *rest)`` (see ``_program``):
+    kernel time plus the launch gaps a model pays between calls."""
+    run, xs, calls = _program(fn, xs, ws, min_calls)
     jax.block_until_ready(run(xs, ws, rest))
     ts = []
     for _ in range(reps):
         t = time.perf_counter()
         jax.block_until_ready(run(xs, ws, rest))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) / (len(xs) * len(ws))
+    return float(np.median(ts)) / calls
+
+
+def device_seconds(fn, xs, ws, rest=(), reps=5, min_calls=96):
+    """Median GPU time per call of the same program, from CUPTI's kernel records (the sum of
+    every kernel's device time, no launch gaps); ``None`` where CUPTI is unavailable."""
+    try:
+        from jax.experimental.mosaic.gpu import profiler
+
+        run, xs, calls = _program(fn, xs, ws, min_calls)
+        jax.block_until_ready(run(xs, ws, rest))
+        _, ms = profiler.measure(run, aggregate=True, iterations=reps)(xs, ws, rest)
+        return float(np.median(ms)) / 1e3 / calls if ms else None
+    except Exception as e:  # no CUPTI (or another profiler attached): wall time only
+        log(f"device timing unavailable: {e!r:.200}")
+        return None
+
+
+def device_fields(kernel, baselines) -> dict:
+    """``device_<name>_us`` for the kernel and each baseline, and the kernel's device-time
+    speedup over each: ``kernel`` and ``baselines[name]`` are ``device_seconds`` arguments."""
+    t = device_seconds(*kernel)
+    out = {"device_kernel_us": None if t is None else t * 1e6}
+    for name, args in baselines.items():
+        tb = device_seconds(*args) if t is not None else None
+        out[f"device_{name}_us"] = None if tb is None else tb * 1e6
+        out[f"device_speedup_vs_{name}"] = None if tb is None else tb / t
+    return out
 
 
 def rotations(nbytes: int) -> int:
@@ -171,15 +209,16 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
         if best is None or t < best[0]:
-            best = (t, cfg, err)
+            best = (t, cfg, err, call, ws)
     if best is None:
         res["error"] = "no config compiled"
         return res
-    t, cfg, err = best
+    t, cfg, err, call, ws = best
     # baselines: XLA bf16 dot, XLA's own quantized formulation
     wf = jnp.asarray(codes, jnp.bfloat16)
     bf16 = lambda x, w: x @ w
-    t_bf16 = time_calls(bf16, [x0], [wf + i for i in range(rotations(2 * k * n))])
+    wfs = [wf + i for i in range(rotations(2 * k * n))]
+    t_bf16 = time_calls(bf16, [x0], wfs)
     if bits == 8:
         wq = jnp.asarray(codes)
     else:
@@ -192,11 +231,17 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
         xla_q = lambda x, w, s: kc.xla_weight_only(
             x, w.astype(jnp.int8), s, layout="int8", group_size=group, out_dtype=jnp.bfloat16
         )
+    wqs = [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)]
     try:
-        t_xq = time_calls(xla_q, [x0], [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)], (s,))
+        t_xq = time_calls(xla_q, [x0], wqs, (s,))
     except Exception as e:
         t_xq = None
         res["xla_quant_error"] = repr(e)[:300]
+    if platform == "gpu":
+        baselines = {"xla_bf16": (bf16, [x0], wfs)}
+        if t_xq is not None:
+            baselines["xla_quant"] = (xla_q, [x0], wqs, (s,))
+        res.update(device_fields((call, [x0], ws, (s,)), baselines))
     nbytes = wbytes + 2 * m * k + 2 * m * n + s.size * 4
     t_roof = max(nbytes / bw, 2 * m * n * k / peak[0]) if peak[0] else nbytes / bw
     res.update(
@@ -258,42 +303,52 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
         res["error"] = "no config compiled"
         return res
     t, cfg, err = best
-    if b_layout == "nk":
-        bt = b.T + 0
-        stored = lambda a, b, sa, sb: matmul(a, b, sa, sb, cfg, stored=True)
-        t_stored = time_calls(stored, [a], [bt, bt + 0, bt + 0, bt + 0], (sa, sb), min_calls=16)
-        res["kernel_only_us"] = t_stored * 1e6
-    af, bf = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    t_bf16 = time_calls(lambda x, w: x @ w, [af], [bf, bf + 0, bf + 0, bf + 0], min_calls=16)
-    # XLA's int8 dot on the weight as stored (K, N) and pre-transposed (N, K): the goal
-    # compares with the faster of the two
-    t_i8_kn, t_i8_nk = (
-        time_calls(
-            lambda a, b, sa, sb, lo=lo: kc.xla_int8_matmul(a, b, sa, sb, b_layout=lo),
+    bs = [b, b + 0, b + 0, b + 0]
+    bts = [b.T + 0 for _ in bs]
+    af = a.astype(jnp.bfloat16)
+
+    def xla_i8(lo):
+        return lambda a, b, sa, sb: kc.xla_int8_matmul(a, b, sa, sb, b_layout=lo)
+
+    # every program timed: (fn, activations, rotated weights, other args)
+    programs = {
+        "kernel": (lambda a, b, sa, sb: matmul(a, b, sa, sb, cfg), [a], bs, (sa, sb)),
+        "xla_bf16": (lambda x, w: x @ w, [af], [w.astype(jnp.bfloat16) for w in bs]),
+        # XLA's int8 dot on the weight as stored (K, N) and pre-transposed (N, K): the goal
+        # compares with the faster of the two
+        "xla_int8_kn": (xla_i8("kn"), [a], bs, (sa, sb)),
+        "xla_int8_nk": (xla_i8("nk"), [a], bts, (sa, sb)),
+    }
+    if b_layout == "nk":  # the kernel on a stored (N, K) weight: no transpose in the program
+        programs["kernel_only"] = (
+            lambda a, b, sa, sb: matmul(a, b, sa, sb, cfg, stored=True),
             [a],
-            [w, w + 0, w + 0, w + 0],
+            bts,
             (sa, sb),
-            min_calls=16,
         )
-        for lo, w in (("kn", b), ("nk", b.T + 0))
-    )
-    t_i8 = min(t_i8_kn, t_i8_nk)
+    # the kernel's wall time is the tuning loop's measurement of the winner
+    wall = {"kernel": t} | {
+        name: time_calls(*args, min_calls=16) for name, args in programs.items() if name != "kernel"
+    }
+    wall["xla_int8"] = min(wall["xla_int8_kn"], wall["xla_int8_nk"])
     flops = 2 * m * n * k
+    res.update({f"{name}_us": v * 1e6 for name, v in wall.items()})
     res.update(
         {
             "config": cfg.to_dict() if cfg else None,
             "rel_err": err,
-            "kernel_us": t * 1e6,
-            "xla_bf16_us": t_bf16 * 1e6,
-            "xla_int8_us": t_i8 * 1e6,
-            "xla_int8_kn_us": t_i8_kn * 1e6,
-            "xla_int8_nk_us": t_i8_nk * 1e6,
-            "speedup_vs_bf16": t_bf16 / t,
-            "speedup_vs_xla_int8": t_i8 / t,
+            "speedup_vs_bf16": wall["xla_bf16"] / t,
+            "speedup_vs_xla_int8": wall["xla_int8"] / t,
             "kernel_tops": flops / t / 1e12,
             "roofline_fraction": (flops / peak[1]) / t if peak[1] else None,
         }
     )
+    if platform == "gpu":
+        others = {name: (*args, 5, 16) for name, args in programs.items() if name != "kernel"}
+        res.update(device_fields((*programs["kernel"], 5, 16), others))
+        dk = res["device_kernel_us"]
+        if dk is not None:
+            res["device_kernel_tops"] = flops / (dk * 1e-6) / 1e12
     return res
 
 
