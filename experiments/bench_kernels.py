@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import time
@@ -96,9 +97,11 @@ def _program(fn, xs, ws, min_calls):
     return run, xs, len(xs) * len(ws)
 
 
-def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
-    """Median wall-clock seconds per call of ``fn(x, w, *rest)`` (see ``_program``):
-    kernel time plus the launch gaps a model pays between calls."""
+def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96, device=False):
+    """Seconds per call of ``fn(x, w, *rest)`` in one compiled program (see ``_program``):
+    ``(wall, gpu)``. ``wall``: median wall clock, the kernel plus the launch gaps a model pays
+    between calls. ``gpu`` (with ``device=True``): median device time from CUPTI's kernel
+    records, no launch gaps; ``None`` where CUPTI is unavailable."""
     run, xs, calls = _program(fn, xs, ws, min_calls)
     jax.block_until_ready(run(xs, ws, rest))
     ts = []
@@ -106,33 +109,37 @@ def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96):
         t = time.perf_counter()
         jax.block_until_ready(run(xs, ws, rest))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts)) / calls
+    gpu = None
+    if device and (profiler := _cupti()) is not None:
+        try:
+            _, ms = profiler.measure(run, aggregate=True, iterations=reps)(xs, ws, rest)
+            gpu = float(np.median(ms)) / 1e3 / calls if ms else None
+        except Exception as e:
+            log(f"device timing failed: {e!r:.200}")
+    return float(np.median(ts)) / calls, gpu
 
 
-def device_seconds(fn, xs, ws, rest=(), reps=5, min_calls=96):
-    """Median GPU time per call of the same program, from CUPTI's kernel records (the sum of
-    every kernel's device time, no launch gaps); ``None`` where CUPTI is unavailable."""
+@functools.cache
+def _cupti():
+    """JAX's CUPTI profiler if it works here (probed once), else ``None``."""
     try:
         from jax.experimental.mosaic.gpu import profiler
 
-        run, xs, calls = _program(fn, xs, ws, min_calls)
-        jax.block_until_ready(run(xs, ws, rest))
-        _, ms = profiler.measure(run, aggregate=True, iterations=reps)(xs, ws, rest)
-        return float(np.median(ms)) / 1e3 / calls if ms else None
+        profiler.measure(jax.jit(lambda x: x + 1))(jnp.ones(8))
+        return profiler
     except Exception as e:  # no CUPTI (or another profiler attached): wall time only
         log(f"device timing unavailable: {e!r:.200}")
         return None
 
 
-def device_fields(kernel, baselines) -> dict:
-    """``device_<name>_us`` for the kernel and each baseline, and the kernel's device-time
-    speedup over each: ``kernel`` and ``baselines[name]`` are ``device_seconds`` arguments."""
-    t = device_seconds(*kernel)
-    out = {"device_kernel_us": None if t is None else t * 1e6}
-    for name, args in baselines.items():
-        tb = device_seconds(*args) if t is not None else None
-        out[f"device_{name}_us"] = None if tb is None else tb * 1e6
-        out[f"device_speedup_vs_{name}"] = None if tb is None else tb / t
+def gpu_fields(times: dict) -> dict:
+    """``device_<name>_us`` for each ``(wall, gpu)`` in ``times`` (which holds ``"kernel"``),
+    and the kernel's device-time speedup over every other entry."""
+    dk = times["kernel"][1]
+    out = {f"device_{name}_us": None if g is None else g * 1e6 for name, (_, g) in times.items()}
+    for name, (_, g) in times.items():
+        if name != "kernel":
+            out[f"device_speedup_vs_{name}"] = None if g is None or dk is None else g / dk
     return out
 
 
@@ -185,6 +192,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     wbytes = k * n * bits // 8
     r = rotations(wbytes)
     res = {"kernel": kind, "layout": layout, "m": m, "k": k, "n": n, "group_size": group, "rotations": r}
+    on_gpu = platform == "gpu"
     best = None
     for cfg in tune_cfgs:
         if time.perf_counter() > deadline and best is not None:
@@ -204,21 +212,23 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
                 )
                 continue
             ws = [w] + [w + 0 if w.dtype != jnp.uint8 else w ^ jnp.uint8(0) for _ in range(r - 1)]
-            t = time_calls(call, [x0], ws, (s,))
+            t, t_gpu = time_calls(call, [x0], ws, (s,), device=on_gpu)
         except Exception as e:  # a config the compiler rejects: record, go on
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
         if best is None or t < best[0]:
-            best = (t, cfg, err, call, ws)
+            best = (t, cfg, err, t_gpu)
     if best is None:
         res["error"] = "no config compiled"
         return res
-    t, cfg, err, call, ws = best
+    t, cfg, err, t_gpu = best
+    times = {"kernel": (t, t_gpu)}
     # baselines: XLA bf16 dot, XLA's own quantized formulation
     wf = jnp.asarray(codes, jnp.bfloat16)
     bf16 = lambda x, w: x @ w
     wfs = [wf + i for i in range(rotations(2 * k * n))]
-    t_bf16 = time_calls(bf16, [x0], wfs)
+    times["xla_bf16"] = time_calls(bf16, [x0], wfs, device=on_gpu)
+    t_bf16 = times["xla_bf16"][0]
     if bits == 8:
         wq = jnp.asarray(codes)
     else:
@@ -233,15 +243,13 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
         )
     wqs = [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)]
     try:
-        t_xq = time_calls(xla_q, [x0], wqs, (s,))
+        times["xla_quant"] = time_calls(xla_q, [x0], wqs, (s,), device=on_gpu)
+        t_xq = times["xla_quant"][0]
     except Exception as e:
         t_xq = None
         res["xla_quant_error"] = repr(e)[:300]
-    if platform == "gpu":
-        baselines = {"xla_bf16": (bf16, [x0], wfs)}
-        if t_xq is not None:
-            baselines["xla_quant"] = (xla_q, [x0], wqs, (s,))
-        res.update(device_fields((call, [x0], ws, (s,)), baselines))
+    if on_gpu:
+        res.update(gpu_fields(times))
     nbytes = wbytes + 2 * m * k + 2 * m * n + s.size * 4
     t_roof = max(nbytes / bw, 2 * m * n * k / peak[0]) if peak[0] else nbytes / bw
     res.update(
@@ -274,6 +282,7 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     )
     res = {"kernel": "w8a8", "layout": b_layout, "m": m, "k": k, "n": n, "group_size": None}
     res["engine"] = tune_cfgs[0].engine if tune_cfgs and tune_cfgs[0] is not None else "triton"
+    on_gpu = platform == "gpu"
     best = None
 
     def matmul(a, b, sa, sb, cfg, stored=False):
@@ -293,16 +302,16 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
                     {"config": cfg.to_dict() if cfg else None, "rel_err": err}
                 )
                 continue
-            t = time_calls(call, [a], [b, b + 0, b + 0, b + 0], (sa, sb), min_calls=16)
+            t, t_gpu = time_calls(call, [a], [b, b + 0, b + 0, b + 0], (sa, sb), min_calls=16, device=on_gpu)
         except Exception as e:
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
         if best is None or t < best[0]:
-            best = (t, cfg, err)
+            best = (t, cfg, err, t_gpu)
     if best is None:
         res["error"] = "no config compiled"
         return res
-    t, cfg, err = best
+    t, cfg, err, t_gpu = best
     bs = [b, b + 0, b + 0, b + 0]
     bts = [b.T + 0 for _ in bs]
     af = a.astype(jnp.bfloat16)
@@ -310,9 +319,8 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     def xla_i8(lo):
         return lambda a, b, sa, sb: kc.xla_int8_matmul(a, b, sa, sb, b_layout=lo)
 
-    # every program timed: (fn, activations, rotated weights, other args)
+    # the baselines (and the kernel on a stored weight): (fn, activations, rotated weights, other args)
     programs = {
-        "kernel": (lambda a, b, sa, sb: matmul(a, b, sa, sb, cfg), [a], bs, (sa, sb)),
         "xla_bf16": (lambda x, w: x @ w, [af], [w.astype(jnp.bfloat16) for w in bs]),
         # XLA's int8 dot on the weight as stored (K, N) and pre-transposed (N, K): the goal
         # compares with the faster of the two
@@ -326,10 +334,11 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
             bts,
             (sa, sb),
         )
-    # the kernel's wall time is the tuning loop's measurement of the winner
-    wall = {"kernel": t} | {
-        name: time_calls(*args, min_calls=16) for name, args in programs.items() if name != "kernel"
+    # the kernel's times are the tuning loop's measurement of the winner
+    times = {"kernel": (t, t_gpu)} | {
+        name: time_calls(*args, min_calls=16, device=on_gpu) for name, args in programs.items()
     }
+    wall = {name: v[0] for name, v in times.items()}
     wall["xla_int8"] = min(wall["xla_int8_kn"], wall["xla_int8_nk"])
     flops = 2 * m * n * k
     res.update({f"{name}_us": v * 1e6 for name, v in wall.items()})
@@ -343,9 +352,8 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
             "roofline_fraction": (flops / peak[1]) / t if peak[1] else None,
         }
     )
-    if platform == "gpu":
-        others = {name: (*args, 5, 16) for name, args in programs.items() if name != "kernel"}
-        res.update(device_fields((*programs["kernel"], 5, 16), others))
+    if on_gpu:
+        res.update(gpu_fields(times))
         dk = res["device_kernel_us"]
         if dk is not None:
             res["device_kernel_tops"] = flops / (dk * 1e-6) / 1e12
