@@ -378,6 +378,12 @@ def int8_matmul(
                 "interpret=True: the wgmma engine runs in JAX's GPU interpreter only with explicit "
                 "interpret parameters (InterpretGPUParams); or pick a Triton config"
             )
+        if not interpret and jax.default_backend() == "gpu" and not gpu_wgmma.available():
+            cc = getattr(jax.devices()[0], "compute_capability", "unknown")
+            raise ValueError(
+                f"config {cfg}: the wgmma engine needs a Hopper (sm_90) GPU, this one has compute "
+                f"capability {cc}; pick a Triton config"
+            )
         return gpu_wgmma.int8_matmul_wgmma(
             a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret
         )

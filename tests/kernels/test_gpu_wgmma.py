@@ -209,3 +209,17 @@ def test_table_entries_keep_the_engine(tmp_path, monkeypatch):
     assert back.kernel == "w8a8_nk_wgmma" and back.config == cfg
     # tables written before the engine field existed read as Triton configs
     assert BlockConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "engine"}).engine == "triton"
+
+
+def test_a_non_hopper_gpu_is_refused_by_name(monkeypatch):
+    a, b_nk, sa, sb = _operands(128, 256, 128)
+
+    class Ampere:
+        compute_capability = "8.0"
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api.jax, "devices", lambda *a: [Ampere()])
+    with pytest.raises(ValueError, match="needs a Hopper .* compute capability 8.0"):
+        api.int8_matmul(
+            a, b_nk, sa, sb, b_layout="nk", platform="gpu", config=BlockConfig(128, 128, num_stages=2, **WG)
+        )
