@@ -13,6 +13,7 @@ parameters after resetting it.
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 
 import jax
 import numpy as np
@@ -48,8 +49,14 @@ def _read(shared, key_array, transforms, thread, info):
 
 
 @contextlib.contextmanager
-def transposed_wgmma_operands():
-    """Within the block, interpreted ``wgmma`` reads operands through trailing transposes."""
+def transposed_wgmma_operands(watchdog_s: float = 300.0):
+    """Within the block, interpreted ``wgmma`` reads operands through trailing transposes.
+
+    An exception inside an interpreted kernel leaves the interpreter's other threads waiting
+    on barriers forever, so the block also arms a watchdog: past ``watchdog_s`` seconds the
+    process prints every thread's traceback and exits (a failed test, not a stalled suite).
+    """
+    faulthandler.dump_traceback_later(watchdog_s, exit=True)
     original = gc.wgmma
 
     def wgmma(**kw):
@@ -78,3 +85,4 @@ def transposed_wgmma_operands():
         yield
     finally:
         gc.wgmma = original
+        faulthandler.cancel_dump_traceback_later()

@@ -219,7 +219,7 @@ def test_a_non_hopper_gpu_is_refused_by_name(monkeypatch):
 
     monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
     monkeypatch.setattr(api.jax, "devices", lambda *a: [Ampere()])
-    with pytest.raises(ValueError, match="needs a Hopper .* compute capability 8.0"):
+    with pytest.raises(ValueError, match=r"needs a Hopper .* compute capability 8\.0"):
         api.int8_matmul(
             a, b_nk, sa, sb, b_layout="nk", platform="gpu", config=BlockConfig(128, 128, num_stages=2, **WG)
         )
