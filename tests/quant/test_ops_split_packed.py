@@ -75,8 +75,13 @@ def test_packed_weight_matches_int64_reference(k, n, m, fmt, pack_axis, group, s
     check_int_dot(y, qjax.quantize(x, TOKENS), qw, MM, exact=group is None)
     # float activations (weight-only), every formulation: the float64 reference
     wd, xd = np.asarray(qw.dequantize(), np.float64), np.asarray(x, np.float64)
-    for method in ("split", "convert"):
-        check_float(qdot(x, qw, MM, method=method), xd @ wd, np.abs(xd) @ np.abs(wd))
+    mag = np.abs(xd) @ np.abs(wd)
+    check_float(qdot(x, qw, MM, method="convert"), xd @ wd, mag)
+    # "split" rebuilds each token to 2^-22 of its absmax (test above), so an element far
+    # below its token's absmax carries that absolute error into every output it feeds
+    piece_err = np.abs(xd).max(axis=1, keepdims=True) * 2.0**-21 * np.abs(wd).sum(axis=0, keepdims=True)
+    y = np.asarray(qdot(x, qw, MM, method="split"), np.float64)
+    np.testing.assert_array_less(np.abs(y - xd @ wd), 64 * 2.0**-23 * mag + piece_err + 1e-30)
 
 
 @settings(max_examples=40, deadline=None)
@@ -117,3 +122,17 @@ def test_dynamic_activation_quantizer_non_finite_and_excluded_specs():
     tokens = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
     y = np.asarray(qdot(jnp.asarray(x), w, MM, lhs_spec=tokens))
     assert np.isfinite(y[0]).all() and np.isnan(y[1]).all() and np.isnan(y[2]).all()
+
+
+def test_split_error_is_relative_to_the_token_absmax():
+    """The case hypothesis found: an output fed only by an element 700x below its token's
+    absmax (int2 weight zero elsewhere) carries the pieces' absmax-relative error."""
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=(1, 4)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+    qw = qjax.quantize(w, qjax.QuantSpec(qjax.int2, channel_axes=(1,), pack_axis=0))
+    wd, xd = np.asarray(qw.dequantize(), np.float64), np.asarray(x, np.float64)
+    assert np.count_nonzero(wd[:, 1]) == 1 and abs(xd[0, np.flatnonzero(wd[:, 1])[0]]) < 0.01
+    y = np.asarray(qdot(x, qw, MM, method="split"), np.float64)
+    bound = np.abs(xd).max() * 2.0**-21 * np.abs(wd).sum(axis=0)
+    assert np.all(np.abs(y - xd @ wd)[0] <= bound)
