@@ -33,6 +33,8 @@ On CPU only the correctness checks run (interpret mode) unless ``--force``.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import datetime
 import functools
 import json
@@ -69,11 +71,11 @@ def device_info():
     return d.platform, name, peak
 
 
-def copy_bandwidth() -> float:
+def copy_bandwidth(elements: int = 2**30) -> float:
     """Bytes read + written per second by an on-device elementwise update of 2 GiB: the
     better of one update per program and eight chained in one program (a loop of in-place
     updates; launch cost amortized), best of five runs each."""
-    x = jnp.ones((2**30,), jnp.bfloat16)
+    x = jnp.ones((elements,), jnp.bfloat16)
     one = jax.jit(lambda x: x + 1)
     eight = jax.jit(lambda x: jax.lax.fori_loop(0, 8, lambda i, y: y + 1, x))
     best = 0.0
@@ -183,7 +185,29 @@ def rel_err(out, ref) -> float:
     return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / max(1e-30, np.max(np.abs(ref))))
 
 
-def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw, peak, deadline):
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """How the cases run: the kernel platform (``None``: XLA's fallback), and for a dry run
+    the kernels in the Pallas interpreter with short timing loops."""
+
+    platform: str | None
+    interpret: object = False
+    reps: int = 5
+    max_calls: int | None = None
+
+    @property
+    def on_gpu(self) -> bool:  # real GPU timing (device time from CUPTI)
+        return self.platform == "gpu" and not self.interpret
+
+    def calls(self, n: int) -> int:
+        return n if self.max_calls is None else min(n, self.max_calls)
+
+    def timed(self, fn, xs, ws, rest=(), min_calls=96):
+        n = self.calls(min_calls)
+        return time_calls(fn, xs, ws, rest, reps=self.reps, min_calls=n, device=self.on_gpu)
+
+
+def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, peak, deadline):
     x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
     kind = "w4a16" if bits == 4 else "w8a16"
     fn = api.w4a16_matmul if bits == 4 else api.w8a16_matmul
@@ -192,7 +216,6 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     wbytes = k * n * bits // 8
     r = rotations(wbytes)
     res = {"kernel": kind, "layout": layout, "m": m, "k": k, "n": n, "group_size": group, "rotations": r}
-    on_gpu = platform == "gpu"
     best = None
     for cfg in tune_cfgs:
         if time.perf_counter() > deadline and best is not None:
@@ -201,7 +224,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
         w = weight_in_layout(codes, layout, pb)
         kw = {"layout": layout, "pack_block": pb} if bits == 4 else {}
         call = lambda x, w, s, cfg=cfg, kw=kw: fn(
-            x, w, s, group_size=group, platform=platform, config=cfg, **kw
+            x, w, s, group_size=group, platform=mode.platform, config=cfg, interpret=mode.interpret, **kw
         )
         try:
             out = jax.jit(call)(x0, w, s)
@@ -212,7 +235,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
                 )
                 continue
             ws = [w] + [w + 0 if w.dtype != jnp.uint8 else w ^ jnp.uint8(0) for _ in range(r - 1)]
-            t, t_gpu = time_calls(call, [x0], ws, (s,), device=on_gpu)
+            t, t_gpu = mode.timed(call, [x0], ws, (s,))
         except Exception as e:  # a config the compiler rejects: record, go on
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
@@ -227,7 +250,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     wf = jnp.asarray(codes, jnp.bfloat16)
     bf16 = lambda x, w: x @ w
     wfs = [wf + i for i in range(rotations(2 * k * n))]
-    times["xla_bf16"] = time_calls(bf16, [x0], wfs, device=on_gpu)
+    times["xla_bf16"] = mode.timed(bf16, [x0], wfs)
     t_bf16 = times["xla_bf16"][0]
     if bits == 8:
         wq = jnp.asarray(codes)
@@ -243,12 +266,12 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
         )
     wqs = [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)]
     try:
-        times["xla_quant"] = time_calls(xla_q, [x0], wqs, (s,), device=on_gpu)
+        times["xla_quant"] = mode.timed(xla_q, [x0], wqs, (s,))
         t_xq = times["xla_quant"][0]
     except Exception as e:
         t_xq = None
         res["xla_quant_error"] = repr(e)[:300]
-    if on_gpu:
+    if mode.on_gpu:
         res.update(gpu_fields(times))
     nbytes = wbytes + 2 * m * k + 2 * m * n + s.size * 4
     t_roof = max(nbytes / bw, 2 * m * n * k / peak[0]) if peak[0] else nbytes / bw
@@ -267,7 +290,7 @@ def weight_only_case(rng, platform, bits, m, k, n, group, layout, tune_cfgs, bw,
     return res
 
 
-def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
+def int8_case(rng, mode, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     """W8A8 at ``(m, k, n)``. ``b_layout="nk"``: the kernel reads the weight transposed
     ``(N, K)``; the timed call transposes the ``(K, N)`` weight first (what
     ``qjax.quantized`` pays), ``kernel_only_us`` is the kernel on a stored ``(N, K)``."""
@@ -282,13 +305,14 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     )
     res = {"kernel": "w8a8", "layout": b_layout, "m": m, "k": k, "n": n, "group_size": None}
     res["engine"] = tune_cfgs[0].engine if tune_cfgs and tune_cfgs[0] is not None else "triton"
-    on_gpu = platform == "gpu"
     best = None
 
     def matmul(a, b, sa, sb, cfg, stored=False):
         if b_layout == "nk" and not stored:
             b = b.T
-        return api.int8_matmul(a, b, sa, sb, b_layout=b_layout, platform=platform, config=cfg)
+        return api.int8_matmul(
+            a, b, sa, sb, b_layout=b_layout, platform=mode.platform, config=cfg, interpret=mode.interpret
+        )
 
     for cfg in tune_cfgs:
         if time.perf_counter() > deadline and best is not None:
@@ -302,7 +326,7 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
                     {"config": cfg.to_dict() if cfg else None, "rel_err": err}
                 )
                 continue
-            t, t_gpu = time_calls(call, [a], [b, b + 0, b + 0, b + 0], (sa, sb), min_calls=16, device=on_gpu)
+            t, t_gpu = mode.timed(call, [a], [b, b + 0, b + 0, b + 0], (sa, sb), min_calls=16)
         except Exception as e:
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
@@ -336,7 +360,7 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
         )
     # the kernel's times are the tuning loop's measurement of the winner
     times = {"kernel": (t, t_gpu)} | {
-        name: time_calls(*args, min_calls=16, device=on_gpu) for name, args in programs.items()
+        name: mode.timed(*args, min_calls=16) for name, args in programs.items()
     }
     wall = {name: v[0] for name, v in times.items()}
     wall["xla_int8"] = min(wall["xla_int8_kn"], wall["xla_int8_nk"])
@@ -352,7 +376,7 @@ def int8_case(rng, platform, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
             "roofline_fraction": (flops / peak[1]) / t if peak[1] else None,
         }
     )
-    if on_gpu:
+    if mode.on_gpu:
         res.update(gpu_fields(times))
         dk = res["device_kernel_us"]
         if dk is not None:
@@ -408,7 +432,7 @@ def exactness_checks(rng, platform, interpret=False):
     return out
 
 
-def wgmma_checks(rng):
+def wgmma_checks(rng, interpret=False):
     """The Hopper ``wgmma`` W8A8 kernel bit-exact at odd M, each shipped config (a compile
     failure is recorded, not raised)."""
     out = []
@@ -421,7 +445,15 @@ def wgmma_checks(rng):
             check = {"check": f"int8 exact m={m} wgmma {tile}"}
             try:
                 y = api.int8_matmul(
-                    a, b_nk, 1.0, 1.0, out_dtype=jnp.float32, b_layout="nk", platform="gpu", config=cfg
+                    a,
+                    b_nk,
+                    1.0,
+                    1.0,
+                    out_dtype=jnp.float32,
+                    b_layout="nk",
+                    platform="gpu",
+                    config=cfg,
+                    interpret=interpret,
                 )
                 check["ok"] = bool(np.array_equal(np.asarray(y).astype(np.int64), exact))
             except Exception as e:  # a Mosaic GPU compile failure is a finding, not a crash
@@ -458,6 +490,20 @@ def merge_table(path: Path, device: str, date: str, new: list[tuning.TunedEntry]
     tuning.write_table(path, device, date, [e for e in old if key(e) not in fresh] + list(new))
 
 
+def _dry_run_modes(stack: contextlib.ExitStack):
+    """``(mode, wgmma_mode, hopper)`` for ``--dry-run``: Triton kernels in the Pallas
+    interpreter, the wgmma kernel in JAX's GPU interpreter (with the tests' patch for
+    transposed operands, on until ``stack`` closes), one rep of at most two calls."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.kernels.mgpu_interpret import interpret_params, transposed_wgmma_operands
+
+    stack.enter_context(transposed_wgmma_operands(watchdog_s=3600))
+    quick = dict(reps=1, max_calls=2)
+    return Mode("gpu", True, **quick), Mode("gpu", interpret_params(), **quick), True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results/bench_kernels.json")
@@ -470,7 +516,16 @@ def main(argv=None):
         default="k_halves,n_pairs,int8",
         help="weight-only layouts to time (n_pairs / k_pairs: what qjax.quantized dispatches)",
     )
-    p.add_argument("--force", action="store_true", help="time on CPU too (kernels in interpret mode: slow)")
+    p.add_argument(
+        "--force", action="store_true", help="on CPU, time XLA's fallback formulations (no kernels)"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="on CPU, run the GPU path end to end with the kernels interpreted, at small sizes and "
+        "with short timing loops (wgmma included): catches script errors before device time is spent",
+    )
+    p.add_argument("--w8a8-size", type=int, default=4096, help="M = K = N of the W8A8 cases")
     p.add_argument(
         "--part",
         choices=("all", "main", "wgmma"),
@@ -480,6 +535,11 @@ def main(argv=None):
         "wgmma last",
     )
     args = p.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        _run(args, stack)
+
+
+def _run(args, stack: contextlib.ExitStack) -> None:
     rng = np.random.default_rng(0)
     platform, name, peak = device_info()
     kplat = {"gpu": "gpu", "tpu": "tpu"}.get(platform)
@@ -492,17 +552,20 @@ def main(argv=None):
         "checks": [],
         "cases": [],
     }
-    if kplat is None and not args.force:
+    mode, wgmma_mode, hopper = Mode(kplat), Mode("gpu"), kplat == "gpu" and gpu_wgmma.available()
+    if args.dry_run:
+        mode, wgmma_mode, hopper = _dry_run_modes(stack)
+        name = report["device"] = f"dry run on {name}"
+    elif kplat is None and not args.force:
         report["checks"] = exactness_checks(rng, "gpu", interpret=True)
         log(json.dumps(report["checks"], indent=1))
         Path(args.out).write_text(json.dumps(report, indent=1))
         return
-    hopper = kplat == "gpu" and gpu_wgmma.available()
     main_part, wgmma_part = args.part in ("all", "main"), args.part in ("all", "wgmma") and hopper
     if main_part:
-        report["checks"] = exactness_checks(rng, kplat)
+        report["checks"] = exactness_checks(rng, mode.platform, mode.interpret)
         log("checks:", all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]])
-    bw = copy_bandwidth()
+    bw = copy_bandwidth(2**20 if args.dry_run else 2**30)
     report["copy_bandwidth_GBps"] = bw / 1e9
     log(f"copy bandwidth {bw / 1e9:.0f} GB/s")
     t0 = time.perf_counter()
@@ -510,7 +573,7 @@ def main(argv=None):
     batches = [int(v) for v in args.batches.split(",")]
     plan = []
     if main_part:
-        plan += [("w8a8", 4096, None, "kn"), ("w8a8", 4096, None, "nk")]
+        plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
         for size in sizes:
             for layout in args.layouts.split(","):
                 bits, groups = (8, (None,)) if layout == "int8" else (4, (None, 128))
@@ -520,7 +583,7 @@ def main(argv=None):
         # its time limit has measured those; the order within each part is kept
         plan.sort(key=lambda it: it[0] != "w8a8" and (it[2] > 16 or it[3] == "int8"))
     if wgmma_part:  # last: a Mosaic GPU failure costs nothing else
-        plan.append(("w8a8", 4096, None, "nk", "wgmma"))
+        plan.append(("w8a8", args.w8a8_size, None, "nk", "wgmma"))
 
     def save():
         Path(args.out).write_text(json.dumps(report, indent=1))
@@ -537,16 +600,19 @@ def main(argv=None):
         try:
             if item[0] == "w8a8":
                 _, size, _, b_layout, *engine = item
+                case_mode = wgmma_mode if engine else mode
                 if engine:
-                    report["checks"] += wgmma_checks(rng)
+                    report["checks"] += wgmma_checks(rng, wgmma_mode.interpret)
                     log("wgmma checks:", [c for c in report["checks"] if "wgmma" in c["check"]])
                     save()
-                    cands = list(gpu_wgmma.CONFIGS)
-                elif kplat == "gpu":
+                    cands = [c for c in gpu_wgmma.CONFIGS if size % c.block_n == 0]
+                elif mode.platform == "gpu":
                     cands = gpu_candidates("w8a8", size, size, size, None, b_layout)
                 else:
                     cands = [None]
-                res = int8_case(rng, kplat, size, size, size, cands, peak, deadline, b_layout)
+                if args.dry_run:
+                    cands = cands[:2]
+                res = int8_case(rng, case_mode, size, size, size, cands, peak, deadline, b_layout)
             else:
                 bits, size, m, layout, group = item
                 kind = "w4a16" if bits == 4 else "w8a16"
@@ -556,11 +622,12 @@ def main(argv=None):
                 else:
                     cands = (
                         gpu_candidates(kind, max(m, 16), size, size, group, layout)
-                        if kplat == "gpu"
+                        if mode.platform == "gpu"
                         else [None]
                     )
+                    cands = cands[:2] if args.dry_run else cands
                 res = weight_only_case(
-                    rng, kplat, bits, m, size, size, group, layout, cands, bw, peak, deadline
+                    rng, mode, bits, m, size, size, group, layout, cands, bw, peak, deadline
                 )
                 if m <= 16 and res.get("config") and key not in best_small:
                     best_small[key] = BlockConfig.from_dict(res["config"])
