@@ -1,0 +1,41 @@
+"""``experiments/bench_kernels.py --dry-run``: the GPU path of the kernel benchmark runs end
+to end on a CPU (kernels interpreted), so a script error surfaces here and not in a
+scarce GPU session."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import bench_kernels
+
+        yield bench_kernels
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
+
+
+def test_main_part_runs_and_writes_a_table(bench, tmp_path):
+    out, table = tmp_path / "bench.json", tmp_path / "tuning_gpu.json"
+    args = ["--dry-run", "--part", "main", "--sizes", "256", "--batches", "1,4", "--layouts", "n_pairs"]
+    args += ["--w8a8-size", "256", "--budget-s", "5", "--out", str(out), "--write-table", str(table)]
+    bench.main(args)
+    report = json.loads(out.read_text())
+    assert report["device"].startswith("dry run") and report["checks"]
+    assert all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]]
+    cases = report["cases"]
+    firsts = [(c["kernel"], c["layout"], c.get("m")) for c in cases][:2]
+    assert firsts == [("w8a8", "kn", 256), ("w8a8", "nk", 256)]  # the goal cases run first
+    assert not [c for c in cases if "error" in c], [c["error"] for c in cases if "error" in c]
+    # batch 4 reuses the batch-1 winner (one kernel serves every batch <= 16)
+    small = {c["m"]: c["config"] for c in cases if c["kernel"] == "w4a16" and c["group_size"] is None}
+    assert small[1] == small[4]
+    kernels = {e["kernel"] for e in json.loads(table.read_text())["entries"]}
+    assert kernels == {"w8a8", "w8a8_nk", "w4a16_n_pairs"}
