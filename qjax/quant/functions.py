@@ -36,6 +36,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule
 from qjax.rules import fold_in_path
 
@@ -383,20 +384,9 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None) -> QArray | No
     return w
 
 
-_CONV_GEOMETRY = (
-    "window_strides",
-    "padding",
-    "lhs_dilation",
-    "rhs_dilation",
-    "dimension_numbers",
-    "feature_group_count",
-    "batch_group_count",
-)
-
-
 def _conv_geometry(eqn) -> dict:
     """A ``conv_general_dilated`` equation's geometry, as keyword arguments of the qjax convs."""
-    return {k: eqn.params[k] for k in _CONV_GEOMETRY}
+    return {k: eqn.params[k] for k in CONV_GEOMETRY}
 
 
 def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto"):

@@ -33,20 +33,9 @@ from jax import lax
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.ops_common import INT32_LIMIT
-from qjax.quant.ops_conv import quantized_conv_general_dilated
+from qjax.quant.ops_conv import CONV_GEOMETRY, quantized_conv_general_dilated
 
-_TRANSPOSE_PARAMS = {
-    "window_strides",
-    "padding",
-    "lhs_dilation",
-    "rhs_dilation",
-    "dimension_numbers",
-    "feature_group_count",
-    "batch_group_count",
-    "precision",
-    "preferred_element_type",
-    "out_sharding",
-}
+_TRANSPOSE_PARAMS = {*CONV_GEOMETRY, "precision", "preferred_element_type", "out_sharding"}
 try:  # private JAX API: the transpose rules of conv_general_dilated
     from jax._src.lax.convolution import (
         _conv_general_dilated_transpose_lhs as _transpose_lhs,

@@ -20,6 +20,18 @@ from qjax.numerics.spec import QuantSpec
 from qjax.quant import ops_common as oc
 from qjax.quant.ops_common import Operand
 
+# the conv_general_dilated parameters that fix its geometry (what a quantized replacement
+# of a traced conv takes over from the equation, and what its transpose rules need)
+CONV_GEOMETRY = (
+    "window_strides",
+    "padding",
+    "lhs_dilation",
+    "rhs_dilation",
+    "dimension_numbers",
+    "feature_group_count",
+    "batch_group_count",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Config:
