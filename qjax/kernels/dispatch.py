@@ -156,7 +156,7 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         # W8A8 may also run on the transposed weight (the transpose is in the timed program)
         layouts = (layout, "nk") if kind == "w8a8" else (layout,)
         found = [
-            (e.speedup, lo, e.config)
+            (e.speedup, lo)
             for lo in layouts
             if (e := api.tuned_entry(platform, kind, m, k, n, group, lo)) is not None and e.speedup > 1.0
         ]
@@ -166,9 +166,7 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
                 None,
                 f"no measured speedup for {name} at M={m}, K={k}, N={n} in the {platform} tuning table",
             )
-        _, layout, cfg = max(found, key=lambda f: f[0])
-        if platform == "gpu":  # the measured config itself (it may name the wgmma engine)
-            return KernelPlan(kind, layout, group, m, k, n, platform, interpret, cfg), ""
+        layout = max(found)[1]  # choose_config below takes that layout's entry (any engine)
     try:
         cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
     except ValueError as e:

@@ -47,10 +47,8 @@ _EPI = 64  # epilogue tile (rows and columns) staged through shared memory
 
 # The configs the benchmark tries (tests lower each for CUDA): (block_m, block_n, stages).
 CONFIGS = tuple(
-    BlockConfig(bm, bn, _BLOCK_K, num_stages=stages, engine="wgmma")
-    for bm, bn, stages in ((128, 128, 4), (128, 256, 3), (256, 128, 3))
-) + tuple(
-    BlockConfig(bm, bn, _BLOCK_K, num_stages=stages, engine="wgmma", persistent=True)
+    BlockConfig(bm, bn, _BLOCK_K, num_stages=stages, engine="wgmma", persistent=persistent)
+    for persistent in (False, True)
     for bm, bn, stages in ((128, 128, 4), (128, 256, 3), (256, 128, 3))
 )
 
