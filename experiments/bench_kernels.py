@@ -91,11 +91,16 @@ def copy_bandwidth(elements: int = 2**30) -> float:
 def _program(fn, xs, ws, min_calls):
     """One jitted program calling ``fn(x, w, *rest)`` on every pair of distinct activation
     buffers and rotated weight buffers (at least ``min_calls`` calls, so the per-program
-    dispatch cost is amortized; distinct buffers, so XLA cannot merge identical calls)."""
+    dispatch cost is amortized; distinct buffers, so XLA cannot merge identical calls). Each
+    call's operands pass an optimization barrier: XLA:GPU's dot merger would otherwise fuse
+    the dots that share a weight into one dot that reads the weight once (seen 2026-11-26 on
+    an H200: a 1 x 8192 x 8192 bf16 dot "ran" at 2 us, 60 TB/s)."""
     xs = list(xs)
     while len(xs) * len(ws) < min_calls:
         xs.append(xs[0] + 0)
-    run = jax.jit(lambda xs, ws, rest: [fn(x, w, *rest) for x in xs for w in ws])
+    run = jax.jit(
+        lambda xs, ws, rest: [fn(*jax.lax.optimization_barrier((x, w)), *rest) for x in xs for w in ws]
+    )
     return run, xs, len(xs) * len(ws)
 
 
@@ -285,6 +290,9 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
             "speedup_vs_bf16": t_bf16 / t,
             "speedup_vs_xla_quant": None if t_xq is None else t_xq / t,
             "roofline_fraction": t_roof / t,
+            # above 1: the baseline read less than its weight (a timing artifact, not a result)
+            "xla_bf16_roofline_fraction": max((2 * k * n + 4 * m * k) / bw, 2 * m * n * k / (peak[0] or 1e30))
+            / t_bf16,
         }
     )
     return res
@@ -462,9 +470,19 @@ def wgmma_checks(rng, interpret=False):
     return out
 
 
+def fallback_us(case: dict) -> float | None:
+    """The time of the XLA formulation ``qjax.quantized`` runs when it does not take the
+    kernel, on the same stored weight: XLA's int8 dot on the ``(K, N)`` codes for W8A8
+    (every W8A8 kernel entry, the transposing ``(N, K)`` ones included, replaces it), XLA's
+    dequantize-and-dot for weight-only. Not the bfloat16 dot: that needs a float weight the
+    quantized model no longer has (the speed goals compare against it; dispatch cannot)."""
+    return case.get("xla_int8_kn_us") if case["kernel"] == "w8a8" else case.get("xla_quant_us")
+
+
 def table_entries(cases) -> list[tuning.TunedEntry]:
-    """Tuning-table entries for the cases that found a config: the best config and its time
-    next to the fastest XLA formulation timed in the same case."""
+    """Tuning-table entries for the cases that found a config and timed their fallback: the
+    best config and its time next to the fallback's (:func:`fallback_us`), both wall clock
+    per call in the same run."""
     return [
         tuning.TunedEntry(
             kernel=tuning.kernel_name(r["kernel"], r["layout"], r["config"].get("engine", "triton")),
@@ -474,20 +492,38 @@ def table_entries(cases) -> list[tuning.TunedEntry]:
             group_size=r["group_size"],
             config=BlockConfig.from_dict(r["config"]),
             kernel_us=r["kernel_us"],
-            xla_us=min(v for v in (r.get("xla_bf16_us"), r.get("xla_quant_us"), r.get("xla_int8_us")) if v),
+            xla_us=fallback_us(r),
         )
         for r in cases
-        if r.get("config")
+        if r.get("config") and fallback_us(r)
     ]
 
 
-def merge_table(path: Path, device: str, date: str, new: list[tuning.TunedEntry]) -> None:
+def merge_table(
+    path: Path, device: str, date: str, new: list[tuning.TunedEntry], compute_capability: str | None
+) -> None:
     """Write ``new`` into the table at ``path``, keeping the entries it holds for other
     kernels / shapes (so separate runs, e.g. ``--part wgmma``, add up)."""
     key = lambda e: (e.kernel, e.m, e.k, e.n, e.group_size)
     old = tuning.read_table(path) if path.exists() else ()
     fresh = {key(e) for e in new}
-    tuning.write_table(path, device, date, [e for e in old if key(e) not in fresh] + list(new))
+    entries = [e for e in old if key(e) not in fresh] + list(new)
+    tuning.write_table(path, device, date, entries, compute_capability)
+
+
+def table_from_reports(paths: list[str], table: Path, compute_capability: str | None = None) -> None:
+    """Rebuild a tuning table from saved benchmark JSONs (later reports win per shape);
+    every report must come from one device. ``compute_capability`` fills in reports that do
+    not record it (runs before 2026-11-26 07:30 UTC)."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    devices = {(r["device"], r.get("compute_capability") or compute_capability) for r in reports}
+    if len(devices) != 1:
+        raise SystemExit(f"--table-from: reports from more than one device: {sorted(devices, key=str)}")
+    (device, cc), date = devices.pop(), max(r["date"] for r in reports)
+    if cc is None:
+        raise SystemExit("--table-from: the reports do not record the GPU's compute capability")
+    for r in reports:
+        merge_table(table, device, date, table_entries(r["cases"]), cc)
 
 
 def _dry_run_modes(stack: contextlib.ExitStack):
@@ -534,7 +570,21 @@ def main(argv=None):
         "(run it in its own process, so a Mosaic GPU crash cannot cost the main results); all: both, "
         "wgmma last",
     )
+    p.add_argument(
+        "--table-from",
+        nargs="+",
+        metavar="JSON",
+        help="no run: rebuild the --write-table table from these saved reports (e.g. after a change "
+        "to how entries are chosen); reports from older runs without a compute_capability field "
+        "need --compute-capability",
+    )
+    p.add_argument("--compute-capability", default=None, help="with --table-from: fill in a missing one")
     args = p.parse_args(argv)
+    if args.table_from:
+        if not args.write_table:
+            p.error("--table-from needs --write-table")
+        table_from_reports(args.table_from, Path(args.write_table), args.compute_capability)
+        return
     with contextlib.ExitStack() as stack:
         _run(args, stack)
 
@@ -549,6 +599,7 @@ def _run(args, stack: contextlib.ExitStack) -> None:
         "platform": platform,
         "jax": jax.__version__,
         "date": datetime.date.today().isoformat(),
+        "compute_capability": tuning.gpu_compute_capability(),
         "checks": [],
         "cases": [],
     }
@@ -588,14 +639,28 @@ def _run(args, stack: contextlib.ExitStack) -> None:
     def save():
         Path(args.out).write_text(json.dumps(report, indent=1))
         if args.write_table:
-            merge_table(Path(args.write_table), name, report["date"], table_entries(report["cases"]))
+            merge_table(
+                Path(args.write_table),
+                name,
+                report["date"],
+                table_entries(report["cases"]),
+                report["compute_capability"],
+            )
+
+    # which cases tune: all but the batches <= 16 after the first of their kernel, which
+    # reuse its winner (one small-batch kernel config serves every batch up to 16)
+    seen, tunes = set(), []
+    for item in plan:
+        key = None if item[0] == "w8a8" or item[2] > 16 else (item[0], item[1], item[3], item[4])
+        tunes.append(key is None or key not in seen)
+        seen.add(key)
 
     best_small = {}
     for n_done, item in enumerate(plan):
         started = time.perf_counter()
-        # time left is shared evenly by the cases still to run
+        # the tuning time left is shared evenly by the cases still to tune
         deadline = time.perf_counter() + max(
-            3.0, (args.budget_s - (time.perf_counter() - t0)) / (len(plan) - n_done)
+            3.0, (args.budget_s - (time.perf_counter() - t0)) / max(1, sum(tunes[n_done:]))
         )
         try:
             if item[0] == "w8a8":

@@ -31,6 +31,34 @@ _WEIGHT_ONLY_LARGE_TILES = (
     (64, 64, 128, 4, 4),
 )
 
+# (block_n, block_k, split_k, num_warps, num_stages), swapped operands, batch padded to 16: the
+# small-batch kernel is bandwidth-bound, so the list varies the bytes each program streams per
+# K step (block_n x block_k) and the number of programs (N / block_n x split_k); diverse
+# entries first, since tuning stops at its deadline. block_k 128 entries serve group size 128.
+_SMALL_BATCH_TILES = (
+    (64, 256, 4, 4, 4),
+    (128, 128, 8, 4, 4),
+    (128, 256, 4, 4, 4),
+    (64, 128, 4, 4, 4),
+    (256, 128, 8, 8, 3),
+    (128, 512, 4, 8, 3),
+    (64, 128, 8, 4, 4),
+    (128, 256, 8, 4, 4),
+    (256, 256, 4, 8, 3),
+    (128, 128, 16, 4, 4),
+    (64, 256, 8, 4, 4),
+    (32, 128, 8, 4, 4),
+    (64, 512, 4, 4, 3),
+    (128, 128, 4, 4, 4),
+    (32, 256, 4, 4, 4),
+    (128, 256, 2, 4, 4),
+    (64, 256, 2, 4, 4),
+    (128, 256, 1, 4, 4),
+    (64, 128, 2, 4, 4),  # small K or N: fewer splits, narrower tiles
+    (64, 128, 1, 4, 4),
+    (32, 128, 1, 4, 4),
+)
+
 
 def _tiles(rows) -> list[BlockConfig]:
     return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
@@ -43,12 +71,7 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
-        c = [
-            BlockConfig(16, bn, bk, split, True, 4, 4)
-            for bk in (256, 128)
-            for split in (4, 2, 8, 1)
-            for bn in (64, 128, 32)
-        ]
+        c = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -4,8 +4,8 @@
 
 * ``"auto"`` (default): a kernel when the platform is a GPU or TPU, the op is one a kernel
   covers (below), its shape fits a legal block config, and the tuning table holds a
-  measured point for this kernel, group size and batch bucket where the kernel beat XLA;
-  otherwise XLA.
+  measured point for this kernel, group size and batch bucket where the kernel beat XLA's
+  formulation on the same stored weight by ``tuning.MIN_SPEEDUP``; otherwise XLA.
 * ``"xla"``: always XLA.
 * ``"pallas"``: always the kernel; an op it does not cover raises ``ValueError`` saying why.
 * ``"interpret-gpu"`` / ``"interpret-tpu"``: the GPU / TPU kernel in the Pallas interpreter
@@ -158,7 +158,8 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         found = [
             (e.speedup, lo)
             for lo in layouts
-            if (e := api.tuned_entry(platform, kind, m, k, n, group, lo)) is not None and e.speedup > 1.0
+            if (e := api.tuned_entry(platform, kind, m, k, n, group, lo)) is not None
+            and e.speedup >= tuning.MIN_SPEEDUP
         ]
         if not found:
             name = tuning.kernel_name(kind, layout)

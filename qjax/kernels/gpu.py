@@ -91,26 +91,46 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
     def oriented(s):  # a (1, bn) scale row as it multiplies the accumulator
         return s.T if swap else s
 
+    def scaled(part, t, half=None):  # one group's partial product times its scale row
+        if group_size is None:
+            return part
+        g = pl.ds((t * bk) // group_size, 1)
+        return part * oriented(s_ref[g, :] if half is None else s_ref[g, :, half])
+
+    if layout == "n_pairs":
+        # the low and high nibbles hold the even and odd output columns: two half-width dots
+        # per K step, the columns interleaved once after the loop (not per step: Triton's
+        # join + reshape is a layout conversion through shared memory)
+        def body_pairs(t, accs):
+            k0 = pl.multiple_of(t * bk, bk)
+            lo, hi = _nibbles_i8(w_ref[pl.ds(k0, bk), :])
+            xt = x_tile(k0, bk)
+            return accs[0] + scaled(mm(xt, lo), t, 0), accs[1] + scaled(mm(xt, hi), t, 1)
+
+        half = (bn // 2, bm) if swap else (bm, bn // 2)
+        even, odd = lax.fori_loop(0, steps, body_pairs, (jnp.zeros(half, _F32), jnp.zeros(half, _F32)))
+        if swap:
+            even, odd = even.T, odd.T
+        acc = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], bn)
+        if group_size is None:
+            acc = acc * s_ref[...]
+        _store(o_ref, (slice(None), slice(None)), acc.astype(o_ref.dtype), rmask)
+        return
+
     def body(t, acc):
         k0 = pl.multiple_of(t * bk, bk)
         if layout == "k_halves":  # two contiguous halves of the activation tile, no interleave
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
             lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
-        else:
-            if layout == "int8":
-                w = w_ref[pl.ds(k0, bk), :].astype(jnp.bfloat16)
-            elif layout == "n_pairs":  # interleave columns in registers
-                lo, hi = _nibbles_i8(w_ref[pl.ds(k0, bk), :])
-                w = jnp.stack([lo, hi], axis=-1).reshape(bk, bn)
-            else:  # k_pairs: interleave rows (Triton joins along the last axis only)
-                r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-                lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
-                w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
+        elif layout == "int8":
+            part = mm(x_tile(k0, bk), w_ref[pl.ds(k0, bk), :].astype(jnp.bfloat16))
+        else:  # k_pairs: interleave rows (Triton joins along the last axis only)
+            r0 = pl.multiple_of(t * (bk // 2), bk // 2)
+            lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
+            w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
             part = mm(x_tile(k0, bk), w)
-        if group_size is not None:
-            part = part * oriented(s_ref[pl.ds((t * bk) // group_size, 1), :])
-        return acc + part
+        return acc + scaled(part, t)
 
     shape = (bn, bm) if swap else (bm, bn)
     acc = lax.fori_loop(0, steps, body, jnp.zeros(shape, _F32))
@@ -152,6 +172,9 @@ def weight_only_matmul_gpu(
         w_block, w_index = (kc // 2, bn), (lambda j, i, s: (s, j))
     if group_size is None:
         s_spec = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
+    elif layout == "n_pairs":  # (groups, N/2, 2): even / odd columns' scales, a free reshape
+        scales = scales.reshape(scales.shape[0], n // 2, 2)
+        s_spec = pl.BlockSpec((kc // group_size, bn // 2, 2), lambda j, i, s: (s, j, 0))
     else:
         s_spec = pl.BlockSpec((kc // group_size, bn), lambda j, i, s: (s, j))
     grid = (n // bn, cdiv(m, bm), split)

@@ -2,10 +2,16 @@
 kernel at a shape, and its time next to XLA's.
 
 The tables live beside this module as ``tuning_<platform>.json`` and are written by
-``experiments/bench_kernels.py --write-table`` on the target machine. Lookup takes the entry of the same
-kernel and layout whose batch bucket (next power of two of M, at least 16) matches and whose
-``(K, N)`` is nearest in log scale; the dispatch in ``qjax.quantized`` uses a kernel only
-where such a measured entry says the kernel beat XLA (``speedup > 1``).
+``experiments/bench_kernels.py --write-table`` on the target machine. Lookup takes the entry
+of the same kernel and layout whose batch bucket (next power of two of M, at least 16)
+matches and whose ``(K, N)`` is nearest in log scale (within a factor
+:data:`MAX_SHAPE_RATIO`); the dispatch in ``qjax.quantized`` uses a kernel only where such a
+measured entry says the kernel beat, by at least :data:`MIN_SPEEDUP`, the XLA formulation it
+would otherwise run on the same stored weight (``xla_us``).
+
+A GPU table records the compute capability it was measured on and applies only to GPUs of
+that capability (timings from a Hopper say nothing about an Ampere part); on any other GPU
+the table is empty and ``backend="auto"`` runs XLA.
 """
 
 from __future__ import annotations
@@ -19,6 +25,12 @@ from pathlib import Path
 from qjax.kernels._common import BlockConfig
 
 _DIR = Path(__file__).parent
+
+# the least measured speedup for which "auto" takes a kernel: run-to-run noise of the
+# per-call timings was a few percent (H200, 2026-11-26), so a 2% "win" is no win
+MIN_SPEEDUP = 1.05
+# how far (factor in K and in N) a measured entry stands for an unmeasured shape
+MAX_SHAPE_RATIO = 4.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +73,26 @@ def table_path(platform: str) -> Path:
 
 def read_table(path: Path) -> tuple[TunedEntry, ...]:
     """The entries of a table file (``write_table``'s format)."""
-    data = json.loads(Path(path).read_text())
+    return _entries(json.loads(Path(path).read_text()))
+
+
+def table_compute_capability(path: Path) -> str | None:
+    """The GPU compute capability a table was measured on (``None``: not recorded)."""
+    return json.loads(Path(path).read_text()).get("compute_capability")
+
+
+def gpu_compute_capability() -> str | None:
+    """The default device's compute capability (``"9.0"`` on an H100 / H200), or ``None``
+    when the default backend is not a GPU."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    cc = getattr(jax.devices()[0], "compute_capability", None)
+    return None if cc is None else str(cc)
+
+
+def _entries(data: dict) -> tuple[TunedEntry, ...]:
     return tuple(
         TunedEntry(
             kernel=e["kernel"],
@@ -79,9 +110,17 @@ def read_table(path: Path) -> tuple[TunedEntry, ...]:
 
 @functools.cache
 def load_table(platform: str) -> tuple[TunedEntry, ...]:
-    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none."""
+    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none, and for
+    ``"gpu"`` also empty on a GPU of another compute capability than the table's (off a GPU,
+    as for the interpreter, the table's configs still serve as legal defaults)."""
     path = table_path(platform)
-    return read_table(path) if path.exists() else ()
+    if not path.exists():
+        return ()
+    data = json.loads(path.read_text())
+    here = gpu_compute_capability() if platform == "gpu" else None
+    if here is not None and data.get("compute_capability") != here:
+        return ()
+    return _entries(data)
 
 
 def lookup(
@@ -95,21 +134,34 @@ def lookup(
 ) -> TunedEntry | None:
     """The tuned entry nearest to ``(m, k, n)`` for ``kernel``, or ``None``.
 
-    Only entries of the same kernel, group size and batch bucket qualify; among them the
-    one nearest in ``log K + log N``.
+    Only entries of the same kernel, group size and batch bucket, measured within a factor
+    :data:`MAX_SHAPE_RATIO` of K and of N, qualify (a speedup measured at 4096 says little
+    about K = 256); among them the one nearest in ``log K + log N``, then nearest in M.
     """
     entries = load_table(platform) if entries is None else entries
-    bucket = m_bucket(m)
+    bucket, near = m_bucket(m), math.log(MAX_SHAPE_RATIO) + 1e-9
     same = [
-        e for e in entries if e.kernel == kernel and e.group_size == group_size and m_bucket(e.m) == bucket
+        e
+        for e in entries
+        if e.kernel == kernel
+        and e.group_size == group_size
+        and m_bucket(e.m) == bucket
+        and abs(math.log(e.k / k)) <= near
+        and abs(math.log(e.n / n)) <= near
     ]
     if not same:
         return None
-    return min(same, key=lambda e: abs(math.log(e.k / k)) + abs(math.log(e.n / n)))
+    return min(
+        same,
+        key=lambda e: (abs(math.log(e.k / k)) + abs(math.log(e.n / n)), abs(math.log(e.m / max(1, m)))),
+    )
 
 
-def write_table(path: Path, device: str, date: str, entries: list[TunedEntry]) -> None:
-    """Write a table (used by ``experiments/bench_kernels.py --write-table``)."""
+def write_table(
+    path: Path, device: str, date: str, entries: list[TunedEntry], compute_capability: str | None = None
+) -> None:
+    """Write a table (used by ``experiments/bench_kernels.py --write-table``); a GPU table
+    should name the ``compute_capability`` it was measured on (see :func:`load_table`)."""
     rows = [
         {
             "kernel": e.kernel,
@@ -123,4 +175,7 @@ def write_table(path: Path, device: str, date: str, entries: list[TunedEntry]) -
         }
         for e in entries
     ]
-    path.write_text(json.dumps({"device": device, "date": date, "entries": rows}, indent=1) + "\n")
+    head = {"device": device, "date": date}
+    if compute_capability is not None:
+        head["compute_capability"] = compute_capability
+    path.write_text(json.dumps({**head, "entries": rows}, indent=1) + "\n")

@@ -3,23 +3,9 @@ to end on a CPU (kernels interpreted), so a script error surfaces here and not i
 scarce GPU session."""
 
 import json
-import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    try:
-        import bench_kernels
-
-        yield bench_kernels
-    finally:
-        sys.path.remove(str(ROOT / "experiments"))
 
 
 def test_main_part_runs_and_writes_a_table(bench, tmp_path):

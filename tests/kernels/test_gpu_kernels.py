@@ -112,6 +112,8 @@ WEIGHT_ONLY_CASES = [
     ("k_pairs", None, 2, 256, 64, C(16, 32, 64, 4, True)),
     ("n_pairs", None, 3, 256, 128, C(16, 64, 64, 1, True)),
     ("n_pairs", 64, 20, 256, 128, C(32, 64, 64, 2, False)),
+    ("n_pairs", 128, 5, 512, 128, C(16, 64, 128, 2, True)),  # even / odd group scales, swapped
+    ("n_pairs", 64, 1, 256, 64, C(16, 32, 64, 1, True)),  # the narrowest pair tile
     ("int8", 64, 7, 256, 64, C(16, 32, 32, 2, True)),
     ("int8", None, 40, 192, 96, C(16, 32, 64, 3, False)),
 ]

@@ -1,0 +1,183 @@
+"""The tuning table: lookup limits, the compute-capability guard, the speedup margin that
+``backend="auto"`` needs, the shipped GPU table, and how the benchmark turns its
+measurements into entries (against the XLA path dispatch would otherwise run)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import qjax
+from qjax.kernels import BlockConfig, api, dispatch, gpu_wgmma, tuning
+from qjax.kernels.candidates import gpu_candidates
+
+CFG = BlockConfig(16, 64, 128, 2, True)
+
+
+def _entry(m, k, n, kernel_us=10.0, xla_us=20.0, kernel="w8a16"):
+    return tuning.TunedEntry(kernel, m, k, n, None, CFG, kernel_us, xla_us)
+
+
+def test_lookup_ignores_entries_measured_far_from_the_shape():
+    entries = (_entry(16, 4096, 4096),)
+    assert tuning.lookup("gpu", "w8a16", 8, 1024, 16384, None, entries) is not None  # factor 4: near
+    assert tuning.lookup("gpu", "w8a16", 8, 1023, 4096, None, entries) is None  # K beyond a factor 4
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 256, None, entries) is None  # N far off
+
+
+def test_lookup_prefers_the_nearest_batch_within_a_bucket():
+    entries = (_entry(1, 4096, 4096, 10.0), _entry(4, 4096, 4096, 20.0), _entry(16, 4096, 4096, 30.0))
+    assert [tuning.lookup("gpu", "w8a16", m, 4096, 4096, None, entries).m for m in (1, 3, 5, 12, 16)] == [
+        1,
+        4,
+        4,
+        16,
+        16,
+    ]
+
+
+def _write(tmp_path, cc):
+    path = tmp_path / "tuning_gpu.json"
+    tuning.write_table(path, "dev", "2026-11-26", [_entry(16, 4096, 4096)], compute_capability=cc)
+    return path
+
+
+@pytest.mark.parametrize(
+    "table_cc,device_cc,applies",
+    [("9.0", "9.0", True), ("9.0", "8.0", False), (None, "9.0", False), ("9.0", None, True)],
+)
+def test_a_gpu_table_applies_only_to_its_compute_capability(
+    tmp_path, monkeypatch, table_cc, device_cc, applies
+):
+    path = _write(tmp_path, table_cc)
+    monkeypatch.setattr(tuning, "table_path", lambda platform: path)
+    monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: device_cc)  # None: not on a GPU
+    assert bool(tuning.load_table.__wrapped__("gpu")) == applies
+    assert tuning.table_compute_capability(path) == table_cc
+
+
+@pytest.mark.parametrize("speedup,taken", [(1.02, False), (tuning.MIN_SPEEDUP, True), (1.5, True)])
+def test_auto_needs_the_margin(monkeypatch, speedup, taken):
+    entries = (_entry(16, 64, 32, 10.0, 10.0 * speedup, kernel="w8a16"),)
+    entries = tuple(
+        tuning.TunedEntry(e.kernel, e.m, e.k, e.n, None, BlockConfig(16, 32, 64), e.kernel_us, e.xla_us)
+        for e in entries
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    w = qjax.quantize(
+        jax.random.normal(jax.random.key(0), (64, 32)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+    )
+    plan, why = dispatch.plan(
+        jnp.ones((4, 64), jnp.bfloat16), w, (((1,), (0,)), ((), ())), None, None, None, "auto"
+    )
+    assert (plan is not None) == taken, why
+
+
+def test_shipped_gpu_table_holds_legal_candidate_configs():
+    path = tuning.table_path("gpu")
+    entries = tuning.read_table(path)
+    assert entries and tuning.table_compute_capability(path) == "9.0"
+    wgmma_configs = set(gpu_wgmma.CONFIGS)
+    for e in entries:
+        kind, layout = _kind_layout(e.kernel)
+        api.check_config_gpu(e.config, kind, e.m, e.k, e.n, e.group_size, layout)
+        cands = (
+            wgmma_configs
+            if e.config.engine == "wgmma"
+            else gpu_candidates(kind, max(e.m, 16), e.k, e.n, e.group_size, layout)
+        )
+        assert e.config in cands, e
+        assert e.kernel_us > 0 and e.xla_us > 0
+
+
+def _kind_layout(kernel):
+    base = kernel.removesuffix("_wgmma")
+    if base.startswith("w4a16_"):
+        return "w4a16", base.removeprefix("w4a16_")
+    return {"w8a8": ("w8a8", "kn"), "w8a8_nk": ("w8a8", "nk"), "w8a16": ("w8a16", "int8")}[base]
+
+
+def test_table_entries_compare_with_the_fallback_dispatch_would_run(bench, tmp_path):
+    cfg = CFG.to_dict()
+    cases = [
+        # W8A8: XLA's int8 dot on the stored (K, N) codes, not the faster (N, K) one nor bf16
+        dict(
+            kernel="w8a8",
+            layout="nk",
+            m=4096,
+            k=4096,
+            n=4096,
+            group_size=None,
+            config=cfg,
+            kernel_us=170.0,
+            xla_bf16_us=200.0,
+            xla_int8_kn_us=260.0,
+            xla_int8_nk_us=140.0,
+        ),
+        # weight-only: XLA's dequantize-and-dot, not the bf16 dot
+        dict(
+            kernel="w4a16",
+            layout="n_pairs",
+            m=1,
+            k=4096,
+            n=4096,
+            group_size=128,
+            config=cfg,
+            kernel_us=20.0,
+            xla_bf16_us=15.0,
+            xla_quant_us=40.0,
+        ),
+        dict(kernel="w8a16", layout="int8", m=1, k=4096, n=4096, group_size=None, config=None),  # no config
+        dict(
+            kernel="w8a16",
+            layout="int8",
+            m=1,
+            k=4096,
+            n=4096,
+            group_size=None,
+            config=cfg,
+            kernel_us=20.0,
+            xla_bf16_us=15.0,
+            xla_quant_us=None,
+        ),  # fallback not timed: no entry
+    ]
+    nk, w4 = bench.table_entries(cases)
+    assert (nk.kernel, nk.xla_us) == ("w8a8_nk", 260.0) and (w4.kernel, w4.speedup) == ("w4a16_n_pairs", 2.0)
+    reports = []
+    for i, cc in enumerate(("9.0", None)):
+        reports.append(tmp_path / f"r{i}.json")
+        reports[-1].write_text(
+            json.dumps(
+                {"device": "H", "date": f"2026-11-2{i}", "compute_capability": cc, "cases": cases[i : i + 1]}
+            )
+        )
+    table = tmp_path / "t.json"
+    bench.table_from_reports([str(r) for r in reports], table, compute_capability="9.0")
+    assert tuning.table_compute_capability(table) == "9.0" and len(tuning.read_table(table)) == 2
+    with pytest.raises(SystemExit, match="more than one device"):
+        bench.table_from_reports([str(r) for r in reports], table, compute_capability="8.0")
+
+
+@pytest.mark.parametrize(
+    "m,group,expected",
+    [
+        (4, 128, "w4a16"),  # measured 1.7x over XLA's int4 path on the H200
+        (4, None, None),  # measured slower than XLA's own int4 dot there
+        (1, None, "w4a16"),
+    ],
+)
+def test_shipped_table_drives_auto_on_a_hopper(monkeypatch, m, group, expected):
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=group, group_axis=0 if group else None)
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), spec)
+    x = jnp.ones((m, 4096), jnp.bfloat16)
+    plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "auto")
+    assert (plan and plan.kind) == expected, why
+    assert plan is None or plan.layout == "n_pairs"  # qjax.quantize packs int4 along N
+    monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "8.0")  # an A100: no table
+    plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "auto")
+    assert plan is None and "no measured speedup" in why
