@@ -8,7 +8,8 @@ On a GPU (or TPU) this:
    ``--write-table``);
 3. times, in the same run, XLA's bfloat16 dot and XLA's own quantized formulation (int8
    dot for W8A8; the int8 / int4 weight converted inside XLA's fused dot for weight-only),
-   with warm-up, ``block_until_ready`` and weights rotated past the L2 cache;
+   with warm-up, ``block_until_ready``, weights rotated past the L2 cache and each call's
+   operands behind an optimization barrier (XLA may not merge calls that share a weight);
 4. reports each time as a ratio to both and as a fraction of the roofline (measured copy
    bandwidth; datasheet tensor-core peaks), and writes a JSON to ``experiments/results/``.
 
@@ -27,7 +28,9 @@ kernel (:mod:`qjax.kernels.gpu_wgmma`, its configs ``gpu_wgmma.CONFIGS``).
 
     python experiments/bench_kernels.py --out experiments/results/bench_kernels_gpu.json
 
-On CPU only the correctness checks run (interpret mode) unless ``--force``.
+On CPU only the correctness checks run (interpret mode) unless ``--force``. Table entries
+compare the kernel with the XLA path ``qjax.quantized`` would otherwise run on the same
+stored weight (:func:`fallback_us`); ``--table-from`` rebuilds a table from saved reports.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def _kernel(
 
     def mma(_, a_smem, b_smem, acc_ref):
         wg = lax.axis_index("wg")
-        plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], plgpu.transpose_ref(b_smem, (1, 0)))
+        plgpu.wgmma(acc_ref, a_smem.at[pl.ds(wg * wg_m, wg_m)], b_smem.T)
         plgpu.wgmma_wait(1)  # keep one wgmma in flight; its tiles are released a step late
         return acc_ref
 
