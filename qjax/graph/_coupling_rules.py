@@ -9,6 +9,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from qjax.graph._atoms import Atoms, Sum
+from qjax.graph._primitives import scan_counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -341,7 +342,7 @@ class Walker:
 
     def p_scan(self, eqn, ins, shapes):
         p = eqn.params
-        nc, nk = p["num_consts"], p["num_carry"]
+        nc, nk = scan_counts(p)
         consts, init, xs = ins[:nc], ins[nc : nc + nk], ins[nc + nk :]
         scanned = "the scanned (stacked-layer) axis of a scan"
         for v in xs:

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from qjax.graph._primitives import scan_counts
 from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
 from qjax.numerics.qarray import QArray
 
@@ -212,7 +213,8 @@ def _split(values, *sizes):
 
 def _scan(eqn, invals, handler, emit):
     p = eqn.params
-    consts, init, xs = _split(invals, p["num_consts"], p["num_carry"])
+    num_consts, num_carry = scan_counts(p)
+    consts, init, xs = _split(invals, num_consts, num_carry)
     init = [materialize(x) for x in init]
     # A direct params leaf fed as xs is scanned as its stored form (QArray slices too).
     sliced = [isinstance(x, WeightRef) and not x.ops for x in xs]
@@ -229,7 +231,7 @@ def _scan(eqn, invals, handler, emit):
             for r, x in zip(refs, x_slices)
         ]
         outs = [materialize(o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
-        return outs[: p["num_carry"]], (outs[p["num_carry"] :], local.values)
+        return outs[:num_carry], (outs[num_carry:], local.values)
 
     carry, (ys, emitted) = lax.scan(
         step, init, xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]

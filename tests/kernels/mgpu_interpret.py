@@ -3,17 +3,19 @@
 jax 0.10's interpreter cannot read a ``wgmma`` operand through a transposed ref view (its
 callback turns every transform into an index range and fails on ``TransposeTransform``),
 and 8-bit ``wgmma`` always reads the weight through one (``(N, K)`` tile viewed as
-``(K, N)``). :func:`transposed_wgmma_operands` patches the interpreter's ``wgmma`` callback
-so that a trailing transpose is applied to the operand it reads; every other call goes to
-JAX's own callback unchanged. After a failed interpreted kernel the interpreter's state must
-be reset (JAX's note on ``InterpretGPUParams``); :func:`interpret_params` returns fresh
-parameters after resetting it.
+``(K, N)``); jax 0.11's reads it natively. On jax 0.10,
+:func:`transposed_wgmma_operands` patches the interpreter's ``wgmma`` callback so that a
+trailing transpose is applied to the operand it reads; every other call goes to JAX's own
+callback unchanged. After a failed interpreted kernel the interpreter's state must be reset
+(JAX's note on ``InterpretGPUParams``); :func:`interpret_params` returns fresh parameters
+after resetting it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import inspect
 
 import jax
 import numpy as np
@@ -21,6 +23,10 @@ from jax._src.pallas.mosaic.interpret import utils as interpret_utils
 from jax._src.pallas.mosaic_gpu.interpret import gpu_callbacks as gc
 from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 from jax._src.state.types import TransposeTransform
+
+# jax 0.11's interpreter reads operands through transposed views itself (its callbacks take
+# a ``mesh_location``); only jax 0.10's needs the patch below
+NATIVE_TRANSPOSE = "mesh_location" in inspect.signature(gc.wgmma).parameters
 
 
 def interpret_params() -> InterpretGPUParams:
@@ -57,6 +63,12 @@ def transposed_wgmma_operands(watchdog_s: float = 300.0):
     process prints every thread's traceback and exits (a failed test, not a stalled suite).
     """
     faulthandler.dump_traceback_later(watchdog_s, exit=True)
+    if NATIVE_TRANSPOSE:
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+        return
     original = gc.wgmma
 
     def wgmma(**kw):

@@ -23,6 +23,8 @@ from qjax.kernels import BlockConfig, api, int8_matmul, pack_int4, unpack_codes,
 from qjax.kernels import _common as kc
 from qjax.kernels.candidates import gpu_candidates
 
+from .cuda_target import lower_for_cuda
+
 C = BlockConfig
 
 
@@ -230,8 +232,7 @@ def test_pack_int4_errors():
 def _lower_cuda(fn, *args):
     """Lower for CUDA on this CPU; the module must call the Triton kernel (the Pallas
     kernel was lowered to Triton IR, not replaced by an XLA fallback)."""
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "__gpu$xla.gpu.triton" in text
+    assert "__gpu$xla.gpu.triton" in lower_for_cuda(fn, *args)
 
 
 @pytest.mark.parametrize("m", [1, 16, 64, 256, 1000])

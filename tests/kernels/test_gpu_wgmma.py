@@ -113,7 +113,7 @@ def _lower_cuda(m, k, n, cfg, out_dtype=jnp.bfloat16):
     f = lambda a, b, sa, sb: api.int8_matmul(
         a, b, sa, sb, b_layout="nk", platform="gpu", config=cfg, out_dtype=out_dtype
     )
-    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()  # no abstract mesh
     assert "mosaic_gpu" in text  # the Mosaic GPU custom call, already through Mosaic's passes
     return text
 

@@ -1,0 +1,19 @@
+"""Lowering a kernel for CUDA on a machine without a GPU.
+
+Pallas Triton reads the target GPU's compute capability while lowering; jax 0.11 refuses
+to guess it when no GPU is attached and takes it from the abstract mesh's device instead.
+:func:`lower_for_cuda` names an H100 there (on jax 0.10 the same call lowers for the same
+default target), so the Triton CUDA lowering tests run on both versions. (The Mosaic GPU
+``wgmma`` kernel lowers without it, and fails to lower inside it on jax 0.11.)
+"""
+
+import jax
+from jax._src.mesh import AbstractDevice, AbstractMesh
+
+H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+
+def lower_for_cuda(fn, *args) -> str:
+    """The lowered module text of ``jax.jit(fn)(*args)`` for CUDA, targeting an H100."""
+    with jax.sharding.use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=H100)):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
