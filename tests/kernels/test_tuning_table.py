@@ -99,49 +99,31 @@ def _kind_layout(kernel):
     return {"w8a8": ("w8a8", "kn"), "w8a8_nk": ("w8a8", "nk"), "w8a16": ("w8a16", "int8")}[base]
 
 
+def _case(kernel, layout, m, group, config=CFG, **times):
+    """A benchmark case record as ``bench_kernels`` writes it (K = N = 4096)."""
+    cfg = None if config is None else config.to_dict()
+    return dict(kernel=kernel, layout=layout, m=m, k=4096, n=4096, group_size=group, config=cfg, **times)
+
+
 def test_table_entries_compare_with_the_fallback_dispatch_would_run(bench, tmp_path):
-    cfg = CFG.to_dict()
     cases = [
         # W8A8: XLA's int8 dot on the stored (K, N) codes, not the faster (N, K) one nor bf16
-        dict(
-            kernel="w8a8",
-            layout="nk",
-            m=4096,
-            k=4096,
-            n=4096,
-            group_size=None,
-            config=cfg,
+        _case(
+            "w8a8",
+            "nk",
+            4096,
+            None,
             kernel_us=170.0,
             xla_bf16_us=200.0,
             xla_int8_kn_us=260.0,
             xla_int8_nk_us=140.0,
         ),
         # weight-only: XLA's dequantize-and-dot, not the bf16 dot
-        dict(
-            kernel="w4a16",
-            layout="n_pairs",
-            m=1,
-            k=4096,
-            n=4096,
-            group_size=128,
-            config=cfg,
-            kernel_us=20.0,
-            xla_bf16_us=15.0,
-            xla_quant_us=40.0,
-        ),
-        dict(kernel="w8a16", layout="int8", m=1, k=4096, n=4096, group_size=None, config=None),  # no config
-        dict(
-            kernel="w8a16",
-            layout="int8",
-            m=1,
-            k=4096,
-            n=4096,
-            group_size=None,
-            config=cfg,
-            kernel_us=20.0,
-            xla_bf16_us=15.0,
-            xla_quant_us=None,
-        ),  # fallback not timed: no entry
+        _case("w4a16", "n_pairs", 1, 128, kernel_us=20.0, xla_bf16_us=15.0, xla_quant_us=40.0),
+        _case("w8a16", "int8", 1, None, config=None),  # no config: no entry
+        _case(
+            "w8a16", "int8", 1, None, kernel_us=20.0, xla_bf16_us=15.0, xla_quant_us=None
+        ),  # fallback untimed
     ]
     nk, w4 = bench.table_entries(cases)
     assert (nk.kernel, nk.xla_us) == ("w8a8_nk", 260.0) and (w4.kernel, w4.speedup) == ("w4a16_n_pairs", 2.0)
