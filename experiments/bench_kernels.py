@@ -529,6 +529,65 @@ def table_from_reports(paths: list[str], table: Path, compute_capability: str | 
         merge_table(table, device, date, table_entries(r["cases"]), cc)
 
 
+def _f(v, spec=".1f", unit=""):
+    return "—" if v is None else f"{v:{spec}}{unit}"
+
+
+def markdown(reports: list[dict]) -> str:
+    """Markdown tables of saved reports (one device): W8A8 rows (the ``(N, K)`` cases also
+    as the kernel alone) and weight-only rows, device and wall time, ratios to XLA."""
+    head = reports[0]
+    out = [
+        f"# Kernels on {head['device']}, {head['date']} (jax {head['jax']}, `experiments/bench_kernels.py`)",
+        "",
+        f"Copy bandwidth probe: {_f(head.get('copy_bandwidth_GBps'), '.0f')} GB/s. Device time: CUPTI, "
+        "per call. Wall: per call in a program of >= 96 calls. `vs quant`: XLA's formulation on "
+        'the same stored weight (what `backend="xla"` runs).',
+        "",
+        "## W8A8",
+        "",
+        "| kernel | weight | M=K=N | config | device µs | TOP/s | vs bf16 | vs XLA int8 (K,N) "
+        "| vs XLA int8 (N,K) | XLA device µs bf16 / int8 (K,N) / (N,K) | wall µs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    cases = [c for r in reports for c in r["cases"] if c.get("config")]
+    for c in (c for c in cases if c["kernel"] == "w8a8"):
+        cf = c["config"]
+        cfg = f"{cf['block_m']}×{cf['block_n']}×{cf['block_k']} w{cf['num_warps']} s{cf['num_stages']}"
+        cfg += " persistent" * bool(cf.get("persistent"))
+        rows = [("(K, N)" if c["layout"] == "kn" else "(K, N) transposed per call", "kernel")]
+        rows += [("(N, K) stored", "kernel_only")] if c["layout"] == "nk" else []
+        for label, key in rows:
+            d = c.get(f"device_{key}_us")
+            tops = None if d is None else 2 * c["m"] * c["k"] * c["n"] / (d * 1e-6) / 1e12
+            bases = [c.get(f"device_xla_{b}_us") for b in ("bf16", "int8_kn", "int8_nk")]
+            ratios = [_f(None if d is None or b is None else b / d, ".2f", "×") for b in bases]
+            out.append(
+                f"| {c['engine']} | {label} | {c['m']} | {cfg} | {_f(d)} | {_f(tops, '.0f')} "
+                f"| {' | '.join(ratios)} | {' / '.join(_f(b) for b in bases)} | {_f(c.get(f'{key}_us'))} |"
+            )
+    out += [
+        "",
+        "## Weight-only",
+        "",
+        "| kernel | layout | M | K=N | group | config bn×bk split warps | device µs kernel / bf16 / quant "
+        "| vs bf16 | vs quant | wall µs kernel / bf16 / quant | HBM roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in (c for c in cases if c["kernel"] != "w8a8"):
+        cf = c["config"]
+        dev = " / ".join(_f(c.get(f"device_{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
+        wall = " / ".join(_f(c.get(f"{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
+        out.append(
+            f"| {c['kernel']} | {c['layout']} | {c['m']} | {c['k']} | {c['group_size'] or '—'} "
+            f"| {cf['block_n']}×{cf['block_k']} s{cf['split_k']} w{cf['num_warps']} | {dev} "
+            f"| {_f(c.get('device_speedup_vs_xla_bf16'), '.2f', '×')} "
+            f"| {_f(c.get('device_speedup_vs_xla_quant'), '.2f', '×')} | {wall} "
+            f"| {_f(c.get('roofline_fraction'), '.2f')} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def _dry_run_modes(stack: contextlib.ExitStack):
     """``(mode, wgmma_mode, hopper)`` for ``--dry-run``: Triton kernels in the Pallas
     interpreter, the wgmma kernel in JAX's GPU interpreter (with the tests' patch for
@@ -582,11 +641,18 @@ def main(argv=None):
         "need --compute-capability",
     )
     p.add_argument("--compute-capability", default=None, help="with --table-from: fill in a missing one")
+    p.add_argument(
+        "--markdown", default=None, help="with --table-from: also write the reports' tables here (Markdown)"
+    )
     args = p.parse_args(argv)
     if args.table_from:
-        if not args.write_table:
-            p.error("--table-from needs --write-table")
-        table_from_reports(args.table_from, Path(args.write_table), args.compute_capability)
+        if not (args.write_table or args.markdown):
+            p.error("--table-from needs --write-table and/or --markdown")
+        if args.write_table:
+            table_from_reports(args.table_from, Path(args.write_table), args.compute_capability)
+        if args.markdown:
+            reports = [json.loads(Path(f).read_text()) for f in args.table_from]
+            Path(args.markdown).write_text(markdown(reports))
         return
     with contextlib.ExitStack() as stack:
         _run(args, stack)

@@ -163,3 +163,16 @@ def test_shipped_table_drives_auto_on_a_hopper(monkeypatch, m, group, expected):
     monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "8.0")  # an A100: no table
     plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "auto")
     assert plan is None and "no measured speedup" in why
+
+
+def test_markdown_tables_of_saved_reports(bench):
+    w8 = _case("w8a8", "nk", 4096, None, kernel_us=170.0, kernel_only_us=150.0, engine="wgmma")
+    w8.update(m=4096, device_kernel_us=120.0, device_kernel_only_us=108.5, device_xla_bf16_us=163.0)
+    w8.update(device_xla_int8_kn_us=222.0, device_xla_int8_nk_us=None)  # a baseline that did not run
+    w4 = _case("w4a16", "n_pairs", 1, 128, kernel_us=20.0, xla_bf16_us=15.0, xla_quant_us=40.0)
+    report = {"device": "H", "date": "2026-11-26", "jax": "0.11.2", "cases": [w8, w4, {"error": "x"}]}
+    text = bench.markdown([report])
+    assert "| wgmma | (N, K) stored | 4096 |" in text
+    assert "| 108.5 | 1267 | 1.50× | 2.05× | — | 163.0 / 222.0 / — |" in text
+    row = "| w4a16 | n_pairs | 1 | 4096 | 128 | 64×128 s2 w4 | — / — / — | — | — | 20.0 / 15.0 / 40.0 | — |"
+    assert row in text  # device times missing (no CUPTI): dashes, never a crash
