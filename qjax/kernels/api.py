@@ -379,7 +379,7 @@ def int8_matmul(
                 "interpret parameters (InterpretGPUParams); or pick a Triton config"
             )
         if not interpret and jax.default_backend() == "gpu" and not gpu_wgmma.available():
-            cc = getattr(jax.devices()[0], "compute_capability", "unknown")
+            cc = tuning.gpu_compute_capability() or "unknown"
             raise ValueError(
                 f"config {cfg}: the wgmma engine needs a Hopper (sm_90) GPU, this one has compute "
                 f"capability {cc}; pick a Triton config"

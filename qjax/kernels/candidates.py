@@ -32,9 +32,10 @@ _WEIGHT_ONLY_LARGE_TILES = (
 )
 
 # (block_n, block_k, split_k, num_warps, num_stages), swapped operands, batch padded to 16: the
-# small-batch kernel is bandwidth-bound, so the list varies the bytes each program streams per
-# K step (block_n x block_k) and the number of programs (N / block_n x split_k); diverse
-# entries first, since tuning stops at its deadline. block_k 128 entries serve group size 128.
+# small-batch kernel should be bandwidth-bound (on the H200 it streamed only ~0.7-0.95 TB/s),
+# so the list varies the bytes each program streams per K step (block_n x block_k) and the
+# number of programs (N / block_n x split_k); diverse entries first, since tuning stops at
+# its deadline. block_k 128 entries serve group size 128.
 _SMALL_BATCH_TILES = (
     (64, 256, 4, 4, 4),
     (128, 128, 8, 4, 4),

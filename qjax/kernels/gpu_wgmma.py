@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from qjax.kernels import tuning
 from qjax.kernels._common import BlockConfig, cdiv, grouped_tile
 
 _SWIZZLE = 128  # bytes: one int8 K tile of 128 is one swizzle row
@@ -55,9 +56,7 @@ CONFIGS = tuple(
 
 def available() -> bool:
     """Whether the default backend is a Hopper (sm_90) GPU, the one ``wgmma`` runs on."""
-    if jax.default_backend() != "gpu":
-        return False
-    return str(getattr(jax.devices()[0], "compute_capability", "")).startswith("9.")
+    return (tuning.gpu_compute_capability() or "").startswith("9.")
 
 
 def smem_bytes(cfg: BlockConfig) -> int:
