@@ -22,6 +22,8 @@ import json
 import math
 from pathlib import Path
 
+import jax
+
 from qjax.kernels._common import BlockConfig
 
 _DIR = Path(__file__).parent
@@ -84,8 +86,6 @@ def table_compute_capability(path: Path) -> str | None:
 def gpu_compute_capability() -> str | None:
     """The default device's compute capability (``"9.0"`` on an H100 / H200), or ``None``
     when the default backend is not a GPU."""
-    import jax
-
     if jax.default_backend() != "gpu":
         return None
     cc = getattr(jax.devices()[0], "compute_capability", None)

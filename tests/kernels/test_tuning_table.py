@@ -15,8 +15,8 @@ from qjax.kernels.candidates import gpu_candidates
 CFG = BlockConfig(16, 64, 128, 2, True)
 
 
-def _entry(m, k, n, kernel_us=10.0, xla_us=20.0, kernel="w8a16"):
-    return tuning.TunedEntry(kernel, m, k, n, None, CFG, kernel_us, xla_us)
+def _entry(m, k, n, kernel_us=10.0, xla_us=20.0, kernel="w8a16", config=CFG):
+    return tuning.TunedEntry(kernel, m, k, n, None, config, kernel_us, xla_us)
 
 
 def test_lookup_ignores_entries_measured_far_from_the_shape():
@@ -59,11 +59,7 @@ def test_a_gpu_table_applies_only_to_its_compute_capability(
 
 @pytest.mark.parametrize("speedup,taken", [(1.02, False), (tuning.MIN_SPEEDUP, True), (1.5, True)])
 def test_auto_needs_the_margin(monkeypatch, speedup, taken):
-    entries = (_entry(16, 64, 32, 10.0, 10.0 * speedup, kernel="w8a16"),)
-    entries = tuple(
-        tuning.TunedEntry(e.kernel, e.m, e.k, e.n, None, BlockConfig(16, 32, 64), e.kernel_us, e.xla_us)
-        for e in entries
-    )
+    entries = (_entry(16, 64, 32, 10.0, 10.0 * speedup, config=BlockConfig(16, 32, 64)),)  # fits N=32
     monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
     monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
     w = qjax.quantize(
