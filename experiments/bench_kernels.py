@@ -247,6 +247,11 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
         except Exception as e:  # a config the compiler rejects: record, go on
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
+        if cfg is not None:  # every timed config (wall, device us): what tuning saw
+            dev = None if t_gpu is None else round(t_gpu * 1e6, 2)
+            res.setdefault("tried", []).append(
+                {"config": cfg.to_dict(), "us": round(t * 1e6, 2), "device_us": dev}
+            )
         if best is None or t < best[0]:
             best = (t, cfg, err, t_gpu)
     if best is None:
@@ -395,11 +400,12 @@ def int8_case(rng, mode, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     return res
 
 
-def exactness_checks(rng, platform, interpret=False):
+def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
     """int8 kernel bit-exact (K small enough that float32 holds the sums exactly) and each
-    weight-only layout within bf16 tolerance, odd M."""
+    weight-only layout within bf16 tolerance, odd M; only the ``layouts`` (all if ``None``)
+    and W8A8 cases that will be timed."""
     out = []
-    for m in (1, 7, 130):
+    for m in (1, 7, 130) if w8a8 else ():
         a = jnp.asarray(rng.integers(-128, 128, (m, 512)), jnp.int8)
         b = jnp.asarray(rng.integers(-128, 128, (512, 256)), jnp.int8)
         exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64)
@@ -417,29 +423,33 @@ def exactness_checks(rng, platform, interpret=False):
         (8, "int8", None),
         (8, "int8", 128),
     ]:
-        for m in (1, 13, 70):
+        if layouts is not None and layout not in layouts:
+            continue
+        for m, engine in ((1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")):
             k, n = 512, 256
             codes, s = make_weight_only(rng, bits, k, n, group)
             w = weight_in_layout(codes, layout, 128)
             x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
             ref = reference_weight_only(np.asarray(x, np.float32), codes, s, group)
-            if bits == 4:
-                y = api.w4a16_matmul(
-                    x,
-                    w,
-                    s,
-                    group_size=group,
-                    layout=layout,
-                    platform=platform,
-                    interpret=interpret,
-                    out_dtype=jnp.float32,
+            cfg = None  # the default (tensor-core) config, or a CUDA-core one
+            if engine == "gemv":
+                cfg = BlockConfig(
+                    kc.pow2_at_least(m, 1), 64, 128 if layout == "k_halves" else 64, 2, engine="gemv"
                 )
-            else:
-                y = api.w8a16_matmul(
-                    x, w, s, group_size=group, platform=platform, interpret=interpret, out_dtype=jnp.float32
-                )
-            e = rel_err(y, ref)
-            out.append({"check": f"{layout} g={group} m={m}", "ok": e < 1e-2, "rel_err": e})
+            kw = dict(
+                group_size=group, platform=platform, interpret=interpret, out_dtype=jnp.float32, config=cfg
+            )
+            check = {"check": f"{layout} g={group} m={m}" + (" gemv" if engine == "gemv" else "")}
+            try:
+                if bits == 4:
+                    y = api.w4a16_matmul(x, w, s, layout=layout, **kw)
+                else:
+                    y = api.w8a16_matmul(x, w, s, **kw)
+                e = rel_err(y, ref)
+                check.update(ok=e < 1e-2, rel_err=e)
+            except Exception as exc:  # a compile failure is a finding, not a crash
+                check.update(ok=False, error=repr(exc)[:500])
+            out.append(check)
     return out
 
 
@@ -473,6 +483,36 @@ def wgmma_checks(rng, interpret=False):
     return out
 
 
+def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, per_engine: int = 3) -> list:
+    """Candidates for a batch <= 16 after the first batch of the same kernel was tuned: the
+    ``per_engine`` fastest configs of each engine there (the ``gemv`` ones with ``block_m``
+    set to this batch, if they still fit), then this batch's own list."""
+    ranked = sorted(tried, key=lambda r: r["us"])
+    first = []
+    for engine in ("gemv", "triton"):
+        picks = [BlockConfig.from_dict(r["config"]) for r in ranked if r["config"].get("engine") == engine]
+        if engine == "gemv":
+            bm = kc.pow2_at_least(m, 1)
+            picks = [dataclasses.replace(c, block_m=bm) for c in picks]
+            picks = [c for c in picks if c in cands]  # still fits (registers) at this batch
+        first += picks[:per_engine]
+    return list(dict.fromkeys(first + [c for c in cands if c not in first]))
+
+
+def cap_per_engine(cands: list, cap: int | None) -> list:
+    """The first ``cap`` configs of each engine, in order (all if ``cap`` is ``None``)."""
+    if cap is None:
+        return cands
+    seen: dict = {}
+    out = []
+    for c in cands:
+        engine = getattr(c, "engine", None)
+        if seen.get(engine, 0) < cap:
+            out.append(c)
+            seen[engine] = seen.get(engine, 0) + 1
+    return out
+
+
 def fallback_us(case: dict) -> float | None:
     """The time of the XLA formulation ``qjax.quantized`` runs when it does not take the
     kernel, on the same stored weight: XLA's int8 dot on the ``(K, N)`` codes for W8A8
@@ -485,21 +525,36 @@ def fallback_us(case: dict) -> float | None:
 def table_entries(cases) -> list[tuning.TunedEntry]:
     """Tuning-table entries for the cases that found a config and timed their fallback: the
     best config and its time next to the fallback's (:func:`fallback_us`), both wall clock
-    per call in the same run."""
-    return [
-        tuning.TunedEntry(
-            kernel=tuning.kernel_name(r["kernel"], r["layout"], r["config"].get("engine", "triton")),
+    per call in the same run. A W8A8 ``(N, K)`` case also gives the entry for a weight
+    *stored* ``(N, K)`` (``"w8a8_nk_stored"``): the kernel without the transpose
+    (``kernel_only_us``) against XLA's int8 dot on that stored weight (``xla_int8_nk_us``)."""
+
+    def entry(r, layout, kernel_us, xla_us):
+        return tuning.TunedEntry(
+            kernel=tuning.kernel_name(r["kernel"], layout, r["config"].get("engine", "triton")),
             m=r["m"],
             k=r["k"],
             n=r["n"],
             group_size=r["group_size"],
             config=BlockConfig.from_dict(r["config"]),
-            kernel_us=r["kernel_us"],
-            xla_us=fallback_us(r),
+            kernel_us=kernel_us,
+            xla_us=xla_us,
         )
-        for r in cases
-        if r.get("config") and fallback_us(r)
-    ]
+
+    out = []
+    for r in cases:
+        if not r.get("config"):
+            continue
+        if fallback_us(r):
+            out.append(entry(r, r["layout"], r["kernel_us"], fallback_us(r)))
+        if (
+            r["kernel"] == "w8a8"
+            and r["layout"] == "nk"
+            and r.get("kernel_only_us")
+            and r.get("xla_int8_nk_us")
+        ):
+            out.append(entry(r, "nk_stored", r["kernel_only_us"], r["xla_int8_nk_us"]))
+    return out
 
 
 def merge_table(
@@ -570,8 +625,9 @@ def markdown(reports: list[dict]) -> str:
         "",
         "## Weight-only",
         "",
-        "| kernel | layout | M | K=N | group | config bn×bk split warps | device µs kernel / bf16 / quant "
-        "| vs bf16 | vs quant | wall µs kernel / bf16 / quant | HBM roofline |",
+        "| kernel | layout | M | K=N | group | config: engine bm×bn×bk split warps "
+        "| device µs kernel / bf16 / quant | vs bf16 | vs quant | wall µs kernel / bf16 / quant "
+        "| HBM roofline |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in (c for c in cases if c["kernel"] != "w8a8"):
@@ -580,7 +636,8 @@ def markdown(reports: list[dict]) -> str:
         wall = " / ".join(_f(c.get(f"{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
         out.append(
             f"| {c['kernel']} | {c['layout']} | {c['m']} | {c['k']} | {c['group_size'] or '—'} "
-            f"| {cf['block_n']}×{cf['block_k']} s{cf['split_k']} w{cf['num_warps']} | {dev} "
+            f"| {cf.get('engine', 'triton')} {cf['block_m']}×{cf['block_n']}×{cf['block_k']} "
+            f"s{cf['split_k']} w{cf['num_warps']}{' swap' * bool(cf.get('swap'))} | {dev} "
             f"| {_f(c.get('device_speedup_vs_xla_bf16'), '.2f', '×')} "
             f"| {_f(c.get('device_speedup_vs_xla_quant'), '.2f', '×')} | {wall} "
             f"| {_f(c.get('roofline_fraction'), '.2f')} |"
@@ -624,6 +681,18 @@ def main(argv=None):
         "with short timing loops (wgmma included): catches script errors before device time is spent",
     )
     p.add_argument("--w8a8-size", type=int, default=4096, help="M = K = N of the W8A8 cases")
+    p.add_argument(
+        "--w8a8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time the W8A8 cases in --part main",
+    )
+    p.add_argument(
+        "--max-candidates",
+        type=int,
+        default=None,
+        help="time at most this many configs of each engine per case (a short device session)",
+    )
     p.add_argument(
         "--part",
         choices=("all", "main", "wgmma"),
@@ -683,7 +752,8 @@ def _run(args, stack: contextlib.ExitStack) -> None:
         return
     main_part, wgmma_part = args.part in ("all", "main"), args.part in ("all", "wgmma") and hopper
     if main_part:
-        report["checks"] = exactness_checks(rng, mode.platform, mode.interpret)
+        layouts = set(args.layouts.split(","))
+        report["checks"] = exactness_checks(rng, mode.platform, mode.interpret, layouts, args.w8a8)
         log("checks:", all(c["ok"] for c in report["checks"]), [c for c in report["checks"] if not c["ok"]])
     bw = copy_bandwidth(2**20 if args.dry_run else 2**30)
     report["copy_bandwidth_GBps"] = bw / 1e9
@@ -693,7 +763,8 @@ def _run(args, stack: contextlib.ExitStack) -> None:
     batches = [int(v) for v in args.batches.split(",")]
     plan = []
     if main_part:
-        plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
+        if args.w8a8:
+            plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
         for size in sizes:
             for layout in args.layouts.split(","):
                 bits, groups = (8, (None,)) if layout == "int8" else (4, (None, 128))
@@ -717,7 +788,7 @@ def _run(args, stack: contextlib.ExitStack) -> None:
             )
 
     # which cases tune: all but the batches <= 16 after the first of their kernel, which
-    # reuse its winner (one small-batch kernel config serves every batch up to 16)
+    # mostly re-time the first one's fastest configs (small_batch_candidates)
     seen, tunes = set(), []
     for item in plan:
         key = None if item[0] == "w8a8" or item[2] > 16 else (item[0], item[1], item[3], item[4])
@@ -751,20 +822,17 @@ def _run(args, stack: contextlib.ExitStack) -> None:
                 bits, size, m, layout, group = item
                 kind = "w4a16" if bits == 4 else "w8a16"
                 key = (bits, size, layout, group)
-                if m <= 16 and key in best_small:  # one kernel serves every batch <= 16: reuse its winner
-                    cands = [best_small[key]]
-                else:
-                    cands = (
-                        gpu_candidates(kind, max(m, 16), size, size, group, layout)
-                        if mode.platform == "gpu"
-                        else [None]
-                    )
-                    cands = cands[:2] if args.dry_run else cands
+                cands = (
+                    gpu_candidates(kind, m, size, size, group, layout) if mode.platform == "gpu" else [None]
+                )
+                if m <= 16 and key in best_small:  # later small batches: the winners so far first
+                    cands = small_batch_candidates(best_small[key], cands, m, layout)
+                cands = cands[:2] if args.dry_run else cap_per_engine(cands, args.max_candidates)
                 res = weight_only_case(
                     rng, mode, bits, m, size, size, group, layout, cands, bw, peak, deadline
                 )
-                if m <= 16 and res.get("config") and key not in best_small:
-                    best_small[key] = BlockConfig.from_dict(res["config"])
+                if m <= 16 and res.get("tried"):
+                    best_small[key] = res["tried"]
         except Exception:
             res = {"case": repr(item), "error": traceback.format_exc()[-800:]}
         res["case_s"] = time.perf_counter() - started  # compiles, tuning and baselines

@@ -35,7 +35,7 @@ from jax import lax
 from qjax.numerics import packing
 
 LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
-ENGINES = ("triton", "wgmma")  # GPU kernel families (BlockConfig.engine)
+ENGINES = ("triton", "wgmma", "gemv")  # GPU kernel families (BlockConfig.engine)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +51,10 @@ class BlockConfig:
         narrow right side (GPU, small batches).
       num_warps, num_stages: Triton launch parameters (GPU only); with ``engine="wgmma"``
         ``num_stages`` is the depth of the TMA input pipeline and ``num_warps`` is unused.
-      engine: ``"triton"`` (Pallas Triton kernels: every NVIDIA GPU, every op) or
-        ``"wgmma"`` (the Pallas Mosaic GPU W8A8 kernel: Hopper only, weight ``(N, K)``; see
-        :mod:`qjax.kernels.gpu_wgmma`).
+      engine: ``"triton"`` (Pallas Triton tensor-core kernels: every NVIDIA GPU, every op),
+        ``"gemv"`` (the Pallas Triton CUDA-core weight-only kernel for a few rows; see
+        :mod:`qjax.kernels.gpu_gemv`) or ``"wgmma"`` (the Pallas Mosaic GPU W8A8 kernel:
+        Hopper only, weight ``(N, K)``; see :mod:`qjax.kernels.gpu_wgmma`).
       persistent: ``wgmma`` engine only: one block per SM looping over output tiles.
     """
 

@@ -46,7 +46,8 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     """Raise ``ValueError`` naming the rule a GPU config breaks for this shape.
 
     ``engine="wgmma"`` configs follow :func:`qjax.kernels.gpu_wgmma.check_config_wgmma`.
-    Triton rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot); ``block_n``
+    Triton rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot; the
+    ``gemv`` engine instead takes ``block_m <= 16``, no swap, ``block_n >= 64``); ``block_n``
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
     ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
     tiles keep at least 16 along the contraction after unpacking.
@@ -69,8 +70,17 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     for name in ("block_m", "block_n", "block_k"):
         if not _pow2(getattr(cfg, name)):
             bad(f"{name} must be a power of two")
-    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.block_k < 16:
-        bad("block_m, block_n and block_k must be at least 16")
+    if cfg.engine == "gemv":
+        if kind == "w8a8":
+            bad("the gemv engine runs the weight-only ops only")
+        if cfg.swap or cfg.block_m > 16:
+            bad("the gemv engine takes block_m <= 16 and no swap")
+        if cfg.block_n < 64:
+            bad("the gemv engine needs block_n >= 64 (whole 32-bit weight words per thread)")
+    elif cfg.block_m < 16:
+        bad("block_m must be at least 16 (Triton's smallest dot)")
+    if cfg.block_n < 16 or cfg.block_k < 16:
+        bad("block_n and block_k must be at least 16")
     if n % cfg.block_n:
         bad("block_n must divide N")
     if cfg.split_k < 1 or k % cfg.split_k or (k // cfg.split_k) % cfg.block_k:
@@ -118,10 +128,18 @@ def default_config_gpu(kind: str, m: int, k: int, n: int, group_size, layout, pa
     return BlockConfig(bm, bn, bk, 1, False, 4 if bm == 64 else 8, 3)
 
 
+def kernel_layout(layout: str) -> str:
+    """The layout the kernel reads: a W8A8 weight stored ``(N, K)`` (dispatch's
+    ``"nk_stored"``) is the kernel's ``"nk"``."""
+    return "nk" if layout == "nk_stored" else layout
+
+
 def engines_here(kind: str, layout: str) -> tuple[str, ...]:
-    """GPU engines whose tuning entries apply to this op on the current device (``wgmma``:
-    W8A8 with the weight ``(N, K)`` on a Hopper GPU)."""
-    if kind == "w8a8" and layout == "nk":
+    """GPU engines whose tuning entries apply to this op on the current device (``gemv``:
+    the weight-only ops; ``wgmma``: W8A8 with the weight ``(N, K)`` on a Hopper GPU)."""
+    if kind != "w8a8":
+        return ("triton", "gemv")
+    if kernel_layout(layout) == "nk":
         from qjax.kernels import gpu_wgmma
 
         if gpu_wgmma.available():
@@ -144,7 +162,7 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
         if e is None or (layout == "k_halves" and e.config.block_k != pack_block):
             continue
         try:
-            check_config_gpu(e.config, kind, m, k, n, group_size, layout)
+            check_config_gpu(e.config, kind, m, k, n, group_size, kernel_layout(layout))
         except ValueError:  # the nearest measured config does not fit this shape
             continue
         fits.append(e)
@@ -152,7 +170,10 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
 
 
 def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:
-    """``config``, else the tuning table's best entry that fits, else the default."""
+    """``config``, else the tuning table's best entry that fits, else the default. For a W8A8
+    weight stored ``(N, K)`` (``"nk_stored"``) without entries of its own, the entries of the
+    in-program transposed weight (``"nk"``): the kernel and its operand are the same."""
+    table_layout, layout = layout, kernel_layout(layout)
     if platform == "tpu":
         from qjax.kernels import tpu
 
@@ -165,7 +186,9 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
     if config is not None:
         check_config_gpu(config, kind, m, k, n, group_size, layout)
         return config
-    entry = tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block)
+    entry = tuned_entry(platform, kind, m, k, n, group_size, table_layout, pack_block)
+    if entry is None and table_layout != layout:
+        entry = tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block)
     if entry is not None:
         return entry.config
     cfg = default_config_gpu(kind, m, k, n, group_size, layout, pack_block)
@@ -219,13 +242,14 @@ def _weight_only(
             config=cfg,
             interpret=interpret,
         )
-    from qjax.kernels import gpu
+    from qjax.kernels import gpu, gpu_gemv
 
     if layout == "k_halves" and cfg.block_k != pack_block:
         raise ValueError(
             f"for layout 'k_halves' the kernel's block_k ({cfg.block_k}) must equal pack_block ({pack_block})"
         )
-    return gpu.weight_only_matmul_gpu(
+    run = gpu_gemv.weight_only_gemv if cfg.engine == "gemv" else gpu.weight_only_matmul_gpu
+    return run(
         x, w, s, layout=layout, group_size=group_size, out_dtype=out_dtype, config=cfg, interpret=interpret
     )
 

@@ -9,7 +9,7 @@ comes from these lists (and the tests lower each one for CUDA at the benchmark's
 from __future__ import annotations
 
 from qjax.kernels import api
-from qjax.kernels._common import BlockConfig
+from qjax.kernels._common import BlockConfig, pow2_at_least
 
 # (block_m, block_n, block_k, num_warps, num_stages): no split-K, no swap
 _W8A8_TILES = (
@@ -60,6 +60,49 @@ _SMALL_BATCH_TILES = (
     (32, 128, 1, 4, 4),
 )
 
+# the CUDA-core kernel (engine "gemv", batches <= 16): (block_n, block_k, split_k, num_warps,
+# num_stages). It is meant to stream the weight at HBM speed, so the list varies the bytes
+# a program reads per K step and the number of programs; configs whose float32 accumulators
+# would not fit in registers at the batch are dropped (_gemv_fits)
+_GEMV_TILES = (
+    (128, 128, 8, 4, 3),
+    (128, 128, 8, 8, 3),
+    (256, 64, 8, 8, 3),
+    (128, 64, 8, 4, 4),
+    (64, 128, 16, 4, 3),
+    (256, 128, 4, 8, 3),
+    (128, 32, 8, 4, 4),
+    (512, 32, 4, 8, 3),
+    (128, 128, 4, 4, 3),
+    (64, 64, 16, 4, 4),
+    (128, 64, 16, 4, 3),
+    (256, 32, 8, 4, 4),
+    (64, 256, 8, 4, 3),
+    (128, 128, 2, 4, 3),
+    (64, 128, 1, 4, 3),  # small K or N
+    (64, 32, 1, 4, 3),
+    (128, 32, 8, 8, 3),  # batches 4-16: small tiles over 8 warps keep the accumulators in registers
+    (64, 64, 8, 8, 3),
+    (128, 64, 8, 8, 3),
+)
+_GEMV_ACC_PER_THREAD = 64  # float32 accumulator registers a thread may hold
+
+
+def gemv_accumulators(cfg: BlockConfig, layout: str) -> int:
+    """float32 accumulator elements of a ``gemv`` program: one ``(block_m, word rows, words)``
+    tile per code slot of a word; int4 packed along K has half the word rows per K step."""
+    return cfg.block_m * cfg.block_k * cfg.block_n // (2 if layout in ("k_halves", "k_pairs") else 1)
+
+
+def _gemv_fits(cfg: BlockConfig, layout: str) -> bool:
+    # accumulators: 64 per thread; measured on an H100 (2026-11-26) 256 per thread spilled (25x
+    # slower), and in offline sm_90a SASS (experiments/triton_sass.py) 128 per thread took 255
+    # registers and spilled. Words: at least two per thread and K step; with one, Triton
+    # replicated the tile across threads (19 instructions per code instead of ~4)
+    threads = 32 * cfg.num_warps
+    words = cfg.block_k * cfg.block_n // 8 if layout != "int8" else cfg.block_k * cfg.block_n // 4
+    return gemv_accumulators(cfg, layout) <= _GEMV_ACC_PER_THREAD * threads and words >= 2 * threads
+
 
 def _tiles(rows) -> list[BlockConfig]:
     return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
@@ -67,12 +110,20 @@ def _tiles(rows) -> list[BlockConfig]:
 
 def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
     """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
-    ``(m, k, n)``: for batches up to 16 swapped operands with split-K; up to 64 small tiles
-    with optional split-K; beyond, the usual GEMM tiles. Only configs that fit the shape."""
+    ``(m, k, n)``: for batches up to 16 the CUDA-core ``gemv`` kernel (``block_m`` = the batch
+    rounded up to a power of two; its float32 accumulators fit registers up to batch 8) and
+    the tensor-core kernel on swapped operands with split-K; up to 64 small tiles with
+    optional split-K; beyond, the usual GEMM tiles. Only configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
-        c = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
+        bm = pow2_at_least(m, 1)
+        c = [
+            cfg
+            for bn, bk, split, w, s in _GEMV_TILES
+            if _gemv_fits(cfg := BlockConfig(bm, bn, bk, split, False, w, s, engine="gemv"), layout)
+        ]
+        c += [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

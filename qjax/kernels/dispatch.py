@@ -13,7 +13,9 @@
 
 Covered ops: ``x @ W`` with ``x`` of any rank contracted on its last axis and ``W`` a 2-D
 symmetric (no zero point) integer ``QArray`` contracted on axis 0, scales per output channel
-or per group along K:
+or per group along K (W8A8 also takes the weight stored ``(N, K)`` and contracted on axis 1,
+as ``x @ w.T`` models and weights converted from PyTorch hold it: Hopper's 8-bit ``wgmma``
+reads exactly that layout, so no transpose runs per call):
 
 * weight-only (no activation spec): int8 codes (or unpacked int4), or int4 packed along K
   or N (``qjax.quantize``'s pair layouts; the kernels interleave nibbles in registers). With
@@ -45,7 +47,9 @@ class KernelPlan:
     """What the dispatch decided for one op (static: hashed into the jitted op)."""
 
     kind: str  # "w8a8", "w4a16", "w8a16"
-    layout: str  # weight-only: a qjax.kernels layout; W8A8: "kn" or "nk" (weight transposed in-program)
+    # weight-only: a qjax.kernels layout; W8A8: "kn", "nk" (the (K, N) weight transposed in the
+    # program) or "nk_stored" (the weight stored (N, K): no transpose)
+    layout: str
     group_size: int | None
     m: int
     k: int
@@ -79,15 +83,23 @@ def _weight_layout(w: QArray) -> tuple[str | None, str]:
     return ("k_pairs" if w.packed_axis % 2 == 0 else "n_pairs"), ""
 
 
-def _weight_group(w: QArray, k: int, n: int) -> tuple[int | None, str]:
+def _weight_group(w: QArray, k: int, n: int, contract: int = 0) -> tuple[int | None, str]:
+    """``(group size or None, reason)`` for a weight contracted on axis ``contract`` (0: the
+    weight is ``(K, N)``; 1: it is stored ``(N, K)``)."""
     shape = tuple(jnp.shape(w.scale))
     if w.group_axis is not None:
-        if w.group_axis % 2 != 0:
+        if w.group_axis % 2 != contract:
             return None, "weight groups run along N, not the contraction"
-        if shape != (k // w.group_size, n):
-            return None, f"weight scale shape {shape} is not (K // group, N)"
+        want, name = (
+            ((k // w.group_size, n), "(K // group, N)")
+            if contract == 0
+            else ((n, k // w.group_size), "(N, K // group)")
+        )
+        if shape != want:
+            return None, f"weight scale shape {shape} is not {name}"
         return w.group_size, ""
-    if shape not in ((1, n), (1, 1), (n,), ()):
+    per_channel = ((1, n), (1, 1), (n,), ()) if contract == 0 else ((n, 1), (1, 1), ())
+    if shape not in per_channel:
         return None, f"weight scale shape {shape} varies along K"
     return None, ""
 
@@ -116,19 +128,26 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if len(rhs.shape) != 2:
         return None, f"weight of rank {len(rhs.shape)} (kernels take 2-D weights)"
     nd = len(lhs.shape)
-    if dn != (((nd - 1,), (0,)), ((), ())):
+    contract = next((a for a in (0, 1) if dn == (((nd - 1,), (a,)), ((), ()))), None)
+    if contract is None:
         return (
             None,
-            f"dimension numbers {dn} (kernels contract the activation's last axis with weight axis 0)",
+            f"dimension numbers {dn} (kernels contract the activation's last axis with weight axis 0, "
+            "or with axis 1 for a W8A8 weight stored (N, K))",
         )
-    k, n = rhs.shape
+    k, n = rhs.shape if contract == 0 else rhs.shape[::-1]
     m = math.prod(lhs.shape[:-1])
     layout, why = _weight_layout(rhs)
     if layout is None:
         return None, why
-    group, why = _weight_group(rhs, k, n)
+    group, why = _weight_group(rhs, k, n, contract)
     if why:
         return None, why
+    if lhs_spec is None and contract == 1:
+        return (
+            None,
+            "weight-only kernels take the weight (K, N) contracted on axis 0, this one is stored (N, K)",
+        )
     if lhs_spec is None:
         if not jnp.issubdtype(lhs.dtype, jnp.floating):
             return None, f"activation dtype {lhs.dtype}"
@@ -149,12 +168,12 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         if layout != "int8" or rhs.format.bits != 8 or group is not None:
             return None, "W8A8 needs an int8 per-channel weight"
         kind = "w8a8"
-        layout = "kn"
+        layout = "kn" if contract == 0 else "nk_stored"
     if m == 0 or n == 0 or k == 0:
         return None, "empty operand"
     if backend == "auto":
-        # W8A8 may also run on the transposed weight (the transpose is in the timed program)
-        layouts = (layout, "nk") if kind == "w8a8" else (layout,)
+        # W8A8 on a (K, N) weight may also run on it transposed (the transpose is in the timed program)
+        layouts = (layout, "nk") if layout == "kn" else (layout,)
         found = [
             (e.speedup, lo)
             for lo in layouts
@@ -185,8 +204,9 @@ def run(p: KernelPlan, lhs, rhs: QArray, lhs_spec, lhs_scale, lhs_zero_point, ke
     if p.kind == "w8a8":
         q = quantize(lhs, lhs_spec, key=key, scale=lhs_scale, zero_point=lhs_zero_point)
         a_scale = jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (*lead, 1)).reshape(p.m, 1)
-        b = rhs.values if p.layout == "kn" else rhs.values.T
-        y = api.int8_matmul(q.values.reshape(p.m, p.k), b, a_scale, scales, b_layout=p.layout, **common)
+        b = rhs.values.T if p.layout == "nk" else rhs.values  # "nk_stored": already (N, K)
+        b_layout = "kn" if p.layout == "kn" else "nk"
+        y = api.int8_matmul(q.values.reshape(p.m, p.k), b, a_scale, scales, b_layout=b_layout, **common)
     elif p.kind == "w8a16":
         y = api.w8a16_matmul(lhs.reshape(p.m, p.k), rhs.values, scales, group_size=p.group_size, **common)
     else:

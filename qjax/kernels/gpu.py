@@ -6,15 +6,17 @@ by hand (``plgpu.wgmma`` has no integer-nibble path: int4 would have to be unpac
 second shared-memory buffer first), and it runs on Hopper only. The Triton backend lowers
 ``dot`` to ``wgmma`` on Hopper and ``mma`` elsewhere by itself, unpacks nibbles in
 registers, pipelines the K loop (``num_stages``) and runs on Ampere as well, so one kernel
-source covers every NVIDIA GPU qjax users have. The exception is the large int8 GEMM on
-Hopper, where TMA and warp specialization matter: :mod:`qjax.kernels.gpu_wgmma` is a Mosaic
-GPU kernel for that case, chosen by config (``engine="wgmma"``) or by the tuning table.
+source covers every NVIDIA GPU qjax users have. The exceptions: the large int8 GEMM on
+Hopper, where TMA and warp specialization matter (:mod:`qjax.kernels.gpu_wgmma`, a Mosaic
+GPU kernel, ``engine="wgmma"``), and weight-only matmul at a few rows, which needs no tensor
+cores (:mod:`qjax.kernels.gpu_gemv`, ``engine="gemv"``); configs or the tuning table choose.
 
 Two kernels:
 
 * :func:`weight_only_matmul_gpu` -- W4A16 / W8A16: bfloat16 activations times int8 or
-  packed int4 codes, float32 accumulation, per-channel or per-group scales. Nibbles are
-  sign-extended with two int8 shifts in registers; for the ``"k_halves"`` layout each K tile
+  packed int4 codes, float32 accumulation, per-channel or per-group scales. Codes become
+  bfloat16 through integer logic (:mod:`qjax.kernels._fastcvt`), not the slow conversion
+  instructions; for the ``"k_halves"`` layout each K tile
   is two contiguous halves (no interleave); the ``"k_pairs"`` / ``"n_pairs"`` layouts that
   ``qjax.quantize`` produces are interleaved in registers (a Triton join).
   Group scales multiply each tile's float32 partial product (one group per
@@ -41,18 +43,17 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
 from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers
+from qjax.kernels._fastcvt import codes_f32, nibbles_bf16
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
 _DN_SWAP = (((0,), (1,)), ((), ()))  # w (k, n) x x (m, k) -> (n, m)
 
 
-def _nibbles_i8(p):
-    """Sign-extended low / high nibbles of int8 bytes, as bfloat16 (exact)."""
-    four = jnp.int8(4)
-    lo = lax.shift_right_arithmetic(lax.shift_left(p, four), four)
-    hi = lax.shift_right_arithmetic(p, four)
-    return lo.astype(jnp.bfloat16), hi.astype(jnp.bfloat16)
+def _int8_bf16(p):
+    """int8 codes as bfloat16 (exact) through the float32 magic-number conversion: one
+    float -> bfloat16 conversion instead of int -> float -> bfloat16."""
+    return codes_f32(p.astype(jnp.int32), 0, 8).astype(jnp.bfloat16)
 
 
 def _load(ref, idx, mask):
@@ -103,7 +104,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         # join + reshape is a layout conversion through shared memory)
         def body_pairs(t, accs):
             k0 = pl.multiple_of(t * bk, bk)
-            lo, hi = _nibbles_i8(w_ref[pl.ds(k0, bk), :])
+            lo, hi = nibbles_bf16(w_ref[pl.ds(k0, bk), :])
             xt = x_tile(k0, bk)
             return accs[0] + scaled(mm(xt, lo), t, 0), accs[1] + scaled(mm(xt, hi), t, 1)
 
@@ -121,13 +122,13 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         k0 = pl.multiple_of(t * bk, bk)
         if layout == "k_halves":  # two contiguous halves of the activation tile, no interleave
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
+            lo, hi = nibbles_bf16(w_ref[pl.ds(r0, bk // 2), :])
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
-            part = mm(x_tile(k0, bk), w_ref[pl.ds(k0, bk), :].astype(jnp.bfloat16))
+            part = mm(x_tile(k0, bk), _int8_bf16(w_ref[pl.ds(k0, bk), :]))
         else:  # k_pairs: interleave rows (Triton joins along the last axis only)
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = _nibbles_i8(w_ref[pl.ds(r0, bk // 2), :])
+            lo, hi = nibbles_bf16(w_ref[pl.ds(r0, bk // 2), :])
             w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
             part = mm(x_tile(k0, bk), w)
         return acc + scaled(part, t)

@@ -54,13 +54,14 @@ class TunedEntry:
 
 
 def kernel_name(kind: str, layout: str, engine: str = "triton") -> str:
-    """The table's kernel key: ``"w8a8"`` (weight ``(K, N)``), ``"w8a8_nk"`` (weight
-    ``(N, K)``), ``"w8a8_nk_wgmma"`` (the Hopper Mosaic GPU kernel), ``"w8a16"``, or
-    ``"w4a16_<layout>"``."""
+    """The table's kernel key: ``"w8a8"`` (weight ``(K, N)``), ``"w8a8_nk"`` (the ``(K, N)``
+    weight transposed to ``(N, K)`` in the program), ``"w8a8_nk_stored"`` (a weight stored
+    ``(N, K)``), each with ``"_wgmma"`` for the Hopper Mosaic GPU kernel; ``"w8a16"``, or
+    ``"w4a16_<layout>"``; ``"_gemv"`` for the CUDA-core weight-only kernel."""
     if kind == "w4a16":
         name = f"w4a16_{layout}"
     else:
-        name = "w8a8_nk" if kind == "w8a8" and layout == "nk" else kind
+        name = {"nk": "w8a8_nk", "nk_stored": "w8a8_nk_stored"}.get(layout, kind) if kind == "w8a8" else kind
     return name if engine == "triton" else f"{name}_{engine}"
 
 

@@ -5,6 +5,8 @@ scarce GPU session."""
 import json
 from pathlib import Path
 
+from qjax.kernels.candidates import gpu_candidates
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -20,8 +22,11 @@ def test_main_part_runs_and_writes_a_table(bench, tmp_path):
     firsts = [(c["kernel"], c["layout"], c.get("m")) for c in cases][:2]
     assert firsts == [("w8a8", "kn", 256), ("w8a8", "nk", 256)]  # the goal cases run first
     assert not [c for c in cases if "error" in c], [c["error"] for c in cases if "error" in c]
-    # batch 4 reuses the batch-1 winner (one kernel serves every batch <= 16)
-    small = {c["m"]: c["config"] for c in cases if c["kernel"] == "w4a16" and c["group_size"] is None}
-    assert small[1] == small[4]
+    # batch 4 first re-times batch 1's fastest configs (gemv ones with block_m set to 4, if they fit)
+    small = {c["m"]: c for c in cases if c["kernel"] == "w4a16" and c["group_size"] is None}
+    assert small[1]["config"]["engine"] == "gemv"
+    cands4 = gpu_candidates("w4a16", 4, 256, 256, None, "n_pairs")
+    first = bench.small_batch_candidates(small[1]["tried"], cands4, 4, "n_pairs")[0]
+    assert small[4]["tried"][0]["config"] == first.to_dict()
     kernels = {e["kernel"] for e in json.loads(table.read_text())["entries"]}
-    assert kernels == {"w8a8", "w8a8_nk", "w4a16_n_pairs"}
+    assert kernels == {"w8a8", "w8a8_nk", "w8a8_nk_stored", "w4a16_n_pairs_gemv"}

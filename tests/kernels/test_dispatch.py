@@ -190,3 +190,53 @@ def test_w8a8_transposed_weight_plan_runs_like_the_plain_one():
     np.testing.assert_array_equal(np.asarray(y), np.asarray(y_nk))
     ref = quantized_dot_general(x, w, dn, lhs_spec=W8A8_TOKENS, backend="xla")
     np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_w8a8_weight_stored_nk_runs_without_transpose(monkeypatch):
+    """A W8A8 weight stored (N, K) and contracted on axis 1 (``x @ w.T``) goes to the kernel
+    as it is ("nk_stored": no transpose in the program) and matches XLA; a weight-only
+    (N, K) weight is not covered (the reason says so)."""
+    w = qjax.quantize(
+        jax.random.normal(jax.random.key(0), (128, 256)), qjax.QuantSpec(qjax.int8, channel_axes=(0,))
+    )
+    assert jnp.shape(w.scale) == (128, 1)
+    x = jax.random.normal(jax.random.key(1), (2, 3, 256), jnp.float32)
+    dn = (((2,), (1,)), ((), ()))
+    tokens = qjax.QuantSpec(qjax.int8, channel_axes=(0, 1))
+    plan, why = dispatch.plan(x, w, dn, tokens, None, None, "interpret-gpu")
+    assert plan is not None and (plan.layout, plan.k, plan.n, plan.m) == ("nk_stored", 256, 128, 6), why
+    y = quantized_dot_general(x, w, dn, lhs_spec=tokens, backend="interpret-gpu")
+    ref = quantized_dot_general(x, w, dn, lhs_spec=tokens, backend="xla")
+    assert y.shape == (2, 3, 128)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-6, atol=1e-6)
+    jaxpr = str(jax.make_jaxpr(lambda x: dispatch.run(plan, x, w, tokens, None, None, None, jnp.float32))(x))
+    assert "transpose" not in jaxpr
+    plan, why = dispatch.plan(x.astype(jnp.bfloat16), w, dn, None, None, None, "interpret-gpu")
+    assert plan is None and "stored (N, K)" in why
+    # auto: only a measured stored-(N, K) entry counts, not the transposing one
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
+    for names, expected in [(("w8a8_nk",), None), (("w8a8_nk", "w8a8_nk_stored"), "nk_stored")]:
+        entries = tuple(tuning.TunedEntry(name, 16, 256, 128, None, cfg, 10.0, 15.0) for name in names)
+        monkeypatch.setattr(tuning, "load_table", lambda platform, e=entries: e)
+        plan, why = dispatch.plan(x, w, dn, tokens, None, None, "auto")
+        if expected is None:
+            assert plan is None and "no measured speedup for w8a8_nk_stored" in why
+        else:
+            assert plan.layout == expected and plan.config == cfg
+
+
+def test_weight_stored_nk_scale_and_group_checks():
+    x = jnp.ones((4, 64), jnp.float32)
+    dn = (((1,), (1,)), ((), ()))
+    tokens = qjax.QuantSpec(qjax.int8, channel_axes=(0,))
+    per_tensor = qjax.quantize(jnp.ones((32, 64)), qjax.QuantSpec(qjax.int8))
+    assert dispatch.plan(x, per_tensor, dn, tokens, None, None, "interpret-gpu")[0].layout == "nk_stored"
+    wrong_axis = qjax.quantize(jnp.ones((32, 64)), qjax.QuantSpec(qjax.int8, channel_axes=(1,)))
+    plan, why = dispatch.plan(x, wrong_axis, dn, tokens, None, None, "interpret-gpu")
+    assert plan is None and "varies along K" in why
+    grouped = qjax.quantize(
+        jnp.ones((32, 64)), qjax.QuantSpec(qjax.int8, channel_axes=(0,), group_axis=1, group_size=32)
+    )
+    plan, why = dispatch.plan(x, grouped, dn, tokens, None, None, "interpret-gpu")
+    assert plan is None and "per-channel weight" in why

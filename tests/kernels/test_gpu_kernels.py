@@ -28,6 +28,10 @@ from .cuda_target import lower_for_cuda
 C = BlockConfig
 
 
+def G(bm, bn, bk, split):  # a gemv-engine config
+    return BlockConfig(bm, bn, bk, split, False, 4, 3, engine="gemv")
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
@@ -118,6 +122,15 @@ WEIGHT_ONLY_CASES = [
     ("n_pairs", 64, 1, 256, 64, C(16, 32, 64, 1, True)),  # the narrowest pair tile
     ("int8", 64, 7, 256, 64, C(16, 32, 32, 2, True)),
     ("int8", None, 40, 192, 96, C(16, 32, 64, 3, False)),
+    # the CUDA-core kernel: every layout, groups, masked rows, split K, several rows per program
+    ("k_halves", None, 1, 256, 128, G(1, 64, 64, 2)),
+    ("k_halves", 64, 3, 512, 256, G(4, 128, 64, 2)),  # rows masked
+    ("k_pairs", None, 2, 256, 64, G(2, 64, 32, 1)),
+    ("k_pairs", 128, 5, 512, 128, G(8, 64, 128, 2)),
+    ("n_pairs", None, 1, 128, 128, G(1, 128, 32, 1)),
+    ("n_pairs", 64, 7, 256, 192, G(4, 64, 64, 4)),  # 3 column tiles, rows masked
+    ("int8", None, 1, 96, 64, G(1, 64, 32, 3)),
+    ("int8", 32, 16, 256, 128, G(16, 64, 32, 2)),
 ]
 
 
@@ -300,7 +313,7 @@ def test_every_tuning_candidate_lowers_for_cuda(size, layout, group):
     s = jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32)
     for m in (1, 4, 16, 64, 256):
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-        cands = gpu_candidates(kind, max(m, 16), k, n, group, layout)
+        cands = gpu_candidates(kind, m, k, n, group, layout)
         assert cands, (kind, m, layout, group)
         for cfg in cands:
             if layout == "int8":
@@ -347,6 +360,49 @@ def test_config_rules_are_named():
     check(C(16, 16, 64), "block_n >= 32", layout="n_pairs")
     check(C(16, 64, 128), "block_k must divide group_size=64", group=64)
     check(C(16, 64, 64, 2), "split_k is for the weight-only", kind="w8a8", layout="int8")
+    check(G(4, 64, 64, 1), "gemv engine runs the weight-only ops only", kind="w8a8", layout="kn")
+    check(G(32, 64, 64, 1), "block_m <= 16 and no swap")
+    check(BlockConfig(4, 64, 64, 1, True, engine="gemv"), "block_m <= 16 and no swap")
+    check(G(4, 32, 64, 1), "block_n >= 64")
+    check(G(3, 64, 64, 1), "block_m must be a power of two")
+    check(G(4, 64, 64, 3), "split_k must divide K")
+
+
+@pytest.mark.parametrize("layout", ["k_halves", "n_pairs", "int8"])
+def test_gemv_extremes_bf16_output_and_zero_rows(rng, layout):
+    """Codes at both ends of their range, a row of zeros and one of large values, bf16 out."""
+    bits = 8 if layout == "int8" else 4
+    lim = 2 ** (bits - 1)
+    k, n = 256, 128
+    codes = rng.integers(-lim, lim, (k, n))
+    codes[:, 0], codes[:, 1], codes[0, :] = -lim, lim - 1, -lim  # the extreme codes
+    scales = rng.uniform(0.01, 0.1, (1, n)).astype(np.float32)
+    x = np.asarray(rng.normal(size=(3, k)), np.float32)
+    x[1] = 0.0
+    x[2] *= 1e4
+    x = jnp.asarray(x, jnp.bfloat16)
+    cfg = G(4, 64, 64, 2)
+    w = weight_in_layout(codes, layout, 64)
+    kw = dict(platform="gpu", config=cfg, interpret=True)
+    if bits == 4:
+        out = w4a16_matmul(x, w, scales, layout=layout, pack_block=64, **kw)
+    else:
+        out = w8a16_matmul(x, w, scales, **kw)
+    assert out.dtype == jnp.bfloat16
+    ref, mag = reference(x, codes, scales, None)
+    out = np.asarray(out, np.float64)
+    assert np.all(out[1] == 0.0)
+    assert np.all(np.abs(out - ref) <= 2**-8 * np.abs(ref) + 1e-5 * mag + 1e-6)
+
+
+def test_gemv_candidates_fit_registers_at_each_batch():
+    for m, layout in [(1, "n_pairs"), (4, "n_pairs"), (2, "int8"), (8, "k_halves"), (5, "k_pairs")]:
+        gemv = [c for c in gpu_candidates("w4a16", m, 4096, 4096, None, layout) if c.engine == "gemv"]
+        assert gemv and all(c.block_m == kc.pow2_at_least(m, 1) for c in gemv)
+        share = 2 if layout in ("k_halves", "k_pairs") else 1  # accumulators: 4 (m, bk/2, bn/4) tiles
+        assert all(c.block_m * c.block_k * c.block_n // share <= 64 * 32 * c.num_warps for c in gemv)
+    for m, layout in [(8, "n_pairs"), (16, "k_halves"), (64, "k_halves")]:  # no gemv tile fits / not small
+        assert not [c for c in gpu_candidates("w4a16", m, 4096, 4096, None, layout) if c.engine == "gemv"]
 
 
 def test_operand_errors(rng):

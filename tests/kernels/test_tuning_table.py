@@ -2,6 +2,7 @@
 ``backend="auto"`` needs, the shipped GPU table, and how the benchmark turns its
 measurements into entries (against the XLA path dispatch would otherwise run)."""
 
+import dataclasses
 import json
 
 import jax
@@ -82,17 +83,23 @@ def test_shipped_gpu_table_holds_legal_candidate_configs():
         cands = (
             wgmma_configs
             if e.config.engine == "wgmma"
-            else gpu_candidates(kind, max(e.m, 16), e.k, e.n, e.group_size, layout)
+            else gpu_candidates(kind, e.m, e.k, e.n, e.group_size, layout)
         )
         assert e.config in cands, e
         assert e.kernel_us > 0 and e.xla_us > 0
 
 
 def _kind_layout(kernel):
-    base = kernel.removesuffix("_wgmma")
+    base = kernel.removesuffix("_wgmma").removesuffix("_gemv")
     if base.startswith("w4a16_"):
         return "w4a16", base.removeprefix("w4a16_")
-    return {"w8a8": ("w8a8", "kn"), "w8a8_nk": ("w8a8", "nk"), "w8a16": ("w8a16", "int8")}[base]
+    # the stored (N, K) weight runs the (N, K) kernel
+    return {
+        "w8a8": ("w8a8", "kn"),
+        "w8a8_nk": ("w8a8", "nk"),
+        "w8a8_nk_stored": ("w8a8", "nk"),
+        "w8a16": ("w8a16", "int8"),
+    }[base]
 
 
 def _case(kernel, layout, m, group, config=CFG, **times):
@@ -170,5 +177,40 @@ def test_markdown_tables_of_saved_reports(bench):
     text = bench.markdown([report])
     assert "| wgmma | (N, K) stored | 4096 |" in text
     assert "| 108.5 | 1267 | 1.50× | 2.05× | — | 163.0 / 222.0 / — |" in text
-    row = "| w4a16 | n_pairs | 1 | 4096 | 128 | 64×128 s2 w4 | — / — / — | — | — | 20.0 / 15.0 / 40.0 | — |"
+    row = "| w4a16 | n_pairs | 1 | 4096 | 128 | triton 16×64×128 s2 w4 swap | — / — / — | — | — "
+    row += "| 20.0 / 15.0 / 40.0 | — |"
     assert row in text  # device times missing (no CUPTI): dashes, never a crash
+
+
+def test_later_small_batches_retime_each_engines_winners_first(bench):
+    gemv = BlockConfig(1, 128, 32, 8, False, 8, 3, engine="gemv")
+    gemv_wide = BlockConfig(1, 128, 128, 8, False, 8, 3, engine="gemv")  # no room at batch 4
+    mma = BlockConfig(16, 64, 256, 4, True, 4, 4)
+    tried = [
+        {"config": c.to_dict(), "us": us}
+        for c, us in [(mma, 12.0), (gemv_wide, 9.0), (gemv, 10.0), (BlockConfig(16, 128, 128, 8, True), 30.0)]
+    ]
+    cands = gpu_candidates("w4a16", 4, 4096, 4096, None, "n_pairs")
+    order = bench.small_batch_candidates(tried, cands, 4, "n_pairs", per_engine=1)
+    assert order[:2] == [dataclasses.replace(gemv, block_m=4), mma]
+    assert sorted(map(repr, order)) == sorted(map(repr, cands)) and len(order) == len(set(order))
+
+
+def test_a_transposed_w8a8_case_also_gives_the_stored_nk_entry(bench):
+    case = _case(
+        "w8a8",
+        "nk",
+        4096,
+        None,
+        kernel_us=175.0,
+        kernel_only_us=160.0,
+        xla_bf16_us=200.0,
+        xla_int8_kn_us=260.0,
+        xla_int8_nk_us=140.0,
+    )
+    nk, stored = bench.table_entries([case])
+    assert (nk.kernel, nk.kernel_us, nk.xla_us) == ("w8a8_nk", 175.0, 260.0)
+    # the weight stored (N, K): no transpose, and XLA's fallback reads the same (N, K) codes
+    assert (stored.kernel, stored.kernel_us, stored.xla_us) == ("w8a8_nk_stored", 160.0, 140.0)
+    wg = bench.table_entries([{**case, "config": dataclasses.replace(CFG, engine="wgmma").to_dict()}])
+    assert [e.kernel for e in wg] == ["w8a8_nk_wgmma", "w8a8_nk_stored_wgmma"]

@@ -1,0 +1,159 @@
+"""Offline SASS of a qjax Pallas Triton kernel: registers, spills and the K loop's
+instruction mix for an sm_90a target, on a machine with no GPU.
+
+Pallas prints the Triton module it builds (``pallas_call(debug=True)``); this script lowers
+one kernel call for CUDA on the CPU, takes that module, compiles it with the ``triton``
+package (``pip install triton``: the ``kernel-tools`` extra; its bundled ``ptxas`` and
+``cuobjdump``) and reports what the GPU would run. XLA embeds its own Triton, so register
+counts differ a little from a device run (measured on an H100: 243 vs 216 here for the same
+gemv kernel), but layout conversions through shared memory (``STS`` / ``BAR.SYNC`` in the
+loop), spills and the instructions per weight code show up the same.
+
+    python experiments/triton_sass.py --layout k_halves --config 1,128,128,8,4,3,gemv --m 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import io
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qjax.kernels import BlockConfig, api  # noqa: E402
+from tests.kernels.cuda_target import lower_for_cuda  # noqa: E402
+
+
+def triton_module(fn, *args) -> str:
+    """The Triton module (MLIR text, locations stripped) Pallas builds for ``fn(*args)``."""
+    from jax.experimental import pallas as pl
+
+    orig = pl.pallas_call
+    pl.pallas_call = lambda *a, **k: orig(*a, **{**k, "debug": True})  # the kernels call pl.pallas_call
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            lower_for_cuda(fn, *args)
+    finally:
+        pl.pallas_call = orig
+    text = buf.getvalue()
+    start = text.index("module @")
+    body = text[start:]
+    depth, end = 0, None
+    for i, line in enumerate(body.splitlines(keepends=True)):
+        depth += line.count("{") - line.count("}")
+        if depth == 0 and i > 0:
+            end = sum(len(x) for x in body.splitlines(keepends=True)[: i + 1])
+            break
+    module = body[:end]
+    return re.sub(r' \[unknown\]| "[^"]*"\(#loc\d+\)| #loc\d*', "", module)
+
+
+def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
+    """Compile a Triton module for sm_90a: ``{"registers", "spill_bytes", "shared", "sass"}``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "kernel.ttir"
+        src.write_text(ttir)
+        k = triton.compile(
+            str(src),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": num_warps, "num_stages": num_stages},
+        )
+        ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
+        ptx.write_text(k.asm["ptx"])
+        info = subprocess.run(
+            [bin_dir / "ptxas", "-v", "-arch=sm_90a", ptx, "-o", cubin],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+        sass = subprocess.run(
+            [bin_dir / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True
+        ).stdout
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill", info))
+    return {"registers": regs, "spill_bytes": spills, "shared": k.metadata.shared, "sass": sass}
+
+
+def loop_mix(sass: str) -> collections.Counter:
+    """Opcode counts of the innermost backward-branch loop (the K loop)."""
+    lines = [ln for ln in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", ln)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", ln).group(1), 16) for ln in lines]
+    mix = collections.Counter()
+    for i, ln in enumerate(lines):
+        m = re.search(r"BRA (0x[0-9a-f]+)", ln)
+        if m and int(m.group(1), 16) < addr[i]:  # a backward branch: the loop is [target, here]
+            lo = int(m.group(1), 16)
+            for j in range(i + 1):
+                if addr[j] >= lo:
+                    op = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", lines[j])
+                    if op:
+                        mix[op.group(1)] += 1
+            break
+    return mix
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layout", default="k_halves", choices=("k_halves", "k_pairs", "n_pairs", "int8"))
+    p.add_argument(
+        "--config", default="1,128,128,8,4,3,gemv", help="bm,bn,bk,split,warps,stages,engine[,swap]"
+    )
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--size", type=int, default=8192, help="K = N")
+    p.add_argument("--group", type=int, default=None)
+    p.add_argument("--sass", default=None, help="also write the SASS here")
+    args = p.parse_args(argv)
+    f = args.config.split(",")
+    bm, bn, bk, split, warps, stages = map(int, f[:6])
+    engine, swap = (f[6] if len(f) > 6 else "triton"), (len(f) > 7 and f[7] == "swap")
+    cfg = BlockConfig(bm, bn, bk, split, swap, warps, stages, engine)
+    k = n = args.size
+    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(args.layout, (k // 2, n))
+    x = jax.ShapeDtypeStruct((args.m, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct(wshape, jnp.int8)
+    s = jax.ShapeDtypeStruct((1 if args.group is None else k // args.group, n), jnp.float32)
+    if args.layout == "int8":
+        fn = lambda x, w, s: api.w8a16_matmul(x, w, s, group_size=args.group, platform="gpu", config=cfg)
+    else:
+        pb = cfg.block_k if args.layout == "k_halves" else None
+        fn = lambda x, w, s: api.w4a16_matmul(
+            x, w, s, group_size=args.group, layout=args.layout, pack_block=pb, platform="gpu", config=cfg
+        )
+    out = compile_sm90(triton_module(fn, x, w, s), cfg.num_warps, cfg.num_stages)
+    if args.sass:
+        Path(args.sass).write_text(out["sass"])
+    mix = loop_mix(out["sass"])
+    per_step = cfg.block_k * cfg.block_n / (32 * cfg.num_warps)  # weight codes a thread handles per K step
+    print(
+        json.dumps(
+            {
+                "config": cfg.to_dict(),
+                "registers": out["registers"],
+                "spill_bytes": out["spill_bytes"],
+                "shared": out["shared"],
+                "loop_instructions": sum(mix.values()),
+                "codes_per_thread_step": per_step,
+                "loop_mix": dict(mix.most_common()),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
