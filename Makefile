@@ -5,7 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean precheck-gpu
+
+# The GPU machines run jax 0.11.2 (Python >= 3.12), whose Pallas Triton lowering rejects
+# things 0.10 accepts. Before spending device time: the kernel tests (interpret mode and
+# CUDA lowering) under that version, in .venv-gpu (make precheck-gpu PYTHON_GPU=python3.12).
+PYTHON_GPU ?= python3.12
+GPU_JAX ?= 0.11.2
 
 $(VENV)/.stamp-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,5 +32,10 @@ lint: $(VENV)/.stamp-test,experiments
 bench: $(VENV)/.stamp-test,experiments
 	$(PY) experiments/bench_numerics.py
 
+precheck-gpu: pyproject.toml
+	test -x .venv-gpu/bin/python || $(PYTHON_GPU) -m venv .venv-gpu
+	.venv-gpu/bin/python -m pip install -q -e '.[test]' 'jax[cpu]==$(GPU_JAX)'
+	.venv-gpu/bin/python -m pytest -q -n $(JOBS) tests/kernels
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache
+	rm -rf $(VENV) .venv-gpu .pytest_cache .hypothesis .ruff_cache
