@@ -224,6 +224,11 @@ def test_w8a8_weight_stored_nk_runs_without_transpose(monkeypatch):
             assert plan is None and "no measured speedup for w8a8_nk_stored" in why
         else:
             assert plan.layout == expected and plan.config == cfg
+    # a forced kernel with no stored-(N, K) entry takes the transposing entry's config (same kernel)
+    entries = (tuning.TunedEntry("w8a8_nk", 16, 256, 128, None, cfg, 10.0, 15.0),)
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    plan, _ = dispatch.plan(x, w, dn, tokens, None, None, "interpret-gpu")
+    assert plan.layout == "nk_stored" and plan.config == cfg
 
 
 def test_weight_stored_nk_scale_and_group_checks():
