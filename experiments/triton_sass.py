@@ -2,7 +2,8 @@
 instruction mix for an sm_90a target, on a machine with no GPU.
 
 Pallas prints the Triton module it builds (``pallas_call(debug=True)``); this script lowers
-one kernel call for CUDA on the CPU, takes that module, compiles it with the ``triton``
+one kernel call for CUDA on the CPU, takes that module
+(``tests/kernels/cuda_target.py::triton_modules``), compiles it with the ``triton``
 package (``pip install triton``: the ``kernel-tools`` extra; its bundled ``ptxas`` and
 ``cuobjdump``) and reports what the GPU would run. XLA embeds its own Triton, so register
 counts differ a little from a device run (measured on an H100: 243 vs 216 here for the same
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
-import io
 import json
 import re
 import subprocess
@@ -32,32 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qjax.kernels import BlockConfig, api  # noqa: E402
-from tests.kernels.cuda_target import lower_for_cuda  # noqa: E402
-
-
-def triton_module(fn, *args) -> str:
-    """The Triton module (MLIR text, locations stripped) Pallas builds for ``fn(*args)``."""
-    from jax.experimental import pallas as pl
-
-    orig = pl.pallas_call
-    pl.pallas_call = lambda *a, **k: orig(*a, **{**k, "debug": True})  # the kernels call pl.pallas_call
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            lower_for_cuda(fn, *args)
-    finally:
-        pl.pallas_call = orig
-    text = buf.getvalue()
-    start = text.index("module @")
-    body = text[start:]
-    depth, end = 0, None
-    for i, line in enumerate(body.splitlines(keepends=True)):
-        depth += line.count("{") - line.count("}")
-        if depth == 0 and i > 0:
-            end = sum(len(x) for x in body.splitlines(keepends=True)[: i + 1])
-            break
-    module = body[:end]
-    return re.sub(r' \[unknown\]| "[^"]*"\(#loc\d+\)| #loc\d*', "", module)
+from tests.kernels.cuda_target import triton_modules  # noqa: E402
 
 
 def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
@@ -135,7 +109,7 @@ def main(argv=None):
         fn = lambda x, w, s: api.w4a16_matmul(
             x, w, s, group_size=args.group, layout=args.layout, pack_block=pb, platform="gpu", config=cfg
         )
-    out = compile_sm90(triton_module(fn, x, w, s), cfg.num_warps, cfg.num_stages)
+    out = compile_sm90(triton_modules(fn, x, w, s)[0], cfg.num_warps, cfg.num_stages)
     if args.sass:
         Path(args.sass).write_text(out["sass"])
     mix = loop_mix(out["sass"])

@@ -10,6 +10,7 @@
 * clear errors for bad operands and configs.
 """
 
+import re
 import zlib
 
 import jax
@@ -23,7 +24,7 @@ from qjax.kernels import BlockConfig, api, int8_matmul, pack_int4, unpack_codes,
 from qjax.kernels import _common as kc
 from qjax.kernels.candidates import gpu_candidates
 
-from .cuda_target import lower_for_cuda
+from .cuda_target import lower_for_cuda, triton_modules
 
 C = BlockConfig
 
@@ -393,6 +394,35 @@ def test_gemv_extremes_bf16_output_and_zero_rows(rng, layout):
     out = np.asarray(out, np.float64)
     assert np.all(out[1] == 0.0)
     assert np.all(np.abs(out - ref) <= 2**-8 * np.abs(ref) + 1e-5 * mag + 1e-6)
+
+
+@pytest.mark.parametrize(
+    "layout,group", [("k_halves", 128), ("n_pairs", None), ("k_pairs", None), ("int8", 128)]
+)
+def test_gemv_loop_keeps_the_word_tiles_2d_shape(layout, group):
+    """The gemv K loop carries one ``(rows, words)`` float32 accumulator per activation row
+    and code slot, and no float32 tensor of higher rank is in the loop: a 3-D accumulator made
+    Triton move every decoded code through shared memory each step (sm_90a SASS)."""
+    bm, bn, bk = 4, 128, 64
+    cfg = G(bm, bn, bk, 8)
+    k = n = 4096
+    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(layout, (k // 2, n))
+    x = jax.ShapeDtypeStruct((bm, k), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct(wshape, jnp.int8)
+    s = jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32)
+    if layout == "int8":
+        fn = lambda x, w, s: w8a16_matmul(x, w, s, group_size=group, platform="gpu", config=cfg)
+    else:
+        fn = lambda x, w, s: w4a16_matmul(
+            x, w, s, group_size=group, layout=layout, pack_block=bk, platform="gpu", config=cfg
+        )
+    (module,) = triton_modules(fn, x, w, s)
+    slots = 8 if layout == "n_pairs" else 4
+    rows = bk // 2 if layout in ("k_halves", "k_pairs") else bk
+    carried = re.search(r"scf\.for .*-> \(([^)]*)\)", module).group(1).split(", ")
+    assert carried == [f"tensor<{rows}x{bn // slots}xf32>"] * (bm * slots)
+    loop = module[module.index("scf.for") : module.index("scf.yield")]
+    assert not re.search(r"tensor<\d+x\d+x\d+xf32>", loop)  # (the stores after it are 3-D views)
 
 
 def test_gemv_candidates_fit_registers_at_each_batch():
