@@ -101,8 +101,11 @@ def test_awq_beats_round_to_nearest_int4_g32():
 
 
 def test_clip_search_per_group_error_not_worse():
-    x = RNG.normal(size=(512, 64)).astype(np.float32)
-    w = RNG.standard_t(3, size=(64, 16)).astype(np.float32)  # heavy tails: clipping pays
+    # its own generator: drawn from the module's RNG, the data depended on which tests ran
+    # before in the same worker, and the total gain ranged 6-16% over seeds (5% is asserted)
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(512, 64)).astype(np.float32)
+    w = rng.standard_t(3, size=(64, 16)).astype(np.float32)  # heavy tails: clipping pays
     h = jnp.asarray(x.T @ x / len(x))
     clipped = awq_clip(w, h, INT4_G32)
     assert clipped.shape == w.shape and np.all(np.abs(clipped) <= np.abs(w) + 1e-7)
