@@ -28,10 +28,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax.kernels import BlockConfig, api, pack_int4
+from qjax.kernels import BlockConfig, api
+from qjax.kernels._common import as_int8
+from qjax.kernels.gpu_gemv import as_words
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import rotations, time_calls
+from bench_kernels import rotations, time_calls, weight_in_layout
 
 
 def _probe_kernel(w_ref, o_ref, *, steps, rows):
@@ -69,11 +71,9 @@ def main(argv=None):
     k = n = args.size
     it = args.interpret
     codes = rng.integers(-8, 8, (k, n))
-    w_kh = pack_int4(codes, pack_block=128)  # (K/2, N) uint8
-    w_np = jnp.asarray(((codes[:, 0::2] & 15) | ((codes[:, 1::2] & 15) << 4)).astype(np.uint8))
-    words = lax.bitcast_convert_type(
-        lax.bitcast_convert_type(w_kh, jnp.int8).reshape(k // 2, n // 4, 4), jnp.int32
-    )
+    w_kh = weight_in_layout(codes, "k_halves", 128)  # (K/2, N) bytes
+    w_np = weight_in_layout(codes, "n_pairs")
+    words = as_words(as_int8(w_kh))  # what the gemv kernel reads
     s = jnp.asarray(rng.uniform(0.01, 0.1, (1, n)), jnp.float32)
     x1 = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
     x16 = jnp.asarray(rng.normal(size=(16, k)), jnp.bfloat16)
@@ -81,22 +81,20 @@ def main(argv=None):
     mma = BlockConfig(16, 128, 128, 8, True, 4, 4)
 
     cases = {
-        "xla_bf16_m1": (lambda x, w: x @ w, [x1], None, "bf16"),
-        "xla_sum_words": (lambda x, w: jnp.sum(w, axis=0), [x1], None, "words"),
+        "xla_bf16_m1": (lambda x, w: x @ w, x1, "bf16"),
+        "xla_sum_words": (lambda x, w: jnp.sum(w, axis=0), x1, "words"),
         "gemv_k_halves_m1": (
             lambda x, w: api.w4a16_matmul(
                 x, w, s, layout="k_halves", pack_block=128, platform="gpu", config=gemv, interpret=it
             ),
-            [x1],
-            None,
+            x1,
             "kh",
         ),
         "mma_n_pairs_m16": (
             lambda x, w: api.w4a16_matmul(
                 x, w, s, layout="n_pairs", platform="gpu", config=mma, interpret=it
             ),
-            [x16],
-            None,
+            x16,
             "np",
         ),
     }
@@ -111,7 +109,7 @@ def main(argv=None):
     ]:
         name = f"probe_r{rows}_c{cols}_s{split}_w{warps}_st{stages}"
         cfgd = dict(rows=rows, cols=cols, split=split, warps=warps, stages=stages, interpret=it)
-        cases[name] = (lambda x, w, c=cfgd: stream_probe(w, **c), [x1], None, "words")
+        cases[name] = (lambda x, w, c=cfgd: stream_probe(w, **c), x1, "words")
     weights = {
         "bf16": jnp.asarray(codes, jnp.bfloat16),
         "words": words,
@@ -119,17 +117,17 @@ def main(argv=None):
         "np": w_np,
     }
     report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "k": k, "n": n, "cases": {}}
-    for name, (fn, xs, _, wkey) in cases.items():
+    for name, (fn, x, wkey) in cases.items():
         w = weights[wkey]
         try:
             if args.ncu:
-                jax.block_until_ready(jax.jit(fn)(xs[0], w))  # one launch of each kernel
+                jax.block_until_ready(jax.jit(fn)(x, w))  # one launch of each kernel
                 continue
             r = rotations(w.nbytes)
             ws = [w] + [
                 w ^ jnp.zeros((), w.dtype) if w.dtype != jnp.bfloat16 else w + 0 for _ in range(r - 1)
             ]
-            wall, dev = time_calls(fn, xs, ws, device=True)
+            wall, dev = time_calls(fn, [x], ws, device=True)
             gbps = None if dev is None else w.nbytes / dev / 1e9
             report["cases"][name] = {"wall_us": wall * 1e6, "device_us": dev and dev * 1e6, "GBps": gbps}
         except Exception as e:

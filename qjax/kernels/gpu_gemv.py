@@ -143,7 +143,7 @@ def weight_only_gemv(x, w, scales, *, layout, group_size, out_dtype, config: Blo
     words = as_words(w)
     packed_k = layout in ("k_halves", "k_pairs")
     w_rows = kc // 2 if packed_k else kc
-    w_block = (w_rows, bn // 4 if packed_k or layout == "int8" else bn // 8)
+    w_block = (w_rows, bn // nslot)  # a word covers nslot output columns
     if layout == "k_pairs":  # even / odd K rows side by side
         x = x.reshape(m, k // 2, 2)
         x_spec = pl.BlockSpec((bm, kc // 2, 2), lambda j, i, s: (i, s, 0))
