@@ -52,7 +52,7 @@ import numpy as np
 
 from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4, tuning
 from qjax.kernels import _common as kc
-from qjax.kernels.candidates import gpu_candidates
+from qjax.kernels.candidates import gpu_candidates, variant
 from qjax.numerics import packing
 
 PEAKS = {  # dense tensor-core peaks, datasheet (SXM): (bf16, int8) in op/s
@@ -425,7 +425,10 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
     ]:
         if layouts is not None and layout not in layouts:
             continue
-        for m, engine in ((1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")):
+        runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
+        if bits == 4:  # the inline-PTX unpacking: only hardware runs the PTX itself
+            runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
+        for m, engine in runs:
             k, n = 512, 256
             codes, s = make_weight_only(rng, bits, k, n, group)
             w = weight_in_layout(codes, layout, 128)
@@ -436,10 +439,14 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
                 cfg = BlockConfig(
                     kc.pow2_at_least(m, 1), 64, 128 if layout == "k_halves" else 64, 2, engine="gemv"
                 )
+            elif engine == "ptx":
+                cfg = BlockConfig(
+                    16 if m <= 16 else 64, 64, 128 if layout == "k_halves" else 64, 2, dequant="ptx"
+                )
             kw = dict(
                 group_size=group, platform=platform, interpret=interpret, out_dtype=jnp.float32, config=cfg
             )
-            check = {"check": f"{layout} g={group} m={m}" + (" gemv" if engine == "gemv" else "")}
+            check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
             try:
                 if bits == 4:
                     y = api.w4a16_matmul(x, w, s, layout=layout, **kw)
@@ -485,12 +492,12 @@ def wgmma_checks(rng, interpret=False):
 
 def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, per_engine: int = 3) -> list:
     """Candidates for a batch <= 16 after the first batch of the same kernel was tuned: the
-    ``per_engine`` fastest configs of each engine there (the ``gemv`` ones with ``block_m``
-    set to this batch, if they still fit), then this batch's own list."""
+    ``per_engine`` fastest configs of each kernel variant there (the ``gemv`` ones with
+    ``block_m`` set to this batch, if they still fit), then this batch's own list."""
     ranked = sorted(tried, key=lambda r: r["us"])
     first = []
-    for engine in ("gemv", "triton"):
-        picks = [BlockConfig.from_dict(r["config"]) for r in ranked if r["config"].get("engine") == engine]
+    for engine in ("gemv", "triton", "triton+ptx"):
+        picks = [c for c in (BlockConfig.from_dict(r["config"]) for r in ranked) if variant(c) == engine]
         if engine == "gemv":
             bm = kc.pow2_at_least(m, 1)
             picks = [dataclasses.replace(c, block_m=bm) for c in picks]
@@ -500,16 +507,18 @@ def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, 
 
 
 def cap_per_engine(cands: list, cap: int | None) -> list:
-    """The first ``cap`` configs of each engine, in order (all if ``cap`` is ``None``)."""
+    """The first ``cap`` configs of each kernel variant (engine, plus ``+ptx`` for the
+    inline-PTX unpacking: :func:`qjax.kernels.candidates.variant`), in order (all if ``cap``
+    is ``None``)."""
     if cap is None:
         return cands
     seen: dict = {}
     out = []
     for c in cands:
-        engine = getattr(c, "engine", None)
-        if seen.get(engine, 0) < cap:
+        v = variant(c)
+        if seen.get(v, 0) < cap:
             out.append(c)
-            seen[engine] = seen.get(engine, 0) + 1
+            seen[v] = seen.get(v, 0) + 1
     return out
 
 
@@ -636,7 +645,7 @@ def markdown(reports: list[dict]) -> str:
         wall = " / ".join(_f(c.get(f"{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
         out.append(
             f"| {c['kernel']} | {c['layout']} | {c['m']} | {c['k']} | {c['group_size'] or '—'} "
-            f"| {cf.get('engine', 'triton')} {cf['block_m']}×{cf['block_n']}×{cf['block_k']} "
+            f"| {variant(BlockConfig.from_dict(cf))} {cf['block_m']}×{cf['block_n']}×{cf['block_k']} "
             f"s{cf['split_k']} w{cf['num_warps']}{' swap' * bool(cf.get('swap'))} | {dev} "
             f"| {_f(c.get('device_speedup_vs_xla_bf16'), '.2f', '×')} "
             f"| {_f(c.get('device_speedup_vs_xla_quant'), '.2f', '×')} | {wall} "

@@ -1,5 +1,5 @@
 """Offline SASS of a qjax Pallas Triton kernel: registers, spills and the K loop's
-instruction mix for an sm_90a target, on a machine with no GPU.
+instruction mix for an sm_90a (or ``--arch 80``: sm_80) target, on a machine with no GPU.
 
 Pallas prints the Triton module it builds (``pallas_call(debug=True)``); this script lowers
 one kernel call for CUDA on the CPU, takes that module
@@ -34,8 +34,9 @@ from qjax.kernels import BlockConfig, api  # noqa: E402
 from tests.kernels.cuda_target import triton_modules  # noqa: E402
 
 
-def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
-    """Compile a Triton module for sm_90a: ``{"registers", "spill_bytes", "shared", "sass"}``."""
+def compile_sass(ttir: str, num_warps: int, num_stages: int, arch: int = 90) -> dict:
+    """Compile a Triton module for ``sm_<arch>`` (``sm_90a`` for 90):
+    ``{"registers", "spill_bytes", "shared", "sass"}``."""
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -45,13 +46,13 @@ def compile_sm90(ttir: str, num_warps: int, num_stages: int) -> dict:
         src.write_text(ttir)
         k = triton.compile(
             str(src),
-            target=GPUTarget("cuda", 90, 32),
+            target=GPUTarget("cuda", arch, 32),
             options={"num_warps": num_warps, "num_stages": num_stages},
         )
         ptx, cubin = Path(d) / "k.ptx", Path(d) / "k.cubin"
         ptx.write_text(k.asm["ptx"])
         info = subprocess.run(
-            [bin_dir / "ptxas", "-v", "-arch=sm_90a", ptx, "-o", cubin],
+            [bin_dir / "ptxas", "-v", f"-arch=sm_{arch}{'a' if arch == 90 else ''}", ptx, "-o", cubin],
             capture_output=True,
             text=True,
             check=True,
@@ -88,15 +89,19 @@ def main(argv=None):
     p.add_argument(
         "--config", default="1,128,128,8,4,3,gemv", help="bm,bn,bk,split,warps,stages,engine[,swap]"
     )
+    p.add_argument(
+        "--dequant", default="logic", choices=("logic", "ptx"), help="int4 unpacking (triton engine)"
+    )
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--size", type=int, default=8192, help="K = N")
     p.add_argument("--group", type=int, default=None)
     p.add_argument("--sass", default=None, help="also write the SASS here")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90a, 80: sm_80)")
     args = p.parse_args(argv)
     f = args.config.split(",")
     bm, bn, bk, split, warps, stages = map(int, f[:6])
     engine, swap = (f[6] if len(f) > 6 else "triton"), (len(f) > 7 and f[7] == "swap")
-    cfg = BlockConfig(bm, bn, bk, split, swap, warps, stages, engine)
+    cfg = BlockConfig(bm, bn, bk, split, swap, warps, stages, engine, dequant=args.dequant)
     k = n = args.size
     wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(args.layout, (k // 2, n))
     x = jax.ShapeDtypeStruct((args.m, k), jnp.bfloat16)
@@ -109,7 +114,7 @@ def main(argv=None):
         fn = lambda x, w, s: api.w4a16_matmul(
             x, w, s, group_size=args.group, layout=args.layout, pack_block=pb, platform="gpu", config=cfg
         )
-    out = compile_sm90(triton_modules(fn, x, w, s)[0], cfg.num_warps, cfg.num_stages)
+    out = compile_sass(triton_modules(fn, x, w, s)[0], cfg.num_warps, cfg.num_stages, args.arch)
     if args.sass:
         Path(args.sass).write_text(out["sass"])
     mix = loop_mix(out["sass"])
@@ -117,12 +122,18 @@ def main(argv=None):
     print(
         json.dumps(
             {
+                "layout": args.layout,
+                "m": args.m,
+                "size": args.size,
+                "group": args.group,
+                "arch": args.arch,
                 "config": cfg.to_dict(),
                 "registers": out["registers"],
                 "spill_bytes": out["spill_bytes"],
                 "shared": out["shared"],
                 "loop_instructions": sum(mix.values()),
                 "codes_per_thread_step": per_step,
+                "instructions_per_code": round(sum(mix.values()) / per_step, 2),
                 "loop_mix": dict(mix.most_common()),
             }
         )

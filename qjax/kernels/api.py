@@ -50,7 +50,8 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     ``gemv`` engine instead takes ``block_m <= 16``, no swap, ``block_n >= 64``); ``block_n``
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
     ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
-    tiles keep at least 16 along the contraction after unpacking.
+    tiles keep at least 16 along the contraction after unpacking; ``dequant="ptx"`` is for
+    the ``triton`` engine's int4 kernel only.
     """
 
     def bad(msg):
@@ -60,6 +61,10 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         bad(f"engine must be one of {c.ENGINES}")
     if cfg.persistent and cfg.engine != "wgmma":
         bad("persistent is a wgmma-engine option")
+    if cfg.dequant not in c.DEQUANTS:
+        bad(f"dequant must be one of {c.DEQUANTS}")
+    if cfg.dequant == "ptx" and (cfg.engine != "triton" or kind != "w4a16"):
+        bad("dequant='ptx' is the triton engine's int4 (w4a16) unpacking")
     if cfg.engine == "wgmma":
         if kind != "w8a8":
             bad("the wgmma engine runs W8A8 only")
@@ -180,6 +185,8 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
         if config is not None:
             if config.engine != "triton":
                 raise ValueError(f"config {config}: engine {config.engine!r} is a GPU kernel")
+            if config.dequant != "logic":
+                raise ValueError(f"config {config}: dequant {config.dequant!r} is GPU (PTX) only")
             return config
         tpu_kind = "int8_matmul" if kind == "w8a8" else "weight_only"
         return tpu.default_config_tpu(tpu_kind, m, k, n, group_size, layout, pack_block)

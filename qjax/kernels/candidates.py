@@ -8,6 +8,8 @@ comes from these lists (and the tests lower each one for CUDA at the benchmark's
 
 from __future__ import annotations
 
+import dataclasses
+
 from qjax.kernels import api
 from qjax.kernels._common import BlockConfig, pow2_at_least
 
@@ -60,6 +62,28 @@ _SMALL_BATCH_TILES = (
     (32, 128, 1, 4, 4),
 )
 
+# (block_n, block_k, split_k, num_warps, num_stages), operands not swapped, block_m 16, nibbles
+# unpacked in inline PTX (dequant="ptx"): the weight tile is the right operand of Triton's
+# mma.sync, whose register layout keeps each thread's packed bytes together, so the PTX's
+# two-codes-per-instruction unpacking pays off there: 3.8-4.4 SASS instructions per code in
+# the K loop against 5.8 for the swapped logic-unpacking kernel (sm_90a, offline,
+# experiments/triton_sass.py, experiments/results/ptx_sass_sm90_2026-11-26.jsonl). On swapped
+# operands Triton re-packs the bytes around the asm and it loses (6.1 against 5.8), so the
+# swapped list keeps the integer logic; "k_pairs" (rows interleaved by a join after the
+# unpacking) takes 7.4-8.9 unswapped against 7.1-7.2 swapped, so it keeps the swapped list only.
+_SMALL_BATCH_PTX_TILES = (
+    (256, 64, 8, 4, 4),
+    (128, 128, 8, 4, 4),
+    (512, 64, 4, 8, 3),
+    (256, 128, 8, 8, 3),
+    (128, 128, 4, 4, 4),
+    (128, 64, 8, 4, 4),
+    (256, 128, 4, 4, 4),
+    (64, 128, 8, 4, 4),
+    (64, 128, 1, 4, 4),  # small K or N
+    (64, 64, 1, 4, 4),
+)
+
 # the CUDA-core kernel (engine "gemv", batches <= 16): (block_n, block_k, split_k, num_warps,
 # num_stages). It is meant to stream the weight at HBM speed, so the list varies the bytes
 # a program reads per K step and the number of programs; configs whose float32 accumulators
@@ -108,12 +132,22 @@ def _tiles(rows) -> list[BlockConfig]:
     return [BlockConfig(bm, bn, bk, 1, False, w, s) for bm, bn, bk, w, s in rows]
 
 
+def variant(cfg: BlockConfig | None) -> str | None:
+    """The kernel family a config runs: its engine, plus ``+ptx`` for the inline-PTX int4
+    unpacking (tuning budgets and reports count configs per variant)."""
+    if cfg is None:
+        return None
+    return cfg.engine if cfg.dequant == "logic" else f"{cfg.engine}+{cfg.dequant}"
+
+
 def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
     """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
     ``(m, k, n)``: for batches up to 16 the CUDA-core ``gemv`` kernel (``block_m`` = the batch
-    rounded up to a power of two; its float32 accumulators fit registers up to batch 8) and
-    the tensor-core kernel on swapped operands with split-K; up to 64 small tiles with
-    optional split-K; beyond, the usual GEMM tiles. Only configs that fit the shape."""
+    rounded up to a power of two; its float32 accumulators fit registers up to batch 8), the
+    tensor-core kernel on swapped operands with split-K and, for int4, unswapped with the
+    inline-PTX unpacking; up to 64 small tiles with optional split-K; beyond, the usual
+    GEMM tiles (int4 tiles up to 64 rows and beyond also with the PTX unpacking). Only
+    configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
@@ -124,6 +158,11 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
             if _gemv_fits(cfg := BlockConfig(bm, bn, bk, split, False, w, s, engine="gemv"), layout)
         ]
         c += [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
+        if kind == "w4a16" and layout != "k_pairs":
+            c += [
+                BlockConfig(16, bn, bk, split, False, w, s, dequant="ptx")
+                for bn, bk, split, w, s in _SMALL_BATCH_PTX_TILES
+            ]
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)
@@ -134,6 +173,8 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         ]
     else:
         c = _tiles(_WEIGHT_ONLY_LARGE_TILES)
+    if kind == "w4a16" and m > 16:  # the PTX unpacking of each tile, after the logic list
+        c += [dataclasses.replace(cfg, dequant="ptx") for cfg in c]
     ok = []
     for cfg in c:
         try:

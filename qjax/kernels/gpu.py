@@ -16,7 +16,8 @@ Two kernels:
 * :func:`weight_only_matmul_gpu` -- W4A16 / W8A16: bfloat16 activations times int8 or
   packed int4 codes, float32 accumulation, per-channel or per-group scales. Codes become
   bfloat16 through integer logic (:mod:`qjax.kernels._fastcvt`), not the slow conversion
-  instructions; for the ``"k_halves"`` layout each K tile
+  instructions, or with ``dequant="ptx"`` through inline PTX that unpacks two codes per
+  instruction (:mod:`qjax.kernels._ptx`); for the ``"k_halves"`` layout each K tile
   is two contiguous halves (no interleave); the ``"k_pairs"`` / ``"n_pairs"`` layouts that
   ``qjax.quantize`` produces are interleaved in registers (a Triton join).
   Group scales multiply each tile's float32 partial product (one group per
@@ -44,6 +45,7 @@ from jax.experimental.pallas import triton as pltr
 
 from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers
 from qjax.kernels._fastcvt import codes_f32, nibbles_bf16
+from qjax.kernels._ptx import nibbles_bf16_ptx
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
@@ -72,8 +74,12 @@ def _store(ref, idx, value, mask):
 # -- weight-only -----------------------------------------------------------------------------------
 
 
-def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size):
+def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size, interpret):
     bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
+    # int4 bytes -> (low, high) bfloat16 nibbles: integer logic or inline PTX
+    nibbles = (
+        functools.partial(nibbles_bf16_ptx, interpret=interpret) if cfg.dequant == "ptx" else nibbles_bf16
+    )
     bn = o_ref.shape[-1]
     if m % bm:
         rows = pl.program_id(1) * bm + jnp.arange(bm, dtype=jnp.int32)
@@ -104,7 +110,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         # join + reshape is a layout conversion through shared memory)
         def body_pairs(t, accs):
             k0 = pl.multiple_of(t * bk, bk)
-            lo, hi = nibbles_bf16(w_ref[pl.ds(k0, bk), :])
+            lo, hi = nibbles(w_ref[pl.ds(k0, bk), :])
             xt = x_tile(k0, bk)
             return accs[0] + scaled(mm(xt, lo), t, 0), accs[1] + scaled(mm(xt, hi), t, 1)
 
@@ -122,13 +128,13 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         k0 = pl.multiple_of(t * bk, bk)
         if layout == "k_halves":  # two contiguous halves of the activation tile, no interleave
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = nibbles_bf16(w_ref[pl.ds(r0, bk // 2), :])
+            lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
             part = mm(x_tile(k0, bk), _int8_bf16(w_ref[pl.ds(k0, bk), :]))
         else:  # k_pairs: interleave rows (Triton joins along the last axis only)
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = nibbles_bf16(w_ref[pl.ds(r0, bk // 2), :])
+            lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])
             w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
             part = mm(x_tile(k0, bk), w)
         return acc + scaled(part, t)
@@ -186,7 +192,13 @@ def weight_only_matmul_gpu(
         out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
         out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
     kernel = functools.partial(
-        _weight_only_kernel, layout=layout, m=m, cfg=config, steps=steps, group_size=group_size
+        _weight_only_kernel,
+        layout=layout,
+        m=m,
+        cfg=config,
+        steps=steps,
+        group_size=group_size,
+        interpret=interpret,
     )
     out = pl.pallas_call(
         kernel,

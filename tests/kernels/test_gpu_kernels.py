@@ -33,6 +33,10 @@ def G(bm, bn, bk, split):  # a gemv-engine config
     return BlockConfig(bm, bn, bk, split, False, 4, 3, engine="gemv")
 
 
+def P(bm, bn, bk, split=1, swap=False):  # a tensor-core config unpacking nibbles in inline PTX
+    return BlockConfig(bm, bn, bk, split, swap, dequant="ptx")
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
@@ -132,6 +136,12 @@ WEIGHT_ONLY_CASES = [
     ("n_pairs", 64, 7, 256, 192, G(4, 64, 64, 4)),  # 3 column tiles, rows masked
     ("int8", None, 1, 96, 64, G(1, 64, 32, 3)),
     ("int8", 32, 16, 256, 128, G(16, 64, 32, 2)),
+    # nibbles unpacked by the inline PTX (run through qjax.kernels._ptx.run_ptx here)
+    ("k_halves", None, 1, 256, 64, P(16, 32, 128, 1, True)),
+    ("k_halves", 64, 33, 256, 128, P(16, 64, 64, 2)),
+    ("k_pairs", 128, 5, 512, 128, P(16, 64, 64, 2, True)),
+    ("n_pairs", None, 3, 256, 128, P(16, 64, 64, 1, True)),
+    ("n_pairs", 128, 20, 512, 128, P(32, 64, 128, 2)),
 ]
 
 
@@ -367,6 +377,9 @@ def test_config_rules_are_named():
     check(G(4, 32, 64, 1), "block_n >= 64")
     check(G(3, 64, 64, 1), "block_m must be a power of two")
     check(G(4, 64, 64, 3), "split_k must divide K")
+    check(P(16, 64, 64), "dequant='ptx' is the triton engine's int4", kind="w8a16", layout="int8")
+    check(BlockConfig(4, 64, 64, engine="gemv", dequant="ptx"), "dequant='ptx' is the triton")
+    check(BlockConfig(16, 64, 64, dequant="asm"), "dequant must be one of")
 
 
 @pytest.mark.parametrize("layout", ["k_halves", "n_pairs", "int8"])
