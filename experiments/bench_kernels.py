@@ -426,8 +426,7 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
         if layouts is not None and layout not in layouts:
             continue
         runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
-        if bits == 4:  # the inline-PTX unpacking: only hardware runs the PTX itself
-            runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
+        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]  # the inline PTX: only hardware runs it
         for m, engine in runs:
             k, n = 512, 256
             codes, s = make_weight_only(rng, bits, k, n, group)

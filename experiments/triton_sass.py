@@ -11,6 +11,7 @@ gemv kernel), but layout conversions through shared memory (``STS`` / ``BAR.SYNC
 loop), spills and the instructions per weight code show up the same.
 
     python experiments/triton_sass.py --layout k_halves --config 1,128,128,8,4,3,gemv --m 1
+    python experiments/triton_sass.py --layout n_pairs --candidates --dequant ptx --m 64 --size 4096
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qjax.kernels import BlockConfig, api  # noqa: E402
+from qjax.kernels.candidates import gpu_candidates  # noqa: E402
 from tests.kernels.cuda_target import triton_modules  # noqa: E402
 
 
@@ -97,11 +99,33 @@ def main(argv=None):
     p.add_argument("--group", type=int, default=None)
     p.add_argument("--sass", default=None, help="also write the SASS here")
     p.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90: sm_90a, 80: sm_80)")
+    p.add_argument(
+        "--candidates",
+        action="store_true",
+        help="compile every tuning candidate of this layout, group and --dequant at --m instead of --config",
+    )
     args = p.parse_args(argv)
+    if args.candidates:
+        kind = "w8a16" if args.layout == "int8" else "w4a16"
+        cands = gpu_candidates(kind, args.m, args.size, args.size, args.group, args.layout)
+        for cfg in (c for c in cands if c.dequant == args.dequant):
+            try:
+                print(json.dumps(report(args, cfg)), flush=True)
+            except Exception as e:  # a compile failure is a finding: record it, go on
+                print(json.dumps({"config": cfg.to_dict(), "error": repr(e)[:300]}), flush=True)
+        return
     f = args.config.split(",")
     bm, bn, bk, split, warps, stages = map(int, f[:6])
     engine, swap = (f[6] if len(f) > 6 else "triton"), (len(f) > 7 and f[7] == "swap")
-    cfg = BlockConfig(bm, bn, bk, split, swap, warps, stages, engine, dequant=args.dequant)
+    print(
+        json.dumps(
+            report(args, BlockConfig(bm, bn, bk, split, swap, warps, stages, engine, dequant=args.dequant))
+        )
+    )
+
+
+def report(args, cfg: BlockConfig) -> dict:
+    """Compile one weight-only kernel call at the shape ``args`` names; its SASS summary."""
     k = n = args.size
     wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(args.layout, (k // 2, n))
     x = jax.ShapeDtypeStruct((args.m, k), jnp.bfloat16)
@@ -119,25 +143,21 @@ def main(argv=None):
         Path(args.sass).write_text(out["sass"])
     mix = loop_mix(out["sass"])
     per_step = cfg.block_k * cfg.block_n / (32 * cfg.num_warps)  # weight codes a thread handles per K step
-    print(
-        json.dumps(
-            {
-                "layout": args.layout,
-                "m": args.m,
-                "size": args.size,
-                "group": args.group,
-                "arch": args.arch,
-                "config": cfg.to_dict(),
-                "registers": out["registers"],
-                "spill_bytes": out["spill_bytes"],
-                "shared": out["shared"],
-                "loop_instructions": sum(mix.values()),
-                "codes_per_thread_step": per_step,
-                "instructions_per_code": round(sum(mix.values()) / per_step, 2),
-                "loop_mix": dict(mix.most_common()),
-            }
-        )
-    )
+    return {
+        "layout": args.layout,
+        "m": args.m,
+        "size": args.size,
+        "group": args.group,
+        "arch": args.arch,
+        "config": cfg.to_dict(),
+        "registers": out["registers"],
+        "spill_bytes": out["spill_bytes"],
+        "shared": out["shared"],
+        "loop_instructions": sum(mix.values()),
+        "codes_per_thread_step": per_step,
+        "instructions_per_code": round(sum(mix.values()) / per_step, 2),
+        "loop_mix": dict(mix.most_common()),
+    }
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from qjax.numerics import packing
 
 LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
 ENGINES = ("triton", "wgmma", "gemv")  # GPU kernel families (BlockConfig.engine)
-DEQUANTS = ("logic", "ptx")  # how the tensor-core int4 kernel unpacks nibbles (BlockConfig.dequant)
+DEQUANTS = ("logic", "ptx")  # how the tensor-core weight-only kernel converts codes (BlockConfig.dequant)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,9 +57,9 @@ class BlockConfig:
         :mod:`qjax.kernels.gpu_gemv`) or ``"wgmma"`` (the Pallas Mosaic GPU W8A8 kernel:
         Hopper only, weight ``(N, K)``; see :mod:`qjax.kernels.gpu_wgmma`).
       persistent: ``wgmma`` engine only: one block per SM looping over output tiles.
-      dequant: how the ``triton`` engine's int4 weight-only kernel turns nibbles into
-        bfloat16: ``"logic"`` (``jax.numpy`` integer logic, one code per instruction) or
-        ``"ptx"`` (inline PTX, two codes per instruction, sm_80 or newer; see
+      dequant: how the ``triton`` engine's weight-only kernel turns codes into bfloat16:
+        ``"logic"`` (``jax.numpy`` integer logic, one code per instruction) or ``"ptx"``
+        (inline PTX on four codes per 32-bit register, sm_80 or newer; see
         :mod:`qjax.kernels._ptx`).
     """
 

@@ -65,14 +65,56 @@ def _unpack_asm(shift0: int, shift1: int) -> str:
 
 NIBBLES_LO_BF16 = _unpack_asm(0, 8)
 NIBBLES_HI_BF16 = _unpack_asm(4, 12)
+# int8 codes: flip the sign bits (u = s + 128), put each byte under the exponent of float32
+# 2^23 with one prmt, subtract 2^23 + 128 (exact), pack two floats into bfloat16x2 (exact:
+# |s| <= 128 has 8 significant bits): 11 instructions for 4 codes
+INT8_BF16 = "\n".join(
+    [
+        "{",
+        ".reg .b32 t, m, f0, f1, f2, f3;",
+        "mov.b32 m, 0x4b000000;",  # float32 2^23
+        "xor.b32 t, $2, 0x80808080;",
+        *(f"prmt.b32 f{j}, t, m, 0x765{j};" for j in range(4)),  # [byte j, 0, 0, 0x4b]
+        *(f"sub.f32 f{j}, f{j}, 0f4B000080;" for j in range(4)),  # - (2^23 + 128)
+        "cvt.rn.bf16x2.f32 $0, f1, f0;",  # the first operand goes to the upper half
+        "cvt.rn.bf16x2.f32 $1, f3, f2;",
+        "}",
+    ]
+)
 _CONSTRAINTS = "=r,=r,r"  # two output registers, one packed input
+
+
+def _bytes_to_bf16(p: jax.Array, asms: Sequence[str], interpret: bool) -> tuple[jax.Array, ...]:
+    """One bfloat16 array of ``p``'s shape per PTX block in ``asms`` (four bytes in, two
+    bfloat16x2 registers out); on the emulator when ``interpret``."""
+    if not interpret:
+        from jax.experimental.pallas import triton as pltr
+
+        out = [jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)]
+        return tuple(
+            pltr.elementwise_inline_asm(
+                asm, args=[p], constraints=_CONSTRAINTS, pack=4, result_shape_dtypes=out
+            )[0]
+            for asm in asms
+        )
+    if p.size % 4:
+        raise ValueError(f"code tile of {p.size} bytes: the PTX takes them four at a time")
+    b = p.reshape(-1, 4).astype(jnp.uint8).astype(jnp.uint32)
+    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
+
+    def run(asm):  # two registers of bfloat16 pairs -> four elements per word
+        r0, r1 = run_ptx(asm, [word], n_out=2)
+        lanes = jnp.stack([r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16], axis=-1)
+        return lax.bitcast_convert_type(lanes.astype(jnp.uint16), jnp.bfloat16).reshape(p.shape)
+
+    return tuple(run(asm) for asm in asms)
 
 
 def nibbles_bf16_ptx(p: jax.Array, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The signed low and high nibbles of int8 bytes ``p``, as exact bfloat16, in PTX.
 
     Same values as :func:`qjax.kernels._fastcvt.nibbles_bf16`. Inside a Pallas Triton
-    kernel this is one inline-assembly op; with ``interpret=True`` the PTX runs through
+    kernel this is inline assembly; with ``interpret=True`` the PTX runs through
     :func:`run_ptx` (``p.size`` must then be a multiple of 4, as every kernel tile is).
 
     Args:
@@ -82,30 +124,26 @@ def nibbles_bf16_ptx(p: jax.Array, *, interpret: bool = False) -> tuple[jax.Arra
     Returns:
       ``(low, high)`` bfloat16 arrays of ``p``'s shape.
     """
-    if not interpret:
-        from jax.experimental.pallas import triton as pltr
+    lo, hi = _bytes_to_bf16(p, (NIBBLES_LO_BF16, NIBBLES_HI_BF16), interpret)
+    return lo, hi
 
-        out = [jax.ShapeDtypeStruct(p.shape, jnp.bfloat16)]
-        return tuple(
-            pltr.elementwise_inline_asm(
-                asm, args=[p], constraints=_CONSTRAINTS, pack=4, result_shape_dtypes=out
-            )[0]
-            for asm in (NIBBLES_LO_BF16, NIBBLES_HI_BF16)
-        )
-    if p.size % 4:
-        raise ValueError(f"packed-code tile of {p.size} bytes: the PTX takes them four at a time")
-    b = p.reshape(-1, 4).astype(jnp.uint8).astype(jnp.uint32)
-    word = b[:, 0] | b[:, 1] << 8 | b[:, 2] << 16 | b[:, 3] << 24
 
-    def unpack(asm):  # two registers of bfloat16 pairs -> four elements per word
-        r0, r1 = run_ptx(asm, [word], n_out=2)
-        lanes = jnp.stack([r0 & 0xFFFF, r0 >> 16, r1 & 0xFFFF, r1 >> 16], axis=-1)
-        return lax.bitcast_convert_type(lanes.astype(jnp.uint16), jnp.bfloat16).reshape(p.shape)
-
-    return unpack(NIBBLES_LO_BF16), unpack(NIBBLES_HI_BF16)
+def int8_bf16_ptx(p: jax.Array, *, interpret: bool = False) -> jax.Array:
+    """int8 codes ``p`` as exact bfloat16, in PTX (:data:`INT8_BF16`); see
+    :func:`nibbles_bf16_ptx` for ``interpret``."""
+    return _bytes_to_bf16(p, (INT8_BF16,), interpret)[0]
 
 
 # -- emulator --------------------------------------------------------------------------------------
+
+
+def _f32(r: jax.Array) -> jax.Array:
+    return lax.bitcast_convert_type(r, jnp.float32)
+
+
+def _bf16_bits(v: jax.Array) -> jax.Array:
+    """float32 -> bfloat16 (nearest, ties to even) bits, in the low half of a uint32."""
+    return lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
 
 
 def _bf16x2(op, *regs: jax.Array) -> jax.Array:
@@ -116,10 +154,7 @@ def _bf16x2(op, *regs: jax.Array) -> jax.Array:
         bits = ((r >> shift) & 0xFFFF).astype(jnp.uint16)
         return lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
 
-    def bits(v):
-        return lax.bitcast_convert_type(v.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
-
-    return bits(op(*(lane(r, 0) for r in regs))) | bits(op(*(lane(r, 16) for r in regs))) << 16
+    return _bf16_bits(op(*(lane(r, 0) for r in regs))) | _bf16_bits(op(*(lane(r, 16) for r in regs))) << 16
 
 
 def _prmt(a: jax.Array, b: jax.Array, sel: int) -> jax.Array:
@@ -152,8 +187,9 @@ def run_ptx(asm: str, inputs: Sequence[jax.Array], n_out: int) -> list[jax.Array
     """Run straight-line PTX on uint32 arrays (an emulator for the interpreted kernels).
 
     Supports ``.reg .b32`` declarations, ``mov.b32``, ``prmt.b32`` (default mode),
-    ``shr.u32``, ``lop3.b32`` and ``fma.rn.bf16x2``, with registers ``$0 .. $(n_out-1)``
-    as outputs and the following ``$i`` as ``inputs``.
+    ``shr.u32``, ``xor.b32``, ``lop3.b32``, ``sub.f32``, ``fma.rn.bf16x2`` and
+    ``cvt.rn.bf16x2.f32``, integer and ``0f`` (float32 bits) immediates, with registers
+    ``$0 .. $(n_out-1)`` as outputs and the following ``$i`` as ``inputs``.
 
     Args:
       asm: the PTX (an optional ``{ ... }`` scope, statements ending in ``;``).
@@ -172,6 +208,8 @@ def run_ptx(asm: str, inputs: Sequence[jax.Array], n_out: int) -> list[jax.Array
     def val(tok: str):
         if re.fullmatch(r"0[xX][0-9a-fA-F]+|\d+", tok):
             return jnp.full(shape, int(tok, 0), jnp.uint32)
+        if re.fullmatch(r"0[fF][0-9a-fA-F]{8}", tok):  # a float32 given by its bits
+            return jnp.full(shape, int(tok[2:], 16), jnp.uint32)
         if tok not in regs:
             raise ValueError(f"PTX operand {tok!r} read before it is written")
         return regs[tok]
@@ -195,8 +233,14 @@ def run_ptx(asm: str, inputs: Sequence[jax.Array], n_out: int) -> list[jax.Array
             r = val(src[0]) >> imm(src[1])
         elif op == "lop3.b32":
             r = _lop3(val(src[0]), val(src[1]), val(src[2]), imm(src[3]))
+        elif op == "xor.b32":
+            r = val(src[0]) ^ val(src[1])
         elif op == "fma.rn.bf16x2":
             r = _bf16x2(lambda a, b, c: a * b + c, val(src[0]), val(src[1]), val(src[2]))
+        elif op == "sub.f32":
+            r = lax.bitcast_convert_type(_f32(val(src[0])) - _f32(val(src[1])), jnp.uint32)
+        elif op == "cvt.rn.bf16x2.f32":  # the first source to the upper half
+            r = _bf16_bits(_f32(val(src[0]))) << 16 | _bf16_bits(_f32(val(src[1])))
         else:
             raise ValueError(f"PTX instruction {op!r} is not emulated")
         regs[d] = r

@@ -51,7 +51,7 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
     ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
     tiles keep at least 16 along the contraction after unpacking; ``dequant="ptx"`` is for
-    the ``triton`` engine's int4 kernel only.
+    the ``triton`` engine's weight-only kernels only.
     """
 
     def bad(msg):
@@ -63,8 +63,8 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         bad("persistent is a wgmma-engine option")
     if cfg.dequant not in c.DEQUANTS:
         bad(f"dequant must be one of {c.DEQUANTS}")
-    if cfg.dequant == "ptx" and (cfg.engine != "triton" or kind != "w4a16"):
-        bad("dequant='ptx' is the triton engine's int4 (w4a16) unpacking")
+    if cfg.dequant == "ptx" and (cfg.engine != "triton" or kind == "w8a8"):
+        bad("dequant='ptx' is the triton engine's weight-only (w4a16, w8a16) code conversion")
     if cfg.engine == "wgmma":
         if kind != "w8a8":
             bad("the wgmma engine runs W8A8 only")

@@ -62,16 +62,21 @@ _SMALL_BATCH_TILES = (
     (32, 128, 1, 4, 4),
 )
 
-# (block_n, block_k, split_k, num_warps, num_stages), operands not swapped, block_m 16, nibbles
-# unpacked in inline PTX (dequant="ptx"): the weight tile is the right operand of Triton's
-# mma.sync, whose register layout keeps each thread's packed bytes together, so the PTX's
-# two-codes-per-instruction unpacking pays off there: 3.8-4.4 SASS instructions per code in
-# the K loop against 5.8 for the swapped logic-unpacking kernel (sm_90a, offline,
-# experiments/triton_sass.py, experiments/results/ptx_sass_sm90_2026-11-26.jsonl). On swapped
-# operands Triton re-packs the bytes around the asm and it loses (6.1 against 5.8), so the
-# swapped list keeps the integer logic; "k_pairs" (rows interleaved by a join after the
-# unpacking) takes 7.4-8.9 unswapped against 7.1-7.2 swapped, so it keeps the swapped list only.
-_SMALL_BATCH_PTX_TILES = (
+# (block_n, block_k, split_k, num_warps, num_stages), operands not swapped, block_m 16: the
+# weight tile is the right operand of Triton's mma.sync. Offline sm_90a SASS
+# (experiments/triton_sass.py; experiments/results/ptx_sass_sm90_2026-11-26.jsonl,
+# w8a16_sass_sm90_2026-11-26.jsonl):
+# * int4 (n_pairs, k_halves) with the inline-PTX unpacking (dequant="ptx"): its register
+#   layout keeps each thread's packed bytes together, so the PTX's 1.5 instructions per code
+#   pay off: 3.8-4.9 SASS instructions per code in the K loop against 5.8 for the swapped
+#   logic-unpacking kernel. On swapped operands Triton re-packs the bytes around the asm and
+#   the PTX loses (6.1 against 5.8), so the swapped list keeps the integer logic; "k_pairs"
+#   (rows interleaved by a join after the unpacking) takes 7.4-8.9 unswapped against 7.1-7.2
+#   swapped, so it keeps the swapped list only;
+# * int8 with the integer logic (the PTX loses here, 6.1 against 5.4): 5.1-6.1 instructions
+#   per code, 54-127 registers, no spills, where 11 of the 21 swapped tiles spill (up to 3.3
+#   KB) at 6.8-11 instructions per code; listed before the swapped tiles.
+_SMALL_BATCH_UNSWAPPED_TILES = (
     (256, 64, 8, 4, 4),
     (128, 128, 8, 4, 4),
     (512, 64, 4, 8, 3),
@@ -144,10 +149,10 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
     """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
     ``(m, k, n)``: for batches up to 16 the CUDA-core ``gemv`` kernel (``block_m`` = the batch
     rounded up to a power of two; its float32 accumulators fit registers up to batch 8), the
-    tensor-core kernel on swapped operands with split-K and, for int4, unswapped with the
-    inline-PTX unpacking; up to 64 small tiles with optional split-K; beyond, the usual
-    GEMM tiles (int4 tiles up to 64 rows and beyond also with the PTX unpacking). Only
-    configs that fit the shape."""
+    tensor-core kernel on swapped operands with split-K and unswapped at ``block_m`` 16
+    (int8 codes: integer logic; int4: the inline-PTX unpacking); up to 64 small tiles with
+    optional split-K; beyond, the usual GEMM tiles (weight-only tiles above 16 rows also
+    with the PTX conversion). Only configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
@@ -157,12 +162,14 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
             for bn, bk, split, w, s in _GEMV_TILES
             if _gemv_fits(cfg := BlockConfig(bm, bn, bk, split, False, w, s, engine="gemv"), layout)
         ]
+        unswapped = [
+            BlockConfig(16, bn, bk, sp, False, w, s) for bn, bk, sp, w, s in _SMALL_BATCH_UNSWAPPED_TILES
+        ]
+        if kind == "w8a16":
+            c += unswapped
         c += [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
         if kind == "w4a16" and layout != "k_pairs":
-            c += [
-                BlockConfig(16, bn, bk, split, False, w, s, dequant="ptx")
-                for bn, bk, split, w, s in _SMALL_BATCH_PTX_TILES
-            ]
+            c += [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped]
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)
@@ -173,8 +180,10 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         ]
     else:
         c = _tiles(_WEIGHT_ONLY_LARGE_TILES)
-    if kind == "w4a16" and m > 16:  # the PTX unpacking of each tile, after the logic list
-        c += [dataclasses.replace(cfg, dequant="ptx") for cfg in c]
+    if m > 16 and kind != "w8a8":  # the PTX conversion of each weight-only tile, after the logic list
+        # (not 128 x 256: it spilled in the offline sm_90a SASS,
+        # experiments/results/ptx_candidates_sass_sm90_2026-11-26.jsonl)
+        c += [dataclasses.replace(cfg, dequant="ptx") for cfg in c if cfg.block_m * cfg.block_n <= 128 * 128]
     ok = []
     for cfg in c:
         try:

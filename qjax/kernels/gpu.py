@@ -16,8 +16,8 @@ Two kernels:
 * :func:`weight_only_matmul_gpu` -- W4A16 / W8A16: bfloat16 activations times int8 or
   packed int4 codes, float32 accumulation, per-channel or per-group scales. Codes become
   bfloat16 through integer logic (:mod:`qjax.kernels._fastcvt`), not the slow conversion
-  instructions, or with ``dequant="ptx"`` through inline PTX that unpacks two codes per
-  instruction (:mod:`qjax.kernels._ptx`); for the ``"k_halves"`` layout each K tile
+  instructions, or with ``dequant="ptx"`` through inline PTX that works on four codes per
+  32-bit register (:mod:`qjax.kernels._ptx`); for the ``"k_halves"`` layout each K tile
   is two contiguous halves (no interleave); the ``"k_pairs"`` / ``"n_pairs"`` layouts that
   ``qjax.quantize`` produces are interleaved in registers (a Triton join).
   Group scales multiply each tile's float32 partial product (one group per
@@ -45,7 +45,7 @@ from jax.experimental.pallas import triton as pltr
 
 from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers
 from qjax.kernels._fastcvt import codes_f32, nibbles_bf16
-from qjax.kernels._ptx import nibbles_bf16_ptx
+from qjax.kernels._ptx import int8_bf16_ptx, nibbles_bf16_ptx
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
@@ -76,10 +76,12 @@ def _store(ref, idx, value, mask):
 
 def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size, interpret):
     bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
-    # int4 bytes -> (low, high) bfloat16 nibbles: integer logic or inline PTX
-    nibbles = (
-        functools.partial(nibbles_bf16_ptx, interpret=interpret) if cfg.dequant == "ptx" else nibbles_bf16
-    )
+    # codes -> bfloat16 (int4 bytes: the low and high nibbles): integer logic or inline PTX
+    if cfg.dequant == "ptx":
+        nibbles = functools.partial(nibbles_bf16_ptx, interpret=interpret)
+        int8_bf16 = functools.partial(int8_bf16_ptx, interpret=interpret)
+    else:
+        nibbles, int8_bf16 = nibbles_bf16, _int8_bf16
     bn = o_ref.shape[-1]
     if m % bm:
         rows = pl.program_id(1) * bm + jnp.arange(bm, dtype=jnp.int32)
@@ -131,7 +133,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
             lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
-            part = mm(x_tile(k0, bk), _int8_bf16(w_ref[pl.ds(k0, bk), :]))
+            part = mm(x_tile(k0, bk), int8_bf16(w_ref[pl.ds(k0, bk), :]))
         else:  # k_pairs: interleave rows (Triton joins along the last axis only)
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
             lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])

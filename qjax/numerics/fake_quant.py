@@ -62,6 +62,8 @@ def _not_clipped(fmt: Format, x, s, zp, noise):
     point, up to half a step) past the bound yet round onto ``qmin``/``qmax`` unclipped."""
     y = x * (1.0 / s)
     if fmt.is_float:
+        if noise is not None:  # stochastic rounding saturates exactly what the clip moves
+            return jnp.abs(y) <= fmt.max_value
         # the fp8 cast rounds |y| below max + ulp(max) / 2 onto max without saturating
         bound = fmt.max_value + 2.0 ** (math.floor(math.log2(fmt.max_value)) - fmt.mantissa_bits - 1)
         return jnp.abs(y) < bound

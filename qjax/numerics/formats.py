@@ -92,8 +92,9 @@ class IntFormat:
 class FloatFormat:
     """An 8-bit floating point format (``e4m3fn`` or ``e5m2``).
 
-    Quantization to a float format scales ``x`` so its range maps onto ``±max_value``
-    and rounds to the nearest representable value (ties to even), saturating.
+    Quantization to a float format scales ``x`` so its range maps onto ``±max_value``,
+    saturates, and rounds to the nearest representable value (ties to even) or, with
+    ``rounding="stochastic"``, to one of the two neighbouring values, unbiased.
     """
 
     exponent_bits: int

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax.numerics.formats import Format
+from qjax.numerics.formats import FloatFormat, Format
 
 ROUNDING_MODES = ("nearest", "stochastic")
 
@@ -82,6 +82,31 @@ def round_values(
     raise ValueError(f"rounding={rounding!r} is not one of {ROUNDING_MODES}")
 
 
+def float_grid_step(a: jnp.ndarray, fmt: FloatFormat) -> jnp.ndarray:
+    """The spacing of ``fmt``'s values at magnitudes ``a >= 0``: ``2^(e - mantissa_bits)``
+    with ``e = floor(log2 a)`` in the normal range and the smallest normal exponent below it
+    (subnormals are evenly spaced)."""
+    emin = 2 - 2 ** (fmt.exponent_bits - 1)  # 1 - bias
+    _, ex = jnp.frexp(a)  # a = m 2^ex, m in [0.5, 1)
+    return jnp.ldexp(jnp.ones_like(a), jnp.maximum(ex - 1, emin) - fmt.mantissa_bits)
+
+
+def round_to_float_grid(y: jnp.ndarray, fmt: FloatFormat, u: jnp.ndarray) -> jnp.ndarray:
+    """Stochastic rounding of ``y`` (already clipped to ``±fmt.max_value``) onto ``fmt``'s
+    grid, unbiased: each magnitude goes to one of its two neighbours on the grid with
+    probability proportional to closeness, ``floor(|y| / step + u) * step`` with
+    ``u ~ U[0, 1)``, so ``E[round(y)] = y``. Values on the grid stay; NaN stays NaN.
+
+    Returns:
+      the rounded values in ``y``'s dtype, exactly representable in ``fmt``.
+    """
+    a = jnp.abs(y)
+    step = float_grid_step(a, fmt)
+    # min: |y| = max with u near 1 can round up to floor(max / step) + 1 in float32
+    r = jnp.minimum(jnp.floor(a / step + u) * step, fmt.max_value)
+    return jnp.where(y < 0, -r, r)
+
+
 def quantize_values(
     x: jnp.ndarray,
     scale: jnp.ndarray,
@@ -93,14 +118,19 @@ def quantize_values(
 ) -> jnp.ndarray:
     """Elementwise ``x -> clip(round(x * (1 / scale)) + zero_point)`` in the storage dtype.
 
-    For fp8 formats: ``clip(x / scale, ±max)`` cast to fp8 (nearest, ties to even).
-    ``scale`` must broadcast against ``x``.
+    For fp8 formats: ``clip(x / scale, ±max)`` rounded onto the fp8 grid (nearest, ties to
+    even, or stochastically: :func:`round_to_float_grid`) and cast. ``scale`` must
+    broadcast against ``x``.
     """
     y = x.astype(scale.dtype) * (1.0 / scale)
     if fmt.is_float:
-        if rounding != "nearest":
-            raise ValueError(f"fp8 formats support rounding='nearest' only, got {rounding!r}")
-        return jnp.clip(y, -fmt.max_value, fmt.max_value).astype(fmt.storage_dtype)
+        y = jnp.clip(y, -fmt.max_value, fmt.max_value)
+        if rounding == "stochastic":
+            u = rounding_noise(key, y.shape, y.dtype) if noise is None else noise
+            y = round_to_float_grid(y, fmt, u)
+        elif rounding != "nearest":
+            raise ValueError(f"rounding={rounding!r} is not one of {ROUNDING_MODES}")
+        return y.astype(fmt.storage_dtype)
     q = round_values(y, rounding, key, noise)
     if zero_point is not None:
         q = q + zero_point.astype(q.dtype)

@@ -61,7 +61,8 @@ class QuantSpec:
       group_axis: the axis cut into groups.
       symmetric: scale only (``True``) or scale and integer zero point.
       calibration: a ``qjax.calib`` calibrator; default absmax (symmetric) or minmax.
-      rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (needs a key).
+      rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased, needs a key;
+        integer and fp8 formats).
       ste: backward rule of ``fake_quant``: ``"plain"``, ``"clipped"`` or ``"lsq"``.
       pad_groups: allow a ``group_size`` that does not divide the axis (last group short).
       pack: store 2-bit and 3/4-bit integers packed four / two to a byte.
@@ -132,8 +133,6 @@ class QuantSpec:
         if fmt.is_float:
             if not self.symmetric:
                 raise ValueError(f"{fmt.name} is a float format: it supports symmetric=True only")
-            if self.rounding != "nearest":
-                raise ValueError(f"{fmt.name} supports rounding='nearest' only")
         if self.ste == "lsq" and not self.symmetric:
             raise ValueError("ste='lsq' (learned step size) supports symmetric quantization only")
         if not isinstance(self.pack_axis, int) or isinstance(self.pack_axis, bool):

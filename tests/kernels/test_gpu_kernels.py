@@ -142,6 +142,8 @@ WEIGHT_ONLY_CASES = [
     ("k_pairs", 128, 5, 512, 128, P(16, 64, 64, 2, True)),
     ("n_pairs", None, 3, 256, 128, P(16, 64, 64, 1, True)),
     ("n_pairs", 128, 20, 512, 128, P(32, 64, 128, 2)),
+    ("int8", 64, 7, 256, 64, P(16, 32, 32, 2)),
+    ("int8", None, 40, 192, 96, P(16, 32, 64, 3, True)),
 ]
 
 
@@ -377,7 +379,7 @@ def test_config_rules_are_named():
     check(G(4, 32, 64, 1), "block_n >= 64")
     check(G(3, 64, 64, 1), "block_m must be a power of two")
     check(G(4, 64, 64, 3), "split_k must divide K")
-    check(P(16, 64, 64), "dequant='ptx' is the triton engine's int4", kind="w8a16", layout="int8")
+    check(P(16, 64, 64), "dequant='ptx' is the triton engine's weight-only", kind="w8a8", layout="kn")
     check(BlockConfig(4, 64, 64, engine="gemv", dequant="ptx"), "dequant='ptx' is the triton")
     check(BlockConfig(16, 64, 64, dequant="asm"), "dequant must be one of")
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qjax.kernels import BlockConfig, w4a16_matmul
+from qjax.kernels import BlockConfig, w4a16_matmul, w8a16_matmul
 from qjax.kernels._fastcvt import nibbles_bf16
-from qjax.kernels._ptx import nibbles_bf16_ptx, run_ptx
+from qjax.kernels._ptx import int8_bf16_ptx, nibbles_bf16_ptx, run_ptx
 
 from .cuda_target import triton_modules
 
@@ -66,6 +66,15 @@ def test_shr_mov_and_bf16x2_fma():
     assert run("{ .reg .b32 t; mov.b32 t, 0x1234; mov.b32 $0, t; }", 1, 0) == [0x1234]
 
 
+def test_xor_sub_f32_and_bf16x2_pack():
+    f32 = lambda v: int(np.array(v, np.float32).view(np.uint32))
+    bf = lambda v: int(np.array(v, jnp.bfloat16).view(np.uint16))
+    assert run("xor.b32 $0, $1, 0x80808080;", 1, 0x01FF7F80) == [0x817FFF00]
+    assert run("sub.f32 $0, $1, 0f4B000080;", 1, f32(2.0**23 + 5)) == [f32(-123.0)]
+    (d,) = run("cvt.rn.bf16x2.f32 $0, $1, $2;", 1, f32(-3.0), f32(1.0 + 2**-8))  # first source: upper
+    assert (d >> 16, d & 0xFFFF) == (bf(-3.0), bf(1.0))  # 1 + 2^-8 is a tie: rounds to even
+
+
 def test_emulator_errors():
     with pytest.raises(ValueError, match=r"'add\.u32' is not emulated"):
         run("add.u32 $0, $1, $1;", 1, 1)
@@ -92,22 +101,41 @@ def test_shipped_ptx_unpacks_every_byte():
     np.testing.assert_array_equal(np.asarray(hi).view(np.uint16), np.asarray(ref_hi).view(np.uint16))
 
 
-@pytest.mark.parametrize("layout", ["k_halves", "k_pairs", "n_pairs"])
+def test_shipped_int8_ptx_converts_every_byte():
+    p = jnp.asarray(
+        np.random.default_rng(1).permutation(np.arange(-128, 128).repeat(4)).reshape(32, 32), jnp.int8
+    )
+    y = int8_bf16_ptx(p, interpret=True)
+    assert y.dtype == jnp.bfloat16 and y.shape == p.shape
+    np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(p, np.float64))
+
+
+@pytest.mark.parametrize("layout", ["k_halves", "k_pairs", "n_pairs", "int8"])
 def test_ptx_config_lowers_to_inline_asm(layout):
     k = n = 1024
     cfg = BlockConfig(16, 128, 128, 2, True, dequant="ptx")
-    wshape = (k, n // 2) if layout == "n_pairs" else (k // 2, n)
+    wshape = {"n_pairs": (k, n // 2), "int8": (k, n)}.get(layout, (k // 2, n))
     args = (
         jax.ShapeDtypeStruct((4, k), jnp.bfloat16),
-        jax.ShapeDtypeStruct(wshape, jnp.uint8),
+        jax.ShapeDtypeStruct(wshape, jnp.int8),
         jax.ShapeDtypeStruct((1, n), jnp.float32),
     )
-    fn = lambda x, w, s: w4a16_matmul(
-        x, w, s, layout=layout, pack_block=128 if layout == "k_halves" else None, platform="gpu", config=cfg
-    )
+    if layout == "int8":
+        fn = lambda x, w, s: w8a16_matmul(x, w, s, platform="gpu", config=cfg)
+    else:
+        fn = lambda x, w, s: w4a16_matmul(
+            x,
+            w,
+            s,
+            layout=layout,
+            pack_block=128 if layout == "k_halves" else None,
+            platform="gpu",
+            config=cfg,
+        )
     (module,) = triton_modules(fn, *args)
-    assert module.count("tt.elementwise_inline_asm") == 2  # low and high nibbles, once per K step
-    assert "lop3.b32" in module and "fma.rn.bf16x2" in module
+    # once per K step: low and high nibbles, or the int8 codes
+    assert module.count("tt.elementwise_inline_asm") == (1 if layout == "int8" else 2)
+    assert ("cvt.rn.bf16x2.f32" if layout == "int8" else "fma.rn.bf16x2") in module
 
 
 def test_ptx_unpacking_is_refused_off_gpu():
@@ -125,6 +153,10 @@ def test_ptx_candidates_are_unswapped_int4_tiles(m):
 
     ptx = [c for c in gpu_candidates("w4a16", m, 4096, 4096, 128, "n_pairs") if c.dequant == "ptx"]
     assert ptx and not any(c.swap for c in ptx) and {variant(c) for c in ptx} == {"triton+ptx"}
-    assert not any(c.dequant == "ptx" for c in gpu_candidates("w8a16", m, 4096, 4096, None, "int8"))
+    int8 = gpu_candidates("w8a16", m, 4096, 4096, None, "int8")
+    assert any(c.dequant == "ptx" for c in int8) == (m > 16)  # small batches: the PTX loses for int8
+    if m <= 16:  # unswapped int8 tiles first: the swapped ones spill in the offline SASS
+        first = next(c for c in int8 if c.engine == "triton")
+        assert not first.swap and first.block_m == 16
     pairs = [c for c in gpu_candidates("w4a16", m, 4096, 4096, 128, "k_pairs") if c.dequant == "ptx"]
     assert bool(pairs) == (m > 16)  # small batches: k_pairs keeps the swapped logic kernel

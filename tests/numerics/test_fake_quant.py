@@ -29,6 +29,7 @@ FQ_SPECS = [
     QuantSpec(qjax.fp8_e5m2),
     QuantSpec(qjax.int16, channel_axes=(0,)),
     QuantSpec(qjax.int4, rounding="stochastic"),
+    QuantSpec(qjax.fp8_e4m3, rounding="stochastic", channel_axes=(-1,)),
 ]
 
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import qjax
 from qjax.numerics import IntFormat, QuantSpec, dequantize, quantize
+from qjax.numerics.scaling import round_to_float_grid
 
 from .reference import F32, ref_quantize
 
@@ -165,6 +166,69 @@ def test_stochastic_rounding_keys_are_deterministic():
     a = quantize(x, spec, key=jax.random.key(5)).values
     b = quantize(x, spec, key=jax.random.key(5)).values
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def _fp8_grid(fmt):
+    """Every finite value of the fp8 format, sorted (from ml_dtypes, independent of qjax)."""
+    dt = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}[fmt.name]
+    v = np.arange(256, dtype=np.uint8).view(dt).astype(np.float64)
+    return np.unique(v[np.isfinite(v)])
+
+
+@pytest.mark.parametrize("fmt", [qjax.fp8_e4m3, qjax.fp8_e5m2])
+def test_fp8_stochastic_rounding_is_unbiased_between_grid_neighbours(fmt):
+    """Each value lands on one of its two neighbours on the fp8 grid (ml_dtypes' list of
+    values), with mean = the value: subnormals, both signs, several binades, the top one."""
+    grid = _fp8_grid(fmt)
+    spec = QuantSpec(fmt, rounding="stochastic")
+    top = fmt.max_value
+    tiny = grid[grid > 0][0]  # the smallest subnormal
+    y = np.array(
+        [0.3 * tiny, 2.5 * tiny, 1.1, -1.3, 3.7, -0.07, 0.4 * top, -0.93 * top, 0.99 * top, 5.5 * tiny],
+        np.float32,
+    )
+    K = 4096
+    keys = jax.random.split(jax.random.key(1), K)
+    out = jax.vmap(lambda k: quantize(y, spec, key=k, scale=F32(1)).values)(keys)
+    codes = np.asarray(out.astype(jnp.float32), np.float64)
+    yy = y.astype(np.float64)
+    hi = grid[np.searchsorted(grid, yy, side="left")]
+    lo = grid[np.searchsorted(grid, yy, side="right") - 1]
+    assert np.all((codes == lo) | (codes == hi))
+    assert np.all((codes == lo).any(axis=0) & (codes == hi).any(axis=0))  # both ways
+    p = (yy - lo) / (hi - lo)
+    sigma = (hi - lo) * np.sqrt(p * (1 - p) / K)
+    assert np.all(np.abs(codes.mean(axis=0) - yy) <= 5 * sigma + 1e-12)
+
+
+@pytest.mark.parametrize("fmt", [qjax.fp8_e4m3, qjax.fp8_e5m2])
+def test_fp8_stochastic_rounding_edges(fmt):
+    grid = _fp8_grid(fmt)
+    spec = QuantSpec(fmt, rounding="stochastic")
+    on_grid = np.concatenate([grid, -grid]).astype(np.float32)  # every value stays put
+    for seed in range(3):
+        q = quantize(on_grid, spec, key=jax.random.key(seed), scale=F32(1)).values
+        np.testing.assert_array_equal(np.asarray(q.astype(jnp.float32)), on_grid)
+    top = fmt.max_value
+    x = np.array([top, -top, 2 * top, -3 * top, 0.0, -0.0], np.float32)
+    for seed in range(20):  # at the top: never past max (e4m3fn has no infinity: 480 is NaN)
+        q = np.asarray(quantize(x, spec, key=jax.random.key(seed), scale=F32(1)).values.astype(jnp.float32))
+        np.testing.assert_array_equal(q, [top, -top, top, -top, 0, 0])
+    for bad in (np.nan, np.inf):  # as with nearest rounding: the whole group dequantizes to NaN
+        q = quantize(np.array([1.0, bad], np.float32), spec, key=jax.random.key(0))
+        assert np.all(np.isnan(np.asarray(q.dequantize())))
+    # the same key gives the same codes; a scale that is not 1
+    z = np.linspace(-3, 3, 101, dtype=np.float32)
+    a = quantize(z, spec, key=jax.random.key(7)).values
+    b = quantize(z, spec, key=jax.random.key(7)).values
+    np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b.astype(jnp.float32)))
+    with pytest.raises(ValueError, match="key"):
+        quantize(z, spec)
+    # the largest noise below 1 at the largest value: float32 rounds max / step + u up to the
+    # next integer, which must not leave the format
+    u = jnp.float32(np.nextafter(np.float32(1), np.float32(0)))
+    r = round_to_float_grid(jnp.float32([top, -top]), fmt, u)
+    np.testing.assert_array_equal(np.asarray(r), [top, -top])
 
 
 # --------------------------------------------------------------------------------
