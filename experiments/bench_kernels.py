@@ -40,6 +40,7 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import itertools
 import json
 import math
 import time
@@ -507,18 +508,14 @@ def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, 
 
 def cap_per_engine(cands: list, cap: int | None) -> list:
     """The first ``cap`` configs of each kernel variant (engine, plus ``+ptx`` for the
-    inline-PTX unpacking: :func:`qjax.kernels.candidates.variant`), in order (all if ``cap``
-    is ``None``)."""
-    if cap is None:
-        return cands
-    seen: dict = {}
-    out = []
+    inline-PTX conversion: :func:`qjax.kernels.candidates.variant`; all if ``cap`` is
+    ``None``), taken in turns (first of each variant, then second, ...) so that a tuning
+    deadline cuts every variant short rather than skipping the last ones."""
+    groups: dict = {}
     for c in cands:
-        v = variant(c)
-        if seen.get(v, 0) < cap:
-            out.append(c)
-            seen[v] = seen.get(v, 0) + 1
-    return out
+        groups.setdefault(variant(c), []).append(c)
+    lists = [g if cap is None else g[:cap] for g in groups.values()]
+    return [c for row in itertools.zip_longest(*lists) for c in row if c is not None]
 
 
 def fallback_us(case: dict) -> float | None:

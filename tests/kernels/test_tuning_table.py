@@ -11,7 +11,7 @@ import pytest
 
 import qjax
 from qjax.kernels import BlockConfig, api, dispatch, gpu_wgmma, tuning
-from qjax.kernels.candidates import gpu_candidates
+from qjax.kernels.candidates import gpu_candidates, variant
 
 CFG = BlockConfig(16, 64, 128, 2, True)
 
@@ -194,6 +194,16 @@ def test_later_small_batches_retime_each_engines_winners_first(bench):
     order = bench.small_batch_candidates(tried, cands, 4, "n_pairs", per_engine=1)
     assert order[:2] == [dataclasses.replace(gemv, block_m=4), mma]
     assert sorted(map(repr, order)) == sorted(map(repr, cands)) and len(order) == len(set(order))
+
+
+def test_capped_candidates_take_each_variant_in_turn(bench):
+    cands = gpu_candidates("w4a16", 1, 4096, 4096, None, "n_pairs")
+    capped = bench.cap_per_engine(cands, 2)
+    assert [variant(c) for c in capped] == ["gemv", "triton", "triton+ptx"] * 2
+    assert capped[:3] == [next(c for c in cands if variant(c) == v) for v in ("gemv", "triton", "triton+ptx")]
+    everything = bench.cap_per_engine(cands, None)  # uncapped: every config once, still in turns
+    assert sorted(map(repr, everything)) == sorted(map(repr, cands))
+    assert [variant(c) for c in everything[:3]] == ["gemv", "triton", "triton+ptx"]
 
 
 def test_a_transposed_w8a8_case_also_gives_the_stored_nk_entry(bench):
