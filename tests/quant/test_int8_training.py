@@ -21,9 +21,9 @@ CASES = [
 ]
 
 
-def _fq_tokens(x, contracting):
+def _fq_tokens(x, contracting, fmt=qjax.int8):
     axes = tuple(d for d in range(x.ndim) if d not in contracting)
-    return qjax.fake_quant(x, qjax.QuantSpec(qjax.int8, channel_axes=axes))
+    return qjax.fake_quant(x, qjax.QuantSpec(fmt, channel_axes=axes))
 
 
 @pytest.mark.parametrize("ls,rs,dn", CASES)
@@ -58,19 +58,29 @@ def test_forward_and_backward_equal_fake_quant_reference(ls, rs, dn):
     np.testing.assert_allclose(da, vjp_q(cq_for_a)[0], rtol=2e-5, atol=2e-5)
 
 
-def test_stochastic_gradient_is_unbiased():
+@pytest.mark.parametrize(
+    "spec,grad_spec",
+    [
+        (S8, STOCH),
+        # the fp8 recipe: e4m3 operands, e5m2 gradients rounded stochastically
+        (qjax.QuantSpec(qjax.fp8_e4m3), qjax.QuantSpec(qjax.fp8_e5m2, rounding="stochastic")),
+    ],
+    ids=["int8", "fp8"],
+)
+def test_stochastic_gradient_is_unbiased(spec, grad_spec):
     a = jax.random.normal(jax.random.key(0), (8, 16))
     b = jax.random.normal(jax.random.key(1), (16, 4))
     c = jax.random.normal(jax.random.key(2), (8, 4))
 
     def grad(key):
         f = lambda a: int8_dot_general(
-            a, b, (((1,), (0,)), ((), ())), lhs_spec=S8, rhs_spec=S8, grad_spec=STOCH, key=key
+            a, b, (((1,), (0,)), ((), ())), lhs_spec=spec, rhs_spec=spec, grad_spec=grad_spec, key=key
         )
         return jax.vjp(f, a)[1](c)[0]
 
     grads = jax.vmap(grad)(jax.random.split(jax.random.key(5), 400))
-    bq = _fq_tokens(b, (1,))  # in c @ b.T, b's axis 1 is contracted: one scale per row of b
+    # in c @ b.T, b's axis 1 is contracted: one scale per row of b
+    bq = _fq_tokens(b, (1,), spec.format)
     exact = c @ bq.T  # E[stochastic_round(c)] = c
     spread = grads.std(0)
     assert float(spread.max()) > 0  # the rounding is really stochastic
@@ -78,7 +88,7 @@ def test_stochastic_gradient_is_unbiased():
     with pytest.raises(ValueError, match="PRNG key"):
         jax.grad(
             lambda a: int8_dot_general(
-                a, b, (((1,), (0,)), ((), ())), lhs_spec=S8, rhs_spec=S8, grad_spec=STOCH
+                a, b, (((1,), (0,)), ((), ())), lhs_spec=spec, rhs_spec=spec, grad_spec=grad_spec
             ).sum()
         )(a)
 
