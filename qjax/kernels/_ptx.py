@@ -1,4 +1,4 @@
-"""int4 nibbles to bfloat16 in inline PTX, two codes per instruction (``dequant="ptx"``).
+"""Weight codes to bfloat16 in inline PTX (``dequant="ptx"``): int4 nibbles and int8 codes.
 
 The tensor-core weight-only kernel turns each byte of packed int4 codes into two bfloat16
 values. Written as ``jax.numpy`` integer logic (:func:`qjax.kernels._fastcvt.nibbles_bf16`)
@@ -17,12 +17,15 @@ register and builds bfloat16 values two per register with the magic-number conve
 4. one ``fma.rn.bf16x2`` per register subtracts ``136`` from both lanes (exact).
 
 That is 12 instructions for 8 codes (13 if ptxas does not merge the two blocks' ``prmt``).
-``fma.rn.bf16x2`` needs sm_80 (Ampere) or newer.
+int8 codes (:data:`INT8_BF16`, :func:`int8_bf16_ptx`) take 11 instructions for 4 codes
+through float32 (one ``xor``, a ``prmt`` and a ``sub.f32`` per code, one
+``cvt.rn.bf16x2.f32`` per pair). ``fma.rn.bf16x2`` and ``cvt.rn.bf16x2.f32`` need sm_80
+(Ampere) or newer. Where the conversion pays depends on the register layout Triton picks
+(unswapped tiles: yes; swapped: no; see :mod:`qjax.kernels.candidates`).
 
-Pallas' interpreter cannot run PTX, so with ``interpret=True`` :func:`nibbles_bf16_ptx`
-runs the same PTX text through :func:`run_ptx`, a small emulator of the instructions it
-uses (``mov``, ``prmt``, ``shr``, ``lop3``, ``fma.rn.bf16x2``): the interpreted kernel tests
-check this text, not a Python rewrite of it.
+Pallas' interpreter cannot run PTX, so with ``interpret=True`` the same PTX text runs
+through :func:`run_ptx`, a small emulator of the instructions it uses: the interpreted
+kernel tests check this text, not a Python rewrite of it.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ from jax import lax
 # <2 x bfloat> registers (element j in register j // 2, low half first). Operands: $0 $1 the
 # result (bytes 0-1 / 2-3), $2 the four bytes.
 # jax's lowering of a multi-result elementwise_inline_asm is broken (it wraps the op's result
-# list as one value, jax 0.10 and 0.11), so the low and high nibbles are two asm blocks; ptxas
-# sees both and merges the shared byte permute.
+# list as one value, jax 0.10 and 0.11), so the low and high nibbles are two asm blocks (ptxas
+# sees both and may merge their shared byte permute).
 
 
 def _unpack_asm(shift0: int, shift1: int) -> str:
