@@ -40,6 +40,9 @@ def linen_tree():
             ),
             "e4m3": q(_w(5, (4, 8)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,))),
             "e5m2": q(_w(6, (4, 8)), qjax.QuantSpec(qjax.fp8_e5m2)),
+            "bf16 scales": q(
+                _w(7, (16, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,), scale_dtype="bfloat16")
+            ),
             "raw_fp8": _w(7, (3, 5)).astype(jnp.float8_e4m3fn),
         },
         "masks": {"Dense_0": {"kernel": _w(8, (16, 8)) > 0}},

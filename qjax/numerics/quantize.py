@@ -90,6 +90,8 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
     if check_finite and xg.size:
         bad = jnp.any(~jnp.isfinite(xg), axis=axes, keepdims=True)
         s = jnp.where(bad, jnp.nan, s)
+    if spec.scale_dtype is not None:  # round to what will be stored: codes agree with it
+        s = s.astype(spec.scale_dtype).astype(cdt)
     # The barrier keeps XLA from folding the scale's arithmetic into the elementwise
     # division differently in different programs, so quantize/dequantize and fake_quant
     # round identically whether run eagerly or inside any jit.
@@ -113,7 +115,12 @@ def _compute_scale(x, spec: QuantSpec) -> tuple[jax.Array, jax.Array | None]:
     # spec)[0]) would not reproduce quantize(x, spec).
     g = scale_grouped(x, spec)
     zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, g.layout)
-    return scale_from_grouped(g.scale, g.layout), zp
+    return stored_scale(scale_from_grouped(g.scale, g.layout), spec), zp
+
+
+def stored_scale(scale: jax.Array, spec: QuantSpec) -> jax.Array:
+    """``scale`` in the dtype ``spec`` stores it in (``spec.scale_dtype``, else as it is)."""
+    return scale if spec.scale_dtype is None else scale.astype(spec.scale_dtype)
 
 
 def quantize(
@@ -164,7 +171,7 @@ def _quantize(x, spec: QuantSpec, key, scale, zero_point) -> QArray:
     zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, layout)
     return QArray(
         q,
-        scale_from_grouped(g.scale, layout),
+        stored_scale(scale_from_grouped(g.scale, layout), spec),
         zp,
         format=spec.format,
         dtype=x.dtype,

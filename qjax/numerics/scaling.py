@@ -144,16 +144,19 @@ def quantize_values(
 def dequantize_values(
     q: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None, dtype
 ) -> jnp.ndarray:
-    """Elementwise ``(q - zero_point) * scale`` cast to ``dtype``."""
-    y = q.astype(scale.dtype)
+    """Elementwise ``(q - zero_point) * scale`` cast to ``dtype``, computed in float32 (or
+    float64 for float64 scales; a bfloat16-stored scale is widened first)."""
+    cdt = compute_dtype(scale.dtype)
+    y = q.astype(cdt)
     if zero_point is not None:
-        y = y - zero_point.astype(scale.dtype)
-    return (y * scale).astype(dtype)
+        y = y - zero_point.astype(cdt)
+    return (y * scale.astype(cdt)).astype(dtype)
 
 
 def representable_bounds(
     scale: jnp.ndarray, zero_point: jnp.ndarray | None, fmt: Format
 ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Real-valued interval ``[lo, hi]`` that quantizes without clipping."""
+    scale = scale.astype(compute_dtype(scale.dtype))
     zp = 0.0 if zero_point is None else zero_point.astype(scale.dtype)
     return (fmt.qmin - zp) * scale, (fmt.qmax - zp) * scale

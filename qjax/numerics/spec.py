@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics import calibration as calib
@@ -13,6 +14,7 @@ from qjax.numerics.granularity import Layout, resolve_layout
 from qjax.numerics.scaling import ROUNDING_MODES
 
 STE_MODES = ("plain", "clipped", "lsq")
+SCALE_DTYPES = ("float32", "bfloat16")  # QuantSpec.scale_dtype ("float32": the default, None)
 
 
 class _PerToken:
@@ -67,6 +69,11 @@ class QuantSpec:
       pad_groups: allow a ``group_size`` that does not divide the axis (last group short).
       pack: store 2-bit and 3/4-bit integers packed four / two to a byte.
       pack_axis: the axis along which values are packed.
+      scale_dtype: how scales are stored: ``None`` (the compute dtype: float32, or float64
+        for float64 input) or ``"bfloat16"`` (half the bytes: 0.125 bits per weight instead
+        of 0.25 for groups of 128). Codes are computed with the bfloat16-rounded scale, so
+        ``dequantize`` is exact to it; arithmetic on scales stays in float32. (float16 is
+        not offered: its range cannot hold every scale, and a clamped scale clips.)
 
     Raises:
       ValueError / TypeError: any field is invalid; the message names it.
@@ -86,10 +93,19 @@ class QuantSpec:
     pad_groups: bool = False
     pack: bool = True
     pack_axis: int = -1
+    scale_dtype: str | None = None
 
     def __post_init__(self):
         fmt = as_format(self.format)
         object.__setattr__(self, "format", fmt)
+        if self.scale_dtype is not None:
+            try:
+                name = jnp.dtype(self.scale_dtype).name
+            except TypeError:
+                name = repr(self.scale_dtype)
+            if name not in SCALE_DTYPES:
+                raise ValueError(f"scale_dtype must be None or one of {SCALE_DTYPES}, got {name}")
+            object.__setattr__(self, "scale_dtype", None if name == "float32" else name)
         for name in ("group_size", "group_axis", "pack_axis"):
             value = getattr(self, name)
             if value is not None:
@@ -177,6 +193,7 @@ class QuantSpec:
             "pad_groups": self.pad_groups,
             "pack": self.pack,
             "pack_axis": self.pack_axis,
+            "scale_dtype": self.scale_dtype,
         }
 
 

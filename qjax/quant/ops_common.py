@@ -152,6 +152,12 @@ def check_static_scale(name: str, value, spec: QuantSpec, shape, free_axes: Sequ
         )
 
 
+def _widened(scale):
+    """A bfloat16-stored scale (``QuantSpec.scale_dtype``) as float32 for the arithmetic."""
+    cdt = compute_dtype(scale.dtype)
+    return scale if jnp.dtype(scale.dtype) == cdt else scale.astype(cdt)
+
+
 def from_qarray(name: str, q: QArray) -> Operand:
     """Wrap a QArray as an Operand (signed codes, non-negative axes)."""
     nd = q.ndim
@@ -159,7 +165,7 @@ def from_qarray(name: str, q: QArray) -> Operand:
     pos = lambda a: None if a is None else a % nd
     common = dict(
         name=name,
-        scale=q.scale,
+        scale=_widened(q.scale),
         dtype=q.dtype,
         shape=tuple(q.shape),
         group_axis=pos(q.group_axis),

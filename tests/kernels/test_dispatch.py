@@ -34,6 +34,9 @@ WEIGHT_SPECS = {
     ),
     "int4 g64 packed along N": qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=64),
     "int8": qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),
+    "int4 g64, bfloat16-stored scales": qjax.QuantSpec(
+        qjax.int4, channel_axes=(-1,), group_axis=0, group_size=64, scale_dtype="bfloat16"
+    ),
 }
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 
+import ml_dtypes
 import numpy as np
 
 F32 = np.float32
@@ -111,9 +112,12 @@ def ref_quantize(
     group_size=None,
     symmetric=True,
     calib=None,
+    scale_dtype=None,
     **calib_kw,
 ):
-    """Reference fake-quantization of ``x`` (float32 numpy).
+    """Reference fake-quantization of ``x`` (float32 numpy). ``scale_dtype="bfloat16"``:
+    each scale is rounded to bfloat16 (nearest even) after the zero point is computed, and
+    the codes use the rounded scale.
 
     Returns ``(codes int64, scale (scale shape), zero_point or None, dequantized float32)``.
     """
@@ -130,6 +134,8 @@ def ref_quantize(
         s, zp = ref_scale(lo, hi, qmin, qmax, symmetric)
         if calib == "fixed" and not np.all(np.isfinite(v)):
             s = F32(np.nan)
+        if scale_dtype == "bfloat16":
+            s = F32(np.asarray(s, np.float32).astype(ml_dtypes.bfloat16))
         scale[idx] = s
         if zps is not None:
             zps[idx] = zp

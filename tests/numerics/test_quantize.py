@@ -168,6 +168,58 @@ def test_stochastic_rounding_keys_are_deterministic():
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize(
+    "fmt,kw",
+    [
+        (qjax.int4, dict(channel_axes=(-1,))),
+        (qjax.int8, dict(group_axis=0, group_size=4)),
+        (qjax.uint8, dict(symmetric=False, channel_axes=(-1,))),
+        (qjax.int4, dict(symmetric=False, group_axis=0, group_size=4, channel_axes=(-1,))),
+    ],
+    ids=["int4-channel", "int8-group", "uint8-asym", "int4-asym-group"],
+)
+def test_bfloat16_scales_match_reference(fmt, kw):
+    """Scales stored in bfloat16: the codes are those of the rounded scale (so dequantize
+    is exact to what is stored), the scale bytes halve, and the error stays within half a
+    step of the stored scale (inside the range)."""
+    spec = QuantSpec(fmt, scale_dtype="bfloat16", **kw)
+    x = _t()
+    q = quantize(x, spec)
+    codes, s, zp, dq = ref_quantize(x, fmt.qmin, fmt.qmax, scale_dtype="bfloat16", **kw)
+    assert q.scale.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(q.scale, np.float32), s)
+    np.testing.assert_array_equal(_codes(q), codes)
+    if zp is not None:
+        np.testing.assert_array_equal(np.asarray(q.zero_point, np.int64), zp)
+    y = dequantize(q)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(np.asarray(y), dq)
+    full = quantize(x, spec.replace(scale_dtype=None))
+    assert full.scale.dtype == jnp.float32 and q.nbytes == full.nbytes - full.scale.nbytes // 2
+    # the stored scale reproduces itself: quantizing again with it gives the same codes
+    again = quantize(x, spec, scale=q.scale, zero_point=q.zero_point)
+    np.testing.assert_array_equal(_codes(again), _codes(q))
+    # fake_quant rounds the same way (QAT equals the exported model)
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), np.asarray(y))
+
+
+def test_bfloat16_scales_keep_nan_for_non_finite_groups():
+    x = np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)
+    q = quantize(x, QuantSpec(qjax.int8, channel_axes=(0,), scale_dtype="bfloat16"))
+    y = np.asarray(dequantize(q))
+    assert np.all(np.isnan(y[0])) and np.all(np.isfinite(y[1]))
+
+
+def test_scale_dtype_values():
+    assert QuantSpec(qjax.int4, scale_dtype=jnp.bfloat16).scale_dtype == "bfloat16"
+    assert QuantSpec(qjax.int4, scale_dtype="float32").scale_dtype is None  # the default
+    spec = QuantSpec(qjax.int4, scale_dtype="bfloat16")
+    assert qjax.numerics.spec_from_dict(spec.to_dict()) == spec
+    for bad in ("float16", "int8", "bf16x"):
+        with pytest.raises(ValueError, match="scale_dtype must be None or one of"):
+            QuantSpec(qjax.int4, scale_dtype=bad)
+
+
 def _fp8_grid(fmt):
     """Every finite value of the fp8 format, sorted (from ml_dtypes, independent of qjax)."""
     dt = {"fp8_e4m3": ml_dtypes.float8_e4m3fn, "fp8_e5m2": ml_dtypes.float8_e5m2}[fmt.name]

@@ -213,6 +213,15 @@ INT_CASES = {
         False,
     ),
     "int2 packed": ((5, 64), (64, 24), MM, A8, A8, Q(qjax.int2, channel_axes=(-1,)), True),
+    "bfloat16-stored weight scales": (
+        (5, 64),
+        (64, 24),
+        MM,
+        A8,
+        A8,
+        Q(qjax.int8, channel_axes=(-1,), scale_dtype="bfloat16"),
+        True,
+    ),
     "batch 1 (vector lhs)": ((1, 64), (64, 24), MM, A8, A8, W8, True),
     "vector rhs": ((6, 64), (64,), MM, A8, A8, Q(qjax.int8), True),
     "contracting first, W transposed": (
@@ -290,6 +299,9 @@ WEIGHT_ONLY = {
     "W4": Q(qjax.int4, channel_axes=(-1,)),
     "W4 g32": Q(qjax.int4, channel_axes=(-1,), group_size=32, group_axis=0),
     "uint8 asym": Q(qjax.uint8, channel_axes=(-1,), symmetric=False),
+    "W4 g32 bf16 scales": Q(
+        qjax.int4, channel_axes=(-1,), group_size=32, group_axis=0, scale_dtype="bfloat16"
+    ),
 }
 
 
