@@ -65,12 +65,19 @@ class WeightRef:
       ops: layout ops applied since the leaf, in order.
       depth: how many leading axes of the params leaf enclosing ``scan``s sliced off
         (a spec written for the stacked leaf is adapted with :func:`spec_for_slice`).
+      aux: an array the handler keeps with the leaf (:meth:`Handler.aux`, e.g. a learned
+        LSQ scale); a ``scan`` over the stacked leaf slices it too (a leading axis of
+        size 1 is shared by every slice).
+      aux_shared: how many slices share this ``aux`` (the product of the lengths of the
+        enclosing scans that did not slice it).
     """
 
     path: str
     leaf: Any
     ops: tuple[LayoutOp, ...] = ()
     depth: int = 0  # leading (stacked) axes of the params leaf sliced off by enclosing scans
+    aux: Any = None
+    aux_shared: int = 1
 
     def float_leaf(self):
         return self.leaf.dequantize() if isinstance(self.leaf, QArray) else self.leaf
@@ -129,6 +136,11 @@ class Handler:
     """
 
     def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
+        return None
+
+    def aux(self, path: str) -> Any:
+        """An array to keep with the params leaf at ``path`` (``WeightRef.aux``), sliced
+        with it by ``scan``s over a stacked leaf; ``None`` by default."""
         return None
 
 
@@ -211,25 +223,60 @@ def _split(values, *sizes):
     return out
 
 
+def _scan_parts(ref: WeightRef, length: int):
+    """Split a stacked params leaf (and its aux) for ``lax.scan``: the arrays whose leading
+    axis has the scan's length are sliced per iteration; those with a leading axis of 1
+    (a scale shared by every layer) or none are the same in every iteration.
+
+    Returns:
+      ``(sliced arrays, rebuild)``; ``rebuild(slices)`` gives the iteration's ``WeightRef``.
+
+    Raises:
+      ValueError: an array with any other leading size (names the leaf).
+    """
+    leaves, treedef = jax.tree.flatten((ref.leaf, ref.aux))
+    per_layer = []
+    for a in leaves:
+        shape = jnp.shape(a)
+        if shape and shape[0] == length:
+            per_layer.append(True)
+        elif not shape or shape[0] == 1:
+            per_layer.append(False)
+        else:
+            raise ValueError(
+                f"leaf {ref.path!r} is scanned {length} times, but a part of it (a scale, or a value "
+                f"kept with it such as a learned scale) has shape {shape}: its leading axis must be "
+                f"{length} (one per layer) or 1 (shared)"
+            )
+    aux_leaves = len(jax.tree.leaves(ref.aux))
+    aux_shared = aux_leaves > 0 and not any(per_layer[-aux_leaves:])
+
+    def rebuild(slices) -> WeightRef:
+        it = iter(slices)
+        vals = [next(it) if p else (a[0] if jnp.ndim(a) else a) for a, p in zip(leaves, per_layer)]
+        leaf, aux = jax.tree.unflatten(treedef, vals)
+        if isinstance(leaf, QArray):
+            leaf = leading_slice(leaf)
+        shared = ref.aux_shared * (length if aux_shared else 1)
+        return WeightRef(ref.path, leaf, (), ref.depth + 1, aux, shared)
+
+    return [a for a, p in zip(leaves, per_layer) if p], rebuild
+
+
 def _scan(eqn, invals, handler, emit):
     p = eqn.params
     num_consts, num_carry = scan_counts(p)
     consts, init, xs = _split(invals, num_consts, num_carry)
     init = [materialize(x) for x in init]
-    # A direct params leaf fed as xs is scanned as its stored form (QArray slices too).
-    sliced = [isinstance(x, WeightRef) and not x.ops for x in xs]
-    xs_in = [x.leaf if s else materialize(x) for x, s in zip(xs, sliced)]
-    refs = [x if s else None for x, s in zip(xs, sliced)]
+    # A direct params leaf fed as xs is scanned as its stored form (QArray slices too), its
+    # aux beside it; parts shared by every layer are not sliced.
+    parts = [_scan_parts(x, p["length"]) if isinstance(x, WeightRef) and not x.ops else None for x in xs]
+    xs_in = [materialize(x) if part is None else part[0] for x, part in zip(xs, parts)]
     body = p["jaxpr"]
 
     def step(carry, x_slices):
         local = _Emitter()
-        x_vals = [
-            x
-            if r is None
-            else WeightRef(r.path, leading_slice(x) if isinstance(x, QArray) else x, (), r.depth + 1)
-            for r, x in zip(refs, x_slices)
-        ]
+        x_vals = [x if part is None else part[1](x) for part, x in zip(parts, x_slices)]
         outs = [materialize(o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
         return outs[:num_carry], (outs[num_carry:], local.values)
 
@@ -351,7 +398,7 @@ def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dic
       ``(outputs, emitted)``: the flat outputs and, by key, the list of values handlers
       emitted (stacked along a leading axis for ops inside a ``scan``).
     """
-    refs = [WeightRef(path, leaf) for path, leaf in zip(traced.param_paths, params_leaves)]
+    refs = [WeightRef(path, leaf, aux=handler.aux(path)) for path, leaf in zip(traced.param_paths, params_leaves)]
     emitter = _Emitter()
     closed = traced.jaxpr
     outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)

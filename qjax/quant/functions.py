@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -127,10 +128,23 @@ def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, a
     return op
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _grad_times(x, factor: float):
+    """``x``, with its gradient multiplied by ``factor``."""
+    return x
+
+
+_grad_times.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor,))
+
+
 class _FakeQuant(_PolicyHandler):
     def __init__(self, policy: Policy, scales: dict, key, integer_forward: bool):
         super().__init__(policy)
         self.scales, self.key, self.integer_forward = scales, key, integer_forward
+
+    def aux(self, path: str):
+        # the learned LSQ scale travels with its leaf: a scan over stacked layers slices it
+        return self.scales.get(path)
 
     @_named_errors
     def target(self, eqn, invals, emit):
@@ -155,7 +169,13 @@ class _FakeQuant(_PolicyHandler):
             if rule.weight is not None:
                 spec = spec_for_slice(rule.weight, ref.depth)
                 key = fold_in_path(self.key, ref.path)
-                w = fake_quant(w, spec, scale=self.scales.get(ref.path), key=key)
+                scale = ref.aux
+                if scale is not None and ref.aux_shared > 1:
+                    # one learned scale shared by every layer of a scan: LSQ scales its
+                    # gradient by 1/sqrt(elements per scale), and those are the slice's
+                    # times the number of slices sharing it
+                    scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
+                w = fake_quant(w, spec, scale=scale, key=key)
             for op in ref.ops:
                 w = op.apply(w)
             operands[wi] = w

@@ -168,6 +168,37 @@ def test_scan_stack_per_layer_scales_remat_and_jit():
     assert hlo.count("xi32>") >= 3
 
 
+@pytest.mark.parametrize("axes", [(0, -1), (-1,)], ids=["per-layer", "shared-across-layers"])
+def test_lsq_scales_inside_a_scan_are_sliced_per_layer(axes):
+    """Learned scales of a stacked leaf read inside ``nn.scan``: each layer uses its slice
+    (per-layer scales) or the shared one, exactly as fake-quantizing the stacked leaf
+    outside the model does, forward and gradient; the exported model agrees."""
+    x = jax.random.normal(jax.random.key(0), (8, 16))
+    v = Stack().init(jax.random.key(1), x)
+    lsq = qjax.QuantSpec(qjax.int4, channel_axes=axes, ste="lsq")
+    policy = qjax.Policy([qjax.Rule(".*ScanBlock.*kernel", weight=lsq), qjax.Rule(".*kernel", weight=W8)])
+    path = "params/ScanScanBlock_0/Dense_0/kernel"
+    scales = qjax.lsq_scales(v, policy)
+    assert scales[path].shape == ((3, 1, 16) if axes == (0, -1) else (1, 1, 16))
+
+    def qat(s):
+        return qjax.fake_quantized(Stack().apply, policy, scales=s)(v, x)
+
+    def reference(s):  # no interpreter: the stacked leaf fake-quantized as a whole
+        return Stack().apply(qjax.fake_quant_params(v, policy, scales=s), x)
+
+    np.testing.assert_allclose(qat(scales), reference(scales), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda s: jnp.sum(qat(s) ** 2))(scales)[path]
+    g_ref = jax.grad(lambda s: jnp.sum(reference(s) ** 2))(scales)[path]
+    assert float(jnp.abs(g_ref).sum()) > 0
+    np.testing.assert_allclose(g, g_ref, rtol=1e-4, atol=1e-6)
+    exported = qjax.quantized(Stack().apply, policy)(qjax.quantize_params(v, policy, scales=scales), x)
+    np.testing.assert_allclose(exported, qat(scales), rtol=1e-4, atol=1e-4)
+    bad = {path: jnp.ones((2, 1, 16))}  # neither one per layer nor shared
+    with pytest.raises(ValueError, match=r"ScanScanBlock_0/Dense_0/kernel.*leading axis must be 3"):
+        qat(bad)
+
+
 def test_nnx_model_one_line():
     class Net(nnx.Module):
         def __init__(self, rngs):
