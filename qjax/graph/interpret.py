@@ -398,7 +398,9 @@ def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dic
       ``(outputs, emitted)``: the flat outputs and, by key, the list of values handlers
       emitted (stacked along a leading axis for ops inside a ``scan``).
     """
-    refs = [WeightRef(path, leaf, aux=handler.aux(path)) for path, leaf in zip(traced.param_paths, params_leaves)]
+    refs = [
+        WeightRef(path, leaf, aux=handler.aux(path)) for path, leaf in zip(traced.param_paths, params_leaves)
+    ]
     emitter = _Emitter()
     closed = traced.jaxpr
     outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)
