@@ -5,7 +5,8 @@ A checkpoint directory holds ``arrays/`` (Orbax: one entry per array leaf, a dic
 each leaf's ``qjax.rules`` path and metadata, the container structure when it is made of
 dicts/lists/tuples, Python scalars and strings) and, optionally, ``policy.json``. Arrays
 keep their dtype (int4/int2 QArray values are already packed ``uint8``) except fp8, stored
-bitcast to ``uint8``, and bool arrays (pruning masks), stored bit-packed 8 per byte. The JSON
+bitcast to ``uint8``, bool arrays (pruning masks), stored bit-packed 8 per byte, and typed
+PRNG key arrays, stored as their key data with the implementation's name. The JSON
 file is written last: without it a save is incomplete.
 """
 
@@ -64,17 +65,24 @@ def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
         for part in _PARTS:
             child = getattr(leaf, part)
             meta[part] = None if child is None else _array_meta(child)
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, _KEY):
+        # typed PRNG keys: their raw key data is stored, the implementation recorded
+        data = jax.eval_shape(jax.random.key_data, leaf)
+        meta = {"kind": "key", "shape": [int(d) for d in leaf.shape], "dtype": str(leaf.dtype)}
+        meta["data"] = _array_meta(data)
+        if isinstance(leaf, jax.Array):  # a target's ShapeDtypeStruct cannot name it; its dtype does
+            meta["impl"] = str(jax.random.key_impl(leaf))
     elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and jnp.dtype(leaf.dtype) == jnp.bool_:
         meta = {"kind": "bits", **_array_meta(leaf)}  # masks: stored 8 per byte
-    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype") and not jax.dtypes.issubdtype(leaf.dtype, _KEY):
+    elif hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
         meta = {"kind": "array", **_array_meta(leaf)}
     elif isinstance(leaf, (bool, int, float, str)):
         meta = {"kind": "scalar", "value": leaf}
     else:
         what = f"{type(leaf).__name__} {getattr(leaf, 'dtype', '')}".strip()
         raise TypeError(
-            f"leaf {path!r}: cannot checkpoint a {what} (arrays, QArrays, Python scalars and "
-            "strings only; store PRNG keys as jax.random.key_data(key))"
+            f"leaf {path!r}: cannot checkpoint a {what} (arrays, PRNG key arrays, QArrays, "
+            "Python scalars and strings only)"
         )
     return {"path": path, **meta}
 
@@ -102,10 +110,12 @@ def _on_device(x) -> Any:
 
 def _parts(m: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{name: {shape, dtype}}`` of the arrays stored for a leaf (none for a scalar)."""
-    if m["kind"] in ("array", "bits") and math.prod(m["shape"]) == 0:
+    if m["kind"] in ("array", "bits", "key") and math.prod(m["shape"]) == 0:
         return {}  # Orbax stores no zero-size arrays: rebuilt from the metadata
     if m["kind"] == "array":
         return {"array": m}
+    if m["kind"] == "key":
+        return {"array": m["data"]}
     if m["kind"] == "bits":
         return {"array": {"shape": [-(-math.prod(m["shape"]) // 8)], "dtype": "uint8"}}
     return {k: m[k] for k in _PARTS if m.get(k) is not None}
@@ -128,6 +138,12 @@ def _unpack_bits(bits, shape) -> Any:
 
 def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
     """A leaf from its metadata and its arrays (jax arrays or ``ShapeDtypeStruct``s)."""
+    if m["kind"] == "key":
+        data = parts.get("array")
+        if data is None:
+            data = jnp.zeros(tuple(m["data"]["shape"]), m["data"]["dtype"])
+        wrap = lambda d: jax.random.wrap_key_data(d, impl=m["impl"])  # noqa: E731
+        return jax.eval_shape(wrap, data) if isinstance(data, jax.ShapeDtypeStruct) else wrap(data)
     if m["kind"] in ("array", "bits") and not parts:
         return jnp.zeros(tuple(m["shape"]), jnp.bool_ if m["kind"] == "bits" else m["dtype"])
     if m["kind"] == "bits":
@@ -197,7 +213,8 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
       directory: checkpoint directory (a path or ``epath``-style string); created if needed.
         An existing empty directory is used as is.
       tree: any pytree (dicts, lists, tuples, Linen variables, NNX ``State``, ...) whose
-        leaves are jax/numpy arrays, ``QArray``s, Python scalars or strings.
+        leaves are jax/numpy arrays, typed PRNG key arrays, ``QArray``s, Python scalars or
+        strings.
       policy: a ``qjax.Policy`` stored as JSON beside the arrays (see :func:`restore_policy`).
       overwrite: replace an existing non-empty checkpoint directory.
 
@@ -221,6 +238,9 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
         if parts := _parts(m):
             if m["kind"] == "bits":
                 arrays[_key(i)] = {"array": _pack_bits(leaf)}
+                continue
+            if m["kind"] == "key":
+                arrays[_key(i)] = {"array": jax.random.key_data(leaf)}
                 continue
             arrays[_key(i)] = {
                 k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
@@ -269,7 +289,7 @@ def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) ->
             raise ValueError(f"{where}: first differing leaf: checkpoint has {ck} where the target has {tg}")
         bits = "bits" in (want.get("kind"), have.get("kind"))  # a bool mask vs another dtype: say dtype
         for k in ["dtype", "kind", *want] if bits else ["kind", *want]:
-            if k not in ("path", "value") and want.get(k) != have.get(k):
+            if k not in ("path", "value", "impl") and want.get(k) != have.get(k):
                 raise ValueError(
                     f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "
                     f"{want.get(k)!r}, target {have.get(k)!r}"
@@ -353,7 +373,7 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
     abstract = {}
     bit_shardings = {}
     for i, m in enumerate(saved):
-        if m["kind"] == "scalar" or (m["kind"] in ("array", "bits") and not _parts(m)):
+        if m["kind"] == "scalar" or (m["kind"] in ("array", "bits", "key") and not _parts(m)):
             next(flat_shardings)  # a leaf with no stored array still has its target's sharding slot
         for k, p in _parts(m).items():
             s, shape, dtype = next(flat_shardings), tuple(p["shape"]), _stored_dtype(p["dtype"])

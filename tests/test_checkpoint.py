@@ -195,6 +195,43 @@ def test_mismatched_target_names_path(tmp_path):
         checkpoint.save(tmp_path / "bad", {"bad": object()})
 
 
+def test_prng_keys_round_trip(tmp_path):
+    """Typed PRNG keys (default and rbg implementations, scalar, split and empty) come back
+    as keys of the same implementation that draw the same numbers."""
+    tree = {
+        "rng": jax.random.key(3),
+        "split": jax.random.split(jax.random.key(4), 3),
+        "rbg": jax.random.key(5, impl="rbg"),
+        "none": jax.random.split(jax.random.key(6), 0),
+        "w": _w(0, (2, 3)),
+    }
+    checkpoint.save(tmp_path / "k", tree)
+
+    def same(a, b):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert jax.random.key_impl(a) == jax.random.key_impl(b)
+        np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(b))
+        if a.size:
+            np.testing.assert_array_equal(
+                jax.random.uniform(a.reshape(-1)[0], (4,)), jax.random.uniform(b.reshape(-1)[0], (4,))
+            )
+
+    abstract = jax.eval_shape(lambda: tree)
+    for restored in (
+        checkpoint.restore(tmp_path / "k"),
+        checkpoint.restore(tmp_path / "k", tree),
+        checkpoint.restore(tmp_path / "k", abstract),
+    ):
+        for name in ("rng", "split", "rbg", "none"):
+            same(tree[name], restored[name])
+        np.testing.assert_array_equal(restored["w"], tree["w"])
+    # a raw uint32 target where a key was saved, and a key of another implementation
+    with pytest.raises(ValueError, match=r"'rng' differs in kind: checkpoint 'key', target 'array'"):
+        checkpoint.restore(tmp_path / "k", {**tree, "rng": jax.random.key_data(tree["rng"])})
+    with pytest.raises(ValueError, match=r"'rng' differs in dtype: checkpoint 'key<fry>', target 'key<rbg>'"):
+        checkpoint.restore(tmp_path / "k", {**tree, "rng": jax.random.key(3, impl="rbg")})
+
+
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope"):
         checkpoint.restore(tmp_path / "nope")
