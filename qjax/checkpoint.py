@@ -142,7 +142,7 @@ def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
         data = parts.get("array")
         if data is None:
             data = jnp.zeros(tuple(m["data"]["shape"]), m["data"]["dtype"])
-        wrap = lambda d: jax.random.wrap_key_data(d, impl=m["impl"])  # noqa: E731
+        wrap = lambda d: jax.random.wrap_key_data(d, impl=m["impl"])
         return jax.eval_shape(wrap, data) if isinstance(data, jax.ShapeDtypeStruct) else wrap(data)
     if m["kind"] in ("array", "bits") and not parts:
         return jnp.zeros(tuple(m["shape"]), jnp.bool_ if m["kind"] == "bits" else m["dtype"])
