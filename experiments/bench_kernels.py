@@ -20,7 +20,9 @@ a split-K kernel's reduction counted as the kernel it is).
 
 Cases (issue 10): W4A16 (the kernel-native ``k_halves`` layout and ``n_pairs``, the one
 ``qjax.quantize`` stores and ``qjax.quantized(..., backend=...)`` dispatches) and W8A16 at
-batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, W4 per channel and with groups of 128;
+batch 1, 4, 16, 64, 256 for K=N=4096 and 8192, W4 per channel and with groups of 128
+(``--layouts`` adds ``k_pairs_nk`` / ``n_pairs_nk`` / ``int8_nk``: the weight stored ``(N,
+K)`` as PyTorch-converted and ``x @ w.T`` models hold it, baselines on that same weight);
 W8A8 at 4096^3 with the weight as stored ``(K, N)`` and transposed to ``(N, K)``
 (K-major, what Hopper's 8-bit ``wgmma`` reads; the timed call includes the transpose,
 ``kernel_only_us`` is the kernel alone), and on Hopper also with the Mosaic GPU ``wgmma``
@@ -173,7 +175,15 @@ def make_weight_only(rng, bits, k, n, group):
 
 def weight_in_layout(codes, layout, pack_block=None):
     """The codes as a kernel operand: int8, the kernel-native int4 halves, or the pair
-    layouts ``qjax.quantize`` stores (``k_pairs``: packed along K, ``n_pairs``: along N)."""
+    layouts ``qjax.quantize`` stores (``k_pairs``: packed along K, ``n_pairs``: along N);
+    with ``"_nk"`` appended, the weight stored ``(N, K)`` (PyTorch's ``(out, in)``)."""
+    base, nk = kc.split_layout(layout)
+    if nk:
+        return (
+            packing.pack(jnp.asarray(codes.T), 4, axis=1 if base == "k_pairs" else 0)
+            if base != "int8"
+            else (jnp.asarray(codes.T))
+        )
     if layout == "int8":
         return jnp.asarray(codes)
     if layout == "k_halves":
@@ -225,18 +235,21 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
     wbytes = k * n * bits // 8
     r = rotations(wbytes)
     res = {"kernel": kind, "layout": layout, "m": m, "k": k, "n": n, "group_size": group, "rotations": r}
+    base, nk = kc.split_layout(layout)
+    s_w = s.T if nk else s  # the scales in the weight's orientation
     best = None
     for cfg in tune_cfgs:
         if time.perf_counter() > deadline and best is not None:
             break
         pb = (cfg.block_k if cfg is not None else 128) if layout == "k_halves" else None
         w = weight_in_layout(codes, layout, pb)
-        kw = {"layout": layout, "pack_block": pb} if bits == 4 else {}
+        kw = {"layout": base, "pack_block": pb} if bits == 4 else {}
+        kw["b_layout"] = "nk" if nk else "kn"
         call = lambda x, w, s, cfg=cfg, kw=kw: fn(
-            x, w, s, group_size=group, platform=mode.platform, config=cfg, interpret=mode.interpret, **kw
+            x, w, s_w, group_size=group, platform=mode.platform, config=cfg, interpret=mode.interpret, **kw
         )
         try:
-            out = jax.jit(call)(x0, w, s)
+            out = jax.jit(call)(x0, w, s_w)
             err = rel_err(out, ref)
             if not err < 2e-2:
                 res.setdefault("bad_configs", []).append(
@@ -244,7 +257,7 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
                 )
                 continue
             ws = [w] + [w + 0 if w.dtype != jnp.uint8 else w ^ jnp.uint8(0) for _ in range(r - 1)]
-            t, t_gpu = mode.timed(call, [x0], ws, (s,))
+            t, t_gpu = mode.timed(call, [x0], ws, (s_w,))
         except Exception as e:  # a config the compiler rejects: record, go on
             res.setdefault("failed_configs", []).append({"config": cfg.to_dict(), "error": repr(e)[:300]})
             continue
@@ -260,27 +273,32 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
         return res
     t, cfg, err, t_gpu = best
     times = {"kernel": (t, t_gpu)}
-    # baselines: XLA bf16 dot, XLA's own quantized formulation
-    wf = jnp.asarray(codes, jnp.bfloat16)
-    bf16 = lambda x, w: x @ w
+    # baselines: XLA bf16 dot, XLA's own quantized formulation, each on the weight as stored
+    # ((N, K) for an "_nk" layout: XLA folds the .T into its dot)
+    wf = jnp.asarray(codes.T if nk else codes, jnp.bfloat16)
+    bf16 = (lambda x, w: x @ w.T) if nk else (lambda x, w: x @ w)
     wfs = [wf + i for i in range(rotations(2 * k * n))]
     times["xla_bf16"] = mode.timed(bf16, [x0], wfs)
     t_bf16 = times["xla_bf16"][0]
-    if bits == 8:
-        wq = jnp.asarray(codes)
-    else:
-        wq = jnp.asarray(codes).astype(jnp.int4)
+    wq = jnp.asarray(codes.T if nk else codes)
+    if bits == 4:
+        wq = wq.astype(jnp.int4)
     if group is None:
         xla_q = lambda x, w, s: (
-            jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32) * s
+            jnp.dot(x, (w.T if nk else w).astype(jnp.bfloat16), preferred_element_type=jnp.float32) * s
         ).astype(jnp.bfloat16)
     else:
         xla_q = lambda x, w, s: kc.xla_weight_only(
-            x, w.astype(jnp.int8), s, layout="int8", group_size=group, out_dtype=jnp.bfloat16
+            x,
+            w.astype(jnp.int8),
+            s,
+            layout="int8_nk" if nk else "int8",
+            group_size=group,
+            out_dtype=jnp.bfloat16,
         )
     wqs = [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)]
     try:
-        times["xla_quant"] = mode.timed(xla_q, [x0], wqs, (s,))
+        times["xla_quant"] = mode.timed(xla_q, [x0], wqs, (s.reshape(1, n) if group is None else s_w,))
         t_xq = times["xla_quant"][0]
     except Exception as e:
         t_xq = None
@@ -423,9 +441,14 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
         (4, "k_pairs", 128),
         (8, "int8", None),
         (8, "int8", 128),
+        (4, "k_pairs_nk", None),
+        (4, "k_pairs_nk", 128),
+        (4, "n_pairs_nk", 64),
+        (8, "int8_nk", 128),
     ]:
         if layouts is not None and layout not in layouts:
             continue
+        base, nk = kc.split_layout(layout)
         runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
         runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]  # the inline PTX: only hardware runs it
         for m, engine in runs:
@@ -444,14 +467,20 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
                     16 if m <= 16 else 64, 64, 128 if layout == "k_halves" else 64, 2, dequant="ptx"
                 )
             kw = dict(
-                group_size=group, platform=platform, interpret=interpret, out_dtype=jnp.float32, config=cfg
+                group_size=group,
+                platform=platform,
+                interpret=interpret,
+                out_dtype=jnp.float32,
+                config=cfg,
+                b_layout="nk" if nk else "kn",
             )
+            s_w = s.T if nk else s
             check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
             try:
                 if bits == 4:
-                    y = api.w4a16_matmul(x, w, s, layout=layout, **kw)
+                    y = api.w4a16_matmul(x, w, s_w, layout=base, **kw)
                 else:
-                    y = api.w8a16_matmul(x, w, s, **kw)
+                    y = api.w8a16_matmul(x, w, s_w, **kw)
                 e = rel_err(y, ref)
                 check.update(ok=e < 1e-2, rel_err=e)
             except Exception as exc:  # a compile failure is a finding, not a crash
@@ -674,7 +703,8 @@ def main(argv=None):
     p.add_argument(
         "--layouts",
         default="k_halves,n_pairs,int8",
-        help="weight-only layouts to time (n_pairs / k_pairs: what qjax.quantized dispatches)",
+        help="weight-only layouts to time (n_pairs / k_pairs: what qjax.quantized dispatches; "
+        "k_pairs_nk / n_pairs_nk / int8_nk: a weight stored (N, K), as PyTorch's (out, in))",
     )
     p.add_argument(
         "--force", action="store_true", help="on CPU, time XLA's fallback formulations (no kernels)"
@@ -772,12 +802,12 @@ def _run(args, stack: contextlib.ExitStack) -> None:
             plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
         for size in sizes:
             for layout in args.layouts.split(","):
-                bits, groups = (8, (None,)) if layout == "int8" else (4, (None, 128))
+                bits, groups = (8, (None,)) if layout.startswith("int8") else (4, (None, 128))
                 for group, m in ((g, m) for g in groups for m in batches):
                     plan.append((bits, size, m, layout, group))
         # the issue's goals first (W8A8 4096^3, W4A16 at batch <= 16), so a run cut short by
         # its time limit has measured those; the order within each part is kept
-        plan.sort(key=lambda it: it[0] != "w8a8" and (it[2] > 16 or it[3] == "int8"))
+        plan.sort(key=lambda it: it[0] != "w8a8" and (it[2] > 16 or it[3].startswith("int8")))
     if wgmma_part:  # last: a Mosaic GPU failure costs nothing else
         plan.append(("w8a8", args.w8a8_size, None, "nk", "wgmma"))
 

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from qjax.kernels import BlockConfig, api  # noqa: E402
+from qjax.kernels._common import split_layout  # noqa: E402
 from qjax.kernels.candidates import gpu_candidates  # noqa: E402
 from tests.kernels.cuda_target import triton_modules  # noqa: E402
 
@@ -87,7 +88,12 @@ def loop_mix(sass: str) -> collections.Counter:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layout", default="k_halves", choices=("k_halves", "k_pairs", "n_pairs", "int8"))
+    p.add_argument(
+        "--layout",
+        default="k_halves",
+        choices=("k_halves", "k_pairs", "n_pairs", "int8", "k_pairs_nk", "n_pairs_nk", "int8_nk"),
+        help="'_nk': the weight stored (N, K)",
+    )
     p.add_argument(
         "--config", default="1,128,128,8,4,3,gemv", help="bm,bn,bk,split,warps,stages,engine[,swap]"
     )
@@ -106,7 +112,7 @@ def main(argv=None):
     )
     args = p.parse_args(argv)
     if args.candidates:
-        kind = "w8a16" if args.layout == "int8" else "w4a16"
+        kind = "w8a16" if args.layout.startswith("int8") else "w4a16"
         cands = gpu_candidates(kind, args.m, args.size, args.size, args.group, args.layout)
         for cfg in (c for c in cands if c.dequant == args.dequant):
             try:
@@ -127,17 +133,18 @@ def main(argv=None):
 def report(args, cfg: BlockConfig) -> dict:
     """Compile one weight-only kernel call at the shape ``args`` names; its SASS summary."""
     k = n = args.size
-    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(args.layout, (k // 2, n))
+    base, nk = split_layout(args.layout)
+    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(base, (k // 2, n))
+    sshape = (1 if args.group is None else k // args.group, n)
     x = jax.ShapeDtypeStruct((args.m, k), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct(wshape, jnp.int8)
-    s = jax.ShapeDtypeStruct((1 if args.group is None else k // args.group, n), jnp.float32)
-    if args.layout == "int8":
-        fn = lambda x, w, s: api.w8a16_matmul(x, w, s, group_size=args.group, platform="gpu", config=cfg)
+    w = jax.ShapeDtypeStruct(wshape[::-1] if nk else wshape, jnp.int8)
+    s = jax.ShapeDtypeStruct(sshape[::-1] if nk else sshape, jnp.float32)
+    common = dict(group_size=args.group, platform="gpu", config=cfg, b_layout="nk" if nk else "kn")
+    if base == "int8":
+        fn = lambda x, w, s: api.w8a16_matmul(x, w, s, **common)
     else:
-        pb = cfg.block_k if args.layout == "k_halves" else None
-        fn = lambda x, w, s: api.w4a16_matmul(
-            x, w, s, group_size=args.group, layout=args.layout, pack_block=pb, platform="gpu", config=cfg
-        )
+        pb = cfg.block_k if base == "k_halves" else None
+        fn = lambda x, w, s: api.w4a16_matmul(x, w, s, layout=base, pack_block=pb, **common)
     out = compile_sass(triton_modules(fn, x, w, s)[0], cfg.num_warps, cfg.num_stages, args.arch)
     if args.sass:
         Path(args.sass).write_text(out["sass"])

@@ -15,7 +15,12 @@ Weight layouts (``layout=``) for a weight ``W`` of shape ``(K, N)``:
   (``pack_axis=-1``): byte ``[k, c]`` holds ``W[k, 2c]`` (low) and ``W[k, 2c + 1]`` (high).
 
 The W8A8 kernels take the weight as ``(K, N)`` or, with ``b_layout="nk"``, transposed
-``(N, K)`` (:data:`B_LAYOUTS`).
+``(N, K)`` (:data:`B_LAYOUTS`). So do the GPU weight-only kernels (``"int8"``, ``"k_pairs"``,
+``"n_pairs"``: :data:`NK_LAYOUTS`): a weight stored ``(N, K)``, as PyTorch's ``(out, in)``
+and ``x @ w.T`` models hold it, packed along K (``pack_axis=-1``, pairs along the last
+axis) or along N (``pack_axis=0``); its scales are then ``(N,)`` / ``(N, 1)`` or ``(N, K //
+group_size)``. Internally such a layout is named with an ``"_nk"`` suffix
+(:func:`weight_layout`).
 
 Nibbles are two's-complement int4 (``-8..7``); packed bytes may be ``uint8`` or ``int8``.
 Scales are ``(1, N)`` / ``(N,)`` (per output channel) or ``(K // group_size, N)`` (groups
@@ -35,6 +40,7 @@ from jax import lax
 from qjax.numerics import packing
 
 LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
+NK_LAYOUTS = ("int8", "k_pairs", "n_pairs")  # the layouts of a weight stored (N, K)
 ENGINES = ("triton", "wgmma", "gemv")  # GPU kernel families (BlockConfig.engine)
 DEQUANTS = ("logic", "ptx")  # how the tensor-core weight-only kernel converts codes (BlockConfig.dequant)
 
@@ -96,10 +102,36 @@ def check_2d(name: str, x, dtypes: tuple | None = None) -> None:
         )
 
 
+def weight_layout(layout: str, b_layout: str = "kn") -> str:
+    """The internal name of a weight-only layout: ``layout`` for a weight ``(K, N)``,
+    ``layout + "_nk"`` for one stored ``(N, K)``.
+
+    Raises:
+      ValueError: an unknown ``layout`` or ``b_layout``, or ``"k_halves"`` stored ``(N, K)``.
+    """
+    if b_layout not in B_LAYOUTS:
+        raise ValueError(f"b_layout={b_layout!r} is not one of {B_LAYOUTS}")
+    allowed = LAYOUTS if b_layout == "kn" else NK_LAYOUTS
+    if layout not in allowed:
+        raise ValueError(f"layout={layout!r} is not one of {allowed} (for a weight stored {b_layout!r})")
+    return layout if b_layout == "kn" else f"{layout}_nk"
+
+
+def split_layout(layout: str) -> tuple[str, bool]:
+    """``(packing layout, stored (N, K)?)`` of an internal layout name (:func:`weight_layout`)."""
+    if layout.endswith("_nk") and layout[:-3] in NK_LAYOUTS:
+        return layout[:-3], True
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS} (or {NK_LAYOUTS} with '_nk')")
+    return layout, False
+
+
 def logical_k_n(layout: str, w_shape: tuple[int, int]) -> tuple[int, int]:
     """``(K, N)`` of the weight a packed array of ``w_shape`` holds."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    layout, nk = split_layout(layout)
+    if nk:
+        n, k = logical_k_n({"k_pairs": "n_pairs", "n_pairs": "k_pairs"}.get(layout, layout), w_shape)
+        return k, n
     k, n = w_shape
     if layout in ("k_halves", "k_pairs"):
         return 2 * k, n
@@ -108,8 +140,10 @@ def logical_k_n(layout: str, w_shape: tuple[int, int]) -> tuple[int, int]:
     return k, n
 
 
-def normalize_weight_scales(scales, k: int, n: int, group_size: int | None) -> jax.Array:
-    """Scales as a float32 ``(K // group_size, N)`` array (``(1, N)`` per channel).
+def normalize_weight_scales(scales, k: int, n: int, group_size: int | None, nk: bool = False) -> jax.Array:
+    """Scales as a float32 ``(K // group_size, N)`` array (``(1, N)`` per channel), or for
+    a weight stored ``(N, K)`` (``nk``) in its orientation: ``(N, K // group_size)`` (``(N,
+    1)`` per channel).
 
     Raises:
       ValueError: a shape that is neither per channel nor per group, or a group size that
@@ -117,15 +151,17 @@ def normalize_weight_scales(scales, k: int, n: int, group_size: int | None) -> j
     """
     s = jnp.asarray(scales)
     if group_size is None:
-        if s.shape not in ((n,), (1, n)):
-            raise ValueError(f"per-channel scales must have shape ({n},) or (1, {n}), got {s.shape}")
-        return s.reshape(1, n).astype(jnp.float32)
+        want = (n, 1) if nk else (1, n)
+        if s.shape not in ((n,), want):
+            raise ValueError(f"per-channel scales must have shape ({n},) or {want}, got {s.shape}")
+        return s.reshape(want).astype(jnp.float32)
     if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={k}")
-    if s.shape != (k // group_size, n):
+    want = (n, k // group_size) if nk else (k // group_size, n)
+    if s.shape != want:
         raise ValueError(
-            f"group scales must have shape ({k // group_size}, {n}) for K={k}, "
-            f"group_size={group_size}, got {s.shape}"
+            f"group scales must have shape {want} for K={k}, group_size={group_size}"
+            f"{' (weight stored (N, K))' if nk else ''}, got {s.shape}"
         )
     return s.astype(jnp.float32)
 
@@ -198,7 +234,12 @@ def pack_int4(codes, *, pack_block: int = 128) -> jax.Array:
 
 
 def unpack_codes(w, layout: str, pack_block: int | None = None) -> jax.Array:
-    """The ``int32`` codes ``(K, N)`` a weight array of ``layout`` holds."""
+    """The ``int32`` codes ``(K, N)`` a weight array of ``layout`` holds (for an ``"_nk"``
+    layout the array is stored ``(N, K)``; the codes come back ``(K, N)`` all the same)."""
+    base, nk = split_layout(layout)
+    if nk:
+        flipped = {"k_pairs": "n_pairs", "n_pairs": "k_pairs"}.get(base, base)
+        return unpack_codes(w, flipped).T
     if layout == "int8":
         return jnp.asarray(w).astype(jnp.int32)
     if layout in ("k_pairs", "n_pairs"):  # qjax.quantize's own packing
@@ -220,9 +261,16 @@ def dequantize_weight(w, scales, *, layout: str, group_size: int | None, pack_bl
     """The float32 ``(K, N)`` weight ``codes * scale``."""
     codes = unpack_codes(w, layout, pack_block)
     k, n = codes.shape
-    s = normalize_weight_scales(scales, k, n, group_size)
+    s = _scales_kn(scales, k, n, group_size, layout)
     rows = k if group_size is None else group_size
     return (codes.reshape(k // rows, rows, n).astype(jnp.float32) * s[:, None, :]).reshape(k, n)
+
+
+def _scales_kn(scales, k: int, n: int, group_size: int | None, layout: str) -> jax.Array:
+    """Scales of a weight in ``layout`` as float32 ``(K // group_size, N)`` / ``(1, N)``."""
+    nk = split_layout(layout)[1]
+    s = normalize_weight_scales(scales, k, n, group_size, nk)
+    return s.T if nk else s
 
 
 # -- XLA formulations (the fallback, and what the kernels must reproduce) ----------------------------
@@ -234,7 +282,7 @@ def xla_weight_only(x, w, scales, *, layout, group_size, pack_block=None, out_dt
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     codes = unpack_codes(w, layout, pack_block)
     k, n = codes.shape
-    s = normalize_weight_scales(scales, k, n, group_size)
+    s = _scales_kn(scales, k, n, group_size, layout)
     xb = jnp.asarray(x).astype(jnp.bfloat16)
     if group_size is None:
         acc = jnp.dot(xb, codes.astype(jnp.bfloat16), preferred_element_type=jnp.float32)

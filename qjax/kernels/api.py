@@ -92,9 +92,10 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         bad("split_k must divide K and block_k must divide K // split_k")
     if kind == "w8a8" and cfg.split_k != 1:
         bad("split_k is for the weight-only kernels")
-    if layout in ("k_halves", "k_pairs") and cfg.block_k < 32:
+    base = c.split_layout(layout)[0] if kind != "w8a8" else layout
+    if base in ("k_halves", "k_pairs") and cfg.block_k < 32:
         bad("int4 packed along K needs block_k >= 32 (two halves of at least 16)")
-    if layout == "n_pairs" and cfg.block_n < 32:
+    if base == "n_pairs" and cfg.block_n < 32:
         bad("int4 packed along N needs block_n >= 32 (two halves of at least 16)")
     if group_size is not None and (group_size % cfg.block_k or (k // cfg.split_k) % group_size):
         bad(f"block_k must divide group_size={group_size} and group_size must divide K // split_k")
@@ -204,8 +205,9 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
 
 
 def _weight_only(
-    x, w, scales, *, bits, layout, group_size, pack_block, out_dtype, platform, config, interpret
+    x, w, scales, *, bits, layout, b_layout, group_size, pack_block, out_dtype, platform, config, interpret
 ):
+    layout = c.weight_layout(layout, b_layout)
     c.check_2d("x", x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"x must be a float array, got {x.dtype}")
@@ -221,7 +223,7 @@ def _weight_only(
         )
     if layout == "k_halves" and (pack_block is None or pack_block % 2 or k % pack_block):
         raise ValueError(f"pack_block={pack_block!r} must be even and divide K={k}")
-    s = c.normalize_weight_scales(scales, k, n, group_size)
+    s = c.normalize_weight_scales(scales, k, n, group_size, nk=b_layout == "nk")
     if layout == "k_halves" and group_size is not None and group_size % pack_block:
         raise ValueError(
             f"pack_block={pack_block} must divide group_size={group_size} (each byte's two "
@@ -232,6 +234,11 @@ def _weight_only(
     if m == 0 or n == 0 or platform == "xla":
         return c.xla_weight_only(
             x, w, s, layout=layout, group_size=group_size, pack_block=pack_block, out_dtype=out_dtype
+        )
+    if platform == "tpu" and b_layout == "nk":
+        raise ValueError(
+            "the TPU weight-only kernel takes the weight (K, N) (b_layout='kn'); a weight "
+            "stored (N, K) runs on the GPU kernel or through XLA (platform='xla')"
         )
     kind = "w4a16" if bits == 4 else "w8a16"
     cfg = choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config)
@@ -268,6 +275,7 @@ def w4a16_matmul(
     *,
     group_size: int | None = None,
     layout: str = "k_halves",
+    b_layout: str = "kn",
     pack_block: int | None = 128,
     out_dtype=None,
     platform: str | None = None,
@@ -281,10 +289,16 @@ def w4a16_matmul(
         float32).
       w_packed: ``uint8``/``int8`` bytes in ``layout``: ``"k_halves"`` ``(K/2, N)`` from
         :func:`qjax.kernels.pack_int4` (default), ``"k_pairs"`` ``(K/2, N)`` or
-        ``"n_pairs"`` ``(K, N/2)`` as ``qjax.quantize`` packs along K or N.
-      scales: ``(N,)``/``(1, N)`` per channel, or ``(K // group_size, N)``.
+        ``"n_pairs"`` ``(K, N/2)`` as ``qjax.quantize`` packs along K or N. With
+        ``b_layout="nk"`` the weight is stored ``(N, K)``: ``"k_pairs"`` ``(N, K/2)``,
+        ``"n_pairs"`` ``(N/2, K)``.
+      scales: ``(N,)``/``(1, N)`` per channel, or ``(K // group_size, N)``; with
+        ``b_layout="nk"``: ``(N,)``/``(N, 1)`` or ``(N, K // group_size)``.
       group_size: rows of K sharing a scale (``None``: per channel).
       layout: see above.
+      b_layout: ``"kn"`` (default) or ``"nk"``: the weight stored ``(N, K)``, as
+        PyTorch's ``(out, in)`` weights and ``x @ w.T`` models hold it (GPU kernels and XLA;
+        not ``"k_halves"``, not the TPU kernel).
       pack_block: the ``"k_halves"`` block (the GPU kernel's K tile equals it).
       out_dtype: result dtype (default ``x.dtype``).
       platform: ``"gpu"``, ``"tpu"`` or ``"xla"`` (default: the default backend's; CPU ->
@@ -310,6 +324,7 @@ def w4a16_matmul(
         scales,
         bits=4,
         layout=layout,
+        b_layout=b_layout,
         group_size=group_size,
         pack_block=pack_block,
         out_dtype=out_dtype,
@@ -325,19 +340,21 @@ def w8a16_matmul(
     scales: jax.Array,
     *,
     group_size: int | None = None,
+    b_layout: str = "kn",
     out_dtype=None,
     platform: str | None = None,
     config: BlockConfig | None = None,
     interpret=False,
 ) -> jax.Array:
-    """``x @ W`` for int8 weight codes ``(K, N)`` times per-channel or per-group scales
-    (W8A16). Arguments as :func:`w4a16_matmul`."""
+    """``x @ W`` for int8 weight codes ``(K, N)`` (``(N, K)`` with ``b_layout="nk"``)
+    times per-channel or per-group scales (W8A16). Arguments as :func:`w4a16_matmul`."""
     return _weight_only(
         x,
         w_q,
         scales,
         bits=8,
         layout="int8",
+        b_layout=b_layout,
         group_size=group_size,
         pack_block=None,
         out_dtype=out_dtype,

@@ -119,7 +119,11 @@ _GEMV_ACC_PER_THREAD = 64  # float32 accumulator registers a thread may hold
 
 def gemv_accumulators(cfg: BlockConfig, layout: str) -> int:
     """float32 accumulator elements of a ``gemv`` program: one ``(block_m, word rows, words)``
-    tile per code slot of a word; int4 packed along K has half the word rows per K step."""
+    tile per code slot of a word; int4 packed along K has half the word rows per K step. A
+    weight stored ``(N, K)`` has one ``(block_n, words)`` tile per row and output parity: a
+    quarter (an eighth for int4 packed along K) of the elements."""
+    if layout.endswith("_nk"):
+        return cfg.block_m * cfg.block_k * cfg.block_n // (8 if layout == "k_pairs_nk" else 4)
     return cfg.block_m * cfg.block_k * cfg.block_n // (2 if layout in ("k_halves", "k_pairs") else 1)
 
 

@@ -13,9 +13,10 @@
 
 Covered ops: ``x @ W`` with ``x`` of any rank contracted on its last axis and ``W`` a 2-D
 symmetric (no zero point) integer ``QArray`` contracted on axis 0, scales per output channel
-or per group along K (W8A8 also takes the weight stored ``(N, K)`` and contracted on axis 1,
-as ``x @ w.T`` models and weights converted from PyTorch hold it: Hopper's 8-bit ``wgmma``
-reads exactly that layout, so no transpose runs per call):
+or per group along K; or the weight stored ``(N, K)`` and contracted on axis 1, as ``x @ w.T``
+models and weights converted from PyTorch hold it (``qjax.quantized`` folds the ``.T`` into
+the contraction), which the kernels read in place, no transpose per call (Hopper's 8-bit
+``wgmma`` reads exactly that layout; weight-only on GPU only):
 
 * weight-only (no activation spec): int8 codes (or unpacked int4), or int4 packed along K
   or N (``qjax.quantize``'s pair layouts; the kernels interleave nibbles in registers). With
@@ -34,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.kernels import api, tuning
-from qjax.kernels._common import BlockConfig
+from qjax.kernels._common import BlockConfig, split_layout
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
@@ -47,8 +48,9 @@ class KernelPlan:
     """What the dispatch decided for one op (static: hashed into the jitted op)."""
 
     kind: str  # "w8a8", "w4a16", "w8a16"
-    # weight-only: a qjax.kernels layout; W8A8: "kn", "nk" (the (K, N) weight transposed in the
-    # program) or "nk_stored" (the weight stored (N, K): no transpose)
+    # weight-only: a qjax.kernels layout, "_nk" appended for a weight stored (N, K); W8A8: "kn",
+    # "nk" (the (K, N) weight transposed in the program) or "nk_stored" (the weight stored (N, K):
+    # no transpose)
     layout: str
     group_size: int | None
     m: int
@@ -144,10 +146,11 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if why:
         return None, why
     if lhs_spec is None and contract == 1:
-        return (
-            None,
-            "weight-only kernels take the weight (K, N) contracted on axis 0, this one is stored (N, K)",
-        )
+        if platform == "tpu":
+            return None, "the TPU weight-only kernel takes the weight (K, N); this one is stored (N, K)"
+        if layout != "int8":  # packed_axis 0 of an (N, K) weight runs along N
+            layout = "k_pairs" if layout == "n_pairs" else "n_pairs"
+        layout = f"{layout}_nk"
     if lhs_spec is None:
         if not jnp.issubdtype(lhs.dtype, jnp.floating):
             return None, f"activation dtype {lhs.dtype}"
@@ -156,7 +159,7 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
                 None,
                 f"{lhs.dtype} activation (the kernels compute in bfloat16; backend='pallas' accepts that)",
             )
-        kind = "w4a16" if layout != "int8" else "w8a16"
+        kind = "w8a16" if layout.startswith("int8") else "w4a16"
     else:
         fmt = lhs_spec.format
         if not (isinstance(fmt, IntFormat) and fmt.signed and fmt.bits == 8):
@@ -199,24 +202,22 @@ def run(p: KernelPlan, lhs, rhs: QArray, lhs_spec, lhs_scale, lhs_zero_point, ke
     lead = tuple(lhs.shape[:-1])
     common = {"platform": p.platform, "config": p.config, "interpret": p.interpret, "out_dtype": out_dtype}
     scales = jnp.asarray(rhs.scale, jnp.float32)
-    if p.group_size is None:
-        scales = jnp.broadcast_to(scales.reshape(1, -1) if scales.ndim else scales, (1, p.n))
+    if p.group_size is None:  # (N,) fits every kernel's per-channel scales
+        scales = jnp.broadcast_to(scales.reshape(-1) if scales.ndim else scales, (p.n,))
     if p.kind == "w8a8":
         q = quantize(lhs, lhs_spec, key=key, scale=lhs_scale, zero_point=lhs_zero_point)
         a_scale = jnp.broadcast_to(jnp.asarray(q.scale, jnp.float32), (*lead, 1)).reshape(p.m, 1)
         b = rhs.values.T if p.layout == "nk" else rhs.values  # "nk_stored": already (N, K)
         b_layout = "kn" if p.layout == "kn" else "nk"
         y = api.int8_matmul(q.values.reshape(p.m, p.k), b, a_scale, scales, b_layout=b_layout, **common)
-    elif p.kind == "w8a16":
-        y = api.w8a16_matmul(lhs.reshape(p.m, p.k), rhs.values, scales, group_size=p.group_size, **common)
     else:
-        y = api.w4a16_matmul(
+        layout, nk = split_layout(p.layout)
+        x, kw = (
             lhs.reshape(p.m, p.k),
-            rhs.values,
-            scales,
-            group_size=p.group_size,
-            layout=p.layout,
-            pack_block=None,
-            **common,
+            {"group_size": p.group_size, "b_layout": "nk" if nk else "kn", **common},
         )
+        if p.kind == "w8a16":
+            y = api.w8a16_matmul(x, rhs.values, scales, **kw)
+        else:
+            y = api.w4a16_matmul(x, rhs.values, scales, layout=layout, pack_block=None, **kw)
     return y.reshape(*lead, p.n)

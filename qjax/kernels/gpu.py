@@ -43,13 +43,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers
+from qjax.kernels._common import BlockConfig, cdiv, grouped_tile, int8_dimension_numbers, split_layout
 from qjax.kernels._fastcvt import codes_f32, nibbles_bf16
 from qjax.kernels._ptx import int8_bf16_ptx, nibbles_bf16_ptx
 
 _F32 = jnp.float32
 _DN = (((1,), (0,)), ((), ()))  # (m, k) x (k, n)
 _DN_SWAP = (((0,), (1,)), ((), ()))  # w (k, n) x x (m, k) -> (n, m)
+_DN_NK = (((1,), (1,)), ((), ()))  # (m, k) x w (n, k) -> (m, n), or w (n, k) x (m, k) -> (n, m)
 
 
 def _int8_bf16(p):
@@ -76,6 +77,7 @@ def _store(ref, idx, value, mask):
 
 def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size, interpret):
     bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
+    layout, nk = split_layout(layout)  # nk: the weight tile is (N, K), its scales are columns
     # codes -> bfloat16 (int4 bytes: the low and high nibbles): integer logic or inline PTX
     if cfg.dequant == "ptx":
         nibbles = functools.partial(nibbles_bf16_ptx, interpret=interpret)
@@ -90,6 +92,8 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         rmask = None
 
     def mm(xt, wt):
+        if nk:  # wt is (n, k): contract both operands' last axes
+            return lax.dot_general(*((wt, xt) if swap else (xt, wt)), _DN_NK, preferred_element_type=_F32)
         if swap:
             return lax.dot_general(wt, xt, _DN_SWAP, preferred_element_type=_F32)
         return lax.dot_general(xt, wt, _DN, preferred_element_type=_F32)
@@ -97,14 +101,22 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
     def x_tile(start, size):
         return _load(x_ref, (slice(None), pl.ds(start, size)), rmask).astype(jnp.bfloat16)
 
-    def oriented(s):  # a (1, bn) scale row as it multiplies the accumulator
-        return s.T if swap else s
+    def w_tile(start, size):  # `size` codes (or bytes) along K from `start`
+        return w_ref[:, pl.ds(start, size)] if nk else w_ref[pl.ds(start, size), :]
 
-    def scaled(part, t, half=None):  # one group's partial product times its scale row
-        if group_size is None:
-            return part
+    def oriented(s):
+        """A scale row (1, n) -- a column (n, 1) for an (N, K) weight -- as it multiplies
+        the accumulator: (bn, bm) when swapped, else (bm, bn)."""
+        return s if nk == swap else s.T
+
+    def group_scale(t, half=None):  # the scales of K tile t's group (of half `half` of the columns)
         g = pl.ds((t * bk) // group_size, 1)
-        return part * oriented(s_ref[g, :] if half is None else s_ref[g, :, half])
+        if nk:
+            return s_ref[:, g] if half is None else s_ref[:, half, g]
+        return s_ref[g, :] if half is None else s_ref[g, :, half]
+
+    def scaled(part, t, half=None):  # one group's partial product times its scales
+        return part if group_size is None else part * oriented(group_scale(t, half))
 
     if layout == "n_pairs":
         # the low and high nibbles hold the even and odd output columns: two half-width dots
@@ -112,7 +124,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         # join + reshape is a layout conversion through shared memory)
         def body_pairs(t, accs):
             k0 = pl.multiple_of(t * bk, bk)
-            lo, hi = nibbles(w_ref[pl.ds(k0, bk), :])
+            lo, hi = nibbles(w_tile(k0, bk))
             xt = x_tile(k0, bk)
             return accs[0] + scaled(mm(xt, lo), t, 0), accs[1] + scaled(mm(xt, hi), t, 1)
 
@@ -122,7 +134,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
             even, odd = even.T, odd.T
         acc = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], bn)
         if group_size is None:
-            acc = acc * s_ref[...]
+            acc = acc * (s_ref[...].T if nk else s_ref[...])
         _store(o_ref, (slice(None), slice(None)), acc.astype(o_ref.dtype), rmask)
         return
 
@@ -130,14 +142,17 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         k0 = pl.multiple_of(t * bk, bk)
         if layout == "k_halves":  # two contiguous halves of the activation tile, no interleave
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])
+            lo, hi = nibbles(w_tile(r0, bk // 2))
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
-            part = mm(x_tile(k0, bk), int8_bf16(w_ref[pl.ds(k0, bk), :]))
-        else:  # k_pairs: interleave rows (Triton joins along the last axis only)
+            part = mm(x_tile(k0, bk), int8_bf16(w_tile(k0, bk)))
+        else:  # k_pairs: interleave the nibbles along K (Triton joins along the last axis only)
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
-            lo, hi = nibbles(w_ref[pl.ds(r0, bk // 2), :])
-            w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
+            lo, hi = nibbles(w_tile(r0, bk // 2))
+            if nk:  # K is the tile's last axis: a plain join
+                w = jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
+            else:
+                w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
             part = mm(x_tile(k0, bk), w)
         return acc + scaled(part, t)
 
@@ -156,8 +171,10 @@ def weight_only_matmul_gpu(
 
     Args:
       x: ``(M, K)`` activations (cast to bfloat16).
-      w: the weight in ``layout`` (``int8`` bytes; see :mod:`qjax.kernels._common`).
-      scales: float32 ``(K // group_size, N)`` or ``(1, N)`` (``group_size=None``).
+      w: the weight in ``layout`` (``int8`` bytes; see :mod:`qjax.kernels._common`); an
+        ``"_nk"`` layout is stored ``(N, K)``.
+      scales: float32 ``(K // group_size, N)`` or ``(1, N)`` (``group_size=None``); for an
+        ``"_nk"`` layout ``(N, K // group_size)`` or ``(N, 1)``.
       layout, group_size: the weight's layout and group size along K.
       out_dtype: result dtype.
       config: tiles; ``block_k`` must divide ``K // split_k`` and, with groups, the group
@@ -169,23 +186,31 @@ def weight_only_matmul_gpu(
       ``(M, N)`` array of ``out_dtype``.
     """
     m, k = x.shape
-    n = scales.shape[1]
+    base, nk = split_layout(layout)
+    n = scales.shape[0 if nk else 1]
     bm, bn, bk, split = config.block_m, config.block_n, config.block_k, config.split_k
     kc = k // split
     steps = kc // bk
-    if layout == "n_pairs":
-        w_block, w_index = (kc, bn // 2), (lambda j, i, s: (s, j))
-    elif layout == "int8":
-        w_block, w_index = (kc, bn), (lambda j, i, s: (s, j))
+    w_block = {"n_pairs": (kc, bn // 2), "int8": (kc, bn)}.get(base, (kc // 2, bn))  # (K, N) view
+    if nk:
+        w_block, w_index = w_block[::-1], (lambda j, i, s: (j, s))
     else:
-        w_block, w_index = (kc // 2, bn), (lambda j, i, s: (s, j))
+        w_index = lambda j, i, s: (s, j)
+    groups = kc // (group_size or kc)
     if group_size is None:
-        s_spec = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
-    elif layout == "n_pairs":  # (groups, N/2, 2): even / odd columns' scales, a free reshape
+        s_spec = pl.BlockSpec(
+            *(((bn, 1), lambda j, i, s: (j, 0)) if nk else ((1, bn), lambda j, i, s: (0, j)))
+        )
+    elif base == "n_pairs" and nk:  # (N/2, 2, groups): even / odd rows' scales, a free reshape
+        scales = scales.reshape(n // 2, 2, scales.shape[1])
+        s_spec = pl.BlockSpec((bn // 2, 2, groups), lambda j, i, s: (j, 0, s))
+    elif base == "n_pairs":  # (groups, N/2, 2): even / odd columns' scales, a free reshape
         scales = scales.reshape(scales.shape[0], n // 2, 2)
-        s_spec = pl.BlockSpec((kc // group_size, bn // 2, 2), lambda j, i, s: (s, j, 0))
+        s_spec = pl.BlockSpec((groups, bn // 2, 2), lambda j, i, s: (s, j, 0))
+    elif nk:
+        s_spec = pl.BlockSpec((bn, groups), lambda j, i, s: (j, s))
     else:
-        s_spec = pl.BlockSpec((kc // group_size, bn), lambda j, i, s: (s, j))
+        s_spec = pl.BlockSpec((groups, bn), lambda j, i, s: (s, j))
     grid = (n // bn, cdiv(m, bm), split)
     if split > 1:
         out_shape = jax.ShapeDtypeStruct((split, m, n), _F32)
@@ -210,7 +235,7 @@ def weight_only_matmul_gpu(
         out_specs=out_spec,
         compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
-        name=f"qjax_w{8 if layout == 'int8' else 4}a16_{layout}",
+        name=f"qjax_w{8 if base == 'int8' else 4}a16_{layout}",
     )(x, w, scales)
     if split > 1:
         out = jnp.sum(out, axis=0).astype(out_dtype)

@@ -22,6 +22,17 @@ A word ``(r, c)`` of the weight tile holds, per layout (``S`` column slots):
 * ``"k_pairs"``: byte ``b``'s low / high nibble = ``W[k0 + 2r, 4c + b]`` /
   ``W[k0 + 2r + 1, 4c + b]`` (``S = 4``);
 * ``"n_pairs"``: nibble ``j = 0..7`` = ``W[k0 + r, 8c + j]`` (``S = 8``).
+
+A weight stored ``(N, K)`` (layouts ``"int8_nk"``, ``"k_pairs_nk"``, ``"n_pairs_nk"``:
+PyTorch's ``(out, in)``) is the natural matrix-vector layout: its words run along K, so a
+word's codes all belong to one output column (two for ``n_pairs_nk``) and multiply
+consecutive activations. The tile is ``(block_n, words)``; each activation row keeps one
+float32 accumulator of that shape per output parity, reduced along K once after the loop:
+
+* ``"int8_nk"``: byte ``b`` of word ``(n, c)`` = ``W[k0 + 4c + b, n]``;
+* ``"k_pairs_nk"``: nibble ``j = 0..7`` = ``W[k0 + 8c + j, n]``;
+* ``"n_pairs_nk"``: byte ``b``'s low / high nibble = ``W[k0 + 4c + b, 2n]`` /
+  ``W[k0 + 4c + b, 2n + 1]``.
 """
 
 from __future__ import annotations
@@ -34,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltr
 
-from qjax.kernels._common import BlockConfig, cdiv
+from qjax.kernels._common import BlockConfig, cdiv, split_layout
 from qjax.kernels._fastcvt import codes_f32, magic_bits
 
 _F32 = jnp.float32
@@ -55,60 +66,142 @@ def _pieces(layout: str) -> list[tuple[int, int, int]]:
     return [(b, 8 * b + 4 * h, h) for b in range(4) for h in (0, 1)]  # k_halves, k_pairs
 
 
-def _gemv_kernel(x_ref, w_ref, s_ref, c_ref, o_ref, *, layout, m, cfg, steps, group_size):
-    # every tensor of the K loop has the word tile's 2-D shape (or broadcasts to it from a
-    # (rows, 1) activation column / (1, words) scale row), so Triton keeps the decoded codes
-    # in the layout they were loaded in: a 3-D (row, rows, words) accumulator made it move
-    # every decoded code through shared memory (STS + LDSM + 2 barriers per step, sm_90 SASS)
+def _pieces_nk(layout: str) -> list[tuple[int, int, int]]:
+    """``(output parity, bit position in the word, code's K offset in the word)`` per code of
+    a word of a weight stored ``(N, K)``."""
+    if layout == "int8":
+        return [(0, 8 * b, b) for b in range(4)]
+    if layout == "k_pairs":
+        return [(0, 4 * j, j) for j in range(8)]
+    return [(h, 8 * b + 4 * h, b) for b in range(4) for h in (0, 1)]  # n_pairs: low / high = even / odd
+
+
+def _gemv_kernel(x_ref, w_ref, s_ref, c_ref, o_ref, *, layout, nk, m, cfg, steps, group_size):
+    # every tensor of the K loop has the word tile's 2-D shape (or broadcasts to it from an
+    # activation column / scale row, or for an (N, K) weight an activation row / scale
+    # column), so Triton keeps the decoded codes in the layout they were loaded in: a 3-D
+    # (row, rows, words) accumulator made it move every decoded code through shared memory
+    # (STS + LDSM + 2 barriers per step, sm_90 SASS)
     bm, bk = cfg.block_m, cfg.block_k
     bits = 8 if layout == "int8" else 4
-    rows = w_ref.shape[0] // steps  # word rows per K step
-    cols = w_ref.shape[1]
-    nslot = slots(layout)
+    if nk:  # tile (output rows, words along K); one accumulator per output parity
+        pieces, nacc = _pieces_nk(layout), 2 if layout == "n_pairs" else 1
+        tile = (w_ref.shape[0], w_ref.shape[1] // steps)
+    else:  # tile (word rows along K, words); one accumulator per column slot of a word
+        pieces, nacc = _pieces(layout), slots(layout)
+        tile = (w_ref.shape[0] // steps, w_ref.shape[1])
     if m % bm:
         first = pl.program_id(1) * bm
         live = [first + r < m for r in range(bm)]  # rows past M: inputs read as 0, not stored
     else:
         live = [None] * bm
 
-    def x_column(t, r, part):  # (rows, 1) activations of row r for one code of each word
-        # x is (M, K / 2, 2) for k_pairs (part: even / odd K), else (M, K, 1)
-        k0 = t * rows if layout == "k_pairs" else t * bk + part * rows
-        ref = x_ref.at[pl.ds(r, 1), pl.ds(k0, rows), pl.ds(part if layout == "k_pairs" else 0, 1)]
+    def x_part(t, r, part):
+        """Activations of row r meeting code `part` of each word: a (rows, 1) column, or for
+        an (N, K) weight a (1, words) row. x is (M, K / span, span) for the (N, K) layouts and
+        k_pairs (part: the code's K offset in the word / even-odd K), else (M, K, 1)."""
+        if nk:
+            idx, shape = (pl.ds(t * tile[1], tile[1]), pl.ds(part, 1)), (1, tile[1])
+        else:
+            k0 = t * tile[0] if layout == "k_pairs" else t * bk + part * tile[0]
+            idx, shape = (pl.ds(k0, tile[0]), pl.ds(part if layout == "k_pairs" else 0, 1)), (tile[0], 1)
+        ref = x_ref.at[(pl.ds(r, 1), *idx)]
         v = ref[...] if live[r] is None else pltr.load(ref, mask=live[r], other=0)
-        return v.reshape(rows, 1).astype(jnp.bfloat16).astype(_F32)  # rounded like the other kernels do
+        return v.reshape(shape).astype(jnp.bfloat16).astype(_F32)  # rounded like the other kernels do
+
+    def scale(group, acc):  # one group's scales of accumulator `acc`: a row, or a column for nk
+        return s_ref[:, acc, pl.ds(group, 1)] if nk else s_ref[pl.ds(group, 1), :, acc]
 
     # the conversion constants, loaded once: as registers they let ptxas fuse each code's
     # mask and bias into a single LOP3 (as immediates they cost two)
-    magic = {p: c_ref[0, p // 4] for p in sorted({pos % 16 for _, pos, _ in _pieces(layout)})}
+    magic = {p: c_ref[0, p // 4] for p in sorted({pos % 16 for _, pos, _ in pieces})}
 
     def body(t, accs):
-        word = w_ref[pl.ds(pl.multiple_of(t * rows, rows), rows), :]
+        if nk:
+            word = w_ref[:, pl.ds(pl.multiple_of(t * tile[1], tile[1]), tile[1])]
+        else:
+            word = w_ref[pl.ds(pl.multiple_of(t * tile[0], tile[0]), tile[0]), :]
         high = lax.shift_right_logical(word, jnp.int32(16))
         accs = list(accs)
         xs = {}
-        for slot, pos, part in _pieces(layout):
+        for acc, pos, part in pieces:
             v = codes_f32(word if pos < 16 else high, pos % 16, bits, magic[pos % 16])
             if group_size is not None:
-                v = v * s_ref[pl.ds((t * bk) // group_size, 1), :, slot]
+                v = v * scale((t * bk) // group_size, acc)
             for r in range(bm):
                 if (r, part) not in xs:
-                    xs[r, part] = x_column(t, r, part)
-                accs[r * nslot + slot] = accs[r * nslot + slot] + v * xs[r, part]
+                    xs[r, part] = x_part(t, r, part)
+                accs[r * nacc + acc] = accs[r * nacc + acc] + v * xs[r, part]
         return tuple(accs)
 
-    zero = jnp.zeros((rows, cols), _F32)
-    accs = lax.fori_loop(0, steps, body, (zero,) * (bm * nslot))
+    zero = jnp.zeros(tile, _F32)
+    accs = lax.fori_loop(0, steps, body, (zero,) * (bm * nacc))
     for r in range(bm):
-        for slot in range(nslot):
-            out = jnp.sum(accs[r * nslot + slot], axis=0, keepdims=True)  # (1, words)
+        for acc in range(nacc):
+            # reduced along K: (1, words) output columns, or (rows, 1) for an (N, K) weight
+            out = jnp.sum(accs[r * nacc + acc], axis=1 if nk else 0, keepdims=True)
             if group_size is None:
-                out = out * s_ref[pl.ds(0, 1), :, slot]
-            ref, out = o_ref.at[pl.ds(r, 1), :, pl.ds(slot, 1)], out.astype(o_ref.dtype)[:, :, None]
+                out = out * scale(0, acc)
+            ref = o_ref.at[pl.ds(r, 1), :, pl.ds(acc, 1)]
+            out = out.reshape(1, -1, 1).astype(o_ref.dtype)
             if live[r] is None:
                 ref[...] = out
             else:
                 pltr.store(ref, out, mask=live[r])
+
+
+def _gemv_nk(x, w, scales, *, layout, group_size, out_dtype, config: BlockConfig, interpret):
+    """:func:`weight_only_gemv` for a weight stored ``(N, K)`` (``layout`` without ``_nk``)."""
+    m, k = x.shape
+    n = scales.shape[0]
+    bm, bn, bk, split = config.block_m, config.block_n, config.block_k, config.split_k
+    kc = k // split
+    nout = 2 if layout == "n_pairs" else 1
+    span = 8 if layout == "k_pairs" else 4  # codes per word along K
+    words = as_words(w)  # (N, K / 8) for k_pairs, (N / 2, K / 4) for n_pairs, (N, K / 4) for int8
+    x = x.reshape(m, k // span, span)
+    x_spec = pl.BlockSpec((bm, kc // span, span), lambda j, i, s: (i, s, 0))
+    w_spec = pl.BlockSpec((bn // nout, kc // span), lambda j, i, s: (j, s))
+    groups = 1 if group_size is None else k // group_size
+    scales = scales.reshape(n // nout, nout, groups)  # (N, 1) or (N, K // group) in parities
+    s_cols = 1 if group_size is None else kc // group_size
+    s_spec = pl.BlockSpec((bn // nout, nout, s_cols), lambda j, i, s: (j, 0, 0 if group_size is None else s))
+    kernel = functools.partial(
+        _gemv_kernel, layout=layout, nk=True, m=m, cfg=config, steps=kc // bk, group_size=group_size
+    )
+    inputs = ((x, x_spec), (words, w_spec), (scales, s_spec))
+    return _launch(
+        kernel, inputs, m, n, nout, layout, config, out_dtype, interpret, f"qjax_w{{}}a16_{layout}_nk_gemv"
+    )
+
+
+def _launch(kernel, inputs, m: int, n: int, nslot: int, layout: str, config, out_dtype, interpret, name: str):
+    """Run a gemv kernel on ``inputs`` (``(array, BlockSpec)`` pairs: activations, weight
+    words, scales) plus the conversion constants; its output ``(M, N / nslot, nslot)``
+    (one slice per program along K when split) comes back as ``(M, N)``."""
+    bm, bn, split = config.block_m, config.block_n, config.split_k
+    grid = (n // bn, cdiv(m, bm), split)
+    if split > 1:
+        out_shape = jax.ShapeDtypeStruct((split, m, n // nslot, nslot), _F32)
+        out_spec = pl.BlockSpec((None, bm, bn // nslot, nslot), lambda j, i, s: (s, i, j, 0))
+    else:
+        out_shape = jax.ShapeDtypeStruct((m, n // nslot, nslot), out_dtype)
+        out_spec = pl.BlockSpec((bm, bn // nslot, nslot), lambda j, i, s: (i, j, 0))
+    bits = 8 if layout == "int8" else 4
+    consts = jnp.asarray([[magic_bits(p, bits) if p % bits == 0 else 0 for p in range(0, 16, 4)]], jnp.int32)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=[spec for _, spec in inputs] + [pl.BlockSpec((1, 4), lambda j, i, s: (0, 0))],
+        out_specs=out_spec,
+        compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name=name.format(bits),
+    )(*(a for a, _ in inputs), consts)
+    if split > 1:
+        out = jnp.sum(out, axis=0).astype(out_dtype)
+    return out.reshape(m, n)
 
 
 def as_words(w: jax.Array) -> jax.Array:
@@ -123,8 +216,10 @@ def weight_only_gemv(x, w, scales, *, layout, group_size, out_dtype, config: Blo
     Args:
       x: ``(M, K)`` activations (rounded to bfloat16 like the other kernels' operands,
         then multiplied in float32).
-      w: the weight's int8 bytes in ``layout`` (see :mod:`qjax.kernels._common`).
-      scales: float32 ``(K // group_size, N)`` or ``(1, N)`` (``group_size=None``).
+      w: the weight's int8 bytes in ``layout`` (see :mod:`qjax.kernels._common`); an
+        ``"_nk"`` layout is stored ``(N, K)``.
+      scales: float32 ``(K // group_size, N)`` or ``(1, N)`` (``group_size=None``); for an
+        ``"_nk"`` layout ``(N, K // group_size)`` or ``(N, 1)``.
       layout, group_size: the weight's layout and group size along K.
       out_dtype: result dtype.
       config: ``engine="gemv"`` tiles: ``block_m`` rows per program, ``block_n`` columns,
@@ -135,6 +230,18 @@ def weight_only_gemv(x, w, scales, *, layout, group_size, out_dtype, config: Blo
     Returns:
       ``(M, N)`` array of ``out_dtype``.
     """
+    layout, nk = split_layout(layout)
+    if nk:
+        return _gemv_nk(
+            x,
+            w,
+            scales,
+            layout=layout,
+            group_size=group_size,
+            out_dtype=out_dtype,
+            config=config,
+            interpret=interpret,
+        )
     m, k = x.shape
     n = scales.shape[1]
     bm, bn, bk, split = config.block_m, config.block_n, config.block_k, config.split_k
@@ -155,33 +262,10 @@ def weight_only_gemv(x, w, scales, *, layout, group_size, out_dtype, config: Blo
     s_spec = pl.BlockSpec(
         (s_rows, bn // nslot, nslot), lambda j, i, s: (0 if group_size is None else s, j, 0)
     )
-    grid = (n // bn, cdiv(m, bm), split)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, n // nslot, nslot), _F32)
-        out_spec = pl.BlockSpec((None, bm, bn // nslot, nslot), lambda j, i, s: (s, i, j, 0))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, n // nslot, nslot), out_dtype)
-        out_spec = pl.BlockSpec((bm, bn // nslot, nslot), lambda j, i, s: (i, j, 0))
     kernel = functools.partial(
-        _gemv_kernel, layout=layout, m=m, cfg=config, steps=kc // bk, group_size=group_size
+        _gemv_kernel, layout=layout, nk=False, m=m, cfg=config, steps=kc // bk, group_size=group_size
     )
-    bits = 8 if layout == "int8" else 4
-    consts = jnp.asarray([[magic_bits(p, bits) if p % bits == 0 else 0 for p in range(0, 16, 4)]], jnp.int32)
-    out = pl.pallas_call(
-        kernel,
-        out_shape=out_shape,
-        grid=grid,
-        in_specs=[
-            x_spec,
-            pl.BlockSpec(w_block, lambda j, i, s: (s, j)),
-            s_spec,
-            pl.BlockSpec((1, 4), lambda j, i, s: (0, 0)),
-        ],
-        out_specs=out_spec,
-        compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
-        interpret=interpret,
-        name=f"qjax_w{8 if layout == 'int8' else 4}a16_{layout}_gemv",
-    )(x, words, scales, consts)
-    if split > 1:
-        out = jnp.sum(out, axis=0).astype(out_dtype)
-    return out.reshape(m, n)
+    inputs = ((x, x_spec), (words, pl.BlockSpec(w_block, lambda j, i, s: (s, j))), (scales, s_spec))
+    return _launch(
+        kernel, inputs, m, n, nslot, layout, config, out_dtype, interpret, f"qjax_w{{}}a16_{layout}_gemv"
+    )

@@ -57,9 +57,12 @@ def kernel_name(kind: str, layout: str, engine: str = "triton") -> str:
     """The table's kernel key: ``"w8a8"`` (weight ``(K, N)``), ``"w8a8_nk"`` (the ``(K, N)``
     weight transposed to ``(N, K)`` in the program), ``"w8a8_nk_stored"`` (a weight stored
     ``(N, K)``), each with ``"_wgmma"`` for the Hopper Mosaic GPU kernel; ``"w8a16"``, or
-    ``"w4a16_<layout>"``; ``"_gemv"`` for the CUDA-core weight-only kernel."""
+    ``"w4a16_<layout>"`` (``"w8a16_nk"``, ``"w4a16_<layout>_nk"``: a weight-only weight stored
+    ``(N, K)``); ``"_gemv"`` for the CUDA-core weight-only kernel."""
     if kind == "w4a16":
         name = f"w4a16_{layout}"
+    elif kind == "w8a16":
+        name = "w8a16_nk" if layout == "int8_nk" else "w8a16"
     else:
         name = {"nk": "w8a8_nk", "nk_stored": "w8a8_nk_stored"}.get(layout, kind) if kind == "w8a8" else kind
     return name if engine == "triton" else f"{name}_{engine}"

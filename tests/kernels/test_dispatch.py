@@ -2,6 +2,7 @@
 (``backend=``), checked on CPU with the kernels in the Pallas interpreter."""
 
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -197,8 +198,8 @@ def test_w8a8_transposed_weight_plan_runs_like_the_plain_one():
 
 def test_w8a8_weight_stored_nk_runs_without_transpose(monkeypatch):
     """A W8A8 weight stored (N, K) and contracted on axis 1 (``x @ w.T``) goes to the kernel
-    as it is ("nk_stored": no transpose in the program) and matches XLA; a weight-only
-    (N, K) weight is not covered (the reason says so)."""
+    as it is ("nk_stored": no transpose in the program) and matches XLA; so does a
+    weight-only one (the W8A16 kernel's "int8_nk")."""
     w = qjax.quantize(
         jax.random.normal(jax.random.key(0), (128, 256)), qjax.QuantSpec(qjax.int8, channel_axes=(0,))
     )
@@ -215,7 +216,7 @@ def test_w8a8_weight_stored_nk_runs_without_transpose(monkeypatch):
     jaxpr = str(jax.make_jaxpr(lambda x: dispatch.run(plan, x, w, tokens, None, None, None, jnp.float32))(x))
     assert "transpose" not in jaxpr
     plan, why = dispatch.plan(x.astype(jnp.bfloat16), w, dn, None, None, None, "interpret-gpu")
-    assert plan is None and "stored (N, K)" in why
+    assert (plan.kind, plan.layout) == ("w8a16", "int8_nk"), why
     # auto: only a measured stored-(N, K) entry counts, not the transposing one
     monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
     cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
@@ -248,3 +249,54 @@ def test_weight_stored_nk_scale_and_group_checks():
     )
     plan, why = dispatch.plan(x, grouped, dn, tokens, None, None, "interpret-gpu")
     assert plan is None and "per-channel weight" in why
+
+
+NK_SPECS = {  # a weight stored (N, K) = (128, 256), as PyTorch's (out, in)
+    "int4 packed along K": (qjax.QuantSpec(qjax.int4, channel_axes=(0,)), "k_pairs_nk"),
+    "int4 g64 packed along N": (
+        qjax.QuantSpec(qjax.int4, channel_axes=(0,), group_axis=1, group_size=64, pack_axis=0),
+        "n_pairs_nk",
+    ),
+    "int8 g128": (qjax.QuantSpec(qjax.int8, channel_axes=(0,), group_axis=1, group_size=128), "int8_nk"),
+}
+
+
+@pytest.mark.parametrize("name", list(NK_SPECS))
+def test_weight_only_x_at_w_transposed_runs_the_nk_kernel_in_place(name, monkeypatch):
+    """``x @ w.T`` on a weight-only ``(N, K)`` weight: the transpose is folded into the
+    contraction and the kernel reads the stored bytes (no transpose, no unpacking of codes
+    in the program); results match XLA and float64."""
+    spec, layout = NK_SPECS[name]
+    w = jax.random.normal(jax.random.key(0), (128, 256))
+    x = jax.random.normal(jax.random.key(1), (3, 5, 256), jnp.bfloat16)
+    pol = qjax.Policy([qjax.Rule("w", weight=spec)])
+    qp = qjax.quantize_params({"w": w}, pol)
+    f = lambda p, x: x @ p["w"].T
+    g = jax.jit(qjax.quantized(f, pol, backend="interpret-gpu"))
+    y = g(qp, x).astype(jnp.float32)
+    ref = qjax.quantized(f, pol, backend="xla")(qp, x).astype(jnp.float32)
+    assert y.shape == (3, 5, 128)
+    np.testing.assert_allclose(y, ref, atol=1e-2 * float(jnp.max(jnp.abs(ref))))
+    exact = np.asarray(x, np.float64) @ np.asarray(qp["w"].dequantize(), np.float64).T
+    np.testing.assert_allclose(y, exact, atol=1e-2 * np.abs(exact).max())
+    jaxpr = str(jax.make_jaxpr(g)(qp, x))
+    assert f"qjax_w{4 if 'int4' in name else 8}a16_{layout}" in jaxpr
+    # no integer transpose, and no integer array larger than the stored bytes (unpacked codes)
+    assert not re.search(r"[ui]\d+\[[\d,]+\] = transpose", jaxpr)
+    found = re.findall(r"[ui]\d+\[([\d,]+)\] =", jaxpr)
+    sizes = [np.prod([int(d) for d in dims.split(",")]) for dims in found]
+    assert max(sizes) <= qp["w"].values.size, sorted(sizes)[-3:]
+    # the TPU kernel takes (K, N) weights only: forced, the reason is named
+    with pytest.raises(ValueError, match=r"TPU weight-only kernel takes the weight \(K, N\)"):
+        qjax.quantized(f, pol, backend="interpret-tpu")(qp, x)
+    # auto: an entry measured for this stored layout is taken (triton engine only)
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    kind = "w8a16" if layout == "int8_nk" else "w4a16"
+    cfg = BlockConfig(16, 64, 64, 1, True, 4, 3)
+    entries = (
+        tuning.TunedEntry(tuning.kernel_name(kind, layout), 16, 256, 128, spec.group_size, cfg, 10.0, 15.0),
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    plan, why = dispatch.plan(x.reshape(15, 256), qp["w"], (((1,), (1,)), ((), ())), None, None, None, "auto")
+    assert plan is not None and (plan.kind, plan.layout, plan.config) == (kind, layout, cfg), why
+    assert tuning.kernel_name(kind, layout) != tuning.kernel_name(kind, layout.removesuffix("_nk"))

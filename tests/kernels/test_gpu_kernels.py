@@ -10,6 +10,7 @@
 * clear errors for bad operands and configs.
 """
 
+import functools
 import re
 import zlib
 
@@ -179,6 +180,73 @@ def test_weight_only_kernel_matches_float64(rng, layout, group, m, k, n, cfg):
     assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-6)
 
 
+NK_CASES = [
+    # layout, group, m, k, n, config: the weight stored (N, K) (PyTorch's (out, in))
+    ("int8", None, 5, 256, 64, C(16, 32, 64, 2, True)),
+    ("int8", 64, 40, 192, 96, C(16, 32, 64, 1, False)),  # 3 column tiles, rows masked
+    ("k_pairs", None, 1, 256, 64, C(16, 64, 64, 4, True)),
+    ("k_pairs", 128, 17, 512, 128, C(16, 64, 64, 2, False)),
+    ("k_pairs", 64, 3, 256, 128, P(16, 64, 64, 1)),  # unswapped, nibbles in PTX
+    ("n_pairs", None, 3, 256, 128, C(16, 64, 64, 1, True)),
+    ("n_pairs", 128, 5, 512, 128, C(16, 64, 128, 2, True)),  # even / odd group scales, swapped
+    ("n_pairs", 64, 20, 256, 128, C(32, 32, 64, 2, False)),  # the narrowest pair tile
+    ("n_pairs", None, 33, 256, 64, P(32, 64, 64, 2, True)),
+    ("int8", 32, 7, 256, 64, P(16, 32, 32, 2)),
+    # the CUDA-core kernel: words along K, one accumulator per row (two for n_pairs)
+    ("int8", None, 1, 256, 128, G(1, 64, 64, 2)),
+    ("int8", 64, 3, 512, 192, G(4, 64, 32, 2)),  # 3 column tiles, rows masked
+    ("k_pairs", None, 2, 256, 64, G(2, 64, 32, 1)),
+    ("k_pairs", 128, 5, 512, 128, G(8, 64, 128, 2)),
+    ("n_pairs", None, 1, 128, 128, G(1, 128, 32, 1)),
+    ("n_pairs", 64, 7, 256, 192, G(4, 64, 64, 4)),
+]
+
+
+def weight_nk(codes_kn, layout):
+    """The ``(K, N)`` codes stored ``(N, K)`` in ``layout`` (int4: packed along K or N)."""
+    c = np.ascontiguousarray(np.asarray(codes_kn).T)
+    if layout == "int8":
+        return jnp.asarray(c, jnp.int8)
+    return jnp.asarray(pack_pairs(c, 1 if layout == "k_pairs" else 0))
+
+
+@pytest.mark.parametrize("layout,group,m,k,n,cfg", NK_CASES)
+def test_weight_only_kernel_on_nk_weights_matches_float64(rng, layout, group, m, k, n, cfg):
+    bits = 8 if layout == "int8" else 4
+    lim = 2 ** (bits - 1)
+    codes = rng.integers(-lim, lim, (k, n))
+    scales = rng.uniform(0.01, 0.1, (1 if group is None else k // group, n)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    w = weight_nk(codes, layout)
+    s_nk = scales[0] if group is None else scales.T  # (N,) / (N, K // group)
+    kw = dict(group_size=group, b_layout="nk", out_dtype=jnp.float32, platform="gpu", config=cfg)
+    fn = w8a16_matmul if bits == 8 else functools.partial(w4a16_matmul, layout=layout, pack_block=None)
+    out = np.asarray(fn(x, w, s_nk, interpret=True, **kw), np.float64)
+    ref, mag = reference(x, codes, scales, group)
+    assert out.shape == (m, n) and np.all(np.isfinite(out))
+    assert np.all(np.abs(out - ref) <= 1e-5 * mag + 1e-6)
+    # the XLA formulation reads the same (N, K) operand
+    xla = np.asarray(fn(x, w, s_nk, **{**kw, "platform": "xla", "config": None}), np.float64)
+    assert np.all(np.abs(xla - ref) <= 1e-5 * mag + 1e-6)
+
+
+def test_nk_weight_errors(rng):
+    x = jnp.ones((4, 128), jnp.bfloat16)
+    w = weight_nk(rng.integers(-8, 8, (128, 64)), "k_pairs")  # (64, 64) bytes: N=64, K=128
+    with pytest.raises(ValueError, match=r"per-channel scales must have shape \(64,\) or \(64, 1\)"):
+        w4a16_matmul(x, w, jnp.ones((1, 64)), layout="k_pairs", b_layout="nk")
+    with pytest.raises(ValueError, match=r"group scales must have shape \(64, 2\).*stored \(N, K\)"):
+        w4a16_matmul(x, w, jnp.ones((2, 64)), group_size=64, layout="k_pairs", b_layout="nk")
+    with pytest.raises(ValueError, match="layout='k_halves' is not one of"):
+        w4a16_matmul(x, w, jnp.ones((64,)), layout="k_halves", b_layout="nk")
+    with pytest.raises(ValueError, match="b_layout='kN' is not one of"):
+        w4a16_matmul(x, w, jnp.ones((64,)), layout="k_pairs", b_layout="kN")
+    with pytest.raises(ValueError, match=r"TPU weight-only kernel takes the weight \(K, N\)"):
+        w4a16_matmul(x, w, jnp.ones((64,)), layout="k_pairs", b_layout="nk", platform="tpu", interpret=True)
+    with pytest.raises(ValueError, match="x has 100 columns"):
+        w4a16_matmul(jnp.ones((4, 100)), w, jnp.ones((64,)), layout="k_pairs", b_layout="nk")
+
+
 @pytest.mark.parametrize("layout", ["k_halves", "k_pairs", "n_pairs"])
 def test_weight_only_default_config_bf16_output(rng, layout):
     m, k, n = 9, 512, 256
@@ -314,33 +382,45 @@ def test_int8_configs_lower_for_cuda(cfg, b_layout):
         ("k_pairs", 128),
         ("int8", None),
         ("int8", 128),
+        ("k_pairs_nk", None),
+        ("k_pairs_nk", 128),
+        ("n_pairs_nk", 128),
+        ("int8_nk", 128),
     ],
 )
 def test_every_tuning_candidate_lowers_for_cuda(size, layout, group):
     """Any config a tuning table can hold comes from ``gpu_candidates``: each one lowers at
-    every shape the benchmark tunes (batch buckets 1-16, 64, 256)."""
+    every shape the benchmark tunes (batch buckets 1-16, 64, 256); ``"_nk"``: the weight
+    stored ``(N, K)``."""
     k = n = size
-    kind = "w8a16" if layout == "int8" else "w4a16"
-    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(layout, (k // 2, n))
-    w = jax.ShapeDtypeStruct(wshape, jnp.int8 if layout == "int8" else jnp.uint8)
-    s = jax.ShapeDtypeStruct((1 if group is None else k // group, n), jnp.float32)
+    base, nk = kc.split_layout(layout)
+    kind = "w8a16" if base == "int8" else "w4a16"
+    wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(base, (k // 2, n))
+    wshape = wshape[::-1] if nk else wshape
+    sshape = (1 if group is None else k // group, n)
+    extra = {"b_layout": "nk" if nk else "kn"}
+    w = jax.ShapeDtypeStruct(wshape, jnp.int8 if base == "int8" else jnp.uint8)
+    s = jax.ShapeDtypeStruct(sshape[::-1] if nk else sshape, jnp.float32)
     for m in (1, 4, 16, 64, 256):
         x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
         cands = gpu_candidates(kind, m, k, n, group, layout)
         assert cands, (kind, m, layout, group)
         for cfg in cands:
-            if layout == "int8":
-                fn = lambda x, w, s, c=cfg: w8a16_matmul(x, w, s, group_size=group, platform="gpu", config=c)
+            if base == "int8":
+                fn = lambda x, w, s, c=cfg: w8a16_matmul(
+                    x, w, s, group_size=group, platform="gpu", config=c, **extra
+                )
             else:
                 fn = lambda x, w, s, c=cfg: w4a16_matmul(
                     x,
                     w,
                     s,
                     group_size=group,
-                    layout=layout,
+                    layout=base,
                     platform="gpu",
                     config=c,
-                    pack_block=c.block_k if layout == "k_halves" else None,
+                    pack_block=c.block_k if base == "k_halves" else None,
+                    **extra,
                 )
             _lower_cuda(fn, x, w, s)
 
