@@ -14,14 +14,16 @@ flows into them (otherwise they are bound unchanged, custom derivative rules and
   iteration (a stacked ``QArray`` slices with its per-layer scales), so every iteration
   is the same op, identified by the stacked leaf's path;
 * ``cond``, ``while``: rebuilt with ``lax.switch`` / ``lax.while_loop``, weights closed
-  over; a value a ``cond`` branch did not emit is NaN (not executed); emitting inside a
-  ``while`` body is an error (it runs a data-dependent number of times);
+  over; a value a ``cond`` branch did not emit is NaN (not executed); values emitted in a
+  ``while`` body (a data-dependent number of iterations) are reduced over the iterations
+  in the loop's carry as the handler's :meth:`Handler.loop_reduction` says, else an error;
 * ``remat``/``checkpoint``: rebuilt with ``jax.checkpoint`` (same policy);
 * ``shard_map``: rebuilt with ``jax.shard_map``; a ``QArray`` weight is passed in with
   scale specs derived from the weight's spec.
 
 Handlers may ``emit`` values (e.g. calibration statistics) keyed by path; inside a
-``scan`` they are stacked per iteration.
+``scan`` they are stacked per iteration; inside a ``shard_map`` (handlers with
+``per_shard_emits`` only) each shard's value is a separate read.
 """
 
 from __future__ import annotations
@@ -133,7 +135,27 @@ class Handler:
 
     Subclasses override :meth:`target`; returning ``None`` evaluates the op on float
     values (weights materialized).
+
+    Attributes:
+      per_shard_emits: whether the values this handler emits may be computed per shard
+        inside a ``shard_map`` body: each shard's value is then emitted as a separate
+        read of the op (as if the op ran once per shard). True only for statistics whose
+        reads combine by min / max / mean over per-tensor values (e.g. calibration
+        ranges), which a shard of the data measures as well as a batch does; per-feature
+        statistics of a sharded weight would mix different features. ``False`` (default):
+        emitting inside a ``shard_map`` raises.
     """
+
+    per_shard_emits: bool = False
+
+    def loop_reduction(self, key: str) -> str | None:
+        """How the values emitted under ``key`` inside a ``while_loop`` body (a data-dependent
+        number of iterations, so they cannot be stacked) combine over the iterations:
+        ``"min_max"`` (a ``(lo, hi)`` pair: elementwise minimum of ``lo``, maximum of
+        ``hi``) or ``"mean"`` (every leaf averaged), NaN values ignored in both (an untaken
+        ``cond`` branch); the combination is emitted once, after the loop. ``None``
+        (default): emitting inside a ``while_loop`` raises."""
+        return None
 
     def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
         return None
@@ -338,15 +360,65 @@ def _while(eqn, invals, handler, emit):
     p = eqn.params
     cond_consts, body_consts, init = _split(invals, p["cond_nconsts"], p["body_nconsts"])
     init = [materialize(x) for x in init]
-    inner_emit = _no_emit("lax.while_loop")
 
     def cond(carry):
-        return _closed(p["cond_jaxpr"], [*cond_consts, *carry], handler, inner_emit)[0]
+        return _closed(
+            p["cond_jaxpr"], [*cond_consts, *carry], handler, _no_emit("lax.while_loop's condition")
+        )[0]
 
-    def body(carry):
-        return [materialize(o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, inner_emit)]
+    def body_values(carry):
+        local = _Emitter()
+        outs = [materialize(o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)]
+        return outs, local.values
 
-    return lax.while_loop(cond, body, init)
+    # what the body emits (an abstract pass): nothing -> the loop as it was
+    emitted = jax.eval_shape(body_values, init)[1]
+    if not emitted:
+        return lax.while_loop(cond, lambda carry: body_values(carry)[0], init)
+    how = {}
+    for key in emitted:
+        how[key] = handler.loop_reduction(key)
+        if how[key] not in ("min_max", "mean"):
+            _no_emit("lax.while_loop")(key, None)
+    # the reductions ride in the carry: running min / max (NaN: nothing seen yet), or sums
+    # and counts of the non-NaN values
+    acc0 = {k: [_loop_acc_init(how[k], v) for v in vs] for k, vs in emitted.items()}
+
+    def body(state):
+        carry, acc = state
+        outs, values = body_values(carry)
+        acc = {k: [_loop_acc_step(how[k], a, v) for a, v in zip(acc[k], values[k])] for k in acc}
+        return outs, acc
+
+    carry, acc = lax.while_loop(lambda state: cond(state[0]), body, (init, acc0))
+    for k, accs in acc.items():
+        for a in accs:
+            emit(k, _loop_acc_result(how[k], a))
+    return carry
+
+
+def _loop_acc_init(how: str, shape):
+    if how == "min_max":
+        return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shape)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+    return zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.int32), shape)  # sums, counts
+
+
+def _loop_acc_step(how: str, acc, value):
+    if how == "min_max":
+        (lo_acc, hi_acc), (lo, hi) = acc, value
+        return jnp.fmin(lo_acc, lo), jnp.fmax(hi_acc, hi)
+    sums, counts = acc
+    seen = jax.tree.map(lambda v: ~jnp.isnan(v), value)
+    sums = jax.tree.map(lambda t, v, m: t + jnp.where(m, v, 0), sums, value, seen)
+    return sums, jax.tree.map(lambda c, m: c + m, counts, seen)
+
+
+def _loop_acc_result(how: str, acc):
+    if how == "min_max":
+        return acc
+    sums, counts = acc
+    return jax.tree.map(lambda t, c: jnp.where(c > 0, t / jnp.maximum(c, 1), jnp.nan), sums, counts)
 
 
 def _remat(eqn, invals, handler, emit):
@@ -371,7 +443,7 @@ def _remat(eqn, invals, handler, emit):
 def _shard_map(eqn, invals, handler, emit):
     from qjax.graph.sharding import shard_map_rule  # sharding details live apart
 
-    return shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, WeightRef)
+    return shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, WeightRef, _Emitter)
 
 
 _RULES: dict[str, Callable] = {

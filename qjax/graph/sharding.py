@@ -25,10 +25,12 @@ def qarray_specs(q: QArray, spec: PartitionSpec):
     return q.replace_children(children)
 
 
-def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref):
+def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
-    inside the body; emitting values (calibration) inside is not supported."""
+    inside the body. Values the handler emits inside (only with ``handler.per_shard_emits``)
+    leave the body stacked along a new leading axis over every manual mesh axis and are
+    emitted outside once per shard."""
     p = eqn.params
     args, specs, paths = [], [], []
     for x, spec in zip(invals, p["in_specs"]):
@@ -41,23 +43,45 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
             args.append(materialize(x))
             specs.append(spec)
             paths.append(None)
+    mesh = p["mesh"]
+    manual = set(p.get("newly_manual_axes", ())) or set(mesh.axis_names)
+    manual_axes = tuple(a for a in mesh.axis_names if a in manual)  # mesh order
 
     def forbid(key, value):
         raise ValueError(
-            f"op {key!r} inside shard_map emits values (e.g. calibration statistics); calibrate "
-            "the function without shard_map (statistics are per shard inside it)"
+            f"op {key!r} inside shard_map emits values that cannot be combined across shards "
+            "(per-feature statistics or captured activations of a shard cover part of the "
+            "features; only per-tensor calibration ranges combine); collect them from a "
+            "version of the function without shard_map"
         )
 
     def body(*local):
         vals = [weight_ref(path, v) if path is not None else v for path, v in zip(paths, local)]
-        return tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, forbid))
+        local_emit = emitter() if handler.per_shard_emits else forbid
+        outs = tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, local_emit))
+        if not handler.per_shard_emits:
+            return outs, {}
+        # one leading axis per shard: out_specs stack the shards' values along it
+        return outs, jax.tree.map(lambda v: jax.numpy.expand_dims(v, 0), local_emit.values)
 
     fn = jax.shard_map(
         body,
-        mesh=p["mesh"],
+        mesh=mesh,
         in_specs=tuple(specs),
-        out_specs=tuple(p["out_specs"]),
-        axis_names=set(p.get("newly_manual_axes", ())) or set(p["mesh"].axis_names),
+        out_specs=(tuple(p["out_specs"]), PartitionSpec(manual_axes)),
+        axis_names=manual,
         check_vma=p.get("check_vma", True),
     )
-    return list(fn(*args))
+    outs, emitted = fn(*args)
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = [a for a in manual_axes if types[a] == jax.sharding.AxisType.Explicit]
+    if emitted and explicit:  # Explicit axes: replicate the (small) stacks before slicing shards
+        emitted = jax.tree.map(lambda v: jax.sharding.reshard(v, PartitionSpec()), emitted)
+    shards = 1
+    for a in manual_axes:
+        shards *= mesh.shape[a]
+    for key, values in emitted.items():
+        for value in values:
+            for i in range(shards):
+                emit(key, jax.tree.map(lambda v, i=i: v[i], value))
+    return list(outs)

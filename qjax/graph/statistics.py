@@ -56,7 +56,7 @@ def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
         if name == "transpose":
             perm = op.params["permutation"]
             axes = [perm[a] for a in axes]
-        elif name not in ("convert_element_type", "copy", "copy_p"):
+        elif name not in ("convert_element_type", "copy", "copy_p", "pvary"):
             raise ValueError(
                 f"{ref.path!r}: the weight reaches its matmul/conv through {name!r}; only "
                 "transposes and dtype conversions can be mapped back to the params leaf's axes"

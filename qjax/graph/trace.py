@@ -17,7 +17,13 @@ def abstract_params(params: Any) -> Any:
 
     def visit(_, leaf):
         if isinstance(leaf, QArray):
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            # in Explicit mesh mode the codes' sharding is part of their type: the float
+            # array they stand for gets the same spec (packing halves an axis, not its spec)
+            sharding = getattr(jax.typeof(leaf.values), "sharding", None)
+            spec = getattr(sharding, "spec", None)
+            if spec is None or all(e is None for e in spec):
+                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
         return leaf
 
     return map_with_path(visit, params)

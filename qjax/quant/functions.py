@@ -105,10 +105,10 @@ def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, a
     Qwix's QAT does: the int8 matmul is faster than the float one on most backends."""
 
     def forward(act, w_leaf):
-        w = _operand_qarray(ref, w_leaf, wspec)
+        w, perm = _operand_qarray(ref, w_leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
             return fake_path(act, w_leaf)
-        return _quantized_op(eqn, act, w, wi, aspec).astype(eqn.outvars[0].aval.dtype)
+        return _quantized_op(eqn, act, w, wi, aspec, perm=perm).astype(eqn.outvars[0].aval.dtype)
 
     @jax.custom_vjp
     def op(act, w_leaf):
@@ -299,6 +299,15 @@ class ActStats:
 
 
 class _Calibrate(_PolicyHandler):
+    # per-tensor ranges of what each op quantizes: inside a shard_map, of the values the
+    # shard's op quantizes, combined over shards like over batches
+    per_shard_emits = True
+
+    def loop_reduction(self, key: str) -> str:
+        # inside a while_loop: the range over the iterations (the mean of the per-iteration
+        # ranges for percentile / MSE), as over batches
+        return "mean" if _rule(self.policy, key).act.calibration.name in ("percentile", "mse") else "min_max"
+
     @_named_errors
     def target(self, eqn, invals, emit):
         found = self.weight(invals)
@@ -359,7 +368,11 @@ def calibrate(f: Callable, policy: Policy, params: Any, batches: Iterable, **kwa
 
     Returns:
       ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
-      an ``nn.scan`` stack get per-layer ranges (leading axis).
+      an ``nn.scan`` stack get per-layer ranges (leading axis). Ops inside a
+      ``jax.shard_map`` body are measured per shard, each shard a read of the op (min /
+      max exact over the tensor; percentile / MSE averaged over shards as over batches);
+      ops inside a ``lax.while_loop`` body over its iterations, combined the same way into
+      one read.
 
     Raises:
       ValueError: no batches, or a rule asks for static non-per-tensor activation scales.
@@ -387,21 +400,67 @@ def calibrate(f: Callable, policy: Policy, params: Any, batches: Iterable, **kwa
 # -- quantized (integer execution) -------------------------------------------------------
 
 
-def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None) -> QArray | None:
+def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transposes: bool = False):
     """The weight as a ``QArray`` in the op's operand layout: the stored ``QArray`` (or
     ``leaf`` quantized by ``spec``), with the ref's layout ops replayed on it. ``None``
-    when there is nothing to quantize or the scales cannot follow a layout op."""
+    when there is nothing to quantize or the scales cannot follow a layout op.
+
+    Returns ``(qarray or None, perm)``. With ``fold_transposes`` the trailing transposes are
+    not replayed (transposing packed int4 codes unpacks them, and any transpose copies the
+    weight per call): operand axis ``i`` is then axis ``perm[i]`` of ``qarray``, for
+    :func:`_quantized_op` to fold into the dot's dimension numbers; ``perm`` is ``None``
+    when nothing was folded."""
     if isinstance(leaf, QArray):
         w = leaf
     elif spec is not None:
         w = quantize(leaf, spec_for_slice(spec, ref.depth))
     else:
-        return None
-    for op in ref.ops:
+        return None, None
+    ops = ref.ops
+    perm = None
+    if fold_transposes:
+        cut = len(ops)
+        while cut and ops[cut - 1].primitive.name == "transpose":
+            cut -= 1
+        if cut < len(ops):
+            ops, folded = ops[:cut], ops[cut:]
+            perm = list(range(len(folded[0].params["permutation"])))
+            for op in folded:  # operand axis i is axis perm[i] before the transposes
+                perm = [perm[a] for a in op.params["permutation"]]
+            perm = None if perm == sorted(perm) else tuple(perm)
+    for op in ops:
         w = apply_layout(w, op.primitive.name, op.params, op.operands, op.apply)
         if w is None:
-            return None
-    return w
+            return None, None
+    return w, perm
+
+
+def _unfold_transpose(dn, wi: int, perm: tuple[int, ...], ndims: tuple[int, int]):
+    """``dot_general`` dimension numbers on the weight before a transpose ``perm`` (operand
+    axis ``i`` = weight axis ``perm[i]``), and the permutation that puts the result's axes
+    back in the order the original dot produces.
+
+    ``ndims``: the ranks of ``(lhs, rhs)``."""
+    (lc, rc), (lb, rb) = dn
+    contract, batch = (lc, lb) if wi == 0 else (rc, rb)
+    contract, batch = tuple(perm[a] for a in contract), tuple(perm[a] for a in batch)
+    new_dn = ((contract, rc), (batch, rb)) if wi == 0 else ((lc, contract), (lb, batch))
+    # the weight's free axes come out in increasing weight-axis order; the dot wants them in
+    # increasing operand-axis order
+    view_free = [a for a in range(ndims[wi]) if a not in (dn[0][wi] + dn[1][wi])]
+    stored_free = sorted(perm[a] for a in view_free)
+    order = [stored_free.index(perm[a]) for a in view_free]
+    nb = len(lb)
+    n_lhs_free = ndims[0] - len(lc) - nb
+    if wi == 0:
+        out_perm = (
+            *range(nb),
+            *(nb + i for i in order),
+            *range(nb + n_lhs_free, nb + n_lhs_free + ndims[1] - len(rc) - nb),
+        )
+    else:
+        out_perm = (*range(nb + n_lhs_free), *(nb + n_lhs_free + i for i in order))
+    return new_dn, out_perm
 
 
 def _conv_geometry(eqn) -> dict:
@@ -409,9 +468,18 @@ def _conv_geometry(eqn) -> dict:
     return {k: eqn.params[k] for k in CONV_GEOMETRY}
 
 
-def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto"):
-    """Run a target equation on an activation and a quantized weight (operand ``wi``)."""
+def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto", perm=None):
+    """Run a target equation on an activation and a quantized weight (operand ``wi``);
+    ``perm`` (from :func:`_operand_qarray` with ``fold_transposes``): the transpose that
+    takes ``w`` to the operand, folded into a ``dot_general``'s dimension numbers."""
     from qjax.quant import ops  # the op library sits beside this module
+
+    if perm is not None:
+        ndims = [v.aval.ndim for v in eqn.invars]
+        dn, out_perm = _unfold_transpose(eqn.params["dimension_numbers"], wi, perm, tuple(ndims))
+        eqn = eqn.replace(params={**eqn.params, "dimension_numbers": dn})
+        out = _quantized_op(eqn, act, w, wi, aspec, backend)
+        return out if out_perm == tuple(range(out.ndim)) else lax.transpose(out, out_perm)
 
     static = {}
     if aspec is not None and w.act_scale is not None:
@@ -456,11 +524,12 @@ class _Serve(_PolicyHandler):
         wi, ref, rule = found
         if eqn.primitive.name == "conv_general_dilated" and wi != 1:
             return None
-        w = _operand_qarray(ref, ref.leaf, None if rule is None else rule.weight)
+        wspec = None if rule is None else rule.weight
+        w, perm = _operand_qarray(ref, ref.leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
             return None  # float weight without a rule, or a layout scales cannot follow: float op
         aspec = None if rule is None or rule.act is None else _resolve_act_spec(rule.act, eqn, 1 - wi)
-        return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend)]
+        return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend, perm)]
 
 
 def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable:

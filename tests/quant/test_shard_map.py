@@ -1,0 +1,101 @@
+"""``qjax.calibrate`` and ``qjax.quantized`` on functions whose layers run inside
+``jax.shard_map`` (tensor-parallel bodies), in Explicit and Auto mesh modes, against the
+same function without ``shard_map``."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+import qjax
+
+W_SPEC = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+SPECS = (P(None, "model"), P("model", None), P("data", None))  # column-, row-parallel, batch
+
+
+def _mlp(p, x):
+    return jax.nn.relu(x @ p["w1"]) @ p["w2"]
+
+
+def _sharded_mlp(mesh):
+    def body(w1, w2, x):
+        # x @ w1: w1 column-parallel, x replicated over "model"; h @ w2: h sharded along
+        # w2's contraction, a partial sum reduced by psum
+        return jax.lax.psum(jax.nn.relu(x @ w1) @ w2, "model")
+
+    def f(p, x):
+        return jax.shard_map(body, mesh=mesh, in_specs=SPECS, out_specs=P("data", None))(p["w1"], p["w2"], x)
+
+    return f
+
+
+def _setup(mode):
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(mode,) * 2)
+    k = jax.random.split(jax.random.key(0), 4)
+    params = {"w1": jax.random.normal(k[0], (16, 32)), "w2": jax.random.normal(k[1], (32, 8))}
+    batches = [jax.random.normal(k[2], (8, 16)) * 3, jax.random.normal(k[3], (8, 16))]
+
+    def put(a, spec):
+        return jax.device_put(a, jax.NamedSharding(mesh, spec))
+
+    sharded = {"w1": put(params["w1"], SPECS[0]), "w2": put(params["w2"], SPECS[1])}
+    return mesh, params, batches, sharded, [put(x, SPECS[2]) for x in batches]
+
+
+@pytest.mark.parametrize("mode", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_calibrate_and_serve_inside_shard_map_match_the_unsharded_function(mode):
+    mesh, params, batches, sharded, sharded_batches = _setup(mode)
+    pol = qjax.Policy([qjax.Rule("w.*", weight=W_SPEC, act=qjax.QuantSpec(qjax.int8))])
+    f = _sharded_mlp(mesh)
+    with jax.set_mesh(mesh):
+        stats = qjax.calibrate(f, pol, sharded, sharded_batches)
+    ref = qjax.calibrate(_mlp, pol, params, batches)
+    assert set(stats) == set(ref) == {"w1", "w2"}
+    for path in ref:  # per-tensor absmax: the max over shards is the max over the tensor
+        np.testing.assert_allclose(stats[path].hi, ref[path].hi, rtol=1e-6)
+        np.testing.assert_allclose(stats[path].lo, ref[path].lo, rtol=1e-6)
+        assert stats[path].count == ref[path].count == 2
+    qp = qjax.quantize_params(sharded, pol, act_stats=stats)
+    with jax.set_mesh(mesh):
+        y = jax.jit(qjax.quantized(f, pol))(qp, sharded_batches[0])
+    want = qjax.quantized(_mlp, pol)(qjax.quantize_params(params, pol, act_stats=ref), batches[0])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_int4_weight_only_inside_shard_map():
+    mesh, params, batches, sharded, sharded_batches = _setup(AxisType.Explicit)
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=4)
+    pol = qjax.Policy([qjax.Rule("w.*", weight=spec)])
+    with jax.set_mesh(mesh):
+        y = qjax.quantized(_sharded_mlp(mesh), pol)(qjax.quantize_params(sharded, pol), sharded_batches[1])
+    want = qjax.quantized(_mlp, pol)(qjax.quantize_params(params, pol), batches[1])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_percentile_ranges_average_the_shards_like_batches():
+    """Each shard's range is one read: the mean over reads counts every data shard once,
+    although the activation of ``w1`` is replicated four times over ``model``."""
+    mesh, _, batches, sharded, sharded_batches = _setup(AxisType.Explicit)
+    cal = qjax.calib.percentile(90.0)
+    pol = qjax.Policy([qjax.Rule("w1", weight=W_SPEC, act=qjax.QuantSpec(qjax.int8, calibration=cal))])
+    with jax.set_mesh(mesh):
+        stats = qjax.calibrate(_sharded_mlp(mesh), pol, sharded, sharded_batches)
+    per_batch = []
+    for x in batches:  # the two data shards of each batch: rows 0-3 and 4-7
+        his = [cal(x[i : i + 4], (0, 1), qjax.int8, True)[1] for i in (0, 4)]
+        per_batch.append(np.mean([float(np.squeeze(h)) for h in his]))
+    np.testing.assert_allclose(float(stats["w1"].hi), np.mean(per_batch), rtol=1e-5)
+    # a genuinely per-tensor percentile of the whole batch differs: the shards were not pooled
+    whole = np.mean([float(np.squeeze(cal(x, (0, 1), qjax.int8, True)[1])) for x in batches])
+    assert abs(float(stats["w1"].hi) - whole) > 1e-4
+
+
+def test_per_feature_statistics_inside_shard_map_raise():
+    mesh, _, _, sharded, sharded_batches = _setup(AxisType.Explicit)
+    with (
+        jax.set_mesh(mesh),
+        pytest.raises(ValueError, match=r"op 'w1' inside shard_map emits values that cannot be combined"),
+    ):
+        qjax.graph.input_statistics(_sharded_mlp(mesh), sharded, sharded_batches, lambda r: r.T @ r)
