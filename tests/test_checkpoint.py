@@ -342,3 +342,27 @@ def test_zero_size_leaves_keep_later_shardings_aligned(tmp_path):
     got = checkpoint.restore(tmp_path / "ck", tree)
     assert got["a"].shape == (0, 3) and got["b"].dtype == jnp.bool_ and got["c"].sharding == s
     np.testing.assert_array_equal(np.asarray(got["c"]), np.arange(16.0))
+
+
+def test_sharded_restore_of_prng_keys(tmp_path):
+    """Key arrays restore sharded (their key data carries the spec; the implementation's
+    trailing data axis stays whole), from shardings= or from the target's own."""
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    keys = jax.random.split(jax.random.key(4), 8)
+    rbg = jax.random.split(jax.random.key(1, impl="rbg"), 4)
+    by_data, by_model = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("model"))
+    checkpoint.save(tmp_path / "k", {"fry": jax.device_put(keys, by_data), "rbg": rbg})
+    target = {"fry": jax.device_put(keys, by_data), "rbg": jax.device_put(rbg, by_model)}
+    for restored in (
+        checkpoint.restore(tmp_path / "k", shardings={"fry": by_data, "rbg": by_model}),
+        checkpoint.restore(tmp_path / "k", target),
+    ):
+        assert restored["fry"].sharding == by_data and restored["rbg"].sharding == by_model
+        assert restored["fry"].dtype == keys.dtype and restored["rbg"].dtype == rbg.dtype
+        for name, want in (("fry", keys), ("rbg", rbg)):
+            np.testing.assert_array_equal(jax.random.key_data(restored[name]), jax.random.key_data(want))
+        # the restored keys draw what the saved ones drew
+        np.testing.assert_array_equal(
+            jax.vmap(lambda k: jax.random.uniform(k, (3,)))(restored["fry"]),
+            jax.vmap(lambda k: jax.random.uniform(k, (3,)))(keys),
+        )
