@@ -196,7 +196,9 @@ def _ptq(ctx: dict, step: Step) -> dict:
     stats = None
     if any(r.act is not None for r in policy.rules):
         calib = [(x,) for x, _ in _batches(m, step.opts["calibration_batches"], cycle=False)]
-        stats = qjax.calibrate(m["apply_fn"], policy, m["params"], calib)
+        stats = qjax.calibrate(
+            m["apply_fn"], policy, m["params"], calib, histogram_bins=step.opts["histogram_bins"]
+        )
     q = jax.jit(lambda p: qjax.quantize_params(p, policy, act_stats=stats))(m["params"])
     if step.opts["execute"] == "integer":
         acc = _evaluate(m, jax.jit(qjax.quantized(m["apply_fn"], policy)), q)

@@ -10,7 +10,8 @@ Config (JSON, TOML, or YAML when PyYAML is installed); unknown keys are errors::
                  [loss_fn], [module]}
     entry_args   optional keyword arguments of the entry
     steps        a non-empty list; every step has "kind" and an optional "name":
-      ptq      rules, execute ("dequantized" | "integer"), calibration_batches (8)
+      ptq      rules, execute ("dequantized" | "integer"), calibration_batches (8),
+               histogram_bins (percentile / MSE ranges of all batches pooled, e.g. 2048)
       qat      rules, steps (300), lr (3e-4)                   weight specs only
       prune    sparsity, type ("unstructured" | "channel" | "N:M" e.g. "2:4"),
                scope ("layer" | "global"), schedule ("gradual" | "one_shot"; N:M and
@@ -46,7 +47,7 @@ from qjax.numerics.spec import STE_MODES
 TOP_KEYS = ("entry", "entry_args", "steps")
 KINDS = ("ptq", "qat", "prune", "distill")
 STEP_KEYS = {
-    "ptq": ("name", "kind", "rules", "execute", "calibration_batches"),
+    "ptq": ("name", "kind", "rules", "execute", "calibration_batches", "histogram_bins"),
     "qat": ("name", "kind", "rules", "steps", "lr"),
     "prune": ("name", "kind", "sparsity", "type", "scope", "schedule", "rules", "steps", "lr"),
     "distill": ("name", "kind", "student", "student_args", "temperature", "alpha", "steps", "lr"),
@@ -415,6 +416,9 @@ def validate_config(config: Any) -> Config:
                 s.get("execute", "dequantized"), ("dequantized", "integer"), where, "execute"
             )
             opts.setdefault("calibration_batches", 8)
+            bins = opts.setdefault("histogram_bins", None)
+            if bins is not None and (_pos_int(bins, where, "histogram_bins") < 2 or bins & (bins - 1)):
+                _fail(where, f"'histogram_bins' must be a power of two >= 2, got {bins!r}")
             policy = _rules(s, where, acts=opts["execute"] == "integer")
         elif kind == "qat":
             policy = _rules(s, where, acts=False)

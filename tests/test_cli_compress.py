@@ -145,7 +145,11 @@ def test_plain_function_model_all_kinds(tiny):
                 "name": "w8a8",
                 "kind": "ptq",
                 "execute": "integer",
-                "rules": [{**INT8, "act": {"format": "int8"}}, {"pattern": ".*/bias"}],
+                "histogram_bins": 256,
+                "rules": [
+                    {**INT8, "act": {"format": "int8", "calibration": "percentile:99.9"}},
+                    {"pattern": ".*/bias"},
+                ],
             },
             {
                 "name": "lsq",
@@ -268,6 +272,10 @@ BAD_CONFIGS = {
     "bad value": (
         {"entry": "tiny.py:build", "steps": [{"kind": "prune", "sparsity": 1.5}]},
         ["'sparsity' must be a number in [0, 1), got 1.5"],
+    ),
+    "histogram bins not a power of two": (
+        {"entry": "tiny.py:build", "steps": [{"kind": "ptq", "rules": [INT8], "histogram_bins": 1000}]},
+        ["'histogram_bins' must be a power of two >= 2, got 1000"],
     ),
     "group size not dividing": (
         {

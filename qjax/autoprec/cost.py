@@ -365,7 +365,8 @@ def _time_many(fns: Mapping[str, Callable], *, repeats: int, target_s: float) ->
 def _op_callable(layer: Layer, op: OpInfo, candidate: Candidate) -> Callable | None:
     """A zero-argument jitted call of the op alone with ``candidate`` (``None``: nothing
     to time, the op reads no activation)."""
-    from qjax.quant.functions import calibrate, quantized
+    from qjax.quant.calibrate import calibrate
+    from qjax.quant.functions import quantized
     from qjax.quant.policy import Policy, Rule
     from qjax.quant.transforms import quantize_params
 

@@ -19,8 +19,8 @@ from jax.sharding import Mesh
 
 from qjax.parallel.mesh import BATCH_AXES, batch_shardings
 from qjax.parallel.shardings import place, replicated
-from qjax.quant.functions import ActStats
-from qjax.quant.functions import calibrate as _calibrate
+from qjax.quant.calibrate import ActStats
+from qjax.quant.calibrate import calibrate as _calibrate
 from qjax.quant.gptq import input_hessians as _input_hessians
 from qjax.quant.policy import Policy
 

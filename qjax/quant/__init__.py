@@ -1,8 +1,9 @@
 """Quantization policies and transforms."""
 
 from qjax.quant.awq import AWQSearch, awq, awq_factors
+from qjax.quant.calibrate import ActStats, calibrate
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
-from qjax.quant.functions import ActStats, calibrate, fake_quantized, quantized
+from qjax.quant.functions import fake_quantized, quantized
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated

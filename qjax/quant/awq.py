@@ -47,7 +47,7 @@ from qjax.graph.statistics import gram, input_statistics
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.granularity import normalize_axis
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
-from qjax.quant.functions import calibrate
+from qjax.quant.calibrate import calibrate
 from qjax.quant.policy import Policy
 from qjax.quant.smoothing import row_factor, smooth, with_input_scales
 from qjax.quant.transforms import quantize_params

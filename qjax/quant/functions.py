@@ -1,4 +1,4 @@
-"""Function transforms: ``calibrate``, ``quantized`` and ``fake_quantized``.
+"""Function transforms: ``quantized`` and ``fake_quantized`` (``calibrate``: :mod:`qjax.quant.calibrate`).
 
 Each takes any ``f(params, *args, **kwargs)`` (a Linen ``apply``, an NNX model split into
 graphdef/state, a plain function) and re-evaluates its jaxpr with the matmuls and
@@ -9,14 +9,11 @@ Positional arguments after ``params`` are traced; keyword arguments are static.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from qjax.graph.interpret import (
@@ -279,122 +276,6 @@ def fake_quantized(
         return _run(f, lambda: _FakeQuant(policy, scales, key, integer_forward), params, args, kwargs)[0]
 
     return g
-
-
-# -- calibrate -------------------------------------------------------------------------
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ActStats:
-    """Calibrated activation range of one op (per stacked layer inside a ``scan``).
-
-    ``lo``/``hi`` are the calibrator's range combined over batches (min/max for absmax and
-    minmax, the mean of the per-batch ranges for percentile and MSE); ``count`` batches.
-    """
-
-    lo: jax.Array
-    hi: jax.Array
-    count: int = dataclasses.field(metadata=dict(static=True), default=1)
-
-
-class _Calibrate(_PolicyHandler):
-    # per-tensor ranges of what each op quantizes: inside a shard_map, of the values the
-    # shard's op quantizes, combined over shards like over batches
-    per_shard_emits = True
-
-    def loop_reduction(self, key: str) -> str:
-        # inside a while_loop: the range over the iterations (the mean of the per-iteration
-        # ranges for percentile / MSE), as over batches
-        return "mean" if _rule(self.policy, key).act.calibration.name in ("percentile", "mse") else "min_max"
-
-    @_named_errors
-    def target(self, eqn, invals, emit):
-        found = self.weight(invals)
-        if found is None:
-            return None
-        wi, ref, rule = found
-        if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
-            return None  # float activations, or dynamic per-token scales: nothing to calibrate
-        spec = rule.act
-        if spec.channel_axes or spec.group_size is not None:
-            raise ValueError(
-                f"leaf {ref.path!r} (rule {rule.pattern!r}): static activation scales are per-tensor "
-                "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
-            )
-        act = materialize(invals[1 - wi]).astype(jnp.float32)
-        axes = tuple(range(act.ndim))
-        lo, hi = spec.calibration(act, axes, spec.format, spec.symmetric)
-        emit(ref.path, (lo.reshape(()), hi.reshape(())))
-        return None
-
-
-def _combine_in_batch(values: list, mean: bool):
-    """Merge the ranges an op emitted in one batch (one per read of its weight)."""
-    if len(values) == 1:
-        return values[0]
-    los = jnp.stack([v[0] for v in values])
-    his = jnp.stack([v[1] for v in values])
-    return (jnp.nanmean(los, 0), jnp.nanmean(his, 0)) if mean else (jnp.nanmin(los, 0), jnp.nanmax(his, 0))
-
-
-def _merge(prev: ActStats | None, lo, hi, mean: bool) -> ActStats:
-    """Fold one batch's range into the running statistics. NaN marks an op that did not
-    run in that batch (a ``cond`` branch not taken) and leaves the statistics as they were."""
-    if prev is None:
-        return ActStats(lo, hi, 1)
-    if not mean:  # fmin/fmax ignore NaN
-        return ActStats(jnp.fmin(prev.lo, lo), jnp.fmax(prev.hi, hi), prev.count + 1)
-    c = prev.count
-
-    def avg(p, b):
-        p_missing = jnp.isnan(p)
-        updated = jnp.where(p_missing, b, (p * c + b) / (c + 1))
-        return jnp.where(jnp.isnan(b), p, updated)
-
-    return ActStats(avg(prev.lo, lo), avg(prev.hi, hi), c + 1)
-
-
-def calibrate(f: Callable, policy: Policy, params: Any, batches: Iterable, **kwargs) -> dict[str, ActStats]:
-    """Collect static activation ranges for every op whose rule has a per-tensor ``act``
-    spec, streaming over ``batches`` (no activations are kept).
-
-    Args:
-      f: ``f(params, *args, **kwargs)``.
-      policy: the :class:`qjax.Policy`; each rule's ``act.calibration`` is used.
-      params: float params.
-      batches: an iterable of positional-argument tuples (a bare array means ``(array,)``).
-      **kwargs: static keyword arguments of ``f``.
-
-    Returns:
-      ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
-      an ``nn.scan`` stack get per-layer ranges (leading axis). Ops inside a
-      ``jax.shard_map`` body are measured per shard, each shard a read of the op (min /
-      max exact over the tensor; percentile / MSE averaged over shards as over batches);
-      ops inside a ``lax.while_loop`` body over its iterations, combined the same way into
-      one read.
-
-    Raises:
-      ValueError: no batches, or a rule asks for static non-per-tensor activation scales.
-    """
-
-    def one(params, args):
-        return _run(f, lambda: _Calibrate(policy), params, args, kwargs)[1]
-
-    step = jax.jit(one)
-    stats: dict[str, ActStats] = {}
-    n = 0
-    for batch in batches:
-        args = batch if isinstance(batch, tuple) else (batch,)
-        for path, value in step(params, args).items():
-            rule = _rule(policy, path)
-            mean = rule.act.calibration.name in ("percentile", "mse")
-            lo, hi = _combine_in_batch(value, mean)
-            stats[path] = _merge(stats.get(path), lo, hi, mean)
-        n += 1
-    if n == 0:
-        raise ValueError("calibrate needs at least one batch")
-    return stats
 
 
 # -- quantized (integer execution) -------------------------------------------------------

@@ -279,7 +279,11 @@ def test_calibrate_errors():
         body = lambda c: (c[0] @ p["v"] @ p["v"].T, c[1] + 1)
         return jax.lax.while_loop(lambda c: c[1] < x.shape[0], body, (x @ p["w"], 0))[0]
 
+    # inside a while_loop calibration reduces over the iterations (tests/quant/test_calibrate_loops.py);
+    # statistics without a loop reduction still raise
+    stats = qjax.calibrate(
+        loop, qjax.Policy([qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8))]), W, [X]
+    )
+    assert set(stats) == {"w", "v"}
     with pytest.raises(ValueError, match=r"inside lax\.while_loop"):
-        qjax.calibrate(
-            loop, qjax.Policy([qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8))]), W, [X]
-        )
+        qjax.graph.input_statistics(loop, W, [X], lambda r: r.T @ r)

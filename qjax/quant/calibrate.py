@@ -1,0 +1,224 @@
+"""``calibrate``: static activation ranges of the ops a policy quantizes, streamed over
+calibration batches (see :mod:`qjax.quant.functions` for how ops are found)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.graph.interpret import materialize
+from qjax.numerics import histogram as hist
+from qjax.numerics.spec import PER_TOKEN
+from qjax.quant.functions import _named_errors, _PolicyHandler, _rule, _run
+from qjax.quant.policy import Policy
+
+_POOLED = ("percentile", "mse")  # calibrations that need the distribution of the values
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ActStats:
+    """Calibrated activation range of one op (per stacked layer inside a ``scan``).
+
+    ``lo``/``hi`` are the calibrator's range combined over batches (min/max for absmax and
+    minmax; for percentile and MSE the mean of the per-batch ranges, or with
+    ``calibrate(..., histogram_bins=...)`` the range of all batches' values pooled);
+    ``count`` batches.
+    """
+
+    lo: jax.Array
+    hi: jax.Array
+    count: int = dataclasses.field(metadata=dict(static=True), default=1)
+
+
+class _Calibrate(_PolicyHandler):
+    # per-tensor ranges of what each op quantizes: inside a shard_map, of the values the
+    # shard's op quantizes, combined over shards like over batches (histograms: summed)
+    per_shard_emits = True
+
+    def __init__(self, policy: Policy, bins: int | None = None, ranges: dict | None = None):
+        super().__init__(policy)
+        self.bins, self.ranges = bins, ranges or {}
+
+    def pooled(self, path: str) -> bool:
+        """Whether the op at ``path`` emits histograms (percentile / MSE with ``bins``)."""
+        rule = _rule(self.policy, path)
+        return bool(self.bins) and rule is not None and rule.act.calibration.name in _POOLED
+
+    def aux(self, path: str):
+        # the pooled histogram's range so far rides with the weight, so a scan over a
+        # stacked weight hands each layer its own
+        return self.ranges.get(path, jnp.float32(0.0)) if self.pooled(path) else None
+
+    def loop_reduction(self, key: str) -> str | None:
+        # inside a while_loop: the range over the iterations (the mean of the per-iteration
+        # ranges for percentile / MSE), as over batches; histograms are not reduced there
+        if self.pooled(key):
+            return None
+        return "mean" if _rule(self.policy, key).act.calibration.name in _POOLED else "min_max"
+
+    @_named_errors
+    def target(self, eqn, invals, emit):
+        found = self.weight(invals)
+        if found is None:
+            return None
+        wi, ref, rule = found
+        if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
+            return None  # float activations, or dynamic per-token scales: nothing to calibrate
+        spec = rule.act
+        if spec.channel_axes or spec.group_size is not None:
+            raise ValueError(
+                f"leaf {ref.path!r} (rule {rule.pattern!r}): static activation scales are per-tensor "
+                "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
+            )
+        act = materialize(invals[1 - wi]).astype(jnp.float32)
+        if self.pooled(ref.path):
+            emit(ref.path, hist.histogram(act, ref.aux, self.bins))
+            return None
+        axes = tuple(range(act.ndim))
+        lo, hi = spec.calibration(act, axes, spec.format, spec.symmetric)
+        emit(ref.path, (lo.reshape(()), hi.reshape(())))
+        return None
+
+
+def _combine_in_batch(values: list, mean: bool):
+    """Merge the ranges an op emitted in one batch (one per read of its weight)."""
+    if len(values) == 1:
+        return values[0]
+    los = jnp.stack([v[0] for v in values])
+    his = jnp.stack([v[1] for v in values])
+    return (jnp.nanmean(los, 0), jnp.nanmean(his, 0)) if mean else (jnp.nanmin(los, 0), jnp.nanmax(his, 0))
+
+
+def _merge(prev: ActStats | None, lo, hi, mean: bool) -> ActStats:
+    """Fold one batch's range into the running statistics. NaN marks an op that did not
+    run in that batch (a ``cond`` branch not taken) and leaves the statistics as they were."""
+    if prev is None:
+        return ActStats(lo, hi, 1)
+    if not mean:  # fmin/fmax ignore NaN
+        return ActStats(jnp.fmin(prev.lo, lo), jnp.fmax(prev.hi, hi), prev.count + 1)
+    c = prev.count
+
+    def avg(p, b):
+        p_missing = jnp.isnan(p)
+        updated = jnp.where(p_missing, b, (p * c + b) / (c + 1))
+        return jnp.where(jnp.isnan(b), p, updated)
+
+    return ActStats(avg(prev.lo, lo), avg(prev.hi, hi), c + 1)
+
+
+class _Histograms:
+    """The pooled histograms of one op: one :class:`~qjax.numerics.histogram.Pooled` per
+    layer of a stacked (``scan``) weight, in the leading axes' shape."""
+
+    def __init__(self, bins: int):
+        self.bins, self.lead, self.layers, self.batches = bins, None, [], 0
+
+    def add(self, values: list) -> None:
+        self.batches += 1
+        for h in (jax.device_get(v) for v in values):  # one histogram per read
+            lead = np.shape(h["r"])
+            if self.lead is None:
+                self.lead = lead
+                self.layers = [hist.Pooled.empty(self.bins) for _ in range(int(np.prod(lead)))]
+            flat = {
+                k: np.reshape(v, (len(self.layers), -1) if k in ("pos", "neg") else (-1,))
+                for k, v in h.items()
+            }
+            for i, pooled in enumerate(self.layers):
+                pooled.add({k: v[i] for k, v in flat.items()})
+
+    def ranges(self) -> jax.Array:
+        """Each layer's histogram range so far (the next batch's ``r_prev``)."""
+        return jnp.asarray(np.reshape([p.r for p in self.layers], self.lead), jnp.float32)
+
+    def stats(self, spec) -> ActStats:
+        cal = spec.calibration
+        if cal.name == "percentile":
+            pairs = [hist.percentile_range(p, cal.p, spec.symmetric) for p in self.layers]
+        else:
+            pairs = [
+                hist.mse_range(p, spec.format, spec.symmetric, cal.num_candidates, cal.min_ratio, cal.norm)
+                for p in self.layers
+            ]
+        lo, hi = (
+            jnp.asarray(np.reshape([pair[j] for pair in pairs], self.lead), jnp.float32) for j in (0, 1)
+        )
+        return ActStats(lo, hi, self.batches)
+
+
+def calibrate(
+    f: Callable,
+    policy: Policy,
+    params: Any,
+    batches: Iterable,
+    *,
+    histogram_bins: int | None = None,
+    **kwargs,
+) -> dict[str, ActStats]:
+    """Collect static activation ranges for every op whose rule has a per-tensor ``act``
+    spec, streaming over ``batches`` (no activations are kept).
+
+    Args:
+      f: ``f(params, *args, **kwargs)``.
+      policy: the :class:`qjax.Policy`; each rule's ``act.calibration`` is used.
+      params: float params.
+      batches: an iterable of positional-argument tuples (a bare array means ``(array,)``).
+      histogram_bins: for percentile and MSE calibration, pool the values of all batches
+        into one histogram of this many bins per sign (each batch reduced on device, the
+        histograms summed on the host) and take the range of the pool, as TensorRT's
+        histogram calibrators do: a percentile within one bin (``< 2 max|x| / bins``) of
+        the empirical percentile of all values; MSE searched on the bin centres. ``None``
+        (default): the mean of the per-batch ranges. E.g. ``qjax.numerics.histogram.DEFAULT_BINS``.
+      **kwargs: static keyword arguments of ``f``.
+
+    Returns:
+      ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
+      an ``nn.scan`` stack get per-layer ranges (leading axis). Ops inside a
+      ``jax.shard_map`` body are measured per shard, each shard a read of the op (min /
+      max exact over the tensor; percentile / MSE averaged over shards as over batches,
+      or pooled exactly with ``histogram_bins``); ops inside a ``lax.while_loop`` body over
+      its iterations, combined the same way into one read (not with ``histogram_bins``).
+
+    Raises:
+      ValueError: no batches, a rule asks for static non-per-tensor activation scales, a
+        ``histogram_bins`` that is not a positive power of two, or an op with
+        ``histogram_bins`` inside a ``while_loop`` body.
+
+    Example:
+      >>> stats = qjax.calibrate(model.apply, policy, variables, batches, histogram_bins=2048)
+    """
+    if histogram_bins is not None and (
+        not isinstance(histogram_bins, int) or histogram_bins < 2 or histogram_bins & (histogram_bins - 1)
+    ):
+        raise ValueError(f"histogram_bins={histogram_bins!r} must be a power of two >= 2 (or None)")
+
+    def one(params, args, ranges):
+        return _run(f, lambda: _Calibrate(policy, histogram_bins, ranges), params, args, kwargs)[1]
+
+    step = jax.jit(one)
+    stats: dict[str, ActStats] = {}
+    pools: dict[str, _Histograms] = {}
+    n = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        ranges = {path: pool.ranges() for path, pool in pools.items()}
+        for path, value in step(params, args, ranges).items():
+            rule = _rule(policy, path)
+            if isinstance(value[0], dict):  # histograms
+                pools.setdefault(path, _Histograms(histogram_bins)).add(value)
+                continue
+            mean = rule.act.calibration.name in _POOLED
+            lo, hi = _combine_in_batch(value, mean)
+            stats[path] = _merge(stats.get(path), lo, hi, mean)
+        n += 1
+    if n == 0:
+        raise ValueError("calibrate needs at least one batch")
+    for path, pool in pools.items():
+        stats[path] = pool.stats(_rule(policy, path).act)
+    return stats

@@ -1,0 +1,119 @@
+"""Streamed histograms (``qjax.numerics.histogram``): binning against numpy, exact pooling
+across batches whatever their order, and ranges against the exact pooled statistics."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qjax
+from qjax.numerics import histogram as hist
+
+BINS = 64
+
+
+def _host(h):
+    return {k: np.asarray(v) for k, v in h.items()}
+
+
+def test_histogram_bins_against_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 13)) * 3
+    x[0, 0], x[1, 1] = 0.0, -0.0
+    h = _host(hist.histogram(jnp.asarray(x), jnp.float32(0), BINS))
+    m = np.abs(x).max()
+    assert h["r"] == 2.0 ** (math.floor(math.log2(m)) + 1) and h["r"] > m
+    width = h["r"] / BINS
+    for sign, part in (("pos", x[x >= 0]), ("neg", -x[x < 0])):
+        want = np.bincount(np.minimum((part / width).astype(int), BINS - 1), minlength=BINS)
+        np.testing.assert_array_equal(h[sign], want)
+    assert h["max_pos"] == np.float32(x.max()) and h["max_neg"] == np.float32(-x.min())
+    assert h["bad"] == 0.0
+    # a larger previous range is kept; NaN / inf are flagged, not binned
+    assert _host(hist.histogram(jnp.asarray(x), jnp.float32(1024.0), BINS))["r"] == 1024.0
+    x[2, 2] = np.nan
+    h = _host(hist.histogram(jnp.asarray(x), jnp.float32(0), BINS))
+    assert h["bad"] == 1.0 and h["pos"].sum() + h["neg"].sum() == x.size
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(-20, 20), st.integers(1, 40)), min_size=1, max_size=5),
+    st.integers(0, 2**31 - 1),
+)
+def test_pooling_is_exact_in_any_order(batches, seed):
+    """Batches of very different magnitudes pooled one by one equal one histogram of all
+    their values at the final range (ranges grow by powers of two; bins merge exactly)."""
+    rng = np.random.default_rng(seed)
+    xs = [(rng.normal(size=n) * 2.0**e).astype(np.float32) for e, n in batches]
+    pooled = hist.Pooled.empty(BINS)
+    for x in xs:
+        pooled.add(_host(hist.histogram(jnp.asarray(x), jnp.float32(pooled.r), BINS)))
+    whole = _host(hist.histogram(jnp.asarray(np.concatenate(xs)), jnp.float32(pooled.r), BINS))
+    assert whole["r"] == pooled.r
+    np.testing.assert_array_equal(pooled.pos, whole["pos"])
+    np.testing.assert_array_equal(pooled.neg, whole["neg"])
+
+
+def _pool(xs, bins=2048):
+    pooled = hist.Pooled.empty(bins)
+    for x in xs:
+        pooled.add(_host(hist.histogram(jnp.asarray(x), jnp.float32(pooled.r), bins)))
+    return pooled
+
+
+@pytest.mark.parametrize("p", [90.0, 99.0, 99.99, 100.0])
+def test_percentile_within_one_bin_of_numpy(p):
+    """Within one bin of the empirical (inverted-CDF) percentile of all values pooled."""
+    rng = np.random.default_rng(1)
+    xs = [rng.standard_t(3, size=5000).astype(np.float32) * s for s in (1.0, 0.5, 4.0)]
+    pooled = _pool(xs)
+    allx = np.concatenate(xs).astype(np.float64)
+    width = pooled.r / 2048
+    lo, hi = hist.percentile_range(pooled, p, symmetric=True)
+    assert lo == -hi and abs(hi - np.percentile(np.abs(allx), p, method="inverted_cdf")) <= width
+    lo, hi = hist.percentile_range(pooled, p, symmetric=False)
+    assert abs(lo - np.percentile(allx, 100 - p, method="inverted_cdf")) <= width
+    assert abs(hi - np.percentile(allx, p, method="inverted_cdf")) <= width
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_range_is_near_optimal_on_the_data(symmetric):
+    """The clip found on the histogram's bin centres costs, on the real values, within 1%
+    of the best clip ``qjax.calib.mse`` finds on them directly."""
+    rng = np.random.default_rng(2)
+    xs = [rng.laplace(size=4000).astype(np.float32) + (0.0 if symmetric else 1.0) for _ in range(3)]
+    pooled = _pool(xs)
+    allx = jnp.asarray(np.concatenate(xs))
+    fmt = qjax.int4 if symmetric else qjax.uint4
+    cal = qjax.calib.mse()
+    lo, hi = hist.mse_range(pooled, fmt, symmetric, cal.num_candidates, cal.min_ratio, cal.norm)
+    ref_lo, ref_hi = cal(allx, (0,), fmt, symmetric)
+
+    def cost(lo, hi):
+        s, zp = qjax.numerics.scaling.scale_from_range(jnp.float32(lo), jnp.float32(hi), fmt, symmetric)
+        q = qjax.numerics.scaling.dequantize_values(
+            qjax.numerics.scaling.quantize_values(allx, s, zp, fmt), s, zp, jnp.float32
+        )
+        return float(jnp.sum((allx - q) ** 2))
+
+    assert cost(lo, hi) <= 1.01 * cost(float(ref_lo[0]), float(ref_hi[0]))
+    assert hi < max(float(allx.max()), -float(allx.min()))  # it clipped
+
+
+def test_bad_and_empty_pools():
+    pooled = _pool([np.array([1.0, np.nan], np.float32)], bins=BINS)
+    assert all(math.isnan(v) for v in hist.percentile_range(pooled, 99.0, True))
+    assert all(math.isnan(v) for v in hist.mse_range(pooled, qjax.int8, True, 8, 0.5, 2.0))
+    empty = hist.Pooled.empty(BINS)
+    assert hist.percentile_range(empty, 99.0, True) == (0.0, 0.0)
+    # a histogram of NaNs (an untaken cond branch) is skipped
+    nan = {
+        k: np.full(np.shape(v), np.nan, np.float32)
+        for k, v in _host(hist.histogram(jnp.ones(3), 0.0, BINS)).items()
+    }
+    empty.add(nan)
+    assert empty.r == 0.0 and empty.total == 0.0
