@@ -25,6 +25,28 @@ def qarray_specs(q: QArray, spec: PartitionSpec):
     return q.replace_children(children)
 
 
+def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
+    """How many shards of the weight one element of its aux covers: the product of the mesh
+    axes that split the weight along the axes where the aux has size 1 (an LSQ scale per
+    output channel of a weight split along K is shared by every K shard, and LSQ scales its
+    gradient by ``1 / sqrt(elements per scale)``, counted over all of them)."""
+    leaves = jax.tree.leaves(ref.aux)
+    if not leaves:
+        return 1
+    shape = jax.numpy.shape(leaves[0])
+    ndim = len(jax.numpy.shape(ref.leaf.values if isinstance(ref.leaf, QArray) else ref.leaf))
+    if shape and len(shape) != ndim:
+        return 1  # not aligned with the weight's axes: nothing to count
+    entries = list(spec) + [None] * (ndim - len(spec))
+    count = 1
+    for d, entry in enumerate(entries):
+        if entry is None or (shape and shape[d] != 1):
+            continue
+        for axis in (entry,) if isinstance(entry, str) else entry:
+            count *= mesh.shape[axis]
+    return count
+
+
 def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
@@ -38,7 +60,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
             leaf = unpacked(x.leaf) if isinstance(x.leaf, QArray) else x.leaf
             args.append(leaf)
             specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
-            paths.append(x.path)
+            paths.append(x)
         else:
             args.append(materialize(x))
             specs.append(spec)
@@ -46,6 +68,26 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     mesh = p["mesh"]
     manual = set(p.get("newly_manual_axes", ())) or set(mesh.axis_names)
     manual_axes = tuple(a for a in mesh.axis_names if a in manual)  # mesh order
+    types = dict(zip(mesh.axis_names, mesh.axis_types))
+    explicit = [a for a in manual_axes if types[a] == jax.sharding.AxisType.Explicit]
+    # the handler's aux of each leaf (a learned LSQ scale, a calibration range) enters as
+    # extra arguments after the body's own, split like a scale of its weight (replicated
+    # where it has size 1)
+    auxes = [None if ref is None else ref.aux for ref in paths]
+    aux_leaves, aux_tree = jax.tree.flatten(auxes)
+    aux_specs = [
+        scale_spec(spec, jax.numpy.shape(a))
+        for ref, spec in zip(paths, p["in_specs"])
+        for a in jax.tree.leaves(None if ref is None else ref.aux)
+    ]
+    if explicit:
+        aux_leaves = [jax.sharding.reshard(a, sp) for a, sp in zip(aux_leaves, aux_specs)]
+    aux_shards = [
+        1 if ref is None else _shards_sharing(ref, spec, mesh) for ref, spec in zip(paths, p["in_specs"])
+    ]
+    n_args = len(args)
+    args += aux_leaves
+    specs += aux_specs
 
     def forbid(key, value):
         raise ValueError(
@@ -56,7 +98,11 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
         )
 
     def body(*local):
-        vals = [weight_ref(path, v) if path is not None else v for path, v in zip(paths, local)]
+        local, aux_local = local[:n_args], jax.tree.unflatten(aux_tree, local[n_args:])
+        vals = [
+            v if ref is None else weight_ref(ref.path, v, aux=aux, aux_shared=ref.aux_shared * shared)
+            for ref, v, aux, shared in zip(paths, local, aux_local, aux_shards)
+        ]
         local_emit = emitter() if handler.per_shard_emits else forbid
         outs = tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, local_emit))
         if not handler.per_shard_emits:
@@ -73,8 +119,6 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
         check_vma=p.get("check_vma", True),
     )
     outs, emitted = fn(*args)
-    types = dict(zip(mesh.axis_names, mesh.axis_types))
-    explicit = [a for a in manual_axes if types[a] == jax.sharding.AxisType.Explicit]
     if emitted and explicit:  # Explicit axes: replicate the (small) stacks before slicing shards
         emitted = jax.tree.map(lambda v: jax.sharding.reshard(v, PartitionSpec()), emitted)
     shards = 1

@@ -99,3 +99,26 @@ def test_per_feature_statistics_inside_shard_map_raise():
         pytest.raises(ValueError, match=r"op 'w1' inside shard_map emits values that cannot be combined"),
     ):
         qjax.graph.input_statistics(_sharded_mlp(mesh), sharded, sharded_batches, lambda r: r.T @ r)
+
+
+@pytest.mark.parametrize("mode", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+def test_lsq_qat_gradients_inside_shard_map(mode):
+    """Learned LSQ scales enter the body split like their weight's scales; a scale shared
+    by the K shards of a row-parallel weight gets LSQ's gradient scale of the whole
+    weight (1 / sqrt(all its elements per scale)), so params and scale gradients equal the
+    unsharded ones."""
+    mesh, params, batches, sharded, sharded_batches = _setup(mode)
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), ste="lsq")
+    pol = qjax.Policy([qjax.Rule("w.*", weight=spec)])
+    scales = qjax.lsq_scales(params, pol)
+
+    def loss(fn):
+        return lambda p, s, x: jnp.sum(qjax.fake_quantized(fn, pol, scales=s)(p, x) ** 2)
+
+    with jax.set_mesh(mesh):
+        got = jax.jit(jax.grad(loss(_sharded_mlp(mesh)), argnums=(0, 1)))(sharded, scales, sharded_batches[0])
+    want = jax.grad(loss(_mlp), argnums=(0, 1))(params, scales, batches[0])
+    for part in (0, 1):
+        for path in ("w1", "w2"):
+            w = np.asarray(want[part][path])
+            np.testing.assert_allclose(np.asarray(got[part][path]), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
