@@ -235,11 +235,6 @@ def _weight_only(
         return c.xla_weight_only(
             x, w, s, layout=layout, group_size=group_size, pack_block=pack_block, out_dtype=out_dtype
         )
-    if platform == "tpu" and b_layout == "nk":
-        raise ValueError(
-            "the TPU weight-only kernel takes the weight (K, N) (b_layout='kn'); a weight "
-            "stored (N, K) runs on the GPU kernel or through XLA (platform='xla')"
-        )
     kind = "w4a16" if bits == 4 else "w8a16"
     cfg = choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config)
     if platform == "tpu":
@@ -297,8 +292,8 @@ def w4a16_matmul(
       group_size: rows of K sharing a scale (``None``: per channel).
       layout: see above.
       b_layout: ``"kn"`` (default) or ``"nk"``: the weight stored ``(N, K)``, as
-        PyTorch's ``(out, in)`` weights and ``x @ w.T`` models hold it (GPU kernels and XLA;
-        not ``"k_halves"``, not the TPU kernel).
+        PyTorch's ``(out, in)`` weights and ``x @ w.T`` models hold it (not ``"k_halves"``;
+        on TPU with groups of at least ``block_k``, 128).
       pack_block: the ``"k_halves"`` block (the GPU kernel's K tile equals it).
       out_dtype: result dtype (default ``x.dtype``).
       platform: ``"gpu"``, ``"tpu"`` or ``"xla"`` (default: the default backend's; CPU ->

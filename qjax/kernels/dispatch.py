@@ -16,7 +16,7 @@ symmetric (no zero point) integer ``QArray`` contracted on axis 0, scales per ou
 or per group along K; or the weight stored ``(N, K)`` and contracted on axis 1, as ``x @ w.T``
 models and weights converted from PyTorch hold it (``qjax.quantized`` folds the ``.T`` into
 the contraction), which the kernels read in place, no transpose per call (Hopper's 8-bit
-``wgmma`` reads exactly that layout; weight-only on GPU only):
+``wgmma`` reads exactly that layout):
 
 * weight-only (no activation spec): int8 codes (or unpacked int4), or int4 packed along K
   or N (``qjax.quantize``'s pair layouts; the kernels interleave nibbles in registers). With
@@ -146,8 +146,6 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if why:
         return None, why
     if lhs_spec is None and contract == 1:
-        if platform == "tpu":
-            return None, "the TPU weight-only kernel takes the weight (K, N); this one is stored (N, K)"
         if layout != "int8":  # packed_axis 0 of an (N, K) weight runs along N
             layout = "k_pairs" if layout == "n_pairs" else "n_pairs"
         layout = f"{layout}_nk"
@@ -192,6 +190,10 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         layout = max(found)[1]  # choose_config below takes that layout's entry (any engine)
     try:
         cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
+        if platform == "tpu" and kind != "w8a8":  # the TPU default may still break a rule (group sizes)
+            from qjax.kernels import tpu
+
+            tpu.check_weight_only_config(cfg, layout, group, None)
     except ValueError as e:
         return None, str(e)
     return KernelPlan(kind, layout, group, m, k, n, platform, interpret, cfg), ""

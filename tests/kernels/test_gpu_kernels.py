@@ -241,8 +241,6 @@ def test_nk_weight_errors(rng):
         w4a16_matmul(x, w, jnp.ones((64,)), layout="k_halves", b_layout="nk")
     with pytest.raises(ValueError, match="b_layout='kN' is not one of"):
         w4a16_matmul(x, w, jnp.ones((64,)), layout="k_pairs", b_layout="kN")
-    with pytest.raises(ValueError, match=r"TPU weight-only kernel takes the weight \(K, N\)"):
-        w4a16_matmul(x, w, jnp.ones((64,)), layout="k_pairs", b_layout="nk", platform="tpu", interpret=True)
     with pytest.raises(ValueError, match="x has 100 columns"):
         w4a16_matmul(jnp.ones((4, 100)), w, jnp.ones((64,)), layout="k_pairs", b_layout="nk")
 

@@ -203,6 +203,102 @@ def test_weight_only(rng, layout, group_size, pack_block, m, k, n, config, inter
     assert np.all(np.abs(np.asarray(out, np.float64) - xla) <= bound)
 
 
+NK_CASES = [
+    # layout (a weight stored (N, K)), group_size, M, K, N, config, interpret
+    ("int8_nk", None, 1, 256, 256, None, True),
+    ("int8_nk", 128, 5, 512, 256, C(8, 128, 128), NAN_PARAMS),
+    ("int8_nk", 256, 17, 512, 384, C(16, 128, 128), True),  # a group over 2 K tiles, N padded
+    ("k_pairs_nk", None, 5, 512, 256, C(8, 256, 256), True),
+    ("k_pairs_nk", 256, 130, 768, 256, C(32, 128, 256), NAN_PARAMS),  # K padded
+    ("k_pairs_nk", 512, 1, 1024, 128, None, True),
+    ("n_pairs_nk", None, 1, 256, 512, None, True),
+    ("n_pairs_nk", 128, 17, 512, 768, C(16, 512, 128), NAN_PARAMS),  # N padded
+    ("n_pairs_nk", 256, 130, 512, 256, C(32, 256, 256), True),
+]
+
+
+@pytest.mark.parametrize("layout,group_size,m,k,n,config,interpret", NK_CASES)
+def test_weight_only_nk(rng, layout, group_size, m, k, n, config, interpret):
+    """The weight stored (N, K) (PyTorch's (out, in)): int8, or int4 packed along K or N,
+    scales (N, K // group) in its orientation."""
+    base = layout.removesuffix("_nk")
+    w_kn, scales, dense = _weight(rng, "int8", k, n, group_size, None)
+    codes = np.asarray(w_kn, np.int64) if base == "int8" else None
+    if base != "int8":  # redraw int4 codes: the same dense reference from codes and scales
+        hi = 8
+        codes = rng.integers(-hi, hi, (k, n)).astype(np.int64)
+        rows = k if group_size is None else group_size
+        dense = (codes.reshape(-1, rows, n) * scales[:, None, :].astype(np.float64)).reshape(k, n)
+    stored = codes.T  # (N, K)
+    w = {
+        "int8": stored.astype(np.int8),
+        "k_pairs": _pack_pairs(stored, 1),
+        "n_pairs": _pack_pairs(stored, 0),
+    }[base]
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    out = tpu.weight_only_matmul_tpu(
+        x,
+        w,
+        scales.T,
+        layout=layout,
+        group_size=group_size,
+        pack_block=None,
+        out_dtype=jnp.float32,
+        config=config,
+        interpret=interpret,
+    )
+    assert out.shape == (m, n)
+    _assert_within_bf16_bound(out, x, dense, jnp.float32)
+
+
+def test_weight_only_nk_errors():
+    x = jnp.ones((8, 512), jnp.bfloat16)
+    w = jnp.zeros((256, 512), jnp.int8)
+    with pytest.raises(ValueError, match=r"group_size=64 must be a multiple of config\.block_k=128"):
+        tpu.weight_only_matmul_tpu(
+            x,
+            w,
+            jnp.ones((256, 8)),
+            layout="int8_nk",
+            group_size=64,
+            pack_block=None,
+            out_dtype=jnp.float32,
+            config=C(8, 128, 128),
+            interpret=True,
+        )
+    with pytest.raises(ValueError, match="multiple of 256 for an \\(N, K\\) weight packed along K"):
+        tpu.weight_only_matmul_tpu(
+            x,
+            jnp.zeros((256, 256), jnp.uint8),
+            jnp.ones((256, 1)),
+            layout="k_pairs_nk",
+            group_size=None,
+            pack_block=None,
+            out_dtype=jnp.float32,
+            config=C(8, 128, 128),
+            interpret=True,
+        )
+
+
+@pytest.mark.parametrize("layout", ["int8_nk", "k_pairs_nk", "n_pairs_nk"])
+def test_lowering_weight_only_nk(layout):
+    base = layout.removesuffix("_nk")
+    k, n = 2048, 512
+    w_shape = {"int8": (n, k), "k_pairs": (n, k // 2), "n_pairs": (n // 2, k)}[base]
+    for m, g in ((1, None), (16, 128), (130, 256), (600, 1024)):
+        if base == "k_pairs" and g == 128:
+            continue  # packed along K: 256-wide K tiles, so groups of at least 256
+        args = (
+            jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+            jax.ShapeDtypeStruct(w_shape, jnp.int8 if base == "int8" else jnp.uint8),
+            jax.ShapeDtypeStruct((n, 1 if g is None else k // g), jnp.float32),
+        )
+        f = lambda x, w, s, g=g: tpu.weight_only_matmul_tpu(
+            x, w, s, layout=layout, group_size=g, pack_block=None, out_dtype=jnp.bfloat16
+        )
+        _lower_tpu(f, *args)
+
+
 @pytest.mark.parametrize("layout,pack_block", [("int8", None), ("k_halves", 256), ("n_pairs", None)])
 def test_weight_only_bf16_in_out(rng, layout, pack_block):
     m, k, n, g = 5, 512, 256, 128
