@@ -369,27 +369,20 @@ def test_int8_configs_lower_for_cuda(cfg, b_layout):
     _lower_cuda(lambda a, b: int8_matmul(a, b, 1.0, 1.0, b_layout=b_layout, platform="gpu", config=cfg), a, a)
 
 
-@pytest.mark.parametrize("size", [4096, 8192])
+_KN_CASES = [("k_halves", None), ("k_halves", 128), ("n_pairs", None), ("n_pairs", 128), ("k_pairs", 128)]
+_KN_CASES += [("int8", None), ("int8", 128)]
+_NK_CASES = [("k_pairs_nk", None), ("k_pairs_nk", 128), ("n_pairs_nk", 128), ("int8_nk", 128)]
+
+
 @pytest.mark.parametrize(
-    "layout,group",
-    [
-        ("k_halves", None),
-        ("k_halves", 128),
-        ("n_pairs", None),
-        ("n_pairs", 128),
-        ("k_pairs", 128),
-        ("int8", None),
-        ("int8", 128),
-        ("k_pairs_nk", None),
-        ("k_pairs_nk", 128),
-        ("n_pairs_nk", 128),
-        ("int8_nk", 128),
-    ],
+    "size,layout,group",
+    [(size, *case) for size in (4096, 8192) for case in _KN_CASES] + [(8192, *case) for case in _NK_CASES],
 )
 def test_every_tuning_candidate_lowers_for_cuda(size, layout, group):
     """Any config a tuning table can hold comes from ``gpu_candidates``: each one lowers at
     every shape the benchmark tunes (batch buckets 1-16, 64, 256); ``"_nk"``: the weight
-    stored ``(N, K)``."""
+    stored ``(N, K)``, lowered at the larger size only (its tiles and checks are those of
+    the ``(K, N)`` kernel's, which both sizes cover; this keeps the suite's time down)."""
     k = n = size
     base, nk = kc.split_layout(layout)
     kind = "w8a16" if base == "int8" else "w4a16"
