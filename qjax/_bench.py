@@ -70,6 +70,12 @@ BENCHMARKS = (
         quick_args=("--quick",),
         skip_reason=_has("qwix", "aqt"),
     ),
+    Benchmark(
+        "transposed",
+        "bench_transposed_weights.py",
+        "x @ w.T on quantized (N, K) weights: transposes folded into the dot vs replayed",
+        quick_args=("--quick",),
+    ),
     Benchmark("shrink", "bench_shrink.py", "dense vs structurally shrunk models", quick_args=("--quick",)),
     Benchmark("sparsify", "bench_sparsify.py", "sparsify() optimizer overhead", quick_args=("--fast",)),
     Benchmark("parallel", "parallel_report.py", "sharding presets on 8 simulated devices"),
