@@ -179,11 +179,8 @@ def weight_in_layout(codes, layout, pack_block=None):
     with ``"_nk"`` appended, the weight stored ``(N, K)`` (PyTorch's ``(out, in)``)."""
     base, nk = kc.split_layout(layout)
     if nk:
-        return (
-            packing.pack(jnp.asarray(codes.T), 4, axis=1 if base == "k_pairs" else 0)
-            if base != "int8"
-            else (jnp.asarray(codes.T))
-        )
+        stored = jnp.asarray(codes.T)
+        return stored if base == "int8" else packing.pack(stored, 4, axis=1 if base == "k_pairs" else 0)
     if layout == "int8":
         return jnp.asarray(codes)
     if layout == "k_halves":
@@ -298,7 +295,7 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
         )
     wqs = [wq] + [wq + jnp.zeros((), wq.dtype) for _ in range(r - 1)]
     try:
-        times["xla_quant"] = mode.timed(xla_q, [x0], wqs, (s.reshape(1, n) if group is None else s_w,))
+        times["xla_quant"] = mode.timed(xla_q, [x0], wqs, (s if group is None else s_w,))
         t_xq = times["xla_quant"][0]
     except Exception as e:
         t_xq = None

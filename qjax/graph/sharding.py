@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import PartitionSpec
 
@@ -54,17 +56,17 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     leave the body stacked along a new leading axis over every manual mesh axis and are
     emitted outside once per shard."""
     p = eqn.params
-    args, specs, paths = [], [], []
+    args, specs, refs = [], [], []  # refs: the params leaf passed as each argument, or None
     for x, spec in zip(invals, p["in_specs"]):
         if isinstance(x, weight_ref) and not x.ops:
             leaf = unpacked(x.leaf) if isinstance(x.leaf, QArray) else x.leaf
             args.append(leaf)
             specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
-            paths.append(x)
+            refs.append(x)
         else:
             args.append(materialize(x))
             specs.append(spec)
-            paths.append(None)
+            refs.append(None)
     mesh = p["mesh"]
     manual = set(p.get("newly_manual_axes", ())) or set(mesh.axis_names)
     manual_axes = tuple(a for a in mesh.axis_names if a in manual)  # mesh order
@@ -73,17 +75,17 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     # the handler's aux of each leaf (a learned LSQ scale, a calibration range) enters as
     # extra arguments after the body's own, split like a scale of its weight (replicated
     # where it has size 1)
-    auxes = [None if ref is None else ref.aux for ref in paths]
+    auxes = [None if ref is None else ref.aux for ref in refs]
     aux_leaves, aux_tree = jax.tree.flatten(auxes)
     aux_specs = [
         scale_spec(spec, jax.numpy.shape(a))
-        for ref, spec in zip(paths, p["in_specs"])
-        for a in jax.tree.leaves(None if ref is None else ref.aux)
+        for aux, spec in zip(auxes, p["in_specs"])
+        for a in jax.tree.leaves(aux)
     ]
     if explicit:
         aux_leaves = [jax.sharding.reshard(a, sp) for a, sp in zip(aux_leaves, aux_specs)]
     aux_shards = [
-        1 if ref is None else _shards_sharing(ref, spec, mesh) for ref, spec in zip(paths, p["in_specs"])
+        1 if ref is None else _shards_sharing(ref, spec, mesh) for ref, spec in zip(refs, p["in_specs"])
     ]
     n_args = len(args)
     args += aux_leaves
@@ -101,7 +103,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
         local, aux_local = local[:n_args], jax.tree.unflatten(aux_tree, local[n_args:])
         vals = [
             v if ref is None else weight_ref(ref.path, v, aux=aux, aux_shared=ref.aux_shared * shared)
-            for ref, v, aux, shared in zip(paths, local, aux_local, aux_shards)
+            for ref, v, aux, shared in zip(refs, local, aux_local, aux_shards)
         ]
         local_emit = emitter() if handler.per_shard_emits else forbid
         outs = tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, local_emit))
@@ -121,9 +123,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     outs, emitted = fn(*args)
     if emitted and explicit:  # Explicit axes: replicate the (small) stacks before slicing shards
         emitted = jax.tree.map(lambda v: jax.sharding.reshard(v, PartitionSpec()), emitted)
-    shards = 1
-    for a in manual_axes:
-        shards *= mesh.shape[a]
+    shards = math.prod(mesh.shape[a] for a in manual_axes)
     for key, values in emitted.items():
         for value in values:
             for i in range(shards):

@@ -117,6 +117,12 @@ def weight_layout(layout: str, b_layout: str = "kn") -> str:
     return layout if b_layout == "kn" else f"{layout}_nk"
 
 
+def transposed_packing(layout: str) -> str:
+    """The pair layout of the same bytes read with the two axes swapped: pairs along the
+    first axis of an ``(N, K)`` array are pairs along N (``"n_pairs"``), and so on."""
+    return {"k_pairs": "n_pairs", "n_pairs": "k_pairs"}.get(layout, layout)
+
+
 def split_layout(layout: str) -> tuple[str, bool]:
     """``(packing layout, stored (N, K)?)`` of an internal layout name (:func:`weight_layout`)."""
     if layout.endswith("_nk") and layout[:-3] in NK_LAYOUTS:
@@ -130,7 +136,7 @@ def logical_k_n(layout: str, w_shape: tuple[int, int]) -> tuple[int, int]:
     """``(K, N)`` of the weight a packed array of ``w_shape`` holds."""
     layout, nk = split_layout(layout)
     if nk:
-        n, k = logical_k_n({"k_pairs": "n_pairs", "n_pairs": "k_pairs"}.get(layout, layout), w_shape)
+        n, k = logical_k_n(transposed_packing(layout), w_shape)
         return k, n
     k, n = w_shape
     if layout in ("k_halves", "k_pairs"):
@@ -238,8 +244,7 @@ def unpack_codes(w, layout: str, pack_block: int | None = None) -> jax.Array:
     layout the array is stored ``(N, K)``; the codes come back ``(K, N)`` all the same)."""
     base, nk = split_layout(layout)
     if nk:
-        flipped = {"k_pairs": "n_pairs", "n_pairs": "k_pairs"}.get(base, base)
-        return unpack_codes(w, flipped).T
+        return unpack_codes(w, transposed_packing(base)).T
     if layout == "int8":
         return jnp.asarray(w).astype(jnp.int32)
     if layout in ("k_pairs", "n_pairs"):  # qjax.quantize's own packing

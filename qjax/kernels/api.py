@@ -189,8 +189,11 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
             if config.dequant != "logic":
                 raise ValueError(f"config {config}: dequant {config.dequant!r} is GPU (PTX) only")
             return config
-        tpu_kind = "int8_matmul" if kind == "w8a8" else "weight_only"
-        return tpu.default_config_tpu(tpu_kind, m, k, n, group_size, layout, pack_block)
+        if kind == "w8a8":
+            return tpu.default_config_tpu("int8_matmul", m, k, n, group_size, layout, pack_block)
+        cfg = tpu.default_config_tpu("weight_only", m, k, n, group_size, layout, pack_block)
+        tpu.check_weight_only_config(cfg, layout, group_size, pack_block)  # no legal tile (group sizes)
+        return cfg
     if config is not None:
         check_config_gpu(config, kind, m, k, n, group_size, layout)
         return config

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.kernels import api, tuning
-from qjax.kernels._common import BlockConfig, split_layout
+from qjax.kernels._common import BlockConfig, split_layout, transposed_packing
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
@@ -146,9 +146,7 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if why:
         return None, why
     if lhs_spec is None and contract == 1:
-        if layout != "int8":  # packed_axis 0 of an (N, K) weight runs along N
-            layout = "k_pairs" if layout == "n_pairs" else "n_pairs"
-        layout = f"{layout}_nk"
+        layout = f"{transposed_packing(layout)}_nk"  # _weight_layout named the stored axes
     if lhs_spec is None:
         if not jnp.issubdtype(lhs.dtype, jnp.floating):
             return None, f"activation dtype {lhs.dtype}"
@@ -190,10 +188,6 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
         layout = max(found)[1]  # choose_config below takes that layout's entry (any engine)
     try:
         cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
-        if platform == "tpu" and kind != "w8a8":  # the TPU default may still break a rule (group sizes)
-            from qjax.kernels import tpu
-
-            tpu.check_weight_only_config(cfg, layout, group, None)
     except ValueError as e:
         return None, str(e)
     return KernelPlan(kind, layout, group, m, k, n, platform, interpret, cfg), ""

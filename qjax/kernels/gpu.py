@@ -198,9 +198,10 @@ def weight_only_matmul_gpu(
         w_index = lambda j, i, s: (s, j)
     groups = kc // (group_size or kc)
     if group_size is None:
-        s_spec = pl.BlockSpec(
-            *(((bn, 1), lambda j, i, s: (j, 0)) if nk else ((1, bn), lambda j, i, s: (0, j)))
-        )
+        if nk:  # (N, 1): a column per tile
+            s_spec = pl.BlockSpec((bn, 1), lambda j, i, s: (j, 0))
+        else:
+            s_spec = pl.BlockSpec((1, bn), lambda j, i, s: (0, j))
     elif base == "n_pairs" and nk:  # (N/2, 2, groups): even / odd rows' scales, a free reshape
         scales = scales.reshape(n // 2, 2, scales.shape[1])
         s_spec = pl.BlockSpec((bn // 2, 2, groups), lambda j, i, s: (j, 0, s))

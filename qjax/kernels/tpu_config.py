@@ -46,68 +46,45 @@ def check_int8_config(config: BlockConfig) -> None:
         )
 
 
-def _check_nk_config(config: BlockConfig, layout: str, group_size: int | None) -> None:
-    """Rules for a weight stored ``(N, K)`` (``layout`` without ``"_nk"``): the weight tile
-    is ``(block_n, block_k)`` with K on lanes, and a group covers whole K tiles."""
-    bm, bn, bk = config.block_m, config.block_n, config.block_k
-    if bm % 8:
-        raise ValueError(f"config.block_m={bm} must be a multiple of 8 (sublane tile)")
-    if layout == "n_pairs" and bn % 256:
-        raise ValueError(
-            f"config.block_n={bn} must be a multiple of 256 for an (N, K) weight packed along N "
-            "(two outputs of block_n / 2 columns, each a multiple of 128 lanes)"
-        )
-    if bn % 128:
-        raise ValueError(f"config.block_n={bn} must be a multiple of 128 (lane width of the output)")
-    if layout == "k_pairs" and bk % 256:
-        raise ValueError(
-            f"config.block_k={bk} must be a multiple of 256 for an (N, K) weight packed along K "
-            "(block_k / 2 packed lanes, a multiple of 128)"
-        )
-    if bk % 128:
-        raise ValueError(f"config.block_k={bk} must be a multiple of 128 (K is the weight tile's lane axis)")
-    if group_size is not None and group_size % bk:
-        raise ValueError(
-            f"group_size={group_size} must be a multiple of config.block_k={bk} for a weight "
-            "stored (N, K) (its scales vary along lanes; a group spans whole K tiles)"
-        )
-
-
 def check_weight_only_config(
     config: BlockConfig, layout: str, group_size: int | None, pack_block: int | None
 ) -> None:
     """Raise ``ValueError`` naming the rule a weight-only config breaks (module docstring;
-    ``layout`` may carry ``"_nk"``)."""
+    ``layout`` may carry ``"_nk"``: the weight tile is then ``(block_n, block_k)`` with K on
+    lanes, and a group covers whole K tiles)."""
     _check_positive(config)
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     base, nk = split_layout(layout)
-    if nk:
-        _check_nk_config(config, base, group_size)
-        return
+    where = f"an (N, K) weight packed along {'K' if base == 'k_pairs' else 'N'}" if nk else f"layout {base!r}"
     if bm % 8:
         raise ValueError(f"config.block_m={bm} must be a multiple of 8 (sublane tile)")
-    if layout == "n_pairs":
-        if bn % 256:
-            raise ValueError(
-                f"config.block_n={bn} must be a multiple of 256 for layout 'n_pairs' "
-                "(block_n / 2 packed columns, a multiple of 128 lanes)"
-            )
-    elif bn % 128:
+    if base == "n_pairs" and bn % 256:
+        raise ValueError(
+            f"config.block_n={bn} must be a multiple of 256 for {where} "
+            "(block_n / 2 columns of each nibble plane, a multiple of 128 lanes)"
+        )
+    if bn % 128:
         raise ValueError(f"config.block_n={bn} must be a multiple of 128 (lane width)")
-    if layout in ("k_halves", "k_pairs"):
-        if bk % 256:
-            raise ValueError(
-                f"config.block_k={bk} must be a multiple of 256 for layout {layout!r} "
-                "(block_k / 2, the packed rows and each activation half, a multiple of 128)"
-            )
-        if layout == "k_halves" and bk != pack_block:
-            raise ValueError(
-                f"config.block_k={bk} must equal pack_block={pack_block} for layout "
-                "'k_halves' (the K tile reads one packed block)"
-            )
-    elif bk % 128:
+    if base in ("k_halves", "k_pairs") and bk % 256:
+        raise ValueError(
+            f"config.block_k={bk} must be a multiple of 256 for {where} "
+            "(block_k / 2, the packed bytes and each activation half, a multiple of 128)"
+        )
+    if bk % 128:
         raise ValueError(
             f"config.block_k={bk} must be a multiple of 128 (lane width of the activation block)"
+        )
+    if nk:
+        if group_size is not None and group_size % bk:
+            raise ValueError(
+                f"group_size={group_size} must be a multiple of config.block_k={bk} for a weight "
+                "stored (N, K) (its scales vary along lanes; a group spans whole K tiles)"
+            )
+        return
+    if layout == "k_halves" and bk != pack_block:
+        raise ValueError(
+            f"config.block_k={bk} must equal pack_block={pack_block} for layout "
+            "'k_halves' (the K tile reads one packed block)"
         )
     if group_size is None:
         return

@@ -20,6 +20,7 @@ the format's own quantizer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -168,25 +169,29 @@ def mse_range(
         return 0.0, 0.0
     counts, edges = pooled.signed()
     width = pooled.r / pooled.pos.shape[0]
-    keep = counts > 0
-    centres = jnp.asarray(np.clip(edges + width / 2, -pooled.max_neg, pooled.max_pos)[keep], jnp.float32)
-    weights = jnp.asarray(counts[keep], jnp.float32)
+    centres = np.clip(edges + width / 2, -pooled.max_neg, pooled.max_pos)
     lo0, hi0 = -pooled.max_neg, pooled.max_pos
     if symmetric:
         a = max(-lo0, hi0)
         lo0, hi0 = -a, a
     ratios = np.linspace(min_ratio, 1.0, num_candidates)
-
-    @jax.jit
-    def errors(ratios):
-        def one(r):
-            scale, zp = scale_from_range(jnp.float32(lo0) * r, jnp.float32(hi0) * r, fmt, symmetric)
-            q = dequantize_values(quantize_values(centres, scale, zp, fmt), scale, zp, jnp.float32)
-            return jnp.sum(weights * jnp.abs(centres - q) ** norm)
-
-        return jax.vmap(one)(ratios)
-
-    err = np.asarray(errors(jnp.asarray(ratios, jnp.float32)))
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    err = np.asarray(
+        _clip_errors(f32(centres), f32(counts), f32(lo0), f32(hi0), f32(ratios), fmt, symmetric, norm)
+    )
     i = int(np.argmin(err))  # as qjax.calib.MSE: the full range unless a ratio is strictly better
     best = 1.0 if err[-1] <= err[i] else float(ratios[i])
     return lo0 * best, hi0 * best
+
+
+@functools.partial(jax.jit, static_argnames=("fmt", "symmetric", "norm"))
+def _clip_errors(centres, weights, lo0, hi0, ratios, fmt: Format, symmetric: bool, norm: float):
+    """``sum weights * |centres - Q_r(centres)|^norm`` for each clip ratio ``r`` of the range
+    ``[lo0, hi0]`` (compiled once per format and histogram size, not per op)."""
+
+    def one(r):
+        scale, zp = scale_from_range(lo0 * r, hi0 * r, fmt, symmetric)
+        q = dequantize_values(quantize_values(centres, scale, zp, fmt), scale, zp, jnp.float32)
+        return jnp.sum(weights * jnp.abs(centres - q) ** norm)
+
+    return jax.vmap(one)(ratios)

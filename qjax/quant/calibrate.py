@@ -204,10 +204,18 @@ def calibrate(
     step = jax.jit(one)
     stats: dict[str, ActStats] = {}
     pools: dict[str, _Histograms] = {}
+    start: dict | None = None  # every histogram's range before the first batch: 0, per layer
     n = 0
     for batch in batches:
         args = batch if isinstance(batch, tuple) else (batch,)
-        ranges = {path: pool.ranges() for path, pool in pools.items()}
+        if start is None:  # one abstract pass finds them, so the step compiles once
+            shapes = jax.eval_shape(one, params, args, {}) if histogram_bins else {}
+            start = {
+                p: jnp.zeros(v[0]["r"].shape, jnp.float32)
+                for p, v in shapes.items()
+                if isinstance(v[0], dict)
+            }
+        ranges = {**start, **{path: pool.ranges() for path, pool in pools.items()}}
         for path, value in step(params, args, ranges).items():
             rule = _rule(policy, path)
             if isinstance(value[0], dict):  # histograms
