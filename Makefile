@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 JOBS ?= 2
 
-.PHONY: demo test lint bench clean precheck-gpu
+.PHONY: demo test fuzz lint bench clean precheck-gpu
 
 # The GPU machines run jax 0.11.2 (Python >= 3.12), whose Pallas Triton lowering rejects
 # things 0.10 accepts. Before spending device time: the kernel tests (interpret mode and
@@ -24,6 +24,10 @@ demo: $(VENV)/.stamp-experiments
 
 test: $(VENV)/.stamp-test,experiments
 	$(PY) -m pytest -q -n $(JOBS) tests
+
+# The property tests with fresh random examples (`make test` replays fixed ones).
+fuzz: $(VENV)/.stamp-test,experiments
+	QJAX_HYPOTHESIS=fuzz $(PY) -m pytest -q -n $(JOBS) $$(grep -rl '@given' tests)
 
 lint: $(VENV)/.stamp-test,experiments
 	$(PY) -m ruff check qjax tests experiments
