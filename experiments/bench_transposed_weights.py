@@ -28,10 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
@@ -40,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import time_interleaved
+from timing import rel_err, report_header, time_interleaved
 
 import qjax
 
@@ -59,11 +56,6 @@ PROGRAMS = {
     "einsum": lambda p, x: jnp.einsum("mk,nk->mn", x, p["w"]),
     "replayed": lambda p, x: x @ jnp.array(p["w"].T, copy=True),
 }
-
-
-def rel_err(y, ref) -> float:
-    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
-    return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def run_case(name: str, size: int, m: int, repeats: int, target_s: float) -> dict:
@@ -133,12 +125,7 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="a smoke run: size 256, few rounds")
     args = p.parse_args(argv)
     size, repeats, target = (256, 3, 0.01) if args.quick else (args.size, 7, 0.2)
-    report = {
-        "date": datetime.datetime.now().isoformat(timespec="minutes"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}",
-        "jax": jax.__version__,
-        "cases": [],
-    }
+    report = {**report_header(), "cases": []}
     for name in FORMATS:
         for m in (int(b) for b in args.batches.split(",")):
             case = run_case(name, size, m, repeats, target)

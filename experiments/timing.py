@@ -1,14 +1,34 @@
-"""Shared benchmark timing: interleaved sampling with paired ratios."""
+"""Shared benchmark timing: interleaved sampling with paired ratios, and the header and
+error measure the side-by-side benchmarks record."""
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
+
+
+def report_header() -> dict[str, Any]:
+    """Date, machine and jax version, for a benchmark's JSON report."""
+    return {
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}",
+        "jax": jax.__version__,
+    }
+
+
+def rel_err(y, ref) -> float:
+    """max |y - ref| / max |ref|, in float64."""
+    y, ref = np.asarray(y, np.float64), np.asarray(ref, np.float64)
+    return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
 def time_interleaved(

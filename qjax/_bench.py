@@ -76,6 +76,12 @@ BENCHMARKS = (
         "x @ w.T on quantized (N, K) weights: transposes folded into the dot vs replayed",
         quick_args=("--quick",),
     ),
+    Benchmark(
+        "pointwise",
+        "bench_pointwise_conv.py",
+        "quantized 1x1 convs run as a dot vs as an integer conv",
+        quick_args=("--quick",),
+    ),
     Benchmark("shrink", "bench_shrink.py", "dense vs structurally shrunk models", quick_args=("--quick",)),
     Benchmark("sparsify", "bench_sparsify.py", "sparsify() optimizer overhead", quick_args=("--fast",)),
     Benchmark("parallel", "parallel_report.py", "sharding presets on 8 simulated devices"),

@@ -152,13 +152,33 @@ def _broadcast_in_dim(q: QArray, shape, broadcast_dimensions) -> QArray:
 
 
 def _squeeze(q: QArray, dimensions) -> QArray:
-    dims = tuple(d % q.ndim for d in dimensions)
+    """Drop size-1 axes; packed int4/int2 codes stay packed unless the packed axis goes."""
+    ndim = q.ndim
+    dims = tuple(sorted({d % ndim for d in dimensions}))
+    if q.packed_axis is not None and q.packed_axis % ndim in dims:
+        q = unpacked(q)
+    new_ndim = ndim - len(dims)
+
+    def moved(a):  # a (negative) axis of q -> the same axis after the squeeze, or None
+        pos = a % ndim
+        return None if pos in dims else pos - sum(d < pos for d in dims) - new_ndim
+
     values, scale, zp = _map_parts(q, lambda v: lax.squeeze(v, dims), lambda s: lax.squeeze(s, dims))
-    g = None
-    if q.group_axis is not None:
-        pos = q.group_axis % q.ndim
-        g = pos - sum(d < pos for d in dims)
-    return _rebuild(q, values, scale, zp, g)
+    group = None if q.group_axis is None else moved(q.group_axis)
+    return QArray(
+        values,
+        scale,
+        zp,
+        act_scale=q.act_scale,
+        act_zero_point=q.act_zero_point,
+        format=q.format,
+        dtype=q.dtype,
+        channel_axes=tuple(c for a in q.channel_axes if (c := moved(a)) is not None),
+        group_axis=group,
+        group_size=None if group is None else q.group_size,
+        packed_axis=None if q.packed_axis is None else moved(q.packed_axis),
+        packed_length=None if q.packed_axis is None else q.packed_length,
+    )
 
 
 def _scale_slice(q: QArray, starts, limits) -> tuple[list[int], list[int]] | None:
@@ -227,6 +247,8 @@ def apply_layout(
     Returns:
       The transformed ``QArray``, or ``None`` when its scales cannot follow the op.
     """
+    if primitive == "squeeze":
+        return _squeeze(q, params["dimensions"])
     q = unpacked(q)
     if primitive in ("copy", "copy_p"):
         return q
@@ -244,8 +266,6 @@ def apply_layout(
         return _reshape(q, params["new_sizes"], params.get("dimensions"))
     if primitive == "broadcast_in_dim":
         return _broadcast_in_dim(q, params["shape"], params["broadcast_dimensions"])
-    if primitive == "squeeze":
-        return _squeeze(q, params["dimensions"])
     if primitive == "slice":
         return _slice(q, params["start_indices"], params["limit_indices"], params.get("strides"))
     if primitive == "dynamic_slice":

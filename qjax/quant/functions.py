@@ -373,6 +373,7 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend
             **_conv_geometry(eqn),
             lhs_spec=aspec,
             out_dtype=out_dtype,
+            backend=backend,
             **static,
         )
     dn = eqn.params["dimension_numbers"]

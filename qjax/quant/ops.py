@@ -67,7 +67,11 @@ supports ``conv_general_dilated`` on int8 with int32 accumulation (checked: exac
 conv is slow in every dtype). Zero points: ``conv(qx, qw) - zx.conv(1, qw)`` (the ones
 input has batch 1; zero padding makes padded positions count as real zeros) and
 ``- zw.conv(qx, 1)``. Overflow: input features cut into chunks (``feature_group_count
-== 1``), else float32 accumulation.
+== 1``), else float32 accumulation. A pointwise conv (1x1 kernel, no padding, no input
+dilation, no groups) runs as a ``quantized_dot_general`` instead
+(``qjax.quant.ops_conv_pointwise``): the same sums, the dot's formulations and kernels,
+and a kernel grouped along its input features (which no conv form can factor) is
+accepted there (``experiments/bench_pointwise_conv.py``).
 
 ``method="auto"`` (measured by ``experiments/bench_ops.py``, results in
 ``experiments/results/bench_ops.md``: x (batch, 1024) @ w (1024, 1024) on a 2-core

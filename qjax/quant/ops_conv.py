@@ -15,10 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from qjax.kernels import dispatch as kdispatch
 from qjax.numerics.qarray import QArray
 from qjax.numerics.spec import QuantSpec
 from qjax.quant import ops_common as oc
 from qjax.quant.ops_common import Operand
+from qjax.quant.ops_conv_pointwise import as_dot, is_pointwise
 
 # the conv_general_dilated parameters that fix its geometry (what a quantized replacement
 # of a traced conv takes over from the equation, and what its transpose rules need)
@@ -190,8 +192,14 @@ def quantized_conv_general_dilated(
     rhs_scale=None,
     rhs_zero_point=None,
     method: str = "auto",
+    backend: str = "auto",
 ) -> jax.Array:
     """``lax.conv_general_dilated`` with quantized operands.
+
+    A pointwise conv (kernel of size 1 in every spatial dimension, no padding, no input
+    dilation, no groups) runs as a ``quantized_dot_general`` over the feature axis: the
+    same sums, with XLA's faster integer GEMM and, where covered, the Pallas kernels
+    (:mod:`qjax.quant.ops_conv_pointwise`).
 
     Args:
       lhs: the input (activation): a float array or a :class:`qjax.QArray`.
@@ -212,6 +220,8 @@ def quantized_conv_general_dilated(
       method: ``"auto"`` (``"int"`` when both operands are integer-quantized, else
         ``"convert"``), ``"int"`` (int8 conv with int32 accumulation), ``"convert"``
         (codes converted to an exact float dtype, scales after) or ``"dequant"``.
+      backend: as for ``quantized_dot_general``, for a pointwise conv (run as a dot);
+        other convs have no kernel and run on XLA whatever the backend.
 
     Returns:
       The convolution in ``out_dtype``; differentiable w.r.t. float operands
@@ -257,7 +267,11 @@ def quantized_conv_general_dilated(
     padding = padding if isinstance(padding, str) else tuple((int(lo), int(hi)) for lo, hi in padding)
     oc.check_args("lhs", lhs, lhs_spec, lhs_scale, lhs_zero_point)
     oc.check_args("rhs", rhs, rhs_spec, rhs_scale, rhs_zero_point)
-    specs = []
+    lhs_dilation = _ints(lhs_dilation, nsp, "lhs_dilation")
+    # a pointwise conv runs as a dot, which also takes a kernel grouped along its input features
+    pointwise = is_pointwise(cdn, rshape, padding, lhs_dilation, fgc, bgc) and rhs_scale is None
+    pointwise = pointwise and rhs_zero_point is None
+    specs, rhs_groups_in = [], False
     for name, x, spec, shape, keep, sc, zp in (
         ("lhs", lhs, lhs_spec, lshape, n_l, lhs_scale, lhs_zero_point),
         ("rhs", rhs, rhs_spec, rshape, o_r, rhs_scale, rhs_zero_point),
@@ -266,14 +280,22 @@ def quantized_conv_general_dilated(
         summed = [d for d in range(len(shape)) if d != keep or (name == "lhs" and bgc > 1)]
         hint = (
             "a conv input may be quantized per tensor or per batch element (qjax.PER_TOKEN), a "
-            "kernel per tensor or per output feature"
+            "kernel per tensor or per output feature (a pointwise 1x1 kernel also per group of "
+            "input features)"
         )
+        group = None
         if isinstance(x, QArray):
-            oc.check_factorable(f"{name} ({x!r})", name, np.shape(x.scale), None, summed, hint)
+            scale_shape, group = np.shape(x.scale), x.group_axis
         elif spec is not None:
             free = (keep,) if name == "lhs" else ()
             specs[-1], layout = oc.resolve_operand_spec(name, spec, shape, sc, zp, (keep,), free)
-            oc.check_factorable(f"{name}_spec ({spec!r})", name, layout.scale_shape, None, summed, hint)
+            scale_shape, group = layout.scale_shape, layout.group_axis
+        else:
+            continue
+        in_group = name == "rhs" and pointwise and group is not None and group % len(shape) == i_r
+        rhs_groups_in = rhs_groups_in or in_group
+        what = f"{name} ({x!r})" if isinstance(x, QArray) else f"{name}_spec ({spec!r})"
+        oc.check_factorable(what, name, scale_shape, group if in_group else None, summed, hint)
     dtypes = [x.dtype if isinstance(x, QArray) else jnp.result_type(x) for x in (lhs, rhs)]
     kinds = []
     for x, spec in ((lhs, lhs_spec), (rhs, rhs_spec)):
@@ -285,12 +307,38 @@ def quantized_conv_general_dilated(
         raise ValueError(
             f"method='int' needs two integer-quantized operands, got lhs {kinds[0]}, rhs {kinds[1]}"
         )
+    kdispatch.check_backend(backend)
+    if pointwise:
+        y = as_dot(
+            lhs,
+            rhs,
+            cdn,
+            _ints(window_strides, nsp, "window_strides"),
+            specs[0],
+            specs[1],
+            dict(
+                lhs_scale=lhs_scale,
+                lhs_zero_point=lhs_zero_point,
+                out_dtype=out_dtype if out_dtype is not None else jnp.result_type(*dtypes),
+                key=key,
+                method=method,
+                backend=backend,
+            ),
+        )
+        if y is not None:
+            return y
+    if rhs_groups_in:  # only a dot can sum per group of input features
+        raise ValueError(
+            f"rhs {oc.describe(rhs)}: a kernel grouped along its input features runs only as a pointwise "
+            "conv (a dot over the features), and this one cannot be: its input is strided and quantized "
+            "per batch element on the fly (or a strided QArray whose scales cannot follow the stride)"
+        )
     if method == "auto":
         method = "int" if kinds == ["int", "int"] else "convert"
     cfg = _Config(
         _ints(window_strides, nsp, "window_strides"),
         padding,
-        _ints(lhs_dilation, nsp, "lhs_dilation"),
+        lhs_dilation,
         _ints(rhs_dilation, nsp, "rhs_dilation"),
         cdn,
         fgc,

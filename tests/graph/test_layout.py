@@ -58,6 +58,36 @@ def test_reshape_not_representable_returns_none():
     assert apply_layout(g, "reshape", {"new_sizes": (48,), "dimensions": None}) is None
 
 
+@pytest.mark.parametrize(
+    "shape,dims,out_axis,pack_axis,group",
+    [
+        ((1, 1, 8, 6), (0, 1), -1, 2, None),  # HWIO 1x1 conv kernel, packed along I
+        ((6, 8, 1, 1), (2, 3), 0, 1, None),  # OIHW, packed along I
+        ((1, 1, 16, 6), (0, 1), -1, -1, (4, -2)),  # grouped along I, packed along O
+        ((1, 8, 6), (0,), -1, 1, None),
+    ],
+)
+def test_squeeze_keeps_packed_codes(shape, dims, out_axis, pack_axis, group):
+    """A squeeze that keeps the packed axis keeps the codes packed (no per-call unpack)."""
+    kw = dict(channel_axes=(out_axis,), pack=True, pack_axis=pack_axis)
+    if group is not None:
+        kw.update(group_size=group[0], group_axis=group[1])
+    q = _q(shape, fmt=qjax.int4, **kw)
+    assert q.packed_axis is not None
+    out = apply_layout(q, "squeeze", {"dimensions": dims})
+    assert out.packed_axis is not None and out.values.dtype == q.values.dtype
+    assert out.values.size == q.values.size  # still two codes per byte
+    np.testing.assert_array_equal(out.dequantize(), lax.squeeze(q.dequantize(), dims))
+    assert out.shape == tuple(s for i, s in enumerate(shape) if i not in dims)
+
+
+def test_squeeze_of_the_packed_axis_unpacks():
+    q = _q((1, 6), fmt=qjax.int4, channel_axes=(-1,), pack=True, pack_axis=0)
+    out = apply_layout(q, "squeeze", {"dimensions": (0,)})
+    np.testing.assert_array_equal(out.dequantize(), q.dequantize()[0])
+    assert out.packed_axis is None
+
+
 def test_broadcast_squeeze_convert_slice():
     q = _q((4, 6), channel_axes=(-1,))
     _check(

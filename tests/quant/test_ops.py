@@ -425,6 +425,49 @@ CONV_CASES = {
         Q(qjax.uint8, symmetric=False),
         Q(qjax.uint8, channel_axes=(-1,), symmetric=False),
     ),
+    # pointwise (1x1) convs run as a dot_general (qjax.quant.ops_conv_pointwise)
+    "1x1 NHWC W8 A8": ("NHWC", (2, 5, 7, 8), (1, 1, 8, 6), (1, 1), 1, A8, A8, W8),
+    "1x1 NCHW/OIHW asym per-batch A": (
+        "NCHW",
+        (3, 8, 9, 6),
+        (6, 8, 1, 1),
+        (1, 1),
+        1,
+        Q(qjax.uint8, channel_axes=qjax.PER_TOKEN, symmetric=False),
+        Q(qjax.uint8, channel_axes=(0,), symmetric=False),
+        Q(qjax.int8, channel_axes=(0,)),
+    ),
+    "1x1 int4 packed grouped W": (
+        "NHWC",
+        (2, 4, 4, 8),
+        (1, 1, 8, 6),
+        (1, 1),
+        1,
+        A8,
+        A8,
+        Q(qjax.int4, channel_axes=(-1,), pack=True, pack_axis=-2),
+    ),
+    # strided: the per-tensor activation scale still covers the pixels the stride skips
+    "1x1 s3 asym W and asym A": (
+        "NHWC",
+        (2, 7, 7, 4),
+        (1, 1, 4, 6),
+        (3, 3),
+        1,
+        Q(qjax.uint8, symmetric=False),
+        Q(qjax.uint8, symmetric=False),
+        Q(qjax.uint8, channel_axes=(-1,), symmetric=False),
+    ),
+    "1x1 s2 per-batch A (stays a conv)": (
+        "NHWC",
+        (3, 5, 5, 4),
+        (1, 1, 4, 6),
+        (2, 2),
+        1,
+        Q(qjax.int8, channel_axes=qjax.PER_TOKEN),
+        Q(qjax.int8, channel_axes=(0,)),
+        W8,
+    ),
 }
 
 
@@ -454,7 +497,10 @@ def test_int_conv_matches_int64_reference(case):
         )
     )
     y = np.asarray(f(x, qw), np.float64)
-    assert ("int8", "int8") in dot_dtypes(jax.make_jaxpr(f)(x, qw))
+    jaxpr = jax.make_jaxpr(f)(x, qw)
+    assert ("int8", "int8") in dot_dtypes(jaxpr)
+    pointwise = case.startswith("1x1") and "stays a conv" not in case
+    assert ("conv_general_dilated" in str(jaxpr)) != pointwise  # 1x1 convs run as a dot
     (cx, sx, zx), (cw, sw, zw) = parts(qjax.quantize(x, resolved)), parts(qw)
     cx, cw = to_nhwc(layout, cx - zx, cw - zw)
     sx, sw = to_nhwc(layout, sx, sw)
