@@ -56,7 +56,7 @@ def _rebuild(q: QArray, values, scale, zero_point, group_axis, dtype=None) -> QA
     chans = tuple(
         a - ndim
         for a in range(ndim)
-        if a != pos_g and values.shape[a] > 1 and scale.shape[a] == values.shape[a]
+        if a != pos_g and values.shape[a] != 1 and scale.shape[a] == values.shape[a]  # 0: emptied channels
     )
     return QArray(
         values,
@@ -202,15 +202,20 @@ def _scale_slice(q: QArray, starts, limits) -> tuple[list[int], list[int]] | Non
 
 
 def _slice(q: QArray, start_indices, limit_indices, strides) -> QArray | None:
-    if strides is not None and any(s != 1 for s in strides):
+    """A (strided) slice; ``None`` when it cuts through a group or strides along the group axis."""
+    strides = tuple(strides) if strides is not None else (1,) * q.ndim
+    g = None if q.group_axis is None else q.group_axis % q.ndim
+    if g is not None and strides[g] != 1:
         return None
     bounds = _scale_slice(q, start_indices, limit_indices)
     if bounds is None:
         return None
+    # a scale that varies along an axis (per channel) takes the same stride; a broadcast one none
+    s_strides = tuple(st if q.scale.shape[d] > 1 else 1 for d, st in enumerate(strides))
     values, scale, zp = _map_parts(
         q,
-        lambda v: lax.slice(v, start_indices, limit_indices),
-        lambda s: lax.slice(s, bounds[0], bounds[1]),
+        lambda v: lax.slice(v, start_indices, limit_indices, strides),
+        lambda s: lax.slice(s, bounds[0], bounds[1], s_strides),
     )
     return _rebuild(q, values, scale, zp, q.group_axis)
 

@@ -113,6 +113,29 @@ def test_broadcast_squeeze_convert_slice():
     assert (
         apply_layout(g, "slice", {"start_indices": (2, 0), "limit_indices": (8, 6), "strides": None}) is None
     )
+    # strides along the group axis would mix groups
+    assert (
+        apply_layout(g, "slice", {"start_indices": (0, 0), "limit_indices": (8, 6), "strides": (2, 1)})
+        is None
+    )
+
+
+@given(
+    st.sampled_from([(), (0,), (-1,), (0, 2)]),
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 6), st.integers(1, 3)), min_size=3, max_size=3),
+)
+def test_strided_slice(axes, cuts):
+    """A strided slice takes every scale that varies along an axis with the same stride."""
+    q = _q((5, 7, 4), channel_axes=axes)
+    start = [min(a, n) for (a, _, _), n in zip(cuts, q.shape)]
+    limit = [max(lo, min(b, n)) for lo, (_, b, _), n in zip(start, cuts, q.shape)]
+    strides = [c for _, _, c in cuts]
+    _check(
+        q,
+        "slice",
+        {"start_indices": tuple(start), "limit_indices": tuple(limit), "strides": tuple(strides)},
+        lambda x: lax.slice(x, start, limit, strides),
+    )
 
 
 def test_dynamic_slice_of_stacked_weight():

@@ -81,6 +81,30 @@ def test_strided_per_tensor_scale_covers_skipped_pixels():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("axes", [(), (0,)])
+def test_strided_quantized_input(axes):
+    """A QArray input is sliced with its scales (per tensor or per batch element)."""
+    xq = qjax.quantize(_normal((3, 6, 5, 8), 0), Q(qjax.int8, channel_axes=axes))
+    qw = qjax.quantize(_normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    f = jax.jit(
+        lambda a, b: qconv(a, b, window_strides=(2, 2), padding="VALID", dimension_numbers=DN["NHWC"])
+    )
+    assert not _has_conv(f, xq, qw)
+    want = _ref(xq.dequantize(), qw.dequantize(), "NHWC", (2, 2))
+    np.testing.assert_allclose(f(xq, qw), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_empty_batch_and_other_ranks():
+    w1 = qjax.quantize(_normal((1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    kw1 = dict(window_strides=(2,), padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"), lhs_spec=A8)
+    assert qconv(jnp.zeros((0, 5, 8)), w1, **kw1).shape == (0, 3, 3)
+    w3 = qjax.quantize(_normal((1, 1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    x3 = _normal((2, 3, 4, 5, 8), 0)
+    y = qconv(x3, w3, window_strides=(1, 2, 1), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    want = np.asarray(x3, np.float64)[:, :, ::2] @ np.asarray(w3.dequantize(), np.float64)[0, 0, 0]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_gradients_are_the_straight_through_ones():
     """d/dx and d/dw of a pointwise conv with on-the-fly A8/W8 equal those of the float conv
     of the fake-quantized operands (straight-through estimator)."""
