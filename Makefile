@@ -39,7 +39,7 @@ bench: $(VENV)/.stamp-test,experiments
 precheck-gpu: pyproject.toml
 	test -x .venv-gpu/bin/python || $(PYTHON_GPU) -m venv .venv-gpu
 	.venv-gpu/bin/python -m pip install -q -e '.[test]' 'jax[cpu]==$(GPU_JAX)'
-	.venv-gpu/bin/python -m pytest -q -n $(JOBS) tests/kernels
+	QJAX_FULL_LOWERING=1 .venv-gpu/bin/python -m pytest -q -n $(JOBS) tests/kernels
 
 clean:
 	rm -rf $(VENV) .venv-gpu .pytest_cache .hypothesis .ruff_cache

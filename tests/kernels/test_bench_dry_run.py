@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_main_part_runs_and_writes_a_table(bench, tmp_path):
     out, table = tmp_path / "bench.json", tmp_path / "tuning_gpu.json"
     args = ["--dry-run", "--part", "main", "--sizes", "256", "--batches", "1,4", "--layouts", "n_pairs"]
-    args += ["--w8a8-size", "256", "--budget-s", "5", "--out", str(out), "--write-table", str(table)]
+    args += ["--w8a8-size", "256", "--budget-s", "1", "--out", str(out), "--write-table", str(table)]
     bench.main(args)
     report = json.loads(out.read_text())
     assert report["device"].startswith("dry run") and report["checks"]

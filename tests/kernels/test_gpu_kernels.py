@@ -11,6 +11,7 @@
 """
 
 import functools
+import os
 import re
 import zlib
 
@@ -21,7 +22,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from qjax.kernels import BlockConfig, api, int8_matmul, pack_int4, unpack_codes, w4a16_matmul, w8a16_matmul
+from qjax.kernels import (
+    BlockConfig,
+    api,
+    int8_matmul,
+    pack_int4,
+    tuning,
+    unpack_codes,
+    w4a16_matmul,
+    w8a16_matmul,
+)
 from qjax.kernels import _common as kc
 from qjax.kernels.candidates import gpu_candidates
 
@@ -374,46 +384,72 @@ _KN_CASES += [("int8", None), ("int8", 128)]
 _NK_CASES = [("k_pairs_nk", None), ("k_pairs_nk", 128), ("n_pairs_nk", 128), ("int8_nk", 128)]
 
 
-@pytest.mark.parametrize(
-    "size,layout,group",
-    [(size, *case) for size in (4096, 8192) for case in _KN_CASES] + [(8192, *case) for case in _NK_CASES],
-)
-def test_every_tuning_candidate_lowers_for_cuda(size, layout, group):
-    """Any config a tuning table can hold comes from ``gpu_candidates``: each one lowers at
-    every shape the benchmark tunes (batch buckets 1-16, 64, 256); ``"_nk"``: the weight
-    stored ``(N, K)``, lowered at the larger size only (its tiles and checks are those of
-    the ``(K, N)`` kernel's, which both sizes cover; this keeps the suite's time down)."""
-    k = n = size
-    base, nk = kc.split_layout(layout)
-    kind = "w8a16" if base == "int8" else "w4a16"
+# `make precheck-gpu` (before any device time) lowers every candidate at every tuned shape;
+# `make test` lowers each distinct one once: a config lowered at 4096 with the same masking
+# (M below / at a multiple of / past block_m) is not lowered again at 8192.
+FULL_LOWERING = os.environ.get("QJAX_FULL_LOWERING") == "1"
+
+
+def _weight_only_lowering(kind, base, nk, m, k, n, group, cfg):
+    """(fn, args) lowering one weight-only kernel call with ``cfg`` for CUDA."""
     wshape = {"int8": (k, n), "n_pairs": (k, n // 2)}.get(base, (k // 2, n))
     wshape = wshape[::-1] if nk else wshape
     sshape = (1 if group is None else k // group, n)
-    extra = {"b_layout": "nk" if nk else "kn"}
     w = jax.ShapeDtypeStruct(wshape, jnp.int8 if base == "int8" else jnp.uint8)
     s = jax.ShapeDtypeStruct(sshape[::-1] if nk else sshape, jnp.float32)
-    for m in (1, 4, 16, 64, 256):
-        x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
-        cands = gpu_candidates(kind, m, k, n, group, layout)
-        assert cands, (kind, m, layout, group)
-        for cfg in cands:
-            if base == "int8":
-                fn = lambda x, w, s, c=cfg: w8a16_matmul(
-                    x, w, s, group_size=group, platform="gpu", config=c, **extra
-                )
-            else:
-                fn = lambda x, w, s, c=cfg: w4a16_matmul(
-                    x,
-                    w,
-                    s,
-                    group_size=group,
-                    layout=base,
-                    platform="gpu",
-                    config=c,
-                    pack_block=c.block_k if base == "k_halves" else None,
-                    **extra,
-                )
-            _lower_cuda(fn, x, w, s)
+    x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
+    kw = dict(group_size=group, platform="gpu", config=cfg, b_layout="nk" if nk else "kn")
+    if kind == "w8a16":
+        return (lambda x, w, s: w8a16_matmul(x, w, s, **kw)), (x, w, s)
+    pb = cfg.block_k if base == "k_halves" else None
+    return (lambda x, w, s: w4a16_matmul(x, w, s, layout=base, pack_block=pb, **kw)), (x, w, s)
+
+
+@pytest.mark.parametrize("layout,group", _KN_CASES + _NK_CASES)
+def test_every_tuning_candidate_lowers_for_cuda(layout, group):
+    """Any config a tuning table can hold comes from ``gpu_candidates``: each one lowers at
+    the shapes the benchmark tunes (K = N = 4096 and 8192, batch buckets 1-16, 64, 256;
+    ``"_nk"``, the weight stored ``(N, K)``, at 8192, as the benchmark's plan tunes it)."""
+    base, nk = kc.split_layout(layout)
+    kind = "w8a16" if base == "int8" else "w4a16"
+    seen = set()
+    for size in (8192,) if nk else (4096, 8192):
+        for m in (1, 4, 16, 64, 256):
+            cands = gpu_candidates(kind, m, size, size, group, layout)
+            assert cands, (kind, m, layout, group)
+            for cfg in cands:
+                key = (cfg, m >= cfg.block_m, m % cfg.block_m == 0)
+                if key in seen and not FULL_LOWERING:
+                    continue
+                seen.add(key)
+                fn, args = _weight_only_lowering(kind, base, nk, m, size, size, group, cfg)
+                _lower_cuda(fn, *args)
+
+
+def test_every_shipped_table_entry_lowers_for_cuda():
+    """The shipped GPU table's Triton entries at their own shapes (the ``wgmma`` ones:
+    ``test_gpu_wgmma.py``)."""
+    lowered = 0
+    for e in tuning.read_table(tuning.table_path("gpu")):
+        if e.config.engine == "wgmma":
+            continue
+        kernel = e.kernel.removesuffix("_gemv")
+        if kernel.startswith("w8a8"):
+            a = jax.ShapeDtypeStruct((e.m, e.k), jnp.int8)
+            nk = kernel.startswith("w8a8_nk")
+            b = jax.ShapeDtypeStruct((e.n, e.k) if nk else (e.k, e.n), jnp.int8)
+            kw = dict(b_layout="nk" if nk else "kn", platform="gpu", config=e.config)
+            _lower_cuda(lambda a, b, kw=kw: int8_matmul(a, b, 1.0, 1.0, **kw), a, b)
+        else:
+            kind = "w8a16" if kernel.startswith("w8a16") else "w4a16"
+            layout = (
+                "int8" + kernel.removeprefix("w8a16") if kind == "w8a16" else kernel.removeprefix("w4a16_")
+            )
+            base, nk = kc.split_layout(layout)
+            fn, args = _weight_only_lowering(kind, base, nk, e.m, e.k, e.n, e.group_size, e.config)
+            _lower_cuda(fn, *args)
+        lowered += 1
+    assert lowered >= 50
 
 
 @pytest.mark.parametrize("b_layout", ["kn", "nk"])

@@ -39,9 +39,9 @@ def test_histogram_bins_against_numpy():
     assert h["bad"] == 1.0 and h["pos"].sum() + h["neg"].sum() == x.size
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(st.tuples(st.integers(-20, 20), st.integers(1, 40)), min_size=1, max_size=5),
+@settings(max_examples=30, deadline=None)
+@given(  # a few batch sizes: each new shape compiles (the suite's time)
+    st.lists(st.tuples(st.integers(-20, 20), st.sampled_from([1, 8, 40])), min_size=1, max_size=5),
     st.integers(0, 2**31 - 1),
 )
 def test_pooling_is_exact_in_any_order(batches, seed):
