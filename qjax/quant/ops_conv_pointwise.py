@@ -84,7 +84,8 @@ def as_dot(
         if lhs_spec is not None and dot_kwargs.get("lhs_scale") is None:
             if any(d > 1 for d in lhs_spec.layout(tuple(x.shape)).scale_shape):
                 return None  # per batch element: the dot would refuse it as a static scale
-            whole = quantize(lax.stop_gradient(x), lhs_spec)
+            # the scale does not depend on the rounding (stochastic rounding would want a key)
+            whole = quantize(lax.stop_gradient(x), lhs_spec.replace(rounding="nearest"))
             dot_kwargs = {**dot_kwargs, "lhs_scale": whole.scale, "lhs_zero_point": whole.zero_point}
         nd = len(lhs.shape)
         strides = [1] * nd

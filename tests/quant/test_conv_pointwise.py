@@ -105,6 +105,19 @@ def test_empty_batch_and_other_ranks():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+def test_strided_stochastic_rounding_uses_the_whole_input_scale():
+    x = _normal((2, 6, 6, 8), 0)
+    qw = qjax.quantize(_normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    spec = Q(qjax.int8, rounding="stochastic")
+    kw = dict(window_strides=(2, 2), padding="VALID", dimension_numbers=DN["NHWC"], lhs_spec=spec)
+    ys = [qconv(x, qw, key=jax.random.key(i), **kw) for i in range(2)]
+    assert not np.array_equal(ys[0], ys[1])  # the key is used
+    step = float(jnp.max(jnp.abs(x))) / 127  # the whole input's scale
+    err = np.abs(np.asarray(ys[0], np.float64) - _ref(x, qw.dequantize(), "NHWC", (2, 2)))
+    bound = step * _ref(np.ones_like(x), np.abs(np.asarray(qw.dequantize())), "NHWC", (2, 2))
+    np.testing.assert_array_less(err, bound + 1e-5)  # each code within one step of its input
+
+
 def test_gradients_are_the_straight_through_ones():
     """d/dx and d/dw of a pointwise conv with on-the-fly A8/W8 equal those of the float conv
     of the fake-quantized operands (straight-through estimator)."""
