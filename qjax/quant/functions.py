@@ -425,6 +425,22 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     (W8A16/W4A16). Ops whose weight layout the scales cannot follow fall back to the
     float op on the dequantized weight.
 
+    Args:
+      f: the function, called as ``f(params, *args, **kwargs)``.
+      policy: the rules that say how each params leaf is quantized.
+      backend: where matmuls run: ``"auto"`` (a Pallas kernel where the tuning table
+        measured one faster, else XLA), ``"xla"``, ``"pallas"`` (the kernel, or a
+        ``ValueError`` naming the leaf and why not) or ``"interpret-gpu"`` /
+        ``"interpret-tpu"``; see ``quantized_dot_general``. Pointwise (1×1) convs run as
+        dots and take it too; other convs have no kernel and run on XLA.
+
+    Returns:
+      A function with ``f``'s signature.
+
+    Raises:
+      ValueError: a rule that does not fit its leaf or op (the message names the leaf
+        and the rule), or a forced kernel that cannot run an op.
+
     Example:
       >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)
       >>> y = jax.jit(qjax.quantized(model.apply, policy))(qparams, x)
