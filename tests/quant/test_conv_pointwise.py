@@ -43,6 +43,7 @@ WEIGHTS = {
         group_size=8,
         pack_axis=-2 if o == -1 else 1,
     ),
+    "int4 groups of 2 along O": lambda o: Q(qjax.int4, group_axis=o, group_size=2),
     "int4 groups of 5 along I (padded)": lambda o: Q(
         qjax.int4, channel_axes=(o,), group_axis=-2 if o == -1 else 1, group_size=5, pad_groups=True
     ),
