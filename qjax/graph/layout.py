@@ -151,17 +151,22 @@ def _broadcast_in_dim(q: QArray, shape, broadcast_dimensions) -> QArray:
     return _rebuild(q, values, scale, zp, g)
 
 
+def axis_after_squeeze(axis: int, dims, ndim: int) -> int | None:
+    """Axis ``axis`` of a rank-``ndim`` array once the axes ``dims`` (non-negative) are
+    squeezed away, as a negative index; ``None`` if it is one of them."""
+    pos = axis % ndim
+    return None if pos in dims else pos - sum(d < pos for d in dims) - (ndim - len(dims))
+
+
 def _squeeze(q: QArray, dimensions) -> QArray:
     """Drop size-1 axes; packed int4/int2 codes stay packed unless the packed axis goes."""
     ndim = q.ndim
     dims = tuple(sorted({d % ndim for d in dimensions}))
     if q.packed_axis is not None and q.packed_axis % ndim in dims:
         q = unpacked(q)
-    new_ndim = ndim - len(dims)
 
-    def moved(a):  # a (negative) axis of q -> the same axis after the squeeze, or None
-        pos = a % ndim
-        return None if pos in dims else pos - sum(d < pos for d in dims) - new_ndim
+    def moved(a):
+        return axis_after_squeeze(a, dims, ndim)
 
     values, scale, zp = _map_parts(q, lambda v: lax.squeeze(v, dims), lambda s: lax.squeeze(s, dims))
     group = None if q.group_axis is None else moved(q.group_axis)

@@ -269,8 +269,8 @@ def quantized_conv_general_dilated(
     oc.check_args("rhs", rhs, rhs_spec, rhs_scale, rhs_zero_point)
     lhs_dilation = _ints(lhs_dilation, nsp, "lhs_dilation")
     # a pointwise conv runs as a dot, which also takes a kernel grouped along its input features
-    pointwise = is_pointwise(cdn, rshape, padding, lhs_dilation, fgc, bgc) and rhs_scale is None
-    pointwise = pointwise and rhs_zero_point is None
+    pointwise = is_pointwise(cdn, rshape, padding, lhs_dilation, fgc, bgc)
+    pointwise = pointwise and rhs_scale is None and rhs_zero_point is None  # a static one: conv form
     specs, rhs_groups_in = [], False
     for name, x, spec, shape, keep, sc, zp in (
         ("lhs", lhs, lhs_spec, lshape, n_l, lhs_scale, lhs_zero_point),

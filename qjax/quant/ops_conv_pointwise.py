@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import lax
 
-from qjax.graph.layout import apply_layout
+from qjax.graph.layout import apply_layout, axis_after_squeeze
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
@@ -37,15 +37,11 @@ def _moved_spec(spec: QuantSpec | None, dims: tuple[int, ...], ndim: int) -> Qua
     """A resolved kernel spec with the size-1 axes ``dims`` removed from its axes."""
     if spec is None:
         return None
-    new_ndim = ndim - len(dims)
-
-    def moved(a):
-        pos = a % ndim
-        return pos - sum(d < pos for d in dims) - new_ndim
-
-    kw = {"channel_axes": tuple(moved(a) for a in spec.channel_axes if a % ndim not in dims)}
-    if spec.group_axis is not None:
-        kw["group_axis"] = moved(spec.group_axis)
+    moved = [axis_after_squeeze(a, dims, ndim) for a in spec.channel_axes]
+    group = None if spec.group_axis is None else axis_after_squeeze(spec.group_axis, dims, ndim)
+    kw = {"channel_axes": tuple(a for a in moved if a is not None), "group_axis": group}
+    if group is None:
+        kw["group_size"] = None
     return spec.replace(pack=False, pack_axis=-1, **kw)  # an operand's spec never packs
 
 

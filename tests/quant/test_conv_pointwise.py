@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from test_ops import normal
 
 import qjax
 from qjax.quant.ops import quantized_conv_general_dilated as qconv
@@ -15,10 +16,6 @@ from qjax.quant.ops import quantized_conv_general_dilated as qconv
 Q = qjax.QuantSpec
 A8 = Q(qjax.int8)
 DN = {"NHWC": ("NHWC", "HWIO", "NHWC"), "NCHW": ("NCHW", "OIHW", "NCHW")}
-
-
-def _normal(shape, seed, dtype=jnp.float32):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), dtype)
 
 
 def _ref(x, w, layout, strides):
@@ -58,7 +55,7 @@ def test_weight_only_pointwise_matches_float64(layout, strides, padding, wname, 
     cin, cout = 16, 6
     xs = (2, 7, 9, cin) if layout == "NHWC" else (2, cin, 7, 9)
     ws = (1, 1, cin, cout) if layout == "NHWC" else (cout, cin, 1, 1)
-    x, w = _normal(xs, 0, dtype), _normal(ws, 1)
+    x, w = normal(xs, 0, dtype), normal(ws, 1)
     qw = qjax.quantize(w, WEIGHTS[wname](-1 if layout == "NHWC" else 0))
     f = jax.jit(
         lambda x, qw: qconv(x, qw, window_strides=strides, padding=padding, dimension_numbers=DN[layout])
@@ -73,8 +70,8 @@ def test_weight_only_pointwise_matches_float64(layout, strides, padding, wname, 
 
 def test_strided_per_tensor_scale_covers_skipped_pixels():
     """The dynamic activation scale is the whole input's, as the conv computes it."""
-    x = _normal((1, 4, 4, 8), 0).at[0, 1, 1, 0].set(40.0)  # a pixel the stride skips sets the scale
-    qw = qjax.quantize(_normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    x = normal((1, 4, 4, 8), 0).at[0, 1, 1, 0].set(40.0)  # a pixel the stride skips sets the scale
+    qw = qjax.quantize(normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
     y = qconv(x, qw, window_strides=(2, 2), padding="VALID", dimension_numbers=DN["NHWC"], lhs_spec=A8)
     xq = qjax.quantize(x, A8)
     assert float(xq.scale.max()) == pytest.approx(40.0 / 127)
@@ -85,8 +82,8 @@ def test_strided_per_tensor_scale_covers_skipped_pixels():
 @pytest.mark.parametrize("axes", [(), (0,)])
 def test_strided_quantized_input(axes):
     """A QArray input is sliced with its scales (per tensor or per batch element)."""
-    xq = qjax.quantize(_normal((3, 6, 5, 8), 0), Q(qjax.int8, channel_axes=axes))
-    qw = qjax.quantize(_normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    xq = qjax.quantize(normal((3, 6, 5, 8), 0), Q(qjax.int8, channel_axes=axes))
+    qw = qjax.quantize(normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
     f = jax.jit(
         lambda a, b: qconv(a, b, window_strides=(2, 2), padding="VALID", dimension_numbers=DN["NHWC"])
     )
@@ -96,19 +93,19 @@ def test_strided_quantized_input(axes):
 
 
 def test_empty_batch_and_other_ranks():
-    w1 = qjax.quantize(_normal((1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    w1 = qjax.quantize(normal((1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
     kw1 = dict(window_strides=(2,), padding="VALID", dimension_numbers=("NWC", "WIO", "NWC"), lhs_spec=A8)
     assert qconv(jnp.zeros((0, 5, 8)), w1, **kw1).shape == (0, 3, 3)
-    w3 = qjax.quantize(_normal((1, 1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
-    x3 = _normal((2, 3, 4, 5, 8), 0)
+    w3 = qjax.quantize(normal((1, 1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    x3 = normal((2, 3, 4, 5, 8), 0)
     y = qconv(x3, w3, window_strides=(1, 2, 1), padding="SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
     want = np.asarray(x3, np.float64)[:, :, ::2] @ np.asarray(w3.dequantize(), np.float64)[0, 0, 0]
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_strided_stochastic_rounding_uses_the_whole_input_scale():
-    x = _normal((2, 6, 6, 8), 0)
-    qw = qjax.quantize(_normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
+    x = normal((2, 6, 6, 8), 0)
+    qw = qjax.quantize(normal((1, 1, 8, 3), 1), Q(qjax.int8, channel_axes=(-1,)))
     spec = Q(qjax.int8, rounding="stochastic")
     kw = dict(window_strides=(2, 2), padding="VALID", dimension_numbers=DN["NHWC"], lhs_spec=spec)
     ys = [qconv(x, qw, key=jax.random.key(i), **kw) for i in range(2)]
@@ -122,10 +119,10 @@ def test_strided_stochastic_rounding_uses_the_whole_input_scale():
 def test_gradients_are_the_straight_through_ones():
     """d/dx and d/dw of a pointwise conv with on-the-fly A8/W8 equal those of the float conv
     of the fake-quantized operands (straight-through estimator)."""
-    x, w = _normal((2, 5, 5, 8), 0), _normal((1, 1, 8, 4), 1)
+    x, w = normal((2, 5, 5, 8), 0), normal((1, 1, 8, 4), 1)
     wspec = Q(qjax.int8, channel_axes=(-1,))
     kw = dict(window_strides=(1, 1), padding="SAME", dimension_numbers=DN["NHWC"])
-    t = _normal((2, 5, 5, 4), 2)
+    t = normal((2, 5, 5, 4), 2)
 
     def loss_q(x, w):
         return jnp.sum(t * qconv(x, w, lhs_spec=A8, rhs_spec=wspec, **kw))
@@ -139,17 +136,17 @@ def test_gradients_are_the_straight_through_ones():
 
 
 def test_errors_name_why_the_conv_cannot_be_a_dot():
-    x = _normal((2, 6, 6, 16), 0)
+    x = normal((2, 6, 6, 16), 0)
     grouped = Q(qjax.int4, channel_axes=(-1,), group_axis=-2, group_size=8)
     kw = dict(padding="SAME", dimension_numbers=DN["NHWC"])
     # a 3x3 kernel grouped along its input features has no exact conv form
-    w3 = qjax.quantize(_normal((3, 3, 16, 4), 1), grouped)
+    w3 = qjax.quantize(normal((3, 3, 16, 4), 1), grouped)
     with pytest.raises(
         ValueError, match=r"axis 2 of rhs.*cannot be factored.*pointwise 1x1 kernel also per group"
     ):
         qconv(x, w3, window_strides=(1, 1), **kw)
     # strided, activation quantized per batch element on the fly: stays a conv, which cannot
-    w1 = qjax.quantize(_normal((1, 1, 16, 4), 1), grouped)
+    w1 = qjax.quantize(normal((1, 1, 16, 4), 1), grouped)
     per_batch = Q(qjax.int8, channel_axes=qjax.PER_TOKEN)
     with pytest.raises(ValueError, match=r"grouped along its input features.*per batch element"):
         qconv(x, w1, window_strides=(2, 2), lhs_spec=per_batch, **kw)
@@ -159,14 +156,14 @@ def test_errors_name_why_the_conv_cannot_be_a_dot():
     want = _ref(xq.dequantize(), w1.dequantize(), "NHWC", (1, 1))
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     # a conv that is not pointwise has no kernel: XLA under any backend
-    w8 = qjax.quantize(_normal((3, 3, 16, 4), 1), Q(qjax.int8, channel_axes=(-1,)))
+    w8 = qjax.quantize(normal((3, 3, 16, 4), 1), Q(qjax.int8, channel_axes=(-1,)))
     np.testing.assert_array_equal(
         qconv(x, w8, window_strides=(1, 1), backend="interpret-gpu", **kw),
         qconv(x, w8, window_strides=(1, 1), backend="xla", **kw),
     )
     # a forced kernel that cannot run a pointwise conv says why (channels not last: NCHW)
-    x_nchw = _normal((2, 16, 6, 6), 0, jnp.bfloat16)
-    w_oihw = qjax.quantize(_normal((4, 16, 1, 1), 1), Q(qjax.int8, channel_axes=(0,)))
+    x_nchw = normal((2, 16, 6, 6), 0, jnp.bfloat16)
+    w_oihw = qjax.quantize(normal((4, 16, 1, 1), 1), Q(qjax.int8, channel_axes=(0,)))
     with pytest.raises(
         ValueError, match=r"backend='interpret-gpu' cannot run this dot_general.*dimension numbers"
     ):
@@ -194,7 +191,7 @@ def test_quantized_model_sends_1x1_convs_to_the_kernels(backend):
     """W4A16 with groups of 128 along the input features: the 1x1 conv runs the Pallas
     kernel (a grouped 3x3 kernel could not run at all, so the 3x3 conv is per channel)."""
     m = _PointwiseNet()
-    x = _normal((2, 4, 4, 32), 0, jnp.bfloat16)
+    x = normal((2, 4, 4, 32), 0, jnp.bfloat16)
     v = m.init(jax.random.key(1), x)
     g128 = Q(qjax.int4, channel_axes=(-1,), group_axis=-2, group_size=128, pack_axis=-2)
     pol = qjax.Policy(
