@@ -25,7 +25,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from timing import rel_err, report_header, time_interleaved
+from report import write
+from timing import cell, rel_err, report_header, time_interleaved
 
 import qjax
 from qjax.quant import ops_common, ops_conv
@@ -97,10 +97,6 @@ def run_case(name: str, batch: int, hw: int, cin: int, cout: int, repeats: int, 
     }
 
 
-def _cell(v: dict) -> str:
-    return f"{v['median_us']:.0f} ({v['x_f32']:.2f})"
-
-
 def markdown(report: dict) -> str:
     lines = [
         f"# Quantized 1x1 convs: dot vs conv formulation ({report['date']}, {report['machine']}, "
@@ -117,8 +113,8 @@ def markdown(report: dict) -> str:
         b, h, w, ci, co = c["shape"]
         gain = v["conv"]["x_f32"] / v["dot"]["x_f32"]  # paired ratios: robust to load
         lines.append(
-            f"| {c['format']} | {b}×{h}×{w}×{ci}→{co} | {_cell(v['float32'])} | {_cell(v['dot'])} | "
-            f"{_cell(v['conv'])} | {gain:.2f}× | {v['dot']['rel_err_vs_float64']:.1e} / "
+            f"| {c['format']} | {b}×{h}×{w}×{ci}→{co} | {cell(v['float32'])} | {cell(v['dot'])} | "
+            f"{cell(v['conv'])} | {gain:.2f}× | {v['dot']['rel_err_vs_float64']:.1e} / "
             f"{v['conv']['rel_err_vs_float64']:.1e} |"
         )
     return "\n".join(lines) + "\n"
@@ -142,11 +138,7 @@ def main(argv=None) -> None:
                 flush=True,
             )
             report["cases"].append(case)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_pointwise_conv" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(markdown(report))
+    write("bench_pointwise_conv" + ("_quick" if args.quick else ""), report, markdown(report), Path(args.out))
 
 
 if __name__ == "__main__":

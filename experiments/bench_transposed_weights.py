@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax
 import jax.numpy as jnp
 import numpy as np
-from timing import rel_err, report_header, time_interleaved
+from report import write
+from timing import cell, rel_err, report_header, time_interleaved
 
 import qjax
 
@@ -92,10 +93,6 @@ def run_case(name: str, size: int, m: int, repeats: int, target_s: float) -> dic
     }
 
 
-def _cell(v: dict) -> str:
-    return f"{v['median_us']:.0f} ({v['x_f32']:.2f})"
-
-
 def markdown(report: dict) -> str:
     lines = [
         f"# `x @ w.T` on quantized (N, K) weights ({report['date']}, {report['machine']}, "
@@ -111,8 +108,8 @@ def markdown(report: dict) -> str:
         v = c["variants"]
         gain = v["replayed"]["x_f32"] / v["folded"]["x_f32"]  # paired ratios: robust to load
         lines.append(
-            f"| {c['format']} | {c['m']} | {c['k']} | {_cell(v['float32'])} | {_cell(v['folded'])} | "
-            f"{_cell(v['einsum'])} | {_cell(v['replayed'])} | {gain:.2f}× |"
+            f"| {c['format']} | {c['m']} | {c['k']} | {cell(v['float32'])} | {cell(v['folded'])} | "
+            f"{cell(v['einsum'])} | {cell(v['replayed'])} | {gain:.2f}× |"
         )
     return "\n".join(lines) + "\n"
 
@@ -135,11 +132,12 @@ def main(argv=None) -> None:
                 flush=True,
             )
             report["cases"].append(case)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_transposed_weights" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    (out / f"{stem}.md").write_text(markdown(report))
+    write(
+        "bench_transposed_weights" + ("_quick" if args.quick else ""),
+        report,
+        markdown(report),
+        Path(args.out),
+    )
 
 
 if __name__ == "__main__":

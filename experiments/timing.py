@@ -31,6 +31,12 @@ def rel_err(y, ref) -> float:
     return float(np.max(np.abs(y - ref)) / max(np.max(np.abs(ref)), 1e-30))
 
 
+def cell(v: dict[str, Any]) -> str:
+    """A Markdown table cell: median µs, the paired ratio to the reference in brackets
+    (``{"median_us", "x_f32"}``)."""
+    return f"{v['median_us']:.0f} ({v['x_f32']:.2f})"
+
+
 def time_interleaved(
     variants: dict[str, Callable[[], Any]], *, repeats: int, target_s: float, reference: str
 ) -> dict[str, dict[str, Any]]:

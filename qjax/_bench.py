@@ -77,6 +77,12 @@ BENCHMARKS = (
         quick_args=("--quick",),
     ),
     Benchmark(
+        "stored-transposed",
+        "bench_stored_transposed.py",
+        "Flax (K, N) quantized weights stored (N, K) by qjax.store_transposed vs as quantized",
+        quick_args=("--quick",),
+    ),
+    Benchmark(
         "pointwise",
         "bench_pointwise_conv.py",
         "quantized 1x1 convs run as a dot vs as an integer conv",

@@ -6,8 +6,9 @@ each leaf's ``qjax.rules`` path and metadata, the container structure when it is
 dicts/lists/tuples, Python scalars and strings) and, optionally, ``policy.json``. Arrays
 keep their dtype (int4/int2 QArray values are already packed ``uint8``) except fp8, stored
 bitcast to ``uint8``, bool arrays (pruning masks), stored bit-packed 8 per byte, and typed
-PRNG key arrays, stored as their key data with the implementation's name. The JSON
-file is written last: without it a save is incomplete.
+PRNG key arrays, stored as their key data with the implementation's name. A
+``TransposedQArray`` is stored as its stored ``QArray`` with ``"transposed": true`` in its
+metadata. The JSON file is written last: without it a save is incomplete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from etils import epath
 
 from qjax.numerics.formats import format_from_name
 from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import TransposedQArray, is_quantized
 from qjax.quant.policy import Policy
 from qjax.rules import leaves_with_paths, map_with_path
 
@@ -51,6 +53,8 @@ def _array_meta(x) -> dict[str, Any]:
 
 def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
     """JSON metadata of one leaf; the same function describes saved and target leaves."""
+    if isinstance(leaf, TransposedQArray):  # the stored QArray, flagged
+        return {**_leaf_meta(path, leaf.stored), "transposed": True}
     if isinstance(leaf, QArray):
         meta = {
             "kind": "qarray",
@@ -159,14 +163,15 @@ def _build(m: dict[str, Any], parts: dict[str, Any]) -> Any:
         m["packed_axis"],
         m["packed_length"],
     )
-    return QArray.tree_unflatten(aux, [parts.get(k) for k in _PARTS])
+    q = QArray.tree_unflatten(aux, [parts.get(k) for k in _PARTS])
+    return TransposedQArray.tree_unflatten(None, [q]) if m.get("transposed") else q
 
 
 def _encode(x: Any) -> Any:
     """The container structure as JSON (``None`` where it holds other node types)."""
     if x is None:
         return None
-    if isinstance(x, QArray) or jax.tree_util.all_leaves([x]):
+    if is_quantized(x) or jax.tree_util.all_leaves([x]):
         return _LEAF
     if type(x) is dict and all(isinstance(k, (str, int)) and not isinstance(k, bool) for k in x):
         items = [[k, _encode(v)] for k, v in x.items()]
@@ -242,8 +247,9 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
             if m["kind"] == "key":
                 arrays[_key(i)] = {"array": jax.random.key_data(leaf)}
                 continue
+            src = leaf.stored if isinstance(leaf, TransposedQArray) else leaf
             arrays[_key(i)] = {
-                k: _cast(leaf if k == "array" else getattr(leaf, k), _stored_dtype(p["dtype"]))
+                k: _cast(src if k == "array" else getattr(src, k), _stored_dtype(p["dtype"]))
                 for k, p in parts.items()
             }
     try:
@@ -288,7 +294,7 @@ def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) ->
             ck, tg = ("no more leaves" if m["path"] is None else repr(m["path"]) for m in (want, have))
             raise ValueError(f"{where}: first differing leaf: checkpoint has {ck} where the target has {tg}")
         bits = "bits" in (want.get("kind"), have.get("kind"))  # a bool mask vs another dtype: say dtype
-        for k in ["dtype", "kind", *want] if bits else ["kind", *want]:
+        for k in ["dtype", "kind", *want] if bits else ["kind", "transposed", *want]:
             if k not in ("path", "value", "impl") and want.get(k) != have.get(k):
                 raise ValueError(
                     f"{where}: leaf {have['path']!r} differs in {k}: checkpoint "

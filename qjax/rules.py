@@ -3,7 +3,8 @@
 Leaves are addressed by their key path joined with ``/`` (``params/Dense_0/kernel``):
 dict keys, attribute names and sequence indices are path parts. Boxes (Flax NNX
 ``Variable``s, Linen ``Partitioned`` and other ``AxisMetadata``) are transparent, so an
-NNX kernel is ``a/kernel``, not ``a/kernel/value``; a ``QArray`` is one leaf.
+NNX kernel is ``a/kernel``, not ``a/kernel/value``; a ``QArray`` (or
+``TransposedQArray``) is one leaf.
 
 Rules are an ordered list of ``(pattern, value)`` matched with ``re.fullmatch``; the
 first match wins; a rule whose value is ``None`` means "leave alone". Quantization
@@ -22,7 +23,7 @@ import jax
 from flax import nnx
 from flax.core import meta as flax_meta
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ def is_box(x: Any) -> bool:
 
 
 def _is_unit(x: Any) -> bool:
-    return isinstance(x, QArray) or is_box(x)
+    return is_quantized(x) or is_box(x)
 
 
 def key_str(key: Any) -> str:
@@ -60,12 +61,13 @@ def fold_in_path(key: jax.Array | None, path: str) -> jax.Array | None:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in flatten order; boxes transparent, ``QArray`` one leaf."""
+    """``[(path, leaf), ...]`` in flatten order; boxes transparent, a ``QArray`` (or
+    ``TransposedQArray``) one leaf."""
     out = []
     for kp, unit in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_unit)[0]:
         prefix = path_str(kp)
         if is_box(unit):
-            for leaf in jax.tree.leaves(unit, is_leaf=lambda x: isinstance(x, QArray)):
+            for leaf in jax.tree.leaves(unit, is_leaf=is_quantized):
                 out.append((prefix, leaf))
         else:
             out.append((prefix, unit))
@@ -82,7 +84,7 @@ def map_with_path(fn: Callable[[str, Any], Any], tree: Any) -> Any:
     def visit(kp, unit):
         path = path_str(kp)
         if is_box(unit):
-            return jax.tree.map(lambda leaf: fn(path, leaf), unit, is_leaf=lambda x: isinstance(x, QArray))
+            return jax.tree.map(lambda leaf: fn(path, leaf), unit, is_leaf=is_quantized)
         return fn(path, unit)
 
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit)

@@ -35,7 +35,7 @@ import numpy as np
 
 from qjax.autoprec.candidates import Candidate, check_candidates
 from qjax.numerics.fake_quant import fake_quant
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import RuleSet, leaves_with_paths
 
 LossFn = Callable[..., jax.Array]
@@ -105,8 +105,8 @@ class _Selection:
 def _select(params: Any, paths: str | Sequence[str] | None, what: str) -> _Selection:
     pairs = leaves_with_paths(params)
     for p, leaf in pairs:
-        if isinstance(leaf, QArray):
-            raise TypeError(f"{what}: leaf {p!r} is a QArray; pass the float params")
+        if is_quantized(leaf):
+            raise TypeError(f"{what}: leaf {p!r} is quantized; pass the float params")
     leaves, treedef = jax.tree.flatten(params)
     if len(leaves) != len(pairs):  # pragma: no cover - both flatten the same tree
         raise AssertionError("params flatten inconsistently")

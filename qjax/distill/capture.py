@@ -32,7 +32,7 @@ from typing import Any
 import jax
 
 from qjax.graph import Handler, WeightRef, bind_eqn, materialize, run, trace
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import RuleSet
 
 Features = dict[str, dict[str, jax.Array]]
@@ -78,7 +78,7 @@ def _bias_added(path: str, output: jax.Array, depth: int, leaves: dict[str, Any]
     bias = leaves.get(bias_path)
     if bias is None:
         return output
-    if isinstance(bias, QArray):
+    if is_quantized(bias):
         bias = bias.dequantize()
     feat = tuple(bias.shape[depth:])
     ok = output.ndim >= depth + len(feat) and tuple(output.shape[output.ndim - len(feat) :]) == feat

@@ -7,6 +7,7 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
+from qjax.graph.interpret import transposes_only
 from qjax.graph.layout import unpacked
 from qjax.numerics.qarray import QArray
 
@@ -49,6 +50,16 @@ def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
     return count
 
 
+def _stored_spec(spec: PartitionSpec, perm: tuple[int, ...]) -> PartitionSpec:
+    """The spec of a leaf whose transpose ``perm`` (operand axis ``i`` = leaf axis
+    ``perm[i]``) has operand spec ``spec``."""
+    entries = [*spec, *([None] * (len(perm) - len(spec)))]
+    stored = [None] * len(perm)
+    for i, a in enumerate(perm):
+        stored[a] = entries[i]
+    return PartitionSpec(*stored)
+
+
 def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
@@ -58,7 +69,12 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     p = eqn.params
     args, specs, refs = [], [], []  # refs: the params leaf passed as each argument, or None
     for x, spec in zip(invals, p["in_specs"]):
-        if isinstance(x, weight_ref) and not x.ops:
+        perm = transposes_only(x.ops) if isinstance(x, weight_ref) and x.ops else None
+        if isinstance(x, weight_ref) and (not x.ops or perm is not None):
+            # a leaf read through transposes only (a TransposedQArray) enters as stored, its
+            # spec moved to the stored axes; the body replays the transposes on each shard
+            if perm is not None:
+                spec = _stored_spec(spec, perm)
             leaf = unpacked(x.leaf) if isinstance(x.leaf, QArray) else x.leaf
             args.append(leaf)
             specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
@@ -102,7 +118,9 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     def body(*local):
         local, aux_local = local[:n_args], jax.tree.unflatten(aux_tree, local[n_args:])
         vals = [
-            v if ref is None else weight_ref(ref.path, v, aux=aux, aux_shared=ref.aux_shared * shared)
+            v
+            if ref is None
+            else weight_ref(ref.path, v, ref.ops, aux=aux, aux_shared=ref.aux_shared * shared)
             for ref, v, aux, shared in zip(refs, local, aux_local, aux_shards)
         ]
         local_emit = emitter() if handler.per_shard_emits else forbid

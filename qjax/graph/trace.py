@@ -7,24 +7,31 @@ from typing import Any
 
 import jax
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import TransposedQArray, is_quantized
 from qjax.rules import leaves_with_paths, map_with_path
 
 
 def abstract_params(params: Any) -> Any:
-    """``params`` with every ``QArray`` replaced by the float array it stands for, as a
-    ``jax.ShapeDtypeStruct`` (the model function is traced on float params)."""
+    """``params`` with every ``QArray`` (or ``TransposedQArray``) replaced by the float
+    array it stands for, as a ``jax.ShapeDtypeStruct`` (the model function is traced on
+    float params)."""
 
     def visit(_, leaf):
-        if isinstance(leaf, QArray):
-            # in Explicit mesh mode the codes' sharding is part of their type: the float
-            # array they stand for gets the same spec (packing halves an axis, not its spec)
-            sharding = getattr(jax.typeof(leaf.values), "sharding", None)
-            spec = getattr(sharding, "spec", None)
-            if spec is None or all(e is None for e in spec):
-                return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-        return leaf
+        if not is_quantized(leaf):
+            return leaf
+        # in Explicit mesh mode the codes' sharding is part of their type: the float
+        # array they stand for gets the same spec (packing halves an axis, not its spec;
+        # a TransposedQArray's logical axes are its stored ones with the last two swapped)
+        codes = leaf.stored.values if isinstance(leaf, TransposedQArray) else leaf.values
+        sharding = getattr(jax.typeof(codes), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is None or all(e is None for e in spec):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+        if isinstance(leaf, TransposedQArray):
+            entries = [*spec, *([None] * (len(leaf.shape) - len(spec)))]
+            entries[-2:] = entries[-1], entries[-2]
+            sharding = sharding.update(spec=jax.sharding.PartitionSpec(*entries))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return map_with_path(visit, params)
 

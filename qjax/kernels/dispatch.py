@@ -15,8 +15,9 @@ Covered ops: ``x @ W`` with ``x`` of any rank contracted on its last axis and ``
 symmetric (no zero point) integer ``QArray`` contracted on axis 0, scales per output channel
 or per group along K; or the weight stored ``(N, K)`` and contracted on axis 1, as ``x @ w.T``
 models and weights converted from PyTorch hold it (``qjax.quantized`` folds the ``.T`` into
-the contraction), which the kernels read in place, no transpose per call (Hopper's 8-bit
-``wgmma`` reads exactly that layout):
+the contraction), and as ``qjax.store_transposed`` stores a Flax ``(K, N)`` kernel (a
+``TransposedQArray``), which the kernels read in place, no transpose per call (Hopper's
+8-bit ``wgmma`` reads exactly that layout):
 
 * weight-only (no activation spec): int8 codes (or unpacked int4), or int4 packed along K
   or N (``qjax.quantize``'s pair layouts; the kernels interleave nibbles in registers). With

@@ -33,6 +33,7 @@ from qjax.numerics.packing import pack, unpack
 from qjax.numerics.qarray import QArray, is_qarray
 from qjax.numerics.quantize import compute_scale, dequantize, quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec, spec_from_dict
+from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
 
 __all__ = [
     "PER_TOKEN",
@@ -42,6 +43,7 @@ __all__ = [
     "Layout",
     "QArray",
     "QuantSpec",
+    "TransposedQArray",
     "as_format",
     "calibration",
     "compute_scale",
@@ -59,10 +61,12 @@ __all__ = [
     "int7",
     "int8",
     "is_qarray",
+    "is_quantized",
     "lsq_init_scale",
     "pack",
     "quantize",
     "spec_from_dict",
+    "transpose_storage",
     "uint16",
     "uint2",
     "uint3",

@@ -22,6 +22,7 @@ from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
 from qjax.numerics.scaling import compute_dtype, quantize_values, scale_from_range
 from qjax.numerics.spec import QuantSpec
+from qjax.numerics.transposed import TransposedQArray
 
 
 def as_float_array(x, name: str = "x") -> jax.Array:
@@ -183,12 +184,15 @@ def _quantize(x, spec: QuantSpec, key, scale, zero_point) -> QArray:
     )
 
 
-def dequantize(q: QArray) -> jax.Array:
-    """The real values a :class:`QArray` stands for (``q.dequantize()``).
+def dequantize(q: QArray | TransposedQArray) -> jax.Array:
+    """The real values a :class:`QArray` (or ``TransposedQArray``) stands for
+    (``q.dequantize()``).
 
     Raises:
       TypeError: ``q`` is not a QArray.
     """
+    if isinstance(q, TransposedQArray):
+        return q.dequantize()
     if not isinstance(q, QArray):
         raise TypeError(f"dequantize expects a qjax.QArray, got {type(q).__name__}")
     return _dequantize(q)

@@ -19,6 +19,9 @@ it is replicated.
 A ``QArray`` is one leaf: the spec applies to its stored ``values``; scales follow
 (:func:`qjax.graph.sharding.scale_spec`: the same mesh axes, ``None`` where the scale
 dimension is 1), and a grouped or packed axis may only be split at group/byte boundaries.
+A ``TransposedQArray`` is one leaf too, and its spec names the *logical* axes (those the
+model reads, e.g. ``(K, N)`` of a ``Dense`` kernel stored ``(N, K)``): rules and presets
+see it as the ``QArray`` it stands for, and the specs are moved to the stored axes.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 from flax.core import meta as flax_meta
@@ -36,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from qjax.graph.sharding import qarray_specs
 from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import TransposedQArray
 from qjax.rules import Match, RuleSet
 
 SpecValue = P | tuple | Callable[[str, Any, Mesh], P] | None
@@ -161,6 +166,25 @@ def qarray_problem(q: QArray, spec: P, mesh: Mesh) -> str | None:
     return None
 
 
+def _stored_specs(leaf: TransposedQArray, specs: QArray) -> TransposedQArray:
+    """Specs written for the logical ``QArray`` a ``TransposedQArray`` stands for, moved to
+    its stored parts (the last two entries swapped), in the leaf's tree structure."""
+
+    def swap(spec, child):
+        if spec is None or child is None or np.ndim(child) < 2:
+            return spec
+        entries = [*spec, *([None] * (np.ndim(child) - len(spec)))]
+        entries[-2:] = entries[-1], entries[-2]
+        return P(*entries)
+
+    stored = leaf.stored
+    children = [
+        swap(getattr(specs, k), getattr(stored, k))
+        for k in ("values", "scale", "zero_point", "act_scale", "act_zero_point")
+    ]
+    return TransposedQArray.tree_unflatten(None, [stored.replace_children(children)])
+
+
 class PartitionRules:
     """Partition rules plus the logical-axis rules used to read logical names.
 
@@ -188,6 +212,9 @@ class PartitionRules:
           ValueError / TypeError: the spec does not fit the leaf or the mesh (names the leaf
             path and the rule that matched it).
         """
+        if isinstance(leaf, TransposedQArray):
+            logical = jax.eval_shape(TransposedQArray.as_qarray, leaf)  # abstract: no codes move
+            return _stored_specs(leaf, self.spec(path, logical, mesh, box))
         match = self.ruleset.match(path)
         where = _where(path, match)
         if match is not None:

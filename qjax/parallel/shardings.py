@@ -17,14 +17,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.parallel.mesh import is_explicit
 from qjax.parallel.rules import PartitionRules
 from qjax.rules import is_box, path_str
 
 
 def _is_unit(x: Any) -> bool:
-    return isinstance(x, QArray) or is_box(x)
+    return is_quantized(x) or is_box(x)
 
 
 def _named(mesh: Mesh, spec_tree: Any) -> Any:
@@ -38,9 +38,7 @@ def partition_specs(tree: Any, rules: Any, mesh: Mesh, *, logical_axis_rules=Non
     def visit(kp, unit):
         path = path_str(kp)
         if is_box(unit):
-            return jax.tree.map(
-                lambda leaf: pr.spec(path, leaf, mesh, unit), unit, is_leaf=lambda x: isinstance(x, QArray)
-            )
+            return jax.tree.map(lambda leaf: pr.spec(path, leaf, mesh, unit), unit, is_leaf=is_quantized)
         return pr.spec(path, unit, mesh)
 
     return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit)

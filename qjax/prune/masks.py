@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.prune.distribution import get_distribution, leaf_counts
 from qjax.prune.sparsity import (
     LeafConfig,
@@ -156,8 +156,8 @@ def resolve_targets(
                 f"rule {m.pattern!r} matching {path!r} has value {m.value!r}; expected None (skip), a "
                 f"float sparsity, a LeafConfig, a sparsity type or True"
             )
-        if isinstance(leaf, QArray):
-            raise TypeError(f"leaf {path!r} is a QArray: prune before quantizing (or skip it with a rule)")
+        if is_quantized(leaf):
+            raise TypeError(f"leaf {path!r} is quantized: prune before quantizing (or skip it with a rule)")
         stype.validate(path, shape)
         out[path] = Target(path, shape, sparsity, stype)
     return out
@@ -314,8 +314,8 @@ def apply_masks(tree: Any, masks: Any) -> Any:
         if m is None or leaf is None:
             return leaf
         seen.add(path)
-        if isinstance(leaf, QArray):
-            raise TypeError(f"leaf {path!r} is a QArray: apply masks before quantizing")
+        if is_quantized(leaf):
+            raise TypeError(f"leaf {path!r} is quantized: apply masks before quantizing")
         if tuple(np.shape(m)) != tuple(np.shape(leaf)):
             raise ValueError(f"mask of {path!r} has shape {np.shape(m)}, the leaf {np.shape(leaf)}")
         return jnp.where(m, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))

@@ -29,14 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.graph.coupling import ChannelGroup, channel_groups
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import is_box, path_str
 
 _VERSION = 1
 
 
 def _is_unit(x: Any) -> bool:
-    return x is None or is_box(x) or isinstance(x, QArray)
+    return x is None or is_box(x) or is_quantized(x)
 
 
 def map_leaves(fn: Callable[[str, Any], Any], tree: Any) -> Any:
@@ -58,7 +58,7 @@ def map_leaves(fn: Callable[[str, Any], Any], tree: Any) -> Any:
         path = path_str(kp)
         if is_box(unit):
             return jax.tree.map(
-                lambda leaf: fn(path, leaf), unit, is_leaf=lambda x: x is None or isinstance(x, QArray)
+                lambda leaf: fn(path, leaf), unit, is_leaf=lambda x: x is None or is_quantized(x)
             )
         return fn(path, unit)
 
@@ -146,8 +146,8 @@ class ShrinkPlan:
             seen.add(q)
             if x is None:
                 return None
-            if isinstance(x, QArray):
-                raise TypeError(f"leaf {path!r} is a QArray: shrink before quantizing")
+            if is_quantized(x):
+                raise TypeError(f"leaf {path!r} is quantized: shrink before quantizing")
             if tuple(np.shape(x)) != self.shapes[q]:
                 raise ValueError(
                     f"leaf {path!r} has shape {tuple(np.shape(x))}, the plan expects {self.shapes[q]}"

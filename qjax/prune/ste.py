@@ -23,7 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import path_str
 
 __all__ = ["apply_masks_ste", "masked_ste"]
@@ -103,12 +103,12 @@ def apply_masks_ste(tree: Any, masks: Any, sr_decay: float = 0.0) -> Any:
     def one(kp, mask, leaf):
         if mask is None:
             return leaf
-        if not isinstance(leaf, QArray) and not hasattr(leaf, "dtype"):
+        if not is_quantized(leaf) and not hasattr(leaf, "dtype"):
             raise ValueError(
                 f"apply_masks_ste: masks do not mirror the tree at {path_str(kp)!r}: got {type(leaf)}"
             )
-        if isinstance(leaf, QArray) or not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
-            kind = "a QArray" if isinstance(leaf, QArray) else jnp.asarray(leaf).dtype
+        if is_quantized(leaf) or not jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
+            kind = "quantized" if is_quantized(leaf) else jnp.asarray(leaf).dtype
             raise TypeError(
                 f"apply_masks_ste: leaf {path_str(kp)!r} is {kind}; only float leaves can be masked"
             )
@@ -116,7 +116,7 @@ def apply_masks_ste(tree: Any, masks: Any, sr_decay: float = 0.0) -> Any:
 
     try:
         return jax.tree_util.tree_map_with_path(
-            one, masks, tree, is_leaf=lambda x: x is None or isinstance(x, QArray)
+            one, masks, tree, is_leaf=lambda x: x is None or is_quantized(x)
         )
     except ValueError as e:
         raise ValueError(f"apply_masks_ste: masks do not mirror the tree: {e}") from None

@@ -17,6 +17,7 @@ from qjax.quant.transforms import (
     lsq_scales,
     quantize_params,
     quantized_leaves,
+    store_transposed,
 )
 
 __all__ = [
@@ -48,4 +49,5 @@ __all__ = [
     "lsq_scales",
     "quantize_params",
     "quantized_leaves",
+    "store_transposed",
 ]

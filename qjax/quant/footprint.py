@@ -9,7 +9,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import leaves_with_paths
 
 
@@ -70,7 +70,7 @@ def footprint(tree: Any) -> Footprint:
     """
     rows = []
     for path, leaf in leaves_with_paths(tree):
-        if isinstance(leaf, QArray):
+        if is_quantized(leaf):
             float_bytes = math.prod(leaf.shape) * leaf.dtype.itemsize
             rows.append(LeafFootprint(path, leaf.shape, leaf.format.name, leaf.nbytes, float_bytes, True))
         elif hasattr(leaf, "dtype") and hasattr(leaf, "shape"):

@@ -281,6 +281,9 @@ def fake_quantized(
 # -- quantized (integer execution) -------------------------------------------------------
 
 
+_ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p")  # commute with transposes
+
+
 def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transposes: bool = False):
     """The weight as a ``QArray`` in the op's operand layout: the stored ``QArray`` (or
     ``leaf`` quantized by ``spec``), with the ref's layout ops replayed on it. ``None``
@@ -290,7 +293,9 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transpose
     not replayed (transposing packed int4 codes unpacks them, and any transpose copies the
     weight per call): operand axis ``i`` is then axis ``perm[i]`` of ``qarray``, for
     :func:`_quantized_op` to fold into the dot's dimension numbers; ``perm`` is ``None``
-    when nothing was folded."""
+    when nothing was folded. Elementwise layout ops (dtype casts, copies) among the trailing
+    transposes commute with them and are replayed (``w.astype(bf16)`` of a
+    ``TransposedQArray`` still folds)."""
     if isinstance(leaf, QArray):
         w = leaf
     elif spec is not None:
@@ -301,10 +306,11 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transpose
     perm = None
     if fold_transposes:
         cut = len(ops)
-        while cut and ops[cut - 1].primitive.name == "transpose":
+        while cut and ops[cut - 1].primitive.name in ("transpose", *_ELEMENTWISE_LAYOUT):
             cut -= 1
-        if cut < len(ops):
-            ops, folded = ops[:cut], ops[cut:]
+        folded = [op for op in ops[cut:] if op.primitive.name == "transpose"]
+        if folded:
+            ops = (*ops[:cut], *(op for op in ops[cut:] if op.primitive.name != "transpose"))
             perm = list(range(len(folded[0].params["permutation"])))
             for op in folded:  # operand axis i is axis perm[i] before the transposes
                 perm = [perm[a] for a in op.params["permutation"]]
@@ -417,9 +423,11 @@ class _Serve(_PolicyHandler):
 def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable:
     """``f`` with its matmuls/convs executed on quantized weights and activations.
 
-    Weights are read from ``QArray`` leaves (``qjax.quantize_params``) or quantized on the
-    fly from float leaves by the rule's ``weight`` spec; no float copy of a quantized
-    weight is made for the op. With an ``act`` spec the activation is quantized too
+    Weights are read from ``QArray`` leaves (``qjax.quantize_params``), from
+    ``TransposedQArray`` leaves (``qjax.store_transposed``: codes stored with the last two
+    axes swapped, the swap folded into the matmul) or quantized on the fly from float
+    leaves by the rule's ``weight`` spec; no float copy of a quantized weight is made for
+    the op. With an ``act`` spec the activation is quantized too
     (statically when the weight carries a calibrated ``act_scale``, else dynamically) and
     the op runs on integers (int8×int8→int32) or fp8; without one it is weight-only
     (W8A16/W4A16). Ops whose weight layout the scales cannot follow fall back to the

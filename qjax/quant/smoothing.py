@@ -35,7 +35,7 @@ from qjax.graph.fold import FoldGroup, fold_groups, non_matmul_reads
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, weight_operand
 from qjax.graph.statistics import contraction
 from qjax.graph.trace import trace
-from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import is_quantized
 from qjax.rules import leaves_with_paths, map_with_path
 
 FactorKey = str | tuple[str, ...]
@@ -229,7 +229,7 @@ def smooth(
 
     def current(path):
         leaf = new.get(path, leaves[path])
-        if isinstance(leaf, QArray):
+        if is_quantized(leaf):
             raise ValueError(f"smoothing {path!r}: the leaf is quantized; smooth float params")
         return jnp.asarray(leaf)
 

@@ -83,7 +83,7 @@ def test_hutchinson_paths_select_and_errors(data):
     with pytest.raises(ValueError, match="num_probes"):
         autoprec.hutchinson_trace(_loss, params, jax.random.key(0), 0, batches=[(x, y)])
     q = {**params, "w1": qjax.quantize(params["w1"], qjax.QuantSpec(qjax.int8))}
-    with pytest.raises(TypeError, match="'w1' is a QArray"):
+    with pytest.raises(TypeError, match="'w1' is quantized"):
         autoprec.hutchinson_trace(_loss, q, jax.random.key(0), 4, batches=[(x, y)])
 
 

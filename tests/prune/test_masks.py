@@ -89,7 +89,7 @@ def test_qarray_leaf_rejected_with_path():
     t = tree()
     spec = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
     t["params"]["Dense_0"]["kernel"] = qjax.quantize(t["params"]["Dense_0"]["kernel"], spec)
-    with pytest.raises(TypeError, match=r"'params/Dense_0/kernel' is a QArray: prune before quantizing"):
+    with pytest.raises(TypeError, match=r"'params/Dense_0/kernel' is quantized: prune before quantizing"):
         resolve_targets(t)
     assert "params/Dense_0/kernel" not in resolve_targets(t, [(r".*/Dense_0/kernel", None)])
     masks = {"params": {"Dense_0": {"kernel": jnp.ones((6, 8), bool)}}}

@@ -81,7 +81,7 @@ def test_trees_and_errors():
     out = apply_masks_ste(state, masks)
     assert isinstance(out, nnx.State)
     assert bool(jnp.all(out["kernel"][...][0] == 0)) and bool(jnp.all(out["kernel"][...][1:] != 0))
-    with pytest.raises(TypeError, match="QArray"):
+    with pytest.raises(TypeError, match="quantized"):
         apply_masks_ste({"w": quantize(jnp.ones((4, 4)), QuantSpec(int8))}, {"w": jnp.ones((4, 4), bool)})
     with pytest.raises(TypeError, match="float"):
         masked_ste(jnp.ones(3, jnp.int32), jnp.ones(3, bool))
