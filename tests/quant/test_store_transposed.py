@@ -77,13 +77,15 @@ def test_dense_serves_the_same_values_without_moving_codes(case, dtype):
     assert qjax.footprint(tp).total == qjax.footprint(qp).total
 
 
-@pytest.mark.parametrize("case", ["w8a8", "w4a16-g32"])
-def test_kernels_read_the_stored_weight_in_place(case):
-    """With the interpreted GPU kernel, W8A8 on a stored (N, K) weight takes the kernel's
+@pytest.mark.parametrize(
+    "case,backend", [("w8a8", "interpret-gpu"), ("w4a16-g32", "interpret-gpu"), ("w8a8", "interpret-tpu")]
+)
+def test_kernels_read_the_stored_weight_in_place(case, backend):
+    """With the interpreted kernels, W8A8 on a stored (N, K) weight takes the kernel's
     (N, K) operand as it is (no transpose in the program), W4A16 its ``_nk`` layouts."""
     spec, act = CASES[case]
     model, x, pol, qp, tp = _setup(spec, act, x_dtype=jnp.bfloat16)
-    f = qjax.quantized(model.apply, pol, backend="interpret-gpu")
+    f = qjax.quantized(model.apply, pol, backend=backend)
     jaxpr = str(jax.make_jaxpr(f)(tp, x))
     assert "pallas_call" in jaxpr and _code_moves(jaxpr) == []
     ref = qjax.quantized(model.apply, pol, backend="xla")(qp, x)
