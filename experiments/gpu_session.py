@@ -1,0 +1,116 @@
+"""One device call that runs the open GPU measurements of issue 10, in priority order.
+
+A session lent a GPU has about 15 minutes of device time, and every machine start costs
+one to two of them, so the measurements BUILD_NOTES lists under "Next GPU session" run
+here as steps of one command, each a subprocess with its own time limit (a crash or a
+timeout ends that step, not the session; ``bench_kernels.py`` saves after every case, so
+a step cut short keeps what it measured). Steps:
+
+1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 4096 and 8192, the layouts ``quantized``
+   dispatches (``n_pairs``, ``k_halves``): times the restructured ``gemv`` kernel and the
+   inline-PTX tensor-core tiles next to the Triton ones (the 2.5x-over-bf16 goal).
+2. ``nk``: the weight-only kernels for weights stored ``(N, K)`` (PyTorch layout,
+   ``TransposedQArray``), batch 1 / 16 / 64 at 4096.
+3. ``stored``: ``quantized`` on Flax ``(K, N)`` weights vs the same after
+   ``qjax.store_transposed`` at 4096 (W8A8 4096^3 included).
+4. ``pointwise``: quantized 1x1 convs as dots vs as convs (ResNet-50 shapes).
+
+Each step gets at most its ``cap_s`` and never more than the time left before
+``--limit-s`` minus a reserve; ``bench_kernels.py``'s tuning budget is the step's time
+less its fixed overhead. Writes every step's files and log to ``--out`` and a
+``gpu_session.json`` summary (return code, seconds, files per step).
+
+Usage (on the device machine, in the repository root)::
+
+    python3 experiments/gpu_session.py --out "$OUT" --limit-s 560
+    python3 experiments/gpu_session.py --out /tmp/s --dry-run   # on CPU: every step, tiny sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# (name, share cap in seconds, fixed overhead of bench_kernels outside its tuning budget)
+STEPS = (("small", 300, 90), ("nk", 150, 60), ("stored", 60, 0), ("pointwise", 60, 0))
+
+
+def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
+    """The command of one step."""
+    py = [sys.executable, "-u"]
+    if name in ("small", "nk"):
+        args = {
+            "small": ["--sizes", "4096,8192", "--batches", "1,4,16", "--layouts", "n_pairs,k_halves"],
+            "nk": ["--sizes", "4096", "--batches", "1,16,64", "--layouts", "k_pairs_nk,n_pairs_nk,int8_nk"],
+        }[name]
+        cands = ["--max-candidates", "4" if name == "small" else "3"]
+        extra = ["--dry-run", "--sizes", "256", "--batches", "1,16"] if dry_run else []
+        return [
+            *py,
+            str(HERE / "bench_kernels.py"),
+            "--part",
+            "main",
+            "--no-w8a8",
+            *args,
+            *cands,
+            "--budget-s",
+            f"{max(budget_s, 5):.0f}",
+            "--out",
+            str(out / f"bench_kernels_{name}.json"),
+            *extra,
+        ]
+    if name == "stored":
+        sizes = ["--quick"] if dry_run else ["--size", "4096", "--batches", "1,16,4096"]
+        return [*py, str(HERE / "bench_stored_transposed.py"), "--out", str(out), *sizes]
+    return [*py, str(HERE / "bench_pointwise_conv.py"), "--out", str(out), *(["--quick"] if dry_run else [])]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--limit-s", type=float, default=560, help="the whole session's wall-clock limit")
+    p.add_argument("--reserve-s", type=float, default=15, help="kept free at the end (copying results)")
+    p.add_argument("--steps", default=",".join(s[0] for s in STEPS))
+    p.add_argument("--dry-run", action="store_true", help="on CPU: every step at tiny sizes")
+    args = p.parse_args(argv)
+    known = {s[0]: s for s in STEPS}
+    chosen = args.steps.split(",")
+    unknown = [s for s in chosen if s not in known]
+    if unknown:
+        p.error(f"unknown steps {unknown}; known: {list(known)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent), env.get("PYTHONPATH")]))
+    start, summary = time.perf_counter(), []
+    for name in chosen:
+        _, cap, overhead = known[name]
+        left = args.limit_s - args.reserve_s - (time.perf_counter() - start)
+        if left < 20:
+            summary.append({"step": name, "skipped": f"{left:.0f} s left"})
+            continue
+        limit = min(cap, left)
+        argv_step = step_argv(name, args.out, limit - overhead, args.dry_run)
+        before = set(args.out.iterdir())
+        t = time.perf_counter()
+        with open(args.out / f"{name}.log", "w") as log:
+            try:
+                rc = subprocess.run(
+                    argv_step, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=limit
+                ).returncode
+            except subprocess.TimeoutExpired:
+                rc = "timeout"
+        files = sorted(str(f.name) for f in set(args.out.iterdir()) - before)
+        summary.append({"step": name, "rc": rc, "s": round(time.perf_counter() - t, 1), "files": files})
+        print(json.dumps(summary[-1]), flush=True)
+        (args.out / "gpu_session.json").write_text(json.dumps(summary, indent=1))
+    return 0 if all(s.get("rc") == 0 for s in summary) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
