@@ -40,7 +40,7 @@ from jax.extend import core as jcore
 from qjax.graph._primitives import scan_counts
 from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
 from qjax.numerics.qarray import QArray
-from qjax.numerics.transposed import TransposedQArray
+from qjax.numerics.transposed import TransposedQArray, is_quantized
 
 TARGET_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
@@ -63,8 +63,10 @@ class WeightRef:
 
     Attributes:
       path: the leaf's path (the op identity of everything that reads it).
-      leaf: the stored leaf: a ``QArray`` or a float array (a per-iteration slice inside
-        a ``scan`` over stacked params).
+      leaf: the stored leaf: a ``QArray``, a ``TransposedQArray`` or a float array (a
+        per-iteration slice inside a ``scan`` over stacked params). A ``TransposedQArray``
+        stands for its logical layout (:meth:`float_leaf`, specs); handlers that read codes
+        unwrap it themselves.
       ops: layout ops applied since the leaf, in order.
       depth: how many leading axes of the params leaf enclosing ``scan``s sliced off
         (a spec written for the stacked leaf is adapted with :func:`spec_for_slice`).
@@ -83,42 +85,7 @@ class WeightRef:
     aux_shared: int = 1
 
     def float_leaf(self):
-        return self.leaf.dequantize() if isinstance(self.leaf, QArray) else self.leaf
-
-
-def transposes_only(ops: tuple[LayoutOp, ...]) -> tuple[int, ...] | None:
-    """The permutation that layout ``ops`` amount to when all are transposes (operand axis
-    ``i`` is axis ``perm[i]`` of the leaf), else ``None``."""
-    perm: tuple[int, ...] | None = None
-    for op in ops:
-        if op.primitive.name != "transpose":
-            return None
-        p = tuple(op.params["permutation"])
-        perm = p if perm is None else tuple(perm[a] for a in p)
-    return perm
-
-
-def param_ref(path: str, leaf: Any, aux: Any = None) -> WeightRef:
-    """The ``WeightRef`` a params leaf enters the jaxpr as. A ``TransposedQArray`` enters
-    as its stored ``QArray`` with the swap of its last two axes as a layout op, so handlers
-    see it as a model that reads ``w.T`` of a stored weight (and fold the swap into a dot)."""
-    if isinstance(leaf, TransposedQArray):
-        n = leaf.ndim
-        swap = LayoutOp(lax.transpose_p, {"permutation": (*range(n - 2), n - 1, n - 2)})
-        return WeightRef(path, leaf.stored, (swap,), aux=aux)
-    return WeightRef(path, leaf, aux=aux)
-
-
-def _slice_ops(ops: tuple[LayoutOp, ...]) -> tuple[LayoutOp, ...] | None:
-    """A ref's layout ops for one slice of its leaf along axis 0 (a ``scan`` over stacked
-    params): transposes that keep axis 0 in front commute with the slice; ``None`` when
-    another op is in the way."""
-    perm = transposes_only(ops)
-    if not ops:
-        return ()
-    if perm is None or perm[0] != 0:
-        return None
-    return (LayoutOp(lax.transpose_p, {"permutation": tuple(a - 1 for a in perm[1:])}),)
+        return self.leaf.dequantize() if is_quantized(self.leaf) else self.leaf
 
 
 def spec_for_slice(spec, depth: int):
@@ -307,7 +274,6 @@ def _scan_parts(ref: WeightRef, length: int):
                 f"{length} (one per layer) or 1 (shared)"
             )
     aux_leaves = len(jax.tree.leaves(ref.aux))
-    ops = _slice_ops(ref.ops)
     aux_shared = aux_leaves > 0 and not any(per_layer[-aux_leaves:])
 
     def rebuild(slices) -> WeightRef:
@@ -316,8 +282,10 @@ def _scan_parts(ref: WeightRef, length: int):
         leaf, aux = jax.tree.unflatten(treedef, vals)
         if isinstance(leaf, QArray):
             leaf = leading_slice(leaf)
+        elif isinstance(leaf, TransposedQArray):  # leading axes are the same stored and logical
+            leaf = TransposedQArray.tree_unflatten(None, [leading_slice(leaf.stored)])
         shared = ref.aux_shared * (length if aux_shared else 1)
-        return WeightRef(ref.path, leaf, ops, ref.depth + 1, aux, shared)
+        return WeightRef(ref.path, leaf, (), ref.depth + 1, aux, shared)
 
     return [a for a, p in zip(leaves, per_layer) if p], rebuild
 
@@ -327,13 +295,9 @@ def _scan(eqn, invals, handler, emit):
     num_consts, num_carry = scan_counts(p)
     consts, init, xs = _split(invals, num_consts, num_carry)
     init = [materialize(x) for x in init]
-    # A direct params leaf fed as xs is scanned as its stored form (QArray slices too, a
-    # TransposedQArray's swap follows each slice), its aux beside it; parts shared by every
-    # layer are not sliced.
-    parts = [
-        _scan_parts(x, p["length"]) if isinstance(x, WeightRef) and _slice_ops(x.ops) is not None else None
-        for x in xs
-    ]
+    # A direct params leaf fed as xs is scanned as its stored form (QArray and
+    # TransposedQArray slices too), its aux beside it; parts shared by every layer are not sliced.
+    parts = [_scan_parts(x, p["length"]) if isinstance(x, WeightRef) and not x.ops else None for x in xs]
     xs_in = [materialize(x) if part is None else part[0] for x, part in zip(xs, parts)]
     body = p["jaxpr"]
 
@@ -511,7 +475,9 @@ def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dic
       ``(outputs, emitted)``: the flat outputs and, by key, the list of values handlers
       emitted (stacked along a leading axis for ops inside a ``scan``).
     """
-    refs = [param_ref(path, leaf, handler.aux(path)) for path, leaf in zip(traced.param_paths, params_leaves)]
+    refs = [
+        WeightRef(path, leaf, aux=handler.aux(path)) for path, leaf in zip(traced.param_paths, params_leaves)
+    ]
     emitter = _Emitter()
     closed = traced.jaxpr
     outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)

@@ -7,9 +7,9 @@ import math
 import jax
 from jax.sharding import PartitionSpec
 
-from qjax.graph.interpret import transposes_only
 from qjax.graph.layout import unpacked
 from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import TransposedQArray, is_quantized
 
 
 def scale_spec(spec: PartitionSpec, scale_shape: tuple[int, ...]) -> PartitionSpec:
@@ -37,7 +37,7 @@ def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
     if not leaves:
         return 1
     shape = jax.numpy.shape(leaves[0])
-    ndim = len(jax.numpy.shape(ref.leaf.values if isinstance(ref.leaf, QArray) else ref.leaf))
+    ndim = len(ref.leaf.shape if is_quantized(ref.leaf) else jax.numpy.shape(ref.leaf))
     if shape and len(shape) != ndim:
         return 1  # not aligned with the weight's axes: nothing to count
     entries = list(spec) + [None] * (ndim - len(spec))
@@ -50,14 +50,11 @@ def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
     return count
 
 
-def _stored_spec(spec: PartitionSpec, perm: tuple[int, ...]) -> PartitionSpec:
-    """The spec of a leaf whose transpose ``perm`` (operand axis ``i`` = leaf axis
-    ``perm[i]``) has operand spec ``spec``."""
-    entries = [*spec, *([None] * (len(perm) - len(spec)))]
-    stored = [None] * len(perm)
-    for i, a in enumerate(perm):
-        stored[a] = entries[i]
-    return PartitionSpec(*stored)
+def _swap_last(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    """``spec`` of a rank-``ndim`` array with its last two entries swapped."""
+    entries = [*spec, *([None] * (ndim - len(spec)))]
+    entries[-2:] = entries[-1], entries[-2]
+    return PartitionSpec(*entries)
 
 
 def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
@@ -69,15 +66,20 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     p = eqn.params
     args, specs, refs = [], [], []  # refs: the params leaf passed as each argument, or None
     for x, spec in zip(invals, p["in_specs"]):
-        perm = transposes_only(x.ops) if isinstance(x, weight_ref) and x.ops else None
-        if isinstance(x, weight_ref) and (not x.ops or perm is not None):
-            # a leaf read through transposes only (a TransposedQArray) enters as stored, its
-            # spec moved to the stored axes; the body replays the transposes on each shard
-            if perm is not None:
-                spec = _stored_spec(spec, perm)
-            leaf = unpacked(x.leaf) if isinstance(x.leaf, QArray) else x.leaf
-            args.append(leaf)
-            specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
+        if isinstance(x, weight_ref) and not x.ops:
+            if isinstance(x.leaf, TransposedQArray):
+                # enters as stored, the spec (of the logical operand) moved to the stored axes
+                stored = unpacked(x.leaf.stored)
+                args.append(TransposedQArray(stored))
+                specs.append(
+                    TransposedQArray.tree_unflatten(
+                        None, [qarray_specs(stored, _swap_last(spec, stored.ndim))]
+                    )
+                )
+            else:
+                leaf = unpacked(x.leaf) if isinstance(x.leaf, QArray) else x.leaf
+                args.append(leaf)
+                specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
             refs.append(x)
         else:
             args.append(materialize(x))
@@ -118,9 +120,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     def body(*local):
         local, aux_local = local[:n_args], jax.tree.unflatten(aux_tree, local[n_args:])
         vals = [
-            v
-            if ref is None
-            else weight_ref(ref.path, v, ref.ops, aux=aux, aux_shared=ref.aux_shared * shared)
+            v if ref is None else weight_ref(ref.path, v, aux=aux, aux_shared=ref.aux_shared * shared)
             for ref, v, aux, shared in zip(refs, local, aux_local, aux_shards)
         ]
         local_emit = emitter() if handler.per_shard_emits else forbid

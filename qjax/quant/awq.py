@@ -50,7 +50,7 @@ from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.calibrate import calibrate
 from qjax.quant.policy import Policy
 from qjax.quant.smoothing import row_factor, smooth, with_input_scales
-from qjax.quant.transforms import quantize_params
+from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import leaves_with_paths, map_with_path
 
 _CHUNK_BYTES = 1 << 28  # memory bound for one vmapped chunk of the grid
@@ -219,6 +219,7 @@ def awq_factors(
       axes)})`` with ``H = XᵀX / rows`` of the float model's layer input and the weight's
       contracted axes.
     """
+    require_float_params(params, "awq")
     batches = list(batches)
     if not batches:
         raise ValueError("awq needs at least one batch")
@@ -310,6 +311,7 @@ def awq(
       >>> qparams, runtime = awq(model.apply, variables, calib, policy)
       >>> y = qjax.quantized(with_input_scales(model.apply, runtime), policy)(qparams, x)
     """
+    require_float_params(params, "awq")
     batches = list(batches)
     if not batches:
         raise ValueError("awq needs at least one batch")

@@ -18,6 +18,7 @@ from jax import lax
 
 from qjax.graph.interpret import (
     Handler,
+    LayoutOp,
     WeightRef,
     bind_eqn,
     materialize,
@@ -32,6 +33,7 @@ from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.numerics.transposed import TransposedQArray
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops_conv import CONV_GEOMETRY
@@ -296,13 +298,19 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transpose
     when nothing was folded. Elementwise layout ops (dtype casts, copies) among the trailing
     transposes commute with them and are replayed (``w.astype(bf16)`` of a
     ``TransposedQArray`` still folds)."""
-    if isinstance(leaf, QArray):
+    ops = ref.ops
+    if isinstance(leaf, TransposedQArray):  # the stored codes, read through the swap
+        n = leaf.ndim
+        w, ops = (
+            leaf.stored,
+            (LayoutOp(lax.transpose_p, {"permutation": (*range(n - 2), n - 1, n - 2)}), *ops),
+        )
+    elif isinstance(leaf, QArray):
         w = leaf
     elif spec is not None:
         w = quantize(leaf, spec_for_slice(spec, ref.depth))
     else:
         return None, None
-    ops = ref.ops
     perm = None
     if fold_transposes:
         cut = len(ops)

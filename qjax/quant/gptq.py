@@ -36,7 +36,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import compute_scale, quantize
 from qjax.numerics.spec import QuantSpec
 from qjax.quant.policy import Policy
-from qjax.quant.transforms import quantize_params
+from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
 
 
@@ -291,6 +291,7 @@ def gptq(
       >>> qparams = gptq(model.apply, variables, [(x,) for x in calib], policy)
       >>> y = qjax.quantized(model.apply, policy)(qparams, x)
     """
+    require_float_params(params, "gptq")
     batches = list(batches)
     qparams = quantize_params(params, policy, act_stats=act_stats)
     leaves = dict(leaves_with_paths(params))

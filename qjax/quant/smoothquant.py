@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from qjax.graph.fold import FoldGroup, fold_groups
 from qjax.graph.statistics import InputStatistic, input_statistics
 from qjax.quant.smoothing import smooth
+from qjax.quant.transforms import require_float_params
 from qjax.rules import leaves_with_paths
 
 
@@ -78,6 +79,7 @@ def smoothquant_factors(
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"smoothquant: alpha must be in [0, 1], got {alpha}")
+    require_float_params(params, "smoothquant")
     batches = list(batches)
     if not batches:
         raise ValueError("smoothquant needs at least one batch")
@@ -146,6 +148,7 @@ def smoothquant(
       ...                                act_stats=qjax.calibrate(g, policy, smoothed, calib))
       >>> y = qjax.quantized(g, policy)(qparams, x)
     """
+    require_float_params(params, "smoothquant")
     batches = list(batches)
     if not batches:
         raise ValueError("smoothquant needs at least one batch")

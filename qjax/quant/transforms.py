@@ -48,6 +48,18 @@ def _weight_matches(policy: Policy):
     return wrap
 
 
+def require_float_params(params: Any, what: str) -> None:
+    """Raise for a quantized leaf in ``params`` given to a transform that reads float
+    weights (GPTQ, AWQ, SmoothQuant).
+
+    Raises:
+      ValueError: naming the first quantized leaf.
+    """
+    found = next((p for p, leaf in leaves_with_paths(params) if is_quantized(leaf)), None)
+    if found is not None:
+        raise ValueError(f"{what}: leaf {found!r} is already quantized; pass the float params")
+
+
 def _check_paths(params: Any, by_path: dict, what: str) -> None:
     unknown = set(by_path) - {p for p, _ in leaves_with_paths(params)}
     if unknown:

@@ -226,3 +226,32 @@ def test_store_transposed_rules_and_errors():
         TypeError, match="'params/Dense_0/kernel' is quantized: apply masks before quantizing"
     ):
         qjax.prune.apply_masks(tp, {"params/Dense_0/kernel": jnp.ones((64, 96), bool)})
+
+
+def test_fake_quantized_and_calibrate_read_the_logical_weight():
+    """Handlers that apply a rule's spec to the float weight see it in the model's layout."""
+    model, x, pol, qp, tp = _setup(W8, TOK8)
+    for fn in (
+        lambda p: qjax.fake_quantized(model.apply, pol)(p, x),
+        lambda p: qjax.fake_quantized(model.apply, pol, integer_forward=False)(p, x),
+        lambda p: qjax.distill.capture(model.apply, [r".*Dense_0/kernel"])(p, x)[1],
+    ):
+        for a, b in zip(jax.tree.leaves(fn(tp)), jax.tree.leaves(fn(qp))):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["gptq", "awq", "awq_factors", "smoothquant", "smoothquant_factors"])
+def test_transforms_of_float_weights_refuse_quantized_ones(name):
+    model, x, pol, qp, tp = _setup(W8, None)
+    call = {
+        "gptq": lambda p: qjax.gptq(model.apply, p, [x], pol),
+        "awq": lambda p: qjax.awq(model.apply, p, [x], pol),
+        "awq_factors": lambda p: qjax.quant.awq_factors(model.apply, p, [x], pol),
+        "smoothquant": lambda p: qjax.smoothquant(model.apply, p, [x]),
+        "smoothquant_factors": lambda p: qjax.quant.smoothquant_factors(model.apply, p, [x]),
+    }[name]
+    for params in (qp, tp):
+        with pytest.raises(
+            ValueError, match=r"leaf 'params/Dense_0/kernel' is already quantized; pass the float"
+        ):
+            call(params)
