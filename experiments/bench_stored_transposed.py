@@ -62,6 +62,8 @@ def run_case(name: str, size: int, m: int, backend: str, repeats: int, target_s:
     plain = qjax.quantize_params(v, policy)
     stored = qjax.store_transposed(plain, ".*kernel")
     serve = jax.jit(qjax.quantized(layer.apply, policy, backend=backend))
+    report = qjax.dispatch_report(layer.apply, policy, backend=backend)
+    runs = {k: report(p, x)[0].runs for k, p in (("plain", plain), ("stored", stored))}
     fns = {
         "float32": (jax.jit(layer.apply), v),
         "plain": (serve, plain),
@@ -81,6 +83,7 @@ def run_case(name: str, size: int, m: int, backend: str, repeats: int, target_s:
         "k": size,
         "n": size,
         "stored_vs_plain_rel_diff": diff,
+        "runs": runs,  # what dispatch chose for each (qjax.dispatch_report)
         "variants": {k: {"median_us": t["median_s"] * 1e6, "x_f32": t["ratio"]} for k, t in timed.items()},
     }
 
@@ -119,7 +122,13 @@ def main(argv=None) -> None:
     for name in FORMATS:
         for m in (int(b) for b in args.batches.split(",")):
             case = run_case(name, size, m, args.backend, repeats, target)
-            print(name, m, {k: round(v["median_us"]) for k, v in case["variants"].items()}, flush=True)
+            print(
+                name,
+                m,
+                {k: round(v["median_us"]) for k, v in case["variants"].items()},
+                case["runs"],
+                flush=True,
+            )
             report["cases"].append(case)
     # W8A8 sums integers: equal up to the float rescale's rounding (XLA vs a kernel's epilogue)
     bad = [c for c in report["cases"] if c["format"] == "W8A8" and c["stored_vs_plain_rel_diff"] > 1e-6]

@@ -2,6 +2,7 @@
 
 from qjax.quant.awq import AWQSearch, awq, awq_factors
 from qjax.quant.calibrate import ActStats, calibrate
+from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.functions import fake_quantized, quantized
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
@@ -33,6 +34,8 @@ __all__ = [
     "with_input_scales",
     "ActStats",
     "calibrate",
+    "dispatch_report",
+    "OpDispatch",
     "fake_quantized",
     "quantized",
     "Footprint",

@@ -407,6 +407,12 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend
     return lax.transpose(out, perm)
 
 
+def op_scope(path: str) -> str:
+    """The ``jax.named_scope`` that ``quantized`` puts around the op reading leaf ``path``:
+    profiles (HLO ``op_name`` metadata) and :func:`qjax.dispatch_report` name ops by it."""
+    return f"qjax[{path}]"
+
+
 class _Serve(_PolicyHandler):
     def __init__(self, policy: Policy, backend: str = "auto"):
         super().__init__(policy)
@@ -418,12 +424,19 @@ class _Serve(_PolicyHandler):
         if found is None:
             return None
         wi, ref, rule = found
+        with jax.named_scope(op_scope(ref.path)):
+            out = self._op(eqn, invals, wi, ref, rule)
+            # float weight without a rule, a conv reading it as its input, or a layout the
+            # scales cannot follow: the float op, inside the scope too
+            return out if out is not None else bind_eqn(eqn, [materialize(x) for x in invals])
+
+    def _op(self, eqn, invals, wi: int, ref: WeightRef, rule: Rule | None) -> list | None:
         if eqn.primitive.name == "conv_general_dilated" and wi != 1:
             return None
         wspec = None if rule is None else rule.weight
         w, perm = _operand_qarray(ref, ref.leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
-            return None  # float weight without a rule, or a layout scales cannot follow: float op
+            return None
         aspec = None if rule is None or rule.act is None else _resolve_act_spec(rule.act, eqn, 1 - wi)
         return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend, perm)]
 
@@ -451,7 +464,9 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
         dots and take it too; other convs have no kernel and run on XLA.
 
     Returns:
-      A function with ``f``'s signature.
+      A function with ``f``'s signature. Each op that reads a params leaf runs inside
+      ``jax.named_scope(f"qjax[{path}]")``, so profiles name it by the leaf;
+      :func:`qjax.dispatch_report` lists what each one runs.
 
     Raises:
       ValueError: a rule that does not fit its leaf or op (the message names the leaf
