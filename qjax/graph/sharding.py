@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec
 
 from qjax.graph.layout import unpacked
 from qjax.numerics.qarray import QArray
-from qjax.numerics.transposed import TransposedQArray, is_quantized
+from qjax.numerics.transposed import TransposedQArray, is_quantized, swapped_spec
 
 
 def scale_spec(spec: PartitionSpec, scale_shape: tuple[int, ...]) -> PartitionSpec:
@@ -50,13 +50,6 @@ def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
     return count
 
 
-def _swap_last(spec: PartitionSpec, ndim: int) -> PartitionSpec:
-    """``spec`` of a rank-``ndim`` array with its last two entries swapped."""
-    entries = [*spec, *([None] * (ndim - len(spec)))]
-    entries[-2:] = entries[-1], entries[-2]
-    return PartitionSpec(*entries)
-
-
 def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
@@ -73,7 +66,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
                 args.append(TransposedQArray(stored))
                 specs.append(
                     TransposedQArray.tree_unflatten(
-                        None, [qarray_specs(stored, _swap_last(spec, stored.ndim))]
+                        None, [qarray_specs(stored, swapped_spec(spec, stored.ndim))]
                     )
                 )
             else:

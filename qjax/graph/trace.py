@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from qjax.numerics.transposed import TransposedQArray, is_quantized
+from qjax.numerics.transposed import TransposedQArray, is_quantized, swapped_spec
 from qjax.rules import leaves_with_paths, map_with_path
 
 
@@ -28,9 +28,7 @@ def abstract_params(params: Any) -> Any:
         if spec is None or all(e is None for e in spec):
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
         if isinstance(leaf, TransposedQArray):
-            entries = [*spec, *([None] * (len(leaf.shape) - len(spec)))]
-            entries[-2:] = entries[-1], entries[-2]
-            sharding = sharding.update(spec=jax.sharding.PartitionSpec(*entries))
+            sharding = sharding.update(spec=swapped_spec(spec, leaf.ndim))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
     return map_with_path(visit, params)

@@ -18,6 +18,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
@@ -161,6 +162,14 @@ def transpose_storage(q: QArray) -> TransposedQArray:
     if not isinstance(q, QArray):
         raise TypeError(f"transpose_storage expects a qjax.QArray, got {type(q).__name__}")
     return TransposedQArray(_swap_qarray(q))
+
+
+def swapped_spec(spec: PartitionSpec, ndim: int) -> PartitionSpec:
+    """A partition spec for a rank-``ndim`` array, with its last two entries swapped: the
+    stored codes' spec from the logical array's, and back (the swap is its own inverse)."""
+    entries = [*spec, *([None] * (ndim - len(spec)))]
+    entries[-2:] = entries[-1], entries[-2]
+    return PartitionSpec(*entries)
 
 
 def is_quantized(x) -> bool:

@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from qjax.graph.sharding import qarray_specs
 from qjax.numerics.qarray import QArray
-from qjax.numerics.transposed import TransposedQArray
+from qjax.numerics.transposed import TransposedQArray, swapped_spec
 from qjax.rules import Match, RuleSet
 
 SpecValue = P | tuple | Callable[[str, Any, Mesh], P] | None
@@ -171,11 +171,11 @@ def _stored_specs(leaf: TransposedQArray, specs: QArray) -> TransposedQArray:
     its stored parts (the last two entries swapped), in the leaf's tree structure."""
 
     def swap(spec, child):
-        if spec is None or child is None or np.ndim(child) < 2:
-            return spec
-        entries = [*spec, *([None] * (np.ndim(child) - len(spec)))]
-        entries[-2:] = entries[-1], entries[-2]
-        return P(*entries)
+        return (
+            spec
+            if spec is None or child is None or np.ndim(child) < 2
+            else swapped_spec(spec, np.ndim(child))
+        )
 
     stored = leaf.stored
     children = [
