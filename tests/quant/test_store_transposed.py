@@ -255,3 +255,27 @@ def test_transforms_of_float_weights_refuse_quantized_ones(name):
             ValueError, match=r"leaf 'params/Dense_0/kernel' is already quantized; pass the float"
         ):
             call(params)
+
+
+class CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(16, (3, 3))(x))
+        x = nn.Conv(32, (1, 1))(x)  # pointwise: run as a dot
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+@pytest.mark.parametrize("case", ["w8a8", "w4a16-packed-k"])
+def test_conv_kernels_stored_transposed_serve_the_same_values(case):
+    """A rule that also matches conv kernels: their swap is replayed on the codes (correct;
+    store_transposed is meant for matmul weights)."""
+    spec, act = CASES[case]
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
+    v = CNN().init(jax.random.key(1), x)
+    pol = qjax.Policy([qjax.Rule(".*kernel", weight=spec, act=act)])
+    qp = qjax.quantize_params(v, pol)
+    f = jax.jit(qjax.quantized(CNN().apply, pol))
+    want, got = f(qp, x), f(qjax.store_transposed(qp, ".*kernel"), x)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want)))
+    )
