@@ -194,10 +194,13 @@ def format_summary(summary: dict) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand."""
     chosen = select(args.only)
+    name_w = max(len(b.name) for b in chosen)
     if args.list:
+        script_w = max(len(b.script) for b in chosen)
         for b in chosen:
             reason = b.skip_reason()
-            print(f"{b.name:10s} {b.script:22s} {b.what}" + (f"  [skipped here: {reason}]" if reason else ""))
+            skipped = f"  [skipped here: {reason}]" if reason else ""
+            print(f"{b.name:{name_w}s} {b.script:{script_w}s} {b.what}{skipped}")
         return 0
     experiments = Path(args.experiments) if args.experiments else default_experiments_dir()
     missing = [b.script for b in chosen if not (experiments / b.script).is_file()]
@@ -225,7 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     (out / "bench_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out / "bench_summary.md").write_text(format_summary(summary))
     for r in summary["benchmarks"]:
-        print(f"{r['name']:10s} {r['status']:8s} {r.get('seconds', ''):>7} {', '.join(r.get('files', []))}")
+        files = ", ".join(r.get("files", []))
+        print(f"{r['name']:{name_w}s} {r['status']:8s} {r.get('seconds', ''):>7} {files}")
     print(f"wrote {out / 'bench_summary.md'}")
     return 0 if all(r["status"] in ("ok", "skipped") for r in summary["benchmarks"]) else 1
 

@@ -17,7 +17,9 @@ Mistakes in how the command is called print one line to stderr and exit non-zero
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import traceback
 from collections.abc import Sequence
@@ -110,6 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qjax: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into a reader that closed early (`qjax bench --list | head`)
+        # point stdout at /dev/null so the interpreter's final flush does not fail again
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except Exception as e:
         if debug:
             raise

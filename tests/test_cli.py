@@ -113,3 +113,15 @@ def test_missing_sklearn_names_the_extra(tmp_path, capsys, monkeypatch):
     rc = main(["demo", "--fast", "--quiet"])
     err = capsys.readouterr().err
     assert rc != 0 and err.count("\n") == 1 and "pip install qjax[experiments]" in err
+
+
+def test_a_closed_output_pipe_ends_quietly(monkeypatch, capsys):
+    """``qjax bench --list | head``: the reader closing early is not an internal error."""
+    from qjax import _bench
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(_bench, "cmd_bench", closed)
+    assert main(["bench", "--list"]) == 141
+    assert "internal error" not in capsys.readouterr().err
