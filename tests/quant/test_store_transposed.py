@@ -113,16 +113,21 @@ class Stack(nn.Module):
         return x
 
 
-def test_stacked_scan_weights_slice_per_layer_without_moving_codes():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic-act", "static-act-per-layer"])
+def test_stacked_scan_weights_slice_per_layer_without_moving_codes(static):
     x = jax.random.normal(jax.random.key(0), (5, 32))
     v = Stack().init(jax.random.key(1), x)
+    act = qjax.QuantSpec(qjax.int8) if static else TOK8
     pol = qjax.Policy(
-        [qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)), act=TOK8)]
+        [qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)), act=act)]
     )
-    qp = qjax.quantize_params(v, pol)
+    stats = qjax.calibrate(Stack().apply, pol, v, [x]) if static else None
+    qp = qjax.quantize_params(v, pol, act_stats=stats)
     tp = qjax.store_transposed(qp, ".*kernel")
     stacked = tp["params"]["ScanScanBlock_0"]["Dense_0"]["kernel"]
     assert stacked.shape == (3, 32, 32) and stacked.stored.scale.shape == (3, 32, 1)
+    if static:  # one calibrated activation scale per layer, sliced with the layer
+        assert stacked.stored.act_scale.shape == (3,)
     f = jax.jit(qjax.quantized(Stack().apply, pol))
     np.testing.assert_array_equal(np.asarray(f(tp, x)), np.asarray(f(qp, x)))
     jaxpr = str(jax.make_jaxpr(f)(tp, x))
