@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -307,7 +308,7 @@ def test_small_trees_and_scalars(tmp_path):
             assert np.array_equal(x, y) and np.asarray(x).dtype == np.asarray(y).dtype  # int64 stays numpy
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(st.integers(0, 3), st.integers(0, 37), st.integers(0, 2**31 - 1))
 def test_bool_masks_round_trip_bit_packed(tmp_path_factory, rows, cols, seed):
     path = tmp_path_factory.mktemp("masks") / "ck"

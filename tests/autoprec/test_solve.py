@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax import autoprec
 
@@ -53,7 +54,7 @@ def instances(draw):
     return obj, costs, budgets, allowed, ties, pins
 
 
-@settings(max_examples=60)
+@settings(max_examples=examples(60))
 @given(instances())
 def test_milp_equals_brute_force(inst):
     obj, costs, budgets, allowed, ties, pins = inst
@@ -98,7 +99,7 @@ def test_infeasible_budget_message():
         autoprec.solve(obj, {"size": size}, {"size": 9}, ties=[(0, 7)])
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(instances())
 def test_pareto_monotone_and_optimal(inst):
     obj, costs, _, allowed, ties, pins = inst
@@ -116,7 +117,7 @@ def test_pareto_monotone_and_optimal(inst):
     assert c[0] == pytest.approx(cheapest[0])
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(instances(), st.floats(0.0, 1.0))
 def test_pareto_sweep_max_limits_the_range(inst, frac):
     obj, costs, _, allowed, ties, pins = inst
@@ -131,7 +132,7 @@ def test_pareto_sweep_max_limits_the_range(inst, frac):
     assert front[-1].objective == pytest.approx(want[0], abs=1e-9)
 
 
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 @given(instances())
 def test_exact_pareto_is_the_whole_frontier(inst):
     obj, costs, _, allowed, ties, pins = inst

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from jax.test_util import check_grads
 
 from qjax import distill
@@ -38,7 +39,7 @@ def test_kd_matches_float64_reference(soft, t, alpha):
     np.testing.assert_allclose(mean, ref.kd(zs, zt, y, t, alpha, soft=soft).mean(), rtol=2e-5)
 
 
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 @given(
     scale=st.sampled_from([1.0, 30.0, 1e3, 1e4]),
     t=st.sampled_from([0.5, 1.0, 4.0, 100.0, 1e3]),

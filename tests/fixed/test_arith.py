@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax import fixed as qf
 
@@ -53,7 +54,7 @@ def test_exact_results(a, b, op):
 
 
 @given(operand(15), operand(15), st.sampled_from(sorted(OPS)), st.integers(1, 20), st.integers(-4, 10))
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 def test_results_cast_to_a_target(a, b, op, w, i):
     (fa, ma), (fb, mb) = a, b
     fn, exact = OPS[op]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax import fixed as qf
 
@@ -51,7 +52,7 @@ def _fx(ms, fmt, dtype=jnp.int32):
 
 
 @given(cast_cases())
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 def test_cast_matches_reference_in_every_mode(case):
     src, (w, i, signed), ms = case
     fx = _fx(ms, src)
@@ -64,7 +65,7 @@ def test_cast_matches_reference_in_every_mode(case):
 
 
 @given(cast_cases(max_width=63, spread=90))
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_cast_matches_reference_with_int64(case):
     src, (w, i, signed), ms = case
     sf = src[0] - src[1]
@@ -83,7 +84,7 @@ finite32 = st.floats(width=32, allow_nan=False, allow_infinity=False).map(
 
 
 @given(formats(spread=30), st.data())
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_from_float_matches_reference(fmt, data):
     w, i, signed = fmt
     f = w - i
@@ -172,7 +173,7 @@ def test_rounding_is_monotone_and_sat_stays_in_range(case):
 
 
 @given(cast_cases(spread=20))
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_symmetric_modes_commute_with_negation(case):
     (sw, si, _), (w, i, _), ms = case
     ms = [m for m in ms if m > -(2 ** (sw - 1))]  # -m must be in the source range
@@ -186,7 +187,7 @@ def test_symmetric_modes_commute_with_negation(case):
 
 
 @given(cast_cases(spread=40), st.integers(0, 2**31 - 1))
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_stochastic_gives_a_neighbour_of_the_exact_value(case, seed):
     src, (w, i, signed), ms = case
     fx = _fx(ms, src)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 import qjax
 from qjax.numerics import (
@@ -54,7 +55,7 @@ def quantized_weights(draw):
     return quantize(x, spec)
 
 
-@settings(max_examples=25)
+@settings(max_examples=examples(12))  # each new layout compiles
 @given(quantized_weights())
 def test_stands_for_the_same_array_and_round_trips_exactly(q):
     t = transpose_storage(q)

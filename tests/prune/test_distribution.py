@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax.prune.distribution import erk, erk_densities, get_distribution, leaf_counts, uniform
 from qjax.prune.masks import masks_from_scores, summary
@@ -87,7 +88,7 @@ def test_erk_traced_close_to_float64():
     ),
     st.floats(0, 1),
 )
-@settings(max_examples=40)
+@settings(max_examples=examples(40))
 def test_erk_counts_exact_total(shape_list, s):
     shapes = {f"l{i}": sh for i, sh in enumerate(shape_list)}
     counts = leaf_counts(shapes, s, "erk")

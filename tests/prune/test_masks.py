@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 import qjax
 from qjax.prune.masks import (
@@ -101,7 +102,7 @@ def test_qarray_leaf_rejected_with_path():
 
 
 @given(st.floats(0, 1), st.integers(0, 2**31 - 1))
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 def test_layer_and_global_exact_counts_match_numpy(s, seed):
     rng = np.random.default_rng(seed)
     t = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), jnp.float32), tree())
@@ -249,7 +250,7 @@ _pack, _unpack = jax.jit(pack_masks), jax.jit(unpack_masks)  # one compile per s
     st.sampled_from([(1,), (7,), (8,), (3, 5), (2, 3, 4), (0, 3), (17,)]),
     st.integers(0, 2**31 - 1),
 )
-@settings(max_examples=25)
+@settings(max_examples=examples(25))
 def test_pack_roundtrip_and_packbits(shape, seed):
     mask = np.random.default_rng(seed).random(shape) < 0.5
     packed = _pack({"w": jnp.asarray(mask), "b": None})

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax.prune.masks import apply_masks, summary
 from qjax.prune.pruners import Magnitude, Movement, Pruner, Saliency, magnitude
@@ -60,7 +61,7 @@ def test_design_example_global():
 
 
 @given(st.floats(0, 1), st.floats(0, 1), st.sampled_from(["layer", "global"]))
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_monotone_in_sparsity(s1, s2, scope):
     lo, hi = sorted((s1, s2))
     p = params(1)
@@ -81,7 +82,7 @@ def test_monotone_in_sparsity(s1, s2, scope):
     ),
     st.floats(0, 1),
 )
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 def test_idempotent(case, s):
     stype, scope = case
     p = params(2)

@@ -12,6 +12,7 @@ from flax import linen as nn
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax.graph import nnx_apply
 from qjax.graph.coupling import channel_groups
@@ -60,7 +61,7 @@ def _mlp_masks(dead1, dead2):
             "w3": None, "b3": None}  # fmt: skip
 
 
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 @given(
     dead1=st.sets(st.integers(0, 15), max_size=16),
     dead2=st.sets(st.integers(0, 11), max_size=11),  # 12: w2 all zero, its rows vote group 1 away
@@ -239,7 +240,7 @@ def attention(p, x, *, head_dim=4):
     return o @ p["wo"] + p["bo"]
 
 
-@settings(max_examples=6)
+@settings(max_examples=examples(6))
 @given(dead=st.sets(st.integers(0, 3), max_size=4))
 def test_attention_head_pruning(dead):
     p = {"wq": _rand(0, 8, 16), "bq": _rand(1, 16), "wk": _rand(2, 8, 16), "wv": _rand(3, 8, 16),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 from qjax.prune.sparsity import (
     NM,
@@ -61,7 +62,7 @@ _COUNT_FNS = {n: jax.jit(lambda v, n=n: target_count(v, n)) for n in (0, 1, 7, 1
 
 
 @given(st.floats(0, 1, width=32), st.sampled_from(sorted(_COUNT_FNS)))
-@settings(max_examples=30)
+@settings(max_examples=examples(30))
 def test_target_count_python_and_traced_agree(s, n):
     exact = target_count(float(s), n)
     assert exact == np_round_half_up(float(s), n)
@@ -88,7 +89,7 @@ def test_check_sparsity_errors():
     st.lists(st.sampled_from([0.0, 1.0, 2.0, -1.0, 0.5, float("nan"), 3.0]), min_size=24, max_size=24),
     st.floats(0, 1),
 )
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 def test_select_prune_unit_sizes_matches_numpy_topk(values, s):
     scores = np.array(values, np.float32)
     k = np_round_half_up(s, scores.size)
@@ -107,7 +108,7 @@ def test_nan_first_and_ties_by_index():
 
 
 @given(st.lists(st.integers(1, 9), min_size=10, max_size=10), st.integers(0, 100), st.integers(0, 2**31 - 1))
-@settings(max_examples=20)
+@settings(max_examples=examples(20))
 def test_select_prune_structured_is_closest_prefix(sizes, target, seed):
     sizes = np.array(sizes)
     target = min(target, int(sizes.sum()))
@@ -141,7 +142,7 @@ def test_select_prune_protected_and_top_units():
     st.floats(0, 1),
     st.integers(0, 2**31 - 1),
 )
-@settings(max_examples=15)
+@settings(max_examples=examples(15))
 def test_unstructured_leaf_matches_numpy(shape, s, seed):
     w = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     k = np_round_half_up(s, w.size)
@@ -233,7 +234,7 @@ def np_block_keep(score, bshape, k):
     st.floats(0, 1),
     st.integers(0, 2**31 - 1),
 )
-@settings(max_examples=12)
+@settings(max_examples=examples(12))
 def test_block_matches_numpy_with_partial_edges(shape, bshape, s, seed):
     score = np.abs(np.random.default_rng(seed).normal(size=shape)).astype(np.float32)
     k = np_round_half_up(s, score.size)
@@ -297,7 +298,7 @@ def test_leaf_config_validation():
         LeafConfig(0.3, sparsity_type="nm")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(
     st.lists(
         st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, float("nan"), float("inf"), -float("inf"), 1e-30]),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from jax import lax
 
 import qjax
@@ -114,7 +115,7 @@ def _dot_with_transposed_operand(draw):
     return dims, wi, tuple(perm)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(_dot_with_transposed_operand(), st.integers(0, 2**31 - 1))
 @example(case=([([1, 2, 2], [1, 2], [0]), ([2, 2, 1], [1, 0], [2])], 0, (1, 0, 2)), seed=0)  # CI regression
 def test_unfold_transpose_matches_the_dot_on_the_transposed_operand(case, seed):
