@@ -43,7 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from report import machine, write
+from report import RESULTS, machine, write
 from timing import time_interleaved
 
 from qjax.prune.masks import apply_masks
@@ -187,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="small models, few samples (smoke test)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--target-ms", type=float, default=100.0)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output directory (default %(default)s)")
     args = ap.parse_args(argv)
     names = ["mlp", "cnn"] if args.quick else list(CONFIGS)
     repeats, target_s = (2, 0.01) if args.quick else (args.repeats, args.target_ms / 1e3)
@@ -199,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"{name}: {sizes}, {times}, diff {r['max_abs_diff_vs_masked']:.1e}")
         rows.append(r)
     result = {"meta": meta, "batch": BATCH, "sparsity": SPARSITY, "rows": rows}
-    write("bench_shrink_quick" if args.quick else "bench_shrink", result, markdown(rows, meta))
+    write("bench_shrink_quick" if args.quick else "bench_shrink", result, markdown(rows, meta), args.out)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ experiments/results/bench_sparsify.{json,md}.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from report import machine, write
+from report import RESULTS, machine, write
 from timing import time_interleaved
 
 from qjax import prune
@@ -85,6 +86,7 @@ def bench(name: str, d_in: int, widths, repeats: int, target_s: float) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output directory (default %(default)s)")
     args = ap.parse_args()
     repeats, target = (3, 0.1) if args.fast else (9, 0.5)
     results = {name: bench(name, d, w, repeats, target) for name, (d, w) in CONFIGS.items()}
@@ -104,7 +106,7 @@ def main() -> None:
     md = "\n".join(lines) + "\n"
     print(md)
     if not args.fast:
-        write("bench_sparsify", {"machine": mach, "results": results}, md)
+        write("bench_sparsify", {"machine": mach, "results": results}, md, args.out)
 
 
 if __name__ == "__main__":

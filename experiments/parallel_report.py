@@ -22,7 +22,9 @@ not timings.
 
 from __future__ import annotations
 
+import argparse
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -32,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from report import machine, write
+from report import RESULTS, machine, write
 
 import qjax
 from qjax import parallel as qp
@@ -279,8 +281,11 @@ def markdown(result: dict) -> str:
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=RESULTS, help="output directory (default %(default)s)")
+    args = ap.parse_args()
     result = {"machine": machine(), "models": {name: run_model(name) for name in MODELS}}
-    write("parallel_report", result, markdown(result))
+    write("parallel_report", result, markdown(result), args.out)
     print(markdown(result))
 
 

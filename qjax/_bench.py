@@ -1,10 +1,11 @@
 """``qjax bench``: run the benchmark scripts of ``experiments/`` that apply on this
 machine, each in its own process, and collect what they report.
 
-Each benchmark writes its own tables to ``experiments/results/``; ``qjax bench`` records,
-per benchmark, whether it ran (or why it was skipped), its exit status, its duration, the
-result files it wrote and the tail of its output, in ``bench_summary.md`` and
-``bench_summary.json``.
+Each benchmark writes its own tables to ``experiments/results/``, or to ``--out DIR`` when
+given (passed on to every script, so a run outside the checkout's results leaves them
+untouched); ``qjax bench`` records, per benchmark, whether it ran (or why it was skipped),
+its exit status, its duration, the result files it wrote and the tail of its output, in
+``bench_summary.md`` and ``bench_summary.json`` beside them.
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ def _always() -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
-    """One script of ``experiments/``: its arguments (full and ``--quick``) and a check
-    that returns why it does not apply here (``None``: it applies)."""
+    """One script of ``experiments/``: its arguments (full and ``--quick``), a check that
+    returns why it does not apply here (``None``: it applies), and ``out_file``: the file
+    name its ``--out`` takes, for a script whose ``--out`` is a file, not a directory."""
 
     name: str
     script: str
@@ -48,6 +50,11 @@ class Benchmark:
     args: tuple[str, ...] = ()
     quick_args: tuple[str, ...] = ()
     skip_reason: Callable[[], str | None] = _always
+    out_file: str | None = None
+
+    def out_args(self, out_dir: Path) -> list[str]:
+        """``--out`` for this script, writing into ``out_dir``."""
+        return ["--out", str(out_dir / self.out_file if self.out_file else out_dir)]
 
 
 BENCHMARKS = (
@@ -96,6 +103,7 @@ BENCHMARKS = (
         "bench_kernels.py",
         "Pallas low-bit matmul kernels (GPU/TPU: tuned timings; CPU: interpret-mode checks only)",
         quick_args=("--budget-s", "60", "--batches", "1,16,256"),
+        out_file="bench_kernels.json",
     ),
 )
 
@@ -122,15 +130,29 @@ def select(names: str | None) -> list[Benchmark]:
     return chosen
 
 
-def run_benchmark(b: Benchmark, experiments: Path, *, quick: bool, timeout: float | None) -> dict:
-    """Run one benchmark in a subprocess; a dict with its status, time, files and output tail."""
+def _shown(p: Path, experiments: Path) -> str:
+    """A result file's path: relative to the checkout when inside it."""
+    try:
+        return str(p.relative_to(experiments.parent))
+    except ValueError:
+        return str(p)
+
+
+def run_benchmark(
+    b: Benchmark, experiments: Path, *, quick: bool, timeout: float | None, out_dir: Path | None = None
+) -> dict:
+    """Run one benchmark in a subprocess; a dict with its status, time, files and output tail.
+    With ``out_dir`` the script writes its results there (its ``--out``), else to
+    ``experiments/results``."""
     reason = b.skip_reason()
     record = {"name": b.name, "script": b.script, "what": b.what}
     if reason is not None:
         return {**record, "status": "skipped", "reason": reason}
-    results = experiments / "results"
+    results = out_dir or experiments / "results"
     before = {p: p.stat().st_mtime for p in results.glob("*")} if results.exists() else {}
     cmd = [sys.executable, str(experiments / b.script), *(b.quick_args if quick else b.args)]
+    if out_dir is not None:
+        cmd += b.out_args(out_dir.resolve())
     t = time.perf_counter()
     try:
         proc = subprocess.run(
@@ -151,7 +173,7 @@ def run_benchmark(b: Benchmark, experiments: Path, *, quick: bool, timeout: floa
         status, code, output = "timeout", None, out
     written = (
         sorted(
-            str(p.relative_to(experiments.parent))
+            _shown(p, experiments)
             for p in results.glob("*")
             if p.is_file() and before.get(p) != p.stat().st_mtime
         )
@@ -209,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             f"{experiments}: no {', '.join(missing)} (run from a source checkout of qjax, "
             "or pass --experiments DIR)"
         )
-    out = prepare_out(args.out) or experiments / "results"
+    given = prepare_out(args.out)
+    out = given or experiments / "results"
     out.mkdir(parents=True, exist_ok=True)
     summary = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -221,7 +244,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for b in chosen:
         if not args.quiet:
             print(f"[qjax bench] {b.name} ...", file=sys.stderr, flush=True)
-        record = run_benchmark(b, experiments, quick=args.quick, timeout=args.timeout)
+        record = run_benchmark(b, experiments, quick=args.quick, timeout=args.timeout, out_dir=given)
         summary["benchmarks"].append(record)
         if not args.quiet:
             print(f"[qjax bench] {b.name}: {record['status']} {record.get('seconds', '')}", file=sys.stderr)
@@ -245,7 +268,11 @@ def add_bench_parser(sub) -> None:
     p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
     p.add_argument("--only", metavar="NAMES", help="comma-separated benchmark names (default: all)")
     p.add_argument("--quick", action="store_true", help="each benchmark's smoke-test mode")
-    p.add_argument("--out", metavar="DIR", help="where to write the summary (default experiments/results)")
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the benchmarks write their results and the summary (default experiments/results)",
+    )
     p.add_argument("--experiments", metavar="DIR", help="the experiments folder (default: the checkout's)")
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-benchmark time limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -18,7 +18,9 @@ def experiments(tmp_path):
     (exp / "bench_sparsify.py").write_text(
         "import pathlib, sys\n"
         "quick = '--fast' in sys.argv\n"
-        "pathlib.Path('experiments/results/sparsify.md').write_text('quick' if quick else 'full')\n"
+        "args = sys.argv + ['--out', 'experiments/results']  # the default when none is given\n"
+        "out = pathlib.Path(args[args.index('--out') + 1])\n"
+        "(out / 'sparsify.md').write_text('quick' if quick else 'full')\n"
         "print('| model | x adam |')\nprint('| mlp | 1.01 |')\n"
     )
     (exp / "bench_shrink.py").write_text("import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n")
@@ -44,11 +46,30 @@ def test_runs_selected_benchmarks_and_writes_summary(experiments, tmp_path, caps
     summary = json.loads((out / "bench_summary.json").read_text())
     [rec] = summary["benchmarks"]
     assert rec["status"] == "ok" and rec["exit_code"] == 0 and summary["quick"] is True
-    assert rec["files"] == ["experiments/results/sparsify.md"]  # only what this run wrote
-    assert (experiments / "results" / "sparsify.md").read_text() == "quick"  # --quick passed --fast
+    # --out reaches the script: its results land beside the summary, the checkout's stay as they were
+    assert rec["files"] == ["summary/sparsify.md"]  # only what this run wrote
+    assert (out / "sparsify.md").read_text() == "quick"  # --quick passed --fast
+    assert sorted(p.name for p in (experiments / "results").iterdir()) == ["old.md"]
     assert "| mlp | 1.01 |" in rec["output_tail"]
     md = (out / "bench_summary.md").read_text()
-    assert "| sparsify | ok |" in md and "experiments/bench_sparsify.py --fast" in md
+    assert "| sparsify | ok |" in md and f"experiments/bench_sparsify.py --fast --out {out}" in md
+
+
+def test_without_out_results_go_to_the_checkouts_results(experiments, capsys):
+    assert main(["bench", "--only", "sparsify", "--quiet", "--experiments", str(experiments)]) == 0
+    [rec] = json.loads((experiments / "results" / "bench_summary.json").read_text())["benchmarks"]
+    assert rec["files"] == ["experiments/results/sparsify.md"]
+    assert (experiments / "results" / "sparsify.md").read_text() == "full"
+
+
+def test_every_benchmark_script_declares_out():
+    """The real scripts all take the ``--out`` that ``qjax bench --out`` passes on (a file
+    for bench_kernels, a directory for the others)."""
+    experiments = _bench.default_experiments_dir()
+    for b in _bench.BENCHMARKS:
+        assert '"--out"' in (experiments / b.script).read_text(), b.script
+    kernels = next(b for b in _bench.BENCHMARKS if b.name == "kernels")
+    assert kernels.out_args(experiments / "x") == ["--out", str(experiments / "x" / "bench_kernels.json")]
 
 
 def test_failing_benchmark_is_reported_and_sets_exit_status(experiments, capsys):
