@@ -268,6 +268,7 @@ def quantized_conv_general_dilated(
     oc.check_args("lhs", lhs, lhs_spec, lhs_scale, lhs_zero_point)
     oc.check_args("rhs", rhs, rhs_spec, rhs_scale, rhs_zero_point)
     lhs_dilation = _ints(lhs_dilation, nsp, "lhs_dilation")
+    window_strides = _ints(window_strides, nsp, "window_strides")
     # a pointwise conv runs as a dot, which also takes a kernel grouped along its input features
     pointwise = is_pointwise(cdn, rshape, padding, lhs_dilation, fgc, bgc)
     pointwise = pointwise and rhs_scale is None and rhs_zero_point is None  # a static one: conv form
@@ -313,7 +314,7 @@ def quantized_conv_general_dilated(
             lhs,
             rhs,
             cdn,
-            _ints(window_strides, nsp, "window_strides"),
+            window_strides,
             specs[0],
             specs[1],
             dict(
@@ -336,7 +337,7 @@ def quantized_conv_general_dilated(
     if method == "auto":
         method = "int" if kinds == ["int", "int"] else "convert"
     cfg = _Config(
-        _ints(window_strides, nsp, "window_strides"),
+        window_strides,
         padding,
         lhs_dilation,
         _ints(rhs_dilation, nsp, "rhs_dilation"),
