@@ -33,6 +33,9 @@ kernel (:mod:`qjax.kernels.gpu_wgmma`, its configs ``gpu_wgmma.CONFIGS``).
 On CPU only the correctness checks run (interpret mode) unless ``--force``. Table entries
 compare the kernel with the XLA path ``qjax.quantized`` would otherwise run on the same
 stored weight (:func:`fallback_us`); ``--table-from`` rebuilds a table from saved reports.
+
+Helpers: ``kernel_timing.py`` (timing, device peaks), ``kernel_checks.py`` (operands,
+references, correctness checks), ``kernel_report.py`` (table entries, Markdown).
 """
 
 from __future__ import annotations
@@ -41,7 +44,6 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import functools
 import itertools
 import json
 import math
@@ -52,177 +54,20 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from kernel_checks import (
+    exactness_checks,
+    make_weight_only,
+    reference_weight_only,
+    weight_in_layout,
+    wgmma_checks,
+)
+from kernel_report import markdown, merge_table, table_entries, table_from_reports
+from kernel_timing import Mode, copy_bandwidth, device_info, gpu_fields, log, rotations
+from timing import rel_err
 
-from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4, tuning
+from qjax.kernels import BlockConfig, api, gpu_wgmma, tuning
 from qjax.kernels import _common as kc
 from qjax.kernels.candidates import gpu_candidates, variant
-from qjax.numerics import packing
-
-PEAKS = {  # dense tensor-core peaks, datasheet (SXM): (bf16, int8) in op/s
-    "H100": (989e12, 1979e12),
-    "H200": (989e12, 1979e12),
-    "A100": (312e12, 624e12),
-}
-L2_BYTES = 60 * 2**20
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def device_info():
-    d = jax.devices()[0]
-    name = getattr(d, "device_kind", str(d))
-    peak = next((v for k, v in PEAKS.items() if k in name), (None, None))
-    return d.platform, name, peak
-
-
-def copy_bandwidth(elements: int = 2**30) -> float:
-    """Bytes read + written per second by an on-device elementwise update of 2 GiB: the
-    better of one update per program and eight chained in one program (a loop of in-place
-    updates; launch cost amortized), best of five runs each."""
-    x = jnp.ones((elements,), jnp.bfloat16)
-    one = jax.jit(lambda x: x + 1)
-    eight = jax.jit(lambda x: jax.lax.fori_loop(0, 8, lambda i, y: y + 1, x))
-    best = 0.0
-    for f, updates in ((one, 1), (eight, 8)):
-        f(x).block_until_ready()
-        for _ in range(5):
-            t = time.perf_counter()
-            f(x).block_until_ready()
-            best = max(best, updates * 2 * x.nbytes / (time.perf_counter() - t))
-    return best
-
-
-def _program(fn, xs, ws, min_calls):
-    """One jitted program calling ``fn(x, w, *rest)`` on every pair of distinct activation
-    buffers and rotated weight buffers (at least ``min_calls`` calls, so the per-program
-    dispatch cost is amortized; distinct buffers, so XLA cannot merge identical calls). Each
-    call's operands pass an optimization barrier: XLA:GPU's dot merger would otherwise fuse
-    the dots that share a weight into one dot that reads the weight once (seen 2026-11-26 on
-    an H200: a 1 x 8192 x 8192 bf16 dot "ran" at 2 us, 60 TB/s)."""
-    xs = list(xs)
-    while len(xs) * len(ws) < min_calls:
-        xs.append(xs[0] + 0)
-    run = jax.jit(
-        lambda xs, ws, rest: [fn(*jax.lax.optimization_barrier((x, w)), *rest) for x in xs for w in ws]
-    )
-    return run, xs, len(xs) * len(ws)
-
-
-def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96, device=False):
-    """Seconds per call of ``fn(x, w, *rest)`` in one compiled program (see ``_program``):
-    ``(wall, gpu)``. ``wall``: median wall clock, the kernel plus the launch gaps a model pays
-    between calls. ``gpu`` (with ``device=True``): median device time from CUPTI's kernel
-    records, no launch gaps; ``None`` where CUPTI is unavailable."""
-    run, xs, calls = _program(fn, xs, ws, min_calls)
-    jax.block_until_ready(run(xs, ws, rest))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(run(xs, ws, rest))
-        ts.append(time.perf_counter() - t)
-    gpu = None
-    if device and (profiler := _cupti()) is not None:
-        try:
-            _, ms = profiler.measure(run, aggregate=True, iterations=reps)(xs, ws, rest)
-            gpu = float(np.median(ms)) / 1e3 / calls if ms else None
-        except Exception as e:
-            log(f"device timing failed: {e!r:.200}")
-    return float(np.median(ts)) / calls, gpu
-
-
-@functools.cache
-def _cupti():
-    """JAX's CUPTI profiler if it works here (probed once), else ``None``."""
-    try:
-        from jax.experimental.mosaic.gpu import profiler
-
-        profiler.measure(jax.jit(lambda x: x + 1))(jnp.ones(8))
-        return profiler
-    except Exception as e:  # no CUPTI (or another profiler attached): wall time only
-        log(f"device timing unavailable: {e!r:.200}")
-        return None
-
-
-def gpu_fields(times: dict) -> dict:
-    """``device_<name>_us`` for each ``(wall, gpu)`` in ``times`` (which holds ``"kernel"``),
-    and the kernel's device-time speedup over every other entry."""
-    dk = times["kernel"][1]
-    out = {f"device_{name}_us": None if g is None else g * 1e6 for name, (_, g) in times.items()}
-    for name, (_, g) in times.items():
-        if name != "kernel":
-            out[f"device_speedup_vs_{name}"] = None if g is None or dk is None else g / dk
-    return out
-
-
-def rotations(nbytes: int) -> int:
-    return int(min(32, max(2, math.ceil(4 * L2_BYTES / max(1, nbytes)))))
-
-
-# -- cases ----------------------------------------------------------------------------------------
-
-
-def make_weight_only(rng, bits, k, n, group):
-    """Random codes ``(K, N)`` and scales (per channel or per group)."""
-    lo, hi = (-8, 7) if bits == 4 else (-128, 127)
-    codes = rng.integers(lo, hi + 1, (k, n)).astype(np.int8)
-    s = rng.uniform(0.5, 1.5, (1 if group is None else k // group, n)).astype(np.float32) / (
-        hi * math.sqrt(k)
-    )
-    return codes, jnp.asarray(s)
-
-
-def weight_in_layout(codes, layout, pack_block=None):
-    """The codes as a kernel operand: int8, the kernel-native int4 halves, or the pair
-    layouts ``qjax.quantize`` stores (``k_pairs``: packed along K, ``n_pairs``: along N);
-    with ``"_nk"`` appended, the weight stored ``(N, K)`` (PyTorch's ``(out, in)``)."""
-    base, nk = kc.split_layout(layout)
-    if nk:
-        stored = jnp.asarray(codes.T)
-        return stored if base == "int8" else packing.pack(stored, 4, axis=1 if base == "k_pairs" else 0)
-    if layout == "int8":
-        return jnp.asarray(codes)
-    if layout == "k_halves":
-        return pack_int4(jnp.asarray(codes), pack_block=pack_block)
-    return packing.pack(jnp.asarray(codes), 4, axis=0 if layout == "k_pairs" else 1)
-
-
-def reference_weight_only(x, codes, s, group):
-    k = codes.shape[0]
-    rows = k if group is None else group
-    w = (
-        codes.reshape(k // rows, rows, -1).astype(np.float64) * np.asarray(s, np.float64)[:, None, :]
-    ).reshape(k, -1)
-    return np.asarray(x, np.float64) @ w
-
-
-def rel_err(out, ref) -> float:
-    return float(np.max(np.abs(np.asarray(out, np.float64) - ref)) / max(1e-30, np.max(np.abs(ref))))
-
-
-@dataclasses.dataclass(frozen=True)
-class Mode:
-    """How the cases run: the kernel platform (``None``: XLA's fallback), and for a dry run
-    the kernels in the Pallas interpreter with short timing loops."""
-
-    platform: str | None
-    interpret: object = False
-    reps: int = 5
-    max_calls: int | None = None
-
-    @property
-    def on_gpu(self) -> bool:  # real GPU timing (device time from CUPTI)
-        return self.platform == "gpu" and not self.interpret
-
-    def calls(self, n: int) -> int:
-        return n if self.max_calls is None else min(n, self.max_calls)
-
-    def timed(self, fn, xs, ws, rest=(), min_calls=96):
-        n = self.calls(min_calls)
-        if self.max_calls is not None:  # a short loop: one activation, at most max_calls weights
-            xs, ws = list(xs)[:1], list(ws)[: self.max_calls]
-        return time_calls(fn, xs, ws, rest, reps=self.reps, min_calls=n, device=self.on_gpu)
 
 
 def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, peak, deadline):
@@ -418,106 +263,6 @@ def int8_case(rng, mode, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
     return res
 
 
-def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
-    """int8 kernel bit-exact (K small enough that float32 holds the sums exactly) and each
-    weight-only layout within bf16 tolerance, odd M; only the ``layouts`` (all if ``None``)
-    and W8A8 cases that will be timed."""
-    out = []
-    for m in (1, 7, 130) if w8a8 else ():
-        a = jnp.asarray(rng.integers(-128, 128, (m, 512)), jnp.int8)
-        b = jnp.asarray(rng.integers(-128, 128, (512, 256)), jnp.int8)
-        exact = np.asarray(a, np.int64) @ np.asarray(b, np.int64)
-        for b_layout, bl in (("kn", b), ("nk", b.T + 0)):
-            kw = dict(out_dtype=jnp.float32, b_layout=b_layout, platform=platform, interpret=interpret)
-            y = api.int8_matmul(a, bl, 1.0, 1.0, **kw)
-            ok = bool(np.array_equal(np.asarray(y).astype(np.int64), exact))
-            out.append({"check": f"int8 exact m={m} b_layout={b_layout}", "ok": ok})
-    for bits, layout, group in [
-        (4, "k_halves", None),
-        (4, "k_halves", 128),
-        (4, "n_pairs", None),
-        (4, "n_pairs", 64),
-        (4, "k_pairs", 128),
-        (8, "int8", None),
-        (8, "int8", 128),
-        (4, "k_pairs_nk", None),
-        (4, "k_pairs_nk", 128),
-        (4, "n_pairs_nk", 64),
-        (8, "int8_nk", 128),
-    ]:
-        if layouts is not None and layout not in layouts:
-            continue
-        base, nk = kc.split_layout(layout)
-        runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
-        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]  # the inline PTX: only hardware runs it
-        for m, engine in runs:
-            k, n = 512, 256
-            codes, s = make_weight_only(rng, bits, k, n, group)
-            w = weight_in_layout(codes, layout, 128)
-            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-            ref = reference_weight_only(np.asarray(x, np.float32), codes, s, group)
-            cfg = None  # the default (tensor-core) config, or a CUDA-core one
-            if engine == "gemv":
-                cfg = BlockConfig(
-                    kc.pow2_at_least(m, 1), 64, 128 if layout == "k_halves" else 64, 2, engine="gemv"
-                )
-            elif engine == "ptx":
-                cfg = BlockConfig(
-                    16 if m <= 16 else 64, 64, 128 if layout == "k_halves" else 64, 2, dequant="ptx"
-                )
-            kw = dict(
-                group_size=group,
-                platform=platform,
-                interpret=interpret,
-                out_dtype=jnp.float32,
-                config=cfg,
-                b_layout="nk" if nk else "kn",
-            )
-            s_w = s.T if nk else s
-            check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
-            try:
-                if bits == 4:
-                    y = api.w4a16_matmul(x, w, s_w, layout=base, **kw)
-                else:
-                    y = api.w8a16_matmul(x, w, s_w, **kw)
-                e = rel_err(y, ref)
-                check.update(ok=e < 1e-2, rel_err=e)
-            except Exception as exc:  # a compile failure is a finding, not a crash
-                check.update(ok=False, error=repr(exc)[:500])
-            out.append(check)
-    return out
-
-
-def wgmma_checks(rng, interpret=False):
-    """The Hopper ``wgmma`` W8A8 kernel bit-exact at odd M, each shipped config (a compile
-    failure is recorded, not raised)."""
-    out = []
-    for m in (1, 7, 130):
-        a = jnp.asarray(rng.integers(-128, 128, (m, 512)), jnp.int8)
-        b_nk = jnp.asarray(rng.integers(-128, 128, (256, 512)), jnp.int8)
-        exact = np.asarray(a, np.int64) @ np.asarray(b_nk, np.int64).T
-        for cfg in gpu_wgmma.CONFIGS:
-            tile = f"{cfg.block_m}x{cfg.block_n}{' persistent' * cfg.persistent}"
-            check = {"check": f"int8 exact m={m} wgmma {tile}"}
-            try:
-                y = api.int8_matmul(
-                    a,
-                    b_nk,
-                    1.0,
-                    1.0,
-                    out_dtype=jnp.float32,
-                    b_layout="nk",
-                    platform="gpu",
-                    config=cfg,
-                    interpret=interpret,
-                )
-                check["ok"] = bool(np.array_equal(np.asarray(y).astype(np.int64), exact))
-            except Exception as e:  # a Mosaic GPU compile failure is a finding, not a crash
-                check.update(ok=False, error=repr(e)[:500])
-            out.append(check)
-    return out
-
-
 def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, per_engine: int = 3) -> list:
     """Candidates for a batch <= 16 after the first batch of the same kernel was tuned: the
     ``per_engine`` fastest configs of each kernel variant there (the ``gemv`` ones with
@@ -544,138 +289,6 @@ def cap_per_engine(cands: list, cap: int | None) -> list:
         groups.setdefault(variant(c), []).append(c)
     lists = [g if cap is None else g[:cap] for g in groups.values()]
     return [c for row in itertools.zip_longest(*lists) for c in row if c is not None]
-
-
-def fallback_us(case: dict) -> float | None:
-    """The time of the XLA formulation ``qjax.quantized`` runs when it does not take the
-    kernel, on the same stored weight: XLA's int8 dot on the ``(K, N)`` codes for W8A8
-    (every W8A8 kernel entry, the transposing ``(N, K)`` ones included, replaces it), XLA's
-    dequantize-and-dot for weight-only. Not the bfloat16 dot: that needs a float weight the
-    quantized model no longer has (the speed goals compare against it; dispatch cannot)."""
-    return case.get("xla_int8_kn_us") if case["kernel"] == "w8a8" else case.get("xla_quant_us")
-
-
-def table_entries(cases) -> list[tuning.TunedEntry]:
-    """Tuning-table entries for the cases that found a config and timed their fallback: the
-    best config and its time next to the fallback's (:func:`fallback_us`), both wall clock
-    per call in the same run. A W8A8 ``(N, K)`` case also gives the entry for a weight
-    *stored* ``(N, K)`` (``"w8a8_nk_stored"``): the kernel without the transpose
-    (``kernel_only_us``) against XLA's int8 dot on that stored weight (``xla_int8_nk_us``)."""
-
-    def entry(r, layout, kernel_us, xla_us):
-        return tuning.TunedEntry(
-            kernel=tuning.kernel_name(r["kernel"], layout, r["config"].get("engine", "triton")),
-            m=r["m"],
-            k=r["k"],
-            n=r["n"],
-            group_size=r["group_size"],
-            config=BlockConfig.from_dict(r["config"]),
-            kernel_us=kernel_us,
-            xla_us=xla_us,
-        )
-
-    out = []
-    for r in cases:
-        if not r.get("config"):
-            continue
-        if fallback_us(r):
-            out.append(entry(r, r["layout"], r["kernel_us"], fallback_us(r)))
-        if (
-            r["kernel"] == "w8a8"
-            and r["layout"] == "nk"
-            and r.get("kernel_only_us")
-            and r.get("xla_int8_nk_us")
-        ):
-            out.append(entry(r, "nk_stored", r["kernel_only_us"], r["xla_int8_nk_us"]))
-    return out
-
-
-def merge_table(
-    path: Path, device: str, date: str, new: list[tuning.TunedEntry], compute_capability: str | None
-) -> None:
-    """Write ``new`` into the table at ``path``, keeping the entries it holds for other
-    kernels / shapes (so separate runs, e.g. ``--part wgmma``, add up)."""
-    key = lambda e: (e.kernel, e.m, e.k, e.n, e.group_size)
-    old = tuning.read_table(path) if path.exists() else ()
-    fresh = {key(e) for e in new}
-    entries = [e for e in old if key(e) not in fresh] + list(new)
-    tuning.write_table(path, device, date, entries, compute_capability)
-
-
-def table_from_reports(paths: list[str], table: Path, compute_capability: str | None = None) -> None:
-    """Rebuild a tuning table from saved benchmark JSONs (later reports win per shape);
-    every report must come from one device. ``compute_capability`` fills in reports that do
-    not record it (runs before 2026-11-26 07:30 UTC)."""
-    reports = [json.loads(Path(p).read_text()) for p in paths]
-    devices = {(r["device"], r.get("compute_capability") or compute_capability) for r in reports}
-    if len(devices) != 1:
-        raise SystemExit(f"--table-from: reports from more than one device: {sorted(devices, key=str)}")
-    (device, cc), date = devices.pop(), max(r["date"] for r in reports)
-    if cc is None:
-        raise SystemExit("--table-from: the reports do not record the GPU's compute capability")
-    for r in reports:
-        merge_table(table, device, date, table_entries(r["cases"]), cc)
-
-
-def _f(v, spec=".1f", unit=""):
-    return "—" if v is None else f"{v:{spec}}{unit}"
-
-
-def markdown(reports: list[dict]) -> str:
-    """Markdown tables of saved reports (one device): W8A8 rows (the ``(N, K)`` cases also
-    as the kernel alone) and weight-only rows, device and wall time, ratios to XLA."""
-    head = reports[0]
-    out = [
-        f"# Kernels on {head['device']}, {head['date']} (jax {head['jax']}, `experiments/bench_kernels.py`)",
-        "",
-        f"Copy bandwidth probe: {_f(head.get('copy_bandwidth_GBps'), '.0f')} GB/s. Device time: CUPTI, "
-        "per call. Wall: per call in a program of >= 96 calls. `vs quant`: XLA's formulation on "
-        'the same stored weight (what `backend="xla"` runs).',
-        "",
-        "## W8A8",
-        "",
-        "| kernel | weight | M=K=N | config | device µs | TOP/s | vs bf16 | vs XLA int8 (K,N) "
-        "| vs XLA int8 (N,K) | XLA device µs bf16 / int8 (K,N) / (N,K) | wall µs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    cases = [c for r in reports for c in r["cases"] if c.get("config")]
-    for c in (c for c in cases if c["kernel"] == "w8a8"):
-        cf = c["config"]
-        cfg = f"{cf['block_m']}×{cf['block_n']}×{cf['block_k']} w{cf['num_warps']} s{cf['num_stages']}"
-        cfg += " persistent" * bool(cf.get("persistent"))
-        rows = [("(K, N)" if c["layout"] == "kn" else "(K, N) transposed per call", "kernel")]
-        rows += [("(N, K) stored", "kernel_only")] if c["layout"] == "nk" else []
-        for label, key in rows:
-            d = c.get(f"device_{key}_us")
-            tops = None if d is None else 2 * c["m"] * c["k"] * c["n"] / (d * 1e-6) / 1e12
-            bases = [c.get(f"device_xla_{b}_us") for b in ("bf16", "int8_kn", "int8_nk")]
-            ratios = [_f(None if d is None or b is None else b / d, ".2f", "×") for b in bases]
-            out.append(
-                f"| {c['engine']} | {label} | {c['m']} | {cfg} | {_f(d)} | {_f(tops, '.0f')} "
-                f"| {' | '.join(ratios)} | {' / '.join(_f(b) for b in bases)} | {_f(c.get(f'{key}_us'))} |"
-            )
-    out += [
-        "",
-        "## Weight-only",
-        "",
-        "| kernel | layout | M | K=N | group | config: engine bm×bn×bk split warps "
-        "| device µs kernel / bf16 / quant | vs bf16 | vs quant | wall µs kernel / bf16 / quant "
-        "| HBM roofline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for c in (c for c in cases if c["kernel"] != "w8a8"):
-        cf = c["config"]
-        dev = " / ".join(_f(c.get(f"device_{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
-        wall = " / ".join(_f(c.get(f"{k}_us")) for k in ("kernel", "xla_bf16", "xla_quant"))
-        out.append(
-            f"| {c['kernel']} | {c['layout']} | {c['m']} | {c['k']} | {c['group_size'] or '—'} "
-            f"| {variant(BlockConfig.from_dict(cf))} {cf['block_m']}×{cf['block_n']}×{cf['block_k']} "
-            f"s{cf['split_k']} w{cf['num_warps']}{' swap' * bool(cf.get('swap'))} | {dev} "
-            f"| {_f(c.get('device_speedup_vs_xla_bf16'), '.2f', '×')} "
-            f"| {_f(c.get('device_speedup_vs_xla_quant'), '.2f', '×')} | {wall} "
-            f"| {_f(c.get('roofline_fraction'), '.2f')} |"
-        )
-    return "\n".join(out) + "\n"
 
 
 def _dry_run_modes(stack: contextlib.ExitStack):

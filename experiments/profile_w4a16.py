@@ -33,7 +33,8 @@ from qjax.kernels._common import as_int8
 from qjax.kernels.gpu_gemv import as_words
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from bench_kernels import rotations, time_calls, weight_in_layout
+from kernel_checks import weight_in_layout
+from kernel_timing import rotations, time_calls
 
 
 def _probe_kernel(w_ref, o_ref, *, steps, rows):

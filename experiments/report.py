@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 import qjax
 
@@ -37,3 +38,9 @@ def write(name: str, result: dict[str, Any], markdown: str, out: Path = RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown)
+
+
+def rank_corr(a, b) -> float:
+    """Spearman rank correlation of two sequences (ties broken by position)."""
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
