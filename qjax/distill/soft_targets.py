@@ -68,7 +68,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, *, label_smoothing: floa
     integer or soft ``labels``, label-smoothed by ``ε``. Shape: ``logits.shape[:-1]``."""
     log_p = jax.nn.log_softmax(as_float(logits), axis=-1)
     y = target_distribution(labels, log_p.shape[-1], label_smoothing, log_p.dtype)
-    return -jnp.sum(y * log_p, axis=-1)
+    return -_weighted_log_probs(y, log_p)
 
 
 def soft_target_loss(
@@ -103,7 +103,7 @@ def soft_target_loss(
     if soft == "kl":
         per = kl_tempered(a, b)
     else:
-        per = -jnp.sum(jax.nn.softmax(a, axis=-1) * jax.nn.log_softmax(b, axis=-1), axis=-1)
+        per = -_weighted_log_probs(jax.nn.softmax(a, axis=-1), jax.nn.log_softmax(b, axis=-1))
     return reduce(per * jnp.square(temperature), reduction)
 
 
@@ -113,23 +113,40 @@ def kl_tempered(a: jax.Array, b: jax.Array, where: jax.Array | None = None) -> j
     ``Σ q (log q − log p)`` cancels catastrophically (``log q ≈ log p ≈ −log C`` while the
     KL is ``O(‖a − b‖²)``).
 
-    With ``d = a − b`` (both centred) and ``D = lse(a) − lse(b) = log Σ_c p_c e^{d_c}``:
-    ``KL = Σ_c q_c d_c − D``; ``D`` is computed as ``log1p(Σ_c p_c expm1(d_c))`` when
-    ``max|d| ≤ 1`` and as ``lse(a) − lse(b)`` otherwise (then the KL is not small).
-    Entries outside ``where`` have probability 0 on both sides and may hold any value.
+    With ``d = a − b`` (each side shifted by its max) and ``D = lse(a) − lse(b) = log Σ_c
+    p_c e^{d_c}``: ``KL = Σ_c q_c d_c − D``; ``D`` is computed as ``log1p(Σ_c p_c
+    expm1(d_c))`` when ``max|d| ≤ 1`` over the classes either side gives mass and as
+    ``lse(a) − lse(b)`` otherwise (then the KL is not small). Classes masked on both sides
+    with ``-inf`` or a huge negative logit (``-1e9``: padded vocabularies, invalid actions)
+    have probability 0 and drop out; a class the teacher gives mass and the student ``-inf``
+    makes the KL ``+inf`` (a row the teacher masks entirely: 0). Entries outside ``where`` have
+    probability 0 on both sides and may hold any value.
     """
     if where is not None:
-        a, b = jnp.where(where, a, 0.0), jnp.where(where, b, 0.0)
-    a = a - jnp.mean(a, axis=-1, keepdims=True, where=where)
-    b = b - jnp.mean(b, axis=-1, keepdims=True, where=where)
-    d = a - b if where is None else jnp.where(where, a - b, 0.0)
-    p = jax.nn.softmax(b, axis=-1, where=where)
-    q = jax.nn.softmax(a, axis=-1, where=where)
+        a, b = jnp.where(where, a, -jnp.inf), jnp.where(where, b, -jnp.inf)
+    # rows where a side masks every class: 0 if the teacher's does (nothing to match), else +inf
+    a_any = jnp.any(a > -jnp.inf, axis=-1, keepdims=True)
+    b_any = jnp.any(b > -jnp.inf, axis=-1, keepdims=True)
+    a, b = jnp.where(a_any, a, 0.0), jnp.where(b_any, b, 0.0)
+    # shift by the max (not the mean: one -1e9 entry would move a mean-centred float32
+    # logit by ~3e8 and wipe out every other digit)
+    a = a - jax.lax.stop_gradient(jnp.max(a, axis=-1, keepdims=True))
+    b = b - jax.lax.stop_gradient(jnp.max(b, axis=-1, keepdims=True))
+    p = jax.nn.softmax(b, axis=-1)
+    q = jax.nn.softmax(a, axis=-1)
+    live = (p > 0) | (q > 0)  # classes with mass on either side; elsewhere d is 0 (or -inf - -inf)
+    d = jnp.where(live, a - b, 0.0)
     small = jnp.max(jnp.abs(d), axis=-1) <= 1.0
     d_small = jnp.log1p(jnp.sum(p * jnp.expm1(jnp.clip(d, -1.0, 1.0)), axis=-1))
-    d_big = jax.nn.logsumexp(a, axis=-1, where=where) - jax.nn.logsumexp(b, axis=-1, where=where)
-    kl = jnp.sum(q * d, axis=-1) - jnp.where(small, d_small, d_big)
-    return jnp.maximum(kl, 0.0)
+    d_big = jax.nn.logsumexp(a, axis=-1) - jax.nn.logsumexp(b, axis=-1)
+    kl = jnp.sum(jnp.where(q > 0, q * d, 0.0), axis=-1) - jnp.where(small, d_small, d_big)
+    return jnp.where(a_any[..., 0], jnp.where(b_any[..., 0], jnp.maximum(kl, 0.0), jnp.inf), 0.0)
+
+
+def _weighted_log_probs(weights: jax.Array, log_p: jax.Array) -> jax.Array:
+    """``Σ_c w_c log p_c`` with ``0 · log 0 = 0`` (a class masked with ``-inf`` and no weight
+    contributes nothing instead of NaN)."""
+    return jnp.sum(jnp.where(weights > 0, weights * log_p, 0.0), axis=-1)
 
 
 def kd_loss(

@@ -11,6 +11,7 @@ from hypothesis_budget import examples
 from jax.test_util import check_grads
 
 from qjax import distill
+from qjax.distill.soft_targets import kl_tempered
 
 from . import reference as ref
 
@@ -152,6 +153,57 @@ def test_standardize_matches_reference_and_is_shift_scale_invariant():
     base = distill.kd_loss(zs, zt, y, 2.0, 1.0, standardize=True)
     moved = distill.kd_loss(3.0 * zs + 7.0, 0.5 * zt - 2.0, y, 2.0, 1.0, standardize=True)
     np.testing.assert_allclose(base, moved, rtol=1e-4)
+
+
+def _masked(z, fill, cols=(3, 7)):
+    """``z`` with two extra classes at ``cols`` that both sides mask with ``fill``."""
+    z = np.insert(z, [c - i for i, c in enumerate(cols)], 0.0, axis=-1)
+    z[..., list(cols)] = fill
+    return z.astype(np.float32)
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e30, -np.inf])
+@pytest.mark.parametrize("soft", ["kl", "ce"])
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_kd_ignores_masked_classes(fill, soft, t):
+    """Classes masked with a huge negative logit or -inf on both sides (padded vocab,
+    invalid actions) have probability 0: the loss and the gradient on the other classes
+    are those of the problem without them (a mean-centred KL lost every digit to a -1e9
+    entry, and -inf gave NaN)."""
+    zs, zt, y = _logits(40), _logits(41), _labels(40)
+    y_m = np.where(y >= 3, y + 1, y)
+    y_m = np.where(y_m >= 7, y_m + 1, y_m)  # the same classes in the widened layout
+    cols = [c for c in range(C + 2) if c not in (3, 7)]
+    for fn, want in (
+        (lambda a, b: distill.soft_target_loss(a, b, t, soft=soft), ref.kd(zs, zt, y, t, 1.0, soft=soft)),
+        (lambda a, b: distill.kd_loss(a, b, y_m, t, 0.7, soft=soft), ref.kd(zs, zt, y, t, 0.7, soft=soft)),
+    ):
+        val, g = jax.value_and_grad(fn)(_masked(zs, fill), _masked(zt, fill))
+        np.testing.assert_allclose(val, want.mean(), rtol=2e-5, atol=1e-6)
+        g = np.asarray(g)
+        assert np.all(np.isfinite(g)) and np.all(g[:, [3, 7]] == 0)
+    # the gradient on the live classes is the unmasked problem's
+    g_m = jax.grad(lambda a: distill.kd_loss(a, _masked(zt, fill), y_m, t, 0.7, soft=soft))(_masked(zs, fill))
+    g_u = jax.grad(lambda a: distill.kd_loss(a, zt, y, t, 0.7, soft=soft))(zs)
+    np.testing.assert_allclose(np.asarray(g_m)[:, cols], g_u, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("fill", [-1e9, -np.inf])
+def test_dkd_ignores_masked_classes(fill):
+    zs, zt, y = _logits(42), _logits(43), _labels(42)
+    y_m = np.where(y >= 3, y + 1, y)
+    y_m = np.where(y_m >= 7, y_m + 1, y_m)
+    val, g = jax.value_and_grad(lambda a: distill.dkd_loss(a, _masked(zt, fill), y_m, 4.0))(_masked(zs, fill))
+    np.testing.assert_allclose(val, ref.dkd(zs, zt, y, 4.0, 1.0, 8.0).mean(), rtol=1e-4, atol=1e-6)
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_kl_tempered_rows_masked_entirely_and_student_missing_teacher_mass():
+    """A row the teacher masks entirely contributes 0; a class the teacher gives mass and
+    the student masks with -inf makes the KL +inf (it is)."""
+    a = jnp.array([[-jnp.inf, -jnp.inf], [0.0, 1.0], [0.0, 1.0]])
+    b = jnp.array([[0.0, 1.0], [0.0, -jnp.inf], [-jnp.inf, -jnp.inf]])
+    np.testing.assert_array_equal(kl_tempered(a, b), [0.0, np.inf, np.inf])
 
 
 # -- DKD -------------------------------------------------------------------------------
