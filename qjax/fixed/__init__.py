@@ -41,6 +41,7 @@ from qjax.fixed.format import (
     Format,
     exact_add_format,
     exact_mul_format,
+    exact_sub_format,
 )
 from qjax.fixed.linalg import accumulator_format, conv_general_dilated, dot_general, matmul
 from qjax.fixed.network import LayerFormats, fixed_params, fixed_point, unused_rules
@@ -78,6 +79,7 @@ __all__ = [
     "dot_general",
     "exact_add_format",
     "exact_mul_format",
+    "exact_sub_format",
     "fake_fixed",
     "fake_fixed_point",
     "fixed_params",

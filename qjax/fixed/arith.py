@@ -1,7 +1,7 @@
 """Elementwise fixed-point arithmetic: exact results, then an optional cast.
 
 ``add``/``sub``/``mul`` compute the exact result on integer mantissas (operands
-aligned by left shifts) in the format that holds it (:func:`exact_add_format`,
+aligned by left shifts) in the format that holds it (:func:`exact_add_format`, :func:`exact_sub_format`,
 :func:`exact_mul_format`, as ``ap_fixed`` does), then cast it to ``fmt`` when one is
 given. :func:`requantize` multiplies by a real scale as an integer multiplier and a
 shift (``scale ≈ M · 2^-S``), the rounding done by the cast.
@@ -17,7 +17,13 @@ import numpy as np
 
 from qjax.fixed.array import FixedArray
 from qjax.fixed.cast import as_int, cast_mantissa, const
-from qjax.fixed.format import Format, exact_add_format, exact_mul_format, int_dtype_for_bits
+from qjax.fixed.format import (
+    Format,
+    exact_add_format,
+    exact_mul_format,
+    exact_sub_format,
+    int_dtype_for_bits,
+)
 
 
 def _check(*xs) -> None:
@@ -54,7 +60,7 @@ def _range(fmt: Format) -> tuple[int, int]:
 
 def _add_sub(a: FixedArray, b: FixedArray, fmt, key, sign: int, what: str) -> FixedArray:
     _check(a, b)
-    exact = exact_add_format(a.format, b.format)
+    exact = (exact_add_format if sign > 0 else exact_sub_format)(a.format, b.format)
     frac = exact.fraction
     sa, sb = frac - a.format.fraction, frac - b.format.fraction
     (alo, ahi), (blo, bhi) = _range(a.format), _range(b.format)
@@ -87,7 +93,8 @@ def add(a: FixedArray, b: FixedArray, fmt: Format | None = None, *, key=None) ->
 
 
 def sub(a: FixedArray, b: FixedArray, fmt: Format | None = None, *, key=None) -> FixedArray:
-    """``a - b``, exact, then cast to ``fmt`` if given (see :func:`add`)."""
+    """``a - b``, exact, then cast to ``fmt`` if given (see :func:`add`). The exact format
+    (:func:`qjax.fixed.exact_sub_format`) is signed even for unsigned operands."""
     return _add_sub(a, b, fmt, key, -1, "sub")
 
 
@@ -120,7 +127,7 @@ def mul(a: FixedArray, b: FixedArray, fmt: Format | None = None, *, key=None) ->
 
 
 def neg(a: FixedArray, fmt: Format | None = None, *, key=None) -> FixedArray:
-    """``-a``, exact (one more integer bit), then cast to ``fmt`` if given."""
+    """``-a``, exact (one more integer bit, signed), then cast to ``fmt`` if given."""
     _check(a)
     zero = FixedArray(jnp.zeros((), jnp.int32), Format(1, 1 - a.format.fraction, signed=False))
     return sub(zero, a, fmt, key=key)

@@ -260,19 +260,36 @@ class Format:
 
 
 def exact_add_format(a: Format, b: Format) -> Format:
-    """The format that holds every ``a + b`` (or ``a - b``) exactly: ``F = max(Fa, Fb)``,
-    one more integer bit than the wider operand (an unsigned operand counts one bit more
-    when the other is signed). Modes are ``a``'s.
+    """The format that holds every ``a + b`` exactly: ``F = max(Fa, Fb)``, one more
+    integer bit than the wider operand (an unsigned operand counts one bit more when the
+    other is signed); signed if either operand is. Modes are ``a``'s.
 
     Raises:
       ValueError: the result would be wider than 63 bits.
     """
-    signed = a.signed or b.signed
-    ia = a.integer + (1 if signed and not a.signed else 0)
-    ib = b.integer + (1 if signed and not b.signed else 0)
+    return _exact_sum(a, b, a.signed or b.signed, f"the exact sum of {a} and {b}")
+
+
+def exact_sub_format(a: Format, b: Format) -> Format:
+    """The format that holds every ``a - b`` exactly: the width of
+    :func:`exact_add_format`, always signed (a difference of unsigned values can be
+    negative; ``ap_fixed``'s ``minus`` type). Modes are ``a``'s.
+
+    Raises:
+      ValueError: the result would be wider than 63 bits.
+    """
+    return _exact_sum(a, b, True, f"the exact difference of {a} and {b}")
+
+
+def _exact_sum(a: Format, b: Format, signed: bool, what: str) -> Format:
+    """``F = max(Fa, Fb)``, ``I = max(Ia', Ib') + 1`` where an unsigned operand of a sum
+    with a signed one counts one more bit (``ap_fixed``'s ``plus`` / ``minus`` widths)."""
+    mixed = a.signed != b.signed
+    ia = a.integer + (1 if mixed and not a.signed else 0)
+    ib = b.integer + (1 if mixed and not b.signed else 0)
     frac = max(a.fraction, b.fraction)
     integer = max(ia, ib) + 1
-    return _exact(integer + frac, integer, signed, a, f"the exact sum of {a} and {b}")
+    return _exact(integer + frac, integer, signed, a, what)
 
 
 def exact_mul_format(a: Format, b: Format) -> Format:

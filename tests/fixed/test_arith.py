@@ -50,7 +50,34 @@ def test_exact_results(a, b, op):
     out = fn(_fx(fa, ma), _fx(fb, mb))
     want = [exact(ref.value(x, fa.fraction), ref.value(y, fb.fraction)) for x, y in zip(ma, mb)]
     assert _values(out) == want
-    assert out.format == (qf.exact_mul_format(fa, fb) if op == "mul" else qf.exact_add_format(fa, fb))
+    exact_format = {"add": qf.exact_add_format, "sub": qf.exact_sub_format, "mul": qf.exact_mul_format}[op]
+    assert out.format == exact_format(fa, fb)
+    m = np.asarray(out.mantissa)  # the result is a valid value of its own format
+    assert np.all(m >= out.format.min_mantissa) and np.all(m <= out.format.max_mantissa)
+    assert np.array_equal(np.asarray(qf.cast(out, out.format).mantissa), m)
+
+
+@given(operand())
+def test_neg_is_exact_and_signed(a):
+    fa, ma = a
+    out = qf.neg(_fx(fa, ma))
+    assert out.format.signed
+    assert _values(out) == [-ref.value(x, fa.fraction) for x in ma]
+    m = np.asarray(out.mantissa)
+    assert np.all(m >= out.format.min_mantissa) and np.all(m <= out.format.max_mantissa)
+
+
+def test_difference_of_unsigned_values_is_signed():
+    """``ap_ufixed - ap_ufixed`` is an ``ap_fixed`` one integer bit wider (ap_fixed's
+    ``minus`` type): 1 - 3 is -2, not a negative mantissa in an unsigned format."""
+    u = qf.Format(8, 4, signed=False)
+    d = qf.sub(
+        qf.from_float(jnp.asarray([1.0, 15.9375, 0.0]), u), qf.from_float(jnp.asarray([3.0, 0.0, 15.9375]), u)
+    )
+    assert d.format == qf.Format(9, 5, signed=True)
+    np.testing.assert_array_equal(qf.to_float(d), [-2.0, 15.9375, -15.9375])
+    np.testing.assert_array_equal(qf.to_float(qf.cast(d, d.format)), [-2.0, 15.9375, -15.9375])
+    assert qf.exact_add_format(u, u) == qf.Format(9, 5, signed=False)
 
 
 @given(operand(15), operand(15), st.sampled_from(sorted(OPS)), st.integers(1, 20), st.integers(-4, 10))
