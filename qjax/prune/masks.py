@@ -294,7 +294,8 @@ def apply_masks(tree: Any, masks: Any) -> Any:
 
     Args:
       tree: params or a params-shaped tree.
-      masks: a mask tree (e.g. from :func:`masks_from_scores`), matched by path.
+      masks: a mask tree (e.g. from :func:`masks_from_scores`) or a packed one
+        (:func:`pack_masks`), matched by path.
 
     Returns:
       The masked tree, same structure (boxes kept).
@@ -306,7 +307,7 @@ def apply_masks(tree: Any, masks: Any) -> Any:
     Example:
       >>> sparse_params = apply_masks(params, qjax.prune.magnitude(params, 0.9))
     """
-    mask_of = {p: m for p, m in leaves_with_paths(masks)}
+    mask_of = {p: m for p, m in leaves_with_paths(unpack_masks(masks))}
     seen = set()
 
     def visit(path, leaf):

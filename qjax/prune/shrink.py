@@ -30,6 +30,7 @@ import numpy as np
 
 from qjax.graph.coupling import ChannelGroup, channel_groups
 from qjax.numerics.transposed import is_quantized
+from qjax.prune.masks import unpack_masks
 from qjax.rules import is_box, path_str
 
 _VERSION = 1
@@ -373,7 +374,8 @@ def make_plan(
     Args:
       groups: from :func:`qjax.graph.coupling.channel_groups`.
       params: the params the groups were found on.
-      masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for skipped leaves).
+      masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for skipped leaves), or
+        a packed one (:func:`qjax.prune.pack_masks`).
       multiple: kept channel counts are multiples of this (e.g. 8 for tensor cores).
       vote: ``"all"`` or ``"any"`` (above).
 
@@ -392,7 +394,7 @@ def make_plan(
     if vote not in ("all", "any"):
         raise ValueError(f"vote must be 'all' or 'any', got {vote!r}")
     p_leaves = {p: x for p, x in _flat(params).items() if x is not None}
-    m_leaves = _flat(masks)
+    m_leaves = _flat(unpack_masks(masks))
     for path, m in m_leaves.items():
         if path not in p_leaves:
             raise ValueError(f"mask path {path!r} is not a params path")
@@ -448,7 +450,8 @@ def shrink(
         ``qjax.graph.nnx_apply(graphdef)`` with an NNX state, or a plain function). Use
         inference mode for batch norms (e.g. ``functools.partial(model.apply, train=False)``).
       params: the params (Linen variables incl. ``batch_stats``, NNX state, a dict...).
-      masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for unmasked leaves).
+      masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for unmasked leaves), or
+        a packed one.
       *example_args: example inputs (only shapes and dtypes matter).
       multiple: kept channel counts per group are multiples of this.
       vote: ``"all"``: a channel goes when every masked member zeroes its slice (the

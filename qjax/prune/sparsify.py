@@ -23,6 +23,12 @@ maintained for a masked forward pass (:func:`qjax.prune.ste.apply_masks_ste`).
 
 Read the masks from any optimizer state that contains a sparsify state (``optax.chain``,
 ``optax.MultiSteps``, ``optax.inject_hyperparams``) with :func:`get_masks`.
+
+Place it last: the zeroing update ``-p`` must reach ``apply_updates`` unchanged, so no
+transformation may follow :func:`sparsify` in a chain (``chain(clip, sparsify(adam(lr)))``
+is right; ``chain(sparsify(scale_by_adam()), scale(-lr))`` scales ``-p`` to ``lr·p`` and
+pruned weights are not zeroed). Wrappers around it that pass its updates through
+(``MultiSteps``, ``inject_hyperparams``) are fine.
 """
 
 from __future__ import annotations
@@ -200,7 +206,9 @@ def sparsify(
     """Wrap an optimizer so that it trains with pruning masks updated on a schedule.
 
     See the module docstring for what happens at each step. Pruned weights are exactly zero
-    after every ``optax.apply_updates(params, updates)``; no other call is needed. Params
+    after every ``optax.apply_updates(params, updates)``; no other call is needed, provided
+    ``sparsify`` is the last transformation (the learning rate goes inside, in ``tx``: a
+    transformation after it would rescale the zeroing update). Params
     may be Linen variable dicts, NNX ``State`` or any pytree of arrays. ``update`` must be
     given the params. For pruners with a random component (``Random``, ``SET``, ``RigL``'s
     initial masks) the key in the state is split every step.

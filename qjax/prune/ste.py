@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.numerics.transposed import is_quantized
+from qjax.prune.masks import unpack_masks
 from qjax.rules import path_str
 
 __all__ = ["apply_masks_ste", "masked_ste"]
@@ -83,7 +84,7 @@ def apply_masks_ste(tree: Any, masks: Any, sr_decay: float = 0.0) -> Any:
 
     Args:
       tree: params (or any params-shaped tree) of float arrays.
-      masks: a mask tree mirroring ``tree`` (``bool`` arrays or ``None``).
+      masks: a mask tree mirroring ``tree`` (``bool`` arrays or ``None``), or a packed one.
       sr_decay: SR-STE decay (default 0).
 
     Returns:
@@ -114,6 +115,7 @@ def apply_masks_ste(tree: Any, masks: Any, sr_decay: float = 0.0) -> Any:
             )
         return _ste(leaf, jnp.asarray(mask, bool), float(sr_decay))
 
+    masks = unpack_masks(masks)
     try:
         return jax.tree_util.tree_map_with_path(
             one, masks, tree, is_leaf=lambda x: x is None or is_quantized(x)

@@ -272,6 +272,23 @@ def test_pack_under_jit_and_summary_of_packed():
     assert apply_masks(tree(), unpack_masks(packed))["params"]["Dense_0"]["kernel"].shape == (6, 8)
 
 
+def test_packed_masks_accepted_wherever_masks_are():
+    """``apply_masks``, ``apply_masks_ste`` and ``shrink``'s plan take packed masks as
+    they are (before, ``apply_masks`` raised about paths ``.../kernel/0`` that the tree
+    lacks: the packed leaf's children)."""
+    t = tree()
+    m = masks_from_scores(scores_of(t), 0.4)
+    packed = pack_masks(m)
+    for got, want in (
+        (apply_masks(t, packed), apply_masks(t, m)),
+        (jax.jit(apply_masks)(t, packed), apply_masks(t, m)),
+        (qjax.prune.apply_masks_ste(t, packed), qjax.prune.apply_masks_ste(t, m)),
+    ):
+        for (pa, a), (pb, b) in zip(leaves_with_paths(got), leaves_with_paths(want)):
+            assert pa == pb
+            np.testing.assert_array_equal(a, b)
+
+
 def test_idempotent_on_pruned_tree():
     t = tree()
     m1 = masks_from_scores(scores_of(t), 0.6, scope="global")

@@ -16,7 +16,7 @@ from hypothesis_budget import examples
 
 from qjax.graph import nnx_apply
 from qjax.graph.coupling import channel_groups
-from qjax.prune.masks import apply_masks
+from qjax.prune.masks import apply_masks, pack_masks
 from qjax.prune.rebuild import feature_counts, linen_apply, shrink_nnx
 from qjax.prune.shrink import ShrinkPlan, make_plan, shrink
 
@@ -79,6 +79,13 @@ def test_mlp_random_keep_sets(dead1, dead2, multiple):
             )
             live = set(range(size)) - dead
             assert set(kept) == live if live else len(kept) == 1
+
+
+def test_packed_masks_give_the_same_plan():
+    masks = _mlp_masks({1, 5, 9}, {0, 11})
+    _, plan = shrink(mlp, MLP, masks, X)
+    _, plan_packed = shrink(mlp, MLP, pack_masks(masks), X)
+    assert plan_packed.groups == plan.groups
 
 
 def test_vote_all_needs_every_masked_member():
