@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from qjax.numerics.formats import Format
 from qjax.numerics.scaling import dequantize_values, quantize_values, scale_from_range
@@ -87,6 +88,22 @@ class MinMax(Calibration):
         return _symmetric(lo, hi) if symmetric else (lo, hi)
 
 
+def _unsharded(x: jax.Array, axes: Axes) -> jax.Array:
+    """``x`` whole along ``axes`` on every device when its type shards them (Explicit mesh
+    axes): a sort cannot run along a sharded axis, nor a reshape merge one. Other arrays
+    pass unchanged."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None:
+        return x
+    entries = list(spec) + [None] * (x.ndim - len(spec))
+    pos = {a % x.ndim for a in axes}
+    if all(entries[a] is None for a in pos):
+        return x
+    unsharded = P(*(None if a in pos else e for a, e in enumerate(entries)))
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(sharding.mesh, unsharded))
+
+
 @dataclasses.dataclass(frozen=True)
 class Percentile(Calibration):
     """Clip outliers: symmetric ``a = p-th percentile of |x|``; asymmetric
@@ -100,7 +117,7 @@ class Percentile(Calibration):
             raise ValueError(f"percentile p must be in (0, 100], got {self.p}")
 
     def __call__(self, x, axes, fmt, symmetric):
-        y, shape = _move_to_end(x, axes)
+        y, shape = _move_to_end(_unsharded(x, axes), axes)
         if y.shape[-1] == 0:
             zero = jnp.zeros(shape, x.dtype)
             return zero, zero

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding
 
-from qjax.parallel.mesh import BATCH_AXES, batch_shardings
+from qjax.parallel.mesh import BATCH_AXES, batch_shardings, is_explicit
 from qjax.parallel.shardings import place, replicated
 from qjax.quant.calibrate import ActStats
 from qjax.quant.calibrate import calibrate as _calibrate
@@ -39,6 +39,22 @@ def shard_batches(batches: Iterable, mesh: Mesh, axes: Sequence[str] = BATCH_AXE
 
 def _params(params: Any, mesh: Mesh, param_shardings: Any) -> Any:
     return place(params, replicated(mesh, params) if param_shardings is None else param_shardings)
+
+
+def _auto_axes(mesh: Mesh, param_shardings: Any) -> tuple[Mesh, Any]:
+    """The mesh with its axes Auto, and the shardings moved onto it: calibration runs the
+    model as the train and eval steps do on an Explicit-axes mesh (model code rarely names
+    the output sharding of every matmul; sorts cannot run on a sharded axis)."""
+    if not is_explicit(mesh):
+        return mesh, param_shardings
+    auto = Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+    if param_shardings is not None:
+        param_shardings = jax.tree.map(
+            lambda s: NamedSharding(auto, s.spec) if isinstance(s, NamedSharding) else s,
+            param_shardings,
+            is_leaf=lambda x: isinstance(x, NamedSharding),
+        )
+    return auto, param_shardings
 
 
 def calibrate(
@@ -66,6 +82,7 @@ def calibrate(
     Example:
       >>> stats = qjax.parallel.calibrate(model.apply, policy, params, batches, make_mesh(data=8))
     """
+    mesh, param_shardings = _auto_axes(mesh, param_shardings)
     params = _params(params, mesh, param_shardings)
     with jax.set_mesh(mesh):
         return _calibrate(f, policy, params, shard_batches(batches, mesh, batch_axes), **kwargs)
@@ -89,6 +106,7 @@ def input_hessians(
     Example:
       >>> h = qjax.parallel.input_hessians(model.apply, params, batches, mesh)["params/up/kernel"]
     """
+    mesh, param_shardings = _auto_axes(mesh, param_shardings)
     params = _params(params, mesh, param_shardings)
     with jax.set_mesh(mesh):
         return _input_hessians(

@@ -1,8 +1,8 @@
 """Preemption-safe training: checkpoint the whole train state every N steps with Orbax's
 ``CheckpointManager`` and resume from the latest complete checkpoint on restart.
 
-The state (params, ``QArray``s, masks, optimizer state, step, raw PRNG key: any pytree of
-arrays) is stored as a flat dict of its arrays, sharded (every process writes its shards),
+The state (params, ``QArray``s, masks, optimizer state, step, raw or typed PRNG keys: any
+pytree of arrays) is stored as a flat dict of its arrays, sharded (every process writes its shards),
 beside a JSON list of leaf paths, shapes and dtypes that a restore checks against its
 target. Orbax writes a checkpoint into a temporary directory and renames (or commits) it
 only when every array is written, and ``latest_step`` only sees finished ones: a run killed
@@ -32,11 +32,26 @@ def _flat(state: Any) -> tuple[list[str], list[Any]]:
     return [path_str(kp) for kp, _ in pairs], [x for _, x in pairs]
 
 
+def _is_key(x: Any) -> bool:
+    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
 def _describe(paths: list[str], leaves: list[Any]) -> list[dict[str, Any]]:
+    """Path, shape and dtype of every leaf (a typed PRNG key: ``key<impl>``), as saved and
+    compared against a restore's target."""
     return [
-        {"path": p, "shape": [int(d) for d in np.shape(x)], "dtype": np.dtype(x.dtype).name}
+        {
+            "path": p,
+            "shape": [int(d) for d in np.shape(x)],
+            "dtype": str(x.dtype) if _is_key(x) else np.dtype(x.dtype).name,
+        }
         for p, x in zip(paths, leaves)
     ]
+
+
+def _stored(x: Any) -> Any:
+    """What is written for a leaf: a typed PRNG key's raw key data, else the array."""
+    return jax.random.key_data(x) if _is_key(x) else x
 
 
 class TrainCheckpointer:
@@ -82,11 +97,12 @@ class TrainCheckpointer:
           Whether a save was started.
         """
         paths, leaves = _flat(state)
-        arrays = {f"{i:06d}": x for i, x in enumerate(leaves)}
+        arrays = {f"{i:06d}": _stored(x) for i, x in enumerate(leaves)}
+        impls = {f"{i:06d}": str(jax.random.key_impl(x)) for i, x in enumerate(leaves) if _is_key(x)}
         args = ocp.args.Composite(
             **{
                 _STATE: ocp.args.StandardSave(arrays),
-                _META: ocp.args.JsonSave({"leaves": _describe(paths, leaves)}),
+                _META: ocp.args.JsonSave({"leaves": _describe(paths, leaves), "key_impls": impls}),
             }
         )
         return bool(self.manager.save(step, args=args, force=force))
@@ -128,17 +144,19 @@ class TrainCheckpointer:
             flat_sh = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
             if len(flat_sh) != len(leaves):
                 raise ValueError(f"restore: shardings hold {len(flat_sh)} shardings for {len(leaves)} arrays")
-        abstract = {
-            f"{i:06d}": jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s)
-            for i, (x, s) in enumerate(zip(leaves, flat_sh))
-        }
+        abstract = {}
+        for i, (x, sh) in enumerate(zip(leaves, flat_sh)):
+            data = jax.eval_shape(_stored, x)  # a key's data has a trailing axis: replicated
+            abstract[f"{i:06d}"] = jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sh)
         out = self.manager.restore(
             step, args=ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(abstract)})
         )
-        arrays = out[_STATE]
-        return jax.tree.unflatten(
-            jax.tree.structure(target), [arrays[f"{i:06d}"] for i in range(len(leaves))]
-        )
+        arrays, impls = out[_STATE], meta.get("key_impls", {})
+        restored = [
+            jax.random.wrap_key_data(arrays[k], impl=impls[k]) if k in impls else arrays[k]
+            for k in (f"{i:06d}" for i in range(len(leaves)))
+        ]
+        return jax.tree.unflatten(jax.tree.structure(target), restored)
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are finished."""

@@ -174,9 +174,10 @@ def _local_value_and_grad(loss_fn: Callable, mesh: Mesh, axes: tuple[str, ...], 
         return lax.pmean((metrics, grads), axes)
 
     def run(params, batch, key, extra):
+        context = jax.sharding.get_abstract_mesh()  # under auto_axes: the mesh with Auto axes
         f = jax.shard_map(
             per_shard,
-            mesh=mesh,
+            mesh=mesh if context.empty else context,
             in_specs=(P(), batch_specs, P(), P()),
             out_specs=P(),
             axis_names=set(axes),
@@ -185,6 +186,14 @@ def _local_value_and_grad(loss_fn: Callable, mesh: Mesh, axes: tuple[str, ...], 
         return f(params, batch, key, extra)
 
     return run
+
+
+def _batch_split(mesh: Mesh, aval) -> NamedSharding:
+    """An output split on its leading axis like the batch, or replicated where it has no
+    leading axis the batch axes divide (a scalar aux loss, a per-class table)."""
+    n = int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.shape]))
+    splits = len(aval.shape) >= 1 and aval.shape[0] % n == 0
+    return NamedSharding(mesh, P(BATCH_AXES) if splits else P())
 
 
 def train_step(
@@ -243,6 +252,9 @@ def train_step(
             metrics, grads = vg(state.params, batch, sub, extra)
         elif local is None:
             metrics, grads = _value_and_grad(loss_fn, state.params, batch, sub, extra)
+        elif explicit:  # the axes not made manual (e.g. tensor) must be Auto in the body too
+            vg = jax.sharding.auto_axes(local, out_sharding=(rep, grad_specs))
+            metrics, grads = vg(state.params, batch, sub, extra)
         else:
             metrics, grads = local(state.params, batch, sub, extra)
         grads = pin(grads, state_shardings.params, mesh)
@@ -436,7 +448,8 @@ def eval_step(
       param_shardings: ``shardings(qparams, rules, mesh)`` (``QArray`` scales derived).
       batch_shardings: shardings of the inputs tuple (a prefix).
       out_shardings: shardings of the output (default: chosen by the compiler; on an
-        Explicit-axes mesh, split on the leading axis like the batch).
+        Explicit-axes mesh, each output leaf split on its leading axis like the batch, or
+        replicated when it has none that the batch axes divide, e.g. a scalar).
 
     Returns:
       ``step(params, *inputs) -> outputs``.
@@ -447,14 +460,18 @@ def eval_step(
     """
     f = apply_fn if policy is None else quantized(apply_fn, policy)
     mesh = _mesh_of(param_shardings)
-    if is_explicit(mesh):
-        # Explicit axes: run the model with the axes Auto (model code rarely names every
-        # matmul's output sharding); outputs come back split like the batch unless given.
-        out = out_shardings if out_shardings is not None else NamedSharding(mesh, P(BATCH_AXES))
-        f = jax.sharding.auto_axes(f, out_sharding=out)
+    explicit = is_explicit(mesh)
 
     def run(params, *inputs):
-        return f(params, *inputs)
+        if not explicit:
+            return f(params, *inputs)
+        # Explicit axes: run the model with the axes Auto (model code rarely names every
+        # matmul's output sharding); outputs come back split like the batch unless given.
+        out = out_shardings
+        if out is None:
+            shapes = jax.eval_shape(jax.sharding.auto_axes(f, out_sharding=P()), params, *inputs)
+            out = jax.tree.map(lambda a: _batch_split(mesh, a), shapes)
+        return jax.sharding.auto_axes(f, out_sharding=out)(params, *inputs)
 
     in_sh = (
         param_shardings,

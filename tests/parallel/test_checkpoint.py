@@ -87,3 +87,26 @@ def test_train_checkpointer_across_mesh_shapes(tmp_path):
         ckpt.restore({"other": jnp.zeros(3)})
     with qp.TrainCheckpointer(tmp_path / "empty", every=1) as ckpt, pytest.raises(FileNotFoundError):
         ckpt.restore(state)
+
+
+def test_train_checkpointer_typed_keys(tmp_path):
+    """Typed PRNG keys (any implementation) in a train state save as their key data and
+    restore as keys, with a target of arrays or of ``jax.eval_shape``; a key target for a
+    saved array (or the other way round) names the leaf."""
+    state = {
+        "w": jnp.arange(6.0).reshape(2, 3),
+        "key": jax.random.key(3),
+        "keys": jax.random.split(jax.random.key(4, impl="rbg"), 4),
+    }
+    with qp.TrainCheckpointer(tmp_path / "run", every=1, async_save=False) as ckpt:
+        assert ckpt.save(1, state)
+    for target in (state, jax.eval_shape(lambda: state)):
+        with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt:
+            got = ckpt.restore(target)
+        for name in ("key", "keys"):
+            assert got[name].dtype == state[name].dtype
+            np.testing.assert_array_equal(jax.random.key_data(got[name]), jax.random.key_data(state[name]))
+        np.testing.assert_array_equal(got["w"], state["w"])
+    wrong = {**state, "key": jax.random.key_data(state["key"])}
+    with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt, pytest.raises(ValueError, match="key"):
+        ckpt.restore(wrong)

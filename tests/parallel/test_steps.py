@@ -1,6 +1,7 @@
 """Sharded train/eval steps on 8 CPU devices equal the single-device step, per preset."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -117,3 +118,43 @@ def test_explicit_axes_eval_is_exact():
     )
     np.testing.assert_array_equal(got, want)
     assert got.sharding.spec == P(("data", "fsdp"), None)
+
+
+@pytest.mark.parametrize("preset", ["tensor", "hybrid"])
+def test_explicit_axes_local_scales_with_tensor_parallel_params(preset):
+    """``int8_step(local_scales=True)`` (a ``shard_map`` over the batch axes) on an
+    Explicit mesh whose tensor axis splits the params: the body runs with that axis Auto
+    and matches the Auto mesh (it raised ShardingTypeError: contracting dims sharded)."""
+    b = batch(3)
+    shape = (2, 1, 4) if preset == "tensor" else (2, 2, 2)
+    rules = PRESETS[preset][1]
+    auto, auto_losses, _ = run(MLP(), b, INT8, shape, rules, local=True, steps=2)
+    got, losses, _ = run(MLP(), b, INT8, shape, rules, local=True, steps=2, axis_types="explicit")
+    np.testing.assert_allclose(losses, auto_losses, rtol=1e-6)
+    assert_close(got.params, jax.tree.map(np.asarray, auto.params), rtol=1e-6)
+
+
+def test_explicit_axes_eval_with_a_scalar_output():
+    """Default output shardings on an Explicit mesh: leaves with a leading axis the batch
+    axes divide are split like the batch, others (a scalar aux) replicated (it raised a bare
+    AssertionError)."""
+    import flax.linen as nn
+
+    class TwoOutputs(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.Dense(16, name="up")(x)
+            return nn.Dense(4, name="down")(h), jnp.mean(h), jnp.zeros(3)
+
+    b = batch(9)
+    model = TwoOutputs()
+    params = model.init(jax.random.key(0), b["x"])
+    want = model.apply(params, b["x"])
+    mesh = qp.make_mesh(2, 2, 2, axis_types="explicit")
+    psh = qp.shardings(params, presets.hybrid(), mesh)
+    step = qp.eval_step(model.apply, None, psh, qp.batch_sharding(mesh, 2))
+    got = step(jax.device_put(params, psh), b["x"])
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert got[0].sharding.spec == P(("data", "fsdp"), None)
+    assert got[1].sharding.is_fully_replicated and got[2].sharding.is_fully_replicated
