@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jcore
 
+from qjax.graph import loop_pooling
 from qjax.graph._primitives import scan_counts
 from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
 from qjax.numerics.qarray import QArray
@@ -75,6 +76,9 @@ class WeightRef:
         size 1 is shared by every slice).
       aux_shared: how many slices share this ``aux`` (the product of the lengths of the
         enclosing scans that did not slice it).
+      shard_axes: inside a ``shard_map`` body, the manual mesh axes that split each axis
+        of ``leaf`` (its logical layout; ``()`` for a whole axis): the leaf is a shard.
+        Empty outside ``shard_map``.
     """
 
     path: str
@@ -83,6 +87,7 @@ class WeightRef:
     depth: int = 0  # leading (stacked) axes of the params leaf sliced off by enclosing scans
     aux: Any = None
     aux_shared: int = 1
+    shard_axes: tuple[tuple[str, ...], ...] = ()
 
     def float_leaf(self):
         return self.leaf.dequantize() if is_quantized(self.leaf) else self.leaf
@@ -222,10 +227,29 @@ def _eval_eqn(eqn, invals, handler, emit):
         params = dict(eqn.params)
         op = LayoutOp(eqn.primitive, params, tuple(invals[1:]))
         return [dataclasses.replace(ref, ops=(*ref.ops, op))]
+    if name == "split" and isinstance(invals[0], WeightRef):
+        return _split_weight(eqn, invals[0])
     rule = _RULES.get(name)
     if rule is not None:
         return rule(eqn, invals, handler, emit)
     return bind_eqn(eqn, [materialize(x) for x in invals])
+
+
+def _split_weight(eqn, ref: WeightRef) -> list[WeightRef]:
+    """``jnp.split`` of a weight (a fused QKV projection): one ``slice`` layout op per
+    part, so each part reaches its matmul as a view of the leaf, as ``w[:, a:b]`` does."""
+    axis, sizes = eqn.params["axis"], eqn.params["sizes"]
+    shape = eqn.invars[0].aval.shape
+    outs, start = [], 0
+    for size in sizes:
+        begin = [0] * len(shape)
+        end = list(shape)
+        begin[axis], end[axis] = start, start + size
+        params = {"start_indices": tuple(begin), "limit_indices": tuple(end), "strides": None}
+        op = LayoutOp(lax.slice_p, params)
+        outs.append(dataclasses.replace(ref, ops=(*ref.ops, op)))
+        start += size
+    return outs
 
 
 def _closed(sub, args, handler, emit):
@@ -285,7 +309,7 @@ def _scan_parts(ref: WeightRef, length: int):
         elif isinstance(leaf, TransposedQArray):  # leading axes are the same stored and logical
             leaf = TransposedQArray.tree_unflatten(None, [leading_slice(leaf.stored)])
         shared = ref.aux_shared * (length if aux_shared else 1)
-        return WeightRef(ref.path, leaf, (), ref.depth + 1, aux, shared)
+        return WeightRef(ref.path, leaf, (), ref.depth + 1, aux, shared, ref.shard_axes[1:])
 
     return [a for a, p in zip(leaves, per_layer) if p], rebuild
 
@@ -310,9 +334,15 @@ def _scan(eqn, invals, handler, emit):
     carry, (ys, emitted) = lax.scan(
         step, init, xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
     )
+    # a weight every iteration reads whole (a scan constant: fori_loop, nn.scan with
+    # broadcast params) is one op: its per-iteration values pool as in a while_loop; a
+    # stacked weight's slices are one op per layer, their values stay stacked
+    sliced = {x.path for x, part in zip(xs, parts) if part is not None}
+    shared = {x.path for x in consts if isinstance(x, WeightRef)} - sliced
     for k, vs in emitted.items():
+        how = handler.loop_reduction(k) if k in shared else None
         for v in vs:
-            emit(k, v)
+            emit(k, v if how not in ("min_max", "mean") else loop_pooling.pool_iterations(how, v))
     return [*carry, *ys]
 
 
@@ -387,43 +417,19 @@ def _while(eqn, invals, handler, emit):
             _no_emit("lax.while_loop")(key, None)
     # the reductions ride in the carry: running min / max (NaN: nothing seen yet), or sums
     # and counts of the non-NaN values
-    acc0 = {k: [_loop_acc_init(how[k], v) for v in vs] for k, vs in emitted.items()}
+    acc0 = {k: [loop_pooling.acc_init(how[k], v) for v in vs] for k, vs in emitted.items()}
 
     def body(state):
         carry, acc = state
         outs, values = body_values(carry)
-        acc = {k: [_loop_acc_step(how[k], a, v) for a, v in zip(acc[k], values[k])] for k in acc}
+        acc = {k: [loop_pooling.acc_step(how[k], a, v) for a, v in zip(acc[k], values[k])] for k in acc}
         return outs, acc
 
     carry, acc = lax.while_loop(lambda state: cond(state[0]), body, (init, acc0))
     for k, accs in acc.items():
         for a in accs:
-            emit(k, _loop_acc_result(how[k], a))
+            emit(k, loop_pooling.acc_result(how[k], a))
     return carry
-
-
-def _loop_acc_init(how: str, shape):
-    if how == "min_max":
-        return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), shape)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
-    return zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.int32), shape)  # sums, counts
-
-
-def _loop_acc_step(how: str, acc, value):
-    if how == "min_max":
-        (lo_acc, hi_acc), (lo, hi) = acc, value
-        return jnp.fmin(lo_acc, lo), jnp.fmax(hi_acc, hi)
-    sums, counts = acc
-    seen = jax.tree.map(lambda v: ~jnp.isnan(v), value)
-    sums = jax.tree.map(lambda t, v, m: t + jnp.where(m, v, 0), sums, value, seen)
-    return sums, jax.tree.map(lambda c, m: c + m, counts, seen)
-
-
-def _loop_acc_result(how: str, acc):
-    if how == "min_max":
-        return acc
-    sums, counts = acc
-    return jax.tree.map(lambda t, c: jnp.where(c > 0, t / jnp.maximum(c, 1), jnp.nan), sums, counts)
 
 
 def _remat(eqn, invals, handler, emit):

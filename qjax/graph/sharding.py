@@ -50,6 +50,13 @@ def _shards_sharing(ref, spec: PartitionSpec, mesh) -> int:
     return count
 
 
+def _split_axes(spec: PartitionSpec, ndim: int, manual) -> tuple[tuple[str, ...], ...]:
+    """The manual mesh axes that split each of ``ndim`` axes under ``spec`` (``()``: whole)."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    names = lambda e: () if e is None else (e,) if isinstance(e, str) else tuple(e)
+    return tuple(tuple(a for a in names(e) if a in manual) for e in entries[:ndim])
+
+
 def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
@@ -113,8 +120,17 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
     def body(*local):
         local, aux_local = local[:n_args], jax.tree.unflatten(aux_tree, local[n_args:])
         vals = [
-            v if ref is None else weight_ref(ref.path, v, aux=aux, aux_shared=ref.aux_shared * shared)
-            for ref, v, aux, shared in zip(refs, local, aux_local, aux_shards)
+            v
+            if ref is None
+            else weight_ref(
+                ref.path,
+                v,
+                depth=ref.depth,
+                aux=aux,
+                aux_shared=ref.aux_shared * shared,
+                shard_axes=_split_axes(spec, len(ref.leaf.shape), manual),
+            )
+            for ref, v, aux, shared, spec in zip(refs, local, aux_local, aux_shards, p["in_specs"])
         ]
         local_emit = emitter() if handler.per_shard_emits else forbid
         outs = tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, local_emit))

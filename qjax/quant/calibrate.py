@@ -15,7 +15,7 @@ from qjax.graph.interpret import materialize
 from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
 from qjax.quant.functions import _named_errors, _PolicyHandler, _rule, _run
-from qjax.quant.policy import Policy
+from qjax.quant.policy import Policy, check_policy
 
 _POOLED = ("percentile", "mse")  # calibrations that need the distribution of the values
 
@@ -193,6 +193,7 @@ def calibrate(
     Example:
       >>> stats = qjax.calibrate(model.apply, policy, variables, batches, histogram_bins=2048)
     """
+    check_policy(policy)
     if histogram_bins is not None and (
         not isinstance(histogram_bins, int) or histogram_bins < 2 or histogram_bins & (histogram_bins - 1)
     ):

@@ -37,7 +37,8 @@ from qjax.numerics.transposed import TransposedQArray
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops_conv import CONV_GEOMETRY
-from qjax.quant.policy import Policy, Rule
+from qjax.quant.policy import Policy, Rule, check_policy
+from qjax.quant.shard_scales import fake_quant_shard
 from qjax.rules import fold_in_path
 
 
@@ -89,7 +90,7 @@ def _named_errors(method):
             return method(self, eqn, invals, emit)
         except (TypeError, ValueError) as e:
             refs = [x.path for x in invals if isinstance(x, WeightRef)]
-            if not refs or any(p in str(e) for p in refs):
+            if not refs or any(repr(p) in str(e) for p in refs):  # already names its leaf
                 raise
             m = self.policy.match(refs[0])
             rule = "" if m is None else f" (matched rule {m.index} {m.pattern!r})"
@@ -174,7 +175,10 @@ class _FakeQuant(_PolicyHandler):
                     # gradient by 1/sqrt(elements per scale), and those are the slice's
                     # times the number of slices sharing it
                     scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
-                w = fake_quant(w, spec, scale=scale, key=key)
+                if scale is None and any(ref.shard_axes):  # a shard, scaled as the whole weight
+                    w = fake_quant_shard(w, spec, key, ref.shard_axes)
+                else:
+                    w = fake_quant(w, spec, scale=scale, key=key)
             for op in ref.ops:
                 w = op.apply(w)
             operands[wi] = w
@@ -194,7 +198,7 @@ class _FakeQuant(_PolicyHandler):
         specs = (rule.weight, aspec)
         if any(s is None or s.format.is_float or s.rounding != "nearest" or s.ste == "lsq" for s in specs):
             return False
-        if ref.path in self.scales or any(op.operands for op in ref.ops):
+        if ref.path in self.scales or any(op.operands for op in ref.ops) or any(ref.shard_axes):
             return False
         return eqn.primitive.name == "dot_general" or wi == 1
 
@@ -271,6 +275,7 @@ def fake_quantized(
     Example:
       >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
     """
+    check_policy(policy)
     scales = scales or {}
 
     @functools.wraps(f)
@@ -407,6 +412,18 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend
     return lax.transpose(out, perm)
 
 
+def _dequantized_operand(ref: WeightRef, rule: Rule | None):
+    """The float value an op reads from ``ref``: the stored weight dequantized, or a float
+    leaf quantized by the rule's weight spec and dequantized, then the ref's layout ops."""
+    leaf = ref.leaf
+    if rule is None or rule.weight is None or isinstance(leaf, (QArray, TransposedQArray)):
+        return materialize(ref)
+    w = quantize(leaf, spec_for_slice(rule.weight, ref.depth)).dequantize()
+    for op in ref.ops:
+        w = op.apply(w)
+    return w
+
+
 def op_scope(path: str) -> str:
     """The ``jax.named_scope`` that ``quantized`` puts around the op reading leaf ``path``:
     profiles (HLO ``op_name`` metadata) and :func:`qjax.dispatch_report` name ops by it."""
@@ -426,9 +443,14 @@ class _Serve(_PolicyHandler):
         wi, ref, rule = found
         with jax.named_scope(op_scope(ref.path)):
             out = self._op(eqn, invals, wi, ref, rule)
+            if out is not None:
+                return out
             # float weight without a rule, a conv reading it as its input, or a layout the
-            # scales cannot follow: the float op, inside the scope too
-            return out if out is not None else bind_eqn(eqn, [materialize(x) for x in invals])
+            # scales cannot follow: the float op, inside the scope too, on the dequantized
+            # weight (a float leaf with a weight spec quantized first, as quantize_params
+            # would have: on-the-fly and pre-quantized params give the same result)
+            args = [_dequantized_operand(x, rule) if x is ref else materialize(x) for x in invals]
+            return bind_eqn(eqn, args)
 
     def _op(self, eqn, invals, wi: int, ref: WeightRef, rule: Rule | None) -> list | None:
         if eqn.primitive.name == "conv_general_dilated" and wi != 1:
@@ -476,6 +498,7 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
       >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)
       >>> y = jax.jit(qjax.quantized(model.apply, policy))(qparams, x)
     """
+    check_policy(policy)
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):

@@ -142,3 +142,12 @@ class Policy:
 
     def __repr__(self) -> str:
         return "Policy([\n" + "".join(f"    {r!r},\n" for r in self.rules) + "])"
+
+
+def check_policy(policy: object) -> Policy:
+    """``policy`` itself if it is a :class:`Policy`, else a ``TypeError`` that says so (a list
+    of rules must be wrapped: ``qjax.Policy([...])``)."""
+    if not isinstance(policy, Policy):
+        hint = " (wrap the rules: qjax.Policy([...]))" if isinstance(policy, (list, tuple)) else ""
+        raise TypeError(f"policy must be a qjax.Policy, got {type(policy).__name__}{hint}")
+    return policy

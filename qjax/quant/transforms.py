@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.numerics.fake_quant import fake_quant, lsq_init_scale
 from qjax.numerics.qarray import QArray
@@ -14,14 +15,8 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
-from qjax.quant.policy import Policy, Rule
+from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.rules import Match, RuleSet, fold_in_path, leaves_with_paths, map_matched, map_with_path
-
-
-def _check_policy(policy) -> Policy:
-    if not isinstance(policy, Policy):
-        raise TypeError(f"policy must be a qjax.Policy, got {type(policy).__name__}")
-    return policy
 
 
 def _leaf_error(path: str, m: Match[Rule], e: Exception) -> Exception:
@@ -104,7 +99,7 @@ def quantize_params(
     Example:
       >>> qparams = qjax.quantize_params(variables, policy)
     """
-    _check_policy(policy)
+    check_policy(policy)
     scales = _check_scales(params, scales)
     act_stats = act_stats or {}
     _check_paths(params, act_stats, "act_stats")
@@ -130,12 +125,28 @@ def quantize_params(
         act = policy.act_spec(path)
         if act is None:
             raise ValueError("act_stats given but the rule has no act spec")
+        _check_range(stats)
         act_scale, act_zp = scale_from_range(
             jnp.asarray(stats.lo, jnp.float32), jnp.asarray(stats.hi, jnp.float32), act.format, act.symmetric
         )
         return q.with_act_scale(act_scale, act_zp)
 
     return map_matched(q, params, policy.ruleset)
+
+
+def _check_range(stats) -> None:
+    """Refuse a NaN calibration range (the op never ran on the calibration data: an untaken
+    ``cond`` branch), which would make every output of the op NaN. Traced ranges pass."""
+    try:
+        lo, hi = np.asarray(stats.lo, np.float64), np.asarray(stats.hi, np.float64)
+    except jax.errors.TracerArrayConversionError:
+        return
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        raise ValueError(
+            "its activation range is NaN: the op never ran on the calibration data (e.g. an "
+            "untaken cond branch); calibrate with inputs that reach it, or drop its act_stats "
+            "entry to quantize its activation dynamically"
+        )
 
 
 def dequantize_params(tree: Any) -> Any:
@@ -199,7 +210,7 @@ def lsq_scales(params: Any, policy: Policy) -> dict[str, jax.Array]:
       ``{path: scale}`` (a pytree an optax optimizer can train beside the params),
       initialised with :func:`qjax.lsq_init_scale`.
     """
-    _check_policy(policy)
+    check_policy(policy)
     out = {}
     for path, leaf in leaves_with_paths(params):
         spec = policy.weight_spec(path)
@@ -235,7 +246,7 @@ def fake_quant_params(
     Raises:
       ValueError / TypeError: as :func:`quantize_params`; also an lsq leaf with no scale.
     """
-    _check_policy(policy)
+    check_policy(policy)
     scales = _check_scales(params, scales)
 
     @_weight_matches(policy)

@@ -78,3 +78,45 @@ def test_statistics_without_a_loop_reduction_still_raise():
     params = {"w": jnp.eye(4), "out": jnp.ones((4, 2))}
     with pytest.raises(ValueError, match=r"op 'w' inside lax.while_loop emits values"):
         qjax.graph.input_statistics(_loop, params, [(jnp.ones((2, 4)), jnp.int32(2))], lambda r: r.T @ r)
+
+
+def _fori(p, x, steps):
+    """The same loop with static bounds: jax lowers it to a scan whose constant is ``w``."""
+    return lax.fori_loop(0, steps, lambda i, h: jnp.tanh(h @ p["w"]) * 2.0, x) @ p["out"]
+
+
+def _scan_closure(p, x, steps):
+    def body(h, _):
+        return jnp.tanh(h @ p["w"]) * 2.0, None
+
+    return lax.scan(body, x, None, length=steps)[0] @ p["out"]
+
+
+@pytest.mark.parametrize("loop", [_fori, _scan_closure], ids=["fori_loop", "scan_constant"])
+@pytest.mark.parametrize("calibration", [qjax.calib.absmax(), qjax.calib.percentile(95.0)], ids=str)
+def test_a_weight_every_scan_iteration_reads_is_one_op(loop, calibration):
+    """A scan that reuses one weight (not a stack of layers) pools its iterations' ranges
+    into one per-tensor range, as the while_loop does (they were stacked per iteration, and
+    ``quantized`` then rejected the ``(iterations,)`` activation scale)."""
+    k = jax.random.split(jax.random.key(1), 4)
+    params = {"w": jax.random.normal(k[0], (16, 16)) / 2, "out": jax.random.normal(k[1], (16, 4))}
+    batches = [jax.random.normal(k[2], (8, 16)) * 3, jax.random.normal(k[3], (8, 16))]
+    pol = qjax.Policy(
+        [qjax.Rule(".*", weight=W_SPEC, act=qjax.QuantSpec(qjax.int8, calibration=calibration))]
+    )
+    steps = 3
+    got = qjax.calibrate(lambda p, x: loop(p, x, steps), pol, params, batches)
+    want = qjax.calibrate(lambda p, x: _unrolled(p, x, steps), pol, params, batches)
+    for path in want:
+        assert np.shape(got[path].hi) == np.shape(want[path].hi) == ()
+        np.testing.assert_allclose(got[path].hi, want[path].hi, rtol=1e-5, atol=1e-6)
+    qp = qjax.quantize_params(params, pol, act_stats=got)
+    x = batches[0]
+    np.testing.assert_allclose(
+        qjax.quantized(lambda p, x: loop(p, x, steps), pol)(qp, x),
+        qjax.quantized(lambda p, x: _unrolled(p, x, steps), pol)(
+            qjax.quantize_params(params, pol, act_stats=want), x
+        ),
+        rtol=1e-5,
+        atol=1e-5,
+    )

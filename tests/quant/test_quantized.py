@@ -280,3 +280,77 @@ def test_qat_with_fake_quantized_converges_and_exports():
     assert float(loss) < 0.2 * first
     served = qjax.quantized(model.apply, policy)(qjax.quantize_params(v, policy), x)[:, :3]
     assert float((served.argmax(-1) == labels).mean()) > 0.9
+
+
+def test_jnp_split_of_a_fused_weight_is_followed():
+    """``q, k, v = jnp.split(w, 3, axis=1)`` (a fused QKV projection; jax lowers it to the
+    ``split`` primitive) quantizes like ``w[:, a:b]``: integer dots, calibration, QAT
+    (before, the split hid the weight from every transform and the model ran in float)."""
+    x = jax.random.normal(jax.random.key(0), (6, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 12))
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=TOK8)])
+
+    def split(p, x):
+        q, k, v = jnp.split(p["w"], 3, axis=1)
+        return (x @ q) * (x @ k) + x @ v
+
+    def sliced(p, x):
+        q, k, v = p["w"][:, :4], p["w"][:, 4:8], p["w"][:, 8:]
+        return (x @ q) * (x @ k) + x @ v
+
+    qp = qjax.quantize_params({"w": w}, policy)
+    for params in ({"w": w}, qp):
+        np.testing.assert_array_equal(
+            qjax.quantized(split, policy)(params, x), qjax.quantized(sliced, policy)(params, x)
+        )
+    np.testing.assert_array_equal(
+        qjax.fake_quantized(split, policy)({"w": w}, x), qjax.fake_quantized(sliced, policy)({"w": w}, x)
+    )
+    assert not np.allclose(qjax.quantized(split, policy)(qp, x), split({"w": w}, x), atol=1e-3)
+    hlo = jax.jit(qjax.quantized(split, policy)).lower(qp, x).as_text()
+    assert "xi8>" in hlo and "xi32>" in hlo
+    static = qjax.Policy([qjax.Rule("w", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    assert set(qjax.calibrate(split, static, {"w": w}, [(x,)])) == {"w"}
+
+
+def test_unfollowable_layout_of_a_float_weight_runs_on_its_quantized_value():
+    """A layout the scales cannot follow (a slice cutting an int4 group) falls back to the
+    float op on the dequantized weight for float params too, as for pre-quantized ones
+    (before, float params ran on the raw float weight: no quantization, silently)."""
+    x = jax.random.normal(jax.random.key(0), (3, 8))
+    w = jax.random.normal(jax.random.key(1), (8, 4))
+    spec = qjax.QuantSpec(qjax.int4, group_axis=0, group_size=4)
+    policy = qjax.Policy([qjax.Rule("w", weight=spec)])
+    f = lambda p, x: x[:, :6] @ p["w"][:6]
+    want = np.asarray(x[:, :6], np.float64) @ np.asarray(qjax.quantize(w, spec).dequantize(), np.float64)[:6]
+    for params in ({"w": w}, qjax.quantize_params({"w": w}, policy)):
+        np.testing.assert_allclose(qjax.quantized(f, policy)(params, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_range_from_an_op_that_never_ran_is_refused():
+    """An untaken ``cond`` branch has a NaN calibration range; ``quantize_params`` refuses
+    it naming the leaf, instead of storing a NaN activation scale (NaN outputs)."""
+    x = jax.random.normal(jax.random.key(0), (4, 8))
+    params = {"a": jnp.ones((8, 4)), "b": jnp.ones((8, 4))}
+    f = lambda p, x, flag: jax.lax.cond(flag, lambda: x @ p["a"], lambda: x @ p["b"])
+    policy = qjax.Policy([qjax.Rule("a|b", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    stats = qjax.calibrate(f, policy, params, [(x, True)])
+    assert np.isnan(stats["b"].hi)
+    with pytest.raises(ValueError, match=r"leaf 'b'.*never ran"):
+        qjax.quantize_params(params, policy, act_stats=stats)
+    del stats["b"]  # dynamic activation quantization for it instead
+    qp = qjax.quantize_params(params, policy, act_stats=stats)
+    assert np.all(np.isfinite(qjax.quantized(f, policy)(qp, x, False)))
+
+
+def test_policy_type_and_short_leaf_names_in_errors():
+    rules = [qjax.Rule("w", weight=W8)]
+    for make in (qjax.quantized, qjax.fake_quantized, qjax.dispatch_report):
+        with pytest.raises(TypeError, match=r"qjax.Policy\(\[...\]\)"):
+            make(lambda p, x: x @ p["w"], rules)
+    with pytest.raises(TypeError, match=r"must be a qjax\.Policy"):
+        qjax.calibrate(lambda p, x: x @ p["w"], rules, {"w": jnp.ones((8, 4))}, [(jnp.ones((2, 8)),)])
+    # a leaf named "w" is named although "w" occurs in every error message
+    bad = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0,)))])
+    with pytest.raises(ValueError, match=r"^leaf 'w' \(matched rule 0 'w'\)"):
+        qjax.quantized(lambda p, x: x @ p["w"], bad)({"w": jnp.ones((8, 4))}, jnp.ones((3, 8)))

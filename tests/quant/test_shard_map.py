@@ -122,3 +122,40 @@ def test_lsq_qat_gradients_inside_shard_map(mode):
         for path in ("w1", "w2"):
             w = np.asarray(want[part][path])
             np.testing.assert_allclose(np.asarray(got[part][path]), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("mode", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),  # w2's scale reduces over its split K
+        qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=4),  # tiles shards
+        qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=16),  # cut by the split
+        qjax.QuantSpec(qjax.int4, group_axis=0, group_size=4),  # one scale per group across N
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,), calibration=qjax.calib.percentile(99.0)),
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,), rounding="stochastic"),
+    ],
+    ids=["channel", "groups_local", "groups_split", "groups_across_n", "percentile", "stochastic"],
+)
+def test_qat_weight_scales_inside_shard_map_are_the_whole_weights(mode, spec):
+    """``fake_quantized`` scales each weight shard as part of the whole weight (its scale
+    axes gathered across the shards that split them), so the QAT forward and gradients
+    equal the unsharded ones and the deployed ``quantize_params`` model (before, a
+    row-parallel weight got per-shard absmax scales: 0.5 off on outputs of ~64)."""
+    mesh, params, batches, sharded, sharded_batches = _setup(mode)
+    pol = qjax.Policy([qjax.Rule("w.*", weight=spec)])
+    key = jax.random.key(5)
+
+    def loss(fn):
+        return lambda p, x: jnp.sum(qjax.fake_quantized(fn, pol, key=key)(p, x) ** 2)
+
+    with jax.set_mesh(mesh):
+        y = jax.jit(qjax.fake_quantized(_sharded_mlp(mesh), pol, key=key))(sharded, sharded_batches[0])
+        g = jax.jit(jax.grad(loss(_sharded_mlp(mesh))))(sharded, sharded_batches[0])
+    want_y = qjax.fake_quantized(_mlp, pol, key=key)(params, batches[0])
+    want_g = jax.grad(loss(_mlp))(params, batches[0])
+    scale = float(np.abs(want_y).max())
+    np.testing.assert_allclose(np.asarray(y), want_y, rtol=1e-5, atol=1e-5 * scale)
+    for path in ("w1", "w2"):
+        w = np.asarray(want_g[path])
+        np.testing.assert_allclose(np.asarray(g[path]), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
