@@ -18,6 +18,7 @@ class Val:
     atoms: tuple[int, ...]
     z: tuple[bool, ...]  # masked channels along the axis are zero when the group is masked
     zero: bool = False  # the value is known to be all zeros (a literal 0)
+    param: bool = False  # a params leaf, through layout ops and elementwise ops it spans
 
 
 _ALL_ZERO = {"add", "sub", "add_any", "max", "min"}
@@ -50,6 +51,10 @@ _SPLIT_INNER = (
 )
 _GROUPED = "whole feature groups of a grouped convolution (feature_group_count is fixed)"
 _NOT_ZERO_CONTRACTED = "contracted where neither operand is zero on masked channels (masked != shrunk)"
+_BETWEEN_ACTIVATIONS = (
+    "contracted between two activations (attention scores q·kᵀ over head_dim): models scale "
+    "such products by the axis's size (1/sqrt(head_dim)), which shrinking would change"
+)
 
 
 def _chunks(shape_in, shape_out):
@@ -168,7 +173,10 @@ class Walker:
                 z = False
             zs.append(z)
         zero = all(v.zero for v in ins) if mode == "all" else mode == "any" and any(v.zero for v in ins)
-        return Val(tuple(shape), tuple(atoms), tuple(zs), zero)
+        # a weight stays a weight through casts and elementwise ops it spans (w * mask,
+        # w / norm(w), W + A @ B), not through ops it is broadcast into (a bias add)
+        param = any(v.param and v.shape == tuple(shape) for v in ins)
+        return Val(tuple(shape), tuple(atoms), tuple(zs), zero, param)
 
     def reduce(self, x: Val, axes, name, shape) -> Val:
         self.flag(x, f"reduced over by {name} (e.g. a norm's mean or a softmax over channels)", axes)
@@ -179,12 +187,12 @@ class Walker:
     # -- layout ---------------------------------------------------------------------------
     def p_transpose(self, eqn, ins, shapes):
         (x,), perm = ins, eqn.params["permutation"]
-        return [Val(shapes[0], tuple(x.atoms[p] for p in perm), tuple(x.z[p] for p in perm), x.zero)]
+        return [Val(shapes[0], tuple(x.atoms[p] for p in perm), tuple(x.z[p] for p in perm), x.zero, x.param)]
 
     def p_squeeze(self, eqn, ins, shapes):
         x, dims = ins[0], {d % len(ins[0].shape) for d in eqn.params["dimensions"]}
         keep = [k for k in range(len(x.shape)) if k not in dims]
-        return [Val(shapes[0], tuple(x.atoms[k] for k in keep), tuple(x.z[k] for k in keep), x.zero)]
+        return [Val(shapes[0], tuple(x.atoms[k] for k in keep), tuple(x.z[k] for k in keep), x.zero, x.param)]
 
     def p_broadcast_in_dim(self, eqn, ins, shapes):
         x, shape, dims = ins[0], shapes[0], eqn.params["broadcast_dimensions"]
@@ -208,7 +216,7 @@ class Walker:
                 zs[k] = all(x.z[i] for i in ci)
                 if n > 0:
                     A.flag(A.expand(out.atoms[k]), _SPLIT_INNER)
-        return [Val(shape, out.atoms, tuple(zs), x.zero)]
+        return [Val(shape, out.atoms, tuple(zs), x.zero, x.param)]
 
     def p_concatenate(self, eqn, ins, shapes):
         d, shape = eqn.params["dimension"], shapes[0]
@@ -287,6 +295,8 @@ class Walker:
             self.link(lhs.atoms[i], rhs.atoms[j])
             if not (lhs.z[i] or rhs.z[j] or lhs.zero or rhs.zero):
                 self.flag(lhs, _NOT_ZERO_CONTRACTED, [i])
+            if not (lhs.param or rhs.param):
+                self.flag(lhs, _BETWEEN_ACTIVATIONS, [i])
         atoms, zs = [], []
         for i, j in zip(lb, rb):
             self.link(lhs.atoms[i], rhs.atoms[j])
@@ -347,7 +357,7 @@ class Walker:
         scanned = "the scanned (stacked-layer) axis of a scan"
         for v in xs:
             self.flag(v, scanned, [0])
-        x_slices = [Val(v.shape[1:], v.atoms[1:], v.z[1:], v.zero) for v in xs]
+        x_slices = [Val(v.shape[1:], v.atoms[1:], v.z[1:], v.zero, v.param) for v in xs]
         carry, ys = self._carry_loop(p["jaxpr"], consts, init, x_slices)
         outs = []
         for y, s in zip(ys, shapes[nk:]):

@@ -27,7 +27,10 @@ an ``(E, H*D)`` kernel). A group is prunable unless one of its atoms
 * is the scanned axis of a ``scan``, a convolution's spatial axis or whole feature groups
   of a grouped (non-depthwise) convolution;
 * is contracted in a ``dot_general``/``conv`` where neither operand is known to be zero on
-  masked channels (e.g. ``sigmoid(x @ w1) . sigmoid(x @ w2)``: masking would leave 0.25).
+  masked channels (e.g. ``sigmoid(x @ w1) . sigmoid(x @ w2)``: masking would leave 0.25);
+* is contracted in a ``dot_general`` between two activations (neither operand a weight):
+  attention's ``q·kᵀ`` over ``head_dim``, which models scale by ``1/sqrt(head_dim)``, a
+  constant computed from the shape that shrinking would change.
 
 The reasons are kept per group, so users see why a group cannot be pruned.
 """
@@ -115,8 +118,8 @@ def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
     w = Walker()
     invars = jaxpr.jaxpr.invars
     n = len(traced.param_paths)
-    param_vals = [Val(tuple(v.aval.shape), tuple(w.A.new(s) for s in v.aval.shape), (True,) * v.aval.ndim)
-                  for v in invars[:n]]  # fmt: skip
+    param_vals = [Val(tuple(v.aval.shape), tuple(w.A.new(s) for s in v.aval.shape), (True,) * v.aval.ndim,
+                      param=True) for v in invars[:n]]  # fmt: skip
     arg_vals = [w.fresh(v.aval.shape, "an input axis of the function") for v in invars[n:]]
     consts = [w.fresh(np.shape(c), "a closed-over constant") for c in jaxpr.consts]
     for out in w.run(jaxpr.jaxpr, consts, [*param_vals, *arg_vals]):

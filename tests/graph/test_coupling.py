@@ -284,8 +284,17 @@ def test_contraction_of_two_nonzero_channels_not_prunable():
     p = {"w1": _rand(0, 3, 4), "w2": _rand(1, 3, 4), "s": _rand(2, 2)}
     g = _by_member(channel_groups(f, p, jnp.ones((2, 3))), "w1", 1)
     assert not g.prunable and "neither operand is zero" in g.reason
-    ok = lambda p, x: jnp.einsum("bc,bc->b", jax.nn.relu(x @ p["w1"]), jax.nn.sigmoid(x @ p["w2"]))
-    assert _by_member(channel_groups(ok, p, jnp.ones((2, 3))), "w1", 1).prunable
+    # relu zeroes masked channels, so masked == shrunk arithmetically; but a contraction of
+    # two activations is refused anyway (models scale such products by the axis size)
+    acts = lambda p, x: jnp.einsum("bc,bc->b", jax.nn.relu(x @ p["w1"]), jax.nn.sigmoid(x @ p["w2"]))
+    g = _by_member(channel_groups(acts, p, jnp.ones((2, 3))), "w1", 1)
+    assert not g.prunable and "between two activations" in g.reason
+    assert "neither operand is zero" not in g.reason
+    # against a weight (cast or scaled: still a weight) it stays prunable
+    for weight in (lambda u: u, lambda u: u.astype(jnp.bfloat16).astype(jnp.float32), lambda u: u * 2.0):
+        ok = lambda p, x, weight=weight: jnp.einsum("bc,cd->bd", jax.nn.relu(x @ p["w1"]), weight(p["u"]))
+        p_ok = {"w1": p["w1"], "u": _rand(3, 4, 2)}
+        assert _by_member(channel_groups(ok, p_ok, jnp.ones((2, 3))), "w1", 1).prunable
 
 
 def test_nnx_paths():

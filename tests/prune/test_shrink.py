@@ -261,6 +261,37 @@ def test_attention_head_pruning(dead):
     assert small["wq"].shape == (8, heads * 4) and small["wo"].shape == (heads * 4, 8)
 
 
+def test_flax_attention_query_key_head_dim_is_not_pruned():
+    """Flax's MultiHeadDotProductAttention divides q by sqrt(head_dim) computed from the
+    shape: shrinking q/k's head_dim would change the scale (masked != shrunk by 0.14), so
+    that group is refused; value/out's head_dim (contracted with a weight) shrinks exactly."""
+
+    class Attention(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8)(x)
+
+    model, x = Attention(), jax.random.normal(jax.random.key(1), (2, 5, 6))
+    v = model.init(jax.random.key(0), x)
+    groups = channel_groups(model.apply, v, x)
+    qk = [g for g in groups if any("/query/kernel" in m.path and m.axis == 2 for m in g.members)]
+    vo = [g for g in groups if any("/value/kernel" in m.path and m.axis == 2 for m in g.members)]
+    assert qk and not qk[0].prunable and "between two activations" in qk[0].reason
+    assert vo and vo[0].prunable
+    masks = jax.tree_util.tree_map_with_path(
+        lambda kp, a: (
+            (jnp.ones(a.shape, bool).at[..., 3].set(False) if a.ndim == 3 else None)
+            if "value/kernel" in jax.tree_util.keystr(kp, simple=True, separator="/")
+            else None
+        ),
+        v,
+    )
+    small, plan = shrink(model.apply, v, masks, x)
+    assert small["params"]["MultiHeadDotProductAttention_0"]["value"]["kernel"].shape == (6, 2, 3)
+    want = model.apply(apply_masks(v, plan.group_masks(v)), x)
+    np.testing.assert_allclose(linen_apply(model)(small, x), want, rtol=1e-5, atol=1e-6)
+
+
 def test_concat_and_glu_split():
     def f(p, x):
         c = jnp.concatenate([jax.nn.relu(x @ p["a"]), jax.nn.relu(x @ p["b"])], axis=-1)
