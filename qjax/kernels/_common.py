@@ -161,7 +161,10 @@ def normalize_weight_scales(scales, k: int, n: int, group_size: int | None, nk: 
         if s.shape not in ((n,), want):
             raise ValueError(f"per-channel scales must have shape ({n},) or {want}, got {s.shape}")
         return s.reshape(want).astype(jnp.float32)
-    if not isinstance(group_size, int) or group_size <= 0 or k % group_size:
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
+        raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={k} (an int)")
+    group_size = int(group_size)
+    if group_size <= 0 or k % group_size:
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={k}")
     want = (n, k // group_size) if nk else (k // group_size, n)
     if s.shape != want:
@@ -234,9 +237,25 @@ def pack_int4(codes, *, pack_block: int = 128) -> jax.Array:
     k, n = codes.shape
     if pack_block <= 0 or pack_block % 2 or k % pack_block:
         raise ValueError(f"pack_block={pack_block} must be even and divide K={k}")
+    check_code_range(codes, -8, 7, "codes")
     c = codes.astype(jnp.int32).reshape(k // pack_block, 2, pack_block // 2, n)
     b = (c[:, 0] & 0xF) | ((c[:, 1] & 0xF) << 4)
     return b.reshape(k // 2, n).astype(jnp.uint8)
+
+
+def check_code_range(codes, lo: int, hi: int, name: str) -> None:
+    """Raise ``ValueError`` when concrete ``codes`` hold values outside ``[lo, hi]`` (they
+    would wrap silently when packed: unsigned 0..15 codes are not int4). Traced codes are
+    not checked."""
+    try:
+        a = np.asarray(codes)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if a.size and (a.min() < lo or a.max() > hi):
+        raise ValueError(
+            f"{name} hold values in [{a.min()}, {a.max()}], outside [{lo}, {hi}] (signed int4; "
+            "shift unsigned codes by -8 and fold the shift into the zero point)"
+        )
 
 
 def unpack_codes(w, layout: str, pack_block: int | None = None) -> jax.Array:

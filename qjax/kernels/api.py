@@ -8,6 +8,8 @@ against the shape, and runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
@@ -57,6 +59,10 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     def bad(msg):
         raise ValueError(f"config {cfg} does not fit {kind} at M={m}, K={k}, N={n}: {msg}")
 
+    for name in ("block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages"):
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            bad(f"{name}={v!r} must be a positive int")
     if cfg.engine not in c.ENGINES:
         bad(f"engine must be one of {c.ENGINES}")
     if cfg.persistent and cfg.engine != "wgmma":
@@ -192,7 +198,8 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
         if kind == "w8a8":
             return tpu.default_config_tpu("int8_matmul", m, k, n, group_size, layout, pack_block)
         cfg = tpu.default_config_tpu("weight_only", m, k, n, group_size, layout, pack_block)
-        tpu.check_weight_only_config(cfg, layout, group_size, pack_block)  # no legal tile (group sizes)
+        with _no_tile_fits(platform, kind, m, k, n):  # no legal tile (group sizes, pack_block)
+            tpu.check_weight_only_config(cfg, layout, group_size, pack_block)
         return cfg
     if config is not None:
         check_config_gpu(config, kind, m, k, n, group_size, layout)
@@ -203,8 +210,28 @@ def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, confi
     if entry is not None:
         return entry.config
     cfg = default_config_gpu(kind, m, k, n, group_size, layout, pack_block)
-    check_config_gpu(cfg, kind, m, k, n, group_size, layout)
+    with _no_tile_fits(platform, kind, m, k, n):
+        check_config_gpu(cfg, kind, m, k, n, group_size, layout)
     return cfg
+
+
+@contextlib.contextmanager
+def _no_tile_fits(platform: str, kind: str, m: int, k: int, n: int):
+    """Say that no kernel tile fits the shape when the config the caller did not choose (the
+    default) is refused, with the rule it broke."""
+    try:
+        yield
+    except ValueError as e:
+        hint = (
+            " (the GPU kernels need K and N multiples of 16)"
+            if platform == "gpu" and (k % 16 or n % 16)
+            else ""
+        )
+        raise ValueError(
+            f"no {platform} kernel tile fits {kind} at M={m}, K={k}, N={n}{hint}: the default "
+            f"tile breaks a rule: {e}. Use platform='xla' (or qjax.quantized's backend='auto', "
+            "which falls back by itself)"
+        ) from None
 
 
 def _weight_only(
@@ -224,9 +251,10 @@ def _weight_only(
         raise ValueError(
             f"x has {x.shape[1]} columns but the {layout} weight {tuple(w.shape)} holds K={k} rows"
         )
-    if layout == "k_halves" and (pack_block is None or pack_block % 2 or k % pack_block):
-        raise ValueError(f"pack_block={pack_block!r} must be even and divide K={k}")
+    if layout == "k_halves" and (pack_block is None or pack_block <= 0 or pack_block % 2 or k % pack_block):
+        raise ValueError(f"pack_block={pack_block!r} must be positive, even and divide K={k}")
     s = c.normalize_weight_scales(scales, k, n, group_size, nk=b_layout == "nk")
+    group_size = None if group_size is None else int(group_size)  # validated: a NumPy int is fine
     if layout == "k_halves" and group_size is not None and group_size % pack_block:
         raise ValueError(
             f"pack_block={pack_block} must divide group_size={group_size} (each byte's two "
@@ -234,7 +262,7 @@ def _weight_only(
         )
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     platform = resolve_platform(platform, interpret)
-    if m == 0 or n == 0 or platform == "xla":
+    if m == 0 or n == 0 or k == 0 or platform == "xla":
         return c.xla_weight_only(
             x, w, s, layout=layout, group_size=group_size, pack_block=pack_block, out_dtype=out_dtype
         )

@@ -326,6 +326,28 @@ def test_pack_int4_errors():
         pack_int4(np.zeros((8, 2), np.float32))
     with pytest.raises(ValueError, match="2-D"):
         pack_int4(np.zeros((8,), np.int32))
+    with pytest.raises(ValueError, match=r"values in \[-9, 15\], outside \[-8, 7\]"):
+        pack_int4(np.array([[15], [8], [-9], [7]]), pack_block=4)  # unsigned codes would wrap
+    x, w = jnp.ones((4, 128), jnp.bfloat16), jnp.ones((128, 64), jnp.int8)
+    for field, value in (("block_m", 16.0), ("block_k", 0), ("num_warps", True)):
+        cfg = C(**{"block_m": 16, "block_n": 64, "block_k": 64, field: value})
+        with pytest.raises(ValueError, match=f"{field}={value!r} must be a positive int"):
+            w8a16_matmul(x, w, jnp.ones((64,)), platform="gpu", config=cfg, interpret=True)
+
+
+def test_edge_operands_fall_back_or_convert():
+    """K = 0 gives zeros on every platform (XLA, not the kernels); a NumPy integer group
+    size is a group size."""
+    s = jnp.ones((128,))
+    for platform in ("gpu", "tpu", "xla"):
+        kw = {} if platform == "xla" else {"interpret": True}
+        x0, w0 = jnp.ones((4, 0), jnp.bfloat16), jnp.zeros((0, 128), jnp.int8)
+        y = w8a16_matmul(x0, w0, s, platform=platform, **kw)
+        assert y.shape == (4, 128) and not np.asarray(y, np.float32).any()
+    x = jnp.ones((4, 256), jnp.bfloat16)
+    w = jnp.ones((256, 128), jnp.int8)
+    got = w8a16_matmul(x, w, jnp.ones((2, 128)), group_size=np.int64(128))
+    np.testing.assert_array_equal(got, w8a16_matmul(x, w, jnp.ones((2, 128)), group_size=128))
 
 
 # -- lowering for CUDA (Triton IR) ------------------------------------------------------------------
