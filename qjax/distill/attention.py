@@ -21,6 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.distill.relational import safe_norm
 from qjax.distill.topk import as_float
 
 
@@ -37,8 +38,7 @@ def attention_map(features: jax.Array, p: float = 2.0, *, channel_axis: int = -1
     if a.ndim < 3:
         raise ValueError(f"attention_map needs [B, spatial..., C] feature maps, got shape {a.shape}")
     q = jnp.mean(jnp.abs(a) ** p, axis=channel_axis).reshape(a.shape[0], -1)
-    norm = jnp.sqrt(jnp.sum(q * q, axis=1, keepdims=True))
-    return q / jnp.maximum(norm, eps)
+    return q / jnp.maximum(safe_norm(q, axis=1, keepdims=True), eps)
 
 
 def attention_transfer_loss(

@@ -72,9 +72,27 @@ def _safe_sqrt(sq: jax.Array, keep: jax.Array) -> jax.Array:
     return jnp.where(keep, jnp.sqrt(jnp.where(keep, sq, 1.0)), 0.0)
 
 
+def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """``‖x‖₂`` along ``axis`` with a zero (not NaN) gradient where the norm is 0 (an
+    all-zero feature row: padding, a dead layer), as ``torch.norm``'s backward gives."""
+    return _safe_sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims), jnp.array(True))
+
+
+def _centred(f: jax.Array) -> jax.Array:
+    """``f`` minus its batch mean: distances and angles do not change, and their Gram
+    matrix does not cancel catastrophically when the features share a large offset."""
+    return f - jnp.mean(f, axis=0, keepdims=True)
+
+
+def _same_batch(name: str, a: jax.Array, b: jax.Array) -> None:
+    if jnp.shape(a)[0] != jnp.shape(b)[0]:
+        raise ValueError(f"{name}: batch sizes differ ({jnp.shape(a)[0]} vs {jnp.shape(b)[0]})")
+
+
 def pairwise_distances(features: jax.Array) -> jax.Array:
-    """``D_ij = ‖f_i − f_j‖₂`` (``[B, B]``, zero diagonal) from the Gram matrix."""
-    f = _flat(features)
+    """``D_ij = ‖f_i − f_j‖₂`` (``[B, B]``, zero diagonal) from the Gram matrix of the
+    batch-centred features."""
+    f = _centred(_flat(features))
     g = f @ f.T
     sq_norm = jnp.diagonal(g)
     sq = sq_norm[:, None] + sq_norm[None, :] - 2.0 * g
@@ -83,7 +101,12 @@ def pairwise_distances(features: jax.Array) -> jax.Array:
 
 
 def rkd_distance_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
-    """``mean_{i≠j} huber(ψ_D^s − ψ_D^t)`` (see the module docstring)."""
+    """``mean_{i≠j} huber(ψ_D^s − ψ_D^t)`` (see the module docstring).
+
+    Raises:
+      ValueError: the batch sizes differ.
+    """
+    _same_batch("rkd_distance_loss", student_features, teacher_features)
     ds, dt = pairwise_distances(student_features), pairwise_distances(teacher_features)
     b = ds.shape[0]
     off = ~jnp.eye(b, dtype=bool)
@@ -96,7 +119,7 @@ def rkd_distance_loss(student_features: jax.Array, teacher_features: jax.Array) 
 def _angles(features: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``cos[i, j, k] = ⟨f_j − f_i, f_k − f_i⟩ / (‖f_j − f_i‖ ‖f_k − f_i‖)`` and the mask of
     distinct ``(i, j, k)``; from the Gram matrix (no ``[B, B, D]`` tensor)."""
-    f = _flat(features, min_batch=3)
+    f = _centred(_flat(features, min_batch=3))
     b = f.shape[0]
     g = f @ f.T
     d = pairwise_distances(f)
@@ -112,7 +135,12 @@ def _angles(features: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def rkd_angle_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
-    """``mean_{i,j,k distinct} huber(ψ_A^s − ψ_A^t)`` (see the module docstring)."""
+    """``mean_{i,j,k distinct} huber(ψ_A^s − ψ_A^t)`` (see the module docstring).
+
+    Raises:
+      ValueError: the batch sizes differ.
+    """
+    _same_batch("rkd_angle_loss", student_features, teacher_features)
     cs, distinct = _angles(student_features)
     ct, _ = _angles(teacher_features)
     b = cs.shape[0]
@@ -137,7 +165,7 @@ def rkd_loss(
 
 
 def _row_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=1, keepdims=True)), eps)
+    return x / jnp.maximum(safe_norm(x, axis=1, keepdims=True), eps)
 
 
 def sp_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Array:
@@ -151,8 +179,7 @@ def sp_loss(student_features: jax.Array, teacher_features: jax.Array) -> jax.Arr
 
 def _pkt_probs(features: jax.Array, eps: float) -> jax.Array:
     f = _flat(features)
-    norm = jnp.sqrt(jnp.sum(f * f, axis=1, keepdims=True))
-    f = f / (norm + eps)
+    f = f / (safe_norm(f, axis=1, keepdims=True) + eps)
     k = (f @ f.T + 1.0) / 2.0
     return k / jnp.sum(k, axis=1, keepdims=True)
 

@@ -79,7 +79,7 @@ def at(fs, ft, p=2.0):
     def amap(a):
         a = f64(a)
         q = (np.abs(a) ** p).mean(-1).reshape(a.shape[0], -1)
-        return q / np.linalg.norm(q, axis=1, keepdims=True)
+        return q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)  # F.normalize
 
     return np.mean((amap(fs) - amap(ft)) ** 2)
 
@@ -118,7 +118,7 @@ def sp(fs, ft):
     def g(f):
         f = f64(f).reshape(len(f), -1)
         m = f @ f.T
-        return m / np.linalg.norm(m, axis=1, keepdims=True)
+        return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)  # F.normalize
 
     b = len(fs)
     return np.sum((g(fs) - g(ft)) ** 2) / b**2

@@ -135,3 +135,34 @@ def test_batch_size_errors():
         distill.rkd_angle_loss(_feat(0, (2, 4)), _feat(1, (2, 4)))
     with pytest.raises(ValueError, match="batch sizes differ"):
         distill.sp_loss(_feat(0, (4, 4)), _feat(1, (5, 4)))
+    for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss, distill.rkd_loss):
+        with pytest.raises(ValueError, match=r"batch sizes differ \(4 vs 5\)"):
+            loss(_feat(0, (4, 4)), _feat(1, (5, 4)))
+
+
+def test_rkd_exact_for_features_with_a_large_common_offset():
+    """Distances and angles from the Gram matrix of batch-centred features: a shared offset
+    of 1000 (float32) leaves the losses and gradients as they are (the uncentred Gram
+    matrix cancelled: 20% off)."""
+    fs, ft = _feat(30, (8, 6)), _feat(31, (8, 5))
+    for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss):
+        want, g_want = jax.value_and_grad(loss)(fs, ft)
+        got, g_got = jax.value_and_grad(loss)(fs + 1000.0, ft - 1000.0)
+        np.testing.assert_allclose(got, want, rtol=1e-4)
+        np.testing.assert_allclose(g_got, g_want, rtol=2e-3, atol=1e-5 * float(np.abs(g_want).max()))
+
+
+def test_zero_feature_rows_give_finite_gradients():
+    """An all-zero example (padding, a dead post-ReLU layer) has a zero norm: attention
+    transfer, SP and PKT give finite gradients there (the norm's gradient was NaN, and SP's
+    spread to the whole batch), and the loss equals the float64 reference."""
+    fs, ft = np.maximum(_feat(32, (4, 3, 3, 2)), 0), _feat(33, (4, 3, 3, 2))
+    fs[0] = 0.0
+    for loss, want in (
+        (distill.attention_transfer_loss, ref.at(fs, ft)),
+        (distill.sp_loss, ref.sp(fs, ft)),
+        (distill.pkt_loss, ref.pkt(fs, ft)),
+    ):
+        val, g = jax.value_and_grad(loss)(fs, ft)
+        assert np.all(np.isfinite(np.asarray(g))), loss.__name__
+        np.testing.assert_allclose(val, want, rtol=1e-4, atol=1e-7)
