@@ -38,7 +38,12 @@ from qjax.graph.interpret import Handler, WeightRef, materialize, run, weight_op
 from qjax.graph.trace import trace
 from qjax.rules import RuleSet, fold_in_path, is_box, leaves_with_paths, map_matched, path_str
 
-FLOAT_MANTISSA_BITS = {jnp.dtype(jnp.float32): 24, jnp.dtype(jnp.float64): 53}
+FLOAT_MANTISSA_BITS = {  # significand bits (with the implicit one): integers this wide are exact
+    jnp.dtype(jnp.bfloat16): 8,
+    jnp.dtype(jnp.float16): 11,
+    jnp.dtype(jnp.float32): 24,
+    jnp.dtype(jnp.float64): 53,
+}
 
 
 @dataclasses.dataclass(frozen=True)

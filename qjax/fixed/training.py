@@ -26,13 +26,13 @@ import jax.numpy as jnp
 import optax
 
 from qjax.fixed.arith import add
-from qjax.fixed.array import to_float
+from qjax.fixed.array import is_fixed, to_float
 from qjax.fixed.cast import from_float
 from qjax.fixed.format import Format
 from qjax.fixed.network import FLOAT_MANTISSA_BITS, as_rules, layer_rule, where
 from qjax.graph.interpret import Handler, bind_eqn, materialize, run, weight_operand
 from qjax.graph.trace import trace
-from qjax.rules import fold_in_path, leaves_with_paths, map_with_path
+from qjax.rules import fold_in_path, leaves_with_paths, map_matched, map_with_path
 
 
 def _fake(x, fmt: Format, key):
@@ -146,14 +146,15 @@ class _FakeFixed(Handler):
 def fake_fixed_point(f: Callable, rules, *, key=None, ste: str = "clipped") -> Callable:
     """``f`` with its matched matmuls/convs fake-fixed, for fixed-point training.
 
-    Forward: weight and input rounded onto ``weight``/``input`` (:func:`fake_fixed`), the
+    Forward: leaves whose rule is a plain ``Format`` (biases, norm parameters) rounded onto
+    it; weight and input rounded onto ``weight``/``input`` (:func:`fake_fixed`), the
     op in float (exact when the accumulator fits the float significand, so it equals
     :func:`qjax.fixed.fixed_point`), the output rounded onto ``output``. Backward: STE
     through the roundings; with ``grad`` the output gradient is rounded onto it first.
 
     Args:
       f: ``f(params, *args, **kwargs)``.
-      rules: as :func:`qjax.fixed.fixed_point` (``LayerFormats`` values are used).
+      rules: as :func:`qjax.fixed.fixed_point` (``LayerFormats`` and ``Format`` values).
       key: PRNG key for stochastic formats (use a fresh key every step).
       ste: ``"clipped"`` or ``"plain"``.
 
@@ -164,11 +165,24 @@ def fake_fixed_point(f: Callable, rules, *, key=None, ste: str = "clipped") -> C
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
+        params = _fake_format_leaves(params, rs, key, ste)
         traced = trace(f, params, *args, **kwargs)
         outs, _ = run(traced, _FakeFixed(rs, key, ste), list(traced.param_leaves), jax.tree.leaves(args))
         return jax.tree.unflatten(traced.out_tree, outs)
 
     return g
+
+
+def _fake_format_leaves(params: Any, rs, key, ste: str) -> Any:
+    """Leaves whose rule is a plain ``Format`` (biases, norm parameters) rounded onto it
+    with a straight-through gradient, as :func:`qjax.fixed.fixed_point` rounds them."""
+
+    def visit(path, leaf, m):
+        if not isinstance(m.value, Format) or is_fixed(leaf):
+            return leaf
+        return fake_fixed(leaf, m.value, key=fold_in_path(key, path + ":p"), ste=ste)
+
+    return map_matched(visit, params, rs)
 
 
 class FixedUpdatesState(NamedTuple):

@@ -64,6 +64,54 @@ def test_fake_fixed_forward_equals_integer_inference():
     np.testing.assert_array_equal(fake, real)  # 8x8-bit products, <= 22-bit sums: exact in float32
 
 
+def test_fake_fixed_forward_rounds_format_leaves_like_inference():
+    """``Format`` rules (biases) round their leaves in ``fake_fixed_point`` as in
+    ``fixed_point`` (before, only the LayerFormats ops were rounded: QAT trained against a
+    float bias the deployed model does not have); the gradient passes straight through."""
+    k = jax.random.split(jax.random.key(4), 5)
+    p = {
+        "w1": jax.random.normal(k[0], (6, 8)) * 0.4,
+        "b1": jax.random.normal(k[1], (8,)) * 0.3,
+        "w2": jax.random.normal(k[2], (8, 3)) * 0.4,
+        "b2": jax.random.normal(k[3], (3,)) * 0.3,
+    }
+    x = jax.random.normal(k[4], (16, 6))
+    rules = [(r"w.", LF), (r"b.", qf.Format(6, 2, rounding="RND_CONV", overflow="SAT"))]
+    fake = jax.jit(qf.fake_fixed_point(_net, rules, key=jax.random.key(1)))(p, x)
+    real = jax.jit(qf.fixed_point(_net, rules))(p, x)
+    np.testing.assert_array_equal(fake, real)
+    no_bias_rule = jax.jit(qf.fake_fixed_point(_net, rules[:1], key=jax.random.key(1)))(p, x)
+    assert not np.array_equal(no_bias_rule, real)
+    g = jax.grad(lambda p: jnp.sum(qf.fake_fixed_point(_net, rules, key=jax.random.key(1))(p, x)))(p)
+    assert np.all(np.isfinite(np.asarray(g["b2"]))) and np.any(np.asarray(g["b2"]) != 0)
+
+
+def test_bfloat16_models_run_small_formats_exactly():
+    """bfloat16 carries integers of up to 8 bits exactly: a bf16 model runs with formats
+    that fit (equal to the float32 model), and a wider carried format is refused with the
+    right limit; fixed_updates keeps bf16 params on a 6-bit grid."""
+    import flax.linen as nn
+
+    small = qf.Format(4, 2, rounding="RND_CONV", overflow="SAT")
+    lf = qf.LayerFormats(qf.Format(4, 1, rounding="RND_CONV", overflow="SAT"), small, small)
+    x = jax.random.normal(jax.random.key(0), (2, 8))
+    m32, m16 = nn.Dense(4), nn.Dense(4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    v = m32.init(jax.random.key(1), x)
+    v16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), v)
+    want = qf.fixed_point(m32.apply, [(".*kernel", lf)])(v, x)
+    got = qf.fixed_point(m16.apply, [(".*kernel", lf)])(v16, x.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+    wide = qf.LayerFormats(lf.weight, lf.input, None)  # keeps the 11-bit accumulator
+    with pytest.raises(ValueError, match="holds at most 8 bits exactly"):
+        qf.fixed_point(m16.apply, [(".*kernel", wide)])(v16, x.astype(jnp.bfloat16))
+    fmt = qf.Format(6, 2, rounding="STOCHASTIC", overflow="SAT")
+    tx = qf.fixed_updates(optax.sgd(0.1), [("w", fmt)], jax.random.key(0))
+    p = {"w": jnp.ones((64,), jnp.bfloat16)}
+    u, _ = tx.update({"w": jnp.full((64,), 0.37, jnp.bfloat16)}, tx.init(p), p)
+    w = np.asarray(optax.apply_updates(p, u)["w"], np.float64)
+    np.testing.assert_array_equal(w / fmt.lsb, np.round(w / fmt.lsb))
+
+
 def test_backward_matmuls_see_fixed_point_operands():
     w = jax.random.normal(jax.random.key(0), (5, 4)) * 0.3
     x = jax.random.normal(jax.random.key(1), (7, 5))
