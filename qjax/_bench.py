@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qjax._cli_common import CLIError, prepare_out
+from qjax._cli_common import CLIError, prepare_out, seconds_arg
 
 
 def _has(*modules: str) -> Callable[[], str | None]:
@@ -274,7 +274,7 @@ def add_bench_parser(sub) -> None:
         help="where the benchmarks write their results and the summary (default experiments/results)",
     )
     p.add_argument("--experiments", metavar="DIR", help="the experiments folder (default: the checkout's)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="per-benchmark time limit")
+    p.add_argument("--timeout", type=seconds_arg, default=None, metavar="S", help="per-benchmark time limit")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     p.set_defaults(handler=cmd_bench)

@@ -28,6 +28,17 @@ def prepare_out(out: str | None) -> Path | None:
     return path
 
 
+def seconds_arg(text: str) -> float:
+    """An argparse type: a positive, finite number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
 def seed_arg(text: str) -> int:
     """argparse type of ``--seed``: a non-negative integer."""
     try:

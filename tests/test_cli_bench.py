@@ -99,6 +99,10 @@ def test_list_and_errors_are_one_line(experiments, tmp_path, capsys):
     assert main(["bench", "--only", "numerics", "--experiments", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "bench_numerics.py" in err and "--experiments" in err
+    for bad in ("-1", "0", "inf", "soon"):
+        assert main(["bench", "--only", "numerics", "--timeout", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--timeout" in err and "positive number of seconds" in err
 
 
 def test_default_experiments_dir_is_the_checkouts():
