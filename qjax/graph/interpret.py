@@ -165,6 +165,14 @@ class Handler:
         (default): emitting inside a ``while_loop`` raises."""
         return None
 
+    def pool_iterations(self, key: str, stacked: Any) -> Any | None:
+        """One value for the values emitted under ``key`` by an op of a ``scan`` body that
+        reads one weight in every iteration (a scan constant: ``fori_loop``, broadcast
+        params), given stacked along a leading iteration axis; ``None`` keeps them stacked.
+        Default: as :meth:`loop_reduction` pools a ``while_loop``'s."""
+        how = self.loop_reduction(key)
+        return None if how not in ("min_max", "mean") else loop_pooling.pool_iterations(how, stacked)
+
     def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
         return None
 
@@ -340,9 +348,9 @@ def _scan(eqn, invals, handler, emit):
     sliced = {x.path for x, part in zip(xs, parts) if part is not None}
     shared = {x.path for x in consts if isinstance(x, WeightRef)} - sliced
     for k, vs in emitted.items():
-        how = handler.loop_reduction(k) if k in shared else None
         for v in vs:
-            emit(k, v if how not in ("min_max", "mean") else loop_pooling.pool_iterations(how, v))
+            pooled = handler.pool_iterations(k, v) if k in shared else None
+            emit(k, v if pooled is None else pooled)
     return [*carry, *ys]
 
 

@@ -101,10 +101,18 @@ def _rows(eqn, act, wi: int, ref: WeightRef) -> tuple[jax.Array, tuple[int, ...]
 
 
 class _Collect(Handler):
-    def __init__(self, rules: RuleSet | None, statistic: Callable):
+    def __init__(self, rules: RuleSet | None, statistic: Callable, combine: Callable = jnp.add):
         self.rules = rules
         self.statistic = statistic
+        self.combine = combine
         self.meta: dict[str, tuple] = {}
+
+    def pool_iterations(self, key, stacked):
+        # one weight read in every iteration of a scan: one op, its reads combined
+        value, rows = stacked
+        n = jnp.shape(rows)[0]
+        pooled = jax.tree.map(lambda a: functools.reduce(self.combine, [a[i] for i in range(n)]), value)
+        return pooled, jnp.sum(rows)
 
     def target(self, eqn, invals, emit):
         refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
@@ -170,7 +178,7 @@ def input_statistics(
         key = (jax.tree.structure(args), tuple(jax.tree.leaves(sig)))
         if key not in cache:
             traced = trace(f, params, *args, **kwargs)
-            handler = _Collect(rules, statistic)
+            handler = _Collect(rules, statistic, combine)
 
             def one(leaves, args_leaves):
                 emitted = run(traced, handler, leaves, args_leaves)[1]

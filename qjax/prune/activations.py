@@ -123,6 +123,10 @@ class _Norms(Handler):
     def __init__(self, rules: RuleSet | None):
         self.rules = rules
 
+    def pool_iterations(self, key, stacked):
+        # one weight read in every iteration of a scan (not a stack of layers): sums add up
+        return jnp.sum(stacked, axis=0)
+
     def target(self, eqn, invals, emit):
         wi = weight_operand(invals)
         if wi is None:

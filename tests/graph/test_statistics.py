@@ -97,3 +97,33 @@ def test_under_jit_model_and_linen():
     v = model.init(jax.random.key(0), x)
     s = input_statistics(jax.jit(model.apply), v, [x], sq)
     np.testing.assert_allclose(s["params/kernel"].value, (x**2).sum(0), rtol=1e-5)
+
+
+def test_a_weight_every_scan_iteration_reads_pools_its_reads():
+    """A scan that reuses one weight (fori_loop with static bounds, a scan closing over
+    it) is one op read several times: its statistics are combined over the iterations as
+    the unrolled loop's reads are (they were stacked per iteration, and GPTQ / AWQ /
+    SmoothQuant / Wanda then refused the weight)."""
+    from qjax.prune.activations import activation_norms
+
+    k = jax.random.split(jax.random.key(2), 3)
+    p = {"w": jax.random.normal(k[0], (6, 6)) / 2, "u": jax.random.normal(k[1], (6, 3))}
+    batches = [(jax.random.normal(k[2], (5, 6)),), (jnp.ones((5, 6)),)]
+
+    def looped(p, x):
+        return lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), x) @ p["u"]
+
+    def unrolled(p, x):
+        for _ in range(3):
+            x = jnp.tanh(x @ p["w"])
+        return x @ p["u"]
+
+    for combine in (jnp.add, jnp.maximum):
+        got = input_statistics(looped, p, batches, gram, combine=combine)
+        want = input_statistics(unrolled, p, batches, gram, combine=combine)
+        for path in want:
+            assert got[path].rows == want[path].rows and np.shape(got[path].value) == (6, 6)
+            np.testing.assert_allclose(got[path].value, want[path].value, rtol=1e-5, atol=1e-6)
+    got, want = activation_norms(looped, p, batches), activation_norms(unrolled, p, batches)
+    for path in want:
+        np.testing.assert_allclose(got[path], want[path], rtol=1e-5)
