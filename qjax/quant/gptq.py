@@ -5,7 +5,8 @@ the layer's reconstruction loss ``‖XW − XŴ‖²`` (``H = XᵀX``).
 
 Implementation notes:
 
-* The kernel is read as a matrix ``[K inputs, N outputs]`` (Flax's layout). Rows are
+* The kernel is read as a matrix ``[K inputs, N outputs]`` (Flax's layout; :func:`gptq`
+  transposes a leaf its matmul reads as ``x @ w.T``, and transposes the result back). Rows are
   quantized in order (or by decreasing ``diag(H)`` with ``act_order=True``) in blocks of
   ``block_size`` rows ("lazy batch" updates: the error of a block reaches the remaining
   rows in one matmul); inside a block, row by row with the upper Cholesky factor ``U`` of
@@ -22,6 +23,7 @@ Implementation notes:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -34,7 +36,8 @@ from qjax.graph.statistics import InputStatistic, gram, input_statistics
 from qjax.numerics.granularity import normalize_axis
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import compute_scale, quantize
-from qjax.numerics.spec import QuantSpec
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.numerics.transposed import transpose_storage
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
@@ -46,6 +49,11 @@ def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | No
         raise ValueError(f"GPTQ of {path!r}: needs a 2-D [inputs, outputs] kernel, got shape {shape}")
     if spec.format.is_float:
         raise ValueError(f"GPTQ of {path!r}: integer formats only, got {spec.format.name}")
+    if spec.rounding != "nearest":
+        raise ValueError(
+            f"GPTQ of {path!r}: the weight spec must round to nearest (GPTQ's error feedback "
+            f"chooses every code), got rounding={spec.rounding!r}"
+        )
     channel = tuple(sorted(normalize_axis(a, 2, "channel_axes") % 2 for a in spec.channel_axes))
     if channel not in ((), (1,)):
         raise ValueError(
@@ -241,6 +249,20 @@ def input_hessians(
     return {p: s.value / max(s.rows, 1) for p, s in stats.items()}
 
 
+def _transposed_spec(spec: QuantSpec) -> QuantSpec:
+    """``spec`` of a 2-D leaf read transposed (``x @ w.T``), for the ``[inputs, outputs]``
+    kernel GPTQ works on: every axis swapped."""
+    swap = lambda a: 1 - normalize_axis(a, 2, "axis") % 2
+    if spec.channel_axes is PER_TOKEN:
+        return spec  # refused by gptq_quantize with its reason
+    changes = {"channel_axes": tuple(swap(a) for a in spec.channel_axes)}
+    if spec.group_axis is not None:
+        changes["group_axis"] = swap(spec.group_axis)
+    if spec.pack_axis is not None:
+        changes["pack_axis"] = swap(spec.pack_axis)
+    return dataclasses.replace(spec, **changes)
+
+
 def gptq(
     f: Callable,
     params: Any,
@@ -257,9 +279,10 @@ def gptq(
     """:func:`qjax.quantize_params` with GPTQ for every 2-D kernel a matmul reads.
 
     Layer-input Hessians are collected by streaming the calibration batches through
-    ``f``; every leaf whose rule has a weight spec and that is read as ``x @ kernel`` is
-    GPTQ-quantized with that spec, the other quantized leaves (e.g. embeddings) are
-    rounded to nearest as ``quantize_params`` does. Static activation scales
+    ``f``; every leaf whose rule has a weight spec and that is read as ``x @ kernel`` (or
+    ``x @ kernel.T``: PyTorch layout, a tied LM head) is GPTQ-quantized with that spec,
+    the other quantized leaves (e.g. embeddings) are rounded to nearest as
+    ``quantize_params`` does. Static activation scales
     (``act_stats``) are attached as usual.
 
     With ``stages`` (path patterns, e.g. one per transformer block), the layers are
@@ -292,6 +315,13 @@ def gptq(
       >>> y = qjax.quantized(model.apply, policy)(qparams, x)
     """
     require_float_params(params, "gptq")
+    for path, _ in leaves_with_paths(params):
+        spec = policy.weight_spec(path)
+        if spec is not None and spec.rounding != "nearest":
+            raise ValueError(
+                f"gptq: leaf {path!r}: the weight spec must round to nearest (GPTQ's error "
+                f"feedback chooses every code), got rounding={spec.rounding!r}"
+            )
     batches = list(batches)
     qparams = quantize_params(params, policy, act_stats=act_stats)
     leaves = dict(leaves_with_paths(params))
@@ -310,20 +340,20 @@ def gptq(
     current = params
     for stage in sorted(set(order.values())):
         todo = [p for p in candidates if order[p] == stage]
-        hessians = input_hessians(f, current, batches, **kwargs)
+        stats = input_statistics(f, current, batches, gram, **kwargs)
         for path in todo:
-            if path not in hessians:
+            if path not in stats:
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN
-            q = gptq_quantize(
-                leaves[path],
-                hessians[path],
-                policy.weight_spec(path),
-                block_size=block_size,
-                damp=damp,
-                act_order=act_order,
-                path=path,
-            )
-            done[path] = q
+            st = stats[path]
+            options = dict(block_size=block_size, damp=damp, act_order=act_order, path=path)
+            hessian, spec = st.value / max(st.rows, 1), policy.weight_spec(path)
+            if st.weight_axes == (0,):
+                done[path] = gptq_quantize(leaves[path], hessian, spec, **options)
+            elif st.weight_axes == (1,):  # read as x @ w.T (PyTorch layout, a tied LM head)
+                q = gptq_quantize(leaves[path].T, hessian, _transposed_spec(spec), **options)
+                done[path] = transpose_storage(q).stored
+            else:
+                raise ValueError(f"GPTQ of {path!r}: its matmul contracts leaf axes {st.weight_axes}")
         current = map_with_path(lambda p, x: done[p].dequantize() if p in done else x, params)
 
     def visit(path, leaf):

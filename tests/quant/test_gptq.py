@@ -245,3 +245,53 @@ def test_sequential_stages_and_stage_errors():
     )
     with pytest.raises(ValueError, match="stage pattern"):
         gptq(model.apply, variables, batches, policy, stages=[r"params/nope/.*"])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        qjax.QuantSpec(qjax.int4, channel_axes=(0,), group_size=16, group_axis=1),
+        qjax.QuantSpec(qjax.int8),  # per tensor
+    ],
+    ids=["int4_g16_per_out_channel", "int8_per_tensor"],
+)
+def test_weights_read_transposed_get_gptq_of_their_kernel(spec):
+    """A leaf stored ``[outputs, inputs]`` and read as ``x @ w.T`` (PyTorch layout, a tied
+    LM head) is GPTQ-quantized as its ``[inputs, outputs]`` kernel would be: the same codes,
+    transposed (before, the Hessian was applied along the wrong axis: worse than
+    round-to-nearest for a square weight, an unclear shape error otherwise)."""
+    from qjax.quant.gptq import gptq
+
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(32, 32)).astype(np.float32)
+    xs = [(jnp.asarray(rng.normal(size=(64, 32)).astype(np.float32) @ mix),) for _ in range(3)]
+    w = jnp.asarray(rng.normal(size=(48, 32)).astype(np.float32) / 6)  # [out, in]
+    spec_kn = qjax.QuantSpec(
+        spec.format,
+        channel_axes=tuple(1 - a for a in spec.channel_axes),
+        group_size=spec.group_size,
+        group_axis=None if spec.group_axis is None else 1 - spec.group_axis,
+    )
+    torch = gptq(lambda p, x: x @ p["w"].T, {"w": w}, xs, qjax.Policy([qjax.Rule("w", weight=spec)]))["w"]
+    flax = gptq(lambda p, x: x @ p["w"], {"w": w.T}, xs, qjax.Policy([qjax.Rule("w", weight=spec_kn)]))["w"]
+    assert torch.shape == (48, 32)
+    np.testing.assert_array_equal(np.asarray(torch.dequantize()), np.asarray(flax.dequantize()).T)
+    rtn = qjax.quantize(w, spec).dequantize()
+    x = xs[0][0]
+    err = lambda v: float(jnp.mean((x @ v.T - x @ w.T) ** 2))
+    assert err(torch.dequantize()) < err(rtn)
+
+
+def test_stochastic_rounding_is_refused_up_front():
+    from qjax.quant.gptq import gptq
+
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), rounding="stochastic")
+    with pytest.raises(ValueError, match=r"leaf 'w'.*round to nearest"):
+        gptq(
+            lambda p, x: x @ p["w"],
+            {"w": jnp.ones((8, 4))},
+            [(jnp.ones((2, 8)),)],
+            qjax.Policy([qjax.Rule("w", weight=spec)]),
+        )
+    with pytest.raises(ValueError, match="round to nearest"):
+        gptq_quantize(jnp.ones((8, 4)), jnp.eye(8), spec)
