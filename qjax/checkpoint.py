@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import re
 from typing import Any
 
 import jax
@@ -275,7 +276,10 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
     if not (path / _META).exists():
         raise FileNotFoundError(f"{path} is not a qjax checkpoint: it has no {_META} (incomplete save?)")
-    meta = json.loads((path / _META).read_text())
+    try:
+        meta = json.loads((path / _META).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path / _META} is not valid JSON (a damaged checkpoint?): {e}") from None
     version = meta.get("qjax_checkpoint")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(
@@ -283,6 +287,20 @@ def _read_meta(path: epath.Path) -> dict[str, Any]:
             f"(this qjax reads versions up to {FORMAT_VERSION})"
         )
     return meta
+
+
+def _data_error(path: epath.Path, saved: list[dict], e: Exception) -> ValueError:
+    """A readable error for arrays that could not be read: the leaf path of the internal
+    ``leaf_NNNNNN`` key the storage layer names, if it names one."""
+    found = re.search(r"leaf_(\d{6})", str(e))
+    leaf = ""
+    if found and int(found.group(1)) < len(saved):
+        leaf = f" of leaf {saved[int(found.group(1))]['path']!r}"
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    return ValueError(
+        f"checkpoint {path}: cannot read the arrays{leaf} (damaged or missing files under "
+        f"{path / _ARRAYS}): {first}"
+    )
 
 
 def _check(path: epath.Path, saved: list[dict], units: list[tuple[str, Any]]) -> None:
@@ -390,7 +408,10 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
     out = {}
     if abstract:
         with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
-            out = ckptr.restore(path / _ARRAYS, args=ocp.args.StandardRestore(abstract))
+            try:
+                out = ckptr.restore(path / _ARRAYS, args=ocp.args.StandardRestore(abstract))
+            except Exception as e:  # tensorstore / OCDBT errors name internal keys only
+                raise _data_error(path, saved, e) from e
 
     def leaf(i, m):
         x = _build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})

@@ -242,6 +242,24 @@ def test_missing_directory(tmp_path):
         checkpoint.restore(tmp_path)
 
 
+def test_damaged_checkpoints_name_the_file_or_the_leaf(tmp_path):
+    """Truncated metadata names the file; missing array data names the leaf (not the
+    storage layer's internal ``leaf_000001`` key)."""
+    tree = {"a": jnp.arange(4.0), "b": {"w": jnp.ones((3, 2))}}
+    checkpoint.save(tmp_path / "c", tree)
+    meta = tmp_path / "c" / "qjax_checkpoint.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"qjax_checkpoint.json is not valid JSON"):
+        checkpoint.restore(tmp_path / "c")
+    meta.write_text(text)
+    for f in (tmp_path / "c" / "arrays").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.unlink()
+    with pytest.raises(ValueError, match=r"cannot read the arrays of leaf '(a|b/w)'"):
+        checkpoint.restore(tmp_path / "c", tree)
+
+
 def test_overwrite(tmp_path):
     d = tmp_path / "c"
     checkpoint.save(d, {"a": jnp.ones(3)}, policy=qjax.Policy([qjax.Rule(".*", None)]))
