@@ -82,7 +82,7 @@ def test_fake_fixed_forward_rounds_format_leaves_like_inference():
     np.testing.assert_array_equal(fake, real)
     no_bias_rule = jax.jit(qf.fake_fixed_point(_net, rules[:1], key=jax.random.key(1)))(p, x)
     assert not np.array_equal(no_bias_rule, real)
-    g = jax.grad(lambda p: jnp.sum(qf.fake_fixed_point(_net, rules, key=jax.random.key(1))(p, x)))(p)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(qf.fake_fixed_point(_net, rules, key=jax.random.key(1))(p, x))))(p)
     assert np.all(np.isfinite(np.asarray(g["b2"]))) and np.any(np.asarray(g["b2"]) != 0)
 
 
