@@ -296,6 +296,13 @@ def _rules(step: dict, where: str, *, acts: bool) -> Any:
                 f"got {r.get('pattern')!r}",
             )
         weight = None if r.get("weight") is None else _spec(r["weight"], f"{rw} weight")
+        unsigned = weight is not None and not weight.format.is_float and not weight.format.signed
+        if unsigned and weight.symmetric:
+            _fail(
+                f"{rw} weight",
+                f"an unsigned symmetric format ({weight.format.name}) clamps every negative weight to 0: "
+                'use a signed format, or "symmetric": false for an unsigned one with a zero point',
+            )
         act = None if r.get("act") is None else _spec(r["act"], f"{rw} act")
         if act is not None and not acts:
             _fail(rw, '\'act\' specs need a ptq step with "execute": "integer"')

@@ -212,6 +212,13 @@ BAD_CONFIGS = {
         },
         ["rules[0] weight: unknown format 'int9x'", "valid names: int2", "fp8_e4m3"],
     ),
+    "unsigned symmetric weight": (
+        {
+            "entry": "tiny.py:build",
+            "steps": [{"kind": "ptq", "rules": [{"pattern": ".*/kernel", "weight": {"format": "uint8"}}]}],
+        },
+        ["rules[0] weight: an unsigned symmetric format (uint8) clamps every negative weight", "symmetric"],
+    ),
     "rule matching nothing": (
         {
             "entry": "tiny.py:build",
