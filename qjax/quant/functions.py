@@ -9,6 +9,7 @@ Positional arguments after ``params`` are traced; keyword arguments are static.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable
@@ -418,10 +419,7 @@ def _dequantized_operand(ref: WeightRef, rule: Rule | None):
     leaf = ref.leaf
     if rule is None or rule.weight is None or isinstance(leaf, (QArray, TransposedQArray)):
         return materialize(ref)
-    w = quantize(leaf, spec_for_slice(rule.weight, ref.depth)).dequantize()
-    for op in ref.ops:
-        w = op.apply(w)
-    return w
+    return materialize(dataclasses.replace(ref, leaf=quantize(leaf, spec_for_slice(rule.weight, ref.depth))))
 
 
 def op_scope(path: str) -> str:
