@@ -266,10 +266,11 @@ def int8_case(rng, mode, m, k, n, tune_cfgs, peak, deadline, b_layout="kn"):
 def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, per_engine: int = 3) -> list:
     """Candidates for a batch <= 16 after the first batch of the same kernel was tuned: the
     ``per_engine`` fastest configs of each kernel variant there (the ``gemv`` ones with
-    ``block_m`` set to this batch, if they still fit), then this batch's own list."""
+    ``block_m`` set to this batch, if they still fit; last, as ``gpu_candidates`` orders them
+    above one row), then this batch's own list."""
     ranked = sorted(tried, key=lambda r: r["us"])
     first = []
-    for engine in ("gemv", "triton", "triton+ptx"):
+    for engine in ("gemv", "triton+ptx", "triton") if m == 1 else ("triton+ptx", "triton", "gemv"):
         picks = [c for c in (BlockConfig.from_dict(r["config"]) for r in ranked) if variant(c) == engine]
         if engine == "gemv":
             bm = kc.pow2_at_least(m, 1)

@@ -1,7 +1,7 @@
 """Benchmark of the quantized ops (``qjax.quant.ops``) on the local backend: which
 formulation of a quantized matmul / conv is fastest (a benchmark, not a test).
 
-a) One MLP layer, ``x (batch, 1024) @ w (1024, 1024)``, batch 1, 4, 16 and 256:
+a) One MLP layer, ``x (batch, K) @ w (K, N)``, K = N = ``--size`` (1024), batch 1, 4, 16 and 256:
 
    * baselines: float32 ``x @ w``, bfloat16 ``x @ w``, and "dequantize then dot"
      (``x @ qjax.dequantize(q)``, the naive weight-only form);
@@ -26,12 +26,14 @@ median sample is reported and ``x f32`` is the median over rounds of the paired 
 to the float32 baseline of the same round (robust to load from other processes).
 
 Writes ``bench_ops.json`` and ``bench_ops.md`` (``bench_ops_quick.*`` with
-``--quick``) to ``--out`` (default ``experiments/results``).
+``--quick``; ``_gpu`` appended off the CPU) to ``--out`` (default ``experiments/results``).
 
 Usage::
 
     python experiments/bench_ops.py            # ~2-4 minutes on 2 CPU cores
     python experiments/bench_ops.py --quick    # a smoke test of the script
+    python experiments/bench_ops.py --size 4096 --skip-conv --out "$OUT"   # on a GPU: which
+        # formulation of a float32-activation weight-only dot "auto" should pick there
 """
 
 from __future__ import annotations
@@ -243,7 +245,8 @@ def write_markdown(path: Path, meta: dict[str, Any], dot_rows, conv_rows) -> Non
         "(for int8 activations, the dequantized per-token int8 activation); conv: ref is "
         "`lax.conv_general_dilated` at precision HIGHEST (float32) on the dequantized operands",
         "",
-        "## a) MLP layer x (batch, 1024) @ w (1024, 1024)",
+        f"## a) MLP layer x (batch, {meta.get('size', 1024)}) @ w ({meta.get('size', 1024)}, "
+        f"{meta.get('size', 1024)})",
         "",
         "| batch | weights | activation | method | ms | x f32 | err |",
         "|---:|---|---|---|---:|---:|---:|",
@@ -274,6 +277,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--target-ms", type=float, default=None)
+    p.add_argument("--size", type=int, default=1024, help="K = N of the MLP layer (a)")
+    p.add_argument("--skip-conv", action="store_true", help="the MLP layer (a) only")
     args = p.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 11)
     target_ms = args.target_ms or (2.0 if args.quick else 25.0)
@@ -282,8 +287,10 @@ def main(argv=None) -> None:
     if args.quick:
         dot_rows = bench_dot([1, 16], 256, 256, repeats=repeats, target_s=target_ms / 1e3)
     else:
-        dot_rows = bench_dot([1, 4, 16, 256], 1024, 1024, repeats=repeats, target_s=target_ms / 1e3)
-    conv_rows = bench_conv(repeats=repeats, target_s=target_ms / 1e3, quick=args.quick)
+        dot_rows = bench_dot([1, 4, 16, 256], args.size, args.size, repeats=repeats, target_s=target_ms / 1e3)
+    conv_rows = (
+        [] if args.skip_conv else bench_conv(repeats=repeats, target_s=target_ms / 1e3, quick=args.quick)
+    )
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": platform.machine(),
@@ -297,9 +304,12 @@ def main(argv=None) -> None:
         "load_end": round(os.getloadavg()[0], 2),
         "run_s": time.perf_counter() - t0,
         "quick": args.quick,
+        "size": 256 if args.quick else args.size,
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "bench_ops_quick" if args.quick else "bench_ops"
+    stem = ("bench_ops_quick" if args.quick else "bench_ops") + (
+        "" if meta["backend"] == "cpu" else f"_{meta['backend']}"
+    )
     (args.out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "dot": dot_rows, "conv": conv_rows}, indent=1)
     )

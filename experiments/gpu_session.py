@@ -4,25 +4,31 @@ A session lent a GPU has about 15 minutes of device time, and every machine star
 one to two of them, so the measurements BUILD_NOTES lists under "Next GPU session" run
 here as steps of one command, each a subprocess with its own time limit (a crash or a
 timeout ends that step, not the session; ``bench_kernels.py`` saves after every case, so
-a step cut short keeps what it measured). Steps:
+a step cut short keeps what it measured). Default steps (the thirteenth session measured
+the rest, experiments/results/gpu_session_2026-11-26/):
 
-1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 4096 and 8192, the layouts ``quantized``
-   dispatches (``n_pairs``, ``k_halves``): times the restructured ``gemv`` kernel and the
-   inline-PTX tensor-core tiles next to the Triton ones (the 2.5x-over-bf16 goal).
-2. ``nk``: the weight-only kernels for weights stored ``(N, K)`` (PyTorch layout,
-   ``TransposedQArray``), batch 1 / 16 / 64 at 4096.
-3. ``stored``: ``quantized`` on Flax ``(K, N)`` weights vs the same after
-   ``qjax.store_transposed`` at 4096 (W8A8 4096^3 included).
-4. ``pointwise``: quantized 1x1 convs as dots vs as convs (ResNet-50 shapes).
+1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 first (the 2026-11-26 run reached
+   one config per case there), then 4096, layouts ``n_pairs`` and ``k_halves``: the gemv
+   kernel and the inline-PTX tensor-core tiles against bf16 (the 2.5x goal).
+2. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
+   dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
+   chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
+3. ``nk``: the weight-only kernels for weights stored ``(N, K)`` (batch 1 / 16 / 64 at
+   4096; ``int8_nk`` and most of ``n_pairs_nk`` were not reached on 2026-11-26).
+
+Also selectable (``--steps``): ``stored`` (``quantized`` on Flax ``(K, N)`` weights vs the
+same after ``qjax.store_transposed``) and ``pointwise`` (quantized 1x1 convs as dots vs as
+convs), both measured on 2026-11-26.
 
 Each step gets at most its ``cap_s`` and never more than the time left before
 ``--limit-s`` minus a reserve; ``bench_kernels.py``'s tuning budget is the step's time
-less its fixed overhead. Writes every step's files and log to ``--out`` and a
-``gpu_session.json`` summary (return code, seconds, files per step).
+less its fixed overhead. Writes every step's files and log to ``--out``, a
+``gpu_session.json`` summary (return code, seconds, files per step) and, with ``--tar``,
+one archive of them all (a device call brings back at most 8 files).
 
 Usage (on the device machine, in the repository root)::
 
-    python3 experiments/gpu_session.py --out "$OUT" --limit-s 560
+    python3 experiments/gpu_session.py --out /tmp/s --tar "$OUT/gpu_session.tgz" --limit-s 560
     python3 experiments/gpu_session.py --out /tmp/s --dry-run   # on CPU: every step, tiny sizes
 """
 
@@ -33,12 +39,21 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# (name, share cap in seconds, fixed overhead of bench_kernels outside its tuning budget)
-STEPS = (("small", 300, 90), ("nk", 150, 60), ("stored", 60, 0), ("pointwise", 60, 0))
+# (name, share cap in seconds, fixed overhead of bench_kernels outside its tuning budget); caps
+# from the 2026-11-26 H100 run: "stored" took ~100 s and "pointwise" ~45 s at these sizes
+STEPS = (
+    ("small", 300, 90),
+    ("methods", 120, 0),
+    ("nk", 150, 60),
+    ("stored", 120, 0),
+    ("pointwise", 60, 0),
+)
+DEFAULT_STEPS = ("small", "methods", "nk")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -46,7 +61,7 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
     py = [sys.executable, "-u"]
     if name in ("small", "nk"):
         args = {
-            "small": ["--sizes", "4096,8192", "--batches", "1,4,16", "--layouts", "n_pairs,k_halves"],
+            "small": ["--sizes", "8192,4096", "--batches", "1,4,16", "--layouts", "n_pairs,k_halves"],
             "nk": ["--sizes", "4096", "--batches", "1,16,64", "--layouts", "k_pairs_nk,n_pairs_nk,int8_nk"],
         }[name]
         cands = ["--max-candidates", "4" if name == "small" else "3"]
@@ -65,6 +80,9 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
             str(out / f"bench_kernels_{name}.json"),
             *extra,
         ]
+    if name == "methods":
+        sizes = ["--quick"] if dry_run else ["--size", "4096"]
+        return [*py, str(HERE / "bench_ops.py"), "--out", str(out), "--skip-conv", *sizes]
     if name == "stored":
         sizes = ["--quick"] if dry_run else ["--size", "4096", "--batches", "1,16,4096"]
         return [*py, str(HERE / "bench_stored_transposed.py"), "--out", str(out), *sizes]
@@ -76,7 +94,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--limit-s", type=float, default=560, help="the whole session's wall-clock limit")
     p.add_argument("--reserve-s", type=float, default=15, help="kept free at the end (copying results)")
-    p.add_argument("--steps", default=",".join(s[0] for s in STEPS))
+    p.add_argument("--steps", default=",".join(DEFAULT_STEPS), help=f"of {[s[0] for s in STEPS]}")
+    p.add_argument("--tar", type=Path, default=None, help="also pack --out into this .tgz at the end")
     p.add_argument("--dry-run", action="store_true", help="on CPU: every step at tiny sizes")
     args = p.parse_args(argv)
     known = {s[0]: s for s in STEPS}
@@ -109,6 +128,9 @@ def main(argv=None) -> int:
         summary.append({"step": name, "rc": rc, "s": round(time.perf_counter() - t, 1), "files": files})
         print(json.dumps(summary[-1]), flush=True)
         (args.out / "gpu_session.json").write_text(json.dumps(summary, indent=1))
+    if args.tar is not None:
+        with tarfile.open(args.tar, "w:gz") as tar:
+            tar.add(args.out, arcname=".")
     return 0 if all(s.get("rc") == 0 for s in summary) else 1
 
 

@@ -80,7 +80,9 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
             continue
         base, nk = kc.split_layout(layout)
         runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
-        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]  # the inline PTX: only hardware runs it
+        if base != "k_pairs":  # the inline PTX (only hardware runs it); refused for k_pairs,
+            # which it got wrong on an H100 (2026-11-26)
+            runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
         for m, engine in runs:
             k, n = 512, 256
             codes, s = make_weight_only(rng, bits, k, n, group)

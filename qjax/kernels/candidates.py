@@ -153,15 +153,17 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
     """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
     ``(m, k, n)``: for batches up to 16 the CUDA-core ``gemv`` kernel (``block_m`` = the batch
     rounded up to a power of two; its float32 accumulators fit registers up to batch 8), the
-    tensor-core kernel on swapped operands with split-K and unswapped at ``block_m`` 16
-    (int8 codes: integer logic; int4: the inline-PTX unpacking); up to 64 small tiles with
+    tensor-core kernel unswapped at ``block_m`` 16 (int8 codes: integer logic; int4: the
+    inline-PTX unpacking) and on swapped operands with split-K, in that order, the ``gemv``
+    configs first at batch 1 and last above (measured order; a tuning deadline cuts the
+    tail); up to 64 small tiles with
     optional split-K; beyond, the usual GEMM tiles (weight-only tiles above 16 rows also
     with the PTX conversion). Only configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
         bm = pow2_at_least(m, 1)
-        c = [
+        gemv = [
             cfg
             for bn, bk, split, w, s in _GEMV_TILES
             if _gemv_fits(cfg := BlockConfig(bm, bn, bk, split, False, w, s, engine="gemv"), layout)
@@ -169,11 +171,15 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         unswapped = [
             BlockConfig(16, bn, bk, sp, False, w, s) for bn, bk, sp, w, s in _SMALL_BATCH_UNSWAPPED_TILES
         ]
-        if kind == "w8a16":
-            c += unswapped
-        c += [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
-        if kind == "w4a16" and layout != "k_pairs":
-            c += [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped]
+        swapped = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
+        # (check_config_gpu drops the PTX ones for k_pairs: wrong on hardware)
+        first = (
+            [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if kind == "w4a16" else unswapped
+        )
+        # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
+        # unswapped PTX tiles lead (8.0-11.4 us), at M = 4-16 the tensor-core tiles (8.4-11.6 us)
+        # and gemv trails (17-151 us): gemv goes first for one row only
+        c = gemv + first + swapped if m == 1 else first + swapped + gemv
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -110,7 +110,7 @@ def test_shipped_int8_ptx_converts_every_byte():
     np.testing.assert_array_equal(np.asarray(y, np.float64), np.asarray(p, np.float64))
 
 
-@pytest.mark.parametrize("layout", ["k_halves", "k_pairs", "n_pairs", "int8"])
+@pytest.mark.parametrize("layout", ["k_halves", "n_pairs", "int8"])
 def test_ptx_config_lowers_to_inline_asm(layout):
     k = n = 1024
     cfg = BlockConfig(16, 128, 128, 2, True, dequant="ptx")
@@ -158,5 +158,5 @@ def test_ptx_candidates_are_unswapped_int4_tiles(m):
     if m <= 16:  # unswapped int8 tiles first: the swapped ones spill in the offline SASS
         first = next(c for c in int8 if c.engine == "triton")
         assert not first.swap and first.block_m == 16
-    pairs = [c for c in gpu_candidates("w4a16", m, 4096, 4096, 128, "k_pairs") if c.dequant == "ptx"]
-    assert bool(pairs) == (m > 16)  # small batches: k_pairs keeps the swapped logic kernel
+    for layout in ("k_pairs", "k_pairs_nk"):  # wrong on an H100 (check_config_gpu refuses it)
+        assert not [c for c in gpu_candidates("w4a16", m, 4096, 4096, 128, layout) if c.dequant == "ptx"]

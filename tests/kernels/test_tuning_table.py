@@ -192,18 +192,22 @@ def test_later_small_batches_retime_each_engines_winners_first(bench):
     ]
     cands = gpu_candidates("w4a16", 4, 4096, 4096, None, "n_pairs")
     order = bench.small_batch_candidates(tried, cands, 4, "n_pairs", per_engine=1)
-    assert order[:2] == [dataclasses.replace(gemv, block_m=4), mma]
+    assert order[:2] == [mma, dataclasses.replace(gemv, block_m=4)]  # above one row gemv trails
     assert sorted(map(repr, order)) == sorted(map(repr, cands)) and len(order) == len(set(order))
 
 
 def test_capped_candidates_take_each_variant_in_turn(bench):
     cands = gpu_candidates("w4a16", 1, 4096, 4096, None, "n_pairs")
     capped = bench.cap_per_engine(cands, 2)
-    assert [variant(c) for c in capped] == ["gemv", "triton", "triton+ptx"] * 2
-    assert capped[:3] == [next(c for c in cands if variant(c) == v) for v in ("gemv", "triton", "triton+ptx")]
+    order = ["gemv", "triton+ptx", "triton"]  # the measured order at one row (H100, 2026-11-26)
+    assert [variant(c) for c in capped] == order * 2
+    assert capped[:3] == [next(c for c in cands if variant(c) == v) for v in order]
     everything = bench.cap_per_engine(cands, None)  # uncapped: every config once, still in turns
     assert sorted(map(repr, everything)) == sorted(map(repr, cands))
-    assert [variant(c) for c in everything[:3]] == ["gemv", "triton", "triton+ptx"]
+    assert [variant(c) for c in everything[:3]] == order
+    # above one row the tensor-core tiles lead and gemv trails
+    four = bench.cap_per_engine(gpu_candidates("w4a16", 4, 4096, 4096, None, "n_pairs"), 1)
+    assert [variant(c) for c in four] == ["triton+ptx", "triton", "gemv"]
 
 
 def test_a_transposed_w8a8_case_also_gives_the_stored_nk_entry(bench):
