@@ -4,9 +4,11 @@
 :class:`WeightRef`s: symbolic values that remember the leaf path, the stored leaf
 (a ``QArray`` or a float array) and the layout ops applied since. Layout ops on a
 ``WeightRef`` extend it; a ``dot_general`` or ``conv_general_dilated`` that reads one is
-handed to the :class:`Handler`; any other consumer gets the float value
-(:func:`materialize`). Higher-order primitives are entered only when a ``WeightRef``
-flows into them (otherwise they are bound unchanged, custom derivative rules and all):
+handed to the :class:`Handler`; any other consumer gets the value
+:meth:`Handler.materialize` gives (the float weight by default; the quantizing handlers
+give the quantized one, so an embedding lookup reads what deployment stores).
+Higher-order primitives are entered only when a ``WeightRef`` flows into them (otherwise
+they are bound unchanged, custom derivative rules and all):
 
 * ``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``: the body is evaluated inline
   (the ops inside it get the handler's derivative rules instead of the custom ones);
@@ -176,6 +178,12 @@ class Handler:
     def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
         return None
 
+    def materialize(self, ref: WeightRef):
+        """The value an op that is not a target reads from a weight (a gather of an
+        embedding, an elementwise op, an output): the float weight by default; handlers
+        that quantize override it, so such an op sees the value deployment stores."""
+        return materialize(ref)
+
     def aux(self, path: str) -> Any:
         """An array to keep with the params leaf at ``path`` (``WeightRef.aux``), sliced
         with it by ``scan``s over a stacked leaf; ``None`` by default."""
@@ -199,6 +207,11 @@ def bind_eqn(eqn, invals) -> list:
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
     return out if eqn.primitive.multiple_results else [out]
+
+
+def _value(handler: Handler, x):
+    """``x``, or for a ``WeightRef`` the value the handler gives a non-target consumer."""
+    return handler.materialize(x) if isinstance(x, WeightRef) else x
 
 
 def _has_ref(values) -> bool:
@@ -229,7 +242,7 @@ def _eval_eqn(eqn, invals, handler, emit):
     name = eqn.primitive.name
     if name in TARGET_PRIMITIVES:
         out = handler.target(eqn, invals, emit)
-        return out if out is not None else bind_eqn(eqn, [materialize(x) for x in invals])
+        return out if out is not None else bind_eqn(eqn, [_value(handler, x) for x in invals])
     if name in LAYOUT_PRIMITIVES and isinstance(invals[0], WeightRef) and not _has_ref(invals[1:]):
         ref = invals[0]
         params = dict(eqn.params)
@@ -240,7 +253,7 @@ def _eval_eqn(eqn, invals, handler, emit):
     rule = _RULES.get(name)
     if rule is not None:
         return rule(eqn, invals, handler, emit)
-    return bind_eqn(eqn, [materialize(x) for x in invals])
+    return bind_eqn(eqn, [_value(handler, x) for x in invals])
 
 
 def _split_weight(eqn, ref: WeightRef) -> list[WeightRef]:
@@ -266,7 +279,7 @@ def _closed(sub, args, handler, emit):
 
 def _inline(key):
     def rule(eqn, invals, handler, emit):
-        return [materialize(x) for x in _closed(eqn.params[key], invals, handler, emit)]
+        return [_value(handler, x) for x in _closed(eqn.params[key], invals, handler, emit)]
 
     return rule
 
@@ -326,17 +339,17 @@ def _scan(eqn, invals, handler, emit):
     p = eqn.params
     num_consts, num_carry = scan_counts(p)
     consts, init, xs = _split(invals, num_consts, num_carry)
-    init = [materialize(x) for x in init]
+    init = [_value(handler, x) for x in init]
     # A direct params leaf fed as xs is scanned as its stored form (QArray and
     # TransposedQArray slices too), its aux beside it; parts shared by every layer are not sliced.
     parts = [_scan_parts(x, p["length"]) if isinstance(x, WeightRef) and not x.ops else None for x in xs]
-    xs_in = [materialize(x) if part is None else part[0] for x, part in zip(xs, parts)]
+    xs_in = [_value(handler, x) if part is None else part[0] for x, part in zip(xs, parts)]
     body = p["jaxpr"]
 
     def step(carry, x_slices):
         local = _Emitter()
         x_vals = [x if part is None else part[1](x) for part, x in zip(parts, x_slices)]
-        outs = [materialize(o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
+        outs = [_value(handler, o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
         return outs[:num_carry], (outs[num_carry:], local.values)
 
     carry, (ys, emitted) = lax.scan(
@@ -370,7 +383,7 @@ def _cond(eqn, invals, handler, emit):
 
     def run_branch(sub):
         local = _Emitter()
-        outs = [materialize(o) for o in _closed(sub, ops, handler, local)]
+        outs = [_value(handler, o) for o in _closed(sub, ops, handler, local)]
         return outs, local.values
 
     # Emitted values must have one structure across branches: find the union first (an
@@ -402,7 +415,7 @@ def _cond(eqn, invals, handler, emit):
 def _while(eqn, invals, handler, emit):
     p = eqn.params
     cond_consts, body_consts, init = _split(invals, p["cond_nconsts"], p["body_nconsts"])
-    init = [materialize(x) for x in init]
+    init = [_value(handler, x) for x in init]
 
     def cond(carry):
         return _closed(
@@ -411,7 +424,7 @@ def _while(eqn, invals, handler, emit):
 
     def body_values(carry):
         local = _Emitter()
-        outs = [materialize(o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)]
+        outs = [_value(handler, o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)]
         return outs, local.values
 
     # what the body emits (an abstract pass): nothing -> the loop as it was
@@ -450,7 +463,7 @@ def _remat(eqn, invals, handler, emit):
         args = [x if r else next(it) for x, r in zip(invals, is_ref)]
         local = _Emitter()
         outs = evaluate(p["jaxpr"], [], args, handler, local)
-        return [materialize(o) for o in outs], local.values
+        return [_value(handler, o) for o in outs], local.values
 
     outs, emitted = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*plain)
     for k, vs in emitted.items():
@@ -462,7 +475,7 @@ def _remat(eqn, invals, handler, emit):
 def _shard_map(eqn, invals, handler, emit):
     from qjax.graph.sharding import shard_map_rule  # sharding details live apart
 
-    return shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, WeightRef, _Emitter)
+    return shard_map_rule(eqn, invals, handler, emit, evaluate, WeightRef, _Emitter)
 
 
 _RULES: dict[str, Callable] = {
@@ -495,4 +508,4 @@ def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dic
     emitter = _Emitter()
     closed = traced.jaxpr
     outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)
-    return [materialize(o) for o in outs], emitter.values
+    return [_value(handler, o) for o in outs], emitter.values

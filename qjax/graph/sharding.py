@@ -57,7 +57,7 @@ def _split_axes(spec: PartitionSpec, ndim: int, manual) -> tuple[tuple[str, ...]
     return tuple(tuple(a for a in names(e) if a in manual) for e in entries[:ndim])
 
 
-def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref, emitter):
+def shard_map_rule(eqn, invals, handler, emit, evaluate, weight_ref, emitter):
     """Rebuild a ``shard_map`` whose body reads weights: direct params leaves enter as
     they are stored (a ``QArray`` unpacked, with derived scale specs) and are rewritten
     inside the body. Values the handler emits inside (only with ``handler.per_shard_emits``)
@@ -82,7 +82,7 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
                 specs.append(qarray_specs(leaf, spec) if isinstance(leaf, QArray) else spec)
             refs.append(x)
         else:
-            args.append(materialize(x))
+            args.append(handler.materialize(x) if isinstance(x, weight_ref) else x)
             specs.append(spec)
             refs.append(None)
     mesh = p["mesh"]
@@ -133,7 +133,10 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, materialize, weight_ref
             for ref, v, aux, shared, spec in zip(refs, local, aux_local, aux_shards, p["in_specs"])
         ]
         local_emit = emitter() if handler.per_shard_emits else forbid
-        outs = tuple(materialize(o) for o in evaluate(p["jaxpr"], [], vals, handler, local_emit))
+        outs = tuple(
+            handler.materialize(o) if isinstance(o, weight_ref) else o
+            for o in evaluate(p["jaxpr"], [], vals, handler, local_emit)
+        )
         if not handler.per_shard_emits:
             return outs, {}
         # one leading axis per shard: out_specs stack the shards' values along it

@@ -34,7 +34,7 @@ from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
-from qjax.numerics.transposed import TransposedQArray
+from qjax.numerics.transposed import TransposedQArray, is_quantized
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops_conv import CONV_GEOMETRY
@@ -166,20 +166,7 @@ class _FakeQuant(_PolicyHandler):
         def fake_path(act, w_leaf):
             """The QAT definition: fake-quantized operands through the original op."""
             operands = [None, None]
-            w = w_leaf
-            if rule.weight is not None:
-                spec = spec_for_slice(rule.weight, ref.depth)
-                key = fold_in_path(self.key, ref.path)
-                scale = ref.aux
-                if scale is not None and ref.aux_shared > 1:
-                    # one learned scale shared by every layer of a scan: LSQ scales its
-                    # gradient by 1/sqrt(elements per scale), and those are the slice's
-                    # times the number of slices sharing it
-                    scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
-                if scale is None and any(ref.shard_axes):  # a shard, scaled as the whole weight
-                    w = fake_quant_shard(w, spec, key, ref.shard_axes)
-                else:
-                    w = fake_quant(w, spec, scale=scale, key=key)
+            w = self._fake_weight(ref, rule, w_leaf)
             for op in ref.ops:
                 w = op.apply(w)
             operands[wi] = w
@@ -192,6 +179,35 @@ class _FakeQuant(_PolicyHandler):
         if self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi):
             return [_int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)(act, w_leaf)]
         return [fake_path(act, w_leaf)]
+
+    def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
+        """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
+        is without one)."""
+        if rule.weight is None:
+            return w_leaf
+        spec = spec_for_slice(rule.weight, ref.depth)
+        key = fold_in_path(self.key, ref.path)
+        scale = ref.aux
+        if scale is not None and ref.aux_shared > 1:
+            # one learned scale shared by every layer of a scan: LSQ scales its gradient by
+            # 1/sqrt(elements per scale), and those are the slice's times the number of
+            # slices sharing it
+            scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
+        if scale is None and any(ref.shard_axes):  # a shard, scaled as the whole weight
+            return fake_quant_shard(w_leaf, spec, key, ref.shard_axes)
+        return fake_quant(w_leaf, spec, scale=scale, key=key)
+
+    def materialize(self, ref: WeightRef):
+        """A weight read by an op that is not a matmul or conv (an embedding lookup, an
+        elementwise op): fake-quantized by its rule, as :func:`fake_quant_params` and the
+        deployed model read it."""
+        rule = _rule(self.policy, ref.path)
+        if rule is None or is_quantized(ref.leaf):
+            return materialize(ref)
+        w = self._fake_weight(ref, rule, ref.float_leaf())
+        for op in ref.ops:
+            w = op.apply(w)
+        return w
 
     def _integer_forward_ok(self, eqn, rule: Rule, aspec, ref: WeightRef, wi: int) -> bool:
         """Whether the forward pass can run as the integer op: both operands integer,
@@ -432,6 +448,11 @@ class _Serve(_PolicyHandler):
     def __init__(self, policy: Policy, backend: str = "auto"):
         super().__init__(policy)
         self.backend = backend
+
+    def materialize(self, ref: WeightRef):
+        """A weight read by an op that is not a matmul or conv: the stored weight
+        dequantized, or a float weight quantized by its rule and dequantized."""
+        return _dequantized_operand(ref, _rule(self.policy, ref.path))
 
     @_named_errors
     def target(self, eqn, invals, emit):

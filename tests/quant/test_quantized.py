@@ -354,3 +354,38 @@ def test_policy_type_and_short_leaf_names_in_errors():
     bad = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0,)))])
     with pytest.raises(ValueError, match=r"^leaf 'w' \(matched rule 0 'w'\)"):
         qjax.quantized(lambda p, x: x @ p["w"], bad)({"w": jnp.ones((8, 4))}, jnp.ones((3, 8)))
+
+
+def test_a_quantized_embedding_lookup_reads_the_deployed_values():
+    """An ``nn.Embed`` lookup (a gather, not a matmul) of a leaf the policy quantizes reads
+    the quantized table under QAT and under ``quantized`` on float params, as the deployed
+    model does; QAT's gradient is the straight-through one of ``fake_quant_params``."""
+
+    class LM(nn.Module):
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(50)(nn.Embed(50, 16)(ids))
+
+    ids = jax.random.randint(jax.random.key(1), (2, 7), 0, 50)
+    model = LM()
+    v = model.init(jax.random.key(0), ids)
+    policy = qjax.Policy(
+        [
+            qjax.Rule(r"params/.*embedding", weight=qjax.QuantSpec(qjax.int4, channel_axes=(0,))),
+            qjax.Rule(r"params/.*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,))),
+        ]
+    )
+    served = np.asarray(qjax.quantized(model.apply, policy)(qjax.quantize_params(v, policy), ids))
+    reference = model.apply(qjax.fake_quant_params(v, policy), ids)
+    np.testing.assert_allclose(served, reference, atol=1e-6)
+    qat = qjax.fake_quantized(model.apply, policy)(v, ids)
+    on_the_fly = qjax.quantized(model.apply, policy)(v, ids)
+    np.testing.assert_allclose(np.asarray(qat), served, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(on_the_fly), served, atol=1e-6)
+    assert np.abs(served - np.asarray(model.apply(v, ids))).max() > 1e-2  # int4 moves the output
+
+    loss = lambda out: jnp.sum(out**2)
+    g_qat = jax.grad(lambda p: loss(qjax.fake_quantized(model.apply, policy)(p, ids)))(v)
+    g_ref = jax.grad(lambda p: loss(model.apply(qjax.fake_quant_params(p, policy), ids)))(v)
+    for a, b in zip(jax.tree.leaves(g_qat), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
