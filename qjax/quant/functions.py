@@ -40,6 +40,7 @@ from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.quant.shard_scales import fake_quant_shard
+from qjax.quant.transforms import _check_scales
 from qjax.rules import fold_in_path
 
 
@@ -178,6 +179,7 @@ class _FakeQuant(_PolicyHandler):
         act, w_leaf = args[ai], ref.float_leaf()
         if self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi):
             return [_int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)(act, w_leaf)]
+        _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
         return [fake_path(act, w_leaf)]
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
@@ -297,6 +299,7 @@ def fake_quantized(
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
+        _check_scales(params, scales)  # a misspelt path is an error, as for fake_quant_params
         return _run(f, lambda: _FakeQuant(policy, scales, key, integer_forward), params, args, kwargs)[0]
 
     return g
@@ -306,6 +309,24 @@ def fake_quantized(
 
 
 _ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p")  # commute with transposes
+
+
+def _check_deployable(eqn, ref: WeightRef, wi: int, wspec: QuantSpec | None, aspec, act, w_leaf) -> None:
+    """Trace (shapes only) the op ``qjax.quantized`` would run for this QAT op, so a spec
+    deployment refuses (a scale along the summed axis) fails here, before training."""
+    if wspec is None or is_quantized(ref.leaf) or any(ref.shard_axes):  # a shard: not the op deployed
+        return
+    nearest = lambda s: s if s is None else s.replace(rounding="nearest", ste="plain")
+
+    def deployed(act, w_leaf):
+        w, perm = _operand_qarray(
+            ref, w_leaf, nearest(wspec), fold_transposes=eqn.primitive.name == "dot_general"
+        )
+        if w is None or (eqn.primitive.name == "conv_general_dilated" and wi != 1):
+            return None  # deployment runs the float op on the dequantized weight
+        return _quantized_op(eqn, act, w, wi, nearest(aspec), "xla", perm)
+
+    jax.eval_shape(deployed, act, w_leaf)
 
 
 def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transposes: bool = False):
@@ -493,7 +514,8 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     (statically when the weight carries a calibrated ``act_scale``, else dynamically) and
     the op runs on integers (int8×int8→int32) or fp8; without one it is weight-only
     (W8A16/W4A16). Ops whose weight layout the scales cannot follow fall back to the
-    float op on the dequantized weight.
+    float op on the dequantized weight; a weight spec whose scale varies along an axis the
+    op sums over (other than per group) is refused, here and by :func:`fake_quantized`.
 
     Args:
       f: the function, called as ``f(params, *args, **kwargs)``.

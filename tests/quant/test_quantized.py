@@ -389,3 +389,32 @@ def test_a_quantized_embedding_lookup_reads_the_deployed_values():
     g_ref = jax.grad(lambda p: loss(model.apply(qjax.fake_quant_params(p, policy), ids)))(v)
     for a, b in zip(jax.tree.leaves(g_qat), jax.tree.leaves(g_ref)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_qat_refuses_what_deployment_refuses_and_checks_scale_paths():
+    """A weight scale along the summed axis is refused by ``fake_quantized`` for every
+    setting (before training), as ``quantized`` refuses it; a misspelt ``scales`` path is
+    an error, as for ``fake_quant_params``."""
+    p = {"w": jax.random.normal(jax.random.key(0), (16, 4))}
+    x = jax.random.normal(jax.random.key(1), (2, 16))
+    f = lambda p, x: x @ p["w"]
+    per_input_row = qjax.QuantSpec(qjax.int4, channel_axes=(0,))
+    for act in (None, TOK8):
+        policy = qjax.Policy([qjax.Rule("w", weight=per_input_row, act=act)])
+        with pytest.raises(ValueError, match="which the op sums over"):
+            qjax.quantized(f, policy)(qjax.quantize_params(p, policy), x)
+        for integer_forward in (True, False):
+            with pytest.raises(ValueError, match=r"leaf 'w'.*which the op sums over"):
+                qjax.fake_quantized(f, policy, integer_forward=integer_forward)(p, x)
+    grouped = qjax.Policy(
+        [qjax.Rule("w", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=8))]
+    )
+    np.testing.assert_allclose(  # per group along the summed axis deploys, and trains
+        np.asarray(qjax.fake_quantized(f, grouped)(p, x)),
+        np.asarray(qjax.quantized(f, grouped)(qjax.quantize_params(p, grouped), x)),
+        atol=1e-5,
+    )
+    lsq = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,), ste="lsq"))])
+    scales = qjax.lsq_scales(p, lsq)
+    with pytest.raises(ValueError, match=r"not leaves of params: \['W'\]"):
+        qjax.fake_quantized(f, lsq, scales={"W": scales["w"]})(p, x)
