@@ -476,6 +476,64 @@ def test_bad_arguments():
         )
 
 
+def _ref_given_zero_point(x, s, zp, qmin, qmax):
+    """float64 reference of quantize-dequantize with a given scale and zero point."""
+    x = np.asarray(x, np.float64)
+    q = np.clip(np.round(x / s) + zp, qmin, qmax)
+    return q, (q - zp) * s
+
+
+@pytest.mark.parametrize("zp,want", [(51.9, 52), (51.5, 52), (12.4, 12), (0.2, 0), (254.6, 255)])
+def test_given_zero_point_rounds_to_nearest(zp, want):
+    x = jnp.linspace(-0.5, 2.0, 11)
+    spec = QuantSpec(qjax.uint8, symmetric=False)
+    s = 2.5 / 255
+    codes, ref = _ref_given_zero_point(x, s, want, 0, 255)
+    for y in (
+        dequantize(q := quantize(x, spec, scale=s, zero_point=zp)),
+        qjax.fake_quant(x, spec, scale=s, zero_point=zp),
+    ):
+        assert int(q.zero_point[0]) == want
+        np.testing.assert_array_equal(np.asarray(q.values, np.int64), codes)
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zp", [300, -1, 255.6, -0.6, np.nan, [3, 256]])
+@pytest.mark.parametrize("fn", [quantize, qjax.fake_quant])
+def test_given_zero_point_out_of_range_is_refused(zp, fn):
+    x = jnp.linspace(-0.5, 2.0, 12).reshape(6, 2)
+    spec = QuantSpec(qjax.uint8, symmetric=False, channel_axes=(-1,))
+    with pytest.raises(ValueError, match=r"zero_point must round into uint8's code range \[0, 255\]"):
+        fn(x, spec, scale=0.01, zero_point=np.asarray(zp, np.float32))
+
+
+def test_traced_zero_point_is_rounded_and_clipped():
+    x = jnp.linspace(-0.5, 2.0, 11)
+    spec = QuantSpec(qjax.int8, symmetric=False)
+    s = 2.5 / 255
+    f = jax.jit(
+        lambda zp: (
+            quantize(x, spec, scale=s, zero_point=zp).zero_point,
+            qjax.fake_quant(x, spec, scale=s, zero_point=zp),
+        )
+    )
+    for zp, want in [(300.0, 127), (-1000.0, -128), (-3.7, -4)]:
+        stored, y = f(jnp.float32(zp))
+        assert int(stored[0]) == want
+        np.testing.assert_allclose(
+            np.asarray(y, np.float64), _ref_given_zero_point(x, s, want, -128, 127)[1], atol=1e-6
+        )
+
+
+def test_zero_point_needs_an_asymmetric_spec_and_a_scale():
+    x = jnp.linspace(-0.5, 2.0, 11)
+    for fn in (quantize, qjax.fake_quant):
+        with pytest.raises(ValueError, match="zero_point was given but the spec is symmetric"):
+            fn(x, QuantSpec(qjax.int8), scale=0.01, zero_point=10)
+        with pytest.raises(ValueError, match="zero_point is used only with a given scale"):
+            fn(x, QuantSpec(qjax.uint8, symmetric=False), zero_point=10)
+
+
 # --------------------------------------------------------------------------------
 # the error model
 
