@@ -21,7 +21,7 @@ from qjax.numerics.granularity import (
 )
 from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
-from qjax.numerics.scaling import compute_dtype, quantize_values, scale_from_range
+from qjax.numerics.scaling import compute_dtype, quantize_values, round_scale_up, scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray
 
@@ -116,7 +116,7 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
     axes = layout.grouped_reduce_axes()
     if scale is None:
         lo, hi = reduce_groups(lambda part: spec.calibration(part, axes, fmt, spec.symmetric), xg, layout)
-        s, zp = scale_from_range(lo, hi, fmt, spec.symmetric)
+        s, zp = scale_from_range(lo, hi, fmt, spec.symmetric, spec.scale_dtype)
         check_finite = isinstance(spec.calibration, Fixed)
     else:
         s = scale_to_grouped(_given(scale, layout, "scale", cdt), layout)
@@ -134,8 +134,8 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
     if check_finite and xg.size:
         bad = jnp.any(~jnp.isfinite(xg), axis=axes, keepdims=True)
         s = jnp.where(bad, jnp.nan, s)
-    if spec.scale_dtype is not None:  # round to what will be stored: codes agree with it
-        s = s.astype(spec.scale_dtype).astype(cdt)
+    if spec.scale_dtype is not None:  # round (up: no clipping) to what will be stored
+        s = round_scale_up(s, spec.scale_dtype)
     # The barrier keeps XLA from folding the scale's arithmetic into the elementwise
     # division differently in different programs, so quantize/dequantize and fake_quant
     # round identically whether run eagerly or inside any jit.

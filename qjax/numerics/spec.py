@@ -76,7 +76,8 @@ class QuantSpec:
       pack_axis: the axis along which values are packed.
       scale_dtype: how scales are stored: ``None`` (the compute dtype: float32, or float64
         for float64 input) or ``"bfloat16"`` (half the bytes: 0.125 bits per weight instead
-        of 0.25 for groups of 128). Codes are computed with the bfloat16-rounded scale, so
+        of 0.25 for groups of 128). The scale is rounded up to bfloat16 (so the calibrated
+        range never clips) and codes and zero points are computed with it, so
         ``dequantize`` is exact to it; arithmetic on scales stays in float32. (float16 is
         not offered: its range cannot hold every scale, and a clamped scale clips.)
 

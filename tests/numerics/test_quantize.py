@@ -203,6 +203,40 @@ def test_bfloat16_scales_match_reference(fmt, kw):
     np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), np.asarray(y))
 
 
+@pytest.mark.parametrize("fmt", [qjax.int16, qjax.int8, qjax.uint8, qjax.int4, qjax.fp8_e4m3, qjax.fp8_e5m2])
+def test_bfloat16_scales_round_up_so_absmax_never_clips(fmt):
+    # rounded to nearest, bf16(absmax / qmax) can be below it by 2^-9 relative: int16's
+    # largest value then sat 98 steps past qmax and was clipped
+    amax = np.float32(32767 * 1.003 * 2.0**-15)
+    rows = RNG.uniform(-1, 1, (64, 16)).astype(np.float32)
+    rows[:, 0] = 1.0
+    x = rows * (amax * RNG.uniform(0.5, 2, (64, 1))).astype(np.float32)  # one absmax per row
+    x[0] = np.array([1.0, 0.999, 0.5, -0.3] * 4, np.float32) * amax
+    sym = fmt != qjax.uint8
+    spec = QuantSpec(fmt, channel_axes=(0,), scale_dtype="bfloat16", symmetric=sym)
+    q = quantize(x, spec)
+    s = np.asarray(q.scale, np.float64)
+    if fmt.is_float:
+        assert np.all(np.abs(x.astype(np.float64)) / s <= fmt.max_value)
+    else:
+        codes, s_ref, zp, _ = ref_quantize(
+            x, fmt.qmin, fmt.qmax, channel_axes=(0,), symmetric=sym, scale_dtype="bfloat16"
+        )
+        np.testing.assert_array_equal(np.asarray(q.scale, np.float32), s_ref)
+        np.testing.assert_array_equal(_codes(q), codes)
+        lo = np.minimum(x.min(1, keepdims=True), 0).astype(np.float64)
+        hi = np.maximum(x.max(1, keepdims=True), 0).astype(np.float64)
+        zp = 0 if zp is None else zp.astype(np.float64)
+        assert np.all(hi / s + zp <= fmt.qmax + 0.5) and np.all(lo / s + zp >= fmt.qmin - 0.5)
+    # float64 reference: no element is clipped, so the error is at most half a step
+    err = np.abs(np.asarray(dequantize(q), np.float64) - x.astype(np.float64)) / s
+    assert err.max() <= (0.5 if not fmt.is_float else 2.0 ** -(fmt.mantissa_bits + 1) * fmt.max_value) * (
+        1 + 1e-5
+    )
+    g = jax.grad(lambda v: qjax.fake_quant(v, spec).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g), 1.0)  # clipped STE: nothing clipped
+
+
 def test_bfloat16_scales_keep_nan_for_non_finite_groups():
     x = np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)
     q = quantize(x, QuantSpec(qjax.int8, channel_axes=(0,), scale_dtype="bfloat16"))
