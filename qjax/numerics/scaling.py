@@ -53,8 +53,10 @@ def scale_from_range(
 
     Symmetric: ``scale = max(|lo|, |hi|) / qmax`` and no zero point. Asymmetric: the
     range is widened to contain 0 (so 0 is exact), ``scale = (hi - lo) / (qmax - qmin)``
-    and ``zero_point = clip(round(qmin - lo / scale))``. A zero range (all-zero or
-    constant input) gets scale 1, never 0 or NaN. A non-finite range gets scale NaN.
+    and ``zero_point = clip(round(qmin - lo / scale))`` (``hi / n - lo / n`` when
+    ``hi - lo`` overflows). A zero range (all-zero or constant input) gets scale 1, never 0
+    or NaN; a non-zero range gets at least the smallest normal float (a subnormal scale
+    may be flushed to 0). A non-finite range gets scale NaN.
     With ``scale_dtype`` (e.g. ``"bfloat16"``) the scale is rounded up to it
     (:func:`round_scale_up`) before the zero point is computed, so the range still fits.
     """
@@ -62,12 +64,19 @@ def scale_from_range(
     if symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = amax * (1.0 / fmt.qmax)
+        nonzero = amax > 0
         zero_point = None
     else:
         lo = jnp.minimum(lo, 0)
         hi = jnp.maximum(hi, 0)
-        scale = (hi - lo) * (1.0 / (fmt.qmax - fmt.qmin))
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+        width = hi - lo  # overflows for a range wider than the float's max: split it then
+        inv = 1.0 / (fmt.qmax - fmt.qmin)
+        scale = jnp.where(jnp.isfinite(width), width * inv, hi * inv - lo * inv)
+        nonzero = width > 0
+    # a subnormal scale (range below ~qmax * 1.2e-38 in float32) is flushed to 0 on some
+    # backends: keep the smallest normal instead, so a non-zero range stays non-zero
+    tiny = jnp.finfo(scale.dtype).tiny
+    scale = jnp.where(nonzero, jnp.maximum(scale, tiny), jnp.ones_like(scale))
     scale = jnp.where(finite, scale, jnp.full_like(scale, jnp.nan))
     if scale_dtype is not None:
         scale = round_scale_up(scale, scale_dtype)

@@ -90,12 +90,17 @@ def ref_scale(lo, hi, qmin: int, qmax: int, symmetric: bool, scale_dtype=None):
     lo, hi = F32(lo), F32(hi)
     finite = np.isfinite(lo) and np.isfinite(hi)
     if symmetric:
-        s = F32(max(abs(lo), abs(hi))) * F32(1.0 / qmax)
+        a = F32(max(abs(lo), abs(hi)))
+        s, nonzero = a * F32(1.0 / qmax), a > 0
         zp = None
     else:
         lo, hi = min(lo, F32(0)), max(hi, F32(0))
-        s = F32(hi - lo) * F32(1.0 / (qmax - qmin))
-    s = F32(s) if s > 0 else F32(1)
+        inv = F32(1.0 / (qmax - qmin))
+        with np.errstate(over="ignore"):
+            w = F32(hi - lo)
+        s, nonzero = (w * inv if np.isfinite(w) else hi * inv - lo * inv), w > 0
+    # a non-zero range keeps at least the smallest normal scale; a zero range gets 1
+    s = max(F32(s), np.finfo(F32).tiny) if nonzero else F32(1)
     if not finite:
         s = F32(np.nan)
     if scale_dtype == "bfloat16":

@@ -237,6 +237,42 @@ def test_bfloat16_scales_round_up_so_absmax_never_clips(fmt):
     np.testing.assert_array_equal(np.asarray(g), 1.0)  # clipped STE: nothing clipped
 
 
+@pytest.mark.parametrize("amax", [1e-30, 1e-35, 1e-36, 2e-37, 4e-38])  # every element normal
+@pytest.mark.parametrize(
+    "fmt,sym", [(qjax.int8, True), (qjax.uint8, False), (qjax.int4, True), (qjax.fp8_e5m2, True)]
+)
+def test_tiny_ranges_keep_a_normal_scale(amax, fmt, sym):
+    # amax / qmax below float32's smallest normal used to be flushed to 0, replaced by 1,
+    # and every element quantized to 0
+    x = np.array([amax, -amax / 2, amax / 3, 0.0], np.float32)
+    q = quantize(x, QuantSpec(fmt, symmetric=sym))
+    s = float(q.scale[0])
+    s64 = np.abs(x.astype(np.float64)).max() / fmt.qmax if sym else np.ptp(x.astype(np.float64)) / 255
+    assert s == pytest.approx(max(s64, np.finfo(np.float32).tiny), rel=1e-6)  # float64 reference
+    y = np.asarray(dequantize(q), np.float64)
+    if fmt.is_float:  # at most half an fp8 step (relative 2^-3 for e5m2) of each magnitude
+        assert np.all(np.abs(y - x) <= np.abs(x.astype(np.float64)) * 2.0**-3 + s * 2.0**-16)
+    else:
+        assert np.all(np.abs(y - x) <= 0.5 * s + 1e-6 * amax)
+        if not sym:
+            codes, _, _, dq = ref_quantize(x, fmt.qmin, fmt.qmax, symmetric=False)
+            np.testing.assert_array_equal(_codes(q), codes)
+            np.testing.assert_array_equal(np.asarray(dequantize(q)), dq)
+
+
+def test_asymmetric_range_wider_than_float_max_is_finite():
+    x = np.array([3e38, -2e38, 1.0, 0.0, 1e38], np.float32)  # hi - lo overflows float32
+    q = quantize(x, QuantSpec(qjax.uint8, symmetric=False))
+    s64 = (float(x[0]) - float(x[1])) / 255  # float64 reference: no overflow
+    assert float(q.scale[0]) == pytest.approx(s64, rel=1e-6)
+    y = np.asarray(dequantize(q), np.float64)
+    assert np.all(np.isfinite(y))
+    zp = np.round(-float(x[1]) / s64)
+    ref = (np.clip(np.round(x.astype(np.float64) / s64) + zp, 0, 255) - zp) * s64
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * s64)
+    assert np.max(np.abs(y - x)) <= 0.5 * s64 * (1 + 1e-5)
+
+
 def test_bfloat16_scales_keep_nan_for_non_finite_groups():
     x = np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)
     q = quantize(x, QuantSpec(qjax.int8, channel_axes=(0,), scale_dtype="bfloat16"))
