@@ -179,7 +179,7 @@ def mse_range(
 ) -> tuple[float, float]:
     """``(lo, hi)`` minimising the pooled quantization error: the clip ratios ``r`` of
     ``qjax.calib.mse`` applied to the full range, the error ``sum count * |c - Q_r(c)|^norm``
-    over the bin centres ``c``."""
+    over the bin centres ``c``, scaled as in ``qjax.calib.mse`` (invariant to magnitude)."""
     if pooled.bad:
         return math.nan, math.nan
     if pooled.total == 0:
@@ -192,9 +192,22 @@ def mse_range(
         a = max(-lo0, hi0)
         lo0, hi0 = -a, a
     ratios = np.linspace(min_ratio, 1.0, num_candidates)
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    # errors of the values scaled (exactly) by the power of two that brings the largest
+    # magnitude into [0.5, 1): they neither overflow nor underflow float32, so the ratio
+    # chosen does not depend on the data's magnitude
+    e = -math.frexp(max(-lo0, hi0))[1]
+    f32 = lambda v: jnp.asarray(np.ldexp(v, e), dtype=jnp.float32)
     err = np.asarray(
-        _clip_errors(f32(centres), f32(counts), f32(lo0), f32(hi0), f32(ratios), fmt, symmetric, norm)
+        _clip_errors(
+            f32(centres),
+            jnp.asarray(counts, jnp.float32),
+            f32(lo0),
+            f32(hi0),
+            jnp.asarray(ratios, jnp.float32),
+            fmt,
+            symmetric,
+            norm,
+        )
     )
     i = int(np.argmin(err))  # as qjax.calib.MSE: the full range unless a ratio is strictly better
     best = 1.0 if err[-1] <= err[i] else float(ratios[i])

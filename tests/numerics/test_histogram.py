@@ -105,6 +105,23 @@ def test_mse_range_is_near_optimal_on_the_data(symmetric):
     assert hi < max(float(allx.max()), -float(allx.min()))  # it clipped
 
 
+@pytest.mark.parametrize("c", [1e-25, 1.0, 1e18, 1e20])
+def test_mse_range_is_invariant_to_the_data_magnitude(c):
+    # the pooled squared errors under/overflowed float32 far from 1: the full range was kept
+    base = np.random.default_rng(0).standard_t(2, size=4096)
+    pooled = _pool([(base * c).astype(np.float32)])
+    cal = qjax.calib.mse()
+    _, hi = hist.mse_range(pooled, qjax.int4, True, cal.num_candidates, cal.min_ratio, cal.norm)
+    ratio = hi / (np.abs(base).max() * c)
+
+    def err64(r):  # float64 reference on the values, at scale 1
+        s = np.abs(base).max() * r / 7
+        return np.sum((base - np.clip(np.round(base / s), -8, 7) * s) ** 2)
+
+    assert ratio < 0.95
+    assert err64(ratio) <= 1.01 * min(err64(r) for r in np.linspace(cal.min_ratio, 1.0, cal.num_candidates))
+
+
 def test_bad_and_empty_pools():
     pooled = _pool([np.array([1.0, np.nan], np.float32)], bins=BINS)
     assert all(math.isnan(v) for v in hist.percentile_range(pooled, 99.0, True))
