@@ -14,7 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from qjax.numerics.qarray import QArray
+from qjax.numerics.qarray import QArray, channel_axes_from_scale
 
 LAYOUT_PRIMITIVES = frozenset(
     {"transpose", "reshape", "convert_element_type", "broadcast_in_dim", "squeeze", "slice", "dynamic_slice"}
@@ -53,11 +53,7 @@ def _rebuild(q: QArray, values, scale, zero_point, group_axis, dtype=None) -> QA
     """A QArray from transformed parts; channel axes are read off the scale's shape."""
     ndim = values.ndim
     pos_g = None if group_axis is None else group_axis % ndim
-    chans = tuple(
-        a - ndim
-        for a in range(ndim)
-        if a != pos_g and values.shape[a] != 1 and scale.shape[a] == values.shape[a]  # 0: emptied channels
-    )
+    chans = channel_axes_from_scale(values.shape, scale.shape, group_axis)
     return QArray(
         values,
         scale,

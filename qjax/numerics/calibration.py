@@ -132,11 +132,20 @@ class Percentile(Calibration):
         return lo, jnp.where(bad, jnp.nan, hi).reshape(shape)
 
 
+def unit_exponent(a):
+    """``e`` with ``a * 2**-e`` in ``[0.5, 1)`` for finite ``a > 0`` (0 elsewhere): scaling by
+    ``2**-e`` is exact and puts the largest magnitude of a group near 1."""
+    _, e = jnp.frexp(a)
+    return jnp.where(jnp.isfinite(a) & (a > 0), e, 0)
+
+
 @dataclasses.dataclass(frozen=True)
 class MSE(Calibration):
     """MSE-optimal clipping: search clip ratios ``r`` in ``[min_ratio, 1]`` of the full
     (absmax or minmax) range and keep, per scale group, the one that minimises
-    ``sum |x - Q_r(x)|^norm``. Memory stays O(|x|): candidates are scanned, not stacked."""
+    ``sum |x - Q_r(x)|^norm``, computed on the group scaled by a power of two so its largest
+    magnitude is in ``[0.5, 1)`` (the choice is invariant to the data's magnitude). Memory
+    stays O(|x|): candidates are scanned, not stacked."""
 
     num_candidates: int = 64
     min_ratio: float = 0.2
@@ -155,11 +164,16 @@ class MSE(Calibration):
         if symmetric:
             lo0, hi0 = _symmetric(lo0, hi0)
         ratios = jnp.linspace(self.min_ratio, 1.0, int(self.num_candidates), dtype=x.dtype)
+        # search on each group scaled (exactly) by the power of two that brings its largest
+        # magnitude into [0.5, 1): summed |errors|^norm neither overflow nor underflow, so
+        # the ratio chosen does not depend on the data's magnitude
+        e = -unit_exponent(jnp.maximum(-lo0, hi0))
+        xn, lon, hin = (jnp.ldexp(v, e) for v in (x, lo0, hi0))
 
         def error(r):
-            scale, zp = scale_from_range(lo0 * r, hi0 * r, fmt, symmetric)
-            xq = dequantize_values(quantize_values(x, scale, zp, fmt), scale, zp, x.dtype)
-            return jnp.sum(jnp.abs(x - xq) ** self.norm, axis=axes, keepdims=True)
+            scale, zp = scale_from_range(lon * r, hin * r, fmt, symmetric)
+            xq = dequantize_values(quantize_values(xn, scale, zp, fmt), scale, zp, x.dtype)
+            return jnp.sum(jnp.abs(xn - xq) ** self.norm, axis=axes, keepdims=True)
 
         def step(carry, r):
             best_err, best_r = carry

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from qjax.numerics.calibration import AbsMax
 from qjax.numerics.formats import Format
 from qjax.numerics.granularity import from_grouped, reduce_groups, scale_from_grouped, to_grouped
-from qjax.numerics.quantize import _check_spec, as_float_array, scale_grouped
+from qjax.numerics.quantize import _check_spec, as_float_array, check_zero_point, scale_grouped
 from qjax.numerics.scaling import (
     compute_dtype,
     dequantize_values,
@@ -111,7 +111,8 @@ def fake_quant(
       spec: the :class:`QuantSpec`; ``spec.ste`` picks the backward rule.
       scale: optional scale (broadcastable to the stored scale shape). Required for
         ``ste="lsq"``, where it is learned: initialise it with :func:`lsq_init_scale`.
-      zero_point: zero point for an asymmetric spec with a given scale.
+      zero_point: zero point for an asymmetric spec with a given scale (rounded and checked
+        as in :func:`qjax.quantize`).
       key: PRNG key for ``rounding="stochastic"`` (the same key gives the same rounding
         as ``quantize(x, spec, key=key)``).
 
@@ -123,6 +124,7 @@ def fake_quant(
     """
     spec = _check_spec(spec)
     x = as_float_array(x)
+    check_zero_point(zero_point, spec)
     if spec.ste == "lsq" and scale is None:
         raise ValueError(
             "ste='lsq' learns the scale: pass scale=... (initialise it with qjax.lsq_init_scale(x, spec))"

@@ -44,7 +44,8 @@ def histogram(x: jax.Array, r_prev: jax.Array, bins: int) -> dict[str, jax.Array
     Returns:
       ``{"pos", "neg"}``: float32 ``(bins,)`` counts of the magnitudes of the values ``>= 0``
       / ``< 0`` over ``[0, r)``; ``"r"``: the range used (a power of two, at least
-      ``r_prev``); ``"max_pos"`` / ``"max_neg"``: the largest magnitude of each sign;
+      ``r_prev``; infinite for a magnitude ``>= 2**127``, which :meth:`Pooled.add`
+      refuses); ``"max_pos"`` / ``"max_neg"``: the largest magnitude of each sign;
       ``"bad"``: 1.0 when ``x`` holds NaN or infinity (its range is then NaN, as
       everywhere in qjax), else 0.0.
     """
@@ -53,10 +54,14 @@ def histogram(x: jax.Array, r_prev: jax.Array, bins: int) -> dict[str, jax.Array
     x = jnp.where(finite, x, 0.0)
     mag = jnp.abs(x)
     m = jnp.max(mag, initial=0.0)
-    # the smallest power of two above m (strictly: m itself must fall inside [0, r))
-    need = jnp.exp2(jnp.floor(jnp.log2(jnp.maximum(m, jnp.finfo(jnp.float32).tiny))) + 1)
+    # the smallest power of two above m (strictly: m itself must fall inside [0, r)); frexp
+    # is exact where a float32 log2 rounds up just below a power of two (2**128 for m < 2**127)
+    _, e = jnp.frexp(jnp.maximum(m, jnp.finfo(jnp.float32).tiny))  # m = f 2^e, f in [0.5, 1)
+    need = jnp.ldexp(jnp.float32(1), e)
     r = jnp.maximum(need, jnp.asarray(r_prev, jnp.float32))
-    idx = jnp.clip(jnp.floor(mag / r * bins), 0, bins - 1).astype(jnp.int32)
+    # halved: XLA may divide by multiplying with 1 / r, and 1 / 2**127 is subnormal (flushed
+    # to 0 on CPU, which put the whole top binade in bin 0); r >= 2**-125, so 2 / r is finite
+    idx = jnp.clip(jnp.floor(mag * 0.5 / (r * 0.5) * bins), 0, bins - 1).astype(jnp.int32)
     neg = x < 0
     counts = jnp.zeros((2, bins), jnp.float32).at[neg.astype(jnp.int32), idx].add(1.0)
     return {
@@ -103,10 +108,22 @@ class Pooled:
 
     def add(self, h: dict) -> None:
         """Fold in one :func:`histogram` (host arrays of one op and layer). A histogram of
-        NaNs (a ``cond`` branch that did not run) is skipped."""
+        NaNs (a ``cond`` branch that did not run) is skipped.
+
+        Raises:
+          ValueError: the batch holds a finite magnitude ``>= 2**127``, whose power-of-two
+            range ``2**128`` overflows float32.
+        """
         r = float(h["r"])
         if math.isnan(r):
             return
+        if math.isinf(r):
+            m = max(float(h["max_pos"]), float(h["max_neg"]))
+            raise ValueError(
+                f"histogram calibration cannot bin magnitudes >= 2**127 (~1.7e38): a batch holds "
+                f"max |x| = {m:.4g}, whose power-of-two histogram range 2**128 overflows float32; "
+                "calibrate without histogram_bins, or scale these activations down"
+            )
         self.bad = self.bad or bool(h["bad"] > 0)
         new_r = max(self.r, r)
         pos, neg = np.asarray(h["pos"], np.float64), np.asarray(h["neg"], np.float64)
@@ -162,7 +179,7 @@ def mse_range(
 ) -> tuple[float, float]:
     """``(lo, hi)`` minimising the pooled quantization error: the clip ratios ``r`` of
     ``qjax.calib.mse`` applied to the full range, the error ``sum count * |c - Q_r(c)|^norm``
-    over the bin centres ``c``."""
+    over the bin centres ``c``, scaled as in ``qjax.calib.mse`` (invariant to magnitude)."""
     if pooled.bad:
         return math.nan, math.nan
     if pooled.total == 0:
@@ -175,9 +192,22 @@ def mse_range(
         a = max(-lo0, hi0)
         lo0, hi0 = -a, a
     ratios = np.linspace(min_ratio, 1.0, num_candidates)
-    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    # errors of the values scaled (exactly) by the power of two that brings the largest
+    # magnitude into [0.5, 1): they neither overflow nor underflow float32, so the ratio
+    # chosen does not depend on the data's magnitude
+    e = -math.frexp(max(-lo0, hi0))[1]
+    f32 = lambda v: jnp.asarray(np.ldexp(v, e), dtype=jnp.float32)
     err = np.asarray(
-        _clip_errors(f32(centres), f32(counts), f32(lo0), f32(hi0), f32(ratios), fmt, symmetric, norm)
+        _clip_errors(
+            f32(centres),
+            jnp.asarray(counts, jnp.float32),
+            f32(lo0),
+            f32(hi0),
+            jnp.asarray(ratios, jnp.float32),
+            fmt,
+            symmetric,
+            norm,
+        )
     )
     i = int(np.argmin(err))  # as qjax.calib.MSE: the full range unless a ratio is strictly better
     best = 1.0 if err[-1] <= err[i] else float(ratios[i])

@@ -27,6 +27,16 @@ _CHILDREN = ("values", "scale", "zero_point", "act_scale", "act_zero_point")
 _AUX = ("format", "dtype", "channel_axes", "group_axis", "group_size", "packed_axis", "packed_length")
 
 
+def channel_axes_from_scale(shape, scale_shape, group_axis: int | None = None) -> tuple[int, ...]:
+    """The channel axes (negative indices) that a scale of ``scale_shape`` gives an array of
+    logical ``shape``: every axis but the group axis where the scale has the array's full,
+    non-unit length (an emptied axis, length 0, counts). Reads the true granularity of a
+    QArray whose scale gained axes its metadata does not list (a ``jax.vmap`` output)."""
+    ndim = len(shape)
+    pos_g = None if group_axis is None else group_axis % ndim
+    return tuple(a - ndim for a in range(ndim) if a != pos_g and shape[a] != 1 and scale_shape[a] == shape[a])
+
+
 @jax.tree_util.register_pytree_with_keys_class
 class QArray:
     """A quantized array: ``dequantize() == (values - zero_point) * scale`` broadcast per
@@ -176,7 +186,9 @@ class QArray:
             raise ValueError(
                 f"QArray scale has shape {tuple(np.shape(self.scale))} but values of shape {self.shape} "
                 f"with channel_axes={self.channel_axes}, group_axis={self.group_axis}, "
-                f"group_size={self.group_size} need scale shape {want}"
+                f"group_size={self.group_size} need scale shape {want} (a QArray returned by "
+                "jax.vmap(qjax.quantize) has the mapped axis in its scale but not in its channel_axes: "
+                "quantize the stacked array with that axis in channel_axes instead)"
             )
         if self.zero_point is not None and tuple(np.shape(self.zero_point)) != want:
             raise ValueError(

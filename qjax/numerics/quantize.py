@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.numerics.calibration import Fixed
 from qjax.numerics.granularity import (
@@ -20,7 +21,7 @@ from qjax.numerics.granularity import (
 )
 from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
-from qjax.numerics.scaling import compute_dtype, quantize_values, scale_from_range
+from qjax.numerics.scaling import compute_dtype, quantize_values, round_scale_up, scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray
 
@@ -63,11 +64,51 @@ def _given(value, layout: Layout, name: str, dtype) -> jax.Array:
         ) from None
 
 
+def _check_zero_point_use(spec: QuantSpec, scale, zero_point) -> None:
+    if zero_point is None:
+        return
+    if spec.symmetric:
+        raise ValueError(
+            "zero_point was given but the spec is symmetric (it has no zero point): use a spec "
+            "with symmetric=False, or drop zero_point"
+        )
+    if scale is None:
+        raise ValueError("zero_point is used only with a given scale: pass scale=... as well")
+
+
+def check_zero_point(zero_point, spec: QuantSpec) -> None:
+    """Refuse a given ``zero_point`` that ``spec`` cannot use, or (when concrete) whose values
+    do not round into the format's code range ``[qmin, qmax]``. A traced zero point cannot
+    be checked: it is clipped to the range instead (see :func:`_zero_point_codes`).
+
+    Raises:
+      ValueError: naming ``zero_point``.
+    """
+    if zero_point is None or spec.symmetric or isinstance(zero_point, jax.core.Tracer):
+        return
+    fmt = spec.format
+    z = np.round(np.asarray(zero_point, np.float64))
+    bad = ~((z >= fmt.qmin) & (z <= fmt.qmax))  # NaN is bad too
+    if bad.any():
+        raise ValueError(
+            f"zero_point must round into {fmt.name}'s code range [{fmt.qmin}, {fmt.qmax}], got "
+            f"{np.asarray(zero_point, np.float64)[bad].ravel()[:4].tolist()} (before rounding)"
+        )
+
+
+def _zero_point_codes(zero_point, fmt) -> jax.Array:
+    """A given zero point as codes: rounded to nearest (ties to even) and clipped to
+    ``[qmin, qmax]`` (the clip only acts on a traced value, which cannot be checked)."""
+    z = jnp.round(jnp.asarray(zero_point, jnp.float32))
+    return jnp.clip(z, fmt.qmin, fmt.qmax).astype(fmt.storage_dtype)
+
+
 def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None) -> Grouped:
     """Lay ``x`` out by ``spec``'s granularity and compute (or take) its scale.
 
     Shared by :func:`quantize` and ``fake_quant`` so both round identically.
     """
+    _check_zero_point_use(spec, scale, zero_point)
     layout = spec.layout(x.shape)
     cdt = compute_dtype(x.dtype)
     xg = to_grouped(x.astype(cdt), layout, pad_mode="edge")
@@ -75,7 +116,7 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
     axes = layout.grouped_reduce_axes()
     if scale is None:
         lo, hi = reduce_groups(lambda part: spec.calibration(part, axes, fmt, spec.symmetric), xg, layout)
-        s, zp = scale_from_range(lo, hi, fmt, spec.symmetric)
+        s, zp = scale_from_range(lo, hi, fmt, spec.symmetric, spec.scale_dtype)
         check_finite = isinstance(spec.calibration, Fixed)
     else:
         s = scale_to_grouped(_given(scale, layout, "scale", cdt), layout)
@@ -86,13 +127,15 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
         if not spec.symmetric:
             if zero_point is None:
                 raise ValueError("asymmetric quantization with a given scale also needs zero_point")
-            zp = scale_to_grouped(_given(zero_point, layout, "zero_point", fmt.storage_dtype), layout)
+            zp = scale_to_grouped(
+                _given(_zero_point_codes(zero_point, fmt), layout, "zero_point", fmt.storage_dtype), layout
+            )
         check_finite = True
     if check_finite and xg.size:
         bad = jnp.any(~jnp.isfinite(xg), axis=axes, keepdims=True)
         s = jnp.where(bad, jnp.nan, s)
-    if spec.scale_dtype is not None:  # round to what will be stored: codes agree with it
-        s = s.astype(spec.scale_dtype).astype(cdt)
+    if spec.scale_dtype is not None:  # round (up: no clipping) to what will be stored
+        s = round_scale_up(s, spec.scale_dtype)
     # The barrier keeps XLA from folding the scale's arithmetic into the elementwise
     # division differently in different programs, so quantize/dequantize and fake_quant
     # round identically whether run eagerly or inside any jit.
@@ -139,7 +182,10 @@ def quantize(
       spec: the :class:`QuantSpec`.
       key: PRNG key, required when ``spec.rounding == "stochastic"``.
       scale: optional precomputed scale (broadcastable to the stored scale shape); when
-        given, calibration is skipped. ``zero_point`` likewise, for asymmetric specs.
+        given, calibration is skipped.
+      zero_point: with ``scale``, for asymmetric specs only: rounded to the nearest code
+        (ties to even); a concrete value outside the format's code range is refused, a
+        traced one (inside ``jit``) is clipped to it.
 
     Returns:
       A :class:`QArray`; ``dequantize(quantize(x, spec))`` has ``x``'s shape and dtype.
@@ -149,13 +195,16 @@ def quantize(
     Raises:
       TypeError: ``x`` is not floating point or ``spec`` is not a QuantSpec.
       ValueError: an axis is out of range, the group size does not divide, a stochastic
-        spec has no key, or a given scale has the wrong shape.
+        spec has no key, a given scale has the wrong shape, or a given zero point is out
+        of range, lacks a scale, or comes with a symmetric spec.
 
     Example:
       >>> q = qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
       >>> w_hat = qjax.dequantize(q)
     """
-    return _quantize(as_float_array(x), _check_spec(spec), key, scale, zero_point)
+    spec = _check_spec(spec)
+    check_zero_point(zero_point, spec)
+    return _quantize(as_float_array(x), spec, key, scale, zero_point)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

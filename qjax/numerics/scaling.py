@@ -25,8 +25,24 @@ def compute_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
+def round_scale_up(scale: jnp.ndarray, dtype) -> jnp.ndarray:
+    """``scale`` rounded to ``dtype`` (e.g. bfloat16) toward +inf, returned in its own dtype.
+
+    Rounding a scale to nearest can make it smaller, so ``max|x| / scale`` would exceed
+    ``qmax`` and the largest values would clip; rounded up, they never do. Positive scales
+    only (scales are positive or NaN); the largest finite value of ``dtype`` caps it.
+    """
+    r = scale.astype(dtype)
+    below = r.astype(scale.dtype) < scale
+    finfo = jnp.finfo(dtype)
+    bits = jax.lax.bitcast_convert_type(r, jnp.dtype(f"uint{finfo.bits}"))
+    up = jax.lax.bitcast_convert_type(bits + jnp.ones_like(bits), r.dtype)  # next value above r > 0
+    r = jnp.where(below, jnp.minimum(up, jnp.asarray(finfo.max, dtype)), r)
+    return r.astype(scale.dtype)
+
+
 def scale_from_range(
-    lo: jnp.ndarray, hi: jnp.ndarray, fmt: Format, symmetric: bool
+    lo: jnp.ndarray, hi: jnp.ndarray, fmt: Format, symmetric: bool, scale_dtype=None
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
     """Map a calibrated range ``[lo, hi]`` to ``(scale, zero_point)``.
 
@@ -37,20 +53,33 @@ def scale_from_range(
 
     Symmetric: ``scale = max(|lo|, |hi|) / qmax`` and no zero point. Asymmetric: the
     range is widened to contain 0 (so 0 is exact), ``scale = (hi - lo) / (qmax - qmin)``
-    and ``zero_point = clip(round(qmin - lo / scale))``. A zero range (all-zero or
-    constant input) gets scale 1, never 0 or NaN. A non-finite range gets scale NaN.
+    and ``zero_point = clip(round(qmin - lo / scale))`` (``hi / n - lo / n`` when
+    ``hi - lo`` overflows). A zero range (all-zero or constant input) gets scale 1, never 0
+    or NaN; a non-zero range gets at least the smallest normal float (a subnormal scale
+    may be flushed to 0). A non-finite range gets scale NaN.
+    With ``scale_dtype`` (e.g. ``"bfloat16"``) the scale is rounded up to it
+    (:func:`round_scale_up`) before the zero point is computed, so the range still fits.
     """
     finite = jnp.isfinite(lo) & jnp.isfinite(hi)
     if symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
         scale = amax * (1.0 / fmt.qmax)
+        nonzero = amax > 0
         zero_point = None
     else:
         lo = jnp.minimum(lo, 0)
         hi = jnp.maximum(hi, 0)
-        scale = (hi - lo) * (1.0 / (fmt.qmax - fmt.qmin))
-    scale = jnp.where(scale > 0, scale, jnp.ones_like(scale))
+        width = hi - lo  # overflows for a range wider than the float's max: split it then
+        inv = 1.0 / (fmt.qmax - fmt.qmin)
+        scale = jnp.where(jnp.isfinite(width), width * inv, hi * inv - lo * inv)
+        nonzero = width > 0
+    # a subnormal scale (range below ~qmax * 1.2e-38 in float32) is flushed to 0 on some
+    # backends: keep the smallest normal instead, so a non-zero range stays non-zero
+    tiny = jnp.finfo(scale.dtype).tiny
+    scale = jnp.where(nonzero, jnp.maximum(scale, tiny), jnp.ones_like(scale))
     scale = jnp.where(finite, scale, jnp.full_like(scale, jnp.nan))
+    if scale_dtype is not None:
+        scale = round_scale_up(scale, scale_dtype)
     if not symmetric:
         zp = jnp.clip(jnp.round(fmt.qmin - lo * (1.0 / scale)), fmt.qmin, fmt.qmax)
         zero_point = jnp.where(finite, zp, 0).astype(fmt.storage_dtype)

@@ -49,6 +49,11 @@ def _as_int(v, name: str):
     return int(v) if _is_int(v) else v
 
 
+def default_calibration(symmetric: bool) -> calib.Calibration:
+    """The calibrator a spec gets when none is given: absmax (symmetric) or minmax."""
+    return calib.absmax() if symmetric else calib.minmax()
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantSpec:
     """How to quantize a tensor.
@@ -71,7 +76,8 @@ class QuantSpec:
       pack_axis: the axis along which values are packed.
       scale_dtype: how scales are stored: ``None`` (the compute dtype: float32, or float64
         for float64 input) or ``"bfloat16"`` (half the bytes: 0.125 bits per weight instead
-        of 0.25 for groups of 128). Codes are computed with the bfloat16-rounded scale, so
+        of 0.25 for groups of 128). The scale is rounded up to bfloat16 (so the calibrated
+        range never clips) and codes and zero points are computed with it, so
         ``dequantize`` is exact to it; arithmetic on scales stays in float32. (float16 is
         not offered: its range cannot hold every scale, and a clamped scale clips.)
 
@@ -136,7 +142,7 @@ class QuantSpec:
             if self.group_axis in self.channel_axes:
                 raise ValueError(f"group_axis={self.group_axis} is also in channel_axes={self.channel_axes}")
         if self.calibration is None:
-            object.__setattr__(self, "calibration", calib.absmax() if self.symmetric else calib.minmax())
+            object.__setattr__(self, "calibration", default_calibration(self.symmetric))
         if not isinstance(self.calibration, calib.Calibration):
             raise TypeError(
                 "calibration must be a qjax.calib calibrator (e.g. qjax.calib.absmax()), "
@@ -176,7 +182,16 @@ class QuantSpec:
         return resolve_layout(shape, axes, self.group_axis, self.group_size, self.pad_groups)
 
     def replace(self, **changes) -> QuantSpec:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        Changing ``symmetric`` without giving ``calibration`` re-defaults a calibrator that
+        was the default of the old symmetry (absmax <-> minmax), so
+        ``QuantSpec(f).replace(symmetric=False) == QuantSpec(f, symmetric=False)``; any
+        other calibrator is kept.
+        """
+        flips = "symmetric" in changes and bool(changes["symmetric"]) != self.symmetric
+        if flips and "calibration" not in changes and self.calibration == default_calibration(self.symmetric):
+            changes["calibration"] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

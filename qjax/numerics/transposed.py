@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from qjax.numerics.granularity import Layout
 from qjax.numerics.packing import pack
-from qjax.numerics.qarray import QArray
+from qjax.numerics.qarray import QArray, channel_axes_from_scale
 
 
 def _swapped_axis(axis: int | None) -> int | None:
@@ -44,16 +45,23 @@ def _swap_qarray(q: QArray) -> QArray:
     def swap(x):
         return None if x is None else jnp.swapaxes(x, -1, -2)
 
+    scale, group_axis = swap(q.scale), _swapped_axis(q.group_axis)
+    shape = (*q.shape[:-2], q.shape[-1], q.shape[-2])
+    channel_axes = tuple(sorted(_swapped_axis(a) for a in q.channel_axes))
+    if Layout(shape, channel_axes, group_axis, q.group_size).scale_shape != scale.shape:
+        # the scale has axes the metadata does not list (a jax.vmap(qjax.quantize) output
+        # over stacked layers): read the channel axes off the scale itself
+        channel_axes = channel_axes_from_scale(shape, scale.shape, group_axis)
     return QArray(
         values,
-        swap(q.scale),
+        scale,
         swap(q.zero_point),
         act_scale=q.act_scale,
         act_zero_point=q.act_zero_point,
         format=q.format,
         dtype=q.dtype,
-        channel_axes=tuple(sorted(_swapped_axis(a) for a in q.channel_axes)),
-        group_axis=_swapped_axis(q.group_axis),
+        channel_axes=channel_axes,
+        group_axis=group_axis,
         group_size=q.group_size,
         packed_axis=packed_axis,
         packed_length=q.packed_length,

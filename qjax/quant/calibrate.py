@@ -220,7 +220,10 @@ def calibrate(
         for path, value in step(params, args, ranges).items():
             rule = _rule(policy, path)
             if isinstance(value[0], dict):  # histograms
-                pools.setdefault(path, _Histograms(histogram_bins)).add(value)
+                try:
+                    pools.setdefault(path, _Histograms(histogram_bins)).add(value)
+                except ValueError as e:
+                    raise ValueError(f"activation of the op reading {path!r}: {e}") from e
                 continue
             mean = rule.act.calibration.name in _POOLED
             lo, hi = _combine_in_batch(value, mean)

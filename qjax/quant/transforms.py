@@ -67,6 +67,18 @@ def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> dict[str,
     return scales
 
 
+def _given_scale(scales: dict[str, jax.Array], path: str, spec: QuantSpec):
+    """The scale given for ``path``, if any; refused for an asymmetric spec, which would
+    also need a zero point (these transforms take none)."""
+    scale = scales.get(path)
+    if scale is not None and not spec.symmetric:
+        raise ValueError(
+            "a scale is given for it in scales=..., but its weight spec is asymmetric: given "
+            "scales need a symmetric spec (no zero points are taken); drop its scale to calibrate it"
+        )
+    return scale
+
+
 def quantize_params(
     params: Any,
     policy: Policy,
@@ -85,7 +97,8 @@ def quantize_params(
         is stored in the weight's ``QArray`` (``act_scale``/``act_zero_point``).
       scales: ``{path: scale}`` to use instead of calibrating, e.g. the LSQ scales
         learned during QAT (:func:`lsq_scales`), so the exported model equals the
-        fake-quantized one. Required for leaves whose spec has ``ste="lsq"``.
+        fake-quantized one. Required for leaves whose spec has ``ste="lsq"``; only for
+        leaves with a symmetric spec (no zero points are taken).
       key: PRNG key, needed when a spec uses stochastic rounding (one key per leaf is
         derived from the leaf path).
 
@@ -94,7 +107,8 @@ def quantize_params(
 
     Raises:
       ValueError / TypeError: a spec does not fit a leaf (axis out of range, group size,
-        non-float leaf); the message names the leaf path and the rule.
+        non-float leaf), or a scale is given for a leaf with an asymmetric spec; the message
+        names the leaf path and the rule.
 
     Example:
       >>> qparams = qjax.quantize_params(variables, policy)
@@ -112,7 +126,7 @@ def quantize_params(
 
     @_weight_matches(policy)
     def q(path, leaf, spec):
-        scale = scales.get(path)
+        scale = _given_scale(scales, path, spec)
         if spec.ste == "lsq" and scale is None:
             raise ValueError(
                 "ste='lsq' learns the scale: pass the trained scales=... (from qjax.lsq_scales) so "
@@ -237,21 +251,23 @@ def fake_quant_params(
       params: pytree of float arrays.
       policy: the :class:`Policy`.
       scales: learnable scales ``{path: scale}`` from :func:`lsq_scales`, required for
-        leaves whose spec has ``ste="lsq"`` (their gradient flows to these scales).
+        leaves whose spec has ``ste="lsq"`` (their gradient flows to these scales); only
+        for leaves with a symmetric spec (no zero points are taken).
       key: PRNG key for stochastic rounding (one key per leaf, derived from its path).
 
     Returns:
       A pytree of the same structure and dtypes.
 
     Raises:
-      ValueError / TypeError: as :func:`quantize_params`; also an lsq leaf with no scale.
+      ValueError / TypeError: as :func:`quantize_params`; also an lsq leaf with no scale,
+        or a scale given for a leaf with an asymmetric spec.
     """
     check_policy(policy)
     scales = _check_scales(params, scales)
 
     @_weight_matches(policy)
     def fq(path, leaf, spec: QuantSpec):
-        scale = scales.get(path)
+        scale = _given_scale(scales, path, spec)
         if spec.ste == "lsq" and scale is None:
             raise ValueError("ste='lsq' needs a learnable scale: pass scales=qjax.lsq_scales(params, policy)")
         return fake_quant(leaf, spec, scale=scale, key=fold_in_path(key, path))

@@ -76,19 +76,35 @@ def ref_range(v: np.ndarray, calib: str, symmetric: bool, p: float = 99.0, lohi=
     return lo, hi
 
 
-def ref_scale(lo, hi, qmin: int, qmax: int, symmetric: bool):
-    """``scale_from_range`` as documented, in float32."""
+def bf16_up(s) -> np.float32:
+    """A positive float32 ``s`` rounded up (toward +inf) to bfloat16, as float32."""
+    b = np.asarray(F32(s)).astype(ml_dtypes.bfloat16)
+    if np.isfinite(s) and F32(b) < F32(s):
+        b = (b.view(np.uint16) + np.uint16(1)).view(ml_dtypes.bfloat16)
+    return F32(b)
+
+
+def ref_scale(lo, hi, qmin: int, qmax: int, symmetric: bool, scale_dtype=None):
+    """``scale_from_range`` as documented, in float32 (``scale_dtype="bfloat16"``: the
+    scale rounded up to bfloat16 before the zero point is computed)."""
     lo, hi = F32(lo), F32(hi)
     finite = np.isfinite(lo) and np.isfinite(hi)
     if symmetric:
-        s = F32(max(abs(lo), abs(hi))) * F32(1.0 / qmax)
+        a = F32(max(abs(lo), abs(hi)))
+        s, nonzero = a * F32(1.0 / qmax), a > 0
         zp = None
     else:
         lo, hi = min(lo, F32(0)), max(hi, F32(0))
-        s = F32(hi - lo) * F32(1.0 / (qmax - qmin))
-    s = F32(s) if s > 0 else F32(1)
+        inv = F32(1.0 / (qmax - qmin))
+        with np.errstate(over="ignore"):
+            w = F32(hi - lo)
+        s, nonzero = (w * inv if np.isfinite(w) else hi * inv - lo * inv), w > 0
+    # a non-zero range keeps at least the smallest normal scale; a zero range gets 1
+    s = max(F32(s), np.finfo(F32).tiny) if nonzero else F32(1)
     if not finite:
         s = F32(np.nan)
+    if scale_dtype == "bfloat16":
+        s = bf16_up(s)
     if not symmetric:
         zp = 0 if not finite else int(np.clip(np.rint(F32(qmin) - lo * (F32(1) / s)), qmin, qmax))
     return s, zp
@@ -116,8 +132,8 @@ def ref_quantize(
     **calib_kw,
 ):
     """Reference fake-quantization of ``x`` (float32 numpy). ``scale_dtype="bfloat16"``:
-    each scale is rounded to bfloat16 (nearest even) after the zero point is computed, and
-    the codes use the rounded scale.
+    each scale is rounded up to bfloat16 (so the range never clips), and the zero point
+    and the codes use the rounded scale.
 
     Returns ``(codes int64, scale (scale shape), zero_point or None, dequantized float32)``.
     """
@@ -131,11 +147,9 @@ def ref_quantize(
     for idx, sl in groups:
         v = x[sl]
         lo, hi = ref_range(v, calib, symmetric, **calib_kw)
-        s, zp = ref_scale(lo, hi, qmin, qmax, symmetric)
+        s, zp = ref_scale(lo, hi, qmin, qmax, symmetric, scale_dtype)
         if calib == "fixed" and not np.all(np.isfinite(v)):
             s = F32(np.nan)
-        if scale_dtype == "bfloat16":
-            s = F32(np.asarray(s, np.float32).astype(ml_dtypes.bfloat16))
         scale[idx] = s
         if zps is not None:
             zps[idx] = zp

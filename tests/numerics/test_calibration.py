@@ -122,6 +122,27 @@ def test_mse_beats_absmax_on_heavy_tails_and_finds_best_candidate(fmt, symmetric
     assert e_mse <= errs.min() * (1 + 1e-5)
 
 
+def _err64(x, ratio, qmin, qmax):
+    """float64 squared error of symmetric quantization with the range clipped to ``ratio``."""
+    x = np.asarray(x, np.float64)
+    s = np.abs(x).max() * ratio / qmax
+    return np.sum((x - np.clip(np.round(x / s), qmin, qmax) * s) ** 2)
+
+
+@pytest.mark.parametrize("c", [1e-25, 1e-19, 1.0, 1e15, 1e18, 1e20, 2e34])
+def test_mse_choice_is_invariant_to_the_data_magnitude(c):
+    # squared errors used to underflow (|x| < ~1e-19) or overflow (> ~1e18) in float32: every
+    # candidate tied and the full range (ratio 1.0) was kept
+    base = np.random.default_rng(0).standard_t(2, size=4096).astype(np.float32)
+    x = base * np.float32(c)
+    s, _ = qjax.compute_scale(jnp.asarray(x), QuantSpec(qjax.int4, calibration=calib.mse()))
+    ratio = float(s[0]) * 7 / float(np.abs(x.astype(np.float64)).max())
+    ratios = np.linspace(0.2, 1.0, 64)
+    best = min(_err64(base, r, -8, 7) for r in ratios)  # float64 reference search, at scale 1
+    assert ratio < 0.95
+    assert _err64(base, ratio, -8, 7) <= best * (1 + 1e-4)
+
+
 def test_mse_per_channel_is_per_channel():
     x = RNG.standard_t(3, size=(256, 4)).astype(np.float32)
     x[:, 0] *= 100  # channels have very different ranges

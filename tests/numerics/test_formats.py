@@ -223,6 +223,23 @@ def test_spec_replace_revalidates():
     assert s.replace(format="int4").format == qjax.int4
 
 
+def test_spec_replace_symmetric_redefaults_calibration():
+    # the absmax default of a symmetric spec must not survive a switch to asymmetric: it
+    # would spend half of uint8's codes on [-max|x|, 0) for post-ReLU data
+    assert QuantSpec(qjax.uint8).replace(symmetric=False) == QuantSpec(qjax.uint8, symmetric=False)
+    assert QuantSpec(qjax.int8, symmetric=False).replace(symmetric=True) == QuantSpec(qjax.int8)
+    kept = QuantSpec(qjax.uint8, calibration=qjax.calib.percentile(99.0)).replace(symmetric=False)
+    assert kept.calibration == qjax.calib.percentile(99.0)
+    given = QuantSpec(qjax.uint8).replace(symmetric=False, calibration=qjax.calib.absmax())
+    assert given.calibration == qjax.calib.absmax()
+    x = np.linspace(0.0, 1.0, 256)
+    spec = QuantSpec(qjax.uint8).replace(symmetric=False)
+    y = np.asarray(qjax.fake_quant(jnp.asarray(x, jnp.float32), spec), np.float64)
+    s = (x.max() - x.min()) / 255  # float64 minmax reference: every code used, error <= s / 2
+    assert abs(float(qjax.quantize(jnp.asarray(x, jnp.float32), spec).scale[0]) - s) <= 1e-6 * s
+    assert np.max(np.abs(y - x)) <= 0.5 * s * (1 + 1e-5)
+
+
 SPECS_FOR_DICT = [
     QuantSpec(qjax.int8),
     QuantSpec(qjax.int4, channel_axes=(-1,), group_size=32, group_axis=0, pad_groups=True),

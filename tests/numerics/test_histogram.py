@@ -105,6 +105,23 @@ def test_mse_range_is_near_optimal_on_the_data(symmetric):
     assert hi < max(float(allx.max()), -float(allx.min()))  # it clipped
 
 
+@pytest.mark.parametrize("c", [1e-25, 1.0, 1e18, 1e20])
+def test_mse_range_is_invariant_to_the_data_magnitude(c):
+    # the pooled squared errors under/overflowed float32 far from 1: the full range was kept
+    base = np.random.default_rng(0).standard_t(2, size=4096)
+    pooled = _pool([(base * c).astype(np.float32)])
+    cal = qjax.calib.mse()
+    _, hi = hist.mse_range(pooled, qjax.int4, True, cal.num_candidates, cal.min_ratio, cal.norm)
+    ratio = hi / (np.abs(base).max() * c)
+
+    def err64(r):  # float64 reference on the values, at scale 1
+        s = np.abs(base).max() * r / 7
+        return np.sum((base - np.clip(np.round(base / s), -8, 7) * s) ** 2)
+
+    assert ratio < 0.95
+    assert err64(ratio) <= 1.01 * min(err64(r) for r in np.linspace(cal.min_ratio, 1.0, cal.num_candidates))
+
+
 def test_bad_and_empty_pools():
     pooled = _pool([np.array([1.0, np.nan], np.float32)], bins=BINS)
     assert all(math.isnan(v) for v in hist.percentile_range(pooled, 99.0, True))
@@ -118,3 +135,27 @@ def test_bad_and_empty_pools():
     }
     empty.add(nan)
     assert empty.r == 0.0 and empty.total == 0.0
+
+
+@pytest.mark.parametrize("first", [None, 1.0])
+def test_magnitudes_from_2_to_the_127_are_refused_clearly(first):
+    # the power-of-two range 2**128 of a finite float32 >= 2**127 overflows to inf: it used
+    # to crash with "cannot convert float NaN / infinity to integer"
+    x = np.ones(16, np.float32)
+    x[3] = np.float32(2e38)
+    assert float(np.abs(x.astype(np.float64)).max()) >= 2.0**127  # float64 reference
+    pooled = hist.Pooled.empty(BINS)
+    if first is not None:
+        pooled.add(_host(hist.histogram(jnp.full(4, first), jnp.float32(0), BINS)))
+    h = _host(hist.histogram(jnp.asarray(x), jnp.float32(pooled.r), BINS))
+    with pytest.raises(ValueError, match=r"cannot bin magnitudes >= 2\*\*127 .*max \|x\| = 2e\+38"):
+        pooled.add(h)
+    # the top binade [2**126, 2**127) still bins exactly (range 2**127), as numpy does
+    below = np.float32(np.nextafter(np.float32(2.0**127), np.float32(0)))
+    v = np.array([below, -1.5 * 2.0**126, 2.0**126, 1.0], np.float32)
+    h = _host(hist.histogram(jnp.asarray(v), jnp.float32(0), BINS))
+    assert float(h["r"]) == 2.0**127
+    a = np.abs(v.astype(np.float64))
+    want = np.histogram(a[v >= 0], bins=BINS, range=(0, 2.0**127))[0]
+    np.testing.assert_array_equal(h["pos"], want)
+    np.testing.assert_array_equal(h["neg"], np.histogram(a[v < 0], bins=BINS, range=(0, 2.0**127))[0])

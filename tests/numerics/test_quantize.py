@@ -203,6 +203,76 @@ def test_bfloat16_scales_match_reference(fmt, kw):
     np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), np.asarray(y))
 
 
+@pytest.mark.parametrize("fmt", [qjax.int16, qjax.int8, qjax.uint8, qjax.int4, qjax.fp8_e4m3, qjax.fp8_e5m2])
+def test_bfloat16_scales_round_up_so_absmax_never_clips(fmt):
+    # rounded to nearest, bf16(absmax / qmax) can be below it by 2^-9 relative: int16's
+    # largest value then sat 98 steps past qmax and was clipped
+    amax = np.float32(32767 * 1.003 * 2.0**-15)
+    rows = RNG.uniform(-1, 1, (64, 16)).astype(np.float32)
+    rows[:, 0] = 1.0
+    x = rows * (amax * RNG.uniform(0.5, 2, (64, 1))).astype(np.float32)  # one absmax per row
+    x[0] = np.array([1.0, 0.999, 0.5, -0.3] * 4, np.float32) * amax
+    sym = fmt != qjax.uint8
+    spec = QuantSpec(fmt, channel_axes=(0,), scale_dtype="bfloat16", symmetric=sym)
+    q = quantize(x, spec)
+    s = np.asarray(q.scale, np.float64)
+    if fmt.is_float:
+        assert np.all(np.abs(x.astype(np.float64)) / s <= fmt.max_value)
+    else:
+        codes, s_ref, zp, _ = ref_quantize(
+            x, fmt.qmin, fmt.qmax, channel_axes=(0,), symmetric=sym, scale_dtype="bfloat16"
+        )
+        np.testing.assert_array_equal(np.asarray(q.scale, np.float32), s_ref)
+        np.testing.assert_array_equal(_codes(q), codes)
+        lo = np.minimum(x.min(1, keepdims=True), 0).astype(np.float64)
+        hi = np.maximum(x.max(1, keepdims=True), 0).astype(np.float64)
+        zp = 0 if zp is None else zp.astype(np.float64)
+        assert np.all(hi / s + zp <= fmt.qmax + 0.5) and np.all(lo / s + zp >= fmt.qmin - 0.5)
+    # float64 reference: no element is clipped, so the error is at most half a step
+    err = np.abs(np.asarray(dequantize(q), np.float64) - x.astype(np.float64)) / s
+    assert err.max() <= (0.5 if not fmt.is_float else 2.0 ** -(fmt.mantissa_bits + 1) * fmt.max_value) * (
+        1 + 1e-5
+    )
+    g = jax.grad(lambda v: qjax.fake_quant(v, spec).sum())(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(g), 1.0)  # clipped STE: nothing clipped
+
+
+@pytest.mark.parametrize("amax", [1e-30, 1e-35, 1e-36, 2e-37, 4e-38])  # every element normal
+@pytest.mark.parametrize(
+    "fmt,sym", [(qjax.int8, True), (qjax.uint8, False), (qjax.int4, True), (qjax.fp8_e5m2, True)]
+)
+def test_tiny_ranges_keep_a_normal_scale(amax, fmt, sym):
+    # amax / qmax below float32's smallest normal used to be flushed to 0, replaced by 1,
+    # and every element quantized to 0
+    x = np.array([amax, -amax / 2, amax / 3, 0.0], np.float32)
+    q = quantize(x, QuantSpec(fmt, symmetric=sym))
+    s = float(q.scale[0])
+    s64 = np.abs(x.astype(np.float64)).max() / fmt.qmax if sym else np.ptp(x.astype(np.float64)) / 255
+    assert s == pytest.approx(max(s64, np.finfo(np.float32).tiny), rel=1e-6)  # float64 reference
+    y = np.asarray(dequantize(q), np.float64)
+    if fmt.is_float:  # at most half an fp8 step (relative 2^-3 for e5m2) of each magnitude
+        assert np.all(np.abs(y - x) <= np.abs(x.astype(np.float64)) * 2.0**-3 + s * 2.0**-16)
+    else:
+        assert np.all(np.abs(y - x) <= 0.5 * s + 1e-6 * amax)
+        if not sym:
+            codes, _, _, dq = ref_quantize(x, fmt.qmin, fmt.qmax, symmetric=False)
+            np.testing.assert_array_equal(_codes(q), codes)
+            np.testing.assert_array_equal(np.asarray(dequantize(q)), dq)
+
+
+def test_asymmetric_range_wider_than_float_max_is_finite():
+    x = np.array([3e38, -2e38, 1.0, 0.0, 1e38], np.float32)  # hi - lo overflows float32
+    q = quantize(x, QuantSpec(qjax.uint8, symmetric=False))
+    s64 = (float(x[0]) - float(x[1])) / 255  # float64 reference: no overflow
+    assert float(q.scale[0]) == pytest.approx(s64, rel=1e-6)
+    y = np.asarray(dequantize(q), np.float64)
+    assert np.all(np.isfinite(y))
+    zp = np.round(-float(x[1]) / s64)
+    ref = (np.clip(np.round(x.astype(np.float64) / s64) + zp, 0, 255) - zp) * s64
+    np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-6 * s64)
+    assert np.max(np.abs(y - x)) <= 0.5 * s64 * (1 + 1e-5)
+
+
 def test_bfloat16_scales_keep_nan_for_non_finite_groups():
     x = np.array([[1.0, np.nan], [2.0, 3.0]], np.float32)
     q = quantize(x, QuantSpec(qjax.int8, channel_axes=(0,), scale_dtype="bfloat16"))
@@ -474,6 +544,64 @@ def test_bad_arguments():
             scale=1.0,
             zero_point=np.zeros(3, np.uint8),
         )
+
+
+def _ref_given_zero_point(x, s, zp, qmin, qmax):
+    """float64 reference of quantize-dequantize with a given scale and zero point."""
+    x = np.asarray(x, np.float64)
+    q = np.clip(np.round(x / s) + zp, qmin, qmax)
+    return q, (q - zp) * s
+
+
+@pytest.mark.parametrize("zp,want", [(51.9, 52), (51.5, 52), (12.4, 12), (0.2, 0), (254.6, 255)])
+def test_given_zero_point_rounds_to_nearest(zp, want):
+    x = jnp.linspace(-0.5, 2.0, 11)
+    spec = QuantSpec(qjax.uint8, symmetric=False)
+    s = 2.5 / 255
+    codes, ref = _ref_given_zero_point(x, s, want, 0, 255)
+    for y in (
+        dequantize(q := quantize(x, spec, scale=s, zero_point=zp)),
+        qjax.fake_quant(x, spec, scale=s, zero_point=zp),
+    ):
+        assert int(q.zero_point[0]) == want
+        np.testing.assert_array_equal(np.asarray(q.values, np.int64), codes)
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("zp", [300, -1, 255.6, -0.6, np.nan, [3, 256]])
+@pytest.mark.parametrize("fn", [quantize, qjax.fake_quant])
+def test_given_zero_point_out_of_range_is_refused(zp, fn):
+    x = jnp.linspace(-0.5, 2.0, 12).reshape(6, 2)
+    spec = QuantSpec(qjax.uint8, symmetric=False, channel_axes=(-1,))
+    with pytest.raises(ValueError, match=r"zero_point must round into uint8's code range \[0, 255\]"):
+        fn(x, spec, scale=0.01, zero_point=np.asarray(zp, np.float32))
+
+
+def test_traced_zero_point_is_rounded_and_clipped():
+    x = jnp.linspace(-0.5, 2.0, 11)
+    spec = QuantSpec(qjax.int8, symmetric=False)
+    s = 2.5 / 255
+    f = jax.jit(
+        lambda zp: (
+            quantize(x, spec, scale=s, zero_point=zp).zero_point,
+            qjax.fake_quant(x, spec, scale=s, zero_point=zp),
+        )
+    )
+    for zp, want in [(300.0, 127), (-1000.0, -128), (-3.7, -4)]:
+        stored, y = f(jnp.float32(zp))
+        assert int(stored[0]) == want
+        np.testing.assert_allclose(
+            np.asarray(y, np.float64), _ref_given_zero_point(x, s, want, -128, 127)[1], atol=1e-6
+        )
+
+
+def test_zero_point_needs_an_asymmetric_spec_and_a_scale():
+    x = jnp.linspace(-0.5, 2.0, 11)
+    for fn in (quantize, qjax.fake_quant):
+        with pytest.raises(ValueError, match="zero_point was given but the spec is symmetric"):
+            fn(x, QuantSpec(qjax.int8), scale=0.01, zero_point=10)
+        with pytest.raises(ValueError, match="zero_point is used only with a given scale"):
+            fn(x, QuantSpec(qjax.uint8, symmetric=False), zero_point=10)
 
 
 # --------------------------------------------------------------------------------

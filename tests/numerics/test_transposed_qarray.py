@@ -129,3 +129,26 @@ def test_empty_axes():
     t = transpose_storage(q)
     assert t.shape == (0, 4) and t.stored.shape == (4, 0)
     assert t.dequantize().shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "spec", [QuantSpec(qjax.int8, channel_axes=(-1,)), QuantSpec(qjax.int4, channel_axes=(-1,))]
+)
+def test_vmapped_quantize_output_can_be_stored_transposed(spec):
+    # jax.vmap(quantize) over stacked layers returns a scale (3, 1, 6) while channel_axes
+    # lists only -1: the swap reads the channel axes off the scale instead of failing
+    w = RNG.standard_normal((3, 8, 6)).astype(np.float32)
+    qv = jax.vmap(lambda a: quantize(a, spec))(jnp.asarray(w))
+    assert qv.scale.shape == (3, 1, 6)
+    s = np.abs(w.astype(np.float64)).max(axis=1, keepdims=True) / spec.format.qmax  # per layer, per channel
+    ref = np.clip(np.round(w / s), spec.format.qmin, spec.format.qmax) * s  # float64 reference
+    for t in (transpose_storage(qv), qjax.store_transposed({"k": qv}, "k")["k"]):
+        assert t.shape == (3, 8, 6) and t.stored.scale.shape == (3, 6, 1)
+        assert t.stored.channel_axes == (-3, -2)
+        np.testing.assert_allclose(
+            np.asarray(t.dequantize(), np.float64), ref, rtol=1e-6, atol=1e-6 * s.max()
+        )
+        back = t.as_qarray()
+        assert back.channel_axes == (-3, -1)
+        _eq(back.unpacked_values(), qv.unpacked_values())
+        _eq(back.scale, qv.scale)

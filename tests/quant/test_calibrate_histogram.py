@@ -157,3 +157,13 @@ def test_errors():
     # NaN in the activations: a NaN range, as everywhere in qjax
     stats = qjax.calibrate(_mlp, pol, params, [batches[0].at[0, 0].set(jnp.nan)], histogram_bins=BINS)
     assert np.isnan(float(stats["w1"].hi))
+
+
+def test_huge_activation_is_a_clear_error_naming_the_op():
+    params = {"w": jnp.ones((4, 2))}
+    act = qjax.QuantSpec(qjax.int8, calibration=qjax.calib.percentile(99.0))
+    pol = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8), act=act)])
+    x = jnp.ones((8, 4)).at[0, 0].set(2e38)
+    for batches in ([x], [jnp.ones((8, 4)), x]):
+        with pytest.raises(ValueError, match=r"op reading 'w'.*cannot bin magnitudes >= 2\*\*127"):
+            qjax.calibrate(lambda p, x: x @ p["w"], pol, params, batches, histogram_bins=64)

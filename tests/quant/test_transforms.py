@@ -207,3 +207,21 @@ def test_footprint_quantized_total_counts_only_qarrays():
     fp = qjax.footprint(q)
     assert fp.quantized_total == 64 * 64 + 64 * 4
     assert fp.total == fp.quantized_total + 4 + 400
+
+
+def test_given_scales_need_a_symmetric_spec():
+    w = np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)
+    p = {"w": jnp.asarray(w), "b": jnp.asarray(w)}
+    asym = qjax.QuantSpec(qjax.uint8, symmetric=False, channel_axes=(-1,))
+    pol = qjax.Policy([qjax.Rule("w", weight=asym), qjax.Rule("b", weight=W8)])
+    s, _ = qjax.compute_scale(p["w"], asym)
+    for fn in (qjax.quantize_params, qjax.fake_quant_params):
+        with pytest.raises(
+            ValueError, match=r"leaf 'w' \(matched rule 0 'w'\).*given scales need a symmetric spec"
+        ):
+            fn(p, pol, scales={"w": s})
+    # a symmetric leaf with a given scale is quantized with it (float64 reference)
+    sb = np.abs(w.astype(np.float64)).max(0, keepdims=True) / 127 * 1.5
+    out = qjax.dequantize_params(qjax.quantize_params(p, pol, scales={"b": jnp.asarray(sb, jnp.float32)}))
+    ref = np.clip(np.round(w / sb), -128, 127) * sb
+    np.testing.assert_allclose(np.asarray(out["b"], np.float64), ref, rtol=1e-6, atol=1e-6)
