@@ -278,6 +278,10 @@ def fake_quantized(
     per-channel scales, the gradient quantized by ``grad`` (see
     :func:`qjax.quant.int8_training.int8_dot_general`).
 
+    Activation scales are computed from each batch (dynamic), also for a per-tensor
+    ``act`` spec that deployment serves with a static calibrated scale. Weights of a
+    ``scan`` stack are scaled per layer (see the README for exporting them exactly).
+
     Args:
       f: ``f(params, *args, **kwargs)``.
       policy: the :class:`qjax.Policy`.
