@@ -5,12 +5,15 @@
   :func:`linen_apply` runs a module under ``flax.linen.intercept_methods``: a ``Dense``,
   ``DenseGeneral`` or ``Conv`` whose stored kernel disagrees with its ``features`` runs as a
   clone (bound to the same scope) with the stored sizes. Norm layers infer their size from
-  the input and need nothing. :func:`feature_counts` gives the new sizes per module for
-  users who rebuild modules from a config instead.
+  the input; a ``GroupNorm(num_groups=...)`` keeps its unshrunk group size (pruning removes
+  whole groups), which ``linen_apply(model, plan=plan)`` reads from the plan.
+  :func:`feature_counts` gives the new sizes per module for users who rebuild modules from a
+  config instead.
 * NNX modules hold arrays and sizes: :func:`shrink_nnx` updates the state in place and fixes
   ``in_features``/``out_features``/``num_features``/``kernel_shape``/``feature_group_count``
   of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.BatchNorm``,
-  ``nnx.LayerNorm``, ``nnx.RMSNorm`` so the module stays consistent.
+  ``nnx.LayerNorm``, ``nnx.RMSNorm`` (and ``num_groups`` of ``nnx.GroupNorm``, keeping its
+  group size) so the module stays consistent.
 
 Attention modules whose head count is a hyperparameter (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are not resized: write the head split as
@@ -29,12 +32,43 @@ from flax import nnx
 from qjax.prune.shrink import ShrinkPlan
 
 
-def _resize_interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv)):
-        return next_fun(*args, **kwargs)
+def _group_size(mod: nn.GroupNorm, channels: int, plan: ShrinkPlan | None) -> int | None:
+    """The unshrunk group size of a ``GroupNorm(num_groups=...)``, ``None`` when unchanged."""
+    name = "/".join(mod.scope.path) or type(mod).__name__
+    if plan is None:
+        raise ValueError(
+            f"GroupNorm {name!r} has num_groups={mod.num_groups}: its group size depends on the "
+            "unshrunk channel count; pass linen_apply(model, plan=plan) (or build it with group_size=)"
+        )
+    paths = [f"{c}{'/'.join(mod.scope.path)}/{leaf}" for c in ("params/", "") for leaf in ("scale", "bias")]
+    before = next((plan.shapes[p][-1] for p in paths if p in plan.shapes), None)
+    if before is None:
+        raise ValueError(
+            f"GroupNorm {name!r} has num_groups={mod.num_groups} and no scale or bias in the plan, so "
+            "its unshrunk channel count is unknown; build it with group_size= instead"
+        )
+    size = before // mod.num_groups
+    if channels == before:
+        return None
+    if channels % size:
+        raise ValueError(
+            f"GroupNorm {name!r}: {channels} channels after shrinking are not whole groups of {size} "
+            f"({before} channels in {mod.num_groups} groups before); the plan does not fit this model"
+        )
+    return size
+
+
+def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
+    """Hyperparameter updates that make ``mod`` fit its stored (shrunk) variables."""
+    if isinstance(mod, nn.GroupNorm):
+        if mod.num_groups is None or mod.num_groups == 1 or not args:
+            return {}
+        size = _group_size(mod, np.shape(args[0])[-1], plan)
+        return {} if size is None else {"num_groups": None, "group_size": size}
+    if not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv)):
+        return {}
     if not mod.has_variable("params", "kernel"):
-        return next_fun(*args, **kwargs)
+        return {}
     kernel = np.shape(mod.get_variable("params", "kernel"))
     updates: dict[str, Any] = {}
     if isinstance(mod, nn.DenseGeneral):
@@ -48,30 +82,47 @@ def _resize_interceptor(next_fun, args, kwargs, context):
         groups = np.shape(args[0])[-1] // kernel[-2]
         if groups != mod.feature_group_count:
             updates["feature_group_count"] = groups
-    if not updates:
-        return next_fun(*args, **kwargs)
-    return mod.clone(parent=mod.scope, **updates)(*args, **kwargs)
+    return updates
 
 
-def linen_apply(module: nn.Module, method: str | Callable | None = None) -> Callable[..., Any]:
+def _interceptor(plan: ShrinkPlan | None):
+    def intercept(next_fun, args, kwargs, context):
+        updates = _resize(context.module, args, plan) if context.method_name == "__call__" else {}
+        if not updates:
+            return next_fun(*args, **kwargs)
+        return context.module.clone(parent=context.module.scope, **updates)(*args, **kwargs)
+
+    return intercept
+
+
+def linen_apply(
+    module: nn.Module, method: str | Callable | None = None, *, plan: ShrinkPlan | None = None
+) -> Callable[..., Any]:
     """``module.apply`` that accepts shrunk variables.
 
     Args:
       module: the Linen module as configured for the unshrunk model.
       method: passed to ``module.apply`` (default ``__call__``).
+      plan: the :class:`~qjax.prune.shrink.ShrinkPlan`; needed when the model has a
+        ``GroupNorm(num_groups=...)`` (its group size comes from the unshrunk channel count).
 
     Returns:
       ``apply(variables, *args, **kwargs)``, the same as ``module.apply`` but ``Dense``,
-      ``DenseGeneral`` and ``Conv`` submodules take their output size (and a depthwise conv
-      its ``feature_group_count``) from the stored kernel. Jit-safe.
+      ``DenseGeneral``, ``Conv`` and ``ConvTranspose`` submodules take their output size (and
+      a grouped conv its ``feature_group_count``) from the stored kernel, and a
+      ``GroupNorm`` keeps its unshrunk group size. Jit-safe.
+
+    Raises:
+      ValueError: (on apply) a ``GroupNorm(num_groups=...)`` without ``plan``, or whose
+        channels are not whole groups of the plan's group size (names the module).
 
     Example:
       >>> small, plan = shrink(partial(model.apply, train=False), variables, masks, x)
-      >>> y = jax.jit(linen_apply(model))(small, x, train=False)
+      >>> y = jax.jit(linen_apply(model, plan=plan))(small, x, train=False)
     """
 
     def apply(variables, *args, **kwargs):
-        with nn.intercept_methods(_resize_interceptor):
+        with nn.intercept_methods(_interceptor(plan)):
             return module.apply(variables, *args, method=method, **kwargs)
 
     return apply
@@ -143,12 +194,26 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
         if isinstance(mod, nnx.Conv):
             old_groups[id(mod)] = (mod.feature_group_count, mod.out_features)
     nnx.update(model, plan.apply(nnx.state(model)))
-    for _, mod in nnx.iter_modules(model):
-        _fix_sizes(mod, old_groups.get(id(mod)))
+    for path, mod in nnx.iter_modules(model):
+        _fix_sizes(mod, old_groups.get(id(mod)), "/".join(map(str, path)))
     return model
 
 
-def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None) -> None:
+def _fix_group_norm(mod: nnx.GroupNorm, name: str) -> None:
+    """Keep the group size: the kept channels are whole groups (``num_groups`` shrinks)."""
+    arrays = [v.get_value() for v in (mod.scale, mod.bias) if isinstance(v, nnx.Variable)]
+    if not arrays:
+        return  # no scale or bias: the plan did not touch it
+    channels = np.shape(arrays[0])[-1]
+    if channels % mod.group_size:
+        raise ValueError(
+            f"GroupNorm {name!r}: {channels} channels after shrinking are not whole groups of "
+            f"{mod.group_size}; the plan does not fit this model"
+        )
+    mod.num_features, mod.num_groups = channels, channels // mod.group_size
+
+
+def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None, name: str) -> None:
     if isinstance(mod, nnx.Conv):
         shape = tuple(mod.kernel.shape)
         groups, out_before = conv_before
@@ -165,6 +230,8 @@ def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None) -> None:
             mod.kernel_shape = shape
     elif isinstance(mod, nnx.Linear):
         mod.in_features, mod.out_features = tuple(mod.kernel.shape)
+    elif isinstance(mod, nnx.GroupNorm):
+        _fix_group_norm(mod, name)
     elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
         for name in ("scale", "bias", "mean", "var"):
             v = getattr(mod, name, None)

@@ -401,3 +401,61 @@ def test_scan_over_stacked_layers_shrinks_uniformly():
         and small["stack_b"].shape == (4, 5)
         and small["w_out"].shape == (5, 2)
     )
+
+
+class GN(nn.Module):
+    groups: int = 4
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.GroupNorm(num_groups=self.groups)(nn.Conv(16, (3, 3))(x)))
+        return nn.Conv(3, (1, 1))(h)
+
+
+def _gn_mask(dead_groups, size=4):
+    """Zero whole GroupNorm groups (of ``size`` channels) of a (3, 3, 3, 16) conv kernel."""
+    return _col_mask((3, 3, 3, 16), [g * size + i for g in dead_groups for i in range(size)])
+
+
+def _gn_masks(v, dead_groups):
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["Conv_0"]["kernel"] = _gn_mask(dead_groups)
+    return masks
+
+
+def test_group_norm_keeps_its_group_size_linen():
+    model, x = GN(), _rand(1, 2, 6, 6, 3)
+    v = model.init(jax.random.key(0), x)
+    v["params"]["GroupNorm_0"]["scale"] = _rand(2, 16)
+    small, plan = shrink(model.apply, v, _gn_masks(v, [1, 3]), x, vote="any")
+    want = model.apply(apply_masks(v, plan.group_masks(v)), x)
+    _close(jax.jit(linen_apply(model, plan=plan))(small, x), want)
+    assert small["params"]["GroupNorm_0"]["scale"].shape == (8,)
+    with pytest.raises(ValueError, match=r"GroupNorm_0.*num_groups=4.*plan=plan"):
+        linen_apply(model)(small, x)
+    small3, plan3 = shrink(model.apply, v, _gn_masks(v, [1]), x, vote="any")
+    with pytest.raises(ValueError, match=r"GroupNorm_0.*12 channels.*whole groups of 8"):
+        linen_apply(GN(groups=2), plan=plan3)(small3, x)
+
+
+def test_group_norm_keeps_its_group_size_nnx():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.c0 = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+            self.gn = nnx.GroupNorm(16, num_groups=4, rngs=rngs)
+            self.c1 = nnx.Conv(16, 3, (1, 1), rngs=rngs)
+
+        def __call__(self, x):
+            return self.c1(nnx.relu(self.gn(self.c0(x))))
+
+    model, x = Net(nnx.Rngs(0)), _rand(1, 2, 6, 6, 3)
+    model.gn.scale[...] = _rand(2, 16)
+    graphdef, state = nnx.split(model)
+    masks = jax.tree.map(lambda a: None, state)
+    masks["c0"]["kernel"] = nnx.Param(_gn_mask([0, 2]))
+    f = nnx_apply(graphdef)
+    _, plan = shrink(f, state, masks, x, vote="any")
+    want = f(apply_masks(state, plan.group_masks(state)), x)
+    shrink_nnx(model, plan)
+    _close(model(x), want)
+    assert (model.gn.num_features, model.gn.num_groups, model.gn.group_size) == (8, 2, 4)
