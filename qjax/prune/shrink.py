@@ -77,6 +77,48 @@ def _flat(tree: Any) -> dict[str, Any]:
     return out
 
 
+def _suffix_index(paths) -> dict[str, set[str]]:
+    """``{every /-suffix of every path: the paths ending with it}``."""
+    index: dict[str, set[str]] = {}
+    for q in paths:
+        parts = q.split("/")
+        for i in range(len(parts)):
+            index.setdefault("/".join(parts[i:]), set()).add(q)
+    return index
+
+
+def resolve_path(path: str, shapes, suffixes: dict[str, set[str]], planned=()) -> str | None:
+    """The params path a tree path refers to: an exact match, else the params path sharing
+    its longest ``/``-suffix. So ``0/mu/params/Dense_0/kernel`` (adam over variables) and
+    ``0/mu/Dense_0/kernel`` (adam over ``variables["params"]``) both mean
+    ``params/Dense_0/kernel``; ``0/count`` means nothing. Of several params paths with that
+    suffix, the one that only adds a leading collection (``params/``) wins.
+
+    Raises:
+      ValueError: several params paths fit equally and one of them is in ``planned``.
+    """
+    parts = path.split("/")
+    for i in range(len(parts)):
+        s = "/".join(parts[i:])
+        if s in shapes:
+            return s
+        found = suffixes.get(s)
+        if not found:
+            continue
+        if len(found) == 1:
+            return next(iter(found))
+        near = [q for q in found if q.count("/") == s.count("/") + 1]
+        if len(near) == 1:
+            return near[0]
+        if "/" in s and any(q in planned for q in found):
+            raise ValueError(
+                f"leaf {path!r} matches several params paths by its suffix {s!r}: {sorted(found)}; "
+                "pass a tree whose paths name the module fully (e.g. over the whole variables)"
+            )
+        return None
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupPlan:
     """What a plan does to one group.
@@ -115,27 +157,10 @@ class ShrinkPlan:
     # -- replay -----------------------------------------------------------------------------
     @functools.cached_property
     def _suffixes(self) -> dict[str, set[str]]:
-        index: dict[str, set[str]] = {}
-        for q in self.shapes:
-            parts = q.split("/")
-            for i in range(len(parts)):
-                index.setdefault("/".join(parts[i:]), set()).add(q)
-        return index
+        return _suffix_index(self.shapes)
 
     def _resolve(self, path: str) -> str | None:
-        """The params path a tree path refers to: the params path sharing its longest
-        ``/``-suffix, if unique (an exact match wins). So ``0/mu/params/Dense_0/kernel``
-        (adam over variables) and ``0/mu/Dense_0/kernel`` (adam over ``variables["params"]``)
-        both mean ``params/Dense_0/kernel``; ``0/count`` means nothing."""
-        parts = path.split("/")
-        for i in range(len(parts)):
-            s = "/".join(parts[i:])
-            if s in self.shapes:
-                return s
-            found = self._suffixes.get(s)
-            if found:
-                return next(iter(found)) if len(found) == 1 else None
-        return None
+        return resolve_path(path, self.shapes, self._suffixes, self.leaves)
 
     def _map_planned(self, fn, tree: Any, other=lambda x: x, strict: bool = True) -> Any:
         seen: set[str] = set()

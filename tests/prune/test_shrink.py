@@ -145,6 +145,38 @@ def test_plan_json_round_trip_replay_and_optimizer_state():
     assert small_masks["b1"] is None and small_masks["w1"].shape == small["w1"].shape
 
 
+class Nested(nn.Module):
+    """``Conv_0`` at the top and inside ``Block_0``: ``Conv_0/kernel`` is a suffix of both."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Conv(8, (3, 3))(x)
+        return nn.Dense(2)(_NestedBlock()(x).mean((1, 2)))
+
+
+class _NestedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.Conv(8, (3, 3))(nn.relu(nn.Conv(8, (3, 3))(x)))
+
+
+def test_replay_over_params_prefers_the_collection_prefix():
+    model, x = Nested(), _rand(1, 1, 6, 6, 3)
+    v = model.init(jax.random.key(0), x)
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["Conv_0"]["kernel"] = _col_mask((3, 3, 3, 8), [1, 4, 6])
+    masks["params"]["_NestedBlock_0"]["Conv_0"]["kernel"] = _col_mask((3, 3, 8, 8), [0, 2])
+    small, plan = _masked_equals_shrunk(model.apply, v, masks, x, f_small=linen_apply(model), vote="any")
+    replayed = plan.apply(v["params"], strict=False)
+    assert jax.tree.map(jnp.shape, replayed) == jax.tree.map(jnp.shape, small["params"])
+    _close(linen_apply(model)({"params": replayed}, x), linen_apply(model)(small, x))
+    mu = plan.apply(optax.adam(1e-3).init(v["params"]), strict=False)[0].mu
+    assert jax.tree.map(jnp.shape, mu) == jax.tree.map(jnp.shape, small["params"])
+    twins = ShrinkPlan((), {"a/m/w": {0: (0,)}, "b/m/w": {0: (0,)}}, {"a/m/w": (2,), "b/m/w": (2,)})
+    with pytest.raises(ValueError, match=r"'m/w'.*\['a/m/w', 'b/m/w'\]"):
+        twins.apply({"m": {"w": np.ones(2)}}, strict=False)
+
+
 def test_validation_errors_name_the_leaf():
     _, plan = shrink(mlp, MLP, _mlp_masks({0}, ()), X, vote="any")
     with pytest.raises(KeyError, match="w2"):
