@@ -189,14 +189,29 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
       >>> shrink_nnx(model, plan)
       >>> model(x)  # runs with the smaller arrays
     """
-    old_groups = {}
-    for _, mod in nnx.iter_modules(model):
+    groups = {}
+    for path, mod in nnx.iter_modules(model):
         if isinstance(mod, nnx.Conv):
-            old_groups[id(mod)] = (mod.feature_group_count, mod.out_features)
+            kernel = plan._resolve("/".join(map(str, (*path, "kernel"))))
+            kept = plan.leaves.get(kernel, {}).get(len(mod.kernel_shape) - 1)
+            groups[id(mod)] = _kept_groups(mod.feature_group_count, mod.out_features, kept)
     nnx.update(model, plan.apply(nnx.state(model)))
     for path, mod in nnx.iter_modules(model):
-        _fix_sizes(mod, old_groups.get(id(mod)), "/".join(map(str, path)))
+        _fix_sizes(mod, groups.get(id(mod)), "/".join(map(str, path)))
     return model
+
+
+def _kept_groups(groups: int, out_before: int, kept_out) -> int:
+    """Feature groups left in a grouped conv that keeps output channels ``kept_out``.
+
+    Pruning removes whole groups or the same channels of every group, so a group stays when
+    one of its ``out_before // groups`` output channels does (``kept_out=None``: all stay).
+    Equal to the new input channel count over the kernel's in-axis (what Linen reads).
+    """
+    if groups == 1 or kept_out is None:
+        return groups
+    per_group = out_before // groups
+    return len({o // per_group for o in kept_out})
 
 
 def _fix_group_norm(mod: nnx.GroupNorm, name: str) -> None:
@@ -213,12 +228,9 @@ def _fix_group_norm(mod: nnx.GroupNorm, name: str) -> None:
     mod.num_features, mod.num_groups = channels, channels // mod.group_size
 
 
-def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None, name: str) -> None:
+def _fix_sizes(mod: nnx.Module, groups: int | None, name: str) -> None:
     if isinstance(mod, nnx.Conv):
         shape = tuple(mod.kernel.shape)
-        groups, out_before = conv_before
-        if groups > 1 and shape[-2] == 1:  # depthwise: one group per remaining channel
-            groups = groups * shape[-1] // out_before
         mod.feature_group_count = groups
         mod.kernel_shape = shape
         mod.in_features, mod.out_features = shape[-2] * groups, shape[-1]

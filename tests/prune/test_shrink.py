@@ -491,3 +491,25 @@ def test_group_norm_keeps_its_group_size_nnx():
     shrink_nnx(model, plan)
     _close(model(x), want)
     assert (model.gn.num_features, model.gn.num_groups, model.gn.group_size) == (8, 2, 4)
+
+
+@pytest.mark.parametrize("dead", [range(1, 16, 2), [2, 3, 8, 9]], ids=["multiplier", "groups"])
+def test_nnx_depthwise_with_channel_multiplier(dead):
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.dw = nnx.Conv(8, 16, (3, 3), feature_group_count=8, rngs=rngs)  # multiplier 2
+            self.pw = nnx.Conv(16, 4, (1, 1), rngs=rngs)
+
+        def __call__(self, x):
+            return self.pw(nnx.relu(self.dw(x)))
+
+    model, x = Net(nnx.Rngs(0)), _rand(1, 2, 6, 6, 8)
+    graphdef, state = nnx.split(model)
+    masks = jax.tree.map(lambda a: None, state)
+    masks["dw"]["kernel"] = nnx.Param(_col_mask((3, 3, 1, 16), dead))
+    f = nnx_apply(graphdef)
+    _, plan = shrink(f, state, masks, x, vote="any")
+    want = f(apply_masks(state, plan.group_masks(state)), x)
+    shrink_nnx(model, plan)
+    _close(model(x), want)
+    assert model.dw.in_features == model.dw.feature_group_count
