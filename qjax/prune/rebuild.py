@@ -3,17 +3,17 @@
 * Linen modules check stored param shapes against their hyperparameters on ``apply``
   (``nn.Dense(64)`` with a ``(in, 40)`` kernel raises ``ScopeParamShapeError``).
   :func:`linen_apply` runs a module under ``flax.linen.intercept_methods``: a ``Dense``,
-  ``DenseGeneral`` or ``Conv`` whose stored kernel disagrees with its ``features`` runs as a
-  clone (bound to the same scope) with the stored sizes. Norm layers infer their size from
-  the input; a ``GroupNorm(num_groups=...)`` keeps its unshrunk group size (pruning removes
-  whole groups), which ``linen_apply(model, plan=plan)`` reads from the plan.
-  :func:`feature_counts` gives the new sizes per module for users who rebuild modules from a
-  config instead.
+  ``DenseGeneral``, ``Conv`` or ``ConvTranspose`` whose stored kernel disagrees with its
+  ``features`` runs as a clone (bound to the same scope) with the stored sizes. Norm layers
+  infer their size from the input; a ``GroupNorm(num_groups=...)`` keeps its unshrunk group
+  size (pruning removes whole groups), which ``linen_apply(model, plan=plan)`` reads from
+  the plan. :func:`feature_counts` gives the new sizes per module for users who rebuild
+  modules from a config instead.
 * NNX modules hold arrays and sizes: :func:`shrink_nnx` updates the state in place and fixes
   ``in_features``/``out_features``/``num_features``/``kernel_shape``/``feature_group_count``
-  of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.BatchNorm``,
-  ``nnx.LayerNorm``, ``nnx.RMSNorm`` (and ``num_groups`` of ``nnx.GroupNorm``, keeping its
-  group size) so the module stays consistent.
+  of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.ConvTranspose``,
+  ``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.RMSNorm`` (and ``num_groups`` of
+  ``nnx.GroupNorm``, keeping its group size) so the module stays consistent.
 
 Attention modules whose head count is a hyperparameter (``nn.MultiHeadDotProductAttention``,
 ``nnx.MultiHeadAttention``) are not resized: write the head split as
@@ -65,7 +65,7 @@ def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
             return {}
         size = _group_size(mod, np.shape(args[0])[-1], plan)
         return {} if size is None else {"num_groups": None, "group_size": size}
-    if not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv)):
+    if not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)):
         return {}
     if not mod.has_variable("params", "kernel"):
         return {}
@@ -76,8 +76,10 @@ def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
         stored = tuple(kernel[len(kernel) - len(feats) :])
         if stored != feats:
             updates["features"] = stored if isinstance(mod.features, tuple) else stored[0]
-    elif kernel[-1] != mod.features:
-        updates["features"] = kernel[-1]
+    else:
+        out = kernel[-2] if getattr(mod, "transpose_kernel", False) else kernel[-1]
+        if out != mod.features:
+            updates["features"] = out
     if isinstance(mod, nn.Conv) and mod.feature_group_count > 1 and args:
         groups = np.shape(args[0])[-1] // kernel[-2]
         if groups != mod.feature_group_count:
@@ -177,7 +179,8 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
 
     Returns:
       ``model`` itself, updated: every planned variable sliced and the size attributes
-      of ``Linear``, ``LinearGeneral``, ``Conv``, ``BatchNorm``, ``LayerNorm`` and ``RMSNorm``
+      of ``Linear``, ``LinearGeneral``, ``Conv``, ``ConvTranspose``, ``BatchNorm``, ``LayerNorm``,
+      ``RMSNorm`` and ``GroupNorm``
       submodules set from their new arrays.
 
     Raises:
@@ -242,6 +245,10 @@ def _fix_sizes(mod: nnx.Module, groups: int | None, name: str) -> None:
             mod.kernel_shape = shape
     elif isinstance(mod, nnx.Linear):
         mod.in_features, mod.out_features = tuple(mod.kernel.shape)
+    elif isinstance(mod, nnx.ConvTranspose):
+        shape = tuple(mod.kernel.shape)
+        mod.kernel_shape = shape
+        mod.in_features, mod.out_features = shape[-2:][:: -1 if mod.transpose_kernel else 1]
     elif isinstance(mod, nnx.GroupNorm):
         _fix_group_norm(mod, name)
     elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):

@@ -513,3 +513,36 @@ def test_nnx_depthwise_with_channel_multiplier(dead):
     shrink_nnx(model, plan)
     _close(model(x), want)
     assert model.dw.in_features == model.dw.feature_group_count
+
+
+def test_conv_transpose_linen_and_nnx():
+    class Dec(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(2, (1, 1))(nn.relu(nn.ConvTranspose(8, (2, 2), strides=(2, 2))(x)))
+
+    model, x = Dec(), _rand(1, 2, 4, 4, 3)
+    v = model.init(jax.random.key(0), x)
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["ConvTranspose_0"]["kernel"] = _col_mask((2, 2, 3, 8), [0, 3, 5])
+    small, _ = _masked_equals_shrunk(model.apply, v, masks, x, f_small=linen_apply(model))
+    assert small["params"]["ConvTranspose_0"]["kernel"].shape == (2, 2, 3, 5)
+
+    class NDec(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.ConvTranspose(3, 8, (2, 2), strides=(2, 2), rngs=rngs)
+            self.out = nnx.Conv(8, 2, (1, 1), rngs=rngs)
+
+        def __call__(self, x):
+            return self.out(nnx.relu(self.up(x)))
+
+    nmodel = NDec(nnx.Rngs(0))
+    graphdef, state = nnx.split(nmodel)
+    nmasks = jax.tree.map(lambda a: None, state)
+    nmasks["up"]["kernel"] = nnx.Param(_col_mask((2, 2, 3, 8), [0, 3, 5]))
+    f = nnx_apply(graphdef)
+    _, plan = shrink(f, state, nmasks, x)
+    want = f(apply_masks(state, plan.group_masks(state)), x)
+    shrink_nnx(nmodel, plan)
+    _close(nmodel(x), want)
+    assert (nmodel.up.in_features, nmodel.up.out_features, nmodel.up.kernel_shape) == (3, 5, (2, 2, 3, 5))
