@@ -546,3 +546,21 @@ def test_conv_transpose_linen_and_nnx():
     shrink_nnx(nmodel, plan)
     _close(nmodel(x), want)
     assert (nmodel.up.in_features, nmodel.up.out_features, nmodel.up.kernel_shape) == (3, 5, (2, 2, 3, 5))
+
+
+@pytest.mark.parametrize("pool", [nn.max_pool, nn.avg_pool])
+def test_pooling_between_convs_shrinks(pool):
+    class VGG(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for c in (8, 16):
+                x = pool(nn.relu(nn.Conv(c, (3, 3))(x)), (2, 2), (2, 2))
+            return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+    model, x = VGG(), _rand(1, 2, 8, 8, 3)
+    v = model.init(jax.random.key(0), x)
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["Conv_0"]["kernel"] = _col_mask((3, 3, 3, 8), [1, 2, 6])
+    masks["params"]["Conv_1"]["kernel"] = _col_mask((3, 3, 8, 16), range(0, 16, 3))
+    small, _ = _masked_equals_shrunk(model.apply, v, masks, x, f_small=linen_apply(model), vote="any")
+    assert small["params"]["Conv_1"]["kernel"].shape == (3, 3, 5, 10)
