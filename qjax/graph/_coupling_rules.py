@@ -196,8 +196,12 @@ class Walker:
         return [Val(shapes[0], tuple(x.atoms[k] for k in keep), tuple(x.z[k] for k in keep), x.zero, x.param)]
 
     def p_broadcast_in_dim(self, eqn, ins, shapes):
+        """New and stretched axes follow what they meet: implicit broadcasting takes its
+        shape from the partner (a scalar in ``jnp.where(h > 0, h, 0.)``, a ``(B, 1, T, T)``
+        causal mask over heads). A size hard-coded in the model fails loudly after shrinking
+        (a shape mismatch where it meets the shrunk axis), never silently."""
         x, shape, dims = ins[0], shapes[0], eqn.params["broadcast_dimensions"]
-        out = self.fresh(shape, "created with a fixed size by broadcast_in_dim", z=x.zero)
+        out = self.fresh(shape, z=x.zero)
         atoms, zs = list(out.atoms), list(out.z)
         for i, d in enumerate(dims):
             if x.shape[i] == shape[d]:

@@ -22,10 +22,11 @@ an ``(E, H*D)`` kernel). A group is prunable unless one of its atoms
 * is reduced by a non-contracting reduction (LayerNorm's mean over channels, softmax,
   cumsum, argmax...) — masked would differ from shrunk;
 * is sliced, padded, reversed, pooled over (a ``reduce_window`` window along it), gathered
-  or scattered, or goes through a primitive this
-  module does not model (``shard_map``, ``gather``, ``sort``...);
-* was created with a size baked into the model (``iota``, ``broadcast_in_dim`` to a fixed
-  size, a non-leading sub-axis of a reshape split such as ``head_dim``);
+  or scattered, or goes through a primitive this module does not model (``shard_map``,
+  ``gather``, ``sort``...);
+* was created with a size baked into the model (``iota``, a non-leading sub-axis of a
+  reshape split such as ``head_dim``); axes added by ``broadcast_in_dim`` (a scalar fill, a
+  causal mask over heads) follow what they meet;
 * is the scanned axis of a ``scan``, a convolution's spatial axis or whole feature groups
   of a grouped (non-depthwise) convolution;
 * is contracted in a ``dot_general``/``conv`` where neither operand is known to be zero on

@@ -336,3 +336,13 @@ def test_pooling_passes_channels_and_fixes_windowed_axes(pool):
         channel_groups(maxout, {"w": _rand(0, 3, 6), "v": _rand(1, 6, 2)}, jnp.ones((2, 3))), "w", 1
     )
     assert not g.prunable and "pooled by reduce_window_max" in g.reason
+
+
+@pytest.mark.parametrize(
+    "act", [jax.nn.elu, lambda h: jnp.where(h > 0, h, 0.0), lambda h: h * jnp.ones_like(h)]
+)
+def test_broadcast_scalars_follow_their_partner(act):
+    p = {"w1": _rand(0, 4, 6), "w2": _rand(1, 6, 3)}
+    assert _by_member(
+        channel_groups(lambda p, x: act(x @ p["w1"]) @ p["w2"], p, jnp.ones((2, 4))), "w1", 1
+    ).prunable

@@ -269,12 +269,15 @@ def test_residual_block():
     assert small["a1"].shape == (6, 4) and small["a2"].shape == (4, 6)
 
 
-def attention(p, x, *, head_dim=4):
+def attention(p, x, *, head_dim=4, causal=False):
     b, s, _ = x.shape
     q = (x @ p["wq"] + p["bq"]).reshape(b, s, -1, head_dim)
     k = (x @ p["wk"]).reshape(b, s, -1, head_dim)
     v = (x @ p["wv"]).reshape(b, s, -1, head_dim)
-    a = jax.nn.softmax(jnp.einsum("bshd,bthd->bhst", q, k) / head_dim**0.5, axis=-1)
+    logits = jnp.einsum("bshd,bthd->bhst", q, k) / head_dim**0.5
+    if causal:  # a (b, 1, s, s) mask broadcast over heads, a scalar fill
+        logits = jnp.where(jnp.tril(jnp.ones((b, 1, s, s), bool)), logits, -1e9)
+    a = jax.nn.softmax(logits, axis=-1)
     o = jnp.einsum("bhst,bthd->bshd", a, v).reshape(b, s, -1)
     return o @ p["wo"] + p["bo"]
 
@@ -564,3 +567,22 @@ def test_pooling_between_convs_shrinks(pool):
     masks["params"]["Conv_1"]["kernel"] = _col_mask((3, 3, 8, 16), range(0, 16, 3))
     small, _ = _masked_equals_shrunk(model.apply, v, masks, x, f_small=linen_apply(model), vote="any")
     assert small["params"]["Conv_1"]["kernel"].shape == (3, 3, 5, 10)
+
+
+def test_scalar_fills_and_broadcast_masks_follow_their_partner():
+    """``jnp.where(h > 0, h, 0.)``, ``elu`` and a causal mask broadcast over heads."""
+    p = {"wq": _rand(0, 8, 16), "bq": _rand(1, 16), "wk": _rand(2, 8, 16), "wv": _rand(3, 8, 16),
+         "wo": _rand(4, 16, 8), "bo": _rand(5, 8)}  # fmt: skip
+    masks = {k: None for k in p}
+    masks["wq"] = masks["wk"] = masks["wv"] = _col_mask((8, 16), range(4, 8))
+    small, _ = _masked_equals_shrunk(functools.partial(attention, causal=True), p, masks, _rand(6, 2, 5, 8))
+    assert small["wo"].shape == (12, 8)
+
+    def f(p, x):
+        h = jnp.where(x @ p["w1"] > 0, x @ p["w1"], 0.0)
+        return jax.nn.elu(h @ p["w2"]) @ p["w3"]
+
+    p = {"w1": _rand(0, 6, 8), "w2": _rand(1, 8, 8), "w3": _rand(2, 8, 3)}
+    masks = {"w1": _col_mask((6, 8), [1, 5]), "w2": _col_mask((8, 8), [0, 2, 3]), "w3": None}
+    small, _ = _masked_equals_shrunk(f, p, masks, _rand(3, 4, 6), vote="any")
+    assert small["w2"].shape == (6, 5) and small["w3"].shape == (5, 3)
