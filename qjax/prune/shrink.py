@@ -21,102 +21,17 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qjax.graph.coupling import ChannelGroup, channel_groups
 from qjax.numerics.transposed import is_quantized
+from qjax.prune._paths import _flat, _suffix_index, map_leaves, resolve_path
 from qjax.prune.masks import unpack_masks
-from qjax.rules import is_box, path_str
 
 _VERSION = 1
-
-
-def _is_unit(x: Any) -> bool:
-    return x is None or is_box(x) or is_quantized(x)
-
-
-def map_leaves(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """Apply ``fn(path, leaf)`` to every leaf, ``None`` leaves (mask trees) included; boxes
-    (NNX ``Variable``s) are transparent and kept.
-
-    Args:
-      fn: ``(path, leaf or None) -> new leaf``.
-      tree: any pytree.
-
-    Returns:
-      The mapped tree, same structure.
-
-    Example:
-      >>> map_leaves(lambda p, x: None if x is None else x.shape, masks)
-    """
-
-    def visit(kp, unit):
-        path = path_str(kp)
-        if is_box(unit):
-            return jax.tree.map(
-                lambda leaf: fn(path, leaf), unit, is_leaf=lambda x: x is None or is_quantized(x)
-            )
-        return fn(path, unit)
-
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def keep(path, leaf):
-        out[path] = leaf
-        return leaf
-
-    map_leaves(keep, tree)
-    return out
-
-
-def _suffix_index(paths) -> dict[str, set[str]]:
-    """``{every /-suffix of every path: the paths ending with it}``."""
-    index: dict[str, set[str]] = {}
-    for q in paths:
-        parts = q.split("/")
-        for i in range(len(parts)):
-            index.setdefault("/".join(parts[i:]), set()).add(q)
-    return index
-
-
-def resolve_path(path: str, shapes, suffixes: dict[str, set[str]], planned=()) -> str | None:
-    """The params path a tree path refers to: an exact match, else the params path sharing
-    its longest ``/``-suffix. So ``0/mu/params/Dense_0/kernel`` (adam over variables) and
-    ``0/mu/Dense_0/kernel`` (adam over ``variables["params"]``) both mean
-    ``params/Dense_0/kernel``; ``0/count`` means nothing. Of several params paths with that
-    suffix, the one that only adds a leading collection (``params/``) wins.
-
-    Raises:
-      ValueError: several params paths fit equally and one of them is in ``planned``.
-    """
-    parts = path.split("/")
-    for i in range(len(parts)):
-        s = "/".join(parts[i:])
-        if s in shapes:
-            return s
-        found = suffixes.get(s)
-        if not found:
-            continue
-        if len(found) == 1:
-            return next(iter(found))
-        near = [q for q in found if q.count("/") == s.count("/") + 1]
-        if len(near) == 1:
-            return near[0]
-        if "/" in s and any(q in planned for q in found):
-            raise ValueError(
-                f"leaf {path!r} matches several params paths by its suffix {s!r}: {sorted(found)}; "
-                "pass a tree whose paths name the module fully (e.g. over the whole variables)"
-            )
-        return None
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,6 +296,24 @@ def _channel_slices(x: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarr
     return moved.reshape(positions.shape[0], -1)
 
 
+def _mask_leaves(masks: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Masks keyed by params path; a mask tree over part of ``params`` (``variables["params"]``)
+    is matched by path suffix, as :meth:`ShrinkPlan.apply` matches trees."""
+    if all(p in params for p in masks):
+        return masks
+    suffixes = _suffix_index(params)
+    out = {}
+    for path, m in masks.items():
+        q = resolve_path(path, params, suffixes, params)
+        if q is None:
+            raise ValueError(
+                f"mask path {path!r} is not a params path: give masks mirroring the params "
+                "(for Linen variables, {'params': masks} or masks over the whole variables)"
+            )
+        out[q] = m
+    return out
+
+
 def make_plan(
     groups: list[ChannelGroup], params: Any, masks: Any, *, multiple: int = 1, vote: str = "all"
 ) -> ShrinkPlan:
@@ -400,7 +333,8 @@ def make_plan(
       groups: from :func:`qjax.graph.coupling.channel_groups`.
       params: the params the groups were found on.
       masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for skipped leaves), or
-        a packed one (:func:`qjax.prune.pack_masks`).
+        a packed one (:func:`qjax.prune.pack_masks`); a tree over part of them (masks over
+        ``variables["params"]``) is matched by path suffix.
       multiple: kept channel counts are multiples of this (e.g. 8 for tensor cores).
       vote: ``"all"`` or ``"any"`` (above).
 
@@ -419,10 +353,8 @@ def make_plan(
     if vote not in ("all", "any"):
         raise ValueError(f"vote must be 'all' or 'any', got {vote!r}")
     p_leaves = {p: x for p, x in _flat(params).items() if x is not None}
-    m_leaves = _flat(unpack_masks(masks))
+    m_leaves = _mask_leaves(_flat(unpack_masks(masks)), p_leaves)
     for path, m in m_leaves.items():
-        if path not in p_leaves:
-            raise ValueError(f"mask path {path!r} is not a params path")
         if m is not None and tuple(np.shape(m)) != tuple(np.shape(p_leaves[path])):
             raise ValueError(
                 f"mask of {path!r} has shape {tuple(np.shape(m))}, the leaf {tuple(np.shape(p_leaves[path]))}"

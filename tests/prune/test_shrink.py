@@ -235,6 +235,23 @@ def test_cnn_batchnorm_linen():
     _close(rebuilt.apply(small, x), linen_apply(model)(small, x))
 
 
+def test_masks_over_the_params_collection():
+    """Masks over ``variables["params"]`` (e.g. from an optimizer state) plan like wrapped ones."""
+    model, x = CNN(), _rand(7, 3, 8, 8, 1)
+    v = _init(model, x)
+    f = functools.partial(model.apply, train=False)
+    masks = jax.tree.map(lambda a: None, v["params"])
+    masks["Conv_0"]["kernel"] = _col_mask((3, 3, 1, 8), [1, 4, 6])
+    masks["BatchNorm_0"]["bias"] = _col_mask((8,), [1, 4])
+    small, plan = _masked_equals_shrunk(
+        f, v, masks, x, f_small=functools.partial(linen_apply(model), train=False), vote="any"
+    )
+    assert plan == shrink(f, v, {"params": masks}, x, vote="any")[1]
+    assert small["batch_stats"]["BatchNorm_0"]["var"].shape == (5,)
+    with pytest.raises(ValueError, match=r"mask path 'nope/kernel'.*\{'params': masks\}"):
+        shrink(f, v, {**masks, "nope": {"kernel": None}}, x)
+
+
 class CNN2(nn.Module):
     """CNN built from a config (the `feature_counts` route)."""
 
