@@ -15,9 +15,10 @@
   ``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.RMSNorm`` (and ``num_groups`` of
   ``nnx.GroupNorm``, keeping its group size) so the module stays consistent.
 
-Attention modules whose head count is a hyperparameter (``nn.MultiHeadDotProductAttention``,
-``nnx.MultiHeadAttention``) are not resized: write the head split as
-``reshape(..., -1, head_dim)`` or build them with the new head count.
+Attention: ``nn.MultiHeadDotProductAttention`` shrinks exactly under :func:`linen_apply`
+(its ``DenseGeneral`` projections take heads from the stored kernels). ``shrink_nnx`` updates
+``nnx.MultiHeadAttention``'s ``num_heads``/``qkv_features`` when whole heads go, and refuses a
+plan that narrows value heads (its attention needs them as wide as query/key heads).
 """
 
 from __future__ import annotations
@@ -194,6 +195,8 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
     """
     groups = {}
     for path, mod in nnx.iter_modules(model):
+        if isinstance(mod, nnx.MultiHeadAttention):
+            _check_value_head_dim(mod, "/".join(map(str, path)), plan)
         if isinstance(mod, nnx.Conv):
             kernel = plan._resolve("/".join(map(str, (*path, "kernel"))))
             kept = plan.leaves.get(kernel, {}).get(len(mod.kernel_shape) - 1)
@@ -202,6 +205,18 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
     for path, mod in nnx.iter_modules(model):
         _fix_sizes(mod, groups.get(id(mod)), "/".join(map(str, path)))
     return model
+
+
+def _check_value_head_dim(mod: nnx.MultiHeadAttention, name: str, plan: ShrinkPlan) -> None:
+    """Refuse a plan that narrows value heads: ``attention_fn`` needs them as wide as q/k heads."""
+    value = plan._resolve(f"{name}/value/kernel" if name else "value/kernel")
+    kept = plan.leaves.get(value, {}).get(mod.value.kernel.ndim - 1)
+    if kept is not None:
+        raise ValueError(
+            f"shrink_nnx: nnx.MultiHeadAttention {name!r} would keep {len(kept)} of {mod.head_dim} value "
+            f"channels per head, but its attention_fn needs value heads as wide as query/key heads; "
+            f"mask {name}/value/kernel and {name}/out/kernel by whole heads (or leave them unmasked)"
+        )
 
 
 def _kept_groups(groups: int, out_before: int, kept_out) -> int:
@@ -245,6 +260,11 @@ def _fix_sizes(mod: nnx.Module, groups: int | None, name: str) -> None:
             mod.kernel_shape = shape
     elif isinstance(mod, nnx.Linear):
         mod.in_features, mod.out_features = tuple(mod.kernel.shape)
+    elif isinstance(mod, nnx.MultiHeadAttention):
+        mod.num_heads = mod.query.kernel.shape[-2]
+        mod.qkv_features = mod.num_heads * mod.head_dim
+        if hasattr(mod, "num_kv_heads"):
+            mod.num_kv_heads = mod.key.kernel.shape[-2]
     elif isinstance(mod, nnx.ConvTranspose):
         shape = tuple(mod.kernel.shape)
         mod.kernel_shape = shape

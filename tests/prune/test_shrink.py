@@ -603,3 +603,39 @@ def test_scalar_fills_and_broadcast_masks_follow_their_partner():
     masks = {"w1": _col_mask((6, 8), [1, 5]), "w2": _col_mask((8, 8), [0, 2, 3]), "w3": None}
     small, _ = _masked_equals_shrunk(f, p, masks, _rand(3, 4, 6), vote="any")
     assert small["w2"].shape == (6, 5) and small["w3"].shape == (5, 3)
+
+
+def test_nnx_attention_heads_shrink_and_value_head_dim_is_refused():
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.att = nnx.MultiHeadAttention(4, 8, qkv_features=16, decode=False, rngs=rngs)
+            self.fc = nnx.Linear(8, 3, rngs=rngs)
+
+        def __call__(self, x):
+            return self.fc(x + self.att(x))
+
+    x = _rand(1, 2, 5, 8)
+    model = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    f = nnx_apply(graphdef)
+    masks = jax.tree.map(lambda a: None, state)
+    head = np.ones((8, 4, 4), bool)
+    head[:, 1] = False
+    for k in ("query", "key", "value"):
+        masks["att"][k]["kernel"] = nnx.Param(jnp.asarray(head))
+    _, plan = shrink(f, state, masks, x)
+    want = f(apply_masks(state, plan.group_masks(state)), x)
+    shrink_nnx(model, plan)
+    _close(model(x), want)
+    assert (model.att.num_heads, model.att.qkv_features, model.att.head_dim) == (3, 12, 4)
+
+    model = Net(nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    f = nnx_apply(graphdef)
+    masks = jax.tree.map(lambda a: None, state)
+    masks["att"]["out"]["kernel"] = nnx.Param(_col_mask((4, 4, 8), [1, 3], axis=1))
+    _, plan = shrink(f, state, masks, x)
+    assert any(g.name == "att/out/kernel:1" for g in plan.groups)
+    with pytest.raises(ValueError, match=r"'att' would keep 2 of 4 value channels.*att/value/kernel"):
+        shrink_nnx(model, plan)
+    assert model.att.value.kernel.shape == (8, 4, 4)  # refused before anything changed
