@@ -351,8 +351,8 @@ def run_demo(
         )  # dense matmuls on zeros: no sparse kernel
     t = time.perf_counter()
     channel = prune.Magnitude(0.5, sparsity_type=prune.Channel(-1), rules=[(r"params/head/kernel", None)])
-    small, _plan = prune.shrink(model.apply, variables, channel.masks(variables), data.x_test[:2], vote="any")
-    small_apply = prune.linen_apply(model)
+    small, plan = prune.shrink(model.apply, variables, channel.masks(variables), data.x_test[:2], vote="any")
+    small_apply = prune.linen_apply(model, plan=plan)
     with bar(total=prune_epochs, desc="channel pruning 50% + shrink") as pb:
         small, _ = _demo.train(
             model,

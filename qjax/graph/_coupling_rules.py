@@ -44,7 +44,8 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
           "custom_vjp_call_jaxpr": "fun_jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr"}  # fmt: skip
 _RULES = {"transpose", "squeeze", "broadcast_in_dim", "reshape", "concatenate", "split", "slice",
           "dynamic_slice", "pad", "rev", "dynamic_update_slice", "iota", "optimization_barrier", "device_put",
-          "dot_general", "conv_general_dilated", "scan", "while", "cond"}  # fmt: skip
+          "dot_general", "conv_general_dilated", "scan", "while", "cond", "reduce_window_sum",
+          "reduce_window_max", "reduce_window_min"}  # fmt: skip
 _SPLIT_INNER = (
     "a non-leading sub-axis of a reshape split (its size is hard-coded in the model, e.g. "
     "head_dim; only the leading one, e.g. heads, shrinks)"
@@ -195,8 +196,12 @@ class Walker:
         return [Val(shapes[0], tuple(x.atoms[k] for k in keep), tuple(x.z[k] for k in keep), x.zero, x.param)]
 
     def p_broadcast_in_dim(self, eqn, ins, shapes):
+        """New and stretched axes follow what they meet: implicit broadcasting takes its
+        shape from the partner (a scalar in ``jnp.where(h > 0, h, 0.)``, a ``(B, 1, T, T)``
+        causal mask over heads). A size hard-coded in the model fails loudly after shrinking
+        (a shape mismatch where it meets the shrunk axis), never silently."""
         x, shape, dims = ins[0], shapes[0], eqn.params["broadcast_dimensions"]
-        out = self.fresh(shape, "created with a fixed size by broadcast_in_dim", z=x.zero)
+        out = self.fresh(shape, z=x.zero)
         atoms, zs = list(out.atoms), list(out.z)
         for i, d in enumerate(dims):
             if x.shape[i] == shape[d]:
@@ -278,6 +283,16 @@ class Walker:
                 self.flag(x, "updated in a slice along it", [k])
                 self.flag(upd, "updated in a slice along it", [k])
         return [Val(x.shape, x.atoms, tuple(False for _ in x.z))]
+
+    def p_reduce_window_sum(self, eqn, ins, shapes):
+        """Pooling: channel axes (window 1, stride 1, no padding or dilation) pass through."""
+        p = eqn.params
+        per_axis = zip(p["window_dimensions"], p["window_strides"], p["padding"], p["base_dilation"],
+                       p["window_dilation"])  # fmt: skip
+        full = [(w, s, tuple(pad), b, d) == (1, 1, (0, 0), 1, 1) for w, s, pad, b, d in per_axis]
+        return self._passthrough(ins, shapes, full, f"pooled by {eqn.primitive.name}")
+
+    p_reduce_window_max = p_reduce_window_min = p_reduce_window_sum
 
     def p_iota(self, eqn, ins, shapes):
         return [self.fresh(shapes[0], "created with a fixed size by iota")]

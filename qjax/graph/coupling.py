@@ -10,7 +10,8 @@ elementwise ops (with size-1 broadcasting: biases, norm parameters), ``dot_gener
 in-axis; batch and free dims pass through), ``conv_general_dilated`` (input feature <->
 kernel in-feature, kernel out-feature <-> output feature; ``feature_group_count`` splits the
 features into ``[groups][per-group]``, so a depthwise conv couples its input and output),
-reshapes, transposes, ``concatenate``/``split``, reductions over other axes, and the bodies of
+reshapes, transposes, ``concatenate``/``split``, reductions over other axes, pooling
+(``reduce_window_*``: the axes without a window pass through), and the bodies of
 ``jit``, ``custom_jvp``/``custom_vjp``, ``remat``, ``cond``, ``scan`` and ``while``.
 
 A group is every param axis (or sub-axis) holding one atom class; channel ``j`` of the group
@@ -20,10 +21,12 @@ an ``(E, H*D)`` kernel). A group is prunable unless one of its atoms
 * is an input or output axis of the function, or a closed-over constant;
 * is reduced by a non-contracting reduction (LayerNorm's mean over channels, softmax,
   cumsum, argmax...) — masked would differ from shrunk;
-* is sliced, padded, reversed, gathered or scattered, or goes through a primitive this
-  module does not model (``shard_map``, ``gather``, ``sort``...);
-* was created with a size baked into the model (``iota``, ``broadcast_in_dim`` to a fixed
-  size, a non-leading sub-axis of a reshape split such as ``head_dim``);
+* is sliced, padded, reversed, pooled over (a ``reduce_window`` window along it), gathered
+  or scattered, or goes through a primitive this module does not model (``shard_map``,
+  ``gather``, ``sort``...);
+* was created with a size baked into the model (``iota``, a non-leading sub-axis of a
+  reshape split such as ``head_dim``); axes added by ``broadcast_in_dim`` (a scalar fill, a
+  causal mask over heads) follow what they meet;
 * is the scanned axis of a ``scan``, a convolution's spatial axis or whole feature groups
   of a grouped (non-depthwise) convolution;
 * is contracted in a ``dot_general``/``conv`` where neither operand is known to be zero on

@@ -3,18 +3,22 @@
 * Linen modules check stored param shapes against their hyperparameters on ``apply``
   (``nn.Dense(64)`` with a ``(in, 40)`` kernel raises ``ScopeParamShapeError``).
   :func:`linen_apply` runs a module under ``flax.linen.intercept_methods``: a ``Dense``,
-  ``DenseGeneral`` or ``Conv`` whose stored kernel disagrees with its ``features`` runs as a
-  clone (bound to the same scope) with the stored sizes. Norm layers infer their size from
-  the input and need nothing. :func:`feature_counts` gives the new sizes per module for
-  users who rebuild modules from a config instead.
+  ``DenseGeneral``, ``Conv`` or ``ConvTranspose`` whose stored kernel disagrees with its
+  ``features`` runs as a clone (bound to the same scope) with the stored sizes. Norm layers
+  infer their size from the input; a ``GroupNorm(num_groups=...)`` keeps its unshrunk group
+  size (pruning removes whole groups), which ``linen_apply(model, plan=plan)`` reads from
+  the plan. :func:`feature_counts` gives the new sizes per module for users who rebuild
+  modules from a config instead.
 * NNX modules hold arrays and sizes: :func:`shrink_nnx` updates the state in place and fixes
   ``in_features``/``out_features``/``num_features``/``kernel_shape``/``feature_group_count``
-  of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.BatchNorm``,
-  ``nnx.LayerNorm``, ``nnx.RMSNorm`` so the module stays consistent.
+  of ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.ConvTranspose``,
+  ``nnx.BatchNorm``, ``nnx.LayerNorm``, ``nnx.RMSNorm`` (and ``num_groups`` of
+  ``nnx.GroupNorm``, keeping its group size) so the module stays consistent.
 
-Attention modules whose head count is a hyperparameter (``nn.MultiHeadDotProductAttention``,
-``nnx.MultiHeadAttention``) are not resized: write the head split as
-``reshape(..., -1, head_dim)`` or build them with the new head count.
+Attention: ``nn.MultiHeadDotProductAttention`` shrinks exactly under :func:`linen_apply`
+(its ``DenseGeneral`` projections take heads from the stored kernels). ``shrink_nnx`` updates
+``nnx.MultiHeadAttention``'s ``num_heads``/``qkv_features`` when whole heads go, and refuses a
+plan that narrows value heads (its attention needs them as wide as query/key heads).
 """
 
 from __future__ import annotations
@@ -29,12 +33,43 @@ from flax import nnx
 from qjax.prune.shrink import ShrinkPlan
 
 
-def _resize_interceptor(next_fun, args, kwargs, context):
-    mod = context.module
-    if context.method_name != "__call__" or not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv)):
-        return next_fun(*args, **kwargs)
+def _group_size(mod: nn.GroupNorm, channels: int, plan: ShrinkPlan | None) -> int | None:
+    """The unshrunk group size of a ``GroupNorm(num_groups=...)``, ``None`` when unchanged."""
+    name = "/".join(mod.scope.path) or type(mod).__name__
+    if plan is None:
+        raise ValueError(
+            f"GroupNorm {name!r} has num_groups={mod.num_groups}: its group size depends on the "
+            "unshrunk channel count; pass linen_apply(model, plan=plan) (or build it with group_size=)"
+        )
+    paths = [f"{c}{'/'.join(mod.scope.path)}/{leaf}" for c in ("params/", "") for leaf in ("scale", "bias")]
+    before = next((plan.shapes[p][-1] for p in paths if p in plan.shapes), None)
+    if before is None:
+        raise ValueError(
+            f"GroupNorm {name!r} has num_groups={mod.num_groups} and no scale or bias in the plan, so "
+            "its unshrunk channel count is unknown; build it with group_size= instead"
+        )
+    size = before // mod.num_groups
+    if channels == before:
+        return None
+    if channels % size:
+        raise ValueError(
+            f"GroupNorm {name!r}: {channels} channels after shrinking are not whole groups of {size} "
+            f"({before} channels in {mod.num_groups} groups before); the plan does not fit this model"
+        )
+    return size
+
+
+def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
+    """Hyperparameter updates that make ``mod`` fit its stored (shrunk) variables."""
+    if isinstance(mod, nn.GroupNorm):
+        if mod.num_groups is None or mod.num_groups == 1 or not args:
+            return {}
+        size = _group_size(mod, np.shape(args[0])[-1], plan)
+        return {} if size is None else {"num_groups": None, "group_size": size}
+    if not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)):
+        return {}
     if not mod.has_variable("params", "kernel"):
-        return next_fun(*args, **kwargs)
+        return {}
     kernel = np.shape(mod.get_variable("params", "kernel"))
     updates: dict[str, Any] = {}
     if isinstance(mod, nn.DenseGeneral):
@@ -42,36 +77,55 @@ def _resize_interceptor(next_fun, args, kwargs, context):
         stored = tuple(kernel[len(kernel) - len(feats) :])
         if stored != feats:
             updates["features"] = stored if isinstance(mod.features, tuple) else stored[0]
-    elif kernel[-1] != mod.features:
-        updates["features"] = kernel[-1]
+    else:
+        out = kernel[-2] if getattr(mod, "transpose_kernel", False) else kernel[-1]
+        if out != mod.features:
+            updates["features"] = out
     if isinstance(mod, nn.Conv) and mod.feature_group_count > 1 and args:
         groups = np.shape(args[0])[-1] // kernel[-2]
         if groups != mod.feature_group_count:
             updates["feature_group_count"] = groups
-    if not updates:
-        return next_fun(*args, **kwargs)
-    return mod.clone(parent=mod.scope, **updates)(*args, **kwargs)
+    return updates
 
 
-def linen_apply(module: nn.Module, method: str | Callable | None = None) -> Callable[..., Any]:
+def _interceptor(plan: ShrinkPlan | None):
+    def intercept(next_fun, args, kwargs, context):
+        updates = _resize(context.module, args, plan) if context.method_name == "__call__" else {}
+        if not updates:
+            return next_fun(*args, **kwargs)
+        return context.module.clone(parent=context.module.scope, **updates)(*args, **kwargs)
+
+    return intercept
+
+
+def linen_apply(
+    module: nn.Module, method: str | Callable | None = None, *, plan: ShrinkPlan | None = None
+) -> Callable[..., Any]:
     """``module.apply`` that accepts shrunk variables.
 
     Args:
       module: the Linen module as configured for the unshrunk model.
       method: passed to ``module.apply`` (default ``__call__``).
+      plan: the :class:`~qjax.prune.shrink.ShrinkPlan`; needed when the model has a
+        ``GroupNorm(num_groups=...)`` (its group size comes from the unshrunk channel count).
 
     Returns:
       ``apply(variables, *args, **kwargs)``, the same as ``module.apply`` but ``Dense``,
-      ``DenseGeneral`` and ``Conv`` submodules take their output size (and a depthwise conv
-      its ``feature_group_count``) from the stored kernel. Jit-safe.
+      ``DenseGeneral``, ``Conv`` and ``ConvTranspose`` submodules take their output size (and
+      a grouped conv its ``feature_group_count``) from the stored kernel, and a
+      ``GroupNorm`` keeps its unshrunk group size. Jit-safe.
+
+    Raises:
+      ValueError: (on apply) a ``GroupNorm(num_groups=...)`` without ``plan``, or whose
+        channels are not whole groups of the plan's group size (names the module).
 
     Example:
       >>> small, plan = shrink(partial(model.apply, train=False), variables, masks, x)
-      >>> y = jax.jit(linen_apply(model))(small, x, train=False)
+      >>> y = jax.jit(linen_apply(model, plan=plan))(small, x, train=False)
     """
 
     def apply(variables, *args, **kwargs):
-        with nn.intercept_methods(_resize_interceptor):
+        with nn.intercept_methods(_interceptor(plan)):
             return module.apply(variables, *args, method=method, **kwargs)
 
     return apply
@@ -126,7 +180,8 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
 
     Returns:
       ``model`` itself, updated: every planned variable sliced and the size attributes
-      of ``Linear``, ``LinearGeneral``, ``Conv``, ``BatchNorm``, ``LayerNorm`` and ``RMSNorm``
+      of ``Linear``, ``LinearGeneral``, ``Conv``, ``ConvTranspose``, ``BatchNorm``, ``LayerNorm``,
+      ``RMSNorm`` and ``GroupNorm``
       submodules set from their new arrays.
 
     Raises:
@@ -138,22 +193,62 @@ def shrink_nnx(model: nnx.Module, plan: ShrinkPlan) -> nnx.Module:
       >>> shrink_nnx(model, plan)
       >>> model(x)  # runs with the smaller arrays
     """
-    old_groups = {}
-    for _, mod in nnx.iter_modules(model):
+    groups = {}
+    for path, mod in nnx.iter_modules(model):
+        if isinstance(mod, nnx.MultiHeadAttention):
+            _check_value_head_dim(mod, "/".join(map(str, path)), plan)
         if isinstance(mod, nnx.Conv):
-            old_groups[id(mod)] = (mod.feature_group_count, mod.out_features)
+            kernel = plan._resolve("/".join(map(str, (*path, "kernel"))))
+            kept = plan.leaves.get(kernel, {}).get(len(mod.kernel_shape) - 1)
+            groups[id(mod)] = _kept_groups(mod.feature_group_count, mod.out_features, kept)
     nnx.update(model, plan.apply(nnx.state(model)))
-    for _, mod in nnx.iter_modules(model):
-        _fix_sizes(mod, old_groups.get(id(mod)))
+    for path, mod in nnx.iter_modules(model):
+        _fix_sizes(mod, groups.get(id(mod)), "/".join(map(str, path)))
     return model
 
 
-def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None) -> None:
+def _check_value_head_dim(mod: nnx.MultiHeadAttention, name: str, plan: ShrinkPlan) -> None:
+    """Refuse a plan that narrows value heads: ``attention_fn`` needs them as wide as q/k heads."""
+    value = plan._resolve(f"{name}/value/kernel" if name else "value/kernel")
+    kept = plan.leaves.get(value, {}).get(mod.value.kernel.ndim - 1)
+    if kept is not None:
+        raise ValueError(
+            f"shrink_nnx: nnx.MultiHeadAttention {name!r} would keep {len(kept)} of {mod.head_dim} value "
+            f"channels per head, but its attention_fn needs value heads as wide as query/key heads; "
+            f"mask {name}/value/kernel and {name}/out/kernel by whole heads (or leave them unmasked)"
+        )
+
+
+def _kept_groups(groups: int, out_before: int, kept_out) -> int:
+    """Feature groups left in a grouped conv that keeps output channels ``kept_out``.
+
+    Pruning removes whole groups or the same channels of every group, so a group stays when
+    one of its ``out_before // groups`` output channels does (``kept_out=None``: all stay).
+    Equal to the new input channel count over the kernel's in-axis (what Linen reads).
+    """
+    if groups == 1 or kept_out is None:
+        return groups
+    per_group = out_before // groups
+    return len({o // per_group for o in kept_out})
+
+
+def _fix_group_norm(mod: nnx.GroupNorm, name: str) -> None:
+    """Keep the group size: the kept channels are whole groups (``num_groups`` shrinks)."""
+    arrays = [v.get_value() for v in (mod.scale, mod.bias) if isinstance(v, nnx.Variable)]
+    if not arrays:
+        return  # no scale or bias: the plan did not touch it
+    channels = np.shape(arrays[0])[-1]
+    if channels % mod.group_size:
+        raise ValueError(
+            f"GroupNorm {name!r}: {channels} channels after shrinking are not whole groups of "
+            f"{mod.group_size}; the plan does not fit this model"
+        )
+    mod.num_features, mod.num_groups = channels, channels // mod.group_size
+
+
+def _fix_sizes(mod: nnx.Module, groups: int | None, name: str) -> None:
     if isinstance(mod, nnx.Conv):
         shape = tuple(mod.kernel.shape)
-        groups, out_before = conv_before
-        if groups > 1 and shape[-2] == 1:  # depthwise: one group per remaining channel
-            groups = groups * shape[-1] // out_before
         mod.feature_group_count = groups
         mod.kernel_shape = shape
         mod.in_features, mod.out_features = shape[-2] * groups, shape[-1]
@@ -165,6 +260,17 @@ def _fix_sizes(mod: nnx.Module, conv_before: tuple[int, int] | None) -> None:
             mod.kernel_shape = shape
     elif isinstance(mod, nnx.Linear):
         mod.in_features, mod.out_features = tuple(mod.kernel.shape)
+    elif isinstance(mod, nnx.MultiHeadAttention):
+        mod.num_heads = mod.query.kernel.shape[-2]
+        mod.qkv_features = mod.num_heads * mod.head_dim
+        if hasattr(mod, "num_kv_heads"):
+            mod.num_kv_heads = mod.key.kernel.shape[-2]
+    elif isinstance(mod, nnx.ConvTranspose):
+        shape = tuple(mod.kernel.shape)
+        mod.kernel_shape = shape
+        mod.in_features, mod.out_features = shape[-2:][:: -1 if mod.transpose_kernel else 1]
+    elif isinstance(mod, nnx.GroupNorm):
+        _fix_group_norm(mod, name)
     elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):
         for name in ("scale", "bias", "mean", "var"):
             v = getattr(mod, name, None)

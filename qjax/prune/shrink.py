@@ -21,60 +21,17 @@ import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from qjax.graph.coupling import ChannelGroup, channel_groups
 from qjax.numerics.transposed import is_quantized
+from qjax.prune._paths import _flat, _suffix_index, map_leaves, resolve_path
 from qjax.prune.masks import unpack_masks
-from qjax.rules import is_box, path_str
 
 _VERSION = 1
-
-
-def _is_unit(x: Any) -> bool:
-    return x is None or is_box(x) or is_quantized(x)
-
-
-def map_leaves(fn: Callable[[str, Any], Any], tree: Any) -> Any:
-    """Apply ``fn(path, leaf)`` to every leaf, ``None`` leaves (mask trees) included; boxes
-    (NNX ``Variable``s) are transparent and kept.
-
-    Args:
-      fn: ``(path, leaf or None) -> new leaf``.
-      tree: any pytree.
-
-    Returns:
-      The mapped tree, same structure.
-
-    Example:
-      >>> map_leaves(lambda p, x: None if x is None else x.shape, masks)
-    """
-
-    def visit(kp, unit):
-        path = path_str(kp)
-        if is_box(unit):
-            return jax.tree.map(
-                lambda leaf: fn(path, leaf), unit, is_leaf=lambda x: x is None or is_quantized(x)
-            )
-        return fn(path, unit)
-
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit)
-
-
-def _flat(tree: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-
-    def keep(path, leaf):
-        out[path] = leaf
-        return leaf
-
-    map_leaves(keep, tree)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,27 +72,10 @@ class ShrinkPlan:
     # -- replay -----------------------------------------------------------------------------
     @functools.cached_property
     def _suffixes(self) -> dict[str, set[str]]:
-        index: dict[str, set[str]] = {}
-        for q in self.shapes:
-            parts = q.split("/")
-            for i in range(len(parts)):
-                index.setdefault("/".join(parts[i:]), set()).add(q)
-        return index
+        return _suffix_index(self.shapes)
 
     def _resolve(self, path: str) -> str | None:
-        """The params path a tree path refers to: the params path sharing its longest
-        ``/``-suffix, if unique (an exact match wins). So ``0/mu/params/Dense_0/kernel``
-        (adam over variables) and ``0/mu/Dense_0/kernel`` (adam over ``variables["params"]``)
-        both mean ``params/Dense_0/kernel``; ``0/count`` means nothing."""
-        parts = path.split("/")
-        for i in range(len(parts)):
-            s = "/".join(parts[i:])
-            if s in self.shapes:
-                return s
-            found = self._suffixes.get(s)
-            if found:
-                return next(iter(found)) if len(found) == 1 else None
-        return None
+        return resolve_path(path, self.shapes, self._suffixes, self.leaves)
 
     def _map_planned(self, fn, tree: Any, other=lambda x: x, strict: bool = True) -> Any:
         seen: set[str] = set()
@@ -356,6 +296,24 @@ def _channel_slices(x: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarr
     return moved.reshape(positions.shape[0], -1)
 
 
+def _mask_leaves(masks: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Masks keyed by params path; a mask tree over part of ``params`` (``variables["params"]``)
+    is matched by path suffix, as :meth:`ShrinkPlan.apply` matches trees."""
+    if all(p in params for p in masks):
+        return masks
+    suffixes = _suffix_index(params)
+    out = {}
+    for path, m in masks.items():
+        q = resolve_path(path, params, suffixes, params)
+        if q is None:
+            raise ValueError(
+                f"mask path {path!r} is not a params path: give masks mirroring the params "
+                "(for Linen variables, {'params': masks} or masks over the whole variables)"
+            )
+        out[q] = m
+    return out
+
+
 def make_plan(
     groups: list[ChannelGroup], params: Any, masks: Any, *, multiple: int = 1, vote: str = "all"
 ) -> ShrinkPlan:
@@ -375,7 +333,8 @@ def make_plan(
       groups: from :func:`qjax.graph.coupling.channel_groups`.
       params: the params the groups were found on.
       masks: a mask tree mirroring ``params`` (bool arrays, ``None`` for skipped leaves), or
-        a packed one (:func:`qjax.prune.pack_masks`).
+        a packed one (:func:`qjax.prune.pack_masks`); a tree over part of them (masks over
+        ``variables["params"]``) is matched by path suffix.
       multiple: kept channel counts are multiples of this (e.g. 8 for tensor cores).
       vote: ``"all"`` or ``"any"`` (above).
 
@@ -394,10 +353,8 @@ def make_plan(
     if vote not in ("all", "any"):
         raise ValueError(f"vote must be 'all' or 'any', got {vote!r}")
     p_leaves = {p: x for p, x in _flat(params).items() if x is not None}
-    m_leaves = _flat(unpack_masks(masks))
+    m_leaves = _mask_leaves(_flat(unpack_masks(masks)), p_leaves)
     for path, m in m_leaves.items():
-        if path not in p_leaves:
-            raise ValueError(f"mask path {path!r} is not a params path")
         if m is not None and tuple(np.shape(m)) != tuple(np.shape(p_leaves[path])):
             raise ValueError(
                 f"mask of {path!r} has shape {tuple(np.shape(m))}, the leaf {tuple(np.shape(p_leaves[path]))}"

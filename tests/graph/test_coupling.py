@@ -312,3 +312,37 @@ def test_nnx_paths():
     assert g.prunable and g.name == "fc1/kernel:1"
     bn = {"bn/scale", "bn/bias", "bn/mean", "bn/var"}
     assert {m.path for m in g.members} == {"fc1/kernel", "fc1/bias", "fc2/kernel"} | bn
+
+
+def _min_pool(h, window, strides):
+    return jax.lax.reduce_window(h, jnp.inf, jax.lax.min, (1, *window, 1), (1, *strides, 1), "SAME")
+
+
+@pytest.mark.parametrize("pool", [nn.max_pool, nn.avg_pool, _min_pool])
+def test_pooling_passes_channels_and_fixes_windowed_axes(pool):
+    def f(p, x):
+        h = jax.lax.conv_general_dilated(
+            x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return pool(jax.nn.relu(h), (2, 2), (2, 2)).mean((1, 2)) @ p["w"]
+
+    p = {"k": _rand(0, 3, 3, 2, 6), "w": _rand(1, 6, 3)}
+    assert _by_member(channel_groups(f, p, jnp.ones((2, 8, 8, 2))), "k", 3).prunable
+    # a window along the channels (maxout-like) fixes them
+    maxout = lambda p, x: (
+        jax.lax.reduce_window(x @ p["w"], -jnp.inf, jax.lax.max, (1, 2), (1, 1), "SAME") @ p["v"]
+    )
+    g = _by_member(
+        channel_groups(maxout, {"w": _rand(0, 3, 6), "v": _rand(1, 6, 2)}, jnp.ones((2, 3))), "w", 1
+    )
+    assert not g.prunable and "pooled by reduce_window_max" in g.reason
+
+
+@pytest.mark.parametrize(
+    "act", [jax.nn.elu, lambda h: jnp.where(h > 0, h, 0.0), lambda h: h * jnp.ones_like(h)]
+)
+def test_broadcast_scalars_follow_their_partner(act):
+    p = {"w1": _rand(0, 4, 6), "w2": _rand(1, 6, 3)}
+    assert _by_member(
+        channel_groups(lambda p, x: act(x @ p["w1"]) @ p["w2"], p, jnp.ones((2, 4))), "w1", 1
+    ).prunable
