@@ -45,6 +45,20 @@ def _masked_equals_shrunk(f, params, masks, *args, f_small=None, multiple=1, vot
     return small, plan
 
 
+def _nnx_shrinks_like_masked(model, set_masks, x):
+    """Shrink an NNX ``model`` in place by the masks ``set_masks`` writes into a tree of
+    ``None`` over its state; the shrunk model must equal the masked one. Returns the plan."""
+    graphdef, state = nnx.split(model)
+    masks = jax.tree.map(lambda a: None, state)
+    set_masks(masks)
+    f = nnx_apply(graphdef)
+    _, plan = shrink(f, state, masks, x)
+    want = f(apply_masks(state, plan.group_masks(state)), x)
+    shrink_nnx(model, plan)
+    _close(model(x), want)
+    return plan
+
+
 def mlp(p, x):
     h = jax.nn.relu(x @ p["w1"] + p["b1"])
     h = jnp.tanh(h @ p["w2"] + p["b2"])
@@ -423,14 +437,11 @@ def test_nnx_channel_pruning_through_batchnorm_and_depthwise():
             return self.fc(x.mean((1, 2)))
 
     model, x = Net(nnx.Rngs(1)), _rand(3, 2, 6, 6, 1)
-    graphdef, state = nnx.split(model)
-    masks = jax.tree.map(lambda a: None, state)
-    masks["conv"]["kernel"] = nnx.Param(_col_mask((3, 3, 1, 8), [2, 5, 7]))
-    f = nnx_apply(graphdef)
-    _, plan = shrink(f, state, masks, x)
-    expect = f(apply_masks(state, plan.group_masks(state)), x)
-    shrink_nnx(model, plan)
-    _close(model(x), expect)
+
+    def set_masks(masks):
+        masks["conv"]["kernel"] = nnx.Param(_col_mask((3, 3, 1, 8), [2, 5, 7]))
+
+    _nnx_shrinks_like_masked(model, set_masks, x)
     assert model.conv.out_features == model.bn.num_features == model.dw.feature_group_count == 5
     assert model.dw.in_features == model.dw.out_features == model.fc.in_features == 5
 

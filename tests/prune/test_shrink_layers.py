@@ -16,7 +16,7 @@ from qjax.prune.masks import apply_masks
 from qjax.prune.rebuild import linen_apply, shrink_nnx
 from qjax.prune.shrink import shrink
 
-from .test_shrink import _close, _col_mask, _masked_equals_shrunk, _rand, attention
+from .test_shrink import _close, _col_mask, _masked_equals_shrunk, _nnx_shrinks_like_masked, _rand, attention
 
 
 class GN(nn.Module):
@@ -121,14 +121,11 @@ def test_conv_transpose_linen_and_nnx():
             return self.out(nnx.relu(self.up(x)))
 
     nmodel = NDec(nnx.Rngs(0))
-    graphdef, state = nnx.split(nmodel)
-    nmasks = jax.tree.map(lambda a: None, state)
-    nmasks["up"]["kernel"] = nnx.Param(_col_mask((2, 2, 3, 8), [0, 3, 5]))
-    f = nnx_apply(graphdef)
-    _, plan = shrink(f, state, nmasks, x)
-    want = f(apply_masks(state, plan.group_masks(state)), x)
-    shrink_nnx(nmodel, plan)
-    _close(nmodel(x), want)
+
+    def set_masks(masks):
+        masks["up"]["kernel"] = nnx.Param(_col_mask((2, 2, 3, 8), [0, 3, 5]))
+
+    _nnx_shrinks_like_masked(nmodel, set_masks, x)
     assert (nmodel.up.in_features, nmodel.up.out_features, nmodel.up.kernel_shape) == (3, 5, (2, 2, 3, 5))
 
 
