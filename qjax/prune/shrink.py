@@ -425,7 +425,7 @@ def shrink(
 
     Example:
       >>> small, plan = shrink(model.apply, variables, masks, x)
-      >>> y = qjax.prune.rebuild.linen_apply(model)(small, x)
+      >>> y = qjax.prune.rebuild.linen_apply(model, plan=plan)(small, x)
     """
     groups = channel_groups(apply_fn, params, *example_args)
     plan = make_plan(groups, params, masks, multiple=multiple, vote=vote)
