@@ -23,7 +23,7 @@ demo: $(VENV)/.stamp-experiments
 	$(PY) -m qjax.cli demo
 
 test: $(VENV)/.stamp-test,experiments
-	$(PY) -m pytest -q -n $(JOBS) tests
+	$(PY) -m pytest -q -n $(JOBS) --dist worksteal tests
 
 # The property tests with fresh random examples (`make test` replays fixed ones).
 fuzz: $(VENV)/.stamp-test,experiments

@@ -51,7 +51,7 @@ def test_non_finite_token_gives_nan_row_only():
     np.testing.assert_array_equal(y[3], 0.0)
 
 
-@settings(max_examples=examples(15), deadline=None)
+@settings(max_examples=examples(10), deadline=None)
 @given(
     k=st.integers(1, 70),
     n=st.integers(1, 9),
