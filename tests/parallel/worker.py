@@ -1,6 +1,6 @@
 """Subprocess worker of the preemption and multi-process tests (not a test module).
 
-python worker.py train CKPT_DIR OUT_NPZ NUM_STEPS EVERY [--sleep S] [--kill-in-save STEP]
+python worker.py train CKPT_DIR OUT_NPZ NUM_STEPS EVERY [--sleep S] [--hold-at STEP] [--kill-in-save STEP]
 python worker.py multihost PORT PROCESS_ID OUT_DIR
 """
 
@@ -31,6 +31,7 @@ def train(ckpt_dir, out, num_steps, every, *options):
 
     opts = dict(zip(options[::2], options[1::2]))
     sleep = float(opts.get("--sleep", 0))
+    hold = int(opts.get("--hold-at", -1))  # stop at this step (until killed) so a test can kill it there
     kill_step = opts.get("--kill-in-save")
     if kill_step is not None:
         original = atomicity.AtomicRenameTemporaryPath.finalize
@@ -45,7 +46,7 @@ def train(ckpt_dir, out, num_steps, every, *options):
 
     def on_step(s, metrics):
         print(f"step {s}", flush=True)
-        time.sleep(sleep)
+        time.sleep(600 if s == hold else sleep)
 
     with qp.TrainCheckpointer(ckpt_dir, every=int(every), keep=3) as ckpt:
         print(f"start {ckpt.latest_step()}", flush=True)
