@@ -5,7 +5,8 @@ A checkpoint directory holds ``arrays/`` (Orbax: one entry per array leaf, a dic
 each leaf's ``qjax.rules`` path and metadata, the container structure when it is made of
 dicts/lists/tuples, Python scalars and strings) and, optionally, ``policy.json``. Arrays
 keep their dtype (int4/int2 QArray values are already packed ``uint8``) except fp8, stored
-bitcast to ``uint8``, bool arrays (pruning masks), stored bit-packed 8 per byte, and typed
+bitcast to ``uint8``, ``uint4`` / ``uint2``, bitcast to ``int4`` / ``int2`` (see
+``qjax._storage``), bool arrays (pruning masks), stored bit-packed 8 per byte, and typed
 PRNG key arrays, stored as their key data with the implementation's name. A
 ``TransposedQArray`` is stored as its stored ``QArray`` with ``"transposed": true`` in its
 metadata. The JSON file is written last: without it a save is incomplete.
@@ -21,10 +22,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from qjax._storage import cast, check_storable, stored_dtype
 from qjax.numerics.formats import format_from_name
 from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray, is_quantized
@@ -90,20 +91,6 @@ def _leaf_meta(path: str, leaf: Any) -> dict[str, Any]:
             "Python scalars and strings only)"
         )
     return {"path": path, **meta}
-
-
-def _stored_dtype(dtype) -> np.dtype:
-    """fp8 is stored as uint8 (tensorstore may not support it); other dtypes as they are."""
-    dtype = jnp.dtype(dtype)
-    return np.dtype(np.uint8) if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8 else dtype
-
-
-def _cast(x, dtype) -> Any:
-    """Bitcast between a dtype and its stored dtype (on device for jax arrays)."""
-    dtype = jnp.dtype(dtype)
-    if x.dtype == dtype:
-        return x
-    return jax.lax.bitcast_convert_type(x, dtype) if isinstance(x, jax.Array) else np.asarray(x).view(dtype)
 
 
 def _on_device(x) -> Any:
@@ -240,6 +227,9 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
     leaves = leaves_with_paths(tree)
     metas = [_leaf_meta(p, leaf) for p, leaf in leaves]
     arrays = {}
+    for m in metas:  # refused before anything is written
+        for p in _parts(m).values():
+            check_storable(m["path"], p["dtype"])
     for i, ((_, leaf), m) in enumerate(zip(leaves, metas)):
         if parts := _parts(m):
             if m["kind"] == "bits":
@@ -250,7 +240,7 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
                 continue
             src = leaf.stored if isinstance(leaf, TransposedQArray) else leaf
             arrays[_key(i)] = {
-                k: _cast(src if k == "array" else getattr(src, k), _stored_dtype(p["dtype"]))
+                k: cast(src if k == "array" else getattr(src, k), stored_dtype(p["dtype"]))
                 for k, p in parts.items()
             }
     try:
@@ -400,7 +390,7 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
         if m["kind"] == "scalar" or (m["kind"] in ("array", "bits", "key") and not _parts(m)):
             next(flat_shardings)  # a leaf with no stored array still has its target's sharding slot
         for k, p in _parts(m).items():
-            s, shape, dtype = next(flat_shardings), tuple(p["shape"]), _stored_dtype(p["dtype"])
+            s, shape, dtype = next(flat_shardings), tuple(p["shape"]), stored_dtype(p["dtype"])
             if m["kind"] == "bits":  # packed bytes: read whole, placed after unpacking
                 bit_shardings[i], s = s, None
             s = s if k in ("array", "values") else _fit(s, shape)
@@ -414,7 +404,7 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
                 raise _data_error(path, saved, e) from e
 
     def leaf(i, m):
-        x = _build(m, {k: _on_device(_cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
+        x = _build(m, {k: _on_device(cast(out[_key(i)][k], p["dtype"])) for k, p in _parts(m).items()})
         return x if bit_shardings.get(i) is None else jax.device_put(x, bit_shardings[i])
 
     it = iter(leaf(i, m) for i, m in enumerate(saved))

@@ -52,7 +52,9 @@ class _Capture(Handler):
 
     def __init__(self, rules: RuleSet):
         self.rules = rules
-        self.depth: dict[str, int] = {}  # stacked (scanned) axes of each captured leaf
+        # leading axes that the output and the bias share: stacked (scanned) layers, then the
+        # op's batch dimensions (an ``nn.vmap``'d layer, ``DenseGeneral(batch_dims=...)``)
+        self.depth: dict[str, int] = {}
 
     def target(self, eqn, invals, emit):
         refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
@@ -62,7 +64,8 @@ class _Capture(Handler):
         wi = matched[0]
         args = [materialize(x) for x in invals]
         (out,) = bind_eqn(eqn, args)
-        self.depth[invals[wi].path] = invals[wi].depth
+        batch = len(eqn.params["dimension_numbers"][1][0]) if eqn.primitive.name == "dot_general" else 0
+        self.depth[invals[wi].path] = invals[wi].depth + batch
         emit(invals[wi].path, {"input": args[1 - wi], "output": out})
         return [out]
 
@@ -73,7 +76,9 @@ def _key(path: str, i: int) -> str:
 
 def _bias_added(path: str, output: jax.Array, depth: int, leaves: dict[str, Any]) -> jax.Array:
     """``output + bias`` for the sibling ``…/bias`` leaf of ``path`` (if any); ``depth``
-    leading axes of both are stacked layers (an op inside a scan over stacked params)."""
+    leading axes of both are stacked layers (an op inside a scan over stacked params) and
+    the op's batch dimensions (a vmapped layer), the rest of the bias matches the output's
+    trailing axes."""
     bias_path = posixpath.join(posixpath.dirname(path), "bias")
     bias = leaves.get(bias_path)
     if bias is None:
@@ -85,7 +90,9 @@ def _bias_added(path: str, output: jax.Array, depth: int, leaves: dict[str, Any]
     if not ok or tuple(output.shape[:depth]) != tuple(bias.shape[:depth]):
         raise ValueError(
             f"capture(add_bias=True): bias {bias_path!r} of shape {bias.shape} does not broadcast "
-            f"against the output of {path!r} of shape {output.shape} (Flax channels-last layout expected)"
+            f"against the output of {path!r} of shape {output.shape}: add_bias supports a bias whose "
+            f"first {depth} axes (scanned layers, then the op's batch axes) lead the output and whose "
+            "other axes are the output's last ones (Flax's channels-last Dense/Conv)"
         )
     shape = bias.shape[:depth] + (1,) * (output.ndim - depth - len(feat)) + feat
     return output + bias.reshape(shape).astype(output.dtype)

@@ -50,7 +50,7 @@ def dist_loss(
     Args:
       student_logits: ``[..., C]``; every leading axis is an example axis (flattened).
       teacher_logits: ``[..., C]`` or a :class:`TopKTeacher` cache.
-      temperature: ``T``.
+      temperature: ``T`` (> 0; a concrete non-positive one raises).
       beta: weight of the inter-class (per example) term.
       gamma: weight of the intra-class (per class, over the batch) term.
       standardize: logit standardization (Sun et al. 2024) of both sides.

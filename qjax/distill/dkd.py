@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from qjax.distill.soft_targets import kl_tempered, reduce
+from qjax.distill.soft_targets import kl_tempered, label_validity, reduce
 from qjax.distill.topk import TopKTeacher, as_float, standardize_logits, teacher_scaled_logits
 
 
@@ -45,8 +45,9 @@ def dkd_loss(
     Args:
       student_logits: ``[..., C]``.
       teacher_logits: ``[..., C]`` or a :class:`TopKTeacher` cache.
-      labels: integer target classes ``[...]``.
-      temperature: ``T``.
+      labels: integer target classes ``[...]`` in ``[0, C)`` (concrete out-of-range
+        labels raise, traced ones give NaN: see :func:`qjax.distill.soft_targets.label_validity`).
+      temperature: ``T`` (> 0; a concrete non-positive one raises).
       alpha: TCKD weight.
       beta: NCKD weight.
       standardize: logit standardization (Sun et al. 2024) of both sides.
@@ -62,10 +63,12 @@ def dkd_loss(
     labels = jnp.asarray(labels)
     if not jnp.issubdtype(labels.dtype, jnp.integer):
         raise TypeError("dkd_loss needs integer labels (the target class splits the distribution)")
+    valid = label_validity(labels, b.shape[-1])
     target = jax.nn.one_hot(labels, b.shape[-1], dtype=jnp.bool_)
     tckd = kl_tempered(_binary(a, target), _binary(b, target))
     nckd = kl_tempered(a, b, where=~target)
-    return reduce(jnp.square(temperature) * (alpha * tckd + beta * nckd), reduction)
+    per = jnp.square(temperature) * (alpha * tckd + beta * nckd)
+    return reduce(jnp.where(valid, per, jnp.nan), reduction)
 
 
 def _binary(logits: jax.Array, target: jax.Array) -> jax.Array:

@@ -66,10 +66,17 @@ def _huber(x: jax.Array) -> jax.Array:
     return jnp.where(a < 1.0, 0.5 * x * x, a - 0.5)
 
 
+def _zero_unless_nan(x: jax.Array) -> jax.Array:
+    """0 where ``x`` is finite, NaN where it is NaN, with a zero gradient: the value of a
+    safe ``where`` branch, so that NaN inputs still reach the loss."""
+    return x * 0.0
+
+
 def _safe_sqrt(sq: jax.Array, keep: jax.Array) -> jax.Array:
-    """``sqrt(max(sq, 0))`` where ``keep``, 0 elsewhere, with finite gradients at 0."""
-    keep = keep & (sq > 0)
-    return jnp.where(keep, jnp.sqrt(jnp.where(keep, sq, 1.0)), 0.0)
+    """``sqrt(max(sq, 0))`` where ``keep``, 0 elsewhere, with finite gradients at 0 (NaN
+    stays NaN where ``keep``)."""
+    pos = keep & (sq > 0)
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), jnp.where(keep, _zero_unless_nan(sq), 0.0))
 
 
 def safe_norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
@@ -130,7 +137,7 @@ def _angles(features: jax.Array) -> tuple[jax.Array, jax.Array]:
     distinct = ~eye[:, :, None] & ~eye[:, None, :] & ~eye[None, :, :]
     den = d[:, :, None] * d[:, None, :]
     ok = distinct & (den > 0)
-    cos = jnp.where(ok, dot / jnp.where(ok, den, 1.0), 0.0)
+    cos = jnp.where(ok, dot / jnp.where(ok, den, 1.0), jnp.where(distinct, _zero_unless_nan(dot + den), 0.0))
     return cos, distinct
 
 

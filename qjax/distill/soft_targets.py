@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.distill.topk import TopKTeacher, as_float, standardize_logits, teacher_scaled_logits
 
@@ -46,14 +47,39 @@ def reduce(per_example: jax.Array, reduction: str) -> jax.Array:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
+def label_validity(labels: jax.Array, num_classes: int) -> jax.Array:
+    """Which integer ``labels`` lie in ``[0, num_classes)``. Concrete labels outside it
+    (e.g. PyTorch's ignore index -100) are refused; traced ones cannot be, and the losses
+    give NaN for their examples instead of a silently wrong value. To leave examples out
+    (padding tokens), give them any valid class and mask or weight the per-example losses
+    of ``reduction="none"``.
+
+    Raises:
+      ValueError: naming ``labels`` and the first out-of-range values.
+    """
+    labels = jnp.asarray(labels)
+    if not isinstance(labels, jax.core.Tracer):
+        a = np.asarray(labels)
+        bad = (a < 0) | (a >= num_classes)
+        if bad.any():
+            raise ValueError(
+                f"labels must be class indices in [0, {num_classes}), got {a[bad][:4].tolist()}; "
+                "to ignore examples (e.g. padding labelled -100), give them any valid class and mask "
+                'the per-example losses of reduction="none"'
+            )
+    return (labels >= 0) & (labels < num_classes)
+
+
 def target_distribution(
     labels: jax.Array, num_classes: int, label_smoothing: float = 0.0, dtype: Any = jnp.float32
 ) -> jax.Array:
     """Integer labels ``[...]`` or a distribution ``[..., C]`` -> a distribution
-    ``(1 − ε)·y + ε/C``."""
+    ``(1 − ε)·y + ε/C`` (an out-of-range traced integer label gives a row of NaN, see
+    :func:`label_validity`)."""
     labels = jnp.asarray(labels)
     if jnp.issubdtype(labels.dtype, jnp.integer):
-        y = jax.nn.one_hot(labels, num_classes, dtype=dtype)
+        valid = label_validity(labels, num_classes)
+        y = jnp.where(valid[..., None], jax.nn.one_hot(labels, num_classes, dtype=dtype), jnp.nan)
     else:
         if labels.shape[-1] != num_classes:
             raise ValueError(f"soft labels have {labels.shape[-1]} classes, the logits {num_classes}")
@@ -85,7 +111,7 @@ def soft_target_loss(
     Args:
       student_logits: ``[..., C]``.
       teacher: teacher logits ``[..., C]`` or a :class:`TopKTeacher` cache.
-      temperature: ``T`` (> 0).
+      temperature: ``T`` (> 0; a concrete non-positive one raises).
       soft: ``"kl"`` (``KL(q‖p)``) or ``"ce"`` (``H(q, p)``).
       standardize: logit standardization of both sides (Sun et al. 2024, see
         :func:`qjax.distill.standardize_logits`) before the temperature.
@@ -137,7 +163,9 @@ def kl_tempered(a: jax.Array, b: jax.Array, where: jax.Array | None = None) -> j
     live = (p > 0) | (q > 0)  # classes with mass on either side; elsewhere d is 0 (or -inf - -inf)
     d = jnp.where(live, a - b, 0.0)
     small = jnp.max(jnp.abs(d), axis=-1) <= 1.0
-    d_small = jnp.log1p(jnp.sum(p * jnp.expm1(jnp.clip(d, -1.0, 1.0)), axis=-1))
+    # d itself where the row is small (not clip(d, -1, 1): its gradient at |d| = 1 is not 1),
+    # 0 in the other rows (their d_small is discarded; this keeps it finite)
+    d_small = jnp.log1p(jnp.sum(p * jnp.expm1(jnp.where(small[..., None], d, 0.0)), axis=-1))
     d_big = jax.nn.logsumexp(a, axis=-1) - jax.nn.logsumexp(b, axis=-1)
     kl = jnp.sum(jnp.where(q > 0, q * d, 0.0), axis=-1) - jnp.where(small, d_small, d_big)
     return jnp.where(a_any[..., 0], jnp.where(b_any[..., 0], jnp.maximum(kl, 0.0), jnp.inf), 0.0)
@@ -145,8 +173,8 @@ def kl_tempered(a: jax.Array, b: jax.Array, where: jax.Array | None = None) -> j
 
 def _weighted_log_probs(weights: jax.Array, log_p: jax.Array) -> jax.Array:
     """``Σ_c w_c log p_c`` with ``0 · log 0 = 0`` (a class masked with ``-inf`` and no weight
-    contributes nothing instead of NaN)."""
-    return jnp.sum(jnp.where(weights > 0, weights * log_p, 0.0), axis=-1)
+    contributes nothing instead of NaN); a NaN weight gives NaN."""
+    return jnp.sum(jnp.where(weights != 0, weights * log_p, 0.0), axis=-1)
 
 
 def kd_loss(
@@ -170,9 +198,11 @@ def kd_loss(
         gradient does flow into teacher logits given as an array (for online
         distillation); a frozen teacher's logits should be ``jax.lax.stop_gradient``-ed
         (:func:`qjax.distill.distill_step` does).
-      labels: integer labels ``[...]`` or a target distribution ``[..., C]``; ``None``
-        only with ``alpha=1`` (pure soft targets, e.g. unlabeled transfer data).
-      temperature: ``T`` of both softmaxes of the soft term.
+      labels: integer labels ``[...]`` in ``[0, C)`` or a target distribution ``[..., C]``;
+        ``None`` only with ``alpha=1`` (pure soft targets, e.g. unlabeled transfer data).
+        Concrete out-of-range labels (e.g. -100) raise, traced ones give NaN (see
+        :func:`label_validity`).
+      temperature: ``T`` (> 0) of both softmaxes of the soft term.
       alpha: weight of the soft term.
       soft: ``"kl"`` or ``"ce"`` form of the soft term.
       label_smoothing: ``ε`` of the hard term.

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def as_float(x: Any) -> jax.Array:
@@ -42,6 +43,25 @@ def standardize_logits(logits: jax.Array, axis: int = -1, eps: float = 1e-7) -> 
     mean = jnp.mean(logits, axis=axis, keepdims=True)
     std = jnp.std(logits, axis=axis, keepdims=True, ddof=1)
     return (logits - mean) / (std + eps)
+
+
+def concrete(x: Any) -> np.ndarray | None:
+    """``x`` as a float64 numpy array, or ``None`` for a traced value (which cannot be checked)."""
+    if isinstance(x, jax.core.Tracer):
+        return None
+    return np.asarray(x, np.float64)
+
+
+def check_temperature(temperature: Any) -> None:
+    """Refuse a concrete temperature that is not > 0 (0 gives NaN, a negative one a
+    finite wrong loss); a traced temperature is not checked.
+
+    Raises:
+      ValueError: naming ``temperature``.
+    """
+    t = concrete(temperature)
+    if t is not None and not np.all(t > 0):  # NaN fails too
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 @jax.tree_util.register_dataclass
@@ -87,8 +107,9 @@ def topk_teacher(logits: jax.Array, k: int, temperature: float, *, standardize: 
       standardize: apply :func:`standardize_logits` before the temperature.
 
     Raises:
-      ValueError: ``k`` out of range.
+      ValueError: ``k`` out of range, or ``temperature`` not > 0.
     """
+    check_temperature(temperature)
     logits = as_float(logits)
     num_classes = logits.shape[-1]
     if not 1 <= k <= num_classes:
@@ -119,10 +140,13 @@ def teacher_log_probs(teacher: jax.Array | TopKTeacher, temperature: Any, standa
     """``log softmax(z_t / T)`` of a teacher given as logits or as a :class:`TopKTeacher`.
 
     Raises:
-      ValueError: a cache built at another temperature or standardization.
+      ValueError: ``temperature`` not > 0, or a cache built at another temperature (any
+        concrete value is compared, at float32 precision) or standardization.
     """
+    check_temperature(temperature)
     if isinstance(teacher, TopKTeacher):
-        if isinstance(temperature, (int, float)) and float(temperature) != teacher.temperature:
+        t = concrete(temperature)
+        if t is not None and not np.all(t.astype(np.float32) == np.float32(teacher.temperature)):
             raise ValueError(
                 f"cached teacher log-probabilities are at temperature {teacher.temperature}, "
                 f"the loss asks for {temperature}: rebuild the cache with topk_teacher(..., temperature=...)"
@@ -144,9 +168,11 @@ def teacher_scaled_logits(teacher: jax.Array | TopKTeacher, temperature: Any, st
     (:func:`dense_log_probs`) for a :class:`TopKTeacher`.
 
     Raises:
-      ValueError: a cache built at another temperature or standardization.
+      ValueError: ``temperature`` not > 0, or a cache built at another temperature or
+        standardization.
     """
     if isinstance(teacher, TopKTeacher):
         return teacher_log_probs(teacher, temperature, standardize)
+    check_temperature(temperature)
     z = as_float(teacher)
     return (standardize_logits(z) if standardize else z) / temperature

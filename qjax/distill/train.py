@@ -52,10 +52,10 @@ class DistillStep(NamedTuple):
 
     Attributes:
       init: ``init(student_params, adapters=None) -> DistillState``.
-      loss: ``loss(params, teacher_params, batch) -> (loss, metrics)`` (not jitted),
-        ``params`` being ``{"student", "adapters"}``.
-      step: ``step(state, teacher_params, batch) -> (state, metrics)`` (jitted unless
-        ``jit=False``).
+      loss: ``loss(params, teacher_params, batch, key=None) -> (loss, metrics)`` (not
+        jitted), ``params`` being ``{"student", "adapters"}``.
+      step: ``step(state, teacher_params, batch, key=None) -> (state, metrics)`` (jitted
+        unless ``jit=False``); ``key``: this step's PRNG key (see :func:`distill_step`).
     """
 
     init: Callable[..., DistillState]
@@ -72,12 +72,26 @@ def _args(batch: Mapping[str, Any]) -> tuple:
 
 
 def _forward(fn: Callable, patterns: Sequence[str] | None, add_bias: bool, policy: Policy | None):
-    """``(params, *args) -> (output, features)``; capture inside, fake-quant outside."""
+    """``(key, params, *args) -> (output, features)``; capture inside, fake-quant outside
+    (with ``key`` for stochastic rounding)."""
     if patterns:
         f = capture(fn, patterns, add_bias=add_bias)
     else:
         f = lambda p, *a: (fn(p, *a), {})
-    return fake_quantized(f, policy) if policy is not None else f
+    if policy is None:
+        return lambda key, p, *a: f(p, *a)
+    return lambda key, p, *a: fake_quantized(f, policy, key=key)(p, *a)
+
+
+def _student_keys(key: Any, student_key: bool) -> tuple[Any, tuple]:
+    """This step's key for the student's stochastic rounding, and the extra argument
+    ``(key,)`` for ``student_fn`` when it takes one (two independent keys then)."""
+    if not student_key:
+        return key, ()
+    if key is None:
+        raise ValueError("distill_step(student_key=True): the student needs a PRNG key: pass key=")
+    k_round, k_fn = jax.random.split(key)
+    return k_round, (k_fn,)
 
 
 def distill_step(
@@ -90,6 +104,7 @@ def distill_step(
     teacher_patterns: Sequence[str] | None = None,
     student_policy: Policy | None = None,
     add_bias: bool = False,
+    student_key: bool = False,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -108,10 +123,22 @@ def distill_step(
         (``qjax.fake_quantized``) while distilling: quantization-aware distillation in
         the same step and the same jit.
       add_bias: captured outputs include the layer's bias.
+      student_key: call ``student_fn(params, *inputs, key)`` with a PRNG key of its own
+        each step, e.g. for dropout: ``lambda v, x, k: model.apply(v, x, rngs={"dropout": k})``
+        (the teacher runs deterministically).
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
     labels the loss reads (e.g. ``"y"``), and optionally ``"teacher"`` (cached outputs).
+    The ``key`` given to ``loss`` / ``step`` (a typed or raw PRNG key; pass a fresh one
+    every step, e.g. ``jax.random.fold_in(key, step)``) drives the student policy's
+    stochastic rounding and, with ``student_key``, the student function's randomness
+    (split in two); :func:`qjax.parallel.distill_train_step` passes its step key.
+
+    Student BatchNorm statistics are not updated (the student is applied without mutable
+    collections): run its norms with ``use_running_average=True`` and keep the statistics
+    out of the trained params, e.g. ``student_fn = lambda p, x: model.apply({"params": p,
+    "batch_stats": stats}, x)`` (otherwise the optimizer would train them as parameters).
 
     Example:
       >>> ds = distill_step(student.apply, teacher.apply, kd_objective(4.0, 0.9), optax.adam(1e-3))
@@ -130,11 +157,12 @@ def distill_step(
             return Outputs(None, {})  # student-only training (e.g. a baseline with the same step)
         if teacher_params is None:
             raise ValueError("no teacher params: pass them, or cached outputs as batch['teacher']")
-        out, feats = teacher(jax.lax.stop_gradient(teacher_params), *_args(batch))
+        out, feats = teacher(None, jax.lax.stop_gradient(teacher_params), *_args(batch))
         return jax.lax.stop_gradient(Outputs(out, feats))
 
-    def loss(params, teacher_params, batch):
-        s_out, s_feats = student(params["student"], *_args(batch))
+    def loss(params, teacher_params, batch, key=None):
+        k_round, extra = _student_keys(key, student_key)
+        s_out, s_feats = student(k_round, params["student"], *_args(batch), *extra)
         t = teacher_outputs(teacher_params, batch)
         result = loss_fn(Outputs(s_out, s_feats), t, batch, params["adapters"])
         value, metrics = result if isinstance(result, tuple) else (result, {})
@@ -144,8 +172,8 @@ def distill_step(
         params = {"student": student_params, "adapters": {} if adapters is None else adapters}
         return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32))
 
-    def step(state: DistillState, teacher_params, batch):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, teacher_params, batch)
+    def step(state: DistillState, teacher_params, batch, key=None):
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, teacher_params, batch, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return DistillState(params, opt_state, state.step + 1), metrics

@@ -17,11 +17,13 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from jax.sharding import NamedSharding
 
+from qjax._storage import cast, check_storable, stored_dtype
 from qjax.rules import path_str
 
 _STATE, _META = "state", "meta"
@@ -29,11 +31,26 @@ _STATE, _META = "state", "meta"
 
 def _flat(state: Any) -> tuple[list[str], list[Any]]:
     pairs = jax.tree_util.tree_flatten_with_path(state)[0]
-    return [path_str(kp) for kp, _ in pairs], [x for _, x in pairs]
+    paths = [path_str(kp) for kp, _ in pairs]
+    return paths, [_array(p, x) for p, x in zip(paths, (x for _, x in pairs))]
+
+
+def _array(path: str, x: Any) -> Any:
+    """An array leaf (or ``ShapeDtypeStruct``) as it is; a Python number (e.g. the ``step=0``
+    of a fresh Flax ``TrainState``) as the 0-d array JAX makes of it (what a jitted step
+    returns in its place), so it is saved, and restored, as an array."""
+    if hasattr(x, "shape") and hasattr(x, "dtype"):
+        return x
+    if isinstance(x, (bool, int, float, complex)):
+        return jnp.asarray(x)
+    raise TypeError(
+        f"TrainCheckpointer: leaf {path!r} is a {type(x).__name__}: only arrays, PRNG key arrays "
+        "and Python numbers can be checkpointed"
+    )
 
 
 def _is_key(x: Any) -> bool:
-    return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
 def _describe(paths: list[str], leaves: list[Any]) -> list[dict[str, Any]]:
@@ -50,8 +67,14 @@ def _describe(paths: list[str], leaves: list[Any]) -> list[dict[str, Any]]:
 
 
 def _stored(x: Any) -> Any:
-    """What is written for a leaf: a typed PRNG key's raw key data, else the array."""
-    return jax.random.key_data(x) if _is_key(x) else x
+    """What is written for a leaf: a typed PRNG key's raw key data, else the array (bitcast
+    to its stored dtype, see :mod:`qjax._storage`)."""
+    return jax.random.key_data(x) if _is_key(x) else cast(x, stored_dtype(x.dtype))
+
+
+def _unstored(data: Any, like: Any, impl: str | None) -> Any:
+    """The leaf like ``like`` from the array read back (the inverse of :func:`_stored`)."""
+    return jax.random.wrap_key_data(data, impl=impl) if impl is not None else cast(data, like.dtype)
 
 
 class TrainCheckpointer:
@@ -64,9 +87,16 @@ class TrainCheckpointer:
       keep: how many recent checkpoints to keep (``None``: all).
       async_save: write in a background thread.
 
+    Leaves are arrays, typed or raw PRNG key arrays and Python numbers (a fresh Flax
+    ``TrainState``'s ``step``: saved as a 0-d array and restored as one).
+
     Example:
       >>> with TrainCheckpointer("/ckpt", every=100) as ckpt:
-      ...     state = ckpt.restore_latest(state, shardings) or state
+      ...     if ckpt.latest_step() is not None:
+      ...         state = ckpt.restore(state, shardings)
+      ...     for step in range(int(state.step), num_steps):
+      ...         state = train(state)
+      ...         ckpt.save(step + 1, state)
     """
 
     def __init__(self, directory: Any, *, every: int, keep: int | None = 2, async_save: bool = True):
@@ -97,6 +127,9 @@ class TrainCheckpointer:
           Whether a save was started.
         """
         paths, leaves = _flat(state)
+        for p, x in zip(paths, leaves):
+            if not _is_key(x):
+                check_storable(p, x.dtype)
         arrays = {f"{i:06d}": _stored(x) for i, x in enumerate(leaves)}
         impls = {f"{i:06d}": str(jax.random.key_impl(x)) for i, x in enumerate(leaves) if _is_key(x)}
         args = ocp.args.Composite(
@@ -153,8 +186,7 @@ class TrainCheckpointer:
         )
         arrays, impls = out[_STATE], meta.get("key_impls", {})
         restored = [
-            jax.random.wrap_key_data(arrays[k], impl=impls[k]) if k in impls else arrays[k]
-            for k in (f"{i:06d}" for i in range(len(leaves)))
+            _unstored(arrays[k], x, impls.get(k)) for k, x in ((f"{i:06d}", x) for i, x in enumerate(leaves))
         ]
         return jax.tree.unflatten(jax.tree.structure(target), restored)
 

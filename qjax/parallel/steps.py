@@ -416,7 +416,11 @@ def distill_train_step(
       tx, state_shardings, batch_shardings, donate: see :func:`train_step`.
       teacher_shardings: shardings of the teacher params (e.g. ``shardings(teacher, rules, mesh)``).
       **distill_kwargs: ``student_patterns``, ``teacher_patterns``, ``student_policy``,
-        ``add_bias`` of ``distill_step``.
+        ``add_bias``, ``student_key`` of ``distill_step``.
+
+    The state's step key (split every step) goes to the student: stochastic rounding of
+    ``student_policy`` and, with ``student_key=True``, ``student_fn``'s own randomness
+    (dropout).
 
     Returns:
       ``step(state, batch, teacher_params) -> (state, metrics)``.
@@ -424,7 +428,7 @@ def distill_train_step(
     ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
 
     def loss(params, batch, key, teacher_params):
-        return ds.loss(params, teacher_params, batch)
+        return ds.loss(params, teacher_params, batch, key)
 
     return train_step(
         loss, tx, state_shardings, batch_shardings, extra_shardings=(teacher_shardings,), donate=donate

@@ -128,6 +128,37 @@ def test_scan_stack_gives_per_layer_values():
     np.testing.assert_allclose(out, h, rtol=1e-5, atol=1e-6)
 
 
+def test_add_bias_for_vmapped_and_batched_dense():
+    """An nn.vmap'd Dense (an ensemble) and DenseGeneral(batch_dims=...) hold a bias with
+    the op's batch axes in front (it was refused as not channels-last); a bias that does not
+    fit is refused naming what add_bias supports."""
+
+    class Ens(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            vd = nn.vmap(
+                nn.Dense, in_axes=0, out_axes=0, variable_axes={"params": 0}, split_rngs={"params": True}
+            )
+            return vd(3, name="v")(x)
+
+    x = jax.random.normal(jax.random.key(10), (2, 4, 5))
+    v = Ens().init(jax.random.key(11), x)
+    out, feats = distill.capture(Ens().apply, r".*kernel", add_bias=True)(v, x)
+    k, b = v["params"]["v"]["kernel"], v["params"]["v"]["bias"]
+    want = np.einsum("eni,eio->eno", np.float64(x), np.float64(k)) + np.float64(b)[:, None]
+    np.testing.assert_allclose(feats["params/v/kernel"]["output"], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
+    dg = nn.DenseGeneral(3, batch_dims=(0,), axis=-1)
+    vg = dg.init(jax.random.key(12), x)
+    out, feats = distill.capture(dg.apply, r".*kernel", add_bias=True)(vg, x)
+    np.testing.assert_allclose(feats["params/kernel"]["output"], out, rtol=1e-6)
+    bad = {"params": {"v": {"kernel": k, "bias": b[:, :2]}}}
+    with pytest.raises(ValueError, match=r"first 1 axes .* lead the output"):
+        distill.capture(
+            lambda p, x: jnp.einsum("eni,eio->eno", x, p["params"]["v"]["kernel"]), ".*kernel", add_bias=True
+        )(bad, x)
+
+
 def test_composes_with_fake_quantized():
     v = CNN().init(jax.random.key(8), X)
     w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))

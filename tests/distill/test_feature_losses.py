@@ -167,3 +167,22 @@ def test_zero_feature_rows_give_finite_gradients():
         val, g = jax.jit(jax.value_and_grad(loss))(fs, ft)
         assert np.all(np.isfinite(np.asarray(g))), loss.__name__
         np.testing.assert_allclose(val, want, rtol=1e-4, atol=1e-7)
+
+
+def test_nan_features_reach_the_relational_losses():
+    """A NaN activation makes RKD (distance, angle, either side) and the pairwise
+    distances NaN, as the other feature losses (they were finite, with NaN gradients);
+    duplicate examples still give finite losses and gradients."""
+    fs, ft = _feat(34, (5, 6)), _feat(35, (5, 4))
+    bad = fs.copy()
+    bad[0, 3] = np.nan
+    for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss, distill.rkd_loss, distill.sp_loss):
+        assert np.isnan(loss(bad, ft)) and np.isnan(loss(ft, bad)), loss.__name__
+        assert np.isnan(jax.jit(loss)(np.full_like(fs, np.nan), ft)), loss.__name__
+    d = np.asarray(distill.pairwise_distances(bad))
+    assert np.isnan(d[~np.eye(5, dtype=bool)]).all()  # features are batch-centred: NaN spreads
+    dup = fs.copy()
+    dup[2] = dup[4]
+    val, g = jax.value_and_grad(distill.rkd_loss)(dup, ft)
+    assert np.isfinite(val) and np.isfinite(np.asarray(g)).all()
+    np.testing.assert_allclose(distill.rkd_distance_loss(dup, ft), ref.rkd_distance(dup, ft), rtol=1e-4)

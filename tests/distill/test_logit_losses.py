@@ -209,6 +209,70 @@ def test_kl_tempered_rows_masked_entirely_and_student_missing_teacher_mass():
     np.testing.assert_array_equal(kl_tempered(a, b), [0.0, np.inf, np.inf])
 
 
+def _fd_grad(f, x, h=1e-6):
+    """Central finite differences of a float64 numpy function."""
+    x = np.asarray(x, np.float64)
+    g = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
+@pytest.mark.parametrize("t", [1.0, 2.0])
+def test_gradients_where_the_largest_logit_difference_is_exactly_one(t):
+    """max|z_t/T − z_s/T| == 1 exactly (a zero-initialised student head, a teacher on a
+    coarse grid) is where kl_tempered switches formulas: KD's gradient is T·(p − q) and
+    DKD's matches float64 finite differences there (a clip at ±1 halved it)."""
+    zs = np.zeros((2, 4))
+    zt = np.array([[t, 0.0, 0.0, 0.0], [0.0, t, 0.0, 0.0]])
+    y = np.array([0, 0])
+    p, q = ref.softmax(zs / t, axis=-1), ref.softmax(zt / t, axis=-1)
+    for dtype in (np.float32, np.float64):
+        with jax.enable_x64(dtype == np.float64):
+            z0, z1 = zs.astype(dtype), zt.astype(dtype)
+            g = jax.grad(lambda z, z1=z1: distill.kd_loss(z, z1, None, t, 1.0, reduction="sum"))(z0)
+            np.testing.assert_allclose(g, t * (p - q), rtol=1e-5, atol=1e-7)
+            g = jax.grad(lambda z, z1=z1: distill.dkd_loss(z, z1, y, t, 1.0, 8.0, reduction="sum"))(z0)
+            want = _fd_grad(lambda z: ref.dkd(z, zt, y, t, 1.0, 8.0).sum(), zs)
+            np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, -2.0, np.float32(0.0), jnp.float32(-1.0), float("nan")])
+def test_non_positive_temperatures_are_refused(t):
+    zs, zt, y = _logits(30), _logits(31), _labels(30)
+    for loss in (
+        lambda: distill.kd_loss(zs, zt, y, t, 0.5),
+        lambda: distill.dkd_loss(zs, zt, y, t),
+        lambda: distill.dist_loss(zs, zt, t),
+        lambda: distill.topk_teacher(zt, 3, t),
+    ):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            loss()
+    # a traced temperature is not checked (nor refused)
+    assert np.isfinite(jax.jit(lambda t: distill.kd_loss(zs, zt, y, t, 0.5))(2.0))
+
+
+def test_out_of_range_labels_are_refused_or_nan_when_traced():
+    """-100 (PyTorch's ignore index) is not a class: a concrete label out of range raises,
+    a traced one makes its example NaN (it took the KD hard term / DKD silently)."""
+    zs, zt = _logits(32), _logits(33)
+    y = _labels(32)
+    y[3] = -100
+    for loss in (
+        lambda y: distill.kd_loss(zs, zt, y, 2.0, 0.5, reduction="none"),
+        lambda y: distill.kd_loss(zs, zt, y, 2.0, 0.5, label_smoothing=0.1, reduction="none"),
+        lambda y: distill.dkd_loss(zs, zt, y, 2.0, reduction="none"),
+    ):
+        with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\), got \[-100\]"):
+            loss(y)
+        with pytest.raises(ValueError, match="got \\[10\\]"):
+            loss(np.where(np.arange(B) == 3, C, y))
+        per = np.asarray(jax.jit(loss)(y))
+        assert np.isnan(per[3]) and np.isfinite(np.delete(per, 3)).all()
+
+
 # -- DKD -------------------------------------------------------------------------------
 
 
@@ -296,3 +360,19 @@ def test_topk_cache_checks_temperature_and_indexes():
     assert sub.log_probs.shape == (2, 4) and sub.indices.dtype == jnp.int32 and sub.num_classes == C
     with pytest.raises(ValueError, match="k="):
         distill.topk_teacher(zt, C + 1, 1.0)
+
+
+@pytest.mark.parametrize("t", [np.float64(4.0), np.float32(4.0), jnp.float32(4.0), jnp.array(4.0)])
+def test_topk_cache_checks_any_concrete_temperature(t):
+    """A cache built at T=2 is refused at T=4 given as a numpy or jax scalar (only Python
+    numbers were compared), and accepted at T=2 in any of those types."""
+    zs, zt = _logits(44), _logits(45)
+    cache = distill.topk_teacher(zt, 4, 2.0)
+    with pytest.raises(ValueError, match=r"temperature 2\.0"):
+        distill.kd_loss(zs, cache, None, t, 1.0)
+    with pytest.raises(ValueError, match=r"temperature 2\.0"):
+        distill.dist_loss(zs, cache, t)
+    same = type(t)(2.0) if not isinstance(t, jax.Array) else t / 2
+    np.testing.assert_allclose(
+        distill.kd_loss(zs, cache, None, same, 1.0), distill.kd_loss(zs, cache, None, 2.0, 1.0), rtol=1e-6
+    )

@@ -153,3 +153,48 @@ def test_fake_quantized_student_in_the_same_step():
         first = m if first is None else first
     assert float(m["loss"]) < 0.7 * float(first["loss"])
     assert ds.step._cache_size() == 1
+
+
+class DropoutMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dropout(0.5, deterministic=False)(nn.relu(nn.Dense(8, name="body")(x)))
+        return nn.Dense(5, name="head")(x)
+
+
+def test_step_key_drives_stochastic_rounding():
+    """The step's key reaches the student's stochastic-rounding policy (refused without a
+    key, which distill_step could not take); the loss equals the hand-built one."""
+    w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), rounding="stochastic")
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=w4)])
+    batch, key = {"x": X, "y": Y}, jax.random.key(7)
+    params = {"student": S_VARS, "adapters": {}}
+    t_logits = TEACHER.apply(T_VARS, X)
+    ds = distill.distill_step(
+        STUDENT.apply, TEACHER.apply, distill.kd_objective(), optax.sgd(0.1), student_policy=policy
+    )
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        ds.loss(params, T_VARS, batch)
+    want = distill.kd_loss(
+        qjax.fake_quantized(STUDENT.apply, policy, key=key)(S_VARS, X), t_logits, Y, 4.0, 0.9
+    )
+    np.testing.assert_allclose(ds.loss(params, T_VARS, batch, key)[0], want, rtol=1e-6)
+    _, metrics = ds.step(ds.init(S_VARS), T_VARS, batch, key)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
+
+
+def test_student_key_drives_student_dropout():
+    """With student_key the student function takes a key of its own (dropout); none given
+    is an error naming the option."""
+    batch, key = {"x": X, "y": Y}, jax.random.key(7)
+    t_logits = TEACHER.apply(T_VARS, X)
+    model = DropoutMLP()
+    v = model.init(jax.random.key(9), X)
+    fn = lambda p, x, k: model.apply(p, x, rngs={"dropout": k})
+    ds = distill.distill_step(fn, TEACHER.apply, distill.kd_objective(), optax.sgd(0.1), student_key=True)
+    with pytest.raises(ValueError, match="student_key=True"):
+        ds.loss({"student": v, "adapters": {}}, T_VARS, batch)
+    k = jax.random.key_data(key)  # a raw key, as qjax.parallel's step key
+    got = ds.loss({"student": v, "adapters": {}}, T_VARS, batch, k)[0]
+    want = distill.kd_loss(fn(v, X, jax.random.split(k)[1]), t_logits, Y, 4.0, 0.9)
+    np.testing.assert_allclose(got, want, rtol=1e-6)

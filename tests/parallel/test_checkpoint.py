@@ -110,3 +110,49 @@ def test_train_checkpointer_typed_keys(tmp_path):
     wrong = {**state, "key": jax.random.key_data(state["key"])}
     with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt, pytest.raises(ValueError, match="key"):
         ckpt.restore(wrong)
+
+
+def test_train_checkpointer_flax_train_state_and_sub_byte_leaves(tmp_path):
+    """A fresh Flax TrainState's step is a Python int: saving it and restoring into it
+    failed ('int' object has no attribute 'dtype'); uint4 / fp8 leaves round-trip
+    bit-exact. The docstring's example runs."""
+    import flax.linen as nn
+    from flax.training import train_state
+
+    m = nn.Dense(3)
+    fresh = train_state.TrainState.create(
+        apply_fn=m.apply, params=m.init(jax.random.key(0), jnp.ones((1, 4))), tx=optax.adam(1e-3)
+    )
+    assert type(fresh.step) is int
+    state = jax.jit(lambda s: s.apply_gradients(grads=jax.tree.map(jnp.ones_like, s.params)))(fresh)
+    with qp.TrainCheckpointer(tmp_path / "run", every=1, async_save=False) as ckpt:
+        assert ckpt.save(0, fresh) and ckpt.save(1, state)
+    with qp.TrainCheckpointer(tmp_path / "run", every=1) as ckpt:
+        got = ckpt.restore(fresh)
+        assert int(got.step) == 1 and int(ckpt.restore(state, step=0).step) == 0
+    _same(got.params, state.params)
+    _same(got.opt_state, state.opt_state)
+    extra = {
+        "u4": jnp.asarray(np.arange(16) % 16, jnp.uint4),
+        "f8": jnp.linspace(-2, 2, 5).astype(jnp.float8_e4m3fn),
+    }
+    with qp.TrainCheckpointer(tmp_path / "sub", every=1, async_save=False) as ckpt:
+        ckpt.save(1, extra)
+        got = ckpt.restore(extra)
+    for k, x in extra.items():
+        assert got[k].dtype == x.dtype
+        np.testing.assert_array_equal(np.asarray(got[k]).view(np.uint8), np.asarray(x).view(np.uint8))
+    with qp.TrainCheckpointer(tmp_path / "bad", every=1) as ckpt:
+        with pytest.raises(TypeError, match="leaf 'name'"):
+            ckpt.save(1, {"name": "run1"})
+    # the class docstring's example
+    state, shardings, num_steps = {"w": jnp.zeros(3), "step": 0}, None, 3
+    train = lambda s: {"w": s["w"] + 1, "step": s["step"] + 1}
+    for _ in range(2):  # a fresh run, then a resumed one that finds the run finished
+        with qp.TrainCheckpointer(tmp_path / "doc", every=1) as ckpt:
+            if ckpt.latest_step() is not None:
+                state = ckpt.restore(state, shardings)
+            for step in range(int(state["step"]), num_steps):
+                state = train(state)
+                ckpt.save(step + 1, state)
+    np.testing.assert_array_equal(state["w"], 3.0)

@@ -112,6 +112,37 @@ def test_distill_step_teacher_sharded():
     assert_close(out["hybrid"][0].params, out["single"][0].params)
 
 
+def test_distill_step_forwards_the_step_key_to_a_stochastic_student():
+    """A stochastic-rounding student policy needs the step key (it was dropped: the step
+    failed with "needs a PRNG key"); the loss is the one with the key train_step splits off."""
+    b = batch(7)
+    student, teacher = MLP(hidden=16), MLP(hidden=32)
+    sp, tp = init(student, b["x"]), init(teacher, b["x"])
+    w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), rounding="stochastic")
+    policy = qjax.Policy([qjax.Rule(r".*/kernel", weight=w4)])
+    mesh = qp.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    tx = sgd()
+    sh = qp.train_state_shardings({"student": sp, "adapters": {}}, tx, presets.data_parallel(), mesh)
+    tsh = qp.shardings(tp, presets.data_parallel(), mesh)
+    state = qp.init_train_state({"student": sp, "adapters": {}}, tx, sh, key=3)
+    _, sub = jax.random.split(state.key)
+    step = qp.distill_train_step(
+        student.apply,
+        teacher.apply,
+        kd_objective(2.0, 0.5),
+        tx,
+        sh,
+        tsh,
+        qp.batch_shardings(mesh, b),
+        student_policy=policy,
+        donate=False,
+    )
+    _, metrics = step(state, b, jax.device_put(tp, tsh))
+    s_logits = qjax.fake_quantized(student.apply, policy, key=sub)(sp, b["x"])
+    want = qjax.distill.kd_loss(s_logits, teacher.apply(tp, b["x"]), b["y"], 2.0, 0.5)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+
+
 def test_int8_eval_hybrid_is_exact():
     b = batch(6)
     model = MLP()

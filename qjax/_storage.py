@@ -1,0 +1,55 @@
+"""How array leaves are written by Orbax (tensorstore): the dtype stored for each array
+dtype and the bitcasts between them, shared by :mod:`qjax.checkpoint` and
+:class:`qjax.parallel.TrainCheckpointer`.
+
+fp8 is stored bitcast to ``uint8`` (tensorstore may not support it); ``uint4`` / ``uint2``,
+which tensorstore does not have, bitcast to ``int4`` / ``int2`` (same width, bit-exact);
+every other dtype as it is. A dtype tensorstore cannot store either way (e.g. ``int1``) is
+refused before anything is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_SIGNED_OF = {"uint4": "int4", "uint2": "int2"}
+
+
+def stored_dtype(dtype: Any) -> np.dtype:
+    """The dtype an array of ``dtype`` is written as (see the module docstring)."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
+        return np.dtype(np.uint8)
+    if dtype.name in _SIGNED_OF:
+        return jnp.dtype(_SIGNED_OF[dtype.name])
+    return dtype
+
+
+def cast(x: Any, dtype: Any) -> Any:
+    """Bitcast between a dtype and its stored dtype (on device for jax arrays)."""
+    dtype = jnp.dtype(dtype)
+    if x.dtype == dtype:
+        return x
+    return jax.lax.bitcast_convert_type(x, dtype) if isinstance(x, jax.Array) else np.asarray(x).view(dtype)
+
+
+def check_storable(path: str, dtype: Any) -> None:
+    """Refuse, before anything is written, an array dtype that tensorstore cannot store.
+
+    Raises:
+      TypeError: naming the leaf ``path`` and the dtype.
+    """
+    import tensorstore as ts  # Orbax's storage layer
+
+    name = stored_dtype(dtype).name
+    try:
+        ts.dtype(name)
+    except (ValueError, TypeError):
+        raise TypeError(
+            f"leaf {path!r}: cannot checkpoint an array of dtype {jnp.dtype(dtype).name} (the storage "
+            "layer has no such type); convert it first (e.g. astype int8)"
+        ) from None
