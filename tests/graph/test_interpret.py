@@ -363,7 +363,7 @@ def test_stop_gradient_and_barrier_are_views_and_still_stop_the_gradient():
     qat = [qjax.fake_quantized(f, W8A8), qjax.fake_quantized(f, W8A8, integer_forward=False)]
     for fn in qat:
         np.testing.assert_allclose(fn(p, x), want, rtol=1e-5, atol=1e-5)
-    for fn in (*qat, qjax.fake_quantized(f, int8_train)):
+    for fn in (qat[0], qjax.fake_quantized(f, int8_train)):
         g = jax.grad(lambda p, fn=fn: jnp.sum(fn(p, x)))(p)
         assert float(jnp.abs(g["base"]).max()) == 0.0 and float(jnp.abs(g["v"]).max()) > 0
 
