@@ -12,7 +12,8 @@ import numpy as np
 from qjax.graph.layout import _reshape_groups
 
 _IDENTITY = frozenset(
-    "convert_element_type copy copy_p reduce_precision sharding_constraint pvary neg stop_gradient".split()
+    "convert_element_type copy copy_p reduce_precision sharding_constraint pvary neg stop_gradient "
+    "optimization_barrier".split()
 )
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from qjax.graph._fold_ids import _Lit, _Node, _to_rank, _transfer, _View
-from qjax.graph.layout import LAYOUT_PRIMITIVES
+from qjax.graph.layout import IDENTITY_LAYOUT, LAYOUT_PRIMITIVES
 from qjax.graph.ops import find_ops
 from qjax.graph.trace import trace
 
@@ -178,7 +178,7 @@ class _Graph:
                     axes = parent.leaf_axes
                     if axes is not None and name == "transpose":
                         axes = [axes[d] for d in node.params["permutation"]]
-                    elif name not in ("convert_element_type", "copy", "copy_p"):
+                    elif name not in IDENTITY_LAYOUT:
                         axes = None
                     self.views[outs[0]] = _View(parent.path, parent.leaf_shape, src, node, axes)
             env.update((v, o) for v, o in zip(eqn.outvars, outs) if not isinstance(v, jcore.DropVar))

@@ -10,11 +10,18 @@ give the quantized one, so an embedding lookup reads what deployment stores).
 Higher-order primitives are entered only when a ``WeightRef`` flows into them (otherwise
 they are bound unchanged, custom derivative rules and all):
 
-* ``jit``/``pjit``, ``custom_jvp_call``, ``custom_vjp_call``: the body is evaluated inline
-  (the ops inside it get the handler's derivative rules instead of the custom ones);
-* ``scan``: rebuilt with ``lax.scan``; a stacked param fed as ``xs`` is sliced per
-  iteration (a stacked ``QArray`` slices with its per-layer scales), so every iteration
-  is the same op, identified by the stacked leaf's path;
+* ``jit``/``pjit``: the body is evaluated inline; a weight view it returns
+  (``lax.dynamic_index_in_dim``, ``jnp.rot90``, a user's jitted helper) stays a ``WeightRef``;
+* ``custom_jvp_call``, ``custom_vjp_call``: inlined only when a target op inside reads a
+  weight the handler acts on (:meth:`Handler.acts_on`); the ops inside then get the
+  handler's derivative rules and the user's custom rule is dropped (a quantized weight
+  inside a user's straight-through ``custom_vjp`` gets the transform's STE instead).
+  Otherwise the call is bound unchanged on materialized values, keeping the user's rule;
+* ``scan``: rebuilt with ``lax.scan``; a stacked param fed as ``xs`` (directly or through
+  layout ops that keep its layers on axis 0: casts, ``stop_gradient``, transposes of the
+  other axes) is sliced per iteration (a stacked ``QArray`` slices with its per-layer
+  scales) and the layout ops replayed on the slice, so every iteration is the same op,
+  identified by the stacked leaf's path;
 * ``cond``, ``while``: rebuilt with ``lax.switch`` / ``lax.while_loop``, weights closed
   over; a value a ``cond`` branch did not emit is NaN (not executed); values emitted in a
   ``while`` body (a data-dependent number of iterations) are reduced over the iterations
@@ -22,6 +29,10 @@ they are bound unchanged, custom derivative rules and all):
 * ``remat``/``checkpoint``: rebuilt with ``jax.checkpoint`` (same policy);
 * ``shard_map``: rebuilt with ``jax.shard_map``; a ``QArray`` weight is passed in with
   scale specs derived from the weight's spec.
+* ``optimization_barrier`` passes a weight through as a view; ``jnp.split`` /
+  ``jnp.unstack`` give a view per part.
+
+The weight references and their views live in :mod:`qjax.graph.weight_ref`.
 
 Handlers may ``emit`` values (e.g. calibration statistics) keyed by path; inside a
 ``scan`` they are stacked per iteration; inside a ``shard_map`` (handlers with
@@ -42,102 +53,20 @@ from jax.extend import core as jcore
 from qjax.graph import loop_pooling
 from qjax.graph._primitives import scan_counts
 from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
+from qjax.graph.weight_ref import (  # noqa: F401  (re-exported)
+    LayoutOp,
+    WeightRef,
+    materialize,
+    slice_views,
+    spec_for_slice,
+    split_views,
+    unstack_views,
+    weight_operand,
+)
 from qjax.numerics.qarray import QArray
-from qjax.numerics.transposed import TransposedQArray, is_quantized
+from qjax.numerics.transposed import TransposedQArray
 
 TARGET_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
-
-
-@dataclasses.dataclass(frozen=True)
-class LayoutOp:
-    """One layout equation applied to a weight: primitive, params, extra operands."""
-
-    primitive: Any
-    params: dict
-    operands: tuple = ()
-
-    def apply(self, x):
-        return self.primitive.bind(x, *self.operands, **self.params)
-
-
-@dataclasses.dataclass(frozen=True)
-class WeightRef:
-    """A params leaf (or a layout view of it) flowing through the jaxpr.
-
-    Attributes:
-      path: the leaf's path (the op identity of everything that reads it).
-      leaf: the stored leaf: a ``QArray``, a ``TransposedQArray`` or a float array (a
-        per-iteration slice inside a ``scan`` over stacked params). A ``TransposedQArray``
-        stands for its logical layout (:meth:`float_leaf`, specs); handlers that read codes
-        unwrap it themselves.
-      ops: layout ops applied since the leaf, in order.
-      depth: how many leading axes of the params leaf enclosing ``scan``s sliced off
-        (a spec written for the stacked leaf is adapted with :func:`spec_for_slice`).
-      aux: an array the handler keeps with the leaf (:meth:`Handler.aux`, e.g. a learned
-        LSQ scale); a ``scan`` over the stacked leaf slices it too (a leading axis of
-        size 1 is shared by every slice).
-      aux_shared: how many slices share this ``aux`` (the product of the lengths of the
-        enclosing scans that did not slice it).
-      shard_axes: inside a ``shard_map`` body, the manual mesh axes that split each axis
-        of ``leaf`` (its logical layout; ``()`` for a whole axis): the leaf is a shard.
-        Empty outside ``shard_map``.
-    """
-
-    path: str
-    leaf: Any
-    ops: tuple[LayoutOp, ...] = ()
-    depth: int = 0  # leading (stacked) axes of the params leaf sliced off by enclosing scans
-    aux: Any = None
-    aux_shared: int = 1
-    shard_axes: tuple[tuple[str, ...], ...] = ()
-
-    def float_leaf(self):
-        return self.leaf.dequantize() if is_quantized(self.leaf) else self.leaf
-
-
-def spec_for_slice(spec, depth: int):
-    """A weight spec written for a stacked params leaf, adapted to one ``scan`` slice of
-    it (``depth`` leading axes removed): non-negative axes shift down, axes that named a
-    stacked dim are dropped (each slice gets its own scales there), negative axes stay.
-
-    Raises:
-      ValueError: the spec's group axis is a stacked dim.
-    """
-    if depth == 0 or spec is None:
-        return spec
-    from qjax.numerics.spec import PER_TOKEN
-
-    def shift(a):
-        return a if a < 0 else a - depth
-
-    changes = {}
-    if spec.channel_axes is not PER_TOKEN:
-        changes["channel_axes"] = tuple(shift(a) for a in spec.channel_axes if a < 0 or a >= depth)
-    if spec.group_axis is not None:
-        if 0 <= spec.group_axis < depth:
-            raise ValueError(f"group_axis={spec.group_axis} is a stacked (scanned) axis of the leaf")
-        changes["group_axis"] = shift(spec.group_axis)
-    if spec.pack_axis >= 0:
-        changes["pack_axis"] = max(spec.pack_axis - depth, 0)
-    return spec.replace(**changes)
-
-
-def weight_operand(invals) -> int | None:
-    """Index of the single ``WeightRef`` among a binary target op's first two operands
-    (``None`` if both or neither are weights)."""
-    refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
-    return refs[0] if len(refs) == 1 else None
-
-
-def materialize(value):
-    """The float value of a ``WeightRef`` (dequantized, layout ops replayed); other
-    values are returned as they are."""
-    if not isinstance(value, WeightRef):
-        return value
-    x = value.float_leaf()
-    for op in value.ops:
-        x = op.apply(x)
-    return x
 
 
 class Handler:
@@ -189,6 +118,18 @@ class Handler:
         with it by ``scan``s over a stacked leaf; ``None`` by default."""
         return None
 
+    def acts_on(self, ref: WeightRef) -> bool:
+        """Whether :meth:`target` may replace an op that reads ``ref``. A ``custom_jvp`` /
+        ``custom_vjp`` call is inlined (its derivative rule replaced by the handler's) only
+        when one of its targets reads such a weight; otherwise it is bound unchanged on
+        :meth:`materialize`'d values. Default: ``True`` (every weight)."""
+        return True
+
+    def read(self, ref: WeightRef, where: str) -> None:
+        """Called before :meth:`materialize` when something other than a target op reads
+        ``ref``: ``where`` names it (a primitive, or ``"the function's output"``). Does
+        nothing by default; handlers use it to report weights no target reads."""
+
 
 class _Emitter:
     """Collects emitted values: ``values[key]`` is the list of everything emitted under
@@ -209,9 +150,13 @@ def bind_eqn(eqn, invals) -> list:
     return out if eqn.primitive.multiple_results else [out]
 
 
-def _value(handler: Handler, x):
-    """``x``, or for a ``WeightRef`` the value the handler gives a non-target consumer."""
-    return handler.materialize(x) if isinstance(x, WeightRef) else x
+def _value(handler: Handler, x, where: str):
+    """``x``, or for a ``WeightRef`` the value the handler gives a non-target consumer
+    (``where``: what reads it, for :meth:`Handler.read`)."""
+    if not isinstance(x, WeightRef):
+        return x
+    handler.read(x, where)
+    return handler.materialize(x)
 
 
 def _has_ref(values) -> bool:
@@ -242,35 +187,38 @@ def _eval_eqn(eqn, invals, handler, emit):
     name = eqn.primitive.name
     if name in TARGET_PRIMITIVES:
         out = handler.target(eqn, invals, emit)
-        return out if out is not None else bind_eqn(eqn, [_value(handler, x) for x in invals])
+        return out if out is not None else _bind_values(eqn, invals, handler)
+    if name == "optimization_barrier":
+        return _barrier(eqn, invals, handler)
     if name in LAYOUT_PRIMITIVES and isinstance(invals[0], WeightRef) and not _has_ref(invals[1:]):
         ref = invals[0]
         params = dict(eqn.params)
         op = LayoutOp(eqn.primitive, params, tuple(invals[1:]))
         return [dataclasses.replace(ref, ops=(*ref.ops, op))]
     if name == "split" and isinstance(invals[0], WeightRef):
-        return _split_weight(eqn, invals[0])
+        return split_views(eqn, invals[0])
+    if name == "unstack" and isinstance(invals[0], WeightRef):
+        return unstack_views(eqn, invals[0])
     rule = _RULES.get(name)
     if rule is not None:
         return rule(eqn, invals, handler, emit)
-    return bind_eqn(eqn, [_value(handler, x) for x in invals])
+    return _bind_values(eqn, invals, handler)
 
 
-def _split_weight(eqn, ref: WeightRef) -> list[WeightRef]:
-    """``jnp.split`` of a weight (a fused QKV projection): one ``slice`` layout op per
-    part, so each part reaches its matmul as a view of the leaf, as ``w[:, a:b]`` does."""
-    axis, sizes = eqn.params["axis"], eqn.params["sizes"]
-    shape = eqn.invars[0].aval.shape
-    outs, start = [], 0
-    for size in sizes:
-        begin = [0] * len(shape)
-        end = list(shape)
-        begin[axis], end[axis] = start, start + size
-        params = {"start_indices": tuple(begin), "limit_indices": tuple(end), "strides": None}
-        op = LayoutOp(lax.slice_p, params)
-        outs.append(dataclasses.replace(ref, ops=(*ref.ops, op)))
-        start += size
-    return outs
+def _bind_values(eqn, invals, handler):
+    """Bind ``eqn`` unchanged, weights replaced by the values the handler gives them."""
+    return bind_eqn(eqn, [_value(handler, x, eqn.primitive.name) for x in invals])
+
+
+def _barrier(eqn, invals, handler) -> list:
+    """``optimization_barrier``: a weight passes through as a view (the barrier replayed on
+    it); the other operands go through one barrier together."""
+    plain = [x for x in invals if not isinstance(x, WeightRef)]
+    outs = iter(bind_eqn(eqn, plain) if plain else [])
+    op = LayoutOp(eqn.primitive, dict(eqn.params))
+    return [
+        dataclasses.replace(x, ops=(*x.ops, op)) if isinstance(x, WeightRef) else next(outs) for x in invals
+    ]
 
 
 def _closed(sub, args, handler, emit):
@@ -278,8 +226,47 @@ def _closed(sub, args, handler, emit):
 
 
 def _inline(key):
+    """Evaluate a call's body in place; a weight (view) it returns stays a ``WeightRef``
+    (``lax.dynamic_index_in_dim``, ``jnp.rot90`` and a user's jitted helpers return views)."""
+
     def rule(eqn, invals, handler, emit):
-        return [_value(handler, x) for x in _closed(eqn.params[key], invals, handler, emit)]
+        return _closed(eqn.params[key], invals, handler, emit)
+
+    return rule
+
+
+class _Probe(Handler):
+    """Abstract evaluation that only notes whether a target op reads a weight ``inner``
+    acts on."""
+
+    def __init__(self, inner: Handler):
+        self.inner, self.found = inner, False
+
+    def acts_on(self, ref: WeightRef) -> bool:
+        return self.inner.acts_on(ref)
+
+    def target(self, eqn, invals, emit):
+        self.found |= any(isinstance(x, WeightRef) and self.inner.acts_on(x) for x in invals[:2])
+        return None
+
+
+def _custom_derivative(key):
+    """``custom_jvp_call`` / ``custom_vjp_call``: inlined (the user's derivative rule then
+    gives way to the handler's) only when a target op inside reads a weight the handler
+    acts on; otherwise bound unchanged, keeping the user's rule (a straight-through
+    binarized layer, a weight no rule matches)."""
+    inline = _inline(key)
+
+    def rule(eqn, invals, handler, emit):
+        probe = _Probe(handler)
+
+        def trial():
+            _closed(eqn.params[key], invals, probe, lambda k, v: None)
+
+        jax.eval_shape(trial)
+        if probe.found:
+            return inline(eqn, invals, handler, emit)
+        return _bind_values(eqn, invals, handler)
 
     return rule
 
@@ -296,14 +283,19 @@ def _split(values, *sizes):
 def _scan_parts(ref: WeightRef, length: int):
     """Split a stacked params leaf (and its aux) for ``lax.scan``: the arrays whose leading
     axis has the scan's length are sliced per iteration; those with a leading axis of 1
-    (a scale shared by every layer) or none are the same in every iteration.
+    (a scale shared by every layer) or none are the same in every iteration. The ref's
+    layout ops are replayed on each slice (:func:`slice_views`).
 
     Returns:
-      ``(sliced arrays, rebuild)``; ``rebuild(slices)`` gives the iteration's ``WeightRef``.
+      ``(sliced arrays, rebuild)``; ``rebuild(slices)`` gives the iteration's ``WeightRef``;
+      ``None`` when the layout ops do not keep the layers along axis 0.
 
     Raises:
       ValueError: an array with any other leading size (names the leaf).
     """
+    ops = slice_views(ref.ops, length)
+    if ops is None:
+        return None
     leaves, treedef = jax.tree.flatten((ref.leaf, ref.aux))
     per_layer = []
     for a in leaves:
@@ -330,7 +322,7 @@ def _scan_parts(ref: WeightRef, length: int):
         elif isinstance(leaf, TransposedQArray):  # leading axes are the same stored and logical
             leaf = TransposedQArray.tree_unflatten(None, [leading_slice(leaf.stored)])
         shared = ref.aux_shared * (length if aux_shared else 1)
-        return WeightRef(ref.path, leaf, (), ref.depth + 1, aux, shared, ref.shard_axes[1:])
+        return WeightRef(ref.path, leaf, ops, ref.depth + 1, aux, shared, ref.shard_axes[1:])
 
     return [a for a, p in zip(leaves, per_layer) if p], rebuild
 
@@ -339,17 +331,18 @@ def _scan(eqn, invals, handler, emit):
     p = eqn.params
     num_consts, num_carry = scan_counts(p)
     consts, init, xs = _split(invals, num_consts, num_carry)
-    init = [_value(handler, x) for x in init]
-    # A direct params leaf fed as xs is scanned as its stored form (QArray and
-    # TransposedQArray slices too), its aux beside it; parts shared by every layer are not sliced.
-    parts = [_scan_parts(x, p["length"]) if isinstance(x, WeightRef) and not x.ops else None for x in xs]
-    xs_in = [_value(handler, x) if part is None else part[0] for x, part in zip(xs, parts)]
+    init = [_value(handler, x, "scan") for x in init]
+    # A params leaf fed as xs (through layout ops that keep its layers) is scanned as its
+    # stored form (QArray and TransposedQArray slices too), its aux beside it; parts shared
+    # by every layer are not sliced.
+    parts = [_scan_parts(x, p["length"]) if isinstance(x, WeightRef) else None for x in xs]
+    xs_in = [_value(handler, x, "scan") if part is None else part[0] for x, part in zip(xs, parts)]
     body = p["jaxpr"]
 
     def step(carry, x_slices):
         local = _Emitter()
         x_vals = [x if part is None else part[1](x) for part, x in zip(parts, x_slices)]
-        outs = [_value(handler, o) for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
+        outs = [_value(handler, o, "scan") for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
         return outs[:num_carry], (outs[num_carry:], local.values)
 
     carry, (ys, emitted) = lax.scan(
@@ -383,7 +376,7 @@ def _cond(eqn, invals, handler, emit):
 
     def run_branch(sub):
         local = _Emitter()
-        outs = [_value(handler, o) for o in _closed(sub, ops, handler, local)]
+        outs = [_value(handler, o, "cond") for o in _closed(sub, ops, handler, local)]
         return outs, local.values
 
     # Emitted values must have one structure across branches: find the union first (an
@@ -415,7 +408,7 @@ def _cond(eqn, invals, handler, emit):
 def _while(eqn, invals, handler, emit):
     p = eqn.params
     cond_consts, body_consts, init = _split(invals, p["cond_nconsts"], p["body_nconsts"])
-    init = [_value(handler, x) for x in init]
+    init = [_value(handler, x, "while") for x in init]
 
     def cond(carry):
         return _closed(
@@ -424,7 +417,8 @@ def _while(eqn, invals, handler, emit):
 
     def body_values(carry):
         local = _Emitter()
-        outs = [_value(handler, o) for o in _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)]
+        body = _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)
+        outs = [_value(handler, o, "while") for o in body]
         return outs, local.values
 
     # what the body emits (an abstract pass): nothing -> the loop as it was
@@ -463,7 +457,7 @@ def _remat(eqn, invals, handler, emit):
         args = [x if r else next(it) for x, r in zip(invals, is_ref)]
         local = _Emitter()
         outs = evaluate(p["jaxpr"], [], args, handler, local)
-        return [_value(handler, o) for o in outs], local.values
+        return [_value(handler, o, "checkpoint") for o in outs], local.values
 
     outs, emitted = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*plain)
     for k, vs in emitted.items():
@@ -483,9 +477,9 @@ _RULES: dict[str, Callable] = {
     "pjit": _inline("jaxpr"),
     "closed_call": _inline("call_jaxpr"),
     "core_call": _inline("call_jaxpr"),
-    "custom_jvp_call": _inline("call_jaxpr"),
-    "custom_vjp_call": _inline("call_jaxpr"),
-    "custom_vjp_call_jaxpr": _inline("fun_jaxpr"),
+    "custom_jvp_call": _custom_derivative("call_jaxpr"),
+    "custom_vjp_call": _custom_derivative("call_jaxpr"),
+    "custom_vjp_call_jaxpr": _custom_derivative("fun_jaxpr"),
     "scan": _scan,
     "cond": _cond,
     "while": _while,
@@ -508,4 +502,4 @@ def run(traced, handler: Handler, params_leaves, args_leaves) -> tuple[list, dic
     emitter = _Emitter()
     closed = traced.jaxpr
     outs = evaluate(closed.jaxpr, closed.consts, [*refs, *args_leaves], handler, emitter)
-    return [_value(handler, o) for o in outs], emitter.values
+    return [_value(handler, o, "the function's output") for o in outs], emitter.values

@@ -16,10 +16,20 @@ from jax import lax
 
 from qjax.numerics.qarray import QArray, channel_axes_from_scale
 
-LAYOUT_PRIMITIVES = frozenset(
-    {"transpose", "reshape", "convert_element_type", "broadcast_in_dim", "squeeze", "slice", "dynamic_slice"}
-    | {"copy", "copy_p", "pvary"}
+# ops that keep every element's value and position (a dtype cast rounds it): a weight
+# passes through them unchanged for every purpose but its dtype and its gradient
+IDENTITY_LAYOUT = frozenset(
+    {"convert_element_type", "copy", "copy_p", "pvary", "stop_gradient", "optimization_barrier"}
 )
+LAYOUT_PRIMITIVES = IDENTITY_LAYOUT | {
+    "transpose",
+    "reshape",
+    "broadcast_in_dim",
+    "squeeze",
+    "slice",
+    "dynamic_slice",
+    "rev",
+}
 
 
 def unpacked(q: QArray) -> QArray:
@@ -238,6 +248,17 @@ def _dynamic_slice(q: QArray, starts, slice_sizes) -> QArray | None:
     return _rebuild(q, values, scale, zp, q.group_axis)
 
 
+def _rev(q: QArray, dimensions) -> QArray | None:
+    """Reverse axes; ``None`` when a reversed group axis is not a whole number of groups."""
+    g = None if q.group_axis is None else q.group_axis % q.ndim
+    dims = tuple(d % q.ndim for d in dimensions)
+    if g in dims and q.shape[g] % q.group_size:
+        return None
+    scale_dims = tuple(d for d in dims if q.scale.shape[d] > 1)
+    values, scale, zp = _map_parts(q, lambda v: lax.rev(v, dims), lambda s: lax.rev(s, scale_dims))
+    return _rebuild(q, values, scale, zp, q.group_axis)
+
+
 def apply_layout(
     q: QArray, primitive: str, params: dict[str, Any], operands: tuple = (), op=None
 ) -> QArray | None:
@@ -256,8 +277,8 @@ def apply_layout(
     if primitive == "squeeze":
         return _squeeze(q, params["dimensions"])
     q = unpacked(q)
-    if primitive in ("copy", "copy_p"):
-        return q
+    if primitive in ("copy", "copy_p", "stop_gradient", "optimization_barrier"):
+        return q  # the codes carry no gradient; a barrier only orders float computations
     if primitive == "pvary":  # shard_map bookkeeping: mark every part as varying
         values, scale, zp = _map_parts(q, lambda v: op(v), lambda s: op(s))
         return _rebuild(q, values, scale, zp, q.group_axis)
@@ -276,4 +297,6 @@ def apply_layout(
         return _slice(q, params["start_indices"], params["limit_indices"], params.get("strides"))
     if primitive == "dynamic_slice":
         return _dynamic_slice(q, list(operands), params["slice_sizes"])
+    if primitive == "rev":
+        return _rev(q, params["dimensions"])
     return None

@@ -24,6 +24,7 @@ import numpy as np
 from jax import lax
 
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run
+from qjax.graph.layout import IDENTITY_LAYOUT
 from qjax.graph.trace import trace
 from qjax.rules import RuleSet
 
@@ -56,7 +57,7 @@ def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
         if name == "transpose":
             perm = op.params["permutation"]
             axes = [perm[a] for a in axes]
-        elif name not in ("convert_element_type", "copy", "copy_p", "pvary"):
+        elif name not in IDENTITY_LAYOUT:
             raise ValueError(
                 f"{ref.path!r}: the weight reaches its matmul/conv through {name!r}; only "
                 "transposes and dtype conversions can be mapped back to the params leaf's axes"

@@ -34,12 +34,12 @@ import numpy as np
 from jax import lax
 
 from qjax.graph import Handler, WeightRef, bind_eqn, materialize, run, trace, weight_operand
-from qjax.graph.layout import _reshape_groups
+from qjax.graph.layout import IDENTITY_LAYOUT, _reshape_groups
 from qjax.rules import RuleSet
 
 __all__ = ["activation_norms"]
 
-_IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "pvary"})
+_IDENTITY = IDENTITY_LAYOUT
 
 
 def _dot_sumsq(eqn, wi: int, x: jax.Array) -> jax.Array:
@@ -101,6 +101,8 @@ def _to_leaf(r: jax.Array, ref: WeightRef, op_shape: tuple[int, ...]) -> jax.Arr
             perm = tuple(op.params["permutation"])
             y = jnp.transpose(y, np.argsort(perm))
             dep = {perm[i] for i in dep}
+        elif name == "rev":  # its own inverse; dependence stays on the same axes
+            y = lax.rev(y, tuple(op.params["dimensions"]))
         elif name in ("reshape", "squeeze") and op.params.get("dimensions") is None:
             y = y.reshape(s_in)
             groups = _reshape_groups(s_in, s_out)

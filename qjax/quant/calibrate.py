@@ -14,8 +14,8 @@ import numpy as np
 from qjax.graph.interpret import materialize
 from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
-from qjax.quant.functions import _named_errors, _PolicyHandler, _rule, _run
 from qjax.quant.policy import Policy, check_policy
+from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run
 
 _POOLED = ("percentile", "mse")  # calibrations that need the distribution of the values
 
@@ -189,6 +189,10 @@ def calibrate(
       ValueError: no batches, a rule asks for static non-per-tensor activation scales, a
         ``histogram_bins`` that is not a positive power of two, or an op with
         ``histogram_bins`` inside a ``while_loop`` body.
+
+    Warns:
+      UserWarning: a leaf whose rule has an ``act`` spec is read by no matmul/conv as its
+        weight (a weight concatenated or padded at call time): nothing is calibrated for it.
 
     Example:
       >>> stats = qjax.calibrate(model.apply, policy, variables, batches, histogram_bins=2048)

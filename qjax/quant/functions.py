@@ -17,88 +17,30 @@ from collections.abc import Callable
 import jax
 from jax import lax
 
-from qjax.graph.interpret import (
-    Handler,
-    LayoutOp,
-    WeightRef,
-    bind_eqn,
-    materialize,
-    run,
-    spec_for_slice,
-    weight_operand,
-)
+from qjax.graph.interpret import LayoutOp, WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.graph.layout import apply_layout
-from qjax.graph.ops import operand_channel_axes
-from qjax.graph.trace import trace
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
-from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule, check_policy
+from qjax.quant.policy_handler import (
+    _named_errors,
+    _named_materialize_errors,
+    _PolicyHandler,
+    _resolve_act_spec,
+    _rule,
+    _run,
+)
 from qjax.quant.shard_scales import fake_quant_shard
 from qjax.quant.transforms import _check_scales
 from qjax.rules import fold_in_path
 
-
-def _rule(policy: Policy, path: str) -> Rule | None:
-    m = policy.match(path)
-    return None if m is None else m.value
-
-
-def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
-    """``PER_TOKEN`` -> the concrete non-contracting axes of this operand."""
-    if spec.channel_axes is not PER_TOKEN:
-        return spec
-    ndim = len(eqn.invars[operand].aval.shape)
-    return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
-
-
-class _PolicyHandler(Handler):
-    """A handler driven by a policy: finds the op's weight operand and its rule."""
-
-    def __init__(self, policy: Policy):
-        self.policy = policy
-
-    def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:
-        """``(operand index, weight ref, matched rule or None)``, or ``None`` when the op
-        does not read exactly one weight."""
-        wi = weight_operand(invals)
-        if wi is None:
-            return None
-        ref = invals[wi]
-        return wi, ref, _rule(self.policy, ref.path)
-
-
-def _run(f, handler_factory: Callable[[], Handler], params, args, kwargs):
-    traced = trace(f, params, *args, **kwargs)
-    handler = handler_factory()
-    outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
-    return jax.tree.unflatten(traced.out_tree, outs), emitted
-
-
 # -- fake_quantized (QAT) -------------------------------------------------------------
-
-
-def _named_errors(method):
-    """Re-raise errors of a handler's ``target`` naming the leaf path and its rule."""
-
-    @functools.wraps(method)
-    def target(self, eqn, invals, emit):
-        try:
-            return method(self, eqn, invals, emit)
-        except (TypeError, ValueError) as e:
-            refs = [x.path for x in invals if isinstance(x, WeightRef)]
-            if not refs or any(repr(p) in str(e) for p in refs):  # already names its leaf
-                raise
-            m = self.policy.match(refs[0])
-            rule = "" if m is None else f" (matched rule {m.index} {m.pattern!r})"
-            raise type(e)(f"leaf {refs[0]!r}{rule}, {eqn.primitive.name}: {e}") from e
-
-    return target
 
 
 def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
@@ -199,6 +141,7 @@ class _FakeQuant(_PolicyHandler):
             return fake_quant_shard(w_leaf, spec, key, ref.shard_axes)
         return fake_quant(w_leaf, spec, scale=scale, key=key)
 
+    @_named_materialize_errors
     def materialize(self, ref: WeightRef):
         """A weight read by an op that is not a matmul or conv (an embedding lookup, an
         elementwise op): fake-quantized by its rule, as :func:`fake_quant_params` and the
@@ -282,6 +225,13 @@ def fake_quantized(
     ``act`` spec that deployment serves with a static calibrated scale. Weights of a
     ``scan`` stack are scaled per layer (see the README for exporting them exactly).
 
+    A user's ``jax.custom_vjp`` / ``custom_jvp`` keeps its derivative rule unless a matmul
+    or conv inside it reads a weight some rule matches: that body is then evaluated inline,
+    so the user's rule (e.g. a hand-written straight-through estimator) is replaced by
+    the transform's, the fake-quant STE of the matched weight. A leaf whose rule has an
+    ``act`` or ``grad`` spec but that no matmul/conv reads as its weight (a weight
+    concatenated or padded at call time) triggers a ``UserWarning`` naming it.
+
     Args:
       f: ``f(params, *args, **kwargs)``.
       policy: the :class:`qjax.Policy`.
@@ -312,7 +262,8 @@ def fake_quantized(
 # -- quantized (integer execution) -------------------------------------------------------
 
 
-_ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p")  # commute with transposes
+# commute with transposes
+_ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p", "stop_gradient", "optimization_barrier")
 
 
 def _check_deployable(eqn, ref: WeightRef, wi: int, wspec: QuantSpec | None, aspec, act, w_leaf) -> None:
@@ -474,6 +425,10 @@ class _Serve(_PolicyHandler):
         super().__init__(policy)
         self.backend = backend
 
+    def acts_on(self, ref: WeightRef) -> bool:
+        return super().acts_on(ref) or is_quantized(ref.leaf)  # a stored QArray is served as one
+
+    @_named_materialize_errors
     def materialize(self, ref: WeightRef):
         """A weight read by an op that is not a matmul or conv: the stored weight
         dequantized, or a float weight quantized by its rule and dequantized."""
@@ -538,6 +493,10 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     Raises:
       ValueError: a rule that does not fit its leaf or op (the message names the leaf
         and the rule), or a forced kernel that cannot run an op.
+
+    Warns:
+      UserWarning: a leaf whose rule has an ``act`` spec is read by no matmul/conv as its
+        weight (e.g. ``x @ jnp.concatenate([wq, wk, wv], 1)``): its activations stay float.
 
     Example:
       >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from flax import linen as nn
@@ -287,3 +288,126 @@ def test_calibrate_errors():
     assert set(stats) == {"w", "v"}
     with pytest.raises(ValueError, match=r"inside lax\.while_loop"):
         qjax.graph.input_statistics(loop, W, [X], lambda r: r.T @ r)
+
+
+# -- views the walker follows, and custom derivative rules it keeps ----------------------
+
+
+def _fq64(a, axes, bits=8):
+    """float64 reference of symmetric absmax fake quant keeping ``axes`` (None: per tensor)."""
+    a = np.asarray(a, np.float32)
+    red = None if axes is None else tuple(d for d in range(a.ndim) if d not in axes)
+    s = np.max(np.abs(a), axis=red, keepdims=True) * np.float32(1 / (2 ** (bits - 1) - 1))
+    q = np.clip(np.round(a * (np.float32(1) / s)), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    return q.astype(np.float64) * s
+
+
+W8A8 = qjax.Policy([qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8))])
+TOK = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+
+
+@jax.custom_vjp
+def _binary(x, w):  # sign(w) forward, straight-through backward for w
+    return x @ jnp.sign(w)
+
+
+_binary.defvjp(lambda x, w: (_binary(x, w), (x, w)), lambda r, g: (g @ jnp.sign(r[1]).T, r[0].T @ g))
+
+
+@jax.custom_jvp
+def _scaled(x, w):  # a custom tangent rule that differs from the body's derivative
+    return x * jnp.sum(w)
+
+
+_scaled.defjvp(lambda p, t: (_scaled(*p), t[0] * 2.0 + jnp.sum(t[1]) * 3.0))
+
+
+def test_user_custom_derivatives_are_kept_when_no_rule_acts_on_their_weight():
+    rng = np.random.default_rng(0)
+    p = {
+        "bin": rng.normal(size=(8, 6)).astype(np.float32),
+        "head": rng.normal(size=(6, 3)).astype(np.float32),
+    }
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    f = lambda p, x: _binary(x, p["bin"]) @ p["head"]
+    head_only = qjax.Policy([qjax.Rule("head", weight=INT8)])
+    g = jax.grad(lambda p: jnp.sum(qjax.fake_quantized(f, head_only, integer_forward=False)(p, x) ** 2))(p)
+    # float64 reference: straight-through gradient of bin through the fake-quantized head
+    h = x.astype(np.float64) @ np.sign(p["bin"])
+    hq = _fq64(p["head"], (1,))
+    np.testing.assert_allclose(g["bin"], x.T.astype(np.float64) @ (2 * (h @ hq) @ hq.T), rtol=1e-5)
+    g0 = jax.grad(lambda p: jnp.sum(qjax.fake_quantized(f, qjax.Policy([]))(p, x) ** 2))(p)
+    np.testing.assert_allclose(g0["bin"], jax.grad(lambda p: jnp.sum(f(p, x) ** 2))(p)["bin"], rtol=1e-6)
+    # custom_jvp: under the rule each output's tangent is 3 * sum(dw), so d/dw sum(out) = 3 * out.size
+    # (the body's derivative would give sum(x))
+    fj = lambda p, x: _scaled(x, p["bin"])
+    gj = jax.grad(lambda p: jnp.sum(qjax.fake_quantized(fj, qjax.Policy([]))(p, x)))(p)
+    np.testing.assert_allclose(gj["bin"], np.full((8, 6), 3.0 * x.size), rtol=1e-5)
+
+
+def test_stop_gradient_and_barrier_are_views_and_still_stop_the_gradient():
+    rng = np.random.default_rng(1)
+    p = {"base": rng.normal(size=(8, 6)).astype(np.float32), "v": rng.normal(size=(8, 6)).astype(np.float32)}
+    x = rng.normal(size=(3, 8)).astype(np.float32)
+    f = lambda p, x: x @ jax.lax.stop_gradient(p["base"]) + x @ p["v"]  # a frozen LoRA-style base
+    barrier = lambda p, x: jnp.matmul(*jax.lax.optimization_barrier((x, p["base"])))
+    assert [o.path for o in find_ops(f, p, x)] == ["base", "v"]
+    assert [o.path for o in find_ops(barrier, p, x)] == ["base"]
+    xq = _fq64(x, None)
+    want = xq @ _fq64(p["base"], (1,)) + xq @ _fq64(p["v"], (1,))
+    np.testing.assert_allclose(qjax.quantized(f, W8A8)(p, x), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qjax.quantized(barrier, W8A8)(p, x), xq @ _fq64(p["base"], (1,)), rtol=1e-5)
+    int8_train = qjax.Policy(
+        [qjax.Rule(".*", weight=INT8, act=qjax.QuantSpec(qjax.int8), grad=qjax.QuantSpec(qjax.int8))]
+    )
+    qat = [qjax.fake_quantized(f, W8A8), qjax.fake_quantized(f, W8A8, integer_forward=False)]
+    for fn in qat:
+        np.testing.assert_allclose(fn(p, x), want, rtol=1e-5, atol=1e-5)
+    for fn in (qat[0], qjax.fake_quantized(f, int8_train)):
+        g = jax.grad(lambda p, fn=fn: jnp.sum(fn(p, x)))(p)
+        assert float(jnp.abs(g["base"]).max()) == 0.0 and float(jnp.abs(g["v"]).max()) > 0
+
+
+def test_weight_views_returned_by_jit_helpers_unstack_and_rot90_are_followed():
+    rng = np.random.default_rng(2)
+    p = {"stack": (rng.normal(size=(3, 8, 8)) * 0.5).astype(np.float32)}
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    layer = lambda p, i: jax.lax.dynamic_index_in_dim(p["stack"], i, keepdims=False)  # a jit in jax 0.10
+    f = lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ layer(p, i)), x)
+    assert [o.path for o in find_ops(f, p, x)] == ["stack"]
+    tok = qjax.Policy([qjax.Rule("stack", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)), act=TOK)])
+    h, wq = x.astype(np.float64), _fq64(p["stack"], (0, 2))
+    for i in range(3):
+        h = np.tanh(_fq64(h, (0,)) @ wq[i])
+    np.testing.assert_allclose(qjax.quantized(f, tok)(p, x), h, rtol=1e-5, atol=1e-5)
+    helper = jax.jit(lambda w: w.T.astype(jnp.bfloat16).astype(jnp.float32).T)
+    for g in (
+        lambda p, x: x @ jnp.unstack(p["stack"])[1],
+        lambda p, x: x @ jnp.rot90(jnp.rot90(p["stack"][1], 1), -1),
+        lambda p, x: x @ helper(p["stack"][1]),
+    ):
+        assert [o.path for o in find_ops(g, p, x)] == ["stack"]
+    want = _fq64(x, None) @ _fq64(p["stack"], (2,))[1]  # W8A8's channel axis is the leaf's last
+    got = qjax.quantized(lambda p, x: x @ jnp.rot90(jnp.rot90(p["stack"][1], 1), -1), W8A8)(p, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stack_cast_or_transposed_before_its_scan_is_still_sliced_per_layer():
+    rng = np.random.default_rng(3)
+    p = {"stack": rng.normal(size=(3, 8, 8)).astype(np.float32)}
+    x = rng.normal(size=(4, 8)).astype(np.float32)
+    body = lambda h, w: (jnp.tanh(h @ w), None)
+    cast = lambda p, x: jax.lax.scan(body, x, p["stack"].astype(jnp.bfloat16).astype(jnp.float32))[0]
+    swapped = lambda p, x: jax.lax.scan(body, x, jnp.swapaxes(p["stack"], 1, 2))[0]
+    bf16 = lambda w: w.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float64)
+    # per-layer weight scales along the op's output axis (stored axis 2, or 1 when swapped)
+    for fn, axis, layer in ((cast, 1, bf16), (swapped, 0, lambda w: w.T)):
+        spec = qjax.QuantSpec(qjax.int8, channel_axes=(axis - 2,))
+        policy = qjax.Policy([qjax.Rule("stack", weight=spec, act=qjax.QuantSpec(qjax.int8))])
+        assert [(o.path, o.weight_shape) for o in find_ops(fn, p, x)] == [("stack", (8, 8))]
+        h = x.astype(np.float64)
+        for i in range(3):  # per-tensor activations
+            h = np.tanh(_fq64(h, None) @ layer(_fq64(p["stack"][i], (axis,))))
+        got = qjax.fake_quantized(fn, policy, integer_forward=False)(p, x)
+        np.testing.assert_allclose(got, h, rtol=1e-5, atol=1e-5)
+        assert list(qjax.calibrate(fn, policy, p, [(x,)])) == ["stack"]

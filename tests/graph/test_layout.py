@@ -155,3 +155,20 @@ def test_unpacked_round_trip():
     q = _q((5, 7), fmt=qjax.int4, channel_axes=(-1,))
     assert q.packed_axis is not None
     np.testing.assert_array_equal(unpacked(q).dequantize(), q.dequantize())
+
+
+@pytest.mark.parametrize("dims", [(0,), (1,), (0, 1)])
+def test_rev_and_identity_ops(dims):
+    for q in (
+        _q((8, 6), channel_axes=(-1,)),
+        _q((8, 6), fmt=qjax.int4, channel_axes=(-1,), group_size=4, group_axis=0),
+    ):
+        out = _check(q, "rev", {"dimensions": dims}, lambda x: lax.rev(x, dims))
+        assert out.group_axis == q.group_axis
+        for name in ("stop_gradient", "optimization_barrier"):
+            _check(q, name, {}, lambda x: x)
+    # reversing a group axis that is not a whole number of groups would shift every group
+    ragged = qjax.quantize(
+        jnp.ones((6, 4)), qjax.QuantSpec(qjax.int8, group_size=4, group_axis=0, pad_groups=True)
+    )
+    assert apply_layout(ragged, "rev", {"dimensions": (0,)}) is None

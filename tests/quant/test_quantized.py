@@ -1,5 +1,7 @@
 """``quantized``: integer execution of whole functions, against integer references."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -418,3 +420,48 @@ def test_qat_refuses_what_deployment_refuses_and_checks_scale_paths():
     scales = qjax.lsq_scales(p, lsq)
     with pytest.raises(ValueError, match=r"not leaves of params: \['W'\]"):
         qjax.fake_quantized(f, lsq, scales={"W": scales["w"]})(p, x)
+
+
+def test_a_leaf_whose_activations_no_matmul_quantizes_is_reported():
+    """A weight built at call time from several leaves (or padded) is no target, so its
+    rule's ``act`` spec cannot apply: every transform warns, naming each leaf and its reader."""
+    p = {n: jax.random.normal(jax.random.key(i), (8, 4)) for i, n in enumerate(("wq", "wk", "wv"))}
+    x = jax.random.normal(jax.random.key(5), (3, 8))
+    fused = lambda p, x: x @ jnp.concatenate([p["wq"], p["wk"], p["wv"]], 1)
+    w8a8 = qjax.Policy([qjax.Rule("w.", weight=W8, act=TOK8)])
+    runs = (
+        lambda f, pol: qjax.quantized(f, pol)(p, x),
+        lambda f, pol: qjax.fake_quantized(f, pol)(p, x),
+        lambda f, pol: qjax.calibrate(f, pol, p, [(x,)]),
+    )
+    for run in runs:
+        with pytest.warns(UserWarning, match=r"leaf 'w[qkv]' \(matched rule 0 'w\.'\).*'concatenate'") as rec:
+            run(fused, w8a8)
+        assert sorted(str(w.message).split("'")[1] for w in rec if "no matmul" in str(w.message)) == [
+            "wk",
+            "wq",
+            "wv",
+        ]
+    padded = lambda p, x: (x @ jnp.pad(p["wq"], ((0, 0), (0, 4))))[:, :4]
+    with pytest.warns(UserWarning, match=r"leaf 'wq'.*'pad'"):
+        qjax.quantized(padded, w8a8)(p, x)
+    # no warning: weight-only rules; a leaf also read as a matmul weight (as a tied embedding is)
+    tied = lambda p, x: x @ p["wq"] + jnp.sum(p["wq"][0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qjax.quantized(fused, qjax.Policy([qjax.Rule("w.", weight=W8)]))(p, x)
+        qjax.fake_quantized(tied, w8a8)(p, x)
+
+
+def test_errors_of_weights_read_by_other_ops_name_the_leaf_and_rule():
+    p = {"w": jnp.ones((8, 5)), "b": jnp.ones((5,)), "perm": jnp.arange(8)}
+    f = lambda p, x: x[:, p["perm"]] @ p["w"] + p["b"]
+    x = jnp.ones((2, 8))
+    cases = [
+        (qjax.Rule("b", weight=qjax.QuantSpec(qjax.int4, channel_axes=(1,))), ValueError, "'b'.*rule 0 'b'"),
+        (qjax.Rule(".*", weight=qjax.QuantSpec(qjax.int8)), TypeError, r"'perm'.*rule 0 '\.\*'"),
+    ]
+    for rule, error, match in cases:
+        for transform in (qjax.quantized, qjax.fake_quantized):
+            with pytest.raises(error, match=r"^leaf " + match):
+                transform(f, qjax.Policy([rule]))(p, x)

@@ -1,0 +1,127 @@
+"""The policy-driven handler of the graph walker that ``quantized``, ``fake_quantized`` and
+``calibrate`` share: which rule an op's weight matched, errors named by leaf and rule, and
+a warning for weights whose activations a rule quantizes but that no matmul/conv reads."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import jax
+
+from qjax.graph.interpret import Handler, WeightRef, run, weight_operand
+from qjax.graph.ops import operand_channel_axes
+from qjax.graph.trace import trace
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.policy import Policy, Rule
+
+
+def _rule(policy: Policy, path: str) -> Rule | None:
+    m = policy.match(path)
+    return None if m is None else m.value
+
+
+def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
+    """``PER_TOKEN`` -> the concrete non-contracting axes of this operand."""
+    if spec.channel_axes is not PER_TOKEN:
+        return spec
+    ndim = len(eqn.invars[operand].aval.shape)
+    return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
+
+
+def _rule_text(policy: Policy, path: str) -> str:
+    m = policy.match(path)
+    return "" if m is None else f" (matched rule {m.index} {m.pattern!r})"
+
+
+def _named(policy: Policy, path: str, where: str | None, e: Exception) -> Exception:
+    """``e`` re-made naming the leaf ``path``, its rule and ``where`` (the op)."""
+    at = "" if where is None else f", {where}"
+    return type(e)(f"leaf {path!r}{_rule_text(policy, path)}{at}: {e}")
+
+
+def _named_errors(method):
+    """Re-raise errors of a handler's ``target`` naming the leaf path and its rule."""
+
+    @functools.wraps(method)
+    def target(self, eqn, invals, emit):
+        try:
+            return method(self, eqn, invals, emit)
+        except (TypeError, ValueError) as e:
+            refs = [x.path for x in invals if isinstance(x, WeightRef)]
+            if not refs or any(repr(p) in str(e) for p in refs):  # already names its leaf
+                raise
+            raise _named(self.policy, refs[0], eqn.primitive.name, e) from e
+
+    return target
+
+
+def _named_materialize_errors(method):
+    """Re-raise errors of a handler's ``materialize`` (a weight read by an op that is not a
+    matmul/conv, quantized by its rule) naming the leaf path and its rule."""
+
+    @functools.wraps(method)
+    def materialize(self, ref):
+        try:
+            return method(self, ref)
+        except (TypeError, ValueError) as e:
+            if repr(ref.path) in str(e):
+                raise
+            raise _named(self.policy, ref.path, None, e) from e
+
+    return materialize
+
+
+class _PolicyHandler(Handler):
+    """A handler driven by a policy: finds the op's weight operand and its rule, and notes
+    which weights target ops read (:meth:`warn_unread_activations`)."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self._targeted: set[str] = set()
+        self._other_reads: dict[str, str] = {}  # path -> the first non-target op reading it
+
+    def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:
+        """``(operand index, weight ref, matched rule or None)``, or ``None`` when the op
+        does not read exactly one weight."""
+        wi = weight_operand(invals)
+        if wi is None:
+            return None
+        ref = invals[wi]
+        self._targeted.add(ref.path)
+        return wi, ref, _rule(self.policy, ref.path)
+
+    def acts_on(self, ref: WeightRef) -> bool:
+        return _rule(self.policy, ref.path) is not None
+
+    def read(self, ref: WeightRef, where: str) -> None:
+        self._other_reads.setdefault(ref.path, where)
+
+    def warn_unread_activations(self) -> None:
+        """Warn, once per leaf, about each leaf whose rule quantizes the activations of the
+        ops reading it (``act=``, or ``grad=`` int8 training) but that no matmul/conv reads
+        as its weight: something else read it (a ``concatenate`` building a fused weight, a
+        ``pad``, a gather), so no activation was quantized for it."""
+        for path, where in self._other_reads.items():
+            rule = _rule(self.policy, path)
+            if path in self._targeted or rule is None or (rule.act is None and rule.grad is None):
+                continue
+            what = "act= (activation quantization)" if rule.grad is None else "grad= (int8 training)"
+            warnings.warn(
+                f"leaf {path!r}{_rule_text(self.policy, path)} asks for {what}, but no matmul/conv "
+                f"reads it as its weight: it is read by {where!r} (e.g. a weight concatenated with "
+                "others or padded at call time), so the activations of the op that uses it stay "
+                "float. Quantize each part by its own matmul, or store the fused weight as one leaf.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+
+def _run(f, handler_factory: Callable[[], Handler], params, args, kwargs):
+    traced = trace(f, params, *args, **kwargs)
+    handler = handler_factory()
+    outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+    if isinstance(handler, _PolicyHandler):
+        handler.warn_unread_activations()
+    return jax.tree.unflatten(traced.out_tree, outs), emitted
