@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import rel_err
 
-from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4
+from qjax.kernels import BlockConfig, api, gpu, gpu_wgmma, pack_int4
 from qjax.kernels import _common as kc
 from qjax.numerics import packing
 
@@ -80,9 +80,10 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
             continue
         base, nk = kc.split_layout(layout)
         runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
-        if base != "k_pairs":  # the inline PTX (only hardware runs it); refused for k_pairs,
-            # which it got wrong on an H100 (2026-11-26)
-            runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
+        # the inline PTX (only hardware runs it); check_config_gpu refuses it for k_pairs, which
+        # it got wrong on an H100 (2026-11-26) when the kernel still joined the nibbles along K
+        # after the asm: those runs call the kernel directly, as probes that decide the refusal
+        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
         for m, engine in runs:
             k, n = 512, 256
             codes, s = make_weight_only(rng, bits, k, n, group)
@@ -109,7 +110,12 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True):
             s_w = s.T if nk else s
             check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
             try:
-                if bits == 4:
+                if engine == "ptx" and base == "k_pairs":
+                    check["check"] += " (probe: refused by check_config_gpu)"
+                    s_k = kc.normalize_weight_scales(s_w, k, n, group, nk=nk)
+                    kw = {key: kw[key] for key in ("group_size", "interpret", "out_dtype", "config")}
+                    y = gpu.weight_only_matmul_gpu(x, kc.as_int8(w), s_k, layout=layout, **kw)
+                elif bits == 4:
                     y = api.w4a16_matmul(x, w, s_w, layout=base, **kw)
                 else:
                     y = api.w8a16_matmul(x, w, s_w, **kw)

@@ -101,9 +101,11 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         bad("split_k is for the weight-only kernels")
     base = c.split_layout(layout)[0] if kind != "w8a8" else layout
     if cfg.dequant == "ptx" and base == "k_pairs":
-        # the nibbles joined along K after the asm: wrong on an H100 (relative error ~1 at
-        # M = 1, 13, 70; experiments/results/gpu_session_2026-11-26/) though the emulated
-        # PTX is right in the interpreter; the other layouts pass on the same run
+        # wrong on an H100 (relative error ~1 at M = 1, 13, 70;
+        # experiments/results/gpu_session_2026-11-26/) when the kernel joined the nibbles along
+        # K after the asm, though the emulated PTX is right in the interpreter; the other
+        # layouts passed on the same run. The kernel no longer joins (even / odd activations
+        # instead); experiments/kernel_checks.py probes this on hardware before it is allowed
         bad("dequant='ptx' gives wrong results with the k_pairs layouts on hardware; use dequant='logic'")
     if base in ("k_halves", "k_pairs") and cfg.block_k < 32:
         bad("int4 packed along K needs block_k >= 32 (two halves of at least 16)")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from qjax.kernels import api
-from qjax.kernels._common import BlockConfig, pow2_at_least
+from qjax.kernels._common import BlockConfig, pow2_at_least, split_layout
 
 # (block_m, block_n, block_k, num_warps, num_stages): no split-K, no swap
 _W8A8_TILES = (
@@ -70,9 +70,12 @@ _SMALL_BATCH_TILES = (
 #   layout keeps each thread's packed bytes together, so the PTX's 1.5 instructions per code
 #   pay off: 3.8-4.9 SASS instructions per code in the K loop against 5.8 for the swapped
 #   logic-unpacking kernel. On swapped operands Triton re-packs the bytes around the asm and
-#   the PTX loses (6.1 against 5.8), so the swapped list keeps the integer logic; "k_pairs"
-#   (rows interleaved by a join after the unpacking) takes 7.4-8.9 unswapped against 7.1-7.2
-#   swapped, so it keeps the swapped list only;
+#   the PTX loses (6.1 against 5.8), so the swapped list keeps the integer logic;
+# * "k_pairs" / "k_pairs_nk" (PTX refused, see check_config_gpu) with the integer logic: since
+#   the fourteenth session the nibbles meet even / odd activations instead of being joined
+#   along K (experiments/results/kpairs_sass_sm90_2026-11-27.md): unswapped 4.4-5.6
+#   instructions per code (was 6.1-9.2, with 32-64 shared-memory stores per K step for
+#   "k_pairs"), swapped 4.3-6.3 (was 5.1-8.0);
 # * int8 with the integer logic (the PTX loses here, 6.1 against 5.4): 5.1-6.1 instructions
 #   per code, 54-127 registers, no spills, where 11 of the 21 swapped tiles spill (up to 3.3
 #   KB) at 6.8-11 instructions per code; listed before the swapped tiles.
@@ -153,12 +156,12 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
     """Triton configs worth timing for ``kind`` (``"w8a8"``, ``"w4a16"``, ``"w8a16"``) at
     ``(m, k, n)``: for batches up to 16 the CUDA-core ``gemv`` kernel (``block_m`` = the batch
     rounded up to a power of two; its float32 accumulators fit registers up to batch 8), the
-    tensor-core kernel unswapped at ``block_m`` 16 (int8 codes: integer logic; int4: the
-    inline-PTX unpacking) and on swapped operands with split-K, in that order, the ``gemv``
-    configs first at batch 1 and last above (measured order; a tuning deadline cuts the
-    tail); up to 64 small tiles with
-    optional split-K; beyond, the usual GEMM tiles (weight-only tiles above 16 rows also
-    with the PTX conversion). Only configs that fit the shape."""
+    tensor-core kernel unswapped at ``block_m`` 16 (int8 codes and int4 packed along K:
+    integer logic; other int4: the inline-PTX unpacking) and on swapped operands with
+    split-K, in that order, the ``gemv`` configs first at batch 1 and last above (measured
+    order; a tuning deadline cuts the tail); up to 64 small tiles with optional split-K;
+    beyond, the usual GEMM tiles (weight-only tiles above 16 rows also with the PTX
+    conversion). Only configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
@@ -172,10 +175,8 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
             BlockConfig(16, bn, bk, sp, False, w, s) for bn, bk, sp, w, s in _SMALL_BATCH_UNSWAPPED_TILES
         ]
         swapped = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
-        # (check_config_gpu drops the PTX ones for k_pairs: wrong on hardware)
-        first = (
-            [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if kind == "w4a16" else unswapped
-        )
+        ptx = kind == "w4a16" and split_layout(layout)[0] != "k_pairs"
+        first = [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if ptx else unswapped
         # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
         # unswapped PTX tiles lead (8.0-11.4 us), at M = 4-16 the tensor-core tiles (8.4-11.6 us)
         # and gemv trails (17-151 us): gemv goes first for one row only

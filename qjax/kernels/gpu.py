@@ -18,8 +18,10 @@ Two kernels:
   bfloat16 through integer logic (:mod:`qjax.kernels._fastcvt`), not the slow conversion
   instructions, or with ``dequant="ptx"`` through inline PTX that works on four codes per
   32-bit register (:mod:`qjax.kernels._ptx`); for the ``"k_halves"`` layout each K tile
-  is two contiguous halves (no interleave); the ``"k_pairs"`` / ``"n_pairs"`` layouts that
-  ``qjax.quantize`` produces are interleaved in registers (a Triton join).
+  is two contiguous halves (no interleave); the ``"n_pairs"`` layout that ``qjax.quantize`` produces runs
+  two half-width dots (even / odd output columns) interleaved once after the K loop, and
+  ``"k_pairs"`` two dots of the low / high nibbles against the even / odd activations
+  (read from a free ``(M, K/2, 2)`` view), so neither interleaves codes in the loop.
   Group scales multiply each tile's float32 partial product (one group per
   tile). For small batches ``swap=True`` computes ``W^T x^T`` so the weight tile is the
   wide side of the tensor-core instruction and the batch (padded to 16) the narrow one;
@@ -101,6 +103,13 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
     def x_tile(start, size):
         return _load(x_ref, (slice(None), pl.ds(start, size)), rmask).astype(jnp.bfloat16)
 
+    def x_pair_tile(start, size, parity):
+        """``size`` activations at K = 2 (start + j) + parity: x is ``(M, K/2, 2)`` for
+        ``"k_pairs"`` (a free reshape), so the even / odd columns are a plain load."""
+        mask = None if rmask is None else rmask[:, :, None]
+        v = _load(x_ref, (slice(None), pl.ds(start, size), pl.ds(parity, 1)), mask)
+        return v.reshape(v.shape[0], size).astype(jnp.bfloat16)
+
     def w_tile(start, size):  # `size` codes (or bytes) along K from `start`
         return w_ref[:, pl.ds(start, size)] if nk else w_ref[pl.ds(start, size), :]
 
@@ -146,14 +155,10 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
             part = mm(x_tile(k0, bk), int8_bf16(w_tile(k0, bk)))
-        else:  # k_pairs: interleave the nibbles along K (Triton joins along the last axis only)
+        else:  # k_pairs: the low / high nibbles meet the even / odd activations (no interleave)
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
             lo, hi = nibbles(w_tile(r0, bk // 2))
-            if nk:  # K is the tile's last axis: a plain join
-                w = jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
-            else:
-                w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
-            part = mm(x_tile(k0, bk), w)
+            part = mm(x_pair_tile(r0, bk // 2, 0), lo) + mm(x_pair_tile(r0, bk // 2, 1), hi)
         return acc + scaled(part, t)
 
     shape = (bn, bm) if swap else (bm, bn)
@@ -212,6 +217,11 @@ def weight_only_matmul_gpu(
         s_spec = pl.BlockSpec((bn, groups), lambda j, i, s: (j, s))
     else:
         s_spec = pl.BlockSpec((groups, bn), lambda j, i, s: (s, j))
+    if base == "k_pairs":  # (M, K/2, 2): even / odd activations, read against low / high nibbles
+        x = x.reshape(m, k // 2, 2)
+        x_spec = pl.BlockSpec((bm, kc // 2, 2), lambda j, i, s: (i, s, 0))
+    else:
+        x_spec = pl.BlockSpec((bm, kc), lambda j, i, s: (i, s))
     grid = (n // bn, cdiv(m, bm), split)
     if split > 1:
         out_shape = jax.ShapeDtypeStruct((split, m, n), _F32)
@@ -232,7 +242,7 @@ def weight_only_matmul_gpu(
         kernel,
         out_shape=out_shape,
         grid=grid,
-        in_specs=[pl.BlockSpec((bm, kc), lambda j, i, s: (i, s)), pl.BlockSpec(w_block, w_index), s_spec],
+        in_specs=[x_spec, pl.BlockSpec(w_block, w_index), s_spec],
         out_specs=out_spec,
         compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
