@@ -4,8 +4,9 @@ measured latency.
 A *layer* is a params leaf read by at least one ``dot_general``/``conv_general_dilated``
 of the model function (found by :func:`qjax.graph.find_ops`, so dataflow decides, not
 names or shapes). MACs are counted from the jaxpr's shapes and dimension numbers, summed
-over every op reading the leaf; an op inside a ``scan`` over a stacked leaf counts once
-per slice.
+over every execution of every op reading the leaf (:attr:`qjax.graph.OpInfo.count`: a
+layer applied twice, each slice of a ``scan``-stacked leaf, each step of a ``scan`` or
+static ``fori_loop``; a ``cond`` branch counts as if it ran, a ``while_loop`` body once).
 
 * bytes: the stored size of the leaf as a ``QArray`` (packed values, scales, zero
   points; exactly :func:`qjax.footprint` of ``quantize_params``) or at its float dtype;
@@ -52,8 +53,9 @@ class Layer:
       shape: the leaf's shape.
       dtype: the leaf's dtype name.
       macs: multiply-accumulates of all ops reading the leaf, per call of the function on
-        the example arguments.
-      ops: the :class:`qjax.graph.OpInfo` of those ops, in evaluation order.
+        the example arguments (each op times its ``count``).
+      ops: the :class:`qjax.graph.OpInfo` of those ops, in evaluation order (identical
+        ops once, with the number of times they run as ``count``).
     """
 
     path: str
@@ -172,11 +174,7 @@ def find_layers(
     out = []
     for path, ops in by_path.items():
         leaf = leaves[path]
-        macs = 0
-        for op in ops:
-            view = math.prod(op.weight_shape)
-            repeat = math.prod(np.shape(leaf)) // view if view else 1  # scan over a stacked leaf
-            macs += op_macs(op) * max(repeat, 1)
+        macs = sum(op_macs(op) * op.count for op in ops)
         out.append(Layer(path, tuple(np.shape(leaf)), jnp.dtype(leaf.dtype).name, macs, tuple(ops)))
     return tuple(out)
 
@@ -405,7 +403,9 @@ def measure_latency(
     activation scales calibrated on the random input); the candidates of one op are
     sampled round-robin and each time is the best of ``repeats`` samples of back-to-back
     calls lasting at least ``target_s`` each, less the
-    dispatch overhead of a jitted call that does nothing, summed over the layer's ops.
+    dispatch overhead of a jitted call that does nothing, summed over the layer's ops, each
+    times the number of times it runs (``OpInfo.count``: per layer of a ``scan`` stack,
+    per step of a loop).
     Isolated ops do not see the fusion and layout choices XLA makes in the whole model:
     validate the sum against a whole-model timing. Results are cached in ``cache`` (JSON) keyed by backend, op
     (primitive, shapes, dimension numbers) and candidate specs, so a rerun measures only
@@ -460,7 +460,8 @@ def measure_latency(
             if fns:
                 store.update(_time_many(fns, repeats=repeats, target_s=target_s))
         seconds[layer.path] = {
-            c.name: sum(max(store[op_key(layer, op, c)] - overhead, 0.0) for op in layer.ops) for c in fitting
+            c.name: sum(max(store[op_key(layer, op, c)] - overhead, 0.0) * op.count for op in layer.ops)
+            for c in fitting
         }
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,12 @@ from scipy import optimize, sparse
 # cost. Scaled to 1, a budget within 1e-6 of an achievable cost made HiGHS fail
 # ("Solve error") or accept a slightly over-budget assignment.
 _ROW_MAX = 1e6
+# HiGHS still misjudges a budget within ~1e-7 of the row's largest entry of an
+# achievable cost (a budget of 81·(1-1e-9) admitted a cost of 81; another returned a
+# suboptimal choice): _Program.best solves with budgets _MARGIN (relative to that entry)
+# higher and cuts off answers over the real budget.
+_MARGIN = 1e-5
+_MAX_CUTS = 64
 
 
 class InfeasibleError(ValueError):
@@ -76,8 +82,24 @@ class _Program:
             k: float(c[rows, idx].sum()) for k, c in self.costs.items()
         }
 
-    def run(self, c: np.ndarray, budgets: Mapping[str, float]) -> np.ndarray | None:
-        """Minimise ``c · x``; the choice vector, or ``None`` if infeasible."""
+    def over(self, choice: np.ndarray, budgets: Mapping[str, float]) -> bool:
+        """Whether ``choice`` exceeds a budget by more than the rounding of its float sum."""
+        rows = np.arange(len(choice))
+        for k, b in budgets.items():
+            picked = self.costs[k][rows, choice]
+            if picked.sum() > b + 4 * len(picked) * np.finfo(np.float64).eps * np.abs(picked).sum():
+                return True
+        return False
+
+    def margin(self, name: str) -> float:
+        """Well over HiGHS's feasibility tolerance on the budget row ``name``."""
+        return _MARGIN * (float(np.abs(np.where(self.ok, self.costs[name], 0.0)).max()) or 1.0)
+
+    def run(
+        self, c: np.ndarray, budgets: Mapping[str, float], *, cuts: Sequence[np.ndarray] = ()
+    ) -> np.ndarray | None:
+        """One MILP minimising ``c · x``: the choice vector, or ``None`` if infeasible.
+        ``cuts`` are choices excluded."""
         n_l, n_f = self.shape
         n = n_l * n_f
         rows, lo, hi = [], [], []
@@ -100,6 +122,11 @@ class _Program:
                 rows.append(m.tocsr())
                 lo += [0.0] * n_f
                 hi += [0.0] * n_f
+        for cut in cuts:  # at most n_l - 1 of the cut choice's pairs
+            idx = np.arange(n_l) * n_f + cut
+            rows.append(sparse.csr_matrix((np.ones(n_l), (np.zeros(n_l, int), idx)), shape=(1, n)))
+            lo.append(-np.inf)
+            hi.append(n_l - 1.0)
         a_mat = sparse.vstack(rows).tocsr()
         upper = self.ok.reshape(n).astype(np.float64)
         cost = np.where(self.ok.reshape(n), c.reshape(n), 0.0)
@@ -117,6 +144,31 @@ class _Program:
             raise RuntimeError(f"HiGHS MILP did not finish: status {res.status} ({res.message})")
         x = np.round(res.x).reshape(n_l, n_f)
         return x.argmax(1)
+
+    def best(
+        self, c: np.ndarray, budgets: Mapping[str, float], soft: Mapping[str, float] | None = None
+    ) -> np.ndarray | None:
+        """The optimum of ``c · x`` whose float totals are within ``budgets``, or ``None``;
+        ``soft`` rows are left to HiGHS's tolerance (neither loosened nor checked).
+
+        Solved with every budget raised by its :meth:`margin`, so HiGHS never decides a
+        budget within its tolerance (it then returned over-budget and even suboptimal
+        choices); an answer over a real budget is cut off and the MILP re-solved. Should
+        that take more than ``_MAX_CUTS`` MILPs, the budgets lowered by the margin give a
+        feasible answer (optimal unless a better one costs within the margin of a budget).
+        """
+        soft = dict(soft or {})
+        loose = {k: b + self.margin(k) for k, b in budgets.items()}
+        cuts: list[np.ndarray] = []
+        for _ in range(_MAX_CUTS):
+            choice = self.run(c, {**loose, **soft}, cuts=cuts)
+            if choice is None or not self.over(choice, budgets):
+                return choice
+            cuts.append(choice)
+        choice = self.run(c, {**{k: b - self.margin(k) for k, b in budgets.items()}, **soft})
+        if choice is not None and self.over(choice, budgets):  # pragma: no cover - HiGHS broke its tolerance
+            raise RuntimeError(f"HiGHS returned a choice over the budgets {dict(budgets)}")
+        return choice
 
 
 def _program(
@@ -158,15 +210,29 @@ def _program(
     return _Program(obj, cost, ok, tuple(groups))
 
 
+def budget_value(name: str, b) -> float:
+    """A budget limit as a finite float.
+
+    Raises:
+      ValueError: ``b`` is not a finite real number (names the budget).
+    """
+    try:
+        if isinstance(b, (bool, str, bytes)) or np.ndim(b) != 0:
+            raise TypeError
+        v = float(b)
+    except (TypeError, ValueError):
+        raise ValueError(f"budget {name!r} must be a finite number, got {b!r}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"budget {name!r} must be a finite number, got {v}")
+    return v
+
+
 def _check_budgets(prog: _Program, budgets: Mapping[str, float]) -> dict[str, float]:
     out = {}
     for k, b in budgets.items():
         if k not in prog.costs:
             raise ValueError(f"budget {k!r} has no cost matrix; costs given: {sorted(prog.costs)}")
-        b = float(b)
-        if not np.isfinite(b):
-            raise ValueError(f"budget {k!r} must be a finite number, got {b}")
-        out[k] = b
+        out[k] = budget_value(k, b)
     return out
 
 
@@ -201,7 +267,9 @@ def solve(
       allowed: optional boolean ``[layers, candidates]`` mask.
 
     Returns:
-      The optimal :class:`Solution` (HiGHS with a zero relative MIP gap).
+      The optimal :class:`Solution` (HiGHS with a zero relative MIP gap). Its float totals
+      are within the budgets (up to the rounding of a float sum): HiGHS's own row
+      tolerance is not trusted (see :meth:`_Program.best`).
 
     Raises:
       InfeasibleError: nothing satisfies the constraints (the message gives each budget
@@ -214,7 +282,7 @@ def solve(
     """
     prog = _program(objective, costs, ties=ties, pins=pins, allowed=allowed)
     budgets = _check_budgets(prog, budgets)
-    choice = prog.run(prog.objective, budgets)
+    choice = prog.best(prog.objective, budgets)
     if choice is None:
         raise _infeasible(prog, budgets)
     obj, tot = prog.totals(choice)
@@ -224,13 +292,13 @@ def solve(
 def _tight(prog: _Program, sweep: str, fixed: Mapping[str, float], b: float) -> np.ndarray | None:
     """The optimum under ``sweep <= b``, re-solved for the least ``sweep`` cost at that
     objective (so the point is not dominated)."""
-    choice = prog.run(prog.objective, {**fixed, sweep: b})
+    choice = prog.best(prog.objective, {**fixed, sweep: b})
     if choice is None:
         return None
     obj = prog.totals(choice)[0]
     slack = abs(obj) * 1e-9 + 1e-12
     with_obj = dataclasses.replace(prog, costs={**prog.costs, "_objective": prog.objective})
-    tight = with_obj.run(prog.costs[sweep], {**fixed, sweep: b, "_objective": obj + slack})
+    tight = with_obj.best(prog.costs[sweep], {**fixed, sweep: b}, {"_objective": obj + slack})
     return choice if tight is None else tight
 
 
@@ -251,7 +319,9 @@ def pareto(
 
     Default: the ``sweep`` budget runs over ``points`` evenly spaced values from the
     least achievable cost to the cost of the unconstrained optimum. ``exact=True``: every
-    frontier point, found by repeatedly solving with the budget just below the previous
+    frontier point (points whose ``sweep`` costs differ by less than 2e-5 of the largest
+    ``sweep`` entry, or whose objectives by less than 1e-9 relative, count as one), found
+    by repeatedly solving with the budget just below the previous
     point's cost, from the unconstrained optimum down (at most ``points`` of them, the
     most expensive first). Each point is solved exactly, then re-solved for the least
     ``sweep`` cost at its objective, and dominated or repeated points are dropped. Other
@@ -286,8 +356,8 @@ def pareto(
     fixed = _check_budgets(prog, budgets or {})
     if sweep in fixed:
         raise ValueError(f"pareto: {sweep!r} is swept; do not also give it in budgets")
-    cheapest = prog.run(prog.costs[sweep], fixed)
-    best = prog.run(prog.objective, fixed)
+    cheapest = prog.best(prog.costs[sweep], fixed)
+    best = prog.best(prog.objective, fixed)
     if cheapest is None or best is None:
         raise _infeasible(prog, fixed)
     lo = prog.totals(cheapest)[1][sweep]
@@ -298,16 +368,16 @@ def pareto(
         hi = min(hi, float(sweep_max))
     choices = []
     if exact:
-        # Step below each point by well over the solver's feasibility tolerance (see
-        # _ROW_MAX): frontier points closer than 1e-9 of the largest cost are merged.
-        step = 1e-9 * (float(np.abs(np.where(prog.ok, prog.costs[sweep], 0.0)).max()) or 1.0)
-        b, last = hi + step / 10, np.inf
+        # Step below each point by twice the margin (_Program.best), so the loosened
+        # budget excludes it: frontier points closer than that are merged.
+        step = 2 * prog.margin(sweep)
+        b, last = hi, np.inf
         while len(choices) < int(points):
             choice = _tight(prog, sweep, fixed, b)
             if choice is None:
                 break
             cost = prog.totals(choice)[1][sweep]
-            if cost >= last:  # pragma: no cover - guards against a solver tolerance cycle
+            if cost >= last:  # pragma: no cover - best() keeps every answer within b < last
                 break
             choices.append(choice)
             b, last = cost - step, cost

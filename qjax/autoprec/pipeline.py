@@ -26,7 +26,7 @@ import numpy as np
 from qjax.autoprec.candidates import Candidate, check_candidates, weight_candidates
 from qjax.autoprec.cost import LatencyTable, find_layers
 from qjax.autoprec.hardware import Hardware, detect_hardware
-from qjax.autoprec.knapsack import InfeasibleError, Solution, pareto, solve
+from qjax.autoprec.knapsack import InfeasibleError, Solution, budget_value, pareto, solve
 from qjax.autoprec.problem import Problem, build_problem, fmt_cost
 from qjax.autoprec.sensitivity import (
     direct_sensitivity,
@@ -262,7 +262,9 @@ def search(
       budgets: ``{cost name: limit}`` over ``"bytes"``, ``"bops"``, ``"time"`` (needs
         ``hardware``), ``"latency"`` (needs ``latency``).
       sensitivity: ``"hessian"`` (Hutchinson trace), ``"fisher"``, ``"eigen"``,
-        ``"direct"``, or precomputed estimates (see :func:`build_problem`).
+        ``"direct"``, or precomputed estimates (see :func:`build_problem`). A NaN or inf
+        sensitivity is an error; a negative Hessian trace or eigenvalue (an indefinite
+        Hessian, e.g. at random init) warns: it makes the coarsest format look best.
       key: PRNG key of the probes (default ``jax.random.key(0)``).
       num_probes: Hutchinson probes.
       hardware: ``"auto"`` (:func:`detect_hardware`), a table name or a :class:`Hardware`:
@@ -291,7 +293,8 @@ def search(
 
     Raises:
       ValueError: neither ``budgets`` nor ``max_drop``; ``max_drop`` without ``eval_fn``;
-        unknown cost, candidate or layer names (named). InfeasibleError: the budgets,
+        a budget that is not a finite number, unknown cost, candidate or layer names
+        (named). InfeasibleError: the budgets,
         ties and pins admit no configuration.
 
     Example:
@@ -303,7 +306,9 @@ def search(
         raise ValueError("search needs budgets= (minimise predicted loss) or max_drop= (with eval_fn=)")
     if max_drop is not None and eval_fn is None:
         raise ValueError("max_drop= needs eval_fn=(policy -> metric, higher is better)")
-    budgets = dict(budgets or {})
+    if budgets is not None and not isinstance(budgets, Mapping):
+        raise ValueError(f"budgets must be a mapping {{cost name: limit}}, got {budgets!r}")
+    budgets = {k: budget_value(k, b) for k, b in (budgets or {}).items()}  # before the sensitivities
     candidates = check_candidates(weight_candidates() if candidates is None else candidates)
     hw = None
     if hardware is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -150,6 +151,28 @@ def _is_direct(sensitivity: Mapping[str, Any]) -> bool:
     return all(isinstance(v, Mapping) for v in sensitivity.values())
 
 
+def _finite_score(path: str, name: str, score) -> float:
+    """A predicted loss increase; a NaN or inf one raises (it would silently forbid the pair)."""
+    v = float(score)
+    if not np.isfinite(v):
+        raise ValueError(
+            f"build_problem: the sensitivity of layer {path!r} for candidate {name!r} is {v}: a NaN/inf "
+            "loss or gradient in the sensitivity batches (NaN labels or inputs, a diverged model), "
+            "or an infinite curvature; to forbid a candidate for a layer use pins or candidates instead"
+        )
+    return v
+
+
+def _negative(sensitivity: Mapping[str, Any]) -> list[str]:
+    """Layers whose trace / eigenvalue estimate is negative."""
+    out = []
+    for path, s in sensitivity.items():
+        v = getattr(s, "trace", getattr(s, "value", s))
+        if np.ndim(v) == 0 and np.issubdtype(np.asarray(v).dtype, np.number) and float(v) < 0:
+            out.append(path)
+    return out
+
+
 def build_problem(
     apply_fn: Callable,
     params: Any,
@@ -185,7 +208,16 @@ def build_problem(
       A :class:`Problem`.
 
     Raises:
-      ValueError: a layer has no sensitivity (named), or no candidate fits a layer.
+      ValueError: a layer has no sensitivity (named), a sensitivity is NaN or inf (names
+        the layer and candidate), or no candidate fits a layer.
+
+    Warns:
+      RuntimeWarning: a negative trace or eigenvalue estimate (names the layers). The
+        Hessian of a model away from a minimum (random init, early training) can be
+        indefinite: ``½ Ω`` is then negative and most negative for the coarsest format,
+        so the search prefers int2 for such a layer even with unlimited budget. Estimate
+        sensitivities on a trained model, or use ``"fisher"`` (never negative) or
+        ``"direct"``.
 
     Example:
       >>> tr = hutchinson_trace(loss, variables, key, 64, batches=batches)
@@ -200,6 +232,16 @@ def build_problem(
     if _is_direct(sub):
         scores = sub
     else:
+        negative = _negative(sub)
+        if negative:
+            warnings.warn(
+                f"build_problem: the curvature estimates of layers {negative} are negative (an indefinite "
+                "Hessian, e.g. a model not at a minimum): their predicted loss increase is negative and "
+                "largest in magnitude for the coarsest format, so the search favours it; use sensitivities "
+                "of a trained model, sensitivity='fisher' or 'direct'",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         scores = {
             p: {k: 0.5 * v for k, v in row.items()}
             for p, row in perturbation(params, sub, candidates).items()
@@ -218,7 +260,7 @@ def build_problem(
             elif c.name not in scores[layer.path]:
                 notes[(layer.path, c.name)] = "no sensitivity for this candidate"
             else:
-                objective[i, j] = float(scores[layer.path][c.name])
+                objective[i, j] = _finite_score(layer.path, c.name, scores[layer.path][c.name])
         if not np.isfinite(objective[i]).any():
             raise ValueError(
                 f"build_problem: no candidate is allowed for layer {layer.path!r}: "

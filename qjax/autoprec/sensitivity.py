@@ -154,6 +154,19 @@ def _vdot32(a, b) -> jax.Array:
     return jnp.vdot(a.astype(jnp.float32).ravel(), b.astype(jnp.float32).ravel())
 
 
+def _check_finite(what: str, values: np.ndarray, paths: Sequence[str], batch: int | None) -> None:
+    """Raise if ``values`` (``[..., leaves]``, concrete, from batch ``batch``; ``None``:
+    all batches) hold NaN/inf, naming the leaves: a NaN sensitivity would later forbid
+    every candidate of its layer without a word."""
+    bad = [p for p, ok in zip(paths, np.isfinite(values).reshape(-1, len(paths)).all(0)) if not ok]
+    if bad:
+        where = "the batches give" if batch is None else f"batch {batch} gives"
+        raise ValueError(
+            f"{what}: {where} a NaN or inf for leaves {bad}: the loss or its derivatives are not "
+            "finite there (NaN/inf labels or inputs, or a diverged model); check loss_fn on every batch"
+        )
+
+
 def _rademacher(key, leaves: Sequence[Any]) -> list[jax.Array]:
     """One ±1 probe per leaf from a single random-bits call (one threefry call site
     compiles ~3x faster than one per leaf)."""
@@ -223,10 +236,12 @@ def hutchinson_trace(
     sizes = [min(chunk, num_probes - s) for s in range(0, num_probes, chunk)]
     z = np.zeros((num_probes, len(sel.index)), np.float64)
     selected = sel.selected
-    for batch in batch_list:
+    for b, batch in enumerate(batch_list):
         start = 0
         for c, count in enumerate(sizes):
-            z[start : start + count] += np.asarray(quad(count, selected, jax.random.fold_in(key, c), batch))
+            q = np.asarray(quad(count, selected, jax.random.fold_in(key, c), batch))
+            _check_finite("hutchinson_trace", q, sel.paths, b)
+            z[start : start + count] += q
             start += count
     z /= len(batch_list)
     std = z.std(axis=0, ddof=1) if num_probes > 1 else np.zeros(z.shape[1])
@@ -287,6 +302,7 @@ def top_eigenvalue(
             w = sum(hvp(selected, tangent, b)[j].astype(jnp.float32) for b in batch_list) / len(batch_list)
             new = float(_vdot32(v, w))
             norm = float(jnp.linalg.norm(w))
+            _check_finite("top_eigenvalue", np.array([new, norm]), [path], None)
             if norm == 0.0:
                 lam, converged = 0.0, True
                 break
@@ -316,13 +332,14 @@ def _fisher(loss_fn: LossFn, params: Any, batches: Iterable, paths, what: str):
     if batch_list == [()]:
         raise ValueError(f"{what}: needs batches of examples (per-example gradients)")
     diag, norms, n = None, [], 0
-    for batch in batch_list:
+    for b, batch in enumerate(batch_list):
         sizes = {np.shape(a)[0] if np.ndim(a) else None for a in batch}
         if len(sizes) != 1 or None in sizes:
             raise ValueError(f"{what}: every argument of a batch needs the same leading example axis")
         d, sq = per_batch(sel.selected, batch)
         diag = d if diag is None else [a + b for a, b in zip(diag, d)]
         norms.append(np.asarray(sq, np.float64))
+        _check_finite(what, norms[-1], sel.paths, b)
         n += sizes.pop()
     norms = np.concatenate(norms, 0)
     if norms.size and not norms.any():
@@ -427,7 +444,14 @@ def direct_sensitivity(
     def mean_loss(s):
         return float(np.mean([float(f(s, *b)) for b in batch_list]))
 
-    base = mean_loss(selected)
+    losses = [float(f(selected, *b)) for b in batch_list]
+    bad = [b for b, v in enumerate(losses) if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"direct_sensitivity: the float loss is NaN or inf on batches {bad} (NaN/inf labels or "
+            "inputs, or a diverged model); check loss_fn on every batch"
+        )
+    base = float(np.mean(losses))
     out: dict[str, dict[str, float]] = {}
     for j, (path, leaf) in enumerate(zip(sel.paths, selected)):
         row = {}

@@ -21,7 +21,7 @@ import numpy as np
 from qjax.fixed.arith import constant, mul, signed_bits
 from qjax.fixed.array import FixedArray
 from qjax.fixed.cast import cast, cast_mantissa
-from qjax.fixed.format import Format, int_dtype_for_bits
+from qjax.fixed.format import Format, int_dtype_for_bits, x64_enabled
 
 
 def _check(x) -> None:
@@ -175,26 +175,45 @@ def hard_sigmoid(
 
     Raises:
       ValueError: ``coef_bits`` outside 1..30; ``|slope| >= 2`` or ``offset`` outside
-        [0, 1]; 64-bit integers needed with x64 off.
+        [0, 1]; 64-bit integers needed with x64 off (``F_x + coef_bits`` fraction bits
+        plus sign and the bound 1.0 exceed 32 bits: the message gives a ``coef_bits``
+        that fits).
     """
     _check(x)
     if not 1 <= coef_bits <= 30:
         raise ValueError(f"coef_bits must be between 1 and 30, got {coef_bits}")
     if not (abs(slope) < 2 and 0 <= offset <= 1):
         raise ValueError(f"hard_sigmoid needs |slope| < 2 and 0 <= offset <= 1, got {slope}, {offset}")
-    c_fmt = Format(coef_bits + 2, 2)
-    s_m = int(constant(slope, c_fmt).mantissa)
     frac = x.format.fraction + coef_bits  # the product's fraction bits
     if frac < 0:
         raise ValueError(f"hard_sigmoid: {x.format} with coef_bits={coef_bits} leaves no fraction bits")
-    lo, hi = x.format.min_mantissa, x.format.max_mantissa
-    off_m = round(Fraction(offset) * 2**frac)  # offset and 1 on the product's grid
-    one_m = 1 << frac
-    corners = [lo * s_m + off_m, hi * s_m + off_m, 0, one_m]
-    dtype = int_dtype_for_bits(signed_bits(min(corners), max(corners)), "hard_sigmoid")
+    s_m, off_m, one_m, bits = _hard_sigmoid_grid(x.format, slope, offset, coef_bits)
+    if bits > 32 and not x64_enabled():
+        fits = [
+            c for c in range(coef_bits - 1, 0, -1) if _hard_sigmoid_grid(x.format, slope, offset, c)[3] <= 32
+        ]
+        hint = f"pass coef_bits={fits[0]} or less, " if fits and x.format.fraction + fits[0] >= 0 else ""
+        raise ValueError(
+            f"hard_sigmoid: the exact product of {x.format} ({x.format.fraction} fraction bits) and the "
+            f"slope on coef_bits={coef_bits} fraction bits has {frac} fraction bits; with its clip bound "
+            f"1.0 = 2^{frac} it needs {bits}-bit integers and jax_enable_x64 is off: {hint}"
+            "or give the input fewer fraction bits, or enable x64"
+        )
+    dtype = int_dtype_for_bits(bits, "hard_sigmoid")
     m = x.mantissa.astype(dtype) * jnp.asarray(s_m, dtype) + jnp.asarray(off_m, dtype)
     m = jnp.clip(m, 0, jnp.asarray(one_m, dtype))
     return FixedArray(cast_mantissa(m, frac, fmt, key=key), fmt)
+
+
+def _hard_sigmoid_grid(x_fmt: Format, slope: float, offset: float, coef_bits: int):
+    """Slope, offset and 1 as mantissas on the product grid (``F_x + coef_bits`` fraction
+    bits), and the signed bits of the exact sum and clip bounds."""
+    frac = x_fmt.fraction + coef_bits
+    s_m = int(constant(slope, Format(coef_bits + 2, 2)).mantissa)
+    off_m = round(Fraction(offset) * 2**frac)
+    one_m = 1 << frac
+    corners = [x_fmt.min_mantissa * s_m + off_m, x_fmt.max_mantissa * s_m + off_m, 0, one_m]
+    return s_m, off_m, one_m, signed_bits(min(corners), max(corners))
 
 
 def softmax(

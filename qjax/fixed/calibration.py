@@ -30,7 +30,10 @@ def integer_bits(amax: float, signed: bool = True) -> int:
     """The fewest integer bits ``I`` whose range strictly exceeds ``amax``:
     ``2^(I-1) > amax`` (signed) or ``2^I > amax`` (unsigned). Strict, so that a calibrated
     maximum that is an exact power of two (pixels scaled to [0, 1]) does not overflow.
-    ``amax == 0`` gives the smallest ``I`` allowed.
+    ``amax == 0`` (an all-zero tensor: a zero-initialised layer, a dead feature) has no
+    scale to follow: it gets the range ``[-1, 1)`` (``I = 1``; unsigned ``[0, 1)``,
+    ``I = 0``), as a value just below 1 would, so its fraction bits ``W - I`` stay
+    ordinary and products with it stay within the 126 fraction bits allowed.
 
     Raises:
       ValueError: ``amax`` negative or not finite.
@@ -39,7 +42,7 @@ def integer_bits(amax: float, signed: bool = True) -> int:
     if not math.isfinite(amax) or amax < 0:
         raise ValueError(f"the observed range must be a finite non-negative number, got {amax}")
     if amax == 0:
-        return -MAX_EXPONENT
+        return 1 if signed else 0
     _, exp = math.frexp(amax)  # 2^(exp-1) <= amax < 2^exp
     return exp + (1 if signed else 0)
 
@@ -90,8 +93,12 @@ class _Ranges(Handler):
         args = [materialize(v) for v in invals]
         (y,) = bind_eqn(eqn, args)
         x = args[1 - wi]
+        w = args[wi]
+        # ranges, then whether weight / input / output hold a NaN or inf (an untaken cond
+        # branch emits NaN for all seven: "not executed")
+        bad = [jnp.any(~jnp.isfinite(v)) for v in (w, x, y)]
         stats = jnp.stack(
-            [jnp.max(jnp.abs(args[wi])), jnp.max(jnp.abs(x)), jnp.max(jnp.abs(y)), jnp.min(x)]
+            [jnp.max(jnp.abs(w)), jnp.max(jnp.abs(x)), jnp.max(jnp.abs(y)), jnp.min(x), *bad]
         ).astype(jnp.float32)
         emit(ref.path, stats)
         return [y]
@@ -108,10 +115,12 @@ def collect_ranges(f: Callable, params: Any, batches: Iterable, **kwargs) -> dic
       **kwargs: static keyword arguments of ``f``.
 
     Returns:
-      ``{path: OpRange}``.
+      ``{path: OpRange}``. An op that never ran (only in untaken ``cond`` branches) has
+      NaN ranges; one that ran in some batches has the ranges of those.
 
     Raises:
-      ValueError: no batches.
+      ValueError: no batches; a weight, input or output holding NaN or inf (names the
+        leaf, the role and the batch).
     """
 
     def one(params, args):
@@ -123,17 +132,31 @@ def collect_ranges(f: Callable, params: Any, batches: Iterable, **kwargs) -> dic
     n = 0
     for batch in batches:
         args = batch if isinstance(batch, tuple) else (batch,)
-        for path, values in step(params, args).items():
-            v = np.stack([np.asarray(x).reshape(-1, 4) for x in values]).reshape(-1, 4)
-            cur = np.concatenate([v[:, :3].max(0), v[:, 3:].min(0)])
-            prev = acc.get(path)
-            if prev is not None:
-                cur = np.concatenate([np.maximum(prev[:3], cur[:3]), np.minimum(prev[3:], cur[3:])])
-            acc[path] = cur
+        stats = {
+            p: np.concatenate([np.asarray(x).reshape(-1, 7) for x in vs])
+            for p, vs in step(params, args).items()
+        }
+        bad = [b for p, v in stats.items() if (b := _non_finite(p, np.fmax.reduce(v[:, 4:], axis=0)))]
+        if bad:
+            raise ValueError(
+                f"collect_ranges: calibration batch {n} gives NaN or inf to the ops reading leaves "
+                f"{', '.join(bad)} (NaN/inf inputs, or a diverged model): their ranges would be meaningless"
+            )
+        for path, v in stats.items():
+            if path in acc:
+                v = np.concatenate([v[:, :4], acc[path][None]])
+            # fmax / fmin skip the NaN of reads in untaken cond branches
+            acc[path] = np.concatenate([np.fmax.reduce(v[:, :3], axis=0), np.fmin.reduce(v[:, 3:4], axis=0)])
         n += 1
     if n == 0:
         raise ValueError("collect_ranges needs at least one batch")
     return {p: OpRange(float(v[0]), float(v[1]), float(v[2]), float(v[3])) for p, v in acc.items()}
+
+
+def _non_finite(path: str, bad: np.ndarray) -> str | None:
+    """``"'path' (input, output)"`` naming the roles whose flags are set, else ``None``."""
+    roles = [r for r, b in zip(("weight", "input", "output"), bad) if b > 0]
+    return f"{path!r} ({', '.join(roles)})" if roles else None
 
 
 @jax.custom_vjp
@@ -248,7 +271,8 @@ def calibrate_formats(
       An op whose input was never negative gets an unsigned input format.
 
     Raises:
-      ValueError: ``leaf_patterns`` without ``params``.
+      ValueError: ``leaf_patterns`` without ``params``; a NaN, infinite or negative
+        range (names the leaf and the role: weight, input, output, gradient).
     """
     ww, iw, ow = weight_width or width, input_width or width, output_width or width
     rules: list[tuple[str, Any]] = []
@@ -256,11 +280,15 @@ def calibrate_formats(
         op_grad = grad
         if grad_ranges is not None and path in grad_ranges:
             gw = grad_width or width
-            op_grad = format_for_range(grad_ranges[path], gw, rounding="STOCHASTIC", overflow="SAT")
+            op_grad = _named_format(
+                path, "gradient", grad_ranges[path], gw, rounding="STOCHASTIC", overflow="SAT"
+            )
         fmts = LayerFormats(
-            weight=format_for_range(r.weight, ww, rounding=rounding, overflow=overflow),
-            input=format_for_range(r.input, iw, signed=r.input_min < 0, rounding=rounding, overflow=overflow),
-            output=format_for_range(r.output, ow, rounding=rounding, overflow=overflow),
+            weight=_named_format(path, "weight", r.weight, ww, rounding=rounding, overflow=overflow),
+            input=_named_format(
+                path, "input", r.input, iw, signed=r.input_min < 0, rounding=rounding, overflow=overflow
+            ),
+            output=_named_format(path, "output", r.output, ow, rounding=rounding, overflow=overflow),
             grad=op_grad,
         )
         rules.append((re.escape(path), fmts))
@@ -273,5 +301,18 @@ def calibrate_formats(
             if path in ranges or not any(p.fullmatch(path) for p in patterns):
                 continue
             amax = float(jnp.max(jnp.abs(jnp.asarray(leaf)))) if jnp.size(leaf) else 0.0
-            rules.append((re.escape(path), format_for_range(amax, lw, rounding=rounding, overflow=overflow)))
+            rules.append(
+                (re.escape(path), _named_format(path, "leaf", amax, lw, rounding=rounding, overflow=overflow))
+            )
     return rules
+
+
+def _named_format(path: str, role: str, amax: float, width: int, **kw) -> Format:
+    """:func:`format_for_range`, its errors naming the leaf and the role of the range."""
+    try:
+        return format_for_range(amax, width, **kw)
+    except ValueError as err:
+        why = " (NaN: the op never ran in the calibration batches, e.g. only in an untaken cond branch)"
+        raise ValueError(
+            f"calibrate_formats: leaf {path!r}, {role} range: {err}{why if math.isnan(float(amax)) else ''}"
+        ) from None

@@ -4,9 +4,11 @@ axes of the other operand (activation) that a per-token scale runs over."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 from qjax.graph.interpret import Handler, WeightRef, run
@@ -24,6 +26,13 @@ class OpInfo:
       weight_shape: the weight operand's shape as the op sees it (after layout ops).
       activation_shape: the other operand's shape (``None`` if it is also a weight).
       params: the equation's params (dimension numbers etc.).
+      count: how many times the op runs per call of the function: every read of the
+        weight by an identical op (a layer applied twice), times the lengths of the
+        enclosing ``scan``s (a stacked leaf's layers, an RNN cell's steps, a static
+        ``fori_loop``), times the shards of an enclosing ``shard_map``. An op in a
+        ``cond`` branch counts as if its branch ran (an op in several branches, once);
+        an op in a ``while_loop`` body (a data-dependent trip count) counts once per
+        run of the loop.
     """
 
     path: str
@@ -32,34 +41,51 @@ class OpInfo:
     weight_shape: tuple[int, ...]
     activation_shape: tuple[int, ...] | None
     params: dict[str, Any]
+    count: int = 1
+
+
+def _key(op: OpInfo) -> str:
+    return repr((op.path, op.primitive, op.weight_operand, op.weight_shape, op.activation_shape, op.params))
 
 
 class _Recorder(Handler):
+    """Records every op it sees and emits a marker per read: the interpreter stacks it
+    over enclosing ``scan`` iterations (and shards), so its shape counts the executions."""
+
+    per_shard_emits = True
+
     def __init__(self):
         self.ops: list[OpInfo] = []
+
+    def loop_reduction(self, key):
+        return "mean"  # a while_loop body's op: one marker per run of the loop
+
+    def pool_iterations(self, key, stacked):
+        return None  # keep a scan's markers stacked: one per iteration
 
     def target(self, eqn, invals, emit):
         for i, x in enumerate(invals[:2]):
             if isinstance(x, WeightRef):
                 other = invals[1 - i]
-                self.ops.append(
-                    OpInfo(
-                        x.path,
-                        eqn.primitive.name,
-                        i,
-                        tuple(eqn.invars[i].aval.shape),
-                        None if isinstance(other, WeightRef) else tuple(eqn.invars[1 - i].aval.shape),
-                        dict(eqn.params),
-                    )
+                op = OpInfo(
+                    x.path,
+                    eqn.primitive.name,
+                    i,
+                    tuple(eqn.invars[i].aval.shape),
+                    None if isinstance(other, WeightRef) else tuple(eqn.invars[1 - i].aval.shape),
+                    dict(eqn.params),
                 )
+                self.ops.append(op)
+                emit(_key(op), jnp.zeros((), jnp.float32))
         return None
 
 
 def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
     """Every ``dot_general``/``conv_general_dilated`` of ``f(params, *args, **kwargs)``
     that reads a params leaf (through layout ops, ``jit``, ``scan``, ``cond``, ``remat``,
-    custom derivatives, ...), in evaluation order; an op inside a ``scan`` body is listed
-    once.
+    custom derivatives, ...), in evaluation order. Identical ops (same leaf, shapes and
+    params: a layer applied twice, an op of a ``scan`` body) are listed once, with the
+    number of times they run in :attr:`OpInfo.count`.
 
     Example:
       >>> [op.path for op in qjax.graph.find_ops(model.apply, variables, x)]
@@ -68,23 +94,18 @@ def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
     traced = trace(f, params, *args, **kwargs)
     recorder = _Recorder()
     # Abstract evaluation: the recorder sees every op at trace time, nothing is computed.
-    jax.eval_shape(
-        lambda p, a: run(traced, recorder, p, a)[0], list(traced.param_leaves), jax.tree.leaves(args)
+    markers = jax.eval_shape(
+        lambda p, a: run(traced, recorder, p, a)[1], list(traced.param_leaves), jax.tree.leaves(args)
     )
-    # A cond branch is traced twice (an abstract pass finds what it emits): drop repeats.
+    # cond and while bodies are traced more than once (an abstract pass finds what they
+    # emit): the recorder sees repeats; the markers that reach the top count executions.
     seen, ops = set(), []
     for op in recorder.ops:
-        key = (
-            op.path,
-            op.primitive,
-            op.weight_operand,
-            op.weight_shape,
-            op.activation_shape,
-            repr(op.params),
-        )
+        key = _key(op)
         if key not in seen:
             seen.add(key)
-            ops.append(op)
+            count = sum(math.prod(m.shape) for m in markers.get(key, ()))
+            ops.append(dataclasses.replace(op, count=max(count, 1)))
     return ops
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.sharding import PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from qjax.graph.layout import unpacked
 from qjax.numerics.qarray import QArray
@@ -152,7 +152,9 @@ def shard_map_rule(eqn, invals, handler, emit, evaluate, weight_ref, emitter):
     )
     outs, emitted = fn(*args)
     if emitted and explicit:  # Explicit axes: replicate the (small) stacks before slicing shards
-        emitted = jax.tree.map(lambda v: jax.sharding.reshard(v, PartitionSpec()), emitted)
+        # a NamedSharding needs no mesh context (find_ops' count markers are emitted outside one)
+        whole = NamedSharding(mesh, PartitionSpec()) if isinstance(mesh, Mesh) else PartitionSpec()
+        emitted = jax.tree.map(lambda v: jax.sharding.reshard(v, whole), emitted)
     shards = math.prod(mesh.shape[a] for a in manual_axes)
     for key, values in emitted.items():
         for value in values:

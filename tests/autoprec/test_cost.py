@@ -82,6 +82,44 @@ def test_macs_einsum_with_batch_dims_and_scan():
         autoprec.find_layers(f, p, x, paths=["proj", "nope"])
 
 
+def test_macs_count_every_execution_of_every_read():
+    # find_layers counted identical ops once and scaled any view smaller than the leaf
+    # as if it were a scan stack: a shared layer, a split or sliced kernel, an RNN cell
+    B, K = 4, 16
+    x = jnp.ones((B, K))
+
+    class Shared(nn.Module):  # ALBERT-style: one Dense applied twice
+        @nn.compact
+        def __call__(self, x):
+            d = nn.Dense(K, use_bias=False)
+            return d(jnp.tanh(d(x)))
+
+    v = Shared().init(jax.random.key(0), x)
+    [layer] = autoprec.find_layers(Shared().apply, v, x)
+    assert layer.macs == 2 * B * K * K
+
+    p = {"w": jnp.ones((K, 16))}
+
+    def qkv(p, x):  # a fused kernel split 8/4/4 (grouped-query heads)
+        wq, wk, wv = jnp.split(p["w"], [8, 12], axis=-1)
+        return (x @ wq).sum() + (x @ wk).sum() + (x @ wv).sum()
+
+    assert autoprec.find_layers(qkv, p, x)[0].macs == B * K * 16
+    assert autoprec.find_layers(lambda p, x: x @ p["w"][:, :4], p, x)[0].macs == B * K * 4
+
+    p = {"w": jnp.ones((K, K))}
+
+    def rnn(p, x):
+        return lax.scan(lambda h, _: (jnp.tanh(h @ p["w"]), None), x, None, length=10)[0]
+
+    def nested(p, x):  # 5 scan steps of a 3-step fori_loop
+        inner = lambda h: lax.fori_loop(0, 3, lambda i, h: jnp.tanh(h @ p["w"]), h)
+        return lax.scan(lambda h, _: (inner(h), None), x, None, length=5)[0]
+
+    assert autoprec.find_layers(rnn, p, x)[0].macs == 10 * B * K * K
+    assert autoprec.find_layers(nested, p, x)[0].macs == 15 * B * K * K
+
+
 def test_bytes_match_footprint(net):
     v, x = net
     layers = autoprec.find_layers(Net().apply, v, x)
@@ -150,3 +188,26 @@ def test_measure_latency_and_cache(tmp_path, monkeypatch):
     assert cm["latency"][0, 0] == lat.get(layers[0].path, "w8a8")
     with pytest.raises(KeyError, match="'int2'"):
         lat.get(layers[0].path, "int2")
+
+
+def test_measure_latency_counts_every_layer_of_a_scan_stack(monkeypatch):
+    # a scan-stacked leaf's op was timed once and counted once, not once per layer
+    L, B, K = 6, 4, 8
+    p = {"w": jnp.ones((L, K, K))}
+    x = jnp.ones((B, K))
+
+    def scanned(p, x):
+        return lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+
+    def unrolled(p, x):
+        for i in range(L):
+            x = jnp.tanh(x @ p["w"][i])
+        return x
+
+    fake = lambda fns, **kw: {k: 1.0 if k == "noop" else 3.0 for k in fns}  # 2 s per op after overhead
+    monkeypatch.setattr(cost_mod, "_time_many", fake)
+    for f in (scanned, unrolled):
+        [layer] = autoprec.find_layers(f, p, x)
+        assert layer.macs == L * B * K * K
+        lat = autoprec.measure_latency([layer], [autoprec.FLOAT])
+        assert lat.get("w", "float") == L * 2.0

@@ -263,3 +263,28 @@ def test_accuracy_driven_real_eval_and_errors(setup):
         )
     with pytest.raises(ValueError, match="sensitivity must be one of"):
         autoprec.search(MLP().apply, v, (x[:1],), sensitivity="magic", loss_fn=loss, budgets={"bytes": 1e9})
+
+
+def test_nan_sensitivity_and_bad_budgets_are_named_errors(setup):
+    v, x, *_ = setup
+    sens = {f"params/Dense_{i}/kernel": 1.0 for i in range(3)}
+    # a NaN trace silently forbade every quantized candidate of the layer
+    nan = {**sens, "params/Dense_1/kernel": autoprec.TraceEstimate(float("nan"), 0.0, 1, 1)}
+    with pytest.raises(ValueError, match=r"layer 'params/Dense_1/kernel' for candidate 'int2' is nan"):
+        autoprec.build_problem(MLP().apply, v, (x[:1],), CANDS, nan, paths="params/Dense_1/kernel")
+    direct = {p: {"int2": 1.0, "int4": 0.5, "int8": float("inf"), "float": 0.0} for p in sens}
+    with pytest.raises(ValueError, match=r"layer 'params/Dense_0/kernel' for candidate 'int8' is inf"):
+        autoprec.build_problem(MLP().apply, v, (x[:1],), CANDS, direct, paths="params/Dense_0/kernel")
+    with pytest.raises(ValueError, match="budget 'bytes' must be a finite number, got None"):
+        autoprec.search(MLP().apply, v, (x[:1],), sensitivity=sens, candidates=CANDS, budgets={"bytes": None})
+
+
+def test_negative_trace_warns_naming_the_layer(setup):
+    v, x, *_ = setup
+    sens = {f"params/Dense_{i}/kernel": 1.0 for i in range(3)}
+    sens["params/Dense_2/kernel"] = -1.0  # an indefinite Hessian away from a minimum
+    with pytest.warns(RuntimeWarning, match=r"\['params/Dense_2/kernel'\] are negative"):
+        prob = autoprec.build_problem(MLP().apply, v, (x[:1],), CANDS, sens)
+    # the documented consequence: the coarsest format is predicted best for that layer
+    row = prob.objective[prob.layer_index("params/Dense_2/kernel")]
+    assert np.argmin(row) == prob.candidate_index("int2")

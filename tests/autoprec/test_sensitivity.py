@@ -177,3 +177,31 @@ def test_perturbation_omega(data):
         autoprec.perturbation(params, {"w2": jnp.ones((3, 5))}, CANDS)
     with pytest.raises(TypeError, match="'w1'"):
         autoprec.perturbation(params, {"w1": "big"}, CANDS)
+
+
+def _nan_batches(data):
+    x, y = data
+    yf = y.astype(jnp.float32)
+    loss = lambda p, x, y: jnp.mean(((jnp.tanh(x @ p["w1"]) @ p["w2"]).sum(1) - y) ** 2)
+    return loss, [(x, yf), (x, yf.at[0].set(jnp.nan))]  # one NaN label in batch 1
+
+
+def test_non_finite_trace_is_an_error_naming_the_batch_and_leaves(data):
+    # one NaN label in one batch made every trace NaN; search then silently kept the
+    # layers float (or blamed the budget)
+    loss, bad = _nan_batches(data)
+    p = _mlp_params()
+    with pytest.raises(ValueError, match=r"hutchinson_trace: batch 1 gives a NaN or inf for leaves \['w1'"):
+        autoprec.hutchinson_trace(loss, p, jax.random.key(0), 4, batches=bad, paths=["w1", "w2"])
+    msg = r"direct_sensitivity: the float loss is NaN or inf on batches \[1\]"
+    with pytest.raises(ValueError, match=msg):
+        autoprec.direct_sensitivity(loss, p, CANDS, batches=bad, paths=["w1"])
+
+
+def test_non_finite_fisher_and_eigenvalue_are_errors(data):
+    loss, bad = _nan_batches(data)
+    p = _mlp_params()
+    with pytest.raises(ValueError, match=r"fisher_trace: batch 1 .*'w1'"):
+        autoprec.fisher_trace(loss, p, bad, paths=["w1", "w2"])
+    with pytest.raises(ValueError, match=r"top_eigenvalue: .*\['w1'\]"):
+        autoprec.top_eigenvalue(loss, p, jax.random.key(0), iters=2, batches=bad, paths=["w1"])

@@ -162,3 +162,72 @@ def test_pareto_errors():
         autoprec.pareto(obj, {"c": obj}, "c", budgets={"c": 1})
     with pytest.raises(ValueError, match="sweep_max=-1 is below the least achievable c cost"):
         autoprec.pareto(obj, {"c": obj + 1}, "c", sweep_max=-1)
+
+
+# -- budgets at HiGHS's tolerance (a budget just below an achievable cost) ------------
+
+NEAR_OBJ = np.array([[0.96992541, 0.51606859, 0.11586561], [0.62348976, 0.77668311, 0.6130033]])
+NEAR_COST = np.array([[8.0, 38.0, 45.0], [21.0, 2.0, 36.0]])
+
+
+def _all_points(obj, cost):
+    rows = np.arange(obj.shape[0])
+    return [
+        (float(cost[rows, ch].sum()), float(obj[rows, ch].sum()))
+        for ch in itertools.product(range(obj.shape[1]), repeat=obj.shape[0])
+    ]
+
+
+def _brute_frontier(points):
+    front = []
+    for c, o in sorted(points):
+        if not front or (o < front[-1][1] and c != front[-1][0]):
+            front.append((c, o))
+    return front
+
+
+@pytest.mark.parametrize("eps", [1e-12, 1e-10, 1e-9, 1e-8, 1e-6, 1e-4])
+def test_solve_never_returns_an_over_budget_choice(eps):
+    # HiGHS accepted cost 81 for a budget of 81·(1-1e-9) (its row tolerance)
+    b = 81 * (1 - eps)
+    sol = autoprec.solve(NEAR_OBJ, {"c": NEAR_COST}, {"c": b})
+    assert sol.costs["c"] <= b
+    want = min(o for c, o in _all_points(NEAR_OBJ, NEAR_COST) if c <= b)
+    assert sol.objective == pytest.approx(want, abs=1e-12)
+
+
+def test_exact_pareto_with_float_costs_equals_brute_force():
+    # the exact sweep stepped 1e-9 of the largest cost below each point, which HiGHS did
+    # not resolve: it found 1 of the 6 points here; float costs at several scales
+    got = autoprec.pareto(NEAR_OBJ, {"c": NEAR_COST}, "c", exact=True, points=100)
+    want = _brute_frontier(_all_points(NEAR_OBJ, NEAR_COST))
+    assert len(want) == 6
+    np.testing.assert_allclose([(p.costs["c"], p.objective) for p in got], want, rtol=1e-12)
+    rng = np.random.default_rng(0)
+    for _ in range(25):
+        n_l, n_f = rng.integers(1, 5), rng.integers(2, 4)
+        obj = rng.random((n_l, n_f))
+        scale = 10.0 ** rng.integers(-4, 7)
+        cost = (rng.random((n_l, n_f)) if rng.random() < 0.5 else rng.integers(0, 50, (n_l, n_f))) * scale
+        points = _all_points(obj, cost)
+        want = _brute_frontier(points)
+        got = autoprec.pareto(obj, {"c": cost}, "c", exact=True, points=1000)
+        np.testing.assert_allclose([(p.costs["c"], p.objective) for p in got], want, rtol=1e-12)
+        c, _ = want[rng.integers(len(want))]
+        for b in (c, c * (1 - 1e-12), c * (1 - 1e-9)):  # at and just below an achievable cost
+            feasible = [o for cc, o in points if cc <= b + 1e-13 * abs(b)]
+            if not feasible:
+                with pytest.raises(autoprec.InfeasibleError):
+                    autoprec.solve(obj, {"c": cost}, {"c": b})
+                continue
+            sol = autoprec.solve(obj, {"c": cost}, {"c": b})
+            assert sol.costs["c"] <= b + 1e-13 * abs(b)
+            assert sol.objective == pytest.approx(min(feasible), abs=1e-12)
+
+
+def test_budget_values_are_checked():
+    obj = np.zeros((2, 2))
+    with pytest.raises(ValueError, match="budget 'c' must be a finite number, got None"):
+        autoprec.solve(obj, {"c": obj}, {"c": None})
+    with pytest.raises(ValueError, match="budget 'c' must be a finite number, got '10'"):
+        autoprec.solve(obj, {"c": obj}, {"c": "10"})

@@ -88,6 +88,19 @@ def test_hard_variants_relu_and_clip():
     np.testing.assert_array_equal(np.asarray(qf.clip(fx, -0.3, 2.5).to_float()), np.clip(x, lo, 2.5))
 
 
+def test_hard_sigmoid_without_x64_names_the_product_grid_and_a_coef_bits_that_fits():
+    # ap_fixed<16,1> has 15 fraction bits; with coef_bits=16 the product grid has 31 and
+    # the bound 1.0 needs 33-bit integers; the error said "formats of at most 31 bits"
+    assert not jax.config.jax_enable_x64
+    fmt = qf.Format(16, 1, rounding="RND_CONV", overflow="SAT")
+    fx = qf.from_float(jnp.linspace(-0.99, 0.99, 201), fmt)
+    with pytest.raises(ValueError, match=r"31 fraction bits.*33-bit.*coef_bits=15 or less"):
+        qf.hard_sigmoid(fx, OUT)
+    y = np.asarray(qf.hard_sigmoid(fx, OUT, coef_bits=15).to_float(), np.float64)
+    x = np.asarray(fx.to_float(), np.float64)
+    assert np.abs(y - np.clip(0.2 * x + 0.5, 0, 1)).max() <= 2.0**-16 * 2 + OUT.lsb
+
+
 def test_softmax_against_float_within_the_propagated_table_errors():
     logits = jax.random.normal(jax.random.key(0), (64, 10)) * 3
     fx = qf.from_float(logits, X_FMT)

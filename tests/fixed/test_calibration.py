@@ -69,6 +69,40 @@ def test_collect_ranges_and_calibrated_inference():
         qf.collect_ranges(_mlp, p, [])
 
 
+def test_zero_range_gets_the_unit_range_and_runs():
+    # integer_bits(0) was -126: an all-zero (zero-initialised) layer got Format(8, -118)
+    # and fixed_point failed on a 132-fraction-bit accumulator
+    assert qf.integer_bits(0.0) == 1 and qf.integer_bits(0.0, signed=False) == 0
+    assert qf.format_for_range(0.0, 8) == qf.format_for_range(0.99, 8)  # [-1, 1)
+    k = jax.random.split(jax.random.key(0), 3)
+    p = {"w1": jax.random.normal(k[0], (4, 8)), "b1": jnp.zeros(8)}
+    p |= {"w2": jnp.zeros((8, 3)), "b2": jnp.zeros(3)}  # a zero-initialised head
+    x = jax.random.normal(k[1], (16, 4))
+    ranges = qf.collect_ranges(_mlp, p, [x])
+    assert ranges["w2"].weight == ranges["w2"].output == 0.0
+    rules = qf.calibrate_formats(ranges, 8)
+    assert dict(rules)["w2"].weight.integer == 1
+    y = jax.jit(qf.fixed_point(_mlp, rules))(p, x)
+    np.testing.assert_array_equal(np.asarray(y), np.zeros((16, 3)))  # the float model's output, exactly
+
+
+def test_nan_ranges_are_errors_naming_leaf_and_role():
+    p = {"enc": {"w": jnp.ones((4, 3))}, "dec": {"w": jnp.ones((3, 2))}}
+    f = lambda p, x: (x @ p["enc"]["w"]) @ p["dec"]["w"]
+    x = jnp.ones((2, 4))
+    # collect_ranges stored NaN silently; now it names every leaf, the roles and the batch
+    with pytest.raises(ValueError, match=r"batch 1 .*'dec/w' \(input, output\), 'enc/w' \(input, output\)"):
+        qf.collect_ranges(f, p, [x, x.at[0, 0].set(jnp.nan)])
+    bad = {"enc/w": qf.OpRange(1.0, float("nan"), 1.0, 0.0)}
+    with pytest.raises(ValueError, match=r"leaf 'enc/w', input range: .*never ran"):
+        qf.calibrate_formats(bad, 8)
+    # an op in a cond branch that one batch does not take: NaN there means "not executed",
+    # and the ranges come from the batch that took it (np.maximum made them NaN)
+    g = lambda p, x: jax.lax.cond(x.sum() > 0, lambda: x @ p["enc"]["w"], lambda: 2 * x[:, :3])
+    r = qf.collect_ranges(g, p, [-x, 3 * x])
+    assert (r["enc/w"].input, r["enc/w"].output, r["enc/w"].weight) == (3.0, 12.0, 1.0)
+
+
 def test_collect_grad_ranges_matches_manual_gradients():
     k = jax.random.split(jax.random.key(1), 4)
     p = {

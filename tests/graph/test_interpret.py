@@ -144,6 +144,31 @@ def test_shard_map_body():
     w = jax.device_put(jnp.ones((8, 4)), jax.NamedSharding(mesh, P("model", None)))
     x = jax.device_put(jnp.ones((4, 8)), jax.NamedSharding(mesh, P("data", "model")))
     assert _paths(f, {"w": w}, x) == [("w", "dot_general", 1)]
+    # one op per shard, on the shard's shapes: 8 x (2, 2) @ (2, 4) is the (4, 8) @ (8, 4)
+    [op] = find_ops(f, {"w": w}, x)
+    assert (op.count, op.weight_shape, op.activation_shape) == (8, (2, 4), (2, 2))
+
+
+def test_op_count_is_executions_per_call():
+    w = {"w": jnp.ones((8, 8)), "v": jnp.ones((8, 8))}
+
+    def counts(f):
+        return {op.path: op.count for op in find_ops(f, w, X)}
+
+    twice = lambda p, x: (x @ p["w"]) @ p["w"]
+    scan = lambda p, x: jax.lax.scan(lambda h, _: (h @ p["w"], None), x, None, length=7)[0]
+    fori = lambda p, x: jax.lax.fori_loop(0, 4, lambda i, h: h @ p["w"], x)
+    # cond: an op counts as if its branch ran (one in both branches: once)
+    cond = lambda p, x: jax.lax.cond(x.sum() > 0, lambda: x @ p["w"], lambda: (2 * x) @ p["w"] @ p["v"])
+    # while_loop: a data-dependent trip count, the body counts once per run of the loop
+    loop = lambda p, x: jax.lax.while_loop(lambda h: h.sum() < 100, lambda h: h @ p["w"], x)
+    in_scan = lambda p, x: jax.lax.scan(lambda h, _: (cond(p, h), None), x, None, length=3)[0]
+    assert counts(twice) == {"w": 2}
+    assert counts(scan) == {"w": 7}
+    assert counts(fori) == {"w": 4}
+    assert counts(cond) == {"w": 1, "v": 1}
+    assert counts(loop) == {"w": 1}
+    assert counts(in_scan) == {"w": 3, "v": 3}
 
 
 def test_weight_read_by_elementwise_op_is_not_a_target():
