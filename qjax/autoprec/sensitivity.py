@@ -513,7 +513,8 @@ def perturbation(
         differs from its leaf's (the path is named). TypeError: an unknown estimate type.
 
     Example:
-      >>> omega = perturbation(variables, hutchinson_trace(loss, variables, key), weight_candidates())
+      >>> traces = hutchinson_trace(loss, variables, key, batches=[(x, y)])
+      >>> omega = perturbation(variables, traces, weight_candidates())
     """
     candidates = check_candidates(candidates)
     leaves = dict(leaves_with_paths(params))

@@ -114,7 +114,8 @@ def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
     Example:
       >>> groups = channel_groups(model.apply, variables, x)
       >>> [(g.name, g.size, g.prunable) for g in groups]
-      [('params/Dense_0/kernel:1', 64, True), ('params/Dense_1/kernel:1', 10, False)]
+      [('params/Dense_0/kernel:0', 32, False), ('params/Dense_0/kernel:1', 64, True),
+       ('params/Dense_1/kernel:1', 10, False)]
     """
     traced = trace(f, params, *args, **kwargs)
     jaxpr = traced.jaxpr

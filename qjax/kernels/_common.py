@@ -159,7 +159,13 @@ def normalize_weight_scales(scales, k: int, n: int, group_size: int | None, nk: 
     if group_size is None:
         want = (n, 1) if nk else (1, n)
         if s.shape not in ((n,), want):
-            raise ValueError(f"per-channel scales must have shape ({n},) or {want}, got {s.shape}")
+            groups = s.shape[1] if nk else s.shape[0]
+            hint = (
+                f" (grouped scales? pass group_size={k // groups})"
+                if s.ndim == 2 and groups > 1 and k % groups == 0 and s.shape[0 if nk else 1] == n
+                else ""
+            )
+            raise ValueError(f"per-channel scales must have shape ({n},) or {want}, got {s.shape}{hint}")
         return s.reshape(want).astype(jnp.float32)
     if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)):
         raise ValueError(f"group_size={group_size!r} must be a positive divisor of K={k} (an int)")

@@ -421,6 +421,7 @@ def int8_matmul(
         a transpose of every weight tile.
       a_scale: scalar, ``(M,)`` or ``(M, 1)``.
       b_scale: scalar, ``(N,)`` or ``(1, N)``.
+      b_layout: ``"kn"`` (default) or ``"nk"``: how ``b_q`` is stored.
       out_dtype, platform, config, interpret: as :func:`w4a16_matmul`. A GPU ``config``
         with ``engine="wgmma"`` (or a tuning-table entry holding one, used only on Hopper)
         runs the Mosaic GPU kernel of :mod:`qjax.kernels.gpu_wgmma` (needs

@@ -73,9 +73,9 @@ _SMALL_BATCH_TILES = (
 #   the PTX loses (6.1 against 5.8), so the swapped list keeps the integer logic;
 # * "k_pairs" / "k_pairs_nk" (PTX refused, see check_config_gpu) with the integer logic: since
 #   the fourteenth session the nibbles meet even / odd activations instead of being joined
-#   along K (experiments/results/kpairs_sass_sm90_2026-11-27.md): unswapped 4.4-5.6
-#   instructions per code (was 6.1-9.2, with 32-64 shared-memory stores per K step for
-#   "k_pairs"), swapped 4.3-6.3 (was 5.1-8.0);
+#   along K in the unswapped tiles (experiments/results/kpairs_sass_sm90_2026-11-27.md):
+#   4.4-5.6 instructions per code (was 6.1-9.2, with 32-64 shared-memory stores per K step
+#   for "k_pairs"); swapped tiles keep the join (5.1-8.0);
 # * int8 with the integer logic (the PTX loses here, 6.1 against 5.4): 5.1-6.1 instructions
 #   per code, 54-127 registers, no spills, where 11 of the 21 swapped tiles spill (up to 3.3
 #   KB) at 6.8-11 instructions per code; listed before the swapped tiles.

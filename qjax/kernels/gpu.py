@@ -21,7 +21,9 @@ Two kernels:
   is two contiguous halves (no interleave); the ``"n_pairs"`` layout that ``qjax.quantize`` produces runs
   two half-width dots (even / odd output columns) interleaved once after the K loop, and
   ``"k_pairs"`` two dots of the low / high nibbles against the even / odd activations
-  (read from a free ``(M, K/2, 2)`` view), so neither interleaves codes in the loop.
+  (read from a free ``(M, K/2, 2)`` view), so neither interleaves codes in the loop
+  (swapped ``"k_pairs"`` tiles still join the nibbles along K: Triton 3.5 fails to
+  compile the even / odd form there).
   Group scales multiply each tile's float32 partial product (one group per
   tile). For small batches ``swap=True`` computes ``W^T x^T`` so the weight tile is the
   wide side of the tensor-core instruction and the batch (padded to 16) the narrow one;
@@ -155,10 +157,20 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
             part = mm(x_tile(k0, bk // 2), lo) + mm(x_tile(k0 + bk // 2, bk // 2), hi)
         elif layout == "int8":
             part = mm(x_tile(k0, bk), int8_bf16(w_tile(k0, bk)))
-        else:  # k_pairs: the low / high nibbles meet the even / odd activations (no interleave)
+        elif not swap:  # k_pairs: the low / high nibbles meet the even / odd activations
             r0 = pl.multiple_of(t * (bk // 2), bk // 2)
             lo, hi = nibbles(w_tile(r0, bk // 2))
             part = mm(x_pair_tile(r0, bk // 2, 0), lo) + mm(x_pair_tile(r0, bk // 2, 1), hi)
+        else:  # k_pairs swapped: interleave the nibbles along K (Triton joins along the last
+            # axis only); the even / odd form above makes Triton 3.5's pass pipeline fail
+            # on swapped tiles (offline, experiments/results/kpairs_sass_sm90_2026-11-27.md)
+            r0 = pl.multiple_of(t * (bk // 2), bk // 2)
+            lo, hi = nibbles(w_tile(r0, bk // 2))
+            if nk:  # K is the tile's last axis: a plain join
+                w = jnp.stack([lo, hi], axis=-1).reshape(bn, bk)
+            else:
+                w = jnp.stack([lo.T, hi.T], axis=-1).reshape(bn, bk).T
+            part = mm(x_tile(k0, bk), w)
         return acc + scaled(part, t)
 
     shape = (bn, bm) if swap else (bm, bn)
@@ -217,7 +229,7 @@ def weight_only_matmul_gpu(
         s_spec = pl.BlockSpec((bn, groups), lambda j, i, s: (j, s))
     else:
         s_spec = pl.BlockSpec((groups, bn), lambda j, i, s: (s, j))
-    if base == "k_pairs":  # (M, K/2, 2): even / odd activations, read against low / high nibbles
+    if base == "k_pairs" and not config.swap:  # (M, K/2, 2): even / odd activations
         x = x.reshape(m, k // 2, 2)
         x_spec = pl.BlockSpec((bm, kc // 2, 2), lambda j, i, s: (i, s, 0))
     else:

@@ -7,7 +7,8 @@ Example:
   >>> mesh = qp.make_mesh(data=2, fsdp=2, tensor=2)
   >>> sh = qp.train_state_shardings(params, tx, qp.presets.hybrid(), mesh)
   >>> state = qp.init_train_state(params, tx, sh)
-  >>> step = qp.qat_step(model.apply, policy, xent, tx, sh, qp.batch_shardings(mesh, batch))
+  >>> objective = lambda logits, b: xent(logits, b["y"])  # objective(outputs, batch)
+  >>> step = qp.qat_step(model.apply, policy, objective, tx, sh, qp.batch_shardings(mesh, batch))
   >>> state, metrics = step(state, batch)
 """
 

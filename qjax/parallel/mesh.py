@@ -61,7 +61,7 @@ def make_mesh(
 
     Example:
       >>> mesh = make_mesh(data=2, fsdp=2, tensor=2)   # 8 devices
-      >>> mesh.shape
+      >>> dict(mesh.shape)
       {'data': 2, 'fsdp': 2, 'tensor': 2}
     """
     kind = _axis_type(axis_types)

@@ -308,7 +308,8 @@ def qat_step(
       integer_forward: see :func:`qjax.fake_quantized`.
 
     Example:
-      >>> step = qat_step(model.apply, policy, xent, tx, sh, batch_shardings(mesh, batch))
+      >>> objective = lambda logits, b: xent(logits, b["y"])
+      >>> step = qat_step(model.apply, policy, objective, tx, sh, batch_shardings(mesh, batch))
     """
 
     def loss_fn(params, batch, key):
@@ -380,10 +381,23 @@ def prune_step(
     """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner
     state sharded like the params), optionally quantization-aware (``policy``).
 
+    Args:
+      apply_fn: ``apply_fn(params, *inputs)``; the inputs are ``batch["x"]`` (a tuple for
+        several).
+      objective: ``objective(outputs, batch) -> loss`` or ``(loss, metrics)``.
+      tx: a ``sparsify`` optimizer (any optax transformation works).
+      state_shardings, batch_shardings, donate: see :func:`train_step`.
+      policy: a :class:`qjax.Policy` to train quantization-aware (``fake_quantized``);
+        ``None``: float.
+
+    Returns:
+      A :class:`ShardedStep`: ``step(state, batch) -> (state, metrics)``.
+
     Example:
       >>> tx = qjax.prune.sparsify(optax.adam(1e-3), qjax.prune.Magnitude(0.5), qjax.prune.one_shot(2))
       >>> sh = train_state_shardings(params, tx, presets.fsdp(), mesh)
-      >>> step = prune_step(model.apply, xent, tx, sh, batch_shardings(mesh, batch))
+      >>> objective = lambda logits, b: xent(logits, b["y"])
+      >>> step = prune_step(model.apply, objective, tx, sh, batch_shardings(mesh, batch))
     """
 
     def loss_fn(params, batch, key):

@@ -177,12 +177,13 @@ def test_nan_features_reach_the_relational_losses():
     bad = fs.copy()
     bad[0, 3] = np.nan
     for loss in (distill.rkd_distance_loss, distill.rkd_angle_loss, distill.rkd_loss, distill.sp_loss):
-        assert np.isnan(loss(bad, ft)) and np.isnan(loss(ft, bad)), loss.__name__
-        assert np.isnan(jax.jit(loss)(np.full_like(fs, np.nan), ft)), loss.__name__
-    d = np.asarray(distill.pairwise_distances(bad))
+        name, loss = loss.__name__, jax.jit(loss)
+        assert np.isnan(loss(bad, ft)) and np.isnan(loss(ft, bad)), name
+        assert np.isnan(loss(np.full_like(fs, np.nan), ft)), name
+    d = np.asarray(jax.jit(distill.pairwise_distances)(bad))
     assert np.isnan(d[~np.eye(5, dtype=bool)]).all()  # features are batch-centred: NaN spreads
     dup = fs.copy()
     dup[2] = dup[4]
-    val, g = jax.value_and_grad(distill.rkd_loss)(dup, ft)
+    val, g = jax.jit(jax.value_and_grad(distill.rkd_loss))(dup, ft)
     assert np.isfinite(val) and np.isfinite(np.asarray(g)).all()
     np.testing.assert_allclose(distill.rkd_distance_loss(dup, ft), ref.rkd_distance(dup, ft), rtol=1e-4)

@@ -290,7 +290,7 @@ def test_empty_batch(rng):
 # -- layouts ---------------------------------------------------------------------------------------
 
 
-@settings(max_examples=examples(20))  # each new shape compiles (the suite's time)
+@settings(max_examples=examples(10))  # each new shape compiles (the suite's time)
 @given(st.integers(1, 4), st.sampled_from([2, 4, 8, 32]), st.integers(1, 5), st.integers(0, 2**31 - 1))
 def test_pack_int4_halves_round_trip(blocks, pack_block, n, seed):
     codes = np.random.default_rng(seed).integers(-8, 8, (blocks * pack_block, n))
@@ -304,7 +304,7 @@ def test_pack_int4_halves_round_trip(blocks, pack_block, n, seed):
     np.testing.assert_array_equal(hi, codes[c * pack_block + pack_block // 2 + j])
 
 
-@settings(max_examples=examples(20))
+@settings(max_examples=examples(10))  # each new shape compiles
 @given(st.integers(1, 4), st.sampled_from([2, 8, 64]), st.integers(0, 2**31 - 1))
 def test_pairs_layouts_round_trip(half_k, n2, seed):
     codes = np.random.default_rng(seed).integers(-8, 8, (2 * half_k, 2 * n2))
@@ -594,8 +594,8 @@ def test_operand_errors(rng):
     s = jnp.ones((64,))
     with pytest.raises(ValueError, match="x has 100 columns"):
         w4a16_matmul(jnp.ones((4, 100)), w, s)
-    with pytest.raises(ValueError, match=r"per-channel scales must have shape \(64,\)"):
-        w4a16_matmul(x, w, jnp.ones((2, 64)))
+    with pytest.raises(ValueError, match=r"per-channel scales must have shape \(64,\).*pass group_size=64"):
+        w4a16_matmul(x, w, jnp.ones((2, 64)))  # grouped scales without group_size: the hint says which
     with pytest.raises(ValueError, match="group_size=48 must be a positive divisor of K=128"):
         w4a16_matmul(x, w, jnp.ones((2, 64)), group_size=48)
     with pytest.raises(ValueError, match="pack_block=64 must divide group_size=32"):

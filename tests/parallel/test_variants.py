@@ -138,7 +138,9 @@ def test_distill_step_forwards_the_step_key_to_a_stochastic_student():
         donate=False,
     )
     _, metrics = step(state, b, jax.device_put(tp, tsh))
-    s_logits = qjax.fake_quantized(student.apply, policy, key=sub)(sp, b["x"])
+    s_logits = jax.jit(lambda p, x, k: qjax.fake_quantized(student.apply, policy, key=k)(p, x))(
+        sp, b["x"], sub
+    )
     want = qjax.distill.kd_loss(s_logits, teacher.apply(tp, b["x"]), b["y"], 2.0, 0.5)
     np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
 
