@@ -54,9 +54,10 @@ def scale_from_range(
     Symmetric: ``scale = max(|lo|, |hi|) / qmax`` and no zero point. Asymmetric: the
     range is widened to contain 0 (so 0 is exact), ``scale = (hi - lo) / (qmax - qmin)``
     and ``zero_point = clip(round(qmin - lo / scale))`` (``hi / n - lo / n`` when
-    ``hi - lo`` overflows). A zero range (all-zero input: a constant one still has a range,
-    since the range contains 0) gets scale 1, never 0 or NaN; a non-zero range gets at least the smallest normal float (a subnormal scale
-    may be flushed to 0). A non-finite range gets scale NaN.
+    ``hi - lo`` overflows). A zero range (all-zero input: a constant one still has a
+    range, since the range contains 0) gets scale 1, never 0 or NaN; a non-zero range gets
+    at least the smallest normal float (a subnormal scale may be flushed to 0). A
+    non-finite range gets scale NaN.
     With ``scale_dtype`` (e.g. ``"bfloat16"``) the scale is rounded up to it
     (:func:`round_scale_up`) before the zero point is computed, so the range still fits.
     """
