@@ -304,7 +304,7 @@ def test_pack_int4_halves_round_trip(blocks, pack_block, n, seed):
     np.testing.assert_array_equal(hi, codes[c * pack_block + pack_block // 2 + j])
 
 
-@settings(max_examples=examples(10))  # each new shape compiles
+@settings(max_examples=examples(6))  # each new shape compiles
 @given(st.integers(1, 4), st.sampled_from([2, 8, 64]), st.integers(0, 2**31 - 1))
 def test_pairs_layouts_round_trip(half_k, n2, seed):
     codes = np.random.default_rng(seed).integers(-8, 8, (2 * half_k, 2 * n2))
@@ -412,8 +412,8 @@ _NK_CASES = [("k_pairs_nk", None), ("k_pairs_nk", 128), ("n_pairs_nk", 128), ("i
 # `make precheck-gpu` (before any device time) lowers every candidate at every tuned shape;
 # `make test` lowers each distinct one once: a config lowered at 4096 with the same masking
 # (M below / at a multiple of / past block_m) is not lowered again at 8192, and of those a
-# fixed half (by a hash of the config) is lowered: the other half differs from a lowered one
-# in tile sizes or compiler options only, and the full list runs before every device session.
+# fixed third (by a hash of the config) is lowered: the others differ from a lowered one in
+# tile sizes or compiler options only, and the full list runs before every device session.
 FULL_LOWERING = os.environ.get("QJAX_FULL_LOWERING") == "1"
 
 
@@ -446,7 +446,7 @@ def test_every_tuning_candidate_lowers_for_cuda(layout, group):
             assert cands, (kind, m, layout, group)
             for cfg in cands:
                 key = (cfg, m >= cfg.block_m, m % cfg.block_m == 0)
-                if not FULL_LOWERING and (key in seen or zlib.crc32(repr(key).encode()) % 2):
+                if not FULL_LOWERING and (key in seen or zlib.crc32(repr(key).encode()) % 3):
                     continue
                 seen.add(key)
                 fn, args = _weight_only_lowering(kind, base, nk, m, size, size, group, cfg)
@@ -639,7 +639,7 @@ def test_int8_transposed_weight_on_xla(rng):
     np.testing.assert_array_equal(np.asarray(y), np.asarray(z))
 
 
-@settings(max_examples=examples(25))
+@settings(max_examples=examples(12))  # each shape compiles (jnp ops)
 @given(st.integers(1, 40), st.integers(1, 20), st.sampled_from([1, 4, 8]))
 def test_grouped_tile_order_visits_every_tile_once(num_m, num_n, group_m):
     pids = np.arange(num_m * num_n)

@@ -55,7 +55,7 @@ def quantized_weights(draw):
     return quantize(x, spec)
 
 
-@settings(max_examples=examples(12))  # each new layout compiles
+@settings(max_examples=examples(8))  # each new layout compiles
 @given(quantized_weights())
 def test_stands_for_the_same_array_and_round_trips_exactly(q):
     t = transpose_storage(q)
