@@ -1,5 +1,6 @@
 """Test configuration: 8 host devices for sharding tests, float32 defaults."""
 
+import glob
 import os
 import shutil
 import tempfile
@@ -10,14 +11,15 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-# One XLA compilation cache per test run, shared by the xdist workers (children of the
-# controller process): tests that build the same program (the same model, op and shapes
-# under different function objects) compile it once. About 10% of the suite's time on
-# 2 cores. QJAX_TEST_XLA_CACHE=0 turns it off; the controller deletes it at the end.
+# One XLA compilation cache per test worker and run: tests that build the same program
+# (the same model, op and shapes under different function objects) compile it once. Not
+# shared between the xdist workers: JAX writes entries in place, and a worker reading an
+# entry another one was writing got a truncated stream (a warning, then a recompile).
+# About 10% of the suite's time on 2 cores. QJAX_TEST_XLA_CACHE=0 turns it off; the
+# controller process deletes the run's caches at the end.
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER")
-_XLA_CACHE = os.path.join(
-    tempfile.gettempdir(), f"qjax-tests-xla-cache-{os.getppid() if _WORKER else os.getpid()}"
-)
+_RUN = f"qjax-tests-xla-cache-{os.getppid() if _WORKER else os.getpid()}"
+_XLA_CACHE = os.path.join(tempfile.gettempdir(), f"{_RUN}-{_WORKER or 'main'}")
 if os.environ.get("QJAX_TEST_XLA_CACHE", "1") == "1" and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -41,4 +43,5 @@ assert jax.device_count() == 8, "tests/conftest.py must run before JAX is import
 
 def pytest_unconfigure(config):
     if not _WORKER and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _XLA_CACHE:
-        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
+        for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_RUN}-*")):
+            shutil.rmtree(path, ignore_errors=True)
