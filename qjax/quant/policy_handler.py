@@ -35,10 +35,13 @@ def _rule_text(policy: Policy, path: str) -> str:
     return "" if m is None else f" (matched rule {m.index} {m.pattern!r})"
 
 
-def _named(policy: Policy, path: str, where: str | None, e: Exception) -> Exception:
-    """``e`` re-made naming the leaf ``path``, its rule and ``where`` (the op)."""
+def _reraise_named(policy: Policy, paths: list[str], where: str | None, e: Exception):
+    """Re-raise ``e`` naming the first leaf of ``paths``, its rule and ``where`` (the op),
+    unless it names one of them already (or there is none)."""
+    if not paths or any(repr(p) in str(e) for p in paths):
+        raise e
     at = "" if where is None else f", {where}"
-    return type(e)(f"leaf {path!r}{_rule_text(policy, path)}{at}: {e}")
+    raise type(e)(f"leaf {paths[0]!r}{_rule_text(policy, paths[0])}{at}: {e}") from e
 
 
 def _named_errors(method):
@@ -50,9 +53,7 @@ def _named_errors(method):
             return method(self, eqn, invals, emit)
         except (TypeError, ValueError) as e:
             refs = [x.path for x in invals if isinstance(x, WeightRef)]
-            if not refs or any(repr(p) in str(e) for p in refs):  # already names its leaf
-                raise
-            raise _named(self.policy, refs[0], eqn.primitive.name, e) from e
+            _reraise_named(self.policy, refs, eqn.primitive.name, e)
 
     return target
 
@@ -66,9 +67,7 @@ def _named_materialize_errors(method):
         try:
             return method(self, ref)
         except (TypeError, ValueError) as e:
-            if repr(ref.path) in str(e):
-                raise
-            raise _named(self.policy, ref.path, None, e) from e
+            _reraise_named(self.policy, [ref.path], None, e)
 
     return materialize
 
