@@ -6,8 +6,12 @@ import shutil
 import tempfile
 
 # Must happen before JAX is imported anywhere.
+# The LLVM backend at -O0: the suite is dominated by compiling many small programs, and the
+# optimization level changes speed, not semantics (XLA:CPU runs without fast-math either way).
+# ~10-25% of the suite's time on 2 cores. QJAX_TEST_XLA_OPT=1 keeps XLA's default level.
+_FAST_COMPILE = "" if os.environ.get("QJAX_TEST_XLA_OPT") == "1" else " --xla_backend_optimization_level=0"
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8" + _FAST_COMPILE
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -21,7 +21,7 @@ STEPS, EVERY = 12, 3
 
 
 def _start(ckpt, out, *options):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)  # the worker sets its own device count
     # the three runs compile the same programs: share them through a persistent cache
     env.update(
         JAX_COMPILATION_CACHE_DIR=str(ckpt.parent / "xla_cache"),
