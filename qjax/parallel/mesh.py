@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -97,18 +98,35 @@ def is_explicit(mesh: Mesh) -> bool:
     return any(t == AxisType.Explicit for t in mesh.axis_types)
 
 
-def batch_spec(ndim: int = 1, axes: Sequence[str] = BATCH_AXES) -> P:
-    """``PartitionSpec`` of a batch array: leading axis over ``axes``, the rest replicated."""
-    return P(tuple(axes), *[None] * (ndim - 1))
+def batch_spec(ndim: int = 1, axes: Sequence[str] | str = BATCH_AXES) -> P:
+    """``PartitionSpec`` of a batch array: leading axis over ``axes`` (one name or several),
+    the rest replicated.
+
+    Raises:
+      TypeError: ``ndim`` is not an integer (for a whole batch use :func:`batch_shardings`).
+      ValueError: ``ndim < 1``.
+    """
+    if isinstance(ndim, bool) or not isinstance(ndim, (int, np.integer)):
+        raise TypeError(
+            f"ndim must be the batch array's number of axes (an int), got {type(ndim).__name__}; "
+            "for the shardings of a whole batch use batch_shardings(mesh, batch)"
+        )
+    if ndim < 1:
+        raise ValueError(f"ndim must be >= 1 (a batch array has a leading batch axis), got {ndim}")
+    return P(_axis_names(axes), *[None] * (int(ndim) - 1))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1, axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
+def _axis_names(axes: Sequence[str] | str) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1, axes: Sequence[str] | str = BATCH_AXES) -> NamedSharding:
     """``NamedSharding`` of a batch array on ``mesh`` (leading axis over ``("data", "fsdp")``).
 
     Example:
       >>> x = jax.device_put(x, batch_sharding(mesh, x.ndim))
     """
-    missing = [a for a in axes if a not in mesh.axis_names]
+    missing = [a for a in _axis_names(axes) if a not in mesh.axis_names]
     if missing:
         raise ValueError(f"batch_sharding: mesh has no axis {missing} (axes: {mesh.axis_names})")
     return NamedSharding(mesh, batch_spec(ndim, axes))

@@ -25,6 +25,17 @@ def test_shapes_and_types():
     assert s.spec == P(("data", "fsdp"), None, None) and s.shard_shape((16, 4, 2)) == (4, 4, 2)
     sh = qp.batch_shardings(mesh, {"x": jax.numpy.zeros((8, 2)), "n": jax.numpy.zeros(())})
     assert sh["n"].spec == P() and sh["x"].spec == P(("data", "fsdp"), None)
+    assert qp.batch_sharding(mesh, 2, "data").spec == P(("data",), None)  # one axis name
+
+
+def test_batch_sharding_rejects_an_array_or_a_bad_ndim():
+    mesh = qp.make_mesh(data=2, fsdp=2, tensor=2)
+    with pytest.raises(TypeError, match=r"ndim must be .* got ArrayImpl; .* batch_shardings\(mesh, batch\)"):
+        qp.batch_sharding(mesh, jax.numpy.ones((16, 4)))
+    with pytest.raises(ValueError, match=r"ndim must be >= 1 .*, got 0"):
+        qp.batch_sharding(mesh, 0)
+    with pytest.raises(ValueError, match=r"mesh has no axis \['rows'\]"):
+        qp.batch_sharding(mesh, 2, "rows")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import sys
 
 MODE = sys.argv[1]
 # the caller's XLA flags (the test suite's compile options) with this worker's device count
-_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+_FLAGS = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
 os.environ["XLA_FLAGS"] = " ".join(
     [*_FLAGS, f"--xla_force_host_platform_device_count={8 if MODE == 'train' else 4}"]
 )
