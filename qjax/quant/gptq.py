@@ -13,6 +13,12 @@ Implementation notes:
   ``H⁻¹`` (``err = (w − q)/U[i,i]``, ``W[j] −= U[i,j]·err``).
 * Damping ``λ = damp · mean(diag H)`` is added to the diagonal; inputs that never fire
   (``H[i,i] = 0``) get ``H[i,i] = 1`` and a zero weight row.
+* Sparsity (as SparseGPT, Frantar & Alistarh 2023): masked-out weights (by default the
+  weights that are exactly zero, e.g. of a model pruned with :mod:`qjax.prune`) are fixed
+  at 0, which every integer grid holds exactly (a symmetric code 0; an asymmetric zero
+  point, a code, since its range always contains 0). Their error against the current
+  (error-updated) value is fed back to the later rows like any other, and group scales are
+  computed from the kept weights only, so an N:M pattern survives exactly.
 * Group scales are computed lazily (from the current, error-updated rows when the block
   holding the group starts); with ``act_order`` they are computed up front from the
   original weight (the "static groups" variant), so groups stay contiguous in the
@@ -96,10 +102,10 @@ def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: 
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp"))
-def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float):
+def _gptq(w, h, keep, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float):
     k, n = w.shape
     fmt = spec.format
-    w = w.astype(jnp.float32)
+    w = jnp.where(keep, w.astype(jnp.float32), 0.0)
     h = h.astype(jnp.float32)
     dead = jnp.diag(h) == 0
     h = jnp.where(jnp.diag(dead), 1.0, h)
@@ -109,10 +115,11 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
     if not lazy:
         static_scale, static_zp = compute_scale(w, spec)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
-    w, h = w[perm], h[perm][:, perm]
+    w, h, keep = w[perm], h[perm][:, perm], keep[perm]
     lam = damp * jnp.mean(jnp.diag(h))  # from the real inputs, before padding
     kp = -(-k // block) * block
     w = jnp.pad(w, ((0, kp - k), (0, 0)))
+    keep = jnp.pad(keep, ((0, kp - k), (0, 0)), constant_values=True)
     h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag(jnp.arange(kp) >= k).astype(h.dtype)
     u = _inverse_cholesky(h, lam)
     orig_rows = jnp.concatenate([perm, jnp.arange(k, kp)])
@@ -127,6 +134,7 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
         wb = lax.dynamic_slice(w, (start, 0), (block, n))
         ub = lax.dynamic_slice(u, (start, start), (block, block))
         rows = lax.dynamic_slice(orig_rows, (start,), (block,))
+        kb = lax.dynamic_slice(keep, (start, 0), (block, n))
         if not lazy:
             rs, rz = _row_scales(
                 static_scale.astype(jnp.float32),
@@ -137,9 +145,12 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
 
         def group_scale(wb, i, s_zp):
             # A group's scale is set when its first row comes up, from the current rows
-            # (which carry the error of every earlier row), as in the reference GPTQ.
+            # (which carry the error of every earlier row), as in the reference GPTQ; the
+            # masked-out weights, set to 0 whatever they hold, take no part.
             def fresh(_):
-                s_g, zp_g = compute_scale(lax.dynamic_slice(wb, (i, 0), (group, n)), spec)
+                rows_g = lax.dynamic_slice(wb, (i, 0), (group, n))
+                kept = lax.dynamic_slice(kb, (i, 0), (group, n))
+                s_g, zp_g = compute_scale(jnp.where(kept, rows_g, 0.0), spec)
                 zp_row = s_g[0] * 0 if zp_g is None else zp_g[0]
                 return s_g[0].astype(jnp.float32), zp_row.astype(jnp.float32)
 
@@ -156,7 +167,7 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
                 s_i, z_i = s_zp[0], (s_zp[1] if asym else None)
             else:
                 s_i, z_i = rs[i], None if rz is None else rz[i]
-            _, deq = _code(row, s_i, z_i, fmt)
+            deq = jnp.where(kb[i], _code(row, s_i, z_i, fmt)[1], 0.0)  # masked out: exactly 0
             err = (row - deq) / ub[i, i]
             later = jnp.where(jnp.arange(block) > i, ub[i], 0.0)
             wb = wb - later[:, None] * err[None, :]
@@ -180,6 +191,16 @@ def _gptq(w, h, spec: QuantSpec, block: int, group: int | None, act_order: bool,
     return w_hat, static_scale, static_zp
 
 
+def _check_mask(mask: Any, shape: tuple[int, ...], path: str) -> jax.Array:
+    """``mask`` as a bool array of ``shape``, or an error naming ``path``."""
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"GPTQ of {path!r}: the mask must be boolean (True = kept), got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"GPTQ of {path!r}: mask shape {tuple(mask.shape)} != the weight's {tuple(shape)}")
+    return mask
+
+
 def gptq_quantize(
     w: jax.Array,
     hessian: jax.Array,
@@ -188,9 +209,10 @@ def gptq_quantize(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    masks: jax.Array | None = None,
     path: str = "weight",
 ) -> QArray:
-    """GPTQ-quantize one ``[K inputs, N outputs]`` kernel.
+    """GPTQ-quantize one ``[K inputs, N outputs]`` kernel, keeping its sparsity.
 
     Args:
       w: the float kernel (``x @ w`` layout).
@@ -202,6 +224,10 @@ def gptq_quantize(
       block_size: rows per lazy-batch block (rounded to a multiple of the group size).
       damp: relative diagonal damping (fraction of the mean diagonal).
       act_order: quantize inputs in order of decreasing ``diag(H)`` (static group scales).
+      masks: a bool ``[K, N]`` mask (True = kept), e.g. a :mod:`qjax.prune` mask. Masked-out
+        weights dequantize to exactly 0 (their error still feeds the other weights, as in
+        SparseGPT) and kept ones may take any code. Default ``None``: the weights that are
+        exactly 0 in ``w`` stay exactly 0 (a pruned kernel keeps its pattern, N:M included).
       path: the leaf's name, used in error messages.
 
     Returns:
@@ -209,8 +235,9 @@ def gptq_quantize(
       ``qjax.quantize(w, spec)`` is.
 
     Raises:
-      ValueError: ``w`` is not 2-D, the spec is not supported, the Hessian's shape does not
-        match, or ``block_size``/``damp`` is out of range.
+      ValueError: ``w`` is not 2-D, the spec is not supported, the Hessian's or the mask's
+        shape does not match, or ``block_size``/``damp`` is out of range.
+      TypeError: ``masks`` is not boolean.
 
     Example:
       >>> h = input_hessians(model.apply, variables, batches)["params/Dense_0/kernel"]
@@ -230,7 +257,8 @@ def gptq_quantize(
     block = block_size if group is None else group * max(1, round(block_size / group))
     if not jnp.all(jnp.isfinite(w)) or not jnp.all(jnp.isfinite(hessian)):
         raise ValueError(f"GPTQ of {path!r}: the weight or its Hessian has NaN/Inf entries")
-    w_hat, scale, zp = _gptq(w, jnp.asarray(hessian), spec, block, group, act_order, float(damp))
+    keep = w != 0 if masks is None else _check_mask(masks, w.shape, path)
+    w_hat, scale, zp = _gptq(w, jnp.asarray(hessian), keep, spec, block, group, act_order, float(damp))
     return quantize(w_hat.astype(w.dtype), spec, scale=scale, zero_point=zp)
 
 
@@ -263,6 +291,24 @@ def _transposed_spec(spec: QuantSpec) -> QuantSpec:
     return dataclasses.replace(spec, **changes)
 
 
+def _masks_by_path(masks: Any, leaves: dict[str, Any]) -> dict[str, jax.Array]:
+    """``{path: bool mask}`` of a :mod:`qjax.prune` mask tree (bit-packed or not, ``None``
+    leaves skipped), each checked against its params leaf."""
+    if masks is None:
+        return {}
+    # qjax.prune sits above this layer: its PackedMask is recognised by its unpack().
+    packed = lambda x: callable(getattr(x, "unpack", None))
+    pairs = leaves_with_paths(jax.tree.map(lambda x: x.unpack() if packed(x) else x, masks, is_leaf=packed))
+    unknown = sorted(p for p, _ in pairs if p not in leaves)
+    if unknown:
+        raise ValueError(f"gptq: masks for paths that are not leaves of params: {unknown}")
+    return {p: _check_mask(m, tuple(jnp.shape(leaves[p])), p) for p, m in pairs}
+
+
+def _apply_mask(leaf: Any, mask: jax.Array | None) -> Any:
+    return leaf if mask is None else jnp.where(mask, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))
+
+
 def gptq(
     f: Callable,
     params: Any,
@@ -274,6 +320,7 @@ def gptq(
     act_order: bool = False,
     stages: Sequence[str] | None = None,
     act_stats: dict[str, Any] | None = None,
+    masks: Any = None,
     **kwargs,
 ) -> Any:
     """:func:`qjax.quantize_params` with GPTQ for every 2-D kernel a matmul reads.
@@ -291,6 +338,10 @@ def gptq(
     earlier ones, as in the reference GPTQ's sequential mode); without, all Hessians come
     from the float model (one pass).
 
+    Sparsity is kept (as SparseGPT): the weights that are exactly 0, or masked out by
+    ``masks``, are exactly 0 in the result, and GPTQ moves the error of fixing them at 0
+    onto the kept weights.
+
     Args:
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, plain).
       params: float params.
@@ -301,6 +352,11 @@ def gptq(
       stages: ordered path patterns (``re.fullmatch``); a kernel goes in the first stage
         it matches; kernels matching none are quantized in a final stage.
       act_stats: from :func:`qjax.calibrate`, for W8A8-style static activation scales.
+      masks: a :mod:`qjax.prune` mask tree (bool leaves, True = kept; bit-packed ones too;
+        ``None`` leaves and missing paths unmasked), matched by path. Masked-out elements of
+        every leaf (GPTQ'd, rounded or float) are 0 in the result, and the model is
+        calibrated with them at 0. Default ``None``: only the exact zeros are kept at 0
+        (a model already pruned with ``qjax.prune.apply_masks`` keeps its pattern).
       **kwargs: static keyword arguments of ``f``.
 
     Returns:
@@ -308,7 +364,8 @@ def gptq(
 
     Raises:
       ValueError: as :func:`gptq_quantize`, naming the leaf; a stage pattern matching no
-        GPTQ kernel.
+        GPTQ kernel; a mask for a path that is not a leaf, or of another shape than its leaf.
+      TypeError: a non-boolean mask (names the leaf).
 
     Example:
       >>> qparams = gptq(model.apply, variables, [(x,) for x in calib], policy)
@@ -323,6 +380,8 @@ def gptq(
                 f"feedback chooses every code), got rounding={spec.rounding!r}"
             )
     batches = list(batches)
+    mask_of = _masks_by_path(masks, dict(leaves_with_paths(params)))
+    params = map_with_path(lambda p, x: _apply_mask(x, mask_of.get(p)), params)
     qparams = quantize_params(params, policy, act_stats=act_stats)
     leaves = dict(leaves_with_paths(params))
     rtn = dict(leaves_with_paths(qparams))
@@ -346,11 +405,12 @@ def gptq(
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN
             st = stats[path]
             options = dict(block_size=block_size, damp=damp, act_order=act_order, path=path)
-            hessian, spec = st.value / max(st.rows, 1), policy.weight_spec(path)
+            hessian, spec, mask = st.value / max(st.rows, 1), policy.weight_spec(path), mask_of.get(path)
             if st.weight_axes == (0,):
-                done[path] = gptq_quantize(leaves[path], hessian, spec, **options)
+                done[path] = gptq_quantize(leaves[path], hessian, spec, masks=mask, **options)
             elif st.weight_axes == (1,):  # read as x @ w.T (PyTorch layout, a tied LM head)
-                q = gptq_quantize(leaves[path].T, hessian, _transposed_spec(spec), **options)
+                mask = None if mask is None else mask.T
+                q = gptq_quantize(leaves[path].T, hessian, _transposed_spec(spec), masks=mask, **options)
                 done[path] = transpose_storage(q).stored
             else:
                 raise ValueError(f"GPTQ of {path!r}: its matmul contracts leaf axes {st.weight_axes}")

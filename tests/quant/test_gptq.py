@@ -9,17 +9,20 @@ import qjax
 from qjax.quant.gptq import gptq_quantize, input_hessians
 
 
-def reference_gptq(w, h, fmt, group=None, damp=0.01, order=None, symmetric=True):
+def reference_gptq(w, h, fmt, group=None, damp=0.01, order=None, symmetric=True, keep=None):
     """Unblocked GPTQ in float64: scales from the current rows at each group start
-    (``group=None``: per output channel from the whole original weight)."""
-    w = w.astype(np.float64).copy()
+    (``group=None``: per output channel from the whole original weight). With ``keep``
+    (SparseGPT-style): masked-out weights are set to 0, their error fed back, and scales
+    come from the kept weights only."""
+    keep = np.ones(w.shape, bool) if keep is None else keep
+    w = np.where(keep, w.astype(np.float64), 0.0)
     h = h.astype(np.float64).copy()
     k = w.shape[0]
     dead = np.diag(h) == 0
     h[dead, dead] = 1
     w[dead] = 0
     order = np.arange(k) if order is None else order
-    w, h = w[order], h[order][:, order]
+    w, h, keep = w[order], h[order][:, order], keep[order]
     h += damp * np.mean(np.diag(h)) * np.eye(k)
     u = np.linalg.cholesky(np.linalg.inv(h)).T
     out = np.zeros_like(w)
@@ -36,8 +39,9 @@ def reference_gptq(w, h, fmt, group=None, damp=0.01, order=None, symmetric=True)
     s, zp = scale_of(w)
     for i in range(k):
         if group is not None and i % group == 0:
-            s, zp = scale_of(w[i : i + group])
+            s, zp = scale_of(np.where(keep[i : i + group], w[i : i + group], 0.0))
         q = (np.clip(np.round(w[i] / s) + zp, fmt.qmin, fmt.qmax) - zp) * s
+        q = np.where(keep[i], q, 0.0)
         out[i] = q
         err = (w[i] - q) / u[i, i]
         w[i + 1 :] -= np.outer(u[i, i + 1 :], err)
@@ -295,3 +299,121 @@ def test_stochastic_rounding_is_refused_up_front():
         )
     with pytest.raises(ValueError, match="round to nearest"):
         gptq_quantize(jnp.ones((8, 4)), jnp.eye(8), spec)
+
+
+# -- sparsity (SparseGPT-style): pruned weights stay exactly 0 ---------------------------------
+
+
+def two_four(w):
+    """A 2:4 mask along the input axis: the two largest |w| of every 4 rows are kept."""
+    k, n = w.shape
+    rank = np.argsort(np.argsort(-np.abs(w).reshape(k // 4, 4, n), 1, kind="stable"), 1, kind="stable")
+    return (rank < 2).reshape(k, n)
+
+
+SPARSE_SPECS = {"int4_g32": (qjax.int4, 32), "int8": (qjax.int8, None)}
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("name", list(SPARSE_SPECS))
+def test_two_four_pattern_survives_exactly(name, act_order):
+    fmt, group = SPARSE_SPECS[name]
+    grouping = {} if group is None else dict(group_size=group, group_axis=0)
+    spec = qjax.QuantSpec(fmt, channel_axes=(-1,), **grouping)
+    w, h = problem(128, 24, seed=7)
+    keep = two_four(w)
+    wm = np.where(keep, w, 0.0).astype(np.float32)
+    got = np.asarray(gptq_quantize(wm, h, spec, act_order=act_order, block_size=32).dequantize())
+    assert np.all(got[~keep] == 0)
+    assert (got.reshape(-1, 4, 24) != 0).sum(1).max() <= 2
+    # The error of the pruned weights is still fed back: better than rounding the masked weight.
+    rtn = np.asarray(qjax.quantize(wm, spec).dequantize())
+    assert loss(got, wm, h) < 0.9 * loss(rtn, wm, h)
+    if not (act_order and group):  # act_order + groups: static groups, no float64 reference
+        order = np.argsort(-np.diag(h), kind="stable") if act_order else None
+        want = reference_gptq(wm, h, fmt, group, order=order, keep=keep)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_asymmetric_keeps_zeros_at_the_zero_point():
+    w, h = problem(64, 12, seed=9)
+    keep = two_four(w + 0.7)
+    wm = np.where(keep, w + 0.7, 0.0).astype(np.float32)
+    spec = qjax.QuantSpec(
+        qjax.uint4,
+        channel_axes=(-1,),
+        group_size=32,
+        group_axis=0,
+        symmetric=False,
+        calibration=qjax.calib.minmax(),
+    )
+    q = gptq_quantize(wm, h, spec)
+    got = np.asarray(q.dequantize())
+    assert np.all(got[~keep] == 0)
+    want = reference_gptq(wm, h, qjax.uint4, 32, symmetric=False, keep=keep)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_explicit_mask_equals_the_exact_zero_default():
+    w, h = problem(64, 16, seed=8)
+    keep = two_four(w)
+    spec = int4_spec(32)
+    default = gptq_quantize(np.where(keep, w, 0.0).astype(np.float32), h, spec)
+    for weight in (w, np.where(keep, w, 0.0).astype(np.float32)):  # zeros absent / present
+        explicit = gptq_quantize(weight, h, spec, masks=keep)
+        np.testing.assert_array_equal(np.asarray(explicit.values), np.asarray(default.values))
+        np.testing.assert_array_equal(np.asarray(explicit.scale), np.asarray(default.scale))
+
+
+def _pruned_mlp():
+    import flax.linen as nn
+
+    from qjax import prune
+
+    class MLP(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, name="fc2")(nn.relu(nn.Dense(32, name="fc1")(x)))
+
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(16, 16)).astype(np.float32)
+    xs = [(jnp.asarray(rng.normal(size=(64, 16)).astype(np.float32) @ mix),) for _ in range(2)]
+    model = MLP()
+    variables = model.init(jax.random.key(0), xs[0][0])
+    pruner = prune.Magnitude(0.5, sparsity_type=prune.NM(2, 4, axis=-2), rules=[(r".*bias", None)])
+    return model, variables, xs, pruner.masks(variables)
+
+
+def test_gptq_keeps_a_pruned_models_pattern_and_takes_packed_masks():
+    from qjax import prune
+    from qjax.quant.gptq import gptq
+
+    model, variables, xs, masks = _pruned_mlp()
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8, group_axis=0)
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=spec)])
+    pruned = gptq(model.apply, prune.apply_masks(variables, masks), xs, policy, act_order=True)
+    given = gptq(model.apply, variables, xs, policy, act_order=True, masks=prune.pack_masks(masks))
+    for name in ("fc1", "fc2"):
+        keep = np.asarray(masks["params"][name]["kernel"])
+        a, b = pruned["params"][name]["kernel"], given["params"][name]["kernel"]
+        assert np.all(np.asarray(a.dequantize())[~keep] == 0)
+        np.testing.assert_array_equal(np.asarray(a.values), np.asarray(b.values))
+        np.testing.assert_array_equal(np.asarray(a.scale), np.asarray(b.scale))
+
+
+def test_mask_errors_name_the_leaf():
+    from qjax.quant.gptq import gptq
+
+    model, variables, xs, masks = _pruned_mlp()
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=int4_spec())])
+    wrong_shape = jax.tree.map(lambda m: m, masks)
+    wrong_shape["params"]["fc2"]["kernel"] = masks["params"]["fc2"]["kernel"][:4]
+    with pytest.raises(ValueError, match=r"'params/fc2/kernel'.*mask shape \(4, 8\)"):
+        gptq(model.apply, variables, xs, policy, masks=wrong_shape)
+    with pytest.raises(ValueError, match=r"not leaves of params: \['params/fc3/kernel'\]"):
+        gptq(model.apply, variables, xs, policy, masks={"params": {"fc3": {"kernel": np.ones((2, 2), bool)}}})
+    with pytest.raises(TypeError, match=r"'params/fc1/kernel'.*boolean"):
+        gptq(model.apply, variables, xs, policy, masks={"params": {"fc1": {"kernel": np.ones((16, 32))}}})
+    w, h = problem(64, 8)
+    with pytest.raises(ValueError, match=r"'k'.*mask shape"):
+        gptq_quantize(w, h, int4_spec(), masks=np.ones((8, 64), bool), path="k")
