@@ -39,6 +39,20 @@ def _is_unit(x: Any) -> bool:
     return is_quantized(x) or is_box(x)
 
 
+class TransparentKey:
+    """A key-path entry that adds no path part: a container whose child keeps the
+    container's own path (:class:`qjax.LSQParams` holds the params under one)."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TransparentKey)
+
+    def __hash__(self) -> int:
+        return hash(TransparentKey)
+
+    def __repr__(self) -> str:
+        return "TransparentKey()"
+
+
 def key_str(key: Any) -> str:
     """One path part as text."""
     for attr in ("key", "name", "idx"):
@@ -49,7 +63,7 @@ def key_str(key: Any) -> str:
 
 def path_str(keypath: Sequence[Any]) -> str:
     """Join a JAX key path with ``/`` (``(DictKey('params'), DictKey('w'))`` -> ``params/w``)."""
-    return "/".join(key_str(k) for k in keypath)
+    return "/".join(key_str(k) for k in keypath if not isinstance(k, TransparentKey))
 
 
 def fold_in_path(key: jax.Array | None, path: str) -> jax.Array | None:

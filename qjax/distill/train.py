@@ -28,7 +28,9 @@ from qjax.distill.capture import Features, capture
 from qjax.distill.soft_targets import kd_loss
 from qjax.distill.topk import TopKTeacher, topk_teacher
 from qjax.quant.functions import fake_quantized
+from qjax.quant.lsq_params import LSQParams
 from qjax.quant.policy import Policy
+from qjax.quant.transforms import lsq_scales
 
 
 class Outputs(NamedTuple):
@@ -121,7 +123,9 @@ def distill_step(
         (:func:`qjax.distill.capture`).
       student_policy: fake-quantize the student with this :class:`qjax.Policy`
         (``qjax.fake_quantized``) while distilling: quantization-aware distillation in
-        the same step and the same jit.
+        the same step and the same jit. With ``ste="lsq"`` weight specs, ``init`` makes the
+        student a :class:`qjax.LSQParams` (params and learned scales, trained together;
+        export with ``qjax.quantize_params(state.params["student"], policy)``).
       add_bias: captured outputs include the layer's bias.
       student_key: call ``student_fn(params, *inputs, key)`` with a PRNG key of its own
         each step, e.g. for dropout: ``lambda v, x, k: model.apply(v, x, rngs={"dropout": k})``
@@ -169,6 +173,9 @@ def distill_step(
         return value, {"loss": value, **metrics}
 
     def init(student_params, adapters=None) -> DistillState:
+        scales = {} if student_policy is None else lsq_scales(student_params, student_policy)
+        if scales and not isinstance(student_params, LSQParams):  # ste="lsq": train the scales too
+            student_params = LSQParams(student_params, scales)
         params = {"student": student_params, "adapters": {} if adapters is None else adapters}
         return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32))
 

@@ -17,10 +17,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qjax.graph.sharding import scale_spec
 from qjax.numerics.transposed import is_quantized
 from qjax.parallel.mesh import is_explicit
-from qjax.parallel.rules import PartitionRules
-from qjax.rules import is_box, path_str
+from qjax.parallel.rules import PartitionRules, axis_size
+from qjax.quant.lsq_params import LSQParams
+from qjax.rules import is_box, leaves_with_paths, path_str
 
 
 def _is_unit(x: Any) -> bool:
@@ -37,11 +39,35 @@ def partition_specs(tree: Any, rules: Any, mesh: Mesh, *, logical_axis_rules=Non
 
     def visit(kp, unit):
         path = path_str(kp)
+        if isinstance(unit, LSQParams):
+            specs = jax.tree_util.tree_map_with_path(
+                lambda k, u: visit((*kp, *k), u), unit.params, is_leaf=_is_unit_or_lsq
+            )
+            return LSQParams(specs, _lsq_scale_specs(unit, specs, mesh))
         if is_box(unit):
             return jax.tree.map(lambda leaf: pr.spec(path, leaf, mesh, unit), unit, is_leaf=is_quantized)
         return pr.spec(path, unit, mesh)
 
-    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit)
+    return jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_unit_or_lsq)
+
+
+def _is_unit_or_lsq(x: Any) -> bool:
+    return _is_unit(x) or isinstance(x, LSQParams)
+
+
+def _lsq_scale_specs(trained: LSQParams, param_specs: Any, mesh: Mesh) -> dict[str, P]:
+    """Each learned scale sharded like its weight: the same mesh axes, ``None`` where the
+    scale has size 1 (a per-output-channel scale of a row-parallel weight is replicated) or
+    where the axes do not divide it (groups fewer than the shards)."""
+    flat = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, P))
+    by_path = {path: spec for (path, _), spec in zip(leaves_with_paths(trained.params), flat)}
+
+    def one(path, scale):
+        shape = np.shape(scale)
+        spec = scale_spec(by_path[path], shape)
+        return P(*(e if e is None or n % axis_size(mesh, e) == 0 else None for n, e in zip(shape, spec)))
+
+    return {path: one(path, s) for path, s in trained.scales.items()}
 
 
 def shardings(tree: Any, rules: Any, mesh: Mesh, *, logical_axis_rules=None) -> Any:

@@ -8,6 +8,13 @@ builders for quantization-aware training (:func:`qat_step`), int8 training
 a :func:`qjax.prune.sparsify` optimizer) and distillation (:func:`distill_train_step`) only
 make the loss. :func:`eval_step` serves quantized params with :func:`qjax.quantized`.
 
+LSQ (``ste="lsq"`` weight specs): train ``qjax.lsq_params(params, policy)`` (params and
+learned scales in one :class:`qjax.LSQParams`) as the params, in
+:func:`train_state_shardings` and :func:`init_train_state` too (for
+:func:`distill_train_step`, as the ``"student"`` entry); the scales are sharded like their
+weights, trained by the same optimizer and never pruned. Export the trained tree with
+``qjax.quantize_params(state.params, policy)``.
+
 A batch is a mapping with ``"x"`` (the model input, or a tuple of inputs) and whatever
 the objective reads (``"y"``); every array is split on its leading axis over
 ``("data", "fsdp")`` unless other shardings are given.

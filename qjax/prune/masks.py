@@ -33,6 +33,7 @@ from qjax.prune.sparsity import (
     target_count,
     top_units,
 )
+from qjax.quant.lsq_params import LSQParams
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
 
 __all__ = [
@@ -61,9 +62,21 @@ _ABSENT = _Absent()
 
 
 def _paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf)]`` including ``None`` leaves (as ``None``), boxes transparent."""
-    marked = jax.tree.map(lambda x: _ABSENT if x is None else x, tree, is_leaf=lambda x: x is None)
+    """``[(path, leaf)]`` including ``None`` leaves (as ``None``), boxes transparent; the
+    learned scales of an :class:`qjax.LSQParams` count as ``None`` (never pruned)."""
+    marked = _mark_absent(tree)
     return [(p, None if leaf is _ABSENT else leaf) for p, leaf in leaves_with_paths(marked)]
+
+
+def _mark_absent(tree: Any) -> Any:
+    def mark(x):
+        if x is None:
+            return _ABSENT
+        if isinstance(x, LSQParams):
+            return LSQParams(_mark_absent(x.params), {p: _ABSENT for p in x.scales})
+        return x
+
+    return jax.tree.map(mark, tree, is_leaf=lambda x: x is None or isinstance(x, LSQParams))
 
 
 def as_rules(rules: Any) -> RuleSet:

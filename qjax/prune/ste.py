@@ -13,6 +13,14 @@ maintains the masks (read them with :func:`qjax.prune.sparsify.get_masks`)::
     def loss_fn(params, opt_state, x, y):
         w = apply_masks_ste(params, get_masks(opt_state))
         return loss(model.apply(w, x), y)
+
+With quantization-aware training, mask the params *before* :func:`qjax.fake_quantized`,
+``fake_quantized(model.apply, policy)(apply_masks_ste(params, masks), x)``, not inside the
+function it wraps (``fake_quantized(lambda p, x: model.apply(apply_masks_ste(p, masks), x),
+policy)``): there the mask is an op on the weight before its matmul, so the weight is
+fake-quantized at the leaf with scales of the *dense* weight, while deployment
+(``quantize_params(apply_masks(params, masks), policy)``) scales the masked one (~14% off
+on an int4 MLP at 50% sparsity). Masked outside, QAT and the deployed model agree.
 """
 
 from __future__ import annotations

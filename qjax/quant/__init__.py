@@ -8,6 +8,7 @@ from qjax.quant.functions import fake_quantized, quantized
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.policy import Policy, Rule
 from qjax.quant.smoothing import smooth, with_input_scales
@@ -15,6 +16,7 @@ from qjax.quant.smoothquant import smoothquant, smoothquant_factors
 from qjax.quant.transforms import (
     dequantize_params,
     fake_quant_params,
+    lsq_params,
     lsq_scales,
     quantize_params,
     quantized_leaves,
@@ -49,6 +51,8 @@ __all__ = [
     "int8_dot_general",
     "quantized_conv_general_dilated",
     "quantized_dot_general",
+    "LSQParams",
+    "lsq_params",
     "lsq_scales",
     "quantize_params",
     "quantized_leaves",

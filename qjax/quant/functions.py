@@ -137,6 +137,11 @@ class _FakeQuant(_PolicyHandler):
             # 1/sqrt(elements per scale), and those are the slice's times the number of
             # slices sharing it
             scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
+        if scale is None and spec.ste == "lsq":
+            raise ValueError(
+                "ste='lsq' learns the scale: pass scales={path: scale} to fake_quantized (initialise "
+                "them with qjax.lsq_scales(params, policy)), or params as qjax.lsq_params(params, policy)"
+            )
         if scale is None and any(ref.shard_axes):  # a shard, scaled as the whole weight
             return fake_quant_shard(w_leaf, spec, key, ref.shard_axes)
         return fake_quant(w_leaf, spec, scale=scale, key=key)
@@ -232,10 +237,19 @@ def fake_quantized(
     ``act`` or ``grad`` spec but that no matmul/conv reads as its weight (a weight
     concatenated or padded at call time) triggers a ``UserWarning`` naming it.
 
+    A weight reaches its rule through layout ops only (transpose, reshape, slice, ...): an
+    op that computes with it first (a pruning mask ``w * m``, a LoRA merge ``w + a @ b``,
+    weight normalisation) gets the weight fake-quantized *at the leaf*, with scales of the
+    leaf's values. So apply pruning masks to the params before calling the transformed
+    function, ``fake_quantized(f, policy)(apply_masks_ste(params, masks), x)``, when the
+    deployed model quantizes the masked weight.
+
     Args:
       f: ``f(params, *args, **kwargs)``.
       policy: the :class:`qjax.Policy`.
-      scales: learned LSQ weight scales ``{path: scale}`` (see :func:`qjax.lsq_scales`).
+      scales: learned LSQ weight scales ``{path: scale}`` (see :func:`qjax.lsq_scales`);
+        or pass ``params`` as a :class:`qjax.LSQParams` (:func:`qjax.lsq_params`), which
+        carries them (what the ready-made training steps train).
       key: PRNG key for stochastic rounding.
       integer_forward: run the forward pass of ops whose weight and activation are both
         integer-quantized (round-to-nearest, no learned scales) as the integer op, with
@@ -249,12 +263,12 @@ def fake_quantized(
       >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
     """
     check_policy(policy)
-    scales = scales or {}
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
-        _check_scales(params, scales)  # a misspelt path is an error, as for fake_quant_params
-        return _run(f, lambda: _FakeQuant(policy, scales, key, integer_forward), params, args, kwargs)[0]
+        # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
+        params, learned = _check_scales(params, scales)
+        return _run(f, lambda: _FakeQuant(policy, learned, key, integer_forward), params, args, kwargs)[0]
 
     return g
 

@@ -15,6 +15,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
+from qjax.quant.lsq_params import LSQParams, split_scales
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.rules import Match, RuleSet, fold_in_path, leaves_with_paths, map_matched, map_with_path
 
@@ -61,10 +62,11 @@ def _check_paths(params: Any, by_path: dict, what: str) -> None:
         raise ValueError(f"{what} given for paths that are not leaves of params: {sorted(unknown)}")
 
 
-def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> dict[str, jax.Array]:
-    scales = scales or {}
+def _check_scales(params: Any, scales: dict[str, jax.Array] | None) -> tuple[Any, dict[str, jax.Array]]:
+    """``(params, scales)``: an :class:`LSQParams` unpacked; every scale path must be a leaf."""
+    params, scales = split_scales(params, scales)
     _check_paths(params, scales, "scales")
-    return scales
+    return params, scales
 
 
 def _given_scale(scales: dict[str, jax.Array], path: str, spec: QuantSpec):
@@ -114,7 +116,7 @@ def quantize_params(
       >>> qparams = qjax.quantize_params(variables, policy)
     """
     check_policy(policy)
-    scales = _check_scales(params, scales)
+    params, scales = _check_scales(params, scales)
     act_stats = act_stats or {}
     _check_paths(params, act_stats, "act_stats")
     for path in act_stats:
@@ -237,6 +239,17 @@ def lsq_scales(params: Any, policy: Policy) -> dict[str, jax.Array]:
     return out
 
 
+def lsq_params(params: Any, policy: Policy) -> LSQParams:
+    """``params`` with initial learnable scales for every ``ste="lsq"`` weight
+    (:func:`qjax.lsq_scales`), to train with any step.
+
+    Example:
+      >>> trained = qjax.lsq_params(variables, policy)   # train it as the params
+      >>> qparams = qjax.quantize_params(trained, policy)  # export with the learned scales
+    """
+    return LSQParams(params, lsq_scales(params, policy))
+
+
 def fake_quant_params(
     params: Any,
     policy: Policy,
@@ -263,7 +276,7 @@ def fake_quant_params(
         or a scale given for a leaf with an asymmetric spec.
     """
     check_policy(policy)
-    scales = _check_scales(params, scales)
+    params, scales = _check_scales(params, scales)
 
     @_weight_matches(policy)
     def fq(path, leaf, spec: QuantSpec):

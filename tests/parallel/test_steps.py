@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -10,7 +11,7 @@ import qjax
 from qjax import parallel as qp
 from qjax.parallel import hlo, presets
 
-from .common import INT8, MLP, QAT, Block, batch, init, sgd, xent
+from .common import A8, INT8, MLP, QAT, Block, batch, init, sgd, xent
 
 PRESETS = {
     "data": ((8, 1, 1), presets.data_parallel()),
@@ -158,3 +159,65 @@ def test_explicit_axes_eval_with_a_scalar_output():
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert got[0].sharding.spec == P(("data", "fsdp"), None)
     assert got[1].sharding.is_fully_replicated and got[2].sharding.is_fully_replicated
+
+
+LSQ = qjax.Policy(
+    [qjax.Rule(r".*/kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,), ste="lsq"), act=A8)]
+)
+
+
+def _lsq_reference_grads(params, b):
+    """First-step gradients of a hand-written LSQ loss (params and scales separately)."""
+    scales = qjax.lsq_scales(params, LSQ)
+
+    def loss(p, s):
+        return xent(qjax.fake_quantized(MLP().apply, LSQ, scales=s)(p, b["x"]), b)
+
+    return jax.grad(loss, argnums=(0, 1))(params, scales)
+
+
+@pytest.mark.parametrize("kind", ["qat", "prune", "distill"])
+def test_lsq_trains_in_every_step(kind):
+    """LSQ through the ready-made steps: the trained LSQParams (params + learned scales,
+    scales sharded like their weights) gets the hand-written loss's gradients, learns, and
+    exports to a quantized model equal to its fake-quantized forward."""
+    b = batch(0)
+    mesh = qp.make_mesh(2, 2, 2, devices=jax.devices()[:8])
+    params = init(MLP(), b["x"])
+    trained = qjax.lsq_params(params, LSQ)
+    tx = optax.sgd(1.0)  # first update == -gradient
+    if kind == "prune":
+        tx = qjax.prune.sparsify(tx, qjax.prune.Magnitude(0.5), qjax.prune.one_shot(100))
+    tree = {"student": trained, "adapters": {}} if kind == "distill" else trained
+    sh = qp.train_state_shardings(tree, tx, presets.hybrid(), mesh)
+    student_sh = sh.params["student"] if kind == "distill" else sh.params
+    for name in ("up", "down"):  # a scale follows its weight's mesh axes, None on its size-1 axis
+        w_spec = student_sh.params["params"][name]["kernel"].spec
+        assert tuple(student_sh.scales[f"params/{name}/kernel"].spec) == (None, w_spec[1]), (name, w_spec)
+    assert "tensor" in tuple(student_sh.params["params"]["down"]["kernel"].spec)[:1]  # row-split weight
+    state = qp.init_train_state(tree, tx, sh)
+    bs = qp.batch_shardings(mesh, b)
+    if kind == "qat":
+        step = qp.qat_step(MLP().apply, LSQ, xent, tx, sh, bs, donate=False)
+    elif kind == "prune":
+        step = qp.prune_step(MLP().apply, xent, tx, sh, bs, policy=LSQ, donate=False)
+    else:
+        objective = lambda s, t, batch, a: xent(s.logits, batch)
+        no_teacher = qp.replicated(mesh, {})
+        step = qp.distill_train_step(
+            MLP().apply, None, objective, tx, sh, no_teacher, bs, student_policy=LSQ, donate=False
+        )
+    extra = ({},) if kind == "distill" else ()
+    new, m0 = step(state, b, *extra)
+    before = state.params["student"] if kind == "distill" else state.params
+    after = new.params["student"] if kind == "distill" else new.params
+    gp, gs = _lsq_reference_grads(params, b)
+    assert_close(jax.tree.map(lambda o, n: o - n, before.params, after.params), gp, rtol=1e-4)
+    assert_close(jax.tree.map(lambda o, n: o - n, before.scales, after.scales), gs, rtol=1e-4)
+    for _ in range(3):
+        new, m = step(new, b, *extra)
+    assert float(m["loss"]) < float(m0["loss"])
+    final = new.params["student"] if kind == "distill" else new.params
+    served = qjax.quantized(MLP().apply, LSQ)(qjax.quantize_params(final, LSQ), b["x"])
+    fake = qjax.fake_quantized(MLP().apply, LSQ)(final, b["x"])
+    np.testing.assert_allclose(np.asarray(served), np.asarray(fake), atol=1e-4 * float(np.abs(fake).max()))

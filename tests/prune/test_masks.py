@@ -301,3 +301,14 @@ def test_idempotent_on_pruned_tree():
 def test_unstructured_default_type():
     m = masks_from_scores(scores_of(tree()), 0.5, sparsity_type=Unstructured())
     assert summary(m).zeros == sum(round_half_up(0.5, n) for n in (48, 72, 40))
+
+
+def test_learned_lsq_scales_are_never_pruned():
+    """An LSQParams' learned scales (rank 2, like a kernel) are skipped by the pruners;
+    its params keep their paths."""
+    lsq = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), ste="lsq")
+    params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}}
+    t = qjax.lsq_params(params, qjax.Policy([qjax.Rule(r".*kernel", weight=lsq)]))
+    assert list(resolve_targets(t)) == ["dense/kernel"]
+    m = qjax.prune.magnitude(t, sparsity=0.5)
+    assert m.scales["dense/kernel"] is None and m.params["dense"]["kernel"].shape == (8, 4)

@@ -225,3 +225,25 @@ def test_given_scales_need_a_symmetric_spec():
     out = qjax.dequantize_params(qjax.quantize_params(p, pol, scales={"b": jnp.asarray(sb, jnp.float32)}))
     ref = np.clip(np.round(w / sb), -128, 127) * sb
     np.testing.assert_allclose(np.asarray(out["b"], np.float64), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_lsq_params_keep_leaf_paths_and_carry_scales():
+    """LSQParams: its params keep their paths (policies, pruning and partition rules match
+    as before), fake_quantized / quantize_params read its scales, and fake_quantized's
+    error for a missing LSQ scale names its own argument (scales=), not fake_quant's scale=."""
+    lsq = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), ste="lsq")
+    pol = qjax.Policy([qjax.Rule(r"w", weight=lsq)])
+    params = {"w": jax.random.normal(jax.random.key(0), (6, 4)), "b": jnp.zeros(4)}
+    f = lambda p, x: x @ p["w"] + p["b"]
+    x = jax.random.normal(jax.random.key(1), (3, 6))
+    t = qjax.lsq_params(params, pol)
+    assert [p for p, _ in qjax.rules.leaves_with_paths(t)] == ["b", "w", "lsq_scales/w"]
+    s = {"w": t.scales["w"] * 1.5}
+    want = x @ qjax.fake_quant(params["w"], lsq, scale=s["w"]) + params["b"]
+    np.testing.assert_allclose(qjax.fake_quantized(f, pol)(qjax.LSQParams(params, s), x), want, rtol=1e-6)
+    q = qjax.quantize_params(qjax.LSQParams(params, s), pol)
+    np.testing.assert_allclose(q["w"].scale, s["w"])
+    with pytest.raises(ValueError, match=r"'w'.*pass scales=\{path: scale\} to fake_quantized"):
+        qjax.fake_quantized(f, pol)(params, x)
+    with pytest.raises(ValueError, match="already holds"):
+        qjax.fake_quantized(f, pol, scales=s)(t, x)
