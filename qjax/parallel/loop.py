@@ -123,9 +123,15 @@ class TrainCheckpointer:
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
         """Save ``state`` as ``step`` if it is a multiple of ``every`` (or ``force``).
 
+        The per-leaf work (dtype checks, metadata) is done only on steps that save: Orbax's own
+        decision (``every``, a preemption sync point, an existing later step) is asked first,
+        so a leaf that cannot be stored is reported at the first step that saves.
+
         Returns:
           Whether a save was started.
         """
+        if not force and not self.manager.should_save(step):
+            return False
         paths, leaves = _flat(state)
         for p, x in zip(paths, leaves):
             if not _is_key(x):
@@ -138,7 +144,8 @@ class TrainCheckpointer:
                 _META: ocp.args.JsonSave({"leaves": _describe(paths, leaves), "key_impls": impls}),
             }
         )
-        return bool(self.manager.save(step, args=args, force=force))
+        # The decision is taken above (once: asking twice would query the preemption sync point twice).
+        return bool(self.manager.save(step, args=args, force=True))
 
     def restore(self, target: Any, shardings: Any = None, *, step: int | None = None) -> Any:
         """Restore a checkpoint into ``target``'s structure.

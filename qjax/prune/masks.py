@@ -275,25 +275,43 @@ def _global_masks(pool: dict[str, Target], score_of: dict[str, Any], sparsity: A
         else:
             ranked[p] = t
     if ranked:
-        key = tuple((t.sparsity_type, "") for t in ranked.values())
+        stypes = tuple(t.sparsity_type for t in ranked.values())
         count = jnp.asarray(target_count(sparsity, sum(t.size for t in ranked.values())), jnp.int32)
-        out.update(zip(ranked, _global_select(key, tuple(score_of[p] for p in ranked), count)))
+        keep = _global_keep(stypes, tuple(score_of[p] for p in ranked), count)
+        start = 0
+        for (p, t), stype in zip(ranked.items(), stypes):
+            n = _unit_count(stype, t.shape)
+            out[p] = _expand_span(stype, t.shape, n, keep, start)
+            start += n
     return out
 
 
+# The global ranking is one compiled program with ONE output, the flat keep vector over all
+# units; each leaf's mask is cut from it by a small program compiled once per (type, shape)
+# (the start is traced). One program returning every leaf's slice compiles a fusion per
+# output on XLA:CPU (tens of ms per leaf: minutes for a large model).
 @functools.partial(jax.jit, static_argnums=0)
-def _global_select(key: tuple, scores: tuple, count: jax.Array) -> list[jax.Array]:
-    units, sizes, prot, spans = [], [], [], []
-    start = 0
-    for (stype, p), score in zip(key, scores):
-        u, z = stype.units(score, p)
+def _global_keep(stypes: tuple, scores: tuple, count: jax.Array) -> jax.Array:
+    units, sizes, prot = [], [], []
+    for stype, score in zip(stypes, scores):
+        u, z = stype.units(score, "")
         units.append(u.astype(jnp.float32))
         sizes.append(np.asarray(z, np.int64))
         prot.append(top_units(u, stype.min_keep) if stype.min_keep else jnp.zeros(u.shape, bool))
-        spans.append((start, start + u.shape[0]))
-        start += u.shape[0]
-    prune = select_prune(jnp.concatenate(units), np.concatenate(sizes), count, jnp.concatenate(prot))
-    return [stype.expand(~prune[a:b], score.shape) for (stype, _), score, (a, b) in zip(key, scores, spans)]
+    return ~select_prune(jnp.concatenate(units), np.concatenate(sizes), count, jnp.concatenate(prot))
+
+
+@functools.cache
+def _unit_count(stype: SparsityType, shape: tuple[int, ...]) -> int:
+    """How many units ``stype`` splits a leaf of ``shape`` into."""
+    units = jax.eval_shape(lambda s: stype.units(s, "")[0], jax.ShapeDtypeStruct(shape, jnp.float32))
+    return int(units.shape[0])
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _expand_span(stype: SparsityType, shape: tuple, n: int, keep: jax.Array, start: Any) -> jax.Array:
+    """The element mask of the leaf whose ``n`` units start at ``start`` in ``keep``."""
+    return stype.expand(jax.lax.dynamic_slice_in_dim(keep, start, n), shape)
 
 
 # -- applying and counting -------------------------------------------------------------------

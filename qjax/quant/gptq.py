@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -309,6 +310,18 @@ def _apply_mask(leaf: Any, mask: jax.Array | None) -> Any:
     return leaf if mask is None else jnp.where(mask, leaf, jnp.zeros((), jnp.asarray(leaf).dtype))
 
 
+def _stage_statistics(f, params, batches, todo, read, kwargs) -> dict[str, InputStatistic]:
+    """Hessians of a stage's kernels. The first pass (``read`` unknown) collects every matmul
+    weight's, which tells which kernels a matmul reads; later passes only their own (a pattern
+    for a kernel no matmul reads would be an error)."""
+    if read is None:
+        return input_statistics(f, params, batches, gram, **kwargs)
+    patterns = [re.escape(p) for p in todo if p in read]
+    if not patterns:
+        return {}
+    return input_statistics(f, params, batches, gram, patterns=patterns, **kwargs)
+
+
 def gptq(
     f: Callable,
     params: Any,
@@ -397,9 +410,11 @@ def gptq(
     order = {p: (m.value if (m := stage_rules.match(p)) else len(stage_rules)) for p in candidates}
     done: dict[str, QArray] = {}
     current = params
+    read = None  # the kernels a matmul reads: known after the first pass
     for stage in sorted(set(order.values())):
         todo = [p for p in candidates if order[p] == stage]
-        stats = input_statistics(f, current, batches, gram, **kwargs)
+        stats = _stage_statistics(f, current, batches, todo, read, kwargs)
+        read = set(stats) if read is None else read
         for path in todo:
             if path not in stats:
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN

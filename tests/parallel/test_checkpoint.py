@@ -156,3 +156,23 @@ def test_train_checkpointer_flax_train_state_and_sub_byte_leaves(tmp_path):
                 state = train(state)
                 ckpt.save(step + 1, state)
     np.testing.assert_array_equal(state["w"], 3.0)
+
+
+def test_train_checkpointer_skips_per_leaf_work_on_steps_that_do_not_save(tmp_path, monkeypatch):
+    from qjax.parallel import loop
+
+    calls = []
+    flat = loop._flat
+    monkeypatch.setattr(loop, "_flat", lambda s: calls.append(1) or flat(s))
+    state = {"w": jnp.arange(3.0), "step": jnp.int32(0)}
+    with qp.TrainCheckpointer(tmp_path / "run", every=3, async_save=False) as ckpt:
+        saved = [ckpt.save(s, state) for s in (3, 4, 5, 6, 7)]  # Orbax saves the first one it sees
+        assert saved == [True, False, False, True, False] and len(calls) == 2  # only saving steps flatten
+        assert ckpt.save(7, state, force=True) and len(calls) == 3  # forced: saves off the interval
+        assert not ckpt.save(7, state) and len(calls) == 3  # already saved
+        assert ckpt.all_steps() == [6, 7]  # keep=2
+        # an unstorable leaf is reported at the first step that saves
+        assert not ckpt.save(8, {"name": "run1"})
+        with pytest.raises(TypeError, match="leaf 'name'"):
+            ckpt.save(9, {"name": "run1"})
+        np.testing.assert_array_equal(ckpt.restore(state, step=7)["w"], state["w"])

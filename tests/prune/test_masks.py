@@ -1,5 +1,6 @@
 """Mask trees: targets and rules, masks from scores, apply, summary, bit packing."""
 
+import functools
 import math
 
 import jax
@@ -21,7 +22,7 @@ from qjax.prune.masks import (
     summary,
     unpack_masks,
 )
-from qjax.prune.sparsity import NM, Block, Channel, LeafConfig, Unstructured
+from qjax.prune.sparsity import NM, Block, Channel, LeafConfig, Unstructured, select_prune, top_units
 from qjax.rules import leaves_with_paths
 
 
@@ -152,6 +153,49 @@ def test_rule_sparsity_excluded_from_global_and_nm_fixed():
     assert s["params/Dense_0/kernel"].zeros == 12
     assert s["params/Conv_0/kernel"].zeros == 72 * 3 // 4 * 1  # 1:4 keeps a quarter
     assert s["params/embed/embedding"].zeros == 36
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _previous_global_masks(scores, stypes, count):
+    """The global selection as it was before its per-leaf outputs moved out of the jit (one
+    program returning every leaf's slice): the reference for ties, NaN, odd shapes, mixed types."""
+    units, sizes, prot, spans, start = [], [], [], [], 0
+    for stype, score in zip(stypes, scores):
+        u, z = stype.units(score, "")
+        units.append(u.astype(jnp.float32))
+        sizes.append(np.asarray(z, np.int64))
+        prot.append(top_units(u, stype.min_keep) if stype.min_keep else jnp.zeros(u.shape, bool))
+        spans.append((start, start + u.shape[0]))
+        start += u.shape[0]
+    prune = select_prune(jnp.concatenate(units), np.concatenate(sizes), count, jnp.concatenate(prot))
+    return [t.expand(~prune[a:b], s.shape) for t, s, (a, b) in zip(stypes, scores, spans)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_global_masks_equal_previous_selection_and_one_program_output(seed):
+    rng = np.random.default_rng(seed)
+    shapes = {"a": (3, 5), "b": (2, 3, 5), "c": (1, 1), "d": (7,), "e": (5, 4), "f": (6, 8)}
+    sc = {k: jnp.asarray(rng.integers(0, 3, size=shp), jnp.float32) for k, shp in shapes.items()}  # ties
+    sc["a"] = sc["a"].at[1, 2].set(jnp.nan)
+    mesh = jax.make_mesh((8,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+    sc["f"] = jax.device_put(sc["f"], jax.NamedSharding(mesh, jax.P(None, "x")))  # a sharded leaf
+    types = {"b": Block((2, 3)), "e": Channel(-1), "f": Channel(-1, min_keep=3)}
+    rules = [(f"{k}", t) for k, t in types.items()] + [("d", True)]
+    stypes = tuple(types.get(k, Unstructured()) for k in shapes)
+    run = jax.jit(lambda x, s: masks_from_scores(x, s, scope="global", rules=rules))
+    total = sum(map(math.prod, shapes.values()))
+    for s in (0.3, 0.55, 1.0):
+        want = _previous_global_masks([sc[k] for k in shapes], stypes, round_half_up(s, total))
+        eager = masks_from_scores(sc, s, scope="global", rules=rules)
+        jitted = run(sc, s)
+        for k, w in zip(shapes, want):
+            np.testing.assert_array_equal(eager[k], w, err_msg=k)
+            np.testing.assert_array_equal(jitted[k], w, err_msg=k)
+    # the ranking is one program with one output (not one per leaf: XLA:CPU compiles a fusion
+    # per output, tens of ms per leaf); no inner program returns per-leaf results
+    jaxpr = jax.make_jaxpr(lambda x: masks_from_scores(x, 0.5, scope="global", rules=rules))(sc)
+    outs = {e.params["name"]: len(e.outvars) for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")}
+    assert outs.get("_global_keep") == 1 and max(outs.values()) == 1, outs
 
 
 def test_scores_with_none_leaves_and_params_structure():

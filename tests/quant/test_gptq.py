@@ -1,5 +1,7 @@
 """GPTQ against an independent float64 NumPy implementation of the paper's algorithm."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -417,3 +419,38 @@ def test_mask_errors_name_the_leaf():
     w, h = problem(64, 8)
     with pytest.raises(ValueError, match=r"'k'.*mask shape"):
         gptq_quantize(w, h, int4_spec(), masks=np.ones((8, 64), bool), path="k")
+
+
+def test_stages_collect_only_their_own_hessians_with_identical_results(monkeypatch):
+    G = importlib.import_module("qjax.quant.gptq")  # the module (qjax.quant.gptq is also the function)
+    rng = np.random.default_rng(3)
+    d = 16
+    w = lambda *s: jnp.asarray(rng.normal(size=s).astype(np.float32) / 4)
+    params = {"embed": w(16, d), **{k: {"kernel": w(d, d)} for k in ("l.0", "l.1", "l2")}}
+
+    def f(p, ids):
+        x = p["embed"][ids]  # a gather: no Hessian
+        for name in ("l.0", "l.1", "l2"):
+            x = jnp.tanh(x @ p[name]["kernel"])
+        return x
+
+    batches = [(jnp.asarray(rng.integers(0, 16, size=(64,))),) for _ in range(2)]
+    policy = qjax.Policy([qjax.Rule(r".*", weight=int4_spec(8))])
+    stages = [r"l\.0/kernel", r"embed", r"l\.1/kernel"]  # l2: the final stage
+    calls = []
+    stats = G.input_statistics
+    record = lambda *a, **k: calls.append(k.get("patterns")) or stats(*a, **k)
+    monkeypatch.setattr(G, "input_statistics", record)
+    got = G.gptq(f, params, batches, policy, stages=stages)
+    # the first pass (float model) collects every matmul weight's Hessian; a stage of no matmul
+    # weight makes no pass; later ones only their own kernels (the "." escaped)
+    assert calls == [None, [r"l\.1/kernel"], [r"l2/kernel"]]
+    calls.clear()
+    every = lambda f, p, batches, todo, read, kwargs: G.input_statistics(f, p, batches, G.gram, **kwargs)
+    monkeypatch.setattr(G, "_stage_statistics", every)  # the previous behaviour: every Hessian each stage
+    want = G.gptq(f, params, batches, policy, stages=stages)
+    assert calls == [None] * 4
+    pairs = zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves_with_path(want))
+    for (pa, a), (pb, b) in pairs:
+        assert pa == pb
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(pa))
