@@ -104,17 +104,20 @@ def test_act_order_uses_static_groups_and_matches_reference():
     assert order[0] == np.argmax(np.diag(h))
 
 
+UINT4_G32_MINMAX = qjax.QuantSpec(  # asymmetric, grouped along the input axis
+    qjax.uint4,
+    channel_axes=(-1,),
+    group_size=32,
+    group_axis=0,
+    symmetric=False,
+    calibration=qjax.calib.minmax(),
+)
+
+
 def test_asymmetric_matches_reference():
     w, h = problem(96, 20, seed=4)
     w = w + 0.7  # skewed, so the zero point matters
-    spec = qjax.QuantSpec(
-        qjax.uint4,
-        channel_axes=(-1,),
-        group_size=32,
-        group_axis=0,
-        symmetric=False,
-        calibration=qjax.calib.minmax(),
-    )
+    spec = UINT4_G32_MINMAX
     got = np.asarray(gptq_quantize(w, h, spec).dequantize())
     want = reference_gptq(w, h, qjax.uint4, 32, symmetric=False)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
@@ -341,14 +344,7 @@ def test_asymmetric_keeps_zeros_at_the_zero_point():
     w, h = problem(64, 12, seed=9)
     keep = two_four(w + 0.7)
     wm = np.where(keep, w + 0.7, 0.0).astype(np.float32)
-    spec = qjax.QuantSpec(
-        qjax.uint4,
-        channel_axes=(-1,),
-        group_size=32,
-        group_axis=0,
-        symmetric=False,
-        calibration=qjax.calib.minmax(),
-    )
+    spec = UINT4_G32_MINMAX
     q = gptq_quantize(wm, h, spec)
     got = np.asarray(q.dequantize())
     assert np.all(got[~keep] == 0)
