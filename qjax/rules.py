@@ -52,6 +52,9 @@ class TransparentKey:
     def __repr__(self) -> str:
         return "TransparentKey()"
 
+    def __str__(self) -> str:  # jax.tree_util.keystr: no part either
+        return ""
+
 
 def key_str(key: Any) -> str:
     """One path part as text."""

@@ -121,7 +121,8 @@ class TrainCheckpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Save ``state`` as ``step`` if it is a multiple of ``every`` (or ``force``).
+        """Save ``state`` as ``step`` if it is a multiple of ``every`` (or ``force``); Orbax
+        also saves the first step it sees in an empty directory, whatever its number.
 
         The per-leaf work (dtype checks, metadata) is done only on steps that save: Orbax's own
         decision (``every``, a preemption sync point, an existing later step) is asked first,

@@ -14,6 +14,7 @@ import numpy as np
 from qjax.graph.interpret import materialize
 from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
+from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.policy import Policy, check_policy
 from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run
 
@@ -198,6 +199,7 @@ def calibrate(
       >>> stats = qjax.calibrate(model.apply, policy, variables, batches, histogram_bins=2048)
     """
     check_policy(policy)
+    reject_lsq_params(params, "calibrate", "pass its params, trained.params")
     if histogram_bins is not None and (
         not isinstance(histogram_bins, int) or histogram_bins < 2 or histogram_bins & (histogram_bins - 1)
     ):

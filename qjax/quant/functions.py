@@ -26,6 +26,7 @@ from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.quant.policy_handler import (
@@ -520,6 +521,11 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
+        reject_lsq_params(
+            params,
+            "quantized",
+            "serve qjax.quantize_params(trained, policy), which exports the learned scales",
+        )
         return _run(f, lambda: _Serve(policy, backend), params, args, kwargs)[0]
 
     return g

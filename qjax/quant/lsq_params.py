@@ -64,3 +64,13 @@ def split_scales(params: Any, scales: dict | None) -> tuple[Any, dict]:
     if both:
         raise ValueError(f"scales=... gives {both}, which the LSQParams already holds: pass one of them")
     return params.params, {**params.scales, **scales}
+
+
+def reject_lsq_params(params: Any, what: str, instead: str) -> None:
+    """Raise for an :class:`LSQParams` given to a transform that takes plain params.
+
+    Raises:
+      TypeError: naming ``what`` and what to pass ``instead``.
+    """
+    if isinstance(params, LSQParams):
+        raise TypeError(f"{what} got a qjax.LSQParams (params with learned LSQ scales): {instead}")

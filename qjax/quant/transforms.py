@@ -15,7 +15,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
-from qjax.quant.lsq_params import LSQParams, split_scales
+from qjax.quant.lsq_params import LSQParams, reject_lsq_params, split_scales
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.rules import Match, RuleSet, fold_in_path, leaves_with_paths, map_matched, map_with_path
 
@@ -50,7 +50,14 @@ def require_float_params(params: Any, what: str) -> None:
 
     Raises:
       ValueError: naming the first quantized leaf.
+      TypeError: an :class:`LSQParams` (its learned scales would be dropped silently).
     """
+    reject_lsq_params(
+        params,
+        what,
+        "it sets its own weight scales; pass trained.params to start from the trained weights, "
+        "or export with qjax.quantize_params(trained, policy) to keep the learned scales",
+    )
     found = next((p for p, leaf in leaves_with_paths(params) if is_quantized(leaf)), None)
     if found is not None:
         raise ValueError(f"{what}: leaf {found!r} is already quantized; pass the float params")

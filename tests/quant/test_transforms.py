@@ -247,3 +247,28 @@ def test_lsq_params_keep_leaf_paths_and_carry_scales():
         qjax.fake_quantized(f, pol)(params, x)
     with pytest.raises(ValueError, match="already holds"):
         qjax.fake_quantized(f, pol, scales=s)(t, x)
+
+
+def test_transforms_that_take_plain_params_refuse_lsq_params_by_name():
+    """quantized / calibrate / GPTQ / AWQ / SmoothQuant given an LSQParams: an error naming
+    the transform and the call to make (before: "argument of type 'LSQParams' is not
+    iterable" from inside the model); jax's keystr shows no part for the params child."""
+    m = nn.Dense(4)
+    x = jnp.ones((2, 8))
+    v = m.init(jax.random.key(1), x)
+    lsq = qjax.QuantSpec(qjax.int8, channel_axes=(-1,), ste="lsq")
+    pol = qjax.Policy([qjax.Rule(r".*kernel", weight=lsq, act=qjax.QuantSpec(qjax.int8))])
+    t = qjax.lsq_params(v, pol)
+    calls = {
+        "quantized": (lambda: qjax.quantized(m.apply, pol)(t, x), r"qjax.quantize_params\(trained, policy\)"),
+        "calibrate": (lambda: qjax.calibrate(m.apply, pol, t, [(x,)]), r"trained.params"),
+        "awq": (lambda: qjax.awq(m.apply, t, [(x,)], pol), r"sets its own weight scales"),
+        "gptq": (lambda: qjax.gptq(m.apply, t, [(x,)], pol), r"sets its own weight scales"),
+        "smoothquant": (lambda: qjax.smoothquant(m.apply, t, [(x,)]), r"sets its own weight scales"),
+    }
+    for name, (call, hint) in calls.items():
+        with pytest.raises(TypeError, match=rf"^{name} got a qjax.LSQParams .*{hint}"):
+            call()
+    assert qjax.calibrate(m.apply, pol, t.params, [(x,)])  # the advised call works
+    path = jax.tree_util.tree_flatten_with_path(t)[0][0][0]
+    assert jax.tree_util.keystr(path) == "['params']['bias']"
