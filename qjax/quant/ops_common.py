@@ -239,8 +239,10 @@ def _quantize_dynamic_absmax(x: jax.Array, spec: QuantSpec) -> QArray:
     axes = tuple(d for d in range(x.ndim) if d not in channel)
     xf = x.astype(compute_dtype(x.dtype))
     amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
-    s = amax * (1.0 / spec.format.qmax)
-    s = jnp.where(jnp.isfinite(amax), jnp.where(s > 0, s, jnp.ones_like(s)), jnp.full_like(s, jnp.nan))
+    # as scale_from_range: a non-zero token keeps at least the smallest normal scale (a
+    # subnormal one is flushed to 0 on XLA:CPU, which made a token of ~1e-38 all zeros)
+    s = jnp.maximum(amax * (1.0 / spec.format.qmax), jnp.finfo(xf.dtype).tiny)
+    s = jnp.where(jnp.isfinite(amax), jnp.where(amax > 0, s, jnp.ones_like(s)), jnp.full_like(s, jnp.nan))
     codes = jnp.round(xf * (1.0 / s)).astype(spec.format.storage_dtype)
     return QArray(codes, s, None, format=spec.format, dtype=x.dtype, channel_axes=layout.channel_axes)
 
@@ -408,7 +410,7 @@ def split_pieces(x: jax.Array, token_axes: Sequence[int], n: int = SPLIT_PIECES)
     codes, scales = [first.values], [s]
     r = xf - first.values.astype(jnp.float32) * s
     for _ in range(n - 1):
-        s = s * (1.0 / SPLIT_RADIX)
+        s = jnp.maximum(s * (1.0 / SPLIT_RADIX), jnp.finfo(jnp.float32).tiny)  # never 0 (x / 0)
         q = jnp.clip(jnp.round(r * (1.0 / s)), -127, 127)  # |r| <= s * 127 / 254 up to rounding
         codes.append(q.astype(jnp.int8))
         scales.append(s)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from hypothesis_budget import examples
@@ -26,6 +26,7 @@ finite = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False)
 
 @settings(max_examples=examples(5), deadline=None)  # each shape compiles (~2 s): make fuzz scales it up
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40), elements=finite))
+@example(np.array([[1.1754944e-38, 0.0], [0.0, -3e-37]], np.float32))  # scales below the smallest normal
 def test_first_piece_is_quantize_and_pieces_reconstruct(x):
     codes, scales = split_pieces(jnp.asarray(x), (0,))
     assert codes.dtype == jnp.int8 and codes.shape == (3, *x.shape)
