@@ -177,6 +177,8 @@ def lsq_init_scale(x, spec: QuantSpec) -> jax.Array:
     # a short last group averages its own elements only (not the padding)
     # (an empty group's mean is NaN, and gets scale 1 below)
     (m,) = reduce_groups(lambda part: (jnp.mean(part, axis=axes, keepdims=True),), xg, layout)
-    s = 2.0 * m / math.sqrt(spec.format.qmax)
-    s = jnp.where(s > 0, s, jnp.ones_like(s))
+    # a non-zero group keeps at least the smallest normal scale (a subnormal one is flushed
+    # to 0 on XLA:CPU), as scale_from_range; only an all-zero group gets scale 1
+    s = jnp.maximum(2.0 * m / math.sqrt(spec.format.qmax), jnp.finfo(m.dtype).tiny)
+    s = jnp.where(m > 0, s, jnp.ones_like(s))
     return jnp.broadcast_to(scale_from_grouped(s, layout), layout.scale_shape)

@@ -292,6 +292,10 @@ def test_lsq_init_scale_zero_group_and_short_group():
     np.testing.assert_allclose(s, [1.0, 2 * 2.5 / np.sqrt(7), 2 * 5.5 / np.sqrt(7)], rtol=1e-6)
     with pytest.raises(TypeError, match="x must be a floating-point"):
         lsq_init_scale(np.ones(4, np.int32), spec)
+    # a group of ~1e-38: its scale floors at the smallest normal, not 1 (that made it all zeros)
+    tiny = np.finfo(np.float32).tiny
+    s = np.asarray(lsq_init_scale(np.array([2 * tiny, -2 * tiny, 0, 0, 1, 1, 1, 1], np.float32), spec))
+    assert s[0] == tiny and s[1] == pytest.approx(2 / np.sqrt(7), rel=1e-6)
 
 
 def test_fake_quant_grad_under_jit_and_vmap():
