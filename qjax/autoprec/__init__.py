@@ -13,7 +13,6 @@ Example:
 
 from qjax.autoprec.candidates import FLOAT, Candidate, check_candidates, weight_candidates
 from qjax.autoprec.cost import (
-    LatencyTable,
     Layer,
     cost_matrices,
     find_layers,
@@ -21,11 +20,12 @@ from qjax.autoprec.cost import (
     layer_bops,
     layer_bytes,
     layer_time,
-    measure_latency,
     op_macs,
 )
 from qjax.autoprec.hardware import HARDWARE, Hardware, cpu_has_int8_dot, detect_hardware, lookup
 from qjax.autoprec.knapsack import InfeasibleError, Solution, pareto, solve
+from qjax.autoprec.latency import LatencyTable, measure_latency
+from qjax.autoprec.omega import perturbation
 from qjax.autoprec.pipeline import SENSITIVITIES, Evaluation, ParetoPoint, SearchResult, search
 from qjax.autoprec.problem import Problem, build_problem
 from qjax.autoprec.sensitivity import (
@@ -35,7 +35,6 @@ from qjax.autoprec.sensitivity import (
     fisher_diagonal,
     fisher_trace,
     hutchinson_trace,
-    perturbation,
     top_eigenvalue,
 )
 

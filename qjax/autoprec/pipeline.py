@@ -24,9 +24,10 @@ import jax
 import numpy as np
 
 from qjax.autoprec.candidates import Candidate, check_candidates, weight_candidates
-from qjax.autoprec.cost import LatencyTable, find_layers
+from qjax.autoprec.cost import find_layers
 from qjax.autoprec.hardware import Hardware, detect_hardware
 from qjax.autoprec.knapsack import InfeasibleError, Solution, budget_value, pareto, solve
+from qjax.autoprec.latency import LatencyTable
 from qjax.autoprec.problem import Problem, build_problem, fmt_cost
 from qjax.autoprec.sensitivity import (
     direct_sensitivity,

@@ -13,9 +13,10 @@ from typing import Any
 import numpy as np
 
 from qjax.autoprec.candidates import Candidate, check_candidates
-from qjax.autoprec.cost import LatencyTable, Layer, cost_matrices, find_layers
+from qjax.autoprec.cost import Layer, cost_matrices, find_layers
 from qjax.autoprec.hardware import Hardware
-from qjax.autoprec.sensitivity import perturbation
+from qjax.autoprec.latency import LatencyTable
+from qjax.autoprec.omega import perturbation
 from qjax.quant.policy import Policy, Rule
 
 

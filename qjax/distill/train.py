@@ -27,9 +27,9 @@ import optax
 from qjax.distill.capture import Features, capture
 from qjax.distill.soft_targets import kd_loss
 from qjax.distill.topk import TopKTeacher, topk_teacher
-from qjax.quant.functions import fake_quantized
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.policy import Policy
+from qjax.quant.qat import fake_quantized
 from qjax.quant.transforms import lsq_scales
 
 

@@ -38,15 +38,12 @@ from qjax.parallel.shardings import (
 from qjax.parallel.steps import (
     ShardedStep,
     TrainState,
-    distill_train_step,
     eval_step,
     init_train_state,
-    int8_step,
-    prune_step,
-    qat_step,
     train_state_shardings,
     train_step,
 )
+from qjax.parallel.variants import distill_train_step, int8_step, prune_step, qat_step
 
 __all__ = [
     "AXES",

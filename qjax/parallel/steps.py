@@ -23,7 +23,7 @@ the objective reads (``"y"``); every array is split on its leading axis over
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,13 +34,10 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from qjax.distill.train import distill_step as _distill_step
 from qjax.parallel.mesh import BATCH_AXES, is_explicit
 from qjax.parallel.shardings import pin, place, shardings, state_shardings
-from qjax.quant.functions import fake_quantized, quantized
 from qjax.quant.policy import Policy
-
-Objective = Callable[[Any, Mapping[str, Any]], Any]
+from qjax.quant.serve import quantized
 
 
 class TrainState(NamedTuple):
@@ -285,175 +282,6 @@ def train_step(
         donate_argnums=(0,) if donate else (),
     )
     return ShardedStep(jitted, mesh)
-
-
-def _inputs(batch: Mapping[str, Any]) -> tuple:
-    x = batch["x"]
-    return x if isinstance(x, tuple) else (x,)
-
-
-def qat_step(
-    apply_fn: Callable,
-    policy: Policy,
-    objective: Objective,
-    tx: optax.GradientTransformation,
-    state_shardings: TrainState,
-    batch_shardings: Any,
-    *,
-    integer_forward: bool = True,
-    local_batch_axes: Sequence[str] | None = None,
-    donate: bool = True,
-) -> ShardedStep:
-    """Quantization-aware training step: ``objective(fake_quantized(apply_fn, policy)(params,
-    *batch["x"]), batch)``, sharded (see :func:`train_step`).
-
-    Args:
-      apply_fn: ``apply_fn(params, *inputs)``.
-      policy: the :class:`qjax.Policy` (rules with ``grad=`` train in int8: :func:`int8_step`).
-      objective: ``objective(outputs, batch) -> loss`` or ``(loss, metrics)``.
-      tx, state_shardings, batch_shardings, donate, local_batch_axes: see :func:`train_step`.
-      integer_forward: see :func:`qjax.fake_quantized`.
-
-    Example:
-      >>> objective = lambda logits, b: xent(logits, b["y"])
-      >>> step = qat_step(model.apply, policy, objective, tx, sh, batch_shardings(mesh, batch))
-    """
-
-    def loss_fn(params, batch, key):
-        out = fake_quantized(apply_fn, policy, key=key, integer_forward=integer_forward)(
-            params, *_inputs(batch)
-        )
-        return objective(out, batch)
-
-    return train_step(
-        loss_fn, tx, state_shardings, batch_shardings, donate=donate, local_batch_axes=local_batch_axes
-    )
-
-
-def int8_step(
-    apply_fn: Callable,
-    policy: Policy,
-    objective: Objective,
-    tx: optax.GradientTransformation,
-    state_shardings: TrainState,
-    batch_shardings: Any,
-    *,
-    local_scales: bool = False,
-    batch_axes: Sequence[str] = BATCH_AXES,
-    donate: bool = True,
-) -> ShardedStep:
-    """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
-    ``grad=``), sharded.
-
-    The weight-gradient matmul contracts over the batch; its per-channel scales are maxima
-    over the batch, so with the batch sharded they need an all-reduce (max). With
-    ``local_scales=True`` every batch shard quantizes with scales from its own rows, runs its
-    integer matmuls locally and only the float gradients are averaged: no all-reduce of
-    scales (the result differs from the global-scale step by the scales' locality; it
-    equals averaging the single-device step's gradients over the shards).
-
-    Args:
-      apply_fn, policy, objective, tx, state_shardings, batch_shardings, donate: see
-        :func:`qat_step`.
-      local_scales: per-shard local scales (see above).
-      batch_axes: the mesh axes the batch is split over (for ``local_scales``).
-
-    Raises:
-      ValueError: no rule of ``policy`` has a ``grad`` spec.
-    """
-    if not any(r.grad is not None for r in policy.rules):
-        raise ValueError("int8_step: no rule of the policy has grad= (int8 training); use qat_step")
-    return qat_step(
-        apply_fn,
-        policy,
-        objective,
-        tx,
-        state_shardings,
-        batch_shardings,
-        donate=donate,
-        local_batch_axes=tuple(batch_axes) if local_scales else None,
-    )
-
-
-def prune_step(
-    apply_fn: Callable,
-    objective: Objective,
-    tx: optax.GradientTransformation,
-    state_shardings: TrainState,
-    batch_shardings: Any,
-    *,
-    policy: Policy | None = None,
-    donate: bool = True,
-) -> ShardedStep:
-    """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner
-    state sharded like the params), optionally quantization-aware (``policy``).
-
-    Args:
-      apply_fn: ``apply_fn(params, *inputs)``; the inputs are ``batch["x"]`` (a tuple for
-        several).
-      objective: ``objective(outputs, batch) -> loss`` or ``(loss, metrics)``.
-      tx: a ``sparsify`` optimizer (any optax transformation works).
-      state_shardings, batch_shardings, donate: see :func:`train_step`.
-      policy: a :class:`qjax.Policy` to train quantization-aware (``fake_quantized``);
-        ``None``: float.
-
-    Returns:
-      A :class:`ShardedStep`: ``step(state, batch) -> (state, metrics)``.
-
-    Example:
-      >>> tx = qjax.prune.sparsify(optax.adam(1e-3), qjax.prune.Magnitude(0.5), qjax.prune.one_shot(2))
-      >>> sh = train_state_shardings(params, tx, presets.fsdp(), mesh)
-      >>> objective = lambda logits, b: xent(logits, b["y"])
-      >>> step = prune_step(model.apply, objective, tx, sh, batch_shardings(mesh, batch))
-    """
-
-    def loss_fn(params, batch, key):
-        f = apply_fn if policy is None else fake_quantized(apply_fn, policy, key=key)
-        return objective(f(params, *_inputs(batch)), batch)
-
-    return train_step(loss_fn, tx, state_shardings, batch_shardings, donate=donate)
-
-
-def distill_train_step(
-    student_fn: Callable,
-    teacher_fn: Callable | None,
-    loss_fn: Callable,
-    tx: optax.GradientTransformation,
-    state_shardings: TrainState,
-    teacher_shardings: Any,
-    batch_shardings: Any,
-    *,
-    donate: bool = True,
-    **distill_kwargs,
-) -> ShardedStep:
-    """Sharded teacher–student step (:func:`qjax.distill.train.distill_step`'s loss).
-
-    The trained params are ``{"student": ..., "adapters": ...}`` (build the shardings with
-    :func:`train_state_shardings` of that tree); the frozen teacher params are an extra,
-    not donated argument sharded by ``teacher_shardings``.
-
-    Args:
-      student_fn, teacher_fn, loss_fn: see :func:`qjax.distill.train.distill_step`.
-      tx, state_shardings, batch_shardings, donate: see :func:`train_step`.
-      teacher_shardings: shardings of the teacher params (e.g. ``shardings(teacher, rules, mesh)``).
-      **distill_kwargs: ``student_patterns``, ``teacher_patterns``, ``student_policy``,
-        ``add_bias``, ``student_key`` of ``distill_step``.
-
-    The state's step key (split every step) goes to the student: stochastic rounding of
-    ``student_policy`` and, with ``student_key=True``, ``student_fn``'s own randomness
-    (dropout).
-
-    Returns:
-      ``step(state, batch, teacher_params) -> (state, metrics)``.
-    """
-    ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
-
-    def loss(params, batch, key, teacher_params):
-        return ds.loss(params, teacher_params, batch, key)
-
-    return train_step(
-        loss, tx, state_shardings, batch_shardings, extra_shardings=(teacher_shardings,), donate=donate
-    )
 
 
 def eval_step(

@@ -4,13 +4,14 @@ from qjax.quant.awq import AWQSearch, awq, awq_factors
 from qjax.quant.calibrate import ActStats, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
-from qjax.quant.functions import fake_quantized, quantized
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
 from qjax.quant.policy import Policy, Rule
+from qjax.quant.qat import fake_quantized
+from qjax.quant.serve import quantized
 from qjax.quant.smoothing import smooth, with_input_scales
 from qjax.quant.smoothquant import smoothquant, smoothquant_factors
 from qjax.quant.transforms import (

@@ -1,5 +1,5 @@
 """``calibrate``: static activation ranges of the ops a policy quantizes, streamed over
-calibration batches (see :mod:`qjax.quant.functions` for how ops are found)."""
+calibration batches (see :mod:`qjax.quant.serve` for how ops are found)."""
 
 from __future__ import annotations
 

@@ -22,8 +22,8 @@ import jax
 from jax.extend import core as jcore
 
 from qjax.numerics.transposed import is_quantized
-from qjax.quant.functions import quantized
 from qjax.quant.policy import Policy
+from qjax.quant.serve import quantized
 from qjax.rules import leaves_with_paths
 
 _SCOPE = re.compile(r"qjax\[(.+?)\](?:/|$)")

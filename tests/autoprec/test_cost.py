@@ -13,7 +13,7 @@ from jax import lax
 
 import qjax
 from qjax import autoprec
-from qjax.autoprec import cost as cost_mod
+from qjax.autoprec import latency as latency_mod
 
 W8A8 = autoprec.Candidate(
     "w8a8",
@@ -181,7 +181,7 @@ def test_measure_latency_and_cache(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("measured again despite the cache")
 
-    monkeypatch.setattr(cost_mod, "_time_many", boom)
+    monkeypatch.setattr(latency_mod, "_time_many", boom)
     again = autoprec.measure_latency(layers, cands, cache=cache)
     assert again.seconds == lat.seconds
     cm = autoprec.cost_matrices(layers, cands, latency=again)
@@ -205,7 +205,7 @@ def test_measure_latency_counts_every_layer_of_a_scan_stack(monkeypatch):
         return x
 
     fake = lambda fns, **kw: {k: 1.0 if k == "noop" else 3.0 for k in fns}  # 2 s per op after overhead
-    monkeypatch.setattr(cost_mod, "_time_many", fake)
+    monkeypatch.setattr(latency_mod, "_time_many", fake)
     for f in (scanned, unrolled):
         [layer] = autoprec.find_layers(f, p, x)
         assert layer.macs == L * B * K * K

@@ -13,7 +13,7 @@ from hypothesis_budget import examples
 from jax import lax
 
 import qjax
-from qjax.quant.functions import _unfold_transpose
+from qjax.quant.serve import _unfold_transpose
 
 TOK8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
 SPECS = {  # for a weight stored (N, K) = (48, 128)

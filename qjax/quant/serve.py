@@ -1,6 +1,7 @@
-"""Function transforms: ``quantized`` and ``fake_quantized`` (``calibrate``: :mod:`qjax.quant.calibrate`).
+"""Function transform ``quantized``: integer execution of a function's matmuls and convolutions
+(``fake_quantized``: :mod:`qjax.quant.qat`; ``calibrate``: :mod:`qjax.quant.calibrate`).
 
-Each takes any ``f(params, *args, **kwargs)`` (a Linen ``apply``, an NNX model split into
+It takes any ``f(params, *args, **kwargs)`` (a Linen ``apply``, an NNX model split into
 graphdef/state, a plain function) and re-evaluates its jaxpr with the matmuls and
 convolutions that read a params leaf replaced (see :mod:`qjax.graph`). The policy rule
 matched by that leaf's path gives the weight spec and the activation spec of the op.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 
 import jax
@@ -19,13 +19,10 @@ from jax import lax
 
 from qjax.graph.interpret import LayoutOp, WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.graph.layout import apply_layout
-from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized
-from qjax.quant.int8_training import int8_dot_general
-from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -37,245 +34,6 @@ from qjax.quant.policy_handler import (
     _rule,
     _run,
 )
-from qjax.quant.shard_scales import fake_quant_shard
-from qjax.quant.transforms import _check_scales
-from qjax.rules import fold_in_path
-
-# -- fake_quantized (QAT) -------------------------------------------------------------
-
-
-def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
-    """QAT op whose forward pass is the integer op (the values of ``fake_path`` up to
-    float summation order) and whose backward pass is ``fake_path``'s STE gradient, as
-    Qwix's QAT does: the int8 matmul is faster than the float one on most backends."""
-
-    def forward(act, w_leaf):
-        w, perm = _operand_qarray(ref, w_leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
-        if w is None:
-            return fake_path(act, w_leaf)
-        return _quantized_op(eqn, act, w, wi, aspec, perm=perm).astype(eqn.outvars[0].aval.dtype)
-
-    @jax.custom_vjp
-    def op(act, w_leaf):
-        return forward(act, w_leaf)
-
-    def fwd(act, w_leaf):
-        # The fake-quant path's VJP is built here, so its residuals (the fake-quantized
-        # operands and clip masks) are computed once, in the forward pass; its unused
-        # float primal output is dead code for XLA.
-        _, vjp_fn = jax.vjp(fake_path, act, w_leaf)
-        return forward(act, w_leaf), vjp_fn
-
-    def bwd(vjp_fn, g):
-        return vjp_fn(g)
-
-    op.defvjp(fwd, bwd)
-    return op
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _grad_times(x, factor: float):
-    """``x``, with its gradient multiplied by ``factor``."""
-    return x
-
-
-_grad_times.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor,))
-
-
-class _FakeQuant(_PolicyHandler):
-    def __init__(self, policy: Policy, scales: dict, key, integer_forward: bool):
-        super().__init__(policy)
-        self.scales, self.key, self.integer_forward = scales, key, integer_forward
-
-    def aux(self, path: str):
-        # the learned LSQ scale travels with its leaf: a scan over stacked layers slices it
-        return self.scales.get(path)
-
-    @_named_errors
-    def target(self, eqn, invals, emit):
-        found = self.weight(invals)
-        if found is None:
-            return None
-        wi, ref, rule = found
-        if rule is None:
-            return None
-        args = [materialize(x) for x in invals]
-        if rule.grad is not None:
-            return [self._int8_training(eqn, args, wi, rule, ref.path)]
-        ai = 1 - wi
-        aspec = None if rule.act is None else _resolve_act_spec(rule.act, eqn, ai)
-        if aspec is not None and aspec.ste == "lsq":
-            raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
-
-        def fake_path(act, w_leaf):
-            """The QAT definition: fake-quantized operands through the original op."""
-            operands = [None, None]
-            w = self._fake_weight(ref, rule, w_leaf)
-            for op in ref.ops:
-                w = op.apply(w)
-            operands[wi] = w
-            if aspec is not None:
-                act = fake_quant(act, aspec, key=fold_in_path(self.key, ref.path + ":act"))
-            operands[ai] = act
-            return bind_eqn(eqn, operands)[0]
-
-        act, w_leaf = args[ai], ref.float_leaf()
-        if self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi):
-            return [_int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)(act, w_leaf)]
-        _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
-        return [fake_path(act, w_leaf)]
-
-    def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
-        """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
-        is without one)."""
-        if rule.weight is None:
-            return w_leaf
-        spec = spec_for_slice(rule.weight, ref.depth)
-        key = fold_in_path(self.key, ref.path)
-        scale = ref.aux
-        if scale is not None and ref.aux_shared > 1:
-            # one learned scale shared by every layer of a scan: LSQ scales its gradient by
-            # 1/sqrt(elements per scale), and those are the slice's times the number of
-            # slices sharing it
-            scale = _grad_times(scale, 1.0 / math.sqrt(ref.aux_shared))
-        if scale is None and spec.ste == "lsq":
-            raise ValueError(
-                "ste='lsq' learns the scale: pass scales={path: scale} to fake_quantized (initialise "
-                "them with qjax.lsq_scales(params, policy)), or params as qjax.lsq_params(params, policy)"
-            )
-        if scale is None and any(ref.shard_axes):  # a shard, scaled as the whole weight
-            return fake_quant_shard(w_leaf, spec, key, ref.shard_axes)
-        return fake_quant(w_leaf, spec, scale=scale, key=key)
-
-    @_named_materialize_errors
-    def materialize(self, ref: WeightRef):
-        """A weight read by an op that is not a matmul or conv (an embedding lookup, an
-        elementwise op): fake-quantized by its rule, as :func:`fake_quant_params` and the
-        deployed model read it."""
-        rule = _rule(self.policy, ref.path)
-        if rule is None or is_quantized(ref.leaf):
-            return materialize(ref)
-        w = self._fake_weight(ref, rule, ref.float_leaf())
-        for op in ref.ops:
-            w = op.apply(w)
-        return w
-
-    def _integer_forward_ok(self, eqn, rule: Rule, aspec, ref: WeightRef, wi: int) -> bool:
-        """Whether the forward pass can run as the integer op: both operands integer,
-        deterministic rounding, no learned scales, static layout ops."""
-        specs = (rule.weight, aspec)
-        if any(s is None or s.format.is_float or s.rounding != "nearest" or s.ste == "lsq" for s in specs):
-            return False
-        if ref.path in self.scales or any(op.operands for op in ref.ops) or any(ref.shard_axes):
-            return False
-        return eqn.primitive.name == "dot_general" or wi == 1
-
-    def _int8_training(self, eqn, args, wi, rule: Rule, path: str):
-        name = eqn.primitive.name
-        if name not in ("dot_general", "conv_general_dilated"):
-            raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) covers dot_general "
-                f"matmuls and conv_general_dilated convolutions; {name} is not supported"
-            )
-        if name == "conv_general_dilated" and wi != 1:
-            raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) of a convolution needs the "
-                "weight as the kernel (rhs) operand; here it is the input (lhs)"
-            )
-        specs = [None, None]
-        specs[wi], specs[1 - wi] = rule.weight, rule.act
-        key = fold_in_path(self.key, path + ":grad")
-        if key is None and rule.grad.rounding == "stochastic":
-            raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): the grad spec rounds stochastically: pass "
-                "key= to fake_quantized (use a fresh key every step)"
-            )
-        if name == "conv_general_dilated":
-            out = int8_conv_general_dilated(
-                args[0],
-                args[1],
-                **_conv_geometry(eqn),
-                lhs_spec=specs[0],
-                rhs_spec=specs[1],
-                grad_spec=rule.grad,
-                key=key,
-            )
-        else:
-            out = int8_dot_general(
-                args[0],
-                args[1],
-                eqn.params["dimension_numbers"],
-                lhs_spec=specs[0],
-                rhs_spec=specs[1],
-                grad_spec=rule.grad,
-                key=key,
-            )
-        return out.astype(eqn.outvars[0].aval.dtype)
-
-
-def fake_quantized(
-    f: Callable, policy: Policy, *, scales: dict | None = None, key=None, integer_forward: bool = True
-) -> Callable:
-    """``f`` with the weights and activations of its matmuls/convs fake-quantized, for
-    quantization-aware training.
-
-    Weights go through :func:`qjax.fake_quant` in their stored layout (so per-channel axes
-    are the leaf's), activations through ``fake_quant`` with the rule's ``act`` spec
-    (``PER_TOKEN`` resolved per op). Gradients follow each spec's ``ste`` rule, for
-    convolutions too. Rules with a ``grad`` spec train in integers instead (AQT-style):
-    the forward matmul and both backward matmuls run as int8 matmuls with per-token /
-    per-channel scales, the gradient quantized by ``grad`` (see
-    :func:`qjax.quant.int8_training.int8_dot_general`).
-
-    Activation scales are computed from each batch (dynamic), also for a per-tensor
-    ``act`` spec that deployment serves with a static calibrated scale. Weights of a
-    ``scan`` stack are scaled per layer (see the README for exporting them exactly).
-
-    A user's ``jax.custom_vjp`` / ``custom_jvp`` keeps its derivative rule unless a matmul
-    or conv inside it reads a weight some rule matches: that body is then evaluated inline,
-    so the user's rule (e.g. a hand-written straight-through estimator) is replaced by
-    the transform's, the fake-quant STE of the matched weight. A leaf whose rule has an
-    ``act`` or ``grad`` spec but that no matmul/conv reads as its weight (a weight
-    concatenated or padded at call time) triggers a ``UserWarning`` naming it.
-
-    A weight reaches its rule through layout ops only (transpose, reshape, slice, ...): an
-    op that computes with it first (a pruning mask ``w * m``, a LoRA merge ``w + a @ b``,
-    weight normalisation) gets the weight fake-quantized *at the leaf*, with scales of the
-    leaf's values. So apply pruning masks to the params before calling the transformed
-    function, ``fake_quantized(f, policy)(apply_masks_ste(params, masks), x)``, when the
-    deployed model quantizes the masked weight.
-
-    Args:
-      f: ``f(params, *args, **kwargs)``.
-      policy: the :class:`qjax.Policy`.
-      scales: learned LSQ weight scales ``{path: scale}`` (see :func:`qjax.lsq_scales`);
-        or pass ``params`` as a :class:`qjax.LSQParams` (:func:`qjax.lsq_params`), which
-        carries them (what the ready-made training steps train).
-      key: PRNG key for stochastic rounding.
-      integer_forward: run the forward pass of ops whose weight and activation are both
-        integer-quantized (round-to-nearest, no learned scales) as the integer op, with
-        the fake-quant STE backward (faster; equal to the fake-quant forward up to float
-        summation order). ``False``: the float fake-quant forward everywhere.
-
-    Returns:
-      A function with ``f``'s signature.
-
-    Example:
-      >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
-    """
-    check_policy(policy)
-
-    @functools.wraps(f)
-    def g(params, *args, **kwargs):
-        # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
-        params, learned = _check_scales(params, scales)
-        return _run(f, lambda: _FakeQuant(policy, learned, key, integer_forward), params, args, kwargs)[0]
-
-    return g
-
-
-# -- quantized (integer execution) -------------------------------------------------------
-
 
 # commute with transposes
 _ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p", "stop_gradient", "optimization_barrier")
