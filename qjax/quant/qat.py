@@ -1,11 +1,8 @@
 """Function transform ``fake_quantized``: quantization-aware training (the integer ops it
 checks against and runs in the forward pass: :mod:`qjax.quant.serve`).
 
-It takes any ``f(params, *args, **kwargs)`` (a Linen ``apply``, an NNX model split into
-graphdef/state, a plain function) and re-evaluates its jaxpr with the matmuls and
-convolutions that read a params leaf replaced (see :mod:`qjax.graph`). The policy rule
-matched by that leaf's path gives the weight spec and the activation spec of the op.
-Positional arguments after ``params`` are traced; keyword arguments are static.
+It takes the same functions and policies as ``quantized`` (see :mod:`qjax.quant.serve`)
+and re-evaluates the jaxpr the same way, with fake-quantized ops in place of integer ones.
 """
 
 from __future__ import annotations
