@@ -85,7 +85,9 @@ class TrainCheckpointer:
       every: save every ``every`` steps (:meth:`save` with other steps does nothing
         unless forced).
       keep: how many recent checkpoints to keep (``None``: all).
-      async_save: write in a background thread.
+      async_save: write in a background thread. :meth:`close` (or leaving the ``with``
+        block) waits for the last write: a process that exits without it can lose that
+        checkpoint (Orbax reports a failed commit at interpreter shutdown).
 
     Leaves are arrays, typed or raw PRNG key arrays and Python numbers (a fresh Flax
     ``TrainState``'s ``step``: saved as a 0-d array and restored as one).
