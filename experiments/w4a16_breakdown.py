@@ -1,0 +1,189 @@
+"""Where the small-batch W4A16 kernels' device time goes: a per-kernel breakdown (GPU).
+
+For each case (K = N, batch M, weight layout, block config) this times one jitted program
+of many calls (rotated weights, as ``bench_kernels.py`` does) under CUPTI and reports the
+device time per call *per kernel name*: the Pallas kernel itself, the split-K reduction XLA
+runs after it (a separate kernel), and anything else. XLA's bf16 dot is the baseline.
+
+It first runs the correctness checks of the layouts it times, including the inline-PTX
+``k_pairs`` / ``k_pairs_nk`` probes that ``check_config_gpu`` still refuses; a probe config
+is timed only if every probe check passed on this device (it calls the kernel directly).
+
+    python3 experiments/w4a16_breakdown.py --out /tmp/b.json              # on the GPU
+    python3 experiments/w4a16_breakdown.py --out /tmp/b.json --dry-run    # CPU, interpreter
+
+``--ncu`` instead runs each case's kernel once with no timing, for Nsight Compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, __file__.rsplit("/", 1)[0])
+from kernel_checks import exactness_checks, make_weight_only, reference_weight_only, weight_in_layout
+from kernel_timing import _program, device_info, rotations
+from timing import rel_err
+
+from qjax.kernels import BlockConfig, api, gpu
+from qjax.kernels import _common as kc
+
+PROBE = "ptx k_pairs (probe)"
+
+
+def configs(m: int, size: int):
+    """(layout, config, label) triples timed per case."""
+    t = lambda bn, bk, split, dq="logic": BlockConfig(16, bn, bk, split, False, 4, 4, dequant=dq)
+    narrow = size // 128  # block_n giving 128 programs with no split-K
+    out = [
+        ("n_pairs", t(256, 64, 8, "ptx"), "ptx"),
+        ("n_pairs", t(128, 128, 8, "ptx"), "ptx"),
+        ("n_pairs", t(128, 128, 4, "ptx"), "ptx"),
+        ("n_pairs", t(max(32, narrow), 256, 1, "ptx"), "ptx split 1"),
+        ("k_pairs_nk", t(128, 128, 8), "logic"),
+        ("k_pairs_nk", t(128, 128, 8, "ptx"), PROBE),
+        ("k_pairs_nk", t(256, 64, 8, "ptx"), PROBE),
+        ("k_pairs_nk", t(max(32, narrow), 256, 1, "ptx"), PROBE),
+        ("k_pairs", t(128, 128, 8, "ptx"), PROBE),
+    ]
+    if m == 1:
+        gemv = BlockConfig(1, 128, 128, 8, False, 4, 3, engine="gemv")
+        out += [("k_pairs_nk", gemv, "gemv"), ("k_halves", gemv, "gemv")]
+    return out
+
+
+def kernel_call(layout, cfg, group, k, n, interpret):
+    """``fn(x, w, s)`` running ``cfg``; probe configs call the kernel directly."""
+    base, nk = kc.split_layout(layout)
+    if cfg.dequant == "ptx" and base == "k_pairs":
+
+        def fn(x, w, s):
+            s_k = kc.normalize_weight_scales(s, k, n, group, nk=nk)
+            return gpu.weight_only_matmul_gpu(
+                x,
+                kc.as_int8(w),
+                s_k,
+                layout=layout,
+                group_size=group,
+                out_dtype=jnp.bfloat16,
+                config=cfg,
+                interpret=interpret,
+            )
+
+        return fn
+    pb = cfg.block_k if layout == "k_halves" else None
+    kw = {"layout": base, "pack_block": pb, "b_layout": "nk" if nk else "kn"}
+    return lambda x, w, s: api.w4a16_matmul(
+        x, w, s, group_size=group, platform="gpu", config=cfg, interpret=interpret, **kw
+    )
+
+
+def per_kernel(fn, xs, ws, rest, reps, calls):
+    """Median device µs per call of each kernel name in one program of ``calls`` calls."""
+    from jax.experimental.mosaic.gpu import profiler
+
+    run, xs, n = _program(fn, xs, ws, calls)
+    jax.block_until_ready(run(xs, ws, rest))
+    _, timings = profiler.measure(run, aggregate=False, iterations=reps)(xs, ws, rest)
+    per_rep = []
+    for rep in timings:
+        acc = collections.defaultdict(float)
+        for name, ms in rep:
+            acc[name] += ms * 1e3 / n
+        per_rep.append(acc)
+    names = sorted({k for r in per_rep for k in r})
+    out = {name: round(float(np.median([r.get(name, 0.0) for r in per_rep])), 3) for name in names}
+    out["total"] = round(float(np.median([sum(r.values()) for r in per_rep])), 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--sizes", default="4096,8192")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--group", type=int, default=None)
+    p.add_argument("--ncu", action="store_true", help="run each kernel once, no timing")
+    p.add_argument("--dry-run", action="store_true", help="CPU: interpreter, checks and one small case")
+    p.add_argument("--budget-s", type=float, default=400)
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    rng = np.random.default_rng(0)
+    interpret = args.dry_run
+    _, name, _ = device_info()
+    report = {
+        "device": name,
+        "jax": jax.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    # under ncu the checks' launches would use up --launch-count: skip them, profile the probes
+    layouts = ["k_pairs", "k_pairs_nk", "n_pairs"]
+    checks = (
+        [] if args.ncu else exactness_checks(rng, "gpu", interpret, layouts, w8a8=False, quick=args.dry_run)
+    )
+    report["checks"] = checks
+    probes = [c for c in checks if "probe" in c["check"]]
+    probes_ok = args.ncu or (bool(probes) and all(c["ok"] for c in probes))
+    report["probes_ok"] = probes_ok
+    print(
+        "checks:",
+        [(c["check"], c["ok"], c.get("rel_err"), c.get("error", "")[:120]) for c in checks],
+        flush=True,
+    )
+    print("probes_ok:", probes_ok, flush=True)
+    sizes = [1024] if args.dry_run else [int(s) for s in args.sizes.split(",")]
+    cases = []
+    for size in sizes:
+        k = n = size
+        for m in [int(b) for b in args.batches.split(",")]:
+            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+            codes, s = make_weight_only(rng, 4, k, n, args.group)
+            ref = reference_weight_only(np.asarray(x, np.float32), codes, s, args.group)
+            r = 2 if args.dry_run else rotations(k * n // 2)
+            calls = 2 if args.dry_run else 96
+            if not args.ncu and not args.dry_run:
+                wf = jnp.asarray(codes, jnp.bfloat16)
+                res = per_kernel(
+                    lambda x, w: x @ w, [x], [wf + i for i in range(rotations(2 * k * n))], (), 5, calls
+                )
+                cases.append({"m": m, "k": k, "label": "xla bf16", "device_us": res})
+                print(json.dumps(cases[-1]), flush=True)
+            for layout, cfg, label in configs(m, size):
+                if time.perf_counter() - start > args.budget_s:
+                    report["cut"] = "budget"
+                    break
+                if label == PROBE and not (probes_ok or args.dry_run):
+                    continue
+                case = {"m": m, "k": k, "layout": layout, "label": label, "config": cfg.to_dict()}
+                try:
+                    nk = kc.split_layout(layout)[1]
+                    w = weight_in_layout(codes, layout, cfg.block_k if layout == "k_halves" else None)
+                    s_w = s.T if nk else s
+                    fn = kernel_call(layout, cfg, args.group, k, n, interpret)
+                    y = jax.jit(fn)(x, w, s_w)
+                    case["rel_err"] = rel_err(y, ref)
+                    if args.ncu:
+                        jax.block_until_ready(y)
+                    elif not args.dry_run:
+                        ws = [w] + [w ^ jnp.zeros((), w.dtype) for _ in range(r - 1)]
+                        case["device_us"] = per_kernel(fn, [x], ws, (s_w,), 5, calls)
+                except Exception as e:
+                    case["error"] = repr(e)[:400]
+                cases.append(case)
+                print(json.dumps(cases[-1]), flush=True)
+    report["cases"] = cases
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    bad = [c for c in cases if "error" in c or c.get("rel_err", 0) > 2e-2]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
