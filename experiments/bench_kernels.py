@@ -270,7 +270,10 @@ def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, 
     above one row), then this batch's own list."""
     ranked = sorted(tried, key=lambda r: r["us"])
     first = []
-    for engine in ("gemv", "triton+ptx", "triton") if m == 1 else ("triton+ptx", "triton", "gemv"):
+    fused = ("triton+ptx+ksum", "triton+ksum")
+    for engine in (
+        ("gemv", *fused, "triton+ptx", "triton") if m == 1 else (*fused, "triton+ptx", "triton", "gemv")
+    ):
         picks = [c for c in (BlockConfig.from_dict(r["config"]) for r in ranked) if variant(c) == engine]
         if engine == "gemv":
             bm = kc.pow2_at_least(m, 1)

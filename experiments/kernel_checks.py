@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import rel_err
 
-from qjax.kernels import BlockConfig, api, gpu, gpu_wgmma, pack_int4
+from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4
 from qjax.kernels import _common as kc
 from qjax.numerics import packing
 
@@ -80,10 +80,8 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True, qu
             continue
         base, nk = kc.split_layout(layout)
         runs = [(1, "triton"), (13, "triton"), (70, "triton"), (1, "gemv"), (13, "gemv")]
-        # the inline PTX (only hardware runs it); check_config_gpu refuses it for k_pairs, which
-        # it got wrong on an H100 (2026-11-26) when the kernel still joined the nibbles along K
-        # after the asm: those runs call the kernel directly, as probes that decide the refusal
-        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx")]
+        # the inline PTX (only hardware runs it) and the in-kernel split-K sum
+        runs += [(1, "ptx"), (13, "ptx"), (70, "ptx"), (1, "split"), (13, "split"), (70, "split")]
         if quick:  # one batch per engine (a dry run rehearses the plumbing in the interpreter)
             runs = [run for run in runs if run[0] == (1 if run[1] == "gemv" else 13)]
         for m, engine in runs:
@@ -93,14 +91,14 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True, qu
             x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
             ref = reference_weight_only(np.asarray(x, np.float32), codes, s, group)
             cfg = None  # the default (tensor-core) config, or a CUDA-core one
+            bk = 128 if layout == "k_halves" else 64
             if engine == "gemv":
-                cfg = BlockConfig(
-                    kc.pow2_at_least(m, 1), 64, 128 if layout == "k_halves" else 64, 2, engine="gemv"
-                )
+                cfg = BlockConfig(kc.pow2_at_least(m, 1), 64, bk, 2, engine="gemv")
             elif engine == "ptx":
-                cfg = BlockConfig(
-                    16 if m <= 16 else 64, 64, 128 if layout == "k_halves" else 64, 2, dequant="ptx"
-                )
+                cfg = BlockConfig(16 if m <= 16 else 64, 64, bk, 2, dequant="ptx")
+            elif engine == "split":  # four programs per output tile summed in the kernel
+                dq = "ptx" if bits == 4 else "logic"
+                cfg = BlockConfig(16 if m <= 16 else 64, 64, bk, 4, dequant=dq, split_reduce="kernel")
             kw = dict(
                 group_size=group,
                 platform=platform,
@@ -112,12 +110,7 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True, qu
             s_w = s.T if nk else s
             check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
             try:
-                if engine == "ptx" and base == "k_pairs":
-                    check["check"] += " (probe: refused by check_config_gpu)"
-                    s_k = kc.normalize_weight_scales(s_w, k, n, group, nk=nk)
-                    kw = {key: kw[key] for key in ("group_size", "interpret", "out_dtype", "config")}
-                    y = gpu.weight_only_matmul_gpu(x, kc.as_int8(w), s_k, layout=layout, **kw)
-                elif bits == 4:
+                if bits == 4:
                     y = api.w4a16_matmul(x, w, s_w, layout=base, **kw)
                 else:
                     y = api.w8a16_matmul(x, w, s_w, **kw)

@@ -100,6 +100,9 @@ def main(argv=None):
     p.add_argument(
         "--dequant", default="logic", choices=("logic", "ptx"), help="int4 unpacking (triton engine)"
     )
+    p.add_argument(
+        "--split-reduce", default="xla", choices=("xla", "kernel"), help="split-K sum (triton engine)"
+    )
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--size", type=int, default=8192, help="K = N")
     p.add_argument("--group", type=int, default=None)
@@ -125,7 +128,21 @@ def main(argv=None):
     engine, swap = (f[6] if len(f) > 6 else "triton"), (len(f) > 7 and f[7] == "swap")
     print(
         json.dumps(
-            report(args, BlockConfig(bm, bn, bk, split, swap, warps, stages, engine, dequant=args.dequant))
+            report(
+                args,
+                BlockConfig(
+                    bm,
+                    bn,
+                    bk,
+                    split,
+                    swap,
+                    warps,
+                    stages,
+                    engine,
+                    dequant=args.dequant,
+                    split_reduce=args.split_reduce,
+                ),
+            )
         )
     )
 

@@ -43,6 +43,7 @@ LAYOUTS = ("int8", "k_halves", "k_pairs", "n_pairs")
 NK_LAYOUTS = ("int8", "k_pairs", "n_pairs")  # the layouts of a weight stored (N, K)
 ENGINES = ("triton", "wgmma", "gemv")  # GPU kernel families (BlockConfig.engine)
 DEQUANTS = ("logic", "ptx")  # how the tensor-core weight-only kernel converts codes (BlockConfig.dequant)
+SPLIT_REDUCES = ("xla", "kernel")  # how split-K partials are summed (BlockConfig.split_reduce)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +68,11 @@ class BlockConfig:
         ``"logic"`` (``jax.numpy`` integer logic, one code per instruction) or ``"ptx"``
         (inline PTX on four codes per 32-bit register, sm_80 or newer; see
         :mod:`qjax.kernels._ptx`).
+      split_reduce: how the ``triton`` engine's weight-only kernel sums its ``split_k``
+        partials: ``"xla"`` (a float32 ``(split_k, M, N)`` result summed by XLA after the
+        kernel: a second kernel launch) or ``"kernel"`` (each program stores its partial in
+        a workspace and the last program of each output tile, counted by an atomic, sums
+        them in split order and writes the tile: one launch, the same deterministic sum).
     """
 
     block_m: int
@@ -79,6 +85,7 @@ class BlockConfig:
     engine: str = "triton"
     persistent: bool = False
     dequant: str = "logic"
+    split_reduce: str = "xla"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -53,8 +53,10 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
     ``block_k`` divides the group size and the group size divides ``K // split_k``; int4
     tiles keep at least 16 along the contraction after unpacking; ``dequant="ptx"`` is for
-    the ``triton`` engine's weight-only kernels only, and not the ``k_pairs`` layouts (wrong
-    results on an H100).
+    the ``triton`` engine's weight-only kernels only, and not swapped ``k_pairs`` tiles (the
+    nibbles joined along K after the asm gave wrong results on an H100);
+    ``split_reduce="kernel"`` is for the ``triton`` engine's weight-only kernels with
+    ``split_k > 1``.
     """
 
     def bad(msg):
@@ -72,6 +74,10 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         bad(f"dequant must be one of {c.DEQUANTS}")
     if cfg.dequant == "ptx" and (cfg.engine != "triton" or kind == "w8a8"):
         bad("dequant='ptx' is the triton engine's weight-only (w4a16, w8a16) code conversion")
+    if cfg.split_reduce not in c.SPLIT_REDUCES:
+        bad(f"split_reduce must be one of {c.SPLIT_REDUCES}")
+    if cfg.split_reduce == "kernel" and (cfg.engine != "triton" or kind == "w8a8" or cfg.split_k == 1):
+        bad("split_reduce='kernel' sums the split_k > 1 partials of the triton engine's weight-only kernels")
     if cfg.engine == "wgmma":
         if kind != "w8a8":
             bad("the wgmma engine runs W8A8 only")
@@ -100,13 +106,13 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     if kind == "w8a8" and cfg.split_k != 1:
         bad("split_k is for the weight-only kernels")
     base = c.split_layout(layout)[0] if kind != "w8a8" else layout
-    if cfg.dequant == "ptx" and base == "k_pairs":
+    if cfg.dequant == "ptx" and base == "k_pairs" and cfg.swap:
         # wrong on an H100 (relative error ~1 at M = 1, 13, 70;
-        # experiments/results/gpu_session_2026-11-26/) when the kernel joined the nibbles along
-        # K after the asm, though the emulated PTX is right in the interpreter; the other
-        # layouts passed on the same run. The kernel no longer joins (even / odd activations
-        # instead); experiments/kernel_checks.py probes this on hardware before it is allowed
-        bad("dequant='ptx' gives wrong results with the k_pairs layouts on hardware; use dequant='logic'")
+        # experiments/results/gpu_session_2026-11-26/) where the kernel joins the nibbles along
+        # K after the asm, though the emulated PTX is right in the interpreter. Unswapped tiles
+        # no longer join (even / odd activations instead) and pass on an H100
+        # (experiments/results/w4a16_breakdown_h100_2026-11-27.json); swapped ones still join
+        bad("dequant='ptx' gives wrong results with swapped k_pairs tiles on hardware; use dequant='logic'")
     if base in ("k_halves", "k_pairs") and cfg.block_k < 32:
         bad("int4 packed along K needs block_k >= 32 (two halves of at least 16)")
     if base == "n_pairs" and cfg.block_n < 32:

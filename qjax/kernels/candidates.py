@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from qjax.kernels import api
-from qjax.kernels._common import BlockConfig, pow2_at_least, split_layout
+from qjax.kernels._common import BlockConfig, pow2_at_least
 
 # (block_m, block_n, block_k, num_warps, num_stages): no split-K, no swap
 _W8A8_TILES = (
@@ -71,7 +71,7 @@ _SMALL_BATCH_TILES = (
 #   pay off: 3.8-4.9 SASS instructions per code in the K loop against 5.8 for the swapped
 #   logic-unpacking kernel. On swapped operands Triton re-packs the bytes around the asm and
 #   the PTX loses (6.1 against 5.8), so the swapped list keeps the integer logic;
-# * "k_pairs" / "k_pairs_nk" (PTX refused, see check_config_gpu) with the integer logic: since
+# * "k_pairs" / "k_pairs_nk" with the integer logic (the PTX joined them since 2026-11-27): since
 #   the fourteenth session the nibbles meet even / odd activations instead of being joined
 #   along K in the unswapped tiles (experiments/results/kpairs_sass_sm90_2026-11-27.md):
 #   4.4-5.6 instructions per code (was 6.1-9.2, with 32-64 shared-memory stores per K step
@@ -146,10 +146,12 @@ def _tiles(rows) -> list[BlockConfig]:
 
 def variant(cfg: BlockConfig | None) -> str | None:
     """The kernel family a config runs: its engine, plus ``+ptx`` for the inline-PTX int4
-    unpacking (tuning budgets and reports count configs per variant)."""
+    unpacking and ``+ksum`` for split-K partials summed in the kernel (tuning budgets and
+    reports count configs per variant)."""
     if cfg is None:
         return None
-    return cfg.engine if cfg.dequant == "logic" else f"{cfg.engine}+{cfg.dequant}"
+    name = cfg.engine if cfg.dequant == "logic" else f"{cfg.engine}+{cfg.dequant}"
+    return name + ("+ksum" if cfg.split_reduce == "kernel" else "")
 
 
 def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout: str) -> list[BlockConfig]:
@@ -175,12 +177,15 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
             BlockConfig(16, bn, bk, sp, False, w, s) for bn, bk, sp, w, s in _SMALL_BATCH_UNSWAPPED_TILES
         ]
         swapped = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
-        ptx = kind == "w4a16" and split_layout(layout)[0] != "k_pairs"
+        ptx = kind == "w4a16"  # unswapped k_pairs tiles too, since 2026-11-27 (see check_config_gpu)
         first = [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if ptx else unswapped
+        # the same tiles summing their split-K partials in the kernel: the separate XLA sum was
+        # 1.2-2.1 us of 8-25 us on an H100 (experiments/results/w4a16_breakdown_h100_2026-11-27.json)
+        fused = [dataclasses.replace(cfg, split_reduce="kernel") for cfg in first if cfg.split_k > 1]
         # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
         # unswapped PTX tiles lead (8.0-11.4 us), at M = 4-16 the tensor-core tiles (8.4-11.6 us)
         # and gemv trails (17-151 us): gemv goes first for one row only
-        c = gemv + first + swapped if m == 1 else first + swapped + gemv
+        c = gemv + fused + first + swapped if m == 1 else fused + first + swapped + gemv
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -79,8 +79,41 @@ def _store(ref, idx, value, mask):
 # -- weight-only -----------------------------------------------------------------------------------
 
 
-def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, group_size, interpret):
+def _split_sum(out, o_ref, ws_ref, cnt_ref, rmask, interpret):
+    """``split_reduce="kernel"``: store this program's float32 partial ``out`` (its output tile)
+    in the workspace, count it on the tile's counter and, in the program that arrives last,
+    sum every partial in split order (deterministic, whichever program is last) and write the
+    tile. The barrier before the counter's acquire-release atomic orders all threads' stores
+    before it (CUTLASS's semaphore pattern). Plain loads are safe from stale L1 lines: only
+    the last program of a tile reads its workspace, once, and L1 starts clean at each launch
+    (jax 0.10-0.11 cannot lower ``cache_modifier=".cg"``: it looks the string up in a table
+    keyed ``"cg"``). The interpreter runs the programs one after another, with no barrier."""
+    j, i, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    split = ws_ref.shape[0]
+    bm, bn = out.shape
+    tile = (pl.ds(pl.multiple_of(i * bm, bm), bm), pl.ds(pl.multiple_of(j * bn, bn), bn))
+    _store(ws_ref, (s, *tile), out, rmask)
+    if not interpret:
+        pltr.debug_barrier()
+    arrived = pltr.atomic_add(cnt_ref, (i * pl.num_programs(0) + j,), jnp.ones((), jnp.int32))
+
+    @pl.when(arrived == split - 1)
+    def _():
+        total = None
+        for t in range(split):
+            part = _load(ws_ref, (jnp.int32(t), *tile), rmask)
+            total = part if total is None else total + part
+        _store(o_ref, (slice(None), slice(None)), total.astype(o_ref.dtype), rmask)
+
+
+def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, layout, m, cfg, steps, group_size, interpret):
     bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
+    if len(refs) == 1:
+        (o_ref,) = refs
+        finish = lambda out: _store(o_ref, (slice(None), slice(None)), out.astype(o_ref.dtype), rmask)
+    else:  # split_reduce="kernel": the counters (input, aliased output) and the workspace
+        _, o_ref, cnt_ref, ws_ref = refs
+        finish = lambda out: _split_sum(out, o_ref, ws_ref, cnt_ref, rmask, interpret)
     layout, nk = split_layout(layout)  # nk: the weight tile is (N, K), its scales are columns
     # codes -> bfloat16 (int4 bytes: the low and high nibbles): integer logic or inline PTX
     if cfg.dequant == "ptx":
@@ -146,7 +179,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
         acc = jnp.stack([even, odd], axis=-1).reshape(even.shape[0], bn)
         if group_size is None:
             acc = acc * (s_ref[...].T if nk else s_ref[...])
-        _store(o_ref, (slice(None), slice(None)), acc.astype(o_ref.dtype), rmask)
+        finish(acc)
         return
 
     def body(t, acc):
@@ -177,8 +210,7 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, o_ref, *, layout, m, cfg, steps, gr
     acc = lax.fori_loop(0, steps, body, jnp.zeros(shape, _F32))
     if group_size is None:
         acc = acc * oriented(s_ref[...])
-    out = (acc.T if swap else acc).astype(o_ref.dtype)
-    _store(o_ref, (slice(None), slice(None)), out, rmask)
+    finish(acc.T if swap else acc)
 
 
 def weight_only_matmul_gpu(
@@ -235,12 +267,30 @@ def weight_only_matmul_gpu(
     else:
         x_spec = pl.BlockSpec((bm, kc), lambda j, i, s: (i, s))
     grid = (n // bn, cdiv(m, bm), split)
-    if split > 1:
-        out_shape = jax.ShapeDtypeStruct((split, m, n), _F32)
-        out_spec = pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j))
-    else:
-        out_shape = jax.ShapeDtypeStruct((m, n), out_dtype)
-        out_spec = pl.BlockSpec((bm, bn), lambda j, i, s: (i, j))
+    final = (jax.ShapeDtypeStruct((m, n), out_dtype), pl.BlockSpec((bm, bn), lambda j, i, s: (i, j)))
+    inputs, in_specs = [x, w, scales], [x_spec, pl.BlockSpec(w_block, w_index), s_spec]
+    aliases = {}
+    if split == 1:
+        outs = [final]
+    elif config.split_reduce == "xla":  # the float32 partials, summed by XLA below
+        outs = [
+            (
+                jax.ShapeDtypeStruct((split, m, n), _F32),
+                pl.BlockSpec((None, bm, bn), lambda j, i, s: (s, i, j)),
+            )
+        ]
+    else:  # one arrival counter per output tile (zeroed here) and a workspace of partials
+        tiles = grid[0] * grid[1]
+        whole = lambda shape: pl.BlockSpec(shape, lambda j, i, s: (0,) * len(shape))
+        inputs.append(jnp.zeros((tiles,), jnp.int32))
+        in_specs.append(whole((tiles,)))
+        aliases = {3: 1}
+        ws = (split, grid[1] * bm, n)  # rows padded to whole tiles; only rows < M are touched
+        outs = [
+            final,
+            (jax.ShapeDtypeStruct((tiles,), jnp.int32), whole((tiles,))),
+            (jax.ShapeDtypeStruct(ws, _F32), whole(ws)),
+        ]
     kernel = functools.partial(
         _weight_only_kernel,
         layout=layout,
@@ -252,15 +302,16 @@ def weight_only_matmul_gpu(
     )
     out = pl.pallas_call(
         kernel,
-        out_shape=out_shape,
+        out_shape=[o[0] for o in outs],
         grid=grid,
-        in_specs=[x_spec, pl.BlockSpec(w_block, w_index), s_spec],
-        out_specs=out_spec,
+        in_specs=in_specs,
+        out_specs=[o[1] for o in outs],
+        input_output_aliases=aliases,
         compiler_params=pltr.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name=f"qjax_w{8 if base == 'int8' else 4}a16_{layout}",
-    )(x, w, scales)
-    if split > 1:
+    )(*inputs)[0]
+    if split > 1 and config.split_reduce == "xla":
         out = jnp.sum(out, axis=0).astype(out_dtype)
     return out
 

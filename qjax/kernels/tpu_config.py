@@ -28,6 +28,8 @@ def _check_positive(config: BlockConfig) -> None:
             raise ValueError(f"config.{name}={v!r} must be a positive int")
     if config.split_k != 1:
         raise ValueError(f"config.split_k={config.split_k} is not supported by the TPU kernels (must be 1)")
+    if config.split_reduce != "xla":
+        raise ValueError(f"config.split_reduce={config.split_reduce!r} is a GPU option (TPU kernels: 'xla')")
 
 
 def check_int8_config(config: BlockConfig) -> None:

@@ -49,6 +49,10 @@ def P(bm, bn, bk, split=1, swap=False):  # a tensor-core config unpacking nibble
     return BlockConfig(bm, bn, bk, split, swap, dequant="ptx")
 
 
+def S(bm, bn, bk, split, swap=False, dequant="logic"):  # split-K partials summed in the kernel
+    return BlockConfig(bm, bn, bk, split, swap, dequant=dequant, split_reduce="kernel")
+
+
 @pytest.fixture
 def rng(request):
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
@@ -156,6 +160,13 @@ WEIGHT_ONLY_CASES = [
     ("n_pairs", 128, 20, 512, 128, P(32, 64, 128, 2)),
     ("int8", 64, 7, 256, 64, P(16, 32, 32, 2)),
     ("int8", None, 40, 192, 96, P(16, 32, 64, 3, True)),
+    # split-K partials summed in the kernel by the last program of each tile: masked rows,
+    # several row and column tiles, swapped, groups, both code conversions
+    ("n_pairs", None, 1, 512, 128, S(16, 64, 64, 4, dequant="ptx")),
+    ("k_halves", 64, 33, 256, 128, S(16, 64, 64, 2)),
+    ("k_pairs", 128, 17, 512, 128, S(16, 64, 64, 2, dequant="ptx")),
+    ("n_pairs", 128, 5, 512, 128, S(16, 64, 128, 2, True)),
+    ("int8", None, 40, 192, 96, S(16, 32, 64, 3, True)),
 ]
 
 
@@ -210,6 +221,10 @@ NK_CASES = [
     ("k_pairs", 128, 5, 512, 128, G(8, 64, 128, 2)),
     ("n_pairs", None, 1, 128, 128, G(1, 128, 32, 1)),
     ("n_pairs", 64, 7, 256, 192, G(4, 64, 64, 4)),
+    # inline PTX on k_pairs (allowed unswapped since 2026-11-27) and the in-kernel split-K sum
+    ("k_pairs", None, 13, 512, 128, P(16, 64, 64, 2)),
+    ("k_pairs", 128, 17, 512, 128, S(16, 64, 64, 2, dequant="ptx")),
+    ("n_pairs", 64, 3, 256, 128, S(16, 64, 64, 4, True)),
 ]
 
 
@@ -519,10 +534,19 @@ def test_config_rules_are_named():
     check(P(16, 64, 64), "dequant='ptx' is the triton engine's weight-only", kind="w8a8", layout="kn")
     check(BlockConfig(4, 64, 64, engine="gemv", dequant="ptx"), "dequant='ptx' is the triton")
     check(BlockConfig(16, 64, 64, dequant="asm"), "dequant must be one of")
-    # wrong results on an H100 (2026-11-26): the PTX nibbles joined along K
+    # wrong results on an H100 (2026-11-26): the PTX nibbles joined along K, as swapped
+    # k_pairs tiles still do; the unswapped ones passed on an H100 (2026-11-27)
     for layout in ("k_pairs", "k_pairs_nk"):
-        check(P(16, 64, 64), "k_pairs layouts on hardware; use dequant='logic'", layout=layout)
+        check(P(16, 64, 64, swap=True), "swapped k_pairs tiles on hardware", layout=layout)
+        api.check_config_gpu(P(16, 64, 64), "w4a16", 16, 512, 256, None, layout)
     api.check_config_gpu(P(16, 64, 64), "w4a16", 16, 512, 256, None, "n_pairs_nk")  # the others pass
+    # the in-kernel split-K sum: the triton engine's weight-only kernels, split_k > 1
+    K = lambda split, **kw: BlockConfig(16, 64, 64, split, split_reduce="kernel", **kw)
+    check(BlockConfig(16, 64, 64, 2, split_reduce="atomic"), "split_reduce must be one of")
+    check(K(1), "split_reduce='kernel' sums the split_k > 1 partials")
+    check(K(2), "split_reduce='kernel' sums", kind="w8a8", layout="int8")
+    check(BlockConfig(4, 64, 64, 2, engine="gemv", split_reduce="kernel"), "split_reduce='kernel' sums")
+    api.check_config_gpu(K(2, dequant="ptx"), "w4a16", 16, 512, 256, None, "k_pairs_nk")
 
 
 @pytest.mark.parametrize("layout", ["k_halves", "n_pairs", "int8"])
