@@ -270,10 +270,8 @@ def small_batch_candidates(tried: list[dict], cands: list, m: int, layout: str, 
     above one row), then this batch's own list."""
     ranked = sorted(tried, key=lambda r: r["us"])
     first = []
-    fused = ("triton+ptx+ksum", "triton+ksum")
-    for engine in (
-        ("gemv", *fused, "triton+ptx", "triton") if m == 1 else (*fused, "triton+ptx", "triton", "gemv")
-    ):
+    tensor_core = ("triton+ptx", "triton", "triton+ptx+ksum", "triton+ksum")
+    for engine in ("gemv", *tensor_core) if m == 1 else (*tensor_core, "gemv"):
         picks = [c for c in (BlockConfig.from_dict(r["config"]) for r in ranked) if variant(c) == engine]
         if engine == "gemv":
             bm = kc.pow2_at_least(m, 1)

@@ -111,7 +111,7 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
         # experiments/results/gpu_session_2026-11-26/) where the kernel joins the nibbles along
         # K after the asm, though the emulated PTX is right in the interpreter. Unswapped tiles
         # no longer join (even / odd activations instead) and pass on an H100
-        # (experiments/results/w4a16_breakdown_h100_2026-11-27.json); swapped ones still join
+        # (experiments/results/gpu_session_2026-11-27/); swapped ones still join
         bad("dequant='ptx' gives wrong results with swapped k_pairs tiles on hardware; use dequant='logic'")
     if base in ("k_halves", "k_pairs") and cfg.block_k < 32:
         bad("int4 packed along K needs block_k >= 32 (two halves of at least 16)")

@@ -79,9 +79,18 @@ _SMALL_BATCH_TILES = (
 # * int8 with the integer logic (the PTX loses here, 6.1 against 5.4): 5.1-6.1 instructions
 #   per code, 54-127 registers, no spills, where 11 of the 21 swapped tiles spill (up to 3.3
 #   KB) at 6.8-11 instructions per code; listed before the swapped tiles.
+#
+# The split-K partials are summed by XLA (BlockConfig.split_reduce="xla"): summing them in
+# the kernel ("kernel") was no faster on an H100 (2026-11-27, experiments/results/
+# gpu_session_2026-11-27/: 19.50 vs 19.54 us at M = 1, 22.4 vs 20.6 at M = 16, 8192^2), so
+# tuning does not spend device time on it. 256 x 64 split 16 and 8 warps: the split-8 tile
+# ran at 11.7% achieved occupancy under Nsight Compute (its 256 programs, ~2 per SM), so
+# more programs or warps may stream faster (not yet measured)
 _SMALL_BATCH_UNSWAPPED_TILES = (
     (256, 64, 8, 4, 4),
+    (256, 64, 16, 4, 4),
     (128, 128, 8, 4, 4),
+    (256, 64, 8, 8, 4),
     (512, 64, 4, 8, 3),
     (256, 128, 8, 8, 3),
     (128, 128, 4, 4, 4),
@@ -147,7 +156,7 @@ def _tiles(rows) -> list[BlockConfig]:
 def variant(cfg: BlockConfig | None) -> str | None:
     """The kernel family a config runs: its engine, plus ``+ptx`` for the inline-PTX int4
     unpacking and ``+ksum`` for split-K partials summed in the kernel (tuning budgets and
-    reports count configs per variant)."""
+    reports count configs per variant; the candidate lists hold no ``+ksum`` config)."""
     if cfg is None:
         return None
     name = cfg.engine if cfg.dequant == "logic" else f"{cfg.engine}+{cfg.dequant}"
@@ -179,13 +188,10 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         swapped = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
         ptx = kind == "w4a16"  # unswapped k_pairs tiles too, since 2026-11-27 (see check_config_gpu)
         first = [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if ptx else unswapped
-        # the same tiles summing their split-K partials in the kernel: the separate XLA sum was
-        # 1.2-2.1 us of 8-25 us on an H100 (experiments/results/w4a16_breakdown_h100_2026-11-27.json)
-        fused = [dataclasses.replace(cfg, split_reduce="kernel") for cfg in first if cfg.split_k > 1]
         # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
         # unswapped PTX tiles lead (8.0-11.4 us), at M = 4-16 the tensor-core tiles (8.4-11.6 us)
         # and gemv trails (17-151 us): gemv goes first for one row only
-        c = gemv + fused + first + swapped if m == 1 else fused + first + swapped + gemv
+        c = gemv + first + swapped if m == 1 else first + swapped + gemv
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)
