@@ -9,6 +9,7 @@ against the shape, and runs.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import jax
 import jax.numpy as jnp
@@ -174,11 +175,12 @@ def engines_here(kind: str, layout: str) -> tuple[str, ...]:
 
 
 def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) -> tuning.TunedEntry | None:
-    """The ``platform`` tuning table's entry for this op with the largest measured speedup.
-
-    On a GPU, among the engines usable here (:func:`engines_here`) and only entries whose
-    config fits the shape; on a TPU the nearest entry (its block sizes are re-derived by
-    ``default_config_tpu``). ``None`` if none qualifies.
+    """The ``platform`` tuning table's entry for this op: on a GPU, each usable engine's
+    nearest entry (:func:`engines_here`; only configs that fit the shape), of which the one
+    measured at the batch nearest to ``m``, then at the nearest ``(K, N)``, then with the
+    largest speedup (an engine measured at one row says nothing about four: the CUDA-core
+    ``gemv`` ran 2-9x slower at M = 4 than at M = 1 on an H100); on a TPU the nearest entry
+    (its block sizes are re-derived by ``default_config_tpu``). ``None`` if none qualifies.
     """
     if platform != "gpu":
         return tuning.lookup(platform, tuning.kernel_name(kind, layout), m, k, n, group_size)
@@ -192,7 +194,11 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
         except ValueError:  # the nearest measured config does not fit this shape
             continue
         fits.append(e)
-    return max(fits, key=lambda e: e.speedup, default=None)
+
+    def rank(e):
+        return (abs(math.log(e.m / max(1, m))), abs(math.log(e.k / k)) + abs(math.log(e.n / n)), -e.speedup)
+
+    return min(fits, key=rank, default=None)
 
 
 def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:

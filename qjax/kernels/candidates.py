@@ -80,10 +80,12 @@ _SMALL_BATCH_TILES = (
 #   per code, 54-127 registers, no spills, where 11 of the 21 swapped tiles spill (up to 3.3
 #   KB) at 6.8-11 instructions per code; listed before the swapped tiles.
 #
-# The split-K partials are summed by XLA (BlockConfig.split_reduce="xla"): summing them in
-# the kernel ("kernel") was no faster on an H100 (2026-11-27, experiments/results/
-# gpu_session_2026-11-27/: 19.50 vs 19.54 us at M = 1, 22.4 vs 20.6 at M = 16, 8192^2), so
-# tuning does not spend device time on it. 256 x 64 split 16 and 8 warps: the split-8 tile
+# The split-K partials are summed by XLA (BlockConfig.split_reduce="xla") and, at one row
+# only, also in the kernel ("kernel"): on an H100 (2026-11-27, experiments/results/
+# gpu_session_2026-11-27/, 8192^2) the in-kernel sum took the same device time at M = 1
+# (19.50 vs 19.54 us) and saved wall time (one launch fewer: 26.9 vs 29.0 us; 19.6 vs 19.8 at
+# 4096^2), but lost above (M = 16: 22.4 vs 20.6 us device, 33.1 vs 29.9 wall). 256 x 64
+# split 16 and 8 warps: the split-8 tile
 # ran at 11.7% achieved occupancy under Nsight Compute (its 256 programs, ~2 per SM), so
 # more programs or warps may stream faster (not yet measured)
 _SMALL_BATCH_UNSWAPPED_TILES = (
@@ -191,7 +193,11 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
         # unswapped PTX tiles lead (8.0-11.4 us), at M = 4-16 the tensor-core tiles (8.4-11.6 us)
         # and gemv trails (17-151 us): gemv goes first for one row only
-        c = gemv + first + swapped if m == 1 else first + swapped + gemv
+        if m == 1:  # and the same tiles summing their split-K partials in the kernel (see above)
+            fused = [dataclasses.replace(cfg, split_reduce="kernel") for cfg in first if cfg.split_k > 1]
+            c = gemv + first + fused + swapped
+        else:
+            c = first + swapped + gemv
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -11,7 +11,12 @@ would otherwise run on the same stored weight (``xla_us``).
 
 A GPU table records the compute capability it was measured on and applies only to GPUs of
 that capability (timings from a Hopper say nothing about an Ampere part); on any other GPU
-the table is empty and ``backend="auto"`` runs XLA.
+the table is empty and ``backend="auto"`` runs XLA. A GPU model may also have a table of its
+own, ``tuning_gpu_<model>.json`` (:func:`device_table_path`, e.g.
+``tuning_gpu_nvidia_h100_80gb_hbm3.json``): on that model its entries replace the
+compute-capability table's for every kernel, group size and batch bucket it measured (an
+H100 and an H200 share compute capability 9.0 but not their memory bandwidth). Each file
+still holds the measurements of one device only.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from pathlib import Path
 
 import jax
@@ -77,6 +83,14 @@ def table_path(platform: str) -> Path:
     return _DIR / f"tuning_{platform}.json"
 
 
+def device_table_path(platform: str, device_kind: str) -> Path:
+    """The table of one device model: ``tuning_<platform>_<model>.json``, the model being
+    ``device_kind`` in lower case with every run of other characters turned into ``_``
+    (``"NVIDIA H100 80GB HBM3"`` -> ``tuning_gpu_nvidia_h100_80gb_hbm3.json``)."""
+    slug = re.sub(r"[^a-z0-9]+", "_", device_kind.lower()).strip("_")
+    return _DIR / f"tuning_{platform}_{slug}.json"
+
+
 def read_table(path: Path) -> tuple[TunedEntry, ...]:
     """The entries of a table file (``write_table``'s format)."""
     return _entries(json.loads(Path(path).read_text()))
@@ -96,6 +110,14 @@ def gpu_compute_capability() -> str | None:
     return None if cc is None else str(cc)
 
 
+def gpu_device_kind() -> str | None:
+    """The default device's model (``jax.Device.device_kind``, e.g. ``"NVIDIA H100 80GB
+    HBM3"``), or ``None`` when the default backend is not a GPU."""
+    if jax.default_backend() != "gpu":
+        return None
+    return jax.devices()[0].device_kind
+
+
 def _entries(data: dict) -> tuple[TunedEntry, ...]:
     return tuple(
         TunedEntry(
@@ -112,19 +134,33 @@ def _entries(data: dict) -> tuple[TunedEntry, ...]:
     )
 
 
-@functools.cache
-def load_table(platform: str) -> tuple[TunedEntry, ...]:
-    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none, and for
-    ``"gpu"`` also empty on a GPU of another compute capability than the table's (off a GPU,
-    as for the interpreter, the table's configs still serve as legal defaults)."""
-    path = table_path(platform)
+def _applicable(path: Path, platform: str, device_kind: str | None = None) -> tuple[TunedEntry, ...]:
+    """A table's entries if it exists and applies here (compute capability on a GPU; for a
+    model's own table also the recorded device), else none."""
     if not path.exists():
         return ()
     data = json.loads(path.read_text())
     here = gpu_compute_capability() if platform == "gpu" else None
     if here is not None and data.get("compute_capability") != here:
         return ()
+    if device_kind is not None and data.get("device") != device_kind:
+        return ()  # two models whose names reduce to the same file name
     return _entries(data)
+
+
+@functools.cache
+def load_table(platform: str) -> tuple[TunedEntry, ...]:
+    """The shipped table for ``platform`` (``"gpu"`` or ``"tpu"``); empty when none, and for
+    ``"gpu"`` also empty on a GPU of another compute capability than the table's (off a GPU,
+    as for the interpreter, the table's configs still serve as legal defaults). On a GPU
+    model with a table of its own (:func:`device_table_path`), its entries come first and
+    replace the compute-capability table's for each ``(kernel, group size, batch bucket)``
+    they cover."""
+    shared = _applicable(table_path(platform), platform)
+    kind = gpu_device_kind() if platform == "gpu" else None
+    own = () if kind is None else _applicable(device_table_path(platform, kind), platform, kind)
+    covered = {(e.kernel, e.group_size, m_bucket(e.m)) for e in own}
+    return own + tuple(e for e in shared if (e.kernel, e.group_size, m_bucket(e.m)) not in covered)
 
 
 def lookup(
