@@ -44,3 +44,16 @@ def test_unknown_step_is_refused(experiments, capsys, tmp_path):
     with pytest.raises(SystemExit):
         experiments("gpu_session").main(["--out", str(tmp_path), "--steps", "small,typo"])
     assert "unknown steps ['typo']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [4096, 8192])
+@pytest.mark.parametrize("m", [1, 16])
+def test_breakdown_configs_fit_their_cases(experiments, size, m):
+    """``experiments/w4a16_breakdown.py`` times fixed configs: each must pass the kernel API's
+    checks at the shapes it is run at (a tile that does not fit would cost a device run)."""
+    from qjax.kernels import api
+
+    configs = experiments("w4a16_breakdown").configs(m, size)
+    assert configs and any(cfg.split_reduce == "kernel" for _, cfg, _ in configs)
+    for layout, cfg, _ in configs:
+        api.check_config_gpu(cfg, "w4a16", m, size, size, None, layout)
