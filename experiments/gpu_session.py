@@ -7,6 +7,10 @@ timeout ends that step, not the session; ``bench_kernels.py`` saves after every 
 a step cut short keeps what it measured). Default steps (the thirteenth session measured
 the rest, experiments/results/gpu_session_2026-11-26/):
 
+0. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
+   XLA's split-K sum) of the tiles around the fastest W4A16 tile of 2026-11-27 (16 x 256 x
+   64 split 8: 2.38-2.41x bf16 at 8192^2, 11.7% achieved occupancy), at 4096 and 8192,
+   batch 1 and 16; its correctness checks passed on that H100 and are skipped.
 1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 first (the 2026-11-26 run reached
    one config per case there), then 4096, layouts ``n_pairs`` and ``k_halves``: the gemv
    kernel and the inline-PTX tensor-core tiles against bf16 (the 2.5x goal).
@@ -47,13 +51,14 @@ HERE = Path(__file__).resolve().parent
 # (name, share cap in seconds, fixed overhead of bench_kernels outside its tuning budget); caps
 # from the 2026-11-26 H100 run: "stored" took ~100 s and "pointwise" ~45 s at these sizes
 STEPS = (
+    ("breakdown", 250, 20),
     ("small", 300, 90),
     ("methods", 120, 0),
     ("nk", 150, 60),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
 )
-DEFAULT_STEPS = ("small", "methods", "nk")
+DEFAULT_STEPS = ("breakdown", "small", "methods", "nk")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -78,6 +83,18 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
             f"{max(budget_s, 5):.0f}",
             "--out",
             str(out / f"bench_kernels_{name}.json"),
+            *extra,
+        ]
+    if name == "breakdown":  # per-kernel device time of the tiles around the fastest W4A16 one
+        extra = ["--dry-run", "--batches", "1"] if dry_run else []
+        return [
+            *py,
+            str(HERE / "w4a16_breakdown.py"),
+            "--out",
+            str(out / "w4a16_breakdown.json"),
+            "--no-checks",
+            "--budget-s",
+            f"{max(budget_s, 5):.0f}",
             *extra,
         ]
     if name == "methods":
