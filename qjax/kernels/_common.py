@@ -72,7 +72,8 @@ class BlockConfig:
         partials: ``"xla"`` (a float32 ``(split_k, M, N)`` result summed by XLA after the
         kernel: a second kernel launch) or ``"kernel"`` (each program stores its partial in
         a workspace and the last program of each output tile, counted by an atomic, sums
-        them in split order and writes the tile: one launch, the same deterministic sum).
+        them in split order and writes the tile: one launch, a deterministic sum, though
+        not bit-identical to XLA's, whose order differs).
     """
 
     block_m: int

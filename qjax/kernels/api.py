@@ -177,9 +177,10 @@ def engines_here(kind: str, layout: str) -> tuple[str, ...]:
 def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) -> tuning.TunedEntry | None:
     """The ``platform`` tuning table's entry for this op: on a GPU, each usable engine's
     nearest entry (:func:`engines_here`; only configs that fit the shape), of which the one
-    measured at the batch nearest to ``m``, then at the nearest ``(K, N)``, then with the
-    largest speedup (an engine measured at one row says nothing about four: the CUDA-core
-    ``gemv`` ran 2-9x slower at M = 4 than at M = 1 on an H100); on a TPU the nearest entry
+    measured at the batch nearest to ``m`` (on a tie the larger batch: the more demanding
+    one), then at the nearest ``(K, N)``, then with the largest speedup (an engine measured
+    at one row says nothing about four: the CUDA-core ``gemv`` ran 2-9x slower at M = 4 than
+    at M = 1 on an H100); on a TPU the nearest entry
     (its block sizes are re-derived by ``default_config_tpu``). ``None`` if none qualifies.
     """
     if platform != "gpu":
@@ -195,8 +196,9 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
             continue
         fits.append(e)
 
-    def rank(e):
-        return (abs(math.log(e.m / max(1, m))), abs(math.log(e.k / k)) + abs(math.log(e.n / n)), -e.speedup)
+    def rank(e):  # batch ties (M = 2 between entries at 1 and 4): the larger measured batch
+        near_m = abs(math.log(e.m / max(1, m)))
+        return (near_m, -e.m, abs(math.log(e.k / k)) + abs(math.log(e.n / n)), -e.speedup)
 
     return min(fits, key=rank, default=None)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 
-from qjax.kernels._common import BlockConfig, cdiv, split_layout
+from qjax.kernels._common import SPLIT_REDUCES, BlockConfig, cdiv, split_layout
 
 _KINDS = ("int8_matmul", "weight_only")
 
@@ -28,6 +28,8 @@ def _check_positive(config: BlockConfig) -> None:
             raise ValueError(f"config.{name}={v!r} must be a positive int")
     if config.split_k != 1:
         raise ValueError(f"config.split_k={config.split_k} is not supported by the TPU kernels (must be 1)")
+    if config.split_reduce not in SPLIT_REDUCES:
+        raise ValueError(f"config.split_reduce={config.split_reduce!r} must be one of {SPLIT_REDUCES}")
     if config.split_reduce != "xla":
         raise ValueError(f"config.split_reduce={config.split_reduce!r} is a GPU option (TPU kernels: 'xla')")
 

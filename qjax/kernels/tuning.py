@@ -176,7 +176,8 @@ def lookup(
 
     Only entries of the same kernel, group size and batch bucket, measured within a factor
     :data:`MAX_SHAPE_RATIO` of K and of N, qualify (a speedup measured at 4096 says little
-    about K = 256); among them the one nearest in ``log K + log N``, then nearest in M.
+    about K = 256); among them the one nearest in ``log K + log N``, then nearest in M (on
+    a tie the larger M, whatever the file's order).
     """
     entries = load_table(platform) if entries is None else entries
     bucket, near = m_bucket(m), math.log(MAX_SHAPE_RATIO) + 1e-9
@@ -193,7 +194,7 @@ def lookup(
         return None
     return min(
         same,
-        key=lambda e: (abs(math.log(e.k / k)) + abs(math.log(e.n / n)), abs(math.log(e.m / max(1, m)))),
+        key=lambda e: (abs(math.log(e.k / k)) + abs(math.log(e.n / n)), abs(math.log(e.m / max(1, m))), -e.m),
     )
 
 

@@ -401,6 +401,7 @@ def test_lowering_weight_only_configs(layout, group_size, pack_block, config):
         (C(32, 128, 64), r"block_k=64 must be a multiple of 128"),
         (C(32, 128, 128, split_k=2), r"split_k=2 is not supported.*must be 1"),
         (C(32, 128, 128, split_reduce="kernel"), r"split_reduce='kernel' is a GPU option"),
+        (C(32, 128, 128, split_reduce="Kernel"), r"split_reduce='Kernel' must be one of \('xla', 'kernel'\)"),
         (C(0, 128, 128), r"block_m=0 must be a positive int"),
     ],
 )

@@ -58,6 +58,26 @@ def test_a_gpu_table_applies_only_to_its_compute_capability(
     assert tuning.table_compute_capability(path) == table_cc
 
 
+def test_batch_ties_go_to_the_larger_measured_batch_whatever_the_order():
+    entries = (_entry(16, 4096, 4096, 30.0), _entry(4, 4096, 4096, 20.0))  # M = 8: both log 2 away
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 4096, None, entries).m == 16
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 4096, None, entries[::-1]).m == 16
+
+
+def test_engines_tied_on_batch_go_to_the_larger_measured_batch(monkeypatch):
+    """M = 2 between a gemv entry measured at one row (the larger speedup) and a tensor-core
+    one at four: the tensor-core one, measured at the more demanding batch."""
+    gemv = BlockConfig(1, 128, 128, 8, False, 4, 3, engine="gemv")
+    tc = BlockConfig(16, 256, 64, 8, dequant="ptx")
+    entries = (
+        _entry(1, 4096, 4096, 10.0, 15.0, kernel="w4a16_n_pairs_gemv", config=gemv),
+        _entry(4, 4096, 4096, 10.0, 11.5, kernel="w4a16_n_pairs", config=tc),
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    assert api.tuned_entry("gpu", "w4a16", 2, 4096, 4096, None, "n_pairs").config == tc
+    assert api.tuned_entry("gpu", "w4a16", 1, 4096, 4096, None, "n_pairs").config == gemv
+
+
 def test_device_table_path_names_the_model():
     path = tuning.device_table_path("gpu", "NVIDIA H100 80GB HBM3")
     assert (
@@ -222,6 +242,7 @@ def test_table_entries_compare_with_the_fallback_dispatch_would_run(bench, tmp_p
 def test_shipped_table_drives_auto_on_a_hopper(monkeypatch, m, group, expected):
     monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
     monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H200")  # the shared table's model
     monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
     spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=group, group_axis=0 if group else None)
     w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), spec)
