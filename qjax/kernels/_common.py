@@ -375,3 +375,21 @@ def k_perm_pairs_to_halves(k: int, block_k: int) -> np.ndarray:
     perm[c * block_k + j] = 2 * np.arange(k // 2)
     perm[c * block_k + block_k // 2 + j] = 2 * np.arange(k // 2) + 1
     return perm
+
+
+def with_reference_jvp(kernel, reference, *args):
+    """``kernel(*args)``, differentiated as ``reference(*args)``, the XLA formulation of the
+    same product (:func:`xla_weight_only`, :func:`xla_int8_matmul`).
+
+    A ``pallas_call`` has no derivative rule of its own. The kernels compute what their
+    reference does (up to float rounding), so forward- and reverse-mode derivatives (with
+    respect to activations and scales; integer codes get ``float0`` tangents) come from the
+    reference at the same operands, for example training adapters over a frozen int4 weight.
+    """
+    f = jax.custom_jvp(kernel)
+
+    @f.defjvp
+    def _jvp(primals, tangents):
+        return kernel(*primals), jax.jvp(reference, primals, tangents)[1]
+
+    return f(*args)

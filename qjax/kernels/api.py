@@ -9,6 +9,7 @@ against the shape, and runs.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -284,36 +285,27 @@ def _weight_only(
         )
     out_dtype = jnp.dtype(out_dtype or x.dtype)
     platform = resolve_platform(platform, interpret)
+    common = dict(layout=layout, group_size=group_size, out_dtype=out_dtype)
+    reference = lambda x, w, s: c.xla_weight_only(x, w, s, pack_block=pack_block, **common)
     if m == 0 or n == 0 or k == 0 or platform == "xla":
-        return c.xla_weight_only(
-            x, w, s, layout=layout, group_size=group_size, pack_block=pack_block, out_dtype=out_dtype
-        )
+        return reference(x, w, s)
     kind = "w4a16" if bits == 4 else "w8a16"
     cfg = choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config)
     if platform == "tpu":
         from qjax.kernels import tpu
 
-        return tpu.weight_only_matmul_tpu(
-            x,
-            w,
-            s,
-            layout=layout,
-            group_size=group_size,
-            pack_block=pack_block,
-            out_dtype=out_dtype,
-            config=cfg,
-            interpret=interpret,
-        )
-    from qjax.kernels import gpu, gpu_gemv
+        run = functools.partial(tpu.weight_only_matmul_tpu, pack_block=pack_block)
+    else:
+        from qjax.kernels import gpu, gpu_gemv
 
-    if layout == "k_halves" and cfg.block_k != pack_block:
-        raise ValueError(
-            f"for layout 'k_halves' the kernel's block_k ({cfg.block_k}) must equal pack_block ({pack_block})"
-        )
-    run = gpu_gemv.weight_only_gemv if cfg.engine == "gemv" else gpu.weight_only_matmul_gpu
-    return run(
-        x, w, s, layout=layout, group_size=group_size, out_dtype=out_dtype, config=cfg, interpret=interpret
-    )
+        if layout == "k_halves" and cfg.block_k != pack_block:
+            raise ValueError(
+                f"for layout 'k_halves' the kernel's block_k ({cfg.block_k}) must equal "
+                f"pack_block ({pack_block})"
+            )
+        run = gpu_gemv.weight_only_gemv if cfg.engine == "gemv" else gpu.weight_only_matmul_gpu
+    kernel = lambda x, w, s: run(x, w, s, config=cfg, interpret=interpret, **common)
+    return c.with_reference_jvp(kernel, reference, x, w, s)
 
 
 def w4a16_matmul(
@@ -356,7 +348,9 @@ def w4a16_matmul(
         ``pltpu.InterpretParams``); needs ``platform`` on CPU.
 
     Returns:
-      ``(M, N)`` array of ``out_dtype``.
+      ``(M, N)`` array of ``out_dtype``. Differentiable in ``x`` and ``scales`` (forward and
+      reverse mode): the derivatives are those of the XLA formulation (``platform="xla"``)
+      at the same operands, e.g. for adapters trained over a frozen int4 weight.
 
     Raises:
       ValueError / TypeError: shapes, dtypes, group size, pack block or config that do not fit,
@@ -395,7 +389,8 @@ def w8a16_matmul(
     interpret=False,
 ) -> jax.Array:
     """``x @ W`` for int8 weight codes ``(K, N)`` (``(N, K)`` with ``b_layout="nk"``)
-    times per-channel or per-group scales (W8A16). Arguments as :func:`w4a16_matmul`."""
+    times per-channel or per-group scales (W8A16). Arguments, result and derivatives as
+    :func:`w4a16_matmul`."""
     return _weight_only(
         x,
         w_q,
@@ -442,7 +437,8 @@ def int8_matmul(
         ``b_layout="nk"``; float32 / bfloat16 / float16 output).
 
     Returns:
-      ``(M, N)`` array of ``out_dtype``.
+      ``(M, N)`` array of ``out_dtype``. Differentiable in the scales, as the XLA
+      formulation (``platform="xla"``) is.
 
     Raises:
       ValueError / TypeError: operands that are not int8 matrices with matching K, an
@@ -462,8 +458,9 @@ def int8_matmul(
     sb = c.col_scale(b_scale, n, "b_scale")
     out_dtype = jnp.dtype(out_dtype)
     platform = resolve_platform(platform, interpret)
+    reference = functools.partial(c.xla_int8_matmul, out_dtype=out_dtype, b_layout=b_layout)
     if m == 0 or n == 0 or k == 0 or platform == "xla":
-        return c.xla_int8_matmul(a_q, b_q, sa, sb, out_dtype=out_dtype, b_layout=b_layout)
+        return reference(a_q, b_q, sa, sb)
     cfg = choose_config(platform, "w8a8", m, k, n, None, b_layout, None, config)
     if cfg.engine == "wgmma":
         from qjax.kernels import gpu_wgmma
@@ -481,14 +478,17 @@ def int8_matmul(
                 f"config {cfg}: the wgmma engine needs a Hopper (sm_90) GPU, this one has compute "
                 f"capability {cc}; pick a Triton config"
             )
-        return gpu_wgmma.int8_matmul_wgmma(
-            a_q, b_q, sa, sb, out_dtype=out_dtype, config=cfg, interpret=interpret
+        kernel = functools.partial(
+            gpu_wgmma.int8_matmul_wgmma, out_dtype=out_dtype, config=cfg, interpret=interpret
         )
+        return c.with_reference_jvp(kernel, reference, a_q, b_q, sa, sb)
     kw = dict(out_dtype=out_dtype, config=cfg, b_layout=b_layout, interpret=interpret)
     if platform == "tpu":
         from qjax.kernels import tpu
 
-        return tpu.int8_matmul_tpu(a_q, b_q, sa, sb, **kw)
-    from qjax.kernels import gpu
+        kernel = functools.partial(tpu.int8_matmul_tpu, **kw)
+    else:
+        from qjax.kernels import gpu
 
-    return gpu.int8_matmul_gpu(a_q, b_q, sa, sb, **kw)
+        kernel = functools.partial(gpu.int8_matmul_gpu, **kw)
+    return c.with_reference_jvp(kernel, reference, a_q, b_q, sa, sb)

@@ -675,3 +675,77 @@ def test_grouped_tile_order_visits_every_tile_once(num_m, num_n, group_m):
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) == num_m * num_n
     # a band of group_m row tiles is finished before the next begins
     assert (np.diff(rows // group_m) >= 0).all()
+
+
+# -- derivatives ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bits,layout,b_layout,group,cfg",
+    [
+        (4, "n_pairs", "kn", None, P(16, 64, 64, 4)),
+        (4, "k_pairs", "nk", 128, S(16, 64, 64, 2, dequant="ptx")),
+        (4, "k_halves", "kn", None, G(1, 64, 64, 2)),
+        (8, "int8", "kn", 64, C(16, 32, 64, 2, True)),
+    ],
+)
+def test_kernel_gradients_are_the_xla_formulations(rng, bits, layout, b_layout, group, cfg):
+    """A pallas_call has no derivative rule: the kernels take their XLA formulation's, at the
+    same operands. Gradients in x and in the scales equal the XLA path's exactly, and the
+    float64 analytic ones (dx = g W^T, ds = column sums of x^T g times the codes) to bf16
+    rounding (the kernels and their reference round x and g to bfloat16)."""
+    m, k, n = 3, 256, 128
+    lim = 2 ** (bits - 1)
+    codes = rng.integers(-lim, lim, (k, n))
+    scales = jnp.asarray(rng.uniform(0.01, 0.1, (1 if group is None else k // group, n)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(m, n)), jnp.float32)
+    if b_layout == "nk":
+        w, s_arg = weight_nk(codes, layout), scales.T
+    else:
+        w, s_arg = weight_in_layout(codes, layout, cfg.block_k), scales
+    fn = w8a16_matmul if bits == 8 else functools.partial(w4a16_matmul, layout=layout, pack_block=cfg.block_k)
+    kw = dict(group_size=group, b_layout=b_layout, out_dtype=jnp.float32)
+
+    def loss(x, s, platform):
+        extra = dict(config=cfg, interpret=True) if platform == "gpu" else {}
+        return jnp.sum(fn(x, w, s, platform=platform, **kw, **extra) * g)
+
+    dk = jax.grad(loss, argnums=(0, 1))(x, s_arg, "gpu")
+    dx = jax.grad(loss, argnums=(0, 1))(x, s_arg, "xla")
+    for a, b in zip(dk, dx):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    rows = k if group is None else group
+    s64 = np.repeat(np.asarray(scales, np.float64), rows, axis=0)  # (K, N)
+    g64, x64 = np.asarray(g, np.float64), np.asarray(x, np.float64)
+    ref_dx = g64 @ (codes * s64).T
+    ref_ds = ((x64.T @ g64) * codes).reshape(k // rows, rows, n).sum(axis=1)
+    ref_ds = ref_ds.T if b_layout == "nk" else ref_ds
+    np.testing.assert_allclose(dk[0], ref_dx, atol=2e-2 * np.abs(ref_dx).max())
+    np.testing.assert_allclose(dk[1], ref_ds, atol=2e-2 * np.abs(ref_ds).max())
+    # forward mode too: the tangent of a linear map is the map of the tangent
+    t = jax.jvp(lambda x: loss(x, s_arg, "gpu"), (x,), (x,))[1]
+    np.testing.assert_allclose(t, loss(x, s_arg, "xla"), rtol=1e-6)
+
+
+def test_int8_kernel_gradients_in_the_scales(rng):
+    a = rng.integers(-127, 128, (7, 128)).astype(np.int8)
+    b = rng.integers(-127, 128, (128, 64)).astype(np.int8)
+    sa = jnp.asarray(rng.uniform(0.01, 0.1, (7, 1)), jnp.float32)
+    sb = jnp.asarray(rng.uniform(0.01, 0.1, (1, 64)), jnp.float32)
+
+    def loss(sa, sb, platform):
+        extra = dict(config=C(16, 32, 64), interpret=True) if platform == "gpu" else {}
+        return jnp.sum(int8_matmul(a, b, sa, sb, out_dtype=jnp.float32, platform=platform, **extra) ** 2)
+
+    dk = jax.grad(loss, argnums=(0, 1))(sa, sb, "gpu")
+    dx = jax.grad(loss, argnums=(0, 1))(sa, sb, "xla")
+    for got, want in zip(dk, dx):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    y = (
+        (a.astype(np.float64) @ b.astype(np.float64))
+        * np.asarray(sa, np.float64)
+        * np.asarray(sb, np.float64)
+    )
+    ref_dsa = (2 * y * y).sum(axis=1, keepdims=True) / np.asarray(sa, np.float64)
+    np.testing.assert_allclose(dk[0], ref_dsa, rtol=1e-4)
