@@ -382,14 +382,16 @@ def with_reference_jvp(kernel, reference, *args):
     same product (:func:`xla_weight_only`, :func:`xla_int8_matmul`).
 
     A ``pallas_call`` has no derivative rule of its own. The kernels compute what their
-    reference does (up to float rounding), so forward- and reverse-mode derivatives (with
-    respect to activations and scales; integer codes get ``float0`` tangents) come from the
-    reference at the same operands, for example training adapters over a frozen int4 weight.
+    reference does (up to float rounding), so forward- and reverse-mode derivatives of any
+    order (with respect to activations and scales; integer codes get ``float0`` tangents)
+    come from the reference at the same operands, for example training adapters over a
+    frozen int4 weight.
     """
     f = jax.custom_jvp(kernel)
 
     @f.defjvp
     def _jvp(primals, tangents):
-        return kernel(*primals), jax.jvp(reference, primals, tangents)[1]
+        # f, not kernel: an outer derivative (a Hessian) applies this rule again
+        return f(*primals), jax.jvp(reference, primals, tangents)[1]
 
     return f(*args)

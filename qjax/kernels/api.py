@@ -349,8 +349,9 @@ def w4a16_matmul(
 
     Returns:
       ``(M, N)`` array of ``out_dtype``. Differentiable in ``x`` and ``scales`` (forward and
-      reverse mode): the derivatives are those of the XLA formulation (``platform="xla"``)
-      at the same operands, e.g. for adapters trained over a frozen int4 weight.
+      reverse mode, any order): the derivatives are those of the XLA formulation
+      (``platform="xla"``) at the same operands, e.g. for adapters trained over a frozen
+      int4 weight.
 
     Raises:
       ValueError / TypeError: shapes, dtypes, group size, pack block or config that do not fit,

@@ -749,3 +749,22 @@ def test_int8_kernel_gradients_in_the_scales(rng):
     )
     ref_dsa = (2 * y * y).sum(axis=1, keepdims=True) / np.asarray(sa, np.float64)
     np.testing.assert_allclose(dk[0], ref_dsa, rtol=1e-4)
+
+
+def test_kernel_second_derivatives_are_the_xla_formulations(rng):
+    """The JVP rule calls the kernel through its own custom_jvp, so a Hessian (an outer
+    derivative of that rule) takes the reference's second derivative as well."""
+    codes = rng.integers(-8, 8, (64, 32))
+    w = weight_in_layout(codes, "k_pairs")
+    s = jnp.asarray(rng.uniform(0.01, 0.1, (32,)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(2, 64)), jnp.float32)
+
+    def loss(x, platform):
+        extra = dict(config=C(16, 32, 32), interpret=True) if platform == "gpu" else {}
+        y = w4a16_matmul(x, w, s, layout="k_pairs", out_dtype=jnp.float32, platform=platform, **extra)
+        return jnp.sum(jnp.tanh(y) ** 2)
+
+    got = jax.hessian(loss)(x, "gpu")
+    want = jax.hessian(loss)(x, "xla")
+    assert got.shape == (2, 64, 2, 64) and np.abs(np.asarray(want)).max() > 0
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
