@@ -310,7 +310,13 @@ def _dry_run_modes(stack: contextlib.ExitStack):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="experiments/results/bench_kernels.json")
-    p.add_argument("--write-table", default=None, help="write the tuning table here")
+    p.add_argument(
+        "--write-table",
+        default=None,
+        help="write the tuning table here: qjax/kernels/tuning_gpu.json serves every GPU of the "
+        "measured compute capability; tuning.device_table_path('gpu', <device kind>) (e.g. "
+        "qjax/kernels/tuning_gpu_nvidia_h100_80gb_hbm3.json) only that GPU model, before the shared one",
+    )
     p.add_argument("--budget-s", type=float, default=300, help="stop tuning after this many seconds")
     p.add_argument("--sizes", default="4096,8192")
     p.add_argument("--batches", default="1,4,16,64,256")
