@@ -65,6 +65,16 @@ def _program(fn, xs, ws, min_calls):
     return run, xs, len(xs) * len(ws)
 
 
+def wall_per_call(run, xs, ws, rest, reps: int, calls: int) -> float:
+    """Median wall seconds per call of a warm ``_program``."""
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        jax.block_until_ready(run(xs, ws, rest))
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)) / calls
+
+
 def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96, device=False):
     """Seconds per call of ``fn(x, w, *rest)`` in one compiled program (see ``_program``):
     ``(wall, gpu)``. ``wall``: median wall clock, the kernel plus the launch gaps a model pays
@@ -72,11 +82,7 @@ def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96, device=False):
     records, no launch gaps; ``None`` where CUPTI is unavailable."""
     run, xs, calls = _program(fn, xs, ws, min_calls)
     jax.block_until_ready(run(xs, ws, rest))
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(run(xs, ws, rest))
-        ts.append(time.perf_counter() - t)
+    wall = wall_per_call(run, xs, ws, rest, reps, calls)
     gpu = None
     if device and (profiler := _cupti()) is not None:
         try:
@@ -84,7 +90,7 @@ def time_calls(fn, xs, ws, rest=(), reps=5, min_calls=96, device=False):
             gpu = float(np.median(ms)) / 1e3 / calls if ms else None
         except Exception as e:
             log(f"device timing failed: {e!r:.200}")
-    return float(np.median(ts)) / calls, gpu
+    return wall, gpu
 
 
 @functools.cache

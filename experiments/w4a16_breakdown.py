@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from kernel_checks import exactness_checks, make_weight_only, reference_weight_only, weight_in_layout
-from kernel_timing import _program, device_info, rotations, time_calls
+from kernel_timing import _program, device_info, rotations, wall_per_call
 from timing import rel_err
 
 from qjax.kernels import BlockConfig, api
@@ -74,11 +74,13 @@ def kernel_call(layout, cfg, group, interpret):
 
 
 def per_kernel(fn, xs, ws, rest, reps, calls):
-    """Median device µs per call of each kernel name in one program of ``calls`` calls."""
+    """``(device, wall)`` of one compiled program of ``calls`` calls: the median device µs
+    per call of each kernel name (and their total), and the median wall µs per call."""
     from jax.experimental.mosaic.gpu import profiler
 
     run, xs, n = _program(fn, xs, ws, calls)
     jax.block_until_ready(run(xs, ws, rest))
+    wall = round(wall_per_call(run, xs, ws, rest, reps, n) * 1e6, 3)
     _, timings = profiler.measure(run, aggregate=False, iterations=reps)(xs, ws, rest)
     per_rep = []
     for rep in timings:
@@ -89,7 +91,7 @@ def per_kernel(fn, xs, ws, rest, reps, calls):
     names = sorted({k for r in per_rep for k in r})
     out = {name: round(float(np.median([r.get(name, 0.0) for r in per_rep])), 3) for name in names}
     out["total"] = round(float(np.median([sum(r.values()) for r in per_rep])), 3)
-    return out
+    return out, wall
 
 
 def main(argv=None) -> int:
@@ -137,8 +139,7 @@ def main(argv=None) -> int:
             if not args.ncu and not args.dry_run:
                 wf = jnp.asarray(codes, jnp.bfloat16)
                 wfs = [wf + i for i in range(rotations(2 * k * n))]
-                res = per_kernel(lambda x, w: x @ w, [x], wfs, (), 5, calls)
-                wall = round(time_calls(lambda x, w: x @ w, [x], wfs, min_calls=calls)[0] * 1e6, 3)
+                res, wall = per_kernel(lambda x, w: x @ w, [x], wfs, (), 5, calls)
                 cases.append({"m": m, "k": k, "label": "xla bf16", "device_us": res, "wall_us": wall})
                 print(json.dumps(cases[-1]), flush=True)
             for layout, cfg, label in configs(m, size):
@@ -157,8 +158,7 @@ def main(argv=None) -> int:
                         jax.block_until_ready(y)
                     elif not args.dry_run:
                         ws = [w] + [w ^ jnp.zeros((), w.dtype) for _ in range(r - 1)]
-                        case["device_us"] = per_kernel(fn, [x], ws, (s_w,), 5, calls)
-                        case["wall_us"] = round(time_calls(fn, [x], ws, (s_w,), min_calls=calls)[0] * 1e6, 3)
+                        case["device_us"], case["wall_us"] = per_kernel(fn, [x], ws, (s_w,), 5, calls)
                 except Exception as e:
                     case["error"] = repr(e)[:400]
                 cases.append(case)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -197,10 +196,7 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
             continue
         fits.append(e)
 
-    def rank(e):  # batch ties (M = 2 between entries at 1 and 4): the larger measured batch
-        near_m = abs(math.log(e.m / max(1, m)))
-        return (near_m, -e.m, abs(math.log(e.k / k)) + abs(math.log(e.n / n)), -e.speedup)
-
+    rank = lambda e: (*tuning.batch_distance(e, m), tuning.shape_distance(e, k, n), -e.speedup)
     return min(fits, key=rank, default=None)
 
 

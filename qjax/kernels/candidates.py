@@ -85,9 +85,9 @@ _SMALL_BATCH_TILES = (
 # gpu_session_2026-11-27/, 8192^2) the in-kernel sum took the same device time at M = 1
 # (19.50 vs 19.54 us) and saved wall time (one launch fewer: 26.9 vs 29.0 us; 19.6 vs 19.8 at
 # 4096^2), but lost above (M = 16: 22.4 vs 20.6 us device, 33.1 vs 29.9 wall). 256 x 64
-# split 16 and 8 warps: the split-8 tile
-# ran at 11.7% achieved occupancy under Nsight Compute (its 256 programs, ~2 per SM), so
-# more programs or warps may stream faster (not yet measured)
+# split 16 and 8 warps: the split-8 tile ran at 11.7% achieved occupancy under Nsight
+# Compute (its 256 programs, ~2 per SM), so more programs or warps may stream faster (not
+# yet measured)
 _SMALL_BATCH_UNSWAPPED_TILES = (
     (256, 64, 8, 4, 4),
     (256, 64, 16, 4, 4),
@@ -158,7 +158,7 @@ def _tiles(rows) -> list[BlockConfig]:
 def variant(cfg: BlockConfig | None) -> str | None:
     """The kernel family a config runs: its engine, plus ``+ptx`` for the inline-PTX int4
     unpacking and ``+ksum`` for split-K partials summed in the kernel (tuning budgets and
-    reports count configs per variant; the candidate lists hold no ``+ksum`` config)."""
+    reports count configs per variant; the lists hold ``+ksum`` configs at one row only)."""
     if cfg is None:
         return None
     name = cfg.engine if cfg.dequant == "logic" else f"{cfg.engine}+{cfg.dequant}"

@@ -108,12 +108,8 @@ def _split_sum(out, o_ref, ws_ref, cnt_ref, rmask, interpret):
 
 def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, layout, m, cfg, steps, group_size, interpret):
     bm, bk, swap = cfg.block_m, cfg.block_k, cfg.swap
-    if len(refs) == 1:
-        (o_ref,) = refs
-        finish = lambda out: _store(o_ref, (slice(None), slice(None)), out.astype(o_ref.dtype), rmask)
-    else:  # split_reduce="kernel": the counters (input, aliased output) and the workspace
-        _, o_ref, cnt_ref, ws_ref = refs
-        finish = lambda out: _split_sum(out, o_ref, ws_ref, cnt_ref, rmask, interpret)
+    # the output; with split_reduce="kernel" also the counters (input, aliased output) and workspace
+    o_ref = refs[0] if len(refs) == 1 else refs[1]
     layout, nk = split_layout(layout)  # nk: the weight tile is (N, K), its scales are columns
     # codes -> bfloat16 (int4 bytes: the low and high nibbles): integer logic or inline PTX
     if cfg.dequant == "ptx":
@@ -127,6 +123,13 @@ def _weight_only_kernel(x_ref, w_ref, s_ref, *refs, layout, m, cfg, steps, group
         rmask = (rows < m)[:, None]
     else:
         rmask = None
+
+    def finish(out):  # the float32 tile, to the output (or to the split-K sum)
+        if len(refs) == 1:
+            _store(o_ref, (slice(None), slice(None)), out.astype(o_ref.dtype), rmask)
+        else:
+            _, _, cnt_ref, ws_ref = refs
+            _split_sum(out, o_ref, ws_ref, cnt_ref, rmask, interpret)
 
     def mm(xt, wt):
         if nk:  # wt is (n, k): contract both operands' last axes

@@ -163,6 +163,17 @@ def load_table(platform: str) -> tuple[TunedEntry, ...]:
     return own + tuple(e for e in shared if (e.kernel, e.group_size, m_bucket(e.m)) not in covered)
 
 
+def batch_distance(e: TunedEntry, m: int) -> tuple[float, int]:
+    """How far ``e`` was measured from batch ``m``: ``|log(e.m / m)|``, ties going to the
+    larger measured batch (the more demanding one), whatever the table's order."""
+    return abs(math.log(e.m / max(1, m))), -e.m
+
+
+def shape_distance(e: TunedEntry, k: int, n: int) -> float:
+    """How far ``e`` was measured from ``(K, N)``: ``|log(e.k / k)| + |log(e.n / n)|``."""
+    return abs(math.log(e.k / k)) + abs(math.log(e.n / n))
+
+
 def lookup(
     platform: str,
     kernel: str,
@@ -192,10 +203,7 @@ def lookup(
     ]
     if not same:
         return None
-    return min(
-        same,
-        key=lambda e: (abs(math.log(e.k / k)) + abs(math.log(e.n / n)), abs(math.log(e.m / max(1, m))), -e.m),
-    )
+    return min(same, key=lambda e: (shape_distance(e, k, n), *batch_distance(e, m)))
 
 
 def write_table(
