@@ -62,7 +62,7 @@ from kernel_checks import (
     wgmma_checks,
 )
 from kernel_report import markdown, merge_table, table_entries, table_from_reports
-from kernel_timing import Mode, copy_bandwidth, device_info, gpu_fields, log, rotations
+from kernel_timing import Mode, copy_bandwidth, device_info, dry_run_mode, gpu_fields, log, rotations
 from timing import rel_err
 
 from qjax.kernels import BlockConfig, api, gpu_wgmma, tuning
@@ -90,7 +90,14 @@ def weight_only_case(rng, mode, bits, m, k, n, group, layout, tune_cfgs, bw, pea
         kw = {"layout": base, "pack_block": pb} if bits == 4 else {}
         kw["b_layout"] = "nk" if nk else "kn"
         call = lambda x, w, s, cfg=cfg, kw=kw: fn(
-            x, w, s_w, group_size=group, platform=mode.platform, config=cfg, interpret=mode.interpret, **kw
+            x,
+            w,
+            s_w,
+            group_size=group,
+            platform=mode.platform,
+            config=cfg,
+            interpret=mode.interpret_for(cfg),
+            **kw,
         )
         try:
             out = jax.jit(call)(x0, w, s_w)
@@ -294,17 +301,10 @@ def cap_per_engine(cands: list, cap: int | None) -> list:
 
 
 def _dry_run_modes(stack: contextlib.ExitStack):
-    """``(mode, wgmma_mode, hopper)`` for ``--dry-run``: Triton kernels in the Pallas
-    interpreter, the wgmma kernel in JAX's GPU interpreter (with the tests' patch for
-    transposed operands, on until ``stack`` closes), one rep of at most two calls."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.kernels.mgpu_interpret import interpret_params, transposed_wgmma_operands
-
-    stack.enter_context(transposed_wgmma_operands(watchdog_s=3600))
-    quick = dict(reps=1, max_calls=2)
-    return Mode("gpu", True, **quick), Mode("gpu", interpret_params(), **quick), True
+    """``(mode, wgmma_mode, hopper)`` for ``--dry-run`` (:func:`kernel_timing.dry_run_mode`):
+    the W8A8 wgmma cases run in JAX's GPU interpreter."""
+    mode = dry_run_mode(stack)
+    return mode, dataclasses.replace(mode, interpret=mode.wgmma_interpret), True
 
 
 def main(argv=None):

@@ -8,9 +8,11 @@ a step cut short keeps what it measured). Default steps (the thirteenth session 
 the rest, experiments/results/gpu_session_2026-11-26/):
 
 0. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
-   XLA's split-K sum) of the tiles around the fastest W4A16 tile of 2026-11-27 (16 x 256 x
-   64 split 8: 2.38-2.41x bf16 at 8192^2, 11.7% achieved occupancy), at 4096 and 8192,
-   batch 1 and 16; its correctness checks passed on that H100 and are skipped.
+   XLA's split-K sum), at 4096 and 8192, batch 1 and 16, first of the Hopper TMA + ``wgmma``
+   weight-only kernel (new on 2026-11-27, never run on hardware: its checks run first), then
+   of the Triton tiles around the fastest W4A16 tile of 2026-11-27 (16 x 256 x 64 split 8:
+   2.38-2.41x bf16 at 8192^2, 11.7% achieved occupancy), whose checks passed on that H100
+   and are skipped.
 1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 first (the 2026-11-26 run reached
    one config per case there), then 4096, layouts ``n_pairs`` and ``k_halves``: the gemv
    kernel and the inline-PTX tensor-core tiles against bf16 (the 2.5x goal).
@@ -18,7 +20,8 @@ the rest, experiments/results/gpu_session_2026-11-26/):
    dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
    chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
 3. ``nk``: the weight-only kernels for weights stored ``(N, K)`` (batch 1 / 16 / 64 at
-   4096; ``int8_nk`` and most of ``n_pairs_nk`` were not reached on 2026-11-26).
+   4096; ``int8_nk`` and most of ``n_pairs_nk`` were not reached on 2026-11-26), the
+   ``wgmma`` weight-only candidates first at batches up to 16.
 
 Also selectable (``--steps``): ``stored`` (``quantized`` on Flax ``(K, N)`` weights vs the
 same after ``qjax.store_transposed``) and ``pointwise`` (quantized 1x1 convs as dots vs as

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from timing import rel_err
 
-from qjax.kernels import BlockConfig, api, gpu_wgmma, pack_int4
+from qjax.kernels import BlockConfig, api, gpu_wgmma, gpu_wgmma_weight_only, pack_int4
 from qjax.kernels import _common as kc
 from qjax.numerics import packing
 
@@ -149,4 +149,38 @@ def wgmma_checks(rng, interpret=False):
             except Exception as e:  # a Mosaic GPU compile failure is a finding, not a crash
                 check.update(ok=False, error=repr(e)[:500])
             out.append(check)
+    return out
+
+
+def wgmma_weight_only_checks(rng, interpret=False, quick=False):
+    """The Hopper weight-only ``wgmma`` kernel (weights stored ``(N, K)``, per channel)
+    within bf16 tolerance of float64 at odd M, one and two warpgroups, two K steps per
+    split (``quick``: one batch); a compile failure is a failed check."""
+    out = []
+    for bits, layout in ((4, "n_pairs_nk"), (8, "int8_nk")):
+        rows = 64 * gpu_wgmma_weight_only._parts(layout)
+        for m in (13,) if quick else (1, 13, 70):
+            for wgs, bk, split, stages in ((1, 128, 2, 2), (2, 64, 4, 3)):
+                k, n = 512, 256
+                cfg = BlockConfig(
+                    8 if m <= 8 else 16, wgs * rows, bk, split, True, num_stages=stages, engine="wgmma"
+                )
+                codes, s = make_weight_only(rng, bits, k, n, None)
+                w = weight_in_layout(codes, layout)
+                x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+                ref = reference_weight_only(np.asarray(x, np.float32), codes, s, None)
+                kw = dict(
+                    b_layout="nk", platform="gpu", config=cfg, interpret=interpret, out_dtype=jnp.float32
+                )
+                check = {"check": f"{layout} m={m} wgmma {wgs}wg bk{bk} split{split}"}
+                try:
+                    if bits == 4:
+                        y = api.w4a16_matmul(x, w, s.T, layout="n_pairs", **kw)
+                    else:
+                        y = api.w8a16_matmul(x, w, s.T, **kw)
+                    e = rel_err(y, ref)
+                    check.update(ok=e < 1e-2, rel_err=e)
+                except Exception as exc:  # a compile failure is a finding, not a crash
+                    check.update(ok=False, error=repr(exc)[:500])
+                out.append(check)
     return out

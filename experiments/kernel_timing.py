@@ -130,6 +130,12 @@ class Mode:
     interpret: object = False
     reps: int = 5
     max_calls: int | None = None
+    wgmma_interpret: object = False  # a dry run: JAX's GPU interpreter for the Mosaic GPU kernels
+
+    def interpret_for(self, cfg) -> object:
+        """The ``interpret=`` of a kernel config: the Mosaic GPU (``wgmma``) kernels run in
+        JAX's GPU interpreter, the Triton ones in Pallas's."""
+        return self.wgmma_interpret if cfg is not None and cfg.engine == "wgmma" else self.interpret
 
     @property
     def on_gpu(self) -> bool:  # real GPU timing (device time from CUPTI)
@@ -143,3 +149,18 @@ class Mode:
         if self.max_calls is not None:  # a short loop: one activation, at most max_calls weights
             xs, ws = list(xs)[:1], list(ws)[: self.max_calls]
         return time_calls(fn, xs, ws, rest, reps=self.reps, min_calls=n, device=self.on_gpu)
+
+
+def dry_run_mode(stack) -> Mode:
+    """The mode of a ``--dry-run`` on a CPU: the Triton kernels in the Pallas interpreter,
+    the Mosaic GPU (``wgmma``) ones in JAX's GPU interpreter with the tests' patch
+    (:mod:`tests.kernels.mgpu_interpret`: transposed and register operands), entered on
+    ``stack`` (a :class:`contextlib.ExitStack`) until it closes; one rep of at most two calls."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.kernels.mgpu_interpret import interpret_params, transposed_wgmma_operands
+
+    stack.enter_context(transposed_wgmma_operands(watchdog_s=3600))
+    return Mode("gpu", True, reps=1, max_calls=2, wgmma_interpret=interpret_params())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import sys
 import time
@@ -30,8 +31,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from kernel_checks import exactness_checks, make_weight_only, reference_weight_only, weight_in_layout
-from kernel_timing import _program, device_info, rotations, wall_per_call
+from kernel_checks import (
+    exactness_checks,
+    make_weight_only,
+    reference_weight_only,
+    weight_in_layout,
+    wgmma_weight_only_checks,
+)
+from kernel_timing import Mode, _program, device_info, dry_run_mode, rotations, wall_per_call
 from timing import rel_err
 
 from qjax.kernels import BlockConfig, api
@@ -43,11 +50,19 @@ def configs(m: int, size: int):
     found the inline-PTX ``n_pairs`` 16 x 256 x 64 split-8 tile fastest at 8192 and Nsight
     Compute showed it at 11.7% achieved occupancy, limited by its 256 programs: the list
     varies the number of programs (split 16, 8 warps) around it, then the in-kernel split-K
-    sum and the other layouts."""
+    sum and the other layouts. The Hopper Mosaic GPU kernel (TMA-fed ``wgmma``, the weight
+    stored ``(N, K)``: :mod:`qjax.kernels.gpu_wgmma_weight_only`) comes first."""
     t = lambda bn, bk, split, w=4, s=4, red="xla": BlockConfig(
         16, bn, bk, split, False, w, s, dequant="ptx", split_reduce=red
     )
-    out = [
+    wg = lambda bn, bk, split, s=4: BlockConfig(
+        8 if m <= 8 else 16, bn, bk, split, True, num_stages=s, engine="wgmma"
+    )
+    out = [  # first the Hopper TMA + wgmma kernel (weight stored (N, K)), new and untimed
+        ("n_pairs_nk", wg(256, 128, 8), "wgmma"),
+        ("n_pairs_nk", wg(128, 128, 8, s=6), "wgmma"),
+        ("n_pairs_nk", wg(256, 256, 4), "wgmma"),
+        ("n_pairs_nk", wg(128, 128, 16), "wgmma"),
         ("n_pairs", t(256, 64, 8), "ptx"),
         ("n_pairs", t(256, 64, 16), "ptx"),
         ("n_pairs", t(256, 64, 8, w=8), "ptx"),
@@ -64,7 +79,8 @@ def configs(m: int, size: int):
 
 
 def kernel_call(layout, cfg, group, interpret):
-    """``fn(x, w, s)`` running ``cfg`` through the public kernel API."""
+    """``fn(x, w, s)`` running ``cfg`` through the public kernel API (``interpret``: a
+    :class:`kernel_timing.Mode`'s choice per engine, or ``False``)."""
     base, nk = kc.split_layout(layout)
     pb = cfg.block_k if layout == "k_halves" else None
     kw = {"layout": base, "pack_block": pb, "b_layout": "nk" if nk else "kn"}
@@ -109,7 +125,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     rng = np.random.default_rng(0)
-    interpret = args.dry_run
+    stack = contextlib.ExitStack()  # the GPU interpreter's patch, during a dry run
+    mode = dry_run_mode(stack) if args.dry_run else Mode("gpu")
     _, name, _ = device_info()
     report = {
         "device": name,
@@ -118,11 +135,11 @@ def main(argv=None) -> int:
     }
     # under ncu the checks' launches would use up --launch-count: skip them
     layouts = ["k_pairs", "k_pairs_nk", "n_pairs", "k_halves", "int8"]
-    checks = (
-        exactness_checks(rng, "gpu", interpret, layouts, w8a8=False, quick=args.dry_run)
-        if args.checks and not args.ncu
-        else []
-    )
+    checks = []
+    if args.checks and not args.ncu:
+        checks = exactness_checks(rng, "gpu", mode.interpret, layouts, w8a8=False, quick=args.dry_run)
+    if not args.ncu:  # the new kernel's checks run even with --no-checks: it is untried on hardware
+        checks += wgmma_weight_only_checks(rng, mode.wgmma_interpret, quick=args.dry_run)
     report["checks"] = checks
     failed = [(c["check"], c.get("rel_err"), c.get("error", "")[:200]) for c in checks if not c["ok"]]
     print(f"checks: {len(checks) - len(failed)} of {len(checks)} pass; failed: {failed}", flush=True)
@@ -143,6 +160,10 @@ def main(argv=None) -> int:
                 cases.append({"m": m, "k": k, "label": "xla bf16", "device_us": res, "wall_us": wall})
                 print(json.dumps(cases[-1]), flush=True)
             for layout, cfg, label in configs(m, size):
+                try:  # a tile that does not fit this shape (e.g. the dry run's 1024) is skipped
+                    api.check_config_gpu(cfg, "w4a16", m, k, n, args.group, layout)
+                except ValueError:
+                    continue
                 if time.perf_counter() - start > args.budget_s:
                     report["cut"] = "budget"
                     break
@@ -151,7 +172,7 @@ def main(argv=None) -> int:
                     nk = kc.split_layout(layout)[1]
                     w = weight_in_layout(codes, layout, cfg.block_k if layout == "k_halves" else None)
                     s_w = s.T if nk else s
-                    fn = kernel_call(layout, cfg, args.group, interpret)
+                    fn = kernel_call(layout, cfg, args.group, mode.interpret_for(cfg))
                     y = jax.jit(fn)(x, w, s_w)
                     case["rel_err"] = rel_err(y, ref)
                     if args.ncu:
@@ -166,6 +187,7 @@ def main(argv=None) -> int:
     report["cases"] = cases
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
+    stack.close()
     bad = [c for c in cases if "error" in c or c.get("rel_err", 0) > 2e-2]
     return 1 if bad else 0
 

@@ -1,5 +1,5 @@
-"""Pallas kernels for low-bit matmul (GPU: Triton backend, plus a Mosaic GPU ``wgmma`` W8A8
-kernel for Hopper; TPU: Mosaic), the XLA
+"""Pallas kernels for low-bit matmul (GPU: Triton backend, plus Mosaic GPU ``wgmma`` kernels
+for Hopper -- W8A8, and weight-only at a few rows; TPU: Mosaic), the XLA
 formulation they reproduce, block-size tuning tables, and the dispatch that
 ``qjax.quantized`` uses (``backend=``).
 

@@ -48,7 +48,8 @@ def _pow2(x: int) -> bool:
 def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_size, layout) -> None:
     """Raise ``ValueError`` naming the rule a GPU config breaks for this shape.
 
-    ``engine="wgmma"`` configs follow :func:`qjax.kernels.gpu_wgmma.check_config_wgmma`.
+    ``engine="wgmma"`` configs follow :func:`qjax.kernels.gpu_wgmma.check_config_wgmma`
+    (W8A8) or :func:`qjax.kernels.gpu_wgmma_weight_only.check_config` (weight-only).
     Triton rules: tiles are powers of two with ``block_m >= 16`` (Triton's smallest dot; the
     ``gemv`` engine instead takes ``block_m <= 16``, no swap, ``block_n >= 64``); ``block_n``
     divides N; ``split_k`` divides K and ``block_k`` divides ``K // split_k``; with groups,
@@ -80,11 +81,14 @@ def check_config_gpu(cfg: BlockConfig, kind: str, m: int, k: int, n: int, group_
     if cfg.split_reduce == "kernel" and (cfg.engine != "triton" or kind == "w8a8" or cfg.split_k == 1):
         bad("split_reduce='kernel' sums the split_k > 1 partials of the triton engine's weight-only kernels")
     if cfg.engine == "wgmma":
-        if kind != "w8a8":
-            bad("the wgmma engine runs W8A8 only")
-        from qjax.kernels import gpu_wgmma
+        if kind == "w8a8":
+            from qjax.kernels import gpu_wgmma
 
-        gpu_wgmma.check_config_wgmma(cfg, m, k, n, layout)
+            gpu_wgmma.check_config_wgmma(cfg, m, k, n, layout)
+        else:
+            from qjax.kernels import gpu_wgmma_weight_only
+
+            gpu_wgmma_weight_only.check_config(cfg, kind, m, k, n, group_size, layout)
         return
     for name in ("block_m", "block_n", "block_k"):
         if not _pow2(getattr(cfg, name)):
@@ -163,8 +167,13 @@ def kernel_layout(layout: str) -> str:
 
 def engines_here(kind: str, layout: str) -> tuple[str, ...]:
     """GPU engines whose tuning entries apply to this op on the current device (``gemv``:
-    the weight-only ops; ``wgmma``: W8A8 with the weight ``(N, K)`` on a Hopper GPU)."""
+    the weight-only ops; ``wgmma``: on a Hopper GPU, W8A8 with the weight ``(N, K)`` and the
+    weight-only ops with a weight stored ``(N, K)`` as ``"n_pairs_nk"`` / ``"int8_nk"``)."""
     if kind != "w8a8":
+        from qjax.kernels import gpu_wgmma, gpu_wgmma_weight_only
+
+        if layout in gpu_wgmma_weight_only.LAYOUTS and gpu_wgmma.available():
+            return ("triton", "gemv", "wgmma")
         return ("triton", "gemv")
     if kernel_layout(layout) == "nk":
         from qjax.kernels import gpu_wgmma
@@ -253,6 +262,24 @@ def _no_tile_fits(platform: str, kind: str, m: int, k: int, n: int):
         ) from None
 
 
+def _check_wgmma_runnable(cfg: BlockConfig, interpret) -> None:
+    """Refuse a ``wgmma``-engine run that cannot happen here: ``interpret=True`` (the Mosaic
+    GPU kernels need explicit GPU interpret parameters) or a GPU that is not a Hopper."""
+    from qjax.kernels import gpu_wgmma
+
+    if interpret is True:
+        raise ValueError(
+            "interpret=True: the wgmma engine runs in JAX's GPU interpreter only with explicit "
+            "interpret parameters (InterpretGPUParams); or pick a Triton config"
+        )
+    if not interpret and jax.default_backend() == "gpu" and not gpu_wgmma.available():
+        cc = tuning.gpu_compute_capability() or "unknown"
+        raise ValueError(
+            f"config {cfg}: the wgmma engine needs a Hopper (sm_90) GPU, this one has compute "
+            f"capability {cc}; pick a Triton config"
+        )
+
+
 def _weight_only(
     x, w, scales, *, bits, layout, b_layout, group_size, pack_block, out_dtype, platform, config, interpret
 ):
@@ -299,7 +326,13 @@ def _weight_only(
                 f"for layout 'k_halves' the kernel's block_k ({cfg.block_k}) must equal "
                 f"pack_block ({pack_block})"
             )
-        run = gpu_gemv.weight_only_gemv if cfg.engine == "gemv" else gpu.weight_only_matmul_gpu
+        if cfg.engine == "wgmma":
+            from qjax.kernels import gpu_wgmma_weight_only
+
+            _check_wgmma_runnable(cfg, interpret)
+            run = gpu_wgmma_weight_only.weight_only_wgmma
+        else:
+            run = gpu_gemv.weight_only_gemv if cfg.engine == "gemv" else gpu.weight_only_matmul_gpu
     kernel = lambda x, w, s: run(x, w, s, config=cfg, interpret=interpret, **common)
     return c.with_reference_jvp(kernel, reference, x, w, s)
 
@@ -464,17 +497,7 @@ def int8_matmul(
 
         if out_dtype not in _WGMMA_OUT:
             raise ValueError(f"the wgmma engine writes {', '.join(map(str, _WGMMA_OUT))}, not {out_dtype}")
-        if interpret is True:
-            raise ValueError(
-                "interpret=True: the wgmma engine runs in JAX's GPU interpreter only with explicit "
-                "interpret parameters (InterpretGPUParams); or pick a Triton config"
-            )
-        if not interpret and jax.default_backend() == "gpu" and not gpu_wgmma.available():
-            cc = tuning.gpu_compute_capability() or "unknown"
-            raise ValueError(
-                f"config {cfg}: the wgmma engine needs a Hopper (sm_90) GPU, this one has compute "
-                f"capability {cc}; pick a Triton config"
-            )
+        _check_wgmma_runnable(cfg, interpret)
         kernel = functools.partial(
             gpu_wgmma.int8_matmul_wgmma, out_dtype=out_dtype, config=cfg, interpret=interpret
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from qjax.kernels import api
+from qjax.kernels import api, gpu_wgmma_weight_only
 from qjax.kernels._common import BlockConfig, pow2_at_least
 
 # (block_m, block_n, block_k, num_warps, num_stages): no split-K, no swap
@@ -128,6 +128,22 @@ _GEMV_TILES = (
     (64, 64, 8, 8, 3),
     (128, 64, 8, 8, 3),
 )
+# the Hopper Mosaic GPU weight-only kernel (engine "wgmma", swap; weights stored (N, K) as
+# "n_pairs_nk" / "int8_nk", per channel, batches <= 16; qjax.kernels.gpu_wgmma_weight_only):
+# (compute warpgroups, block_k, split_k, num_stages). Each warpgroup holds 64 weight rows; the
+# list varies the bytes in flight per block (warpgroups x block_k x stages) and the number of
+# blocks (N / block_n x split_k: 256-1024 at 8192^2 for int4). Not yet timed on hardware
+# (written 2026-11-27 without a device; the Triton tiles reached 44% of DRAM bandwidth)
+_WGMMA_WEIGHT_ONLY_TILES = (
+    (2, 128, 8, 4),
+    (1, 128, 8, 6),
+    (2, 256, 4, 4),
+    (1, 256, 8, 4),
+    (2, 128, 16, 4),
+    (1, 128, 16, 4),
+    (2, 64, 8, 6),
+    (1, 64, 4, 8),
+)
 _GEMV_ACC_PER_THREAD = 64  # float32 accumulator registers a thread may hold
 
 
@@ -174,7 +190,10 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
     split-K, in that order, the ``gemv`` configs first at batch 1 and last above (measured
     order; a tuning deadline cuts the tail); up to 64 small tiles with optional split-K;
     beyond, the usual GEMM tiles (weight-only tiles above 16 rows also with the PTX
-    conversion). Only configs that fit the shape."""
+    conversion). On a weight stored ``(N, K)`` as ``"n_pairs_nk"`` / ``"int8_nk"`` with
+    per-channel scales, batches up to 16 try the Hopper ``wgmma`` weight-only kernel first
+    (:mod:`qjax.kernels.gpu_wgmma_weight_only`; dispatch uses its entries on Hopper only).
+    Only configs that fit the shape."""
     if kind == "w8a8":
         c = _tiles(_W8A8_TILES)
     elif m <= 16:
@@ -188,6 +207,13 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
             BlockConfig(16, bn, bk, sp, False, w, s) for bn, bk, sp, w, s in _SMALL_BATCH_UNSWAPPED_TILES
         ]
         swapped = [BlockConfig(16, bn, bk, split, True, w, s) for bn, bk, split, w, s in _SMALL_BATCH_TILES]
+        wgmma = []
+        if layout in gpu_wgmma_weight_only.LAYOUTS and group is None:
+            rows = 128 if kind == "w4a16" else 64  # output columns per warpgroup
+            wgmma = [
+                BlockConfig(8 if m <= 8 else 16, wgs * rows, bk, split, True, num_stages=st, engine="wgmma")
+                for wgs, bk, split, st in _WGMMA_WEIGHT_ONLY_TILES
+            ]
         ptx = kind == "w4a16"  # unswapped k_pairs tiles too, since 2026-11-27 (see check_config_gpu)
         first = [dataclasses.replace(cfg, dequant="ptx") for cfg in unswapped] if ptx else unswapped
         # H100, K = N = 4096 (experiments/results/gpu_session_2026-11-26/): at M = 1 gemv and the
@@ -195,9 +221,9 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         # and gemv trails (17-151 us): gemv goes first for one row only
         if m == 1:  # and the same tiles summing their split-K partials in the kernel (see above)
             fused = [dataclasses.replace(cfg, split_reduce="kernel") for cfg in first if cfg.split_k > 1]
-            c = gemv + first + fused + swapped
+            c = wgmma + gemv + first + fused + swapped
         else:
-            c = first + swapped + gemv
+            c = wgmma + first + swapped + gemv
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -1,15 +1,16 @@
 """Pallas GPU kernels (Triton backend) for low-bit matmul.
 
-Why Triton and not Mosaic GPU: Mosaic GPU exposes Hopper's ``wgmma`` directly but wants
-its operands staged through shared memory in swizzled layouts that the kernel must set up
-by hand (``plgpu.wgmma`` has no integer-nibble path: int4 would have to be unpacked into a
-second shared-memory buffer first), and it runs on Hopper only. The Triton backend lowers
-``dot`` to ``wgmma`` on Hopper and ``mma`` elsewhere by itself, unpacks nibbles in
-registers, pipelines the K loop (``num_stages``) and runs on Ampere as well, so one kernel
-source covers every NVIDIA GPU qjax users have. The exceptions: the large int8 GEMM on
-Hopper, where TMA and warp specialization matter (:mod:`qjax.kernels.gpu_wgmma`, a Mosaic
-GPU kernel, ``engine="wgmma"``), and weight-only matmul at a few rows, which needs no tensor
-cores (:mod:`qjax.kernels.gpu_gemv`, ``engine="gemv"``); configs or the tuning table choose.
+Why Triton first and not Mosaic GPU: Mosaic GPU exposes Hopper's ``wgmma`` directly but
+wants its operands staged through shared memory in swizzled layouts that the kernel must set
+up by hand, and it runs on Hopper only. The Triton backend lowers ``dot`` to ``wgmma`` on
+Hopper and ``mma`` elsewhere by itself, unpacks nibbles in registers, pipelines the K loop
+(``num_stages``) and runs on Ampere as well, so one kernel source covers every NVIDIA GPU
+and every layout. The exceptions, all ``engine=`` choices that configs or the tuning table
+make: on Hopper, the large int8 GEMM, where TMA and warp specialization matter
+(:mod:`qjax.kernels.gpu_wgmma`), and the weight-only matmul at a few rows of a weight stored
+``(N, K)``, streamed by TMA and unpacked into ``wgmma``'s register operand
+(:mod:`qjax.kernels.gpu_wgmma_weight_only`); and the weight-only matmul at a few rows on
+CUDA cores (:mod:`qjax.kernels.gpu_gemv`, ``engine="gemv"``).
 
 Two kernels:
 

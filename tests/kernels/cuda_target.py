@@ -9,12 +9,16 @@ default target), so the Triton CUDA lowering tests run on both versions. (The Mo
 
 import contextlib
 import io
+import os
 import re
 
 import jax
 from jax._src.mesh import AbstractDevice, AbstractMesh
 
 H100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+
+# `make precheck-gpu` sets it: lower every tuning candidate at every tuned shape, not a sample
+FULL_LOWERING = os.environ.get("QJAX_FULL_LOWERING") == "1"
 
 
 def lower_for_cuda(fn, *args) -> str:

@@ -11,7 +11,6 @@
 """
 
 import functools
-import os
 import re
 import zlib
 
@@ -36,7 +35,7 @@ from qjax.kernels import (
 from qjax.kernels import _common as kc
 from qjax.kernels.candidates import gpu_candidates, variant
 
-from .cuda_target import lower_for_cuda, triton_modules
+from .cuda_target import FULL_LOWERING, lower_for_cuda, triton_modules
 
 C = BlockConfig
 
@@ -429,7 +428,6 @@ _NK_CASES = [("k_pairs_nk", None), ("k_pairs_nk", 128), ("n_pairs_nk", 128), ("i
 # (M below / at a multiple of / past block_m) is not lowered again at 8192, and of those a
 # fixed quarter (by a hash of the config) is lowered: the others differ from a lowered one in
 # tile sizes or compiler options only, and the full list runs before every device session.
-FULL_LOWERING = os.environ.get("QJAX_FULL_LOWERING") == "1"
 
 
 def _weight_only_lowering(kind, base, nk, m, k, n, group, cfg):

@@ -158,7 +158,7 @@ def test_bad_uses_of_the_engine_name_the_problem():
         call(config=cfg, out_dtype=jnp.int32)
     with pytest.raises(ValueError, match="engine must be one of"):
         call(config=dataclasses.replace(cfg, engine="cutlass"))
-    with pytest.raises(ValueError, match="W8A8 only"):
+    with pytest.raises(ValueError, match="swap must be True"):  # the weight-only kernel's rules
         api.check_config_gpu(cfg, "w8a16", 128, 256, 128, None, "int8")
     with pytest.raises(ValueError, match="GPU kernel"):
         api.int8_matmul(a, b_nk, sa, sb, b_layout="nk", platform="tpu", config=cfg, interpret=True)
