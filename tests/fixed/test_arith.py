@@ -217,7 +217,7 @@ def test_requantize_scales_spanning_decades_keep_every_channel():
         assert abs(g - exact) <= Fraction(1, 2) + exact / 2**16
 
 
-@settings(max_examples=examples(8), deadline=None)
+@settings(max_examples=examples(6), deadline=None)
 @given(
     decades_of_scales(),
     st.sampled_from(["TRN", "RND", "RND_CONV", "RND_ZERO"]),
