@@ -11,8 +11,15 @@ so under ``jax.jit`` with a batch sharded across devices the result is the globa
       ψ_D(i, j)    = ‖f_i − f_j‖₂ / μ,   μ = mean_{i≠j} ‖f_i − f_j‖₂
       ψ_A(i, j, k) = ⟨e_ji, e_ki⟩,       e_ji = (f_j − f_i)/‖f_j − f_i‖₂  (angle at vertex i)
       L_D = mean_{i≠j} huber(ψ_D^s − ψ_D^t),  L_A = mean_{i,j,k distinct} huber(ψ_A^s − ψ_A^t)
-      L_RKD = λ_D·L_D + λ_A·L_A          (huber = smooth-L1 with δ = 1; paper λ_D:λ_A = 1:2,
-                                          25 and 50 in the authors' code)
+      L_RKD = λ_D·L_D + λ_A·L_A          (huber = smooth-L1 with δ = 1; paper λ_D:λ_A = 1:2)
+
+  Normalisation: the means run over the ``B(B−1)`` pairs and ``B(B−1)(B−2)`` distinct
+  triples. The authors' code (and torchdistill) divides the same sums by all ``B²`` and
+  ``B³`` entries, so its terms are smaller by ``(B−1)/B`` and ``(B−1)(B−2)/B²`` (0.83 and
+  0.56 at ``B = 6``). Its weights 25 and 50 are therefore ``distance_weight = 25·(B−1)/B``
+  and ``angle_weight = 50·(B−1)(B−2)/B²`` here (20.8 and 27.8 at ``B = 6``, 24.6 and 47.7
+  at ``B = 64``). (Its ``μ`` averages the positive distances only: the same unless two
+  examples coincide.)
 
   Both potentials are invariant to scaling the features (and to translating and
   rotating them).
@@ -162,7 +169,11 @@ def rkd_loss(
     angle_weight: Any = 2.0,
 ) -> jax.Array:
     """``λ_D·L_D + λ_A·L_A`` (RKD; see the module docstring). Features ``[B, ...]``;
-    student and teacher widths may differ. The angle term costs ``O(B³)`` memory."""
+    student and teacher widths may differ. The angle term costs ``O(B³)`` memory.
+
+    The terms are means over pairs / distinct triples: the authors' weights (25, 50, for
+    means over all ``B²`` / ``B³`` entries) become ``25·(B−1)/B`` and ``50·(B−1)(B−2)/B²``.
+    """
     loss = 0.0
     if not (isinstance(distance_weight, (int, float)) and distance_weight == 0):
         loss = loss + distance_weight * rkd_distance_loss(student_features, teacher_features)

@@ -4,7 +4,7 @@
   WRAP/SAT/SAT_ZERO/SAT_SYM overflow), :class:`FixedArray` (integer mantissas, static
   format), :func:`from_float`, :func:`to_float`, :func:`cast` (integer shifts and masks);
 * arithmetic: exact :func:`add`/:func:`sub`/:func:`mul` then a cast, :func:`requantize`
-  (integer multiplier and shift), :func:`dot_general`/:func:`matmul`/
+  (integer multiplier and shift per channel), :func:`dot_general`/:func:`matmul`/
   :func:`conv_general_dilated` with a derived, checked accumulator;
 * activations (:mod:`qjax.fixed.activations`): table-based sigmoid/tanh/softmax as
   hls4ml builds them, hard sigmoid/tanh, ReLU, clip;

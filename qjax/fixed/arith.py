@@ -3,8 +3,8 @@
 ``add``/``sub``/``mul`` compute the exact result on integer mantissas (operands
 aligned by left shifts) in the format that holds it (:func:`exact_add_format`, :func:`exact_sub_format`,
 :func:`exact_mul_format`, as ``ap_fixed`` does), then cast it to ``fmt`` when one is
-given. :func:`requantize` multiplies by a real scale as an integer multiplier and a
-shift (``scale ≈ M · 2^-S``), the rounding done by the cast.
+given. :func:`requantize` multiplies by real scales as integer multipliers and shifts
+(``scale ≈ M · 2^-S``, one shift per element), the rounding done by the cast.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from fractions import Fraction
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -23,6 +24,7 @@ from qjax.fixed.format import (
     exact_mul_format,
     exact_sub_format,
     int_dtype_for_bits,
+    x64_enabled,
 )
 
 
@@ -133,40 +135,89 @@ def neg(a: FixedArray, fmt: Format | None = None, *, key=None) -> FixedArray:
     return sub(zero, a, fmt, key=key)
 
 
-def quantize_multiplier(scale, bits: int = 16) -> tuple[np.ndarray, int]:
-    """A positive real scale (or array of scales) as integer multipliers and one shift:
-    ``scale ≈ M · 2^-shift`` with the largest ``M`` below ``2^bits`` (rounded to nearest).
+def _dyadic(v: float, bits: int) -> tuple[int, int]:
+    """``v > 0`` as ``(M, shift)`` with ``2^(bits-1) <= M < 2^bits`` the integer nearest to
+    ``v · 2^shift`` (ties up), in exact rational arithmetic."""
+    _, e = math.frexp(v)  # v in [2^(e-1), 2^e)
+    shift = bits - e
+    m = math.floor(Fraction(v) * Fraction(2) ** shift + Fraction(1, 2))
+    if m == 1 << bits:  # rounded up to the next power of two: one bit less shift, exactly
+        m, shift = m >> 1, shift - 1
+    return m, shift
+
+
+def quantize_multiplier(scale, bits: int = 16) -> tuple[np.ndarray, int | np.ndarray]:
+    """Positive real scales as dyadic numbers ``scale ≈ M · 2^-shift``, one shift per element.
+
+    Every ``M`` has exactly ``bits`` significant bits (``2^(bits-1) <= M < 2^bits``), rounded
+    to nearest with ties up, so ``|M · 2^-shift - scale| <= 2^-bits · scale`` for every
+    element, however many decades the scales span (as gemmlowp / HAWQ-V3 per-channel
+    requantization). The shift may be negative (``scale >= 2^bits``).
 
     Args:
-      scale: positive finite float or array of floats.
+      scale: positive finite float or array of floats (e.g. one per output channel).
       bits: multiplier bits (1 to 31).
 
     Returns:
-      ``(M, shift)``: ``M`` an ``int64`` numpy array of ``scale``'s shape, ``shift`` an int
-      shared by every element (channels with smaller scales keep fewer significant bits).
+      ``(M, shift)``: ``M`` an ``int64`` numpy array of ``scale``'s shape; ``shift`` a Python
+      int for a scalar ``scale``, else an ``int64`` numpy array of ``scale``'s shape.
 
     Raises:
-      ValueError: a scale is not positive and finite, or ``bits`` outside 1..31.
+      ValueError: ``bits`` outside 1..31; ``scale`` empty, or an element (named by its
+        index) not positive and finite.
     """
     if not 1 <= bits <= 31:
         raise ValueError(f"multiplier bits must be between 1 and 31, got {bits}")
     s = np.asarray(scale, np.float64)
-    if s.size == 0 or not np.all(np.isfinite(s)) or not np.all(s > 0):
-        raise ValueError(f"requantization scales must be positive and finite, got {scale!r}")
-    _, e = math.frexp(float(s.max()))  # max in [2^(e-1), 2^e)
-    shift = bits - e
-    exact = [Fraction(float(v)) * (Fraction(2) ** shift) for v in s.reshape(-1)]
-    m = np.array([min(math.floor(v + Fraction(1, 2)), (1 << bits) - 1) for v in exact], np.int64)
-    return m.reshape(s.shape), shift
+    if s.size == 0:
+        raise ValueError("scale is empty; requantization needs at least one positive scale")
+    ok = np.isfinite(s) & (s > 0)
+    if not ok.all():
+        idx = tuple(int(i) for i in np.argwhere(~ok)[0])
+        where = f"[{', '.join(map(str, idx))}]" if idx else ""
+        raise ValueError(f"requantization scales must be positive and finite, got scale{where} = {s[idx]}")
+    pairs = [_dyadic(float(v), bits) for v in s.reshape(-1)]
+    m = np.array([p[0] for p in pairs], np.int64).reshape(s.shape)
+    shift = np.array([p[1] for p in pairs], np.int64).reshape(s.shape)
+    return m, (int(shift) if s.ndim == 0 else shift)
+
+
+def _product_dtype(fmt: Format, mmax: int, bits: int):
+    """The integer dtype of ``mantissa · M`` (``M <= mmax``), or a ValueError that says
+    whether ``bits`` or ``x``'s width is what to reduce."""
+    lo, hi = _range(fmt)
+    need = signed_bits(min(lo * mmax, 0), hi * mmax)
+    if need <= 32:
+        return jnp.int32
+    limit = 64 if x64_enabled() else 32
+    if need <= limit:
+        return jnp.int64
+    fit = [b for b in range(1, 32) if signed_bits(min(lo * ((1 << b) - 1), 0), hi * ((1 << b) - 1)) <= limit]
+    fix = f"pass bits <= {fit[-1]} or cast x to a narrower format" if fit else "cast x to a narrower format"
+    x64 = "" if limit == 64 else " with jax_enable_x64 off (enabling it allows 64)"
+    raise ValueError(
+        f"requantize: x's {fmt.width}-bit mantissas ({fmt}) times {bits}-bit multipliers need "
+        f"{need}-bit products, more than the {limit} bits available{x64}: {fix}"
+    )
+
+
+def _cast_per_shift(m, frac: int, shift, fmt: Format, key) -> jax.Array:
+    """Cast ``m`` (``frac + shift`` fraction bits, ``shift`` per element) to ``fmt``: one
+    :func:`cast_mantissa` per distinct shift, each element taken from its own."""
+    shifts = np.unique(shift)
+    out = cast_mantissa(m, frac + int(shifts[0]), fmt, key=key)
+    for s in shifts[1:]:
+        out = jnp.where(jnp.asarray(shift == s), cast_mantissa(m, frac + int(s), fmt, key=key), out)
+    return out
 
 
 def requantize(x: FixedArray, scale, fmt: Format, *, bits: int = 16, key=None) -> FixedArray:
     """``x · scale`` in ``fmt`` by an integer multiply and a rounding shift.
 
-    ``scale`` is turned into ``M · 2^-S`` (:func:`quantize_multiplier`); the product
-    ``mantissa · M`` is exact and the cast to ``fmt`` drops ``F_x + S - F_fmt`` bits with
-    ``fmt``'s rounding. The only approximation is ``M``'s rounding (relative error at most
-    ``2^-bits``).
+    ``scale`` is turned into ``M · 2^-S`` per element (:func:`quantize_multiplier`); the
+    product ``mantissa · M`` is exact and the cast to ``fmt`` drops ``F_x + S - F_fmt`` bits
+    with ``fmt``'s rounding (each distinct ``S`` is one cast, selected per element). The only
+    approximation is ``M``'s rounding: relative error at most ``2^-bits`` in every channel.
 
     Args:
       x: a ``FixedArray``.
@@ -179,15 +230,14 @@ def requantize(x: FixedArray, scale, fmt: Format, *, bits: int = 16, key=None) -
       A ``FixedArray`` in ``fmt``.
 
     Raises:
-      ValueError: bad scales; 64-bit integers needed with x64 off.
+      ValueError: bad scales (naming the element); products wider than 32 bits with x64 off
+        (or 64 with it on), naming ``bits`` or ``x``'s format as the thing to narrow.
     """
     _check(x)
     mult, shift = quantize_multiplier(scale, bits)
-    lo, hi = _range(x.format)
-    mmax = int(mult.max())
-    dtype = _exact_dtype(min(lo * mmax, 0), hi * mmax, "requantize")
+    dtype = _product_dtype(x.format, int(mult.max()), bits)
     m = as_int(x.mantissa, dtype) * jnp.asarray(mult, dtype)
-    return FixedArray(cast_mantissa(m, x.format.fraction + shift, fmt, key=key), fmt)
+    return FixedArray(_cast_per_shift(m, x.format.fraction, shift, fmt, key), fmt)
 
 
 def constant(value: float, fmt: Format) -> FixedArray:

@@ -114,6 +114,25 @@ def rkd_angle(fs, ft):
     return np.mean([_huber(ps[k] - pt[k]) for k in ps])
 
 
+def rkd_authors(fs, ft):
+    """``(L_D, L_A)`` as the RKD authors' code computes them: smooth-L1 means over all
+    ``B²`` distance and ``B³`` angle entries, ``μ`` the mean of the positive distances."""
+
+    def dist(f):
+        f = f64(f).reshape(len(f), -1)
+        d = np.linalg.norm(f[:, None] - f[None], axis=-1)
+        return d / d[d > 0].mean()
+
+    def angle(f):
+        f = f64(f).reshape(len(f), -1)
+        e = f[None] - f[:, None]  # e[i, j] = f_j - f_i
+        n = np.linalg.norm(e, axis=-1, keepdims=True)
+        e = np.where(n > 0, e / np.where(n > 0, n, 1.0), 0.0)  # F.normalize
+        return np.einsum("ijd,ikd->ijk", e, e)
+
+    return np.mean(_huber(dist(fs) - dist(ft))), np.mean(_huber(angle(fs) - angle(ft)))
+
+
 def sp(fs, ft):
     def g(f):
         f = f64(f).reshape(len(f), -1)

@@ -94,6 +94,15 @@ def test_rkd_matches_reference():
     np.testing.assert_allclose(distill.rkd_distance_loss(fm, ft), ref.rkd_distance(fm, ft), rtol=1e-4)
 
 
+def test_rkd_authors_weights_convert_by_the_documented_factors():
+    """The authors' code averages over all B² / B³ entries; the docstring's conversion holds."""
+    b = 6
+    fs, ft = _feat(20, (b, 5)), _feat(21, (b, 9), 3.0)
+    ld, la = ref.rkd_authors(fs, ft)
+    np.testing.assert_allclose(distill.rkd_distance_loss(fs, ft) * (b - 1) / b, ld, rtol=1e-4)
+    np.testing.assert_allclose(distill.rkd_angle_loss(fs, ft) * (b - 1) * (b - 2) / b**2, la, rtol=1e-4)
+
+
 def test_rkd_is_scale_translation_and_rotation_invariant():
     fs, ft = _feat(13, (8, 6)), _feat(14, (8, 9))
     rot = np.linalg.qr(_feat(15, (6, 6)))[0].astype(np.float32)

@@ -139,7 +139,7 @@ def test_requantize_per_channel_scales():
     mult, shift = qf.quantize_multiplier(scales)
     want = [
         [
-            ref.quantize(Fraction(int(m)) * int(mult[j]) / 2**shift, 12, 6, True, "RND", "SAT")
+            ref.quantize(Fraction(int(m)) * int(mult[j]) / 2 ** int(shift[j]), 12, 6, True, "RND", "SAT")
             for j, m in enumerate(row)
         ]
         for row in np.asarray(x.mantissa)
@@ -147,6 +147,139 @@ def test_requantize_per_channel_scales():
     assert np.asarray(out.mantissa).tolist() == want
     with pytest.raises(ValueError, match="positive and finite"):
         qf.quantize_multiplier([0.5, -1.0])
+
+
+def _dyadic_ref(scale: float, bits: int) -> tuple[int, int]:
+    """``(M, shift)``: ``2^(bits-1) <= M < 2^bits`` nearest (ties up) to ``scale · 2^shift``,
+    found by exact search in Fractions."""
+    v, shift = Fraction(scale), 0
+    while v * Fraction(2) ** shift >= 2**bits:
+        shift -= 1
+    while v * Fraction(2) ** shift < 2 ** (bits - 1):
+        shift += 1
+    exact = v * Fraction(2) ** shift
+    m = int(exact) + (1 if exact - int(exact) >= Fraction(1, 2) else 0)
+    return (m // 2, shift - 1) if m == 2**bits else (m, shift)
+
+
+def _dyadic_value(scale: float, bits: int) -> Fraction:
+    m, shift = _dyadic_ref(scale, bits)
+    return Fraction(m) / Fraction(2) ** shift
+
+
+def _requant_ref(row, scales, bits, fmt, frac_x=0):
+    """Exact reference of one row of per-channel requantization."""
+    exact = [Fraction(int(m), 2**frac_x) * _dyadic_value(s, bits) for m, s in zip(row, scales)]
+    return [ref.quantize(v, fmt.width, fmt.integer, True, fmt.rounding, fmt.overflow) for v in exact]
+
+
+@st.composite
+def decades_of_scales(draw):
+    """1 to 8 per-channel scales, mantissa in [1, 10), exponents spread over 60 decades."""
+    n = draw(st.integers(1, 8))
+    return [draw(st.floats(1.0, 9.999)) * 10.0 ** draw(st.integers(-30, 30)) for _ in range(n)]
+
+
+@settings(max_examples=examples(60), deadline=None)
+@given(decades_of_scales(), st.integers(1, 31))
+def test_quantize_multiplier_bound_holds_in_every_channel(scales, bits):
+    mult, shift = qf.quantize_multiplier(np.array(scales), bits)
+    assert mult.shape == shift.shape == (len(scales),)
+    for c, s in enumerate(scales):
+        m, sh = int(mult[c]), int(shift[c])
+        assert (m, sh) == _dyadic_ref(s, bits), c
+        rel = abs(Fraction(m) / Fraction(2) ** sh - Fraction(s)) / Fraction(s)
+        assert rel <= Fraction(1, 2**bits), (c, float(rel))
+
+
+def test_quantize_multiplier_scalar_scale_keeps_a_scalar_shift():
+    mult, shift = qf.quantize_multiplier(0.75, 8)
+    assert isinstance(shift, int) and mult.shape == () and (int(mult), shift) == (192, 8)
+    # rounding up to 2^bits renormalises to one bit less shift (exact), not 2^bits - 1
+    mult, shift = qf.quantize_multiplier(1.0 - 2.0**-20, 8)
+    assert (int(mult), shift) == (128, 7)
+    mult, shift = qf.quantize_multiplier(3.0 * 2.0**40, 4)  # shift < 0: a left shift
+    assert (int(mult), shift) == (12, -38)
+
+
+def test_requantize_scales_spanning_decades_keep_every_channel():
+    """The old shared shift gave multipliers [58982, 81, 0]: 0.24% error and an all-zero channel."""
+    scales = np.array([0.9, 0.9e-3 * 1.37, 0.9e-6 * 1.37])
+    mult, shift = qf.quantize_multiplier(scales, 16)
+    assert mult.tolist() == [_dyadic_ref(s, 16)[0] for s in scales] and shift.tolist() == [16, 25, 35]
+    with jax.enable_x64(True):
+        acc = qf.FixedArray(jnp.full((2, 3), 2**20, jnp.int64), qf.Format(32, 32))
+        out = qf.requantize(acc, scales, qf.Format(24, 24, rounding="RND_CONV", overflow="SAT"))
+    got = np.asarray(out.mantissa)[0].tolist()
+    assert got == [943712, 1293, 1]
+    for g, s in zip(got, scales):  # within the final rounding plus 2^-16 relative of the exact product
+        exact = Fraction(2**20) * Fraction(s)
+        assert abs(g - exact) <= Fraction(1, 2) + exact / 2**16
+
+
+@settings(max_examples=examples(6), deadline=None)
+@given(
+    decades_of_scales(),
+    st.sampled_from(["TRN", "RND", "RND_CONV", "RND_ZERO"]),
+    st.sampled_from(["SAT", "WRAP"]),
+    st.integers(0, 2**31 - 1),
+)
+def test_requantize_per_channel_matches_exact_reference(scales, rounding, overflow, seed):
+    scales = np.array(scales) / 10.0**27  # e-57 .. e3: results from 0 to saturated
+    xs = np.random.default_rng(seed).integers(-(2**11), 2**11, (3, len(scales)))
+    x = qf.FixedArray(jnp.asarray(xs, jnp.int32), qf.Format(12, 8))
+    fmt = qf.Format(10, 6, rounding=rounding, overflow=overflow)
+    out = np.asarray(qf.requantize(x, scales, fmt, bits=12).mantissa)
+    assert out.tolist() == [_requant_ref(row, scales, 12, fmt, frac_x=4) for row in xs.tolist()]
+
+
+def test_requantize_extreme_scales_are_exact_and_never_zero_multipliers():
+    scales = np.array([1e-300, 3.0, 1e300, 2.0**-1074])
+    mult, _ = qf.quantize_multiplier(scales, 16)
+    assert (mult >= 2**15).all()
+    x = qf.FixedArray(jnp.asarray([[-5, 7, -3, 1]], jnp.int32), qf.Format(8, 8))
+    fmt = qf.Format(8, 4, rounding="RND_INF", overflow="SAT")
+    out = np.asarray(qf.requantize(x, scales, fmt).mantissa)[0].tolist()
+    assert out == _requant_ref([-5, 7, -3, 1], scales, 16, fmt) == [0, 127, -128, 0]
+
+
+def test_requantize_stochastic_per_channel_picks_a_neighbour():
+    scales = np.array([0.3, 2.5e-4, 7.0])
+    x = qf.FixedArray(jnp.asarray(RNG.integers(-(2**15), 2**15, (64, 3)), jnp.int32), qf.Format(16, 16))
+    fmt = qf.Format(24, 24, rounding="STOCHASTIC", overflow="SAT")
+    out = np.asarray(qf.requantize(x, scales, fmt, key=jax.random.key(0)).mantissa)
+    for row, orow in zip(np.asarray(x.mantissa).tolist(), out.tolist()):
+        for m, s, o in zip(row, scales, orow):
+            v = m * _dyadic_value(s, 16)
+            assert o in (int(np.floor(v)), -int(np.floor(-v))), (m, s, o)
+
+
+def test_requantize_bad_scales_name_the_element():
+    with pytest.raises(ValueError, match=r"scale\[1\] = 0\.0"):
+        qf.quantize_multiplier([0.5, np.float32(1e-46)])  # float32 underflow is not silently M = 0
+    with pytest.raises(ValueError, match=r"scale\[1, 0\] = nan"):
+        qf.quantize_multiplier(np.array([[0.5, 1.0], [np.nan, 2.0]]))
+    with pytest.raises(ValueError, match=r"scale = -1\.0"):
+        qf.quantize_multiplier(-1.0)
+    with pytest.raises(ValueError, match="empty"):
+        qf.quantize_multiplier([])
+
+
+def test_requantize_too_wide_products_name_bits_not_the_format():
+    x = qf.FixedArray(jnp.asarray([[1000, -1000]], jnp.int32), qf.Format(24, 24))
+    scales, fmt = np.array([0.05, 2e-5]), qf.Format(16, 16, rounding="RND_CONV", overflow="SAT")
+    msg = r"24-bit mantissas.*16-bit multipliers need 40-bit.*jax_enable_x64.*bits <= 8"
+    with pytest.raises(ValueError, match=msg):
+        qf.requantize(x, scales, fmt)
+    out = qf.requantize(x, scales, fmt, bits=8)  # int32 products, x64 off
+    assert np.asarray(out.mantissa)[0].tolist() == _requant_ref([1000, -1000], scales, 8, fmt)
+    with jax.enable_x64(True):
+        out = qf.requantize(x, scales, fmt)
+        assert out.mantissa.dtype == jnp.int32  # the 16-bit result; the product was int64
+        assert np.asarray(out.mantissa)[0].tolist() == _requant_ref([1000, -1000], scales, 16, fmt) == [50, 0]
+        msg = r"63-bit mantissas.*need 93-bit.*more than the 64 bits.*bits <= 1 "
+        with pytest.raises(ValueError, match=msg):
+            qf.requantize(qf.FixedArray(jnp.asarray([1], jnp.int64), qf.Format(63, 63)), 0.5, fmt, bits=31)
 
 
 # -- accumulators ----------------------------------------------------------------------
