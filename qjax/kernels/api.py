@@ -372,9 +372,13 @@ def w4a16_matmul(
       out_dtype: result dtype (default ``x.dtype``).
       platform: ``"gpu"``, ``"tpu"`` or ``"xla"`` (default: the default backend's; CPU ->
         ``"xla"``).
-      config: block sizes (default: tuning table, else a heuristic).
+      config: block sizes (default: tuning table, else a heuristic). On a Hopper GPU,
+        ``BlockConfig(..., swap=True, engine="wgmma")`` with ``b_layout="nk"``,
+        ``layout="n_pairs"`` and per-channel scales runs the Mosaic GPU kernel of
+        :mod:`qjax.kernels.gpu_wgmma_weight_only` (TMA-fed ``wgmma``).
       interpret: run the kernel in the Pallas interpreter (``True``, or for TPU a
-        ``pltpu.InterpretParams``); needs ``platform`` on CPU.
+        ``pltpu.InterpretParams``; the ``wgmma`` engine takes JAX's GPU interpreter
+        parameters); needs ``platform`` on CPU.
 
     Returns:
       ``(M, N)`` array of ``out_dtype``. Differentiable in ``x`` and ``scales`` (forward and
