@@ -49,6 +49,22 @@ def reference_weight_only(x, codes, s, group):
     return np.asarray(x, np.float64) @ w
 
 
+def _weight_only_check(name, bits, layout, x, w, s, ref, kw) -> dict:
+    """One weight-only kernel call against its float64 reference (relative error under
+    1e-2); a compile failure is a failed check, not a crash."""
+    check = {"check": name}
+    try:
+        if bits == 4:
+            y = api.w4a16_matmul(x, w, s, layout=layout, **kw)
+        else:
+            y = api.w8a16_matmul(x, w, s, **kw)
+        e = rel_err(y, ref)
+        check.update(ok=e < 1e-2, rel_err=e)
+    except Exception as exc:  # a compile failure is a finding, not a crash
+        check.update(ok=False, error=repr(exc)[:500])
+    return check
+
+
 def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True, quick=False):
     """int8 kernel bit-exact (K small enough that float32 holds the sums exactly) and each
     weight-only layout within bf16 tolerance, odd M; only the ``layouts`` (all if ``None``)
@@ -108,17 +124,8 @@ def exactness_checks(rng, platform, interpret=False, layouts=None, w8a8=True, qu
                 b_layout="nk" if nk else "kn",
             )
             s_w = s.T if nk else s
-            check = {"check": f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")}
-            try:
-                if bits == 4:
-                    y = api.w4a16_matmul(x, w, s_w, layout=base, **kw)
-                else:
-                    y = api.w8a16_matmul(x, w, s_w, **kw)
-                e = rel_err(y, ref)
-                check.update(ok=e < 1e-2, rel_err=e)
-            except Exception as exc:  # a compile failure is a finding, not a crash
-                check.update(ok=False, error=repr(exc)[:500])
-            out.append(check)
+            name = f"{layout} g={group} m={m}" + ("" if engine == "triton" else f" {engine}")
+            out.append(_weight_only_check(name, bits, base, x, w, s_w, ref, kw))
     return out
 
 
@@ -172,15 +179,6 @@ def wgmma_weight_only_checks(rng, interpret=False, quick=False):
                 kw = dict(
                     b_layout="nk", platform="gpu", config=cfg, interpret=interpret, out_dtype=jnp.float32
                 )
-                check = {"check": f"{layout} m={m} wgmma {wgs}wg bk{bk} split{split}"}
-                try:
-                    if bits == 4:
-                        y = api.w4a16_matmul(x, w, s.T, layout="n_pairs", **kw)
-                    else:
-                        y = api.w8a16_matmul(x, w, s.T, **kw)
-                    e = rel_err(y, ref)
-                    check.update(ok=e < 1e-2, rel_err=e)
-                except Exception as exc:  # a compile failure is a finding, not a crash
-                    check.update(ok=False, error=repr(exc)[:500])
-                out.append(check)
+                name = f"{layout} m={m} wgmma {wgs}wg bk{bk} split{split}"
+                out.append(_weight_only_check(name, bits, "n_pairs", x, w, s.T, ref, kw))
     return out
