@@ -231,7 +231,11 @@ class Walker:
         if atom >= 0:
             self.A.unify(self.A.expand(atom), (parts,))
         z = all(v.z[d] for v in ins)
-        return [dataclasses.replace(out, atoms=_put(out.atoms, d, atom), z=_put(out.z, d, z), shape=shape)]
+        # a concatenation of weights (fused gates ``concatenate([w_i, w_f, w_g, w_o], 1)``) is a
+        # weight: each part's channels keep their slice of the concatenated axis (the Sum atom)
+        param = all(v.param for v in ins if v.shape[d] > 0)
+        return [dataclasses.replace(out, atoms=_put(out.atoms, d, atom), z=_put(out.z, d, z), shape=shape,
+                                    param=param)]  # fmt: skip
 
     def p_split(self, eqn, ins, shapes):
         x, d = ins[0], eqn.params["axis"]

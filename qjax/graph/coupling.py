@@ -33,7 +33,9 @@ an ``(E, H*D)`` kernel). A group is prunable unless one of its atoms
   masked channels (e.g. ``sigmoid(x @ w1) . sigmoid(x @ w2)``: masking would leave 0.25);
 * is contracted in a ``dot_general`` between two activations (neither operand a weight):
   attention's ``q·kᵀ`` over ``head_dim``, which models scale by ``1/sqrt(head_dim)``, a
-  constant computed from the shape that shrinking would change.
+  constant computed from the shape that shrinking would change. A weight is a params leaf
+  through layout ops and elementwise ops it spans, and a ``concatenate`` of weights (fused
+  gate kernels such as Flax's ``OptimizedLSTMCell``: each part keeps its slice).
 
 The reasons are kept per group, so users see why a group cannot be pruned.
 """

@@ -1,17 +1,28 @@
 """Pruning: masks as pytrees, scores, sparsity types, distributions, schedules, optax
 integration, dynamic sparse training and physical shrinking of structured-pruned models.
 
+Structured pruning of coupled layers ranks whole channel groups (:mod:`qjax.prune.groups`):
+``group_scores`` combines each channel's importance over every member of its coupled group
+(``reduction="sum"|"mean"|"max"``, optional per-member ``normalize``) and
+``masks_from_group_scores`` prunes exactly the requested fraction per group
+(``scope="group"``) or across groups (``"global"``), with ``multiple`` and per-group
+``rules``; ``shrink`` then removes exactly those channels.
+
 Example:
     >>> masks = qjax.prune.magnitude(params, sparsity=0.9, scope="global")
     >>> params = qjax.prune.apply_masks(params, masks)
     >>> tx = qjax.prune.sparsify(optax.adam(1e-3), qjax.prune.Magnitude(0.9),
     ...                          qjax.prune.polynomial(0.9, begin=0, end=1000, every=50))
     >>> small, plan = qjax.prune.shrink(model.apply, variables, channel_masks, x)
+    >>> groups = qjax.graph.coupling.channel_groups(f, variables, x)
+    >>> gs = qjax.prune.group_scores(groups, qjax.prune.Magnitude().scores(variables))
+    >>> masks = qjax.prune.masks_from_group_scores(gs, 0.5, groups, variables, multiple=8)
 """
 
 from qjax.prune.activations import activation_norms
 from qjax.prune.distribution import erk, leaf_counts, uniform
 from qjax.prune.dst import SET, DynamicSparse, RigL, drop_and_grow
+from qjax.prune.groups import group_scores, masks_from_group_scores
 from qjax.prune.iterative import IterativeResult, Round, iterative_prune
 from qjax.prune.masks import (
     LeafSummary,
@@ -77,6 +88,7 @@ __all__ = [
     "get_masks",
     "get_score",
     "get_sparsify_state",
+    "group_scores",
     "iterative_prune",
     "leaf_counts",
     "linen_apply",
@@ -84,6 +96,7 @@ __all__ = [
     "magnitude_score",
     "make_plan",
     "masked_ste",
+    "masks_from_group_scores",
     "masks_from_scores",
     "movement_score",
     "one_shot",

@@ -3,10 +3,11 @@ tree's path (an optimizer state's, a tree over ``variables["params"]``) to a par
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+from flax import nnx
 
 from qjax.numerics.transposed import is_quantized
 from qjax.rules import is_box, path_str
@@ -93,3 +94,20 @@ def resolve_path(path: str, shapes, suffixes: dict[str, set[str]], planned=()) -
             )
         return None
     return None
+
+
+def _trainable(params: Any) -> set[str]:
+    """Paths of the trainable leaves: NNX ``Param``s (not ``BatchStat``s); in Linen variables
+    (a mapping with a ``params`` key) the ``params`` collection; otherwise every leaf."""
+    linen = isinstance(params, Mapping) and "params" in params
+    units = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None or is_box(x))[0]
+    out = set()
+    for kp, x in units:
+        path = path_str(kp)
+        if isinstance(x, nnx.Variable):
+            keep = isinstance(x, nnx.Param)
+        else:
+            keep = not linen or path.split("/", 1)[0] == "params"
+        if keep:
+            out.add(path)
+    return out

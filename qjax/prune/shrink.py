@@ -28,7 +28,7 @@ import numpy as np
 
 from qjax.graph.coupling import ChannelGroup, channel_groups
 from qjax.numerics.transposed import is_quantized
-from qjax.prune._paths import _flat, _suffix_index, map_leaves, resolve_path
+from qjax.prune._paths import _flat, _suffix_index, _trainable, map_leaves, resolve_path
 from qjax.prune.masks import unpack_masks
 
 _VERSION = 1
@@ -296,9 +296,9 @@ def _channel_slices(x: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarr
     return moved.reshape(positions.shape[0], -1)
 
 
-def _mask_leaves(masks: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """Masks keyed by params path; a mask tree over part of ``params`` (``variables["params"]``)
-    is matched by path suffix, as :meth:`ShrinkPlan.apply` matches trees."""
+def _mask_leaves(masks: dict[str, Any], params: dict[str, Any], what: str = "mask") -> dict[str, Any]:
+    """Masks (or scores: ``what``) keyed by params path; a tree over part of ``params``
+    (``variables["params"]``) is matched by path suffix, as :meth:`ShrinkPlan.apply` matches trees."""
     if all(p in params for p in masks):
         return masks
     suffixes = _suffix_index(params)
@@ -307,11 +307,63 @@ def _mask_leaves(masks: dict[str, Any], params: dict[str, Any]) -> dict[str, Any
         q = resolve_path(path, params, suffixes, params)
         if q is None:
             raise ValueError(
-                f"mask path {path!r} is not a params path: give masks mirroring the params "
-                "(for Linen variables, {'params': masks} or masks over the whole variables)"
+                f"{what} path {path!r} is not a params path: give {what}s mirroring the params "
+                f"(for Linen variables, {{'params': {what}s}} or {what}s over the whole variables)"
             )
         out[q] = m
     return out
+
+
+def _add_back(alive: np.ndarray, target: int, norms: np.ndarray) -> np.ndarray:
+    """``alive`` with the dead channels of largest ``norms`` revived up to ``target`` kept."""
+    dead = np.flatnonzero(~alive)
+    back = dead[np.argsort(-norms[dead], kind="stable")][: target - int(alive.sum())]
+    out = alive.copy()
+    out[back] = True
+    return out
+
+
+def _weight_norms(g: ChannelGroup, p_leaves: dict[str, Any], trainable: set[str]) -> np.ndarray:
+    """Squared L2 norm of every channel over the group's trainable members (running
+    statistics such as BatchNorm's mean/var do not count; all members if none is trainable)."""
+    members = [m for m in g.members if m.path in trainable] or list(g.members)
+    norms = np.zeros(g.size)
+    for m in members:
+        x = np.asarray(p_leaves[m.path], np.float64)
+        norms += (_channel_slices(x, m.axis, m.positions) ** 2).sum(axis=1)
+    return norms
+
+
+def plan_from_kept(
+    decided: list[tuple[ChannelGroup, np.ndarray]], shapes: dict[str, tuple[int, ...]], skipped=()
+) -> ShrinkPlan:
+    """The plan that keeps, in each group, the channels its bool vector marks alive.
+
+    Args:
+      decided: ``[(group, alive)]`` with ``alive`` a ``(group.size,)`` bool array.
+      shapes: ``{path: shape}`` of every params leaf.
+      skipped: ``(group name, reason)`` pairs to record.
+
+    Returns:
+      The :class:`ShrinkPlan` (groups that keep every channel are left out).
+
+    Example:
+      >>> plan = plan_from_kept([(g, np.arange(g.size) % 2 == 0)], {p: x.shape for p, x in flat.items()})
+    """
+    removed: dict[tuple[str, int], set[int]] = {}
+    plans = []
+    for g, alive in decided:
+        if alive.all():
+            continue
+        plans.append(GroupPlan(g.name, g.size, tuple(np.flatnonzero(alive).tolist()),
+                               tuple((m.path, m.axis, m.unit) for m in g.members)))  # fmt: skip
+        for m in g.members:
+            removed.setdefault((m.path, m.axis), set()).update(m.positions[~alive].ravel().tolist())
+    leaves: dict[str, dict[int, tuple[int, ...]]] = {}
+    for (path, axis), gone in sorted(removed.items()):
+        kept = tuple(i for i in range(shapes[path][axis]) if i not in gone)
+        leaves.setdefault(path, {})[axis] = kept
+    return ShrinkPlan(tuple(plans), leaves, dict(shapes), tuple(skipped))
 
 
 def make_plan(
@@ -325,9 +377,15 @@ def make_plan(
     kernel: the consumer's mask keeps its in-rows, yet the producer's zeroed column
     decides). Members without a mask do not vote; a group with no masked member is
     untouched. Each group keeps at least one channel and a
-    multiple of ``multiple`` (pruned channels with the largest L2 norm over all members
-    are added back; never more than the group had: when the next multiple exceeds the
+    multiple of ``multiple`` (pruned channels with the largest L2 norm over the group's
+    trainable members are added back: NNX ``Param``s / Linen's ``params`` collection, not
+    running statistics; never more than the group had: when the next multiple exceeds the
     group size, the group keeps all its channels).
+
+    Per-layer masks decided independently over-prune coupled groups under ``vote="any"``
+    (the union of every member's pruned channels goes); to prune an exact fraction of each
+    group, rank whole groups: :func:`qjax.prune.groups.group_scores` and
+    :func:`qjax.prune.groups.masks_from_group_scores`.
 
     Args:
       groups: from :func:`qjax.graph.coupling.channel_groups`.
@@ -348,8 +406,7 @@ def make_plan(
     Example:
       >>> plan = make_plan(channel_groups(f, params, x), params, masks, multiple=8)
     """
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    check_multiple(multiple)
     if vote not in ("all", "any"):
         raise ValueError(f"vote must be 'all' or 'any', got {vote!r}")
     p_leaves = {p: x for p, x in _flat(params).items() if x is not None}
@@ -359,8 +416,8 @@ def make_plan(
             raise ValueError(
                 f"mask of {path!r} has shape {tuple(np.shape(m))}, the leaf {tuple(np.shape(p_leaves[path]))}"
             )
-    removed: dict[tuple[str, int], set[int]] = {}
-    plans, skipped = [], []
+    trainable = _trainable(params)
+    decided, skipped = [], []
     for g in groups:
         voters = [m for m in g.members if m_leaves.get(m.path) is not None]
         if not voters:
@@ -376,25 +433,17 @@ def make_plan(
             continue
         target = _kept_count(int(alive.sum()), g.size, multiple)
         if target > alive.sum():
-            norms = np.zeros(g.size)
-            for m in g.members:
-                x = np.asarray(p_leaves[m.path], np.float64)
-                norms += (_channel_slices(x, m.axis, m.positions) ** 2).sum(axis=1)
-            dead = np.flatnonzero(~alive)
-            back = dead[np.argsort(-norms[dead], kind="stable")][: target - int(alive.sum())]
-            alive[back] = True
-        if alive.all():
-            continue
-        plans.append(GroupPlan(g.name, g.size, tuple(np.flatnonzero(alive).tolist()),
-                               tuple((m.path, m.axis, m.unit) for m in g.members)))  # fmt: skip
-        for m in g.members:
-            removed.setdefault((m.path, m.axis), set()).update(m.positions[~alive].ravel().tolist())
+            alive = _add_back(alive, target, _weight_norms(g, p_leaves, trainable))
+        decided.append((g, alive))
     shapes = {p: tuple(np.shape(x)) for p, x in p_leaves.items()}
-    leaves: dict[str, dict[int, tuple[int, ...]]] = {}
-    for (path, axis), gone in sorted(removed.items()):
-        kept = tuple(i for i in range(shapes[path][axis]) if i not in gone)
-        leaves.setdefault(path, {})[axis] = kept
-    return ShrinkPlan(tuple(plans), leaves, shapes, tuple(skipped))
+    return plan_from_kept(decided, shapes, skipped)
+
+
+def check_multiple(multiple: Any) -> int:
+    """Raise ``ValueError`` unless ``multiple`` is an int >= 1 (names the argument)."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int | np.integer) or multiple < 1:
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    return int(multiple)
 
 
 def shrink(

@@ -165,6 +165,25 @@ def test_concat_and_split():
     np.testing.assert_array_equal(next(m for m in glu.members if m.path == "w").positions[1], [1, 7])
 
 
+def test_weight_concatenated_from_leaves_is_a_weight():
+    """``h @ concatenate([a, b], 1)`` (fused gates, OptimizedLSTMCell) couples like ``h @ a``,
+    ``h @ b``; a concatenation with an activation part is still refused."""
+    fused = lambda p, x: jax.nn.relu(x @ p["w0"]) @ jnp.concatenate([p["a"], p["b"]], 1)
+    separate = lambda p, x: jnp.concatenate([jax.nn.relu(x @ p["w0"]) @ p[k] for k in "ab"], 1)
+    p, x = {"w0": _rand(0, 3, 8), "a": _rand(1, 8, 4), "b": _rand(2, 8, 5)}, jnp.ones((2, 3))
+    got = [(g.size, g.prunable, _members(g)) for g in channel_groups(fused, p, x)]
+    assert got == [(g.size, g.prunable, _members(g)) for g in channel_groups(separate, p, x)]
+    hidden = _by_member(channel_groups(fused, p, x), "w0", 1)
+    assert hidden.prunable and _members(hidden) == {("w0", 1, 1), ("a", 0, 1), ("b", 0, 1)}
+
+    def mixed(p, x):  # one part of the contracted operand is an activation
+        h = jax.nn.relu(x @ p["w0"])
+        return h @ jnp.concatenate([p["a"], h.T @ x], 1)
+
+    g = _by_member(channel_groups(mixed, {"w0": p["w0"], "a": p["a"]}, x), "w0", 1)
+    assert not g.prunable and "between two activations" in g.reason
+
+
 def test_uneven_split_not_prunable():
     def f(p, x):
         u, v = jnp.split(x @ p["w"], 2, axis=-1)

@@ -16,6 +16,7 @@ from hypothesis_budget import examples
 
 from qjax.graph import nnx_apply
 from qjax.graph.coupling import channel_groups
+from qjax.prune._paths import _trainable
 from qjax.prune.masks import apply_masks, pack_masks
 from qjax.prune.rebuild import feature_counts, linen_apply, shrink_nnx
 from qjax.prune.shrink import ShrinkPlan, make_plan, shrink
@@ -266,6 +267,27 @@ def test_masks_over_the_params_collection():
         shrink(f, v, {**masks, "nope": {"kernel": None}}, x)
 
 
+def test_multiple_ranks_added_back_channels_by_trainable_weights_only():
+    """BatchNorm running statistics do not decide which pruned channels come back."""
+    model, x = CNN(), _rand(7, 3, 8, 8, 1)
+    v = _init(model, x)
+    v["params"]["Conv_0"]["kernel"] = v["params"]["Conv_0"]["kernel"].at[..., 4].mul(10.0)
+    v["batch_stats"]["BatchNorm_0"]["var"] = v["batch_stats"]["BatchNorm_0"]["var"].at[1].set(1e6)
+    masks = {"params": jax.tree.map(lambda a: None, v["params"])}
+    masks["params"]["Conv_0"]["kernel"] = _col_mask((3, 3, 1, 8), [1, 4, 6])
+    groups = channel_groups(functools.partial(model.apply, train=False), v, x)
+    (g,) = make_plan(groups, v, masks, multiple=2, vote="any").groups
+    # reference: squared L2 over the params-collection members (kernels in and out, BN scale/bias)
+    flat = {"/".join(str(k.key) for k in kp): np.asarray(a, np.float64)
+            for kp, a in jax.tree_util.tree_flatten_with_path(v["params"])[0]}  # fmt: skip
+    members = [m for m in next(h for h in groups if h.name == g.name).members if m.path.startswith("params/")]
+    norms = {c: sum(float((np.take(flat[m.path[len("params/"):]], [c], m.axis) ** 2).sum()) for m in members)
+             for c in (1, 4, 6)}  # fmt: skip
+    assert g.kept == (0, 2, 3, max(norms, key=norms.get), 5, 7) == (0, 2, 3, 4, 5, 7)
+    bn_state = nnx.split(nnx.BatchNorm(4, rngs=nnx.Rngs(0)))[1]  # NNX: Params, not BatchStats
+    assert _trainable(bn_state) == {"bias", "scale"} and _trainable({"w": 1, "mean": 2}) == {"w", "mean"}
+
+
 class CNN2(nn.Module):
     """CNN built from a config (the `feature_counts` route)."""
 
@@ -444,6 +466,36 @@ def test_nnx_channel_pruning_through_batchnorm_and_depthwise():
     _nnx_shrinks_like_masked(model, set_masks, x)
     assert model.conv.out_features == model.bn.num_features == model.dw.feature_group_count == 5
     assert model.dw.in_features == model.dw.out_features == model.fc.in_features == 5
+
+
+def test_weight_concatenated_from_leaves_shrinks_like_the_masked_model():
+    fused = lambda p, x: jax.nn.relu(x @ p["w0"]) @ jnp.concatenate([p["a"], p["b"]], 1)
+    p = {"w0": _rand(0, 3, 8), "a": _rand(1, 8, 4), "b": _rand(2, 8, 5)}
+    masks = {"w0": _col_mask((3, 8), [1, 6]), "a": None, "b": None}
+    small, _ = _masked_equals_shrunk(fused, p, masks, _rand(3, 2, 3))
+    assert small["a"].shape == (6, 4) and small["b"].shape == (6, 5)
+
+
+class _RNN(nn.Module):
+    cell: type
+    hidden: int = 16
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(4)(nn.RNN(self.cell(self.hidden))(x)[:, -1])
+
+
+def test_optimized_lstm_cell_hidden_units_shrink():
+    """OptimizedLSTMCell fuses its gate kernels with a concatenate; its hidden units prune."""
+    model, x = _RNN(nn.OptimizedLSTMCell), _rand(0, 2, 5, 3)
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["Dense_0"]["kernel"] = _col_mask((16, 4), [1, 5, 9], axis=0)
+    # rebuilt from a config: linen_apply does not resize an RNN cell's carry (Known limits)
+    small_model = _RNN(nn.OptimizedLSTMCell, 13)
+    small, plan = _masked_equals_shrunk(model.apply, v, masks, x, f_small=small_model.apply)
+    assert [len(g.kept) for g in plan.groups] == [13]
+    assert small["params"]["OptimizedLSTMCell_0"]["hi"]["kernel"].shape == (13, 13)
 
 
 def test_scan_over_stacked_layers_shrinks_uniformly():
