@@ -52,7 +52,7 @@ PRESETS = {
 
 W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
 A8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
-G8 = qjax.QuantSpec(qjax.int8, rounding="stochastic")
+G8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
 POLICY = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=A8)])
 INT8 = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=A8, grad=G8)])
 

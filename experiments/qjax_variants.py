@@ -34,8 +34,8 @@ qjax_qat_w8a8       ``fake_quantized``: int8 weights per channel + int8 per-toke
                     ``integer_forward=True`` default), the backward is fake quant's clipped
                     straight-through gradient (as qwix_qat_w8a8, whose forward is an int8 dot
                     too; its backward uses the float operands, see ``NOT_SAME_NUMERICS``).
-qjax_int8_training  ``Rule(grad=QuantSpec(int8, rounding="stochastic"))``: forward and both
-                    backward matmuls as int8 x int8 -> int32 dots, gradients rounded
+qjax_int8_training  ``Rule(grad=QuantSpec(int8, channel_axes=PER_TOKEN, rounding="stochastic"))``:
+                    forward and both backward matmuls as int8 x int8 -> int32 dots, gradients rounded
                     stochastically with the step's key (the harness's ``rng`` argument, so a
                     fresh key per step costs nothing extra; as aqt_fqt_int8).
 =================== ========================================================================
@@ -58,7 +58,7 @@ CALIB_SEED = 100
 
 TOK8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
 TENSOR8 = qjax.QuantSpec(qjax.int8)  # per tensor; static scales when calibrated
-GRAD8 = qjax.QuantSpec(qjax.int8, rounding="stochastic")
+GRAD8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
 
 # Output-channel axes of each kernel (everything else is contracted).
 _QKV = r"params/(query|key|value)/kernel"
@@ -193,8 +193,8 @@ def register(replace: bool = False) -> None:
         build_qjax_int8_training,
         library="qjax",
         expect="int_dot",
-        description="int8 training: Rule(grad=QuantSpec(int8, rounding='stochastic')), int8 fwd + bwd, "
-        "key per step",
+        description="int8 training: Rule(grad=QuantSpec(int8, PER_TOKEN, rounding='stochastic')), "
+        "int8 fwd + bwd, key per step",
         replace=replace,
     )
 

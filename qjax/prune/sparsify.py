@@ -227,7 +227,10 @@ def sparsify(
         ``polynomial``).
       key: PRNG key (int seed, raw or typed key) for pruners that use randomness.
       ste: keep the params dense and only maintain the masks (straight-through training,
-        the forward pass applies :func:`qjax.prune.ste.apply_masks_ste`).
+        the forward pass applies :func:`qjax.prune.ste.apply_masks_ste`). The masks are
+        computed here from the params before the update, so step ``t``'s forward reads
+        masks of step ``t - 1``'s params; :mod:`qjax.prune.ste` shows how to compute them
+        from the current params in the loss instead (jaxpruner's ``SteMixin``).
       pruner_state: the initial pruner state instead of ``pruner.init_state(params)``, e.g.
         ``Wanda``'s activation norms (``{path: norm}`` from
         :func:`qjax.prune.activations.activation_norms`).

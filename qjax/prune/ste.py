@@ -14,6 +14,20 @@ maintains the masks (read them with :func:`qjax.prune.sparsify.get_masks`)::
         w = apply_masks_ste(params, get_masks(opt_state))
         return loss(model.apply(w, x), y)
 
+When the masks are computed: ``sparsify(..., ste=True)`` recomputes them inside
+``tx.update``, from the params *before* that update, so the forward pass of step ``t``
+reads masks computed from step ``t - 1``'s params (with ``periodic(k)``, from the params
+of the last update step). jaxpruner's ``SteMixin`` computes the mask from the *current*
+params in every forward pass. For that behaviour compute the masks inside the loss, from
+the params it is given, without a gradient through them::
+
+    pruner = Magnitude(0.5, sparsity_type=NM(2, 4))
+    def loss_fn(params, x, y):  # train with the plain optimizer; no sparsify needed
+        masks = pruner.masks(jax.lax.stop_gradient(params))  # or (..., schedule(step))
+        return loss(model.apply(apply_masks_ste(params, masks), x), y)
+
+and prune the trained params once at the end (``apply_masks(params, pruner.masks(params))``).
+
 With quantization-aware training, mask the params *before* :func:`qjax.fake_quantized`,
 ``fake_quantized(model.apply, policy)(apply_masks_ste(params, masks), x)``, not inside the
 function it wraps (``fake_quantized(lambda p, x: model.apply(apply_masks_ste(p, masks), x),

@@ -1,18 +1,27 @@
 """int8 training (AQT-style): a ``dot_general`` whose forward pass and both backward
 passes (activation gradient and weight gradient) are integer matmuls.
 
-Every one of the three matmuls quantizes both of its operands on the fly with one scale
-per index of their non-contracting dimensions (per token / per output channel), so each
-int32 accumulation factors into scales exactly. The forward pass uses the operands'
-``act``/``weight`` formats, the backward passes quantize the incoming gradient with the
-rule's ``grad`` spec (stochastic rounding by default: unbiased, which keeps SGD
-unbiased) and re-quantize the saved float operands along the axes that are free in that
-matmul.
+The forward pass quantizes each operand exactly as its spec says (per tensor, per
+channel, per group, ``PER_TOKEN``), as ``qjax.quantized`` serves it, so a model trained
+this way is the model deployed. The backward matmuls quantize their operands with one
+scale per index of the axes that are free in *that* matmul (per token / per channel),
+so each int32 accumulation factors into scales exactly: the saved float operands are
+re-quantized in the formats, rounding and calibration of the ``act`` / ``weight`` specs,
+the incoming gradient by the ``grad`` spec (stochastic rounding by default: unbiased,
+which keeps SGD unbiased) either with one scale per tensor (``channel_axes=()``) or per
+row of each backward matmul (``qjax.PER_TOKEN``, AQT's choice). Other granularities of
+the gradient cannot factor out of both backward matmuls and are refused
+(:func:`check_grad_spec`).
+
+:func:`with_integer_backward` is the ``custom_vjp`` both int8 dots and int8 convs
+(:mod:`qjax.quant.int8_training_conv`) share, also for ``fake_quantized``'s ops, whose
+forward is the served op.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +31,61 @@ from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.ops_dot import quantized_dot_general
 
 
+def check_grad_spec(spec: QuantSpec, what: str = "grad_spec") -> None:
+    """Refuse a gradient granularity the backward matmuls cannot honour.
+
+    Raises:
+      ValueError: ``spec`` has a ``group_size`` or ``channel_axes`` other than ``()``
+        (one scale per tensor) and ``qjax.PER_TOKEN`` (one per row of each backward
+        matmul); the message starts with ``what``.
+    """
+    if spec.group_size is None and (spec.channel_axes == () or spec.channel_axes is PER_TOKEN):
+        return
+    got = f"channel_axes={spec.channel_axes}"
+    if spec.group_size is not None:
+        got = f"group_size={spec.group_size}"
+    raise ValueError(
+        f"{what} has {got}: int8 training quantizes the incoming gradient with one scale per tensor "
+        "(channel_axes=()) or one per row of each backward matmul (channel_axes=qjax.PER_TOKEN: per token "
+        "for the input gradient, per output channel for the weight gradient), without group_size; other "
+        "scales would vary along an axis one of the two backward matmuls sums over"
+    )
+
+
+def backward_spec(spec: QuantSpec) -> QuantSpec:
+    """The spec an operand is re-quantized with in a backward matmul: its format, rounding
+    and calibration, one scale per index of the axes free in that matmul."""
+    return spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False)
+
+
+def _grad_spec(spec: QuantSpec) -> QuantSpec:
+    """The gradient's spec in the backward matmuls (per tensor stays per tensor)."""
+    return spec.replace(pack=False) if spec.channel_axes == () else backward_spec(spec)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def with_integer_backward(forward: Callable, backward: Callable, lhs, rhs, extra, key):
+    """``forward(lhs, rhs, extra)``, whose VJP with respect to ``lhs`` and ``rhs`` is
+    ``backward(lhs, rhs, key, g) -> (dlhs, drhs)`` (``extra``, e.g. the stored weight
+    leaf a served forward quantizes, and ``key`` get zero cotangents)."""
+    return forward(lhs, rhs, extra)
+
+
+def _wib_fwd(forward, backward, lhs, rhs, extra, key):
+    return forward(lhs, rhs, extra), (lhs, rhs, key)
+
+
+def _wib_bwd(forward, backward, res, g):
+    lhs, rhs, key = res
+    dlhs, drhs = backward(lhs, rhs, key, g)
+    return dlhs, drhs, None, None
+
+
+with_integer_backward.defvjp(_wib_fwd, _wib_bwd)
+
+
 def _free(ndim: int, contracting, batch) -> list[int]:
     return [d for d in range(ndim) if d not in contracting and d not in batch]
-
-
-def _per_token(spec: QuantSpec) -> QuantSpec:
-    return spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False)
 
 
 def _grad_dot(g, other, dn, g_spec, other_spec, key, wrt: int, out_ndim: int):
@@ -66,27 +124,30 @@ def _grad_dot(g, other, dn, g_spec, other_spec, key, wrt: int, out_ndim: int):
     return lax.transpose(out, tuple(perm))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _int8_dot(lhs, rhs, key, dn, lhs_spec, rhs_spec, grad_spec):
-    return quantized_dot_general(lhs, rhs, dn, lhs_spec=lhs_spec, rhs_spec=rhs_spec)
-
-
-def _fwd(lhs, rhs, key, dn, lhs_spec, rhs_spec, grad_spec):
-    return _int8_dot(lhs, rhs, key, dn, lhs_spec, rhs_spec, grad_spec), (lhs, rhs, key)
-
-
-def _bwd(dn, lhs_spec, rhs_spec, grad_spec, res, g):
-    lhs, rhs, key = res
+def _dot_backward(dn, lhs_spec, rhs_spec, grad_spec, lhs, rhs, key, g):
+    """Both cotangents of ``dot_general(lhs, rhs, dn)`` as integer matmuls (specs as
+    :func:`backward_spec` / :func:`_grad_spec` made them)."""
     k1 = k2 = None
     if key is not None:
         k1, k2 = jax.random.split(key)
     g = g.astype(lhs.dtype)
     dlhs = _grad_dot(g, rhs, dn, grad_spec, rhs_spec, k1, 0, lhs.ndim)
     drhs = _grad_dot(g, lhs, dn, grad_spec, lhs_spec, k2, 1, rhs.ndim)
-    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype)
 
 
-_int8_dot.defvjp(_fwd, _bwd)
+def dot_backward(dimension_numbers, lhs_spec: QuantSpec, rhs_spec: QuantSpec, grad_spec: QuantSpec):
+    """The integer backward pass of ``dot_general`` for :func:`with_integer_backward`
+    (``grad_spec`` checked by :func:`check_grad_spec` first)."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+    return functools.partial(
+        _dot_backward, dn, backward_spec(lhs_spec), backward_spec(rhs_spec), _grad_spec(grad_spec)
+    )
+
+
+def _dot_forward(dn, lhs_spec, rhs_spec, lhs, rhs, key):
+    return quantized_dot_general(lhs, rhs, dn, lhs_spec=lhs_spec, rhs_spec=rhs_spec, key=key)
 
 
 def int8_dot_general(
@@ -100,23 +161,42 @@ def int8_dot_general(
     key: jax.Array | None = None,
 ) -> jax.Array:
     """``lax.dot_general`` trained in integers: forward and both backward matmuls run as
-    int8×int8→int32 (or the specs' formats) with per-token / per-channel scales.
+    int8×int8→int32 (or the specs' formats).
+
+    The forward pass is ``quantized_dot_general(lhs, rhs, dimension_numbers,
+    lhs_spec=lhs_spec, rhs_spec=rhs_spec)``: each operand quantized with the scales its
+    spec gives (per tensor, per channel, per group along a contracted axis, or
+    ``qjax.PER_TOKEN``). The backward matmuls re-quantize the saved float operands in
+    their specs' formats with one scale per index of the axes free in that matmul, and
+    the incoming gradient by ``grad_spec``.
 
     Args:
       lhs, rhs: float operands (activation and weight, in any order).
       dimension_numbers: as for ``lax.dot_general``.
-      lhs_spec, rhs_spec: formats (and rounding) of the operands; their granularity is
-        replaced by one scale per non-contracting index of each matmul.
+      lhs_spec, rhs_spec: how the operands are quantized in the forward matmul (their
+        formats, rounding and calibration also in the backward matmuls).
       grad_spec: format of the incoming gradient in the backward matmuls, typically
-        ``QuantSpec(qjax.int8, rounding="stochastic")``.
-      key: PRNG key, required when ``grad_spec`` rounds stochastically.
+        ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")`` (one
+        scale per token for the input gradient, per output channel for the weight
+        gradient); ``channel_axes=()``: one scale per tensor.
+      key: PRNG key, required when a spec rounds stochastically.
 
     Returns:
       The float result; its VJP is the integer backward pass.
 
     Raises:
-      ValueError: a stochastic spec without ``key`` (at the backward pass).
+      ValueError: a ``grad_spec`` with ``group_size`` or with ``channel_axes`` other than
+        ``()`` / ``qjax.PER_TOKEN``; operand specs whose scales do not factor out of the
+        forward matmul (as ``quantized_dot_general``); a stochastic spec without ``key``
+        (``grad_spec``: at the backward pass).
     """
+    check_grad_spec(grad_spec)
     (lc, rc), (lb, rb) = dimension_numbers
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-    return _int8_dot(lhs, rhs, key, dn, _per_token(lhs_spec), _per_token(rhs_spec), _per_token(grad_spec))
+    fkey = None
+    if key is not None and "stochastic" in (lhs_spec.rounding, rhs_spec.rounding):
+        fkey = jax.random.fold_in(key, 2)  # the backward splits ``key`` itself
+    forward = functools.partial(_dot_forward, dn, lhs_spec, rhs_spec)
+    return with_integer_backward(
+        forward, dot_backward(dn, lhs_spec, rhs_spec, grad_spec), lhs, rhs, fkey, key
+    )

@@ -1,17 +1,19 @@
 """int8 training (AQT-style) of ``lax.conv_general_dilated``: the forward conv and both
 backward convs (input gradient and weight gradient) are int8×int8→int32 convolutions.
 
-Each conv quantizes its two operands with scales that vary only along dimensions that
-are free in *that* conv, so every int32 accumulation factors into scales exactly:
+The forward conv quantizes the input and the kernel as their specs say (as
+``qjax.quantized`` serves them; ``qjax.PER_TOKEN`` is one scale per batch sample for the
+input, per output feature for the kernel). The backward convs quantize their operands
+with scales that vary only along dimensions that are free in *that* conv, so every
+int32 accumulation factors into scales exactly:
 
-* forward ``y = conv(x, w)`` sums over input features and the kernel window: ``x`` gets
-  one scale per batch sample, ``w`` one per output feature;
 * input gradient ``dx = conv_transpose(g, w)`` sums over output features and the kernel
   window: ``g`` gets one scale per batch sample, ``w`` is re-quantized with one scale per
   input feature (per ``(group, input feature)`` for grouped convs);
 * weight gradient ``dw = conv(x, g)`` sums over the batch and output positions: ``x`` is
   re-quantized with one scale per input feature, ``g`` gets one per output feature.
 
+A per-tensor grad spec (``channel_axes=()``) gives ``g`` one scale in both instead.
 The backward convs are built by JAX's own transpose rules of ``conv_general_dilated``
 (strides, padding, dilations, dimension numbers and feature groups handled there), run
 on the int8 codes with ``preferred_element_type=int32``.
@@ -32,6 +34,7 @@ from jax import lax
 
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.int8_training import check_grad_spec, with_integer_backward
 from qjax.quant.ops_common import INT32_LIMIT
 from qjax.quant.ops_conv import CONV_GEOMETRY, quantized_conv_general_dilated
 
@@ -89,6 +92,12 @@ def _quantize(x, spec: QuantSpec, axes, key, what: str):
         )
     q = quantize(x.astype(jnp.float32), spec, key=key if spec.rounding == "stochastic" else None)
     return q.values, q.scale.astype(jnp.float32)
+
+
+def _grad_axes(spec: QuantSpec, axis: int) -> tuple[int, ...]:
+    """The axes of the output gradient's scales in one backward conv: ``axis`` (free in
+    that conv) for a ``PER_TOKEN`` grad spec, none for a per-tensor one."""
+    return (axis,) if spec.channel_axes is PER_TOKEN else ()
 
 
 def _along(v, axes_sizes: dict[int, int], ndim: int):
@@ -159,7 +168,7 @@ def _bound(spec: QuantSpec) -> int:
 def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
     (n_o, c_o), o_r, (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[0], cfg.dn.lhs_spec[:2]
     groups, nd = cfg.groups, rhs.ndim
-    gq, sg = _quantize(g, cfg.grad_spec, (n_o,), kg, "grad")
+    gq, sg = _quantize(g, cfg.grad_spec, _grad_axes(cfg.grad_spec, n_o), kg, "grad")
     # The weight with one scale per (group, input feature): split O into (groups, O / groups).
     perm = cfg.dn.rhs_spec
     w = lax.transpose(rhs, perm)  # O, I, spatial...
@@ -178,14 +187,17 @@ def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
             lhs_shape,
         ).astype(jnp.float32)
         acc = part if acc is None else acc + part
-    sg = _along(sg.reshape(-1), {n_l: g.shape[n_o]}, nd)
+    if sg.size == 1:  # per tensor
+        sg = sg.reshape((1,) * nd)
+    else:
+        sg = _along(sg.reshape(-1), {n_l: g.shape[n_o]}, nd)
     return acc * sg * _along(sw.reshape(-1), {c_l: groups * n_in}, nd)
 
 
 def _drhs(cfg: _Config, g, lhs, rhs_shape, kg, kx):
     (n_o, c_o), (o_r, i_r), (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[:2], cfg.dn.lhs_spec[:2]
     groups, nd = cfg.groups, lhs.ndim
-    gq, sg = _quantize(g, cfg.grad_spec, (c_o,), kg, "grad")
+    gq, sg = _quantize(g, cfg.grad_spec, _grad_axes(cfg.grad_spec, c_o), kg, "grad")
     xq, sx = _quantize(lhs, cfg.lhs_spec, (c_l,), kx, "activation")
     positions = math.prod(g.shape[d] for d in cfg.dn.out_spec[2:])
     acc = None
@@ -201,41 +213,32 @@ def _drhs(cfg: _Config, g, lhs, rhs_shape, kg, kx):
         acc = part if acc is None else acc + part
     n_out, n_in = rhs_shape[o_r], rhs_shape[i_r]
     # dw[o, i] sums x[., group(o) * n_in + i] * g[., o]: the scale of element (o, i).
+    sg = jnp.broadcast_to(sg.reshape(-1), (n_out,))  # one scale per output feature (or per tensor)
     s = (sg.reshape(groups, n_out // groups, 1) * sx.reshape(groups, 1, n_in)).reshape(n_out, n_in)
     return acc * _along(s if o_r < i_r else s.T, {o_r: n_out, i_r: n_in}, nd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _int8_conv(lhs, rhs, key, cfg: _Config):
-    kf = None if key is None else jax.random.fold_in(key, 0)
+def _conv_forward(cfg: _Config, lhs, rhs, key):
     return quantized_conv_general_dilated(
-        lhs,
-        rhs,
-        **cfg.conv_kwargs(),
-        lhs_spec=cfg.lhs_spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False),
-        rhs_spec=cfg.rhs_spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False),
-        key=kf,
-        method="int",
+        lhs, rhs, **cfg.conv_kwargs(), lhs_spec=cfg.lhs_spec, rhs_spec=cfg.rhs_spec, key=key, method="int"
     )
 
 
-def _fwd(lhs, rhs, key, cfg):
-    return _int8_conv(lhs, rhs, key, cfg), (lhs, rhs, key)
-
-
-def _bwd(cfg, res, g):
-    lhs, rhs, key = res
+def _conv_backward(cfg: _Config, lhs, rhs, key, g):
     keys = [None] * 4
     if key is not None:
         keys = list(jax.random.split(jax.random.fold_in(key, 1), 4))
     if g.size == 0 or lhs.size == 0 or rhs.size == 0:
-        return jnp.zeros_like(lhs), jnp.zeros_like(rhs), None
+        return jnp.zeros_like(lhs), jnp.zeros_like(rhs)
     dlhs = _dlhs(cfg, g, rhs, lhs.shape, keys[0], keys[1])
     drhs = _drhs(cfg, g, lhs, rhs.shape, keys[2], keys[3])
-    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype), None
+    return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype)
 
 
-_int8_conv.defvjp(_fwd, _bwd)
+def conv_backward(cfg: _Config):
+    """The integer backward pass of the conv ``cfg`` (:func:`conv_config`) for
+    :func:`qjax.quant.int8_training.with_integer_backward`."""
+    return functools.partial(_conv_backward, cfg)
 
 
 def _check_spec(name: str, spec) -> QuantSpec:
@@ -248,6 +251,71 @@ def _check_spec(name: str, spec) -> QuantSpec:
             "a signed integer format of at most 8 bits (e.g. qjax.int8, qjax.int4)"
         )
     return spec
+
+
+def conv_config(
+    lhs_shape,
+    rhs_shape,
+    *,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    lhs_spec: QuantSpec,
+    rhs_spec: QuantSpec,
+    grad_spec: QuantSpec,
+) -> _Config:
+    """The checked, resolved configuration of an int8-trained conv (arguments as for
+    :func:`int8_conv_general_dilated`, operands given by their shapes).
+
+    Raises:
+      ValueError / TypeError: as :func:`int8_conv_general_dilated`.
+    """
+    lhs_spec, rhs_spec, grad_spec = (
+        _check_spec(n, s)
+        for n, s in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec))
+    )
+    if int(batch_group_count) != 1:
+        raise ValueError(
+            f"int8_conv_general_dilated: batch_group_count={batch_group_count} is not supported: a "
+            "batch-grouped conv sums batch samples into each output feature, so the per-sample input "
+            "scales of int8 training cannot be applied by the integer forward conv; use the float conv "
+            "(batch-grouped convs arise as weight gradients of grouped convs, rarely in models)"
+        )
+    check_grad_spec(grad_spec, "int8_conv_general_dilated: grad_spec")
+    lhs_shape, rhs_shape = tuple(lhs_shape), tuple(rhs_shape)
+    if len(lhs_shape) != len(rhs_shape) or len(lhs_shape) < 3:
+        raise ValueError(
+            f"int8_conv_general_dilated: lhs {lhs_shape} and rhs {rhs_shape} need the same rank >= 3"
+        )
+    nsp = len(lhs_shape) - 2
+    dn = lax.conv_dimension_numbers(lhs_shape, rhs_shape, dimension_numbers)
+    ints = lambda v: (1,) * nsp if v is None else tuple(int(s) for s in v)
+    strides, ldil, rdil = ints(window_strides), ints(lhs_dilation), ints(rhs_dilation)
+    if isinstance(padding, str):
+        if ldil != (1,) * nsp:
+            raise ValueError(
+                "int8_conv_general_dilated: string padding with lhs_dilation is not defined; give "
+                "explicit (low, high) pairs"
+            )
+        in_sp = [lhs_shape[d] for d in dn.lhs_spec[2:]]
+        k_sp = [(rhs_shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], rdil)]
+        padding = lax.padtype_to_pads(in_sp, k_sp, strides, padding)
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    fgc = int(feature_group_count)
+    if (
+        fgc < 1
+        or rhs_shape[dn.rhs_spec[0]] % fgc
+        or lhs_shape[dn.lhs_spec[1]] != fgc * rhs_shape[dn.rhs_spec[1]]
+    ):
+        raise ValueError(
+            f"int8_conv_general_dilated: feature_group_count={feature_group_count} does not fit lhs "
+            f"{lhs_shape} / rhs {rhs_shape} with dimension numbers {dn}"
+        )
+    return _Config(strides, padding, ldil, rdil, dn, fgc, lhs_spec, rhs_spec, grad_spec)
 
 
 def int8_conv_general_dilated(
@@ -269,12 +337,14 @@ def int8_conv_general_dilated(
     """``lax.conv_general_dilated`` trained in integers: the forward conv and both
     backward convs run as int8×int8→int32 convolutions with scales that factor exactly.
 
-    Forward: the input (``lhs``) with one scale per batch sample, the kernel (``rhs``) with
-    one per output feature. Input gradient: the output gradient with one scale per batch
-    sample, the kernel re-quantized with one per input feature. Weight gradient: the input
+    Forward: ``quantized_conv_general_dilated`` with ``lhs_spec`` / ``rhs_spec`` as given
+    (``qjax.PER_TOKEN``: one scale per batch sample of the input, per output feature of
+    the kernel). Input gradient: the output gradient with one scale per batch sample, the
+    kernel re-quantized with one per input feature. Weight gradient: the input
     re-quantized with one scale per input feature, the output gradient with one per output
-    feature. Grouped convs (``feature_group_count > 1``, depthwise included) are supported.
-    The backward convs are JAX's transpose rules of ``conv_general_dilated`` run on the int8
+    feature (a per-tensor ``grad_spec``: one scale for the output gradient in both).
+    Grouped convs (``feature_group_count > 1``, depthwise included) are supported. The
+    backward convs are JAX's transpose rules of ``conv_general_dilated`` run on the int8
     codes (if a future JAX drops that private API, a float32 conv on the codes is
     transposed instead, exact while partial sums stay below 2**24); contractions too
     long for int32 are split into chunks summed in float32.
@@ -283,11 +353,12 @@ def int8_conv_general_dilated(
       lhs, rhs: float input and kernel.
       window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
         feature_group_count, batch_group_count: as for ``lax.conv_general_dilated``.
-      lhs_spec, rhs_spec: formats (and rounding) of the input and the kernel (signed
-        integers of at most 8 bits); their granularity is replaced as above and the
-        backward re-quantizations are symmetric.
+      lhs_spec, rhs_spec: how the input and the kernel are quantized in the forward conv
+        (signed integers of at most 8 bits); the backward convs re-quantize them in the
+        same formats, symmetric, with the scales above.
       grad_spec: format of the output gradient in the backward convs, typically
-        ``QuantSpec(qjax.int8, rounding="stochastic")`` (symmetric).
+        ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")``
+        (symmetric); ``channel_axes=()``: one scale per tensor.
       key: PRNG key, required when a spec rounds stochastically (``grad_spec``: at the
         backward pass).
 
@@ -296,51 +367,27 @@ def int8_conv_general_dilated(
 
     Raises:
       ValueError: ``batch_group_count > 1`` (not supported), a spec format that is not a
-        signed integer of at most 8 bits, string padding with ``lhs_dilation``, shapes that
-        do not fit, a stochastic spec without ``key``.
+        signed integer of at most 8 bits, a ``grad_spec`` with ``group_size`` or with
+        ``channel_axes`` other than ``()`` / ``qjax.PER_TOKEN``, string padding with
+        ``lhs_dilation``, shapes that do not fit, a stochastic spec without ``key``.
     """
-    lhs_spec, rhs_spec, grad_spec = (
-        _check_spec(n, s)
-        for n, s in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec))
-    )
-    if int(batch_group_count) != 1:
-        raise ValueError(
-            f"int8_conv_general_dilated: batch_group_count={batch_group_count} is not supported: a "
-            "batch-grouped conv sums batch samples into each output feature, so the per-sample input "
-            "scales of int8 training cannot be applied by the integer forward conv; use the float conv "
-            "(batch-grouped convs arise as weight gradients of grouped convs, rarely in models)"
-        )
     lhs, rhs = jnp.asarray(lhs), jnp.asarray(rhs)
-    if lhs.ndim != rhs.ndim or lhs.ndim < 3:
-        raise ValueError(
-            f"int8_conv_general_dilated: lhs {lhs.shape} and rhs {rhs.shape} need the same rank >= 3"
-        )
-    nsp = lhs.ndim - 2
-    dn = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    ints = lambda v: (1,) * nsp if v is None else tuple(int(s) for s in v)
-    strides, ldil, rdil = ints(window_strides), ints(lhs_dilation), ints(rhs_dilation)
-    if isinstance(padding, str):
-        if ldil != (1,) * nsp:
-            raise ValueError(
-                "int8_conv_general_dilated: string padding with lhs_dilation is not defined; give "
-                "explicit (low, high) pairs"
-            )
-        in_sp = [lhs.shape[d] for d in dn.lhs_spec[2:]]
-        k_sp = [(rhs.shape[d] - 1) * r + 1 for d, r in zip(dn.rhs_spec[2:], rdil)]
-        padding = lax.padtype_to_pads(in_sp, k_sp, strides, padding)
-    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-    fgc = int(feature_group_count)
-    if (
-        fgc < 1
-        or rhs.shape[dn.rhs_spec[0]] % fgc
-        or lhs.shape[dn.lhs_spec[1]] != fgc * rhs.shape[dn.rhs_spec[1]]
-    ):
-        raise ValueError(
-            f"int8_conv_general_dilated: feature_group_count={feature_group_count} does not fit lhs "
-            f"{lhs.shape} / rhs {rhs.shape} with dimension numbers {dn}"
-        )
-    cfg = _Config(strides, padding, ldil, rdil, dn, fgc, lhs_spec, rhs_spec, grad_spec)
-    return _int8_conv(lhs, rhs, key, cfg)
+    cfg = conv_config(
+        lhs.shape,
+        rhs.shape,
+        window_strides=window_strides,
+        padding=padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        lhs_spec=lhs_spec,
+        rhs_spec=rhs_spec,
+        grad_spec=grad_spec,
+    )
+    kf = None if key is None else jax.random.fold_in(key, 0)
+    return with_integer_backward(functools.partial(_conv_forward, cfg), conv_backward(cfg), lhs, rhs, kf, key)
 
 
 __all__ = ["int8_conv_general_dilated"]

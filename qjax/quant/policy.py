@@ -24,6 +24,11 @@ class Rule:
       grad: int8 training: how to quantize the incoming gradient of the matmuls reading
         the leaf (``fake_quantized`` then runs the forward and both backward matmuls as
         integer matmuls, AQT-style); needs ``weight`` and ``act``. ``None``: float backward.
+        The forward pass quantizes as ``weight`` and ``act`` say, as ``quantized`` serves
+        it; the backward matmuls re-quantize the weight and activation in those formats
+        with one scale per row of each matmul, and the gradient with one scale per tensor
+        (``channel_axes=()``) or per row (``qjax.PER_TOKEN``, recommended). Other
+        ``grad`` granularities (``group_size``, explicit axes) are refused at trace time.
 
     ``Rule(pattern, None)`` (no weight, no act) means "leave alone".
 

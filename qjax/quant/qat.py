@@ -17,8 +17,8 @@ from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slic
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
-from qjax.quant.int8_training import int8_dot_general
-from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
+from qjax.quant.int8_training_conv import conv_backward, conv_config
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.quant.policy_handler import (
     _named_errors,
@@ -34,16 +34,24 @@ from qjax.quant.transforms import _check_scales
 from qjax.rules import fold_in_path
 
 
-def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
-    """QAT op whose forward pass is the integer op (the values of ``fake_path`` up to
-    float summation order) and whose backward pass is ``fake_path``'s STE gradient, as
-    Qwix's QAT does: the int8 matmul is faster than the float one on most backends."""
+def _served_forward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
+    """The op ``qjax.quantized`` serves, as a function of the activation and the float
+    weight leaf (``fake_path`` where the scales cannot follow the weight's layout)."""
 
     def forward(act, w_leaf):
         w, perm = _operand_qarray(ref, w_leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
             return fake_path(act, w_leaf)
         return _quantized_op(eqn, act, w, wi, aspec, perm=perm).astype(eqn.outvars[0].aval.dtype)
+
+    return forward
+
+
+def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
+    """QAT op whose forward pass is the integer op (the values of ``fake_path`` up to
+    float summation order) and whose backward pass is ``fake_path``'s STE gradient, as
+    Qwix's QAT does: the int8 matmul is faster than the float one on most backends."""
+    forward = _served_forward(eqn, ref, wi, wspec, aspec, fake_path)
 
     @jax.custom_vjp
     def op(act, w_leaf):
@@ -91,7 +99,7 @@ class _FakeQuant(_PolicyHandler):
             return None
         args = [materialize(x) for x in invals]
         if rule.grad is not None:
-            return [self._int8_training(eqn, args, wi, rule, ref.path)]
+            self._check_int8_training(eqn, wi, rule, ref)
         ai = 1 - wi
         aspec = None if rule.act is None else _resolve_act_spec(rule.act, eqn, ai)
         if aspec is not None and aspec.ste == "lsq":
@@ -110,9 +118,14 @@ class _FakeQuant(_PolicyHandler):
             return bind_eqn(eqn, operands)[0]
 
         act, w_leaf = args[ai], ref.float_leaf()
-        if self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi):
+        integer = self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi)
+        if not integer:
+            _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
+        if rule.grad is not None:
+            forward = _served_forward(eqn, ref, wi, rule.weight, aspec, fake_path) if integer else fake_path
+            return [self._int8_training(eqn, forward, args, w_leaf, wi, rule, ref.path)]
+        if integer:
             return [_int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)(act, w_leaf)]
-        _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
         return [fake_path(act, w_leaf)]
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
@@ -160,46 +173,53 @@ class _FakeQuant(_PolicyHandler):
             return False
         return eqn.primitive.name == "dot_general" or wi == 1
 
-    def _int8_training(self, eqn, args, wi, rule: Rule, path: str):
-        name = eqn.primitive.name
+    def _check_int8_training(self, eqn, wi: int, rule: Rule, ref: WeightRef) -> None:
+        """Refuse what int8 training (``grad=``) cannot run, naming the leaf and the rule."""
+        path, name = ref.path, eqn.primitive.name
+        where = f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training)"
         if name not in ("dot_general", "conv_general_dilated"):
             raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) covers dot_general "
-                f"matmuls and conv_general_dilated convolutions; {name} is not supported"
+                f"{where} covers dot_general matmuls and conv_general_dilated convolutions; {name} is not "
+                "supported"
             )
         if name == "conv_general_dilated" and wi != 1:
             raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training) of a convolution needs the "
-                "weight as the kernel (rhs) operand; here it is the input (lhs)"
+                f"{where} of a convolution needs the weight as the kernel (rhs) operand; here it is the "
+                "input (lhs)"
             )
+        check_grad_spec(rule.grad, f"{where}: the grad spec")
+        if rule.weight.ste == "lsq" or path in self.scales:
+            raise ValueError(
+                f"{where} does not learn scales: its backward pass re-quantizes the weight; use a weight "
+                "spec without ste='lsq' (and no learned scales for this leaf), or a rule without grad="
+            )
+        if fold_in_path(self.key, path + ":grad") is None and rule.grad.rounding == "stochastic":
+            raise ValueError(
+                f"{where}: the grad spec rounds stochastically: pass key= to fake_quantized (use a fresh key "
+                "every step)"
+            )
+
+    def _int8_training(self, eqn, forward, args, w_leaf, wi: int, rule: Rule, path: str):
+        """The op with the forward pass ``forward(act, w_leaf)`` (the one ``fake_quantized``
+        runs without ``grad=``, so the one served) and the integer backward pass."""
         specs = [None, None]
         specs[wi], specs[1 - wi] = rule.weight, rule.act
-        key = fold_in_path(self.key, path + ":grad")
-        if key is None and rule.grad.rounding == "stochastic":
-            raise ValueError(
-                f"leaf {path!r} (rule {rule.pattern!r}): the grad spec rounds stochastically: pass "
-                "key= to fake_quantized (use a fresh key every step)"
-            )
-        if name == "conv_general_dilated":
-            out = int8_conv_general_dilated(
-                args[0],
-                args[1],
+        if eqn.primitive.name == "conv_general_dilated":
+            cfg = conv_config(
+                args[0].shape,
+                args[1].shape,
                 **_conv_geometry(eqn),
                 lhs_spec=specs[0],
                 rhs_spec=specs[1],
                 grad_spec=rule.grad,
-                key=key,
             )
+            backward = conv_backward(cfg)
         else:
-            out = int8_dot_general(
-                args[0],
-                args[1],
-                eqn.params["dimension_numbers"],
-                lhs_spec=specs[0],
-                rhs_spec=specs[1],
-                grad_spec=rule.grad,
-                key=key,
-            )
+            backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], rule.grad)
+        key = fold_in_path(self.key, path + ":grad")
+        out = with_integer_backward(
+            lambda lhs, rhs, w_leaf: forward((lhs, rhs)[1 - wi], w_leaf), backward, *args, w_leaf, key
+        )
         return out.astype(eqn.outvars[0].aval.dtype)
 
 
@@ -213,8 +233,12 @@ def fake_quantized(
     are the leaf's), activations through ``fake_quant`` with the rule's ``act`` spec
     (``PER_TOKEN`` resolved per op). Gradients follow each spec's ``ste`` rule, for
     convolutions too. Rules with a ``grad`` spec train in integers instead (AQT-style):
-    the forward matmul and both backward matmuls run as int8 matmuls with per-token /
-    per-channel scales, the gradient quantized by ``grad`` (see
+    the forward pass is the same as without ``grad`` (the weight and activation quantized
+    as their specs say, as ``quantized`` serves them), and both backward matmuls run as
+    integer matmuls: the saved weight and activation re-quantized in their formats with
+    one scale per row of each matmul, the gradient quantized by ``grad``, per tensor
+    (``channel_axes=()``) or per row (``qjax.PER_TOKEN``); other ``grad`` granularities,
+    LSQ weight specs and learned scales raise a ``ValueError`` naming the leaf (see
     :func:`qjax.quant.int8_training.int8_dot_general`).
 
     Activation scales are computed from each batch (dynamic), also for a per-tensor

@@ -70,9 +70,8 @@ def xent(out, b):
 W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
 A8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
 QAT = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=A8)])
-INT8 = qjax.Policy(
-    [qjax.Rule(r".*/kernel", weight=W8, act=A8, grad=qjax.QuantSpec(qjax.int8, rounding="stochastic"))]
-)
+G8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+INT8 = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=A8, grad=G8)])
 
 
 def preemptible_run(num_devices: int = 8):

@@ -13,6 +13,7 @@ from qjax.numerics.spec import QuantSpec
 from qjax.prune.pruners import Magnitude
 from qjax.prune.schedules import periodic
 from qjax.prune.sparsify import get_masks, sparsify
+from qjax.prune.sparsity import NM
 from qjax.prune.ste import apply_masks_ste, masked_ste
 
 
@@ -117,3 +118,23 @@ def test_sparsify_ste_revives_pruned_weights():
     assert bool(jnp.all(params["w"] != 0))  # params stay dense
     fwd = apply_masks_ste(params, {"w": final})["w"]
     np.testing.assert_allclose(fwd, w_star, atol=0.1)
+
+
+def test_masks_from_the_current_params_inside_the_loss():
+    # the module docstring's recipe for jaxpruner's SteMixin behaviour: the forward reads the
+    # masks of the params it is given, the gradient is the straight-through one
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    pruner = Magnitude(0.5, sparsity_type=NM(2, 4))
+
+    def loss(p):
+        masks = pruner.masks(jax.lax.stop_gradient(p))
+        return jnp.sum((x @ apply_masks_ste(p, masks)["w"]) ** 2)
+
+    value, g = jax.value_and_grad(loss)({"w": jnp.asarray(w)})
+    w64, x64 = w.astype(np.float64), x.astype(np.float64)
+    keep = np.abs(w64).reshape(2, 4, 4).argsort(1).argsort(1).reshape(8, 4) >= 2  # top 2 of every 4 rows
+    y = x64 @ (w64 * keep)
+    np.testing.assert_allclose(value, np.sum(y**2), rtol=1e-5)
+    np.testing.assert_allclose(g["w"], 2 * x64.T @ y, rtol=1e-5, atol=1e-5)

@@ -11,8 +11,8 @@ import qjax
 from qjax.quant.int8_training import int8_dot_general
 
 S8 = qjax.QuantSpec(qjax.int8)
-NEAREST = qjax.QuantSpec(qjax.int8)
-STOCH = qjax.QuantSpec(qjax.int8, rounding="stochastic")
+TOK = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+STOCH = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
 
 CASES = [
     ((16, 32), (32, 8), (((1,), (0,)), ((), ()))),  # x @ w
@@ -32,9 +32,7 @@ def test_forward_and_backward_equal_fake_quant_reference(ls, rs, dn):
     b = jax.random.normal(jax.random.key(1), rs)
     c = jax.random.normal(jax.random.key(2), jax.eval_shape(lambda: jax.lax.dot_general(a, b, dn)).shape)
     (lc, rc), (lb, rb) = dn
-    y, vjp = jax.vjp(
-        lambda a, b: int8_dot_general(a, b, dn, lhs_spec=S8, rhs_spec=S8, grad_spec=NEAREST), a, b
-    )
+    y, vjp = jax.vjp(lambda a, b: int8_dot_general(a, b, dn, lhs_spec=TOK, rhs_spec=TOK, grad_spec=TOK), a, b)
     # forward: per-token (non-contracting) scales on both operands
     y_ref = jax.lax.dot_general(_fq_tokens(a, lc), _fq_tokens(b, rc), dn)
     np.testing.assert_allclose(y, y_ref, rtol=2e-5, atol=2e-5)
@@ -61,9 +59,12 @@ def test_forward_and_backward_equal_fake_quant_reference(ls, rs, dn):
 @pytest.mark.parametrize(
     "spec,grad_spec",
     [
-        (S8, STOCH),
+        (TOK, STOCH),
         # the fp8 recipe: e4m3 operands, e5m2 gradients rounded stochastically
-        (qjax.QuantSpec(qjax.fp8_e4m3), qjax.QuantSpec(qjax.fp8_e5m2, rounding="stochastic")),
+        (
+            qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=qjax.PER_TOKEN),
+            qjax.QuantSpec(qjax.fp8_e5m2, channel_axes=qjax.PER_TOKEN, rounding="stochastic"),
+        ),
     ],
     ids=["int8", "fp8"],
 )
@@ -124,3 +125,83 @@ def test_fake_quantized_with_grad_rule_trains():
 def test_grad_rule_needs_weight_and_act():
     with pytest.raises(ValueError, match="needs weight= and act="):
         qjax.Rule("w", weight=S8, grad=STOCH)
+
+
+# -- the forward pass is the served op; the backward honours the grad spec ------------------------
+
+INT4_G4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=4, group_axis=0)
+WEIGHT_SPECS = {
+    "int4_grouped": INT4_G4,
+    "int8_per_tensor": S8,
+    "int8_per_channel": qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),
+}
+
+
+def _data(seed=0, m=6, k=8, n=4):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, k)).astype(np.float32), rng.standard_normal((k, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("act", [TOK, S8], ids=["act_per_token", "act_per_tensor"])
+@pytest.mark.parametrize("wname", list(WEIGHT_SPECS))
+def test_forward_equals_the_served_output(wname, act):
+    x, w = _data()
+    f = lambda p, x: x @ p["w"]
+    serve = qjax.Policy([qjax.Rule("w", weight=WEIGHT_SPECS[wname], act=act)])
+    train = qjax.Policy([qjax.Rule("w", weight=WEIGHT_SPECS[wname], act=act, grad=TOK)])
+    served = qjax.quantized(f, serve, backend="xla")(qjax.quantize_params({"w": w}, serve), x)
+    for integer_forward in (True, False):
+        got = qjax.fake_quantized(f, train, integer_forward=integer_forward)({"w": w}, x)
+        np.testing.assert_allclose(got, served, rtol=1e-6, atol=1e-6 * float(jnp.abs(served).max()))
+
+
+def _q64(x, axes, bits):
+    """float64 values of symmetric absmax quantization with one float32 scale per index of
+    ``axes`` (round half to even, as qjax)."""
+    qmax = 2 ** (bits - 1) - 1
+    red = tuple(d for d in range(x.ndim) if d not in axes)
+    scale = (np.abs(x).max(axis=red, keepdims=True) / np.float32(qmax)).astype(np.float32).astype(np.float64)
+    return np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale
+
+
+@pytest.mark.parametrize("gname", ["per_token", "per_tensor"])
+def test_grouped_int4_gradients_equal_a_float64_reference(gname):
+    x, w = _data(1)
+    rng = np.random.default_rng(2)
+    c = rng.standard_normal((6, 4)).astype(np.float32)
+    gspec = TOK if gname == "per_token" else S8
+    policy = qjax.Policy([qjax.Rule("w", weight=INT4_G4, act=TOK, grad=gspec)])
+    fn = qjax.fake_quantized(lambda p, x: x @ p["w"], policy)
+    y, vjp = jax.vjp(lambda p, x: fn(p, x), {"w": jnp.asarray(w)}, jnp.asarray(x))
+    dp, dx = vjp(jnp.asarray(c))
+    x64, w64, c64 = (a.astype(np.float64) for a in (x, w, c))
+    # forward: x per token (int8), w in groups of 4 rows per output channel (int4)
+    w_groups = _q64(w64.reshape(2, 4, 4), (0, 2), 4).reshape(8, 4)
+    np.testing.assert_allclose(y, _q64(x64, (0,), 8) @ w_groups, rtol=1e-5, atol=1e-5)
+    # dx = c @ w.T: c per row (or per tensor), w re-quantized (int4) with one scale per row
+    c_dx = _q64(c64, (0,), 8) if gname == "per_token" else _q64(c64, (), 8)
+    np.testing.assert_allclose(dx, c_dx @ _q64(w64, (0,), 4).T, rtol=1e-5, atol=1e-5)
+    # dw = x.T @ c: x re-quantized with one scale per column, c per column (or per tensor)
+    c_dw = _q64(c64, (1,), 8) if gname == "per_token" else _q64(c64, (), 8)
+    np.testing.assert_allclose(dp["w"], _q64(x64, (1,), 8).T @ c_dw, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "grad",
+    [
+        qjax.QuantSpec(qjax.int8, channel_axes=(), group_size=2, group_axis=0),
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,)),
+    ],
+    ids=["group_size", "channel_axes"],
+)
+def test_unsupported_grad_granularity_is_refused_naming_the_leaf(grad):
+    x, w = _data()
+    f = lambda p, x: x @ p["layer"]["w"]
+    policy = qjax.Policy([qjax.Rule("layer/w", weight=S8, act=TOK, grad=grad)])
+    with pytest.raises(ValueError, match=r"leaf 'layer/w' \(rule 'layer/w'\).*PER_TOKEN"):
+        jax.grad(lambda p: qjax.fake_quantized(f, policy)(p, x).sum())({"layer": {"w": w}})
+    with pytest.raises(ValueError, match="grad_spec has"):
+        int8_dot_general(x, w, (((1,), (0,)), ((), ())), lhs_spec=TOK, rhs_spec=TOK, grad_spec=grad)
+    lsq = qjax.Policy([qjax.Rule("layer/w", weight=S8.replace(ste="lsq"), act=TOK, grad=TOK)])
+    with pytest.raises(ValueError, match=r"leaf 'layer/w'.*does not learn scales"):
+        qjax.fake_quantized(f, lsq)({"layer": {"w": w}}, x)

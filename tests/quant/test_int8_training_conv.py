@@ -13,7 +13,8 @@ from qjax.quant import int8_training_conv as mod
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 
 S8 = qjax.QuantSpec(qjax.int8)
-STOCH = qjax.QuantSpec(qjax.int8, rounding="stochastic")
+TOK = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)  # per sample / output feature
+STOCH = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
 
 # (dimension numbers, input shape, kernel shape, conv keyword arguments)
 CASES = {
@@ -55,8 +56,8 @@ def _operands(name, seed=0):
     return x, w, g, kw
 
 
-def _int8(x, w, kw, grad_spec=S8, key=None):
-    return int8_conv_general_dilated(x, w, **kw, lhs_spec=S8, rhs_spec=S8, grad_spec=grad_spec, key=key)
+def _int8(x, w, kw, grad_spec=TOK, key=None):
+    return int8_conv_general_dilated(x, w, **kw, lhs_spec=TOK, rhs_spec=TOK, grad_spec=grad_spec, key=key)
 
 
 def _deq(x, axes):
@@ -93,7 +94,7 @@ def _rel(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
 
 
-def _y_and_grads(kw, x, w, g, grad_spec=S8, key=None):
+def _y_and_grads(kw, x, w, g, grad_spec=TOK, key=None):
     def f(x, w, g, key):
         y, vjp = jax.vjp(lambda x, w: _int8(x, w, kw, grad_spec, key), x, w)
         return y, vjp(g)
@@ -238,3 +239,26 @@ def test_unsupported_configurations_raise():
     f = lambda p, k: lax.conv_general_dilated(p["w"], k, **kw)
     with pytest.raises(ValueError, match="weight as the kernel"):
         qjax.fake_quantized(f, policy)({"w": x}, w)
+
+
+@pytest.mark.parametrize("grad", [TOK, S8], ids=["grad_per_token", "grad_per_tensor"])
+def test_fake_quantized_forward_is_the_served_conv(grad):
+    # a per-tensor kernel and input spec: the trained forward is the served one (it used
+    # to be per output feature / per sample whatever the specs said)
+    x, w, g, kw = _operands("nhwc_stride2_same", seed=3)
+    f = lambda p, x: lax.conv_general_dilated(x, p["w"], **kw)
+    serve = qjax.Policy([qjax.Rule("w", weight=S8, act=S8)])
+    train = qjax.Policy([qjax.Rule("w", weight=S8, act=S8, grad=grad)])
+    served = qjax.quantized(f, serve, backend="xla")(qjax.quantize_params({"w": w}, serve), x)
+    y, vjp = jax.vjp(lambda p: qjax.fake_quantized(f, train)(p, x), {"w": w})
+    np.testing.assert_allclose(y, served, rtol=1e-6, atol=1e-6 * float(jnp.abs(served).max()))
+    # the weight gradient: x re-quantized per input feature, g per output feature or per tensor
+    cdn = _axes(kw, w)
+    g_dw = _deq(g, (cdn.out_spec[1],) if grad is TOK else ())
+    x_dw = _deq(x, (cdn.lhs_spec[1],))
+    with jax.enable_x64(True):
+        conv = _conv64(kw)
+        _, vjp64 = jax.vjp(lambda b: conv(jnp.asarray(x_dw), b), jnp.asarray(w, jnp.float64))
+        dw_ref = vjp64(jnp.asarray(g_dw))[0]
+    dw = vjp(g)[0]["w"]
+    np.testing.assert_allclose(dw, np.asarray(dw_ref), rtol=1e-5, atol=1e-5 * float(np.abs(dw_ref).max()))
