@@ -177,7 +177,8 @@ def test_composes_with_fake_quantized():
 
 def test_pattern_matching_no_op_is_an_error_naming_it_and_the_weights_read():
     v = CNN().init(jax.random.key(9), X)
-    with pytest.raises(ValueError, match=r"\['params/hiden/kernel'\].*'params/conv/kernel', 'params/head/kernel'"):
+    want = r"\['params/hiden/kernel'\].*'params/conv/kernel', 'params/head/kernel'"
+    with pytest.raises(ValueError, match=want):
         distill.capture(CNN().apply, [r"params/conv/kernel", r"params/hiden/kernel"])(v, X)
     # a pattern shadowed by an earlier one still captures: not an error
     feats = distill.capture(CNN().apply, [r"params/.*/kernel", r"params/head/kernel"])(v, X)[1]
