@@ -18,14 +18,16 @@ own ``capture_intermediates`` with the same pattern syntax on module paths.
 
 Composition: ``qjax.fake_quantized(capture(f, patterns), policy)`` captures the features
 of the fake-quantized model (the capture is traced first, keeping param provenance, then
-the quantization replaces the ops); ``capture(fake_quantized(...))`` would see no
-param-reading ops, since the weights pass through ``fake_quant`` first.
+the quantization replaces the ops); ``capture(fake_quantized(...))`` sees no
+param-reading ops, since the weights pass through ``fake_quant`` first, and raises. A
+pattern that matches no weight read by a matmul/conv is an error.
 """
 
 from __future__ import annotations
 
 import functools
 import posixpath
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -55,9 +57,11 @@ class _Capture(Handler):
         # leading axes that the output and the bias share: stacked (scanned) layers, then the
         # op's batch dimensions (an ``nn.vmap``'d layer, ``DenseGeneral(batch_dims=...)``)
         self.depth: dict[str, int] = {}
+        self.seen: set[str] = set()  # every weight a matmul/conv reads, matched or not
 
     def target(self, eqn, invals, emit):
         refs = [i for i in (0, 1) if isinstance(invals[i], WeightRef)]
+        self.seen.update(invals[i].path for i in refs)
         matched = [i for i in refs if self.rules.match(invals[i].path) is not None]
         if not matched:
             return None
@@ -68,6 +72,27 @@ class _Capture(Handler):
         self.depth[invals[wi].path] = invals[wi].depth + batch
         emit(invals[wi].path, {"input": args[1 - wi], "output": out})
         return [out]
+
+
+def _check_matched(patterns: str | Sequence[str], seen: set[str], param_paths: Sequence[str]) -> None:
+    """Raise for a pattern that matched no weight read by a matmul/conv, naming it and what
+    was found (a typo would otherwise give empty features and a silently zero hint loss).
+    A pattern shadowed by an earlier one is fine (capturing is the same either way)."""
+    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+    unused = [p for p in patterns if not any(re.fullmatch(p, s) for s in seen)]
+    if not unused:
+        return
+    msg = f"capture: pattern(s) {unused} match no weight read by a matmul/conv; weights read: {sorted(seen)}"
+    leaves = [p for p in param_paths if any(re.fullmatch(u, p) for u in unused)]
+    if leaves:
+        msg += (
+            f". Params leaves {leaves} match but no matmul/conv reads them directly (they pass "
+            "through another computation first, e.g. the quantization of qjax.fake_quantized / "
+            "qjax.quantized): capture the float function and quantize outside, "
+            "qjax.fake_quantized(capture(f, patterns), policy), or capture f on "
+            "qjax.fake_quant_params(params, policy)"
+        )
+    raise ValueError(msg)
 
 
 def _key(path: str, i: int) -> str:
@@ -119,6 +144,12 @@ def capture(f: Callable, patterns: str | Sequence[str], *, add_bias: bool = Fals
       ``cond`` branch that did not run gives NaN. Capturing inside ``while_loop`` bodies
       is refused by the graph layer (their trip count is data-dependent).
 
+    Raises:
+      ValueError: no pattern; a pattern that matches no weight read by a matmul/conv
+        (names it and lists the weights read; for a leaf that reaches its op through a
+        quantization, e.g. ``capture(qjax.fake_quantized(f, policy), ...)``, it says to
+        capture the float function instead).
+
     Example:
       >>> out, feats = capture(model.apply, [r"params/Dense_0/kernel"])(variables, x)
       >>> feats["params/Dense_0/kernel"]["output"]      # x @ kernel, before the bias
@@ -130,6 +161,7 @@ def capture(f: Callable, patterns: str | Sequence[str], *, add_bias: bool = Fals
         traced = trace(f, params, *args, **kwargs)
         handler = _Capture(rules)
         outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+        _check_matched(patterns, handler.seen, traced.param_paths)
         leaves = dict(zip(traced.param_paths, traced.param_leaves))
         features: Features = {}
         for path, values in emitted.items():

@@ -40,12 +40,18 @@ class InputStatistic:
       weight_axes: the axes of the params leaf that the statistic's columns run over (the
         contracted axes, in leaf order, flattened in that order).
       weight_shape: the params leaf's shape.
+      depth: how many leading axes of the leaf (and of ``value``) are stacked layers (the
+        op sits inside a ``scan`` over stacked params, e.g. ``nn.scan``): 0 otherwise.
+      op: the primitive that reads the weight (``"dot_general"`` or
+        ``"conv_general_dilated"``).
     """
 
     value: Any
     rows: int
     weight_axes: tuple[int, ...]
     weight_shape: tuple[int, ...]
+    depth: int = 0
+    op: str = "dot_general"
 
 
 def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
@@ -125,7 +131,7 @@ class _Collect(Handler):
             return None
         args = [materialize(x) for x in invals]
         rows, w_axes = _rows(eqn, args[1 - wi], wi, ref)
-        self.meta[ref.path] = (w_axes, ref.depth)
+        self.meta[ref.path] = (w_axes, ref.depth, eqn.primitive.name)
         emit(ref.path, (self.statistic(rows.astype(jnp.float32)), rows.shape[0]))
         return bind_eqn(eqn, args)
 
@@ -217,7 +223,7 @@ def input_statistics(
         if unused:
             raise ValueError(f"input_statistics: pattern(s) {unused} matched no matmul/conv weight")
     return {
-        path: InputStatistic(value, rows, meta[path][0], shapes[path])
+        path: InputStatistic(value, rows, meta[path][0], shapes[path], meta[path][1], meta[path][2])
         for path, (value, rows) in totals.items()
     }
 

@@ -8,6 +8,14 @@ Structured pruning of coupled layers ranks whole channel groups (:mod:`qjax.prun
 (``scope="group"``) or across groups (``"global"``), with ``multiple`` and per-group
 ``rules``; ``shrink`` then removes exactly those channels.
 
+Stacked layers: a leaf holding several layers along its leading axes (an ``nn.scan`` stack
+``(L, K, N)``) cannot be told from one layer by its shape. Say so with a rule
+``(pattern, LeafConfig(stack=1))``: layer scope and ``Unstructured(per_slice=...)`` then
+count and rank each layer as its own leaf (ERK too), exactly as in the unrolled model;
+without it the layers are ranked together. Wanda does this by itself: the norms of
+:func:`activation_norms` carry ``.stacks``. ``NM`` is per group anyway; ``Channel``
+keeps the same channels in every layer (what ``shrink`` needs).
+
 Example:
     >>> masks = qjax.prune.magnitude(params, sparsity=0.9, scope="global")
     >>> params = qjax.prune.apply_masks(params, masks)
@@ -19,7 +27,7 @@ Example:
     >>> masks = qjax.prune.masks_from_group_scores(gs, 0.5, groups, variables, multiple=8)
 """
 
-from qjax.prune.activations import activation_norms
+from qjax.prune.activations import ActivationNorms, activation_norms
 from qjax.prune.distribution import erk, leaf_counts, uniform
 from qjax.prune.dst import SET, DynamicSparse, RigL, drop_and_grow
 from qjax.prune.groups import group_scores, masks_from_group_scores
@@ -79,6 +87,7 @@ __all__ = [
     "Summary",
     "Unstructured",
     "Wanda",
+    "ActivationNorms",
     "activation_norms",
     "apply_masks",
     "apply_masks_ste",

@@ -25,7 +25,7 @@ each output channel its group's features.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -37,7 +37,42 @@ from qjax.graph import Handler, WeightRef, bind_eqn, materialize, run, trace, we
 from qjax.graph.layout import IDENTITY_LAYOUT, _reshape_groups
 from qjax.rules import RuleSet
 
-__all__ = ["activation_norms"]
+__all__ = ["ActivationNorms", "activation_norms"]
+
+
+@jax.tree_util.register_pytree_with_keys_class
+class ActivationNorms(Mapping):
+    """``{path: norm}`` (a read-only mapping and a pytree, keyed like a dict) with
+    ``stacks``: ``{path: leading stacked-layer axes}`` of the leaves read inside a ``scan``
+    over stacked params (``nn.scan``), which :class:`~qjax.prune.pruners.Wanda` prunes layer
+    by layer."""
+
+    def __init__(self, norms: dict[str, Any], stacks: dict[str, int] | None = None):
+        self._norms = dict(norms)
+        self.stacks = {p: d for p, d in (stacks or {}).items() if d and p in self._norms}
+
+    def __getitem__(self, path):
+        return self._norms[path]
+
+    def __iter__(self):
+        return iter(self._norms)
+
+    def __len__(self):
+        return len(self._norms)
+
+    def __repr__(self):
+        return f"ActivationNorms({self._norms!r}, stacks={self.stacks!r})"
+
+    def tree_flatten_with_keys(self):
+        keys = tuple(self._norms)
+        children = [(jax.tree_util.DictKey(k), self._norms[k]) for k in keys]
+        return children, (keys, tuple(sorted(self.stacks.items())))
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        keys, stacks = aux
+        return cls(dict(zip(keys, children)), dict(stacks))
+
 
 _IDENTITY = IDENTITY_LAYOUT
 
@@ -122,8 +157,9 @@ def _to_leaf(r: jax.Array, ref: WeightRef, op_shape: tuple[int, ...]) -> jax.Arr
 class _Norms(Handler):
     """Evaluates ops unchanged; emits the per-input-feature sum of squares by weight path."""
 
-    def __init__(self, rules: RuleSet | None):
+    def __init__(self, rules: RuleSet | None, depth: dict[str, int]):
         self.rules = rules
+        self.depth = depth  # filled while tracing: leading stacked-layer axes per path
 
     def pool_iterations(self, key, stacked):
         # one weight read in every iteration of a scan (not a stack of layers): sums add up
@@ -139,6 +175,7 @@ class _Norms(Handler):
         args = [materialize(v) for v in invals]
         (out,) = bind_eqn(eqn, args)
         x = args[1 - wi]
+        self.depth[ref.path] = max(self.depth.get(ref.path, 0), ref.depth)
         if eqn.primitive.name == "dot_general":
             r = _dot_sumsq(eqn, wi, x)
         else:
@@ -167,8 +204,9 @@ def activation_norms(
       **kwargs: static keyword arguments of ``f`` (e.g. ``train=False``).
 
     Returns:
-      ``{path: norm}``, each float32 and broadcastable to its leaf (see the module
-      docstring; leaves inside an ``nn.scan`` stack get a leading layer axis). A weight
+      ``{path: norm}`` (an :class:`ActivationNorms`), each float32 and broadcastable to its
+      leaf (see the module docstring; leaves inside an ``nn.scan`` stack get a leading layer
+      axis, and ``.stacks`` says so: Wanda then ranks each layer on its own). A weight
       read by several ops sums the squares of all its inputs. An op in a ``cond``
       branch that did not run contributes nothing.
 
@@ -185,9 +223,11 @@ def activation_norms(
         patterns = [patterns]
     rules = None if patterns is None else RuleSet([(p, True) for p in patterns])
 
+    depth: dict[str, int] = {}
+
     def one(params, args):
         traced = trace(f, params, *args, **kwargs)
-        _, emitted = run(traced, _Norms(rules), list(traced.param_leaves), jax.tree.leaves(args))
+        _, emitted = run(traced, _Norms(rules, depth), list(traced.param_leaves), jax.tree.leaves(args))
         out = {}
         for path, values in emitted.items():
             total = None
@@ -211,4 +251,4 @@ def activation_norms(
         unused = rules.unused(list(acc))
         if unused:
             raise ValueError(f"activation_norms: pattern(s) {unused} match no weight read by a matmul/conv")
-    return {p: jnp.sqrt(v) for p, v in acc.items()}
+    return ActivationNorms({p: jnp.sqrt(v) for p, v in acc.items()}, depth)

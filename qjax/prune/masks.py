@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics.transposed import is_quantized
-from qjax.prune.distribution import get_distribution, leaf_counts
+from qjax.prune.distribution import get_distribution
 from qjax.prune.sparsity import (
     LeafConfig,
     SparsityType,
@@ -33,6 +33,7 @@ from qjax.prune.sparsity import (
     target_count,
     top_units,
 )
+from qjax.prune.targets import Target, layer_counts, make_target, stacked_select, uniform_count
 from qjax.quant.lsq_params import LSQParams
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
 
@@ -97,22 +98,8 @@ def check_scope(scope: str) -> str:
     return scope
 
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """A targeted leaf: its path, shape, sparsity override (``None``: the pruner's) and type."""
-
-    path: str
-    shape: tuple[int, ...]
-    sparsity: float | None
-    sparsity_type: SparsityType
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-
 def resolve_targets(
-    tree: Any, rules: Any = (), sparsity_type: SparsityType | None = None
+    tree: Any, rules: Any = (), sparsity_type: SparsityType | None = None, stacks: Any = None
 ) -> dict[str, Target]:
     """Which leaves of ``tree`` are pruned, and how.
 
@@ -120,6 +107,8 @@ def resolve_targets(
       tree: params (or scores: a ``None`` leaf is skipped).
       rules: ``(pattern, value)`` pairs or a RuleSet (see the module docstring).
       sparsity_type: the default type (``Unstructured()``).
+      stacks: ``{path: number of leading stacked-layer axes}`` for leaves whose rule sets no
+        ``LeafConfig(stack=...)`` (e.g. ``activation_norms(...).stacks``).
 
     Returns:
       ``{path: Target}`` for the targeted leaves, in flatten order.
@@ -149,7 +138,7 @@ def resolve_targets(
             continue
         m = rs.match(path)
         shape = tuple(np.shape(leaf))
-        sparsity, stype = None, default
+        sparsity, stype, stack = None, default, None
         if m is None:
             if len(shape) < 2:
                 continue
@@ -160,6 +149,7 @@ def resolve_targets(
         elif isinstance(m.value, LeafConfig):
             sparsity = m.value.sparsity
             stype = m.value.sparsity_type or default
+            stack = m.value.stack
         elif isinstance(m.value, SparsityType):
             stype = m.value
         elif isinstance(m.value, float | int) and not isinstance(m.value, bool):
@@ -172,7 +162,8 @@ def resolve_targets(
         if is_quantized(leaf):
             raise TypeError(f"leaf {path!r} is quantized: prune before quantizing (or skip it with a rule)")
         stype.validate(path, shape)
-        out[path] = Target(path, shape, sparsity, stype)
+        stack = (stacks or {}).get(path, 0) if stack is None else stack
+        out[path] = make_target(path, shape, sparsity, stype, stack)
     return out
 
 
@@ -182,8 +173,12 @@ def _leaf_select(stype: SparsityType, path: str, score: jax.Array, count: jax.Ar
 
 
 def _leaf_mask(t: Target, score: jax.Array, count: Any) -> jax.Array:
+    """``count``: elements to prune in the leaf, or per layer (a sequence) for a stack."""
     # One compiled selection per (type, path, shape); the count is traced, so eager calls at
     # many sparsities reuse it. Counts are int32: a ranking covers fewer than 2**31 elements.
+    if t.stack:
+        counts = jnp.stack([jnp.asarray(c, jnp.int32) for c in count])
+        return stacked_select(t.layer_type, t.stack, score, counts)
     return _leaf_select(t.sparsity_type, "", score, jnp.asarray(count, jnp.int32))
 
 
@@ -196,6 +191,7 @@ def masks_from_scores(
     distribution: str | Callable = "uniform",
     rules: Any = (),
     params: Any = None,
+    stacks: Any = None,
 ) -> Any:
     """Masks keeping the highest-scoring elements/units.
 
@@ -221,6 +217,8 @@ def masks_from_scores(
       rules: per-path overrides (see the module docstring).
       params: if given, targets are resolved on ``params`` and the masks mirror its
         structure (scores are looked up by path).
+      stacks: ``{path: leading stacked-layer axes}`` (see :func:`resolve_targets`); a
+        stack's layers are counted and ranked as separate leaves in layer scope.
 
     Returns:
       The mask tree (bool, True = kept; ``None`` for skipped leaves).
@@ -242,7 +240,7 @@ def masks_from_scores(
             f"together"
         )
     struct = scores if params is None else params
-    targets = resolve_targets(struct, rules, sparsity_type)
+    targets = resolve_targets(struct, rules, sparsity_type, stacks)
     score_of = dict(leaves_with_paths(scores))
     for path, t in targets.items():
         sc = score_of.get(path)
@@ -255,10 +253,10 @@ def masks_from_scores(
     own = {p: t for p, t in targets.items() if t.sparsity is not None or t.sparsity_type.fixed_density}
     for p, t in own.items():
         s = t.sparsity if t.sparsity is not None else 0.0
-        masks[p] = _leaf_mask(t, score_of[p], target_count(s, t.size))
+        masks[p] = _leaf_mask(t, score_of[p], uniform_count(t, s))
     pool = {p: t for p, t in targets.items() if p not in own}
     if scope == "layer":
-        counts = leaf_counts({p: t.shape for p, t in pool.items()}, sparsity, distribution)
+        counts = layer_counts(pool, sparsity, distribution)
         for p, t in pool.items():
             masks[p] = _leaf_mask(t, score_of[p], counts[p])
     else:
@@ -271,7 +269,7 @@ def _global_masks(pool: dict[str, Target], score_of: dict[str, Any], sparsity: A
     ranked = {}
     for p, t in pool.items():
         if t.sparsity_type.per_leaf_only:
-            out[p] = _leaf_mask(t, score_of[p], target_count(sparsity, t.size))
+            out[p] = _leaf_mask(t, score_of[p], uniform_count(t, sparsity))
         else:
             ranked[p] = t
     if ranked:

@@ -167,7 +167,7 @@ class Pruner:
         s = self.sparsity if sparsity is None else sparsity
         return self._select(self.scores(params, grads=grads, state=state, key=key), params, s)
 
-    def _select(self, scores: PyTree, params: PyTree, sparsity: Any) -> PyTree:
+    def _select(self, scores: PyTree, params: PyTree, sparsity: Any, stacks: Any = None) -> PyTree:
         return masks_from_scores(
             scores,
             sparsity,
@@ -176,6 +176,7 @@ class Pruner:
             distribution=self.distribution,
             rules=self.rules,
             params=params,
+            stacks=stacks,
         )
 
 
@@ -266,7 +267,9 @@ class Wanda(Pruner):
     The activation norms come from :func:`qjax.prune.activations.activation_norms` and are
     passed as ``act_norms=`` (or ``state=``) to :meth:`scores`/:meth:`masks`. Ranking is
     layer-wise over the whole leaf by default; the paper's per-output comparison group is
-    ``sparsity_type=Unstructured(per_slice=-1)`` for Dense kernels ``(in, out)``.
+    ``sparsity_type=Unstructured(per_slice=-1)`` for Dense kernels ``(in, out)``. A leaf
+    that the norms' ``stacks`` mark as an ``nn.scan`` stack is counted and ranked layer by
+    layer, as the unrolled model (a rule ``LeafConfig(stack=...)`` overrides it).
 
     Raises:
       ValueError: no norms, or no norm for a targeted leaf (names the path; skip such
@@ -299,7 +302,9 @@ class Wanda(Pruner):
 
     def masks(self, params, sparsity=None, *, grads=None, state=None, key=None, masks=None, act_norms=None):
         s = self.sparsity if sparsity is None else sparsity
-        return self._select(self.scores(params, state=state, act_norms=act_norms), params, s)
+        norms = act_norms if act_norms is not None else state
+        stacks = getattr(norms, "stacks", None)  # nn.scan stacks: ranked layer by layer
+        return self._select(self.scores(params, state=state, act_norms=act_norms), params, s, stacks)
 
 
 def magnitude(

@@ -237,6 +237,13 @@ class SparsityType:
         """A ``(U,)`` bool keep vector back to an element mask of ``shape``."""
         raise NotImplementedError
 
+    def per_layer(self, stack: int) -> SparsityType | None:
+        """This type for one layer of a leaf whose first ``stack`` axes index stacked layers
+        (axes counted in the layer's own shape), or ``None`` when the type decides the
+        stack as a whole (default; :class:`Channel` keeps the same channels in every layer,
+        :class:`NM` decides every group on its own anyway)."""
+        return None
+
     def leaf_mask(self, score: jax.Array, target: Any, path: str) -> jax.Array:
         """Keep-mask of one leaf pruning about ``target`` elements (layer scope)."""
         units, sizes = self.units(score, path)
@@ -270,6 +277,12 @@ class Unstructured(SparsityType):
     def validate(self, path, shape):
         if self.per_slice is not None:
             _axis(self.per_slice, len(shape), path, "Unstructured(per_slice)")
+
+    def per_layer(self, stack):
+        if self.per_slice is None or self.per_slice < 0:
+            return self
+        # a slice along a stack axis is a layer: ranked per layer already
+        return Unstructured() if self.per_slice < stack else Unstructured(self.per_slice - stack)
 
     def units(self, score, path):
         return score.reshape(-1), np.ones(score.size, np.int64)
@@ -383,6 +396,9 @@ class Block(SparsityType):
         if len(shape) < 2:
             raise ValueError(f"Block{self.shape}: leaf {path!r} of shape {shape} has fewer than 2 dims")
 
+    def per_layer(self, stack):
+        return self
+
     def _grid(self, shape):
         (h, w), (bh, bw) = shape[-2:], self.shape
         return h, w, bh, bw, -(-h // bh), -(-w // bw)
@@ -458,15 +474,26 @@ class LeafConfig:
       sparsity: this leaf's sparsity (layer-wise, outside any global ranking and
         distribution); ``None`` keeps the pruner's.
       sparsity_type: this leaf's type; ``None`` keeps the pruner's.
+      stack: how many leading axes of the leaf index stacked layers (``1`` for an
+        ``nn.scan`` stack ``(L, K, N)``): each layer is then counted and ranked as its own
+        leaf, as in the unrolled model (``Unstructured``, ``Block``; ``Channel`` keeps the
+        same channels in every layer, ``NM`` is per group anyway). ``None``: what the
+        pruner knows (Wanda: from :func:`~qjax.prune.activations.activation_norms`), else 0.
 
     Example:
       >>> rules = [(r".*/embed/.*", None), (r".*/Conv_0/kernel", LeafConfig(0.3, Channel(-1)))]
+      >>> rules = [(r"params/layers/.*/kernel", LeafConfig(stack=1))]   # an nn.scan stack
     """
 
     sparsity: float | None = None
     sparsity_type: SparsityType | None = None
+    stack: int | None = None
 
     def __post_init__(self):
+        if self.stack is not None and (
+            not isinstance(self.stack, int) or isinstance(self.stack, bool) or self.stack < 0
+        ):
+            raise ValueError(f"LeafConfig.stack must be an int >= 0 or None, got {self.stack!r}")
         if self.sparsity is not None:
             object.__setattr__(self, "sparsity", check_sparsity(self.sparsity, "LeafConfig.sparsity"))
         if self.sparsity_type is not None and not isinstance(self.sparsity_type, SparsityType):

@@ -1,266 +1,36 @@
-"""GPTQ (Frantar et al. 2023, "GPTQ: Accurate Post-Training Quantization for Generative
-Pre-trained Transformers"): quantize a weight one input feature at a time, moving each
-step's rounding error onto the not-yet-quantized features through the inverse Hessian of
-the layer's reconstruction loss ``‖XW − XŴ‖²`` (``H = XᵀX``).
-
-Implementation notes:
-
-* The kernel is read as a matrix ``[K inputs, N outputs]`` (Flax's layout; :func:`gptq`
-  transposes a leaf its matmul reads as ``x @ w.T``, and transposes the result back). Rows are
-  quantized in order (or by decreasing ``diag(H)`` with ``act_order=True``) in blocks of
-  ``block_size`` rows ("lazy batch" updates: the error of a block reaches the remaining
-  rows in one matmul); inside a block, row by row with the upper Cholesky factor ``U`` of
-  ``H⁻¹`` (``err = (w − q)/U[i,i]``, ``W[j] −= U[i,j]·err``).
-* Damping ``λ = damp · mean(diag H)`` is added to the diagonal; inputs that never fire
-  (``H[i,i] = 0``) get ``H[i,i] = 1`` and a zero weight row.
-* Sparsity (as SparseGPT, Frantar & Alistarh 2023): masked-out weights (by default the
-  weights that are exactly zero, e.g. of a model pruned with :mod:`qjax.prune`) are fixed
-  at 0, which every integer grid holds exactly (a symmetric code 0; an asymmetric zero
-  point, a code, since its range always contains 0). Their error against the current
-  (error-updated) value is fed back to the later rows like any other, and group scales are
-  computed from the kept weights only, so an N:M pattern survives exactly.
-* Group scales are computed lazily (from the current, error-updated rows when the block
-  holding the group starts); with ``act_order`` they are computed up front from the
-  original weight (the "static groups" variant), so groups stay contiguous in the
-  original order and the result is an ordinary grouped :class:`QArray`.
-* One ``jax.jit`` per (shape, spec): the block loop is a ``lax.fori_loop``; ``K`` is padded
-  to a multiple of the block size with zero rows and unit Hessian entries (no effect).
+"""GPTQ of a model (Frantar et al. 2023): layer-input Hessians collected through the graph
+layer, then every matmul weight a policy quantizes GPTQ-quantized by the matrix algorithm
+of :mod:`qjax.quant.gptq_core`, optionally stage by stage. Leaves with more than two axes
+(an ``nn.scan`` stack ``(L, K, N)``, expert weights ``(E, K, N)`` read by an einsum) are
+quantized one ``[K, N]`` slice at a time, each with its own layer's Hessian, exactly as
+the unrolled model would be.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import math
 import re
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
+import numpy as np
 
 from qjax.graph.statistics import InputStatistic, gram, input_statistics
 from qjax.numerics.granularity import normalize_axis
 from qjax.numerics.qarray import QArray
-from qjax.numerics.quantize import compute_scale, quantize
+from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import transpose_storage
+from qjax.quant.gptq_core import _check_mask, _gptq_matrix, gptq_quantize
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
 
-
-def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | None:
-    """Check ``spec`` is one GPTQ handles for a ``[K, N]`` kernel; the group size or None."""
-    if len(shape) != 2:
-        raise ValueError(f"GPTQ of {path!r}: needs a 2-D [inputs, outputs] kernel, got shape {shape}")
-    if spec.format.is_float:
-        raise ValueError(f"GPTQ of {path!r}: integer formats only, got {spec.format.name}")
-    if spec.rounding != "nearest":
-        raise ValueError(
-            f"GPTQ of {path!r}: the weight spec must round to nearest (GPTQ's error feedback "
-            f"chooses every code), got rounding={spec.rounding!r}"
-        )
-    channel = tuple(sorted(normalize_axis(a, 2, "channel_axes") % 2 for a in spec.channel_axes))
-    if channel not in ((), (1,)):
-        raise ValueError(
-            f"GPTQ of {path!r}: scales must be per output channel (channel_axes=(-1,)) or per tensor, "
-            f"got channel_axes={spec.channel_axes}"
-        )
-    if spec.group_size is None:
-        return None
-    if normalize_axis(spec.group_axis, 2, "group_axis") % 2 != 0:
-        raise ValueError(f"GPTQ of {path!r}: groups must run along the input axis (group_axis=0)")
-    return spec.group_size
-
-
-def _code(w, s, zp, fmt):
-    """Round one row to the grid: ``(codes, dequantized)``."""
-    q = jnp.round(w * (1.0 / s))
-    if zp is not None:
-        q = q + zp
-    q = jnp.clip(q, fmt.qmin, fmt.qmax)
-    return q, (q - (0.0 if zp is None else zp)) * s
-
-
-def _inverse_cholesky(h: jax.Array, lam: jax.Array) -> jax.Array:
-    """Upper Cholesky factor of ``(H + λI)⁻¹`` (rows: the quantization order)."""
-    k = h.shape[0]
-    h = h + lam * jnp.eye(k, dtype=h.dtype)
-    lower = jnp.linalg.cholesky(h)
-    h_inv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(k, dtype=h.dtype))
-    return jnp.linalg.cholesky(h_inv).T
-
-
-def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: int | None):
-    """Per-row (``[len(rows), N]``) scale/zero point from a stored ``[G or 1, N]`` one."""
-    idx = jnp.zeros_like(rows) if group is None else rows // group
-
-    def pick(a):
-        return None if a is None else jnp.take(jnp.broadcast_to(a, (a.shape[0], scale.shape[1])), idx, 0)
-
-    return pick(scale), pick(zp)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp"))
-def _gptq(w, h, keep, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float):
-    k, n = w.shape
-    fmt = spec.format
-    w = jnp.where(keep, w.astype(jnp.float32), 0.0)
-    h = h.astype(jnp.float32)
-    dead = jnp.diag(h) == 0
-    h = jnp.where(jnp.diag(dead), 1.0, h)
-    w = jnp.where(dead[:, None], 0.0, w)
-    lazy = group is not None and not act_order
-    static_scale = static_zp = None
-    if not lazy:
-        static_scale, static_zp = compute_scale(w, spec)
-    perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
-    w, h, keep = w[perm], h[perm][:, perm], keep[perm]
-    lam = damp * jnp.mean(jnp.diag(h))  # from the real inputs, before padding
-    kp = -(-k // block) * block
-    w = jnp.pad(w, ((0, kp - k), (0, 0)))
-    keep = jnp.pad(keep, ((0, kp - k), (0, 0)), constant_values=True)
-    h = jnp.pad(h, ((0, kp - k), (0, kp - k))) + jnp.diag(jnp.arange(kp) >= k).astype(h.dtype)
-    u = _inverse_cholesky(h, lam)
-    orig_rows = jnp.concatenate([perm, jnp.arange(k, kp)])
-    n_groups = kp // group if lazy else 1
-    asym = not spec.symmetric
-    scales0 = jnp.ones((n_groups, n), jnp.float32)
-    zps0 = jnp.zeros((n_groups, n), jnp.float32) if asym else None
-
-    def block_step(b, carry):
-        w, qw, scales, zps = carry
-        start = b * block
-        wb = lax.dynamic_slice(w, (start, 0), (block, n))
-        ub = lax.dynamic_slice(u, (start, start), (block, block))
-        rows = lax.dynamic_slice(orig_rows, (start,), (block,))
-        kb = lax.dynamic_slice(keep, (start, 0), (block, n))
-        if not lazy:
-            rs, rz = _row_scales(
-                static_scale.astype(jnp.float32),
-                None if static_zp is None else static_zp.astype(jnp.float32),
-                jnp.minimum(rows, k - 1),
-                group,
-            )
-
-        def group_scale(wb, i, s_zp):
-            # A group's scale is set when its first row comes up, from the current rows
-            # (which carry the error of every earlier row), as in the reference GPTQ; the
-            # masked-out weights, set to 0 whatever they hold, take no part.
-            def fresh(_):
-                rows_g = lax.dynamic_slice(wb, (i, 0), (group, n))
-                kept = lax.dynamic_slice(kb, (i, 0), (group, n))
-                s_g, zp_g = compute_scale(jnp.where(kept, rows_g, 0.0), spec)
-                zp_row = s_g[0] * 0 if zp_g is None else zp_g[0]
-                return s_g[0].astype(jnp.float32), zp_row.astype(jnp.float32)
-
-            return lax.cond(i % group == 0, fresh, lambda _: s_zp, None)
-
-        def row_step(i, carry):
-            wb, qb, eb, s_zp, scales, zps = carry
-            row = wb[i]
-            if lazy:
-                s_zp = group_scale(wb, i, s_zp)
-                g = (start + i) // group
-                scales = scales.at[g].set(s_zp[0])
-                zps = None if zps is None else zps.at[g].set(s_zp[1])
-                s_i, z_i = s_zp[0], (s_zp[1] if asym else None)
-            else:
-                s_i, z_i = rs[i], None if rz is None else rz[i]
-            deq = jnp.where(kb[i], _code(row, s_i, z_i, fmt)[1], 0.0)  # masked out: exactly 0
-            err = (row - deq) / ub[i, i]
-            later = jnp.where(jnp.arange(block) > i, ub[i], 0.0)
-            wb = wb - later[:, None] * err[None, :]
-            return wb, qb.at[i].set(deq), eb.at[i].set(err), s_zp, scales, zps
-
-        zeros = jnp.zeros((block, n), jnp.float32)
-        s_zp = (jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-        _, qb, eb, _, scales, zps = lax.fori_loop(0, block, row_step, (wb, zeros, zeros, s_zp, scales, zps))
-        # Lazy batch update of every later row with this block's errors.
-        u_rows = lax.dynamic_slice(u, (start, 0), (block, kp))
-        u_rows = jnp.where(jnp.arange(kp)[None, :] >= start + block, u_rows, 0.0)
-        w = w - lax.dot_general(u_rows, eb, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
-        qw = lax.dynamic_update_slice(qw, qb, (start, 0))
-        return w, qw, scales, zps
-
-    _, qw, scales, zps = lax.fori_loop(0, kp // block, block_step, (w, jnp.zeros_like(w), scales0, zps0))
-    w_hat = jnp.zeros((k, n), jnp.float32).at[perm].set(qw[:k])
-    if lazy:
-        g_real = -(-k // group)
-        return w_hat, scales[:g_real], None if zps is None else zps[:g_real]
-    return w_hat, static_scale, static_zp
-
-
-def _check_mask(mask: Any, shape: tuple[int, ...], path: str) -> jax.Array:
-    """``mask`` as a bool array of ``shape``, or an error naming ``path``."""
-    mask = jnp.asarray(mask)
-    if mask.dtype != jnp.bool_:
-        raise TypeError(f"GPTQ of {path!r}: the mask must be boolean (True = kept), got {mask.dtype}")
-    if tuple(mask.shape) != tuple(shape):
-        raise ValueError(f"GPTQ of {path!r}: mask shape {tuple(mask.shape)} != the weight's {tuple(shape)}")
-    return mask
-
-
-def gptq_quantize(
-    w: jax.Array,
-    hessian: jax.Array,
-    spec: QuantSpec,
-    *,
-    block_size: int = 128,
-    damp: float = 0.01,
-    act_order: bool = False,
-    masks: jax.Array | None = None,
-    path: str = "weight",
-) -> QArray:
-    """GPTQ-quantize one ``[K inputs, N outputs]`` kernel, keeping its sparsity.
-
-    Args:
-      w: the float kernel (``x @ w`` layout).
-      hessian: ``[K, K]`` ``XᵀX`` of the layer's inputs (any positive multiple: the scale
-        cancels), e.g. from :func:`input_hessians`.
-      spec: integer :class:`QuantSpec` with per-output-channel (``channel_axes=(-1,)``) or
-        per-tensor scales, optionally ``group_size`` along the input axis (``group_axis=0``).
-        Its calibration (absmax, MSE, …) is applied to each group when its scale is set.
-      block_size: rows per lazy-batch block (rounded to a multiple of the group size).
-      damp: relative diagonal damping (fraction of the mean diagonal).
-      act_order: quantize inputs in order of decreasing ``diag(H)`` (static group scales).
-      masks: a bool ``[K, N]`` mask (True = kept), e.g. a :mod:`qjax.prune` mask. Masked-out
-        weights dequantize to exactly 0 (their error still feeds the other weights, as in
-        SparseGPT) and kept ones may take any code. Default ``None``: the weights that are
-        exactly 0 in ``w`` stay exactly 0 (a pruned kernel keeps its pattern, N:M included).
-      path: the leaf's name, used in error messages.
-
-    Returns:
-      A :class:`QArray` with ``spec``'s layout (packing included), usable wherever
-      ``qjax.quantize(w, spec)`` is.
-
-    Raises:
-      ValueError: ``w`` is not 2-D, the spec is not supported, the Hessian's or the mask's
-        shape does not match, or ``block_size``/``damp`` is out of range.
-      TypeError: ``masks`` is not boolean.
-
-    Example:
-      >>> h = input_hessians(model.apply, variables, batches)["params/Dense_0/kernel"]
-      >>> q = gptq_quantize(kernel, h, qjax.QuantSpec(qjax.int4, channel_axes=(-1,),
-      ...                                              group_size=128, group_axis=0))
-    """
-    w = jnp.asarray(w)
-    group = _matrix_spec(spec, tuple(w.shape), path)
-    if hessian.shape != (w.shape[0], w.shape[0]):
-        raise ValueError(f"GPTQ of {path!r}: Hessian shape {hessian.shape} != ({w.shape[0]}, {w.shape[0]})")
-    if block_size < 1 or not 0 <= damp < 1:
-        raise ValueError(f"GPTQ of {path!r}: block_size must be >= 1 and 0 <= damp < 1")
-    if group is not None and w.shape[0] % group and not spec.pad_groups:
-        raise ValueError(
-            f"GPTQ of {path!r}: group_size={group} does not divide {w.shape[0]} inputs (set pad_groups=True)"
-        )
-    block = block_size if group is None else group * max(1, round(block_size / group))
-    if not jnp.all(jnp.isfinite(w)) or not jnp.all(jnp.isfinite(hessian)):
-        raise ValueError(f"GPTQ of {path!r}: the weight or its Hessian has NaN/Inf entries")
-    keep = w != 0 if masks is None else _check_mask(masks, w.shape, path)
-    w_hat, scale, zp = _gptq(w, jnp.asarray(hessian), keep, spec, block, group, act_order, float(damp))
-    return quantize(w_hat.astype(w.dtype), spec, scale=scale, zero_point=zp)
+__all__ = ["gptq", "gptq_quantize", "input_hessians"]
 
 
 def input_hessians(
@@ -290,6 +60,80 @@ def _transposed_spec(spec: QuantSpec) -> QuantSpec:
     if spec.pack_axis is not None:
         changes["pack_axis"] = swap(spec.pack_axis)
     return dataclasses.replace(spec, **changes)
+
+
+def _slice_spec(spec: QuantSpec, ndim: int, slices: list[int], c: int, o: int, path: str) -> QuantSpec:
+    """The spec of one ``[K, N]`` slice (leaf axes ``c``, ``o``) of a leaf quantized slice by
+    slice along ``slices``; those must be channel axes (one scale per slice)."""
+    if spec.channel_axes is PER_TOKEN:
+        return spec  # refused by _matrix_spec with its reason
+    channel = {normalize_axis(a, ndim, "channel_axes") % ndim for a in spec.channel_axes}
+    missing = [a for a in slices if a not in channel]
+    if missing:
+        raise ValueError(
+            f"GPTQ of {path!r}: leaf axes {missing} index stacked layers / experts, which GPTQ quantizes "
+            f"one [inputs, outputs] slice at a time, so the spec needs one scale per slice: add them to "
+            f"channel_axes (e.g. channel_axes={(*slices, -1)}), got channel_axes={spec.channel_axes}"
+        )
+    changes: dict[str, Any] = {
+        "channel_axes": tuple(sorted({0 if a == c else 1 for a in channel - set(slices)})),
+        "pack_axis": -1,  # the slice is never packed: only its values and scales are used
+    }
+    if spec.group_size is not None:
+        g = normalize_axis(spec.group_axis, ndim, "group_axis") % ndim
+        if g in slices:
+            raise ValueError(
+                f"GPTQ of {path!r}: groups must run along the input axis ({c}), got group_axis={g}"
+            )
+        changes["group_axis"] = 0 if g == c else 1
+    return dataclasses.replace(spec, **changes)
+
+
+def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: str, options: dict) -> QArray:
+    """GPTQ of one params leaf from its layer-input statistic. A 2-D kernel directly
+    (transposed when read as ``x @ w.T``); a leaf with more axes (an ``nn.scan`` stack
+    ``(L, K, N)``, expert weights ``(E, K, N)`` read by an einsum) one ``[K, N]`` slice at a
+    time, each with its layer's Hessian (the statistic is stacked per layer), slices of one
+    layer (experts that all see the layer's inputs) sharing it: as if unrolled."""
+    if len(st.weight_axes) != 1:
+        raise ValueError(f"GPTQ of {path!r}: its matmul contracts leaf axes {st.weight_axes}")
+    shape = tuple(jnp.shape(leaf))
+    ndim, c = len(shape), st.weight_axes[0]
+    free = [a for a in range(st.depth, ndim) if a != c]
+    if not free:
+        raise ValueError(f"GPTQ of {path!r}: its matmul leaves no output axis of the leaf ({shape})")
+    o, slices = free[-1], [*range(st.depth), *free[:-1]]
+    hessian = st.value / max(st.rows, 1)
+    block_size, damp, act_order = options["block_size"], options["damp"], options["act_order"]
+    if not slices and (c, o) == (0, 1):
+        return gptq_quantize(leaf, hessian, spec, masks=mask, path=path, **options)
+    if not slices:  # read as x @ w.T (PyTorch layout, a tied LM head)
+        mask = None if mask is None else mask.T
+        q = gptq_quantize(leaf.T, hessian, _transposed_spec(spec), masks=mask, path=path, **options)
+        return transpose_storage(q).stored
+    spec2 = _slice_spec(spec, ndim, slices, c, o, path)
+    perm = (*slices, c, o)
+    sizes, (k, n) = [shape[a] for a in slices], (shape[c], shape[o])
+    ws = jnp.transpose(jnp.asarray(leaf), perm).reshape(-1, k, n)
+    ms = None if mask is None else jnp.transpose(mask, perm).reshape(-1, k, n)
+    hs = hessian.reshape(-1, k, k)  # one per stacked layer; the other slice axes share it
+    share = math.prod(sizes[st.depth :])
+    parts = [
+        _gptq_matrix(
+            ws[i], hs[i // share], spec2, block_size, damp, act_order, None if ms is None else ms[i], path
+        )
+        for i in range(ws.shape[0])
+    ]
+    per_channel = 1 in spec2.channel_axes
+
+    def assemble(arrays):  # per-slice [a, b] arrays -> the leaf's layout
+        arrays = [a if per_channel else a[:, :1] for a in arrays]  # per tensor: one column
+        return jnp.transpose(jnp.stack(arrays).reshape(*sizes, *arrays[0].shape), np.argsort(perm))
+
+    w_hat = assemble([w for w, _, _ in parts])
+    scale = assemble([s for _, s, _ in parts])
+    zp = None if parts[0][2] is None else assemble([z for _, _, z in parts])
+    return quantize(w_hat.astype(jnp.asarray(leaf).dtype), spec, scale=scale, zero_point=zp)
 
 
 def _masks_by_path(masks: Any, leaves: dict[str, Any]) -> dict[str, jax.Array]:
@@ -336,14 +180,22 @@ def gptq(
     masks: Any = None,
     **kwargs,
 ) -> Any:
-    """:func:`qjax.quantize_params` with GPTQ for every 2-D kernel a matmul reads.
+    """:func:`qjax.quantize_params` with GPTQ for every kernel a matmul reads.
 
     Layer-input Hessians are collected by streaming the calibration batches through
     ``f``; every leaf whose rule has a weight spec and that is read as ``x @ kernel`` (or
     ``x @ kernel.T``: PyTorch layout, a tied LM head) is GPTQ-quantized with that spec,
     the other quantized leaves (e.g. embeddings) are rounded to nearest as
-    ``quantize_params`` does. Static activation scales
-    (``act_stats``) are attached as usual.
+    ``quantize_params`` does; a convolution kernel is rounded to nearest with a warning.
+    Static activation scales (``act_stats``) are attached as usual.
+
+    A leaf with more axes is quantized one ``[inputs, outputs]`` slice at a time, as the
+    unrolled model would be: an ``nn.scan`` stack ``(L, K, N)`` with each layer's own
+    Hessian, expert weights ``(E, K, N)`` read by an einsum (``"nd,edf->nef"``: every
+    expert sees all tokens) with the shared one. The slice axes (leading stack axes, then
+    every non-contracted axis but the last) must be channel axes of the spec (e.g.
+    ``channel_axes=(0, -1)``: one scale per slice). A matmul with the expert axis as a batch
+    dimension (``"end,edf->enf"``) is refused by the statistics (names the leaf).
 
     With ``stages`` (path patterns, e.g. one per transformer block), the layers are
     quantized stage by stage and each stage's Hessians are collected on the model whose
@@ -376,7 +228,8 @@ def gptq(
       The quantized params (``QArray`` leaves), runnable with ``qjax.quantized(f, policy)``.
 
     Raises:
-      ValueError: as :func:`gptq_quantize`, naming the leaf; a stage pattern matching no
+      ValueError: as :func:`gptq_quantize`, naming the leaf; a stacked / expert leaf whose
+        slice axes are not channel axes of its spec; a stage pattern matching no
         GPTQ kernel; a mask for a path that is not a leaf, or of another shape than its leaf.
       TypeError: a non-boolean mask (names the leaf).
 
@@ -401,7 +254,7 @@ def gptq(
     candidates = [
         p
         for p, leaf in leaves.items()
-        if policy.weight_spec(p) is not None and isinstance(rtn[p], QArray) and jnp.ndim(leaf) == 2
+        if policy.weight_spec(p) is not None and isinstance(rtn[p], QArray) and jnp.ndim(leaf) >= 2
     ]
     stage_rules = RuleSet([(pattern, i) for i, pattern in enumerate(stages or ())])
     unused = stage_rules.unused(candidates)
@@ -419,16 +272,17 @@ def gptq(
             if path not in stats:
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN
             st = stats[path]
-            options = dict(block_size=block_size, damp=damp, act_order=act_order, path=path)
-            hessian, spec, mask = st.value / max(st.rows, 1), policy.weight_spec(path), mask_of.get(path)
-            if st.weight_axes == (0,):
-                done[path] = gptq_quantize(leaves[path], hessian, spec, masks=mask, **options)
-            elif st.weight_axes == (1,):  # read as x @ w.T (PyTorch layout, a tied LM head)
-                mask = None if mask is None else mask.T
-                q = gptq_quantize(leaves[path].T, hessian, _transposed_spec(spec), masks=mask, **options)
-                done[path] = transpose_storage(q).stored
-            else:
-                raise ValueError(f"GPTQ of {path!r}: its matmul contracts leaf axes {st.weight_axes}")
+            if st.op != "dot_general":
+                warnings.warn(
+                    f"gptq: {path!r} is read by {st.op!r}, not a matmul: GPTQ handles matmul weights "
+                    "only, this leaf is rounded to nearest",
+                    stacklevel=2,
+                )
+                continue
+            options = dict(block_size=block_size, damp=damp, act_order=act_order)
+            done[path] = _gptq_leaf(
+                leaves[path], st, policy.weight_spec(path), mask_of.get(path), path, options
+            )
         current = map_with_path(lambda p, x: done[p].dequantize() if p in done else x, params)
 
     def visit(path, leaf):

@@ -247,7 +247,9 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     the op runs on integers (int8×int8→int32) or fp8; without one it is weight-only
     (W8A16/W4A16). Ops whose weight layout the scales cannot follow fall back to the
     float op on the dequantized weight; a weight spec whose scale varies along an axis the
-    op sums over (other than per group) is refused, here and by :func:`fake_quantized`.
+    op sums over is refused, here and by :func:`fake_quantized`, except per group along the
+    contracted axis of a matmul or of a pointwise (1×1, unpadded, ungrouped) convolution,
+    which runs as a matmul: int4 grouped along the input channels of a 3×3 conv is refused.
 
     Args:
       f: the function, called as ``f(params, *args, **kwargs)``.

@@ -95,8 +95,9 @@ def test_plain_function_shared_weight_and_gradients():
     # under vmap (per-example capture)
     _, vfeats = jax.vmap(distill.capture(f, "w1"), in_axes=(None, 0))(p, x[:, None, :])
     np.testing.assert_allclose(vfeats["w1"]["output"][:, 0], x @ p["w1"], rtol=1e-5, atol=1e-6)
-    # unmatched patterns capture nothing; bad patterns name the rule
-    assert distill.capture(f, "nothing")(p, x)[1] == {}
+    # an unmatched pattern is an error; bad patterns name the rule
+    with pytest.raises(ValueError, match=r"\['nothing'\] match no weight.*\['w1', 'w2'\]"):
+        distill.capture(f, "nothing")(p, x)
     with pytest.raises(ValueError, match="regular expression"):
         distill.capture(f, "(")
 
@@ -172,3 +173,21 @@ def test_composes_with_fake_quantized():
     float_feats = distill.capture(CNN().apply, "params/hidden/kernel")(v, X)[1]
     diff = feats["params/hidden/kernel"]["output"] - float_feats["params/hidden/kernel"]["output"]
     assert float(jnp.abs(diff).max()) > 1e-3
+
+
+def test_pattern_matching_no_op_is_an_error_naming_it_and_the_weights_read():
+    v = CNN().init(jax.random.key(9), X)
+    want = r"\['params/hiden/kernel'\].*'params/conv/kernel', 'params/head/kernel'"
+    with pytest.raises(ValueError, match=want):
+        distill.capture(CNN().apply, [r"params/conv/kernel", r"params/hiden/kernel"])(v, X)
+    # a pattern shadowed by an earlier one still captures: not an error
+    feats = distill.capture(CNN().apply, [r"params/.*/kernel", r"params/head/kernel"])(v, X)[1]
+    assert set(feats) == {"params/conv/kernel", "params/hidden/kernel", "params/head/kernel"}
+
+
+def test_capture_around_fake_quantized_says_to_capture_inside():
+    v = CNN().init(jax.random.key(10), X)
+    policy = qjax.Policy([qjax.Rule(r".*/kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)))])
+    for wrapped in (qjax.fake_quantized(CNN().apply, policy), qjax.quantized(CNN().apply, policy)):
+        with pytest.raises(ValueError, match=r"no matmul/conv reads them directly.*fake_quantized\(capture"):
+            distill.capture(wrapped, "params/hidden/kernel")(v, X)

@@ -243,3 +243,12 @@ def test_distill_step_trains_lsq_scales():
     served = qjax.quantized(net.apply, pol)(qjax.quantize_params(trained, pol), x)
     fake = qjax.fake_quantized(net.apply, pol)(trained, x)
     np.testing.assert_allclose(np.asarray(served), np.asarray(fake), atol=1e-5)
+
+
+def test_misspelt_student_pattern_is_an_error_not_a_zero_hint_loss():
+    ds = distill.distill_step(
+        STUDENT.apply, TEACHER.apply, kd_hint, optax.adam(1e-2), student_patterns=["params/bdy/kernel"]
+    )
+    state = ds.init(S_VARS, {"body": distill.init_adapter(jax.random.key(4), 8, 64)})
+    with pytest.raises(ValueError, match=r"\['params/bdy/kernel'\] match no weight"):
+        ds.step(state, T_VARS, {"x": X, "y": Y})

@@ -356,3 +356,52 @@ def test_learned_lsq_scales_are_never_pruned():
     assert list(resolve_targets(t)) == ["dense/kernel"]
     m = qjax.prune.magnitude(t, sparsity=0.5)
     assert m.scales["dense/kernel"] is None and m.params["dense"]["kernel"].shape == (8, 4)
+
+
+@pytest.mark.parametrize(
+    "stype,distribution",
+    [
+        (Unstructured(), "uniform"),
+        (Unstructured(per_slice=-1), "uniform"),
+        (Unstructured(), "erk"),
+        (Block((2, 2)), "uniform"),
+    ],
+)
+def test_stacked_leaf_with_leaf_config_stack_equals_the_unrolled_layers(stype, distribution):
+    # A (L, K, N) stack was ranked across its layers in layer scope (0.27 / 0.73 kept).
+    k = (
+        jnp.asarray(np.random.default_rng(5).normal(size=(3, 8, 6)), jnp.float32)
+        * jnp.array([1, 3, 9.0])[:, None, None]
+    )
+    head = jnp.asarray(np.random.default_rng(6).normal(size=(6, 4)), jnp.float32)
+    stacked = {"stack": k, "head": head}
+    flat = {"l0": k[0], "l1": k[1], "l2": k[2], "head": head}
+    got = qjax.prune.magnitude(
+        stacked,
+        0.6,
+        sparsity_type=stype,
+        distribution=distribution,
+        rules=[("stack", LeafConfig(stack=1)), ("head", True)],
+    )
+    want = qjax.prune.magnitude(flat, 0.6, sparsity_type=stype, distribution=distribution)
+    np.testing.assert_array_equal(got["stack"], np.stack([want["l0"], want["l1"], want["l2"]]))
+    np.testing.assert_array_equal(got["head"], want["head"])
+
+
+def test_leaf_config_stack_errors_and_channel_keeps_shared_channels():
+    with pytest.raises(ValueError, match=r"LeafConfig\.stack"):
+        LeafConfig(stack=-1)
+    with pytest.raises(ValueError, match=r"'w'.*3 stacked-layer axes"):
+        qjax.prune.magnitude({"w": jnp.ones((2, 3, 4))}, 0.5, rules=[("w", LeafConfig(stack=3))])
+    k = jnp.asarray(np.random.default_rng(7).normal(size=(2, 8, 6)), jnp.float32)
+    m = qjax.prune.magnitude({"w": k}, 0.5, sparsity_type=Channel(-1), rules=[("w", LeafConfig(stack=1))])[
+        "w"
+    ]
+    np.testing.assert_array_equal(m[0], m[1])  # the same channels in every layer (shrink needs it)
+    # a positive per_slice axis counts the leaf's axes: axis 1 of the stack is axis 0 of a layer
+    cfg = LeafConfig(sparsity_type=Unstructured(per_slice=1), stack=1)
+    got = qjax.prune.magnitude({"w": k}, 0.5, rules=[("w", cfg)])["w"]
+    want = [
+        qjax.prune.magnitude({"w": k[i]}, 0.5, sparsity_type=Unstructured(per_slice=0))["w"] for i in (0, 1)
+    ]
+    np.testing.assert_array_equal(got, np.stack(want))

@@ -161,3 +161,50 @@ def test_wanda_per_output_and_errors():
         Wanda().masks(v, act_norms=partial)
     ok = Wanda(rules=[(r".*Dense_1.*", None)]).masks(v, state=partial)
     assert ok["params"]["Dense_1"]["kernel"] is None
+
+
+class _ScanLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.relu(nn.Dense(16, use_bias=False, name="fc")(x)), None
+
+
+class _Stacked(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_ScanLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return scan(name="layers")(x, None)[0]
+
+
+def _unrolled(p, x):
+    for i in range(2):
+        x = jax.nn.relu(x @ p[f"fc{i}"])
+    return x
+
+
+def test_wanda_on_an_nn_scan_stack_equals_the_unrolled_model():
+    # The stack's layers used to be ranked together (0.36 / 0.64 kept with layer 1's
+    # weights 3x larger); the norms now mark the stack and each layer is ranked alone.
+    x = jax.random.normal(jax.random.key(0), (64, 16))
+    v = _Stacked().init(jax.random.key(1), x)
+    k = v["params"]["layers"]["fc"]["kernel"] * jnp.array([1.0, 3.0])[:, None, None]
+    v = {"params": {"layers": {"fc": {"kernel": k}}}}
+    flat = {"fc0": k[0], "fc1": k[1]}
+    norms = activation_norms(_Stacked().apply, v, [(x,)])
+    assert norms.stacks == {"params/layers/fc/kernel": 1}
+    flat_norms = activation_norms(_unrolled, flat, [(x,)])
+    for stype in (Unstructured(per_slice=-1), Unstructured()):
+        got = Wanda(0.5, sparsity_type=stype).masks(v, act_norms=norms)["params"]["layers"]["fc"]["kernel"]
+        want = Wanda(0.5, sparsity_type=stype).masks(flat, act_norms=flat_norms)
+        np.testing.assert_array_equal(got, np.stack([want["fc0"], want["fc1"]]))
+    # through sparsify's jitted state (the norms are a pytree keeping .stacks)
+    tx = qjax.prune.sparsify(
+        __import__("optax").sgd(0.0),
+        Wanda(0.5, sparsity_type=Unstructured(per_slice=-1)),
+        qjax.prune.one_shot(0),
+        pruner_state=norms,
+    )
+    state = tx.init(v)
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, v), state, v)
+    m = np.asarray(qjax.prune.get_masks(state)["params"]["layers"]["fc"]["kernel"])
+    np.testing.assert_array_equal(m.mean(1), 0.5)

@@ -450,3 +450,89 @@ def test_stages_collect_only_their_own_hessians_with_identical_results(monkeypat
     for (pa, a), (pb, b) in pairs:
         assert pa == pb
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(pa))
+
+
+def _scan_and_unrolled():
+    import flax.linen as nn
+
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, x, _):
+            return nn.relu(nn.Dense(32, use_bias=False, name="fc")(x)), None
+
+    class Stacked(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+            return scan(name="layers")(x, None)[0]
+
+    def unrolled(p, x):
+        for i in range(2):
+            x = jax.nn.relu(x @ p[f"fc{i}"])
+        return x
+
+    return Stacked(), unrolled
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=16, group_axis=0),
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,), symmetric=False),
+    ],
+    ids=["int4-g16", "int8-asym"],
+)
+def test_scan_stack_equals_the_unrolled_model_layer_by_layer(spec):
+    # An nn.scan stack (L, K, N) used to get plain round-to-nearest without a word.
+    stacked, unrolled = _scan_and_unrolled()
+    x = jax.random.normal(jax.random.key(0), (64, 32)) * jnp.linspace(0.1, 3, 32)
+    v = stacked.init(jax.random.key(1), x)
+    k = v["params"]["layers"]["fc"]["kernel"]
+    flat = {"fc0": k[0], "fc1": k[1]}
+    stack_spec = spec.replace(channel_axes=(0, -1), group_axis=None if spec.group_size is None else 1)
+    q_stack = qjax.gptq(stacked.apply, v, [(x,)], qjax.Policy([qjax.Rule(r".*kernel", weight=stack_spec)]))
+    q_flat = qjax.gptq(unrolled, flat, [(x,)], qjax.Policy([qjax.Rule(r"fc\d", weight=spec)]))
+    got = np.asarray(q_stack["params"]["layers"]["fc"]["kernel"].dequantize())
+    for i in range(2):
+        np.testing.assert_array_equal(got[i], np.asarray(q_flat[f"fc{i}"].dequantize()))
+    rtn = qjax.quantize_params(v, qjax.Policy([qjax.Rule(r".*kernel", weight=stack_spec)]))
+    assert not np.array_equal(got, np.asarray(rtn["params"]["layers"]["fc"]["kernel"].dequantize()))
+
+
+def test_einsum_expert_weights_get_per_expert_gptq_with_the_shared_hessian():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(
+        rng.normal(size=(96, 32)).astype(np.float32) @ rng.normal(size=(32, 32)).astype(np.float32)
+    )
+    w = {"w_in": jnp.asarray(rng.normal(size=(3, 32, 16)).astype(np.float32))}
+    f = lambda p, x: jnp.einsum("nd,edf->nef", x, p["w_in"])  # every expert sees every token
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, -1), group_size=16, group_axis=1)
+    q = qjax.gptq(f, w, [(x[:48],), (x[48:],)], qjax.Policy([qjax.Rule("w_in", weight=spec)]))
+    h = input_hessians(f, w, [(x[:48],), (x[48:],)])["w_in"]
+    x64 = np.asarray(x, np.float64)
+    np.testing.assert_allclose(np.asarray(h), x64.T @ x64 / 96, rtol=1e-5, atol=1e-4)
+    spec2 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=16, group_axis=0)
+    got = np.asarray(q["w_in"].dequantize())
+    for e in range(3):
+        want = gptq_quantize(w["w_in"][e], h, spec2)
+        np.testing.assert_array_equal(got[e], np.asarray(want.dequantize()))
+    rtn = qjax.quantize(w["w_in"], spec)
+    assert not np.array_equal(got, np.asarray(rtn.dequantize()))
+
+
+def test_stacked_leaf_without_per_slice_scales_is_an_error_and_convs_warn():
+    stacked, _ = _scan_and_unrolled()
+    x = jax.random.normal(jax.random.key(0), (8, 32))
+    v = stacked.init(jax.random.key(1), x)
+    shared = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))  # one scale across both layers
+    with pytest.raises(ValueError, match=r"'params/layers/fc/kernel'.*axes \[0\].*channel_axes"):
+        qjax.gptq(stacked.apply, v, [(x,)], qjax.Policy([qjax.Rule(r".*kernel", weight=shared)]))
+    conv = lambda p, x: jax.lax.conv_general_dilated(
+        x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    p = {"k": jax.random.normal(jax.random.key(2), (3, 3, 4, 8))}
+    xc = jax.random.normal(jax.random.key(3), (2, 6, 6, 4))
+    policy = qjax.Policy([qjax.Rule("k", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))])
+    with pytest.warns(UserWarning, match=r"'k' is read by 'conv_general_dilated'.*rounded to nearest"):
+        q = qjax.gptq(conv, p, [(xc,)], policy)
+    np.testing.assert_array_equal(q["k"].dequantize(), qjax.quantize_params(p, policy)["k"].dequantize())
