@@ -452,7 +452,7 @@ def _run(args, stack: contextlib.ExitStack) -> None:
         tunes.append(key is None or key not in seen)
         seen.add(key)
 
-    best_small = {}
+    best_small, dry_wgmma_done = {}, False
     for n_done, item in enumerate(plan):
         started = time.perf_counter()
         # the tuning time left is shared evenly by the cases still to tune
@@ -484,7 +484,11 @@ def _run(args, stack: contextlib.ExitStack) -> None:
                 )
                 if m <= 16 and key in best_small:  # later small batches: the winners so far first
                     cands = small_batch_candidates(best_small[key], cands, m, layout)
-                cands = cands[:2] if args.dry_run else cap_per_engine(cands, args.max_candidates)
+                if args.dry_run:  # the GPU interpreter takes ~1 min per wgmma case: one is enough
+                    cands = [c for c in cands if not (c.engine == "wgmma" and dry_wgmma_done)][:2]
+                    dry_wgmma_done |= any(c.engine == "wgmma" for c in cands)
+                else:
+                    cands = cap_per_engine(cands, args.max_candidates)
                 res = weight_only_case(
                     rng, mode, bits, m, size, size, group, layout, cands, bw, peak, deadline
                 )
