@@ -485,8 +485,8 @@ def _run(args, stack: contextlib.ExitStack) -> None:
                 if m <= 16 and key in best_small:  # later small batches: the winners so far first
                     cands = small_batch_candidates(best_small[key], cands, m, layout)
                 if args.dry_run:  # the GPU interpreter takes ~1 min per wgmma case: one is enough
-                    cands = [c for c in cands if not (c.engine == "wgmma" and dry_wgmma_done)][:2]
-                    dry_wgmma_done |= any(c.engine == "wgmma" for c in cands)
+                    cands = [c for c in cands if not (c and c.engine == "wgmma" and dry_wgmma_done)][:2]
+                    dry_wgmma_done |= any(c and c.engine == "wgmma" for c in cands)
                 else:
                     cands = cap_per_engine(cands, args.max_candidates)
                 res = weight_only_case(
