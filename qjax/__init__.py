@@ -45,6 +45,7 @@ from qjax.numerics import (
 from qjax.numerics import calibration as calib
 from qjax.quant import (
     ActStats,
+    BatchNormFoldReport,
     Footprint,
     LSQParams,
     Policy,
@@ -55,6 +56,7 @@ from qjax.quant import (
     dispatch_report,
     fake_quant_params,
     fake_quantized,
+    fold_batchnorm,
     footprint,
     gptq,
     lsq_params,
@@ -75,6 +77,8 @@ __all__ = [
     "kernels",
     "ActStats",
     "awq",
+    "BatchNormFoldReport",
+    "fold_batchnorm",
     "gptq",
     "smooth",
     "smoothquant",

@@ -1,6 +1,7 @@
 """Reading a function as a jaxpr: which params leaf feeds which matmul/conv operand, and
 re-evaluating it with those ops replaced."""
 
+from qjax.graph.batchnorm import BatchNormSite, batchnorm_sites
 from qjax.graph.coupling import ChannelGroup, Member, channel_groups, format_groups
 from qjax.graph.fold import FoldGroup, fold_groups
 from qjax.graph.interpret import (
@@ -19,6 +20,8 @@ from qjax.graph.statistics import InputStatistic, gram, input_statistics
 from qjax.graph.trace import Traced, abstract_params, nnx_apply, trace
 
 __all__ = [
+    "BatchNormSite",
+    "batchnorm_sites",
     "ChannelGroup",
     "Member",
     "channel_groups",

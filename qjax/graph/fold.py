@@ -103,6 +103,18 @@ class _Reach:
     chain: set = dataclasses.field(default_factory=set)
 
 
+def meet(vids: np.ndarray, leaf_shape: tuple[int, ...], ids: np.ndarray) -> np.ndarray | None:
+    """Where a params view (``vids``: the leaf's flat index at each view position) meets
+    channels ``ids`` elementwise: the channel of each leaf element (``-1``: none), or
+    ``None`` if an element meets two channels."""
+    a, b = np.broadcast_arrays(_to_rank(vids, ids.ndim), _to_rank(ids, vids.ndim))
+    leaf_ids = np.full(math.prod(leaf_shape), -1)
+    leaf_ids[a.ravel()] = b.ravel()
+    if not (leaf_ids[a.ravel()] == b.ravel()).all():
+        return None
+    return leaf_ids.reshape(leaf_shape)
+
+
 class _Graph:
     """The jaxpr of ``f`` flattened into nodes over integer value keys."""
 
@@ -236,24 +248,35 @@ class _Graph:
                 )
                 yield idx, f"mul by {view.path!r}", start, targets, size
                 continue
-            wi = self.weight_operand(node)
-            if wi is None or node.prim != "dot_general":
-                continue
-            view = self.views[node.ins[wi]]
-            (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-            wc, wb = (rc, rb) if wi == 1 else (lc, lb)
-            if view.leaf_axes is None or wb:
-                continue
-            free = [d for d in range(len(node.in_shapes[wi])) if d not in wc]
-            leaf_free = [view.leaf_axes[d] for d in free]
-            order = sorted(leaf_free)
-            grid = np.arange(math.prod(view.leaf_shape[a] for a in order))
-            grid = grid.reshape([view.leaf_shape[a] for a in order])
-            in_view = grid.transpose([order.index(a) for a in leaf_free])
-            n_act = len(node.out_shapes[0]) - len(free)
-            start = in_view.reshape((1,) * n_act + in_view.shape if wi == 1 else in_view.shape + (1,) * n_act)
-            leaf_ids = grid.reshape([s if a in order else 1 for a, s in enumerate(view.leaf_shape)])
-            yield idx, f"matmul {view.path!r}", start, [(view.path, leaf_ids)], grid.size
+            found = self.matmul_channels(node) if node.prim == "dot_general" else None
+            if found is not None:
+                path, start, leaf_ids, n = found
+                yield idx, f"matmul {path!r}", start, [(path, leaf_ids)], n
+
+    def matmul_channels(self, node: _Node) -> tuple[str, np.ndarray, np.ndarray, int] | None:
+        """``(weight path, output ids, leaf ids, n)`` for a ``dot_general`` reading one weight:
+        its output channels (the weight's free axes, flattened in leaf-axis order) as ids
+        over the output (size 1 on the activation's axes) and over the weight leaf (size 1
+        on its contracted axes); ``None`` when the weight has batch axes or reaches the
+        matmul through reshapes, or it reads none."""
+        wi = self.weight_operand(node)
+        if wi is None:
+            return None
+        view = self.views[node.ins[wi]]
+        (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+        wc, wb = (rc, rb) if wi == 1 else (lc, lb)
+        if view.leaf_axes is None or wb:
+            return None
+        free = [d for d in range(len(node.in_shapes[wi])) if d not in wc]
+        leaf_free = [view.leaf_axes[d] for d in free]
+        order = sorted(leaf_free)
+        grid = np.arange(math.prod(view.leaf_shape[a] for a in order))
+        grid = grid.reshape([view.leaf_shape[a] for a in order])
+        in_view = grid.transpose([order.index(a) for a in leaf_free])
+        n_act = len(node.out_shapes[0]) - len(free)
+        start = in_view.reshape((1,) * n_act + in_view.shape if wi == 1 else in_view.shape + (1,) * n_act)
+        leaf_ids = grid.reshape([s if a in order else 1 for a, s in enumerate(view.leaf_shape)])
+        return view.path, start, leaf_ids, grid.size
 
     # -- forward propagation -------------------------------------------------------------
 
@@ -322,14 +345,7 @@ class _Graph:
         """Leaf ids for a params leaf added to scaled channels (a bias), if each of its
         elements is added to one channel only."""
         vids = self.ids(key)
-        if vids is None:
-            return None
-        a, b = np.broadcast_arrays(_to_rank(vids, ids.ndim), _to_rank(ids, vids.ndim))
-        leaf_ids = np.full(math.prod(view.leaf_shape), -1)
-        leaf_ids[a.ravel()] = b.ravel()
-        if not (leaf_ids[a.ravel()] == b.ravel()).all():
-            return None
-        return leaf_ids.reshape(view.leaf_shape)
+        return None if vids is None else meet(vids, view.leaf_shape, ids)
 
     def _through_dot(self, idx: int, node: _Node, pos: int, ids: np.ndarray, r: _Reach):
         (lc, rc), (lb, rb) = node.params["dimension_numbers"]

@@ -1,6 +1,7 @@
 """Quantization policies and transforms."""
 
 from qjax.quant.awq import AWQSearch, awq, awq_factors
+from qjax.quant.batchnorm import BatchNormFoldReport, fold_batchnorm
 from qjax.quant.calibrate import ActStats, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
@@ -26,6 +27,8 @@ from qjax.quant.transforms import (
 
 __all__ = [
     "AWQSearch",
+    "BatchNormFoldReport",
+    "fold_batchnorm",
     "awq",
     "awq_factors",
     "gptq",
