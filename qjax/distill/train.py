@@ -73,16 +73,18 @@ def _args(batch: Mapping[str, Any]) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-def _forward(fn: Callable, patterns: Sequence[str] | None, add_bias: bool, policy: Policy | None):
+def _forward(
+    fn: Callable, patterns: Sequence[str] | None, add_bias: bool, policy: Policy | None, act_stats=None
+):
     """``(key, params, *args) -> (output, features)``; capture inside, fake-quant outside
-    (with ``key`` for stochastic rounding)."""
+    (with ``key`` for stochastic rounding, ``act_stats`` for static activation scales)."""
     if patterns:
         f = capture(fn, patterns, add_bias=add_bias)
     else:
         f = lambda p, *a: (fn(p, *a), {})
     if policy is None:
         return lambda key, p, *a: f(p, *a)
-    return lambda key, p, *a: fake_quantized(f, policy, key=key)(p, *a)
+    return lambda key, p, *a: fake_quantized(f, policy, key=key, act_stats=act_stats)(p, *a)
 
 
 def _student_keys(key: Any, student_key: bool) -> tuple[Any, tuple]:
@@ -107,6 +109,7 @@ def distill_step(
     student_policy: Policy | None = None,
     add_bias: bool = False,
     student_key: bool = False,
+    student_act_stats: dict | None = None,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -130,6 +133,9 @@ def distill_step(
       student_key: call ``student_fn(params, *inputs, key)`` with a PRNG key of its own
         each step, e.g. for dropout: ``lambda v, x, k: model.apply(v, x, rngs={"dropout": k})``
         (the teacher runs deterministically).
+      student_act_stats: ``{path: ActStats}`` (:func:`qjax.calibrate` of the student):
+        static activation scales for ``student_policy``, as served for static W8A8
+        (``fake_quantized(..., act_stats=...)``).
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
@@ -149,7 +155,7 @@ def distill_step(
       >>> state = ds.init(student_vars)
       >>> state, metrics = ds.step(state, teacher_vars, {"x": x, "y": y})
     """
-    student = _forward(student_fn, student_patterns, add_bias, student_policy)
+    student = _forward(student_fn, student_patterns, add_bias, student_policy, student_act_stats)
     teacher = None if teacher_fn is None else _forward(teacher_fn, teacher_patterns, add_bias, None)
 
     def teacher_outputs(teacher_params, batch) -> Outputs:

@@ -311,7 +311,8 @@ def _scan_parts(ref: WeightRef, length: int):
                 f"{length} (one per layer) or 1 (shared)"
             )
     aux_leaves = len(jax.tree.leaves(ref.aux))
-    aux_shared = aux_leaves > 0 and not any(per_layer[-aux_leaves:])
+    # the sharing of the aux's first array (a learned LSQ scale), as ``aux_shared`` counts it
+    aux_shared = aux_leaves > 0 and not per_layer[-aux_leaves]
 
     def rebuild(slices) -> WeightRef:
         it = iter(slices)

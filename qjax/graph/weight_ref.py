@@ -43,7 +43,7 @@ class WeightRef:
       aux: an array the handler keeps with the leaf (:meth:`Handler.aux`, e.g. a learned
         LSQ scale); a ``scan`` over the stacked leaf slices it too (a leading axis of
         size 1 is shared by every slice).
-      aux_shared: how many slices share this ``aux`` (the product of the lengths of the
+      aux_shared: how many slices share the first array of ``aux`` (the product of the lengths of the
         enclosing scans that did not slice it).
       shard_axes: inside a ``shard_map`` body, the manual mesh axes that split each axis
         of ``leaf`` (its logical layout; ``()`` for a whole axis): the leaf is a shard.

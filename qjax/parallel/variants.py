@@ -35,6 +35,7 @@ def qat_step(
     batch_shardings: Any,
     *,
     integer_forward: bool = True,
+    act_stats: Mapping[str, Any] | None = None,
     local_batch_axes: Sequence[str] | None = None,
     donate: bool = True,
 ) -> ShardedStep:
@@ -46,7 +47,8 @@ def qat_step(
       policy: the :class:`qjax.Policy` (rules with ``grad=`` train in int8: :func:`int8_step`).
       objective: ``objective(outputs, batch) -> loss`` or ``(loss, metrics)``.
       tx, state_shardings, batch_shardings, donate, local_batch_axes: see :func:`train_step`.
-      integer_forward: see :func:`qjax.fake_quantized`.
+      integer_forward, act_stats: see :func:`qjax.fake_quantized` (``act_stats``: static
+        activation scales from :func:`qjax.calibrate`, trained as served for static W8A8).
 
     Example:
       >>> objective = lambda logits, b: xent(logits, b["y"])
@@ -54,9 +56,8 @@ def qat_step(
     """
 
     def loss_fn(params, batch, key):
-        out = fake_quantized(apply_fn, policy, key=key, integer_forward=integer_forward)(
-            params, *_inputs(batch)
-        )
+        qat = fake_quantized(apply_fn, policy, key=key, integer_forward=integer_forward, act_stats=act_stats)
+        out = qat(params, *_inputs(batch))
         return objective(out, batch)
 
     return train_step(
@@ -74,6 +75,7 @@ def int8_step(
     *,
     local_scales: bool = False,
     batch_axes: Sequence[str] = BATCH_AXES,
+    act_stats: Mapping[str, Any] | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
@@ -87,8 +89,8 @@ def int8_step(
     equals averaging the single-device step's gradients over the shards).
 
     Args:
-      apply_fn, policy, objective, tx, state_shardings, batch_shardings, donate: see
-        :func:`qat_step`.
+      apply_fn, policy, objective, tx, state_shardings, batch_shardings, act_stats, donate:
+        see :func:`qat_step`.
       local_scales: per-shard local scales (see above).
       batch_axes: the mesh axes the batch is split over (for ``local_scales``).
 
@@ -104,6 +106,7 @@ def int8_step(
         tx,
         state_shardings,
         batch_shardings,
+        act_stats=act_stats,
         donate=donate,
         local_batch_axes=tuple(batch_axes) if local_scales else None,
     )
@@ -117,6 +120,7 @@ def prune_step(
     batch_shardings: Any,
     *,
     policy: Policy | None = None,
+    act_stats: Mapping[str, Any] | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner
@@ -130,6 +134,7 @@ def prune_step(
       state_shardings, batch_shardings, donate: see :func:`train_step`.
       policy: a :class:`qjax.Policy` to train quantization-aware (``fake_quantized``);
         ``None``: float.
+      act_stats: static activation scales for ``policy`` (see :func:`qat_step`).
 
     Returns:
       A :class:`ShardedStep`: ``step(state, batch) -> (state, metrics)``.
@@ -142,7 +147,7 @@ def prune_step(
     """
 
     def loss_fn(params, batch, key):
-        f = apply_fn if policy is None else fake_quantized(apply_fn, policy, key=key)
+        f = apply_fn if policy is None else fake_quantized(apply_fn, policy, key=key, act_stats=act_stats)
         return objective(f(params, *_inputs(batch)), batch)
 
     return train_step(loss_fn, tx, state_shardings, batch_shardings, donate=donate)
@@ -171,7 +176,7 @@ def distill_train_step(
       tx, state_shardings, batch_shardings, donate: see :func:`train_step`.
       teacher_shardings: shardings of the teacher params (e.g. ``shardings(teacher, rules, mesh)``).
       **distill_kwargs: ``student_patterns``, ``teacher_patterns``, ``student_policy``,
-        ``add_bias``, ``student_key`` of ``distill_step``.
+        ``add_bias``, ``student_key``, ``student_act_stats`` of ``distill_step``.
 
     The state's step key (split every step) goes to the student: stochastic rounding of
     ``student_policy`` and, with ``student_key=True``, ``student_fn``'s own randomness

@@ -97,6 +97,11 @@ class _PolicyHandler(Handler):
     def read(self, ref: WeightRef, where: str) -> None:
         self._other_reads.setdefault(ref.path, where)
 
+    def finish(self) -> None:
+        """Called once the function has been evaluated: warns about activations no
+        matmul/conv quantized (:meth:`warn_unread_activations`)."""
+        self.warn_unread_activations()
+
     def warn_unread_activations(self) -> None:
         """Warn, once per leaf, about each leaf whose rule quantizes the activations of the
         ops reading it (``act=``, or ``grad=`` int8 training) but that no matmul/conv reads
@@ -122,5 +127,5 @@ def _run(f, handler_factory: Callable[[], Handler], params, args, kwargs):
     handler = handler_factory()
     outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
     if isinstance(handler, _PolicyHandler):
-        handler.warn_unread_activations()
+        handler.finish()
     return jax.tree.unflatten(traced.out_tree, outs), emitted

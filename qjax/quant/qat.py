@@ -10,8 +10,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
@@ -30,18 +32,22 @@ from qjax.quant.policy_handler import (
 )
 from qjax.quant.serve import _check_deployable, _conv_geometry, _operand_qarray, _quantized_op
 from qjax.quant.shard_scales import fake_quant_shard
-from qjax.quant.transforms import _check_scales
+from qjax.quant.transforms import _check_scales, static_act_scales
 from qjax.rules import fold_in_path
 
 
 def _served_forward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, aspec: QuantSpec, fake_path):
-    """The op ``qjax.quantized`` serves, as a function of the activation and the float
-    weight leaf (``fake_path`` where the scales cannot follow the weight's layout)."""
+    """The op ``qjax.quantized`` serves, as a function of the activation, the float weight
+    leaf and the static activation scale ``(scale, zero_point)`` (``None``: dynamic), as
+    ``quantize_params(..., act_stats=...)`` stores it with the weight (``fake_path`` where
+    the scales cannot follow the weight's layout)."""
 
-    def forward(act, w_leaf):
+    def forward(act, w_leaf, static):
         w, perm = _operand_qarray(ref, w_leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
-            return fake_path(act, w_leaf)
+            return fake_path(act, w_leaf, static)
+        if static is not None:
+            w = w.with_act_scale(*static)
         return _quantized_op(eqn, act, w, wi, aspec, perm=perm).astype(eqn.outvars[0].aval.dtype)
 
     return forward
@@ -54,15 +60,15 @@ def _int_forward_fake_backward(eqn, ref: WeightRef, wi: int, wspec: QuantSpec, a
     forward = _served_forward(eqn, ref, wi, wspec, aspec, fake_path)
 
     @jax.custom_vjp
-    def op(act, w_leaf):
-        return forward(act, w_leaf)
+    def op(act, w_leaf, static):
+        return forward(act, w_leaf, static)
 
-    def fwd(act, w_leaf):
+    def fwd(act, w_leaf, static):
         # The fake-quant path's VJP is built here, so its residuals (the fake-quantized
         # operands and clip masks) are computed once, in the forward pass; its unused
         # float primal output is dead code for XLA.
-        _, vjp_fn = jax.vjp(fake_path, act, w_leaf)
-        return forward(act, w_leaf), vjp_fn
+        _, vjp_fn = jax.vjp(fake_path, act, w_leaf, static)
+        return forward(act, w_leaf, static), vjp_fn
 
     def bwd(vjp_fn, g):
         return vjp_fn(g)
@@ -80,14 +86,51 @@ def _grad_times(x, factor: float):
 _grad_times.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor,))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _with_act_ste(x, spec: QuantSpec, static):
+    """``x``, with the gradient that ``fake_quant`` by ``spec`` with the static scale
+    ``static = (scale, zero_point)`` has (the clipped STE: zero outside the range)."""
+    return x
+
+
+def _with_act_ste_fwd(x, spec, static):
+    _, vjp_fn = jax.vjp(lambda v: fake_quant(v, spec, scale=static[0], zero_point=static[1]), x)
+    return x, (vjp_fn, static)
+
+
+def _with_act_ste_bwd(spec, res, g):
+    vjp_fn, static = res
+    return vjp_fn(g)[0], jax.tree.map(jnp.zeros_like, static)
+
+
+_with_act_ste.defvjp(_with_act_ste_fwd, _with_act_ste_bwd)
+
+
+class _Aux(NamedTuple):
+    """What travels with a leaf (a ``scan`` over stacked layers slices it): its learned LSQ
+    scale (first: ``WeightRef.aux_shared`` counts its sharing) and the static activation
+    scale ``(scale, zero_point)`` of the ops reading it."""
+
+    lsq: jax.Array | None
+    act: tuple | None
+
+
 class _FakeQuant(_PolicyHandler):
-    def __init__(self, policy: Policy, scales: dict, key, integer_forward: bool):
+    def __init__(self, policy: Policy, scales: dict, key, integer_forward: bool, static: dict):
         super().__init__(policy)
-        self.scales, self.key, self.integer_forward = scales, key, integer_forward
+        self.scales, self.key, self.integer_forward, self.static = scales, key, integer_forward, static
 
     def aux(self, path: str):
-        # the learned LSQ scale travels with its leaf: a scan over stacked layers slices it
-        return self.scales.get(path)
+        return _Aux(self.scales.get(path), self.static.get(path))
+
+    def finish(self) -> None:
+        super().finish()
+        unused = sorted(set(self.static) - self._targeted)
+        if unused:
+            raise ValueError(
+                f"fake_quantized: act_stats given for leaves {unused} that no matmul/conv reads as its "
+                "weight: there is no activation to scale statically"
+            )
 
     @_named_errors
     def target(self, eqn, invals, emit):
@@ -104,8 +147,9 @@ class _FakeQuant(_PolicyHandler):
         aspec = None if rule.act is None else _resolve_act_spec(rule.act, eqn, ai)
         if aspec is not None and aspec.ste == "lsq":
             raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
+        static = ref.aux.act if isinstance(ref.aux, _Aux) and aspec is not None else None
 
-        def fake_path(act, w_leaf):
+        def fake_path(act, w_leaf, static):
             """The QAT definition: fake-quantized operands through the original op."""
             operands = [None, None]
             w = self._fake_weight(ref, rule, w_leaf)
@@ -113,7 +157,9 @@ class _FakeQuant(_PolicyHandler):
                 w = op.apply(w)
             operands[wi] = w
             if aspec is not None:
-                act = fake_quant(act, aspec, key=fold_in_path(self.key, ref.path + ":act"))
+                scale, zero_point = (None, None) if static is None else static
+                key = fold_in_path(self.key, ref.path + ":act")
+                act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)
             operands[ai] = act
             return bind_eqn(eqn, operands)[0]
 
@@ -123,10 +169,13 @@ class _FakeQuant(_PolicyHandler):
             _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
         if rule.grad is not None:
             forward = _served_forward(eqn, ref, wi, rule.weight, aspec, fake_path) if integer else fake_path
-            return [self._int8_training(eqn, forward, args, w_leaf, wi, rule, ref.path)]
+            if static is not None:  # the clipped STE of the static range, before the integer backward
+                args[ai] = _with_act_ste(args[ai], aspec, static)
+            return [self._int8_training(eqn, forward, args, w_leaf, static, wi, rule, ref.path)]
         if integer:
-            return [_int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)(act, w_leaf)]
-        return [fake_path(act, w_leaf)]
+            op = _int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)
+            return [op(act, w_leaf, static)]
+        return [fake_path(act, w_leaf, static)]
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
         """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
@@ -135,7 +184,7 @@ class _FakeQuant(_PolicyHandler):
             return w_leaf
         spec = spec_for_slice(rule.weight, ref.depth)
         key = fold_in_path(self.key, ref.path)
-        scale = ref.aux
+        scale = ref.aux.lsq if isinstance(ref.aux, _Aux) else None
         if scale is not None and ref.aux_shared > 1:
             # one learned scale shared by every layer of a scan: LSQ scales its gradient by
             # 1/sqrt(elements per scale), and those are the slice's times the number of
@@ -199,9 +248,10 @@ class _FakeQuant(_PolicyHandler):
                 "every step)"
             )
 
-    def _int8_training(self, eqn, forward, args, w_leaf, wi: int, rule: Rule, path: str):
-        """The op with the forward pass ``forward(act, w_leaf)`` (the one ``fake_quantized``
-        runs without ``grad=``, so the one served) and the integer backward pass."""
+    def _int8_training(self, eqn, forward, args, w_leaf, static, wi: int, rule: Rule, path: str):
+        """The op with the forward pass ``forward(act, w_leaf, static)`` (the one
+        ``fake_quantized`` runs without ``grad=``, so the one served) and the integer
+        backward pass."""
         specs = [None, None]
         specs[wi], specs[1 - wi] = rule.weight, rule.act
         if eqn.primitive.name == "conv_general_dilated":
@@ -217,14 +267,19 @@ class _FakeQuant(_PolicyHandler):
         else:
             backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], rule.grad)
         key = fold_in_path(self.key, path + ":grad")
-        out = with_integer_backward(
-            lambda lhs, rhs, w_leaf: forward((lhs, rhs)[1 - wi], w_leaf), backward, *args, w_leaf, key
-        )
+        run = lambda lhs, rhs, extra: forward((lhs, rhs)[1 - wi], *extra)
+        out = with_integer_backward(run, backward, *args, (w_leaf, static), key)
         return out.astype(eqn.outvars[0].aval.dtype)
 
 
 def fake_quantized(
-    f: Callable, policy: Policy, *, scales: dict | None = None, key=None, integer_forward: bool = True
+    f: Callable,
+    policy: Policy,
+    *,
+    scales: dict | None = None,
+    key=None,
+    integer_forward: bool = True,
+    act_stats: dict | None = None,
 ) -> Callable:
     """``f`` with the weights and activations of its matmuls/convs fake-quantized, for
     quantization-aware training.
@@ -241,9 +296,16 @@ def fake_quantized(
     LSQ weight specs and learned scales raise a ``ValueError`` naming the leaf (see
     :func:`qjax.quant.int8_training.int8_dot_general`).
 
-    Activation scales are computed from each batch (dynamic), also for a per-tensor
-    ``act`` spec that deployment serves with a static calibrated scale. Weights of a
-    ``scan`` stack are scaled per layer (see the README for exporting them exactly).
+    Activation scales are computed from each batch (dynamic), as ``quantized`` serves a
+    weight stored without a calibrated activation scale. For static W8A8 pass the
+    calibration deployment uses, ``act_stats=qjax.calibrate(f, policy, params, batches)``:
+    the ops reading those leaves then quantize their activation with exactly the scale
+    and zero point ``quantize_params(..., act_stats=act_stats)`` stores and ``quantized``
+    serves (per layer in a ``scan`` stack), in the integer forward too, and its gradient is
+    the spec's STE (``"clipped"``: zero outside the calibrated range). With ``grad=``
+    (int8 training) the activation gradient gets that clip mask; the backward matmuls
+    still re-quantize the saved activation per row. Weights of a ``scan`` stack are scaled
+    per layer (see the README for exporting them exactly).
 
     A user's ``jax.custom_vjp`` / ``custom_jvp`` keeps its derivative rule unless a matmul
     or conv inside it reads a weight some rule matches: that body is then evaluated inline,
@@ -270,12 +332,24 @@ def fake_quantized(
         integer-quantized (round-to-nearest, no learned scales) as the integer op, with
         the fake-quant STE backward (faster; equal to the fake-quant forward up to float
         summation order). ``False``: the float fake-quant forward everywhere.
+      act_stats: ``{path: ActStats}`` from :func:`qjax.calibrate`: static activation
+        scales for the ops reading each leaf, as :func:`qjax.quantize_params` takes them
+        (its per-tensor ``act`` spec turns the range into a scale and zero point). Leaves
+        without an entry keep dynamic activation scales, as served.
 
     Returns:
       A function with ``f``'s signature.
 
+    Raises:
+      ValueError: a rule that does not fit its leaf or op (the message names the leaf and
+        the rule); an ``act_stats`` path that is not a leaf, whose rule has no weight spec or
+        no per-tensor ``act`` spec (as :func:`qjax.quantize_params`), or that no matmul/conv
+        reads as its weight.
+
     Example:
       >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
+      >>> stats = qjax.calibrate(model.apply, policy, params, batches)   # static W8A8
+      >>> qat = qjax.fake_quantized(model.apply, policy, act_stats=stats)
     """
     check_policy(policy)
 
@@ -283,6 +357,8 @@ def fake_quantized(
     def g(params, *args, **kwargs):
         # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
         params, learned = _check_scales(params, scales)
-        return _run(f, lambda: _FakeQuant(policy, learned, key, integer_forward), params, args, kwargs)[0]
+        static = static_act_scales(params, policy, act_stats)
+        handler = lambda: _FakeQuant(policy, learned, key, integer_forward, static)
+        return _run(f, handler, params, args, kwargs)[0]
 
     return g

@@ -13,7 +13,7 @@ from qjax.numerics.fake_quant import fake_quant, lsq_init_scale
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
-from qjax.numerics.spec import QuantSpec
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
 from qjax.quant.lsq_params import LSQParams, reject_lsq_params, split_scales
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -116,7 +116,8 @@ def quantize_params(
 
     Raises:
       ValueError / TypeError: a spec does not fit a leaf (axis out of range, group size,
-        non-float leaf), or a scale is given for a leaf with an asymmetric spec; the message
+        non-float leaf), a scale is given for a leaf with an asymmetric spec, or an
+        ``act_stats`` entry does not fit (see :func:`static_act_scales`); the message
         names the leaf path and the rule.
 
     Example:
@@ -124,14 +125,7 @@ def quantize_params(
     """
     check_policy(policy)
     params, scales = _check_scales(params, scales)
-    act_stats = act_stats or {}
-    _check_paths(params, act_stats, "act_stats")
-    for path in act_stats:
-        if policy.weight_spec(path) is None:
-            raise ValueError(
-                f"act_stats for leaf {path!r}, whose weight the policy keeps in float: static "
-                "activation scales are stored with a quantized weight"
-            )
+    static = static_act_scales(params, policy, act_stats)
 
     @_weight_matches(policy)
     def q(path, leaf, spec):
@@ -142,19 +136,52 @@ def quantize_params(
                 "the quantized model matches the QAT one"
             )
         q = quantize(leaf, spec, scale=scale, key=fold_in_path(key, path))
-        stats = act_stats.get(path)
-        if stats is None:
-            return q
-        act = policy.act_spec(path)
-        if act is None:
-            raise ValueError("act_stats given but the rule has no act spec")
-        _check_range(stats)
-        act_scale, act_zp = scale_from_range(
-            jnp.asarray(stats.lo, jnp.float32), jnp.asarray(stats.hi, jnp.float32), act.format, act.symmetric
-        )
-        return q.with_act_scale(act_scale, act_zp)
+        return q if path not in static else q.with_act_scale(*static[path])
 
     return map_matched(q, params, policy.ruleset)
+
+
+def static_act_scales(params: Any, policy: Policy, act_stats: dict[str, Any] | None) -> dict[str, tuple]:
+    """The static activation scales ``{path: (scale, zero_point or None)}`` that
+    ``act_stats`` (``{path: ActStats}`` from :func:`qjax.calibrate`) give the ops reading
+    each leaf, by the rule's ``act`` spec: what :func:`quantize_params` stores with the
+    weight, ``quantized`` serves and ``fake_quantized(..., act_stats=...)`` trains with.
+
+    Raises:
+      ValueError: a path that is not a leaf of ``params``, or whose rule has no weight spec,
+        no ``act`` spec or one that is not per-tensor, or a NaN range (the message names
+        the leaf and its rule).
+    """
+    act_stats = act_stats or {}
+    _check_paths(params, act_stats, "act_stats")
+    out = {}
+    for path, stats in act_stats.items():
+        m = policy.match(path)
+        if m is None or m.value is None or m.value.weight is None:
+            raise ValueError(
+                f"act_stats for leaf {path!r}, whose weight the policy keeps in float: static "
+                "activation scales are stored with a quantized weight"
+            )
+        try:
+            out[path] = _static_act_scale(stats, m.value.act)
+        except ValueError as e:
+            raise _leaf_error(path, m, e) from e
+    return out
+
+
+def _static_act_scale(stats, act: QuantSpec | None) -> tuple:
+    """``(scale, zero_point or None)`` of one op's calibrated range by its ``act`` spec."""
+    if act is None:
+        raise ValueError("act_stats given but the rule has no act spec")
+    if act.channel_axes is PER_TOKEN or act.channel_axes or act.group_size is not None:
+        raise ValueError(
+            f"act_stats given but the rule's act spec (channel_axes={act.channel_axes}, group_size="
+            f"{act.group_size}) is not per-tensor: static activation scales are per-tensor "
+            "(channel_axes=()); drop its act_stats entry to keep its activations dynamic"
+        )
+    _check_range(stats)
+    lo, hi = (jnp.asarray(v, jnp.float32) for v in (stats.lo, stats.hi))
+    return scale_from_range(lo, hi, act.format, act.symmetric)
 
 
 def _check_range(stats) -> None:

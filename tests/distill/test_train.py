@@ -252,3 +252,24 @@ def test_misspelt_student_pattern_is_an_error_not_a_zero_hint_loss():
     state = ds.init(S_VARS, {"body": distill.init_adapter(jax.random.key(4), 8, 64)})
     with pytest.raises(ValueError, match=r"\['params/bdy/kernel'\] match no weight"):
         ds.step(state, T_VARS, {"x": X, "y": Y})
+
+
+def test_student_act_stats_give_the_student_static_activation_scales():
+    """``student_act_stats`` reaches ``fake_quantized``: the student is distilled with the
+    static W8A8 activation scales it is served with."""
+    act = qjax.QuantSpec(qjax.int8)
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8), act=act)])
+    stats = qjax.calibrate(STUDENT.apply, policy, S_VARS, [0.5 * X])
+    batch, params = {"x": X, "y": Y}, {"student": S_VARS, "adapters": {}}
+    t_logits = TEACHER.apply(T_VARS, X)
+    ds = distill.distill_step(
+        STUDENT.apply,
+        TEACHER.apply,
+        distill.kd_objective(),
+        optax.sgd(0.1),
+        student_policy=policy,
+        student_act_stats=stats,
+    )
+    served = qjax.quantized(STUDENT.apply, policy)(qjax.quantize_params(S_VARS, policy, act_stats=stats), X)
+    want = distill.kd_loss(served, t_logits, Y, 4.0, 0.9)
+    np.testing.assert_allclose(ds.loss(params, T_VARS, batch)[0], want, rtol=1e-5)

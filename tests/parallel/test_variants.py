@@ -13,7 +13,7 @@ from qjax import parallel as qp
 from qjax.distill.train import kd_objective
 from qjax.parallel import hlo, presets
 
-from .common import INT8, MLP, QAT, batch, init, sgd, xent
+from .common import INT8, MLP, QAT, W8, batch, init, sgd, xent
 from .test_steps import assert_close, run
 
 
@@ -53,6 +53,26 @@ def test_int8_local_scales_no_scale_all_reduce():
     g = jax.tree.map(lambda *a: sum(a) / 8, *grads)
     updates, _ = tx.update(g, tx.init(params), params)
     assert_close(state.params, optax.apply_updates(params, updates))
+
+
+def test_qat_step_trains_with_static_activation_scales():
+    """``act_stats`` reaches the sharded QAT step: its loss is that of the model served
+    with those static W8A8 scales (not of per-batch scales)."""
+    b = batch(8)
+    model, tx = MLP(), sgd()
+    params = init(model, b["x"])
+    static = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    stats = qjax.calibrate(model.apply, static, params, [0.5 * b["x"]])
+    qparams = qjax.quantize_params(params, static, act_stats=stats)
+    served = qjax.quantized(model.apply, static)(qparams, b["x"])
+    mesh = qp.make_mesh(2, 2, 2)
+    sh = qp.train_state_shardings(params, tx, presets.hybrid(), mesh)
+    bsh = qp.batch_shardings(mesh, b)
+    step = qp.qat_step(model.apply, static, xent, tx, sh, bsh, act_stats=stats, donate=False)
+    loss = float(step(qp.init_train_state(params, tx, sh), b)[1]["loss"])
+    assert loss == pytest.approx(float(xent(served, b)), rel=1e-5)
+    dynamic = xent(qjax.fake_quantized(model.apply, static)(params, b["x"]), b)
+    assert float(dynamic) != pytest.approx(loss, rel=1e-3)
 
 
 def test_prune_step_masks_sharded_like_params():
