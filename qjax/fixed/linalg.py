@@ -7,6 +7,14 @@ an accumulator of ``W_a + W_w + ⌈log2 K⌉`` bits (each product is at most
 ``jax_enable_x64``. The integer contraction runs with ``preferred_element_type`` the
 accumulator dtype on the narrowest operand dtype (``int8``/``int16`` where the formats
 allow); the result is exact and is cast to the requested format with integer shifts.
+
+``dot_general`` also models a user accumulator (hls4ml's ``accum_t``, as in
+``nnet::dense_latency``): with ``accum=`` every product is cast to ``accum`` (its rounding
+and overflow), the accumulator starts at ``init`` (the bias) cast to ``accum``, the
+products are added one contraction index at a time, each partial sum cast to ``accum``
+(overflow; the fractions agree), and the sum is cast once to the output format. When
+``accum`` provably neither rounds nor overflows, the exact contraction gives the same
+result and is used instead.
 """
 
 from __future__ import annotations
@@ -18,9 +26,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax.fixed.arith import add
 from qjax.fixed.array import FixedArray
-from qjax.fixed.cast import cast_mantissa
-from qjax.fixed.format import MAX_INT32_WIDTH, MAX_WIDTH, Format, x64_enabled
+from qjax.fixed.cast import cast, cast_mantissa
+from qjax.fixed.format import MAX_INT32_WIDTH, MAX_WIDTH, Format, exact_add_format, x64_enabled
 
 
 def accumulator_format(a: Format, w: Format, k: int, *, what: str = "contraction") -> Format:
@@ -81,30 +90,93 @@ def _check(*xs) -> None:
 
 
 def dot_general(
-    lhs: FixedArray, rhs: FixedArray, dimension_numbers, fmt: Format | None = None, *, key=None
+    lhs: FixedArray,
+    rhs: FixedArray,
+    dimension_numbers,
+    fmt: Format | None = None,
+    *,
+    accum: Format | None = None,
+    init: FixedArray | None = None,
+    key=None,
 ) -> FixedArray:
-    """``lax.dot_general`` on fixed-point operands, accumulated exactly in integers.
+    """``lax.dot_general`` on fixed-point operands, accumulated exactly in integers or in
+    a user accumulator format.
 
     Args:
       lhs, rhs: ``FixedArray`` operands.
       dimension_numbers: as ``lax.dot_general``.
       fmt: the output format (the accumulator is cast to it), or ``None`` to return the
-        accumulator itself (:func:`accumulator_format`).
-      key: PRNG key for a ``STOCHASTIC`` output format.
+        accumulator itself.
+      accum: the accumulator format (hls4ml's ``accum_t``): each product is cast to it,
+        the partial sums are accumulated in it in contraction order (row-major over
+        the contracting dims), each cast with its overflow mode. ``None``: the exact
+        derived accumulator (:func:`accumulator_format`).
+      init: a ``FixedArray`` broadcastable to the output (a bias) the accumulator starts
+        at: cast to ``accum``, or added exactly to the exact accumulator.
+      key: PRNG key for ``STOCHASTIC`` output (or accumulator) rounding.
 
     Returns:
       A ``FixedArray``.
 
     Raises:
+      TypeError: an operand, ``init`` or ``accum`` of the wrong type.
       ValueError: the derived accumulator is too wide (see :func:`accumulator_format`).
     """
-    _check(lhs, rhs)
+    _check(lhs, rhs, *([] if init is None else [init]))
+    if accum is not None and not isinstance(accum, Format):
+        raise TypeError(f"accum must be a qjax.fixed.Format or None, got {accum!r}")
     (lc, _), _ = dimension_numbers
     k = math.prod(lhs.shape[d] for d in lc)
     acc_fmt = accumulator_format(lhs.format, rhs.format, k, what="dot_general")
+    if accum is not None and not _accum_is_exact(acc_fmt, accum, init):
+        k_out, k_acc = (None, None) if key is None else jax.random.split(key)
+        acc = _accumulate(lhs, rhs, dimension_numbers, accum, init, k_acc)
+        return acc if fmt is None else cast(acc, fmt, key=k_out)
     a, b = _operands(lhs, rhs)
-    acc = lax.dot_general(a, b, dimension_numbers, preferred_element_type=acc_fmt.dtype)
-    return _finish(acc, acc_fmt, fmt, key)
+    acc = FixedArray(lax.dot_general(a, b, dimension_numbers, preferred_element_type=acc_fmt.dtype), acc_fmt)
+    if init is not None:
+        acc = add(acc, init)
+    if accum is not None and fmt is None:
+        fmt = accum  # exact, so this cast only re-labels the format
+    return _finish(acc.mantissa, acc.format, fmt, key)
+
+
+def _accum_is_exact(acc_fmt: Format, accum: Format, init: FixedArray | None) -> bool:
+    """Whether accumulating in ``accum`` provably equals the exact sum: no product or bias
+    loses fraction bits and every partial sum (at most the exact sum's range) fits."""
+    total = acc_fmt if init is None else exact_add_format(acc_fmt, init.format)
+    if accum.fraction < total.fraction or (total.signed and not accum.signed):
+        return False
+    bits = total.integer + (1 if accum.signed and not total.signed else 0)
+    return accum.integer >= bits
+
+
+def _accumulate(lhs, rhs, dimension_numbers, accum: Format, init, key) -> FixedArray:
+    """hls4ml's ``dense_latency`` order: ``acc = (accum_t) init``, then for each contraction
+    index ``acc += (accum_t) (lhs_k * rhs_k)``, in ``accum`` throughout."""
+    (lc, rc), _ = dimension_numbers
+    sizes = tuple(lhs.shape[d] for d in lc)
+    one = lambda x, d, i: lax.dynamic_slice_in_dim(x, i, 1, axis=d)
+    shape = jax.eval_shape(
+        lambda a, b: lax.dot_general(a, b, dimension_numbers), lhs.mantissa, rhs.mantissa
+    ).shape
+    if init is None:
+        acc0 = FixedArray(jnp.zeros(shape, accum.dtype), accum)
+    else:
+        acc0 = cast(FixedArray(jnp.broadcast_to(init.mantissa, shape), init.format), accum)
+
+    def step(i, acc):
+        idx = jnp.unravel_index(i, sizes)
+        a, b = lhs.mantissa, rhs.mantissa
+        for d_l, d_r, j in zip(lc, rc, idx):
+            a, b = one(a, d_l, j), one(b, d_r, j)
+        k_i = None if key is None else jax.random.fold_in(key, i)
+        term = dot_general(
+            FixedArray(a, lhs.format), FixedArray(b, rhs.format), dimension_numbers, accum, key=k_i
+        )
+        return add(acc, term, accum)
+
+    return lax.fori_loop(0, math.prod(sizes), step, acc0)
 
 
 def matmul(a: FixedArray, w: FixedArray, fmt: Format | None = None, *, key=None) -> FixedArray:

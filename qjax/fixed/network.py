@@ -6,7 +6,12 @@ params leaf to
 * a :class:`LayerFormats` — the leaf is the weight of the matmuls/convolutions that read
   it (found by dataflow, :mod:`qjax.graph`): the weight is held in ``weight`` format, the
   other operand is cast to ``input``, the product is accumulated exactly in the derived
-  integer accumulator (:func:`qjax.fixed.accumulator_format`) and cast to ``output``;
+  integer accumulator (:func:`qjax.fixed.accumulator_format`) or, with ``accum``, in that
+  format as hls4ml's ``accum_t`` (``nnet::dense_latency``: products cast to ``accum``, the
+  accumulator initialised with the bias, partial sums cast to ``accum``), and cast to
+  ``output``. With ``bias_in_accumulator`` (the default when ``accum`` is given) the
+  params leaf an ``add`` adds to the op's result (a bias) is added inside the accumulator,
+  before the one cast to ``output``; otherwise it is added to the cast result;
 * a :class:`Format` — the leaf (a bias, a scale) is rounded onto that format and used
   where the function uses it;
 * ``None`` or no match — the leaf and the ops reading it stay in float ("floats at the
@@ -30,6 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qjax.fixed.arith import add
 from qjax.fixed.array import FixedArray, is_fixed, to_float
 from qjax.fixed.cast import cast, from_float
 from qjax.fixed.format import Format
@@ -58,23 +64,42 @@ class LayerFormats:
       grad: training only (:func:`qjax.fixed.fake_fixed_point`): the format the gradient
         of the op's output is rounded to in the backward pass (use ``STOCHASTIC``
         rounding); ``None`` keeps float gradients.
+      accum: inference only, ``dot_general`` (dense) layers only: the accumulator format
+        (hls4ml's ``accum_t``, with its own rounding and overflow); ``None`` keeps the
+        exact derived accumulator.
+      bias_in_accumulator: add the bias (a params leaf that an ``add`` adds to the op's
+        result) inside the accumulator, before the cast to ``output``, as hls4ml does;
+        ``None`` means ``accum is not None``. With the exact accumulator the bias is
+        added exactly (the bias leaf then needs a ``Format`` rule or a ``FixedArray``).
 
     Raises:
-      TypeError: a field is not a :class:`Format` (or ``None`` where allowed).
+      TypeError: a field is not a :class:`Format` (or ``None`` where allowed), or
+        ``bias_in_accumulator`` is not a bool or ``None``.
     """
 
     weight: Format
     input: Format
     output: Format | None = None
     grad: Format | None = None
+    accum: Format | None = None
+    bias_in_accumulator: bool | None = None
 
     def __post_init__(self):
-        for name in ("weight", "input", "output", "grad"):
+        for name in ("weight", "input", "output", "grad", "accum"):
             v = getattr(self, name)
-            if v is None and name in ("output", "grad"):
+            if v is None and name in ("output", "grad", "accum"):
                 continue
             if not isinstance(v, Format):
                 raise TypeError(f"LayerFormats.{name} must be a qjax.fixed.Format, got {v!r}")
+        if self.bias_in_accumulator not in (None, True, False):
+            raise TypeError(
+                f"LayerFormats.bias_in_accumulator must be a bool or None, got {self.bias_in_accumulator!r}"
+            )
+
+    @property
+    def bias_inside(self) -> bool:
+        """Whether the bias is added inside the accumulator (the resolved default)."""
+        return self.accum is not None if self.bias_in_accumulator is None else self.bias_in_accumulator
 
 
 def as_rules(rules) -> RuleSet:
@@ -166,6 +191,7 @@ def where(path: str, m) -> str:
 class _FixedServe(Handler):
     def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key):
         self.rs, self.stored, self.key = rs, stored, key
+        self.pending: dict[int, tuple] = {}  # id(carrier) -> (carrier, finish, lf, what)
 
     def _weight(self, ref: WeightRef, fmt: Format) -> FixedArray | None:
         stored = self.stored.get(ref.path)
@@ -205,28 +231,87 @@ class _FixedServe(Handler):
             in_key = fold_in_path(self.key, ref.path + ":in")
             x = from_float(materialize(invals[1 - wi]), lf.input, key=in_key)
             ops = [x, w] if wi == 1 else [w, x]
-            if eqn.primitive.name == "dot_general":
-                y = dot_general(ops[0], ops[1], p["dimension_numbers"], lf.output, key=okey)
-            else:
-                y = conv_general_dilated(
-                    ops[0],
-                    ops[1],
-                    p["window_strides"],
-                    p["padding"],
-                    p["lhs_dilation"],
-                    p["rhs_dilation"],
-                    p["dimension_numbers"],
-                    p["feature_group_count"],
-                    p["batch_group_count"],
-                    lf.output,
-                    key=okey,
-                )
+            finish = self._contraction(eqn.primitive.name, ops, p, lf, okey)
+            y = finish(None)
         except ValueError as e:
             named = str(e).startswith(eqn.primitive.name)  # accumulator errors name the op
             raise ValueError(f"{where(ref.path, m) if named else what}: {e}") from e
         if lf.output is None:
             _carrier_check(y.format, out_dtype, what + " (output=None keeps the accumulator)")
-        return [to_float(y, out_dtype)]
+        carrier = to_float(y, out_dtype)
+        if lf.bias_inside:
+            self.pending[id(carrier)] = (carrier, finish, lf, what)
+        return [carrier]
+
+    @staticmethod
+    def _contraction(name: str, ops, p, lf: LayerFormats, okey) -> Callable:
+        """``finish(init)``: the op's result in ``lf.output``, the accumulator started at
+        ``init`` (a bias ``FixedArray``, or ``None``)."""
+        if name == "dot_general":
+            return lambda init: dot_general(
+                ops[0], ops[1], p["dimension_numbers"], lf.output, accum=lf.accum, init=init, key=okey
+            )
+        if lf.accum is not None:
+            raise ValueError(
+                "conv_general_dilated: LayerFormats.accum is implemented for dot_general (dense) "
+                "layers only; leave accum=None (the exact accumulator) for convolutions"
+            )
+        keep = lf.bias_inside or lf.output is None
+        acc = conv_general_dilated(
+            ops[0],
+            ops[1],
+            p["window_strides"],
+            p["padding"],
+            p["lhs_dilation"],
+            p["rhs_dilation"],
+            p["dimension_numbers"],
+            p["feature_group_count"],
+            p["batch_group_count"],
+            None if keep else lf.output,
+            key=okey,
+        )
+        if not keep:
+            return lambda init: acc
+        return lambda init: _add_cast(acc, init, lf.output, okey)
+
+    def other(self, eqn, invals, emit):
+        """An ``add`` of a params leaf (a bias) to the result of an op whose
+        ``LayerFormats`` puts the bias in the accumulator: the op's result recomputed with
+        the accumulator started at the bias."""
+        if eqn.primitive.name != "add" or len(invals) != 2:
+            return None
+        for bias, y in (invals, invals[::-1]):
+            entry = self.pending.get(id(y))
+            if isinstance(bias, WeightRef) and entry is not None and entry[0] is y:
+                return [self._with_bias(bias, *entry[1:], eqn.outvars[0].aval.dtype)]
+        return None
+
+    def _with_bias(self, bias: WeightRef, finish, lf: LayerFormats, what: str, dtype):
+        m = self.rs.match(bias.path)
+        value = None if m is None else m.value
+        stored = self.stored.get(bias.path)
+        fmt = value if isinstance(value, Format) else (None if stored is None else stored.format)
+        if fmt is None and lf.accum is None:
+            raise ValueError(
+                f"{what}: bias_in_accumulator adds the bias {where(bias.path, m)} exactly to the "
+                "accumulator, so it needs a format: give that leaf a Format rule (or a FixedArray), "
+                "or pass LayerFormats.accum"
+            )
+        b = self.materialize(bias)  # exact values of the bias format, layout ops applied
+        try:
+            y = finish(from_float(b, lf.accum if fmt is None else fmt))
+        except ValueError as e:
+            raise ValueError(f"{what}, bias {where(bias.path, m)}: {e}") from e
+        if lf.output is None:
+            _carrier_check(y.format, dtype, what + " (output=None keeps the accumulator)")
+        return to_float(y, dtype)
+
+
+def _add_cast(acc: FixedArray, init: FixedArray | None, fmt: Format | None, key) -> FixedArray:
+    """``acc + init`` exactly (``init`` may be ``None``), then cast to ``fmt`` if given."""
+    if init is not None:
+        return add(acc, init, fmt, key=key)
+    return acc if fmt is None else cast(acc, fmt, key=key)
 
 
 def fixed_point(f: Callable, rules, *, key=None) -> Callable:

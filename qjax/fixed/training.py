@@ -125,6 +125,11 @@ class _FakeFixed(Handler):
         lf, m = layer_rule(self.rs, ref.path)
         if lf is None:
             return None
+        if lf.bias_inside:
+            raise ValueError(
+                f"{where(ref.path, m)}: LayerFormats.accum / bias_in_accumulator are inference-only "
+                "(qjax.fixed.fixed_point); fake_fixed_point accumulates exactly and adds the bias in float"
+            )
         k = lambda tag: fold_in_path(self.key, ref.path + tag)
         try:
             w = fake_fixed(ref.float_leaf(), lf.weight, key=k(":w"), ste=self.ste)

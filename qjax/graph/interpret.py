@@ -6,7 +6,9 @@
 ``WeightRef`` extend it; a ``dot_general`` or ``conv_general_dilated`` that reads one is
 handed to the :class:`Handler`; any other consumer gets the value
 :meth:`Handler.materialize` gives (the float weight by default; the quantizing handlers
-give the quantized one, so an embedding lookup reads what deployment stores).
+give the quantized one, so an embedding lookup reads what deployment stores), unless
+:meth:`Handler.other` replaces the op (the fixed-point transform adds a bias inside an
+accumulator that way).
 Higher-order primitives are entered only when a ``WeightRef`` flows into them (otherwise
 they are bound unchanged, custom derivative rules and all):
 
@@ -107,6 +109,12 @@ class Handler:
     def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
         return None
 
+    def other(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
+        """What another op that reads a weight (an elementwise ``add`` of a bias, say)
+        becomes; ``None`` (default) binds it on :meth:`materialize`'d values. Not called
+        for layout ops (they extend the ``WeightRef``) nor higher-order primitives."""
+        return None
+
     def materialize(self, ref: WeightRef):
         """The value an op that is not a target reads from a weight (a gather of an
         embedding, an elementwise op, an output): the float weight by default; handlers
@@ -202,7 +210,8 @@ def _eval_eqn(eqn, invals, handler, emit):
     rule = _RULES.get(name)
     if rule is not None:
         return rule(eqn, invals, handler, emit)
-    return _bind_values(eqn, invals, handler)
+    out = handler.other(eqn, invals, emit)
+    return out if out is not None else _bind_values(eqn, invals, handler)
 
 
 def _bind_values(eqn, invals, handler):

@@ -67,3 +67,22 @@ def cast(m: int, src_frac: int, width: int, integer: int, signed: bool, rounding
 
 def value(m: int, frac: int) -> Fraction:
     return Fraction(m) * Fraction(2) ** -frac
+
+
+def dense_latency(xm, wm, bm, x_frac, w_frac, b_frac, accum, result):
+    """hls4ml's ``nnet::dense_latency`` for one input row, literally: ``mult = (accum_t)(x·w)``,
+    ``acc = (accum_t) bias``, ``acc += mult`` over the inputs in order, ``res = (res_t) acc``.
+
+    ``xm[n_in]``, ``wm[n_in][n_out]``, ``bm[n_out]`` are mantissas with the given fraction
+    bits; ``accum`` and ``result`` are ``(width, integer, signed, rounding, overflow)``.
+    Returns the result mantissas.
+    """
+    acc_frac = accum[0] - accum[1]
+    out = []
+    for j in range(len(bm)):
+        acc = quantize(value(bm[j], b_frac), *accum)
+        for k in range(len(xm)):
+            mult = quantize(value(xm[k] * wm[k][j], x_frac + w_frac), *accum)
+            acc = quantize(value(acc, acc_frac) + value(mult, acc_frac), *accum)
+        out.append(quantize(value(acc, acc_frac), *result))
+    return out

@@ -358,3 +358,60 @@ def test_float_round_trip_and_type_errors():
         qf.add(x, fx)
     with pytest.raises(TypeError, match="FixedArray"):
         qf.matmul(fx.reshape(1, 3), x)
+
+
+def _t(f: qf.Format):
+    return (f.width, f.integer, f.signed, f.rounding, f.overflow)
+
+
+DENSE_X, DENSE_W, DENSE_B = qf.Format(8, 3), qf.Format(8, 2), qf.Format(10, 3)
+DENSE_OUT = qf.Format(8, 3, rounding="RND", overflow="SAT")
+
+
+@pytest.mark.parametrize(
+    "accum",
+    [
+        qf.Format(24, 10),  # wide: provably exact (the exact contraction is used)
+        qf.Format(12, 5, rounding="TRN", overflow="WRAP"),  # drops product bits, wraps
+        qf.Format(10, 4, rounding="TRN", overflow="SAT"),  # narrow: partial sums saturate
+        qf.Format(10, 4, rounding="RND", overflow="WRAP"),
+        qf.Format(9, 3, rounding="RND", overflow="SAT"),
+        qf.Format(16, 4, rounding="TRN", overflow="SAT_SYM"),  # every fraction bit, saturates
+    ],
+)
+def test_dense_with_an_accumulator_format_matches_hls4ml_dense_latency(accum):
+    xm = RNG.integers(-128, 128, (16, 6))
+    wm = RNG.integers(-128, 128, (6, 4))
+    bm = RNG.integers(-512, 512, (4,))
+    fx = qf.FixedArray(jnp.asarray(xm, jnp.int32), DENSE_X)
+    fw = qf.FixedArray(jnp.asarray(wm, jnp.int32), DENSE_W)
+    fb = qf.FixedArray(jnp.asarray(bm, jnp.int32), DENSE_B)
+    dn = (((1,), (0,)), ((), ()))
+    got = jax.jit(lambda x, w, b: qf.dot_general(x, w, dn, DENSE_OUT, accum=accum, init=b))(fx, fw, fb)
+    want = [
+        ref.dense_latency(row.tolist(), wm.tolist(), bm.tolist(), 5, 6, 7, _t(accum), _t(DENSE_OUT))
+        for row in xm
+    ]
+    assert np.asarray(got.mantissa).tolist() == want
+    exact = [[ref.cast(int(a) + int(b) * 16, 11, *_t(DENSE_OUT)) for a, b in zip(row @ wm, bm)] for row in xm]
+    assert (want == exact) == (accum.width == 24)  # the narrow accumulators do change results
+
+
+def test_accumulator_order_and_no_bias():
+    """Two contracting dims are accumulated row-major (the order matters under SAT);
+    without ``init`` the accumulator starts at 0; ``fmt=None`` returns the accumulator."""
+    xm = RNG.integers(-128, 128, (5, 2, 3))
+    wm = RNG.integers(-128, 128, (2, 3, 4))
+    accum = qf.Format(9, 4, rounding="RND", overflow="SAT")
+    fx = qf.FixedArray(jnp.asarray(xm, jnp.int32), DENSE_X)
+    fw = qf.FixedArray(jnp.asarray(wm, jnp.int32), DENSE_W)
+    got = qf.dot_general(fx, fw, (((1, 2), (0, 1)), ((), ())), accum=accum)
+    assert got.format == accum
+    zero = [0] * 4
+    want = [
+        ref.dense_latency(
+            row.reshape(-1).tolist(), wm.reshape(6, 4).tolist(), zero, 5, 6, 0, _t(accum), _t(accum)
+        )
+        for row in xm
+    ]
+    assert np.asarray(got.mantissa).tolist() == want

@@ -1,6 +1,7 @@
 """Fixed-point inference of whole functions: equal to a hand-written integer reference,
 the same through Linen, NNX, jit and stored ``FixedArray`` params; rules and errors."""
 
+import dataclasses
 import re
 from fractions import Fraction
 
@@ -203,3 +204,134 @@ def test_scanned_stack_and_stochastic_formats():
     a = qf.fixed_point(stack, [("ws", sr)], key=jax.random.key(0))({"ws": ws}, x)
     b = qf.fixed_point(stack, [("ws", sr)], key=jax.random.key(0))({"ws": ws}, x)
     np.testing.assert_array_equal(a, b)
+
+
+# -- hls4ml accumulators (accum_t, bias in the accumulator) ------------------------------
+
+HW, HX, HB = qf.Format(8, 2, **RC), qf.Format(8, 3, **RC), qf.Format(10, 3, **RC)
+HOUT = qf.Format(8, 3, rounding="RND", overflow="SAT")
+
+
+def _hls_dense(x, w, b, lf: qf.LayerFormats):
+    """hls4ml's dense_latency on float inputs quantized as hls4ml would (x to data_t, w to
+    weight_t, b to bias_t), with ``lf.accum`` (``None``: an accumulator wide enough to be
+    exact); returns float values."""
+    acc = lf.accum or qf.Format(40, 20)
+    t = lambda f: (f.width, f.integer, f.signed, f.rounding, f.overflow)
+    wm = [[_q(v, lf.weight) for v in row] for row in w]
+    bm = [_q(v, HB) for v in b]
+    out = []
+    for row in x:
+        xm = [_q(v, lf.input) for v in row]
+        ms = ref.dense_latency(
+            xm, wm, bm, lf.input.fraction, lf.weight.fraction, HB.fraction, t(acc), t(HOUT)
+        )
+        out.append([float(ref.value(m, HOUT.fraction)) for m in ms])
+    return out
+
+
+@pytest.mark.parametrize(
+    "accum, linen",
+    [
+        (None, False),  # the exact accumulator, bias inside (bias_in_accumulator=True)
+        (qf.Format(10, 4, rounding="TRN", overflow="SAT"), False),
+        (qf.Format(10, 4, rounding="RND", overflow="WRAP"), True),
+        (qf.Format(9, 3, rounding="TRN", overflow="WRAP"), True),
+    ],
+)
+def test_dense_layer_is_bit_exact_with_hls4ml_dense_latency(accum, linen):
+    """``x @ w + b`` and a Linen ``Dense``: the bias starts the accumulator, the products
+    and partial sums are cast to ``accum``, one cast to ``output`` (previously: the product
+    cast to ``output`` and the bias added after it in float; 256/256 outputs differed)."""
+    x = np.asarray(jax.random.normal(jax.random.key(0), (16, 6)) * 2, np.float64)
+    lf = qf.LayerFormats(HW, HX, HOUT, accum=accum, bias_in_accumulator=True)
+    if linen:
+        m = nn.Dense(4)
+        v = m.init(jax.random.key(1), x[:1])
+        v = jax.tree.map(lambda a: a * 1.5, v)
+        w, b = v["params"]["kernel"], v["params"]["bias"]
+        y = jax.jit(qf.fixed_point(m.apply, [(r".*kernel", lf), (r".*bias", HB)]))(v, x)
+    else:
+        w = jax.random.normal(jax.random.key(1), (6, 4))
+        b = jax.random.normal(jax.random.key(2), (4,)) * 1.5
+        f = lambda p, x: x @ p["w"] + p["b"]
+        y = jax.jit(qf.fixed_point(f, [("w", lf), ("b", HB)]))({"w": w, "b": b}, x)
+    want = _hls_dense(x, np.asarray(w, np.float64), np.asarray(b, np.float64), lf)
+    assert np.asarray(y, np.float64).tolist() == want
+
+
+def _conv(p, x):
+    y = jax.lax.conv_general_dilated(x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["b"]
+
+
+def test_accumulator_options_and_errors():
+    p = {"w": jax.random.normal(jax.random.key(1), (6, 4)), "b": jnp.ones((4,))}
+    x = jnp.ones((2, 6))
+    f = lambda p, x: x @ p["w"] + p["b"]
+    with pytest.raises(ValueError, match=r"bias leaf 'b'.*needs a format.*Format rule"):
+        jax.jit(qf.fixed_point(f, [("w", qf.LayerFormats(HW, HX, HOUT, bias_in_accumulator=True))]))(p, x)
+    # bias_in_accumulator=False: the bias is added (in float) after the cast to output
+    lf = qf.LayerFormats(HW, HX, HOUT, accum=qf.Format(12, 5))
+    assert lf.bias_inside and not dataclasses.replace(lf, bias_in_accumulator=False).bias_inside
+    after = jax.jit(qf.fixed_point(f, [("w", dataclasses.replace(lf, bias_in_accumulator=False))]))(p, x)
+    no_bias = jax.jit(qf.fixed_point(lambda p, x: x @ p["w"], [("w", lf)]))(p, x)
+    np.testing.assert_array_equal(after, no_bias + 1)
+    conv = {"k": jnp.ones((3, 3, 1, 2)), "b": jnp.ones((2,))}
+    with pytest.raises(ValueError, match=r"leaf 'k'.*accum is implemented for dot_general"):
+        jax.jit(qf.fixed_point(_conv, [("k", lf)]))(conv, jnp.ones((1, 4, 4, 1)))
+    with pytest.raises(ValueError, match=r"leaf 'w'.*inference-only"):
+        jax.jit(qf.fake_fixed_point(f, [("w", lf)]))(p, x)
+    with pytest.raises(TypeError, match=r"LayerFormats\.accum"):
+        qf.LayerFormats(HW, HX, HOUT, accum="ap_fixed<16,6>")
+
+
+def test_conv_bias_in_the_exact_accumulator():
+    """A convolution adds its bias exactly to the exact accumulator before the one cast."""
+    x = jax.random.normal(jax.random.key(0), (2, 5, 5, 1))
+    p = {"k": jax.random.normal(jax.random.key(1), (3, 3, 1, 2)), "b": jnp.asarray([0.3, -1.1])}
+    conv = qf.LayerFormats(
+        qf.Format(8, 1, **RC), qf.Format(8, 3, **RC), qf.Format(8, 3, **RC), bias_in_accumulator=True
+    )
+    bf = qf.Format(12, 4, **RC)
+    y = jax.jit(qf.fixed_point(_conv, [("k", conv), ("b", bf)]))(p, x)
+    xm = [[_q(v, conv.input) for v in row] for row in np.asarray(x, np.float64)[..., 0].reshape(-1, 5)]
+    km = np.vectorize(lambda v: _q(v, conv.weight))(np.asarray(p["k"], np.float64)[:, :, 0, :])
+    bm = [_q(v, bf) for v in np.asarray(p["b"], np.float64)]
+    xm = np.pad(np.asarray(xm).reshape(2, 5, 5), ((0, 0), (1, 1), (1, 1)))
+    frac = conv.input.fraction + conv.weight.fraction
+    o = conv.output
+    want = np.zeros((2, 5, 5, 2))
+    for n, i, j, c in np.ndindex(want.shape):
+        acc = ref.value(int((xm[n, i : i + 3, j : j + 3] * km[:, :, c]).sum()), frac)
+        acc += ref.value(bm[c], bf.fraction)
+        want[n, i, j, c] = float(
+            ref.value(ref.quantize(acc, o.width, o.integer, o.signed, o.rounding, o.overflow), o.fraction)
+        )
+    np.testing.assert_array_equal(np.asarray(y, np.float64), want)
+
+
+def test_residual_add_written_with_fixed_ops_matches_an_hls4ml_add():
+    """The documented workaround for hls4ml's ``Add`` (result_t cast, SAT): a carrier read
+    with ``from_float`` in its own format is exact, so ``qf.add`` inside the model is bit-exact."""
+    lf = qf.LayerFormats(HW, HX, qf.Format(12, 5, **RC))
+    res = qf.Format(8, 3, rounding="TRN", overflow="SAT")
+
+    def f(p, x):
+        h = x @ p["w"]
+        s = qf.add(qf.from_float(h, lf.output), qf.from_float(x[:, :4] * 8, HX), res)
+        return qf.to_float(s)
+
+    p = {"w": jax.random.normal(jax.random.key(1), (6, 4))}
+    x = jax.random.normal(jax.random.key(0), (8, 6)) * 3
+    y = np.asarray(jax.jit(qf.fixed_point(f, [("w", lf)]))(p, x), np.float64)
+    xn, wn = np.asarray(x, np.float64), np.asarray(p["w"], np.float64)
+    o = lf.output
+    for i, j in np.ndindex(y.shape):
+        xm = [_q(v, HX) for v in xn[i]]
+        acc = sum(m * _q(wn[k, j], HW) for k, m in enumerate(xm))
+        h = ref.value(ref.cast(acc, 11, o.width, o.integer, o.signed, o.rounding, o.overflow), o.fraction)
+        s = h + ref.value(_q(xn[i, j] * 8, HX), HX.fraction)
+        want = ref.quantize(s, res.width, res.integer, res.signed, res.rounding, res.overflow)
+        assert y[i, j] == float(ref.value(want, res.fraction))
+    assert y.max() == 4 - 2.0**-5 and y.min() == -4  # saturated
