@@ -7,6 +7,7 @@ over pytrees and functions. See ``DESIGN.md`` for the architecture.
 
 from qjax import autoprec, checkpoint, distill, fixed, graph, kernels, models, parallel, prune, rules
 from qjax.graph import nnx_apply
+from qjax.low_rank import lora, lora_adapters, merge_lora
 from qjax.numerics import (
     PER_TOKEN,
     FloatFormat,
@@ -123,6 +124,9 @@ __all__ = [
     "int8",
     "is_qarray",
     "is_quantized",
+    "lora",
+    "lora_adapters",
+    "merge_lora",
     "lsq_init_scale",
     "LSQParams",
     "lsq_params",
