@@ -2,7 +2,8 @@
 dtype and the bitcasts between them, shared by :mod:`qjax.checkpoint` and
 :class:`qjax.parallel.TrainCheckpointer`.
 
-fp8 is stored bitcast to ``uint8`` (tensorstore may not support it); ``uint4`` / ``uint2``,
+fp8 (and the E8M0 scales of OCP MX specs) is stored bitcast to ``uint8`` (tensorstore may
+not support it), fp4 (unpacked ``float4_e2m1fn``) bitcast to ``int4``; ``uint4`` / ``uint2``,
 which tensorstore does not have, bitcast to ``int4`` / ``int2`` (same width, bit-exact);
 every other dtype as it is. A dtype tensorstore cannot store either way (e.g. ``int1``) is
 refused before anything is written.
@@ -24,6 +25,8 @@ def stored_dtype(dtype: Any) -> np.dtype:
     dtype = jnp.dtype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
         return np.dtype(np.uint8)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 4:
+        return jnp.dtype(jnp.int4)
     if dtype.name in _SIGNED_OF:
         return jnp.dtype(_SIGNED_OF[dtype.name])
     return dtype

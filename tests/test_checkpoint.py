@@ -45,6 +45,12 @@ def linen_tree():
                 _w(7, (16, 8)), qjax.QuantSpec(qjax.int4, channel_axes=(-1,), scale_dtype="bfloat16")
             ),
             "raw_fp8": _w(7, (3, 5)).astype(jnp.float8_e4m3fn),
+            "e2m1": q(_w(9, (64, 8)), qjax.mx_spec(qjax.fp4_e2m1)),  # packed fp4, E8M0 scales
+            "e2m1_unpacked": q(_w(10, (4, 6)), qjax.QuantSpec(qjax.fp4_e2m1, pack=False)),
+            "mxfp8": q(_w(11, (32, 8)), qjax.mx_spec(qjax.fp8_e4m3)),
+            "nf4": q(
+                _w(12, (128, 8)), qjax.QuantSpec(qjax.nf4, channel_axes=(-1,), group_size=64, group_axis=0)
+            ),
         },
         "masks": {"Dense_0": {"kernel": _w(8, (16, 8)) > 0}},
         "extra": [None, (jnp.float32(1.5), 7, "note")],
@@ -74,6 +80,9 @@ def test_round_trip_without_target(tmp_path):
     assert restored["params"]["asym"].zero_point is not None
     assert restored["params"]["Dense_0"]["kernel"].zero_point is None
     assert restored["params"]["e4m3"].values.dtype == jnp.float8_e4m3fn
+    assert restored["params"]["e2m1_unpacked"].values.dtype == jnp.float4_e2m1fn
+    assert restored["params"]["e2m1"].scale.dtype == jnp.float8_e8m0fnu
+    assert (restored["params"]["nf4"].format, restored["params"]["e2m1"].format) == (qjax.nf4, qjax.fp4_e2m1)
     np.testing.assert_array_equal(qjax.dequantize(k), qjax.dequantize(tree["params"]["Dense_1"]["kernel"]))
     meta = json.loads((tmp_path / "ckpt" / "qjax_checkpoint.json").read_text())
     assert meta["qjax_checkpoint"] == checkpoint.FORMAT_VERSION

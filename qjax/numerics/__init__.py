@@ -4,11 +4,13 @@
 from qjax.numerics import calibration
 from qjax.numerics.fake_quant import fake_quant, lsq_init_scale
 from qjax.numerics.formats import (
+    CodebookFormat,
     FloatFormat,
     Format,
     IntFormat,
     as_format,
     format_from_name,
+    fp4_e2m1,
     fp8_e4m3,
     fp8_e5m2,
     int2,
@@ -19,6 +21,7 @@ from qjax.numerics.formats import (
     int7,
     int8,
     int16,
+    nf4,
     uint2,
     uint3,
     uint4,
@@ -32,11 +35,12 @@ from qjax.numerics.granularity import Layout
 from qjax.numerics.packing import pack, unpack
 from qjax.numerics.qarray import QArray, is_qarray
 from qjax.numerics.quantize import compute_scale, dequantize, quantize
-from qjax.numerics.spec import PER_TOKEN, QuantSpec, spec_from_dict
+from qjax.numerics.spec import PER_TOKEN, QuantSpec, mx_spec, spec_from_dict
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
 
 __all__ = [
     "PER_TOKEN",
+    "CodebookFormat",
     "FloatFormat",
     "Format",
     "IntFormat",
@@ -51,7 +55,10 @@ __all__ = [
     "fake_quant",
     "format_from_name",
     "fp8_e4m3",
+    "fp4_e2m1",
     "fp8_e5m2",
+    "mx_spec",
+    "nf4",
     "int16",
     "int2",
     "int3",

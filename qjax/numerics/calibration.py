@@ -62,15 +62,27 @@ class AbsMax(Calibration):
     ``qmax`` (scale ``max|x| / (qmax + 0.5)``): it still rounds onto ``±qmax`` (at most
     half a step of clipping), and the step is finer, which matters for narrow formats
     (int4: 7.5 instead of 7 steps per side; Qwix's default bound).
+
+    ``clip`` multiplies the range (Qwix's ``"absmax,0.8"``, AQT's calibration ``scale``):
+    ``clip=0.8`` maps ``0.8 max|x|`` onto ``qmax`` and saturates what lies beyond.
     """
 
     half_step: bool = False
+    clip: float = 1.0
     name = "absmax"
+
+    def __post_init__(self):
+        c = self.clip
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < float(c) < math.inf:
+            raise ValueError(f"absmax clip must be a positive finite number, got {c!r}")
+        object.__setattr__(self, "clip", float(c))
 
     def __call__(self, x, axes, fmt, symmetric):
         a = jnp.max(jnp.abs(x), axis=axes, keepdims=True, initial=0.0)
         if self.half_step and not fmt.is_float:
             a = a * (fmt.qmax / (fmt.qmax + 0.5))
+        if self.clip != 1.0:
+            a = a * self.clip
         return -a, a
 
 
@@ -172,7 +184,7 @@ class MSE(Calibration):
 
         def error(r):
             scale, zp = scale_from_range(lon * r, hin * r, fmt, symmetric)
-            xq = dequantize_values(quantize_values(xn, scale, zp, fmt), scale, zp, x.dtype)
+            xq = dequantize_values(quantize_values(xn, scale, zp, fmt), scale, zp, x.dtype, fmt)
             return jnp.sum(jnp.abs(xn - xq) ** self.norm, axis=axes, keepdims=True)
 
         def step(carry, r):
@@ -205,9 +217,10 @@ class Fixed(Calibration):
         return _symmetric(lo, hi) if symmetric else (lo, hi)
 
 
-def absmax(half_step: bool = False) -> AbsMax:
-    """Calibrate to the largest magnitude (``half_step``: map it to ``qmax + 1/2`` steps)."""
-    return AbsMax(bool(half_step))
+def absmax(half_step: bool = False, clip: float = 1.0) -> AbsMax:
+    """Calibrate to the largest magnitude (``half_step``: map it to ``qmax + 1/2`` steps;
+    ``clip``: times this factor, e.g. 0.8, saturating what lies beyond)."""
+    return AbsMax(bool(half_step), clip)
 
 
 def minmax() -> MinMax:

@@ -26,10 +26,11 @@ import jax
 import jax.numpy as jnp
 
 from qjax.numerics.calibration import AbsMax
-from qjax.numerics.formats import Format
+from qjax.numerics.formats import CodebookFormat, Format
 from qjax.numerics.granularity import from_grouped, reduce_groups, scale_from_grouped, to_grouped
 from qjax.numerics.quantize import _check_spec, as_float_array, check_zero_point, scale_grouped
 from qjax.numerics.scaling import (
+    POW2_SCALE_DTYPE,
     compute_dtype,
     dequantize_values,
     quantize_values,
@@ -42,7 +43,7 @@ from qjax.numerics.spec import QuantSpec
 def _forward(fmt: Format, x, s, zp, noise):
     rounding = "nearest" if noise is None else "stochastic"
     q = quantize_values(x, s, zp, fmt, rounding, noise=noise)
-    return dequantize_values(q, s, zp, x.dtype), q
+    return dequantize_values(q, s, zp, x.dtype, fmt), q
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -61,6 +62,8 @@ def _not_clipped(fmt: Format, x, s, zp, noise):
     the gradient of calibrated extremes that sit a float ulp (or, with a rounded zero
     point, up to half a step) past the bound yet round onto ``qmin``/``qmax`` unclipped."""
     y = x * (1.0 / s)
+    if isinstance(fmt, CodebookFormat):  # nearest table value: beyond the ends it saturates
+        return jnp.abs(y) <= fmt.max_value
     if fmt.is_float:
         if noise is not None:  # stochastic rounding saturates exactly what the clip moves
             return jnp.abs(y) <= fmt.max_value
@@ -134,12 +137,20 @@ def fake_quant(
 
 def never_clips(spec: QuantSpec) -> bool:
     """Whether quantizing by ``spec`` with the scale computed from the data itself cannot
-    saturate any element: symmetric absmax without the half step, round-to-nearest, so
+    saturate any element: symmetric absmax without the half step or a clip factor below 1,
+    not E8M0 (OCP MX) scales, round-to-nearest, so
     every ``|x / s|`` rounds to at most ``qmax`` (an extreme may land a float ulp past it
     and still round onto it; for fp8, onto the largest finite value). A NaN/Inf group gets
     a NaN scale and NaN outputs either way."""
     cal = spec.calibration
-    return spec.symmetric and spec.rounding == "nearest" and isinstance(cal, AbsMax) and not cal.half_step
+    return (
+        spec.symmetric
+        and spec.rounding == "nearest"
+        and isinstance(cal, AbsMax)
+        and not cal.half_step
+        and cal.clip >= 1
+        and spec.scale_dtype != POW2_SCALE_DTYPE  # the OCP MX rule saturates by design
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))

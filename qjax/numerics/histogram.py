@@ -221,7 +221,7 @@ def _clip_errors(centres, weights, lo0, hi0, ratios, fmt: Format, symmetric: boo
 
     def one(r):
         scale, zp = scale_from_range(lo0 * r, hi0 * r, fmt, symmetric)
-        q = dequantize_values(quantize_values(centres, scale, zp, fmt), scale, zp, jnp.float32)
+        q = dequantize_values(quantize_values(centres, scale, zp, fmt), scale, zp, jnp.float32, fmt)
         return jnp.sum(weights * jnp.abs(centres - q) ** norm)
 
     return jax.vmap(one)(ratios)

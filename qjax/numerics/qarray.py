@@ -1,13 +1,13 @@
 """``QArray``: a quantized tensor as a pytree.
 
 Children: ``values`` (integer codes in the format's storage dtype, or ``uint8`` when
-packed; fp8 values for float formats), ``scale`` and ``zero_point`` (``None`` when
-symmetric), and optionally ``act_scale``/``act_zero_point``: the static (calibrated)
-quantization of the activations of the ops that read this weight, stored with it so a
-stacked (``nn.scan``) weight carries one per layer. Static aux data: format, original
-dtype, granularity and packing. All axes are stored as negative indices, so ``jax.vmap``
-over leading axes keeps a ``QArray`` consistent; the logical shape is derived from
-``values``.
+packed; fp8/fp4 values for float formats, table indices for codebook formats), ``scale``
+and ``zero_point`` (``None`` when symmetric), and optionally ``act_scale`` /
+``act_zero_point``: the static (calibrated) quantization of the activations of the ops
+that read this weight, stored with it so a stacked (``nn.scan``) weight carries one per
+layer. Static aux data: format, original dtype, granularity and packing. All axes are
+stored as negative indices, so ``jax.vmap`` over leading axes keeps a ``QArray``
+consistent; the logical shape is derived from ``values``.
 """
 
 from __future__ import annotations
@@ -141,16 +141,18 @@ class QArray:
         return total
 
     def unpacked_values(self) -> jax.Array:
-        """Integer codes at the logical shape (unpacks int4/int2 storage)."""
+        """Stored values at the logical shape (unpacks int4/int2/fp4/nf4 storage): integer
+        codes, fp8/fp4 values, or codebook indices."""
         if self.packed_axis is None:
             return self.values
-        return unpack(
+        fields = unpack(
             self.values,
             self.format.pack_bits,
             self.packed_length,
             axis=self.packed_axis,
-            signed=self.format.signed,
+            signed=self.format.codes_signed,
         )
+        return self.format.from_codes(fields)
 
     def dequantize(self) -> jax.Array:
         """The real values this array stands for, in its original dtype."""
@@ -158,7 +160,7 @@ class QArray:
         q = to_grouped(self.unpacked_values(), layout, pad_mode="zero")
         scale = scale_to_grouped(self.scale, layout)
         zp = None if self.zero_point is None else scale_to_grouped(self.zero_point, layout)
-        return from_grouped(dequantize_values(q, scale, zp, self.dtype), layout)
+        return from_grouped(dequantize_values(q, scale, zp, self.dtype, self.format), layout)
 
     # -- checks ---------------------------------------------------------------------
     def _validate(self) -> None:

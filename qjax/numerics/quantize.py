@@ -217,7 +217,7 @@ def _quantize(x, spec: QuantSpec, key, scale, zero_point) -> QArray:
     if spec.packed and x.ndim > 0:
         packed_axis = normalize_axis(spec.pack_axis, x.ndim, "pack_axis")
         packed_len = x.shape[packed_axis]
-        q = pack(q, spec.format.pack_bits, packed_axis)
+        q = pack(spec.format.to_codes(q), spec.format.pack_bits, packed_axis)
     zp = None if g.zero_point is None else scale_from_grouped(g.zero_point, layout)
     return QArray(
         q,

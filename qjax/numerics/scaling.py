@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from qjax.numerics.formats import FloatFormat, Format
+from qjax.numerics.formats import CodebookFormat, FloatFormat, Format
 
 ROUNDING_MODES = ("nearest", "stochastic")
+POW2_SCALE_DTYPE = "float8_e8m0fnu"  # QuantSpec.scale_dtype of OCP MX (E8M0) power-of-two scales
 
 
 def compute_dtype(dtype) -> jnp.dtype:
@@ -41,6 +43,19 @@ def round_scale_up(scale: jnp.ndarray, dtype) -> jnp.ndarray:
     return r.astype(scale.dtype)
 
 
+def pow2_scale(amax: jnp.ndarray, fmt: Format) -> jnp.ndarray:
+    """The OCP MX (Microscaling v1.0, section 6.3) shared scale of a block with largest
+    magnitude ``amax > 0``: ``2^(floor(log2 amax) - emax)``, ``emax = floor(log2 fmt.qmax)``
+    the exponent of the format's largest value (2 for fp4 e2m1, 8 for fp8 e4m3, 6 for int8
+    codes). It maps ``amax`` into ``[2^emax, 2^(emax+1))``: values above ``qmax`` there
+    saturate (by design of the spec; e.g. fp4 blocks with amax in ``[6, 8) * 2^k``).
+    Computed exactly (``frexp``), kept within ``[2^-126, 2^127]``."""
+    emax = int(np.floor(np.log2(fmt.qmax)))
+    _, ex = jnp.frexp(amax)  # amax = m 2^ex, m in [0.5, 1): floor(log2 amax) = ex - 1
+    e = jnp.clip(ex - 1 - emax, -126, 127)
+    return jnp.ldexp(jnp.ones_like(amax), e)
+
+
 def scale_from_range(
     lo: jnp.ndarray, hi: jnp.ndarray, fmt: Format, symmetric: bool, scale_dtype=None
 ) -> tuple[jnp.ndarray, jnp.ndarray | None]:
@@ -59,12 +74,14 @@ def scale_from_range(
     at least the smallest normal float (a subnormal scale may be flushed to 0). A
     non-finite range gets scale NaN.
     With ``scale_dtype`` (e.g. ``"bfloat16"``) the scale is rounded up to it
-    (:func:`round_scale_up`) before the zero point is computed, so the range still fits.
+    (:func:`round_scale_up`) before the zero point is computed, so the range still fits;
+    a symmetric scale of :data:`POW2_SCALE_DTYPE` (E8M0) follows the OCP MX rule instead
+    (:func:`pow2_scale`).
     """
     finite = jnp.isfinite(lo) & jnp.isfinite(hi)
     if symmetric:
         amax = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
-        scale = amax * (1.0 / fmt.qmax)
+        scale = pow2_scale(amax, fmt) if scale_dtype == POW2_SCALE_DTYPE else amax * (1.0 / fmt.qmax)
         nonzero = amax > 0
         zero_point = None
     else:
@@ -148,11 +165,16 @@ def quantize_values(
 ) -> jnp.ndarray:
     """Elementwise ``x -> clip(round(x * (1 / scale)) + zero_point)`` in the storage dtype.
 
-    For fp8 formats: ``clip(x / scale, ±max)`` rounded onto the fp8 grid (nearest, ties to
-    even, or stochastically: :func:`round_to_float_grid`) and cast. ``scale`` must
-    broadcast against ``x``.
+    For fp8/fp4 formats: ``clip(x / scale, ±max)`` rounded onto the float grid (nearest,
+    ties to even, or stochastically: :func:`round_to_float_grid`) and cast. For codebook
+    formats: the index of the nearest table value (nearest only). ``scale`` must broadcast
+    against ``x``.
     """
     y = x.astype(scale.dtype) * (1.0 / scale)
+    if isinstance(fmt, CodebookFormat):
+        if rounding != "nearest":
+            raise ValueError(f"{fmt.name} supports rounding='nearest' only, got {rounding!r}")
+        return fmt.encode(y)
     if fmt.is_float:
         y = jnp.clip(y, -fmt.max_value, fmt.max_value)
         if rounding == "stochastic":
@@ -172,12 +194,13 @@ def quantize_values(
 
 
 def dequantize_values(
-    q: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None, dtype
+    q: jnp.ndarray, scale: jnp.ndarray, zero_point: jnp.ndarray | None, dtype, fmt: Format
 ) -> jnp.ndarray:
-    """Elementwise ``(q - zero_point) * scale`` cast to ``dtype``, computed in float32 (or
-    float64 for float64 scales; a bfloat16-stored scale is widened first)."""
+    """Elementwise ``(decode(q) - zero_point) * scale`` cast to ``dtype``, computed in
+    float32 (or float64 for float64 scales; a bfloat16 / E8M0-stored scale is widened
+    first). ``decode`` is ``fmt``'s: the code itself, or a codebook's table value."""
     cdt = compute_dtype(scale.dtype)
-    y = q.astype(cdt)
+    y = fmt.decode(q, cdt)
     if zero_point is not None:
         y = y - zero_point.astype(cdt)
     return (y * scale.astype(cdt)).astype(dtype)

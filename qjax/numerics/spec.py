@@ -9,12 +9,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics import calibration as calib
-from qjax.numerics.formats import Format, as_format
+from qjax.numerics.formats import CodebookFormat, Format, as_format
 from qjax.numerics.granularity import Layout, resolve_layout
-from qjax.numerics.scaling import ROUNDING_MODES
+from qjax.numerics.scaling import POW2_SCALE_DTYPE, ROUNDING_MODES
 
 STE_MODES = ("plain", "clipped", "lsq")
-SCALE_DTYPES = ("float32", "bfloat16")  # QuantSpec.scale_dtype ("float32": the default, None)
+# QuantSpec.scale_dtype ("float32": the default, None); float8_e8m0fnu: OCP MX power-of-two scales
+SCALE_DTYPES = ("float32", "bfloat16", POW2_SCALE_DTYPE)
+_SCALE_DTYPE_ALIASES = {"e8m0": POW2_SCALE_DTYPE, "float8_e8m0": POW2_SCALE_DTYPE}
+MX_BLOCK = 32  # OCP MX block size
 
 
 class _PerToken:
@@ -59,8 +62,8 @@ class QuantSpec:
     """How to quantize a tensor.
 
     Args:
-      format: number format, e.g. ``qjax.int8``, ``qjax.int4``, ``qjax.fp8_e4m3`` (or its
-        name, e.g. ``"int4"``).
+      format: number format, e.g. ``qjax.int8``, ``qjax.int4``, ``qjax.fp8_e4m3``,
+        ``qjax.fp4_e2m1``, ``qjax.nf4`` (or its name, e.g. ``"int4"``).
       channel_axes: axes that get their own scale (``()`` is per-tensor; ``(-1,)`` is per
         output channel of a ``(in, out)`` kernel), or ``qjax.PER_TOKEN``.
       group_size: with ``group_axis``, cut that axis into groups of this many elements,
@@ -69,17 +72,22 @@ class QuantSpec:
       symmetric: scale only (``True``) or scale and integer zero point.
       calibration: a ``qjax.calib`` calibrator; default absmax (symmetric) or minmax.
       rounding: ``"nearest"`` (ties to even) or ``"stochastic"`` (unbiased, needs a key;
-        integer and fp8 formats).
+        integer and fp8/fp4 formats).
       ste: backward rule of ``fake_quant``: ``"plain"``, ``"clipped"`` or ``"lsq"``.
       pad_groups: allow a ``group_size`` that does not divide the axis (last group short).
-      pack: store 2-bit and 3/4-bit integers packed four / two to a byte.
+      pack: store 2-bit and 3/4-bit integers (and fp4, nf4) packed four / two to a byte.
       pack_axis: the axis along which values are packed.
       scale_dtype: how scales are stored: ``None`` (the compute dtype: float32, or float64
         for float64 input) or ``"bfloat16"`` (half the bytes: 0.125 bits per weight instead
         of 0.25 for groups of 128). The scale is rounded up to bfloat16 (so the calibrated
         range never clips) and codes and zero points are computed with it, so
         ``dequantize`` is exact to it; arithmetic on scales stays in float32. (float16 is
-        not offered: its range cannot hold every scale, and a clamped scale clips.)
+        not offered: its range cannot hold every scale, and a clamped scale clips.) Or
+        ``"float8_e8m0fnu"`` (alias ``"e8m0"``): one power-of-two scale (1 byte) per group,
+        chosen by the OCP MX rule ``2^(floor(log2 amax) - emax)`` with ``emax`` the exponent
+        of the format's largest value, which may saturate the top of a block's range (see
+        :func:`qjax.numerics.scaling.pow2_scale`; asymmetric specs round their scale up to
+        a power of two instead). :func:`mx_spec` builds the MXFP4 / MXFP8 specs.
 
     Raises:
       ValueError / TypeError: any field is invalid; the message names it.
@@ -106,7 +114,7 @@ class QuantSpec:
         object.__setattr__(self, "format", fmt)
         if self.scale_dtype is not None:
             try:
-                name = jnp.dtype(self.scale_dtype).name
+                name = _SCALE_DTYPE_ALIASES.get(self.scale_dtype) or jnp.dtype(self.scale_dtype).name
             except TypeError:
                 name = repr(self.scale_dtype)
             if name not in SCALE_DTYPES:
@@ -155,6 +163,11 @@ class QuantSpec:
         if fmt.is_float:
             if not self.symmetric:
                 raise ValueError(f"{fmt.name} is a float format: it supports symmetric=True only")
+        if isinstance(fmt, CodebookFormat) and (self.rounding != "nearest" or self.ste == "lsq"):
+            raise ValueError(
+                f"{fmt.name} is a codebook format: it supports rounding='nearest' and ste 'plain' or "
+                f"'clipped' only, got rounding={self.rounding!r}, ste={self.ste!r}"
+            )
         if self.ste == "lsq" and not self.symmetric:
             raise ValueError("ste='lsq' (learned step size) supports symmetric quantization only")
         if not isinstance(self.pack_axis, int) or isinstance(self.pack_axis, bool):
@@ -210,6 +223,24 @@ class QuantSpec:
             "pack_axis": self.pack_axis,
             "scale_dtype": self.scale_dtype,
         }
+
+
+def mx_spec(format: Format | str, *, block_axis: int = 0, channel_axes=(-1,), block_size: int = MX_BLOCK):
+    """An OCP MX (Microscaling) spec: ``format`` elements (``qjax.fp4_e2m1`` for MXFP4,
+    ``qjax.fp8_e4m3`` / ``fp8_e5m2`` for MXFP8, ``qjax.int8`` for MXINT8) with one E8M0
+    power-of-two scale per block of ``block_size`` (32) along ``block_axis``, the contracted
+    axis (0 for a ``(K, N)`` kernel, -1 for an activation), and per ``channel_axes``.
+
+    Example:
+      >>> spec = mx_spec(qjax.fp4_e2m1)   # MXFP4 for a (K, N) kernel
+    """
+    return QuantSpec(
+        format,
+        channel_axes=channel_axes,
+        group_size=block_size,
+        group_axis=block_axis,
+        scale_dtype=POW2_SCALE_DTYPE,
+    )
 
 
 def spec_from_dict(d: dict[str, Any]) -> QuantSpec:

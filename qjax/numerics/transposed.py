@@ -40,7 +40,8 @@ def _swap_qarray(q: QArray) -> QArray:
     if q.packed_axis is None:
         values = jnp.swapaxes(q.values, -1, -2)
     else:
-        values = pack(jnp.swapaxes(q.unpacked_values(), -1, -2), q.format.pack_bits, packed_axis)
+        codes = q.format.to_codes(jnp.swapaxes(q.unpacked_values(), -1, -2))
+        values = pack(codes, q.format.pack_bits, packed_axis)
 
     def swap(x):
         return None if x is None else jnp.swapaxes(x, -1, -2)

@@ -4,7 +4,8 @@ checks, int4/int2 field extraction, and the straight-through derivative rule.
 
 An :class:`Operand` is an operand of one op as the ops compute with it: integer codes
 normalised to *signed* storage (an unsigned format is shifted by ``2**(bits-1)``, the
-shift moved into the zero point), an fp8 array, or plain float values; its scale has the
+shift moved into the zero point), an fp8/fp4 array (or a codebook's table values), or
+plain float values; its scale has the
 operand's rank with, on every axis, size 1, the axis size (per channel) or the number of
 groups (``group_axis``). Axes are non-negative here (the op's dimension numbers are).
 """
@@ -172,8 +173,11 @@ def from_qarray(name: str, q: QArray) -> Operand:
         group_size=q.group_size,
         source=q,
     )
-    if fmt.is_float:
-        return Operand(kind="fp8", values=q.values, zero_point=None, **common)
+    if fmt.is_float:  # fp8 as stored; fp4 unpacked; codebook indices as their table values
+        values = q.unpacked_values()
+        if jnp.issubdtype(values.dtype, jnp.integer):
+            values = fmt.decode(values, compute_dtype(q.scale.dtype))
+        return Operand(kind="fp8", values=values, zero_point=None, **common)
     shift = 0 if fmt.signed else 2 ** (fmt.bits - 1)
     zp = None if q.zero_point is None else q.zero_point.astype(jnp.int32)
     if shift:
@@ -362,8 +366,9 @@ def code_dtype(op: Operand):
     """Narrowest float dtype in which ``op``'s codes are exact."""
     if op.kind == "float":
         return jnp.dtype(op.values.dtype)
-    if op.kind == "fp8":
-        return jnp.dtype(jnp.bfloat16)
+    if op.kind == "fp8":  # fp8/fp4 are exact in bfloat16; decoded codebook values are not
+        dt = jnp.dtype(op.values.dtype)
+        return jnp.dtype(jnp.bfloat16) if dt.itemsize == 1 else dt
     return jnp.dtype(jnp.bfloat16) if op.bound <= 256 else jnp.dtype(jnp.float32)
 
 

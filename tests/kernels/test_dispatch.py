@@ -116,6 +116,7 @@ def test_forced_kernel_errors_name_the_leaf_and_reason(model):
 
 
 def test_uncovered_ops_fall_back_or_raise():
+    no_act_gpu = ((((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
     w = qjax.quantize(jnp.ones((64, 32)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
     x = jnp.ones((4, 64), jnp.bfloat16)
     plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
@@ -128,6 +129,13 @@ def test_uncovered_ops_fall_back_or_raise():
     fp8 = qjax.quantize(jnp.ones((64, 32)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,)))
     plan, why = dispatch.plan(x, fp8, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
     assert plan is None and "signed integer" in why
+    for spec in (
+        qjax.mx_spec(qjax.fp4_e2m1),
+        qjax.QuantSpec(qjax.fp4_e2m1, channel_axes=(-1,)),
+        qjax.QuantSpec(qjax.nf4, channel_axes=(-1,), group_size=64, group_axis=0),
+    ):  # fp4 / NF4 have no kernel: refused with a reason, so backend="auto" runs XLA
+        plan, why = dispatch.plan(x, qjax.quantize(jnp.ones((64, 32)), spec), *no_act_gpu)
+        assert plan is None and f"{spec.format!r} (kernels take signed integer" in why
     small = qjax.quantize(jnp.ones((64, 8)), qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
     plan, why = dispatch.plan(x, small, (((1,), (0,)), ((), ())), None, None, None, "interpret-gpu")
     assert plan is None and "block_n must divide N" in why  # N=8: no legal GPU tile

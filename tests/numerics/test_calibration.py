@@ -291,3 +291,25 @@ def test_absmax_half_step_is_finer_and_stays_within_half_a_step():
     mse = lambda spec: float(jnp.mean((qjax.dequantize(qjax.quantize(x, spec)) - x) ** 2))
     assert mse(half) < mse(plain)
     assert qjax.numerics.calibration.calibration_from_dict(half.calibration.to_dict()) == half.calibration
+
+
+def test_absmax_clip_factor_scales_the_range_and_saturates():
+    """``absmax(clip=0.8)`` (Qwix "absmax,0.8"): scale = 0.8 max|x| / qmax, values beyond
+    saturate at ±qmax; serialises; a non-positive factor is refused."""
+    x = RNG.normal(size=(64, 8)).astype(np.float32)
+    spec = QuantSpec(qjax.int8, channel_axes=(-1,), calibration=calib.absmax(clip=0.8))
+    q = quantize(x, spec)
+    amax = np.abs(x.astype(np.float64)).max(axis=0, keepdims=True)
+    np.testing.assert_allclose(np.asarray(q.scale), 0.8 * amax / 127, rtol=2e-7)
+    s = np.asarray(q.scale, np.float64)
+    want = np.clip(np.round(x / s), -128, 127)  # int8 (not narrow): saturation reaches -128
+    np.testing.assert_array_equal(np.asarray(q.values), want)
+    assert (np.abs(np.asarray(q.values)) >= 127).sum() > 8  # the top 20% of each column saturated
+    assert calibration_from_dict(spec.calibration.to_dict()) == spec.calibration
+    assert calibration_from_dict({"name": "absmax", "half_step": False}) == calib.absmax()  # old files
+    from qjax.numerics.fake_quant import never_clips
+
+    assert not never_clips(spec) and never_clips(spec.replace(calibration=calib.absmax(clip=1.5)))
+    for bad in (0.0, -1.0, float("inf"), "0.8"):
+        with pytest.raises(ValueError, match="clip"):
+            calib.absmax(clip=bad)

@@ -272,3 +272,55 @@ def test_spec_from_dict_errors():
         spec_from_dict({"format": "int8", "calibration": {"name": "nope"}})
     with pytest.raises(ValueError, match="percentile"):
         spec_from_dict({"format": "int8", "calibration": {"name": "percentile", "q": 3}})
+
+
+def test_fp4_e2m1_format():
+    """OCP MX E2M1: 16 codes, values ±{0, 0.5, 1, 1.5, 2, 3, 4, 6}, no inf/NaN; the 4-bit
+    pattern of each value round-trips through to_codes / from_codes (the packed fields)."""
+    fmt = qjax.fp4_e2m1
+    assert fmt == FloatFormat(2, 1) and fmt.is_float and fmt.bits == 4 and fmt.pack_bits == 4
+    assert fmt.storage_dtype == np.dtype(ml_dtypes.float4_e2m1fn) and fmt.max_value == 6.0
+    assert (fmt.name, repr(fmt)) == ("fp4_e2m1", "qjax.fp4_e2m1")
+    assert format_from_name("fp4_e2m1") is fmt and format_from_name("e2m1") is fmt
+    mags = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # sign | e1 e0 | m: the pattern is the index
+    codes = np.arange(16, dtype=np.uint8)
+    values = fmt.from_codes(jnp.asarray(codes))
+    want = np.array(mags + [-m for m in mags])
+    np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32)), want)
+    np.testing.assert_array_equal(np.asarray(fmt.to_codes(values)), codes)
+
+
+def test_nf4_codebook_is_qloras_table():
+    """The 16 NF4 values (QLoRA, Dettmers et al. 2023, App. E / bitsandbytes): sorted,
+    -1 and 1 at the ends, 0 at code 7, 7 negative and 8 positive values."""
+    v = np.asarray(qjax.nf4.values)
+    assert v.shape == (16,) and np.all(np.diff(v) > 0)
+    assert v[0] == -1.0 and v[-1] == 1.0 and v[7] == 0.0
+    assert (v < 0).sum() == 7 and (v > 0).sum() == 8
+    fmt = qjax.nf4
+    assert fmt.bits == 4 and fmt.pack_bits == 4 and fmt.storage_dtype == np.uint8 and fmt.max_value == 1.0
+    assert format_from_name("nf4") is fmt and as_format("nf4") is fmt and repr(fmt) == "qjax.nf4"
+    with pytest.raises(ValueError, match="strictly increasing"):
+        qjax.CodebookFormat("bad", (0.0, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("kw", [{"rounding": "stochastic"}, {"ste": "lsq"}, {"symmetric": False}])
+def test_nf4_spec_refuses_what_a_codebook_cannot_do(kw):
+    with pytest.raises(ValueError, match="nf4"):
+        QuantSpec(qjax.nf4, **kw)
+
+
+def test_new_formats_and_e8m0_scales_serialise():
+    for spec in [
+        qjax.mx_spec(qjax.fp4_e2m1),
+        qjax.mx_spec("fp8_e4m3", block_axis=-1, channel_axes=(0,)),
+        QuantSpec("nf4", channel_axes=(-1,), group_size=64, group_axis=0),
+        QuantSpec(qjax.int8, scale_dtype="e8m0", calibration=qjax.calib.absmax(clip=0.8)),
+    ]:
+        d = spec.to_dict()
+        assert spec_from_dict(d) == spec
+        assert pickle.loads(pickle.dumps(spec)) == spec
+    assert qjax.mx_spec(qjax.fp4_e2m1).scale_dtype == "float8_e8m0fnu"
+    assert qjax.mx_spec(qjax.fp4_e2m1).group_size == 32
+    with pytest.raises(ValueError, match="mx_spec"):
+        QuantSpec("mxfp4")

@@ -97,7 +97,7 @@ def test_mse_range_is_near_optimal_on_the_data(symmetric):
     def cost(lo, hi):
         s, zp = qjax.numerics.scaling.scale_from_range(jnp.float32(lo), jnp.float32(hi), fmt, symmetric)
         q = qjax.numerics.scaling.dequantize_values(
-            qjax.numerics.scaling.quantize_values(allx, s, zp, fmt), s, zp, jnp.float32
+            qjax.numerics.scaling.quantize_values(allx, s, zp, fmt), s, zp, jnp.float32, fmt
         )
         return float(jnp.sum((allx - q) ** 2))
 

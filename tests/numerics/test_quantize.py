@@ -720,3 +720,123 @@ def test_numpy_integer_axes_are_accepted():
     assert spec.channel_axes == (-1,) and type(spec.group_size) is int
     q = qjax.quantize(jnp.ones((8, 3)), spec)
     assert q.scale.shape == (2, 3)
+
+
+# -- fp4 e2m1, NF4, OCP MX (E8M0 scales) against hand-written numpy references -----------
+FP4_MAGS = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # index = the 3 low bits
+
+
+def ref_fp4(y):
+    """Round float64 ``y`` to E2M1: saturate to ±6, nearest magnitude, ties to the even
+    mantissa bit (even index). Returns (values, 4-bit codes)."""
+    a = np.minimum(np.abs(y), 6.0)
+    d = np.abs(a[..., None] - FP4_MAGS)
+    cand = d == d.min(axis=-1, keepdims=True)
+    idx = np.argmax(cand, axis=-1)
+    idx = np.where((cand.sum(axis=-1) == 2) & (idx % 2 == 1), idx + 1, idx)
+    neg = np.signbit(y)
+    return np.where(neg, -FP4_MAGS[idx], FP4_MAGS[idx]), (idx + 8 * neg).astype(np.uint8)
+
+
+def test_fp4_rounds_to_nearest_even_and_saturates():
+    """Every input on a 1/64 grid of [-8, 8) (all midpoints of the E2M1 grid included) and
+    one float32 ulp either side of each midpoint; scale 1 so the codes are the rounding."""
+    grid = np.arange(-8 * 64, 8 * 64) / 64.0
+    mids = (FP4_MAGS[1:] + FP4_MAGS[:-1]) / 2
+    mids = np.concatenate([mids, -mids, [7.0, -7.0, 100.0, -100.0]]).astype(np.float32)
+    near = np.concatenate([np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf))])
+    x = np.concatenate([grid.astype(np.float32), mids, near])
+    x = np.pad(x, (0, (-len(x)) % 2))  # even length: packing pairs
+    q = quantize(x, QuantSpec(qjax.fp4_e2m1), scale=1.0)
+    want, codes = ref_fp4(x.astype(np.float64))
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), want)
+    assert q.values.dtype == jnp.uint8 and q.values.shape == (len(x) // 2,)  # packed two per byte
+    np.testing.assert_array_equal(np.asarray(q.values), codes[0::2] | (codes[1::2] << 4))
+    unpacked = quantize(x, QuantSpec(qjax.fp4_e2m1, pack=False), scale=1.0)
+    assert unpacked.values.dtype == jnp.float4_e2m1fn
+    np.testing.assert_array_equal(np.asarray(dequantize(unpacked)), want)
+
+
+def test_fp4_grouped_absmax_matches_reference_and_fake_quant():
+    x = RNG.normal(size=(64, 6)).astype(np.float32) * np.array([1e-3, 0.1, 1, 10, 1e3, 0], np.float32)
+    spec = QuantSpec(qjax.fp4_e2m1, channel_axes=(-1,), group_size=32, group_axis=0)
+    q = quantize(x, spec)
+    xb = x.astype(np.float64).reshape(2, 32, 6)
+    amax = np.abs(xb).max(axis=1, keepdims=True)
+    s = np.where(amax > 0, (amax.astype(np.float32) * np.float32(1 / 6)).astype(np.float64), 1.0)
+    np.testing.assert_array_equal(np.asarray(q.scale).reshape(2, 1, 6), s)
+    want = (ref_fp4(xb * (1 / s).astype(np.float32).astype(np.float64))[0] * s).reshape(64, 6)
+    np.testing.assert_allclose(np.asarray(dequantize(q)), want, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), np.asarray(dequantize(q)))
+
+
+def test_fp4_stochastic_rounding_is_unbiased_on_the_grid():
+    y = jnp.full((20000,), 2.5, jnp.float32)  # between 2 and 3
+    q = quantize(y, QuantSpec(qjax.fp4_e2m1, rounding="stochastic"), scale=1.0, key=jax.random.key(0))
+    v = np.asarray(dequantize(q))
+    assert set(np.unique(v)) == {2.0, 3.0} and abs(v.mean() - 2.5) < 0.02
+
+
+NF4_REF = np.array(qjax.nf4.values)
+
+
+def test_nf4_blocks_of_64_match_reference():
+    """QLoRA NF4: absmax per block of 64, code = nearest table value of x / absmax,
+    dequantize = table[code] * absmax."""
+    x = RNG.normal(size=(3, 128)).astype(np.float32)
+    spec = QuantSpec(qjax.nf4, channel_axes=(0,), group_size=64, group_axis=-1)
+    q = quantize(x, spec)
+    xb = x.astype(np.float64).reshape(3, 2, 64)
+    amax = np.abs(xb).max(axis=-1, keepdims=True)
+    codes = np.argmin(np.abs((xb / amax)[..., None] - NF4_REF), axis=-1).reshape(3, 128).astype(np.uint8)
+    assert q.values.dtype == jnp.uint8 and q.values.shape == (3, 64)
+    np.testing.assert_array_equal(np.asarray(q.unpacked_values()), codes)
+    np.testing.assert_allclose(np.asarray(q.scale).reshape(3, 2, 1), amax, rtol=1e-7)
+    want = NF4_REF[codes].reshape(3, 2, 64) * amax
+    np.testing.assert_allclose(np.asarray(dequantize(q)), want.reshape(3, 128), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), np.asarray(dequantize(q)))
+
+
+def test_nf4_midpoints_go_to_the_lower_code():
+    mids = ((NF4_REF[1:] + NF4_REF[:-1]) / 2).astype(np.float32)
+    up = np.nextafter(mids, np.float32(2))
+    q = quantize(np.concatenate([mids, up, [np.float32(-3), np.float32(3)]]), QuantSpec(qjax.nf4), scale=1.0)
+    codes = np.asarray(q.unpacked_values())
+    np.testing.assert_array_equal(codes[:15], np.arange(15))
+    np.testing.assert_array_equal(codes[15:30], np.arange(1, 16))
+    assert codes[30] == 0 and codes[31] == 15  # beyond ±1 saturates to the ends
+
+
+def ref_mx(x, emax, elem_round, block=32):
+    """OCP MX v1.0 (section 6.3) along axis 0: X = 2^(floor(log2 amax) - emax) per block
+    of 32 (1 for an all-zero block), elements = round(clip(x / X, ±max))."""
+    k, n = x.shape
+    xb = x.astype(np.float64).reshape(k // block, block, n)
+    amax = np.abs(xb).max(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):
+        e = np.floor(np.log2(amax)) - emax
+    scale = np.where(amax > 0, 2.0 ** np.where(amax > 0, e, 0), 1.0)
+    return (elem_round(xb / scale) * scale).reshape(k, n), scale
+
+
+def _e4m3(y):
+    return np.clip(y, -448, 448).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+
+
+@pytest.mark.parametrize(
+    "fmt,emax,elem_round",
+    [(qjax.fp4_e2m1, 2, lambda y: ref_fp4(y)[0]), (qjax.fp8_e4m3, 8, _e4m3)],
+    ids=["mxfp4", "mxfp8_e4m3"],
+)
+def test_mx_power_of_two_scales_match_ocp_reference(fmt, emax, elem_round):
+    mags = np.array([1e-3, 0.3, 1.0, 7.9, 6.0, 1e4, 2.0**-20, 0.0], np.float32)  # 7.9: saturates
+    x = (RNG.normal(size=(64, 8)) * mags).astype(np.float32)
+    x[5, 4] = 6.0  # a block whose amax is exactly 6
+    spec = qjax.mx_spec(fmt)
+    q = quantize(x, spec)
+    want, scale = ref_mx(x, emax, elem_round)
+    assert q.scale.dtype == jnp.float8_e8m0fnu and q.scale.shape == (2, 8)
+    np.testing.assert_array_equal(np.asarray(q.scale, np.float64), scale.reshape(2, 8))
+    np.testing.assert_array_equal(np.asarray(dequantize(q)), want)
+    np.testing.assert_array_equal(np.asarray(qjax.fake_quant(x, spec)), want)
+    assert q.nbytes == (64 * 8 * fmt.bits) // 8 + 16  # 1-byte scales

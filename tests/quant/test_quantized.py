@@ -465,3 +465,30 @@ def test_errors_of_weights_read_by_other_ops_name_the_leaf_and_rule():
         for transform in (qjax.quantized, qjax.fake_quantized):
             with pytest.raises(error, match=r"^leaf " + match):
                 transform(f, qjax.Policy([rule]))(p, x)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        qjax.mx_spec(qjax.fp4_e2m1),
+        qjax.mx_spec(qjax.fp8_e4m3),
+        qjax.QuantSpec(qjax.fp4_e2m1, channel_axes=(-1,), pack=False),
+        qjax.QuantSpec(qjax.nf4, channel_axes=(-1,), group_size=64, group_axis=0),
+    ],
+    ids=["mxfp4", "mxfp8", "fp4", "nf4"],
+)
+def test_fp4_nf4_mx_weights_serve_on_xla_and_train(spec):
+    """``quantized`` (XLA path) of fp4 / NF4 / MX weights equals ``x @ dequantize(w)`` in
+    float64; ``fake_quantized`` has the same forward and a straight-through gradient."""
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.normal(size=(128, 16)), jnp.float32)}
+    x = jnp.asarray(rng.normal(size=(4, 128)), jnp.float32)
+    pol = qjax.Policy([qjax.Rule("w", weight=spec)])
+    f = lambda p, x: x @ p["w"]
+    qp = qjax.quantize_params(params, pol)
+    assert qp["w"].format == spec.format
+    want = np.asarray(x, np.float64) @ np.asarray(qjax.dequantize(qp["w"]), np.float64)
+    np.testing.assert_allclose(np.asarray(qjax.quantized(f, pol)(qp, x)), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(qjax.fake_quantized(f, pol)(params, x)), want, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda p: qjax.fake_quantized(f, pol)(p, x).sum())(params)["w"]
+    assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
