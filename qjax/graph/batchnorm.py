@@ -190,6 +190,18 @@ def _kernel_channels(g: _Graph, node):
     return view.path, out, leaf, n
 
 
+def _added_leaf(g: _Graph, apply_idx: int) -> int | None:
+    """The params view added to the normalized value (the batch norm's bias, if any) when
+    that value's only use is that ``add``, else ``None``."""
+    out = g.nodes[apply_idx].outs[0]
+    if len(g.uses[out]) != 1 or out in g.outputs:
+        return None
+    idx, pos = g.uses[out][0]
+    other = g.nodes[idx].ins[1 - pos] if len(g.nodes[idx].ins) == 2 else None
+    ok = g.nodes[idx].prim == "add" and isinstance(other, int) and other in g.views
+    return other if ok else None
+
+
 def _inference_site(g: _Graph, var_key: int, eps: np.ndarray, rsqrt_idx: int) -> BatchNormSite:
     name = _parent(g.views[var_key].path)
     rsqrt = g.nodes[rsqrt_idx]
@@ -233,14 +245,11 @@ def _inference_site(g: _Graph, var_key: int, eps: np.ndarray, rsqrt_idx: int) ->
     leaves["var"] = [(var_key, _meet(g, var_key, ids, m_ids["var"]))]
     if scales:
         leaves["scale"] = [(scales[0], _meet(g, scales[0], ids, m_ids["scale"]))]
-    out = g.nodes[apply_idx].outs[0]
-    if len(g.uses[out]) == 1 and out not in g.outputs:
-        idx, pos = g.uses[out][0]
-        other = g.nodes[idx].ins[1 - pos] if len(g.nodes[idx].ins) == 2 else None
-        if g.nodes[idx].prim == "add" and isinstance(other, int) and other in g.views:
-            bias_ids = _meet(g, other, ids)
-            if _one_to_one(bias_ids, n):  # else a later add, not the batch norm's own bias
-                leaves["bias"] = [(other, bias_ids)]
+    bias = _added_leaf(g, apply_idx)
+    if bias is not None:
+        bias_ids = _meet(g, bias, ids)
+        if _one_to_one(bias_ids, n):  # else a later add, not the batch norm's own bias
+            leaves["bias"] = [(bias, bias_ids)]
     resolved: dict[str, list[Leaf]] = {}
     for role, entries in leaves.items():
         for key, leaf_ids in entries:
@@ -273,8 +282,9 @@ def _site(g: _Graph, rsqrt_idx: int) -> BatchNormSite | None:
         return None  # a per-example norm (LayerNorm, RMSNorm, GroupNorm)
     found = _multiplier(g, g.nodes[rsqrt_idx].outs[0], {})
     name = f"a normalization (op {rsqrt_idx})"
-    if not isinstance(found, str) and found[3]:
-        name = _parent(g.views[found[3][0]].path)
+    if not isinstance(found, str):  # named by its scale leaf, else its bias leaf
+        leaf = found[3][0] if found[3] else _added_leaf(g, found[0])
+        name = name if leaf is None else _parent(g.views[leaf].path)
     return BatchNormSite(name, False, _TRAINING)
 
 

@@ -3,7 +3,8 @@ layer, then every matmul weight a policy quantizes GPTQ-quantized by the matrix 
 of :mod:`qjax.quant.gptq_core`, optionally stage by stage. Leaves with more than two axes
 (an ``nn.scan`` stack ``(L, K, N)``, expert weights ``(E, K, N)`` read by an einsum) are
 quantized one ``[K, N]`` slice at a time, each with its own layer's Hessian, exactly as
-the unrolled model would be.
+the unrolled model would be; adjacent contracted axes (an attention output kernel) are
+flattened into one input axis.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import transpose_storage
-from qjax.quant.gptq_core import _check_mask, _gptq_matrix, gptq_quantize
+from qjax.quant.gptq_core import GPTQLayoutError, _check_mask, _gptq_matrix, gptq_quantize
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
@@ -70,10 +71,10 @@ def _slice_spec(spec: QuantSpec, ndim: int, slices: list[int], c: int, o: int, p
     channel = {normalize_axis(a, ndim, "channel_axes") % ndim for a in spec.channel_axes}
     missing = [a for a in slices if a not in channel]
     if missing:
-        raise ValueError(
-            f"GPTQ of {path!r}: leaf axes {missing} index stacked layers / experts, which GPTQ quantizes "
-            f"one [inputs, outputs] slice at a time, so the spec needs one scale per slice: add them to "
-            f"channel_axes (e.g. channel_axes={(*slices, -1)}), got channel_axes={spec.channel_axes}"
+        raise GPTQLayoutError(
+            f"GPTQ of {path!r}: leaf axes {missing} index stacked layers / experts / heads, which GPTQ "
+            f"quantizes one [inputs, outputs] slice at a time, so the spec needs one scale per slice: add "
+            f"them to channel_axes (e.g. channel_axes={(*slices, -1)}), got channel_axes={spec.channel_axes}"
         )
     changes: dict[str, Any] = {
         "channel_axes": tuple(sorted({0 if a == c else 1 for a in channel - set(slices)})),
@@ -82,11 +83,59 @@ def _slice_spec(spec: QuantSpec, ndim: int, slices: list[int], c: int, o: int, p
     if spec.group_size is not None:
         g = normalize_axis(spec.group_axis, ndim, "group_axis") % ndim
         if g in slices:
-            raise ValueError(
+            raise GPTQLayoutError(
                 f"GPTQ of {path!r}: groups must run along the input axis ({c}), got group_axis={g}"
             )
         changes["group_axis"] = 0 if g == c else 1
     return dataclasses.replace(spec, **changes)
+
+
+def _merged_spec(spec: QuantSpec, shape: tuple[int, ...], axes: tuple[int, ...], path: str) -> QuantSpec:
+    """The spec of a leaf whose contracted ``axes`` (adjacent) are flattened into one input
+    axis: the same scales, provided none of those axes has scales or groups of its own."""
+    ndim, a, m = len(shape), axes[0], len(axes)
+    if axes != tuple(range(a, a + m)):
+        raise GPTQLayoutError(
+            f"GPTQ of {path!r}: its matmul contracts leaf axes {axes}, which are not adjacent, so they "
+            "cannot be flattened into one input axis (store the leaf with them adjacent)"
+        )
+    if spec.channel_axes is PER_TOKEN:
+        return spec  # refused by _matrix_spec with its reason
+    channel = sorted({normalize_axis(x, ndim, "channel_axes") % ndim for x in spec.channel_axes})
+    group = None if spec.group_size is None else normalize_axis(spec.group_axis, ndim, "group_axis") % ndim
+    if set(channel) & set(axes) or group in axes:
+        keep = tuple(x - ndim for x in channel if x not in axes)
+        has = f"channel_axes={spec.channel_axes}"
+        has += "" if group is None else f", group_axis={spec.group_axis}"
+        raise GPTQLayoutError(
+            f"GPTQ of {path!r}: its matmul contracts leaf axes {axes}, which GPTQ flattens into one input "
+            f"axis, but the spec gives them scales of their own ({has}): use scales shared along them, "
+            f"e.g. channel_axes={keep}" + ("" if group is None else " without groups")
+        )
+    shift = lambda x: x if x < a else x - (m - 1)
+    changes: dict[str, Any] = {"channel_axes": tuple(shift(x) for x in channel), "pack_axis": -1}
+    if group is not None:
+        changes["group_axis"] = shift(group)
+    return dataclasses.replace(spec, **changes)
+
+
+def _gptq_merged(
+    leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: str, options: dict
+) -> QArray:
+    """GPTQ of a leaf whose matmul contracts several adjacent axes (a multi-head attention
+    output kernel ``(heads, head_dim, features)`` read as ``"nhk,hkd->nd"``): those axes
+    flattened into one (the statistic's columns run over them in leaf order), quantized as
+    that leaf, and the result reshaped back."""
+    shape, axes = tuple(jnp.shape(leaf)), st.weight_axes
+    a, m = axes[0], len(axes)
+    spec2 = _merged_spec(spec, shape, axes, path)
+    flat = (*shape[:a], math.prod(shape[a : a + m]), *shape[a + m :])
+    st2 = dataclasses.replace(st, weight_axes=(a,), weight_shape=flat)
+    mask2 = None if mask is None else jnp.reshape(mask, flat)
+    q = _gptq_leaf(jnp.reshape(jnp.asarray(leaf), flat), st2, spec2, mask2, path, options)
+    unflatten = lambda x: None if x is None else jnp.expand_dims(x, tuple(range(a + 1, a + m)))
+    w_hat = q.dequantize().reshape(shape)
+    return quantize(w_hat, spec, scale=unflatten(q.scale), zero_point=unflatten(q.zero_point))
 
 
 def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: str, options: dict) -> QArray:
@@ -96,7 +145,7 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     time, each with its layer's Hessian (the statistic is stacked per layer), slices of one
     layer (experts that all see the layer's inputs) sharing it: as if unrolled."""
     if len(st.weight_axes) != 1:
-        raise ValueError(f"GPTQ of {path!r}: its matmul contracts leaf axes {st.weight_axes}")
+        return _gptq_merged(leaf, st, spec, mask, path, options)
     shape = tuple(jnp.shape(leaf))
     ndim, c = len(shape), st.weight_axes[0]
     free = [a for a in range(st.depth, ndim) if a != c]
@@ -193,9 +242,17 @@ def gptq(
     unrolled model would be: an ``nn.scan`` stack ``(L, K, N)`` with each layer's own
     Hessian, expert weights ``(E, K, N)`` read by an einsum (``"nd,edf->nef"``: every
     expert sees all tokens) with the shared one. The slice axes (leading stack axes, then
-    every non-contracted axis but the last) must be channel axes of the spec (e.g.
-    ``channel_axes=(0, -1)``: one scale per slice). A matmul with the expert axis as a batch
-    dimension (``"end,edf->enf"``) is refused by the statistics (names the leaf).
+    every non-contracted axis but the last: the heads of an attention ``(D, H, hd)`` q/k/v
+    kernel too) must be channel axes of the spec (e.g. ``channel_axes=(0, -1)``: one scale
+    per slice). A leaf whose matmul contracts several adjacent axes (an attention output
+    kernel ``(H, hd, D)`` read as ``"nhk,hkd->nd"``) is GPTQ'd with those axes flattened
+    into one input axis, when its spec gives them no scales or groups of their own (e.g.
+    ``channel_axes=(-1,)``). A leaf whose spec GPTQ cannot honour that way (per-head
+    scales of an output kernel, q/k/v scales shared across heads, groups not along the
+    input axis, scales along the input axis) is rounded to nearest with a warning that
+    names the leaf and the spec change that would enable GPTQ. A matmul with the expert
+    axis as a batch dimension (``"end,edf->enf"``) is refused by the statistics (names the
+    leaf).
 
     With ``stages`` (path patterns, e.g. one per transformer block), the layers are
     quantized stage by stage and each stage's Hessians are collected on the model whose
@@ -228,9 +285,9 @@ def gptq(
       The quantized params (``QArray`` leaves), runnable with ``qjax.quantized(f, policy)``.
 
     Raises:
-      ValueError: as :func:`gptq_quantize`, naming the leaf; a stacked / expert leaf whose
-        slice axes are not channel axes of its spec; a stage pattern matching no
-        GPTQ kernel; a mask for a path that is not a leaf, or of another shape than its leaf.
+      ValueError: as :func:`gptq_quantize` (a float format, a group size that does not
+        divide), naming the leaf; a stage pattern matching no GPTQ kernel; a mask for a
+        path that is not a leaf, or of another shape than its leaf.
       TypeError: a non-boolean mask (names the leaf).
 
     Example:
@@ -280,9 +337,12 @@ def gptq(
                 )
                 continue
             options = dict(block_size=block_size, damp=damp, act_order=act_order)
-            done[path] = _gptq_leaf(
-                leaves[path], st, policy.weight_spec(path), mask_of.get(path), path, options
-            )
+            try:
+                done[path] = _gptq_leaf(
+                    leaves[path], st, policy.weight_spec(path), mask_of.get(path), path, options
+                )
+            except GPTQLayoutError as e:
+                warnings.warn(f"gptq: {e}; this leaf is rounded to nearest", stacklevel=2)
         current = map_with_path(lambda p, x: done[p].dequantize() if p in done else x, params)
 
     def visit(path, leaf):

@@ -42,6 +42,11 @@ from qjax.numerics.quantize import compute_scale, quantize
 from qjax.numerics.spec import QuantSpec
 
 
+class GPTQLayoutError(ValueError):
+    """A spec whose scale layout GPTQ cannot honour on this leaf (round to nearest can):
+    :func:`qjax.gptq` rounds such a leaf to nearest with a warning instead."""
+
+
 def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | None:
     """Check ``spec`` is one GPTQ handles for a ``[K, N]`` kernel; the group size or None."""
     if len(shape) != 2:
@@ -55,14 +60,14 @@ def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | No
         )
     channel = tuple(sorted(normalize_axis(a, 2, "channel_axes") % 2 for a in spec.channel_axes))
     if channel not in ((), (1,)):
-        raise ValueError(
+        raise GPTQLayoutError(
             f"GPTQ of {path!r}: scales must be per output channel (channel_axes=(-1,)) or per tensor, "
             f"got channel_axes={spec.channel_axes}"
         )
     if spec.group_size is None:
         return None
     if normalize_axis(spec.group_axis, 2, "group_axis") % 2 != 0:
-        raise ValueError(f"GPTQ of {path!r}: groups must run along the input axis (group_axis=0)")
+        raise GPTQLayoutError(f"GPTQ of {path!r}: groups must run along the input axis (group_axis=0)")
     return spec.group_size
 
 

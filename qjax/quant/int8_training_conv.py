@@ -355,7 +355,10 @@ def int8_conv_general_dilated(
         feature_group_count, batch_group_count: as for ``lax.conv_general_dilated``.
       lhs_spec, rhs_spec: how the input and the kernel are quantized in the forward conv
         (signed integers of at most 8 bits); the backward convs re-quantize them in the
-        same formats, symmetric, with the scales above.
+        same formats, symmetric, with the scales above. An unsigned format (a post-ReLU
+        ``QuantSpec(qjax.uint8, symmetric=False)``) is refused here, though int8 training
+        of a matmul takes it and ``quantized`` / ``fake_quantized`` serve it for convs:
+        use a signed format (``qjax.int8``) for the input.
       grad_spec: format of the output gradient in the backward convs, typically
         ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")``
         (symmetric); ``channel_axes=()``: one scale per tensor.

@@ -28,7 +28,9 @@ class Rule:
         it; the backward matmuls re-quantize the weight and activation in those formats
         with one scale per row of each matmul, and the gradient with one scale per tensor
         (``channel_axes=()``) or per row (``qjax.PER_TOKEN``, recommended). Other
-        ``grad`` granularities (``group_size``, explicit axes) are refused at trace time.
+        ``grad`` granularities (``group_size``, explicit axes) are refused at trace time,
+        and so is an unsigned ``act`` format (``qjax.uint8``) for a leaf read by a
+        convolution (matmuls take it).
 
     ``Rule(pattern, None)`` (no weight, no act) means "leave alone".
 

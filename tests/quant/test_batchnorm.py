@@ -170,6 +170,30 @@ def test_training_mode_is_reported():
     assert qjax.fold_batchnorm(ln.apply, jax.eval_shape(ln.init, jax.random.key(0), X), X)[1].skipped == ()
 
 
+def test_training_mode_without_scale_is_named_by_its_bias():
+    # It was reported as 'a normalization (op N)'.
+    class Train(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.BatchNorm(use_running_average=False, use_scale=False, name="bn")(nn.Dense(4)(x))
+
+    t, x = Train(), jnp.ones((3, 5))
+    v = t.init(jax.random.key(0), x)
+    _, report = qjax.fold_batchnorm(t.apply, v, x, mutable=["batch_stats"])
+    assert [name for name, _ in report.skipped] == ["params/bn"]
+
+    class NNXTrain(nnx.Module):
+        def __init__(self):
+            self.bn = nnx.BatchNorm(4, use_scale=False, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.bn(x)
+
+    graphdef, state = nnx.split(NNXTrain())
+    _, report = qjax.fold_batchnorm(qjax.nnx_apply(graphdef), state, x[:, :4])
+    assert [name for name, _ in report.skipped] == ["bn"]
+
+
 class NNXNet(nnx.Module):
     def __init__(self, rngs):
         self.conv = nnx.Conv(3, 4, (3, 3), use_bias=False, rngs=rngs)

@@ -1,6 +1,7 @@
 """GPTQ against an independent float64 NumPy implementation of the paper's algorithm."""
 
 import importlib
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -520,13 +521,15 @@ def test_einsum_expert_weights_get_per_expert_gptq_with_the_shared_hessian():
     assert not np.array_equal(got, np.asarray(rtn.dequantize()))
 
 
-def test_stacked_leaf_without_per_slice_scales_is_an_error_and_convs_warn():
+def test_stacked_leaf_without_per_slice_scales_and_convs_warn_and_round_to_nearest():
     stacked, _ = _scan_and_unrolled()
     x = jax.random.normal(jax.random.key(0), (8, 32))
     v = stacked.init(jax.random.key(1), x)
-    shared = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))  # one scale across both layers
-    with pytest.raises(ValueError, match=r"'params/layers/fc/kernel'.*axes \[0\].*channel_axes"):
-        qjax.gptq(stacked.apply, v, [(x,)], qjax.Policy([qjax.Rule(r".*kernel", weight=shared)]))
+    shared = qjax.Policy([qjax.Rule(r".*kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))])
+    with pytest.warns(UserWarning, match=r"'params/layers/fc/kernel'.*axes \[0\].*channel_axes=\(0, -1\)"):
+        q = qjax.gptq(stacked.apply, v, [(x,)], shared)  # one scale across both layers
+    rtn = qjax.quantize_params(v, shared)["params"]["layers"]["fc"]["kernel"]
+    np.testing.assert_array_equal(q["params"]["layers"]["fc"]["kernel"].values, rtn.values)
     conv = lambda p, x: jax.lax.conv_general_dilated(
         x, p["k"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
@@ -536,3 +539,64 @@ def test_stacked_leaf_without_per_slice_scales_is_an_error_and_convs_warn():
     with pytest.warns(UserWarning, match=r"'k' is read by 'conv_general_dilated'.*rounded to nearest"):
         q = qjax.gptq(conv, p, [(xc,)], policy)
     np.testing.assert_array_equal(q["k"].dequantize(), qjax.quantize_params(p, policy)["k"].dequantize())
+
+
+def _mha():
+    import flax.linen as nn
+
+    m = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=16)
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(16, 16)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(4, 5, 16)).astype(np.float32) @ mix)
+    return m, m.init(jax.random.key(1), x, x), x
+
+
+def test_attention_out_kernel_is_gptqd_flattened_over_heads():
+    # Its matmul "nhk,hkd->nd" contracts two leaf axes: the whole gptq call used to raise.
+    m, v, x = _mha()
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(r".*out/kernel", weight=spec)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q = qjax.gptq(m.apply, v, [(x, x)], policy)
+    k = v["params"]["out"]["kernel"]  # (heads, head_dim, features)
+    h = input_hessians(m.apply, v, [(x, x)], patterns=[r".*out/kernel"])["params/out/kernel"]
+    want = gptq_quantize(k.reshape(16, 16), h, spec)  # the explicitly flattened 2-D weight
+    got = q["params"]["out"]["kernel"]
+    assert got.scale.shape == (1, 1, 16)
+    codes = lambda a: np.asarray(qjax.quantize(a.dequantize(), spec, scale=a.scale).values)
+    np.testing.assert_array_equal(codes(got).reshape(16, -1), np.asarray(want.values))
+    np.testing.assert_array_equal(np.asarray(got.dequantize()).reshape(16, 16), np.asarray(want.dequantize()))
+    rtn = qjax.quantize_params(v, policy)
+    y, run = m.apply(v, x, x), qjax.quantized(m.apply, policy)
+    err = lambda p: float(jnp.mean((run(p, x, x) - y) ** 2))
+    assert err(q) < err(rtn)
+
+
+def test_attention_kernels_gptq_cannot_honour_warn_and_round_to_nearest():
+    # With ".*kernel" per last axis, q/k/v (D, H, hd) share scales across heads; with per
+    # (head_dim, features) scales the out kernel has scales along its contracted head axis.
+    m, v, x = _mha()
+    for spec, leaf, hint in [
+        (qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), "query", r"channel_axes=\(1, -1\)"),
+        (qjax.QuantSpec(qjax.int4, channel_axes=(-2, -1)), "out", r"channel_axes=\(-1,\)"),
+    ]:
+        policy = qjax.Policy([qjax.Rule(r".*kernel", weight=spec)])
+        with pytest.warns(UserWarning, match=rf"'params/{leaf}/kernel'.*{hint}.*rounded to nearest"):
+            q = qjax.gptq(m.apply, v, [(x, x)], policy)
+        rtn = qjax.quantize_params(v, policy)["params"][leaf]["kernel"]
+        np.testing.assert_array_equal(q["params"][leaf]["kernel"].values, rtn.values)
+
+
+def test_nnx_attention_gptq_runs():
+    from flax import nnx
+
+    m = nnx.MultiHeadAttention(num_heads=2, in_features=16, qkv_features=16, decode=False, rngs=nnx.Rngs(0))
+    gd, st = nnx.split(m)
+    f = qjax.nnx_apply(gd)
+    x = jax.random.normal(jax.random.key(0), (4, 5, 16))
+    policy = qjax.Policy([qjax.Rule(r".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)))])
+    with pytest.warns(UserWarning, match=r"'query/kernel'"):
+        q = qjax.gptq(f, st, [(x,)], policy)
+    rtn = qjax.quantize_params(st, policy)
+    assert not np.array_equal(q["out"]["kernel"].values, rtn["out"]["kernel"].values)  # GPTQ'd
