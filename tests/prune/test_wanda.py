@@ -237,7 +237,7 @@ def test_stacked_biases_and_norm_scales_are_skipped_as_in_the_unrolled_model():
     x = jax.random.normal(jax.random.key(0), (8, 6))
     v = _BiasStack().init(jax.random.key(1), x)
     v = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size).reshape(a.shape) % 0.7, v)  # no ties
-    flat = {"params": {f"l{i}": jax.tree.map(lambda a: a[i], v["params"]["layers"]) for i in range(3)}}
+    flat = {"params": {f"l{i}": jax.tree.map(lambda a, i=i: a[i], v["params"]["layers"]) for i in range(3)}}
     norms = activation_norms(_BiasStack().apply, v, [(x,)])
     assert norms.stacks["params/layers/Dense_0/bias"] == 1
     assert norms.stacks["params/layers/LayerNorm_0/scale"] == 1
