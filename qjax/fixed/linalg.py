@@ -160,17 +160,19 @@ def _accumulate(lhs, rhs, dimension_numbers, accum: Format, init, key) -> FixedA
     shape = jax.eval_shape(
         lambda a, b: lax.dot_general(a, b, dimension_numbers), lhs.mantissa, rhs.mantissa
     ).shape
+    # the bias cast draws from its own key, independent of the per-product ones
+    k_init, k_steps = (None, None) if key is None else jax.random.split(key)
     if init is None:
         acc0 = FixedArray(jnp.zeros(shape, accum.dtype), accum)
     else:
-        acc0 = cast(FixedArray(jnp.broadcast_to(init.mantissa, shape), init.format), accum)
+        acc0 = cast(FixedArray(jnp.broadcast_to(init.mantissa, shape), init.format), accum, key=k_init)
 
     def step(i, acc):
         idx = jnp.unravel_index(i, sizes)
         a, b = lhs.mantissa, rhs.mantissa
         for d_l, d_r, j in zip(lc, rc, idx):
             a, b = one(a, d_l, j), one(b, d_r, j)
-        k_i = None if key is None else jax.random.fold_in(key, i)
+        k_i = None if k_steps is None else jax.random.fold_in(k_steps, i)
         term = dot_general(
             FixedArray(a, lhs.format), FixedArray(b, rhs.format), dimension_numbers, accum, key=k_i
         )

@@ -50,6 +50,10 @@ _SPLIT_INNER = (
     "a non-leading sub-axis of a reshape split (its size is hard-coded in the model, e.g. "
     "head_dim; only the leading one, e.g. heads, shrinks)"
 )
+_FILLED_PART = (
+    "a concatenated block filled from a constant (jnp.ones((B, k)), a broadcast): its size is "
+    "fixed in the model and no producer's channels can be sliced"
+)
 _GROUPED = "whole feature groups of a grouped convolution (feature_group_count is fixed)"
 _NOT_ZERO_CONTRACTED = "contracted where neither operand is zero on masked channels (masked != shrunk)"
 _BETWEEN_ACTIVATIONS = (
@@ -84,6 +88,7 @@ class Walker:
     def __init__(self):
         self.A = Atoms()
         self.splits: list[list[int]] = []  # atoms of the parts of each `split` primitive
+        self.filled: set[int] = set()  # atoms a broadcast created (a fill: jnp.ones((B, 2)))
 
     def fresh(self, shape, *flags, z=False) -> Val:
         return Val(tuple(shape), tuple(self.A.new(s, *flags) for s in shape), (z,) * len(shape))
@@ -203,10 +208,19 @@ class Walker:
         x, shape, dims = ins[0], shapes[0], eqn.params["broadcast_dimensions"]
         out = self.fresh(shape, z=x.zero)
         atoms, zs = list(out.atoms), list(out.z)
+        self.filled.update(a for a in atoms if a >= 0)
         for i, d in enumerate(dims):
             if x.shape[i] == shape[d]:
                 atoms[d], zs[d] = x.atoms[i], x.z[i]
         return [Val(shape, tuple(atoms), tuple(zs), x.zero)]
+
+    def _only_filled(self, atom: int) -> bool:
+        """Whether ``atom``'s class so far holds only broadcast-created atoms: a block whose
+        size the model hard-codes, with no producer that shrinking could slice."""
+        if atom < 0 or self.A.split[self.A.find(atom)] is not None:
+            return False
+        r = self.A.find(atom)
+        return all(i in self.filled for i in range(len(self.A.parent)) if self.A.find(i) == r)
 
     def p_reshape(self, eqn, ins, shapes):
         x, shape = ins[0], shapes[0]
@@ -225,6 +239,9 @@ class Walker:
 
     def p_concatenate(self, eqn, ins, shapes):
         d, shape = eqn.params["dimension"], shapes[0]
+        for v in ins:  # a part broadcast from a constant keeps its size however the rest shrinks
+            if self._only_filled(v.atoms[d]):
+                self.flag(v, _FILLED_PART, [d])
         out = self.elementwise([self._drop(v, d) for v in ins], (*shape[:d], 1, *shape[d + 1 :]), "all")
         atom = self.A.new(shape[d])
         parts = Sum(self.A.expand(v.atoms[d]) for v in ins if v.shape[d] > 0)

@@ -10,11 +10,14 @@ Structured pruning of coupled layers ranks whole channel groups (:mod:`qjax.prun
 
 Stacked layers: a leaf holding several layers along its leading axes (an ``nn.scan`` stack
 ``(L, K, N)``) cannot be told from one layer by its shape. Say so with a rule
-``(pattern, LeafConfig(stack=1))``: layer scope and ``Unstructured(per_slice=...)`` then
-count and rank each layer as its own leaf (ERK too), exactly as in the unrolled model;
-without it the layers are ranked together. Wanda does this by itself: the norms of
-:func:`activation_norms` carry ``.stacks``. ``NM`` is per group anyway; ``Channel``
-keeps the same channels in every layer (what ``shrink`` needs).
+``(r"params/layers/.*", LeafConfig(stack=1))`` over the whole stacked subtree: layer scope
+and ``Unstructured(per_slice=...)`` then count and rank each layer as its own leaf (ERK
+too), exactly as in the unrolled model, and stacked biases and norm scales (per-layer rank
+1) stay unpruned by default; without it the layers are ranked together. Wanda does this by
+itself: the norms of :func:`activation_norms` carry ``.stacks`` for every stacked leaf.
+``NM`` is per group anyway; ``Channel`` keeps the same channels in every layer (what
+``shrink`` needs). Axes of a sparsity type count in the full stacked shape
+(``Unstructured(per_slice=0)`` is the layer axis): prefer negative axes.
 
 Example:
     >>> masks = qjax.prune.magnitude(params, sparsity=0.9, scope="global")

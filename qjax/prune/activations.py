@@ -43,13 +43,14 @@ __all__ = ["ActivationNorms", "activation_norms"]
 @jax.tree_util.register_pytree_with_keys_class
 class ActivationNorms(Mapping):
     """``{path: norm}`` (a read-only mapping and a pytree, keyed like a dict) with
-    ``stacks``: ``{path: leading stacked-layer axes}`` of the leaves read inside a ``scan``
-    over stacked params (``nn.scan``), which :class:`~qjax.prune.pruners.Wanda` prunes layer
-    by layer."""
+    ``stacks``: ``{path: leading stacked-layer axes}`` of every params leaf a ``scan`` over
+    stacked params (``nn.scan``) slices, read by a matmul or not (a bias, a norm scale):
+    :class:`~qjax.prune.pruners.Wanda` prunes the stacked weights layer by layer and, by
+    default, skips leaves whose per-layer rank is below 2, as in the unrolled model."""
 
     def __init__(self, norms: dict[str, Any], stacks: dict[str, int] | None = None):
         self._norms = dict(norms)
-        self.stacks = {p: d for p, d in (stacks or {}).items() if d and p in self._norms}
+        self.stacks = {p: d for p, d in (stacks or {}).items() if d}
 
     def __getitem__(self, path):
         return self._norms[path]
@@ -182,6 +183,11 @@ class _Norms(Handler):
             r = _conv_sumsq(eqn, wi, x, ref.path)
         emit(ref.path, _to_leaf(r, ref, tuple(eqn.invars[wi].aval.shape)))
         return [out]
+
+    def materialize(self, ref: WeightRef):
+        # a leaf read by any other op (a bias add, a norm scale): its stack depth still counts
+        self.depth[ref.path] = max(self.depth.get(ref.path, 0), ref.depth)
+        return super().materialize(ref)
 
 
 def activation_norms(

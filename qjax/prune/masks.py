@@ -3,11 +3,13 @@ bit-packing them.
 
 A mask tree mirrors the params tree (boxes such as NNX ``Variable`` preserved): a
 ``bool`` array of the leaf's shape for each *targeted* leaf (True = kept), ``None`` for a
-skipped one. By default leaves with ``ndim >= 2`` are targeted; ``rules`` (the rule
+skipped one. By default leaves of per-layer rank ``>= 2`` are targeted (``ndim`` less the
+stacked-layer axes known from a ``LeafConfig(stack=n)`` rule or ``stacks=``); ``rules`` (the rule
 engine of :mod:`qjax.rules`: ``re.fullmatch`` on the ``/``-joined path, first match wins)
 override per leaf: ``None`` skips, a float sets the leaf's sparsity, a
 :class:`~qjax.prune.sparsity.LeafConfig` or a sparsity type sets sparsity and/or type,
-``True`` targets with the defaults. A rule that matches no leaf is an error.
+``True`` targets with the defaults; a ``LeafConfig`` that sets only ``stack`` states the
+layout and leaves the choice to the default. A rule that matches no leaf is an error.
 """
 
 from __future__ import annotations
@@ -139,9 +141,11 @@ def resolve_targets(
         m = rs.match(path)
         shape = tuple(np.shape(leaf))
         sparsity, stype, stack = None, default, None
-        if m is None:
-            if len(shape) < 2:
-                continue
+        if m is None or _layout_only(m.value):
+            stack = None if m is None else m.value.stack
+            depth = _known_stack(stacks, path) if stack is None else stack
+            if len(shape) - depth < 2 and not (stack and stack >= len(shape)):  # (that: an error below)
+                continue  # by default, leaves of per-layer rank < 2 (biases, norm scales) are kept
         elif m.value is None:
             continue
         elif m.value is True:
@@ -162,9 +166,24 @@ def resolve_targets(
         if is_quantized(leaf):
             raise TypeError(f"leaf {path!r} is quantized: prune before quantizing (or skip it with a rule)")
         stype.validate(path, shape)
-        stack = (stacks or {}).get(path, 0) if stack is None else stack
+        stack = _known_stack(stacks, path) if stack is None else stack
         out[path] = make_target(path, shape, sparsity, stype, stack)
     return out
+
+
+def _layout_only(value: Any) -> bool:
+    """A ``LeafConfig`` that only states the stack depth: the leaf is targeted (or not) as
+    by default, on its per-layer rank."""
+    return (
+        isinstance(value, LeafConfig)
+        and value.stack is not None
+        and value.sparsity is None
+        and value.sparsity_type is None
+    )
+
+
+def _known_stack(stacks: Any, path: str) -> int:
+    return (stacks or {}).get(path, 0)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -87,8 +87,9 @@ class Pruner:
 
     # -- state -----------------------------------------------------------------------------
 
-    def targets(self, params: PyTree) -> dict[str, Target]:
-        """``{path: Target}`` of the leaves this pruner prunes (see ``resolve_targets``)."""
+    def targets(self, params: PyTree, state: PyTree = None) -> dict[str, Target]:
+        """``{path: Target}`` of the leaves this pruner prunes (see ``resolve_targets``);
+        ``state``: the pruner state, for pruners that learn stacked-layer depths from it."""
         return resolve_targets(params, self.rules, self.sparsity_type)
 
     def init_state(self, params: PyTree) -> PyTree:
@@ -286,7 +287,7 @@ class Wanda(Pruner):
         norms = act_norms if act_norms is not None else state
         if not norms:
             raise ValueError("Wanda needs act_norms=... (from qjax.prune.activations.activation_norms)")
-        targets = self.targets(params)
+        targets = self.targets(params, norms)
 
         def visit(path, w):
             if path not in targets:
@@ -305,6 +306,11 @@ class Wanda(Pruner):
         norms = act_norms if act_norms is not None else state
         stacks = getattr(norms, "stacks", None)  # nn.scan stacks: ranked layer by layer
         return self._select(self.scores(params, state=state, act_norms=act_norms), params, s, stacks)
+
+    def targets(self, params: PyTree, state: PyTree = None) -> dict[str, Target]:
+        """As :meth:`Pruner.targets`, with the stack depths of ``state``'s norms (``.stacks``):
+        a stacked bias or norm scale has per-layer rank 1 and is skipped by default."""
+        return resolve_targets(params, self.rules, self.sparsity_type, getattr(state, "stacks", None))
 
 
 def magnitude(

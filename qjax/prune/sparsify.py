@@ -82,12 +82,13 @@ def _as_bool_masks(masks: Any) -> Any:
     return jax.tree.map(lambda m: None if m is None else jnp.asarray(m, bool), masks, is_leaf=_is_none)
 
 
-def dense_masks(pruner: Any, params: Any) -> Any:
+def dense_masks(pruner: Any, params: Any, state: Any = None) -> Any:
     """All-``True`` masks for the leaves ``pruner`` targets (``None`` elsewhere).
 
     Args:
       pruner: a :class:`qjax.prune.pruners.Pruner` (its ``targets``: default filter + rules).
       params: the params tree.
+      state: the pruner state (Wanda's norms carry the ``nn.scan`` stack depths).
 
     Returns:
       A mask tree mirroring ``params`` that prunes nothing.
@@ -99,7 +100,7 @@ def dense_masks(pruner: Any, params: Any) -> Any:
       >>> dense_masks(Magnitude(), {"w": jnp.ones((2, 2)), "b": jnp.ones(2)})["b"] is None
       True
     """
-    targets = pruner.targets(params)
+    targets = pruner.targets(params, state)
     return map_with_path(lambda p, w: jnp.ones(jnp.shape(w), bool) if p in targets else None, params)
 
 
@@ -272,14 +273,15 @@ def sparsify(
 
     def init(params):
         init_key, state_key = jax.random.split(base_key)
+        pstate = pruner.init_state(params) if pruner_state is None else pruner_state
         if callable(getattr(pruner, "init_masks", None)):
             masks = pruner.init_masks(params, key=init_key)
         else:
-            masks = dense_masks(pruner, params)
+            masks = dense_masks(pruner, params, pstate)
         return SparsifyState(
             step=jnp.zeros((), jnp.int32),
             masks=_as_bool_masks(masks),
-            pruner_state=pruner.init_state(params) if pruner_state is None else pruner_state,
+            pruner_state=pstate,
             inner_state=inner.init(params),
             key=state_key,
         )

@@ -262,7 +262,9 @@ class Unstructured(SparsityType):
         ``count % slices`` slices pruning one more (every slice prunes exactly
         ``sparsity * slice_size`` when that is an integer): ``per_slice=-1`` on a Dense kernel
         ``(in, out)`` is Wanda's per-output comparison group. With ``per_slice`` set,
-        global scope falls back to layer scope for the leaf.
+        global scope falls back to layer scope for the leaf. The axis counts in the full
+        leaf: on a stacked leaf (``LeafConfig(stack=n)``) ``per_slice=0`` is the layer axis,
+        so prefer negative axes, which mean the same in the stacked and the unrolled model.
 
     Example:
       >>> qjax.prune.magnitude(params, 0.5, sparsity_type=Unstructured())
@@ -479,10 +481,15 @@ class LeafConfig:
         leaf, as in the unrolled model (``Unstructured``, ``Block``; ``Channel`` keeps the
         same channels in every layer, ``NM`` is per group anyway). ``None``: what the
         pruner knows (Wanda: from :func:`~qjax.prune.activations.activation_norms`), else 0.
+        A rule that sets only ``stack`` does not target the leaf by itself: the default
+        (per-layer rank ``>= 2``) decides, so match the whole stacked subtree and its
+        biases and norm scales stay unpruned, as in the unrolled model. Axes of a sparsity
+        type count in the full stacked shape (``Unstructured(per_slice=0)`` is the layer
+        axis): prefer negative axes.
 
     Example:
       >>> rules = [(r".*/embed/.*", None), (r".*/Conv_0/kernel", LeafConfig(0.3, Channel(-1)))]
-      >>> rules = [(r"params/layers/.*/kernel", LeafConfig(stack=1))]   # an nn.scan stack
+      >>> rules = [(r"params/layers/.*", LeafConfig(stack=1))]   # an nn.scan stack
     """
 
     sparsity: float | None = None

@@ -415,3 +415,29 @@ def test_accumulator_order_and_no_bias():
         for row in xm
     ]
     assert np.asarray(got.mantissa).tolist() == want
+
+
+def test_stochastic_accumulator_rounds_the_bias_with_its_own_key():
+    """A bias with more fraction bits than a STOCHASTIC ``accum`` is cast to it with a key
+    of its own (it raised "needs a PRNG key" although ``key=`` was given): products exact
+    in ``accum`` (fraction 11 ≤ 11), bias 0.3 (fraction 14) lands on a neighbour step of
+    2^-11 with mean 0.3 over keys, both via ``dot_general`` and ``fixed_point``."""
+    accum = qf.Format(16, 5, rounding="STOCHASTIC", overflow="SAT")
+    fx = qf.from_float(jnp.array([[1.0, 2.0]]), qf.Format(8, 3))
+    fw = qf.from_float(jnp.array([[0.5, -0.25], [1.0, 0.75]]), qf.Format(8, 2))
+    fb = qf.from_float(jnp.array([0.3, -0.7]), qf.Format(16, 2))
+    dn = (((1,), (0,)), ((), ()))
+    run = lambda k: qf.to_float(qf.dot_general(fx, fw, dn, accum=accum, init=fb, key=k))[0]
+    ys = np.asarray(jax.jit(jax.vmap(run))(jax.random.split(jax.random.key(0), 2000)), np.float64)
+    exact = np.array([2.5, 1.25]) + np.asarray(qf.to_float(fb), np.float64)
+    step = 2.0**-11
+    assert np.all(np.abs(ys - exact) < step)  # a neighbour of the exact value
+    assert len(np.unique(ys[:, 0])) == 2
+    np.testing.assert_allclose(ys.mean(0), exact, atol=step / 10)
+    f = lambda p, x: x @ p["w"] + p["b"]
+    lf = qf.LayerFormats(qf.Format(8, 2), qf.Format(8, 3), qf.Format(16, 5), accum=accum)
+    p = {"w": jnp.array([[0.5, -0.25], [1.0, 0.75]]), "b": jnp.array([0.3, -0.7])}
+    y = qf.fixed_point(f, [("w", lf), ("b", qf.Format(16, 2))], key=jax.random.key(1))(
+        p, jnp.array([[1.0, 2.0]])
+    )
+    assert np.all(np.abs(np.asarray(y, np.float64) - exact) < step)

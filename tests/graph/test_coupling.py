@@ -165,6 +165,23 @@ def test_concat_and_split():
     np.testing.assert_array_equal(next(m for m in glu.members if m.path == "w").positions[1], [1, 7])
 
 
+def _const_concat(p, x):
+    h = jnp.concatenate([x @ p["w1"], jnp.ones((x.shape[0], 2))], 1)  # appended constant features
+    return jax.nn.relu(h) @ p["w3"]
+
+
+def test_concatenated_constant_block_is_not_prunable():
+    """A block broadcast from a constant has a size fixed in the model: the consumer rows it
+    meets were a prunable group of their own, and shrinking them broke the model."""
+    p = {"w1": _rand(0, 5, 3), "w3": _rand(1, 5, 4)}
+    groups = channel_groups(_const_concat, p, jnp.ones((4, 5)))
+    assert _by_member(groups, "w1", 1).prunable
+    const = [g for g in groups if not any(m.path == "w1" for m in g.members) and g.size == 2]
+    assert len(const) == 1 and "filled from a constant" in const[0].reason
+    rows = next(m for m in const[0].members if m.path == "w3").positions[:, 0]
+    np.testing.assert_array_equal(rows, [3, 4])
+
+
 def test_weight_concatenated_from_leaves_is_a_weight():
     """``h @ concatenate([a, b], 1)`` (fused gates, OptimizedLSTMCell) couples like ``h @ a``,
     ``h @ b``; a concatenation with an activation part is still refused."""

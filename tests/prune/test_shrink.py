@@ -394,6 +394,22 @@ def test_concat_and_glu_split():
     assert small["w"].shape == (6, 10) and small["o"].shape == (5, 2) and small["b"].shape == (3, 3)
 
 
+def test_concatenated_constant_block_is_skipped_and_the_rest_shrinks():
+    # the constant block's consumer rows were a prunable group; shrinking them broke the model
+    from qjax.prune import Magnitude, group_scores, masks_from_group_scores
+
+    def f(p, x):
+        h = jnp.concatenate([x @ p["w1"], jnp.ones((x.shape[0], 2))], 1)
+        return jax.nn.relu(h) @ p["w3"]
+
+    p, x = {"w1": _rand(0, 5, 4), "w3": _rand(1, 6, 2)}, _rand(2, 3, 5)
+    groups = channel_groups(f, p, x)
+    masks = masks_from_group_scores(group_scores(groups, Magnitude().scores(p)), 0.5, groups, p)
+    assert np.asarray(masks["w3"])[4:].all()  # the constant's rows are kept
+    small, _ = _masked_equals_shrunk(f, p, masks, x)
+    assert small["w1"].shape == (5, 2) and small["w3"].shape == (4, 2)
+
+
 def test_depthwise_conv_linen():
     class DW(nn.Module):
         @nn.compact

@@ -208,3 +208,53 @@ def test_wanda_on_an_nn_scan_stack_equals_the_unrolled_model():
     _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, v), state, v)
     m = np.asarray(qjax.prune.get_masks(state)["params"]["layers"]["fc"]["kernel"])
     np.testing.assert_array_equal(m.mean(1), 0.5)
+
+
+class _BiasLayer(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        return nn.LayerNorm()(nn.relu(nn.Dense(6)(x))) + x, None  # a bias and norm scales
+
+
+class _BiasStack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        scan = nn.scan(_BiasLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+        return scan(name="layers")(x, None)[0]
+
+
+class _BiasUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = _BiasLayer(name=f"l{i}")(x, None)[0]
+        return x
+
+
+def test_stacked_biases_and_norm_scales_are_skipped_as_in_the_unrolled_model():
+    # A stacked bias (L, D) has ndim 2, so it was a default target: Wanda raised "no
+    # activation norm for .../bias" and Magnitude pruned it, ranked across layers.
+    x = jax.random.normal(jax.random.key(0), (8, 6))
+    v = _BiasStack().init(jax.random.key(1), x)
+    v = jax.tree.map(lambda a: a + 0.1 * jnp.arange(a.size).reshape(a.shape) % 0.7, v)  # no ties
+    flat = {"params": {f"l{i}": jax.tree.map(lambda a, i=i: a[i], v["params"]["layers"]) for i in range(3)}}
+    norms = activation_norms(_BiasStack().apply, v, [(x,)])
+    assert norms.stacks["params/layers/Dense_0/bias"] == 1
+    assert norms.stacks["params/layers/LayerNorm_0/scale"] == 1
+    flat_norms = activation_norms(_BiasUnrolled().apply, flat, [(x,)])
+
+    def check(got, want):
+        got = got["params"]["layers"]
+        assert got["Dense_0"]["bias"] is None and got["LayerNorm_0"] == {"bias": None, "scale": None}
+        want = np.stack([want["params"][f"l{i}"]["Dense_0"]["kernel"] for i in range(3)])
+        np.testing.assert_array_equal(got["Dense_0"]["kernel"], want)
+
+    check(Wanda(0.5).masks(v, act_norms=norms), Wanda(0.5).masks(flat, act_norms=flat_norms))
+    rules = [(r"params/layers/.*", qjax.prune.LeafConfig(stack=1))]
+    check(qjax.prune.Magnitude(0.5, rules=rules).masks(v), qjax.prune.Magnitude(0.5).masks(flat))
+    tx = qjax.prune.sparsify(
+        __import__("optax").sgd(0.0), Wanda(0.5), qjax.prune.one_shot(0), pruner_state=norms
+    )
+    state = tx.init(v)
+    _, state = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, v), state, v)
+    check(qjax.prune.get_masks(state), Wanda(0.5).masks(flat, act_norms=flat_norms))
