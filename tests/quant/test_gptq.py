@@ -1,6 +1,7 @@
 """GPTQ against an independent float64 NumPy implementation of the paper's algorithm."""
 
 import importlib
+import re
 import warnings
 
 import jax
@@ -577,15 +578,23 @@ def test_attention_kernels_gptq_cannot_honour_warn_and_round_to_nearest():
     # With ".*kernel" per last axis, q/k/v (D, H, hd) share scales across heads; with per
     # (head_dim, features) scales the out kernel has scales along its contracted head axis.
     m, v, x = _mha()
-    for spec, leaf, hint in [
-        (qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), "query", r"channel_axes=\(1, -1\)"),
-        (qjax.QuantSpec(qjax.int4, channel_axes=(-2, -1)), "out", r"channel_axes=\(-1,\)"),
+    for spec, leaves, hint in [
+        (qjax.QuantSpec(qjax.int4, channel_axes=(-1,)), ("key", "query", "value"), r"channel_axes=\(1, -1\)"),
+        (qjax.QuantSpec(qjax.int4, channel_axes=(-2, -1)), ("out",), r"channel_axes=\(-1,\)"),
     ]:
         policy = qjax.Policy([qjax.Rule(r".*kernel", weight=spec)])
-        with pytest.warns(UserWarning, match=rf"'params/{leaf}/kernel'.*{hint}.*rounded to nearest"):
+        with pytest.warns(UserWarning) as record:
             q = qjax.gptq(m.apply, v, [(x, x)], policy)
-        rtn = qjax.quantize_params(v, policy)["params"][leaf]["kernel"]
-        np.testing.assert_array_equal(q["params"][leaf]["kernel"].values, rtn.values)
+        assert sorted(_warned_leaves(record)) == [f"params/{leaf}/kernel" for leaf in leaves]
+        assert all(re.search(rf"{hint}.*rounded to nearest", str(w.message)) for w in record)
+        rtn = qjax.quantize_params(v, policy)["params"]
+        for leaf in leaves:
+            np.testing.assert_array_equal(q["params"][leaf]["kernel"].values, rtn[leaf]["kernel"].values)
+
+
+def _warned_leaves(record) -> list[str]:
+    """The leaves a ``gptq`` call warned it rounds to nearest."""
+    return [m.group(1) for w in record if (m := re.search(r"GPTQ of '([^']+)'", str(w.message)))]
 
 
 def test_nnx_attention_gptq_runs():
@@ -596,7 +605,8 @@ def test_nnx_attention_gptq_runs():
     f = qjax.nnx_apply(gd)
     x = jax.random.normal(jax.random.key(0), (4, 5, 16))
     policy = qjax.Policy([qjax.Rule(r".*kernel", weight=qjax.QuantSpec(qjax.int4, channel_axes=(-1,)))])
-    with pytest.warns(UserWarning, match=r"'query/kernel'"):
+    with pytest.warns(UserWarning) as record:
         q = qjax.gptq(f, st, [(x,)], policy)
+    assert sorted(_warned_leaves(record)) == ["key/kernel", "query/kernel", "value/kernel"]
     rtn = qjax.quantize_params(st, policy)
     assert not np.array_equal(q["out"]["kernel"].values, rtn["out"]["kernel"].values)  # GPTQ'd
