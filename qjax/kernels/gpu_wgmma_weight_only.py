@@ -48,7 +48,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from qjax.kernels._common import BlockConfig, cdiv, split_layout
+from qjax.kernels._common import BlockConfig, cdiv
 
 LAYOUTS = ("n_pairs_nk", "int8_nk")
 _ROWS = 64  # weight rows per compute warpgroup: wgmma's M
@@ -199,7 +199,6 @@ def weight_only_wgmma(x, w, scales, *, layout, group_size, out_dtype, config: Bl
       ``(M, N)`` array of ``out_dtype``.
     """
     del group_size  # per channel (check_config)
-    split_layout(layout)  # validates the name
     m, n = x.shape[0], scales.shape[0]
     parts, wgs = _parts(layout), num_compute_warpgroups(config, layout)
     m_tiles = cdiv(m, config.block_m)
