@@ -34,6 +34,7 @@ leaf as its ``aux`` (so a ``scan`` over a stacked leaf slices them per layer).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -127,7 +128,6 @@ class _LoRA(Handler):
         nb, nc = _geometry(eqn, ref, wi)
         w = materialize(ref)  # the base matmul is f's own: an outer quantized() replaces it
         _check_shapes(ref.path, ref.aux, w.shape, nb, nc)
-        x = materialize(x)
         operands = [None, None]
         operands[wi], operands[1 - wi] = w, x
         base = bind_eqn(eqn, operands)[0]
@@ -168,9 +168,7 @@ class _LoRA(Handler):
         _check_outside_shard_map(ref)
         w = ref.float_leaf()
         w = w + (self._scale(ref.aux) * _delta(ref.aux["a"], ref.aux["b"], w.ndim)).astype(w.dtype)
-        for op in ref.ops:
-            w = op.apply(w)
-        return w
+        return materialize(dataclasses.replace(ref, leaf=w))  # the layout ops, replayed
 
 
 def _check_outside_shard_map(ref: WeightRef) -> None:
@@ -261,8 +259,9 @@ def lora_adapters(
     traced = trace(f, params, *args, **kwargs)
     jax.eval_shape(lambda p, a: run(traced, probe, p, a)[0], list(traced.param_leaves), jax.tree.leaves(args))
     leaves = dict(zip(traced.param_paths, traced.param_leaves))
+    used = {rules.match(p).index for p in probe.found}
     for i, (pattern, rank) in enumerate(rules):
-        if rank is not None and not any(rules.match(p).index == i for p in probe.found):
+        if rank is not None and i not in used:
             raise ValueError(
                 f"rule {i} {pattern!r} gives LoRA adapters to no leaf: it matches no params leaf that a "
                 f"dot_general reads as its weight (leaves read so: {sorted(probe.weights)})"
