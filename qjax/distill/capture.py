@@ -74,11 +74,10 @@ class _Capture(Handler):
         return [out]
 
 
-def _check_matched(patterns: str | Sequence[str], seen: set[str], param_paths: Sequence[str]) -> None:
+def _check_matched(patterns: Sequence[str], seen: set[str], param_paths: Sequence[str]) -> None:
     """Raise for a pattern that matched no weight read by a matmul/conv, naming it and what
     was found (a typo would otherwise give empty features and a silently zero hint loss).
     A pattern shadowed by an earlier one is fine (capturing is the same either way)."""
-    patterns = [patterns] if isinstance(patterns, str) else list(patterns)
     unused = [p for p in patterns if not any(re.fullmatch(p, s) for s in seen)]
     if not unused:
         return
@@ -161,7 +160,7 @@ def capture(f: Callable, patterns: str | Sequence[str], *, add_bias: bool = Fals
         traced = trace(f, params, *args, **kwargs)
         handler = _Capture(rules)
         outs, emitted = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
-        _check_matched(patterns, handler.seen, traced.param_paths)
+        _check_matched(rules.patterns, handler.seen, traced.param_paths)
         leaves = dict(zip(traced.param_paths, traced.param_leaves))
         features: Features = {}
         for path, values in emitted.items():

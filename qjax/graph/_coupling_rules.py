@@ -217,9 +217,11 @@ class Walker:
     def _only_filled(self, atom: int) -> bool:
         """Whether ``atom``'s class so far holds only broadcast-created atoms: a block whose
         size the model hard-codes, with no producer that shrinking could slice."""
-        if atom < 0 or self.A.split[self.A.find(atom)] is not None:
+        if atom < 0 or atom not in self.filled:  # the class holds atom itself: a quick no
             return False
         r = self.A.find(atom)
+        if self.A.split[r] is not None:
+            return False
         return all(i in self.filled for i in range(len(self.A.parent)) if self.A.find(i) == r)
 
     def p_reshape(self, eqn, ins, shapes):
