@@ -24,8 +24,50 @@ import numpy as np
 SUPPORTED_INT_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 
 
+class _Codes:
+    """What packing and dequantization ask of every format: the container width, the fields
+    packing stores (the codes themselves unless a format overrides it) and their values."""
+
+    bits: int
+
+    @property
+    def pack_bits(self) -> int | None:
+        """Container width when packed several to a byte (2 or 4), or ``None``."""
+        if self.bits <= 2:
+            return 2
+        if self.bits <= 4:
+            return 4
+        return None
+
+    def to_codes(self, values: jnp.ndarray) -> jnp.ndarray:
+        """The integer fields that packing stores (the codes themselves)."""
+        return values
+
+    def from_codes(self, codes: jnp.ndarray) -> jnp.ndarray:
+        """Inverse of :meth:`to_codes`."""
+        return codes
+
+    def decode(self, values: jnp.ndarray, dtype) -> jnp.ndarray:
+        """The real value of each stored code (before scaling) in ``dtype``."""
+        return values.astype(dtype)
+
+
+class _SymmetricRange:
+    """``qmin`` / ``qmax`` of a format symmetric about zero: ``-max_value`` / ``max_value``."""
+
+    max_value: float
+
+    @property
+    def qmax(self) -> float:
+        return self.max_value
+
+    @property
+    def qmin(self) -> float:
+        return -self.max_value
+
+
 @dataclasses.dataclass(frozen=True)
-class IntFormat:
+class IntFormat(_Codes):
     """A signed or unsigned integer format of ``bits`` bits.
 
     Args:
@@ -74,30 +116,9 @@ class IntFormat:
         return jnp.dtype(jnp.int16 if self.signed else jnp.uint16)
 
     @property
-    def pack_bits(self) -> int | None:
-        """Container width when packed several to a byte (2 or 4), or ``None``."""
-        if self.bits <= 2:
-            return 2
-        if self.bits <= 4:
-            return 4
-        return None
-
-    @property
     def codes_signed(self) -> bool:
         """Whether packed fields are sign-extended when unpacked."""
         return self.signed
-
-    def to_codes(self, values: jnp.ndarray) -> jnp.ndarray:
-        """The integer fields that packing stores (the codes themselves)."""
-        return values
-
-    def from_codes(self, codes: jnp.ndarray) -> jnp.ndarray:
-        """Inverse of :meth:`to_codes`."""
-        return codes
-
-    def decode(self, values: jnp.ndarray, dtype) -> jnp.ndarray:
-        """The real value of each stored code (before scaling) in ``dtype``."""
-        return values.astype(dtype)
 
     @property
     def name(self) -> str:
@@ -120,7 +141,7 @@ _FLOAT_DTYPES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class FloatFormat:
+class FloatFormat(_SymmetricRange, _Codes):
     """A small floating point format: fp8 ``e4m3fn`` / ``e5m2`` or fp4 ``e2m1`` (the OCP MX
     / NVFP4 element type: ``±{0, 0.5, 1, 1.5, 2, 3, 4, 6}``, no inf or NaN).
 
@@ -156,22 +177,9 @@ class FloatFormat:
         """Largest finite magnitude (448 for e4m3fn, 57344 for e5m2, 6 for e2m1)."""
         return float(jnp.finfo(self.storage_dtype).max)
 
-    @property
-    def qmax(self) -> float:
-        return self.max_value
-
-    @property
-    def qmin(self) -> float:
-        return -self.max_value
-
     signed = True
     narrow = False
     codes_signed = False
-
-    @property
-    def pack_bits(self) -> int | None:
-        """4 for fp4 (two per byte), else ``None``."""
-        return 4 if self.bits == 4 else None
 
     def to_codes(self, values: jnp.ndarray) -> jnp.ndarray:
         """fp4 values as their 4-bit patterns (``uint8``), for packing."""
@@ -180,10 +188,6 @@ class FloatFormat:
     def from_codes(self, codes: jnp.ndarray) -> jnp.ndarray:
         """Inverse of :meth:`to_codes`."""
         return jax.lax.bitcast_convert_type(codes.astype(jnp.uint4), self.storage_dtype)
-
-    def decode(self, values: jnp.ndarray, dtype) -> jnp.ndarray:
-        """The real value of each stored value (before scaling) in ``dtype``."""
-        return values.astype(dtype)
 
     @property
     def name(self) -> str:
@@ -217,7 +221,7 @@ NF4_VALUES = (
 
 
 @dataclasses.dataclass(frozen=True)
-class CodebookFormat:
+class CodebookFormat(_SymmetricRange, _Codes):
     """A format whose codes index a fixed, sorted table of real values (e.g. ``qjax.nf4``).
 
     Quantization picks the nearest table value of ``x / scale`` (a value exactly halfway
@@ -256,26 +260,8 @@ class CodebookFormat:
         return max(abs(self.values[0]), abs(self.values[-1]))
 
     @property
-    def qmax(self) -> float:
-        return self.max_value
-
-    @property
-    def qmin(self) -> float:
-        return -self.max_value
-
-    @property
     def signed(self) -> bool:
         return self.values[0] < 0
-
-    @property
-    def pack_bits(self) -> int | None:
-        return 2 if self.bits <= 2 else (4 if self.bits <= 4 else None)
-
-    def to_codes(self, values: jnp.ndarray) -> jnp.ndarray:
-        return values
-
-    def from_codes(self, codes: jnp.ndarray) -> jnp.ndarray:
-        return codes
 
     def encode(self, y: jnp.ndarray) -> jnp.ndarray:
         """Index (``uint8``) of the table value nearest to each ``y`` (ties: the lower)."""
