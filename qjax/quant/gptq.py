@@ -26,7 +26,14 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import transpose_storage
-from qjax.quant.gptq_core import GPTQLayoutError, _check_mask, _gptq_matrix, gptq_quantize
+from qjax.quant.gptq_core import (
+    GPTQLayoutError,
+    _check_finite,
+    _check_mask,
+    _gptq,
+    _gptq_setup,
+    gptq_quantize,
+)
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params, require_float_params
 from qjax.rules import RuleSet, leaves_with_paths, map_with_path
@@ -167,10 +174,12 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     ms = None if mask is None else jnp.transpose(mask, perm).reshape(-1, k, n)
     hs = hessian.reshape(-1, k, k)  # one per stacked layer; the other slice axes share it
     share = math.prod(sizes[st.depth :])
+    # the checks once for the whole leaf, then the jitted core per slice
+    group, block = _gptq_setup(spec2, (k, n), hs.shape[1:], block_size, damp, path)
+    _check_finite(ws, hs, path)
+    keeps = ws != 0 if ms is None else _check_mask(ms, ws.shape, path)
     parts = [
-        _gptq_matrix(
-            ws[i], hs[i // share], spec2, block_size, damp, act_order, None if ms is None else ms[i], path
-        )
+        _gptq(ws[i], hs[i // share], keeps[i], spec2, block, group, act_order, float(damp))
         for i in range(ws.shape[0])
     ]
     per_channel = 1 in spec2.channel_axes

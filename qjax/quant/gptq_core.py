@@ -247,21 +247,32 @@ def gptq_quantize(
     return quantize(w_hat.astype(w.dtype), spec, scale=scale, zero_point=zp)
 
 
+def _gptq_setup(spec, shape, hessian_shape, block_size, damp, path) -> tuple[int | None, int]:
+    """Check one ``[K, N]`` GPTQ problem's spec, Hessian shape and options: ``(group, block)``
+    (the group size along K or ``None``, the column block the updates run in)."""
+    group = _matrix_spec(spec, tuple(shape), path)
+    if hessian_shape != (shape[0], shape[0]):
+        raise ValueError(f"GPTQ of {path!r}: Hessian shape {hessian_shape} != ({shape[0]}, {shape[0]})")
+    if block_size < 1 or not 0 <= damp < 1:
+        raise ValueError(f"GPTQ of {path!r}: block_size must be >= 1 and 0 <= damp < 1")
+    if group is not None and shape[0] % group and not spec.pad_groups:
+        raise ValueError(
+            f"GPTQ of {path!r}: group_size={group} does not divide {shape[0]} inputs (set pad_groups=True)"
+        )
+    return group, block_size if group is None else group * max(1, round(block_size / group))
+
+
+def _check_finite(w, hessian, path) -> None:
+    """Refuse NaN/Inf in the weight or its Hessian (one host sync for however many slices)."""
+    if not jnp.all(jnp.isfinite(w)) or not jnp.all(jnp.isfinite(hessian)):
+        raise ValueError(f"GPTQ of {path!r}: the weight or its Hessian has NaN/Inf entries")
+
+
 def _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path):
     """The checked GPTQ core of one ``[K, N]`` kernel: ``(dequantized weight, scale, zero point)``
     with the scale and zero point in ``spec``'s layout for that kernel."""
     w = jnp.asarray(w)
-    group = _matrix_spec(spec, tuple(w.shape), path)
-    if hessian.shape != (w.shape[0], w.shape[0]):
-        raise ValueError(f"GPTQ of {path!r}: Hessian shape {hessian.shape} != ({w.shape[0]}, {w.shape[0]})")
-    if block_size < 1 or not 0 <= damp < 1:
-        raise ValueError(f"GPTQ of {path!r}: block_size must be >= 1 and 0 <= damp < 1")
-    if group is not None and w.shape[0] % group and not spec.pad_groups:
-        raise ValueError(
-            f"GPTQ of {path!r}: group_size={group} does not divide {w.shape[0]} inputs (set pad_groups=True)"
-        )
-    block = block_size if group is None else group * max(1, round(block_size / group))
-    if not jnp.all(jnp.isfinite(w)) or not jnp.all(jnp.isfinite(hessian)):
-        raise ValueError(f"GPTQ of {path!r}: the weight or its Hessian has NaN/Inf entries")
+    group, block = _gptq_setup(spec, w.shape, hessian.shape, block_size, damp, path)
+    _check_finite(w, hessian, path)
     keep = w != 0 if masks is None else _check_mask(masks, w.shape, path)
     return _gptq(w, jnp.asarray(hessian), keep, spec, block, group, act_order, float(damp))
