@@ -61,7 +61,8 @@ def _weight_only_check(name, bits, layout, x, w, s, ref, kw) -> dict:
         e = rel_err(y, ref)
         check.update(ok=e < 1e-2, rel_err=e)
     except Exception as exc:  # a compile failure is a finding, not a crash
-        check.update(ok=False, error=repr(exc)[:500])
+        check.update(ok=False, error=repr(exc)[:3000])
+    print(f"check {name}: {'ok' if check['ok'] else 'FAILED'} {check.get('rel_err', '')}", flush=True)
     return check
 
 

@@ -25,6 +25,7 @@ import contextlib
 import json
 import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from kernel_checks import (
 from kernel_timing import Mode, _program, device_info, dry_run_mode, rotations, wall_per_call
 from timing import rel_err
 
-from qjax.kernels import BlockConfig, api
+from qjax.kernels import BlockConfig, api, candidates
 from qjax.kernels import _common as kc
 
 
@@ -55,15 +56,17 @@ def configs(m: int, size: int):
     t = lambda bn, bk, split, w=4, s=4, red="xla": BlockConfig(
         16, bn, bk, split, False, w, s, dequant="ptx", split_reduce=red
     )
-    wg = lambda bn, bk, split, s=4: BlockConfig(
-        8 if m <= 8 else 16, bn, bk, split, True, num_stages=s, engine="wgmma"
-    )
-    out = [  # first the Hopper TMA + wgmma kernel (weight stored (N, K)), new and untimed
-        ("n_pairs_nk", wg(256, 128, 8), "wgmma"),
-        ("n_pairs_nk", wg(128, 128, 8, s=6), "wgmma"),
-        ("n_pairs_nk", wg(256, 256, 4), "wgmma"),
-        ("n_pairs_nk", wg(128, 128, 16), "wgmma"),
-        ("n_pairs", t(256, 64, 8), "ptx"),
+    wgmma = [  # first the Hopper TMA + wgmma kernel (weight stored (N, K)): the tuning list's tiles
+        (
+            "n_pairs_nk",
+            BlockConfig(8 if m <= 8 else 16, wgs * 128, bk, split, True, num_stages=st, engine="wgmma"),
+            "wgmma",
+        )
+        for wgs, bk, split, st in candidates._WGMMA_WEIGHT_ONLY_TILES
+    ]
+    out = [
+        *wgmma,
+        ("n_pairs", t(256, 64, 8), "ptx best"),  # 2.38-2.41x bf16 at 8192^2 (2026-11-27)
         ("n_pairs", t(256, 64, 16), "ptx"),
         ("n_pairs", t(256, 64, 8, w=8), "ptx"),
         ("n_pairs", t(256, 32, 16), "ptx"),
@@ -110,6 +113,29 @@ def per_kernel(fn, xs, ws, rest, reps, calls):
     return out, wall
 
 
+def save(report, cases, path):
+    """Write the report with the cases so far."""
+    with open(path, "w") as f:
+        json.dump({**report, "cases": cases}, f, indent=1)
+
+
+def summarize(path) -> str:
+    """One line per case of a saved report: label, M, K, tile, device and wall µs, error."""
+    r = json.load(open(path))
+    lines = [
+        f"{r.get('device')} jax {r.get('jax')}; checks failed: {[c['check'] for c in r['checks'] if not c['ok']]}"
+    ]
+    for c in r["cases"]:
+        cfg = c.get("config", {})
+        tile = f"{cfg.get('block_m')}x{cfg.get('block_n')}x{cfg.get('block_k')}/s{cfg.get('split_k')}/st{cfg.get('num_stages')}"
+        dev = c.get("device_us", {}).get("total")
+        lines.append(
+            f"{c['label']:9s} m={c['m']:<3d} k={c['k']:<5d} {tile if cfg else '':22s} dev={dev} wall={c.get('wall_us')}"
+            f" err={c.get('rel_err', '')} {c.get('error', '')[:160]}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
@@ -119,10 +145,15 @@ def main(argv=None) -> int:
     p.add_argument("--ncu", action="store_true", help="run each kernel once, no timing")
     p.add_argument("--dry-run", action="store_true", help="CPU: interpreter, checks and one small case")
     p.add_argument("--budget-s", type=float, default=400)
+    p.add_argument("--only", default=None, help="comma-separated labels to time (e.g. 'wgmma,ptx')")
     p.add_argument(
         "--checks", action=argparse.BooleanOptionalAction, default=True, help="the correctness checks first"
     )
+    p.add_argument("--summarize", action="store_true", help="print the saved report at --out and exit")
     args = p.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.out))
+        return 0
     start = time.perf_counter()
     rng = np.random.default_rng(0)
     stack = contextlib.ExitStack()  # the GPU interpreter's patch, during a dry run
@@ -141,6 +172,7 @@ def main(argv=None) -> int:
     if not args.ncu:  # the new kernel's checks run even with --no-checks: it is untried on hardware
         checks += wgmma_weight_only_checks(rng, mode.wgmma_interpret, quick=args.dry_run)
     report["checks"] = checks
+    save(report, [], args.out)
     failed = [(c["check"], c.get("rel_err"), c.get("error", "")[:200]) for c in checks if not c["ok"]]
     print(f"checks: {len(checks) - len(failed)} of {len(checks)} pass; failed: {failed}", flush=True)
     sizes = [1024] if args.dry_run else [int(s) for s in args.sizes.split(",")]
@@ -160,6 +192,8 @@ def main(argv=None) -> int:
                 cases.append({"m": m, "k": k, "label": "xla bf16", "device_us": res, "wall_us": wall})
                 print(json.dumps(cases[-1]), flush=True)
             for layout, cfg, label in configs(m, size):
+                if args.only is not None and label not in args.only.split(","):
+                    continue
                 try:  # a tile that does not fit this shape (e.g. the dry run's 1024) is skipped
                     api.check_config_gpu(cfg, "w4a16", m, k, n, args.group, layout)
                 except ValueError:
@@ -181,12 +215,12 @@ def main(argv=None) -> int:
                         ws = [w] + [w ^ jnp.zeros((), w.dtype) for _ in range(r - 1)]
                         case["device_us"], case["wall_us"] = per_kernel(fn, [x], ws, (s_w,), 5, calls)
                 except Exception as e:
-                    case["error"] = repr(e)[:400]
+                    case["error"] = repr(e)[:3000]
+                    traceback.print_exc()
                 cases.append(case)
                 print(json.dumps(cases[-1]), flush=True)
-    report["cases"] = cases
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+                save(report, cases, args.out)  # a step cut short keeps what it measured
+    save(report, cases, args.out)
     stack.close()
     bad = [c for c in cases if "error" in c or c.get("rel_err", 0) > 2e-2]
     return 1 if bad else 0
