@@ -122,15 +122,14 @@ def save(report, cases, path):
 def summarize(path) -> str:
     """One line per case of a saved report: label, M, K, tile, device and wall µs, error."""
     r = json.load(open(path))
-    lines = [
-        f"{r.get('device')} jax {r.get('jax')}; checks failed: {[c['check'] for c in r['checks'] if not c['ok']]}"
-    ]
+    failed = [c["check"] for c in r["checks"] if not c["ok"]]
+    lines = [f"{r.get('device')} jax {r.get('jax')}; checks failed: {failed}"]
     for c in r["cases"]:
         cfg = c.get("config", {})
-        tile = f"{cfg.get('block_m')}x{cfg.get('block_n')}x{cfg.get('block_k')}/s{cfg.get('split_k')}/st{cfg.get('num_stages')}"
+        tile = "{block_m}x{block_n}x{block_k}/s{split_k}/st{num_stages}".format(**cfg) if cfg else ""
         dev = c.get("device_us", {}).get("total")
         lines.append(
-            f"{c['label']:9s} m={c['m']:<3d} k={c['k']:<5d} {tile if cfg else '':22s} dev={dev} wall={c.get('wall_us')}"
+            f"{c['label']:9s} m={c['m']:<3d} k={c['k']:<5d} {tile:22s} dev={dev} wall={c.get('wall_us')}"
             f" err={c.get('rel_err', '')} {c.get('error', '')[:160]}"
         )
     return "\n".join(lines)
