@@ -335,6 +335,9 @@ def main(argv=None):
         help="on CPU, run the GPU path end to end with the kernels interpreted, at small sizes and "
         "with short timing loops (wgmma included): catches script errors before device time is spent",
     )
+    p.add_argument(
+        "--int4-groups", default="none,128", help="W4A16 scale groups: 'none' (per channel) and/or sizes"
+    )
     p.add_argument("--w8a8-size", type=int, default=4096, help="M = K = N of the W8A8 cases")
     p.add_argument(
         "--w8a8",
@@ -418,13 +421,14 @@ def _run(args, stack: contextlib.ExitStack) -> None:
     t0 = time.perf_counter()
     sizes = [int(v) for v in args.sizes.split(",")]
     batches = [int(v) for v in args.batches.split(",")]
+    int4_groups = [None if g == "none" else int(g) for g in args.int4_groups.split(",")]
     plan = []
     if main_part:
         if args.w8a8:
             plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
         for size in sizes:
             for layout in args.layouts.split(","):
-                bits, groups = (8, (None,)) if layout.startswith("int8") else (4, (None, 128))
+                bits, groups = (8, (None,)) if layout.startswith("int8") else (4, int4_groups)
                 for group, m in ((g, m) for g in groups for m in batches):
                     plan.append((bits, size, m, layout, group))
         # the goals first (W8A8 4096^3, W4A16 at batch <= 16), so a run cut short by

@@ -28,9 +28,10 @@ Weights are stored ``(N, K)`` (``qjax.store_transposed``; layouts ``"n_pairs_nk"
 ``split_k`` programs each cover ``K / split_k``; their float32 partials, written transposed
 ``(split_k, parts, N / parts, M)``, are summed, transposed back, scaled per output channel
 and cast by one XLA fusion after the kernel. Per-channel scales only (a group size is
-refused: :func:`check_config`). Batch rows past M are read out of bounds by TMA (zeros on the
-GPU; under interpretation the wrapper pads instead, since jax 0.10's interpreter refuses such
-reads) and sliced away: a batch of 1 costs no extra copy.
+refused: :func:`check_config`). A batch under 8 rows in an 8-row tile is read out of bounds
+by TMA (zeros on the GPU) and sliced away, with no extra copy; other ragged batches are padded
+to the tile first (TMA refuses a tiled operand whose rows are 8 or more and not a multiple of
+8), as is every ragged batch under interpretation (jax 0.10's interpreter refuses such reads).
 
 Selected by a config with ``engine="wgmma", swap=True``: ``block_m`` is the padded batch
 tile (``wgmma``'s N: a multiple of 8 up to 64), ``block_n`` the output columns per block
@@ -203,7 +204,11 @@ def weight_only_wgmma(x, w, scales, *, layout, group_size, out_dtype, config: Bl
     parts, wgs = _parts(layout), num_compute_warpgroups(config, layout)
     m_tiles = cdiv(m, config.block_m)
     mp = m_tiles * config.block_m
-    if interpret and mp != m:  # jax 0.10's interpreter refuses the out-of-bounds TMA reads
+    if mp != m and (interpret or m > 8 or config.block_m > 8):
+        # TMA zero-fills the rows past M, but only of an array under 8 rows (a tiled operand's
+        # rows must be fewer than 8 or a multiple of 8: M = 13 failed on an H100); and jax
+        # 0.10's interpreter refuses out-of-bounds reads. M < 8 in an 8-row tile (measured:
+        # M = 1) needs no copy.
         x = jnp.pad(x, ((0, mp - m), (0, 0)))
     out = plgpu.kernel(
         functools.partial(_kernel, cfg=config, layout=layout, wgs=wgs),

@@ -173,3 +173,21 @@ def test_dispatch_takes_the_kernel_only_on_hopper_and_when_faster(monkeypatch, h
     chosen = api.choose_config("gpu", "w4a16", 4, 8192, 8192, None, "n_pairs_nk", None, None)
     assert chosen == (wgmma if hopper else triton)
     assert tuning.kernel_name("w4a16", "n_pairs_nk", "wgmma") == "w4a16_n_pairs_nk_wgmma"
+
+
+@pytest.mark.parametrize("m,bm", [(13, 16), (70, 16), (9, 8), (5, 8), (5, 16), (1, 8)])
+def test_ragged_batches_lower_for_cuda_padded_only_where_tma_needs_it(m, bm):
+    """TMA zero-fills the rows of a batch tile past M only for arrays under 8 rows (on an
+    H100, M = 13 failed to lower: "dimension 0 must have size smaller or a multiple of its
+    tiling 8"); those batches are padded to the tile first, and a batch under 8 rows in an
+    8-row tile is not copied."""
+    cfg = BlockConfig(bm, 128, 128, 2, **WG)
+    _lower("w4a16", "n_pairs_nk", m, 1024, cfg)
+    x = jax.ShapeDtypeStruct((m, 1024), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((512, 1024), jnp.int8)
+    s = jax.ShapeDtypeStruct((1024, 1), jnp.float32)
+    fn = lambda x, w, s: api.w4a16_matmul(
+        x, w, s, layout="n_pairs", b_layout="nk", platform="gpu", config=cfg
+    )
+    padded = "pad[" in str(jax.make_jaxpr(fn)(x, w, s))
+    assert padded == (not (m < 8 and bm == 8))
