@@ -8,20 +8,19 @@ a step cut short keeps what it measured). Default steps (the thirteenth session 
 the rest, experiments/results/gpu_session_2026-11-26/):
 
 0. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
-   XLA's split-K sum), at 4096 and 8192, batch 1 and 16, first of the Hopper TMA + ``wgmma``
-   weight-only kernel (new on 2026-11-27, never run on hardware: its checks run first), then
-   of the Triton tiles around the fastest W4A16 tile of 2026-11-27 (16 x 256 x 64 split 8:
-   2.38-2.41x bf16 at 8192^2, 11.7% achieved occupancy), whose checks passed on that H100
-   and are skipped.
-1. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 first (the 2026-11-26 run reached
-   one config per case there), then 4096, layouts ``n_pairs`` and ``k_halves``: the gemv
-   kernel and the inline-PTX tensor-core tiles against bf16 (the 2.5x goal).
-2. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
+   XLA's split-K sum), at 4096 and 8192, batch 1 and 16: first the inline-PTX tiles on the
+   weight stored ``(N, K)`` packed along N (``n_pairs_nk``: 2.81-2.84x bf16 at 8192^2 on an
+   H100, 2026-11-27, eighteenth session; 4096^2 never measured), then the ``(K, N)`` tiles
+   (2.38-2.41x) and last the Hopper TMA + ``wgmma`` kernel (correct there, slower). The
+   checks passed on that H100 and are skipped.
+1. ``nk``: ``bench_kernels.py`` on weights stored ``(N, K)`` at 4096 (batch 1 / 4 / 16):
+   ``n_pairs_nk`` per channel first, for the H100 table's missing 4096^2 entries (its
+   8192^2 ones do not stand for 4096^2: ``tuning.MAX_SHRINK``).
+2. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
+   ``k_halves``: the gemv kernel and the inline-PTX tensor-core tiles against bf16.
+3. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
    dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
    chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
-3. ``nk``: the weight-only kernels for weights stored ``(N, K)`` (batch 1 / 16 / 64 at
-   4096; ``int8_nk`` and most of ``n_pairs_nk`` were not reached on 2026-11-26), the
-   ``wgmma`` weight-only candidates first at batches up to 16.
 
 Also selectable (``--steps``): ``stored`` (``quantized`` on Flax ``(K, N)`` weights vs the
 same after ``qjax.store_transposed``) and ``pointwise`` (quantized 1x1 convs as dots vs as
@@ -57,11 +56,11 @@ STEPS = (
     ("breakdown", 250, 20),
     ("small", 300, 90),
     ("methods", 120, 0),
-    ("nk", 150, 60),
+    ("nk", 200, 60),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
 )
-DEFAULT_STEPS = ("breakdown", "small", "methods", "nk")
+DEFAULT_STEPS = ("breakdown", "nk", "small", "methods")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -70,7 +69,7 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
     if name in ("small", "nk"):
         args = {
             "small": ["--sizes", "8192,4096", "--batches", "1,4,16", "--layouts", "n_pairs,k_halves"],
-            "nk": ["--sizes", "4096", "--batches", "1,16,64", "--layouts", "k_pairs_nk,n_pairs_nk,int8_nk"],
+            "nk": ["--sizes", "4096", "--batches", "1,4,16", "--layouts", "n_pairs_nk,k_pairs_nk,int8_nk"],
         }[name]
         cands = ["--max-candidates", "4" if name == "small" else "3"]
         extra = ["--dry-run", "--sizes", "256", "--batches", "1,16"] if dry_run else []

@@ -132,17 +132,19 @@ _GEMV_TILES = (
 # "n_pairs_nk" / "int8_nk", per channel, batches <= 16; qjax.kernels.gpu_wgmma_weight_only):
 # (compute warpgroups, block_k, split_k, num_stages). Each warpgroup holds 64 weight rows; the
 # list varies the bytes in flight per block (warpgroups x block_k x stages) and the number of
-# blocks (N / block_n x split_k: 256-1024 at 8192^2 for int4). Not yet timed on hardware
-# (written 2026-11-27 without a device; the Triton tiles reached 44% of DRAM bandwidth)
+# blocks (N / block_n x split_k: 256-1024 at 8192^2 for int4). In the measured order (H100,
+# 2026-11-27, experiments/results/gpu_session_2026-11-27_s18/): correct, but slower than the
+# Triton inline-PTX tiles at every case timed (8192^2: 21.6-24.1 us against 16.9-20.6 us;
+# 12-19% achieved occupancy, 25-38% of DRAM bandwidth), so it is tried after them
 _WGMMA_WEIGHT_ONLY_TILES = (
-    (2, 128, 8, 4),
-    (1, 128, 8, 6),
     (2, 256, 4, 4),
-    (1, 256, 8, 4),
-    (2, 128, 16, 4),
-    (1, 128, 16, 4),
+    (2, 128, 8, 4),
     (2, 64, 8, 6),
     (1, 64, 4, 8),
+    (1, 256, 8, 4),
+    (1, 128, 8, 6),
+    (2, 128, 16, 4),
+    (1, 128, 16, 4),
 )
 _GEMV_ACC_PER_THREAD = 64  # float32 accumulator registers a thread may hold
 
@@ -221,9 +223,9 @@ def gpu_candidates(kind: str, m: int, k: int, n: int, group: int | None, layout:
         # and gemv trails (17-151 us): gemv goes first for one row only
         if m == 1:  # and the same tiles summing their split-K partials in the kernel (see above)
             fused = [dataclasses.replace(cfg, split_reduce="kernel") for cfg in first if cfg.split_k > 1]
-            c = wgmma + gemv + first + fused + swapped
+            c = gemv + first + fused + swapped + wgmma
         else:
-            c = wgmma + first + swapped + gemv
+            c = first + swapped + gemv + wgmma
     elif m <= 64:
         c = [
             BlockConfig(bm, bn, bk, split, False, 4, 4)

@@ -5,9 +5,10 @@ The tables live beside this module as ``tuning_<platform>.json`` and are written
 ``experiments/bench_kernels.py --write-table`` on the target machine. Lookup takes the entry
 of the same kernel and layout whose batch bucket (next power of two of M, at least 16)
 matches and whose ``(K, N)`` is nearest in log scale (within a factor
-:data:`MAX_SHAPE_RATIO`); the dispatch in ``qjax.quantized`` uses a kernel only where such a
-measured entry says the kernel beat, by at least :data:`MIN_SPEEDUP`, the XLA formulation it
-would otherwise run on the same stored weight (``xla_us``).
+:data:`MAX_SHAPE_RATIO`, on a weight less than :data:`MAX_SHRINK` times larger); the
+dispatch in ``qjax.quantized`` uses a kernel only where such a measured entry says the
+kernel beat, by at least :data:`MIN_SPEEDUP`, the XLA formulation it would otherwise run on
+the same stored weight (``xla_us``).
 
 A GPU table records the compute capability it was measured on and applies only to GPUs of
 that capability (timings from a Hopper say nothing about an Ampere part); on any other GPU
@@ -39,6 +40,12 @@ _DIR = Path(__file__).parent
 MIN_SPEEDUP = 1.05
 # how far (factor in K and in N) a measured entry stands for an unmeasured shape
 MAX_SHAPE_RATIO = 4.0
+# and how much smaller a weight (K x N) it stands for: a kernel's fixed costs (launch, pipeline
+# fill, the split-K sum) weigh more on a smaller weight, so a speedup does not carry down. On
+# an H100 (2026-11-26/27) the W4A16 tile at 2.4x bf16 on 8192^2 ran at 1.9x on 4096^2, and
+# XLA's (N, K) int4 path that it beat by 1.2x at 8192^2, M = 16, ran 7.8 us at 4096^2 against
+# ~9 us for the kernels: an entry at 8192^2 must not stand for 4096^2.
+MAX_SHRINK = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,9 +193,10 @@ def lookup(
     """The tuned entry nearest to ``(m, k, n)`` for ``kernel``, or ``None``.
 
     Only entries of the same kernel, group size and batch bucket, measured within a factor
-    :data:`MAX_SHAPE_RATIO` of K and of N, qualify (a speedup measured at 4096 says little
-    about K = 256); among them the one nearest in ``log K + log N``, then nearest in M (on
-    a tie the larger M, whatever the file's order).
+    :data:`MAX_SHAPE_RATIO` of K and of N and on a weight at most :data:`MAX_SHRINK` times
+    larger than ``K x N``, qualify (a speedup measured at 4096 says little about K = 256,
+    and one measured at 8192^2 overstates 4096^2); among them the one nearest in
+    ``log K + log N``, then nearest in M (on a tie the larger M, whatever the file's order).
     """
     entries = load_table(platform) if entries is None else entries
     bucket, near = m_bucket(m), math.log(MAX_SHAPE_RATIO) + 1e-9
@@ -200,6 +208,7 @@ def lookup(
         and m_bucket(e.m) == bucket
         and abs(math.log(e.k / k)) <= near
         and abs(math.log(e.n / n)) <= near
+        and e.k * e.n < MAX_SHRINK * k * n
     ]
     if not same:
         return None

@@ -27,6 +27,22 @@ def test_lookup_ignores_entries_measured_far_from_the_shape():
     assert tuning.lookup("gpu", "w8a16", 8, 4096, 256, None, entries) is None  # N far off
 
 
+def test_lookup_does_not_carry_a_speedup_down_to_a_much_smaller_weight():
+    """A kernel's fixed costs weigh more on a smaller weight (H100: 2.4x bf16 at 8192^2, 1.9x
+    at 4096^2), so an entry stands for a weight up to MAX_SHRINK times smaller, exclusive,
+    but for any larger one within MAX_SHAPE_RATIO per axis."""
+    entries = (_entry(16, 8192, 8192),)
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 4096, None, entries) is None  # a quarter of it
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 8192, None, entries) is None  # half: not less
+    assert tuning.lookup("gpu", "w8a16", 8, 4097, 8192, None, entries) is not None
+    assert tuning.lookup("gpu", "w8a16", 8, 5504, 8192, None, entries) is not None  # a LLaMA MLP's
+    assert tuning.lookup("gpu", "w8a16", 8, 32768, 16384, None, entries) is not None  # larger
+    # the nearer of two entries still wins where both qualify
+    both = (*entries, _entry(16, 4096, 4096, config=BlockConfig(16, 128, 64, 4, True)))
+    assert tuning.lookup("gpu", "w8a16", 8, 4096, 4096, None, both).k == 4096
+    assert tuning.lookup("gpu", "w8a16", 8, 6000, 6000, None, both).k == 8192
+
+
 def test_lookup_prefers_the_nearest_batch_within_a_bucket():
     entries = (_entry(1, 4096, 4096, 10.0), _entry(4, 4096, 4096, 20.0), _entry(16, 4096, 4096, 30.0))
     assert [tuning.lookup("gpu", "w8a16", m, 4096, 4096, None, entries).m for m in (1, 3, 5, 12, 16)] == [
@@ -116,7 +132,10 @@ def test_a_model_table_replaces_what_it_measured(tmp_path, monkeypatch):
     # w8a16 at bucket 16: the model's own entry only; the other kernels and buckets: shared
     assert sorted(got) == [("w8a16", 16), ("w8a16", 64), ("w8a8", 16)] and len(entries) == 3
     assert got["w8a16", 16].config == other and got["w8a16", 16].k == 8192
-    assert tuning.lookup("gpu", "w8a16", 1, 4096, 4096, None, entries).config == other
+    assert tuning.lookup("gpu", "w8a16", 1, 6144, 8192, None, entries).config == other
+    # the shared 4096^2 entry of that bucket is replaced, and the model's 8192^2 one does not
+    # stand for a weight a quarter its size (MAX_SHRINK): XLA there
+    assert tuning.lookup("gpu", "w8a16", 1, 4096, 4096, None, entries) is None
     assert tuning.lookup("gpu", "w8a16", 64, 4096, 4096, None, entries).config == CFG
 
 
@@ -271,6 +290,30 @@ def test_the_h100_table_drives_auto_on_an_h100(monkeypatch):
     monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H200")
     plan, why = dispatch.plan(*args)
     assert plan is None and "no measured speedup" in why
+
+
+@pytest.mark.parametrize(
+    "m,size,taken",
+    [(1, 8192, True), (16, 8192, True), (4, 8192, False), (1, 4096, False), (16, 4096, False)],
+)
+def test_the_h100_table_takes_the_nk_tile_where_it_measured_it_faster(m, size, taken, monkeypatch):
+    """int4 per channel stored (N, K) packed along N (``qjax.store_transposed``'s layout), on
+    an H100 (2026-11-27, eighteenth session): at 8192^2 the inline-PTX tile beat XLA's int4 path
+    at M = 1 and 16 (25.2 vs 41.6 and 28.8 vs 36.1 us wall) and tied it at M = 4 (27.2 vs 26.9);
+    4096^2 was not measured, and the 8192^2 entries do not stand for it (MAX_SHRINK)."""
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
+    monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(0,), pack_axis=0)
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (size, size)), spec)
+    x = jnp.ones((m, size), jnp.bfloat16)
+    plan, why = dispatch.plan(x, w, (((1,), (1,)), ((), ())), None, None, None, "auto")
+    assert (plan is not None) == taken, why
+    if taken:
+        assert (plan.kind, plan.layout, plan.config.dequant) == ("w4a16", "n_pairs_nk", "ptx")
+    else:
+        assert "no measured speedup" in why, why
 
 
 def test_markdown_tables_of_saved_reports(bench):
