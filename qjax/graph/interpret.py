@@ -89,6 +89,18 @@ class Handler:
 
     per_shard_emits: bool = False
 
+    @property
+    def visits_activation_ops(self) -> bool:
+        """Whether :meth:`activation_op` should see the ``dot_general`` ops that read no
+        weight (the walker then also enters ``jit`` / control-flow bodies that read none).
+        ``False`` by default: such ops run unchanged."""
+        return False
+
+    def activation_op(self, eqn, invals: list) -> list | None:
+        """What a ``dot_general`` between two activations (no weight operand) becomes,
+        when :attr:`visits_activation_ops`; ``None`` (default) binds it unchanged."""
+        return None
+
     def loop_reduction(self, key: str) -> str | None:
         """How the values emitted under ``key`` inside a ``while_loop`` body (a data-dependent
         number of iterations, so they cannot be stacked) combine over the iterations:
@@ -182,17 +194,27 @@ def evaluate(jaxpr, consts, args, handler: Handler, emit: Callable[[str, Any], N
         env[v] = x
     for v, x in zip(jaxpr.invars, args):
         env[v] = x
+    activations = handler.visits_activation_ops
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        outs = _eval_eqn(eqn, invals, handler, emit) if _has_ref(invals) else bind_eqn(eqn, invals)
+        visit = _has_ref(invals) or (activations and _may_hold_activation_op(eqn))
+        outs = _eval_eqn(eqn, invals, handler, emit) if visit else bind_eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
     return [read(v) for v in jaxpr.outvars]
 
 
+def _may_hold_activation_op(eqn) -> bool:
+    """A ``dot_general``, or a call / control-flow op whose body may hold one."""
+    return eqn.primitive.name == "dot_general" or eqn.primitive.name in _RULES
+
+
 def _eval_eqn(eqn, invals, handler, emit):
     name = eqn.primitive.name
+    if name == "dot_general" and not _has_ref(invals):
+        out = handler.activation_op(eqn, invals)
+        return out if out is not None else bind_eqn(eqn, invals)
     if name in TARGET_PRIMITIVES:
         out = handler.target(eqn, invals, emit)
         return out if out is not None else _bind_values(eqn, invals, handler)

@@ -10,7 +10,7 @@ from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
-from qjax.quant.policy import Policy, Rule
+from qjax.quant.policy import OpRule, Policy, Rule
 from qjax.quant.qat import fake_quantized
 from qjax.quant.serve import quantized
 from qjax.quant.smoothing import smooth, with_input_scales
@@ -46,6 +46,7 @@ __all__ = [
     "quantized",
     "Footprint",
     "LeafFootprint",
+    "OpRule",
     "Policy",
     "Rule",
     "dequantize_params",

@@ -32,12 +32,14 @@ _COMPUTE = ("pallas_call", "dot_general", "conv_general_dilated")
 
 @dataclasses.dataclass(frozen=True)
 class OpDispatch:
-    """What the op(s) reading one params leaf run.
+    """What the op(s) reading one params leaf run, or one matmul between two activations
+    that a :class:`qjax.OpRule` matched.
 
     Attributes:
-      path: the leaf's path.
+      path: the leaf's path, or the matmul's name stack.
       quantized: whether the weight is quantized (a quantized leaf, or a rule with a
-        ``weight`` spec); ``False``: the float op runs.
+        ``weight`` spec; for a matmul between activations: always, as its ``OpRule``
+        says); ``False``: the float op runs.
       runs: one entry per distinct compute primitive, in program order:
         ``"pallas:<kernel name>"`` or ``"xla:<primitive> <operand dtypes> -> <dtype>"``
         (a weight-only op on XLA may show float operands: codes converted in the dot).
@@ -104,7 +106,8 @@ def dispatch_report(f: Callable, policy: Policy, *, backend: str = "auto") -> Ca
     Returns:
       A function of ``(params, *args, **kwargs)`` (traced only: arrays or
       ``jax.ShapeDtypeStruct``s) returning one :class:`OpDispatch` per params leaf read by a
-      matmul or conv, in the order the program first reads them.
+      matmul or conv, and per matmul between two activations an ``OpRule`` matched, in
+      program order.
 
     Raises:
       ValueError: as ``qjax.quantized`` (e.g. ``backend="pallas"`` and an op no kernel
@@ -121,11 +124,12 @@ def dispatch_report(f: Callable, policy: Policy, *, backend: str = "auto") -> Ca
         found: dict[str, list[str]] = {}
         _collect(closed.jaxpr, found)
         leaves = dict(leaves_with_paths(params))
-        return [
-            OpDispatch(
-                path, is_quantized(leaves.get(path)) or policy.weight_spec(path) is not None, tuple(runs)
-            )
-            for path, runs in found.items()
-        ]
+
+        def quantized_op(path: str) -> bool:
+            if path not in leaves:  # a matmul between activations, named by its OpRule's scope
+                return policy.op_match(path) is not None
+            return is_quantized(leaves[path]) or policy.weight_spec(path) is not None
+
+        return [OpDispatch(path, quantized_op(path), tuple(runs)) for path, runs in found.items()]
 
     return report

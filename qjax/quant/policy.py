@@ -1,5 +1,6 @@
 """Quantization policies: rules from a leaf path to the quantization of that leaf
-(``weight``) and of the activations of the ops that read it (``act``)."""
+(``weight``) and of the activations of the ops that read it (``act``), and rules from an
+op's name scope to the quantization of a matmul between two activations (:class:`OpRule`)."""
 
 from __future__ import annotations
 
@@ -68,8 +69,70 @@ class Rule:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class OpRule:
+    """Quantize the matmuls between two activations (attention's ``QKᵀ`` and ``PV``, a
+    product with a KV cache) that run under a matching name scope.
+
+    Leaf rules select ops by the weight they read; a matmul of two activations reads none,
+    so it is selected by where it runs: ``pattern`` is matched with ``re.fullmatch``
+    against the op's name stack, as a profile shows it. Flax modules and
+    ``jax.named_scope`` name it, and ``jnp.einsum`` adds its subscripts, e.g.
+    ``"Model/layer_0/attn/...qhd,...khd->...hqk"`` for a Flax ``MultiHeadDotProductAttention``
+    named ``attn``. Only ``dot_general`` ops that read no params leaf are matched; a
+    function transform whose policy has an ``OpRule`` that matches none of them raises,
+    listing the name stacks it saw.
+
+    Args:
+      pattern: regular expression over the name stack of the op.
+      lhs, rhs: how to quantize each operand, dynamically (from the data, per call; e.g.
+        ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)``: one scale per index of every
+        axis not summed over), or ``None`` to keep it float. At least one.
+
+    ``qjax.quantized`` runs a matched op as ``qjax.quantized_dot_general`` (int8 x int8 ->
+    int32 when both are integer formats); ``qjax.fake_quantized`` fake-quantizes both
+    operands (straight-through gradients) and runs the float op.
+
+    Raises:
+      TypeError / ValueError: bad pattern or spec types, no spec, or a static-only spec
+        option (the message names the pattern).
+
+    Example:
+      >>> per_token = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+      >>> policy = qjax.Policy([
+      ...     qjax.Rule(r".*/kernel", weight=w8, act=per_token),
+      ...     qjax.OpRule(r".*/attn/.*->.*", lhs=per_token, rhs=per_token),
+      ... ])
+    """
+
+    pattern: str
+    lhs: QuantSpec | None = None
+    rhs: QuantSpec | None = None
+
+    def __post_init__(self):
+        compile_pattern(self.pattern)
+        for name in ("lhs", "rhs"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, QuantSpec):
+                raise TypeError(
+                    f"OpRule {self.pattern!r}: {name} must be a qjax.QuantSpec or None, got {v!r}"
+                )
+            if v is not None and v.ste == "lsq":
+                raise ValueError(f"OpRule {self.pattern!r}: {name}: ste='lsq' learns a weight scale, not one")
+        if self.lhs is None and self.rhs is None:
+            raise ValueError(f"OpRule {self.pattern!r}: give lhs= and/or rhs= (nothing to quantize)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "pattern": self.pattern,
+            "lhs": None if self.lhs is None else self.lhs.to_dict(),
+            "rhs": None if self.rhs is None else self.rhs.to_dict(),
+        }
+
+
 class Policy:
-    """An immutable, ordered list of :class:`Rule` (first match wins).
+    """An immutable, ordered list of :class:`Rule` and :class:`OpRule` (first match wins
+    among each kind).
 
     Example:
       >>> policy = qjax.Policy([
@@ -77,17 +140,32 @@ class Policy:
       ...     qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(-1,))),
       ... ])
 
+    Attributes:
+      rules: the leaf rules, in order.
+      op_rules: the :class:`OpRule` entries, in order.
+
     Raises:
-      TypeError: an entry is not a :class:`Rule`.
+      TypeError: an entry is neither a :class:`Rule` nor an :class:`OpRule`.
     """
 
-    def __init__(self, rules: Iterable[Rule]):
-        rules = tuple(rules)
-        for i, r in enumerate(rules):
-            if not isinstance(r, Rule):
-                raise TypeError(f"Policy entry {i} must be a qjax.Rule, got {r!r}")
-        self.rules: tuple[Rule, ...] = rules
-        self._set = RuleSet((r.pattern, None if r.skips else r) for r in rules)
+    def __init__(self, rules: Iterable[Rule | OpRule]):
+        entries = tuple(rules)
+        for i, r in enumerate(entries):
+            if not isinstance(r, (Rule, OpRule)):
+                raise TypeError(f"Policy entry {i} must be a qjax.Rule or qjax.OpRule, got {r!r}")
+        self.rules: tuple[Rule, ...] = tuple(r for r in entries if isinstance(r, Rule))
+        self.op_rules: tuple[OpRule, ...] = tuple(r for r in entries if isinstance(r, OpRule))
+        self._set = RuleSet((r.pattern, None if r.skips else r) for r in self.rules)
+        self._op_set = RuleSet((r.pattern, r) for r in self.op_rules)
+
+    def op_match(self, scope: str) -> Match[OpRule] | None:
+        """The first :class:`OpRule` whose pattern matches the name stack ``scope``."""
+        return self._op_set.match(scope)
+
+    def unused_op_rules(self, scopes: Iterable[str]) -> list[str]:
+        """:class:`OpRule` patterns that match none of the name stacks ``scopes`` (first
+        match wins: a rule shadowed by an earlier one counts as unused)."""
+        return self._op_set.unused(list(scopes))
 
     @property
     def ruleset(self) -> RuleSet[Rule]:
@@ -114,7 +192,10 @@ class Policy:
 
     def to_json(self) -> str:
         """Serialise to JSON (see :meth:`from_json`)."""
-        return json.dumps({"qjax_policy": 1, "rules": [r.to_dict() for r in self.rules]}, indent=2)
+        doc: dict[str, Any] = {"qjax_policy": 1, "rules": [r.to_dict() for r in self.rules]}
+        if self.op_rules:
+            doc["op_rules"] = [r.to_dict() for r in self.op_rules]
+        return json.dumps(doc, indent=2)
 
     @classmethod
     def from_json(cls, text: str) -> Policy:
@@ -139,16 +220,22 @@ class Policy:
                 )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"policy rule {i} is malformed: {e}") from e
+        spec = lambda d: None if d is None else spec_from_dict(d)
+        for i, r in enumerate(data.get("op_rules", [])):
+            try:
+                rules.append(OpRule(r["pattern"], lhs=spec(r.get("lhs")), rhs=spec(r.get("rhs"))))
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"policy op rule {i} is malformed: {e}") from e
         return cls(rules)
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, Policy) and self.rules == other.rules
+        return isinstance(other, Policy) and (self.rules, self.op_rules) == (other.rules, other.op_rules)
 
     def __hash__(self) -> int:
-        return hash(self.rules)
+        return hash((self.rules, self.op_rules))
 
     def __repr__(self) -> str:
-        return "Policy([\n" + "".join(f"    {r!r},\n" for r in self.rules) + "])"
+        return "Policy([\n" + "".join(f"    {r!r},\n" for r in (*self.rules, *self.op_rules)) + "])"
 
 
 def check_policy(policy: object) -> Policy:

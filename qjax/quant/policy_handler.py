@@ -1,6 +1,7 @@
 """The policy-driven handler of the graph walker that ``quantized``, ``fake_quantized`` and
-``calibrate`` share: which rule an op's weight matched, errors named by leaf and rule, and
-a warning for weights whose activations a rule quantizes but that no matmul/conv reads."""
+``calibrate`` share: which rule an op's weight matched, errors named by leaf and rule, a
+warning for weights whose activations a rule quantizes but that no matmul/conv reads, and
+the :class:`~qjax.quant.policy.OpRule` matching of matmuls between two activations."""
 
 from __future__ import annotations
 
@@ -80,6 +81,45 @@ class _PolicyHandler(Handler):
         self.policy = policy
         self._targeted: set[str] = set()
         self._other_reads: dict[str, str] = {}  # path -> the first non-target op reading it
+        self._activation_scopes: list[str] = []  # name stacks of the matmuls between activations
+
+    @property
+    def visits_activation_ops(self) -> bool:
+        return bool(self.policy.op_rules)
+
+    def activation_op(self, eqn, invals):
+        """A matmul between two activations: the first ``OpRule`` matching its name
+        stack, handed to :meth:`quantize_activation_op` with its specs resolved for the op
+        (``PER_TOKEN`` -> axes); errors name the scope and the rule."""
+        scope = str(eqn.source_info.name_stack)
+        self._activation_scopes.append(scope)
+        m = self.policy.op_match(scope)
+        if m is None:
+            return None
+        try:
+            lspec, rspec = (
+                None if spec is None else _resolve_act_spec(spec, eqn, i)
+                for i, spec in enumerate((m.value.lhs, m.value.rhs))
+            )
+            return self.quantize_activation_op(eqn, invals, lspec, rspec, scope)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"matmul at name scope {scope!r} (op rule {m.index} {m.pattern!r}): {e}") from e
+
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str) -> list | None:
+        """What a matched matmul between two activations becomes; ``None`` (default, e.g.
+        calibration: such ops are quantized dynamically) runs it unchanged."""
+        return None
+
+    def check_op_rules(self) -> None:
+        """Raise when an ``OpRule`` matched no matmul between two activations (a typo
+        in a scope pattern would otherwise leave attention in float silently)."""
+        unused = self.policy.unused_op_rules(self._activation_scopes)
+        if unused:
+            seen = sorted(set(self._activation_scopes)) or ["none"]
+            raise ValueError(
+                f"op rule patterns {unused} matched no matmul between two activations (re.fullmatch "
+                f"against the op's name stack). The name stacks of such matmuls were: {seen}"
+            )
 
     def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:
         """``(operand index, weight ref, matched rule or None)``, or ``None`` when the op
@@ -99,8 +139,10 @@ class _PolicyHandler(Handler):
 
     def finish(self) -> None:
         """Called once the function has been evaluated: warns about activations no
-        matmul/conv quantized (:meth:`warn_unread_activations`)."""
+        matmul/conv quantized (:meth:`warn_unread_activations`), and raises for an
+        ``OpRule`` that matched no op (:meth:`check_op_rules`)."""
         self.warn_unread_activations()
+        self.check_op_rules()
 
     def warn_unread_activations(self) -> None:
         """Warn, once per leaf, about each leaf whose rule quantizes the activations of the

@@ -177,6 +177,15 @@ class _FakeQuant(_PolicyHandler):
             return [op(act, w_leaf, static)]
         return [fake_path(act, w_leaf, static)]
 
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
+        """A matmul between two activations matched by an ``OpRule``: each operand with a
+        spec fake-quantized (dynamic scales, straight-through gradients), then the op."""
+        operands = [
+            x if spec is None else fake_quant(x, spec, key=fold_in_path(self.key, f"{scope}:{side}"))
+            for x, spec, side in zip(invals, (lhs_spec, rhs_spec), ("lhs", "rhs"), strict=True)
+        ]
+        return bind_eqn(eqn, operands)
+
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
         """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
         is without one)."""
@@ -320,6 +329,11 @@ def fake_quantized(
     leaf's values. So apply pruning masks to the params before calling the transformed
     function, ``fake_quantized(f, policy)(apply_masks_ste(params, masks), x)``, when the
     deployed model quantizes the masked weight.
+
+    A matmul between two activations (attention, a KV cache) that one of the policy's
+    :class:`qjax.OpRule` matches by name scope gets both operands fake-quantized with
+    dynamic scales (their specs' ``ste`` gradients), as ``quantized`` serves it; an
+    ``OpRule`` that matches no such op raises a ``ValueError`` listing their name stacks.
 
     Args:
       f: ``f(params, *args, **kwargs)``.

@@ -224,6 +224,23 @@ class _Serve(_PolicyHandler):
             args = [_dequantized_operand(x, rule) if x is ref else materialize(x) for x in invals]
             return bind_eqn(eqn, args)
 
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
+        """A matmul between two activations matched by an ``OpRule``: both operands
+        quantized dynamically, on XLA (int8 x int8 -> int32 for integer formats)."""
+        from qjax.quant import ops  # the op library sits beside this module
+
+        p = eqn.params
+        with jax.named_scope(op_scope(scope)):
+            y = ops.quantized_dot_general(
+                *invals,
+                p["dimension_numbers"],
+                lhs_spec=lhs_spec,
+                rhs_spec=rhs_spec,
+                out_dtype=eqn.outvars[0].aval.dtype,
+                backend="xla",
+            )
+        return [y]
+
     def _op(self, eqn, invals, wi: int, ref: WeightRef, rule: Rule | None) -> list | None:
         if eqn.primitive.name == "conv_general_dilated" and wi != 1:
             return None
@@ -250,10 +267,14 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     op sums over is refused, here and by :func:`fake_quantized`, except per group along the
     contracted axis of a matmul or of a pointwise (1×1, unpadded, ungrouped) convolution,
     which runs as a matmul: int4 grouped along the input channels of a 3×3 conv is refused.
+    A matmul between two activations (attention, a KV cache) that one of the policy's
+    :class:`qjax.OpRule` matches by name scope runs with its operands quantized dynamically
+    (int8 x int8 -> int32 for integer formats), on XLA.
 
     Args:
       f: the function, called as ``f(params, *args, **kwargs)``.
-      policy: the rules that say how each params leaf is quantized.
+      policy: the rules that say how each params leaf (and matmul between activations) is
+        quantized.
       backend: where matmuls run: ``"auto"`` (a Pallas kernel where the tuning table
         measured one faster, else XLA), ``"xla"``, ``"pallas"`` (the kernel, or a
         ``ValueError`` naming the leaf and why not) or ``"interpret-gpu"`` /
@@ -267,7 +288,8 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
 
     Raises:
       ValueError: a rule that does not fit its leaf or op (the message names the leaf
-        and the rule), or a forced kernel that cannot run an op.
+        and the rule), a forced kernel that cannot run an op, or an ``OpRule`` that
+        matches no matmul between two activations (the message lists their name stacks).
 
     Warns:
       UserWarning: a leaf whose rule has an ``act`` spec is read by no matmul/conv as its
