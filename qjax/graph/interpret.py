@@ -44,6 +44,7 @@ Handlers may ``emit`` values (e.g. calibration statistics) keyed by path; inside
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -96,9 +97,11 @@ class Handler:
         ``False`` by default: such ops run unchanged."""
         return False
 
-    def activation_op(self, eqn, invals: list) -> list | None:
+    def activation_op(self, eqn, invals: list, scope: str) -> list | None:
         """What a ``dot_general`` between two activations (no weight operand) becomes,
-        when :attr:`visits_activation_ops`; ``None`` (default) binds it unchanged."""
+        when :attr:`visits_activation_ops`; ``scope``: its name stack joined to those of
+        the calls and loops it runs in (:func:`full_scope`). ``None`` (default) binds it
+        unchanged."""
         return None
 
     def loop_reduction(self, key: str) -> str | None:
@@ -183,8 +186,12 @@ def _has_ref(values) -> bool:
     return any(isinstance(v, WeightRef) for v in values)
 
 
-def evaluate(jaxpr, consts, args, handler: Handler, emit: Callable[[str, Any], None]) -> list:
-    """Evaluate an (open) ``jaxpr`` on ``consts`` and ``args`` (values or ``WeightRef``s)."""
+def evaluate(
+    jaxpr, consts, args, handler: Handler, emit: Callable[[str, Any], None], scope: str = ""
+) -> list:
+    """Evaluate an (open) ``jaxpr`` on ``consts`` and ``args`` (values or ``WeightRef``s);
+    ``scope``: the name stack of the call or loop whose body it is (an inlined body's
+    equations record their name stack relative to it)."""
     env: dict = {}
 
     def read(v):
@@ -198,7 +205,7 @@ def evaluate(jaxpr, consts, args, handler: Handler, emit: Callable[[str, Any], N
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         visit = _has_ref(invals) or (activations and _may_hold_activation_op(eqn))
-        outs = _eval_eqn(eqn, invals, handler, emit) if visit else bind_eqn(eqn, invals)
+        outs = _eval_eqn(eqn, invals, handler, emit, scope) if visit else bind_eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = x
@@ -210,10 +217,19 @@ def _may_hold_activation_op(eqn) -> bool:
     return eqn.primitive.name == "dot_general" or eqn.primitive.name in _RULES
 
 
-def _eval_eqn(eqn, invals, handler, emit):
+def full_scope(enclosing: str, eqn) -> str:
+    """The name stack of ``eqn`` joined to the ``enclosing`` call's or loop's: the module
+    path and named scopes it runs under, as written (the walker inlines bodies, whose
+    equations record their name stack relative to the call)."""
+    own = str(eqn.source_info.name_stack)
+    return f"{enclosing}/{own}" if enclosing and own else enclosing or own
+
+
+def _eval_eqn(eqn, invals, handler, emit, enclosing: str = ""):
     name = eqn.primitive.name
+    scope = full_scope(enclosing, eqn)
     if name == "dot_general" and not _has_ref(invals):
-        out = handler.activation_op(eqn, invals)
+        out = handler.activation_op(eqn, invals, scope)
         return out if out is not None else bind_eqn(eqn, invals)
     if name in TARGET_PRIMITIVES:
         out = handler.target(eqn, invals, emit)
@@ -231,7 +247,7 @@ def _eval_eqn(eqn, invals, handler, emit):
         return unstack_views(eqn, invals[0])
     rule = _RULES.get(name)
     if rule is not None:
-        return rule(eqn, invals, handler, emit)
+        return rule(eqn, invals, handler, emit, scope)
     out = handler.other(eqn, invals, emit)
     return out if out is not None else _bind_values(eqn, invals, handler)
 
@@ -252,16 +268,16 @@ def _barrier(eqn, invals, handler) -> list:
     ]
 
 
-def _closed(sub, args, handler, emit):
-    return evaluate(sub.jaxpr, sub.consts, args, handler, emit)
+def _closed(sub, args, handler, emit, scope: str):
+    return evaluate(sub.jaxpr, sub.consts, args, handler, emit, scope)
 
 
 def _inline(key):
     """Evaluate a call's body in place; a weight (view) it returns stays a ``WeightRef``
     (``lax.dynamic_index_in_dim``, ``jnp.rot90`` and a user's jitted helpers return views)."""
 
-    def rule(eqn, invals, handler, emit):
-        return _closed(eqn.params[key], invals, handler, emit)
+    def rule(eqn, invals, handler, emit, scope):
+        return _closed(eqn.params[key], invals, handler, emit, scope)
 
     return rule
 
@@ -288,15 +304,15 @@ def _custom_derivative(key):
     binarized layer, a weight no rule matches)."""
     inline = _inline(key)
 
-    def rule(eqn, invals, handler, emit):
+    def rule(eqn, invals, handler, emit, scope):
         probe = _Probe(handler)
 
         def trial():
-            _closed(eqn.params[key], invals, probe, lambda k, v: None)
+            _closed(eqn.params[key], invals, probe, lambda k, v: None, scope)
 
         jax.eval_shape(trial)
         if probe.found:
-            return inline(eqn, invals, handler, emit)
+            return inline(eqn, invals, handler, emit, scope)
         return _bind_values(eqn, invals, handler)
 
     return rule
@@ -359,7 +375,7 @@ def _scan_parts(ref: WeightRef, length: int):
     return [a for a, p in zip(leaves, per_layer) if p], rebuild
 
 
-def _scan(eqn, invals, handler, emit):
+def _scan(eqn, invals, handler, emit, scope):
     p = eqn.params
     num_consts, num_carry = scan_counts(p)
     consts, init, xs = _split(invals, num_consts, num_carry)
@@ -374,7 +390,10 @@ def _scan(eqn, invals, handler, emit):
     def step(carry, x_slices):
         local = _Emitter()
         x_vals = [x if part is None else part[1](x) for part, x in zip(parts, x_slices)]
-        outs = [_value(handler, o, "scan") for o in _closed(body, [*consts, *carry, *x_vals], handler, local)]
+        outs = [
+            _value(handler, o, "scan")
+            for o in _closed(body, [*consts, *carry, *x_vals], handler, local, scope)
+        ]
         return outs[:num_carry], (outs[num_carry:], local.values)
 
     carry, (ys, emitted) = lax.scan(
@@ -402,13 +421,13 @@ def _no_emit(what):
     return forbid
 
 
-def _cond(eqn, invals, handler, emit):
+def _cond(eqn, invals, handler, emit, scope):
     index, *ops = invals
     branches = eqn.params["branches"]
 
     def run_branch(sub):
         local = _Emitter()
-        outs = [_value(handler, o, "cond") for o in _closed(sub, ops, handler, local)]
+        outs = [_value(handler, o, "cond") for o in _closed(sub, ops, handler, local, scope)]
         return outs, local.values
 
     # Emitted values must have one structure across branches: find the union first (an
@@ -437,19 +456,19 @@ def _cond(eqn, invals, handler, emit):
     return outs
 
 
-def _while(eqn, invals, handler, emit):
+def _while(eqn, invals, handler, emit, scope):
     p = eqn.params
     cond_consts, body_consts, init = _split(invals, p["cond_nconsts"], p["body_nconsts"])
     init = [_value(handler, x, "while") for x in init]
 
     def cond(carry):
         return _closed(
-            p["cond_jaxpr"], [*cond_consts, *carry], handler, _no_emit("lax.while_loop's condition")
+            p["cond_jaxpr"], [*cond_consts, *carry], handler, _no_emit("lax.while_loop's condition"), scope
         )[0]
 
     def body_values(carry):
         local = _Emitter()
-        body = _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local)
+        body = _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local, scope)
         outs = [_value(handler, o, "while") for o in body]
         return outs, local.values
 
@@ -479,7 +498,7 @@ def _while(eqn, invals, handler, emit):
     return carry
 
 
-def _remat(eqn, invals, handler, emit):
+def _remat(eqn, invals, handler, emit, scope):
     p = eqn.params
     is_ref = [isinstance(x, WeightRef) for x in invals]
     plain = [x for x, r in zip(invals, is_ref) if not r]
@@ -488,7 +507,7 @@ def _remat(eqn, invals, handler, emit):
         it = iter(plain_args)
         args = [x if r else next(it) for x, r in zip(invals, is_ref)]
         local = _Emitter()
-        outs = evaluate(p["jaxpr"], [], args, handler, local)
+        outs = evaluate(p["jaxpr"], [], args, handler, local, scope)
         return [_value(handler, o, "checkpoint") for o in outs], local.values
 
     outs, emitted = jax.checkpoint(fn, prevent_cse=p["prevent_cse"], policy=p["policy"])(*plain)
@@ -498,10 +517,11 @@ def _remat(eqn, invals, handler, emit):
     return outs
 
 
-def _shard_map(eqn, invals, handler, emit):
+def _shard_map(eqn, invals, handler, emit, scope):
     from qjax.graph.sharding import shard_map_rule  # sharding details live apart
 
-    return shard_map_rule(eqn, invals, handler, emit, evaluate, WeightRef, _Emitter)
+    inner = functools.partial(evaluate, scope=scope)
+    return shard_map_rule(eqn, invals, handler, emit, inner, WeightRef, _Emitter)
 
 
 _RULES: dict[str, Callable] = {

@@ -228,7 +228,13 @@ def prepare(name: str, x, rspec: QuantSpec | None, scale, zero_point, key) -> Op
 
 def _lean_dynamic(spec: QuantSpec) -> bool:
     """Integer specs whose data-derived scale cannot clip, without groups or packing."""
-    return not spec.format.is_float and spec.group_size is None and not spec.packed and never_clips(spec)
+    return (
+        not spec.format.is_float
+        and spec.group_size is None
+        and not spec.packed
+        and spec.scale_dtype is None  # a rounded scale (bfloat16, e8m0) goes through quantize
+        and never_clips(spec)
+    )
 
 
 def _quantize_dynamic_absmax(x: jax.Array, spec: QuantSpec) -> QArray:
@@ -242,7 +248,7 @@ def _quantize_dynamic_absmax(x: jax.Array, spec: QuantSpec) -> QArray:
     channel = {a % x.ndim for a in layout.channel_axes}
     axes = tuple(d for d in range(x.ndim) if d not in channel)
     xf = x.astype(compute_dtype(x.dtype))
-    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True)
+    amax = jnp.max(jnp.abs(xf), axis=axes, keepdims=True, initial=0.0)  # 0 for an empty axis
     # as scale_from_range: a non-zero token keeps at least the smallest normal scale (a
     # subnormal one is flushed to 0 on XLA:CPU, which made a token of ~1e-38 all zeros)
     s = jnp.maximum(amax * (1.0 / spec.format.qmax), jnp.finfo(xf.dtype).tiny)

@@ -76,12 +76,16 @@ class OpRule:
 
     Leaf rules select ops by the weight they read; a matmul of two activations reads none,
     so it is selected by where it runs: ``pattern`` is matched with ``re.fullmatch``
-    against the op's name stack, as a profile shows it. Flax modules and
-    ``jax.named_scope`` name it, and ``jnp.einsum`` adds its subscripts, e.g.
-    ``"Model/layer_0/attn/...qhd,...khd->...hqk"`` for a Flax ``MultiHeadDotProductAttention``
-    named ``attn``. Only ``dot_general`` ops that read no params leaf are matched; a
-    function transform whose policy has an ``OpRule`` that matches none of them raises,
-    listing the name stacks it saw.
+    against the op's name stack: the Linen module path and ``jax.named_scope`` names it
+    runs under, then ``jnp.einsum``'s subscripts, e.g.
+    ``"Model/layer_0/attn/...qhd,...khd->...hqk"`` for a Linen
+    ``MultiHeadDotProductAttention`` named ``attn``, also inside ``jit``, ``nn.remat``,
+    ``nn.scan`` and other control flow (the transformation names a profile adds, such as
+    ``jit(f)`` or ``checkpoint``, are not part of it; ``vmap(...)`` around an op inside
+    ``f`` is). Flax NNX modules add no scope: wrap the call in ``jax.named_scope``. Only
+    ``dot_general`` ops that read no params leaf and whose operands are floating point are
+    matched; a function transform whose policy has an ``OpRule`` that matches none of them
+    raises, listing the name stacks it saw.
 
     Args:
       pattern: regular expression over the name stack of the op.

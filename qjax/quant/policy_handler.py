@@ -10,6 +10,7 @@ import warnings
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from qjax.graph.interpret import Handler, WeightRef, run, weight_operand
 from qjax.graph.ops import operand_channel_axes
@@ -87,14 +88,14 @@ class _PolicyHandler(Handler):
     def visits_activation_ops(self) -> bool:
         return bool(self.policy.op_rules)
 
-    def activation_op(self, eqn, invals):
+    def activation_op(self, eqn, invals, scope: str):
         """A matmul between two activations: the first ``OpRule`` matching its name
-        stack, handed to :meth:`quantize_activation_op` with its specs resolved for the op
-        (``PER_TOKEN`` -> axes); errors name the scope and the rule."""
-        scope = str(eqn.source_info.name_stack)
+        stack ``scope``, handed to :meth:`quantize_activation_op` with its specs resolved
+        for the op (``PER_TOKEN`` -> axes); errors name the scope and the rule. A matmul
+        of integers (already quantized by the user) runs as it is."""
         self._activation_scopes.append(scope)
         m = self.policy.op_match(scope)
-        if m is None:
+        if m is None or not all(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.invars):
             return None
         try:
             lspec, rspec = (

@@ -243,3 +243,80 @@ def test_calibration_runs_a_policy_with_op_rules():
     assert set(stats) == {"wq", "wk", "wv"}
     with pytest.raises(ValueError, match="matched no matmul"):
         qjax.calibrate(attention, qjax.Policy([qjax.OpRule("nope", lhs=PT)]), params, [(x,)])
+
+
+class RematBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn")(x)
+
+
+class RematModel(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x = nn.remat(RematBlock)(name=f"block_{i}")(x)
+        return x
+
+
+def test_scopes_of_inlined_bodies_are_joined_to_the_enclosing_ones():
+    """A body the walker inlines (``nn.remat``, a jitted helper) records its name stack
+    relative to its call: the rule sees the whole path, so the same helper called under
+    two scopes is told apart (found by review: an exclusion pattern matched both)."""
+    x = jax.random.normal(jax.random.key(1), (1, 4, 8))
+    model = RematModel()
+    params = model.init(jax.random.key(0), x)
+    only_block_1 = qjax.Policy([qjax.OpRule(r"RematModel/block_1/attn/.*->.*", lhs=PT, rhs=PT)])
+    assert _int_dots(jax.make_jaxpr(qjax.quantized(model.apply, only_block_1))(params, x)) == 2
+
+    @jax.jit
+    def attend(q, k):
+        with jax.named_scope("attn"):
+            return jnp.einsum("qd,kd->qk", q, k)
+
+    def f(params, x):
+        with jax.named_scope("encoder"):
+            a = attend(x, x)
+        with jax.named_scope("decoder"):
+            return a, attend(x, x)
+
+    x2 = jax.random.normal(jax.random.key(2), (4, 8))
+    not_decoder = qjax.Policy([qjax.OpRule(r"(?!decoder/).*attn/.*", lhs=PT, rhs=PT)])
+    enc, dec = qjax.quantized(f, not_decoder)({}, x2)
+    np.testing.assert_array_equal(dec, x2 @ x2.T)  # the decoder's stays float
+    assert float(jnp.abs(enc - x2 @ x2.T).max()) > 1e-4
+    with pytest.raises(ValueError, match=r"\['decoder/attn/qd,kd->qk', 'encoder/attn/qd,kd->qk'\]"):
+        qjax.quantized(f, qjax.Policy([qjax.OpRule("attn/.*", lhs=PT)]))({}, x2)
+
+
+def test_bfloat16_scales_are_served_as_trained():
+    """``scale_dtype="bfloat16"`` rounds the dynamic scales in ``quantized`` as in
+    ``fake_quantized`` (found by review: the lean dynamic quantizer ignored it)."""
+    params, x = _params_and_x()
+    spec = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, scale_dtype="bfloat16")
+    policy = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=spec, rhs=spec)])
+    served = qjax.quantized(attention, policy)(params, x)
+    np.testing.assert_allclose(
+        served, qjax.fake_quantized(attention, policy)(params, x), rtol=1e-5, atol=1e-6
+    )
+    f32 = qjax.quantized(attention, qjax.Policy([qjax.OpRule(r"attn/.*", lhs=PT, rhs=PT)]))(params, x)
+    assert float(jnp.abs(served - f32).max()) > 1e-5
+
+
+def test_an_empty_key_sequence_and_integer_operands():
+    """A zero-length contracted axis gives zeros, as in float (found by review: the
+    dynamic absmax crashed); integer matmuls in a matched scope run as they are."""
+
+    def f(params, q, k):
+        with jax.named_scope("attn"):
+            return jnp.einsum("qd,kd->qk", q, k), jnp.einsum(
+                "qd,kd->qk", q.astype(jnp.int32), k.astype(jnp.int32)
+            )
+
+    policy = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=PT, rhs=PT)])
+    y, yi = qjax.quantized(f, policy)({}, jnp.ones((3, 0)), jnp.ones((5, 0)))
+    assert y.shape == (3, 5) and not np.any(np.asarray(y))
+    q = jnp.arange(6.0).reshape(2, 3)
+    _, yi = qjax.quantized(f, policy)({}, q, q)
+    assert yi.dtype == jnp.int32
+    np.testing.assert_array_equal(yi, np.asarray(q, np.int64) @ np.asarray(q, np.int64).T)
