@@ -9,8 +9,11 @@ handed to the :class:`Handler`; any other consumer gets the value
 give the quantized one, so an embedding lookup reads what deployment stores), unless
 :meth:`Handler.other` replaces the op (the fixed-point transform adds a bias inside an
 accumulator that way).
-Higher-order primitives are entered only when a ``WeightRef`` flows into them (otherwise
-they are bound unchanged, custom derivative rules and all):
+Higher-order primitives are entered only when a ``WeightRef`` flows into them, or, for a
+handler that :attr:`~Handler.visits_activation_ops`, when they may hold a matmul between
+two activations (:meth:`Handler.activation_op`; its name stack is joined to those of the
+calls it sits in: :func:`full_scope`). Otherwise they are bound unchanged, custom
+derivative rules and all:
 
 * ``jit``/``pjit``: the body is evaluated inline; a weight view it returns
   (``lax.dynamic_index_in_dim``, ``jnp.rot90``, a user's jitted helper) stays a ``WeightRef``;
@@ -55,6 +58,7 @@ from jax.extend import core as jcore
 
 from qjax.graph import loop_pooling
 from qjax.graph._primitives import scan_counts
+from qjax.graph.handler import Handler
 from qjax.graph.layout import LAYOUT_PRIMITIVES, leading_slice
 from qjax.graph.weight_ref import (  # noqa: F401  (re-exported)
     LayoutOp,
@@ -70,88 +74,6 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray
 
 TARGET_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
-
-
-class Handler:
-    """Decides what a target op that reads a weight becomes.
-
-    Subclasses override :meth:`target`; returning ``None`` evaluates the op on float
-    values (weights materialized).
-
-    Attributes:
-      per_shard_emits: whether the values this handler emits may be computed per shard
-        inside a ``shard_map`` body: each shard's value is then emitted as a separate
-        read of the op (as if the op ran once per shard). True only for statistics whose
-        reads combine by min / max / mean over per-tensor values (e.g. calibration
-        ranges), which a shard of the data measures as well as a batch does; per-feature
-        statistics of a sharded weight would mix different features. ``False`` (default):
-        emitting inside a ``shard_map`` raises.
-    """
-
-    per_shard_emits: bool = False
-
-    @property
-    def visits_activation_ops(self) -> bool:
-        """Whether :meth:`activation_op` should see the ``dot_general`` ops that read no
-        weight (the walker then also enters ``jit`` / control-flow bodies that read none).
-        ``False`` by default: such ops run unchanged."""
-        return False
-
-    def activation_op(self, eqn, invals: list, scope: str) -> list | None:
-        """What a ``dot_general`` between two activations (no weight operand) becomes,
-        when :attr:`visits_activation_ops`; ``scope``: its name stack joined to those of
-        the calls and loops it runs in (:func:`full_scope`). ``None`` (default) binds it
-        unchanged."""
-        return None
-
-    def loop_reduction(self, key: str) -> str | None:
-        """How the values emitted under ``key`` inside a ``while_loop`` body (a data-dependent
-        number of iterations, so they cannot be stacked) combine over the iterations:
-        ``"min_max"`` (a ``(lo, hi)`` pair: elementwise minimum of ``lo``, maximum of
-        ``hi``) or ``"mean"`` (every leaf averaged), NaN values ignored in both (an untaken
-        ``cond`` branch); the combination is emitted once, after the loop. ``None``
-        (default): emitting inside a ``while_loop`` raises."""
-        return None
-
-    def pool_iterations(self, key: str, stacked: Any) -> Any | None:
-        """One value for the values emitted under ``key`` by an op of a ``scan`` body that
-        reads one weight in every iteration (a scan constant: ``fori_loop``, broadcast
-        params), given stacked along a leading iteration axis; ``None`` keeps them stacked.
-        Default: as :meth:`loop_reduction` pools a ``while_loop``'s."""
-        how = self.loop_reduction(key)
-        return None if how not in ("min_max", "mean") else loop_pooling.pool_iterations(how, stacked)
-
-    def target(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
-        return None
-
-    def other(self, eqn, invals: list, emit: Callable[[str, Any], None]) -> list | None:
-        """What another op that reads a weight (an elementwise ``add`` of a bias, say)
-        becomes; ``None`` (default) binds it on :meth:`materialize`'d values. Not called
-        for layout ops (they extend the ``WeightRef``) nor higher-order primitives."""
-        return None
-
-    def materialize(self, ref: WeightRef):
-        """The value an op that is not a target reads from a weight (a gather of an
-        embedding, an elementwise op, an output): the float weight by default; handlers
-        that quantize override it, so such an op sees the value deployment stores."""
-        return materialize(ref)
-
-    def aux(self, path: str) -> Any:
-        """An array to keep with the params leaf at ``path`` (``WeightRef.aux``), sliced
-        with it by ``scan``s over a stacked leaf; ``None`` by default."""
-        return None
-
-    def acts_on(self, ref: WeightRef) -> bool:
-        """Whether :meth:`target` may replace an op that reads ``ref``. A ``custom_jvp`` /
-        ``custom_vjp`` call is inlined (its derivative rule replaced by the handler's) only
-        when one of its targets reads such a weight; otherwise it is bound unchanged on
-        :meth:`materialize`'d values. Default: ``True`` (every weight)."""
-        return True
-
-    def read(self, ref: WeightRef, where: str) -> None:
-        """Called before :meth:`materialize` when something other than a target op reads
-        ``ref``: ``where`` names it (a primitive, or ``"the function's output"``). Does
-        nothing by default; handlers use it to report weights no target reads."""
 
 
 class _Emitter:
