@@ -9,7 +9,7 @@ from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.lsq_params import LSQParams
-from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general
+from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_ragged_dot
 from qjax.quant.policy import OpRule, Policy, Rule
 from qjax.quant.qat import fake_quantized
 from qjax.quant.serve import quantized
@@ -56,6 +56,7 @@ __all__ = [
     "int8_dot_general",
     "quantized_conv_general_dilated",
     "quantized_dot_general",
+    "quantized_ragged_dot",
     "LSQParams",
     "lsq_params",
     "lsq_scales",

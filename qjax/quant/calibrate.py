@@ -16,7 +16,7 @@ from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.policy import Policy, check_policy
-from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run
+from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run, ragged_weight
 
 _POOLED = ("percentile", "mse")  # calibrations that need the distribution of the values
 
@@ -69,22 +69,37 @@ class _Calibrate(_PolicyHandler):
         if found is None:
             return None
         wi, ref, rule = found
+        self._collect(ref, rule, invals[1 - wi], emit)
+        return None
+
+    @_named_errors
+    def other(self, eqn, invals, emit):
+        """A ``lax.ragged_dot`` reading an expert weight: the range of its activation, as
+        for a matmul (``quantized`` serves it with that static scale)."""
+        ref = ragged_weight(eqn, invals)
+        if ref is not None:
+            self._targeted.add(ref.path)
+            self._collect(ref, _rule(self.policy, ref.path), invals[0], emit)
+        return None
+
+    def _collect(self, ref, rule, act, emit) -> None:
+        """Emit the per-tensor range (or histogram) of the activation ``act`` an op reading
+        ``ref`` quantizes by ``rule``'s static ``act`` spec."""
         if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
-            return None  # float activations, or dynamic per-token scales: nothing to calibrate
+            return  # float activations, or dynamic per-token scales: nothing to calibrate
         spec = rule.act
         if spec.channel_axes or spec.group_size is not None:
             raise ValueError(
                 f"leaf {ref.path!r} (rule {rule.pattern!r}): static activation scales are per-tensor "
                 "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
             )
-        act = materialize(invals[1 - wi]).astype(jnp.float32)
+        act = materialize(act).astype(jnp.float32)
         if self.pooled(ref.path):
             emit(ref.path, hist.histogram(act, ref.aux, self.bins))
-            return None
+            return
         axes = tuple(range(act.ndim))
         lo, hi = spec.calibration(act, axes, spec.format, spec.symmetric)
         emit(ref.path, (lo.reshape(()), hi.reshape(())))
-        return None
 
 
 def _combine_in_batch(values: list, mean: bool):

@@ -27,7 +27,7 @@ from qjax.quant.serve import quantized
 from qjax.rules import leaves_with_paths
 
 _SCOPE = re.compile(r"qjax\[(.+?)\](?:/|$)")
-_COMPUTE = ("pallas_call", "dot_general", "conv_general_dilated")
+_COMPUTE = ("pallas_call", "dot_general", "conv_general_dilated", "ragged_dot_general")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,8 @@ quantized parameter.
 * :func:`quantized_dot_general` (``qjax.quant.ops_dot``, machinery in
   ``qjax.quant.ops_dot_core``)
 * :func:`quantized_conv_general_dilated` (``qjax.quant.ops_conv``)
+* :func:`quantized_ragged_dot` (``qjax.quant.ops_ragged``: ``lax.ragged_dot`` of
+  mixture-of-experts layers with a quantized expert weight; XLA only)
 
 Both are pure, jitted (the op's static configuration is hashed), work under ``jax.jit``,
 ``jax.vmap`` (including over stacked QArrays) and ``jax.grad``/``jax.jvp`` w.r.t. float
@@ -109,5 +111,6 @@ equally exact, but ``"int"`` stays the default: the serving path runs integer ma
 
 from qjax.quant.ops_conv import quantized_conv_general_dilated
 from qjax.quant.ops_dot import quantized_dot_general
+from qjax.quant.ops_ragged import quantized_ragged_dot
 
-__all__ = ["quantized_conv_general_dilated", "quantized_dot_general"]
+__all__ = ["quantized_conv_general_dilated", "quantized_dot_general", "quantized_ragged_dot"]

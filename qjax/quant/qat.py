@@ -14,10 +14,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
-from qjax.numerics.spec import QuantSpec
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import is_quantized
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
 from qjax.quant.int8_training_conv import conv_backward, conv_config
@@ -29,6 +30,7 @@ from qjax.quant.policy_handler import (
     _resolve_act_spec,
     _rule,
     _run,
+    ragged_weight,
 )
 from qjax.quant.serve import _check_deployable, _conv_geometry, _operand_qarray, _quantized_op
 from qjax.quant.shard_scales import fake_quant_shard
@@ -176,6 +178,32 @@ class _FakeQuant(_PolicyHandler):
             op = _int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)
             return [op(act, w_leaf, static)]
         return [fake_path(act, w_leaf, static)]
+
+    def other(self, eqn, invals, emit):
+        """A ``lax.ragged_dot`` reading an expert weight: the weight fake-quantized by its
+        rule, the activation by the rule's ``act`` spec (per row for ``PER_TOKEN``), as
+        ``quantized`` serves it (a weight whose scales vary along K is served with a float
+        activation, so it gets none here either)."""
+        ref = ragged_weight(eqn, invals)
+        rule = None if ref is None else _rule(self.policy, ref.path)
+        if rule is None or rule.grad is not None:
+            return None  # int8 training does not cover ragged dots (warned as an unread act)
+        w = self.materialize(ref)
+        aspec = rule.act
+        if rule.weight is not None and not is_quantized(ref.leaf):
+            layout = spec_for_slice(rule.weight, ref.depth).layout(np.shape(w))
+            if layout.group_axis is not None or layout.scale_shape[1] != 1:
+                aspec = None
+        act = invals[0]
+        if aspec is not None:
+            if aspec.channel_axes is PER_TOKEN:
+                aspec = aspec.replace(channel_axes=(0,))
+            static = ref.aux.act if isinstance(ref.aux, _Aux) else None
+            scale, zero_point = (None, None) if static is None else static
+            key = fold_in_path(self.key, ref.path + ":act")
+            act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)
+        self._targeted.add(ref.path)
+        return bind_eqn(eqn, [act, w, invals[2]])
 
     def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
         """A matmul between two activations matched by an ``OpRule``: each operand with a

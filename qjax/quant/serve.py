@@ -23,6 +23,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized
+from qjax.quant import ops_ragged
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.ops_conv import CONV_GEOMETRY
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -33,6 +34,7 @@ from qjax.quant.policy_handler import (
     _resolve_act_spec,
     _rule,
     _run,
+    ragged_weight,
 )
 
 # commute with transposes
@@ -223,6 +225,30 @@ class _Serve(_PolicyHandler):
             # would have: on-the-fly and pre-quantized params give the same result)
             args = [_dequantized_operand(x, rule) if x is ref else materialize(x) for x in invals]
             return bind_eqn(eqn, args)
+
+    @_named_errors
+    def other(self, eqn, invals, emit):
+        """A ``lax.ragged_dot`` (mixture-of-experts) reading an expert weight ``(G, K, N)``:
+        the codes in the ragged dot, the activation quantized by the rule's ``act`` spec
+        (:func:`qjax.quant.ops_ragged.quantized_ragged_dot`); a weight whose scales vary
+        along K runs dequantized, as other ops do."""
+        ref = ragged_weight(eqn, invals)
+        if ref is None:
+            return None
+        rule = _rule(self.policy, ref.path)
+        w, _ = _operand_qarray(ref, ref.leaf, None if rule is None else rule.weight)
+        if w is None or ops_ragged.check_weight(w) is not None:
+            return None
+        self._targeted.add(ref.path)
+        aspec = None if rule is None else rule.act
+        static = {}
+        if aspec is not None and w.act_scale is not None:
+            static = {"lhs_scale": w.act_scale, "lhs_zero_point": w.act_zero_point}
+        with jax.named_scope(op_scope(ref.path)):
+            y = ops_ragged.quantized_ragged_dot(
+                invals[0], w, invals[2], lhs_spec=aspec, out_dtype=eqn.outvars[0].aval.dtype, **static
+            )
+        return [y]
 
     def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
         """A matmul between two activations matched by an ``OpRule``: both operands
