@@ -74,6 +74,9 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray
 
 TARGET_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
+# matmuls handlers may replace through Handler.other (their operands differ from a dot's):
+# a user's custom derivative around one is inlined as for a target op
+OTHER_TARGET_PRIMITIVES = frozenset({"ragged_dot_general"})
 
 
 class _Emitter:
@@ -216,6 +219,12 @@ class _Probe(Handler):
 
     def target(self, eqn, invals, emit):
         self.found |= any(isinstance(x, WeightRef) and self.inner.acts_on(x) for x in invals[:2])
+        return None
+
+    def other(self, eqn, invals, emit):
+        # a ragged dot of a weight is a matmul the policy handlers replace (through other)
+        if eqn.primitive.name in OTHER_TARGET_PRIMITIVES:
+            self.target(eqn, invals, emit)
         return None
 
 

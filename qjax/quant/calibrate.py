@@ -14,6 +14,7 @@ import numpy as np
 from qjax.graph.interpret import materialize
 from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
+from qjax.quant import ops_ragged
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.policy import Policy, check_policy
 from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run, ragged_weight
@@ -79,7 +80,8 @@ class _Calibrate(_PolicyHandler):
         ref = ragged_weight(eqn, invals)
         if ref is not None:
             self._targeted.add(ref.path)
-            self._collect(ref, _rule(self.policy, ref.path), invals[0], emit)
+            act = ops_ragged.grouped_rows(materialize(invals[0]), invals[2])  # padding rows do not count
+            self._collect(ref, _rule(self.policy, ref.path), act, emit)
         return None
 
     def _collect(self, ref, rule, act, emit) -> None:

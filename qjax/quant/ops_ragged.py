@@ -40,12 +40,20 @@ class _Config:
 
 def check_weight(rhs: QArray) -> str | None:
     """Why ``rhs`` cannot run as codes in a ragged dot (its scales vary along K, or it is
-    not 3-D), or ``None``."""
-    if rhs.ndim != 3:
+    not 3-D), or ``None``. Takes abstract QArrays (``jax.eval_shape``) too."""
+    if len(rhs.shape) != 3:
         return f"the weight must be (experts, K, N), got shape {rhs.shape}"
-    if rhs.group_axis is not None or np.shape(rhs.scale)[1] != 1:
+    if rhs.group_axis is not None or rhs.scale.shape[1] != 1:
         return "its scales vary along K (groups along the summed axis): it runs dequantized"
     return None
+
+
+def grouped_rows(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``x`` with the rows past the last group zeroed: ``lax.ragged_dot`` ignores them, so
+    they must not set a per-tensor scale or a calibrated range either (padding of 1e4 or
+    NaN made every real row's output wrong)."""
+    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
+    return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
 
 
 def _row_scales(scale: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
@@ -60,7 +68,8 @@ def _row_scales(scale: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
 
 
 def _impl(cfg: _Config, lhs, rhs: QArray, group_sizes, lhs_scale, lhs_zero_point, key):
-    a = oc.prepare("lhs", lhs, cfg.lhs_spec, lhs_scale, lhs_zero_point, key)
+    a = oc.prepare("lhs", grouped_rows(lhs, group_sizes), cfg.lhs_spec, lhs_scale, lhs_zero_point, key)
+    a = oc.unpacked(a) if a.kind == "int" else a
     b = oc.unpacked(oc.from_qarray("rhs", rhs))
     integer = (
         a.kind == "int"
@@ -91,7 +100,7 @@ def _qragged(cfg: _Config, lhs, rhs, group_sizes, lhs_scale, lhs_zero_point, key
 def _qragged_jvp(cfg, primals, tangents):
     lhs, rhs, group_sizes, ls, lz, key = primals
     y = _qragged(cfg, *primals)
-    _, mask = oc._ste_surrogate(lhs, cfg.lhs_spec, ls, lz, key)
+    _, mask = oc._ste_surrogate(grouped_rows(lhs, group_sizes), cfg.lhs_spec, ls, lz, key)
     dl = tangents[0] if mask is None else tangents[0] * mask.astype(tangents[0].dtype)
     w = rhs.dequantize()
     acc = jnp.promote_types(jnp.result_type(dl, w), jnp.float32)
@@ -117,7 +126,7 @@ def quantized_ragged_dot(
       rhs: a :class:`qjax.QArray` of logical shape ``(G, K, N)``, scales constant along K
         (e.g. ``channel_axes=(0, 2)``: per expert and output channel).
       group_sizes: ``(G,)`` integer rows per group (summing to at most M; rows past the sum
-        give zeros, as in ``lax.ragged_dot``).
+        give zeros, as in ``lax.ragged_dot``, and do not count towards a shared scale).
       lhs_spec: quantize ``lhs`` on the fly (``qjax.PER_TOKEN``: one scale per row;
         ``channel_axes=()``: one per tensor); ``None``: weight-only.
       lhs_scale, lhs_zero_point: a static (calibrated) per-tensor scale / zero point for
@@ -174,4 +183,4 @@ def quantized_ragged_dot(
     return _qragged(cfg, lhs, rhs, group_sizes, lhs_scale, lhs_zero_point, key)
 
 
-__all__ = ["check_weight", "quantized_ragged_dot"]
+__all__ = ["check_weight", "grouped_rows", "quantized_ragged_dot"]

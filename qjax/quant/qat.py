@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import is_quantized
+from qjax.quant import ops_ragged
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
 from qjax.quant.int8_training_conv import conv_backward, conv_config
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -179,22 +179,25 @@ class _FakeQuant(_PolicyHandler):
             return [op(act, w_leaf, static)]
         return [fake_path(act, w_leaf, static)]
 
+    @_named_errors
     def other(self, eqn, invals, emit):
         """A ``lax.ragged_dot`` reading an expert weight: the weight fake-quantized by its
         rule, the activation by the rule's ``act`` spec (per row for ``PER_TOKEN``), as
-        ``quantized`` serves it (a weight whose scales vary along K is served with a float
-        activation, so it gets none here either)."""
+        ``quantized`` serves it: a weight whose scales cannot follow the op's layout or vary
+        along K is served with a float activation, so it gets none here either. A ``grad``
+        spec (int8 training) trains it with this forward and the fake-quant STE backward."""
         ref = ragged_weight(eqn, invals)
         rule = None if ref is None else _rule(self.policy, ref.path)
-        if rule is None or rule.grad is not None:
-            return None  # int8 training does not cover ragged dots (warned as an unread act)
-        w = self.materialize(ref)
+        if rule is None:
+            return None
         aspec = rule.act
-        if rule.weight is not None and not is_quantized(ref.leaf):
-            layout = spec_for_slice(rule.weight, ref.depth).layout(np.shape(w))
-            if layout.group_axis is not None or layout.scale_shape[1] != 1:
+        if aspec is not None:
+            if aspec.ste == "lsq":
+                raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
+            served = jax.eval_shape(lambda leaf: _operand_qarray(ref, leaf, rule.weight)[0], ref.leaf)
+            if served is None or ops_ragged.check_weight(served) is not None:
                 aspec = None
-        act = invals[0]
+        act = ops_ragged.grouped_rows(invals[0], invals[2])
         if aspec is not None:
             if aspec.channel_axes is PER_TOKEN:
                 aspec = aspec.replace(channel_axes=(0,))
@@ -203,7 +206,7 @@ class _FakeQuant(_PolicyHandler):
             key = fold_in_path(self.key, ref.path + ":act")
             act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)
         self._targeted.add(ref.path)
-        return bind_eqn(eqn, [act, w, invals[2]])
+        return bind_eqn(eqn, [act, self.materialize(ref), invals[2]])
 
     def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
         """A matmul between two activations matched by an ``OpRule``: each operand with a

@@ -175,3 +175,76 @@ def test_a_weight_grouped_along_k_runs_dequantized_with_float_activations():
     np.testing.assert_allclose(served, _reference(x, qp["experts"].dequantize(), sizes), rtol=1e-5, atol=1e-5)
     fake = qjax.fake_quantized(moe, policy)({"experts": w}, x, sizes)
     np.testing.assert_allclose(fake, served, rtol=1e-5, atol=1e-5)
+
+
+def test_a_transposed_stored_weight_trains_as_it_is_served():
+    """Stored ``(G, N, K)``, read through ``swapaxes``: ``fake_quantized`` decides on the
+    weight as the op reads it, as ``quantized`` does (found by review: it checked the
+    stored spec against the read shape and left the activation float)."""
+    x, w, sizes = _data(seed=4)
+    params = {"experts": jnp.swapaxes(w, 1, 2)}
+    f = lambda p, x, s: lax.ragged_dot(x, jnp.swapaxes(p["experts"], 1, 2), s)
+    policy = qjax.Policy(
+        [qjax.Rule("experts", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, 1)), act=PT)]
+    )
+    served = qjax.quantized(f, policy)(qjax.quantize_params(params, policy), x, sizes)
+    fake = qjax.fake_quantized(f, policy)(params, x, sizes)
+    wq = jnp.swapaxes(qjax.quantize(params["experts"], policy.rules[0].weight).dequantize(), 1, 2)
+    ref = _reference(_per_row_fq(x), wq, sizes)
+    np.testing.assert_allclose(np.asarray(served, np.float64), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fake, np.float64), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("pad", [1e4, np.nan])
+def test_rows_past_the_groups_do_not_set_a_shared_scale(pad):
+    """Padding rows (``sum(group_sizes) < M``) give zeros in ``lax.ragged_dot``; they must
+    not set a per-tensor activation scale or a calibrated range (found by review)."""
+    x, w, sizes = _data(extra=4, seed=5)
+    real = int(np.sum(np.asarray(sizes)))
+    x = x.at[real:].set(pad)
+    params = {"experts": w}
+    tensor = qjax.QuantSpec(qjax.int8)
+    policy = qjax.Policy([qjax.Rule("experts", weight=PER_EXPERT, act=tensor)])
+    qp = qjax.quantize_params(params, policy)
+    s = float(jnp.abs(x[:real]).max()) / 127
+    xq = np.clip(np.round(np.asarray(x, np.float64) / s), -127, 127) * s
+    ref = _reference(
+        np.where(np.arange(x.shape[0])[:, None] < real, xq, 0.0), qp["experts"].dequantize(), sizes
+    )
+    for y in (qjax.quantized(moe, policy)(qp, x, sizes), qjax.fake_quantized(moe, policy)(params, x, sizes)):
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5)
+    stats = qjax.calibrate(moe, policy, params, [(x, sizes)])
+    assert float(stats["experts"].hi) == pytest.approx(float(jnp.abs(x[:real]).max()))
+    y = quantized_ragged_dot(x, qp["experts"], sizes, lhs_spec=PT)
+    assert not np.any(np.asarray(y)[real:])  # per row: padding rows are zeros, not NaN
+
+
+def test_int8_training_rules_and_user_derivatives_train_as_served():
+    """A ``grad=`` rule trains the forward that is served (STE backward; found by review:
+    the activation stayed float in training only), and a ragged dot inside a user's
+    ``custom_vjp`` is quantized like a matmul there."""
+    x, w, sizes = _data(seed=6)
+    params = {"experts": w}
+    grad = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    policy = qjax.Policy([qjax.Rule("experts", weight=PER_EXPERT, act=PT, grad=grad)])
+    served = qjax.quantized(moe, policy)(qjax.quantize_params(params, policy), x, sizes)
+    np.testing.assert_allclose(
+        qjax.fake_quantized(moe, policy)(params, x, sizes), served, rtol=1e-5, atol=1e-5
+    )
+
+    @jax.custom_vjp
+    def grouped(x, w, s):
+        return lax.ragged_dot(x, w, s)
+
+    grouped.defvjp(lambda x, w, s: (grouped(x, w, s), (x, w, s)), lambda r, g: (None, None, None))
+    f = lambda p, x, s: grouped(x, p["experts"], s)
+    plain = qjax.Policy([qjax.Rule("experts", weight=PER_EXPERT, act=PT)])
+    qp = qjax.quantize_params(params, plain)
+    assert _int_ragged_dots(jax.make_jaxpr(qjax.quantized(f, plain))(qp, x, sizes)) == 1
+
+
+def test_fake_quantized_errors_name_the_leaf():
+    x, w, sizes = _data()
+    lsq = qjax.Policy([qjax.Rule("exp.*", weight=PER_EXPERT, act=qjax.QuantSpec(qjax.int8, ste="lsq"))])
+    with pytest.raises(ValueError, match=r"leaf 'experts'.*ste='lsq' is not supported for activations"):
+        qjax.fake_quantized(moe, lsq)({"experts": w}, x, sizes)
