@@ -56,6 +56,12 @@ def grouped_rows(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
 
 
+def row_spec(spec: QuantSpec) -> QuantSpec:
+    """An activation spec for the ``(M, K)`` rows of a ragged dot: ``PER_TOKEN`` is one
+    scale per row."""
+    return spec.replace(channel_axes=(0,)) if spec.channel_axes is PER_TOKEN else spec
+
+
 def _row_scales(scale: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
     """The ``(M, N or 1)`` scales of each row: those of the expert the row belongs to
     (rows past the last group produce zeros in the ragged dot; they take the last's)."""
@@ -168,10 +174,8 @@ def quantized_ragged_dot(
         )
     if not jnp.issubdtype(lhs.dtype, jnp.floating):
         raise TypeError(f"quantized_ragged_dot: lhs must be floating point, got {lhs.dtype}")
-    spec = lhs_spec
+    spec = None if lhs_spec is None else row_spec(lhs_spec)
     if spec is not None:
-        if spec.channel_axes is PER_TOKEN:
-            spec = spec.replace(channel_axes=(0,))
         layout = spec.layout(lhs.shape)
         if layout.group_axis is not None or layout.scale_shape[1] != 1:
             raise ValueError(f"quantized_ragged_dot: lhs_spec {lhs_spec!r} varies its scale along K")
@@ -183,4 +187,4 @@ def quantized_ragged_dot(
     return _qragged(cfg, lhs, rhs, group_sizes, lhs_scale, lhs_zero_point, key)
 
 
-__all__ = ["check_weight", "grouped_rows", "quantized_ragged_dot"]
+__all__ = ["check_weight", "grouped_rows", "quantized_ragged_dot", "row_spec"]

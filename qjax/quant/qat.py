@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
-from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
 from qjax.quant import ops_ragged
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
@@ -199,8 +199,7 @@ class _FakeQuant(_PolicyHandler):
                 aspec = None
         act = ops_ragged.grouped_rows(invals[0], invals[2])
         if aspec is not None:
-            if aspec.channel_axes is PER_TOKEN:
-                aspec = aspec.replace(channel_axes=(0,))
+            aspec = ops_ragged.row_spec(aspec)
             static = ref.aux.act if isinstance(ref.aux, _Aux) else None
             scale, zero_point = (None, None) if static is None else static
             key = fold_in_path(self.key, ref.path + ":act")
@@ -361,6 +360,8 @@ def fake_quantized(
     function, ``fake_quantized(f, policy)(apply_masks_ste(params, masks), x)``, when the
     deployed model quantizes the masked weight.
 
+    A ``lax.ragged_dot`` (mixture of experts) reading an expert weight ``(G, K, N)`` is
+    fake-quantized as ``quantized`` serves it (weight by its rule, activation by ``act``).
     A matmul between two activations (attention, a KV cache) that one of the policy's
     :class:`qjax.OpRule` matches by name scope gets both operands fake-quantized with
     dynamic scales (their specs' ``ste`` gradients), as ``quantized`` serves it; an

@@ -293,9 +293,12 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     op sums over is refused, here and by :func:`fake_quantized`, except per group along the
     contracted axis of a matmul or of a pointwise (1×1, unpadded, ungrouped) convolution,
     which runs as a matmul: int4 grouped along the input channels of a 3×3 conv is refused.
-    A matmul between two activations (attention, a KV cache) that one of the policy's
-    :class:`qjax.OpRule` matches by name scope runs with its operands quantized dynamically
-    (int8 x int8 -> int32 for integer formats), on XLA.
+    A ``lax.ragged_dot`` (mixture of experts) reading an expert weight ``(G, K, N)`` whose
+    scales are constant along K runs as :func:`qjax.quant.quantized_ragged_dot` (int8 x
+    int8 -> int32 with an ``act`` spec), on XLA. A matmul between two activations
+    (attention, a KV cache) that one of the policy's :class:`qjax.OpRule` matches by name
+    scope runs with its operands quantized dynamically (int8 x int8 -> int32 for integer
+    formats), on XLA.
 
     Args:
       f: the function, called as ``f(params, *args, **kwargs)``.
