@@ -55,18 +55,7 @@ def _reference(params, x):
     return np.einsum("bqk,bkd->bqd", pi, vi) * ps * vs
 
 
-def _int_dots(jaxpr) -> int:
-    """Integer ``dot_general`` calls of a (closed) jaxpr, bodies of calls counted per call."""
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    n = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and eqn.params.get("preferred_element_type") == jnp.int32:
-            n += 1
-        n += sum(_int_dots(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-    return n
-
-
-def test_attention_matmuls_run_on_int8_and_match_a_float64_reference():
+def test_attention_matmuls_run_on_int8_and_match_a_float64_reference(integer_ops):
     params, x = _params_and_x()
     policy = qjax.Policy([qjax.OpRule(QK, lhs=PT, rhs=PT), qjax.OpRule(PV, lhs=PT, rhs=PT)])
     f = jax.jit(qjax.quantized(attention, policy))
@@ -75,10 +64,10 @@ def test_attention_matmuls_run_on_int8_and_match_a_float64_reference():
     np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5)
     # and it is not the float result
     assert np.abs(np.asarray(attention(params, x)) - ref).max() > 1e-3
-    assert _int_dots(jax.make_jaxpr(qjax.quantized(attention, policy))(params, x)) == 2
+    assert integer_ops(jax.make_jaxpr(qjax.quantized(attention, policy))(params, x)) == 2
     # the weights' matmuls are not matched (they read params leaves): still float
     only = qjax.Policy([qjax.OpRule(r".*", lhs=PT, rhs=PT)])
-    assert _int_dots(jax.make_jaxpr(qjax.quantized(attention, only))(params, x)) == 2
+    assert integer_ops(jax.make_jaxpr(qjax.quantized(attention, only))(params, x)) == 2
 
 
 def test_fake_quantized_matches_quantized_and_passes_straight_through_gradients():
@@ -118,13 +107,13 @@ class Stack(nn.Module):
         return scan(name="layers")(x, None)[0]
 
 
-def test_flax_attention_in_a_scan_over_layers_is_matched_by_its_module_scope():
+def test_flax_attention_in_a_scan_over_layers_is_matched_by_its_module_scope(integer_ops):
     x = jax.random.normal(jax.random.key(2), (2, 5, 8))
     model = Stack()
     params = model.init(jax.random.key(0), x)
     policy = qjax.Policy([qjax.OpRule(r".*attn/.*->.*", lhs=PT, rhs=PT)])
     jaxpr = jax.make_jaxpr(qjax.quantized(model.apply, policy))(params, x)
-    assert _int_dots(jaxpr) == 2  # QKᵀ and PV, in the scan body
+    assert integer_ops(jaxpr) == 2  # QKᵀ and PV, in the scan body
     y = jax.jit(qjax.quantized(model.apply, policy))(params, x)
     y0 = model.apply(params, x)
     err = float(jnp.abs(y - y0).max())
@@ -136,7 +125,7 @@ def test_flax_attention_in_a_scan_over_layers_is_matched_by_its_module_scope():
     assert len(acts) == 2 and all(op.quantized and "int8xint8 -> int32" in op.runs[0] for op in acts)
 
 
-def test_a_kv_cache_read_in_a_decode_loop_is_quantized():
+def test_a_kv_cache_read_in_a_decode_loop_is_quantized(integer_ops):
     """A cache passed as an argument (an activation) and read inside ``fori_loop``."""
     d, steps = 16, 4
     params, _ = _params_and_x(3, d=d)
@@ -153,7 +142,7 @@ def test_a_kv_cache_read_in_a_decode_loop_is_quantized():
     x = jax.random.normal(jax.random.key(5), (1, d))
     policy = qjax.Policy([qjax.OpRule(r"kv/.*", lhs=PT, rhs=PT)])
     jaxpr = jax.make_jaxpr(qjax.quantized(decode, policy))(params, cache, x)
-    assert _int_dots(jaxpr) == 2
+    assert integer_ops(jaxpr) == 2
     y = qjax.quantized(decode, policy)(params, cache, x)
     y0 = decode(params, cache, x)
     assert 0 < float(jnp.abs(y - y0).max()) < 0.05
@@ -169,12 +158,12 @@ def test_bfloat16_activations_keep_their_dtype():
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, atol=0.05 * np.abs(ref).max())
 
 
-def test_one_side_only_and_a_weight_rule_beside_it():
+def test_one_side_only_and_a_weight_rule_beside_it(integer_ops):
     params, x = _params_and_x()
     w8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
     policy = qjax.Policy([qjax.Rule(r"w.", weight=w8, act=PT), qjax.OpRule(QK, lhs=PT)])
     jaxpr = jax.make_jaxpr(qjax.quantized(attention, policy))(params, x)
-    assert _int_dots(jaxpr) == 3  # the three projections; QKᵀ has a float right-hand side
+    assert integer_ops(jaxpr) == 3  # the three projections; QKᵀ has a float right-hand side
     y = qjax.quantized(attention, policy)(params, x)
     assert np.all(np.isfinite(np.asarray(y)))
 
@@ -259,7 +248,7 @@ class RematModel(nn.Module):
         return x
 
 
-def test_scopes_of_inlined_bodies_are_joined_to_the_enclosing_ones():
+def test_scopes_of_inlined_bodies_are_joined_to_the_enclosing_ones(integer_ops):
     """A body the walker inlines (``nn.remat``, a jitted helper) records its name stack
     relative to its call: the rule sees the whole path, so the same helper called under
     two scopes is told apart (found by review: an exclusion pattern matched both)."""
@@ -267,7 +256,7 @@ def test_scopes_of_inlined_bodies_are_joined_to_the_enclosing_ones():
     model = RematModel()
     params = model.init(jax.random.key(0), x)
     only_block_1 = qjax.Policy([qjax.OpRule(r"RematModel/block_1/attn/.*->.*", lhs=PT, rhs=PT)])
-    assert _int_dots(jax.make_jaxpr(qjax.quantized(model.apply, only_block_1))(params, x)) == 2
+    assert integer_ops(jax.make_jaxpr(qjax.quantized(model.apply, only_block_1))(params, x)) == 2
 
     @jax.jit
     def attend(q, k):

@@ -44,27 +44,19 @@ def _per_row_fq(x):
     return np.clip(np.round(x / s), -127, 127) * s
 
 
-def _int_ragged_dots(jaxpr) -> int:
-    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    n = 0
-    for eqn in jaxpr.eqns:
-        if (
-            eqn.primitive.name == "ragged_dot_general"
-            and eqn.params.get("preferred_element_type") == jnp.int32
-        ):
-            n += 1
-        n += sum(_int_ragged_dots(sub) for sub in jax.extend.core.jaxprs_in_params(eqn.params))
-    return n
-
-
 @pytest.mark.parametrize("extra", [0, 3])  # rows past the last group give zeros
-def test_w8a8_runs_an_int8_ragged_dot_equal_to_the_float64_reference(extra):
+def test_w8a8_runs_an_int8_ragged_dot_equal_to_the_float64_reference(extra, integer_ops):
     x, w, sizes = _data(extra=extra)
     wq = qjax.quantize(w, PER_EXPERT)
     y = quantized_ragged_dot(x, wq, sizes, lhs_spec=PT)
     ref = _reference(_per_row_fq(x), wq.dequantize(), sizes)
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5)
-    assert _int_ragged_dots(jax.make_jaxpr(lambda x: quantized_ragged_dot(x, wq, sizes, lhs_spec=PT))(x)) == 1
+    assert (
+        integer_ops(
+            jax.make_jaxpr(lambda x: quantized_ragged_dot(x, wq, sizes, lhs_spec=PT))(x), "ragged_dot_general"
+        )
+        == 1
+    )
     assert not np.any(np.asarray(y)[sum(np.asarray(sizes)) :])
 
 
@@ -134,7 +126,7 @@ def moe(params, x, sizes):
     return lax.ragged_dot(x, params["experts"], sizes)
 
 
-def test_quantized_fake_quantized_and_calibrate_on_an_expert_weight():
+def test_quantized_fake_quantized_and_calibrate_on_an_expert_weight(integer_ops):
     x, w, sizes = _data(seed=2)
     params = {"experts": w}
     policy = qjax.Policy([qjax.Rule("experts", weight=PER_EXPERT, act=PT)])
@@ -142,7 +134,7 @@ def test_quantized_fake_quantized_and_calibrate_on_an_expert_weight():
     served = qjax.quantized(moe, policy)(qp, x, sizes)
     ref = _reference(_per_row_fq(x), qp["experts"].dequantize(), sizes)
     np.testing.assert_allclose(np.asarray(served, np.float64), ref, rtol=1e-5, atol=1e-5)
-    assert _int_ragged_dots(jax.make_jaxpr(qjax.quantized(moe, policy))(qp, x, sizes)) == 1
+    assert integer_ops(jax.make_jaxpr(qjax.quantized(moe, policy))(qp, x, sizes), "ragged_dot_general") == 1
     np.testing.assert_allclose(
         qjax.fake_quantized(moe, policy)(params, x, sizes), served, rtol=1e-5, atol=1e-5
     )
@@ -219,7 +211,7 @@ def test_rows_past_the_groups_do_not_set_a_shared_scale(pad):
     assert not np.any(np.asarray(y)[real:])  # per row: padding rows are zeros, not NaN
 
 
-def test_int8_training_rules_and_user_derivatives_train_as_served():
+def test_int8_training_rules_and_user_derivatives_train_as_served(integer_ops):
     """A ``grad=`` rule trains the forward that is served (STE backward; found by review:
     the activation stayed float in training only), and a ragged dot inside a user's
     ``custom_vjp`` is quantized like a matmul there."""
@@ -240,7 +232,7 @@ def test_int8_training_rules_and_user_derivatives_train_as_served():
     f = lambda p, x, s: grouped(x, p["experts"], s)
     plain = qjax.Policy([qjax.Rule("experts", weight=PER_EXPERT, act=PT)])
     qp = qjax.quantize_params(params, plain)
-    assert _int_ragged_dots(jax.make_jaxpr(qjax.quantized(f, plain))(qp, x, sizes)) == 1
+    assert integer_ops(jax.make_jaxpr(qjax.quantized(f, plain))(qp, x, sizes), "ragged_dot_general") == 1
 
 
 def test_fake_quantized_errors_name_the_leaf():
