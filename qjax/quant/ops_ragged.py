@@ -74,7 +74,8 @@ def _row_scales(scale: jax.Array, group_sizes: jax.Array, m: int) -> jax.Array:
 
 
 def _impl(cfg: _Config, lhs, rhs: QArray, group_sizes, lhs_scale, lhs_zero_point, key):
-    a = oc.prepare("lhs", grouped_rows(lhs, group_sizes), cfg.lhs_spec, lhs_scale, lhs_zero_point, key)
+    rows = lhs if cfg.lhs_spec is None else grouped_rows(lhs, group_sizes)  # padding sets no scale
+    a = oc.prepare("lhs", rows, cfg.lhs_spec, lhs_scale, lhs_zero_point, key)
     a = oc.unpacked(a) if a.kind == "int" else a
     b = oc.unpacked(oc.from_qarray("rhs", rhs))
     integer = (
@@ -106,7 +107,8 @@ def _qragged(cfg: _Config, lhs, rhs, group_sizes, lhs_scale, lhs_zero_point, key
 def _qragged_jvp(cfg, primals, tangents):
     lhs, rhs, group_sizes, ls, lz, key = primals
     y = _qragged(cfg, *primals)
-    _, mask = oc._ste_surrogate(grouped_rows(lhs, group_sizes), cfg.lhs_spec, ls, lz, key)
+    rows = lhs if cfg.lhs_spec is None else grouped_rows(lhs, group_sizes)
+    _, mask = oc._ste_surrogate(rows, cfg.lhs_spec, ls, lz, key)
     dl = tangents[0] if mask is None else tangents[0] * mask.astype(tangents[0].dtype)
     w = rhs.dequantize()
     acc = jnp.promote_types(jnp.result_type(dl, w), jnp.float32)

@@ -197,8 +197,9 @@ class _FakeQuant(_PolicyHandler):
             served = jax.eval_shape(lambda leaf: _operand_qarray(ref, leaf, rule.weight)[0], ref.leaf)
             if served is None or ops_ragged.check_weight(served) is not None:
                 aspec = None
-        act = ops_ragged.grouped_rows(invals[0], invals[2])
+        act = invals[0]
         if aspec is not None:
+            act = ops_ragged.grouped_rows(act, invals[2])  # padding rows set no scale
             aspec = ops_ragged.row_spec(aspec)
             static = ref.aux.act if isinstance(ref.aux, _Aux) else None
             scale, zero_point = (None, None) if static is None else static
