@@ -324,7 +324,8 @@ def main(argv=None):
         "--layouts",
         default="k_halves,n_pairs,int8",
         help="weight-only layouts to time (n_pairs / k_pairs: what qjax.quantized dispatches; "
-        "k_pairs_nk / n_pairs_nk / int8_nk: a weight stored (N, K), as PyTorch's (out, in))",
+        "k_pairs_nk / n_pairs_nk / int8_nk: a weight stored (N, K), as PyTorch's (out, in)); "
+        "'none': no weight-only cases (W8A8 only)",
     )
     p.add_argument(
         "--force", action="store_true", help="on CPU, time XLA's fallback formulations (no kernels)"
@@ -408,9 +409,10 @@ def _run(args, stack: contextlib.ExitStack) -> None:
         log(json.dumps(report["checks"], indent=1))
         Path(args.out).write_text(json.dumps(report, indent=1))
         return
+    weight_only_layouts = [] if args.layouts == "none" else args.layouts.split(",")
     main_part, wgmma_part = args.part in ("all", "main"), args.part in ("all", "wgmma") and hopper
     if main_part:
-        layouts = set(args.layouts.split(","))
+        layouts = set(weight_only_layouts)
         report["checks"] = exactness_checks(
             rng, mode.platform, mode.interpret, layouts, args.w8a8, quick=args.dry_run
         )
@@ -427,7 +429,7 @@ def _run(args, stack: contextlib.ExitStack) -> None:
         if args.w8a8:
             plan += [("w8a8", args.w8a8_size, None, "kn"), ("w8a8", args.w8a8_size, None, "nk")]
         for size in sizes:
-            for layout in args.layouts.split(","):
+            for layout in weight_only_layouts:
                 bits, groups = (8, (None,)) if layout.startswith("int8") else (4, int4_groups)
                 for group, m in ((g, m) for g in groups for m in batches):
                     plan.append((bits, size, m, layout, group))

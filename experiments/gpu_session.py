@@ -7,18 +7,21 @@ timeout ends that step, not the session; ``bench_kernels.py`` saves after every 
 a step cut short keeps what it measured). Default steps (the thirteenth session measured
 the rest, experiments/results/gpu_session_2026-11-26/):
 
-0. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
+0. ``nk``: ``bench_kernels.py`` on weights stored ``(N, K)`` at 4096 (batch 1 / 4 / 16):
+   ``n_pairs_nk`` per channel first, for the H100 table's missing 4096^2 entries (its
+   8192^2 ones do not stand for 4096^2: ``tuning.MAX_SHRINK``) and the W4A16 goal there.
+1. ``w8a8``: ``bench_kernels.py --layouts none``: W8A8 at 4096^3 (Triton on ``(K, N)`` and
+   ``(N, K)``, then the Hopper ``wgmma`` kernel's checks and case). The issue's W8A8 goal
+   is stated for an H100 and was measured only on an H200 (1.51x bf16, 2026-11-26).
+2. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
    XLA's split-K sum), at 4096 and 8192, batch 1 and 16: first the inline-PTX tiles on the
    weight stored ``(N, K)`` packed along N (``n_pairs_nk``: 2.81-2.84x bf16 at 8192^2 on an
-   H100, 2026-11-27, eighteenth session; 4096^2 never measured), then the ``(K, N)`` tiles
-   (2.38-2.41x) and last the Hopper TMA + ``wgmma`` kernel (correct there, slower). The
-   checks passed on that H100 and are skipped.
-1. ``nk``: ``bench_kernels.py`` on weights stored ``(N, K)`` at 4096 (batch 1 / 4 / 16):
-   ``n_pairs_nk`` per channel first, for the H100 table's missing 4096^2 entries (its
-   8192^2 ones do not stand for 4096^2: ``tuning.MAX_SHRINK``).
-2. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
+   H100, 2026-11-27, eighteenth session), then the ``(K, N)`` tiles (2.38-2.41x) and last
+   the Hopper TMA + ``wgmma`` kernel (correct there, slower). The checks passed on that
+   H100 and are skipped.
+3. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
    ``k_halves``: the gemv kernel and the inline-PTX tensor-core tiles against bf16.
-3. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
+4. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
    dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
    chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
 
@@ -54,13 +57,14 @@ HERE = Path(__file__).resolve().parent
 # from the 2026-11-26 H100 run: "stored" took ~100 s and "pointwise" ~45 s at these sizes
 STEPS = (
     ("breakdown", 250, 20),
+    ("w8a8", 150, 40),
     ("small", 300, 90),
     ("methods", 120, 0),
     ("nk", 200, 60),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
 )
-DEFAULT_STEPS = ("breakdown", "nk", "small", "methods")
+DEFAULT_STEPS = ("nk", "w8a8", "breakdown", "small", "methods")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -85,6 +89,23 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
             f"{max(budget_s, 5):.0f}",
             "--out",
             str(out / f"bench_kernels_{name}.json"),
+            *extra,
+        ]
+    if name == "w8a8":  # the W8A8 4096^3 cases only, the wgmma kernel's last (its own part)
+        extra = ["--dry-run", "--w8a8-size", "256"] if dry_run else []
+        return [
+            *py,
+            str(HERE / "bench_kernels.py"),
+            "--part",
+            "all",
+            "--layouts",
+            "none",
+            "--max-candidates",
+            "4",
+            "--budget-s",
+            f"{max(budget_s, 5):.0f}",
+            "--out",
+            str(out / "bench_kernels_w8a8.json"),
             *extra,
         ]
     if name == "breakdown":  # per-kernel device time of the tiles around the fastest W4A16 one
