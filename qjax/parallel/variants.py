@@ -11,10 +11,12 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from qjax.distill.train import distill_step as _distill_step
 from qjax.parallel.mesh import BATCH_AXES
-from qjax.parallel.steps import ShardedStep, TrainState, train_step
+from qjax.parallel.steps import ShardedStep, TrainState, _mesh_of, _split, train_step
 from qjax.quant.policy import Policy
 from qjax.quant.qat import fake_quantized
 
@@ -24,6 +26,37 @@ Objective = Callable[[Any, Mapping[str, Any]], Any]
 def _inputs(batch: Mapping[str, Any]) -> tuple:
     x = batch["x"]
     return x if isinstance(x, tuple) else (x,)
+
+
+def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwargs) -> Callable:
+    """``loss_fn(params, batch, key[, act_stats])`` of ``objective`` on the fake-quantized
+    ``apply_fn``; with a ``momentum`` the running activation stats are the extra argument
+    and come back as the ``"act_stats"`` metric."""
+    if momentum is None:
+
+        def loss_fn(params, batch, key):
+            qat = fake_quantized(apply_fn, policy, key=key, act_stats=act_stats, **fq_kwargs)
+            return objective(qat(params, *_inputs(batch)), batch)
+
+        return loss_fn
+    if act_stats is not None:
+        raise ValueError(
+            "act_stats_momentum: the running act_stats are the step's extra argument, "
+            "step(state, batch, act_stats); do not also give act_stats="
+        )
+
+    def ema_loss_fn(params, batch, key, stats):
+        qat = fake_quantized(apply_fn, policy, key=key, act_stats_momentum=momentum, **fq_kwargs)
+        out, new_stats = qat(params, stats, *_inputs(batch))
+        value, metrics = _split(objective(out, batch))
+        return value, {**metrics, "act_stats": new_stats}
+
+    return ema_loss_fn
+
+
+def _stats_shardings(state_shardings: TrainState, momentum) -> tuple:
+    """The running stats argument's shardings: replicated (none without a momentum)."""
+    return () if momentum is None else (NamedSharding(_mesh_of(state_shardings), P()),)
 
 
 def qat_step(
@@ -36,6 +69,7 @@ def qat_step(
     *,
     integer_forward: bool = True,
     act_stats: Mapping[str, Any] | None = None,
+    act_stats_momentum: float | None = None,
     local_batch_axes: Sequence[str] | None = None,
     donate: bool = True,
 ) -> ShardedStep:
@@ -49,19 +83,28 @@ def qat_step(
       tx, state_shardings, batch_shardings, donate, local_batch_axes: see :func:`train_step`.
       integer_forward, act_stats: see :func:`qjax.fake_quantized` (``act_stats``: static
         activation scales from :func:`qjax.calibrate`, trained as served for static W8A8).
+      act_stats_momentum: running-average static scales (see :func:`qjax.fake_quantized`):
+        the step becomes ``step(state, batch, act_stats) -> (state, metrics)`` with the
+        updated stats (replicated) in ``metrics["act_stats"]``; with ``local_batch_axes``
+        each shard updates from its own rows and the updates are averaged.
 
     Example:
       >>> objective = lambda logits, b: xent(logits, b["y"])
       >>> step = qat_step(model.apply, policy, objective, tx, sh, batch_shardings(mesh, batch))
+      >>> ema = qat_step(model.apply, policy, objective, tx, sh, bsh, act_stats_momentum=0.99)
+      >>> state, metrics = ema(state, batch, stats); stats = metrics.pop("act_stats")
     """
-
-    def loss_fn(params, batch, key):
-        qat = fake_quantized(apply_fn, policy, key=key, integer_forward=integer_forward, act_stats=act_stats)
-        out = qat(params, *_inputs(batch))
-        return objective(out, batch)
-
+    loss_fn = _quantized_loss(
+        apply_fn, policy, objective, act_stats, act_stats_momentum, integer_forward=integer_forward
+    )
     return train_step(
-        loss_fn, tx, state_shardings, batch_shardings, donate=donate, local_batch_axes=local_batch_axes
+        loss_fn,
+        tx,
+        state_shardings,
+        batch_shardings,
+        extra_shardings=_stats_shardings(state_shardings, act_stats_momentum),
+        donate=donate,
+        local_batch_axes=local_batch_axes,
     )
 
 
@@ -76,6 +119,7 @@ def int8_step(
     local_scales: bool = False,
     batch_axes: Sequence[str] = BATCH_AXES,
     act_stats: Mapping[str, Any] | None = None,
+    act_stats_momentum: float | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
@@ -89,8 +133,8 @@ def int8_step(
     equals averaging the single-device step's gradients over the shards).
 
     Args:
-      apply_fn, policy, objective, tx, state_shardings, batch_shardings, act_stats, donate:
-        see :func:`qat_step`.
+      apply_fn, policy, objective, tx, state_shardings, batch_shardings, act_stats,
+        act_stats_momentum, donate: see :func:`qat_step`.
       local_scales: per-shard local scales (see above).
       batch_axes: the mesh axes the batch is split over (for ``local_scales``).
 
@@ -107,6 +151,7 @@ def int8_step(
         state_shardings,
         batch_shardings,
         act_stats=act_stats,
+        act_stats_momentum=act_stats_momentum,
         donate=donate,
         local_batch_axes=tuple(batch_axes) if local_scales else None,
     )
@@ -121,6 +166,7 @@ def prune_step(
     *,
     policy: Policy | None = None,
     act_stats: Mapping[str, Any] | None = None,
+    act_stats_momentum: float | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner
@@ -134,10 +180,12 @@ def prune_step(
       state_shardings, batch_shardings, donate: see :func:`train_step`.
       policy: a :class:`qjax.Policy` to train quantization-aware (``fake_quantized``);
         ``None``: float.
-      act_stats: static activation scales for ``policy`` (see :func:`qat_step`).
+      act_stats, act_stats_momentum: static activation scales for ``policy`` (see
+        :func:`qat_step`).
 
     Returns:
-      A :class:`ShardedStep`: ``step(state, batch) -> (state, metrics)``.
+      A :class:`ShardedStep`: ``step(state, batch) -> (state, metrics)`` (with
+      ``act_stats_momentum``: ``step(state, batch, act_stats)``, see :func:`qat_step`).
 
     Example:
       >>> tx = qjax.prune.sparsify(optax.adam(1e-3), qjax.prune.Magnitude(0.5), qjax.prune.one_shot(2))
@@ -146,11 +194,23 @@ def prune_step(
       >>> step = prune_step(model.apply, objective, tx, sh, batch_shardings(mesh, batch))
     """
 
-    def loss_fn(params, batch, key):
-        f = apply_fn if policy is None else fake_quantized(apply_fn, policy, key=key, act_stats=act_stats)
-        return objective(f(params, *_inputs(batch)), batch)
+    if policy is None:
+        if act_stats is not None or act_stats_momentum is not None:
+            raise ValueError("prune_step: act_stats / act_stats_momentum need a policy")
 
-    return train_step(loss_fn, tx, state_shardings, batch_shardings, donate=donate)
+        def loss_fn(params, batch, key):
+            return objective(apply_fn(params, *_inputs(batch)), batch)
+
+    else:
+        loss_fn = _quantized_loss(apply_fn, policy, objective, act_stats, act_stats_momentum)
+    return train_step(
+        loss_fn,
+        tx,
+        state_shardings,
+        batch_shardings,
+        extra_shardings=_stats_shardings(state_shardings, act_stats_momentum),
+        donate=donate,
+    )
 
 
 def distill_train_step(

@@ -95,13 +95,19 @@ class _Calibrate(_PolicyHandler):
                 f"leaf {ref.path!r} (rule {rule.pattern!r}): static activation scales are per-tensor "
                 "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
             )
-        act = materialize(act).astype(jnp.float32)
         if self.pooled(ref.path):
-            emit(ref.path, hist.histogram(act, ref.aux, self.bins))
+            emit(ref.path, hist.histogram(materialize(act).astype(jnp.float32), ref.aux, self.bins))
             return
-        axes = tuple(range(act.ndim))
-        lo, hi = spec.calibration(act, axes, spec.format, spec.symmetric)
-        emit(ref.path, (lo.reshape(()), hi.reshape(())))
+        emit(ref.path, batch_range(spec, act))
+
+
+def batch_range(spec, act) -> tuple[jax.Array, jax.Array]:
+    """The per-tensor range ``(lo, hi)`` (float32 scalars) that ``spec``'s calibrator gives
+    one batch's activation ``act``: what :func:`calibrate` records per batch, and what
+    ``fake_quantized(..., act_stats_momentum=...)`` moves its running range toward."""
+    act = materialize(act).astype(jnp.float32)
+    lo, hi = spec.calibration(act, tuple(range(act.ndim)), spec.format, spec.symmetric)
+    return lo.reshape(()), hi.reshape(())
 
 
 def _combine_in_batch(values: list, mean: bool):

@@ -19,7 +19,8 @@ from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slic
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
-from qjax.quant import ops_ragged
+from qjax.quant import act_ema, ops_ragged
+from qjax.quant.calibrate import ActStats, batch_range
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
 from qjax.quant.int8_training_conv import conv_backward, conv_config
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -34,7 +35,7 @@ from qjax.quant.policy_handler import (
 )
 from qjax.quant.serve import _check_deployable, _conv_geometry, _operand_qarray, _quantized_op
 from qjax.quant.shard_scales import fake_quant_shard
-from qjax.quant.transforms import _check_scales, static_act_scales
+from qjax.quant.transforms import _check_scales, _static_act_scale, static_act_scales
 from qjax.rules import fold_in_path
 
 
@@ -110,24 +111,55 @@ _with_act_ste.defvjp(_with_act_ste_fwd, _with_act_ste_bwd)
 
 class _Aux(NamedTuple):
     """What travels with a leaf (a ``scan`` over stacked layers slices it): its learned LSQ
-    scale (first: ``WeightRef.aux_shared`` counts its sharing) and the static activation
-    scale ``(scale, zero_point)`` of the ops reading it."""
+    scale (first: ``WeightRef.aux_shared`` counts its sharing), the static activation
+    scale ``(scale, zero_point)`` of the ops reading it, and with a running average the
+    range ``(lo, hi)`` it is updated from."""
 
     lsq: jax.Array | None
     act: tuple | None
+    act_range: tuple | None = None
 
 
 class _FakeQuant(_PolicyHandler):
-    def __init__(self, policy: Policy, scales: dict, key, integer_forward: bool, static: dict):
+    # running averages (act_stats_momentum): an op inside a shard_map updates its range from
+    # the shard's activation, each shard a read; reads average (act_ema.merged_stats)
+    per_shard_emits = True
+
+    def __init__(
+        self,
+        policy: Policy,
+        scales: dict,
+        key,
+        integer_forward: bool,
+        static: dict,
+        ranges: dict | None = None,
+        momentum: float | None = None,
+    ):
         super().__init__(policy)
         self.scales, self.key, self.integer_forward, self.static = scales, key, integer_forward, static
+        self.ranges, self.momentum = ranges or {}, momentum
 
     def aux(self, path: str):
-        return _Aux(self.scales.get(path), self.static.get(path))
+        return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
+
+    def loop_reduction(self, key: str) -> str | None:
+        return "mean"  # only running averages are emitted: a while_loop's reads average
+
+    def static_scale(self, ref: WeightRef, spec: QuantSpec, act, emit) -> tuple | None:
+        """The static activation scale ``(scale, zero_point)`` of an op reading ``ref``:
+        the fixed one of ``act_stats=``, or the running range moved toward this batch's
+        ``act`` (emitted as the op's new range); ``None`` (dynamic) without stats."""
+        if not isinstance(ref.aux, _Aux):
+            return None
+        if ref.aux.act_range is None:
+            return ref.aux.act
+        new = act_ema.updated_range(ref.aux.act_range, batch_range(spec, act), self.momentum)
+        emit(ref.path, new)
+        return _static_act_scale(ActStats(*new), spec)
 
     def finish(self) -> None:
         super().finish()
-        unused = sorted(set(self.static) - self._targeted)
+        unused = sorted((set(self.static) | set(self.ranges)) - self._targeted)
         if unused:
             raise ValueError(
                 f"fake_quantized: act_stats given for leaves {unused} that no matmul/conv reads as its "
@@ -149,7 +181,7 @@ class _FakeQuant(_PolicyHandler):
         aspec = None if rule.act is None else _resolve_act_spec(rule.act, eqn, ai)
         if aspec is not None and aspec.ste == "lsq":
             raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
-        static = ref.aux.act if isinstance(ref.aux, _Aux) and aspec is not None else None
+        static = None if aspec is None else self.static_scale(ref, aspec, args[ai], emit)
 
         def fake_path(act, w_leaf, static):
             """The QAT definition: fake-quantized operands through the original op."""
@@ -201,7 +233,7 @@ class _FakeQuant(_PolicyHandler):
         if aspec is not None:
             act = ops_ragged.grouped_rows(act, invals[2])  # padding rows set no scale
             aspec = ops_ragged.row_spec(aspec)
-            static = ref.aux.act if isinstance(ref.aux, _Aux) else None
+            static = self.static_scale(ref, aspec, act, emit)
             scale, zero_point = (None, None) if static is None else static
             key = fold_in_path(self.key, ref.path + ":act")
             act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)
@@ -320,6 +352,7 @@ def fake_quantized(
     key=None,
     integer_forward: bool = True,
     act_stats: dict | None = None,
+    act_stats_momentum: float | None = None,
 ) -> Callable:
     """``f`` with the weights and activations of its matmuls/convs fake-quantized, for
     quantization-aware training.
@@ -346,6 +379,18 @@ def fake_quantized(
     (int8 training) the activation gradient gets that clip mask; the backward matmuls
     still re-quantize the saved activation per row. Weights of a ``scan`` stack are scaled
     per layer (see the README for exporting them exactly).
+
+    With ``act_stats_momentum=m`` the static ranges are running averages that follow the
+    activations as the weights train (:mod:`qjax.quant.act_ema`): the function takes the
+    current stats as its second argument and returns the updated ones,
+    ``g(params, act_stats, *args) -> (outputs, new_act_stats)``. Each op moves its range
+    toward the one its calibrator gives the batch (``lo <- m lo + (1 - m) lo_batch``, the
+    same for ``hi``; no gradient flows into it) and quantizes with the updated range; a
+    weight read several times averages its reads' ranges (as do the shards of a
+    ``shard_map`` body and the iterations of a ``while_loop``), an op that did not run (an
+    untaken ``cond`` branch) or saw NaN keeps its range. Start from
+    ``qjax.calibrate`` stats (one batch is enough); the final stats go to
+    ``quantize_params(..., act_stats=...)``, so the deployed scales are the trained ones.
 
     A user's ``jax.custom_vjp`` / ``custom_jvp`` keeps its derivative rule unless a matmul
     or conv inside it reads a weight some rule matches: that body is then evaluated inline,
@@ -383,29 +428,61 @@ def fake_quantized(
         scales for the ops reading each leaf, as :func:`qjax.quantize_params` takes them
         (its per-tensor ``act`` spec turns the range into a scale and zero point). Leaves
         without an entry keep dynamic activation scales, as served.
+      act_stats_momentum: ``None`` (default): fixed static scales (``act_stats``). A number
+        in ``[0, 1)``: running-average ranges, passed at each call (see above; then
+        ``act_stats`` must be ``None``). Flax ``BatchNorm``'s convention: 0.99 keeps 99% of
+        the old range per step; 0 takes each batch's range.
 
     Returns:
-      A function with ``f``'s signature.
+      A function with ``f``'s signature; with ``act_stats_momentum``,
+      ``g(params, act_stats, *args, **kwargs) -> (outputs, new_act_stats)``.
 
     Raises:
       ValueError: a rule that does not fit its leaf or op (the message names the leaf and
         the rule); an ``act_stats`` path that is not a leaf, whose rule has no weight spec or
         no per-tensor ``act`` spec (as :func:`qjax.quantize_params`), or that no matmul/conv
-        reads as its weight.
+        reads as its weight; an ``act_stats_momentum`` outside ``[0, 1)`` or given with
+        ``act_stats``.
 
     Example:
       >>> loss = lambda p, x, y: xent(qjax.fake_quantized(model.apply, policy)(p, x), y)
       >>> stats = qjax.calibrate(model.apply, policy, params, batches)   # static W8A8
       >>> qat = qjax.fake_quantized(model.apply, policy, act_stats=stats)
+      >>> ema = qjax.fake_quantized(model.apply, policy, act_stats_momentum=0.99)
+      >>> logits, stats = ema(params, stats, x)   # in the train step (has_aux=True)
     """
     check_policy(policy)
+    if act_stats_momentum is None:
+
+        @functools.wraps(f)
+        def g(params, *args, **kwargs):
+            # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
+            params, learned = _check_scales(params, scales)
+            static = static_act_scales(params, policy, act_stats)
+            handler = lambda: _FakeQuant(policy, learned, key, integer_forward, static)
+            return _run(f, handler, params, args, kwargs)[0]
+
+        return g
+
+    momentum = act_ema.check_momentum(act_stats_momentum)
+    if act_stats is not None:
+        raise ValueError(
+            "fake_quantized: with act_stats_momentum the stats are running averages passed at each call, "
+            "g(params, act_stats, *args) -> (outputs, new_act_stats); do not also give act_stats= here"
+        )
 
     @functools.wraps(f)
-    def g(params, *args, **kwargs):
-        # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
+    def g_ema(params, act_stats, *args, **kwargs):
+        if not isinstance(act_stats, dict) or not all(isinstance(v, ActStats) for v in act_stats.values()):
+            raise TypeError(
+                "fake_quantized(act_stats_momentum=...) takes the running {path: ActStats} as its second "
+                f"argument (start from qjax.calibrate); got {type(act_stats).__name__}"
+            )
         params, learned = _check_scales(params, scales)
-        static = static_act_scales(params, policy, act_stats)
-        handler = lambda: _FakeQuant(policy, learned, key, integer_forward, static)
-        return _run(f, handler, params, args, kwargs)[0]
+        static_act_scales(params, policy, act_stats)  # the same checks as fixed stats
+        ranges = {path: (s.lo, s.hi) for path, s in act_stats.items()}
+        handler = lambda: _FakeQuant(policy, learned, key, integer_forward, {}, ranges, momentum)
+        out, emitted = _run(f, handler, params, args, kwargs)
+        return out, act_ema.merged_stats(act_stats, emitted)
 
-    return g
+    return g_ema

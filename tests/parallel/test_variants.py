@@ -12,6 +12,7 @@ import qjax
 from qjax import parallel as qp
 from qjax.distill.train import kd_objective
 from qjax.parallel import hlo, presets
+from qjax.parallel.mesh import BATCH_AXES
 
 from .common import INT8, MLP, QAT, W8, batch, init, sgd, xent
 from .test_steps import assert_close, run
@@ -73,6 +74,45 @@ def test_qat_step_trains_with_static_activation_scales():
     assert loss == pytest.approx(float(xent(served, b)), rel=1e-5)
     dynamic = xent(qjax.fake_quantized(model.apply, static)(params, b["x"]), b)
     assert float(dynamic) != pytest.approx(loss, rel=1e-3)
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_qat_step_updates_running_activation_ranges(local):
+    """``act_stats_momentum``: the step takes the running stats and returns them updated in
+    its metrics, as the single-device ``fake_quantized`` does (with ``local_batch_axes``,
+    the mean of the shards' updates from their own rows)."""
+    b = batch(5)
+    model, tx = MLP(), sgd()
+    params = init(model, b["x"])
+    static = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    stats = qjax.calibrate(model.apply, static, params, [0.5 * b["x"]])
+    mesh = qp.make_mesh(8, 1, 1)
+    sh = qp.train_state_shardings(params, tx, presets.data_parallel(), mesh)
+    step = qp.qat_step(
+        model.apply,
+        static,
+        xent,
+        tx,
+        sh,
+        qp.batch_shardings(mesh, b),
+        act_stats_momentum=0.9,
+        local_batch_axes=BATCH_AXES if local else None,
+        donate=False,
+    )
+    _, metrics = step(qp.init_train_state(params, tx, sh), b, stats)
+    new = metrics["act_stats"]
+    ema = qjax.fake_quantized(model.apply, static, act_stats_momentum=0.9)
+    if local:  # each of the 8 shards (2 rows) moves the range toward its own rows' range
+        shards = [ema(params, stats, b["x"][2 * i : 2 * i + 2])[1] for i in range(8)]
+        want = jax.tree.map(lambda *v: np.mean(v, 0), *shards)
+    else:
+        y, want = ema(params, stats, b["x"])
+        assert float(metrics["loss"]) == pytest.approx(float(xent(y, b)), rel=1e-5)
+    for path in stats:
+        assert float(new[path].hi) == pytest.approx(float(want[path].hi), rel=1e-5)
+        assert float(new[path].hi) != pytest.approx(float(stats[path].hi), rel=1e-3)
+    with pytest.raises(ValueError, match="do not also give act_stats"):
+        qp.qat_step(model.apply, static, xent, tx, sh, None, act_stats=stats, act_stats_momentum=0.9)
 
 
 def test_prune_step_masks_sharded_like_params():
