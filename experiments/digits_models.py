@@ -16,3 +16,16 @@ class CNN(nn.Module):
         x = nn.relu(nn.Conv(32, (3, 3), name="conv2")(x))
         x = nn.relu(nn.Dense(64, name="fc")(x.reshape(x.shape[0], -1)))
         return nn.Dense(10, name="head")(x)
+
+
+class MLP(nn.Module):
+    """Flattened 8x8 image -> ``hidden`` ReLU layers (``fc1``, ``fc2``, ...) -> dense 10 (``head``)."""
+
+    hidden: tuple[int, ...] = (256, 128)
+
+    @nn.compact
+    def __call__(self, x):
+        x = x.reshape(x.shape[0], -1)
+        for i, width in enumerate(self.hidden):
+            x = nn.relu(nn.Dense(width, name=f"fc{i + 1}")(x))
+        return nn.Dense(10, name="head")(x)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from digits_models import CNN
+from digits_models import CNN, MLP
 from distill_common import load
 from report import machine, write
 
@@ -47,17 +47,6 @@ FT_STEPS = 1000
 BATCH = 64
 LR = 1e-3
 FT_LR = 5e-4
-
-
-class MLP(nn.Module):
-    """64 -> 256 -> 128 -> 10."""
-
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(256, name="fc1")(x))
-        x = nn.relu(nn.Dense(128, name="fc2")(x))
-        return nn.Dense(10, name="head")(x)
 
 
 MODELS = {"mlp": MLP, "cnn": CNN}

@@ -32,11 +32,11 @@ import argparse
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from digits_models import MLP
 from distill_common import fmt, fmt_paired, load, paired, summary
 from report import machine, write
 
@@ -55,15 +55,6 @@ def policy(calibration: str) -> qjax.Policy:
 DYNAMIC = "dynamic"
 FROZEN = "frozen"
 RECAL = "frozen + recalibrated"
-
-
-class MLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(nn.Dense(128, name="fc1")(x))
-        x = nn.relu(nn.Dense(64, name="fc2")(x))
-        return nn.Dense(10, name="head")(x)
 
 
 def xent(logits, y):
@@ -108,7 +99,7 @@ def run(args, data, calibration: str) -> tuple[dict[str, Any], dict[str, float]]
     """Every variant over the seeds with activation ranges by ``calibration``: results per
     variant and the step times."""
     pol = policy(calibration)
-    model, tx = MLP(), optax.adam(args.lr)
+    model, tx = MLP(hidden=(128, 64)), optax.adam(args.lr)
     momenta = [float(m) for m in args.momenta.split(",")]
     running = {f"running m={m:g}": m for m in momenta}
     steps = {None: make_step(model, tx, pol, None)} | {m: make_step(model, tx, pol, m) for m in momenta}

@@ -54,9 +54,11 @@ def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwarg
     return ema_loss_fn
 
 
-def _stats_shardings(state_shardings: TrainState, momentum) -> tuple:
-    """The running stats argument's shardings: replicated (none without a momentum)."""
-    return () if momentum is None else (NamedSharding(_mesh_of(state_shardings), P()),)
+def _train(loss_fn, tx, state_shardings: TrainState, batch_shardings, momentum, **kwargs) -> ShardedStep:
+    """:func:`train_step` of ``loss_fn``, with the running stats (``momentum``) as its
+    replicated extra argument."""
+    stats = () if momentum is None else (NamedSharding(_mesh_of(state_shardings), P()),)
+    return train_step(loss_fn, tx, state_shardings, batch_shardings, extra_shardings=stats, **kwargs)
 
 
 def qat_step(
@@ -97,12 +99,12 @@ def qat_step(
     loss_fn = _quantized_loss(
         apply_fn, policy, objective, act_stats, act_stats_momentum, integer_forward=integer_forward
     )
-    return train_step(
+    return _train(
         loss_fn,
         tx,
         state_shardings,
         batch_shardings,
-        extra_shardings=_stats_shardings(state_shardings, act_stats_momentum),
+        act_stats_momentum,
         donate=donate,
         local_batch_axes=local_batch_axes,
     )
@@ -203,14 +205,7 @@ def prune_step(
 
     else:
         loss_fn = _quantized_loss(apply_fn, policy, objective, act_stats, act_stats_momentum)
-    return train_step(
-        loss_fn,
-        tx,
-        state_shardings,
-        batch_shardings,
-        extra_shardings=_stats_shardings(state_shardings, act_stats_momentum),
-        donate=donate,
-    )
+    return _train(loss_fn, tx, state_shardings, batch_shardings, act_stats_momentum, donate=donate)
 
 
 def distill_train_step(
