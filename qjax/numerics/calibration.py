@@ -128,18 +128,26 @@ class Percentile(Calibration):
         if not 0 < float(self.p) <= 100:
             raise ValueError(f"percentile p must be in (0, 100], got {self.p}")
 
-    def __call__(self, x, axes, fmt, symmetric):
+    def __call__(self, x, axes, fmt, symmetric, valid=None):
+        """``valid``: an optional boolean mask broadcastable to ``x``; the percentile is then
+        of the valid values only (a ragged dot's padding rows must not count)."""
         y, shape = _move_to_end(_unsharded(x, axes), axes)
         if y.shape[-1] == 0:
             zero = jnp.zeros(shape, x.dtype)
             return zero, zero
-        bad = jnp.any(~jnp.isfinite(y), axis=-1)
+        pct = jnp.percentile
+        if valid is None:
+            bad = jnp.any(~jnp.isfinite(y), axis=-1)
+        else:
+            keep, _ = _move_to_end(_unsharded(jnp.broadcast_to(valid, x.shape), axes), axes)
+            bad = jnp.any(~jnp.isfinite(y) & keep, axis=-1)
+            y, pct = jnp.where(keep, y, jnp.nan), jnp.nanpercentile
         if symmetric:
-            a = jnp.percentile(jnp.abs(y), self.p, axis=-1)
+            a = pct(jnp.abs(y), self.p, axis=-1)
             a = jnp.where(bad, jnp.nan, a).reshape(shape)
             return -a, a
-        lo = jnp.percentile(y, 100 - self.p, axis=-1)
-        hi = jnp.percentile(y, self.p, axis=-1)
+        lo = pct(y, 100 - self.p, axis=-1)
+        hi = pct(y, self.p, axis=-1)
         lo = jnp.where(bad, jnp.nan, lo).reshape(shape)
         return lo, jnp.where(bad, jnp.nan, hi).reshape(shape)
 

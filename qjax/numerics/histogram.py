@@ -33,13 +33,17 @@ from qjax.numerics.scaling import dequantize_values, quantize_values, scale_from
 DEFAULT_BINS = 2048
 
 
-def histogram(x: jax.Array, r_prev: jax.Array, bins: int) -> dict[str, jax.Array]:
+def histogram(
+    x: jax.Array, r_prev: jax.Array, bins: int, valid: jax.Array | None = None
+) -> dict[str, jax.Array]:
     """One batch's histogram (traceable; reduces over every axis of ``x``).
 
     Args:
       x: the values an op quantizes.
       r_prev: the pooled histogram's range so far (a power of two), ``0`` for none yet.
       bins: bins per sign.
+      valid: an optional boolean mask broadcastable to ``x``: only those values count (a
+        ragged dot's padding rows do not).
 
     Returns:
       ``{"pos", "neg"}``: float32 ``(bins,)`` counts of the magnitudes of the values ``>= 0``
@@ -49,9 +53,11 @@ def histogram(x: jax.Array, r_prev: jax.Array, bins: int) -> dict[str, jax.Array
       ``"bad"``: 1.0 when ``x`` holds NaN or infinity (its range is then NaN, as
       everywhere in qjax), else 0.0.
     """
-    x = jnp.ravel(x).astype(jnp.float32)
+    keep = jnp.ones(x.shape, bool) if valid is None else jnp.broadcast_to(valid, x.shape)
+    x, keep = jnp.ravel(x).astype(jnp.float32), jnp.ravel(keep)
     finite = jnp.isfinite(x)
-    x = jnp.where(finite, x, 0.0)
+    bad = jnp.any(~finite & keep)
+    x = jnp.where(finite & keep, x, 0.0)
     mag = jnp.abs(x)
     m = jnp.max(mag, initial=0.0)
     # the smallest power of two above m (strictly: m itself must fall inside [0, r)); frexp
@@ -63,14 +69,14 @@ def histogram(x: jax.Array, r_prev: jax.Array, bins: int) -> dict[str, jax.Array
     # to 0 on CPU, which put the whole top binade in bin 0); r >= 2**-125, so 2 / r is finite
     idx = jnp.clip(jnp.floor(mag * 0.5 / (r * 0.5) * bins), 0, bins - 1).astype(jnp.int32)
     neg = x < 0
-    counts = jnp.zeros((2, bins), jnp.float32).at[neg.astype(jnp.int32), idx].add(1.0)
+    counts = jnp.zeros((2, bins), jnp.float32).at[neg.astype(jnp.int32), idx].add(keep.astype(jnp.float32))
     return {
         "pos": counts[0],
         "neg": counts[1],
         "r": r,
         "max_pos": jnp.max(jnp.where(neg, 0.0, mag), initial=0.0),
         "max_neg": jnp.max(jnp.where(neg, mag, 0.0), initial=0.0),
-        "bad": jnp.any(~finite).astype(jnp.float32),
+        "bad": bad.astype(jnp.float32),
     }
 
 

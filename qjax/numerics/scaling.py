@@ -99,7 +99,15 @@ def scale_from_range(
     if scale_dtype is not None:
         scale = round_scale_up(scale, scale_dtype)
     if not symmetric:
-        zp = jnp.clip(jnp.round(fmt.qmin - lo * (1.0 / scale)), fmt.qmin, fmt.qmax)
+        # round(qmin - lo / scale), written so that no subtraction follows the product: under
+        # jit XLA:CPU contracts `qmin - lo * inv` into one fused multiply-add, and a range
+        # [-a, a] puts the zero point on a tie (-0.5) that the fused form misses by an ulp
+        # (-1 jitted, 0 eagerly), so a jitted training step and the eager quantize_params
+        # stored different zero points for one range. For an even qmin (every integer format)
+        # round-half-even(qmin - t) == qmin - round-half-even(t) exactly.
+        shift = lo * (1.0 / scale)
+        raw = fmt.qmin - jnp.round(shift) if fmt.qmin % 2 == 0 else jnp.round(fmt.qmin - shift)
+        zp = jnp.clip(raw, fmt.qmin, fmt.qmax)
         zero_point = jnp.where(finite, zp, 0).astype(fmt.storage_dtype)
     return scale, zero_point
 

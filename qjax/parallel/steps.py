@@ -130,12 +130,20 @@ class ShardedStep:
     Attributes:
       jitted: the ``jax.jit`` function.
       mesh: its mesh.
+      arg_names: the names of its positional arguments, when fixed: a call with another
+        number of them raises a ``TypeError`` naming them (``None``: not checked).
     """
 
     jitted: Any
     mesh: Mesh
+    arg_names: tuple[str, ...] | None = None
 
     def __call__(self, *args):
+        if self.arg_names is not None and len(args) != len(self.arg_names):
+            raise TypeError(
+                f"this step takes {len(self.arg_names)} arguments, step({', '.join(self.arg_names)}); "
+                f"got {len(args)}"
+            )
         with jax.set_mesh(self.mesh):
             return self.jitted(*args)
 
@@ -207,6 +215,7 @@ def train_step(
     batch_shardings: Any,
     *,
     extra_shardings: Sequence[Any] = (),
+    extra_names: Sequence[str] | None = None,
     donate: bool = True,
     local_batch_axes: Sequence[str] | None = None,
 ) -> ShardedStep:
@@ -221,10 +230,13 @@ def train_step(
         ``qjax.parallel.batch_shardings(mesh, batch)``.
       extra_shardings: shardings of extra (not trained, not donated) arguments, e.g. the
         teacher params.
+      extra_names: their names, for the error a call with a missing argument raises
+        (default ``extra0``, ``extra1``, ...).
       donate: donate the state (its buffers are reused for the new state).
       local_batch_axes: compute loss and gradients per shard of these mesh axes inside
         ``jax.shard_map`` and average them (per-shard quantization scales; params must be
-        replicated along these axes or are gathered); ``None``: one global computation.
+        replicated along these axes or are gathered); ``None``, or axes of size 1 only
+        (one shard: the same thing): one global computation.
 
     Returns:
       A :class:`ShardedStep` ``step(state, batch, *extra) -> (state, metrics)``; metrics
@@ -239,7 +251,7 @@ def train_step(
     explicit = is_explicit(mesh)
     grad_specs = state_shardings.params
     local = None
-    if local_batch_axes is not None:
+    if local_batch_axes is not None and any(mesh.shape[a] > 1 for a in local_batch_axes):
         specs = jax.tree.map(
             lambda s: s.spec, batch_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
         )
@@ -281,7 +293,12 @@ def train_step(
         out_shardings=(state_shardings, rep),
         donate_argnums=(0,) if donate else (),
     )
-    return ShardedStep(jitted, mesh)
+    names = (
+        tuple(extra_names)
+        if extra_names is not None
+        else tuple(f"extra{i}" for i in range(len(extra_shardings)))
+    )
+    return ShardedStep(jitted, mesh, ("state", "batch", *names))
 
 
 def eval_step(

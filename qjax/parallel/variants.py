@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 from qjax.distill.train import distill_step as _distill_step
 from qjax.parallel.mesh import BATCH_AXES
 from qjax.parallel.steps import ShardedStep, TrainState, _mesh_of, _split, train_step
+from qjax.quant import act_ema
 from qjax.quant.policy import Policy
 from qjax.quant.qat import fake_quantized
 
@@ -44,6 +45,7 @@ def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwarg
             "act_stats_momentum: the running act_stats are the step's extra argument, "
             "step(state, batch, act_stats); do not also give act_stats="
         )
+    momentum = act_ema.check_momentum(momentum)  # refused when the step is built, not at its first call
 
     def ema_loss_fn(params, batch, key, stats):
         qat = fake_quantized(apply_fn, policy, key=key, act_stats_momentum=momentum, **fq_kwargs)
@@ -58,7 +60,10 @@ def _train(loss_fn, tx, state_shardings: TrainState, batch_shardings, momentum, 
     """:func:`train_step` of ``loss_fn``, with the running stats (``momentum``) as its
     replicated extra argument."""
     stats = () if momentum is None else (NamedSharding(_mesh_of(state_shardings), P()),)
-    return train_step(loss_fn, tx, state_shardings, batch_shardings, extra_shardings=stats, **kwargs)
+    names = ("act_stats",) if stats else ()
+    return train_step(
+        loss_fn, tx, state_shardings, batch_shardings, extra_shardings=stats, extra_names=names, **kwargs
+    )
 
 
 def qat_step(
@@ -246,5 +251,11 @@ def distill_train_step(
         return ds.loss(params, teacher_params, batch, key)
 
     return train_step(
-        loss, tx, state_shardings, batch_shardings, extra_shardings=(teacher_shardings,), donate=donate
+        loss,
+        tx,
+        state_shardings,
+        batch_shardings,
+        extra_shardings=(teacher_shardings,),
+        extra_names=("teacher_params",),
+        donate=donate,
     )

@@ -43,13 +43,13 @@ def check_momentum(momentum) -> float:
 
 def updated_range(old: tuple, batch: tuple, momentum: float) -> tuple[jax.Array, jax.Array]:
     """``(lo, hi)`` moved from ``old`` toward ``batch`` by ``momentum`` (no gradient). A
-    NaN batch range (NaN activations) leaves the old range: one bad batch must not turn
-    every later scale into NaN."""
+    non-finite batch range (NaN or Inf activations: an overflowing bf16 step) leaves the old
+    range: one bad batch must not turn every later scale into NaN."""
 
     def ema(o, b):
         o = jnp.asarray(o, jnp.float32)
         new = momentum * o + (1.0 - momentum) * b
-        return jax.lax.stop_gradient(jnp.where(jnp.isnan(b), o, new))
+        return jax.lax.stop_gradient(jnp.where(jnp.isfinite(b), new, o))
 
     return ema(old[0], batch[0]), ema(old[1], batch[1])
 
@@ -67,7 +67,7 @@ def merged_stats(act_stats: dict, emitted: dict) -> dict[str, ActStats]:
             continue
         lo, hi = _combine_in_batch(values, mean=True)
         old_lo, old_hi = (jnp.asarray(v, jnp.float32) for v in (stats.lo, stats.hi))
-        lo = jnp.where(jnp.isnan(lo), old_lo, lo).reshape(old_lo.shape)
-        hi = jnp.where(jnp.isnan(hi), old_hi, hi).reshape(old_hi.shape)
+        lo = jnp.where(jnp.isfinite(lo), lo, old_lo).reshape(old_lo.shape)
+        hi = jnp.where(jnp.isfinite(hi), hi, old_hi).reshape(old_hi.shape)
         out[path] = ActStats(lo, hi, stats.count)
     return out

@@ -81,12 +81,13 @@ class _Calibrate(_PolicyHandler):
         if ref is not None:
             self._targeted.add(ref.path)
             act = ops_ragged.grouped_rows(materialize(invals[0]), invals[2])  # padding rows do not count
-            self._collect(ref, _rule(self.policy, ref.path), act, emit)
+            valid = ops_ragged.valid_rows(act, invals[2])
+            self._collect(ref, _rule(self.policy, ref.path), act, emit, valid)
         return None
 
-    def _collect(self, ref, rule, act, emit) -> None:
+    def _collect(self, ref, rule, act, emit, valid=None) -> None:
         """Emit the per-tensor range (or histogram) of the activation ``act`` an op reading
-        ``ref`` quantizes by ``rule``'s static ``act`` spec."""
+        ``ref`` quantizes by ``rule``'s static ``act`` spec (of its ``valid`` values only)."""
         if rule is None or rule.act is None or rule.act.channel_axes is PER_TOKEN:
             return  # float activations, or dynamic per-token scales: nothing to calibrate
         spec = rule.act
@@ -96,17 +97,23 @@ class _Calibrate(_PolicyHandler):
                 "(channel_axes=()); use qjax.PER_TOKEN for dynamic per-token scales"
             )
         if self.pooled(ref.path):
-            emit(ref.path, hist.histogram(materialize(act).astype(jnp.float32), ref.aux, self.bins))
+            emit(ref.path, hist.histogram(materialize(act).astype(jnp.float32), ref.aux, self.bins, valid))
             return
-        emit(ref.path, batch_range(spec, act))
+        emit(ref.path, batch_range(spec, act, valid))
 
 
-def batch_range(spec, act) -> tuple[jax.Array, jax.Array]:
+def batch_range(spec, act, valid=None) -> tuple[jax.Array, jax.Array]:
     """The per-tensor range ``(lo, hi)`` (float32 scalars) that ``spec``'s calibrator gives
     one batch's activation ``act``: what :func:`calibrate` records per batch, and what
-    ``fake_quantized(..., act_stats_momentum=...)`` moves its running range toward."""
+    ``fake_quantized(..., act_stats_momentum=...)`` moves its running range toward.
+
+    ``valid``: an optional boolean mask broadcastable to ``act`` of the values that count,
+    the others being zeros (a ragged dot's padding rows): zeros change no max-based range
+    nor an MSE clip search (0 is exact), so only a percentile is told."""
     act = materialize(act).astype(jnp.float32)
-    lo, hi = spec.calibration(act, tuple(range(act.ndim)), spec.format, spec.symmetric)
+    axes, cal = tuple(range(act.ndim)), spec.calibration
+    extra = {"valid": valid} if valid is not None and cal.name == "percentile" else {}
+    lo, hi = cal(act, axes, spec.format, spec.symmetric, **extra)
     return lo.reshape(()), hi.reshape(())
 
 

@@ -48,12 +48,18 @@ def check_weight(rhs: QArray) -> str | None:
     return None
 
 
+def valid_rows(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """``(M, 1)`` booleans: the rows of ``x`` inside the groups (``lax.ragged_dot`` ignores
+    the rest)."""
+    return (jnp.arange(x.shape[0]) < jnp.sum(group_sizes))[:, None]
+
+
 def grouped_rows(x: jax.Array, group_sizes: jax.Array) -> jax.Array:
     """``x`` with the rows past the last group zeroed: ``lax.ragged_dot`` ignores them, so
     they must not set a per-tensor scale or a calibrated range either (padding of 1e4 or
-    NaN made every real row's output wrong)."""
-    valid = jnp.arange(x.shape[0]) < jnp.sum(group_sizes)
-    return jnp.where(valid[:, None], x, jnp.zeros((), x.dtype))
+    NaN made every real row's output wrong). Zeros leave max-based ranges as they are; a
+    percentile or a histogram must also skip them (:func:`valid_rows`)."""
+    return jnp.where(valid_rows(x, group_sizes), x, jnp.zeros((), x.dtype))
 
 
 def row_spec(spec: QuantSpec) -> QuantSpec:

@@ -145,15 +145,16 @@ class _FakeQuant(_PolicyHandler):
     def loop_reduction(self, key: str) -> str | None:
         return "mean"  # only running averages are emitted: a while_loop's reads average
 
-    def static_scale(self, ref: WeightRef, spec: QuantSpec, act, emit) -> tuple | None:
+    def static_scale(self, ref: WeightRef, spec: QuantSpec, act, emit, valid=None) -> tuple | None:
         """The static activation scale ``(scale, zero_point)`` of an op reading ``ref``:
         the fixed one of ``act_stats=``, or the running range moved toward this batch's
-        ``act`` (emitted as the op's new range); ``None`` (dynamic) without stats."""
+        ``act`` (its ``valid`` values; emitted as the op's new range); ``None`` (dynamic)
+        without stats."""
         if not isinstance(ref.aux, _Aux):
             return None
         if ref.aux.act_range is None:
             return ref.aux.act
-        new = act_ema.updated_range(ref.aux.act_range, batch_range(spec, act), self.momentum)
+        new = act_ema.updated_range(ref.aux.act_range, batch_range(spec, act, valid), self.momentum)
         emit(ref.path, new)
         return _static_act_scale(ActStats(*new), spec)
 
@@ -233,7 +234,7 @@ class _FakeQuant(_PolicyHandler):
         if aspec is not None:
             act = ops_ragged.grouped_rows(act, invals[2])  # padding rows set no scale
             aspec = ops_ragged.row_spec(aspec)
-            static = self.static_scale(ref, aspec, act, emit)
+            static = self.static_scale(ref, aspec, act, emit, ops_ragged.valid_rows(act, invals[2]))
             scale, zero_point = (None, None) if static is None else static
             key = fold_in_path(self.key, ref.path + ":act")
             act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)

@@ -113,6 +113,27 @@ def test_qat_step_updates_running_activation_ranges(local):
         assert float(new[path].hi) != pytest.approx(float(stats[path].hi), rel=1e-3)
     with pytest.raises(ValueError, match="do not also give act_stats"):
         qp.qat_step(model.apply, static, xent, tx, sh, None, act_stats=stats, act_stats_momentum=0.9)
+    with pytest.raises(ValueError, match=r"act_stats_momentum=1\.5"):  # when built, not at the first call
+        qp.qat_step(model.apply, static, xent, tx, sh, None, act_stats_momentum=1.5)
+    with pytest.raises(TypeError, match=r"step\(state, batch, act_stats\); got 2"):
+        step(qp.init_train_state(params, tx, sh), b)  # the stats forgotten
+
+
+def test_per_shard_steps_on_batch_axes_of_size_one_run_globally():
+    """``local_batch_axes`` whose axes all have size 1 (pure tensor parallelism) crashed
+    XLA (an all-reduce outside manual partitioning); one shard is the global step."""
+    b = batch(6)
+    model, tx = MLP(), sgd()
+    params = init(model, b["x"])
+    mesh = qp.make_mesh(1, 1, 8)
+    sh = qp.train_state_shardings(params, tx, presets.tensor_parallel(), mesh)
+    bsh = qp.batch_shardings(mesh, b)
+    local = qp.qat_step(model.apply, QAT, xent, tx, sh, bsh, local_batch_axes=BATCH_AXES, donate=False)
+    glob = qp.qat_step(model.apply, QAT, xent, tx, sh, bsh, donate=False)
+    state = qp.init_train_state(params, tx, sh)
+    (s1, m1), (s2, m2) = local(state, b), glob(state, b)
+    assert float(m1["loss"]) == float(m2["loss"])
+    assert_close(s1.params, s2.params)
 
 
 def test_prune_step_masks_sharded_like_params():

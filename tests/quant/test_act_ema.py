@@ -123,10 +123,12 @@ def test_an_untaken_branch_and_a_nan_batch_keep_their_ranges():
     ema = jax.jit(qjax.fake_quantized(f, POLICY, act_stats_momentum=0.9))
     _, new = ema(p, stats, _x(1), True)
     assert float(new["w1"].hi) != float(stats["w1"].hi)  # the taken branch updated it
-    bad = _x(1).at[0, 0].set(jnp.nan)
-    y, new = ema(p, stats, bad, True)
-    assert float(new["w1"].hi) == float(stats["w1"].hi)  # a NaN batch: kept, not NaN
-    assert bool(jnp.isnan(y).any())  # the output shows the NaN input; the state does not
+    for value in (jnp.nan, jnp.inf):  # e.g. a bf16 overflow: the step is skipped, the stats must not be
+        y, new = ema(p, stats, _x(1).at[0, 0].set(value), True)
+        assert float(new["w1"].hi) == float(stats["w1"].hi)  # kept, not NaN / Inf
+        assert not bool(jnp.isfinite(y).all())  # the output shows the bad input; the state does not
+    _, later = ema(p, new, _x(1), True)
+    assert bool(jnp.isfinite(later["w1"].hi))
 
 
 def test_scan_stack_ranges_are_per_layer():
@@ -255,3 +257,29 @@ def test_inside_a_shard_map_each_shard_updates_from_its_rows_and_the_updates_ave
     shards = [float(jnp.abs(x[2 * i : 2 * i + 2]).max()) for i in range(4)]
     want = np.mean([0.5 * float(stats["w1"].hi) + 0.5 * s for s in shards])
     assert float(new["w1"].hi) == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("bins", [None, 2048])
+def test_padding_rows_of_a_ragged_dot_do_not_count_in_a_percentile(bins):
+    """``grouped_rows`` zeroes the rows past the groups; zeros moved the percentile of the
+    real rows (0.78 instead of 1.47 with 48 padding rows of 64) in calibrate and the
+    running update, and filled the pooled histogram's first bin."""
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.normal(size=(64, 8)), jnp.float32)
+    p = {"experts": jnp.asarray(r.normal(size=(2, 8, 4)), jnp.float32)}
+    sizes = jnp.asarray([10, 6], jnp.int32)  # 16 real rows, 48 padding rows
+    moe = lambda p, x, sizes: jax.lax.ragged_dot(x, p["experts"], sizes)
+    act = qjax.QuantSpec(qjax.int8, calibration=qjax.calib.percentile(90))
+    policy = qjax.Policy(
+        [qjax.Rule("experts", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, 2)), act=act)]
+    )
+    real = np.sort(np.abs(np.asarray(x[:16], np.float64)).ravel())
+    want = float(np.percentile(real, 90))
+    stats = qjax.calibrate(moe, policy, p, [(x, sizes)], histogram_bins=bins)
+    if bins:  # the pooled histogram's percentile: between the order statistics around it, within a bin
+        k, width = int(0.9 * (real.size - 1)), 4.0 / bins  # range 4: the power of two above max|x|
+        assert real[k] - width <= float(stats["experts"].hi) <= real[k + 1] + width
+    else:
+        assert float(stats["experts"].hi) == pytest.approx(want, rel=1e-6)
+        _, new = qjax.fake_quantized(moe, policy, act_stats_momentum=0.0)(p, stats, x, sizes)
+        assert float(new["experts"].hi) == pytest.approx(want, rel=1e-6)
