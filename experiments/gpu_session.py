@@ -13,15 +13,20 @@ the rest, experiments/results/gpu_session_2026-11-26/):
 1. ``w8a8``: ``bench_kernels.py --layouts none``: W8A8 at 4096^3 (Triton on ``(K, N)`` and
    ``(N, K)``, then the Hopper ``wgmma`` kernel's checks and case). The issue's W8A8 goal
    is stated for an H100 and was measured only on an H200 (1.51x bf16, 2026-11-26).
-2. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
+2. ``floor``: ``profile_w4a16.py --size 4096``: how fast anything can read the 8 MB of an
+   int4 4096^2 weight here (Pallas streaming probes that only sum the words, XLA's reduction
+   of them) next to the bf16 dot. The W4A16 goal at 4096^2 needs 5.9 us of device time per
+   call (bf16: 14.7 us); if the fastest probe alone takes about that, no kernel of this
+   design reaches 2.5x there, and BUILD_NOTES can say so with a number.
+3. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
    XLA's split-K sum), at 4096 and 8192, batch 1 and 16: first the inline-PTX tiles on the
    weight stored ``(N, K)`` packed along N (``n_pairs_nk``: 2.81-2.84x bf16 at 8192^2 on an
    H100, 2026-11-27, eighteenth session), then the ``(K, N)`` tiles (2.38-2.41x) and last
    the Hopper TMA + ``wgmma`` kernel (correct there, slower). The checks passed on that
    H100 and are skipped.
-3. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
+4. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
    ``k_halves``: the gemv kernel and the inline-PTX tensor-core tiles against bf16.
-4. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
+5. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
    dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
    chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
 
@@ -58,13 +63,14 @@ HERE = Path(__file__).resolve().parent
 STEPS = (
     ("breakdown", 250, 20),
     ("w8a8", 150, 40),
+    ("floor", 60, 0),
     ("small", 300, 90),
     ("methods", 120, 0),
     ("nk", 200, 60),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
 )
-DEFAULT_STEPS = ("nk", "w8a8", "breakdown", "small", "methods")
+DEFAULT_STEPS = ("nk", "w8a8", "floor", "breakdown", "small", "methods")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -108,6 +114,9 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
             str(out / "bench_kernels_w8a8.json"),
             *extra,
         ]
+    if name == "floor":  # the weight-read floor at 4096^2: streaming probes vs the bf16 dot
+        sizes = ["--interpret", "--size", "2048"] if dry_run else ["--size", "4096"]
+        return [*py, str(HERE / "profile_w4a16.py"), "--out", str(out / "profile_w4a16_4096.json"), *sizes]
     if name == "breakdown":  # per-kernel device time of the tiles around the fastest W4A16 one
         extra = ["--dry-run", "--batches", "1"] if dry_run else []
         return [
