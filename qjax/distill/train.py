@@ -27,6 +27,7 @@ import optax
 from qjax.distill.capture import Features, capture
 from qjax.distill.soft_targets import kd_loss
 from qjax.distill.topk import TopKTeacher, topk_teacher
+from qjax.quant import act_ema
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.policy import Policy
 from qjax.quant.qat import fake_quantized
@@ -42,20 +43,23 @@ class Outputs(NamedTuple):
 
 
 class DistillState(NamedTuple):
-    """Trained params ``{"student", "adapters"}``, optimizer state and step count."""
+    """Trained params ``{"student", "adapters"}``, optimizer state, step count and (with
+    ``student_act_stats_momentum``) the student's running activation stats."""
 
     params: dict[str, Any]
     opt_state: Any
     step: jax.Array
+    act_stats: Any = None
 
 
 class DistillStep(NamedTuple):
     """The functions :func:`distill_step` builds.
 
     Attributes:
-      init: ``init(student_params, adapters=None) -> DistillState``.
-      loss: ``loss(params, teacher_params, batch, key=None) -> (loss, metrics)`` (not
-        jitted), ``params`` being ``{"student", "adapters"}``.
+      init: ``init(student_params, adapters=None, act_stats=None) -> DistillState``.
+      loss: ``loss(params, teacher_params, batch, key=None, act_stats=None) -> (loss,
+        metrics)`` (not jitted), ``params`` being ``{"student", "adapters"}``; with running
+        stats, ``metrics["act_stats"]`` holds the updated ones.
       step: ``step(state, teacher_params, batch, key=None) -> (state, metrics)`` (jitted
         unless ``jit=False``); ``key``: this step's PRNG key (see :func:`distill_step`).
     """
@@ -74,17 +78,31 @@ def _args(batch: Mapping[str, Any]) -> tuple:
 
 
 def _forward(
-    fn: Callable, patterns: Sequence[str] | None, add_bias: bool, policy: Policy | None, act_stats=None
+    fn: Callable,
+    patterns: Sequence[str] | None,
+    add_bias: bool,
+    policy: Policy | None,
+    act_stats=None,
+    momentum: float | None = None,
 ):
-    """``(key, params, *args) -> (output, features)``; capture inside, fake-quant outside
-    (with ``key`` for stochastic rounding, ``act_stats`` for static activation scales)."""
+    """``(key, params, stats, *args) -> ((output, features), new_stats)``; capture inside,
+    fake-quant outside (with ``key`` for stochastic rounding, ``act_stats`` for static
+    activation scales, or the running ``stats`` moved by ``momentum``; ``new_stats`` is
+    ``stats`` without a momentum)."""
     if patterns:
         f = capture(fn, patterns, add_bias=add_bias)
     else:
         f = lambda p, *a: (fn(p, *a), {})
     if policy is None:
-        return lambda key, p, *a: f(p, *a)
-    return lambda key, p, *a: fake_quantized(f, policy, key=key, act_stats=act_stats)(p, *a)
+        return lambda key, p, stats, *a: (f(p, *a), stats)
+    if momentum is None:
+        return lambda key, p, stats, *a: (
+            fake_quantized(f, policy, key=key, act_stats=act_stats)(p, *a),
+            stats,
+        )
+    return lambda key, p, stats, *a: fake_quantized(f, policy, key=key, act_stats_momentum=momentum)(
+        p, stats, *a
+    )
 
 
 def _student_keys(key: Any, student_key: bool) -> tuple[Any, tuple]:
@@ -110,6 +128,7 @@ def distill_step(
     add_bias: bool = False,
     student_key: bool = False,
     student_act_stats: dict | None = None,
+    student_act_stats_momentum: float | None = None,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -136,6 +155,11 @@ def distill_step(
       student_act_stats: ``{path: ActStats}`` (:func:`qjax.calibrate` of the student):
         static activation scales for ``student_policy``, as served for static W8A8
         (``fake_quantized(..., act_stats=...)``).
+      student_act_stats_momentum: running-average static activation ranges instead
+        (``fake_quantized(..., act_stats_momentum=...)``): give the starting stats to
+        ``init(..., act_stats=qjax.calibrate(...))``; the state carries them
+        (``state.act_stats``) and each step moves them (``student_act_stats`` must then be
+        ``None``).
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
@@ -155,7 +179,15 @@ def distill_step(
       >>> state = ds.init(student_vars)
       >>> state, metrics = ds.step(state, teacher_vars, {"x": x, "y": y})
     """
-    student = _forward(student_fn, student_patterns, add_bias, student_policy, student_act_stats)
+    momentum = student_act_stats_momentum
+    if momentum is not None:
+        if student_policy is None or student_act_stats is not None:
+            raise ValueError(
+                "student_act_stats_momentum needs a student_policy, and its starting stats go to "
+                "init(..., act_stats=...), not to student_act_stats="
+            )
+        momentum = act_ema.check_momentum(momentum)
+    student = _forward(student_fn, student_patterns, add_bias, student_policy, student_act_stats, momentum)
     teacher = None if teacher_fn is None else _forward(teacher_fn, teacher_patterns, add_bias, None)
 
     def teacher_outputs(teacher_params, batch) -> Outputs:
@@ -167,29 +199,43 @@ def distill_step(
             return Outputs(None, {})  # student-only training (e.g. a baseline with the same step)
         if teacher_params is None:
             raise ValueError("no teacher params: pass them, or cached outputs as batch['teacher']")
-        out, feats = teacher(None, jax.lax.stop_gradient(teacher_params), *_args(batch))
+        (out, feats), _ = teacher(None, jax.lax.stop_gradient(teacher_params), None, *_args(batch))
         return jax.lax.stop_gradient(Outputs(out, feats))
 
-    def loss(params, teacher_params, batch, key=None):
+    def loss(params, teacher_params, batch, key=None, act_stats=None):
+        if momentum is not None and act_stats is None:
+            raise ValueError(
+                "distill_step(student_act_stats_momentum=...): pass the running stats, "
+                "loss(..., act_stats=stats) (step() takes them from the state: init(..., act_stats=...))"
+            )
         k_round, extra = _student_keys(key, student_key)
-        s_out, s_feats = student(k_round, params["student"], *_args(batch), *extra)
+        (s_out, s_feats), new_stats = student(k_round, params["student"], act_stats, *_args(batch), *extra)
         t = teacher_outputs(teacher_params, batch)
         result = loss_fn(Outputs(s_out, s_feats), t, batch, params["adapters"])
         value, metrics = result if isinstance(result, tuple) else (result, {})
-        return value, {"loss": value, **metrics}
+        stats = {} if momentum is None else {"act_stats": new_stats}
+        return value, {"loss": value, **metrics, **stats}
 
-    def init(student_params, adapters=None) -> DistillState:
+    def init(student_params, adapters=None, act_stats=None) -> DistillState:
+        if (act_stats is None) != (momentum is None):
+            raise ValueError(
+                "init(act_stats=...) takes the starting stats of student_act_stats_momentum (and only then): "
+                f"momentum {momentum}, act_stats {'given' if act_stats is not None else 'missing'}"
+            )
         scales = {} if student_policy is None else lsq_scales(student_params, student_policy)
         if scales and not isinstance(student_params, LSQParams):  # ste="lsq": train the scales too
             student_params = LSQParams(student_params, scales)
         params = {"student": student_params, "adapters": {} if adapters is None else adapters}
-        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32))
+        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32), act_stats)
 
     def step(state: DistillState, teacher_params, batch, key=None):
-        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, teacher_params, batch, key)
+        (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
+            state.params, teacher_params, batch, key, state.act_stats
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return DistillState(params, opt_state, state.step + 1), metrics
+        act_stats = metrics.pop("act_stats", state.act_stats)
+        return DistillState(params, opt_state, state.step + 1, act_stats), metrics
 
     return DistillStep(init, loss, jax.jit(step) if jit else step)
 

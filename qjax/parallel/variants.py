@@ -236,26 +236,34 @@ def distill_train_step(
       tx, state_shardings, batch_shardings, donate: see :func:`train_step`.
       teacher_shardings: shardings of the teacher params (e.g. ``shardings(teacher, rules, mesh)``).
       **distill_kwargs: ``student_patterns``, ``teacher_patterns``, ``student_policy``,
-        ``add_bias``, ``student_key``, ``student_act_stats`` of ``distill_step``.
+        ``add_bias``, ``student_key``, ``student_act_stats``,
+        ``student_act_stats_momentum`` of ``distill_step`` (with the last, the running
+        stats are the step's last argument and come back in ``metrics["act_stats"]``, as
+        for :func:`qat_step`).
 
     The state's step key (split every step) goes to the student: stochastic rounding of
     ``student_policy`` and, with ``student_key=True``, ``student_fn``'s own randomness
     (dropout).
 
     Returns:
-      ``step(state, batch, teacher_params) -> (state, metrics)``.
+      ``step(state, batch, teacher_params) -> (state, metrics)``
+      (``step(state, batch, teacher_params, act_stats)`` with running stats).
     """
     ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
+    momentum = distill_kwargs.get("student_act_stats_momentum")
 
-    def loss(params, batch, key, teacher_params):
-        return ds.loss(params, teacher_params, batch, key)
+    def loss(params, batch, key, teacher_params, act_stats=None):
+        return ds.loss(params, teacher_params, batch, key, act_stats)
 
+    extra, names = (teacher_shardings,), ("teacher_params",)
+    if momentum is not None:
+        extra, names = (*extra, NamedSharding(_mesh_of(state_shardings), P())), (*names, "act_stats")
     return train_step(
         loss,
         tx,
         state_shardings,
         batch_shardings,
-        extra_shardings=(teacher_shardings,),
-        extra_names=("teacher_params",),
+        extra_shardings=extra,
+        extra_names=names,
         donate=donate,
     )

@@ -273,3 +273,40 @@ def test_student_act_stats_give_the_student_static_activation_scales():
     served = qjax.quantized(STUDENT.apply, policy)(qjax.quantize_params(S_VARS, policy, act_stats=stats), X)
     want = distill.kd_loss(served, t_logits, Y, 4.0, 0.9)
     np.testing.assert_allclose(ds.loss(params, T_VARS, batch)[0], want, rtol=1e-5)
+
+
+def test_running_student_act_stats_move_with_each_step():
+    """``student_act_stats_momentum``: the state carries the student's running ranges, each
+    step moves them as ``fake_quantized(..., act_stats_momentum=...)`` does and distils the
+    student quantized with the moved ranges; misuse is refused by name."""
+    act = qjax.QuantSpec(qjax.int8)
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8), act=act)])
+    stats = qjax.calibrate(STUDENT.apply, policy, S_VARS, [0.5 * X])
+    kw = dict(student_policy=policy, student_act_stats_momentum=0.8)
+    ds = distill.distill_step(STUDENT.apply, TEACHER.apply, distill.kd_objective(), optax.sgd(0.1), **kw)
+    state = ds.init(S_VARS, act_stats=stats)
+    new_state, metrics = ds.step(state, T_VARS, {"x": X, "y": Y})
+    logits, want = qjax.fake_quantized(STUDENT.apply, policy, act_stats_momentum=0.8)(S_VARS, stats, X)
+    assert "act_stats" not in metrics and int(new_state.step) == 1
+    for path in stats:
+        assert float(new_state.act_stats[path].hi) == pytest.approx(float(want[path].hi), rel=1e-6)
+        assert float(want[path].hi) != pytest.approx(float(stats[path].hi), rel=1e-3)
+    kd = distill.kd_loss(logits, TEACHER.apply(T_VARS, X), Y, 4.0, 0.9)
+    np.testing.assert_allclose(metrics["loss"], kd, rtol=1e-5)
+    with pytest.raises(ValueError, match="starting stats of student_act_stats_momentum"):
+        ds.init(S_VARS)
+    with pytest.raises(ValueError, match="pass the running stats"):
+        ds.loss({"student": S_VARS, "adapters": {}}, T_VARS, {"x": X, "y": Y})
+    with pytest.raises(ValueError, match="needs a student_policy"):
+        distill.distill_step(
+            STUDENT.apply, None, distill.kd_objective(), optax.sgd(0.1), student_act_stats_momentum=0.8
+        )
+    with pytest.raises(ValueError, match="act_stats_momentum=2"):
+        distill.distill_step(
+            STUDENT.apply,
+            None,
+            distill.kd_objective(),
+            optax.sgd(0.1),
+            student_policy=policy,
+            student_act_stats_momentum=2,
+        )

@@ -193,6 +193,26 @@ def test_distill_step_teacher_sharded():
     assert_close(out["hybrid"][0].params, out["single"][0].params)
 
 
+def test_distill_train_step_carries_running_student_act_stats():
+    b = batch(7)
+    student, teacher = MLP(hidden=16), MLP(hidden=64)
+    sp, tp = init(student, b["x"]), init(teacher, b["x"])
+    policy = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    stats = qjax.calibrate(student.apply, policy, sp, [0.5 * b["x"]])
+    tx, mesh = sgd(), qp.make_mesh(2, 2, 2)
+    trained = {"student": sp, "adapters": {}}
+    sh = qp.train_state_shardings(trained, tx, presets.hybrid(), mesh)
+    tsh = qp.shardings(tp, presets.hybrid(), mesh)
+    kw = dict(student_policy=policy, student_act_stats_momentum=0.9)
+    step = qp.distill_train_step(
+        student.apply, teacher.apply, kd_objective(2.0, 0.5), tx, sh, tsh, qp.batch_shardings(mesh, b), **kw
+    )
+    _, metrics = step(qp.init_train_state(trained, tx, sh), b, jax.device_put(tp, tsh), stats)
+    _, want = qjax.fake_quantized(student.apply, policy, act_stats_momentum=0.9)(sp, stats, b["x"])
+    for path in stats:
+        assert float(metrics["act_stats"][path].hi) == pytest.approx(float(want[path].hi), rel=1e-5)
+
+
 def test_distill_step_forwards_the_step_key_to_a_stochastic_student():
     """A stochastic-rounding student policy needs the step key (it was dropped: the step
     failed with "needs a PRNG key"); the loss is the one with the key train_step splits off."""
