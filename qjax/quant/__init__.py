@@ -6,6 +6,7 @@ from qjax.quant.calibrate import ActStats, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
+from qjax.quant.imported import from_awq, from_gptq
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.lsq_params import LSQParams
@@ -31,6 +32,8 @@ __all__ = [
     "fold_batchnorm",
     "awq",
     "awq_factors",
+    "from_awq",
+    "from_gptq",
     "gptq",
     "gptq_quantize",
     "input_hessians",
