@@ -75,6 +75,8 @@ from qjax.quant import (
     smooth,
     smoothquant,
     store_transposed,
+    to_awq,
+    to_gptq,
     with_input_scales,
 )
 
@@ -89,6 +91,8 @@ __all__ = [
     "fold_batchnorm",
     "from_awq",
     "from_gptq",
+    "to_awq",
+    "to_gptq",
     "gptq",
     "smooth",
     "smoothquant",

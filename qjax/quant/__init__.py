@@ -6,9 +6,9 @@ from qjax.quant.calibrate import ActStats, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
-from qjax.quant.imported import from_awq, from_gptq
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.interop import from_awq, from_gptq, to_awq, to_gptq
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_ragged_dot
 from qjax.quant.policy import OpRule, Policy, Rule
@@ -34,6 +34,8 @@ __all__ = [
     "awq_factors",
     "from_awq",
     "from_gptq",
+    "to_awq",
+    "to_gptq",
     "gptq",
     "gptq_quantize",
     "input_hessians",

@@ -1,4 +1,4 @@
-"""Weights quantized by other tools, as :class:`~qjax.numerics.QArray` s.
+"""Quantized weights to and from other tools' checkpoint formats (GPTQ, AWQ).
 
 Checkpoints on the Hugging Face Hub are often already quantized (AutoGPTQ / GPTQModel,
 AutoAWQ). Their linear layers hold three tensors instead of a weight: ``qweight`` (the
@@ -24,6 +24,9 @@ Unsigned codes ``q`` and zero points ``z`` in ``[0, 2^bits)`` become signed code
 ``q - 2^(bits-1)`` of ``IntFormat(bits)`` with zero points ``z - 2^(bits-1)`` (the same
 differences). When every zero point is ``2^(bits-1)`` (a symmetric checkpoint) the QArray
 is symmetric and carries no zero point, so the faster symmetric paths serve it.
+
+:func:`to_gptq` and :func:`to_awq` go the other way, so a model quantized here (``qjax.gptq``,
+``qjax.awq``, ``quantize_params``) can be served by runtimes that read those formats.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import numpy as np
 from qjax.numerics.formats import IntFormat
 from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
+from qjax.numerics.transposed import TransposedQArray
 
 _AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # logical column j of a word <- its nibble _AWQ_ORDER[j]
 
@@ -53,7 +57,7 @@ def _unpack_words(words: np.ndarray, bits: int, axis: int, count: int) -> np.nda
         stream = np.unpackbits(
             np.ascontiguousarray(w).astype("<u4", copy=False).view(np.uint8), axis=-1, bitorder="little"
         )
-        b = stream.reshape(*stream.shape[:-1], -1, bits)[..., :count, :]
+        b = stream[..., : count * bits].reshape(*stream.shape[:-1], count, bits)
         values = sum(b[..., i].astype(np.int16) << i for i in range(bits))
     return np.moveaxis(values, -1, axis)
 
@@ -227,3 +231,131 @@ def from_awq(
     q = _unpack_words(qweight, 4, 1, n)[:, logical]
     z = _unpack_words(qzeros, 4, 1, n)[:, logical]
     return _qarray(q, z, scales, 4, group, dtype, pack_codes)
+
+
+def _pack_words(values: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    """Unsigned ``bits``-wide ``values`` as the little-endian bit stream of int32 words
+    along ``axis`` (the inverse of :func:`_unpack_words`; a partial last word is
+    zero-filled)."""
+    v = np.moveaxis(np.asarray(values, np.uint32), axis, -1)
+    per_word = 32 // bits
+    if 32 % bits == 0:
+        pad = -v.shape[-1] % per_word
+        v = np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, pad)]).reshape(*v.shape[:-1], -1, per_word)
+        words = np.bitwise_or.reduce(v << np.arange(0, 32, bits, dtype=np.uint32), axis=-1)
+    else:
+        bit_planes = ((v[..., None] >> np.arange(bits, dtype=np.uint32)) & 1).astype(np.uint8)
+        stream = bit_planes.reshape(*v.shape[:-1], -1)
+        stream = np.pad(stream, [(0, 0)] * (stream.ndim - 1) + [(0, -stream.shape[-1] % 32)])
+        words = np.packbits(stream, axis=-1, bitorder="little").view("<u4")
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
+
+
+def _exportable(
+    w, bits_allowed: tuple[int, ...], what: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """The unsigned codes ``(K, N)``, zero points and float32 scales ``(K / group, N)`` of a
+    2-D int QArray scaled per output channel and (optionally) per group along K, with its
+    bits and group size."""
+    if isinstance(w, TransposedQArray):
+        raise ValueError(f"{what}: the weight is stored (N, K) (store_transposed); export the (K, N) QArray")
+    if not isinstance(w, QArray):
+        raise TypeError(f"{what} takes a QArray, got {type(w).__name__}")
+    fmt = w.format
+    if not isinstance(fmt, IntFormat) or not fmt.signed or fmt.bits not in bits_allowed:
+        raise ValueError(f"{what} exports signed {bits_allowed}-bit integer weights, got {fmt.name}")
+    k, n = w.shape if w.ndim == 2 else (None, None)
+    grouped_ok = w.group_size is None or (w.group_axis == -2 and k % w.group_size == 0)
+    if w.ndim != 2 or w.channel_axes != (-1,) or not grouped_ok:
+        raise ValueError(
+            f"{what} exports a (K, N) weight with scales per output channel (channel_axes=(-1,)) and "
+            f"optionally per group along K; got shape {w.shape}, channel_axes={w.channel_axes}, "
+            f"group_axis={w.group_axis}, group_size={w.group_size}"
+        )
+    mid = 1 << (fmt.bits - 1)
+    q = np.asarray(w.unpacked_values(), np.int64) + mid
+    scales = np.asarray(w.scale, np.float32).reshape(-1, n)
+    z = (
+        np.full(scales.shape, mid)
+        if w.zero_point is None
+        else np.asarray(w.zero_point, np.int64).reshape(-1, n) + mid
+    )
+    return q, z, scales, fmt.bits, w.group_size or k
+
+
+def _fp16_scales(scales: np.ndarray, what: str) -> np.ndarray:
+    """The scales as float16, the formats' dtype; refuses values it cannot hold."""
+    with np.errstate(over="ignore"):  # refused below, by name
+        out = scales.astype(np.float16)
+    if not np.all(np.isfinite(out)) or np.any((out == 0) & (scales != 0)):
+        raise ValueError(
+            f"{what}: scales outside float16's range ({float(np.abs(scales).min()):.3g} to "
+            f"{float(np.abs(scales).max()):.3g}) cannot be stored"
+        )
+    return out
+
+
+def to_gptq(w: QArray, *, checkpoint_format: str = "gptq") -> dict[str, np.ndarray]:
+    """A ``(K, N)`` integer :class:`QArray` as GPTQ tensors (the inverse of :func:`from_gptq`).
+
+    Args:
+      w: a signed 2/3/4/8-bit QArray of a ``(K, N)`` kernel, scales per output channel
+        (``channel_axes=(-1,)``) and optionally per group along K (``group_axis=0``), with or
+        without zero points (symmetric weights get the zero point ``2^(bits-1)``).
+      checkpoint_format: ``"gptq"`` (v1: zero points stored minus one) or ``"gptq_v2"``.
+
+    Returns:
+      ``{"qweight", "qzeros", "scales", "g_idx"}``: int32, int32, float16 and int32 arrays
+      in AutoGPTQ's shapes, and ``"bits"`` / ``"group_size"`` for ``quantize_config.json``
+      (``-1``: per channel).
+
+    Raises:
+      ValueError: a format, granularity or layout the GPTQ format has no place for, scales
+        float16 cannot hold, or (v1) a zero point of 0, which v1 cannot store.
+      TypeError: not a QArray.
+    """
+    if checkpoint_format not in ("gptq", "gptq_v2"):
+        raise ValueError(f"checkpoint_format must be 'gptq' or 'gptq_v2', got {checkpoint_format!r}")
+    q, z, scales, bits, group = _exportable(w, (2, 3, 4, 8), "to_gptq")
+    if checkpoint_format == "gptq":
+        if np.any(z == 0):
+            raise ValueError("to_gptq: a zero point of 0 cannot be stored in the v1 format; use 'gptq_v2'")
+        z = z - 1
+    k = q.shape[0]
+    return {
+        "qweight": _pack_words(q, bits, 0),
+        "qzeros": _pack_words(z, bits, 1),
+        "scales": _fp16_scales(scales, "to_gptq"),
+        "g_idx": (np.arange(k) // group).astype(np.int32),
+        "bits": bits,
+        "group_size": -1 if group == k else group,
+    }
+
+
+def to_awq(w: QArray) -> dict[str, np.ndarray]:
+    """A ``(K, N)`` int4 :class:`QArray` as AutoAWQ ``"gemm"`` tensors (the inverse of
+    :func:`from_awq`).
+
+    Args:
+      w: a signed 4-bit QArray of a ``(K, N)`` kernel (N a multiple of 8), scales per output
+        channel and optionally per group along K.
+
+    Returns:
+      ``{"qweight", "qzeros", "scales"}`` (int32, int32, float16) and ``"group_size"``.
+
+    Raises:
+      ValueError, TypeError: as :func:`to_gptq`, and N not a multiple of 8.
+    """
+    q, z, scales, _, group = _exportable(w, (4,), "to_awq")
+    n = q.shape[1]
+    if n % 8:
+        raise ValueError(f"to_awq: N={n} must be a multiple of 8 (eight columns per word)")
+    stream = np.argsort(
+        np.arange(n).reshape(-1, 8)[:, list(_AWQ_ORDER)].reshape(-1)
+    )  # column of stream position
+    return {
+        "qweight": _pack_words(q[:, stream], 4, 1),
+        "qzeros": _pack_words(z[:, stream], 4, 1),
+        "scales": _fp16_scales(scales, "to_awq"),
+        "group_size": group,
+    }

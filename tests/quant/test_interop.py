@@ -143,3 +143,72 @@ def test_the_v1_zero_point_of_zero_is_refused_at_8_bits_too():
     z[0, 0] = 0  # stored as -1 & 0xFF = 255
     with pytest.raises(ValueError, match="read back as 256"):
         qjax.from_gptq(*pack_gptq(q, z, 8), s, bits=8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+def test_to_gptq_writes_what_the_reference_packer_writes_and_reads_back(bits, fmt):
+    q, z, s, _ = _data(bits, seed=7)
+    z = np.maximum(z, 1)
+    w = qjax.from_gptq(*pack_gptq(q, z, bits, v1=fmt == "gptq"), s, bits=bits, checkpoint_format=fmt)
+    out = qjax.to_gptq(w, checkpoint_format=fmt)
+    qweight, qzeros = pack_gptq(q, z, bits, v1=fmt == "gptq")
+    np.testing.assert_array_equal(out["qweight"], qweight)
+    np.testing.assert_array_equal(out["qzeros"], qzeros)
+    np.testing.assert_array_equal(out["scales"], s)
+    assert out["bits"] == bits and out["group_size"] == 16 and out["scales"].dtype == np.float16
+    np.testing.assert_array_equal(out["g_idx"], np.arange(64) // 16)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=32, group_axis=0, symmetric=False),
+        qjax.QuantSpec(qjax.int4, channel_axes=(-1,)),
+        qjax.QuantSpec(qjax.int8, channel_axes=(-1,), group_size=32, group_axis=0),
+        qjax.QuantSpec(qjax.int3, channel_axes=(-1,), group_size=32, group_axis=0, symmetric=False),
+    ],
+    ids=["int4-g32-asym", "int4-channel", "int8-g32", "int3-g32-asym"],
+)
+def test_a_qjax_quantized_kernel_exports_and_imports_unchanged(spec):
+    """``quantize`` -> ``to_gptq`` -> ``from_gptq`` keeps the codes and zero points; the
+    scales come back rounded to float16 (the format's dtype)."""
+    w = jax.random.normal(jax.random.key(0), (96, 40)) * 0.05
+    qa = qjax.quantize(w, spec)
+    back = qjax.from_gptq(
+        **{k: v for k, v in qjax.to_gptq(qa, checkpoint_format="gptq_v2").items() if k != "g_idx"},
+        checkpoint_format="gptq_v2",
+    )
+    np.testing.assert_array_equal(back.unpacked_values(), qa.unpacked_values())
+    if qa.zero_point is not None:
+        np.testing.assert_array_equal(back.zero_point, qa.zero_point)
+    np.testing.assert_array_equal(back.scale, np.asarray(qa.scale).astype(np.float16).astype(np.float32))
+    if spec.format == qjax.int4 and spec.group_size:
+        awq = qjax.to_awq(qa)
+        again = qjax.from_awq(awq["qweight"], awq["qzeros"], awq["scales"], group_size=awq["group_size"])
+        np.testing.assert_array_equal(again.dequantize(), back.dequantize())
+        np.testing.assert_array_equal(
+            awq["qweight"], pack_awq(np.asarray(qa.unpacked_values(), np.int64) + 8)
+        )
+
+
+def test_exports_refuse_what_the_formats_cannot_hold():
+    w = jax.random.normal(jax.random.key(0), (64, 16))
+    with pytest.raises(ValueError, match="signed"):
+        qjax.to_gptq(qjax.quantize(w, qjax.QuantSpec(qjax.uint4, channel_axes=(-1,), symmetric=False)))
+    with pytest.raises(ValueError, match="channel_axes"):
+        qjax.to_gptq(qjax.quantize(w, qjax.QuantSpec(qjax.int4, channel_axes=(0,))))
+    with pytest.raises(ValueError, match=r"fp8|integer"):
+        qjax.to_gptq(qjax.quantize(w, qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,))))
+    with pytest.raises(TypeError, match="takes a QArray"):
+        qjax.to_awq(w)
+    with pytest.raises(ValueError, match="stored \\(N, K\\)"):
+        qjax.to_gptq(
+            qjax.store_transposed(
+                {"kernel": qjax.quantize(w, qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))}, "kernel"
+            )["kernel"]
+        )
+    with pytest.raises(ValueError, match="float16"):
+        qjax.to_gptq(qjax.quantize(w * 1e9, qjax.QuantSpec(qjax.int8, channel_axes=(-1,))))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        qjax.to_awq(qjax.quantize(w[:, :12], qjax.QuantSpec(qjax.int4, channel_axes=(-1,))))
