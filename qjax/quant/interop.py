@@ -6,9 +6,11 @@ codes packed into ``int32`` words), ``qzeros`` (the zero points, packed the same
 ``scales``. :func:`from_gptq` and :func:`from_awq` turn them into the ``(K, N)``
 (``in_features, out_features``: a Flax ``Dense`` kernel) QArray that ``qjax.quantize``
 would have made for the same codes, grouped along K, so they run through
-``qjax.quantized`` (and its kernels), ``dispatch_report`` and the checkpoint functions
-like any other quantized weight. The conversion is exact: ``dequantize()`` gives the
-tools' own ``scales * (q - zeros)`` (float32 of the stored float16 scales).
+``qjax.quantized``, ``dispatch_report`` and the checkpoint functions like any other
+quantized weight (the Pallas kernels take symmetric weights only: a checkpoint with zero
+points, every AWQ one and GPTQ ``sym=False``, runs on XLA). The conversion is exact:
+``dequantize()`` gives the tools' own ``scales * (q - zeros)`` (float32 of the stored
+float16 scales).
 
 Formats (bits of one word are a little-endian stream of ``bits``-wide values):
 
@@ -63,12 +65,18 @@ def _unpack_words(words: np.ndarray, bits: int, axis: int, count: int) -> np.nda
 
 
 def _int32(name: str, a) -> np.ndarray:
+    """``a`` as native-order 32-bit words (big-endian files are converted)."""
     a = np.asarray(a)
-    if a.dtype not in (np.int32, np.uint32):
+    if a.dtype.kind not in "iu" or a.dtype.itemsize != 4:
         raise TypeError(f"{name} must hold int32 words (the packed codes), got dtype {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    return a
+    if a.ndim != 2 or 0 in a.shape:
+        raise ValueError(f"{name} must be 2-D and non-empty, got shape {a.shape}")
+    return a.astype(a.dtype.newbyteorder("="), copy=False)
+
+
+def _check_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {value!r}")
 
 
 def _groups(k: int, scales: np.ndarray, group_size: int | None) -> int:
@@ -81,6 +89,9 @@ def _groups(k: int, scales: np.ndarray, group_size: int | None) -> int:
         if rows == 1:
             return k
         raise ValueError(f"scales has {rows} rows, which do not divide K={k} into groups: pass group_size")
+    _check_int("group_size", group_size)
+    if rows == 1 and group_size >= k:  # a layer narrower than one group (AutoGPTQ writes one row)
+        return k
     if group_size <= 0 or k % group_size or k // group_size != rows:
         raise ValueError(
             f"group_size={group_size} does not fit K={k} and scales of shape {scales.shape} "
@@ -163,6 +174,7 @@ def from_gptq(
       >>> parts = (t[p + ".qweight"], t[p + ".qzeros"], t[p + ".scales"])
       >>> kernel = qjax.from_gptq(*parts, bits=4, group_size=128)
     """
+    _check_int("bits", bits)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"GPTQ checkpoints have 2, 3, 4 or 8 bits, got bits={bits}")
     if checkpoint_format not in ("gptq", "gptq_v2"):
@@ -181,6 +193,8 @@ def from_gptq(
     want = (scales.shape[0], -(-n * bits // 32))
     if qzeros.shape != want:
         raise ValueError(f"qzeros has shape {qzeros.shape}, expected {want} for N={n} at {bits} bits")
+    if g_idx is not None and np.shape(g_idx) != (k,):
+        raise ValueError(f"g_idx must have shape (K,) = ({k},), got {np.shape(g_idx)}")
     if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // group):
         raise ValueError(
             "g_idx is not row // group_size: an act-order (desc_act=True) checkpoint, whose groups are not "

@@ -212,3 +212,25 @@ def test_exports_refuse_what_the_formats_cannot_hold():
         qjax.to_gptq(qjax.quantize(w * 1e9, qjax.QuantSpec(qjax.int8, channel_axes=(-1,))))
     with pytest.raises(ValueError, match="multiple of 8"):
         qjax.to_awq(qjax.quantize(w[:, :12], qjax.QuantSpec(qjax.int4, channel_axes=(-1,))))
+
+
+def test_review_edge_cases():
+    """A layer narrower than one group (AutoGPTQ writes one row of scales), big-endian words,
+    and clear errors for a misshapen g_idx or non-integer arguments."""
+    q, z, s, _ = _data(4, k=64, group=64)
+    z = np.maximum(z, 1)
+    qweight, qzeros = pack_gptq(q, z, 4)
+    narrow = qjax.from_gptq(qweight, qzeros, s, bits=4, group_size=128, g_idx=np.zeros(64, np.int32))
+    np.testing.assert_array_equal(
+        narrow.dequantize(), qjax.from_gptq(qweight, qzeros, s, bits=4).dequantize()
+    )
+    swapped = qjax.from_gptq(qweight.astype(">i4"), qzeros.astype(">i4"), s, bits=4)
+    np.testing.assert_array_equal(swapped.dequantize(), narrow.dequantize())
+    with pytest.raises(ValueError, match=r"g_idx must have shape \(K,\)"):
+        qjax.from_gptq(qweight, qzeros, s, bits=4, g_idx=np.zeros(32, np.int32))
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        qjax.from_gptq(qweight, qzeros, s, bits=4, group_size=64.0)
+    with pytest.raises(TypeError, match="bits must be an int"):
+        qjax.from_gptq(qweight, qzeros, s, bits=4.0)
+    with pytest.raises(ValueError, match="non-empty"):
+        qjax.from_gptq(qweight[:0], qzeros, s[:0], bits=4)
