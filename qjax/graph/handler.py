@@ -36,11 +36,11 @@ class Handler:
         ``False`` by default: such ops run unchanged."""
         return False
 
-    def activation_op(self, eqn, invals: list, scope: str) -> list | None:
+    def activation_op(self, eqn, invals: list, scope: str, emit: Callable[[str, Any], None]) -> list | None:
         """What a ``dot_general`` between two activations (no weight operand) becomes,
         when :attr:`visits_activation_ops`; ``scope``: its name stack joined to those of
-        the calls and loops it runs in (:func:`full_scope`). ``None`` (default) binds it
-        unchanged."""
+        the calls and loops it runs in (:func:`full_scope`); ``emit`` as for
+        :meth:`target`. ``None`` (default) binds it unchanged."""
         return None
 
     def loop_reduction(self, key: str) -> str | None:

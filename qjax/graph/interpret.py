@@ -154,7 +154,7 @@ def _eval_eqn(eqn, invals, handler, emit, enclosing: str = ""):
     name = eqn.primitive.name
     scope = full_scope(enclosing, eqn)
     if name == "dot_general" and not _has_ref(invals):
-        out = handler.activation_op(eqn, invals, scope)
+        out = handler.activation_op(eqn, invals, scope, emit)
         return out if out is not None else bind_eqn(eqn, invals)
     if name in TARGET_PRIMITIVES:
         out = handler.target(eqn, invals, emit)

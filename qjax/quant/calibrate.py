@@ -14,7 +14,7 @@ import numpy as np
 from qjax.graph.interpret import materialize
 from qjax.numerics import histogram as hist
 from qjax.numerics.spec import PER_TOKEN
-from qjax.quant import ops_ragged
+from qjax.quant import op_stats, ops_ragged
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.policy import Policy, check_policy
 from qjax.quant.policy_handler import _named_errors, _PolicyHandler, _rule, _run, ragged_weight
@@ -48,7 +48,10 @@ class _Calibrate(_PolicyHandler):
         self.bins, self.ranges = bins, ranges or {}
 
     def pooled(self, path: str) -> bool:
-        """Whether the op at ``path`` emits histograms (percentile / MSE with ``bins``)."""
+        """Whether the op at ``path`` emits histograms (percentile / MSE with ``bins``; not
+        the operands of matmuls between two activations)."""
+        if op_stats.is_op_key(path):
+            return False
         rule = _rule(self.policy, path)
         return bool(self.bins) and rule is not None and rule.act.calibration.name in _POOLED
 
@@ -62,7 +65,16 @@ class _Calibrate(_PolicyHandler):
         # ranges for percentile / MSE), as over batches; histograms are not reduced there
         if self.pooled(key):
             return None
-        return "mean" if _rule(self.policy, key).act.calibration.name in _POOLED else "min_max"
+        return "mean" if _spec_of(self.policy, key).calibration.name in _POOLED else "min_max"
+
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit):
+        """A matmul between two activations that an ``OpRule`` matches: the range of each
+        operand whose spec is per tensor (the static scale ``quantized(op_stats=...)``
+        serves it with); the op runs as it is."""
+        for x, spec, side in zip(invals, (lhs_spec, rhs_spec), op_stats.SIDES, strict=True):
+            if op_stats.is_static(spec):
+                emit(op_stats.op_key(scope, side), batch_range(spec, x))
+        return None
 
     @_named_errors
     def target(self, eqn, invals, emit):
@@ -210,7 +222,10 @@ def calibrate(
 
     Returns:
       ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
-      an ``nn.scan`` stack get per-layer ranges (leading axis). Ops inside a
+      an ``nn.scan`` stack get per-layer ranges (leading axis). Matmuls between two
+      activations that an ``OpRule`` quantizes with a per-tensor operand spec add
+      ``"op:<name stack>:lhs"`` / ``":rhs"`` entries (pooled over a scan's layers), which
+      ``qjax.quantized(..., op_stats=...)`` serves and ``quantize_params`` skips. Ops inside a
       ``jax.shard_map`` body are measured per shard, each shard a read of the op (min /
       max exact over the tensor; percentile / MSE averaged over shards as over batches,
       or pooled exactly with ``histogram_bins``); ops inside a ``lax.while_loop`` body over
@@ -254,14 +269,13 @@ def calibrate(
             }
         ranges = {**start, **{path: pool.ranges() for path, pool in pools.items()}}
         for path, value in step(params, args, ranges).items():
-            rule = _rule(policy, path)
             if isinstance(value[0], dict):  # histograms
                 try:
                     pools.setdefault(path, _Histograms(histogram_bins)).add(value)
                 except ValueError as e:
                     raise ValueError(f"activation of the op reading {path!r}: {e}") from e
                 continue
-            mean = rule.act.calibration.name in _POOLED
+            mean = _spec_of(policy, path).calibration.name in _POOLED
             lo, hi = _combine_in_batch(value, mean)
             stats[path] = _merge(stats.get(path), lo, hi, mean)
         n += 1
@@ -269,4 +283,17 @@ def calibrate(
         raise ValueError("calibrate needs at least one batch")
     for path, pool in pools.items():
         stats[path] = pool.stats(_rule(policy, path).act)
+    for path, s in stats.items():  # an op in a scan stack: one name stack, every layer's range
+        if op_stats.is_op_key(path) and jnp.ndim(s.lo):
+            stats[path] = ActStats(jnp.nanmin(s.lo), jnp.nanmax(s.hi), s.count)
     return stats
+
+
+def _spec_of(policy: Policy, key: str):
+    """The activation spec of a stats key: the leaf's rule's ``act``, or the ``OpRule``
+    operand spec of an ``"op:..."`` key."""
+    if op_stats.is_op_key(key):
+        scope, side = op_stats.scope_side(key)
+        rule = policy.op_match(scope).value
+        return rule.lhs if side == "lhs" else rule.rhs
+    return _rule(policy, key).act

@@ -95,7 +95,10 @@ class OpRule:
 
     ``qjax.quantized`` runs a matched op as ``qjax.quantized_dot_general`` (int8 x int8 ->
     int32 when both are integer formats); ``qjax.fake_quantized`` fake-quantizes both
-    operands (straight-through gradients) and runs the float op.
+    operands (straight-through gradients) and runs the float op. A per-tensor operand spec
+    (``channel_axes=()``) can be static: ``qjax.calibrate`` records its range under an
+    ``"op:<name stack>:lhs"`` / ``":rhs"`` key, which ``quantized(f, policy, op_stats=stats)``
+    and ``fake_quantized(f, policy, act_stats=stats)`` use (:mod:`qjax.quant.op_stats`).
 
     Raises:
       TypeError / ValueError: bad pattern or spec types, no spec, or a static-only spec

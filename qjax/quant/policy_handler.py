@@ -106,7 +106,7 @@ class _PolicyHandler(Handler):
     def visits_activation_ops(self) -> bool:
         return bool(self.policy.op_rules)
 
-    def activation_op(self, eqn, invals, scope: str):
+    def activation_op(self, eqn, invals, scope: str, emit):
         """A matmul between two activations: the first ``OpRule`` matching its name
         stack ``scope``, handed to :meth:`quantize_activation_op` with its specs resolved
         for the op (``PER_TOKEN`` -> axes); errors name the scope and the rule. A matmul
@@ -120,13 +120,13 @@ class _PolicyHandler(Handler):
                 None if spec is None else _resolve_act_spec(spec, eqn, i)
                 for i, spec in enumerate((m.value.lhs, m.value.rhs))
             )
-            return self.quantize_activation_op(eqn, invals, lspec, rspec, scope)
+            return self.quantize_activation_op(eqn, invals, lspec, rspec, scope, emit)
         except (TypeError, ValueError) as e:
             raise type(e)(f"matmul at name scope {scope!r} (op rule {m.index} {m.pattern!r}): {e}") from e
 
-    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str) -> list | None:
-        """What a matched matmul between two activations becomes; ``None`` (default, e.g.
-        calibration: such ops are quantized dynamically) runs it unchanged."""
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit) -> list | None:
+        """What a matched matmul between two activations becomes; ``None`` (default) runs
+        it unchanged."""
         return None
 
     def check_op_rules(self) -> None:

@@ -20,6 +20,7 @@ from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
 from qjax.quant import act_ema, ops_ragged
+from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.calibrate import ActStats, batch_range
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
 from qjax.quant.int8_training_conv import conv_backward, conv_config
@@ -134,10 +135,12 @@ class _FakeQuant(_PolicyHandler):
         static: dict,
         ranges: dict | None = None,
         momentum: float | None = None,
+        op_stats: dict | None = None,
     ):
         super().__init__(policy)
         self.scales, self.key, self.integer_forward, self.static = scales, key, integer_forward, static
         self.ranges, self.momentum = ranges or {}, momentum
+        self.op_stats = op_stats_lib.Lookup(op_stats or {})
 
     def aux(self, path: str):
         return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
@@ -160,6 +163,7 @@ class _FakeQuant(_PolicyHandler):
 
     def finish(self) -> None:
         super().finish()
+        self.op_stats.check_all_used()
         unused = sorted((set(self.static) | set(self.ranges)) - self._targeted)
         if unused:
             raise ValueError(
@@ -241,13 +245,17 @@ class _FakeQuant(_PolicyHandler):
         self._targeted.add(ref.path)
         return bind_eqn(eqn, [act, self.materialize(ref), invals[2]])
 
-    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit):
         """A matmul between two activations matched by an ``OpRule``: each operand with a
-        spec fake-quantized (dynamic scales, straight-through gradients), then the op."""
-        operands = [
-            x if spec is None else fake_quant(x, spec, key=fold_in_path(self.key, f"{scope}:{side}"))
-            for x, spec, side in zip(invals, (lhs_spec, rhs_spec), ("lhs", "rhs"), strict=True)
-        ]
+        spec fake-quantized (the calibrated scale of ``act_stats``' ``"op:..."`` entry, else
+        dynamic; straight-through gradients), then the op."""
+        operands = []
+        for x, spec, side in zip(invals, (lhs_spec, rhs_spec), op_stats_lib.SIDES, strict=True):
+            if spec is not None:
+                scale, zero_point = self.op_stats.scale(scope, side, spec) or (None, None)
+                key = fold_in_path(self.key, f"{scope}:{side}")
+                x = fake_quant(x, spec, scale=scale, zero_point=zero_point, key=key)
+            operands.append(x)
         return bind_eqn(eqn, operands)
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
@@ -460,7 +468,8 @@ def fake_quantized(
             # an LSQParams brings its scales; a misspelt path is an error, as for fake_quant_params
             params, learned = _check_scales(params, scales)
             static = static_act_scales(params, policy, act_stats)
-            handler = lambda: _FakeQuant(policy, learned, key, integer_forward, static)
+            ops = op_stats_lib.split(act_stats)[1]
+            handler = lambda: _FakeQuant(policy, learned, key, integer_forward, static, op_stats=ops)
             return _run(f, handler, params, args, kwargs)[0]
 
         return g
@@ -478,6 +487,11 @@ def fake_quantized(
             raise TypeError(
                 "fake_quantized(act_stats_momentum=...) takes the running {path: ActStats} as its second "
                 f"argument (start from qjax.calibrate); got {type(act_stats).__name__}"
+            )
+        if op_stats_lib.split(act_stats)[1]:
+            raise ValueError(
+                "fake_quantized(act_stats_momentum=...): running averages cover the ops that read a weight; "
+                "drop the 'op:...' entries (matmuls between two activations) from the stats"
             )
         params, learned = _check_scales(params, scales)
         static_act_scales(params, policy, act_stats)  # the same checks as fixed stats

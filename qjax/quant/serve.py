@@ -23,6 +23,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized
+from qjax.quant import op_stats as op_stats_lib
 from qjax.quant import ops_ragged
 from qjax.quant.lsq_params import reject_lsq_params
 from qjax.quant.ops_conv import CONV_GEOMETRY
@@ -196,9 +197,14 @@ def op_scope(path: str) -> str:
 
 
 class _Serve(_PolicyHandler):
-    def __init__(self, policy: Policy, backend: str = "auto"):
+    def __init__(self, policy: Policy, backend: str = "auto", op_stats: dict | None = None):
         super().__init__(policy)
         self.backend = backend
+        self.op_stats = op_stats_lib.Lookup(op_stats or {})
+
+    def finish(self) -> None:
+        super().finish()
+        self.op_stats.check_all_used()
 
     def acts_on(self, ref: WeightRef) -> bool:
         return super().acts_on(ref) or is_quantized(ref.leaf)  # a stored QArray is served as one
@@ -250,11 +256,16 @@ class _Serve(_PolicyHandler):
             )
         return [y]
 
-    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str):
+    def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit):
         """A matmul between two activations matched by an ``OpRule``: both operands
-        quantized dynamically, on XLA (int8 x int8 -> int32 for integer formats)."""
+        quantized, with their calibrated scales where ``op_stats`` has them (else
+        dynamically), on XLA (int8 x int8 -> int32 for integer formats)."""
         from qjax.quant import ops  # the op library sits beside this module
 
+        (ls, lz), (rs, rz) = (
+            self.op_stats.scale(scope, side, spec) or (None, None)
+            for side, spec in zip(op_stats_lib.SIDES, (lhs_spec, rhs_spec), strict=True)
+        )
         p = eqn.params
         with jax.named_scope(op_scope(scope)):
             y = ops.quantized_dot_general(
@@ -262,6 +273,10 @@ class _Serve(_PolicyHandler):
                 p["dimension_numbers"],
                 lhs_spec=lhs_spec,
                 rhs_spec=rhs_spec,
+                lhs_scale=ls,
+                lhs_zero_point=lz,
+                rhs_scale=rs,
+                rhs_zero_point=rz,
                 out_dtype=eqn.outvars[0].aval.dtype,
                 backend="xla",
             )
@@ -278,7 +293,9 @@ class _Serve(_PolicyHandler):
         return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend, perm)]
 
 
-def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable:
+def quantized(
+    f: Callable, policy: Policy, *, backend: str = "auto", op_stats: dict | None = None
+) -> Callable:
     """``f`` with its matmuls/convs executed on quantized weights and activations.
 
     Weights are read from ``QArray`` leaves (``qjax.quantize_params``), from
@@ -309,6 +326,10 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
         ``ValueError`` naming the leaf and why not) or ``"interpret-gpu"`` /
         ``"interpret-tpu"``; see ``quantized_dot_general``. Pointwise (1×1) convs run as
         dots and take it too; other convs have no kernel and run on XLA.
+      op_stats: a :func:`qjax.calibrate` result: its ``"op:..."`` entries give the operands
+        of ``OpRule`` matmuls with per-tensor specs static scales (:mod:`qjax.quant.op_stats`);
+        its leaf entries are ignored (they are stored with the weights by
+        ``quantize_params(..., act_stats=...)``).
 
     Returns:
       A function with ``f``'s signature. Each op that reads a params leaf runs inside
@@ -318,7 +339,8 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
     Raises:
       ValueError: a rule that does not fit its leaf or op (the message names the leaf
         and the rule), a forced kernel that cannot run an op, or an ``OpRule`` that
-        matches no matmul between two activations (the message lists their name stacks).
+        matches no matmul between two activations (the message lists their name stacks),
+        or an ``op_stats`` entry that no such op uses or whose spec is not per tensor.
 
     Warns:
       UserWarning: a leaf whose rule has an ``act`` spec is read by no matmul/conv as its
@@ -329,6 +351,7 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
       >>> y = jax.jit(qjax.quantized(model.apply, policy))(qparams, x)
     """
     check_policy(policy)
+    ops_only = op_stats_lib.split(op_stats)[1]
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
@@ -337,6 +360,6 @@ def quantized(f: Callable, policy: Policy, *, backend: str = "auto") -> Callable
             "quantized",
             "serve qjax.quantize_params(trained, policy), which exports the learned scales",
         )
-        return _run(f, lambda: _Serve(policy, backend), params, args, kwargs)[0]
+        return _run(f, lambda: _Serve(policy, backend, ops_only), params, args, kwargs)[0]
 
     return g

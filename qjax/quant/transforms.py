@@ -15,6 +15,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.numerics.transposed import TransposedQArray, is_quantized, transpose_storage
+from qjax.quant import op_stats
 from qjax.quant.lsq_params import LSQParams, reject_lsq_params, split_scales
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.rules import Match, RuleSet, fold_in_path, leaves_with_paths, map_matched, map_with_path
@@ -147,12 +148,15 @@ def static_act_scales(params: Any, policy: Policy, act_stats: dict[str, Any] | N
     each leaf, by the rule's ``act`` spec: what :func:`quantize_params` stores with the
     weight, ``quantized`` serves and ``fake_quantized(..., act_stats=...)`` trains with.
 
+    Entries of matmuls between two activations (``"op:..."`` keys, see
+    :mod:`qjax.quant.op_stats`) belong to no weight and are skipped.
+
     Raises:
       ValueError: a path that is not a leaf of ``params``, or whose rule has no weight spec,
         no ``act`` spec or one that is not per-tensor, or a NaN range (the message names
         the leaf and its rule).
     """
-    act_stats = act_stats or {}
+    act_stats = {k: v for k, v in (act_stats or {}).items() if not op_stats.is_op_key(k)}
     _check_paths(params, act_stats, "act_stats")
     out = {}
     for path, stats in act_stats.items():

@@ -1,0 +1,87 @@
+"""Static (calibrated) scales for the matmuls between two activations that an
+:class:`~qjax.quant.policy.OpRule` quantizes.
+
+``qjax.calibrate`` records the per-tensor range of each operand whose ``OpRule`` spec is
+per tensor (``channel_axes=()``), keyed ``"op:<name stack>:lhs"`` / ``":rhs"`` beside the
+leaf paths of the weight ops. ``qjax.quantized(f, policy, op_stats=stats)`` and
+``qjax.fake_quantized(f, policy, act_stats=stats)`` then quantize those operands with the
+recorded scale instead of one computed per call (a static int8 KV cache read, static
+attention probabilities). ``quantize_params`` ignores these entries: no weight holds them.
+An op inside an ``nn.scan`` stack has one name stack for every layer, so its range is
+pooled over the layers (min / max).
+"""
+
+from __future__ import annotations
+
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+
+PREFIX = "op:"
+SIDES = ("lhs", "rhs")
+
+
+def op_key(scope: str, side: str) -> str:
+    """The stats key of operand ``side`` (``"lhs"`` / ``"rhs"``) of the op at ``scope``."""
+    return f"{PREFIX}{scope}:{side}"
+
+
+def is_op_key(key: str) -> bool:
+    return isinstance(key, str) and key.startswith(PREFIX)
+
+
+def split(stats: dict | None) -> tuple[dict, dict]:
+    """``(leaf entries, op entries)`` of a ``calibrate`` result."""
+    stats = stats or {}
+    ops = {k: v for k, v in stats.items() if is_op_key(k)}
+    return {k: v for k, v in stats.items() if k not in ops}, ops
+
+
+def is_static(spec: QuantSpec | None) -> bool:
+    """Whether an ``OpRule`` operand spec is per tensor, so calibrated ranges fit it."""
+    return (
+        spec is not None
+        and spec.channel_axes is not PER_TOKEN
+        and not spec.channel_axes
+        and spec.group_size is None
+    )
+
+
+def scope_side(key: str) -> tuple[str, str]:
+    """``(scope, side)`` of an op stats key."""
+    scope, side = key[len(PREFIX) :].rsplit(":", 1)
+    return scope, side
+
+
+class Lookup:
+    """The op stats a transform was given, the static scale of each operand, and which
+    entries an op used (an entry no op uses is a typo or another model's)."""
+
+    def __init__(self, op_stats: dict):
+        self.stats, self.used = dict(op_stats), set()
+
+    def scale(self, scope: str, side: str, spec: QuantSpec | None) -> tuple | None:
+        """``(scale, zero_point)`` for operand ``side`` of the op at ``scope``, or ``None``
+        (dynamic) without an entry.
+
+        Raises:
+          ValueError: an entry for an operand whose spec is not per tensor.
+        """
+        from qjax.quant.transforms import _static_act_scale  # transforms imports the policy modules
+
+        key = op_key(scope, side)
+        if key not in self.stats:
+            return None
+        self.used.add(key)
+        if not is_static(spec):
+            raise ValueError(
+                f"op stats {key!r} given, but the {side} spec of the matching op rule is not per-tensor "
+                f"(channel_axes={None if spec is None else spec.channel_axes}): static scales are per tensor"
+            )
+        return _static_act_scale(self.stats[key], spec)
+
+    def check_all_used(self) -> None:
+        unused = sorted(set(self.stats) - self.used)
+        if unused:
+            raise ValueError(
+                f"op stats {unused} match no matmul between two activations that an OpRule quantizes "
+                "(their name stacks changed, or the stats belong to another model)"
+            )

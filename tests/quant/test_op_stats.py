@@ -1,0 +1,113 @@
+"""Static (calibrated) scales for the matmuls between two activations that an ``OpRule``
+quantizes: ``calibrate`` records them, ``quantized(op_stats=)`` and
+``fake_quantized(act_stats=)`` use them; against a float64 integer reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+import qjax
+
+A8 = qjax.QuantSpec(qjax.int8)
+W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+R = np.random.default_rng(0)
+P = {
+    "wq": jnp.asarray(R.normal(size=(8, 16)), jnp.float32),
+    "wk": jnp.asarray(R.normal(size=(8, 16)), jnp.float32),
+}
+X = jnp.asarray(R.normal(size=(5, 8)), jnp.float32)
+CALIB = [0.5 * X, 0.7 * X]  # narrower than X: the static scales clip it
+
+
+def scores(p, x):
+    q, k = x @ p["wq"], x @ p["wk"]
+    with jax.named_scope("attn"):
+        return jnp.einsum("sd,td->st", q, k)
+
+
+def _fq(v, lo, hi, symmetric):
+    """float64 int8 fake quantization by a calibrated range (as scale_from_range maps it)."""
+    if symmetric:
+        s = max(abs(lo), abs(hi)) / 127
+        return np.clip(np.round(v / s), -128, 127) * s
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    s = (hi - lo) / 255
+    zp = np.clip(-128 - np.round(lo / s), -128, 127)
+    return (np.clip(np.round(v / s) + zp, -128, 127) - zp) * s
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "zero_point"])
+def test_static_operand_scales_against_a_float64_reference(symmetric):
+    spec = qjax.QuantSpec(qjax.int8, symmetric=symmetric)
+    policy = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=spec, rhs=A8)])
+    stats = qjax.calibrate(scores, policy, P, CALIB)
+    assert sorted(stats) == ["op:attn/sd,td->st:lhs", "op:attn/sd,td->st:rhs"]
+    p64 = {k: np.asarray(v, np.float64) for k, v in P.items()}
+    qs = [np.asarray(c, np.float64) @ p64["wq"] for c in CALIB]
+    ks = [np.asarray(c, np.float64) @ p64["wk"] for c in CALIB]
+    lo_q = min(v.min() for v in qs) if not symmetric else -max(np.abs(v).max() for v in qs)
+    hi_q = max(v.max() for v in qs) if not symmetric else max(np.abs(v).max() for v in qs)
+    a_k = max(np.abs(v).max() for v in ks)
+    assert float(stats["op:attn/sd,td->st:lhs"].hi) == pytest.approx(hi_q, rel=1e-6)
+    x64 = np.asarray(X, np.float64)
+    want = _fq(x64 @ p64["wq"], lo_q, hi_q, symmetric) @ _fq(x64 @ p64["wk"], -a_k, a_k, True).T
+    y = jax.jit(qjax.quantized(scores, policy, op_stats=stats))(P, X)
+    np.testing.assert_allclose(np.asarray(y, np.float64), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    fake = qjax.fake_quantized(scores, policy, act_stats=stats)(P, X)
+    np.testing.assert_allclose(fake, y, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    dynamic = qjax.quantized(scores, policy)(P, X)
+    assert float(jnp.abs(dynamic - y).max()) > 1e-2 * np.abs(want).max()  # the static scales clip X
+
+
+def test_weight_rules_and_op_rules_share_one_calibration():
+    """``quantize_params`` takes the leaf entries (and skips the op ones), ``quantized``
+    the op entries."""
+    policy = qjax.Policy([qjax.Rule("w.", weight=W8, act=A8), qjax.OpRule(r"attn/.*", lhs=A8, rhs=A8)])
+    stats = qjax.calibrate(scores, policy, P, CALIB)
+    assert {"wq", "wk"} < set(stats) and len(stats) == 4
+    qparams = qjax.quantize_params(P, policy, act_stats=stats)
+    y = qjax.quantized(scores, policy, op_stats=stats)(qparams, X)
+    fake = qjax.fake_quantized(scores, policy, act_stats=stats)(P, X)
+    np.testing.assert_allclose(y, fake, rtol=1e-4, atol=1e-4 * float(jnp.abs(y).max()))
+
+
+def test_an_op_in_a_scan_stack_pools_its_layers():
+    class Layer(nn.Module):
+        @nn.compact
+        def __call__(self, h, _):
+            q, k = nn.Dense(8, name="q")(h), nn.Dense(8, name="k")(h)
+            with jax.named_scope("attn"):
+                a = jnp.einsum("sd,td->st", q, k)
+            return jnp.tanh(a @ h), None
+
+    class Stack(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            scan = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+            return scan(name="layers")(x, None)[0]
+
+    x = jax.random.normal(jax.random.key(0), (6, 8))
+    v = Stack().init(jax.random.key(1), x)
+    policy = qjax.Policy([qjax.OpRule(r".*attn/.*", lhs=A8, rhs=A8)])
+    stats = qjax.calibrate(Stack().apply, policy, v, [x])
+    assert len(stats) == 2 and all(s.hi.shape == () for s in stats.values())
+    y = qjax.quantized(Stack().apply, policy, op_stats=stats)(v, x)
+    fake = qjax.fake_quantized(Stack().apply, policy, act_stats=stats)(v, x)
+    np.testing.assert_allclose(y, fake, rtol=1e-4, atol=1e-4)
+
+
+def test_dynamic_specs_record_nothing_and_misuse_is_refused():
+    per_token = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    dynamic = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=per_token, rhs=A8)])
+    stats = qjax.calibrate(scores, dynamic, P, CALIB)
+    assert list(stats) == ["op:attn/sd,td->st:rhs"]  # the per-token side has no static range
+    static = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=A8, rhs=A8)])
+    full = qjax.calibrate(scores, static, P, CALIB)
+    with pytest.raises(ValueError, match="not per-tensor"):
+        qjax.quantized(scores, dynamic, op_stats=full)(P, X)
+    with pytest.raises(ValueError, match="match no matmul"):
+        qjax.quantized(scores, static, op_stats={**full, "op:mlp/x:lhs": full["op:attn/sd,td->st:lhs"]})(P, X)
+    with pytest.raises(ValueError, match="running averages cover"):
+        qjax.fake_quantized(scores, static, act_stats_momentum=0.9)(P, full, X)
