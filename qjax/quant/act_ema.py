@@ -67,6 +67,9 @@ def merged_stats(act_stats: dict, emitted: dict) -> dict[str, ActStats]:
             continue
         lo, hi = _combine_in_batch(values, mean=True)
         old_lo, old_hi = (jnp.asarray(v, jnp.float32) for v in (stats.lo, stats.hi))
+        # an OpRule op in a scan stack: one scale for every layer, pooled as calibrate pools it
+        lo = jnp.nanmin(lo, axis=tuple(range(lo.ndim - old_lo.ndim))) if lo.ndim > old_lo.ndim else lo
+        hi = jnp.nanmax(hi, axis=tuple(range(hi.ndim - old_hi.ndim))) if hi.ndim > old_hi.ndim else hi
         lo = jnp.where(jnp.isfinite(lo), lo, old_lo).reshape(old_lo.shape)
         hi = jnp.where(jnp.isfinite(hi), hi, old_hi).reshape(old_hi.shape)
         out[path] = ActStats(lo, hi, stats.count)

@@ -55,17 +55,20 @@ class Lookup:
     """The op stats a transform was given, the static scale of each operand, and which
     entries an op used (an entry no op uses is a typo or another model's)."""
 
-    def __init__(self, op_stats: dict):
-        self.stats, self.used = dict(op_stats), set()
+    def __init__(self, op_stats: dict, momentum: float | None = None):
+        self.stats, self.used, self.momentum = dict(op_stats), set(), momentum
 
-    def scale(self, scope: str, side: str, spec: QuantSpec | None) -> tuple | None:
+    def scale(self, scope: str, side: str, spec: QuantSpec | None, operand=None, emit=None) -> tuple | None:
         """``(scale, zero_point)`` for operand ``side`` of the op at ``scope``, or ``None``
-        (dynamic) without an entry.
+        (dynamic) without an entry. With a ``momentum`` (running averages) the entry's range
+        is first moved toward ``operand``'s and the moved range ``emit``-ted.
 
         Raises:
           ValueError: an entry for an operand whose spec is not per tensor.
         """
-        from qjax.quant.transforms import _static_act_scale  # transforms imports the policy modules
+        from qjax.quant import act_ema  # these import the policy modules
+        from qjax.quant.calibrate import ActStats, batch_range
+        from qjax.quant.transforms import _static_act_scale
 
         key = op_key(scope, side)
         if key not in self.stats:
@@ -76,7 +79,12 @@ class Lookup:
                 f"op stats {key!r} given, but the {side} spec of the matching op rule is not per-tensor "
                 f"(channel_axes={None if spec is None else spec.channel_axes}): static scales are per tensor"
             )
-        return _static_act_scale(self.stats[key], spec)
+        stats = self.stats[key]
+        if self.momentum is not None:
+            new = act_ema.updated_range((stats.lo, stats.hi), batch_range(spec, operand), self.momentum)
+            emit(key, new)
+            stats = ActStats(*new)
+        return _static_act_scale(stats, spec)
 
     def check_all_used(self) -> None:
         unused = sorted(set(self.stats) - self.used)

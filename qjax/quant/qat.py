@@ -140,7 +140,7 @@ class _FakeQuant(_PolicyHandler):
         super().__init__(policy)
         self.scales, self.key, self.integer_forward, self.static = scales, key, integer_forward, static
         self.ranges, self.momentum = ranges or {}, momentum
-        self.op_stats = op_stats_lib.Lookup(op_stats or {})
+        self.op_stats = op_stats_lib.Lookup(op_stats or {}, momentum)
 
     def aux(self, path: str):
         return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
@@ -252,7 +252,7 @@ class _FakeQuant(_PolicyHandler):
         operands = []
         for x, spec, side in zip(invals, (lhs_spec, rhs_spec), op_stats_lib.SIDES, strict=True):
             if spec is not None:
-                scale, zero_point = self.op_stats.scale(scope, side, spec) or (None, None)
+                scale, zero_point = self.op_stats.scale(scope, side, spec, x, emit) or (None, None)
                 key = fold_in_path(self.key, f"{scope}:{side}")
                 x = fake_quant(x, spec, scale=scale, zero_point=zero_point, key=key)
             operands.append(x)
@@ -488,15 +488,11 @@ def fake_quantized(
                 "fake_quantized(act_stats_momentum=...) takes the running {path: ActStats} as its second "
                 f"argument (start from qjax.calibrate); got {type(act_stats).__name__}"
             )
-        if op_stats_lib.split(act_stats)[1]:
-            raise ValueError(
-                "fake_quantized(act_stats_momentum=...): running averages cover the ops that read a weight; "
-                "drop the 'op:...' entries (matmuls between two activations) from the stats"
-            )
         params, learned = _check_scales(params, scales)
         static_act_scales(params, policy, act_stats)  # the same checks as fixed stats
-        ranges = {path: (s.lo, s.hi) for path, s in act_stats.items()}
-        handler = lambda: _FakeQuant(policy, learned, key, integer_forward, {}, ranges, momentum)
+        leaves, ops = op_stats_lib.split(act_stats)
+        ranges = {path: (s.lo, s.hi) for path, s in leaves.items()}
+        handler = lambda: _FakeQuant(policy, learned, key, integer_forward, {}, ranges, momentum, ops)
         out, emitted = _run(f, handler, params, args, kwargs)
         return out, act_ema.merged_stats(act_stats, emitted)
 

@@ -96,6 +96,9 @@ def test_an_op_in_a_scan_stack_pools_its_layers():
     y = qjax.quantized(Stack().apply, policy, op_stats=stats)(v, x)
     fake = qjax.fake_quantized(Stack().apply, policy, act_stats=stats)(v, x)
     np.testing.assert_allclose(y, fake, rtol=1e-4, atol=1e-4)
+    _, moved = qjax.fake_quantized(Stack().apply, policy, act_stats_momentum=0.5)(v, stats, 2 * x)
+    assert jax.tree.structure(moved) == jax.tree.structure(stats)  # pooled again: no retrace
+    assert all(float(moved[k].hi) > float(stats[k].hi) for k in stats)
 
 
 def test_dynamic_specs_record_nothing_and_misuse_is_refused():
@@ -109,5 +112,16 @@ def test_dynamic_specs_record_nothing_and_misuse_is_refused():
         qjax.quantized(scores, dynamic, op_stats=full)(P, X)
     with pytest.raises(ValueError, match="match no matmul"):
         qjax.quantized(scores, static, op_stats={**full, "op:mlp/x:lhs": full["op:attn/sd,td->st:lhs"]})(P, X)
-    with pytest.raises(ValueError, match="running averages cover"):
-        qjax.fake_quantized(scores, static, act_stats_momentum=0.9)(P, full, X)
+
+
+def test_running_averages_move_op_ranges_too():
+    """``act_stats_momentum``: an op entry moves toward the operand's batch range like a
+    weight op's, and the forward quantizes with the moved range."""
+    policy = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=A8, rhs=A8)])
+    stats = qjax.calibrate(scores, policy, P, CALIB)
+    y, new = jax.jit(qjax.fake_quantized(scores, policy, act_stats_momentum=0.75))(P, stats, X)
+    q = np.asarray(X, np.float64) @ np.asarray(P["wq"], np.float64)
+    key = "op:attn/sd,td->st:lhs"
+    assert float(new[key].hi) == pytest.approx(0.75 * float(stats[key].hi) + 0.25 * np.abs(q).max(), rel=1e-6)
+    fixed = qjax.fake_quantized(scores, policy, act_stats=new)(P, X)
+    np.testing.assert_allclose(y, fixed, rtol=1e-6, atol=1e-6 * float(jnp.abs(y).max()))
