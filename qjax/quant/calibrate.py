@@ -71,8 +71,9 @@ class _Calibrate(_PolicyHandler):
         """A matmul between two activations that an ``OpRule`` matches: the range of each
         operand whose spec is per tensor (the static scale ``quantized(op_stats=...)``
         serves it with); the op runs as it is."""
+        rule = self.policy.op_match(scope).value  # its specs as written: PER_TOKEN is never static
         for x, spec, side in zip(invals, (lhs_spec, rhs_spec), op_stats.SIDES, strict=True):
-            if op_stats.is_static(spec):
+            if op_stats.is_static(getattr(rule, side)):
                 emit(op_stats.op_key(scope, side), batch_range(spec, x))
         return None
 
@@ -224,8 +225,10 @@ def calibrate(
       ``{path: ActStats}``; pass it to ``qjax.quantize_params(..., act_stats=...)``. Ops in
       an ``nn.scan`` stack get per-layer ranges (leading axis). Matmuls between two
       activations that an ``OpRule`` quantizes with a per-tensor operand spec add
-      ``"op:<name stack>:lhs"`` / ``":rhs"`` entries (pooled over a scan's layers), which
-      ``qjax.quantized(..., op_stats=...)`` serves and ``quantize_params`` skips. Ops inside a
+      ``"op:<name stack>:lhs"`` / ``":rhs"`` entries (pooled over a scan's layers; for
+      percentile / MSE always the mean of the per-batch ranges: ``histogram_bins`` covers
+      the weight ops only), which ``qjax.quantized(..., op_stats=...)`` serves and
+      ``quantize_params`` skips. Ops inside a
       ``jax.shard_map`` body are measured per shard, each shard a read of the op (min /
       max exact over the tensor; percentile / MSE averaged over shards as over batches,
       or pooled exactly with ``histogram_bins``); ops inside a ``lax.while_loop`` body over

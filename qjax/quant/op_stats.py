@@ -9,6 +9,17 @@ recorded scale instead of one computed per call (a static int8 KV cache read, st
 attention probabilities). ``quantize_params`` ignores these entries: no weight holds them.
 An op inside an ``nn.scan`` stack has one name stack for every layer, so its range is
 pooled over the layers (min / max).
+
+``lhs`` / ``rhs`` are the operands of the ``dot_general`` the op lowers to, which is not
+always the order the einsum names them in: Flax's (Linen and NNX) attention computes
+``PV`` as ``einsum("...hqk,...khd->...qhd", probs, value)``, which lowers to
+``dot_general(value, probs)``, so there ``lhs`` is the value and ``rhs`` the
+probabilities. ``qjax.graph.find_ops`` / ``jax.make_jaxpr`` show the operands' shapes.
+
+With ``fake_quantized(..., act_stats_momentum=m)`` an op entry moves like a weight op's.
+Inside a scan stack each layer quantizes with its own moved range while the returned
+entry pools them (min / max), so training sees per-layer scales that the served (pooled)
+scale coarsens; a stack's op scales are best calibrated with ``qjax.calibrate``.
 """
 
 from __future__ import annotations
@@ -56,6 +67,11 @@ class Lookup:
     entries an op used (an entry no op uses is a typo or another model's)."""
 
     def __init__(self, op_stats: dict, momentum: float | None = None):
+        from qjax.quant.calibrate import ActStats
+
+        bad = [k for k, v in op_stats.items() if not isinstance(v, ActStats)]
+        if bad:
+            raise TypeError(f"op stats {bad} must be ActStats, as qjax.calibrate returns them")
         self.stats, self.used, self.momentum = dict(op_stats), set(), momentum
 
     def scale(self, scope: str, side: str, spec: QuantSpec | None, operand=None, emit=None) -> tuple | None:
@@ -74,6 +90,8 @@ class Lookup:
         if key not in self.stats:
             return None
         self.used.add(key)
+        if spec is None:
+            raise ValueError(f"op stats {key!r} given, but the matching op rule keeps that operand float")
         if not is_static(spec):
             raise ValueError(
                 f"op stats {key!r} given, but the {side} spec of the matching op rule is not per-tensor "

@@ -89,7 +89,9 @@ class OpRule:
 
     Args:
       pattern: regular expression over the name stack of the op.
-      lhs, rhs: how to quantize each operand, dynamically (from the data, per call; e.g.
+      lhs, rhs: how to quantize each operand of the ``dot_general`` the op lowers to (not
+        always the einsum's order: Flax's attention ``PV`` einsum lowers to
+        ``dot_general(value, probs)``, so ``lhs`` is the value), dynamically (from the data, per call; e.g.
         ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)``: one scale per index of every
         axis not summed over), or ``None`` to keep it float. At least one.
 

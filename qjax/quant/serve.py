@@ -351,7 +351,10 @@ def quantized(
       >>> y = jax.jit(qjax.quantized(model.apply, policy))(qparams, x)
     """
     check_policy(policy)
+    if op_stats is not None and not isinstance(op_stats, dict):
+        raise TypeError(f"op_stats must be the dict qjax.calibrate returns, got {type(op_stats).__name__}")
     ops_only = op_stats_lib.split(op_stats)[1]
+    op_stats_lib.Lookup(ops_only)  # its entries' types, checked here rather than at the first call
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):

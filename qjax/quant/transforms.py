@@ -189,8 +189,9 @@ def _static_act_scale(stats, act: QuantSpec | None) -> tuple:
 
 
 def _check_range(stats) -> None:
-    """Refuse a NaN calibration range (the op never ran on the calibration data: an untaken
-    ``cond`` branch), which would make every output of the op NaN. Traced ranges pass."""
+    """Refuse a non-finite calibration range, which would make every output of the op NaN:
+    NaN (the op never ran on the calibration data: an untaken ``cond`` branch) or infinite
+    (the calibration data held infinities). Traced ranges pass."""
     try:
         lo, hi = np.asarray(stats.lo, np.float64), np.asarray(stats.hi, np.float64)
     except jax.errors.TracerArrayConversionError:
@@ -200,6 +201,12 @@ def _check_range(stats) -> None:
             "its activation range is NaN: the op never ran on the calibration data (e.g. an "
             "untaken cond branch); calibrate with inputs that reach it, or drop its act_stats "
             "entry to quantize its activation dynamically"
+        )
+    if np.isinf(lo).any() or np.isinf(hi).any():
+        raise ValueError(
+            "its activation range is infinite: the calibration data held infinities (an overflow, "
+            "or a mask value of -inf reaching a quantized operand); calibrate on finite activations, "
+            "or drop its entry to quantize the activation dynamically"
         )
 
 

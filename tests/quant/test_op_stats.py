@@ -125,3 +125,40 @@ def test_running_averages_move_op_ranges_too():
     assert float(new[key].hi) == pytest.approx(0.75 * float(stats[key].hi) + 0.25 * np.abs(q).max(), rel=1e-6)
     fixed = qjax.fake_quantized(scores, policy, act_stats=new)(P, X)
     np.testing.assert_allclose(y, fixed, rtol=1e-6, atol=1e-6 * float(jnp.abs(y).max()))
+
+
+def test_flax_attention_pv_lowers_with_the_value_as_lhs():
+    """The documented operand order: Flax's PV einsum lowers to ``dot_general(value, probs)``,
+    so the ``:lhs`` entry is the value's range and ``:rhs`` the probabilities' (at most 1)."""
+    mha = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8, name="attn")
+    x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+    v = mha.init(jax.random.key(1), x)
+    policy = qjax.Policy([qjax.OpRule(r".*attn/\.\.\.hqk,.*", lhs=A8, rhs=A8)])  # PV only
+    stats = qjax.calibrate(lambda p, x: mha.apply(p, x), policy, v, [x])
+    (lhs,) = [s for k, s in stats.items() if k.endswith(":lhs")]
+    (rhs,) = [s for k, s in stats.items() if k.endswith(":rhs")]
+    value = nn.DenseGeneral((2, 4)).apply({"params": v["params"]["value"]}, x)
+    assert float(lhs.hi) == pytest.approx(float(jnp.abs(value).max()), rel=1e-5)
+    assert float(rhs.hi) <= 1.0
+
+
+def test_review_edge_cases():
+    """A PER_TOKEN spec whose operand has every axis contracted records nothing; an infinite
+    calibrated range, op stats of the wrong type and stats for a float operand are refused."""
+    per_token = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    dot = lambda p, x: jnp.einsum("d,d->", x @ p["wq"], x @ p["wk"])
+    assert (
+        qjax.calibrate(dot, qjax.Policy([qjax.OpRule(r".*", lhs=per_token, rhs=per_token)]), P, [X[0]]) == {}
+    )
+    static = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=A8, rhs=A8)])
+    inf_stats = qjax.calibrate(scores, static, P, [X.at[0, 0].set(jnp.inf)])
+    with pytest.raises(ValueError, match="infinite"):
+        qjax.quantized(scores, static, op_stats=inf_stats)(P, X)
+    with pytest.raises(TypeError, match="op_stats must be the dict"):
+        qjax.quantized(scores, static, op_stats=[1])
+    stats = qjax.calibrate(scores, static, P, CALIB)
+    with pytest.raises(TypeError, match="must be ActStats"):
+        qjax.quantized(scores, static, op_stats={k: (s.lo, s.hi) for k, s in stats.items()})
+    lhs_only = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=A8)])
+    with pytest.raises(ValueError, match="keeps that operand float"):
+        qjax.quantized(scores, lhs_only, op_stats=stats)(P, X)
