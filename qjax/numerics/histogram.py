@@ -53,11 +53,19 @@ def histogram(
       ``"bad"``: 1.0 when ``x`` holds NaN or infinity (its range is then NaN, as
       everywhere in qjax), else 0.0.
     """
-    keep = jnp.ones(x.shape, bool) if valid is None else jnp.broadcast_to(valid, x.shape)
-    x, keep = jnp.ravel(x).astype(jnp.float32), jnp.ravel(keep)
+    # without a mask no all-true bool array is built: one such array made later int1 arrays
+    # of its shape come out as bool in the test process (BUILD_NOTES, nineteenth session)
+    shape = jnp.shape(x)
+    x = jnp.ravel(x).astype(jnp.float32)
     finite = jnp.isfinite(x)
-    bad = jnp.any(~finite & keep)
-    x = jnp.where(finite & keep, x, 0.0)
+    if valid is None:
+        keep, weight = finite, 1.0
+        bad = jnp.any(~finite)
+    else:
+        mask = jnp.ravel(jnp.broadcast_to(valid, shape))
+        keep, weight = finite & mask, mask.astype(jnp.float32)
+        bad = jnp.any(~finite & mask)
+    x = jnp.where(keep, x, 0.0)
     mag = jnp.abs(x)
     m = jnp.max(mag, initial=0.0)
     # the smallest power of two above m (strictly: m itself must fall inside [0, r)); frexp
@@ -69,7 +77,7 @@ def histogram(
     # to 0 on CPU, which put the whole top binade in bin 0); r >= 2**-125, so 2 / r is finite
     idx = jnp.clip(jnp.floor(mag * 0.5 / (r * 0.5) * bins), 0, bins - 1).astype(jnp.int32)
     neg = x < 0
-    counts = jnp.zeros((2, bins), jnp.float32).at[neg.astype(jnp.int32), idx].add(keep.astype(jnp.float32))
+    counts = jnp.zeros((2, bins), jnp.float32).at[neg.astype(jnp.int32), idx].add(weight)
     return {
         "pos": counts[0],
         "neg": counts[1],
