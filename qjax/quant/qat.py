@@ -436,7 +436,8 @@ def fake_quantized(
       act_stats: ``{path: ActStats}`` from :func:`qjax.calibrate`: static activation
         scales for the ops reading each leaf, as :func:`qjax.quantize_params` takes them
         (its per-tensor ``act`` spec turns the range into a scale and zero point). Leaves
-        without an entry keep dynamic activation scales, as served.
+        without an entry keep dynamic activation scales, as served. Its ``"op:..."``
+        entries give ``OpRule`` operands static scales, as ``quantized(op_stats=...)``.
       act_stats_momentum: ``None`` (default): fixed static scales (``act_stats``). A number
         in ``[0, 1)``: running-average ranges, passed at each call (see above; then
         ``act_stats`` must be ``None``). Flax ``BatchNorm``'s convention: 0.99 keeps 99% of
