@@ -56,11 +56,18 @@ def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwarg
     return ema_loss_fn
 
 
+def _stats_argument(state_shardings: TrainState, momentum) -> tuple[tuple, tuple]:
+    """``(extra_shardings, extra_names)`` of the running stats argument: replicated, and
+    none without a ``momentum``."""
+    if momentum is None:
+        return (), ()
+    return (NamedSharding(_mesh_of(state_shardings), P()),), ("act_stats",)
+
+
 def _train(loss_fn, tx, state_shardings: TrainState, batch_shardings, momentum, **kwargs) -> ShardedStep:
     """:func:`train_step` of ``loss_fn``, with the running stats (``momentum``) as its
-    replicated extra argument."""
-    stats = () if momentum is None else (NamedSharding(_mesh_of(state_shardings), P()),)
-    names = ("act_stats",) if stats else ()
+    extra argument."""
+    stats, names = _stats_argument(state_shardings, momentum)
     return train_step(
         loss_fn, tx, state_shardings, batch_shardings, extra_shardings=stats, extra_names=names, **kwargs
     )
@@ -255,15 +262,13 @@ def distill_train_step(
     def loss(params, batch, key, teacher_params, act_stats=None):
         return ds.loss(params, teacher_params, batch, key, act_stats)
 
-    extra, names = (teacher_shardings,), ("teacher_params",)
-    if momentum is not None:
-        extra, names = (*extra, NamedSharding(_mesh_of(state_shardings), P())), (*names, "act_stats")
+    stats, names = _stats_argument(state_shardings, momentum)
     return train_step(
         loss,
         tx,
         state_shardings,
         batch_shardings,
-        extra_shardings=extra,
-        extra_names=names,
+        extra_shardings=(teacher_shardings, *stats),
+        extra_names=("teacher_params", *names),
         donate=donate,
     )

@@ -19,7 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax.quant.calibrate import ActStats, _combine_in_batch
+from qjax.quant import op_stats
+from qjax.quant.calibrate import ActStats, _combine_in_batch, batch_range
+from qjax.quant.transforms import _static_act_scale
 
 
 def check_momentum(momentum) -> float:
@@ -54,6 +56,15 @@ def updated_range(old: tuple, batch: tuple, momentum: float) -> tuple[jax.Array,
     return ema(old[0], batch[0]), ema(old[1], batch[1])
 
 
+def moved_scale(key: str, old: tuple, spec, act, momentum: float, emit, valid=None) -> tuple:
+    """The static ``(scale, zero_point)`` of the range ``old`` moved toward the batch range
+    of ``act`` (its ``valid`` values) by ``momentum``; the moved range is emitted under
+    ``key`` (what :func:`merged_stats` combines into the returned stats)."""
+    new = updated_range(old, batch_range(spec, act, valid), momentum)
+    emit(key, new)
+    return _static_act_scale(ActStats(*new), spec)
+
+
 def merged_stats(act_stats: dict, emitted: dict) -> dict[str, ActStats]:
     """The new ``{path: ActStats}``: each op's updated range (the mean over the reads of a
     weight read several times in one call, or per shard inside a ``shard_map``); a range
@@ -67,9 +78,7 @@ def merged_stats(act_stats: dict, emitted: dict) -> dict[str, ActStats]:
             continue
         lo, hi = _combine_in_batch(values, mean=True)
         old_lo, old_hi = (jnp.asarray(v, jnp.float32) for v in (stats.lo, stats.hi))
-        # an OpRule op in a scan stack: one scale for every layer, pooled as calibrate pools it
-        lo = jnp.nanmin(lo, axis=tuple(range(lo.ndim - old_lo.ndim))) if lo.ndim > old_lo.ndim else lo
-        hi = jnp.nanmax(hi, axis=tuple(range(hi.ndim - old_hi.ndim))) if hi.ndim > old_hi.ndim else hi
+        lo, hi = op_stats.pool_layers(lo, hi, old_lo.ndim)  # an OpRule op in a scan stack
         lo = jnp.where(jnp.isfinite(lo), lo, old_lo).reshape(old_lo.shape)
         hi = jnp.where(jnp.isfinite(hi), hi, old_hi).reshape(old_hi.shape)
         out[path] = ActStats(lo, hi, stats.count)

@@ -287,8 +287,8 @@ def calibrate(
     for path, pool in pools.items():
         stats[path] = pool.stats(_rule(policy, path).act)
     for path, s in stats.items():  # an op in a scan stack: one name stack, every layer's range
-        if op_stats.is_op_key(path) and jnp.ndim(s.lo):
-            stats[path] = ActStats(jnp.nanmin(s.lo), jnp.nanmax(s.hi), s.count)
+        if op_stats.is_op_key(path):
+            stats[path] = ActStats(*op_stats.pool_layers(s.lo, s.hi), s.count)
     return stats
 
 

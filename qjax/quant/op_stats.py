@@ -56,6 +56,15 @@ def is_static(spec: QuantSpec | None) -> bool:
     )
 
 
+def pool_layers(lo, hi, ndim: int = 0) -> tuple:
+    """A range ``(lo, hi)`` with its axes beyond the last ``ndim`` pooled (min / max): an op
+    of a scan body has one name stack for every layer, so one scale for the stack."""
+    import jax.numpy as jnp
+
+    axes = tuple(range(jnp.ndim(lo) - ndim))
+    return (jnp.nanmin(lo, axis=axes), jnp.nanmax(hi, axis=axes)) if axes else (lo, hi)
+
+
 def scope_side(key: str) -> tuple[str, str]:
     """``(scope, side)`` of an op stats key."""
     scope, side = key[len(PREFIX) :].rsplit(":", 1)
@@ -83,7 +92,6 @@ class Lookup:
           ValueError: an entry for an operand whose spec is not per tensor.
         """
         from qjax.quant import act_ema  # these import the policy modules
-        from qjax.quant.calibrate import ActStats, batch_range
         from qjax.quant.transforms import _static_act_scale
 
         key = op_key(scope, side)
@@ -95,13 +103,11 @@ class Lookup:
         if not is_static(spec):
             raise ValueError(
                 f"op stats {key!r} given, but the {side} spec of the matching op rule is not per-tensor "
-                f"(channel_axes={None if spec is None else spec.channel_axes}): static scales are per tensor"
+                f"(channel_axes={spec.channel_axes}): static scales are per tensor"
             )
         stats = self.stats[key]
         if self.momentum is not None:
-            new = act_ema.updated_range((stats.lo, stats.hi), batch_range(spec, operand), self.momentum)
-            emit(key, new)
-            stats = ActStats(*new)
+            return act_ema.moved_scale(key, (stats.lo, stats.hi), spec, operand, self.momentum, emit)
         return _static_act_scale(stats, spec)
 
     def check_all_used(self) -> None:

@@ -21,7 +21,7 @@ from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
 from qjax.quant import act_ema, ops_ragged
 from qjax.quant import op_stats as op_stats_lib
-from qjax.quant.calibrate import ActStats, batch_range
+from qjax.quant.calibrate import ActStats
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
 from qjax.quant.int8_training_conv import conv_backward, conv_config
 from qjax.quant.policy import Policy, Rule, check_policy
@@ -36,7 +36,7 @@ from qjax.quant.policy_handler import (
 )
 from qjax.quant.serve import _check_deployable, _conv_geometry, _operand_qarray, _quantized_op
 from qjax.quant.shard_scales import fake_quant_shard
-from qjax.quant.transforms import _check_scales, _static_act_scale, static_act_scales
+from qjax.quant.transforms import _check_scales, static_act_scales
 from qjax.rules import fold_in_path
 
 
@@ -157,9 +157,7 @@ class _FakeQuant(_PolicyHandler):
             return None
         if ref.aux.act_range is None:
             return ref.aux.act
-        new = act_ema.updated_range(ref.aux.act_range, batch_range(spec, act, valid), self.momentum)
-        emit(ref.path, new)
-        return _static_act_scale(ActStats(*new), spec)
+        return act_ema.moved_scale(ref.path, ref.aux.act_range, spec, act, self.momentum, emit, valid)
 
     def finish(self) -> None:
         super().finish()
