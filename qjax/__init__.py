@@ -52,6 +52,7 @@ from qjax.quant import (
     ActStats,
     BatchNormFoldReport,
     Footprint,
+    KVCache,
     LSQParams,
     OpRule,
     Policy,
@@ -83,6 +84,7 @@ from qjax.quant import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "KVCache",
     "autoprec",
     "kernels",
     "ActStats",

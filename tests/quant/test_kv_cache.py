@@ -1,0 +1,422 @@
+"""``qjax.KVCache``: a KV cache stored as codes. Written tokens against an independent
+numpy quantizer, attention on the codes against float64 attention over the dequantized
+cache, chunked writes against one write, decode loops against one causal pass."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis_budget import examples
+
+import qjax
+
+B, T, H, D = 2, 12, 2, 8
+R = np.random.default_rng(0)
+INT8_TOKEN = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+
+
+def _normal(*shape, scale=1.0):
+    return jnp.asarray(scale * R.normal(size=shape), jnp.float32)
+
+
+def _reference(q, k, v, index, mask=None, softmax_scale=None):
+    """float64 softmax attention, one query head at a time; query head j reads kv head
+    j // (q_heads // kv_heads); query s of batch b sees positions <= index[b] + s."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    b, s, hq, d = q.shape
+    t, h = k.shape[1], k.shape[2]
+    index = np.broadcast_to(np.asarray(index), (b,))
+    scale = 1 / np.sqrt(d) if softmax_scale is None else softmax_scale
+    out = np.zeros_like(q)
+    for bi in range(b):
+        for si in range(s):
+            for j in range(hq):
+                kv = j // (hq // h)
+                logits = scale * (k[bi, :, kv] @ q[bi, si, j])
+                seen = np.arange(t) <= index[bi] + si
+                if mask is not None:
+                    seen &= np.broadcast_to(mask, (b, hq, s, t))[bi, j, si]
+                if not seen.any():
+                    continue
+                logits = np.where(seen, logits, -np.inf)
+                p = np.exp(logits - logits.max())
+                out[bi, si, j] = (p / p.sum()) @ v[bi, :, kv]
+    return out
+
+
+def _int8_token_ref(x):
+    """Independent per-(token, head) symmetric int8 fake quantization."""
+    x = np.asarray(x, np.float64)
+    s = np.abs(x).max(axis=-1, keepdims=True) / 127
+    s = np.where(s == 0, 1, s)
+    return np.clip(np.round(x / s), -127, 127) * s
+
+
+def test_written_tokens_match_an_independent_int8_quantizer():
+    k, v = _normal(B, 5, H, D), _normal(B, 5, H, D, scale=3.0)
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(k, v, 4)
+    kd, vd = cache.dequantize()
+    np.testing.assert_allclose(np.asarray(kd[:, 4:9]), _int8_token_ref(k), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(vd[:, 4:9]), _int8_token_ref(v), rtol=1e-6, atol=1e-7)
+    for arr in (kd, vd):
+        assert not np.asarray(arr[:, :4]).any() and not np.asarray(arr[:, 9:]).any()
+    assert cache.k.values.dtype == jnp.int8 and cache.shape == (B, T, H, D)
+
+
+CHANNEL8 = qjax.QuantSpec(qjax.int8, channel_axes=(2, 3))
+CHANNEL4 = qjax.QuantSpec(qjax.int4, channel_axes=(2, 3), symmetric=False)
+
+
+def _calibrated(spec):
+    """Static scales (and zero points) from sample keys / values narrower than the test data."""
+    kw = {}
+    for side in "kv":
+        scale, zero = qjax.compute_scale(_normal(4, 8, H, D, scale=0.8), spec)
+        kw[f"{side}_scale"] = scale
+        if zero is not None:
+            kw[f"{side}_zero_point"] = zero
+    return kw
+
+
+SPECS = {
+    "int8/token": (INT8_TOKEN, {}),
+    "int4/g4 packed": (qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=3), {}),
+    # groups of 3 split a byte of packed int4: the values product runs on unpacked codes
+    "int4/g3 asym": (
+        qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=-1, symmetric=False),
+        {},
+    ),
+    "uint8 asym": (qjax.QuantSpec(qjax.uint8, channel_axes=qjax.PER_TOKEN, symmetric=False), {}),
+    "fp8/token": (qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=qjax.PER_TOKEN), {}),
+    "fp4/g4": (qjax.QuantSpec(qjax.fp4_e2m1, channel_axes=(0, 1, 2), group_size=4, group_axis=3), {}),
+    "nf4/token": (qjax.QuantSpec(qjax.nf4, channel_axes=qjax.PER_TOKEN), {}),
+    "int8/static tensor": (qjax.QuantSpec(qjax.int8), dict(k_scale=0.02, v_scale=0.05)),
+    "fp8/static head bf16 scale": (
+        qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(2,), scale_dtype="bfloat16"),
+        dict(k_scale=jnp.array([0.01, 0.02]).reshape(1, 1, 2, 1), v_scale=0.02),
+    ),
+    # per-channel static scales (outlier key channels): keys' fold into q, values' onto the output
+    "int8/static channel": (CHANNEL8, _calibrated(CHANNEL8)),
+    "int4/static channel asym": (CHANNEL4, _calibrated(CHANNEL4)),
+    "uint8/static asym": (
+        qjax.QuantSpec(qjax.uint8, symmetric=False),
+        dict(k_scale=0.03, k_zero_point=128, v_scale=0.04, v_zero_point=120),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+@pytest.mark.parametrize("group", [1, 4])  # query heads per cache head (GQA)
+def test_attention_on_codes_matches_float64_attention_over_the_dequantized_cache(name, group):
+    spec, scales = SPECS[name]
+    cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32, **scales)
+    cache = cache.update(_normal(B, 6, H, D), _normal(B, 6, H, D), 0)
+    index = jnp.array([6, 9])
+    cache = jax.jit(lambda c, k, v: c.update(k, v, index))(cache, _normal(B, 3, H, D), _normal(B, 3, H, D))
+    q = _normal(B, 3, H * group, D)
+    out = jax.jit(lambda c, q: c.attend(q, index))(cache, q)
+    kd, vd = cache.dequantize()
+    np.testing.assert_allclose(np.asarray(out), _reference(q, kd, vd, index), rtol=2e-5, atol=2e-6)
+    assert out.shape == q.shape and out.dtype == q.dtype
+
+
+def test_packed_int4_with_groups_that_split_bytes():
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=3, group_axis=3)
+    cache = qjax.KVCache.init(spec, batch=1, length=5, heads=1, head_dim=6, dtype=jnp.float32)
+    cache = cache.update(_normal(1, 5, 1, 6), _normal(1, 5, 1, 6), 0)
+    assert cache.v.packed_axis == -1
+    q = _normal(1, 2, 1, 6)
+    kd, vd = cache.dequantize()
+    np.testing.assert_allclose(np.asarray(cache.attend(q, 3)), _reference(q, kd, vd, 3), rtol=2e-5, atol=2e-6)
+
+
+def test_bfloat16_cache_and_queries():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D)
+    assert cache.k.dtype == jnp.bfloat16
+    cache = cache.update(_normal(B, T, H, D).astype(jnp.bfloat16), _normal(B, T, H, D), 0)
+    q = _normal(B, 2, 2 * H, D).astype(jnp.bfloat16)
+    out = cache.attend(q, T - 2)
+    kd, vd = cache.dequantize()
+    assert out.dtype == jnp.bfloat16 and kd.dtype == jnp.bfloat16
+    ref = _reference(q.astype(jnp.float32), kd.astype(jnp.float32), vd.astype(jnp.float32), T - 2)
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=2e-2, atol=1e-2)
+
+
+def test_quantized_queries_run_against_an_int8_per_token_reference():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(_normal(B, T, H, D), _normal(B, T, H, D), 0)
+    q = _normal(B, 2, 2 * H, D)
+    out = cache.attend(q, 5, q_spec=INT8_TOKEN)
+    kd, vd = cache.dequantize()
+    np.testing.assert_allclose(
+        np.asarray(out), _reference(_int8_token_ref(q), kd, vd, 5), rtol=2e-5, atol=2e-6
+    )
+    assert not np.allclose(np.asarray(out), _reference(q, kd, vd, 5), rtol=1e-6, atol=1e-7)
+
+
+def test_mask_alone_and_with_index_and_fully_masked_queries_give_zeros():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(_normal(B, T, H, D), _normal(B, T, H, D), 0)
+    q = _normal(B, 3, H, D)
+    mask = jnp.asarray(R.random((B, 1, 3, T)) < 0.5).at[0, 0, 1].set(False)
+    kd, vd = cache.dequantize()
+    big = np.full((B,), T)  # the reference's causal bound then hides nothing
+    out = cache.attend(q, mask=mask)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, kd, vd, big, mask=mask), rtol=2e-5, atol=2e-6)
+    assert not np.asarray(out[0, 1]).any()
+    both = cache.attend(q, 4, mask=mask, softmax_scale=0.3)
+    ref = _reference(q, kd, vd, 4, mask=mask, softmax_scale=0.3)
+    np.testing.assert_allclose(np.asarray(both), ref, rtol=2e-5, atol=2e-6)
+
+
+_KV = (_normal(B, T, H, D), _normal(B, T, H, D))
+
+
+@settings(max_examples=examples(10))
+@given(cuts=st.lists(st.integers(1, T - 1), max_size=4, unique=True))
+def test_chunked_writes_store_the_same_codes_as_one_write(cuts):
+    """Per-token scales depend on the token only: a prompt written in pieces (prefill in
+    chunks, then decoding) stores bit-identical codes and scales."""
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=3, symmetric=False)
+    k, v = _KV
+    init = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    whole = init.update(k, v, 0)
+    pieces = init
+    bounds = [0, *sorted(cuts), T]
+    for a, b in itertools.pairwise(bounds):
+        pieces = pieces.update(k[:, a:b], v[:, a:b], a)
+    for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(pieces)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_token_by_token_decoding_equals_one_causal_pass():
+    """A decode loop (``lax.fori_loop``, one token per step) gives the outputs of one
+    causal pass over the whole sequence: the same codes, the same visible positions."""
+    k, v = _KV
+    q = _normal(B, T, 2 * H, D)
+    init = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+
+    @jax.jit
+    def decode(cache):
+        def step(i, carry):
+            cache, out = carry
+            ki, vi, qi = (jax.lax.dynamic_slice_in_dim(a, i, 1, axis=1) for a in (k, v, q))
+            cache = cache.update(ki, vi, i)
+            return cache, jax.lax.dynamic_update_slice_in_dim(out, cache.attend(qi, i), i, axis=1)
+
+        return jax.lax.fori_loop(0, T, step, (cache, jnp.zeros_like(q)))
+
+    cache, stepped = decode(init)
+    once = init.update(k, v, 0).attend(q, 0)
+    np.testing.assert_allclose(np.asarray(stepped), np.asarray(once), rtol=1e-5, atol=1e-6)
+    kd, vd = cache.dequantize()
+    np.testing.assert_allclose(np.asarray(once), _reference(q, kd, vd, 0), rtol=2e-5, atol=2e-6)
+
+
+def test_a_stack_of_caches_scans_over_layers():
+    layers = 3
+    make = lambda _: qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    stack = jax.vmap(make)(jnp.arange(layers))
+    ks, vs, q = _normal(layers, B, 4, H, D), _normal(layers, B, 4, H, D), _normal(B, 4, H, D)
+
+    def layer(x, inputs):
+        cache, k, v = inputs
+        cache = cache.update(k, v, 2)
+        return x + cache.attend(x, 2), cache
+
+    out, stack = jax.lax.scan(layer, q, (stack, ks, vs))
+    x = q
+    for i in range(layers):
+        cache = make(i).update(ks[i], vs[i], 2)
+        x = x + cache.attend(x, 2)
+        np.testing.assert_array_equal(np.asarray(stack.k.values[i]), np.asarray(cache.k.values))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(x), rtol=1e-6, atol=1e-6)
+
+
+def test_gradient_with_respect_to_queries_matches_float64():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=1, length=6, heads=1, head_dim=4, dtype=jnp.float32)
+    cache = cache.update(_normal(1, 6, 1, 4), _normal(1, 6, 1, 4), 0)
+    kd, vd = (np.asarray(a, np.float64) for a in cache.dequantize())
+    q = _normal(1, 2, 2, 4)
+    w = _normal(1, 2, 2, 4)
+    grad = jax.grad(lambda q: jnp.sum(w * cache.attend(q, 3)))(q)
+    with jax.enable_x64(True):
+
+        def ref(q):  # float64 attention in jnp, query head j on kv head 0
+            logits = jnp.einsum("bsjd,btd->bjst", q, kd[:, :, 0]) / 2.0
+            seen = jnp.arange(6)[None, :] <= 3 + jnp.arange(2)[:, None]
+            p = jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), axis=-1)
+            return jnp.sum(np.asarray(w, np.float64) * jnp.einsum("bjst,btd->bsjd", p, vd[:, :, 0]))
+
+        want = jax.grad(ref)(jnp.asarray(q, jnp.float64))
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_nan_in_one_token_reaches_only_the_queries_that_read_it():
+    k = _normal(B, 4, H, D).at[0, 2, 0, 3].set(jnp.nan)
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(k, _normal(B, 4, H, D), 0)
+    out = np.asarray(cache.attend(_normal(B, 4, H, D), 0))
+    assert np.isnan(out[0, 2:, 0]).all()  # batch 0, head 0, queries that see position 2
+    assert np.isfinite(out[0, :2]).all() and np.isfinite(out[0, :, 1]).all() and np.isfinite(out[1]).all()
+
+
+def test_traced_writes_past_the_end_are_dropped_not_wrapped():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(_normal(B, T, H, D), _normal(B, T, H, D), 0)
+    before = cache.dequantize()
+    update = jax.jit(lambda c, k, v, i: c.update(k, v, i))
+    new = _normal(B, 2, H, D)
+    after = update(cache, new, new, jnp.array([T - 1, -1])).dequantize()
+    # batch 0 writes positions T-1 (kept) and T (dropped); batch 1 writes -1 (dropped) and 0
+    for old, cur in zip(before, after):
+        np.testing.assert_array_equal(np.asarray(cur[0, : T - 1]), np.asarray(old[0, : T - 1]))
+        np.testing.assert_array_equal(np.asarray(cur[1, 1:]), np.asarray(old[1, 1:]))
+    np.testing.assert_allclose(np.asarray(after[0][0, T - 1]), _int8_token_ref(new[0, 0]), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(after[0][1, 0]), _int8_token_ref(new[1, 1]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_sharded_cache_matches_the_unsharded_one(axis_type):
+    """Batch on one mesh axis, heads on another; in Explicit mode the shardings are part
+    of the types (the writes keep the batch axis sharded)."""
+    mesh = jax.make_mesh(
+        (2, 2), ("data", "model"), axis_types=(getattr(jax.sharding.AxisType, axis_type),) * 2
+    )
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=3)
+    cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    k, v = _KV
+    q = _normal(B, 3, 2 * H, D)
+    step = lambda c, k, v, q: (lambda c: (c, c.attend(q, 4)))(c.update(k[:, :7], v[:, :7], 0))
+    want_cache, want = jax.jit(step)(cache, k, v, q)
+    P = jax.sharding.PartitionSpec
+    place = lambda x: jax.device_put(
+        x, jax.sharding.NamedSharding(mesh, P("data", None, "model") if x.ndim == 4 else P())
+    )
+    with jax.set_mesh(mesh):
+        got_cache, got = jax.jit(step)(jax.tree.map(place, cache), *map(place, (k, v, q)))
+    assert got_cache.k.values.sharding.spec[:3] == ("data", None, "model")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    for x, y in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_nbytes_of_an_int8_per_token_cache():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=1, length=64, heads=4, head_dim=128)
+    bf16_bytes = 2 * 64 * 4 * 128 * 2
+    assert cache.nbytes == 2 * (64 * 4 * 128 + 64 * 4 * 4)  # int8 codes + a float32 scale per token-head
+    assert cache.nbytes / bf16_bytes == pytest.approx((128 + 4) / 256)
+
+
+def test_model_with_a_cache_under_quantized_weights():
+    """``qjax.quantized`` quantizes the projections; the cache's products, already on
+    codes, are left to the cache (an OpRule on the other matmuls does not reach them)."""
+    params = {"wq": _normal(D, H * D), "wo": _normal(H * D, D)}
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(*_KV, 0)
+    x = _normal(B, 2, D)
+
+    def model(p, cache, x):
+        q = (x @ p["wq"]).reshape(B, 2, H, D)
+        with jax.named_scope("attn"):
+            o = cache.attend(q, 5).reshape(B, 2, H * D)
+            gate = jnp.einsum("bsd,bsd->bs", o, o)[..., None]
+        return (o * gate) @ p["wo"]
+
+    w8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(".*", weight=w8), qjax.OpRule("attn/.*", lhs=INT8_TOKEN, rhs=INT8_TOKEN)])
+    got = qjax.quantized(model, policy)(params, cache, x)
+    dq = jax.tree.map(lambda w: qjax.quantize(w, w8).dequantize(), params)
+    o = cache.attend((x @ dq["wq"]).reshape(B, 2, H, D), 5).reshape(B, 2, H * D)
+    ref_o = _int8_token_ref(o)
+    gate = np.einsum("bsd,bsd->bs", ref_o, ref_o)[..., None]
+    want = (np.asarray(o, np.float64) * gate) @ np.asarray(dq["wo"], np.float64)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cache = qjax.KVCache.init(
+        qjax.QuantSpec(qjax.int4, channel_axes=qjax.PER_TOKEN), batch=1, length=4, heads=1, head_dim=4
+    )
+    cache = cache.update(_normal(1, 3, 1, 4), _normal(1, 3, 1, 4), 0)
+    qjax.checkpoint.save(tmp_path / "c", {"cache": cache})
+    back = qjax.checkpoint.restore(tmp_path / "c", {"cache": cache})["cache"]
+    assert isinstance(back, qjax.KVCache) and back.k_spec == cache.k_spec
+    for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(cache)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# -- errors ---------------------------------------------------------------------------------
+
+
+def _init(spec=INT8_TOKEN, **kw):
+    dims = dict(batch=B, length=T, heads=H, head_dim=D) | kw
+    return qjax.KVCache.init(spec, **dims)
+
+
+@pytest.mark.parametrize(
+    "spec, kw, match",
+    [
+        (qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, 3)), {}, "along head_dim only per group"),
+        (qjax.QuantSpec(qjax.int8, channel_axes=(0, 1), group_size=2, group_axis=2), {}, "along head_dim"),
+        (
+            qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, 2), group_size=3, group_axis=3, pad_groups=True),
+            {},
+            "must divide head_dim",
+        ),
+        (qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), pack_axis=1), {}, "packed along head_dim"),
+        (qjax.QuantSpec(qjax.int8, channel_axes=(1, 2)), {}, "also be per batch row"),
+        (INT8_TOKEN, dict(k_scale=0.1), "computes its scales from each written token"),
+        (qjax.QuantSpec(qjax.int8), {}, "needs a static scale"),
+        (
+            qjax.QuantSpec(qjax.int8, channel_axes=(0,)),
+            dict(k_scale=0.1, v_scale=0.1),
+            "not along\nthe batch",
+        ),
+        (
+            qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic"),
+            {},
+            "rounds to nearest",
+        ),
+        ("int8", {}, "expected a qjax.QuantSpec"),
+        (INT8_TOKEN, dict(length=0), "length must be a positive int"),
+        (INT8_TOKEN, dict(dtype=jnp.int8), "dtype must be a float dtype"),
+    ],
+)
+def test_bad_specs_and_shapes_are_refused_by_name(spec, kw, match):
+    with pytest.raises((ValueError, TypeError), match=match.replace("\n", " ")):
+        _init(spec, **kw)
+
+
+def test_bad_update_and_attend_arguments_are_refused_by_name():
+    cache = _init()
+    k = _normal(B, 2, H, D)
+    with pytest.raises(ValueError, match=r"k must have shape \(batch, new_tokens"):
+        cache.update(k[:, :, :1], k, 0)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        cache.update(k, k[:, :1], 0)
+    with pytest.raises(TypeError, match="v must be a float array"):
+        cache.update(k, k.astype(jnp.int32), 0)
+    with pytest.raises(ValueError, match=r"writes outside the cache's length 12"):
+        cache.update(k, k, T - 1)
+    with pytest.raises(ValueError, match=r"writes outside"):
+        cache.update(k, k, jnp.array([0, -1]))
+    with pytest.raises(ValueError, match=r"index must be a scalar or have shape \(2,\)"):
+        cache.update(k, k, jnp.zeros((3,), jnp.int32))
+    with pytest.raises(TypeError, match="index must be an integer"):
+        cache.update(k, k, 1.0)
+    assert cache.update(k[:, :0], k[:, :0], 0) is cache
+    q = _normal(B, 1, 3, D)
+    with pytest.raises(ValueError, match="a multiple of 2"):
+        cache.attend(q, 0)
+    with pytest.raises(ValueError, match=r"needs index= .* or mask="):
+        cache.attend(_normal(B, 1, H, D))
+    with pytest.raises(ValueError, match=r"mask of shape \(3,\) does not broadcast"):
+        cache.attend(_normal(B, 1, H, D), mask=jnp.ones((3,), bool))
+    with pytest.raises(TypeError, match="mask must be boolean"):
+        cache.attend(_normal(B, 1, H, D), mask=jnp.ones((T,)))
