@@ -15,6 +15,9 @@ of ``length`` tokens, timed on the local backend:
 * ``int4/g32``: int4 codes packed two per byte, a scale per token, head and 32 channels;
 * ``int4 k/channel, v/g32``: int4 keys with static asymmetric per-channel scales, int4
   values per token and 32 channels;
+* ``int4 KIVI`` / ``int2 KIVI``: keys with asymmetric per-channel scales over blocks of
+  32 tokens (computed as the blocks fill, no calibration), values asymmetric per token
+  in groups of 32 channels (KIVI's layout);
 * ``fp8/token``: fp8 e4m3 codes, a scale per token and head.
 
 Keys get a few outlier channels (x10), as real models' keys have. Each variant's error is
@@ -51,6 +54,15 @@ INT8_TOKEN = qjax.QuantSpec(qjax.int8, **PER_TOKEN)
 INT4_G32 = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=32, group_axis=3)
 INT8_CHANNEL = qjax.QuantSpec(qjax.int8, channel_axes=(2, 3))  # static, calibrated
 INT4_CHANNEL = qjax.QuantSpec(qjax.int4, channel_axes=(2, 3), symmetric=False)
+# KIVI: keys per channel over blocks of 32 tokens, values per token in groups of 32 channels
+KIVI_K = {
+    bits: qjax.QuantSpec(bits, channel_axes=(0, 2, 3), group_size=32, group_axis=1, symmetric=False)
+    for bits in (qjax.int4, qjax.int2)
+}
+KIVI_V = {
+    bits: qjax.QuantSpec(bits, channel_axes=(0, 1, 2), group_size=32, group_axis=3, symmetric=False)
+    for bits in (qjax.int4, qjax.int2)
+}
 # name: (key spec, value spec, query spec)
 CACHES = {
     "int8/token": (INT8_TOKEN, INT8_TOKEN, None),
@@ -60,6 +72,8 @@ CACHES = {
     "int4/g32": (INT4_G32, INT4_G32, None),
     "int4 k/channel, v/g32": (INT4_CHANNEL, INT4_G32, None),
     "int4 k/channel own range, v/g32": (INT4_CHANNEL, INT4_G32, None),
+    "int4 KIVI (k/channel-block32, v/g32)": (KIVI_K[qjax.int4], KIVI_V[qjax.int4], None),
+    "int2 KIVI (k/channel-block32, v/g32)": (KIVI_K[qjax.int2], KIVI_V[qjax.int2], None),
     "fp8/token": (
         qjax.QuantSpec(qjax.fp8_e4m3, **PER_TOKEN),
         qjax.QuantSpec(qjax.fp8_e4m3, **PER_TOKEN),

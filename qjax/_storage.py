@@ -11,11 +11,13 @@ refused before anything is written.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 _SIGNED_OF = {"uint4": "int4", "uint2": "int2"}
 
@@ -56,3 +58,12 @@ def check_storable(path: str, dtype: Any) -> None:
             f"leaf {path!r}: cannot checkpoint an array of dtype {jnp.dtype(dtype).name} (the storage "
             "layer has no such type); convert it first (e.g. astype int8)"
         ) from None
+
+
+def checkpoint_path(directory):
+    """``directory`` as an ``epath.Path`` Orbax accepts: a local path made absolute (Orbax
+    refuses relative ones), a URL (``gs://...``) as it is."""
+    text = os.fspath(directory) if not isinstance(directory, epath.Path) else str(directory)
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(text))

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
-from qjax._storage import cast, check_storable, stored_dtype
+from qjax._storage import cast, check_storable, checkpoint_path, stored_dtype
 from qjax.numerics.formats import format_from_name
 from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray, is_quantized
@@ -223,7 +223,7 @@ def save(directory, tree: Any, *, policy: Policy | None = None, overwrite: bool 
     """
     if policy is not None and not isinstance(policy, Policy):
         raise TypeError(f"policy must be a qjax.Policy or None, got {type(policy).__name__}")
-    path = epath.Path(directory)
+    path = checkpoint_path(directory)
     leaves = leaves_with_paths(tree)
     metas = [_leaf_meta(p, leaf) for p, leaf in leaves]
     arrays = {}
@@ -359,7 +359,7 @@ def restore(directory, target: Any = None, *, shardings: Any = None) -> Any:
       >>> graphdef, state = nnx.split(model)
       >>> model = nnx.merge(graphdef, qjax.checkpoint.restore("/tmp/ckpt", state))
     """
-    path = epath.Path(directory)
+    path = checkpoint_path(directory)
     meta = _read_meta(path)
     saved = meta["leaves"]
     if target is None:
@@ -427,7 +427,7 @@ def restore_policy(directory) -> Policy | None:
     Example:
       >>> policy = qjax.checkpoint.restore_policy("/tmp/ckpt")
     """
-    path = epath.Path(directory)
+    path = checkpoint_path(directory)
     _read_meta(path)
     if not (path / _POLICY).exists():
         return None

@@ -416,3 +416,18 @@ def test_unsigned_sub_byte_arrays_round_trip_and_unstorable_dtypes_are_refused(t
     with pytest.raises(TypeError, match=r"leaf 'bad/codes'.*int1"):
         checkpoint.save(tmp_path / "d", {"ok": jnp.ones(3), "bad": {"codes": jnp.zeros(8, jnp.int1)}})
     assert not (tmp_path / "d").exists()
+
+
+def test_relative_directories_are_resolved(tmp_path, monkeypatch):
+    """Orbax refuses relative paths (with tracebacks from its writer threads); qjax makes
+    them absolute, for save / restore / restore_policy and the train checkpointer."""
+    monkeypatch.chdir(tmp_path)
+    tree = {"w": qjax.quantize(jnp.arange(8.0).reshape(2, 4), qjax.QuantSpec(qjax.int8))}
+    checkpoint.save("relative/ckpt", tree)
+    back = checkpoint.restore("relative/ckpt", tree)
+    np.testing.assert_array_equal(np.asarray(back["w"].values), np.asarray(tree["w"].values))
+    assert checkpoint.restore_policy("relative/ckpt") is None
+    with qjax.parallel.TrainCheckpointer("relative/run", every=1, async_save=False) as ckpt:
+        ckpt.save(0, {"a": jnp.ones(3)})
+        np.testing.assert_array_equal(np.asarray(ckpt.restore({"a": jnp.zeros(3)})["a"]), np.ones(3))
+    assert (tmp_path / "relative" / "run").is_dir()

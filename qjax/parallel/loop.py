@@ -20,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 from jax.sharding import NamedSharding
 
-from qjax._storage import cast, check_storable, stored_dtype
+from qjax._storage import cast, check_storable, checkpoint_path, stored_dtype
 from qjax.rules import path_str
 
 _STATE, _META = "state", "meta"
@@ -104,7 +103,7 @@ class TrainCheckpointer:
     def __init__(self, directory: Any, *, every: int, keep: int | None = 2, async_save: bool = True):
         if every < 1:
             raise ValueError(f"TrainCheckpointer: every={every} must be >= 1")
-        self.directory = epath.Path(directory)
+        self.directory = checkpoint_path(directory)
         self.every = every
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,

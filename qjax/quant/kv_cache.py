@@ -8,22 +8,33 @@ logical shape ``(batch, length, kv_heads, head_dim)`` (Flax's cache layout), wit
   ``qjax.PER_TOKEN``: one scale per token and head, optionally per group of
   ``head_dim``), computed from each token when it is written, so writing a prompt at once
   or one token at a time stores the same codes; or
-* **static scales** (a calibrated per-tensor or per-head scale, the fp8 KV-cache recipe),
-  given once at :meth:`KVCache.init`.
+* **static scales** (a calibrated per-tensor, per-head or per-channel scale, the fp8
+  KV-cache recipe), given once at :meth:`KVCache.init`; or
+* **per-channel scales over blocks of tokens** (KIVI: ``group_axis=1``, e.g. keys with
+  ``channel_axes=(0, 2, 3), group_size=32``), which follow the outlier channels keys have.
+  The last, partly written block of each sequence is kept in float beside the codes and
+  re-quantized at every write until it is full, so the cache appends (writes go at
+  :attr:`KVCache.lengths`), and a block written at once or token by token stores the same
+  codes.
 
-:meth:`KVCache.attend` computes attention on the codes without dequantizing the cache:
-``q Kᵀ`` is :func:`qjax.quant.ops.quantized_dot_general` against the key codes (their
-scales lie on the output's axes), and for ``P V`` each value token's scale (which varies
-along the contraction) is folded into the probabilities first, so the product again runs
-on the codes (``Σ_t p_t s_t (c_t - z_t) = Σ_t (p_t s_t) c_t - Σ_t p_t s_t z_t``). The result
-equals float attention over the dequantized cache to float32 rounding. Grouped-query
-attention (more query heads than cache heads) is handled by the shapes.
+:meth:`KVCache.attend` computes attention on the codes without dequantizing the cache
+(:mod:`qjax.quant.kv_attention`): both products run as
+:func:`qjax.quant.ops.quantized_dot_general` on the codes, with each scale applied where it
+factors: on the output, or folded into the queries (key scales along ``head_dim``) or
+into the attention weights (value scales along the tokens,
+``Σ_t p_t s_t (c_t - z_t) = Σ_t (p_t s_t) c_t - Σ_t p_t s_t z_t``), a block of tokens being
+a batch axis. The result equals float attention over the dequantized cache to float32
+rounding. Grouped-query attention (more query heads than cache heads) is handled by the
+shapes.
 
 Example:
   >>> spec = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
   >>> cache = qjax.KVCache.init(spec, batch=1, length=4096, heads=8, head_dim=128)
   >>> cache = cache.update(k, v, index=pos)          # k, v: (1, S, 8, 128)
   >>> out = cache.attend(q, index=pos)                 # q: (1, S, 32, 128), causal
+  >>> kivi = qjax.QuantSpec(qjax.int2, channel_axes=(0, 2, 3), group_size=32, group_axis=1)
+  >>> cache = qjax.KVCache.init(kivi, value_spec=spec, batch=1, length=4096, heads=8, head_dim=128)
+  >>> cache = cache.update(k, v)                       # appends at cache.lengths
 """
 
 from __future__ import annotations
@@ -35,30 +46,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.numerics import calibration as calib
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
-from qjax.quant.ops_dot import quantized_dot_general
-
-_B, _T, _H, _D = -4, -3, -2, -1  # axes of the cache layout (batch, length, heads, head_dim)
+from qjax.quant import kv_attention as kva
+from qjax.quant.kv_attention import B_AXIS as _B
+from qjax.quant.kv_attention import D_AXIS as _D
+from qjax.quant.kv_attention import T_AXIS as _T
 
 
 def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def _check_spec(name: str, spec, shape, scale, zero_point) -> bool:
-    """Validate a cache side's spec; return whether its scales are per token."""
+def _check_spec(name: str, spec, shape, scale, zero_point) -> str:
+    """Validate a cache side's spec; return its mode (``kv_attention.mode``)."""
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"{name}: expected a qjax.QuantSpec, got {type(spec).__name__}")
     if spec.rounding != "nearest":
         raise ValueError(f"{name}: a KV cache rounds to nearest; got rounding={spec.rounding!r}")
     layout = spec.layout(shape)
-    if layout.group_axis not in (None, _D):
+    if layout.group_axis not in (None, _D, _T):
         raise ValueError(
-            f"{name}: groups must run along head_dim (axis 3 of (batch, length, heads, head_dim)), "
-            f"got group_axis={spec.group_axis}"
+            f"{name}: groups must run along head_dim (axis 3 of (batch, length, heads, head_dim)), or "
+            f"along the length (axis 1: blocks of tokens), got group_axis={spec.group_axis}"
         )
+    if layout.group_axis == _T:
+        return _check_block_spec(name, spec, layout, shape, scale, zero_point)
     if layout.group_axis is not None and shape[_D] % layout.group_size:
         raise ValueError(f"{name}: group_size={layout.group_size} must divide head_dim={shape[_D]}")
     if spec.packed and spec.pack_axis % 4 != 3:
@@ -81,9 +96,10 @@ def _check_spec(name: str, spec, shape, scale, zero_point) -> bool:
         if _D in layout.channel_axes:
             raise ValueError(
                 f"{name}: per-token scales may vary along head_dim only per group (group_size along axis "
-                f"3), got channel_axes={spec.channel_axes}; per-channel scales are static (without axis 1)"
+                f"3), got channel_axes={spec.channel_axes}; per-channel scales are static (without axis 1) "
+                "or per block of tokens (group_axis=1)"
             )
-        return True
+        return "token"
     if _B in layout.channel_axes:
         raise ValueError(
             f"{name}: a static cache scale may vary along heads and head_dim only, not along the batch "
@@ -95,7 +111,29 @@ def _check_spec(name: str, spec, shape, scale, zero_point) -> bool:
             "so it needs a static scale: pass it to KVCache.init (e.g. qjax.compute_scale(samples, spec)), "
             "or use channel_axes=qjax.PER_TOKEN"
         )
-    return False
+    return "static"
+
+
+def _check_block_spec(name: str, spec, layout, shape, scale, zero_point) -> str:
+    """A spec with blocks of tokens (KIVI): per sequence, computed from the data."""
+    block = layout.group_size
+    if shape[_T] % block:
+        raise ValueError(f"{name}: the block of {block} tokens (group_size) must divide length={shape[_T]}")
+    if _B not in layout.channel_axes:
+        raise ValueError(
+            f"{name}: scales per block of tokens must also be per batch row (channel_axes must include "
+            f"axis 0, e.g. (0, 2, 3)), got channel_axes={spec.channel_axes}"
+        )
+    if scale is not None or zero_point is not None:
+        raise ValueError(
+            f"{name}: a spec with blocks of tokens computes its scales from the data; drop the static scale"
+        )
+    if not isinstance(spec.calibration, (calib.AbsMax, calib.MinMax)):
+        raise ValueError(
+            f"{name}: a partly written block of tokens is calibrated with its unwritten positions as zeros, "
+            f"which only absmax and minmax ignore; got calibration {spec.calibration!r}"
+        )
+    return "block"
 
 
 def _check_kv(name: str, x, batch: int, heads: int, head_dim: int):
@@ -110,7 +148,7 @@ def _check_kv(name: str, x, batch: int, heads: int, head_dim: int):
     return x
 
 
-def _positions(index, batch: int, length: int, new: int):
+def _positions(index, batch: int, length: int, new: int, verb: str = "writes"):
     """``index`` as an int32 ``(batch,)`` array, checked when concrete."""
     idx = jnp.asarray(index)
     if not jnp.issubdtype(idx.dtype, jnp.integer):
@@ -122,10 +160,43 @@ def _positions(index, batch: int, length: int, new: int):
         lo, hi = int(host.min()), int(host.max())
         if lo < 0 or hi + new > length:
             raise ValueError(
-                f"index {host.tolist()} with {new} new tokens writes outside the cache's "
-                f"length {length} (positions 0..{length - 1})"
+                f"index {host.tolist()} with {new} {'new tokens' if verb == 'writes' else 'queries'} {verb} "
+                f"outside the cache's length {length} (positions 0..{length - 1})"
             )
     return jnp.broadcast_to(idx.astype(jnp.int32), (batch,))
+
+
+def _check_static(name: str, scale, zero_point) -> None:
+    """A concrete static scale must be finite and positive, a zero point integral."""
+    prefix = "k" if name == "spec" else "v"
+    if scale is not None and _is_concrete(scale):
+        host = np.asarray(scale, np.float64)
+        if not (np.all(np.isfinite(host)) and np.all(host > 0)):
+            raise ValueError(f"{prefix}_scale must be finite and positive, got {host.tolist()}")
+    if zero_point is not None and _is_concrete(zero_point):
+        host = np.asarray(zero_point, np.float64)
+        if not np.array_equal(host, np.round(host)):
+            raise ValueError(f"{prefix}_zero_point must hold integers (codes), got {host.tolist()}")
+
+
+def _quantize_static(cur: QArray, spec: QuantSpec, new: jax.Array, name: str) -> QArray:
+    """``new`` quantized by the static scale of ``cur``, one token at a time: a token with a
+    NaN / Inf keeps its damage to itself (``quantize`` poisons a whole scale group, here the
+    token), stored as NaN codes where the format has them (fp8), else as zeros; a concrete
+    one is refused."""
+    if _is_concrete(new) and not bool(jnp.all(jnp.isfinite(new))):
+        bad = np.argwhere(~np.isfinite(np.asarray(new, np.float32)))[0].tolist()
+        raise ValueError(
+            f"{name} holds NaN/Inf (first at {bad}): a cache with static scales cannot store it (a "
+            "per-token cache stores it as NaN)"
+        )
+    per_token = spec.replace(channel_axes=tuple(sorted({*cur.channel_axes, _B, _T})))
+    qn = quantize(new, per_token, scale=cur.scale, zero_point=cur.zero_point)
+    bad = ~jnp.all(jnp.isfinite(qn.scale.astype(jnp.float32)), axis=(-2, -1))  # (B, S)
+    values = qn.values
+    if jnp.issubdtype(values.dtype, jnp.floating) and np.isnan(np.asarray(np.nan, values.dtype)):
+        values = jnp.where(bad[:, :, None, None], jnp.asarray(jnp.nan, values.dtype), values)
+    return qn.replace_children([values, qn.scale, qn.zero_point, None, None])
 
 
 def _write(dest: jax.Array, new: jax.Array, cols: jax.Array) -> jax.Array:
@@ -133,11 +204,23 @@ def _write(dest: jax.Array, new: jax.Array, cols: jax.Array) -> jax.Array:
     (possible only with a traced index) are dropped, never wrapped or clamped onto other
     tokens. Mapped over the batch (a scatter with a batching dimension), so a batch axis
     sharded in Explicit mode stays sharded."""
-    spec = getattr(getattr(jax.typeof(dest), "sharding", None), "spec", None)
-    if spec is not None and len(spec) and spec[0] is not None:  # Explicit mesh axes
-        cols = jax.sharding.reshard(cols, jax.sharding.PartitionSpec(spec[0], None))
     put = lambda d, n, c: d.at[c].set(n, mode="drop", wrap_negative_indices=False)
-    return jax.vmap(put)(dest, new.astype(dest.dtype), cols)
+    return jax.vmap(put)(dest, new.astype(dest.dtype), _batch_like(cols, dest))
+
+
+def _batch_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """``x`` (batch first) with ``ref``'s batch sharding when the mesh axes are Explicit
+    (the batch axis of every operand of a ``vmap`` over it must be sharded alike);
+    unchanged otherwise."""
+    ref_spec = getattr(getattr(jax.typeof(ref), "sharding", None), "spec", None)
+    if ref_spec is None:
+        return x
+    x_spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    want = ref_spec[0] if len(ref_spec) else None
+    have = x_spec[0] if x_spec is not None and len(x_spec) else None
+    if want == have:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec(want, *(None,) * (x.ndim - 1)))
 
 
 @jax.tree_util.register_dataclass
@@ -148,6 +231,11 @@ class KVCache:
     Attributes:
       k, v: :class:`qjax.QArray` s of logical shape ``(batch, length, heads, head_dim)``.
       k_spec, v_spec: their specs (static).
+      k_tail, v_tail: for a side scaled per block of tokens, the float values of each
+        sequence's last, partly written block ``(batch, block, heads, head_dim)`` (else
+        ``None``); its codes are re-quantized from them at every write until it is full.
+      lengths: for a cache with a side scaled per block of tokens, the tokens written per
+        sequence ``(batch,)`` int32 (writes append there); else ``None``.
 
     Build one with :meth:`init`. A stack of caches for ``nn.scan`` / ``lax.scan`` layers is
     ``jax.vmap(lambda _: KVCache.init(...))(jnp.arange(layers))``; slice it per layer with
@@ -158,6 +246,9 @@ class KVCache:
     v: QArray
     k_spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
     v_spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+    k_tail: jax.Array | None = None
+    v_tail: jax.Array | None = None
+    lengths: jax.Array | None = None
 
     @classmethod
     def init(
@@ -180,9 +271,11 @@ class KVCache:
         Args:
           spec: the keys' :class:`qjax.QuantSpec` over ``(batch, length, heads, head_dim)``:
             per token (``channel_axes=qjax.PER_TOKEN``, or explicit axes including 0 and 1,
-            optionally ``group_size`` along ``group_axis=3``), or static (axes among 2 and
-            groups of 3 only, with ``k_scale`` / ``v_scale``). Any format ``quantize`` takes
-            (int8, int4 packed along ``head_dim``, fp8, ...).
+            optionally ``group_size`` along ``group_axis=3``); static (channel axes among 2
+            and 3, or groups along 3, with ``k_scale`` / ``v_scale``); or per block of
+            tokens (``group_axis=1``, ``group_size`` dividing ``length``, channel axes
+            including 0, calibration absmax or minmax). Any format ``quantize`` takes
+            (int8, int4 / int2 packed along ``head_dim``, fp8, fp4, nf4, ...).
           batch, length, heads, head_dim: the cache's shape (``heads``: key/value heads).
           dtype: the float dtype the cache stands for (keys and values are cast to it when
             written; :meth:`dequantize` returns it).
@@ -205,20 +298,27 @@ class KVCache:
         if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
             raise TypeError(f"dtype must be a float dtype, got {dtype}")
         shape = (batch, length, heads, head_dim)
-        sides = []
+        sides, tails = [], []
         for name, sp, sc, zp in (
             ("spec", spec, k_scale, k_zero_point),
             ("value_spec", value_spec, v_scale, v_zero_point),
         ):
-            per_token = _check_spec(name, sp, shape, sc, zp)
-            one = quantize(jnp.zeros((batch, 1, heads, head_dim), dtype), sp, scale=sc, zero_point=zp)
-            values = jnp.zeros((batch, length, *one.values.shape[2:]), one.values.dtype)
+            kind = _check_spec(name, sp, shape, sc, zp)
+            _check_static(name, sc, zp)
+            first = sp.group_size if kind == "block" else 1  # the tokens quantized together
+            one = quantize(jnp.zeros((batch, first, heads, head_dim), dtype), sp, scale=sc, zero_point=zp)
             scale, zero = one.scale, one.zero_point
-            if per_token:
-                scale = jnp.zeros((batch, length, *scale.shape[2:]), scale.dtype)
-                zero = None if zero is None else jnp.zeros((batch, length, *zero.shape[2:]), zero.dtype)
+            if kind == "static":  # the codes of 0, so unwritten positions dequantize to 0
+                values = jnp.broadcast_to(one.values, (batch, length, *one.values.shape[2:]))
+            else:  # codes 0, scale 1 (an e8m0 scale has no 0), zero point 0
+                values = jnp.zeros((batch, length, *one.values.shape[2:]), one.values.dtype)
+                n = length if kind == "token" else length // first
+                scale = jnp.ones((batch, n, *scale.shape[2:]), scale.dtype)
+                zero = None if zero is None else jnp.zeros((batch, n, *zero.shape[2:]), zero.dtype)
             sides.append(one.replace_children([values, scale, zero, None, None]))
-        return cls(sides[0], sides[1], spec, value_spec)
+            tails.append(jnp.zeros((batch, first, heads, head_dim), dtype) if kind == "block" else None)
+        lengths = None if tails == [None, None] else jnp.zeros((batch,), jnp.int32)
+        return cls(sides[0], sides[1], spec, value_spec, tails[0], tails[1], lengths)
 
     # -- shape -----------------------------------------------------------------------
     @property
@@ -228,20 +328,23 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by codes, scales and zero points of keys and values."""
-        return self.k.nbytes + self.v.nbytes
-
-    def _per_token(self, q: QArray) -> bool:
-        return _T in q.channel_axes
+        """Bytes held by codes, scales and zero points of keys and values (and the float
+        tails of sides scaled per block of tokens)."""
+        tails = sum(
+            t.size * t.dtype.itemsize for t in (self.k_tail, self.v_tail, self.lengths) if t is not None
+        )
+        return self.k.nbytes + self.v.nbytes + tails
 
     # -- writing -----------------------------------------------------------------------
-    def update(self, k, v, index) -> KVCache:
+    def update(self, k, v, index=None) -> KVCache:
         """Write ``S`` new tokens' keys and values at positions ``index .. index + S - 1``.
 
         Args:
           k, v: float arrays ``(batch, S, heads, head_dim)``, cast to the cache's dtype.
           index: first position written: an int, or an int array of shape ``(batch,)`` (one
-            per sequence).
+            per sequence). A cache with a side scaled per block of tokens appends: it writes
+            at :attr:`lengths` (the tokens written so far); ``index`` may then be left out,
+            and when given concretely it must equal them (under ``jit`` it is not checked).
 
         Returns:
           The updated cache (``S = 0`` returns it unchanged).
@@ -259,23 +362,56 @@ class KVCache:
                 f"k and v must write the same number of tokens, got {k.shape[1]} and {v.shape[1]}"
             )
         s = k.shape[1]
-        idx = _positions(index, b, t, s)
+        idx = self._append_index(index, s) if self.lengths is not None else _positions(index, b, t, s)
         if s == 0:
             return self
         cols = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-        sides = []
-        for cur, spec, new in ((self.k, self.k_spec, k), (self.v, self.v_spec, v)):
+        sides, tails = [], []
+        for cur, tail, spec, new in (
+            (self.k, self.k_tail, self.k_spec, k),
+            (self.v, self.v_tail, self.v_spec, v),
+        ):
             new = new.astype(cur.dtype)
-            if self._per_token(cur):
+            kind = kva.mode(cur)
+            if kind == "block":
+                cur, tail = _append_blocks(cur, tail, spec, new, idx)
+                sides.append(cur)
+                tails.append(tail)
+                continue
+            if kind == "token":
                 qn = quantize(new, spec)
                 scale = _write(cur.scale, qn.scale, cols)
                 zero = None if cur.zero_point is None else _write(cur.zero_point, qn.zero_point, cols)
             else:
-                qn = quantize(new, spec, scale=cur.scale, zero_point=cur.zero_point)
+                qn = _quantize_static(cur, spec, new, "k" if cur is self.k else "v")
                 scale, zero = cur.scale, cur.zero_point
             values = _write(cur.values, qn.values, cols)
             sides.append(cur.replace_children([values, scale, zero, None, None]))
-        return dataclasses.replace(self, k=sides[0], v=sides[1])
+            tails.append(tail)
+        lengths = None if self.lengths is None else idx + s
+        return dataclasses.replace(
+            self, k=sides[0], v=sides[1], k_tail=tails[0], v_tail=tails[1], lengths=lengths
+        )
+
+    def _append_index(self, index, new: int) -> jax.Array:
+        """Where an appending cache writes: at its lengths (``index`` must agree)."""
+        b, t = self.shape[:2]
+        lengths = self.lengths
+        if index is not None:
+            idx = _positions(index, b, t, new)
+            if (
+                _is_concrete(idx)
+                and _is_concrete(lengths)
+                and not np.array_equal(np.asarray(idx), np.asarray(lengths))
+            ):
+                raise ValueError(
+                    f"index {np.asarray(idx).tolist()}: this cache has a side scaled per block of tokens, so "
+                    f"it appends at the tokens written so far, lengths={np.asarray(lengths).tolist()} (leave "
+                    "index out, or pass those)"
+                )
+        elif _is_concrete(lengths):
+            _positions(lengths, b, t, new)  # the range check
+        return lengths
 
     # -- reading -----------------------------------------------------------------------
     def dequantize(self) -> tuple[jax.Array, jax.Array]:
@@ -304,10 +440,15 @@ class KVCache:
             query may read a position; combined with ``index`` when both are given. At
             least one of them is required.
           softmax_scale: multiplies ``q Kᵀ`` (default ``1 / sqrt(head_dim)``).
-          q_spec: quantize the queries on the fly too (e.g. ``QuantSpec(qjax.int8,
-            channel_axes=qjax.PER_TOKEN)``, one scale per query token and head), so
-            ``q Kᵀ`` runs as an integer matmul with int8 keys.
-          method: ``quantized_dot_general``'s formulation for both products.
+          q_spec: quantize the queries on the fly too, its axes those of ``q`` (e.g.
+            ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)``: one scale per query
+            token and head), so ``q Kᵀ`` runs as an integer matmul with integer keys. With
+            static or block-scaled keys, the key scales (per ``head_dim`` channel) are
+            folded into the queries first and the products ``q ⊙ s`` are quantized (one
+            copy per block of tokens, each with its own scales): the error is that of
+            quantizing ``q ⊙ s``, not ``q``.
+          method: ``quantized_dot_general``'s formulation of ``q Kᵀ`` (``"int"`` needs
+            ``q_spec`` and integer keys); ``P V`` (float weights) uses ``"auto"``.
 
         Returns:
           ``(batch, S, q_heads, head_dim)`` in ``q``'s dtype. A query that may read no
@@ -330,10 +471,17 @@ class KVCache:
                 "attend needs index= (causal, and unwritten positions hidden) or mask=: without "
                 "them every position of the cache, written or not, would be read"
             )
+        if q_spec is not None:
+            if not isinstance(q_spec, QuantSpec):
+                raise TypeError(f"q_spec must be a qjax.QuantSpec or None, got {type(q_spec).__name__}")
+            try:
+                q_spec.layout(q.shape)
+            except ValueError as e:
+                raise ValueError(f"q_spec (over q of shape {tuple(q.shape)}): {e}") from None
         s, r = q.shape[1], q.shape[2] // h
         visible = jnp.ones((b, 1, s, t), bool)
         if index is not None:
-            idx = _positions(index, b, t, s)
+            idx = _positions(index, b, t, s, verb="reads")
             last = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]  # (B, S)
             visible = (jnp.arange(t)[None, None, :] <= last[:, :, None])[:, None]
         if mask is not None:
@@ -350,90 +498,43 @@ class KVCache:
         # (B, q_heads, S, T) -> (B, H, S, R, T), the layout of the scores below.
         visible = jnp.broadcast_to(visible, (b, h * r, s, t)).reshape(b, h, r, s, t).swapaxes(2, 3)
 
-        scores = _scores(q.reshape(b, s, h, r, d), self.k, q_spec, method)  # (B, H, S, R, T)
+        scores = kva.scores(q.reshape(b, s, h, r, d), self.k, q_spec, method)  # (B, H, S, R, T)
         scores = scores * (1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale)
         scores = jnp.where(visible, scores, -jnp.inf)
         peak = jnp.max(scores, axis=-1, keepdims=True)
         weights = jnp.where(visible, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         probs = weights / jnp.where(total > 0, total, 1.0)
-        out = _weighted_values(probs, self.v, method)  # (B, S, H, R, D)
+        out = kva.weighted_values(probs, self.v)  # (B, S, H, R, D)
         return out.reshape(b, s, h * r, d).astype(q.dtype)
 
 
-def _static_channels(a: jax.Array, q: QArray) -> jax.Array:
-    """A static scale or zero point of ``q`` ``(1, 1, H|1, G|D|1)`` -> float32 ``(1, 1, H|1, D|1)``."""
-    a = a.astype(jnp.float32)
-    if q.group_axis is not None:
-        a = jnp.repeat(a, q.group_size, axis=-1)
-    return a
-
-
-def _codes(q: QArray, groups: int | None = None) -> QArray:
-    """The codes of a ``(B, T, H, D)`` QArray as a ``(B, T, H, G, D / G)`` QArray (or
-    ``(B, T, H, D)`` for ``groups=None``) with a per-tensor scale of 1 and no zero point, for
-    a product whose scales are applied around it."""
-    b, t, h, d = q.shape
-    values, packed_axis = q.values, q.packed_axis
-    gsize = d // (groups or 1)
-    per = 8 // q.format.pack_bits if packed_axis is not None else 1
-    if packed_axis is not None and gsize % per:
-        # groups split a byte: run on the unpacked codes (this copy costs one read)
-        values, packed_axis, per = q.unpacked_values(), None, 1
-    shape = (b, t, h, gsize // per) if groups is None else (b, t, h, groups, gsize // per)
-    return QArray(
-        values.reshape(shape),
-        jnp.ones((1,) * len(shape), jnp.float32),
-        format=q.format,
-        dtype=jnp.float32,
-        packed_axis=None if packed_axis is None else -1,
-        packed_length=None if packed_axis is None else gsize,
+def _append_blocks(cur: QArray, tail: jax.Array, spec: QuantSpec, new: jax.Array, start: jax.Array):
+    """Append ``new`` ``(B, S, H, D)`` at positions ``start`` ``(B,)`` of a side scaled per
+    block of tokens: the partly written block (its floats in ``tail``) and the new tokens
+    form a window of whole blocks, quantized per block and written over those blocks
+    (positions after the new tokens are unwritten: their codes are zeros); the new last
+    partial block's floats become the tail. Returns ``(QArray, tail)``."""
+    s = new.shape[1]
+    blk = cur.group_size
+    width = blk * -(-(blk + s) // blk)  # whole blocks holding a partial block and the new tokens
+    start = _batch_like(start, new)
+    filled = start % blk  # (B,) tokens already in the partial block
+    first = start - filled  # (B,) its first position
+    kept = jnp.where((jnp.arange(blk) < filled[:, None])[:, :, None, None], tail, 0)
+    window = jnp.pad(kept, ((0, 0), (0, width - blk), (0, 0), (0, 0)))  # keeps an Explicit sharding
+    window = jax.vmap(lambda w, n, o: jax.lax.dynamic_update_slice_in_dim(w, n, o, axis=0))(
+        window, new, filled
     )
-
-
-def _scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> jax.Array:
-    """``q · k`` on the codes: ``q5`` ``(B, S, H, R, D)``, ``k`` ``(B, T, H, D)`` ->
-    ``(B, H, S, R, T)`` float32.
-
-    Per-token key scales lie on the output's axes (per group of D: blocks of the
-    contraction), so the product takes the QArray as it is. A static scale, which may vary
-    along D, multiplies the queries instead; a static zero point would subtract
-    ``Σ_d q_d s_d z_d``, the same for every position of a query, which the softmax cancels,
-    so it is left out."""
-    dn = (((4,), (3,)), ((0, 2), (0, 2)))
-    if _T in k.channel_axes:
-        return quantized_dot_general(q5, k, dn, lhs_spec=q_spec, out_dtype=jnp.float32, method=method)
-    scale = _static_channels(k.scale, k)[:, :, :, None, :]  # (1, 1, H|1, 1, D|1)
-    qs = (q5.astype(jnp.float32) * scale).astype(q5.dtype)
-    return quantized_dot_general(qs, _codes(k), dn, lhs_spec=q_spec, out_dtype=jnp.float32, method=method)
-
-
-def _weighted_values(probs: jax.Array, v: QArray, method: str) -> jax.Array:
-    """``Σ_t probs[..., t] · v[:, t]`` on the codes: ``probs`` ``(B, H, S, R, T)``, ``v`` a
-    ``(B, T, H, D)`` QArray -> ``(B, S, H, R, D)`` float32.
-
-    A per-token scale varies along the contraction: it multiplies the weights, one copy
-    per group of D (``Σ_t p_t s_t (c_t - z_t) = Σ_t (p_t s_t) c_t - Σ_t p_t s_t z_t``). A
-    static scale multiplies the result (``(Σ_t p_t c_t - z Σ_t p_t) s``)."""
-    d = v.shape[-1]
-    if _T not in v.channel_axes:
-        out = quantized_dot_general(
-            probs, _codes(v), (((4,), (1,)), ((0, 1), (0, 2))), out_dtype=jnp.float32, method=method
-        )  # (B, H, S, R, D)
-        moved = lambda a: jnp.transpose(_static_channels(a, v), (0, 2, 1, 3))[:, :, :, None, :]
-        if v.zero_point is not None:
-            out = out - jnp.sum(probs, axis=-1, keepdims=True) * moved(v.zero_point)
-        return jnp.transpose(out * moved(v.scale), (0, 2, 1, 3, 4))
-    gsize = v.group_size if v.group_axis is not None else d
-    g = d // gsize
-    per_group = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 3, 1))[:, :, :, None, None, :]
-    pw = probs[:, :, None] * per_group(v.scale)  # (B, H, G, S, R, T)
-    dn = (((5,), (1,)), ((0, 1, 2), (0, 2, 3)))
-    out = quantized_dot_general(pw, _codes(v, g), dn, out_dtype=jnp.float32, method=method)  # (B,H,G,S,R,gs)
-    if v.zero_point is not None:
-        out = out - jnp.sum(pw * per_group(v.zero_point), axis=-1)[..., None]
-    out = jnp.transpose(out, (0, 3, 1, 4, 2, 5))  # (B, S, H, R, G, gs)
-    return out.reshape(*out.shape[:4], d)
+    qw = quantize(window, spec)  # unwritten positions are zeros, which absmax / minmax ignore
+    cols = first[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]
+    blocks = first[:, None] // blk + jnp.arange(width // blk, dtype=jnp.int32)[None, :]
+    values = _write(cur.values, qw.values, cols)
+    scale = _write(cur.scale, qw.scale, blocks)
+    zero = None if cur.zero_point is None else _write(cur.zero_point, qw.zero_point, blocks)
+    offset = (filled + s) // blk * blk  # (B,) where the new partial block starts in the window
+    tail = jax.vmap(lambda w, o: jax.lax.dynamic_slice_in_dim(w, o, blk, axis=0))(window, offset)
+    return cur.replace_children([values, scale, zero, None, None]), tail
 
 
 __all__ = ["KVCache"]

@@ -282,7 +282,8 @@ def test_traced_writes_past_the_end_are_dropped_not_wrapped():
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
-def test_sharded_cache_matches_the_unsharded_one(axis_type):
+@pytest.mark.parametrize("blocks", [False, True])
+def test_sharded_cache_matches_the_unsharded_one(axis_type, blocks):
     """Batch on one mesh axis, heads on another; in Explicit mode the shardings are part
     of the types (the writes keep the batch axis sharded)."""
     mesh = jax.make_mesh(
@@ -290,6 +291,10 @@ def test_sharded_cache_matches_the_unsharded_one(axis_type):
     )
     spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=3)
     cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    if blocks:
+        cache = qjax.KVCache.init(
+            KIVI4, value_spec=spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32
+        )
     k, v = _KV
     q = _normal(B, 3, 2 * H, D)
     step = lambda c, k, v, q: (lambda c: (c, c.attend(q, 4)))(c.update(k[:, :7], v[:, :7], 0))
@@ -420,3 +425,262 @@ def test_bad_update_and_attend_arguments_are_refused_by_name():
         cache.attend(_normal(B, 1, H, D), mask=jnp.ones((3,), bool))
     with pytest.raises(TypeError, match="mask must be boolean"):
         cache.attend(_normal(B, 1, H, D), mask=jnp.ones((T,)))
+
+
+# -- keys scaled per channel over blocks of tokens (KIVI) ------------------------------------
+
+KIVI4 = qjax.QuantSpec(qjax.int4, channel_axes=(0, 2, 3), group_size=4, group_axis=1, symmetric=False)
+BLOCK_SPECS = {
+    "int4 k/channel-block asym, v/token": (KIVI4, qjax.QuantSpec(qjax.int4, channel_axes=qjax.PER_TOKEN)),
+    "int8 k and v/head-block": (qjax.QuantSpec(qjax.int8, channel_axes=(0, 2), group_size=6, group_axis=1),)
+    * 2,
+    "uint4 k and v/channel-block": (
+        qjax.QuantSpec(qjax.uint4, channel_axes=(0, 2, 3), group_size=4, group_axis=1, symmetric=False),
+    )
+    * 2,
+    "int2 k/channel-block, v/g4": (
+        qjax.QuantSpec(qjax.int2, channel_axes=(0, 2, 3), group_size=4, group_axis=1),
+        qjax.QuantSpec(qjax.int2, channel_axes=(0, 1, 2), group_size=4, group_axis=3),
+    ),
+}
+
+
+def _block_ref(x, block, bits, symmetric):
+    """Independent per-(batch, block of tokens, head, channel) fake quantization (numpy)."""
+    x = np.asarray(x, np.float64)
+    b, t, h, d = x.shape
+    xb = x.reshape(b, t // block, block, h, d)
+    if symmetric:
+        s = np.abs(xb).max(axis=2, keepdims=True) / (2 ** (bits - 1) - 1)
+        s = np.where(s == 0, 1, s)
+        q = np.clip(np.round(xb / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * s
+    else:
+        lo, hi = np.minimum(xb.min(axis=2, keepdims=True), 0), np.maximum(xb.max(axis=2, keepdims=True), 0)
+        s = (hi - lo) / (2**bits - 1)
+        s = np.where(s == 0, 1, s)
+        z = -(2 ** (bits - 1)) - np.round(lo / s)
+        q = (np.clip(np.round(xb / s) + z, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) - z) * s
+    return q.reshape(b, t, h, d)
+
+
+def test_block_scaled_keys_match_an_independent_quantizer_after_chunked_writes():
+    k, v = _KV
+    cache = qjax.KVCache.init(KIVI4, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    for a, b in itertools.pairwise([0, 3, 4, 9, 12]):
+        cache = cache.update(k[:, a:b], v[:, a:b])
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [T, T])
+    kd, _ = cache.dequantize()
+    np.testing.assert_allclose(np.asarray(kd), _block_ref(k, 4, 4, False), rtol=1e-5, atol=1e-6)
+    # a partial block is quantized over the tokens written so far
+    part = qjax.KVCache.init(KIVI4, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32).update(
+        k[:, :6], v[:, :6]
+    )
+    np.testing.assert_allclose(
+        np.asarray(part.dequantize()[0][:, :6]),
+        _block_ref(k[:, :8].at[:, 6:].set(0), 4, 4, False)[:, :6],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    np.testing.assert_array_equal(np.asarray(part.k_tail[:, :2]), np.asarray(k[:, 4:6]))
+
+
+@pytest.mark.parametrize("name", list(BLOCK_SPECS))
+def test_block_scaled_attention_matches_float64_and_one_write(name):
+    k_spec, v_spec = BLOCK_SPECS[name]
+    init = qjax.KVCache.init(
+        k_spec, value_spec=v_spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32
+    )
+    k, v = _KV
+    one = init.update(k[:, :11], v[:, :11], 0)
+    cache = init
+    for a, b in itertools.pairwise([0, 1, 2, 7, 11]):
+        cache = jax.jit(lambda c, k, v: c.update(k, v))(cache, k[:, a:b], v[:, a:b])
+    for x, y in zip(jax.tree.leaves(cache), jax.tree.leaves(one)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    q = _normal(B, 3, 2 * H, D)
+    kd, vd = cache.dequantize()
+    out = jax.jit(lambda c, q: c.attend(q, 8))(cache, q)
+    np.testing.assert_allclose(np.asarray(out), _reference(q, kd, vd, 8), rtol=2e-5, atol=2e-6)
+
+
+def test_block_scaled_keys_with_quantized_queries():
+    """With ``q_spec`` the queries are quantized after each block's key scales are folded
+    in: ``Q(q ⊙ s_j) · (c_t - z_j)`` for the tokens t of block j."""
+    cache = qjax.KVCache.init(KIVI4, batch=1, length=8, heads=1, head_dim=4, dtype=jnp.float32)
+    cache = cache.update(_normal(1, 8, 1, 4), _normal(1, 8, 1, 4))
+    q = _normal(1, 1, 1, 4)
+    out = cache.attend(q, 7, q_spec=INT8_TOKEN, softmax_scale=1.0)
+    codes = np.asarray(cache.k.unpacked_values(), np.float64)[0, :, 0]  # (8, 4)
+    scale = np.asarray(cache.k.scale, np.float64)[0, :, 0]  # (2 blocks, 4)
+    zero = np.asarray(cache.k.zero_point, np.float64)[0, :, 0]
+    logits = np.zeros(8)
+    for j in range(2):
+        qs = np.asarray(q, np.float64)[0, 0, 0] * scale[j]
+        qq = _int8_token_ref(qs[None])[0]
+        logits[4 * j : 4 * j + 4] = (codes[4 * j : 4 * j + 4] - zero[j]) @ qq
+    p = np.exp(logits - logits.max())
+    want = (p / p.sum()) @ np.asarray(cache.dequantize()[1], np.float64)[0, :, 0]
+    np.testing.assert_allclose(np.asarray(out)[0, 0, 0], want, rtol=2e-5, atol=2e-6)
+
+
+def test_block_scaled_decode_loop_and_scan_stack():
+    k, v = _KV
+    q = _normal(B, T, H, D)
+    init = qjax.KVCache.init(KIVI4, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+
+    def step(i, carry):
+        cache, out = carry
+        ki, vi, qi = (jax.lax.dynamic_slice_in_dim(a, i, 1, axis=1) for a in (k, v, q))
+        cache = cache.update(ki, vi)
+        return cache, jax.lax.dynamic_update_slice_in_dim(out, cache.attend(qi, i), i, axis=1)
+
+    cache, stepped = jax.jit(lambda c: jax.lax.fori_loop(0, T, step, (c, jnp.zeros_like(q))))(init)
+    # each query read its block as it stood then (scales from the tokens written so far);
+    # at block ends that equals the final cache
+    final = init.update(k, v).attend(q, 0)
+    ends = [3, 7, 11]
+    np.testing.assert_allclose(np.asarray(stepped[:, ends]), np.asarray(final[:, ends]), rtol=1e-5, atol=1e-6)
+    stack = jax.vmap(lambda _: init)(jnp.arange(2))
+    stack = jax.lax.scan(lambda _, c: (None, c.update(k, v)), None, stack)[1]
+    np.testing.assert_array_equal(np.asarray(stack.lengths), [[T, T], [T, T]])
+    np.testing.assert_array_equal(np.asarray(stack.k.values[1]), np.asarray(cache.k.values))
+
+
+def test_block_scaled_cache_errors_and_bytes():
+    with pytest.raises(ValueError, match="must divide length=12"):
+        _init(qjax.QuantSpec(qjax.int8, channel_axes=(0, 2, 3), group_size=5, group_axis=1, pad_groups=True))
+    with pytest.raises(ValueError, match="must also be per batch row"):
+        _init(qjax.QuantSpec(qjax.int8, channel_axes=(2, 3), group_size=4, group_axis=1))
+    with pytest.raises(ValueError, match="only absmax and minmax"):
+        _init(
+            qjax.QuantSpec(
+                qjax.int8,
+                channel_axes=(0, 2, 3),
+                group_size=4,
+                group_axis=1,
+                calibration=qjax.calib.percentile(99.0),
+            )
+        )
+    with pytest.raises(ValueError, match="drop the static scale"):
+        _init(KIVI4, k_scale=0.1)
+    cache = _init(KIVI4, dtype=jnp.float32)
+    k = _normal(B, 5, H, D)
+    with pytest.raises(ValueError, match=r"appends at the tokens written so far, lengths=\[0, 0\]"):
+        cache.update(k, k, 3)
+    cache = cache.update(k, k, 0).update(k, k, jnp.array([5, 5]))
+    with pytest.raises(ValueError, match="writes outside the cache's length 12"):
+        cache.update(k, k)
+    codes = 2 * B * T * H * D // 2  # int4 keys and values, packed
+    blocks = B * (T // 4) * H * D * (4 + 1)  # float32 scale + int8 zero point per block and channel
+    assert cache.nbytes == cache.k.nbytes + cache.v.nbytes + 2 * B * 4 * H * D * 4 + B * 4
+    assert cache.k.nbytes + cache.v.nbytes == codes + 2 * blocks
+
+
+# -- review findings (twentieth session) ------------------------------------------------------
+
+
+def test_a_nan_written_to_a_static_cache_stays_in_its_token():
+    spec = qjax.QuantSpec(qjax.int8)
+    cache = qjax.KVCache.init(
+        spec, batch=2, length=4, heads=1, head_dim=4, dtype=jnp.float32, k_scale=0.01, v_scale=0.01
+    )
+    k = jnp.full((2, 2, 1, 4), 0.5).at[0, 1, 0, 0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"k holds NaN/Inf \(first at \[0, 1, 0, 0\]\)"):
+        cache.update(k, jnp.ones((2, 2, 1, 4)), 0)
+    kd = jax.jit(lambda c, k: c.update(k, k, 0))(cache, k).dequantize()[0]
+    np.testing.assert_allclose(np.asarray(kd[1, :2]), 0.5)  # the other row and token are intact
+    np.testing.assert_allclose(np.asarray(kd[0, 0]), 0.5)
+    fp8 = qjax.KVCache.init(
+        qjax.QuantSpec(qjax.fp8_e4m3),
+        batch=2,
+        length=4,
+        heads=1,
+        head_dim=4,
+        dtype=jnp.float32,
+        k_scale=0.01,
+        v_scale=0.01,
+    )
+    kd = jax.jit(lambda c, k: c.update(k, k, 0))(fp8, k).dequantize()[0]
+    assert np.isnan(np.asarray(kd[0, 1])).all() and np.isfinite(np.asarray(kd[1])).all()
+    np.testing.assert_allclose(np.asarray(kd[0, 0]), 0.5, rtol=0.07)
+
+
+def test_empty_positions_dequantize_to_zero_for_every_scale_layout():
+    e8m0 = qjax.mx_spec(qjax.fp8_e4m3, block_axis=3, channel_axes=(0, 1, 2), block_size=4)
+    asym = qjax.QuantSpec(qjax.uint8, symmetric=False)
+    for spec, kw in ((e8m0, {}), (asym, dict(k_scale=0.03, k_zero_point=100, v_scale=0.02, v_zero_point=7))):
+        cache = qjax.KVCache.init(spec, batch=B, length=6, heads=H, head_dim=D, dtype=jnp.float32, **kw)
+        for part in cache.dequantize():
+            np.testing.assert_array_equal(np.asarray(part), 0.0)
+        cache = cache.update(_normal(B, 3, H, D), _normal(B, 3, H, D), 0)
+        q = _normal(B, 1, H, D)
+        kd, vd = cache.dequantize()
+        out = cache.attend(q, 2)
+        np.testing.assert_allclose(np.asarray(out), _reference(q, kd, vd, 2), rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "q_spec",
+    [
+        qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, 2)),
+        qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, 2), group_size=4, group_axis=3),
+        qjax.QuantSpec(qjax.int4, channel_axes=(1, 2), symmetric=False),
+    ],
+)
+def test_q_spec_axes_are_those_of_the_queries(q_spec):
+    """With 3 query heads per cache head, ``channel_axes=(0, 1, 2)`` is one scale per query
+    token and query head (not per cache head)."""
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(*_KV, 0)
+    q = _normal(B, 2, 3 * H, D) * jnp.arange(1, 3 * H + 1).reshape(1, 1, -1, 1)
+    out = cache.attend(q, 4, q_spec=q_spec)
+    kd, vd = cache.dequantize()
+    want = _reference(qjax.quantize(q, q_spec).dequantize(), kd, vd, 4)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=2e-5, atol=2e-6)
+
+
+def test_integer_method_runs_q_k_as_int8_and_bad_q_specs_are_named():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(*_KV, 0)
+    q = _normal(B, 1, H, D)
+    auto = cache.attend(q, 3, q_spec=INT8_TOKEN)
+    np.testing.assert_allclose(
+        np.asarray(cache.attend(q, 3, q_spec=INT8_TOKEN, method="int")),
+        np.asarray(auto),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    with pytest.raises(
+        ValueError, match=r"q_spec \(over q of shape \(2, 1, 2, 8\)\): group_size=3 does not divide"
+    ):
+        cache.attend(
+            q, 3, q_spec=qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, 2), group_size=3, group_axis=3)
+        )
+    with pytest.raises(TypeError, match=r"q_spec must be a qjax\.QuantSpec"):
+        cache.attend(q, 3, q_spec="int8")
+    with pytest.raises(ValueError, match=r"with 1 queries reads outside the cache's length 12"):
+        cache.attend(q, T)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(k_scale=0.0, v_scale=0.1), "k_scale must be finite and positive"),
+        (dict(k_scale=0.1, v_scale=-1.0), "v_scale must be finite and positive"),
+        (dict(k_scale=jnp.nan, v_scale=0.1), "k_scale must be finite"),
+    ],
+)
+def test_bad_static_scales_are_refused(kw, match):
+    with pytest.raises(ValueError, match=match):
+        _init(qjax.QuantSpec(qjax.int8), **kw)
+
+
+def test_fractional_static_zero_points_are_refused():
+    with pytest.raises(ValueError, match="k_zero_point must hold integers"):
+        _init(
+            qjax.QuantSpec(qjax.uint8, symmetric=False),
+            k_scale=0.1,
+            k_zero_point=2.5,
+            v_scale=0.1,
+            v_zero_point=3,
+        )

@@ -1,0 +1,169 @@
+"""The two products of attention over a :class:`qjax.KVCache`, on its codes.
+
+The cache's keys and values are ``(B, T, H, D)`` :class:`qjax.QArray` s with one of three
+scale layouts (:func:`mode`):
+
+* ``"token"``: a scale per token (and head, and group of D): ``(B, T, H, G)``;
+* ``"static"``: a scale constant along tokens, varying along heads and D: ``(1, 1, H|1, D|G|1)``;
+* ``"block"`` (KIVI): a scale per block of tokens and per channel: ``(B, T / block, H|1, D|1)``.
+
+Each product runs as :func:`qjax.quant.ops.quantized_dot_general` on the codes, with the
+scales applied where they factor: on the output when they lie on its axes, folded into the
+other operand (the queries, or the attention weights) when they vary along the
+contraction, and per block of tokens as a batch axis of the product.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from qjax.numerics.qarray import QArray
+from qjax.numerics.quantize import quantize
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.ops_dot import quantized_dot_general
+
+B_AXIS, T_AXIS, H_AXIS, D_AXIS = -4, -3, -2, -1  # the cache layout (batch, length, heads, head_dim)
+
+
+def mode(q: QArray) -> str:
+    """``"token"``, ``"block"`` or ``"static"``: how the scales of a cache side vary."""
+    if T_AXIS in q.channel_axes:
+        return "token"
+    return "block" if q.group_axis == T_AXIS else "static"
+
+
+def _channels(a: jax.Array, q: QArray) -> jax.Array:
+    """A static scale or zero point ``(1, 1, H|1, G|D|1)`` -> float32 ``(1, 1, H|1, D|1)``."""
+    a = a.astype(jnp.float32)
+    if q.group_axis is not None:
+        a = jnp.repeat(a, q.group_size, axis=-1)
+    return a
+
+
+def _codes(q: QArray, shape: tuple[int, ...]) -> QArray:
+    """The codes of a ``(B, T, H, D)`` QArray reshaped to the logical ``shape`` (whose
+    last axis divides D), with a per-tensor scale of 1 and no zero point, for a product
+    whose scales are applied around it."""
+    values, packed = q.values, q.packed_axis is not None
+    per = 8 // q.format.pack_bits if packed else 1
+    if packed and shape[-1] % per:
+        # groups split a byte: run on the unpacked codes (this copy costs one read)
+        values, packed, per = q.unpacked_values(), False, 1
+    return QArray(
+        values.reshape(*shape[:-1], shape[-1] // per),
+        jnp.ones((1,) * len(shape), jnp.float32),
+        format=q.format,
+        dtype=jnp.float32,
+        packed_axis=-1 if packed else None,
+        packed_length=shape[-1] if packed else None,
+    )
+
+
+def _quantized_queries(x: jax.Array, q_spec: QuantSpec | None, where: dict, extra: tuple = ()):
+    """``x`` (queries in a product's layout) quantized by ``q_spec``, whose axes refer to the
+    user's ``(batch, S, q_heads, head_dim)``: ``where[i]`` lists the axes of ``x`` that user
+    axis ``i`` became; ``extra`` axes of ``x`` always get their own scales."""
+    if q_spec is None:
+        return x
+    axes = (0, 1, 2) if q_spec.channel_axes is PER_TOKEN else tuple(a % 4 for a in q_spec.channel_axes)
+    chans = tuple(sorted({a for u in axes for a in where[u]} | set(extra)))
+    group = None if q_spec.group_axis is None else where[q_spec.group_axis % 4]
+    if group is not None and len(group) != 1:
+        raise ValueError(
+            f"q_spec: groups must run along head_dim or the tokens, got group_axis={q_spec.group_axis}"
+        )
+    spec = q_spec.replace(channel_axes=chans, group_axis=None if group is None else group[0], pack=False)
+    return quantize(x, spec)
+
+
+def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> jax.Array:
+    """``q · k`` on the codes: ``q5`` ``(B, S, H, R, D)`` (R query heads per cache head),
+    ``k`` ``(B, T, H, D)`` -> ``(B, H, S, R, T)`` float32.
+
+    * token: the scales lie on the output's axes (per group of D: blocks of the
+      contraction), so the product takes the QArray as it is;
+    * static: the scale, which may vary along D, multiplies the queries; a zero point
+      would subtract ``Σ_d q_d s_d z_d``, the same for every position a query reads, which
+      the softmax cancels, so it is left out;
+    * block: the queries are multiplied by each block's scales (one copy per block, a
+      batch axis of the product), and ``Σ_d q_d s_jd z_jd`` is subtracted per block.
+
+    With ``q_spec`` (axes of the user's ``(batch, S, q_heads, head_dim)``) the queries are
+    quantized after the key scales are folded in (static and block keys; each block's
+    copy with its own scales), as an integer ``q · k`` with per-channel key scales needs.
+    """
+    b, s, h, r, d = q5.shape
+    t = k.shape[1]
+    dn = (((4,), (3,)), ((0, 2), (0, 2)))
+    where = {0: (0,), 1: (1,), 2: (2, 3), 3: (4,)}  # user axis -> axes of q5
+    kind = mode(k)
+    if kind == "token":
+        lhs = _quantized_queries(q5, q_spec, where)
+        return quantized_dot_general(lhs, k, dn, out_dtype=jnp.float32, method=method)
+    if kind == "static":
+        scale = _channels(k.scale, k)[:, :, :, None, :]  # (1, 1, H|1, 1, D|1)
+        qs = _quantized_queries((q5.astype(jnp.float32) * scale).astype(q5.dtype), q_spec, where)
+        codes = _codes(k, (b, t, h, d))
+        return quantized_dot_general(qs, codes, dn, out_dtype=jnp.float32, method=method)
+    nb, blk = t // k.group_size, k.group_size
+    per_block = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3))[:, :, :, None, None, :]
+    qt = jnp.transpose(q5.astype(jnp.float32), (0, 2, 1, 3, 4))[:, :, None]  # (B, H, 1, S, R, D)
+    qs = (qt * per_block(k.scale)).astype(q5.dtype)  # (B, H, nb, S, R, D)
+    # quantized here, so the zero-point term below reads the same values
+    qs = _quantized_queries(qs, q_spec, {0: (0,), 1: (3,), 2: (1, 4), 3: (5,)}, extra=(2,))
+    codes = _codes(k, (b, nb, blk, h, d))
+    dn = (((5,), (4,)), ((0, 1, 2), (0, 3, 1)))
+    out = quantized_dot_general(qs, codes, dn, out_dtype=jnp.float32, method=method)  # (B, H, nb, S, R, blk)
+    if k.zero_point is not None:
+        read = qs.dequantize() if isinstance(qs, QArray) else qs
+        out = out - jnp.sum(read.astype(jnp.float32) * per_block(k.zero_point), axis=-1)[..., None]
+    return jnp.transpose(out, (0, 1, 3, 4, 2, 5)).reshape(b, h, s, r, t)
+
+
+def weighted_values(probs: jax.Array, v: QArray, method: str = "auto") -> jax.Array:
+    """``Σ_t probs[..., t] · v[:, t]`` on the codes: ``probs`` ``(B, H, S, R, T)``, ``v``
+    ``(B, T, H, D)`` -> ``(B, S, H, R, D)`` float32.
+
+    * token: the scale varies along the contraction: it multiplies the weights, one copy
+      per group of D (``Σ_t p_t s_t (c_t - z_t) = Σ_t (p_t s_t) c_t - Σ_t p_t s_t z_t``);
+    * static: the scale multiplies the result (``(Σ_t p_t c_t - z Σ_t p_t) s``);
+    * block: one product per block (a batch axis), each scaled as static, then summed.
+    """
+    b, h, s, r, t = probs.shape
+    d = v.shape[-1]
+    kind = mode(v)
+    if kind == "static":
+        out = quantized_dot_general(
+            probs,
+            _codes(v, (b, t, h, d)),
+            (((4,), (1,)), ((0, 1), (0, 2))),
+            out_dtype=jnp.float32,
+            method=method,
+        )  # (B, H, S, R, D)
+        moved = lambda a: jnp.transpose(_channels(a, v), (0, 2, 1, 3))[:, :, :, None, :]
+        if v.zero_point is not None:
+            out = out - jnp.sum(probs, axis=-1, keepdims=True) * moved(v.zero_point)
+        return jnp.transpose(out * moved(v.scale), (0, 2, 1, 3, 4))
+    if kind == "block":
+        nb, blk = t // v.group_size, v.group_size
+        pb = jnp.transpose(probs.reshape(b, h, s, r, nb, blk), (0, 1, 4, 2, 3, 5))  # (B, H, nb, S, R, blk)
+        dn = (((5,), (2,)), ((0, 1, 2), (0, 3, 1)))
+        out = quantized_dot_general(
+            pb, _codes(v, (b, nb, blk, h, d)), dn, out_dtype=jnp.float32, method=method
+        )
+        per_block = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3))[:, :, :, None, None, :]
+        if v.zero_point is not None:  # out: (B, H, nb, S, R, D)
+            out = out - jnp.sum(pb, axis=-1, keepdims=True) * per_block(v.zero_point)
+        out = jnp.sum(out * per_block(v.scale), axis=2)  # (B, H, S, R, D)
+        return jnp.transpose(out, (0, 2, 1, 3, 4))
+    gsize = v.group_size if v.group_axis is not None else d
+    g = d // gsize
+    per_group = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 3, 1))[:, :, :, None, None, :]
+    pw = probs[:, :, None] * per_group(v.scale)  # (B, H, G, S, R, T)
+    dn = (((5,), (1,)), ((0, 1, 2), (0, 2, 3)))
+    out = quantized_dot_general(pw, _codes(v, (b, t, h, g, gsize)), dn, out_dtype=jnp.float32, method=method)
+    if v.zero_point is not None:  # out: (B, H, G, S, R, gs)
+        out = out - jnp.sum(pw * per_group(v.zero_point), axis=-1)[..., None]
+    out = jnp.transpose(out, (0, 3, 1, 4, 2, 5))  # (B, S, H, R, G, gs)
+    return out.reshape(b, s, h, r, d)
