@@ -117,6 +117,7 @@ def run_case(batch, length, heads, q_heads, head_dim, repeats, target_s) -> dict
         )
         fns[name] = lambda step=step, qc=qc, kc=kc, vc=vc: step(qc, kc, vc)
         nbytes[name] = 2 * k.size * jnp.dtype(dtype).itemsize
+    q_bf16 = q.astype(jnp.bfloat16)
     for name, (k_spec, v_spec, q_spec) in CACHES.items():
         static = {}
         if k_spec.channel_axes == (2, 3):
@@ -127,7 +128,7 @@ def run_case(batch, length, heads, q_heads, head_dim, repeats, target_s) -> dict
         )
         cache = jax.jit(lambda c, k, v: c.update(k, v, 0))(cache, k, v)
         step = jax.jit(lambda c, q, q_spec=q_spec: c.attend(q, index, q_spec=q_spec))
-        fns[name] = lambda step=step, cache=cache: step(cache, q.astype(jnp.bfloat16))
+        fns[name] = lambda step=step, cache=cache: step(cache, q_bf16)
         nbytes[name] = cache.nbytes
     want = reference(q, k, v, index)
     outs = {name: fn() for name, fn in fns.items()}

@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.qarray import QArray
-from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.ops_dot import quantized_dot_general
 
@@ -60,12 +60,13 @@ def _codes(q: QArray, shape: tuple[int, ...]) -> QArray:
     )
 
 
-def _quantized_queries(x: jax.Array, q_spec: QuantSpec | None, where: dict, extra: tuple = ()):
-    """``x`` (queries in a product's layout) quantized by ``q_spec``, whose axes refer to the
-    user's ``(batch, S, q_heads, head_dim)``: ``where[i]`` lists the axes of ``x`` that user
-    axis ``i`` became; ``extra`` axes of ``x`` always get their own scales."""
+def _query_spec(q_spec: QuantSpec | None, where: dict, extra: tuple = ()) -> QuantSpec | None:
+    """``q_spec``, whose axes refer to the user's ``(batch, S, q_heads, head_dim)``, moved
+    onto the queries in a product's layout: ``where[i]`` lists the axes that user axis
+    ``i`` became; ``extra`` axes always get their own scales. The product quantizes with
+    it (straight-through gradients, as ``qjax.fake_quant``)."""
     if q_spec is None:
-        return x
+        return None
     axes = (0, 1, 2) if q_spec.channel_axes is PER_TOKEN else tuple(a % 4 for a in q_spec.channel_axes)
     chans = tuple(sorted({a for u in axes for a in where[u]} | set(extra)))
     group = None if q_spec.group_axis is None else where[q_spec.group_axis % 4]
@@ -73,8 +74,7 @@ def _quantized_queries(x: jax.Array, q_spec: QuantSpec | None, where: dict, extr
         raise ValueError(
             f"q_spec: groups must run along head_dim or the tokens, got group_axis={q_spec.group_axis}"
         )
-    spec = q_spec.replace(channel_axes=chans, group_axis=None if group is None else group[0], pack=False)
-    return quantize(x, spec)
+    return q_spec.replace(channel_axes=chans, group_axis=None if group is None else group[0], pack=False)
 
 
 def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> jax.Array:
@@ -101,14 +101,19 @@ def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> j
     where = {0: (0,), 1: (1,), 2: (2, 3), 3: (4,)}  # user axis -> axes of q5
     kind = mode(k)
     if kind == "token":
-        lhs = _quantized_queries(q5, q_spec, where)
-        return quantized_dot_general(lhs, k, dn, out_dtype=jnp.float32, method=method)
+        spec = _query_spec(q_spec, where)
+        return quantized_dot_general(q5, k, dn, lhs_spec=spec, out_dtype=jnp.float32, method=method)
     if kind == "static":
         scale = _channels(k.scale, k)[:, :, :, None, :]  # (1, 1, H|1, 1, D|1)
-        qs = _quantized_queries((q5.astype(jnp.float32) * scale).astype(q5.dtype), q_spec, where)
-        codes = _codes(k, (b, t, h, d))
-        return quantized_dot_general(qs, codes, dn, out_dtype=jnp.float32, method=method)
+        qs = (q5.astype(jnp.float32) * scale).astype(q5.dtype)
+        codes, spec = _codes(k, (b, t, h, d)), _query_spec(q_spec, where)
+        return quantized_dot_general(qs, codes, dn, lhs_spec=spec, out_dtype=jnp.float32, method=method)
     if q_spec is None:  # block keys, float queries: one product on the dequantized keys
+        if method not in ("auto", "dequant"):
+            raise ValueError(
+                f"method={method!r}: block-scaled keys are read dequantized unless q_spec is given; "
+                "use method='auto' or 'dequant', or pass q_spec"
+            )
         kd = k.dequantize()
         qd = q5.astype(jnp.promote_types(q5.dtype, kd.dtype))
         return jax.lax.dot_general(qd, kd.astype(qd.dtype), dn, preferred_element_type=jnp.float32)
@@ -116,14 +121,13 @@ def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> j
     per_block = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3))[:, :, :, None, None, :]
     qt = jnp.transpose(q5.astype(jnp.float32), (0, 2, 1, 3, 4))[:, :, None]  # (B, H, 1, S, R, D)
     qs = (qt * per_block(k.scale)).astype(q5.dtype)  # (B, H, nb, S, R, D)
-    # quantized here, so the zero-point term below reads the same values
-    qs = _quantized_queries(qs, q_spec, {0: (0,), 1: (3,), 2: (1, 4), 3: (5,)}, extra=(2,))
+    spec = _query_spec(q_spec, {0: (0,), 1: (3,), 2: (1, 4), 3: (5,)}, extra=(2,))
     codes = _codes(k, (b, nb, blk, h, d))
     dn = (((5,), (4,)), ((0, 1, 2), (0, 3, 1)))
-    out = quantized_dot_general(qs, codes, dn, out_dtype=jnp.float32, method=method)  # (B, H, nb, S, R, blk)
-    if k.zero_point is not None:
-        read = qs.dequantize() if isinstance(qs, QArray) else qs
-        out = out - jnp.sum(read.astype(jnp.float32) * per_block(k.zero_point), axis=-1)[..., None]
+    out = quantized_dot_general(qs, codes, dn, lhs_spec=spec, out_dtype=jnp.float32, method=method)
+    if k.zero_point is not None:  # out: (B, H, nb, S, R, blk); the term reads the queries the product read
+        read = fake_quant(qs, spec).astype(jnp.float32)
+        out = out - jnp.sum(read * per_block(k.zero_point), axis=-1)[..., None]
     return jnp.transpose(out, (0, 1, 3, 4, 2, 5)).reshape(b, h, s, r, t)
 
 

@@ -72,15 +72,15 @@ def _check_spec(name: str, spec, shape, scale, zero_point) -> str:
             f"{name}: groups must run along head_dim (axis 3 of (batch, length, heads, head_dim)), or "
             f"along the length (axis 1: blocks of tokens), got group_axis={spec.group_axis}"
         )
-    if layout.group_axis == _T:
-        return _check_block_spec(name, spec, layout, shape, scale, zero_point)
-    if layout.group_axis is not None and shape[_D] % layout.group_size:
-        raise ValueError(f"{name}: group_size={layout.group_size} must divide head_dim={shape[_D]}")
     if spec.packed and spec.pack_axis % 4 != 3:
         raise ValueError(
             f"{name}: packed codes must be packed along head_dim (pack_axis=-1), got pack_axis="
             f"{spec.pack_axis}: tokens are written one at a time"
         )
+    if layout.group_axis == _T:
+        return _check_block_spec(name, spec, layout, shape, scale, zero_point)
+    if layout.group_axis is not None and shape[_D] % layout.group_size:
+        raise ValueError(f"{name}: group_size={layout.group_size} must divide head_dim={shape[_D]}")
     per_token = _T in layout.channel_axes
     if per_token:
         if _B not in layout.channel_axes:
@@ -166,13 +166,17 @@ def _positions(index, batch: int, length: int, new: int, verb: str = "writes"):
     return jnp.broadcast_to(idx.astype(jnp.int32), (batch,))
 
 
-def _check_static(name: str, scale, zero_point) -> None:
-    """A concrete static scale must be finite and positive, a zero point integral."""
+def _check_static(name: str, stored_scale: jax.Array, zero_point) -> None:
+    """A concrete static scale must be finite and positive as stored (in the spec's scale
+    dtype), a zero point integral."""
     prefix = "k" if name == "spec" else "v"
-    if scale is not None and _is_concrete(scale):
-        host = np.asarray(scale, np.float64)
+    if _is_concrete(stored_scale):
+        host = np.asarray(stored_scale.astype(jnp.float32), np.float64)
         if not (np.all(np.isfinite(host)) and np.all(host > 0)):
-            raise ValueError(f"{prefix}_scale must be finite and positive, got {host.tolist()}")
+            raise ValueError(
+                f"{prefix}_scale must be finite and positive in the scale dtype "
+                f"({jnp.dtype(stored_scale.dtype).name}); stored it is {np.unique(host).tolist()}"
+            )
     if zero_point is not None and _is_concrete(zero_point):
         host = np.asarray(zero_point, np.float64)
         if not np.array_equal(host, np.round(host)):
@@ -182,8 +186,8 @@ def _check_static(name: str, scale, zero_point) -> None:
 def _quantize_static(cur: QArray, spec: QuantSpec, new: jax.Array, name: str) -> QArray:
     """``new`` quantized by the static scale of ``cur``, one token at a time: a token with a
     NaN / Inf keeps its damage to itself (``quantize`` poisons a whole scale group, here the
-    token), stored as NaN codes where the format has them (fp8), else as zeros; a concrete
-    one is refused."""
+    token), stored as NaN codes where the format has them (fp8), else as the codes of 0; a
+    concrete one is refused."""
     if _is_concrete(new) and not bool(jnp.all(jnp.isfinite(new))):
         bad = np.argwhere(~np.isfinite(np.asarray(new, np.float32)))[0].tolist()
         raise ValueError(
@@ -192,10 +196,15 @@ def _quantize_static(cur: QArray, spec: QuantSpec, new: jax.Array, name: str) ->
         )
     per_token = spec.replace(channel_axes=tuple(sorted({*cur.channel_axes, _B, _T})))
     qn = quantize(new, per_token, scale=cur.scale, zero_point=cur.zero_point)
-    bad = ~jnp.all(jnp.isfinite(qn.scale.astype(jnp.float32)), axis=(-2, -1))  # (B, S)
+    bad = ~jnp.all(jnp.isfinite(qn.scale.astype(jnp.float32)), axis=(-2, -1))[
+        :, :, None, None
+    ]  # (B, S, 1, 1)
     values = qn.values
     if jnp.issubdtype(values.dtype, jnp.floating) and np.isnan(np.asarray(np.nan, values.dtype)):
-        values = jnp.where(bad[:, :, None, None], jnp.asarray(jnp.nan, values.dtype), values)
+        values = jnp.where(bad, jnp.asarray(jnp.nan, values.dtype), values)
+    else:  # no NaN code: the codes of 0 (a zero point's code, nf4's 0)
+        zero = quantize(jnp.zeros_like(new), per_token, scale=cur.scale, zero_point=cur.zero_point)
+        values = jnp.where(bad, zero.values, values)
     return qn.replace_children([values, qn.scale, qn.zero_point, None, None])
 
 
@@ -304,9 +313,10 @@ class KVCache:
             ("value_spec", value_spec, v_scale, v_zero_point),
         ):
             kind = _check_spec(name, sp, shape, sc, zp)
-            _check_static(name, sc, zp)
             first = sp.group_size if kind == "block" else 1  # the tokens quantized together
             one = quantize(jnp.zeros((batch, first, heads, head_dim), dtype), sp, scale=sc, zero_point=zp)
+            if kind == "static":
+                _check_static(name, one.scale, zp)
             scale, zero = one.scale, one.zero_point
             if kind == "static":  # the codes of 0, so unwritten positions dequantize to 0
                 values = jnp.broadcast_to(one.values, (batch, length, *one.values.shape[2:]))
@@ -344,7 +354,8 @@ class KVCache:
           index: first position written: an int, or an int array of shape ``(batch,)`` (one
             per sequence). A cache with a side scaled per block of tokens appends: it writes
             at :attr:`lengths` (the tokens written so far); ``index`` may then be left out,
-            and when given concretely it must equal them (under ``jit`` it is not checked).
+            and when given concretely it must equal them (under ``jit`` it is not checked,
+            and ``lengths`` keeps counting past ``length`` while the positions are dropped).
 
         Returns:
           The updated cache (``S = 0`` returns it unchanged).
@@ -362,6 +373,11 @@ class KVCache:
                 f"k and v must write the same number of tokens, got {k.shape[1]} and {v.shape[1]}"
             )
         s = k.shape[1]
+        if index is None and self.lengths is None:
+            raise ValueError(
+                "update needs index= (the first position written): only a cache with a side scaled per "
+                "block of tokens appends at its lengths by itself"
+            )
         idx = self._append_index(index, s) if self.lengths is not None else _positions(index, b, t, s)
         if s == 0:
             return self
@@ -446,13 +462,16 @@ class KVCache:
             static or block-scaled keys, the key scales (per ``head_dim`` channel) are
             folded into the queries first and the products ``q ⊙ s`` are quantized (one
             copy per block of tokens, each with its own scales): the error is that of
-            quantizing ``q ⊙ s``, not ``q``.
+            quantizing ``q ⊙ s``, not ``q``. Gradients pass straight through the query
+            quantizer (as ``qjax.fake_quant`` with the spec's ``ste``).
           method: ``quantized_dot_general``'s formulation of ``q Kᵀ`` (``"int"`` needs
             ``q_spec`` and integer keys); ``P V`` (float weights) uses ``"auto"``.
 
         Returns:
           ``(batch, S, q_heads, head_dim)`` in ``q``'s dtype. A query that may read no
-          position gets zeros.
+          position gets zeros. A NaN / Inf key reaches the queries that read its position;
+          a NaN / Inf value (its token's scale) reaches every query of its sequence and
+          head, read or not (``0 × NaN`` in ``p·v``, as in float attention).
 
         Raises:
           TypeError / ValueError: bad shapes, dtypes or arguments; the message names them.

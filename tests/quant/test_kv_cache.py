@@ -684,3 +684,76 @@ def test_fractional_static_zero_points_are_refused():
             v_scale=0.1,
             v_zero_point=3,
         )
+
+
+# -- second review (twentieth session) --------------------------------------------------------
+
+
+def _attention_at(q, kd, vd, index):
+    """jnp float attention over a dequantized cache (query head j on kv head j // R)."""
+    r = q.shape[2] // kd.shape[2]
+    k, v = jnp.repeat(kd, r, axis=2), jnp.repeat(vd, r, axis=2)
+    logits = jnp.einsum("bshd,bthd->bhst", q, k) / np.sqrt(q.shape[-1])
+    seen = jnp.arange(k.shape[1])[None, :] <= index + jnp.arange(q.shape[1])[:, None]
+    return jnp.einsum("bhst,bthd->bshd", jax.nn.softmax(jnp.where(seen, logits, -jnp.inf), -1), v)
+
+
+@pytest.mark.parametrize("layout", ["token", "static", "block"])
+def test_quantized_queries_pass_straight_through_gradients(layout):
+    specs = {
+        "token": (INT8_TOKEN, {}),
+        "static": (CHANNEL8, _calibrated(CHANNEL8)),
+        "block": (KIVI4, {}),
+    }
+    spec, kw = specs[layout]
+    cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32, **kw)
+    cache = cache.update(*_KV, 0)
+    q, w = _normal(B, 2, 2 * H, D), _normal(B, 2, 2 * H, D)
+    loss = lambda q, q_spec: jnp.sum(w * cache.attend(q, 6, q_spec=q_spec))
+    got = jax.grad(loss)(q, INT8_TOKEN)
+    floats = jax.grad(loss)(q, None)
+    assert np.abs(np.asarray(got)).max() > 0.1 * np.abs(np.asarray(floats)).max()
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(floats), atol=0.05 * np.abs(np.asarray(floats)).max()
+    )
+    if layout == "token":  # the STE: the float attention's gradient at the quantized queries
+        kd, vd = cache.dequantize()
+        fq = qjax.quantize(q, INT8_TOKEN).dequantize()
+        want = jax.grad(lambda x: jnp.sum(w * _attention_at(x, kd, vd, 6)))(fq)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-6)
+
+
+def test_second_review_refusals():
+    with pytest.raises(ValueError, match="packed along head_dim"):
+        _init(qjax.QuantSpec(qjax.int4, channel_axes=(0, 2, 3), group_size=4, group_axis=1, pack_axis=2))
+    with pytest.raises(ValueError, match="k_scale must be finite and positive in the scale dtype"):
+        _init(qjax.QuantSpec(qjax.int8), k_scale=1e-50, v_scale=0.1)
+    with pytest.raises(ValueError, match="update needs index="):
+        _init().update(_normal(B, 1, H, D), _normal(B, 1, H, D))
+    block = _init(KIVI4).update(*_KV)
+    q = _normal(B, 1, H, D)
+    for method in ("int", "bogus"):
+        with pytest.raises(ValueError, match="block-scaled keys are read dequantized unless q_spec"):
+            block.attend(q, 3, method=method)
+    np.testing.assert_allclose(
+        np.asarray(block.attend(q, 3, method="dequant"), np.float32),
+        np.asarray(block.attend(q, 3), np.float32),
+    )
+
+
+@pytest.mark.parametrize(
+    "spec, kw",
+    [
+        (
+            qjax.QuantSpec(qjax.uint8, symmetric=False),
+            dict(k_scale=0.05, k_zero_point=128, v_scale=0.05, v_zero_point=3),
+        ),
+        (qjax.QuantSpec(qjax.nf4, channel_axes=(2,)), dict(k_scale=0.5, v_scale=0.5)),
+    ],
+)
+def test_a_nan_token_in_a_static_cache_without_nan_codes_reads_zero(spec, kw):
+    cache = qjax.KVCache.init(spec, batch=2, length=4, heads=H, head_dim=D, dtype=jnp.float32, **kw)
+    k = jnp.full((2, 2, H, D), 0.5).at[0, 1, 0, 0].set(jnp.inf)
+    kd = jax.jit(lambda c, k: c.update(k, k, 0))(cache, k).dequantize()[0]
+    np.testing.assert_array_equal(np.asarray(kd[0, 1]), 0.0)
+    np.testing.assert_allclose(np.asarray(kd[1, :2]), 0.5, rtol=0.1)
