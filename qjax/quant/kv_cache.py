@@ -148,8 +148,25 @@ def _check_kv(name: str, x, batch: int, heads: int, head_dim: int):
     return x
 
 
-def _positions(index, batch: int, length: int, new: int, verb: str = "writes"):
-    """``index`` as an int32 ``(batch,)`` array, checked when concrete."""
+def _counts(count, batch: int, new: int):
+    """``count`` as an int32 ``(batch,)`` array in ``[0, new]`` (checked when concrete), or None."""
+    if count is None:
+        return None
+    c = jnp.asarray(count)
+    if not jnp.issubdtype(c.dtype, jnp.integer):
+        raise TypeError(f"count must be an integer scalar or (batch,) array, got dtype {c.dtype}")
+    if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
+        raise ValueError(f"count must be a scalar or have shape ({batch},), got {tuple(c.shape)}")
+    if _is_concrete(c):
+        host = np.asarray(c)
+        if host.min(initial=0) < 0 or host.max(initial=0) > new:
+            raise ValueError(f"count {host.tolist()} must lie in [0, {new}] (the tokens given)")
+    return jnp.broadcast_to(c.astype(jnp.int32), (batch,))
+
+
+def _positions(index, batch: int, length: int, new, verb: str = "writes"):
+    """``index`` as an int32 ``(batch,)`` array, checked when concrete (``new``: the tokens
+    written or read from it, an int or one per sequence)."""
     idx = jnp.asarray(index)
     if not jnp.issubdtype(idx.dtype, jnp.integer):
         raise TypeError(f"index must be an integer scalar or (batch,) array, got dtype {idx.dtype}")
@@ -157,10 +174,11 @@ def _positions(index, batch: int, length: int, new: int, verb: str = "writes"):
         raise ValueError(f"index must be a scalar or have shape ({batch},), got {tuple(idx.shape)}")
     if _is_concrete(idx):
         host = np.asarray(idx)
-        lo, hi = int(host.min()), int(host.max())
-        if lo < 0 or hi + new > length:
+        ends = np.broadcast_to(host, (batch,)) + np.broadcast_to(np.asarray(new), (batch,))
+        if host.min() < 0 or ends.max() > length:
+            many = np.asarray(new).tolist()
             raise ValueError(
-                f"index {host.tolist()} with {new} {'new tokens' if verb == 'writes' else 'queries'} {verb} "
+                f"index {host.tolist()} with {many} {'new tokens' if verb == 'writes' else 'queries'} {verb} "
                 f"outside the cache's length {length} (positions 0..{length - 1})"
             )
     return jnp.broadcast_to(idx.astype(jnp.int32), (batch,))
@@ -346,7 +364,7 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes + tails
 
     # -- writing -----------------------------------------------------------------------
-    def update(self, k, v, index=None) -> KVCache:
+    def update(self, k, v, index=None, *, count=None) -> KVCache:
         """Write ``S`` new tokens' keys and values at positions ``index .. index + S - 1``.
 
         Args:
@@ -356,6 +374,10 @@ class KVCache:
             at :attr:`lengths` (the tokens written so far); ``index`` may then be left out,
             and when given concretely it must equal them (under ``jit`` it is not checked,
             and ``lengths`` keeps counting past ``length`` while the positions are dropped).
+          count: how many of the ``S`` tokens are real, an int or one per sequence (a
+            ragged prompt batch padded to ``S``, or continuous batching where some
+            sequences add nothing this step); the rest are not written, and an appending
+            cache advances each sequence by its count. Default: all ``S``.
 
         Returns:
           The updated cache (``S = 0`` returns it unchanged).
@@ -378,10 +400,14 @@ class KVCache:
                 "update needs index= (the first position written): only a cache with a side scaled per "
                 "block of tokens appends at its lengths by itself"
             )
-        idx = self._append_index(index, s) if self.lengths is not None else _positions(index, b, t, s)
+        count = _counts(count, b, s)
+        new = s if count is None else (np.asarray(count) if _is_concrete(count) else 0)
+        idx = self._append_index(index, new) if self.lengths is not None else _positions(index, b, t, new)
         if s == 0:
             return self
         cols = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+        if count is not None:  # the padding tokens go to an out-of-range position: dropped
+            cols = jnp.where(jnp.arange(s)[None, :] < count[:, None], cols, t)
         sides, tails = [], []
         for cur, tail, spec, new in (
             (self.k, self.k_tail, self.k_spec, k),
@@ -390,7 +416,7 @@ class KVCache:
             new = new.astype(cur.dtype)
             kind = kva.mode(cur)
             if kind == "block":
-                cur, tail = _append_blocks(cur, tail, spec, new, idx)
+                cur, tail = _append_blocks(cur, tail, spec, new, idx, count)
                 sides.append(cur)
                 tails.append(tail)
                 continue
@@ -404,12 +430,12 @@ class KVCache:
             values = _write(cur.values, qn.values, cols)
             sides.append(cur.replace_children([values, scale, zero, None, None]))
             tails.append(tail)
-        lengths = None if self.lengths is None else idx + s
+        lengths = None if self.lengths is None else idx + (s if count is None else count)
         return dataclasses.replace(
             self, k=sides[0], v=sides[1], k_tail=tails[0], v_tail=tails[1], lengths=lengths
         )
 
-    def _append_index(self, index, new: int) -> jax.Array:
+    def _append_index(self, index, new) -> jax.Array:
         """Where an appending cache writes: at its lengths (``index`` must agree)."""
         b, t = self.shape[:2]
         lengths = self.lengths
@@ -528,16 +554,22 @@ class KVCache:
         return out.reshape(b, s, h * r, d).astype(q.dtype)
 
 
-def _append_blocks(cur: QArray, tail: jax.Array, spec: QuantSpec, new: jax.Array, start: jax.Array):
+def _append_blocks(
+    cur: QArray, tail: jax.Array, spec: QuantSpec, new: jax.Array, start: jax.Array, count: jax.Array | None
+):
     """Append ``new`` ``(B, S, H, D)`` at positions ``start`` ``(B,)`` of a side scaled per
     block of tokens: the partly written block (its floats in ``tail``) and the new tokens
     form a window of whole blocks, quantized per block and written over those blocks
     (positions after the new tokens are unwritten: their codes are zeros); the new last
-    partial block's floats become the tail. Returns ``(QArray, tail)``."""
+    partial block's floats become the tail. Only the first ``count`` (per sequence) of the
+    new tokens are real; the others count as unwritten. Returns ``(QArray, tail)``."""
     s = new.shape[1]
     blk = cur.group_size
     width = blk * -(-(blk + s) // blk)  # whole blocks holding a partial block and the new tokens
     start = _batch_like(start, new)
+    real = s if count is None else _batch_like(count, new)
+    if count is not None:
+        new = jnp.where((jnp.arange(s)[None, :] < real[:, None])[:, :, None, None], new, 0)
     filled = start % blk  # (B,) tokens already in the partial block
     first = start - filled  # (B,) its first position
     kept = jnp.where((jnp.arange(blk) < filled[:, None])[:, :, None, None], tail, 0)
@@ -551,7 +583,7 @@ def _append_blocks(cur: QArray, tail: jax.Array, spec: QuantSpec, new: jax.Array
     values = _write(cur.values, qw.values, cols)
     scale = _write(cur.scale, qw.scale, blocks)
     zero = None if cur.zero_point is None else _write(cur.zero_point, qw.zero_point, blocks)
-    offset = (filled + s) // blk * blk  # (B,) where the new partial block starts in the window
+    offset = (filled + real) // blk * blk  # (B,) where the new partial block starts in the window
     tail = jax.vmap(lambda w, o: jax.lax.dynamic_slice_in_dim(w, o, blk, axis=0))(window, offset)
     return cur.replace_children([values, scale, zero, None, None]), tail
 

@@ -757,3 +757,60 @@ def test_a_nan_token_in_a_static_cache_without_nan_codes_reads_zero(spec, kw):
     kd = jax.jit(lambda c, k: c.update(k, k, 0))(cache, k).dequantize()[0]
     np.testing.assert_array_equal(np.asarray(kd[0, 1]), 0.0)
     np.testing.assert_allclose(np.asarray(kd[1, :2]), 0.5, rtol=0.1)
+
+
+# -- ragged writes (count=) --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k_spec", [KIVI4, INT8_TOKEN], ids=["block", "token"])
+def test_ragged_prompts_then_decoding_equal_one_cache_per_sequence(k_spec):
+    """Prompts of 5 and 2 tokens padded to 6, then three decode steps in which the second
+    sequence skips one: each row equals a batch-1 cache fed only its real tokens."""
+    k, v = _KV
+    kw = dict(length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    ragged = qjax.KVCache.init(k_spec, value_spec=KIVI4, batch=2, **kw)
+    starts = jnp.zeros((2,), jnp.int32)
+    ragged = ragged.update(k[:, :6], v[:, :6], starts, count=jnp.array([5, 2]))
+    pos = jnp.array([5, 2])
+    step = jax.jit(lambda c, k, v, i, n: c.update(k, v, i, count=n))
+    for j, counts in enumerate(([1, 1], [1, 0], [1, 1])):
+        counts = jnp.array(counts)
+        ragged = step(ragged, k[:, 6 + j : 7 + j], v[:, 6 + j : 7 + j], pos, counts)
+        pos = pos + counts
+    np.testing.assert_array_equal(np.asarray(ragged.lengths), [8, 4])
+    rows = {0: [0, 1, 2, 3, 4, 6, 7, 8], 1: [0, 1, 6, 8]}  # the real tokens of each row
+    for r, taken in rows.items():
+        single = qjax.KVCache.init(k_spec, value_spec=KIVI4, batch=1, **kw)
+        for p, tok in enumerate(taken):
+            single = single.update(k[r : r + 1, tok : tok + 1], v[r : r + 1, tok : tok + 1], p)
+        n = len(taken)  # positions past a row's tokens are unwritten: codes may differ, values are 0
+        for side, one in ((ragged.k, single.k), (ragged.v, single.v)):
+            np.testing.assert_array_equal(np.asarray(side.values[r, :n]), np.asarray(one.values[0, :n]))
+            np.testing.assert_array_equal(np.asarray(side.dequantize()[r]), np.asarray(one.dequantize()[0]))
+        for x, y in (
+            (ragged.k_tail, single.k_tail),
+            (ragged.v_tail, single.v_tail),
+            (ragged.lengths, single.lengths),
+        ):
+            if x is not None:
+                np.testing.assert_array_equal(np.asarray(x[r : r + 1]), np.asarray(y))
+    q = _normal(2, 1, H, D)
+    kd, vd = ragged.dequantize()
+    np.testing.assert_allclose(
+        np.asarray(ragged.attend(q, pos - 1)), _reference(q, kd, vd, pos - 1), rtol=2e-5, atol=2e-6
+    )
+
+
+def test_count_checks():
+    cache = _init()
+    k = _normal(B, 3, H, D)
+    with pytest.raises(ValueError, match=r"count \[4, 1\] must lie in \[0, 3\]"):
+        cache.update(k, k, 0, count=jnp.array([4, 1]))
+    with pytest.raises(TypeError, match="count must be an integer"):
+        cache.update(k, k, 0, count=1.5)
+    with pytest.raises(ValueError, match=r"writes outside the cache's length 12"):
+        cache.update(k, k, jnp.array([9, 11]), count=jnp.array([3, 2]))
+    cache = cache.update(k, k, jnp.array([9, 11]), count=jnp.array([3, 1]))  # fits
+    kd = cache.dequantize()[0]
+    assert np.asarray(kd[0, 9:12]).any() and np.asarray(kd[1, 11]).any()
+    assert not np.asarray(kd[0, :9]).any() and not np.asarray(kd[1, :11]).any()
