@@ -406,8 +406,10 @@ class KVCache:
         if s == 0:
             return self
         cols = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
-        if count is not None:  # the padding tokens go to an out-of-range position: dropped
-            cols = jnp.where(jnp.arange(s)[None, :] < count[:, None], cols, t)
+        if count is not None:  # padding tokens: zeros (no NaN to refuse), sent out of range (dropped)
+            real = jnp.arange(s)[None, :] < count[:, None]
+            cols = jnp.where(real, cols, t)
+            k, v = (jnp.where(real[:, :, None, None], x, 0).astype(x.dtype) for x in (k, v))
         sides, tails = [], []
         for cur, tail, spec, new in (
             (self.k, self.k_tail, self.k_spec, k),
@@ -562,14 +564,13 @@ def _append_blocks(
     form a window of whole blocks, quantized per block and written over those blocks
     (positions after the new tokens are unwritten: their codes are zeros); the new last
     partial block's floats become the tail. Only the first ``count`` (per sequence) of the
-    new tokens are real; the others count as unwritten. Returns ``(QArray, tail)``."""
+    new tokens are real (the others are zeros, as unwritten positions). Returns
+    ``(QArray, tail)``."""
     s = new.shape[1]
     blk = cur.group_size
     width = blk * -(-(blk + s) // blk)  # whole blocks holding a partial block and the new tokens
     start = _batch_like(start, new)
-    real = s if count is None else _batch_like(count, new)
-    if count is not None:
-        new = jnp.where((jnp.arange(s)[None, :] < real[:, None])[:, :, None, None], new, 0)
+    real = s if count is None else _batch_like(count, new)  # the tokens after it are zeros
     filled = start % blk  # (B,) tokens already in the partial block
     first = start - filled  # (B,) its first position
     kept = jnp.where((jnp.arange(blk) < filled[:, None])[:, :, None, None], tail, 0)

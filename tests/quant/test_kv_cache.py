@@ -814,3 +814,16 @@ def test_count_checks():
     kd = cache.dequantize()[0]
     assert np.asarray(kd[0, 9:12]).any() and np.asarray(kd[1, 11]).any()
     assert not np.asarray(kd[0, :9]).any() and not np.asarray(kd[1, :11]).any()
+
+
+def test_padding_tokens_are_never_read_even_when_nan():
+    spec = qjax.QuantSpec(qjax.int8)
+    cache = qjax.KVCache.init(
+        spec, batch=2, length=4, heads=1, head_dim=4, dtype=jnp.float32, k_scale=0.01, v_scale=0.01
+    )
+    k = jnp.full((2, 2, 1, 4), 0.5).at[1, 1].set(jnp.nan)  # row 1's second token is padding
+    cache = cache.update(k, k, 0, count=jnp.array([2, 1]))
+    kd = np.asarray(cache.dequantize()[0])
+    np.testing.assert_allclose(kd[0, :2], 0.5)
+    np.testing.assert_allclose(kd[1, 0], 0.5)
+    np.testing.assert_array_equal(kd[1, 1:], 0.0)
