@@ -156,7 +156,7 @@ def markdown(report: dict) -> str:
     names = [*FLOATS, *CACHES]
     lines = [
         f"# KV cache stored as codes, one decode step ({report['date']}, {report['machine']}, "
-        f"jax {report['jax']})",
+        f"{report['device']}, jax {report['jax']})",
         "",
         "Per case: median µs per step, in brackets the paired ratio to the bf16 cache (below 1: "
         "faster); cache bytes as a fraction of the bf16 cache; err = max |y - y64| / max |y64| "

@@ -29,6 +29,9 @@ the rest, experiments/results/gpu_session_2026-11-26/):
 5. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
    dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
    chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
+6. ``kv``: ``bench_kv_cache.py``: one decode step on a ``qjax.KVCache`` of each format
+   (int8 / int4 / KIVI / fp8) against a bf16 cache, at 1 x 4096, 8 x 4096 and 16 x 8192
+   tokens; on a GPU the cache read is the cost of decoding (measured on CPU only so far).
 
 Also selectable (``--steps``): ``stored`` (``quantized`` on Flax ``(K, N)`` weights vs the
 same after ``qjax.store_transposed``) and ``pointwise`` (quantized 1x1 convs as dots vs as
@@ -69,8 +72,9 @@ STEPS = (
     ("nk", 200, 60),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
+    ("kv", 90, 0),
 )
-DEFAULT_STEPS = ("nk", "w8a8", "floor", "breakdown", "small", "methods")
+DEFAULT_STEPS = ("nk", "w8a8", "floor", "breakdown", "small", "methods", "kv")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -132,6 +136,9 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
     if name == "methods":
         sizes = ["--quick"] if dry_run else ["--size", "4096"]
         return [*py, str(HERE / "bench_ops.py"), "--out", str(out), "--skip-conv", *sizes]
+    if name == "kv":  # a decode step on a qjax.KVCache of each format vs a bf16 cache
+        sizes = ["--quick"] if dry_run else ["--cases", "1x4096,8x4096,16x8192"]
+        return [*py, str(HERE / "bench_kv_cache.py"), "--out", str(out), *sizes]
     if name == "stored":
         sizes = ["--quick"] if dry_run else ["--size", "4096", "--batches", "1,16,4096"]
         return [*py, str(HERE / "bench_stored_transposed.py"), "--out", str(out), *sizes]

@@ -21,6 +21,7 @@ def report_header() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now().isoformat(timespec="minutes"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {jax.default_backend()}",
+        "device": jax.devices()[0].device_kind,
         "jax": jax.__version__,
     }
 
