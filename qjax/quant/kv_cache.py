@@ -149,7 +149,8 @@ def _check_kv(name: str, x, batch: int, heads: int, head_dim: int):
 
 
 def _counts(count, batch: int, new: int):
-    """``count`` as an int32 ``(batch,)`` array in ``[0, new]`` (checked when concrete), or None."""
+    """``count`` as an int32 ``(batch,)`` array in ``[0, new]`` (checked when concrete, clipped
+    to it when traced: an appending cache must not count tokens it was not given), or None."""
     if count is None:
         return None
     c = jnp.asarray(count)
@@ -161,7 +162,7 @@ def _counts(count, batch: int, new: int):
         host = np.asarray(c)
         if host.min(initial=0) < 0 or host.max(initial=0) > new:
             raise ValueError(f"count {host.tolist()} must lie in [0, {new}] (the tokens given)")
-    return jnp.broadcast_to(c.astype(jnp.int32), (batch,))
+    return jnp.broadcast_to(jnp.clip(c.astype(jnp.int32), 0, new), (batch,))
 
 
 def _positions(index, batch: int, length: int, new, verb: str = "writes"):
@@ -377,7 +378,8 @@ class KVCache:
           count: how many of the ``S`` tokens are real, an int or one per sequence (a
             ragged prompt batch padded to ``S``, or continuous batching where some
             sequences add nothing this step); the rest are not written, and an appending
-            cache advances each sequence by its count. Default: all ``S``.
+            cache advances each sequence by its count. Default: all ``S``. A concrete count
+            outside ``[0, S]`` is refused; under ``jit`` it is clipped to it.
 
         Returns:
           The updated cache (``S = 0`` returns it unchanged).

@@ -827,3 +827,14 @@ def test_padding_tokens_are_never_read_even_when_nan():
     np.testing.assert_allclose(kd[0, :2], 0.5)
     np.testing.assert_allclose(kd[1, 0], 0.5)
     np.testing.assert_array_equal(kd[1, 1:], 0.0)
+
+
+def test_a_traced_count_outside_the_tokens_given_is_clipped():
+    k, v = _KV
+    cache = qjax.KVCache.init(KIVI4, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = jax.jit(lambda c, n: c.update(k[:, :6], v[:, :6], count=n))(cache, jnp.array([7, -1]))
+    np.testing.assert_array_equal(np.asarray(cache.lengths), [6, 0])
+    want = qjax.KVCache.init(KIVI4, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    want = want.update(k[:, :6], v[:, :6], count=jnp.array([6, 0]))
+    for x, y in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
