@@ -134,10 +134,16 @@ class _PolicyHandler(Handler):
         in a scope pattern would otherwise leave attention in float silently)."""
         unused = self.policy.unused_op_rules(self._activation_scopes)
         if unused:
-            seen = sorted(set(self._activation_scopes)) or ["none"]
+            seen = sorted(set(self._activation_scopes))
+            found = (
+                f"The name stacks of such matmuls were: {seen}"
+                if seen
+                else "The function has none outside custom_jvp / custom_vjp bodies, which are not searched "
+                "(e.g. the products of qjax.KVCache.attend, already on codes, or a fused attention kernel)"
+            )
             raise ValueError(
                 f"op rule patterns {unused} matched no matmul between two activations (re.fullmatch "
-                f"against the op's name stack). The name stacks of such matmuls were: {seen}"
+                f"against the op's name stack). {found}"
             )
 
     def weight(self, invals) -> tuple[int, WeightRef, Rule | None] | None:

@@ -838,3 +838,14 @@ def test_a_traced_count_outside_the_tokens_given_is_clipped():
     want = want.update(k[:, :6], v[:, :6], count=jnp.array([6, 0]))
     for x, y in zip(jax.tree.leaves(cache), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_an_op_rule_that_only_a_cache_read_could_match_says_why():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+    cache = cache.update(*_KV, 0)
+    params = {"w": _normal(D, D)}
+    w8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(".*", weight=w8), qjax.OpRule(".*", lhs=INT8_TOKEN)])
+    f = lambda p, c, x: c.attend(x @ p["w"], 3)
+    with pytest.raises(ValueError, match=r"none outside custom_jvp / custom_vjp bodies.*KVCache\.attend"):
+        qjax.quantized(f, policy)(params, cache, _normal(B, 1, H, D))
