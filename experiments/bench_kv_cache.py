@@ -8,6 +8,8 @@ of ``length`` tokens, timed on the local backend:
 * ``int8/token``: ``KVCache`` with one int8 scale per token and head;
 * ``int8/token, int8 q``: the same with the query quantized per token too, so ``q Kᵀ`` is
   int8 x int8 -> int32;
+* ``int8/token, int8 q, uint8 p``: the attention weights quantized too (uint8, one scale
+  per query row), so ``P V`` is an integer matmul as well;
 * ``int8 k/channel, v/token``: keys with a static per-(head, channel) scale calibrated
   on other keys of the same distribution, values per token;
 * ``... own range``: the same, the scales taken from the cached keys themselves (no
@@ -63,10 +65,12 @@ KIVI_V = {
     bits: qjax.QuantSpec(bits, channel_axes=(0, 1, 2), group_size=32, group_axis=3, symmetric=False)
     for bits in (qjax.int4, qjax.int2)
 }
-# name: (key spec, value spec, query spec)
+U8_ROWS = qjax.QuantSpec(qjax.uint8, **PER_TOKEN)  # attention weights: one scale per query row
+# name: (key spec, value spec, query spec[, weights spec])
 CACHES = {
     "int8/token": (INT8_TOKEN, INT8_TOKEN, None),
     "int8/token, int8 q": (INT8_TOKEN, INT8_TOKEN, INT8_TOKEN),
+    "int8/token, int8 q, uint8 p": (INT8_TOKEN, INT8_TOKEN, INT8_TOKEN, U8_ROWS),
     "int8 k/channel, v/token": (INT8_CHANNEL, INT8_TOKEN, None),
     "int8 k/channel own range, v/token": (INT8_CHANNEL, INT8_TOKEN, None),
     "int4/g32": (INT4_G32, INT4_G32, None),
@@ -118,7 +122,7 @@ def run_case(batch, length, heads, q_heads, head_dim, repeats, target_s) -> dict
         fns[name] = lambda step=step, qc=qc, kc=kc, vc=vc: step(qc, kc, vc)
         nbytes[name] = 2 * k.size * jnp.dtype(dtype).itemsize
     q_bf16 = q.astype(jnp.bfloat16)
-    for name, (k_spec, v_spec, q_spec) in CACHES.items():
+    for name, (k_spec, v_spec, q_spec, *p_spec) in CACHES.items():
         static = {}
         if k_spec.channel_axes == (2, 3):
             sample = k if "own range" in name else k_calib
@@ -127,7 +131,10 @@ def run_case(batch, length, heads, q_heads, head_dim, repeats, target_s) -> dict
             k_spec, value_spec=v_spec, batch=batch, length=length, heads=heads, head_dim=head_dim, **static
         )
         cache = jax.jit(lambda c, k, v: c.update(k, v, 0))(cache, k, v)
-        step = jax.jit(lambda c, q, q_spec=q_spec: c.attend(q, index, q_spec=q_spec))
+        p_spec = p_spec[0] if p_spec else None
+        step = jax.jit(
+            lambda c, q, q_spec=q_spec, p_spec=p_spec: c.attend(q, index, q_spec=q_spec, p_spec=p_spec)
+        )
         fns[name] = lambda step=step, cache=cache: step(cache, q_bf16)
         nbytes[name] = cache.nbytes
     want = reference(q, k, v, index)

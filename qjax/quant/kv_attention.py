@@ -131,9 +131,20 @@ def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> j
     return jnp.transpose(out, (0, 1, 3, 4, 2, 5)).reshape(b, h, s, r, t)
 
 
-def weighted_values(probs: jax.Array, v: QArray, method: str = "auto") -> jax.Array:
+def _weights_spec(p_spec: QuantSpec | None, ndim: int) -> QuantSpec | None:
+    """``p_spec`` (per tensor, or ``PER_TOKEN``: one scale per query row) on the attention
+    weights in a product's layout, the length last."""
+    if p_spec is None:
+        return None
+    rows = () if p_spec.channel_axes == () else tuple(range(ndim - 1))
+    return p_spec.replace(channel_axes=rows, pack=False)
+
+
+def weighted_values(probs: jax.Array, v: QArray, p_spec: QuantSpec | None = None) -> jax.Array:
     """``Σ_t probs[..., t] · v[:, t]`` on the codes: ``probs`` ``(B, H, S, R, T)``, ``v``
-    ``(B, T, H, D)`` -> ``(B, S, H, R, D)`` float32.
+    ``(B, T, H, D)`` -> ``(B, S, H, R, D)`` float32. With ``p_spec`` the weights (after a
+    per-token value scale is folded in) are quantized too, so the product is integer
+    (straight-through gradients).
 
     * token: the scale varies along the contraction: it multiplies the weights, one copy
       per group of D (``Σ_t p_t s_t (c_t - z_t) = Σ_t (p_t s_t) c_t - Σ_t p_t s_t z_t``);
@@ -145,27 +156,30 @@ def weighted_values(probs: jax.Array, v: QArray, method: str = "auto") -> jax.Ar
     d = v.shape[-1]
     kind = mode(v)
     if kind == "static":
-        out = quantized_dot_general(
-            probs,
-            _codes(v, (b, t, h, d)),
-            (((4,), (1,)), ((0, 1), (0, 2))),
-            out_dtype=jnp.float32,
-            method=method,
-        )  # (B, H, S, R, D)
+        spec = _weights_spec(p_spec, probs.ndim)
+        dn = (((4,), (1,)), ((0, 1), (0, 2)))
+        out = quantized_dot_general(probs, _codes(v, (b, t, h, d)), dn, lhs_spec=spec, out_dtype=jnp.float32)
         moved = lambda a: jnp.transpose(_channels(a, v), (0, 2, 1, 3))[:, :, :, None, :]
-        if v.zero_point is not None:
-            out = out - jnp.sum(probs, axis=-1, keepdims=True) * moved(v.zero_point)
+        if v.zero_point is not None:  # out: (B, H, S, R, D); the term reads the weights the product read
+            read = probs if spec is None else fake_quant(probs, spec)
+            out = out - jnp.sum(read, axis=-1, keepdims=True) * moved(v.zero_point)
         return jnp.transpose(out * moved(v.scale), (0, 2, 1, 3, 4))
     if kind == "block":  # one product on the dequantized values, weights in their dtype
+        if p_spec is not None:
+            raise ValueError(
+                "p_spec: block-scaled values are read dequantized; it needs per-token or static values"
+            )
         vd = v.dequantize()
         return jnp.einsum("bhsrt,bthd->bshrd", probs.astype(vd.dtype), vd, preferred_element_type=jnp.float32)
     gsize = v.group_size if v.group_axis is not None else d
     g = d // gsize
     per_group = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 3, 1))[:, :, :, None, None, :]
     pw = probs[:, :, None] * per_group(v.scale)  # (B, H, G, S, R, T)
+    spec = _weights_spec(p_spec, pw.ndim)
     dn = (((5,), (1,)), ((0, 1, 2), (0, 2, 3)))
-    out = quantized_dot_general(pw, _codes(v, (b, t, h, g, gsize)), dn, out_dtype=jnp.float32, method=method)
+    out = quantized_dot_general(pw, _codes(v, (b, t, h, g, gsize)), dn, lhs_spec=spec, out_dtype=jnp.float32)
     if v.zero_point is not None:  # out: (B, H, G, S, R, gs)
-        out = out - jnp.sum(pw * per_group(v.zero_point), axis=-1)[..., None]
+        read = pw if spec is None else fake_quant(pw, spec)
+        out = out - jnp.sum(read * per_group(v.zero_point), axis=-1)[..., None]
     out = jnp.transpose(out, (0, 3, 1, 4, 2, 5))  # (B, S, H, R, G, gs)
     return out.reshape(b, s, h, r, d)

@@ -49,7 +49,7 @@ import numpy as np
 from qjax.numerics import calibration as calib
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
-from qjax.numerics.spec import QuantSpec
+from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant import kv_attention as kva
 from qjax.quant.kv_attention import B_AXIS as _B
 from qjax.quant.kv_attention import D_AXIS as _D
@@ -472,6 +472,7 @@ class KVCache:
         mask=None,
         softmax_scale: float | None = None,
         q_spec: QuantSpec | None = None,
+        p_spec: QuantSpec | None = None,
         method: str = "auto",
     ) -> jax.Array:
         """Softmax attention of ``q`` over the cache, computed on its codes.
@@ -494,8 +495,14 @@ class KVCache:
             copy per block of tokens, each with its own scales): the error is that of
             quantizing ``q ⊙ s``, not ``q``. Gradients pass straight through the query
             quantizer (as ``qjax.fake_quant`` with the spec's ``ste``).
+          p_spec: quantize the attention weights too before ``P V`` (per-token or static
+            values): ``channel_axes=()`` one scale per call, or ``qjax.PER_TOKEN`` one per
+            query row, e.g. ``QuantSpec(qjax.uint8, channel_axes=qjax.PER_TOKEN)`` (the
+            weights are not negative), so ``P V`` runs as an integer matmul with integer
+            values. A per-token value scale is folded in first (``p ⊙ s``, one copy per
+            group of ``head_dim``). Straight-through gradients.
           method: ``quantized_dot_general``'s formulation of ``q Kᵀ`` (``"int"`` needs
-            ``q_spec`` and integer keys); ``P V`` (float weights) uses ``"auto"``.
+            ``q_spec`` and integer keys); ``P V`` uses ``"auto"``.
 
         Returns:
           ``(batch, S, q_heads, head_dim)`` in ``q``'s dtype. A query that may read no
@@ -527,6 +534,14 @@ class KVCache:
                 q_spec.layout(q.shape)
             except ValueError as e:
                 raise ValueError(f"q_spec (over q of shape {tuple(q.shape)}): {e}") from None
+        if p_spec is not None:
+            if not isinstance(p_spec, QuantSpec):
+                raise TypeError(f"p_spec must be a qjax.QuantSpec or None, got {type(p_spec).__name__}")
+            if p_spec.group_axis is not None or p_spec.channel_axes not in ((), PER_TOKEN):
+                raise ValueError(
+                    "p_spec: the attention weights take one scale per call (channel_axes=()) or per query "
+                    f"row (qjax.PER_TOKEN), without groups; got {p_spec!r}"
+                )
         s, r = q.shape[1], q.shape[2] // h
         visible = jnp.ones((b, 1, s, t), bool)
         if index is not None:
@@ -554,7 +569,7 @@ class KVCache:
         weights = jnp.where(visible, jnp.exp(scores - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
         total = jnp.sum(weights, axis=-1, keepdims=True)
         probs = weights / jnp.where(total > 0, total, 1.0)
-        out = kva.weighted_values(probs, self.v)  # (B, S, H, R, D)
+        out = kva.weighted_values(probs, self.v, p_spec)  # (B, S, H, R, D)
         return out.reshape(b, s, h * r, d).astype(q.dtype)
 
 

@@ -849,3 +849,63 @@ def test_an_op_rule_that_only_a_cache_read_could_match_says_why():
     f = lambda p, c, x: c.attend(x @ p["w"], 3)
     with pytest.raises(ValueError, match=r"none outside custom_jvp / custom_vjp bodies.*KVCache\.attend"):
         qjax.quantized(f, policy)(params, cache, _normal(B, 1, H, D))
+
+
+# -- quantized attention weights (p_spec) ------------------------------------------------------
+
+U8_ROWS = qjax.QuantSpec(qjax.uint8, channel_axes=qjax.PER_TOKEN)
+
+
+def _probs(q, kd, index):
+    """float64 attention weights (B, q_heads, S, T) over dequantized keys."""
+    q, kd = np.asarray(q, np.float64), np.asarray(kd, np.float64)
+    r = q.shape[2] // kd.shape[2]
+    logits = np.einsum("bshd,bthd->bhst", q, np.repeat(kd, r, axis=2)) / np.sqrt(q.shape[-1])
+    seen = np.arange(kd.shape[1])[None, :] <= index + np.arange(q.shape[1])[:, None]
+    logits = np.where(seen, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def _u8_rows(p):
+    s = p.max(-1, keepdims=True) / 255
+    return np.clip(np.round(p / np.where(s == 0, 1, s)), 0, 255) * s
+
+
+def test_quantized_weights_with_static_values_match_an_independent_reference():
+    spec = qjax.QuantSpec(qjax.int8)
+    cache = qjax.KVCache.init(
+        spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32, k_scale=0.03, v_scale=0.02
+    )
+    cache = cache.update(*_KV, 0)
+    q = _normal(B, 2, 2 * H, D)
+    kd, vd = (np.asarray(a, np.float64) for a in cache.dequantize())
+    out = cache.attend(q, 5, p_spec=U8_ROWS)
+    p = _u8_rows(_probs(q, kd, 5))
+    want = np.einsum("bhst,bthd->bshd", p, np.repeat(vd, 2, axis=2))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_weights_fold_per_token_value_scales_first():
+    cache = qjax.KVCache.init(INT8_TOKEN, batch=1, length=6, heads=1, head_dim=4, dtype=jnp.float32)
+    cache = cache.update(_normal(1, 6, 1, 4), _normal(1, 6, 1, 4), 0)
+    q = _normal(1, 1, 1, 4)
+    kd = np.asarray(cache.dequantize()[0], np.float64)
+    codes = np.asarray(cache.v.values, np.float64)[0, :, 0]  # (6, 4)
+    scale = np.asarray(cache.v.scale, np.float64)[0, :, 0, 0]  # (6,)
+    out = cache.attend(q, 5, p_spec=U8_ROWS, q_spec=INT8_TOKEN)
+    q_kd = _probs(qjax.quantize(q, INT8_TOKEN).dequantize(), kd, 5)[0, 0, 0]
+    want = _u8_rows((q_kd * scale)[None])[0] @ codes
+    np.testing.assert_allclose(np.asarray(out)[0, 0, 0], want, rtol=1e-5, atol=1e-6)
+    grad = jax.grad(lambda q: jnp.sum(cache.attend(q, 5, p_spec=U8_ROWS) ** 2))(q)
+    assert np.abs(np.asarray(grad)).max() > 0
+
+
+def test_p_spec_refusals():
+    q = _normal(B, 1, H, D)
+    with pytest.raises(ValueError, match="p_spec: block-scaled values are read dequantized"):
+        _init(KIVI4).update(*_KV).attend(q, 3, p_spec=U8_ROWS)
+    with pytest.raises(ValueError, match="one scale per call"):
+        _init().update(*_KV, 0).attend(q, 3, p_spec=qjax.QuantSpec(qjax.uint8, channel_axes=(0, 1)))
+    with pytest.raises(TypeError, match="p_spec must be"):
+        _init().update(*_KV, 0).attend(q, 3, p_spec="uint8")
