@@ -15,6 +15,8 @@ contraction, and per block of tokens as a batch axis of the product.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +33,21 @@ def mode(q: QArray) -> str:
     if T_AXIS in q.channel_axes:
         return "token"
     return "block" if q.group_axis == T_AXIS else "static"
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _product(subscripts: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum`` with float32 accumulation, behind a ``custom_jvp`` as the products on
+    codes are (``quantized_dot_general``): the graph layer does not search such bodies, so
+    an ``OpRule`` leaves every product of the cache alone, whatever its layout."""
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
+@_product.defjvp
+def _product_jvp(subscripts, primals, tangents):
+    (a, b), (ta, tb) = primals, tangents
+    dot = functools.partial(jnp.einsum, subscripts, preferred_element_type=jnp.float32)
+    return _product(subscripts, a, b), dot(ta, b) + dot(a, tb)
 
 
 def _channels(a: jax.Array, q: QArray) -> jax.Array:
@@ -116,7 +133,7 @@ def scores(q5: jax.Array, k: QArray, q_spec: QuantSpec | None, method: str) -> j
             )
         kd = k.dequantize()
         qd = q5.astype(jnp.promote_types(q5.dtype, kd.dtype))
-        return jax.lax.dot_general(qd, kd.astype(qd.dtype), dn, preferred_element_type=jnp.float32)
+        return _product("bshrd,bthd->bhsrt", qd, kd.astype(qd.dtype))
     nb, blk = t // k.group_size, k.group_size
     per_block = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 1, 3))[:, :, :, None, None, :]
     qt = jnp.transpose(q5.astype(jnp.float32), (0, 2, 1, 3, 4))[:, :, None]  # (B, H, 1, S, R, D)
@@ -170,7 +187,7 @@ def weighted_values(probs: jax.Array, v: QArray, p_spec: QuantSpec | None = None
                 "p_spec: block-scaled values are read dequantized; it needs per-token or static values"
             )
         vd = v.dequantize()
-        return jnp.einsum("bhsrt,bthd->bshrd", probs.astype(vd.dtype), vd, preferred_element_type=jnp.float32)
+        return _product("bhsrt,bthd->bshrd", probs.astype(vd.dtype), vd)
     gsize = v.group_size if v.group_axis is not None else d
     g = d // gsize
     per_group = lambda a: jnp.transpose(a.astype(jnp.float32), (0, 2, 3, 1))[:, :, :, None, None, :]

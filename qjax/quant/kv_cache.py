@@ -500,7 +500,9 @@ class KVCache:
             query row, e.g. ``QuantSpec(qjax.uint8, channel_axes=qjax.PER_TOKEN)`` (the
             weights are not negative), so ``P V`` runs as an integer matmul with integer
             values. A per-token value scale is folded in first (``p ⊙ s``, one copy per
-            group of ``head_dim``). Straight-through gradients.
+            group of ``head_dim``). Straight-through gradients. With one scale per call,
+            every sequence's output depends on the whole batch's weights (and a NaN
+            anywhere reaches all of them).
           method: ``quantized_dot_general``'s formulation of ``q Kᵀ`` (``"int"`` needs
             ``q_spec`` and integer keys); ``P V`` uses ``"auto"``.
 
@@ -527,6 +529,11 @@ class KVCache:
                 "attend needs index= (causal, and unwritten positions hidden) or mask=: without "
                 "them every position of the cache, written or not, would be read"
             )
+        for name, spec in (("q_spec", q_spec), ("p_spec", p_spec)):
+            if isinstance(spec, QuantSpec) and spec.rounding != "nearest":
+                raise ValueError(
+                    f"{name}: attend takes no PRNG key; use rounding='nearest', got {spec.rounding!r}"
+                )
         if q_spec is not None:
             if not isinstance(q_spec, QuantSpec):
                 raise TypeError(f"q_spec must be a qjax.QuantSpec or None, got {type(q_spec).__name__}")

@@ -909,3 +909,26 @@ def test_p_spec_refusals():
         _init().update(*_KV, 0).attend(q, 3, p_spec=qjax.QuantSpec(qjax.uint8, channel_axes=(0, 1)))
     with pytest.raises(TypeError, match="p_spec must be"):
         _init().update(*_KV, 0).attend(q, 3, p_spec="uint8")
+
+
+def test_op_rules_leave_every_cache_layout_alone():
+    """The cache's products, on codes or (block layouts) on dequantized codes, are not
+    matched by an OpRule: quantizing them again would add error silently."""
+    params = {"w": _normal(D, D)}
+    w8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(".*", weight=w8), qjax.OpRule(".*", lhs=INT8_TOKEN)])
+    for spec in (INT8_TOKEN, KIVI4):
+        cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
+        cache = cache.update(*_KV, 0)
+        f = lambda p, c, x: c.attend(x @ p["w"], 3)
+        with pytest.raises(ValueError, match="none outside custom_jvp / custom_vjp bodies"):
+            qjax.fake_quantized(f, policy)(params, cache, _normal(B, 1, H, D))
+
+
+def test_stochastic_query_or_weight_specs_are_refused():
+    cache = _init().update(*_KV, 0)
+    q = _normal(B, 1, H, D)
+    for name in ("q_spec", "p_spec"):
+        spec = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+        with pytest.raises(ValueError, match=f"{name}: attend takes no PRNG key"):
+            cache.attend(q, 3, **{name: spec})
