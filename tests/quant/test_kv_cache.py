@@ -111,7 +111,7 @@ SPECS = {
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-@pytest.mark.parametrize("group", [1, 4])  # query heads per cache head (GQA)
+@pytest.mark.parametrize("group", [3])  # query heads per cache head (GQA; 1 in the mask and ragged tests)
 def test_attention_on_codes_matches_float64_attention_over_the_dequantized_cache(name, group):
     spec, scales = SPECS[name]
     cache = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32, **scales)
