@@ -205,8 +205,8 @@ def main(argv=None) -> None:
             length,
             {k: (round(v["median_us"]), round(v["x_bf16"], 2)) for k, v in case["variants"].items()},
         )
-        report["cases"].append(case)
-    write("bench_kv_cache" + ("_quick" if args.quick else ""), report, markdown(report), Path(args.out))
+        report["cases"].append(case)  # written after each case: a run cut short keeps what it measured
+        write("bench_kv_cache" + ("_quick" if args.quick else ""), report, markdown(report), Path(args.out))
 
 
 if __name__ == "__main__":

@@ -4,34 +4,33 @@ A session lent a GPU has about 15 minutes of device time, and every machine star
 one to two of them, so the measurements BUILD_NOTES lists under "Next GPU session" run
 here as steps of one command, each a subprocess with its own time limit (a crash or a
 timeout ends that step, not the session; ``bench_kernels.py`` saves after every case, so
-a step cut short keeps what it measured). Default steps (the thirteenth session measured
-the rest, experiments/results/gpu_session_2026-11-26/):
+a step cut short keeps what it measured). Default steps (the twenty-first session,
+2026-11-27, measured ``w8a8``, ``floor``, ``breakdown`` and the int4 part of ``nk``:
+experiments/results/gpu_session_2026-11-27_s21/; earlier sessions the rest,
+experiments/results/gpu_session_2026-11-26/ and _s18/):
 
-0. ``nk``: ``bench_kernels.py`` on weights stored ``(N, K)`` at 4096 (batch 1 / 4 / 16):
-   ``n_pairs_nk`` per channel first, for the H100 table's missing 4096^2 entries (its
-   8192^2 ones do not stand for 4096^2: ``tuning.MAX_SHRINK``) and the W4A16 goal there.
-1. ``w8a8``: ``bench_kernels.py --layouts none``: W8A8 at 4096^3 (Triton on ``(K, N)`` and
-   ``(N, K)``, then the Hopper ``wgmma`` kernel's checks and case). The issue's W8A8 goal
-   is stated for an H100 and was measured only on an H200 (1.51x bf16, 2026-11-26).
+0. ``kv``: ``bench_kv_cache.py``: one decode step on a ``qjax.KVCache`` of each format
+   (int8 / int4 / KIVI / fp8) against a bf16 cache, at 1 x 4096, 8 x 4096 and 16 x 8192
+   tokens. The twenty-first session's 90 s cap ended it before 16 x 8192 (1 x 4096:
+   quantized caches 1.2-1.6x the bf16 step; 8 x 4096: int8 0.78-0.88x, fp8 0.79x).
+1. ``nk``: ``bench_kernels.py`` on the int8 weight stored ``(N, K)`` (``int8_nk``, W8A16) at
+   4096 (batch 1 / 4 / 16), which the 200 s cap did not reach after the int4 layouts.
 2. ``floor``: ``profile_w4a16.py --size 4096``: how fast anything can read the 8 MB of an
-   int4 4096^2 weight here (Pallas streaming probes that only sum the words, XLA's reduction
-   of them) next to the bf16 dot. The W4A16 goal at 4096^2 needs 5.9 us of device time per
-   call (bf16: 14.7 us); if the fastest probe alone takes about that, no kernel of this
-   design reaches 2.5x there, and BUILD_NOTES can say so with a number.
+   int4 4096^2 weight (Pallas streaming probes that only sum the words, XLA's reduction of
+   them) next to the bf16 dot. On the H100 (2026-11-27) the probes read it in 3.3 us
+   (2.56 TB/s), the bf16 dot took 15.1 us, the best W4A16 kernel 5.35 us plus XLA's 1.4 us
+   split-K sum: the 2.5x goal (5.9 us) is not a bandwidth limit.
 3. ``breakdown``: ``w4a16_breakdown.py``: CUPTI device time per kernel (the Pallas kernel,
-   XLA's split-K sum), at 4096 and 8192, batch 1 and 16: first the inline-PTX tiles on the
-   weight stored ``(N, K)`` packed along N (``n_pairs_nk``: 2.81-2.84x bf16 at 8192^2 on an
-   H100, 2026-11-27, eighteenth session), then the ``(K, N)`` tiles (2.38-2.41x) and last
-   the Hopper TMA + ``wgmma`` kernel (correct there, slower). The checks passed on that
-   H100 and are skipped.
+   XLA's split-K sum) at 4096 and 8192, batch 1 and 16, for the tiles around the fastest
+   W4A16 one, then the Hopper TMA + ``wgmma`` kernel.
 4. ``small``: W4A16 at batch 1 / 4 / 16, K = N = 8192 then 4096, layouts ``n_pairs`` and
    ``k_halves``: the gemv kernel and the inline-PTX tensor-core tiles against bf16.
 5. ``methods``: ``bench_ops.py`` at K = N = 4096: every XLA formulation of a weight-only
-   dot with float32 activations (``split`` / ``convert`` / ``dequant``), which the CPU
-   chose for ``method="auto"`` and which ran 1.3-2.1x slower than float32 on the H100.
-6. ``kv``: ``bench_kv_cache.py``: one decode step on a ``qjax.KVCache`` of each format
-   (int8 / int4 / KIVI / fp8) against a bf16 cache, at 1 x 4096, 8 x 4096 and 16 x 8192
-   tokens; on a GPU the cache read is the cost of decoding (measured on CPU only so far).
+   dot with float32 activations (``split`` / ``convert`` / ``dequant``).
+6. ``w8a8``: ``bench_kernels.py --layouts none``: W8A8 at 4096^3 (Triton on ``(K, N)`` and
+   ``(N, K)``, then the Hopper ``wgmma`` kernel). On the H100 (2026-11-27) the persistent
+   wgmma kernel ran 1.82x bf16 and 1.45x XLA's int8 dot in device time on a weight stored
+   ``(N, K)``, 1.58x / 1.26x with the transpose of a ``(K, N)`` one in the call.
 
 Also selectable (``--steps``): ``stored`` (``quantized`` on Flax ``(K, N)`` weights vs the
 same after ``qjax.store_transposed``) and ``pointwise`` (quantized 1x1 convs as dots vs as
@@ -69,12 +68,12 @@ STEPS = (
     ("floor", 60, 0),
     ("small", 300, 90),
     ("methods", 120, 0),
-    ("nk", 200, 60),
+    ("nk", 120, 40),
     ("stored", 120, 0),
     ("pointwise", 60, 0),
-    ("kv", 90, 0),
+    ("kv", 200, 0),
 )
-DEFAULT_STEPS = ("nk", "w8a8", "floor", "breakdown", "small", "methods", "kv")
+DEFAULT_STEPS = ("kv", "nk", "floor", "breakdown", "small", "methods", "w8a8")
 
 
 def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]:
@@ -83,7 +82,7 @@ def step_argv(name: str, out: Path, budget_s: float, dry_run: bool) -> list[str]
     if name in ("small", "nk"):
         args = {
             "small": ["--sizes", "8192,4096", "--batches", "1,4,16", "--layouts", "n_pairs,k_halves"],
-            "nk": ["--sizes", "4096", "--batches", "1,4,16", "--layouts", "n_pairs_nk,k_pairs_nk,int8_nk"],
+            "nk": ["--sizes", "4096", "--batches", "1,4,16", "--layouts", "int8_nk"],
         }[name]
         cands = ["--max-candidates", "4" if name == "small" else "3"]
         extra = ["--dry-run", "--sizes", "256", "--batches", "1,16"] if dry_run else []

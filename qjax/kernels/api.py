@@ -184,13 +184,13 @@ def engines_here(kind: str, layout: str) -> tuple[str, ...]:
 
 
 def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) -> tuning.TunedEntry | None:
-    """The ``platform`` tuning table's entry for this op: on a GPU, each usable engine's
-    nearest entry (:func:`engines_here`; only configs that fit the shape), of which the one
-    measured at the batch nearest to ``m`` (on a tie the larger batch: the more demanding
-    one), then at the nearest ``(K, N)``, then with the largest speedup (an engine measured
-    at one row says nothing about four: the CUDA-core ``gemv`` ran 2-9x slower at M = 4 than
-    at M = 1 on an H100); on a TPU the nearest entry
-    (its block sizes are re-derived by ``default_config_tpu``). ``None`` if none qualifies.
+    """The ``platform`` tuning table's entry for this op: on a GPU, of each usable engine's
+    nearest entry (:func:`engines_here`; only configs that fit the shape), the one
+    :func:`tuning.preferred` picks (nearest batch, on a tie the larger: an engine measured at
+    one row says nothing about four, the CUDA-core ``gemv`` ran 2-9x slower at M = 4 than at
+    M = 1 on an H100; then nearest shape; then the shorter kernel time, or the larger speedup
+    across shapes); on a TPU the nearest entry (its block sizes are re-derived by
+    ``default_config_tpu``). ``None`` if none qualifies.
     """
     if platform != "gpu":
         return tuning.lookup(platform, tuning.kernel_name(kind, layout), m, k, n, group_size)
@@ -205,8 +205,7 @@ def tuned_entry(platform, kind, m, k, n, group_size, layout, pack_block=None) ->
             continue
         fits.append(e)
 
-    rank = lambda e: (*tuning.batch_distance(e, m), tuning.shape_distance(e, k, n), -e.speedup)
-    return min(fits, key=rank, default=None)
+    return tuning.preferred(fits, m, k, n)
 
 
 def choose_config(platform, kind, m, k, n, group_size, layout, pack_block, config) -> BlockConfig:

@@ -86,8 +86,12 @@ _SMALL_BATCH_TILES = (
 # (19.50 vs 19.54 us) and saved wall time (one launch fewer: 26.9 vs 29.0 us; 19.6 vs 19.8 at
 # 4096^2), but lost above (M = 16: 22.4 vs 20.6 us device, 33.1 vs 29.9 wall). 256 x 64
 # split 16 and 8 warps: the split-8 tile ran at 11.7% achieved occupancy under Nsight
-# Compute (its 256 programs, ~2 per SM), so more programs or warps may stream faster (not
-# yet measured)
+# Compute (its 256 programs, ~2 per SM). No split-K at all (so no sum kernel: XLA's took
+# 1.2-1.6 us of the 6.8-7.2 us total at 4096^2), with narrow tiles giving the programs
+# instead (16 x 32 / 16 x 16 x 256-1024, 128-256 programs), streamed far worse on an H100
+# (2026-11-27, twenty-first session, experiments/results/gpu_session_2026-11-27_s21/
+# w4a16_breakdown_narrow.json): 9.3-55 us device at 4096^2 against 6.6-7.2 us for the
+# split-8 tiles, so the list keeps split-K
 _SMALL_BATCH_UNSWAPPED_TILES = (
     (256, 64, 8, 4, 4),
     (256, 64, 16, 4, 4),

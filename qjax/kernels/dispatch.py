@@ -174,19 +174,20 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if backend == "auto":
         # W8A8 on a (K, N) weight may also run on it transposed (the transpose is in the timed program)
         layouts = (layout, "nk") if layout == "kn" else (layout,)
-        found = [
-            (e.speedup, lo)
+        found = {
+            lo: e
             for lo in layouts
             if (e := api.tuned_entry(platform, kind, m, k, n, group, lo)) is not None
             and e.speedup >= tuning.MIN_SPEEDUP
-        ]
+        }
         if not found:
             name = tuning.kernel_name(kind, layout)
             return (
                 None,
                 f"no measured speedup for {name} at M={m}, K={k}, N={n} in the {platform} tuning table",
             )
-        layout = max(found)[1]  # choose_config below takes that layout's entry (any engine)
+        best = tuning.preferred(list(found.values()), m, k, n)
+        layout = next(lo for lo, e in found.items() if e is best)  # choose_config takes its entry
     try:
         cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)
     except ValueError as e:

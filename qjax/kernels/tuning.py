@@ -181,6 +181,22 @@ def shape_distance(e: TunedEntry, k: int, n: int) -> float:
     return abs(math.log(e.k / k)) + abs(math.log(e.n / n))
 
 
+def preferred(entries, m: int, k: int, n: int) -> TunedEntry | None:
+    """Of entries for one op (other engines or weight layouts), the one measured at the batch
+    nearest to ``m`` (:func:`batch_distance`), then at the nearest ``(K, N)``; among those,
+    if all were measured at one shape the shortest kernel time (each entry's ``xla_us`` is
+    its own timing of the same XLA op, so a noisy baseline must not choose the slower
+    kernel), else the largest speedup. ``None`` for no entries."""
+    if not entries:
+        return None
+    near = lambda e: (*batch_distance(e, m), shape_distance(e, k, n))
+    closest = min(map(near, entries))
+    nearest = [e for e in entries if near(e) == closest]
+    if len({(e.m, e.k, e.n) for e in nearest}) == 1:
+        return min(nearest, key=lambda e: e.kernel_us)
+    return max(nearest, key=lambda e: e.speedup)
+
+
 def lookup(
     platform: str,
     kernel: str,

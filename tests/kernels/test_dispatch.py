@@ -176,7 +176,7 @@ W8A8_TOKENS = qjax.QuantSpec(qjax.int8, channel_axes=(0,))  # resolved per-token
 def test_auto_w8a8_takes_the_faster_weight_layout(monkeypatch, speedups, expected):
     cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
     entries = tuple(
-        tuning.TunedEntry(name, 16, 64, 32, None, cfg, 10.0, 10.0 * s)
+        tuning.TunedEntry(name, 16, 64, 32, None, cfg, 18.0 / s, 18.0)
         for name, s in zip(("w8a8", "w8a8_nk"), speedups, strict=True)
         if s is not None
     )
@@ -189,6 +189,20 @@ def test_auto_w8a8_takes_the_faster_weight_layout(monkeypatch, speedups, expecte
         assert plan is None and "no measured speedup for w8a8 at M=4, K=64, N=32" in why
     else:
         assert plan is not None and plan.kind == "w8a8" and plan.layout == expected
+
+
+def test_auto_w8a8_layouts_measured_at_one_shape_go_to_the_shorter_kernel(monkeypatch):
+    """Each layout's entry divides by its own timing of XLA's dot: the kernel times decide."""
+    cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
+    entries = (
+        tuning.TunedEntry("w8a8", 16, 64, 32, None, cfg, 10.0, 20.0),  # 2.0x on a slow baseline
+        tuning.TunedEntry("w8a8_nk", 16, 64, 32, None, cfg, 8.0, 12.0),  # 1.5x, but faster
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (64, 32)), WEIGHT_SPECS["int8"])
+    plan, why = dispatch.plan(jnp.ones((4, 64)), w, (((1,), (0,)), ((), ())), W8A8_TOKENS, None, None, "auto")
+    assert plan is not None and plan.layout == "nk", why
 
 
 def test_w8a8_transposed_weight_plan_runs_like_the_plain_one():

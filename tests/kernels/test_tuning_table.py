@@ -94,6 +94,25 @@ def test_engines_tied_on_batch_go_to_the_larger_measured_batch(monkeypatch):
     assert api.tuned_entry("gpu", "w4a16", 1, 4096, 4096, None, "n_pairs").config == gemv
 
 
+def test_engines_measured_at_the_same_shape_go_to_the_shorter_kernel_time(monkeypatch):
+    """Each engine's speedup divides by its own timing of the same XLA op, so at one shape the
+    kernel times decide (a noisy baseline must not pick the slower kernel); entries at
+    different shapes, equally near, compare by speedup."""
+    gemv = BlockConfig(1, 128, 128, 8, False, 4, 3, engine="gemv")
+    tc = BlockConfig(16, 256, 64, 8, dequant="ptx")
+    fast = _entry(1, 4096, 4096, 10.0, 15.0, kernel="w4a16_n_pairs", config=tc)  # 1.5x
+    slow = _entry(1, 4096, 4096, 12.0, 24.0, kernel="w4a16_n_pairs_gemv", config=gemv)  # 2.0x
+    for entries in ((fast, slow), (slow, fast)):
+        monkeypatch.setattr(tuning, "load_table", lambda platform, e=entries: e)
+        assert api.tuned_entry("gpu", "w4a16", 1, 4096, 4096, None, "n_pairs").config == tc
+    # K = N = 4096 between entries at 2048 x 4096 and 4096 x 2048 (both a factor 2 away): the
+    # larger speedup, whichever kernel time is shorter
+    short_k = _entry(1, 2048, 4096, 3.0, 4.5, kernel="w4a16_n_pairs", config=tc)  # 1.5x
+    short_n = _entry(1, 4096, 2048, 4.0, 8.0, kernel="w4a16_n_pairs_gemv", config=gemv)  # 2.0x
+    monkeypatch.setattr(tuning, "load_table", lambda platform: (short_k, short_n))
+    assert api.tuned_entry("gpu", "w4a16", 1, 4096, 4096, None, "n_pairs").config == gemv
+
+
 def test_device_table_path_names_the_model():
     path = tuning.device_table_path("gpu", "NVIDIA H100 80GB HBM3")
     assert (
@@ -294,13 +313,14 @@ def test_the_h100_table_drives_auto_on_an_h100(monkeypatch):
 
 @pytest.mark.parametrize(
     "m,size,taken",
-    [(1, 8192, True), (16, 8192, True), (4, 8192, False), (1, 4096, False), (16, 4096, False)],
+    [(1, 8192, True), (16, 8192, True), (4, 8192, False), (1, 4096, True), (4, 4096, True), (16, 4096, True)],
 )
 def test_the_h100_table_takes_the_nk_tile_where_it_measured_it_faster(m, size, taken, monkeypatch):
     """int4 per channel stored (N, K) packed along N (``qjax.store_transposed``'s layout), on
     an H100 (2026-11-27, eighteenth session): at 8192^2 the inline-PTX tile beat XLA's int4 path
     at M = 1 and 16 (25.2 vs 41.6 and 28.8 vs 36.1 us wall) and tied it at M = 4 (27.2 vs 26.9);
-    4096^2 was not measured, and the 8192^2 entries do not stand for it (MAX_SHRINK)."""
+    at 4096^2 (twenty-first session) it beat it at M = 1, 4 and 16 (13.0 vs 22.7, 13.3 vs 18.1
+    and 15.8 vs 19.8 us wall)."""
     monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
     monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
     monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
@@ -377,3 +397,29 @@ def test_a_transposed_w8a8_case_also_gives_the_stored_nk_entry(bench):
     assert (stored.kernel, stored.kernel_us, stored.xla_us) == ("w8a8_nk_stored", 160.0, 140.0)
     wg = bench.table_entries([{**case, "config": dataclasses.replace(CFG, engine="wgmma").to_dict()}])
     assert [e.kernel for e in wg] == ["w8a8_nk_wgmma", "w8a8_nk_stored_wgmma"]
+
+
+@pytest.mark.parametrize("stored_nk", [False, True])
+def test_the_h100_table_takes_the_wgmma_w8a8_kernel_at_4096_cubed(stored_nk, monkeypatch):
+    """W8A8 at 4096^3 on an H100 (2026-11-27, twenty-first session): the persistent Hopper
+    ``wgmma`` kernel ran 126.7 us wall on a ``(K, N)`` weight (transposed in the program) and
+    106.9 us on one stored ``(N, K)``, against XLA's int8 dot at 395.7 and 156.1 us (and the
+    Triton kernel at 146.7 / 154.9 us): "auto" takes the wgmma entry for both weights."""
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
+    monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H100 80GB HBM3")
+    axis = 0 if stored_nk else 1
+    spec = qjax.QuantSpec(qjax.int8, channel_axes=(axis,))
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), spec)
+    x = jnp.ones((4096, 4096), jnp.bfloat16)
+    tokens = qjax.QuantSpec(qjax.int8, channel_axes=(0,))
+    dn = (((1,), (1 if stored_nk else 0,)), ((), ()))
+    plan, why = dispatch.plan(x, w, dn, tokens, None, None, "auto")
+    assert plan is not None, why
+    assert (plan.kind, plan.layout, plan.config.engine) == (
+        "w8a8",
+        "nk_stored" if stored_nk else "nk",
+        "wgmma",
+    )
+    assert plan.config.persistent and (plan.config.block_m, plan.config.block_n) == (128, 256)
