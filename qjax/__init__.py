@@ -68,6 +68,7 @@ from qjax.quant import (
     from_awq,
     from_gptq,
     gptq,
+    kv_cache_scales,
     lsq_params,
     lsq_scales,
     quantize_params,
@@ -85,6 +86,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "kv_cache_scales",
     "autoprec",
     "kernels",
     "ActStats",

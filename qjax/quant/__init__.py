@@ -10,6 +10,7 @@ from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.interop import from_awq, from_gptq, to_awq, to_gptq
 from qjax.quant.kv_cache import KVCache
+from qjax.quant.kv_calibration import kv_cache_scales
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_ragged_dot
 from qjax.quant.policy import OpRule, Policy, Rule
@@ -29,6 +30,7 @@ from qjax.quant.transforms import (
 
 __all__ = [
     "KVCache",
+    "kv_cache_scales",
     "AWQSearch",
     "BatchNormFoldReport",
     "fold_batchnorm",

@@ -16,6 +16,12 @@ from qjax.kernels.candidates import gpu_candidates, variant
 CFG = BlockConfig(16, 64, 128, 2, True)
 
 
+def _abstract_weight(shape, spec):
+    """A quantized weight's shapes and dtypes only: dispatch plans from those (no 4096^2 or
+    8192^2 quantization on the CPU)."""
+    return jax.eval_shape(lambda: qjax.quantize(jnp.zeros(shape, jnp.float32), spec))
+
+
 def _entry(m, k, n, kernel_us=10.0, xla_us=20.0, kernel="w8a16", config=CFG):
     return tuning.TunedEntry(kernel, m, k, n, None, config, kernel_us, xla_us)
 
@@ -283,8 +289,8 @@ def test_shipped_table_drives_auto_on_a_hopper(monkeypatch, m, group, expected):
     monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H200")  # the shared table's model
     monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
     spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=group, group_axis=0 if group else None)
-    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), spec)
-    x = jnp.ones((m, 4096), jnp.bfloat16)
+    w = _abstract_weight((4096, 4096), spec)
+    x = jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16)
     plan, why = dispatch.plan(x, w, (((1,), (0,)), ((), ())), None, None, None, "auto")
     assert (plan and plan.kind) == expected, why
     assert plan is None or plan.layout == "n_pairs"  # qjax.quantize packs int4 along N
@@ -300,8 +306,8 @@ def test_the_h100_table_drives_auto_on_an_h100(monkeypatch):
     monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
     monkeypatch.setattr(tuning, "gpu_compute_capability", lambda: "9.0")
     monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
-    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), qjax.QuantSpec(qjax.int4, (-1,)))
-    x = jnp.ones((4, 4096), jnp.bfloat16)
+    w = _abstract_weight((4096, 4096), qjax.QuantSpec(qjax.int4, (-1,)))
+    x = jax.ShapeDtypeStruct((4, 4096), jnp.bfloat16)
     args = (x, w, (((1,), (0,)), ((), ())), None, None, None, "auto")
     monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H100 80GB HBM3")
     plan, why = dispatch.plan(*args)
@@ -326,8 +332,8 @@ def test_the_h100_table_takes_the_nk_tile_where_it_measured_it_faster(m, size, t
     monkeypatch.setattr(tuning, "load_table", tuning.load_table.__wrapped__)  # uncached
     monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H100 80GB HBM3")
     spec = qjax.QuantSpec(qjax.int4, channel_axes=(0,), pack_axis=0)
-    w = qjax.quantize(jax.random.normal(jax.random.key(0), (size, size)), spec)
-    x = jnp.ones((m, size), jnp.bfloat16)
+    w = _abstract_weight((size, size), spec)
+    x = jax.ShapeDtypeStruct((m, size), jnp.bfloat16)
     plan, why = dispatch.plan(x, w, (((1,), (1,)), ((), ())), None, None, None, "auto")
     assert (plan is not None) == taken, why
     if taken:
@@ -411,8 +417,8 @@ def test_the_h100_table_takes_the_wgmma_w8a8_kernel_at_4096_cubed(stored_nk, mon
     monkeypatch.setattr(tuning, "gpu_device_kind", lambda: "NVIDIA H100 80GB HBM3")
     axis = 0 if stored_nk else 1
     spec = qjax.QuantSpec(qjax.int8, channel_axes=(axis,))
-    w = qjax.quantize(jax.random.normal(jax.random.key(0), (4096, 4096)), spec)
-    x = jnp.ones((4096, 4096), jnp.bfloat16)
+    w = _abstract_weight((4096, 4096), spec)
+    x = jax.ShapeDtypeStruct((4096, 4096), jnp.bfloat16)
     tokens = qjax.QuantSpec(qjax.int8, channel_axes=(0,))
     dn = (((1,), (1 if stored_nk else 0,)), ((), ()))
     plan, why = dispatch.plan(x, w, dn, tokens, None, None, "auto")

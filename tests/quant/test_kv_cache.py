@@ -848,7 +848,7 @@ def test_an_op_rule_that_only_a_cache_read_could_match_says_why():
     policy = qjax.Policy([qjax.Rule(".*", weight=w8), qjax.OpRule(".*", lhs=INT8_TOKEN)])
     f = lambda p, c, x: c.attend(x @ p["w"], 3)
     with pytest.raises(ValueError, match=r"none outside custom_jvp / custom_vjp bodies.*KVCache\.attend"):
-        qjax.quantized(f, policy)(params, cache, _normal(B, 1, H, D))
+        jax.jit(qjax.quantized(f, policy))(params, cache, _normal(B, 1, H, D))  # the trace raises
 
 
 # -- quantized attention weights (p_spec) ------------------------------------------------------

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 from jax import lax
 
 import qjax
@@ -80,7 +81,7 @@ def test_weight_only_formats_match_the_dequantized_weight(spec):
     np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(8), deadline=None)  # each example compiles new shapes
 @given(
     sizes=st.lists(st.integers(0, 5), min_size=1, max_size=5),
     extra=st.integers(0, 2),
