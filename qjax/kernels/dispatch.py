@@ -174,19 +174,20 @@ def plan(lhs, rhs, dn, lhs_spec, lhs_scale, lhs_zero_point, backend: str) -> tup
     if backend == "auto":
         # W8A8 on a (K, N) weight may also run on it transposed (the transpose is in the timed program)
         layouts = (layout, "nk") if layout == "kn" else (layout,)
-        found = {
-            lo: e
-            for lo in layouts
-            if (e := api.tuned_entry(platform, kind, m, k, n, group, lo)) is not None
-            and e.speedup >= tuning.MIN_SPEEDUP
-        }
-        if not found:
+        # the preferred entry over every engine and layout, then the margin over XLA (the
+        # same order api.tuned_entry gives the engines of one layout)
+        found = {lo: e for lo in layouts if (e := api.tuned_entry(platform, kind, m, k, n, group, lo))}
+        best = tuning.preferred(list(found.values()), m, k, n)
+        if best is None or best.speedup < tuning.MIN_SPEEDUP:
             name = tuning.kernel_name(kind, layout)
+            measured = ""
+            if best is not None:
+                measured = f" (the preferred entry, {best.kernel}, measured {best.speedup:.2f}x)"
             return (
                 None,
-                f"no measured speedup for {name} at M={m}, K={k}, N={n} in the {platform} tuning table",
+                f"no measured speedup for {name} at M={m}, K={k}, N={n} in the {platform} tuning "
+                f"table{measured}",
             )
-        best = tuning.preferred(list(found.values()), m, k, n)
         layout = next(lo for lo, e in found.items() if e is best)  # choose_config takes its entry
     try:
         cfg = api.choose_config(platform, kind, m, k, n, group, layout, None, None)

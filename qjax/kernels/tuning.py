@@ -60,6 +60,9 @@ class TunedEntry:
     config: BlockConfig
     kernel_us: float
     xla_us: float
+    # the table file it came from (set when loaded): kernel times compare within one device
+    # only, and a model's table merges with the shared one (load_table)
+    source: str = dataclasses.field(default="", compare=False)
 
     @property
     def speedup(self) -> float:
@@ -100,7 +103,7 @@ def device_table_path(platform: str, device_kind: str) -> Path:
 
 def read_table(path: Path) -> tuple[TunedEntry, ...]:
     """The entries of a table file (``write_table``'s format)."""
-    return _entries(json.loads(Path(path).read_text()))
+    return _entries(json.loads(Path(path).read_text()), Path(path).name)
 
 
 def table_compute_capability(path: Path) -> str | None:
@@ -125,7 +128,7 @@ def gpu_device_kind() -> str | None:
     return jax.devices()[0].device_kind
 
 
-def _entries(data: dict) -> tuple[TunedEntry, ...]:
+def _entries(data: dict, source: str = "") -> tuple[TunedEntry, ...]:
     return tuple(
         TunedEntry(
             kernel=e["kernel"],
@@ -136,6 +139,7 @@ def _entries(data: dict) -> tuple[TunedEntry, ...]:
             config=BlockConfig.from_dict(e["config"]),
             kernel_us=e["kernel_us"],
             xla_us=e["xla_us"],
+            source=source,
         )
         for e in data.get("entries", [])
     )
@@ -152,7 +156,7 @@ def _applicable(path: Path, platform: str, device_kind: str | None = None) -> tu
         return ()
     if device_kind is not None and data.get("device") != device_kind:
         return ()  # two models whose names reduce to the same file name
-    return _entries(data)
+    return _entries(data, path.name)
 
 
 @functools.cache
@@ -184,15 +188,16 @@ def shape_distance(e: TunedEntry, k: int, n: int) -> float:
 def preferred(entries, m: int, k: int, n: int) -> TunedEntry | None:
     """Of entries for one op (other engines or weight layouts), the one measured at the batch
     nearest to ``m`` (:func:`batch_distance`), then at the nearest ``(K, N)``; among those,
-    if all were measured at one shape the shortest kernel time (each entry's ``xla_us`` is
-    its own timing of the same XLA op, so a noisy baseline must not choose the slower
-    kernel), else the largest speedup. ``None`` for no entries."""
+    if all were measured at one shape on one device (one table file) the shortest kernel
+    time (each entry's ``xla_us`` is its own timing of the same XLA op, so a noisy baseline
+    must not choose the slower kernel), else the largest speedup (times measured on another
+    device, or at another shape, do not compare). ``None`` for no entries."""
     if not entries:
         return None
     near = lambda e: (*batch_distance(e, m), shape_distance(e, k, n))
     closest = min(map(near, entries))
     nearest = [e for e in entries if near(e) == closest]
-    if len({(e.m, e.k, e.n) for e in nearest}) == 1:
+    if len({(e.m, e.k, e.n, e.source) for e in nearest}) == 1:
         return min(nearest, key=lambda e: e.kernel_us)
     return max(nearest, key=lambda e: e.speedup)
 

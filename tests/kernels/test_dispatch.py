@@ -205,6 +205,22 @@ def test_auto_w8a8_layouts_measured_at_one_shape_go_to_the_shorter_kernel(monkey
     assert plan is not None and plan.layout == "nk", why
 
 
+def test_auto_applies_the_margin_to_the_preferred_layout(monkeypatch):
+    """The preferred entry first, then the margin, as for the engines of one layout: a faster
+    kernel measured within the margin of XLA keeps XLA, rather than a slower kernel whose own
+    (noisier) XLA timing made its speedup look larger."""
+    cfg = BlockConfig(16, 32, 64, 1, False, 4, 3)
+    entries = (
+        tuning.TunedEntry("w8a8", 16, 64, 32, None, cfg, 100.0, 102.0),
+        tuning.TunedEntry("w8a8_nk", 16, 64, 32, None, cfg, 150.0, 225.0),
+    )
+    monkeypatch.setattr(tuning, "load_table", lambda platform: entries)
+    monkeypatch.setattr(dispatch.api, "resolve_platform", lambda *a: "gpu")
+    w = qjax.quantize(jax.random.normal(jax.random.key(0), (64, 32)), WEIGHT_SPECS["int8"])
+    plan, why = dispatch.plan(jnp.ones((4, 64)), w, (((1,), (0,)), ((), ())), W8A8_TOKENS, None, None, "auto")
+    assert plan is None and "the preferred entry, w8a8, measured 1.02x" in why, why
+
+
 def test_w8a8_transposed_weight_plan_runs_like_the_plain_one():
     w = qjax.quantize(jax.random.normal(jax.random.key(0), (256, 128)), WEIGHT_SPECS["int8"])
     x = jax.random.normal(jax.random.key(1), (4, 256), jnp.float32)

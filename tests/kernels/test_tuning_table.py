@@ -119,6 +119,20 @@ def test_engines_measured_at_the_same_shape_go_to_the_shorter_kernel_time(monkey
     assert api.tuned_entry("gpu", "w4a16", 1, 4096, 4096, None, "n_pairs").config == gemv
 
 
+def test_kernel_times_from_two_devices_tables_do_not_compare():
+    """A model's table merges with the shared one: at one shape, an entry measured on another
+    device competes by speedup, not by its kernel time."""
+    tc = BlockConfig(16, 256, 64, 8, dequant="ptx")
+    wg = BlockConfig(8, 256, 128, 8, True, engine="wgmma")
+    here = dataclasses.replace(_entry(1, 4096, 4096, 120.0, 300.0, "w4a16_n_pairs_nk", tc), source="own.json")
+    there = dataclasses.replace(
+        _entry(1, 4096, 4096, 95.0, 100.0, "w4a16_n_pairs_nk_wgmma", wg), source="cc.json"
+    )
+    assert tuning.preferred([there, here], 1, 4096, 4096) is here
+    same = dataclasses.replace(there, source="own.json")
+    assert tuning.preferred([same, here], 1, 4096, 4096) is same
+
+
 def test_device_table_path_names_the_model():
     path = tuning.device_table_path("gpu", "NVIDIA H100 80GB HBM3")
     assert (

@@ -109,7 +109,7 @@ def test_a_range_that_is_not_finite_is_refused(bad):
 
 def test_a_per_layer_range_and_a_spec_that_is_not_a_quantspec_are_refused():
     stats = dict(_stats(qjax.QuantSpec(qjax.int8)))
-    with pytest.raises(ValueError, match="value_spec must be a QuantSpec"):
+    with pytest.raises(TypeError, match="value_spec must be a QuantSpec"):
         qjax.kv_cache_scales(
             stats, keys=KEYS, values=VALUES, spec=qjax.QuantSpec(qjax.int8), value_spec="int8"
         )
@@ -124,3 +124,51 @@ def test_all_zero_keys_get_scale_one():
     stats[KEYS] = qjax.ActStats(jnp.float32(0.0), jnp.float32(0.0))
     scales = qjax.kv_cache_scales(stats, keys=KEYS, values=VALUES, spec=qjax.QuantSpec(qjax.int8))
     assert float(scales["k_scale"]) == 1.0
+
+
+def test_traced_stats_under_jit_give_the_same_scales():
+    spec = qjax.QuantSpec(qjax.int8, symmetric=False)
+    stats = {k: v for k, v in _stats(spec).items() if k in (KEYS, VALUES)}
+    eager = qjax.kv_cache_scales(stats, keys=KEYS, values=VALUES, spec=spec)
+    traced = jax.jit(lambda s: qjax.kv_cache_scales(s, keys=KEYS, values=VALUES, spec=spec))(stats)
+    for name, value in eager.items():
+        np.testing.assert_array_equal(np.asarray(traced[name]), np.asarray(value), err_msg=name)
+
+
+def test_a_weight_ops_input_range_is_not_taken_for_keys():
+    spec = qjax.QuantSpec(qjax.int8)
+    policy = qjax.Policy(
+        [qjax.Rule("w.", weight=spec, act=spec), qjax.OpRule(r"attn/.*", lhs=spec, rhs=spec)]
+    )
+    stats = qjax.calibrate(attend, policy, P, CALIB)
+    with pytest.raises(ValueError, match=r"keys='wk' is a weight op's input range.*op:attn/"):
+        qjax.kv_cache_scales(stats, keys="wk", values=VALUES, spec=spec)
+
+
+def test_head_major_attention_has_its_values_on_the_other_side_and_the_probabilities_warn():
+    """``"bhqk,bhkd->bhqd"`` lowers to ``dot_general(p, v)``: its values are the ``rhs``; the
+    ``lhs`` is the probabilities, whose [0, 1] range would clip every value."""
+
+    def head_major(p, x):
+        q, k, v = (project(p, x, n).transpose(0, 2, 1, 3) for n in ("wq", "wk", "wv"))
+        with jax.named_scope("attn"):
+            s = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+            return jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(s, -1), v)
+
+    spec = qjax.QuantSpec(qjax.int8)
+    stats = qjax.calibrate(head_major, qjax.Policy([qjax.OpRule(r"attn/.*", lhs=spec, rhs=spec)]), P, CALIB)
+    keys, probs, values = (
+        "op:attn/bhqd,bhkd->bhqk:rhs",
+        "op:attn/bhqk,bhkd->bhqd:lhs",
+        "op:attn/bhqk,bhkd->bhqd:rhs",
+    )
+    scales = qjax.kv_cache_scales(stats, keys=keys, values=values, spec=spec)
+    lo, hi = _float64_range("wv")
+    assert float(scales["v_scale"]) == pytest.approx(max(-lo, hi) / 127, rel=1e-6)
+    with pytest.warns(UserWarning, match=r"within \[-1, 1\]: it looks like the attention probabilities"):
+        qjax.kv_cache_scales(stats, keys=keys, values=probs, spec=spec)
+    asym = qjax.QuantSpec(qjax.int8, symmetric=False)  # min / max: the probabilities' [0, <= 1]
+    stats = qjax.calibrate(head_major, qjax.Policy([qjax.OpRule(r"attn/.*", lhs=asym, rhs=asym)]), P, CALIB)
+    assert float(stats[probs].lo) >= 0.0
+    with pytest.warns(UserWarning, match="it looks like the attention probabilities"):
+        qjax.kv_cache_scales(stats, keys=keys, values=probs, spec=asym)
