@@ -46,160 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics import calibration as calib
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant import kv_attention as kva
+from qjax.quant import kv_checks as kvc
 from qjax.quant.kv_attention import B_AXIS as _B
-from qjax.quant.kv_attention import D_AXIS as _D
 from qjax.quant.kv_attention import T_AXIS as _T
-
-
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check_spec(name: str, spec, shape, scale, zero_point) -> str:
-    """Validate a cache side's spec; return its mode (``kv_attention.mode``)."""
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{name}: expected a qjax.QuantSpec, got {type(spec).__name__}")
-    if spec.rounding != "nearest":
-        raise ValueError(f"{name}: a KV cache rounds to nearest; got rounding={spec.rounding!r}")
-    layout = spec.layout(shape)
-    if layout.group_axis not in (None, _D, _T):
-        raise ValueError(
-            f"{name}: groups must run along head_dim (axis 3 of (batch, length, heads, head_dim)), or "
-            f"along the length (axis 1: blocks of tokens), got group_axis={spec.group_axis}"
-        )
-    if spec.packed and spec.pack_axis % 4 != 3:
-        raise ValueError(
-            f"{name}: packed codes must be packed along head_dim (pack_axis=-1), got pack_axis="
-            f"{spec.pack_axis}: tokens are written one at a time"
-        )
-    if layout.group_axis == _T:
-        return _check_block_spec(name, spec, layout, shape, scale, zero_point)
-    if layout.group_axis is not None and shape[_D] % layout.group_size:
-        raise ValueError(f"{name}: group_size={layout.group_size} must divide head_dim={shape[_D]}")
-    per_token = _T in layout.channel_axes
-    if per_token:
-        if _B not in layout.channel_axes:
-            raise ValueError(
-                f"{name}: per-token scales must also be per batch row (channel_axes must include axes 0 "
-                f"and 1, e.g. qjax.PER_TOKEN), got channel_axes={spec.channel_axes}"
-            )
-        if scale is not None or zero_point is not None:
-            raise ValueError(
-                f"{name}: a per-token spec computes its scales from each written token; a static "
-                "scale / zero point needs a spec without the length axis in channel_axes"
-            )
-        if _D in layout.channel_axes:
-            raise ValueError(
-                f"{name}: per-token scales may vary along head_dim only per group (group_size along axis "
-                f"3), got channel_axes={spec.channel_axes}; per-channel scales are static (without axis 1) "
-                "or per block of tokens (group_axis=1)"
-            )
-        return "token"
-    if _B in layout.channel_axes:
-        raise ValueError(
-            f"{name}: a static cache scale may vary along heads and head_dim only, not along the batch "
-            f"axis (channel_axes={spec.channel_axes})"
-        )
-    if scale is None:
-        raise ValueError(
-            f"{name}: the spec has no per-token scale (axis 1 is not in channel_axes={spec.channel_axes}), "
-            "so it needs a static scale: pass it to KVCache.init (e.g. qjax.compute_scale(samples, spec)), "
-            "or use channel_axes=qjax.PER_TOKEN"
-        )
-    return "static"
-
-
-def _check_block_spec(name: str, spec, layout, shape, scale, zero_point) -> str:
-    """A spec with blocks of tokens (KIVI): per sequence, computed from the data."""
-    block = layout.group_size
-    if shape[_T] % block:
-        raise ValueError(f"{name}: the block of {block} tokens (group_size) must divide length={shape[_T]}")
-    if _B not in layout.channel_axes:
-        raise ValueError(
-            f"{name}: scales per block of tokens must also be per batch row (channel_axes must include "
-            f"axis 0, e.g. (0, 2, 3)), got channel_axes={spec.channel_axes}"
-        )
-    if scale is not None or zero_point is not None:
-        raise ValueError(
-            f"{name}: a spec with blocks of tokens computes its scales from the data; drop the static scale"
-        )
-    if not isinstance(spec.calibration, (calib.AbsMax, calib.MinMax)):
-        raise ValueError(
-            f"{name}: a partly written block of tokens is calibrated with its unwritten positions as zeros, "
-            f"which only absmax and minmax ignore; got calibration {spec.calibration!r}"
-        )
-    return "block"
-
-
-def _check_kv(name: str, x, batch: int, heads: int, head_dim: int):
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
-    if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[3]) != (batch, heads, head_dim):
-        raise ValueError(
-            f"{name} must have shape (batch, new_tokens, heads, head_dim) = ({batch}, S, {heads}, "
-            f"{head_dim}), got {tuple(x.shape)}"
-        )
-    return x
-
-
-def _counts(count, batch: int, new: int):
-    """``count`` as an int32 ``(batch,)`` array in ``[0, new]`` (checked when concrete, clipped
-    to it when traced: an appending cache must not count tokens it was not given), or None."""
-    if count is None:
-        return None
-    c = jnp.asarray(count)
-    if not jnp.issubdtype(c.dtype, jnp.integer):
-        raise TypeError(f"count must be an integer scalar or (batch,) array, got dtype {c.dtype}")
-    if c.ndim > 1 or (c.ndim == 1 and c.shape[0] != batch):
-        raise ValueError(f"count must be a scalar or have shape ({batch},), got {tuple(c.shape)}")
-    if _is_concrete(c):
-        host = np.asarray(c)
-        if host.min(initial=0) < 0 or host.max(initial=0) > new:
-            raise ValueError(f"count {host.tolist()} must lie in [0, {new}] (the tokens given)")
-    return jnp.broadcast_to(jnp.clip(c.astype(jnp.int32), 0, new), (batch,))
-
-
-def _positions(index, batch: int, length: int, new, verb: str = "writes"):
-    """``index`` as an int32 ``(batch,)`` array, checked when concrete (``new``: the tokens
-    written or read from it, an int or one per sequence)."""
-    idx = jnp.asarray(index)
-    if not jnp.issubdtype(idx.dtype, jnp.integer):
-        raise TypeError(f"index must be an integer scalar or (batch,) array, got dtype {idx.dtype}")
-    if idx.ndim > 1 or (idx.ndim == 1 and idx.shape[0] != batch):
-        raise ValueError(f"index must be a scalar or have shape ({batch},), got {tuple(idx.shape)}")
-    if _is_concrete(idx):
-        host = np.asarray(idx)
-        ends = np.broadcast_to(host, (batch,)) + np.broadcast_to(np.asarray(new), (batch,))
-        if host.min() < 0 or ends.max() > length:
-            many = np.asarray(new).tolist()
-            raise ValueError(
-                f"index {host.tolist()} with {many} {'new tokens' if verb == 'writes' else 'queries'} {verb} "
-                f"outside the cache's length {length} (positions 0..{length - 1})"
-            )
-    return jnp.broadcast_to(idx.astype(jnp.int32), (batch,))
-
-
-def _check_static(name: str, stored_scale: jax.Array, zero_point) -> None:
-    """A concrete static scale must be finite and positive as stored (in the spec's scale
-    dtype), a zero point integral."""
-    prefix = "k" if name == "spec" else "v"
-    if _is_concrete(stored_scale):
-        host = np.asarray(stored_scale.astype(jnp.float32), np.float64)
-        if not (np.all(np.isfinite(host)) and np.all(host > 0)):
-            raise ValueError(
-                f"{prefix}_scale must be finite and positive in the scale dtype "
-                f"({jnp.dtype(stored_scale.dtype).name}); stored it is {np.unique(host).tolist()}"
-            )
-    if zero_point is not None and _is_concrete(zero_point):
-        host = np.asarray(zero_point, np.float64)
-        if not np.array_equal(host, np.round(host)):
-            raise ValueError(f"{prefix}_zero_point must hold integers (codes), got {host.tolist()}")
 
 
 def _quantize_static(cur: QArray, spec: QuantSpec, new: jax.Array, name: str) -> QArray:
@@ -207,7 +60,7 @@ def _quantize_static(cur: QArray, spec: QuantSpec, new: jax.Array, name: str) ->
     NaN / Inf keeps its damage to itself (``quantize`` poisons a whole scale group, here the
     token), stored as NaN codes where the format has them (fp8), else as the codes of 0; a
     concrete one is refused."""
-    if _is_concrete(new) and not bool(jnp.all(jnp.isfinite(new))):
+    if kvc.is_concrete(new) and not bool(jnp.all(jnp.isfinite(new))):
         bad = np.argwhere(~np.isfinite(np.asarray(new, np.float32)))[0].tolist()
         raise ValueError(
             f"{name} holds NaN/Inf (first at {bad}): a cache with static scales cannot store it (a "
@@ -331,11 +184,11 @@ class KVCache:
             ("spec", spec, k_scale, k_zero_point),
             ("value_spec", value_spec, v_scale, v_zero_point),
         ):
-            kind = _check_spec(name, sp, shape, sc, zp)
+            kind = kvc.check_spec(name, sp, shape, sc, zp)
             first = sp.group_size if kind == "block" else 1  # the tokens quantized together
             one = quantize(jnp.zeros((batch, first, heads, head_dim), dtype), sp, scale=sc, zero_point=zp)
             if kind == "static":
-                _check_static(name, one.scale, zp)
+                kvc.check_static(name, one.scale, zp)
             scale, zero = one.scale, one.zero_point
             if kind == "static":  # the codes of 0, so unwritten positions dequantize to 0
                 values = jnp.broadcast_to(one.values, (batch, length, *one.values.shape[2:]))
@@ -390,8 +243,8 @@ class KVCache:
             is full), never written over another token.
         """
         b, t, h, d = self.shape
-        k = _check_kv("k", k, b, h, d)
-        v = _check_kv("v", v, b, h, d)
+        k = kvc.check_kv("k", k, b, h, d)
+        v = kvc.check_kv("v", v, b, h, d)
         if k.shape[1] != v.shape[1]:
             raise ValueError(
                 f"k and v must write the same number of tokens, got {k.shape[1]} and {v.shape[1]}"
@@ -402,9 +255,9 @@ class KVCache:
                 "update needs index= (the first position written): only a cache with a side scaled per "
                 "block of tokens appends at its lengths by itself"
             )
-        count = _counts(count, b, s)
-        new = s if count is None else (np.asarray(count) if _is_concrete(count) else 0)
-        idx = self._append_index(index, new) if self.lengths is not None else _positions(index, b, t, new)
+        count = kvc.counts(count, b, s)
+        new = s if count is None else (np.asarray(count) if kvc.is_concrete(count) else 0)
+        idx = self._append_index(index, new) if self.lengths is not None else kvc.positions(index, b, t, new)
         if s == 0:
             return self
         cols = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
@@ -444,10 +297,10 @@ class KVCache:
         b, t = self.shape[:2]
         lengths = self.lengths
         if index is not None:
-            idx = _positions(index, b, t, new)
+            idx = kvc.positions(index, b, t, new)
             if (
-                _is_concrete(idx)
-                and _is_concrete(lengths)
+                kvc.is_concrete(idx)
+                and kvc.is_concrete(lengths)
                 and not np.array_equal(np.asarray(idx), np.asarray(lengths))
             ):
                 raise ValueError(
@@ -455,8 +308,8 @@ class KVCache:
                     f"it appends at the tokens written so far, lengths={np.asarray(lengths).tolist()} (leave "
                     "index out, or pass those)"
                 )
-        elif _is_concrete(lengths):
-            _positions(lengths, b, t, new)  # the range check
+        elif kvc.is_concrete(lengths):
+            kvc.positions(lengths, b, t, new)  # the range check
         return lengths
 
     # -- reading -----------------------------------------------------------------------
@@ -552,7 +405,7 @@ class KVCache:
         s, r = q.shape[1], q.shape[2] // h
         visible = jnp.ones((b, 1, s, t), bool)
         if index is not None:
-            idx = _positions(index, b, t, s, verb="reads")
+            idx = kvc.positions(index, b, t, s, verb="reads")
             last = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]  # (B, S)
             visible = (jnp.arange(t)[None, None, :] <= last[:, :, None])[:, None]
         if mask is not None:
