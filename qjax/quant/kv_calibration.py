@@ -21,6 +21,8 @@ import numpy as np
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.quant import op_stats
+from qjax.quant.calibrate import ActStats
+from qjax.quant.transforms import _check_range
 
 
 def kv_cache_scales(
@@ -105,16 +107,16 @@ def kv_cache_scales(
 
 
 def _check_concrete(key: str, side: str, lo, hi) -> None:
-    """Refuse a non-finite range and warn on a values range within [0, 1]; traced ranges pass."""
+    """Refuse a non-finite range (the check static activation scales use) and warn on a
+    values range like the probabilities'; traced ranges pass."""
+    try:
+        _check_range(ActStats(lo, hi))
+    except ValueError as e:
+        raise ValueError(f"stats[{key!r}]: {e}") from None
     try:
         lo, hi = float(np.asarray(lo)), float(np.asarray(hi))
     except jax.errors.TracerArrayConversionError:
         return
-    if not (np.isfinite(lo) and np.isfinite(hi)):
-        raise ValueError(
-            f"stats[{key!r}] has the range [{lo}, {hi}]: NaN means the op never ran on the "
-            "calibration data, inf that the data held infinities"
-        )
     # probabilities: [0, <= 1] by min / max, [-a, a] with a <= 1 by a symmetric calibrator
     if side == "v" and 0.0 < hi <= 1.0 and (lo >= 0.0 or lo == -hi):
         warnings.warn(
