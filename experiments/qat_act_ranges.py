@@ -1,5 +1,6 @@
 """Static activation scales in quantization-aware training: frozen calibration vs running
-averages (``qjax.fake_quantized(..., act_stats_momentum=m)``) on scikit-learn digits.
+averages (``qjax.fake_quantized(..., act_stats_momentum=m)``) vs delayed scaling
+(``act_stats_momentum=qjax.DelayedScaling(h)``) on scikit-learn digits.
 
 A static (per-tensor, calibrated) activation scale is fixed before QAT starts. When the
 weights move far during QAT, the activations' ranges move with them and the frozen scales
@@ -14,11 +15,13 @@ execution (``qjax.quantize_params(..., act_stats=...)`` + ``qjax.quantized``):
 * ``frozen + recalibrated``: trained with the initial scales, served with scales
   calibrated on the trained weights;
 * ``running m``: trained with running-average ranges (momentum ``m``) started from the
-  initial calibration, served with the final ones.
+  initial calibration, served with the final ones;
+* ``delayed h``: trained with delayed scaling (each step's scale from the ranges of the
+  last ``h`` steps), started from the initial calibration, served with the final window's.
 
 Every variant of a seed starts from the same initialisation and sees the same batches.
-Also times one jitted training step of ``frozen`` and ``running`` (the update costs one
-reduction per op). Writes ``experiments/results/qat_act_ranges.{json,md}``.
+Also times one jitted training step of each (an update costs one reduction per op).
+Writes ``experiments/results/qat_act_ranges.{json,md}``.
 
 Usage::
 
@@ -101,8 +104,18 @@ def run(args, data, calibration: str) -> tuple[dict[str, Any], dict[str, float]]
     pol = policy(calibration)
     model, tx = MLP(hidden=(128, 64)), optax.adam(args.lr)
     momenta = [float(m) for m in args.momenta.split(",")]
-    running = {f"running m={m:g}": m for m in momenta}
-    steps = {None: make_step(model, tx, pol, None)} | {m: make_step(model, tx, pol, m) for m in momenta}
+    running: dict[str, Any] = {f"running m={m:g}": m for m in momenta}
+    running |= {f"delayed h={h}": qjax.DelayedScaling(int(h)) for h in args.histories.split(",") if h}
+
+    def start(m, stats):  # the running state a variant starts from
+        return m.init(stats) if isinstance(m, qjax.DelayedScaling) else stats
+
+    def served(m, stats):  # the ranges a variant is served with
+        return m.ranges(stats) if isinstance(m, qjax.DelayedScaling) else stats
+
+    steps = {None: make_step(model, tx, pol, None)} | {
+        m: make_step(model, tx, pol, m) for m in running.values()
+    }
     serve = jax.jit(qjax.quantized(model.apply, pol))
     x_test = jnp.asarray(data.x_test)
 
@@ -122,7 +135,7 @@ def run(args, data, calibration: str) -> tuple[dict[str, Any], dict[str, float]]
         for name, (momentum, stats) in {
             DYNAMIC: (None, None),
             FROZEN: (None, stats0),
-            **{n: (m, stats0) for n, m in running.items()},
+            **{n: (m, start(m, stats0)) for n, m in running.items()},
         }.items():
             p, opt = init, tx.init(init)
             for idx in order:
@@ -132,8 +145,8 @@ def run(args, data, calibration: str) -> tuple[dict[str, Any], dict[str, float]]
         accs[FROZEN].append(deployed_acc(*trained[FROZEN]))
         recal = qjax.calibrate(model.apply, pol, trained[FROZEN][0], calib)
         accs[RECAL].append(deployed_acc(trained[FROZEN][0], recal))
-        for name in running:
-            accs[name].append(deployed_acc(*trained[name]))
+        for name, m in running.items():
+            accs[name].append(deployed_acc(trained[name][0], served(m, trained[name][1])))
         # how far the calibrated ranges moved in training: final calibration / initial, per op
         for name in (FROZEN, *running):
             final = qjax.calibrate(model.apply, pol, trained[name][0], calib)
@@ -146,7 +159,9 @@ def run(args, data, calibration: str) -> tuple[dict[str, Any], dict[str, float]]
     x0, y0 = jnp.asarray(data.x_train[: args.batch]), jnp.asarray(data.y_train[: args.batch])
     p0 = model.init(jax.random.key(0), x0[:1])
     s0 = qjax.calibrate(model.apply, pol, p0, [x0])
-    times = {name: step_time_us(steps[m], (p0, tx.init(p0), s0, x0, y0)) for name, m in running.items()}
+    times = {
+        name: step_time_us(steps[m], (p0, tx.init(p0), start(m, s0), x0, y0)) for name, m in running.items()
+    }
     times[FROZEN] = step_time_us(steps[None], (p0, tx.init(p0), s0, x0, y0))
     times[DYNAMIC] = step_time_us(steps[None], (p0, tx.init(p0), None, x0, y0))
     results: dict[str, Any] = {name: summary(a) for name, a in accs.items()}
@@ -164,6 +179,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--momenta", default="0.9,0.99")
+    ap.add_argument("--histories", default="1,16", help="delayed-scaling window lengths (empty: none)")
     ap.add_argument("--calibrations", default="minmax,mse")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--no-write", action="store_true")
@@ -191,7 +207,7 @@ def main() -> None:
         "step_time_us": {cal: t for cal, (_, t) in runs.items()},
     }
     lines = [
-        "# qat_act_ranges: frozen vs running-average static activation scales (digits, W4A4)",
+        "# qat_act_ranges: frozen vs running-average vs delayed static activation scales (digits, W4A4)",
         "",
         f"- date: {info['date']}; machine: {info['processor']}, {info['cpu_count']} CPU cores, backend "
         f"{info['backend']}; jax {info['jax']}, qjax {info['qjax']}; run time {info['runtime_s']} s "

@@ -49,8 +49,10 @@ from qjax.numerics import (
 )
 from qjax.numerics import calibration as calib
 from qjax.quant import (
+    ActHistory,
     ActStats,
     BatchNormFoldReport,
+    DelayedScaling,
     Footprint,
     KVCache,
     LSQParams,
@@ -90,6 +92,8 @@ __all__ = [
     "autoprec",
     "kernels",
     "ActStats",
+    "ActHistory",
+    "DelayedScaling",
     "awq",
     "BatchNormFoldReport",
     "fold_batchnorm",

@@ -27,7 +27,8 @@ import optax
 from qjax.distill.capture import Features, capture
 from qjax.distill.soft_targets import kd_loss
 from qjax.distill.topk import TopKTeacher, topk_teacher
-from qjax.quant import act_ema
+from qjax.quant import act_delayed, act_ema
+from qjax.quant.calibrate import ActStats
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.policy import Policy
 from qjax.quant.qat import fake_quantized
@@ -83,7 +84,7 @@ def _forward(
     add_bias: bool,
     policy: Policy | None,
     act_stats=None,
-    momentum: float | None = None,
+    momentum: float | act_delayed.DelayedScaling | None = None,
 ):
     """``(key, params, stats, *args) -> ((output, features), new_stats)``; capture inside,
     fake-quant outside (with ``key`` for stochastic rounding, ``act_stats`` for static
@@ -128,7 +129,7 @@ def distill_step(
     add_bias: bool = False,
     student_key: bool = False,
     student_act_stats: dict | None = None,
-    student_act_stats_momentum: float | None = None,
+    student_act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -159,7 +160,9 @@ def distill_step(
         (``fake_quantized(..., act_stats_momentum=...)``): give the starting stats to
         ``init(..., act_stats=qjax.calibrate(...))``; the state carries them
         (``state.act_stats``) and each step moves them (``student_act_stats`` must then be
-        ``None``).
+        ``None``). A :class:`qjax.DelayedScaling` instead: delayed scaling, the starting
+        state ``DelayedScaling.init(qjax.calibrate(...))`` (``init`` makes it from calibrated
+        stats given as they are).
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
@@ -222,6 +225,12 @@ def distill_step(
                 "init(act_stats=...) takes the starting stats of student_act_stats_momentum (and only then): "
                 f"momentum {momentum}, act_stats {'given' if act_stats is not None else 'missing'}"
             )
+        if (
+            isinstance(momentum, act_delayed.DelayedScaling)
+            and isinstance(act_stats, dict)
+            and all(isinstance(v, ActStats) for v in act_stats.values())
+        ):
+            act_stats = momentum.init(act_stats)  # calibrated ranges: the starting histories
         scales = {} if student_policy is None else lsq_scales(student_params, student_policy)
         if scales and not isinstance(student_params, LSQParams):  # ste="lsq": train the scales too
             student_params = LSQParams(student_params, scales)

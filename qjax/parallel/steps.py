@@ -200,6 +200,14 @@ def _local_value_and_grad(loss_fn: Callable, mesh: Mesh, axes: tuple[str, ...], 
     return run
 
 
+def local_axes(mesh: Mesh, local_batch_axes: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The mesh axes :func:`train_step` runs the loss per shard of (inside a ``shard_map``):
+    ``local_batch_axes`` when one of them splits the mesh, else ``None`` (one global loss)."""
+    if local_batch_axes is not None and any(mesh.shape[a] > 1 for a in local_batch_axes):
+        return tuple(local_batch_axes)
+    return None
+
+
 def _batch_split(mesh: Mesh, aval) -> NamedSharding:
     """An output split on its leading axis like the batch, or replicated where it has no
     leading axis the batch axes divide (a scalar aux loss, a per-class table)."""
@@ -251,11 +259,12 @@ def train_step(
     explicit = is_explicit(mesh)
     grad_specs = state_shardings.params
     local = None
-    if local_batch_axes is not None and any(mesh.shape[a] > 1 for a in local_batch_axes):
+    axes = local_axes(mesh, local_batch_axes)
+    if axes is not None:
         specs = jax.tree.map(
             lambda s: s.spec, batch_shardings, is_leaf=lambda x: isinstance(x, NamedSharding)
         )
-        local = _local_value_and_grad(loss_fn, mesh, tuple(local_batch_axes), specs)
+        local = _local_value_and_grad(loss_fn, mesh, axes, specs)
 
     def step(state: TrainState, batch, *extra):
         key, sub = jax.random.split(state.key)

@@ -16,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from qjax.distill.train import distill_step as _distill_step
 from qjax.parallel.mesh import BATCH_AXES
-from qjax.parallel.steps import ShardedStep, TrainState, _mesh_of, _split, train_step
-from qjax.quant import act_ema
+from qjax.parallel.steps import ShardedStep, TrainState, _mesh_of, _split, local_axes, train_step
+from qjax.quant import act_delayed, act_ema
 from qjax.quant.policy import Policy
 from qjax.quant.qat import fake_quantized
 
@@ -29,10 +29,14 @@ def _inputs(batch: Mapping[str, Any]) -> tuple:
     return x if isinstance(x, tuple) else (x,)
 
 
-def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwargs) -> Callable:
+def _quantized_loss(
+    apply_fn, policy, objective, act_stats, momentum, shard_axes=None, **fq_kwargs
+) -> Callable:
     """``loss_fn(params, batch, key[, act_stats])`` of ``objective`` on the fake-quantized
     ``apply_fn``; with a ``momentum`` the running activation stats are the extra argument
-    and come back as the ``"act_stats"`` metric."""
+    and come back as the ``"act_stats"`` metric. ``shard_axes``: the axes the loss runs per
+    shard of (``local_batch_axes``); delayed-scaling histories are reduced over them (the
+    step's amax over all shards), EMA ranges averaged like every metric."""
     if momentum is None:
 
         def loss_fn(params, batch, key):
@@ -47,9 +51,13 @@ def _quantized_loss(apply_fn, policy, objective, act_stats, momentum, **fq_kwarg
         )
     momentum = act_ema.check_momentum(momentum)  # refused when the step is built, not at its first call
 
+    delayed = isinstance(momentum, act_delayed.DelayedScaling)
+
     def ema_loss_fn(params, batch, key, stats):
         qat = fake_quantized(apply_fn, policy, key=key, act_stats_momentum=momentum, **fq_kwargs)
         out, new_stats = qat(params, stats, *_inputs(batch))
+        if delayed and shard_axes:
+            new_stats = act_delayed.reduced_over(new_stats, shard_axes)
         value, metrics = _split(objective(out, batch))
         return value, {**metrics, "act_stats": new_stats}
 
@@ -83,7 +91,7 @@ def qat_step(
     *,
     integer_forward: bool = True,
     act_stats: Mapping[str, Any] | None = None,
-    act_stats_momentum: float | None = None,
+    act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     local_batch_axes: Sequence[str] | None = None,
     donate: bool = True,
 ) -> ShardedStep:
@@ -100,7 +108,11 @@ def qat_step(
       act_stats_momentum: running-average static scales (see :func:`qjax.fake_quantized`):
         the step becomes ``step(state, batch, act_stats) -> (state, metrics)`` with the
         updated stats (replicated) in ``metrics["act_stats"]``; with ``local_batch_axes``
-        each shard updates from its own rows and the updates are averaged.
+        each shard updates from its own rows and the updates are averaged. A
+        :class:`qjax.DelayedScaling` takes and returns ``{path: ActHistory}``; with
+        ``local_batch_axes`` the pushed range is the min / max over the shards (the step's
+        amax over the whole batch; the mean every metric then takes over the shards can
+        move it by a float32 rounding when their count is not a power of two).
 
     Example:
       >>> objective = lambda logits, b: xent(logits, b["y"])
@@ -109,7 +121,13 @@ def qat_step(
       >>> state, metrics = ema(state, batch, stats); stats = metrics.pop("act_stats")
     """
     loss_fn = _quantized_loss(
-        apply_fn, policy, objective, act_stats, act_stats_momentum, integer_forward=integer_forward
+        apply_fn,
+        policy,
+        objective,
+        act_stats,
+        act_stats_momentum,
+        local_axes(_mesh_of(state_shardings), local_batch_axes),
+        integer_forward=integer_forward,
     )
     return _train(
         loss_fn,
@@ -133,7 +151,7 @@ def int8_step(
     local_scales: bool = False,
     batch_axes: Sequence[str] = BATCH_AXES,
     act_stats: Mapping[str, Any] | None = None,
-    act_stats_momentum: float | None = None,
+    act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
@@ -180,7 +198,7 @@ def prune_step(
     *,
     policy: Policy | None = None,
     act_stats: Mapping[str, Any] | None = None,
-    act_stats_momentum: float | None = None,
+    act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     donate: bool = True,
 ) -> ShardedStep:
     """Training step with a :func:`qjax.prune.sparsify` optimizer (its masks and inner

@@ -1,5 +1,6 @@
 """Quantization policies and transforms."""
 
+from qjax.quant.act_delayed import ActHistory, DelayedScaling
 from qjax.quant.awq import AWQSearch, awq, awq_factors
 from qjax.quant.batchnorm import BatchNormFoldReport, fold_batchnorm
 from qjax.quant.calibrate import ActStats, calibrate
@@ -48,6 +49,8 @@ __all__ = [
     "smoothquant_factors",
     "with_input_scales",
     "ActStats",
+    "ActHistory",
+    "DelayedScaling",
     "calibrate",
     "dispatch_report",
     "OpDispatch",

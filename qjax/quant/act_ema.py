@@ -12,6 +12,10 @@ and zero point of the updated range (as PyTorch's moving-average observers and T
 ``MovingAvgQuantize`` do), and the function returns the updated stats beside its outputs.
 The stats are an ordinary pytree of ``ActStats``: keep them in the training state, pass
 them to every step, and give the final ones to ``qjax.quantize_params(..., act_stats=...)``.
+
+``act_stats_momentum`` may instead be a :class:`qjax.DelayedScaling`: the scales then come
+from a history of earlier steps' ranges (:mod:`qjax.quant.act_delayed`); the functions here
+dispatch on it, so every training step that takes a momentum takes delayed scaling too.
 """
 
 from __future__ import annotations
@@ -19,22 +23,26 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from qjax.quant import op_stats
+from qjax.quant import act_delayed, op_stats
 from qjax.quant.calibrate import ActStats, _combine_in_batch, batch_range
 from qjax.quant.transforms import _static_act_scale
 
 
-def check_momentum(momentum) -> float:
-    """``momentum`` as a float in ``[0, 1)``.
+def check_momentum(momentum) -> float | act_delayed.DelayedScaling:
+    """``momentum`` as a float in ``[0, 1)``, or a :class:`qjax.DelayedScaling` as it is.
 
     Raises:
       ValueError: not a real number in ``[0, 1)`` (``1`` would never update: pass the stats
-        as ``act_stats=`` to keep them fixed).
+        as ``act_stats=`` to keep them fixed) nor a ``DelayedScaling``.
     """
+    if isinstance(momentum, act_delayed.DelayedScaling):
+        return momentum
     try:
         m = float(momentum)
     except (TypeError, ValueError):
-        raise ValueError(f"act_stats_momentum={momentum!r} must be a number in [0, 1)") from None
+        raise ValueError(
+            f"act_stats_momentum={momentum!r} must be a number in [0, 1) or a qjax.DelayedScaling"
+        ) from None
     if not 0.0 <= m < 1.0:
         raise ValueError(
             f"act_stats_momentum={momentum!r} must be in [0, 1) (the weight of the old range; 1 never "
@@ -56,20 +64,27 @@ def updated_range(old: tuple, batch: tuple, momentum: float) -> tuple[jax.Array,
     return ema(old[0], batch[0]), ema(old[1], batch[1])
 
 
-def moved_scale(key: str, old: tuple, spec, act, momentum: float, emit, valid=None) -> tuple:
+def moved_scale(key: str, old: tuple, spec, act, momentum, emit, valid=None) -> tuple:
     """The static ``(scale, zero_point)`` of the range ``old`` moved toward the batch range
     of ``act`` (its ``valid`` values) by ``momentum``; the moved range is emitted under
-    ``key`` (what :func:`merged_stats` combines into the returned stats)."""
+    ``key`` (what :func:`merged_stats` combines into the returned stats). With a
+    ``DelayedScaling``, ``old`` is a history: :func:`qjax.quant.act_delayed.delayed_scale`."""
+    if isinstance(momentum, act_delayed.DelayedScaling):
+        return act_delayed.delayed_scale(key, old, spec, act, emit, valid)
     new = updated_range(old, batch_range(spec, act, valid), momentum)
     emit(key, new)
     return _static_act_scale(ActStats(*new), spec)
 
 
-def merged_stats(act_stats: dict, emitted: dict) -> dict[str, ActStats]:
+def merged_stats(act_stats: dict, emitted: dict, momentum=None) -> dict:
     """The new ``{path: ActStats}``: each op's updated range (the mean over the reads of a
     weight read several times in one call, or per shard inside a ``shard_map``); a range
     no read updated (an untaken ``cond`` branch: NaN) keeps its old value. ``count`` (the
-    calibration's batches) is kept, so the pytree's structure does not change."""
+    calibration's batches) is kept, so the pytree's structure does not change. With a
+    ``DelayedScaling`` ``momentum``, the pushed histories
+    (:func:`qjax.quant.act_delayed.pushed_histories`)."""
+    if isinstance(momentum, act_delayed.DelayedScaling):
+        return act_delayed.pushed_histories(act_stats, emitted)
     out = {}
     for path, stats in act_stats.items():
         values = emitted.get(path)

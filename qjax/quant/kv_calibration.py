@@ -21,6 +21,7 @@ import numpy as np
 from qjax.numerics.scaling import scale_from_range
 from qjax.numerics.spec import QuantSpec
 from qjax.quant import op_stats
+from qjax.quant.act_delayed import ActHistory
 from qjax.quant.calibrate import ActStats
 from qjax.quant.transforms import _check_range
 
@@ -67,7 +68,8 @@ def kv_cache_scales(
       KeyError: a key not in ``stats`` (the message lists the op entries it has).
       ValueError: a key that is not an op entry (a weight op's input range), a range that is
         NaN (the op never ran on the calibration data) or infinite, or not one range.
-      TypeError: a spec that is not a ``QuantSpec``.
+      TypeError: a spec that is not a ``QuantSpec``, or an ``ActHistory`` entry (delayed
+        scaling's state: give ``DelayedScaling.ranges`` of it).
 
     Warns:
       UserWarning: a ``values`` range like the probabilities' (see above).
@@ -97,6 +99,11 @@ def kv_cache_scales(
                 f"entries are {have}"
             )
         entry = stats[key]
+        if isinstance(entry, ActHistory):
+            raise TypeError(
+                f"stats[{key!r}] is an ActHistory (delayed scaling's running state): give "
+                "DelayedScaling.ranges(histories)"
+            )
         lo, hi = (jnp.asarray(v, jnp.float32) for v in (entry.lo, entry.hi))
         if jnp.ndim(lo) or jnp.ndim(hi):
             raise ValueError(f"stats[{key!r}] is not one range (shape {jnp.shape(lo)}): pass an op entry")

@@ -19,7 +19,9 @@ probabilities. ``qjax.graph.find_ops`` / ``jax.make_jaxpr`` show the operands' s
 With ``fake_quantized(..., act_stats_momentum=m)`` an op entry moves like a weight op's.
 Inside a scan stack each layer quantizes with its own moved range while the returned
 entry pools them (min / max), so training sees per-layer scales that the served (pooled)
-scale coarsens; a stack's op scales are best calibrated with ``qjax.calibrate``.
+scale coarsens; a stack's op scales are best calibrated with ``qjax.calibrate``. With a
+``qjax.DelayedScaling`` every layer quantizes with the entry's one history range and the
+layers' batch ranges are pooled into the pushed one.
 """
 
 from __future__ import annotations
@@ -75,12 +77,17 @@ class Lookup:
     """The op stats a transform was given, the static scale of each operand, and which
     entries an op used (an entry no op uses is a typo or another model's)."""
 
-    def __init__(self, op_stats: dict, momentum: float | None = None):
+    def __init__(self, op_stats: dict, momentum=None):
+        from qjax.quant.act_delayed import ActHistory
         from qjax.quant.calibrate import ActStats
 
         bad = [k for k, v in op_stats.items() if not isinstance(v, ActStats)]
         if bad:
-            raise TypeError(f"op stats {bad} must be ActStats, as qjax.calibrate returns them")
+            hint = any(isinstance(op_stats[k], ActHistory) for k in bad)
+            raise TypeError(
+                f"op stats {bad} must be ActStats, as qjax.calibrate returns them"
+                + (" (an ActHistory: give DelayedScaling.ranges(histories))" if hint else "")
+            )
         self.stats, self.used, self.momentum = dict(op_stats), set(), momentum
 
     def scale(self, scope: str, side: str, spec: QuantSpec | None, operand=None, emit=None) -> tuple | None:

@@ -19,7 +19,7 @@ from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slic
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
-from qjax.quant import act_ema, ops_ragged
+from qjax.quant import act_delayed, act_ema, ops_ragged
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.calibrate import ActStats
 from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
@@ -134,7 +134,7 @@ class _FakeQuant(_PolicyHandler):
         integer_forward: bool,
         static: dict,
         ranges: dict | None = None,
-        momentum: float | None = None,
+        momentum: float | act_delayed.DelayedScaling | None = None,
         op_stats: dict | None = None,
     ):
         super().__init__(policy)
@@ -146,7 +146,9 @@ class _FakeQuant(_PolicyHandler):
         return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
 
     def loop_reduction(self, key: str) -> str | None:
-        return "mean"  # only running averages are emitted: a while_loop's reads average
+        # only running ranges are emitted: a while_loop's reads average (EMA), or give the
+        # step's min / max (delayed scaling pushes the range of all of them)
+        return "min_max" if isinstance(self.momentum, act_delayed.DelayedScaling) else "mean"
 
     def static_scale(self, ref: WeightRef, spec: QuantSpec, act, emit, valid=None) -> tuple | None:
         """The static activation scale ``(scale, zero_point)`` of an op reading ``ref``:
@@ -359,7 +361,7 @@ def fake_quantized(
     key=None,
     integer_forward: bool = True,
     act_stats: dict | None = None,
-    act_stats_momentum: float | None = None,
+    act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
 ) -> Callable:
     """``f`` with the weights and activations of its matmuls/convs fake-quantized, for
     quantization-aware training.
@@ -439,7 +441,11 @@ def fake_quantized(
       act_stats_momentum: ``None`` (default): fixed static scales (``act_stats``). A number
         in ``[0, 1)``: running-average ranges, passed at each call (see above; then
         ``act_stats`` must be ``None``). Flax ``BatchNorm``'s convention: 0.99 keeps 99% of
-        the old range per step; 0 takes each batch's range.
+        the old range per step; 0 takes each batch's range. A :class:`qjax.DelayedScaling`:
+        delayed scaling (the fp8 training recipe), the running state a
+        ``{path: ActHistory}`` of each op's last ranges; each op quantizes with the range
+        of its history (earlier steps only) and pushes this batch's range
+        (:mod:`qjax.quant.act_delayed`); reads of one entry push their min / max.
 
     Returns:
       A function with ``f``'s signature; with ``act_stats_momentum``,
@@ -458,6 +464,7 @@ def fake_quantized(
       >>> qat = qjax.fake_quantized(model.apply, policy, act_stats=stats)
       >>> ema = qjax.fake_quantized(model.apply, policy, act_stats_momentum=0.99)
       >>> logits, stats = ema(params, stats, x)   # in the train step (has_aux=True)
+      >>> delayed = qjax.fake_quantized(model.apply, policy, act_stats_momentum=qjax.DelayedScaling(16))
     """
     check_policy(policy)
     if act_stats_momentum is None:
@@ -480,19 +487,35 @@ def fake_quantized(
             "g(params, act_stats, *args) -> (outputs, new_act_stats); do not also give act_stats= here"
         )
 
+    delayed = isinstance(momentum, act_delayed.DelayedScaling)
+
     @functools.wraps(f)
     def g_ema(params, act_stats, *args, **kwargs):
-        if not isinstance(act_stats, dict) or not all(isinstance(v, ActStats) for v in act_stats.values()):
+        if delayed:
+            momentum.check(act_stats)
+            current = momentum.ranges(act_stats)
+        elif isinstance(act_stats, dict) and all(isinstance(v, ActStats) for v in act_stats.values()):
+            current = act_stats
+        else:
+            inner = [type(v).__name__ for v in act_stats.values()] if isinstance(act_stats, dict) else []
             raise TypeError(
                 "fake_quantized(act_stats_momentum=...) takes the running {path: ActStats} as its second "
                 f"argument (start from qjax.calibrate); got {type(act_stats).__name__}"
+                + (f" of {sorted(set(inner))}" if inner else "")
+                + (
+                    " (ActHistory: pass act_stats_momentum=qjax.DelayedScaling(...))"
+                    if "ActHistory" in inner
+                    else ""
+                )
             )
         params, learned = _check_scales(params, scales)
-        static_act_scales(params, policy, act_stats)  # the same checks as fixed stats
-        leaves, ops = op_stats_lib.split(act_stats)
+        static_act_scales(params, policy, current)  # the same checks as fixed stats
+        # delayed scaling: the walk sees each history's range (what the scale comes from), a
+        # value of the leaf's own shape, so scan stacks and shard_map specs slice it as a range
+        leaves, ops = op_stats_lib.split(current)
         ranges = {path: (s.lo, s.hi) for path, s in leaves.items()}
         handler = lambda: _FakeQuant(policy, learned, key, integer_forward, {}, ranges, momentum, ops)
         out, emitted = _run(f, handler, params, args, kwargs)
-        return out, act_ema.merged_stats(act_stats, emitted)
+        return out, act_ema.merged_stats(act_stats, emitted, momentum)
 
     return g_ema

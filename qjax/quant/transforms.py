@@ -175,6 +175,13 @@ def static_act_scales(params: Any, policy: Policy, act_stats: dict[str, Any] | N
 
 def _static_act_scale(stats, act: QuantSpec | None) -> tuple:
     """``(scale, zero_point or None)`` of one op's calibrated range by its ``act`` spec."""
+    from qjax.quant.act_delayed import ActHistory  # imports this module
+
+    if isinstance(stats, ActHistory):
+        raise ValueError(
+            "act_stats holds an ActHistory (delayed scaling's running state): give "
+            "DelayedScaling.ranges(histories), the ranges its scales come from"
+        )
     if act is None:
         raise ValueError("act_stats given but the rule has no act spec")
     if act.channel_axes is PER_TOKEN or act.channel_axes or act.group_size is not None:

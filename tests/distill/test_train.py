@@ -275,6 +275,27 @@ def test_student_act_stats_give_the_student_static_activation_scales():
     np.testing.assert_allclose(ds.loss(params, T_VARS, batch)[0], want, rtol=1e-5)
 
 
+def test_student_delayed_scaling_histories_ride_in_the_state():
+    """``student_act_stats_momentum=qjax.DelayedScaling``: ``init`` turns calibrated stats
+    into histories, each step pushes the student's batch range as ``fake_quantized`` does."""
+    act = qjax.QuantSpec(qjax.int8)
+    policy = qjax.Policy([qjax.Rule(r"params/.*/kernel", weight=qjax.QuantSpec(qjax.int8), act=act)])
+    stats = qjax.calibrate(STUDENT.apply, policy, S_VARS, [0.5 * X])
+    delayed = qjax.DelayedScaling(history=2)
+    kw = dict(student_policy=policy, student_act_stats_momentum=delayed)
+    ds = distill.distill_step(STUDENT.apply, TEACHER.apply, distill.kd_objective(), optax.sgd(0.1), **kw)
+    state = ds.init(S_VARS, act_stats=stats)  # calibrated stats: made histories
+    assert all(isinstance(h, qjax.ActHistory) for h in state.act_stats.values())
+    new_state, metrics = ds.step(state, T_VARS, {"x": X, "y": Y})
+    logits, want = qjax.fake_quantized(STUDENT.apply, policy, act_stats_momentum=delayed)(
+        S_VARS, delayed.init(stats), X
+    )
+    for path in stats:
+        np.testing.assert_allclose(new_state.act_stats[path].hi, want[path].hi, rtol=1e-6)
+    kd = distill.kd_loss(logits, TEACHER.apply(T_VARS, X), Y, 4.0, 0.9)
+    np.testing.assert_allclose(metrics["loss"], kd, rtol=1e-5)
+
+
 def test_running_student_act_stats_move_with_each_step():
     """``student_act_stats_momentum``: the state carries the student's running ranges, each
     step moves them as ``fake_quantized(..., act_stats_momentum=...)`` does and distils the

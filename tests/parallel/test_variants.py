@@ -119,6 +119,42 @@ def test_qat_step_updates_running_activation_ranges(local):
         step(qp.init_train_state(params, tx, sh), b)  # the stats forgotten
 
 
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_qat_step_with_delayed_scaling_pushes_the_whole_batch_amax(local):
+    """``act_stats_momentum=qjax.DelayedScaling``: the step takes and returns histories; the
+    pushed range is the whole batch's, with ``local_batch_axes`` too (min / max over the
+    shards, not their mean), and the loss is the single-device step's."""
+    b = batch(5)
+    model, tx = MLP(), sgd()
+    params = init(model, b["x"])
+    static = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
+    delayed = qjax.DelayedScaling(history=3)
+    hist = delayed.init(qjax.calibrate(model.apply, static, params, [0.5 * b["x"]]))
+    mesh = qp.make_mesh(8, 1, 1)
+    sh = qp.train_state_shardings(params, tx, presets.data_parallel(), mesh)
+    step = qp.qat_step(
+        model.apply,
+        static,
+        xent,
+        tx,
+        sh,
+        qp.batch_shardings(mesh, b),
+        act_stats_momentum=delayed,
+        local_batch_axes=BATCH_AXES if local else None,
+        donate=False,
+    )
+    _, metrics = step(qp.init_train_state(params, tx, sh), b, hist)
+    new = metrics["act_stats"]
+    y, want = qjax.fake_quantized(model.apply, static, act_stats_momentum=delayed)(params, hist, b["x"])
+    if not local:
+        assert float(metrics["loss"]) == pytest.approx(float(xent(y, b)), rel=1e-5)
+    for path in hist:
+        assert isinstance(new[path], qjax.ActHistory)
+        np.testing.assert_allclose(new[path].hi, want[path].hi, rtol=1e-5)
+        np.testing.assert_allclose(new[path].lo, want[path].lo, rtol=1e-5)
+        assert float(new[path].hi[-1]) != pytest.approx(float(hist[path].hi[-1]), rel=1e-3)
+
+
 def test_per_shard_steps_on_batch_axes_of_size_one_run_globally():
     """``local_batch_axes`` whose axes all have size 1 (pure tensor parallelism) crashed
     XLA (an all-reduce outside manual partitioning); one shard is the global step."""
