@@ -185,11 +185,12 @@ def test_chunked_writes_store_the_same_codes_as_one_write(cuts):
     spec = qjax.QuantSpec(qjax.int4, channel_axes=(0, 1, 2), group_size=4, group_axis=3, symmetric=False)
     k, v = _KV
     init = qjax.KVCache.init(spec, batch=B, length=T, heads=H, head_dim=D, dtype=jnp.float32)
-    whole = init.update(k, v, 0)
+    update = jax.jit(lambda c, k, v, a: c.update(k, v, a))  # one compile per chunk length
+    whole = update(init, k, v, 0)
     pieces = init
     bounds = [0, *sorted(cuts), T]
     for a, b in itertools.pairwise(bounds):
-        pieces = pieces.update(k[:, a:b], v[:, a:b], a)
+        pieces = update(pieces, k[:, a:b], v[:, a:b], a)
     for x, y in zip(jax.tree.leaves(whole), jax.tree.leaves(pieces)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
@@ -244,7 +245,7 @@ def test_gradient_with_respect_to_queries_matches_float64():
     kd, vd = (np.asarray(a, np.float64) for a in cache.dequantize())
     q = _normal(1, 2, 2, 4)
     w = _normal(1, 2, 2, 4)
-    grad = jax.grad(lambda q: jnp.sum(w * cache.attend(q, 3)))(q)
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(w * cache.attend(q, 3))))(q)
     with jax.enable_x64(True):
 
         def ref(q):  # float64 attention in jnp, query head j on kv head 0
@@ -710,6 +711,8 @@ def test_quantized_queries_pass_straight_through_gradients(layout):
     cache = cache.update(*_KV, 0)
     q, w = _normal(B, 2, 2 * H, D), _normal(B, 2, 2 * H, D)
     loss = lambda q, q_spec: jnp.sum(w * cache.attend(q, 6, q_spec=q_spec))
+    # eager: jitted, the block layout's gradient comes out NaN for one query under the test
+    # suite's --xla_backend_optimization_level=0 (XLA:CPU), and finite at levels 1 and 2
     got = jax.grad(loss)(q, INT8_TOKEN)
     floats = jax.grad(loss)(q, None)
     assert np.abs(np.asarray(got)).max() > 0.1 * np.abs(np.asarray(floats)).max()

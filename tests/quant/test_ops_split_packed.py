@@ -7,6 +7,7 @@ the int64 reference."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from hypothesis import example, given, settings
@@ -28,9 +29,10 @@ finite = st.floats(-1e6, 1e6, width=32, allow_nan=False, allow_infinity=False)
 @given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, max_side=40), elements=finite))
 @example(np.array([[1.1754944e-38, 0.0], [0.0, -3e-37]], np.float32))  # scales below the smallest normal
 def test_first_piece_is_quantize_and_pieces_reconstruct(x):
-    codes, scales = split_pieces(jnp.asarray(x), (0,))
+    # jitted: one compile per shape (eager, each primitive compiles for it: ~2 s an example)
+    codes, scales = jax.jit(split_pieces, static_argnums=1)(jnp.asarray(x), (0,))
     assert codes.dtype == jnp.int8 and codes.shape == (3, *x.shape)
-    q = qjax.quantize(jnp.asarray(x), TOKENS)
+    q = jax.jit(lambda x: qjax.quantize(x, TOKENS))(jnp.asarray(x))
     live = np.abs(x).max(axis=1) > 0  # all-zero tokens: codes 0 whatever the scale
     np.testing.assert_array_equal(np.asarray(codes[0])[live], np.asarray(q.values)[live])
     np.testing.assert_array_equal(np.asarray(scales[0])[live], np.asarray(q.scale)[live])
@@ -73,16 +75,16 @@ def test_packed_weight_matches_int64_reference(k, n, m, fmt, pack_axis, group, s
     assert qw.packed_axis % 2 == pack_axis
     # integer activations: exact against the int64 reference
     tokens = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
-    y = qdot(x, qw, MM, lhs_spec=tokens)
+    y = jax.jit(lambda x, w: qdot(x, w, MM, lhs_spec=tokens))(x, qw)  # jitted: one compile per shape
     check_int_dot(y, qjax.quantize(x, TOKENS), qw, MM, exact=group is None)
     # float activations (weight-only), every formulation: the float64 reference
     wd, xd = np.asarray(qw.dequantize(), np.float64), np.asarray(x, np.float64)
     mag = np.abs(xd) @ np.abs(wd)
-    check_float(qdot(x, qw, MM, method="convert"), xd @ wd, mag)
+    check_float(jax.jit(lambda x, w: qdot(x, w, MM, method="convert"))(x, qw), xd @ wd, mag)
     # "split" rebuilds each token to 2^-22 of its absmax (test above), so an element far
     # below its token's absmax carries that absolute error into every output it feeds
     piece_err = np.abs(xd).max(axis=1, keepdims=True) * 2.0**-21 * np.abs(wd).sum(axis=0, keepdims=True)
-    y = np.asarray(qdot(x, qw, MM, method="split"), np.float64)
+    y = np.asarray(jax.jit(lambda x, w: qdot(x, w, MM, method="split"))(x, qw), np.float64)
     np.testing.assert_array_less(np.abs(y - xd @ wd), 64 * 2.0**-23 * mag + piece_err + 1e-30)
 
 
