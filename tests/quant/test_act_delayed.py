@@ -8,35 +8,11 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+# the EMA tests' model, data and float64 quantizer
+from test_act_ema import A8, POLICY, W8, _fq, _params, _x, mlp
+
 import qjax
 from qjax.quant.act_delayed import ActHistory
-
-W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
-A8 = qjax.QuantSpec(qjax.int8)
-POLICY = qjax.Policy([qjax.Rule(r"w\d", weight=W8, act=A8)])
-
-
-def mlp(p, x):
-    return jax.nn.relu(x @ p["w1"] + p["b1"]) @ p["w2"]
-
-
-def _params(seed=0, k=6, h=16, n=4):
-    r = np.random.default_rng(seed)
-    return {
-        "w1": jnp.asarray(r.normal(size=(k, h)), jnp.float32),
-        "b1": jnp.asarray(r.normal(size=(h,)) * 0.1, jnp.float32),
-        "w2": jnp.asarray(r.normal(size=(h, n)), jnp.float32),
-    }
-
-
-def _x(seed, scale=1.0, shape=(8, 6)):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
-
-
-def _fq(v, amax):
-    """float64 symmetric int8 fake quantization with scale ``amax / 127`` (ties to even)."""
-    s = np.asarray(amax, np.float64) / 127
-    return np.clip(np.round(v / s), -128, 127) * s
 
 
 def _reference(p, x, hist: dict):
