@@ -15,7 +15,7 @@ logical shape ``(batch, length, kv_heads, head_dim)`` (Flax's cache layout), wit
   The last, partly written block of each sequence is kept in float beside the codes and
   re-quantized at every write until it is full, so the cache appends (writes go at
   :attr:`KVCache.lengths`), and a block written at once or token by token stores the same
-  codes.
+  codes. :meth:`KVCache.rewind` forgets tokens (speculative decoding).
 
 :meth:`KVCache.attend` computes attention on the codes without dequantizing the cache
 (:mod:`qjax.quant.kv_attention`): both products run as
@@ -51,6 +51,7 @@ from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant import kv_attention as kva
 from qjax.quant import kv_checks as kvc
+from qjax.quant import kv_rewind
 from qjax.quant.kv_attention import B_AXIS as _B
 from qjax.quant.kv_attention import T_AXIS as _T
 
@@ -291,6 +292,35 @@ class KVCache:
         return dataclasses.replace(
             self, k=sides[0], v=sides[1], k_tail=tails[0], v_tail=tails[1], lengths=lengths
         )
+
+    def rewind(self, lengths) -> KVCache:
+        """Forget each sequence's tokens from position ``lengths`` on (speculative decoding's
+        rejected drafts): they read as unwritten, and an appending cache continues there.
+
+        A side scaled per block of tokens reopens the block ``lengths`` falls in: inside the
+        block being written it is exact (the cache reads and continues as the one that never
+        received the dropped tokens); inside an already quantized block, the kept tokens
+        continue from their dequantized values (:mod:`qjax.quant.kv_rewind`).
+
+        Args:
+          lengths: the tokens to keep, an int or one per sequence ``(batch,)``; at most the
+            tokens written (an appending cache: :attr:`lengths`) or the length (a cache
+            written by index, whose positions the caller tracks).
+
+        Returns:
+          The rewound cache.
+
+        Raises:
+          TypeError / ValueError: ``lengths`` not integers of shape ``()`` or ``(batch,)``, or
+            (when concrete) negative or past the tokens written. Traced ones are clipped to
+            that range.
+
+        Example:
+          >>> cache = cache.update(draft_k, draft_v)           # an appending cache, 4 drafts
+          >>> cache = cache.rewind(cache.lengths - 4 + accepted)
+          >>> cache = cache.rewind(position + accepted)        # a cache written by index
+        """
+        return kv_rewind.rewound(self, lengths)
 
     def _append_index(self, index, new) -> jax.Array:
         """Where an appending cache writes: at its lengths (``index`` must agree)."""

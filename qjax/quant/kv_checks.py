@@ -121,7 +121,7 @@ def counts(count, batch: int, new: int):
         host = np.asarray(c)
         if host.min(initial=0) < 0 or host.max(initial=0) > new:
             raise ValueError(f"count {host.tolist()} must lie in [0, {new}] (the tokens given)")
-    return jnp.broadcast_to(jnp.clip(c.astype(jnp.int32), 0, new), (batch,))
+    return jnp.broadcast_to(jnp.clip(c, 0, new).astype(jnp.int32), (batch,))  # clipped before the cast
 
 
 def positions(index, batch: int, length: int, new, verb: str = "writes"):
