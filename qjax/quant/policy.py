@@ -94,6 +94,12 @@ class OpRule:
         ``dot_general(value, probs)``, so ``lhs`` is the value), dynamically (from the data, per call; e.g.
         ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)``: one scale per index of every
         axis not summed over), or ``None`` to keep it float. At least one.
+      grad: int8 training of the op (AQT's quantized attention einsums): how to quantize
+        the incoming gradient; ``fake_quantized`` then runs both backward matmuls as integer
+        matmuls, each operand re-quantized in its spec's format with one scale per row of
+        the matmul, as :class:`Rule`'s ``grad`` does for weight matmuls. Needs both ``lhs``
+        and ``rhs``; one scale per tensor (``channel_axes=()``) or per row
+        (``qjax.PER_TOKEN``). ``quantized`` and ``calibrate`` ignore it.
 
     ``qjax.quantized`` runs a matched op as ``qjax.quantized_dot_general`` (int8 x int8 ->
     int32 when both are integer formats); ``qjax.fake_quantized`` fake-quantizes both
@@ -117,10 +123,11 @@ class OpRule:
     pattern: str
     lhs: QuantSpec | None = None
     rhs: QuantSpec | None = None
+    grad: QuantSpec | None = None
 
     def __post_init__(self):
         compile_pattern(self.pattern)
-        for name in ("lhs", "rhs"):
+        for name in ("lhs", "rhs", "grad"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, QuantSpec):
                 raise TypeError(
@@ -130,12 +137,22 @@ class OpRule:
                 raise ValueError(f"OpRule {self.pattern!r}: {name}: ste='lsq' learns a weight scale, not one")
         if self.lhs is None and self.rhs is None:
             raise ValueError(f"OpRule {self.pattern!r}: give lhs= and/or rhs= (nothing to quantize)")
+        if self.grad is not None:
+            from qjax.quant.int8_training import check_grad_spec  # imports the ops, not this module
+
+            if self.lhs is None or self.rhs is None:
+                raise ValueError(
+                    f"OpRule {self.pattern!r}: grad= (int8 training) needs lhs= and rhs= specs: both "
+                    "backward matmuls re-quantize the other operand"
+                )
+            check_grad_spec(self.grad, f"OpRule {self.pattern!r}: grad")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pattern": self.pattern,
             "lhs": None if self.lhs is None else self.lhs.to_dict(),
             "rhs": None if self.rhs is None else self.rhs.to_dict(),
+            "grad": None if self.grad is None else self.grad.to_dict(),
         }
 
 
@@ -232,7 +249,11 @@ class Policy:
         spec = lambda d: None if d is None else spec_from_dict(d)
         for i, r in enumerate(data.get("op_rules", [])):
             try:
-                rules.append(OpRule(r["pattern"], lhs=spec(r.get("lhs")), rhs=spec(r.get("rhs"))))
+                rules.append(
+                    OpRule(
+                        r["pattern"], lhs=spec(r.get("lhs")), rhs=spec(r.get("rhs")), grad=spec(r.get("grad"))
+                    )
+                )
             except (KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"policy op rule {i} is malformed: {e}") from e
         return cls(rules)

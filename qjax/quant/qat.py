@@ -248,15 +248,35 @@ class _FakeQuant(_PolicyHandler):
     def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit):
         """A matmul between two activations matched by an ``OpRule``: each operand with a
         spec fake-quantized (the calibrated scale of ``act_stats``' ``"op:..."`` entry, else
-        dynamic; straight-through gradients), then the op."""
-        operands = []
-        for x, spec, side in zip(invals, (lhs_spec, rhs_spec), op_stats_lib.SIDES, strict=True):
-            if spec is not None:
-                scale, zero_point = self.op_stats.scale(scope, side, spec, x, emit) or (None, None)
-                key = fold_in_path(self.key, f"{scope}:{side}")
-                x = fake_quant(x, spec, scale=scale, zero_point=zero_point, key=key)
-            operands.append(x)
-        return bind_eqn(eqn, operands)
+        dynamic; straight-through gradients), then the op. With the rule's ``grad`` (int8
+        training) that is the forward pass and both backward matmuls are integer matmuls;
+        a static operand's gradient gets its range's clip mask first."""
+        specs, statics = (lhs_spec, rhs_spec), []
+        for x, spec, side in zip(invals, specs, op_stats_lib.SIDES, strict=True):
+            statics.append(None if spec is None else self.op_stats.scale(scope, side, spec, x, emit))
+
+        def forward(lhs, rhs, statics):
+            operands = []
+            for x, spec, side, static in zip((lhs, rhs), specs, op_stats_lib.SIDES, statics, strict=True):
+                if spec is not None:
+                    scale, zero_point = static or (None, None)
+                    key = fold_in_path(self.key, f"{scope}:{side}")
+                    x = fake_quant(x, spec, scale=scale, zero_point=zero_point, key=key)
+                operands.append(x)
+            return bind_eqn(eqn, operands)[0]
+
+        grad = self.policy.op_match(scope).value.grad
+        if grad is None:
+            return [forward(*invals, statics)]
+        key = fold_in_path(self.key, f"{scope}:grad")
+        if key is None and grad.rounding == "stochastic":
+            raise ValueError(
+                "the grad spec rounds stochastically: pass key= to fake_quantized (a fresh key every step)"
+            )
+        args = [x if st is None else _with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
+        backward = dot_backward(eqn.params["dimension_numbers"], lhs_spec, rhs_spec, grad)
+        out = with_integer_backward(forward, backward, *args, statics, key)
+        return [out.astype(eqn.outvars[0].aval.dtype)]
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
         """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
@@ -419,8 +439,10 @@ def fake_quantized(
     fake-quantized as ``quantized`` serves it (weight by its rule, activation by ``act``).
     A matmul between two activations (attention, a KV cache) that one of the policy's
     :class:`qjax.OpRule` matches by name scope gets both operands fake-quantized with
-    dynamic scales (their specs' ``ste`` gradients), as ``quantized`` serves it; an
-    ``OpRule`` that matches no such op raises a ``ValueError`` listing their name stacks.
+    dynamic scales (their specs' ``ste`` gradients), as ``quantized`` serves it, or with
+    the rule's ``grad`` spec both its backward matmuls run as integer matmuls (int8
+    training of attention); an ``OpRule`` that matches no such op raises a ``ValueError``
+    listing their name stacks.
 
     Args:
       f: ``f(params, *args, **kwargs)``.

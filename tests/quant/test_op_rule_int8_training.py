@@ -1,0 +1,113 @@
+"""``OpRule(grad=...)``: int8 training of a matmul between two activations (attention's
+scores), against float64 references of the forward and both integer backward matmuls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+
+TOK = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+S8 = qjax.QuantSpec(qjax.int8)
+RNG = np.random.default_rng(0)
+
+
+def scores(p, q, k):
+    with jax.named_scope("scores"):
+        return jnp.einsum("qd,kd->qk", q, k)
+
+
+def _q64(x, axes, bits=8):
+    """float64 symmetric absmax quantization, one float32 scale per index of ``axes``."""
+    qmax = 2 ** (bits - 1) - 1
+    red = tuple(d for d in range(x.ndim) if d not in axes)
+    scale = (np.abs(x).max(axis=red, keepdims=True) / np.float32(qmax)).astype(np.float32).astype(np.float64)
+    return np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale
+
+
+def _data():
+    q, k, c = (RNG.standard_normal(s).astype(np.float32) for s in ((5, 8), (7, 8), (5, 7)))
+    return q, k, c
+
+
+@pytest.mark.parametrize("gname", ["per_token", "per_tensor"])
+def test_both_backward_matmuls_are_integer_products_of_the_requantized_operands(gname):
+    q, k, c = _data()
+    grad = TOK if gname == "per_token" else S8
+    policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=grad)])
+    fn = qjax.fake_quantized(scores, policy)
+    y, vjp = jax.vjp(lambda q, k: fn({}, q, k), jnp.asarray(q), jnp.asarray(k))
+    dq, dk = vjp(jnp.asarray(c))
+    q64, k64, c64 = (a.astype(np.float64) for a in (q, k, c))
+    # forward: each operand per token (its rows), as without grad=
+    np.testing.assert_allclose(y, _q64(q64, (0,)) @ _q64(k64, (0,)).T, rtol=1e-5, atol=1e-5)
+    plain = qjax.fake_quantized(scores, qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK)]))
+    np.testing.assert_array_equal(y, plain({}, q, k))
+    # dq = c @ k: c per row (or tensor), k re-quantized with one scale per column (d)
+    c_dq = _q64(c64, (0,)) if gname == "per_token" else _q64(c64, ())
+    np.testing.assert_allclose(dq, c_dq @ _q64(k64, (1,)), rtol=1e-5, atol=1e-5)
+    # dk = c.T @ q: c per column (or tensor), q re-quantized per column (d)
+    c_dk = _q64(c64, (1,)) if gname == "per_token" else _q64(c64, ())
+    np.testing.assert_allclose(dk, c_dk.T @ _q64(q64, (1,)), rtol=1e-5, atol=1e-5)
+
+
+def test_batched_attention_einsum_trains_and_is_close_to_the_float_gradient():
+    """Heads and batch as dot_general batch dims (``"bqhd,bkhd->bhqk"``), inside jit."""
+    q, k = (jnp.asarray(RNG.standard_normal((2, 6, 3, 8)), jnp.float32) for _ in range(2))
+
+    def f(p, q, k):
+        with jax.named_scope("attn"):
+            s = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        return jnp.sum(jax.nn.softmax(s, -1) ** 2)
+
+    policy = qjax.Policy([qjax.OpRule("attn/.*", lhs=TOK, rhs=TOK, grad=TOK)])
+    got = jax.jit(jax.grad(lambda q, k: qjax.fake_quantized(f, policy)({}, q, k), argnums=(0, 1)))(q, k)
+    want = jax.grad(lambda q, k: f({}, q, k), argnums=(0, 1))(q, k)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and bool(jnp.all(jnp.isfinite(g)))
+        assert float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) < 0.05
+
+
+def test_a_static_operand_gets_its_clip_mask_before_the_integer_backward():
+    q, k, c = _data()
+    stats_policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=S8, rhs=S8)])
+    stats = qjax.calibrate(scores, stats_policy, {}, [(0.5 * q, k)])  # q's range too narrow: clips
+    policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=S8, rhs=S8, grad=TOK)])
+    fn = qjax.fake_quantized(scores, policy, act_stats=stats)
+    _, vjp = jax.vjp(lambda q, k: fn({}, q, k), jnp.asarray(q), jnp.asarray(k))
+    dq, _ = vjp(jnp.asarray(c))
+    (lhs_key,) = [key for key in stats if key.endswith(":lhs")]
+    hi = float(stats[lhs_key].hi)
+    clipped = np.abs(q) > hi * (1 + 1 / 254)  # beyond the last code's rounding interval
+    assert clipped.any() and (~clipped).any()
+    np.testing.assert_array_equal(np.asarray(dq)[clipped], 0.0)
+    inside = _q64(c.astype(np.float64), (0,)) @ _q64(k.astype(np.float64), (1,))
+    np.testing.assert_allclose(
+        np.asarray(dq)[~clipped & (np.abs(q) < hi)], inside[~clipped & (np.abs(q) < hi)], rtol=1e-5, atol=1e-5
+    )
+
+
+def test_bad_op_rules_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"OpRule 'scores/\.\*': grad= .* needs lhs= and rhs="):
+        qjax.OpRule("scores/.*", lhs=TOK, grad=TOK)
+    with pytest.raises(ValueError, match=r"OpRule 'scores/\.\*': grad has channel_axes=\(-1,\)"):
+        qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=qjax.QuantSpec(qjax.int8, channel_axes=(-1,)))
+    with pytest.raises(TypeError, match=r"grad must be a qjax\.QuantSpec"):
+        qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad="int8")
+    stoch = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+    policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=stoch)])
+    q, k, _ = _data()
+    with pytest.raises(ValueError, match=r"scores.*rounds stochastically: pass key="):
+        qjax.fake_quantized(scores, policy)({}, q, k)
+    key_fn = qjax.fake_quantized(scores, policy, key=jax.random.key(0))
+    assert bool(jnp.isfinite(jax.grad(lambda q: jnp.sum(key_fn({}, q, k)))(jnp.asarray(q))).all())
+
+
+def test_the_rule_round_trips_through_json_and_serving_ignores_grad():
+    policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=TOK)])
+    assert qjax.Policy.from_json(policy.to_json()) == policy
+    q, k, _ = _data()
+    served = qjax.quantized(scores, policy)({}, q, k)
+    plain = qjax.quantized(scores, qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK)]))({}, q, k)
+    np.testing.assert_array_equal(served, plain)
