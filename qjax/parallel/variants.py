@@ -173,7 +173,7 @@ def int8_step(
     Raises:
       ValueError: no rule of ``policy`` has a ``grad`` spec.
     """
-    if not any(r.grad is not None for r in policy.rules):
+    if not any(r.grad is not None for r in (*policy.rules, *policy.op_rules)):
         raise ValueError("int8_step: no rule of the policy has grad= (int8 training); use qat_step")
     return qat_step(
         apply_fn,

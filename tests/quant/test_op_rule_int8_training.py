@@ -111,3 +111,29 @@ def test_the_rule_round_trips_through_json_and_serving_ignores_grad():
     served = qjax.quantized(scores, policy)({}, q, k)
     plain = qjax.quantized(scores, qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK)]))({}, q, k)
     np.testing.assert_array_equal(served, plain)
+
+
+def test_int8_step_takes_a_policy_whose_only_grad_is_on_an_op_rule():
+    import optax
+
+    from qjax import parallel as qp
+    from qjax.parallel import presets
+
+    params = {"w": jnp.asarray(RNG.standard_normal((8, 8)), jnp.float32)}
+
+    def f(p, x):
+        h = x @ p["w"]
+        return scores(p, h, h)
+
+    objective = lambda out, b: jnp.mean(out**2)
+    tx = optax.sgd(0.1)
+    mesh = qp.make_mesh(8, 1, 1)
+    sh = qp.train_state_shardings(params, tx, presets.data_parallel(), mesh)
+    batch = {"x": jnp.asarray(RNG.standard_normal((8, 8)), jnp.float32)}
+    bsh = qp.batch_shardings(mesh, batch)
+    ops_only = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=TOK)])
+    step = qp.int8_step(f, ops_only, objective, tx, sh, bsh, donate=False)
+    state, metrics = step(qp.init_train_state(params, tx, sh), batch)
+    assert bool(jnp.isfinite(metrics["loss"])) and float(jnp.abs(state.params["w"] - params["w"]).max()) > 0
+    with pytest.raises(ValueError, match="no rule of the policy has grad="):
+        qp.int8_step(f, qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK)]), objective, tx, sh, bsh)
