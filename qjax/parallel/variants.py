@@ -155,7 +155,7 @@ def int8_step(
     donate: bool = True,
 ) -> ShardedStep:
     """int8 training step (AQT-style: forward and both backward matmuls in int8, rules with
-    ``grad=``), sharded.
+    ``grad=``; an ``OpRule``'s op keeps its float fake-quant forward), sharded.
 
     The weight-gradient matmul contracts over the batch; its per-channel scales are maxima
     over the batch, so with the batch sharded they need an all-reduce (max). With

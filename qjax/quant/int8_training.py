@@ -37,8 +37,15 @@ def check_grad_spec(spec: QuantSpec, what: str = "grad_spec") -> None:
     Raises:
       ValueError: ``spec`` has a ``group_size`` or ``channel_axes`` other than ``()``
         (one scale per tensor) and ``qjax.PER_TOKEN`` (one per row of each backward
-        matmul); the message starts with ``what``.
+        matmul), or a symmetric unsigned integer format (it would clamp negative
+        gradients to 0); the message starts with ``what``.
     """
+    fmt = spec.format
+    if spec.symmetric and not fmt.is_float and not getattr(fmt, "signed", True):
+        raise ValueError(
+            f"{what} has the unsigned format {fmt.name} with symmetric=True: gradients take both signs "
+            "(negative ones would be clamped to 0); use a signed format such as qjax.int8"
+        )
     if spec.group_size is None and (spec.channel_axes == () or spec.channel_axes is PER_TOKEN):
         return
     got = f"channel_axes={spec.channel_axes}"

@@ -99,18 +99,22 @@ class OpRule:
         matmuls, each operand re-quantized in its spec's format with one scale per row of
         the matmul, as :class:`Rule`'s ``grad`` does for weight matmuls. Needs both ``lhs``
         and ``rhs``; one scale per tensor (``channel_axes=()``) or per row
-        (``qjax.PER_TOKEN``). ``quantized`` and ``calibrate`` ignore it.
+        (``qjax.PER_TOKEN``), a signed format, typically rounded stochastically (pass
+        ``key=``). The forward pass stays the fake-quant float op (the same values as the
+        integer one). ``quantized`` and ``calibrate`` ignore it.
 
     ``qjax.quantized`` runs a matched op as ``qjax.quantized_dot_general`` (int8 x int8 ->
     int32 when both are integer formats); ``qjax.fake_quantized`` fake-quantizes both
-    operands (straight-through gradients) and runs the float op. A per-tensor operand spec
+    operands and runs the float op, with straight-through gradients or (``grad``) the
+    integer backward matmuls. A per-tensor operand spec
     (``channel_axes=()``) can be static: ``qjax.calibrate`` records its range under an
     ``"op:<name stack>:lhs"`` / ``":rhs"`` key, which ``quantized(f, policy, op_stats=stats)``
     and ``fake_quantized(f, policy, act_stats=stats)`` use (:mod:`qjax.quant.op_stats`).
 
     Raises:
       TypeError / ValueError: bad pattern or spec types, no spec, or a static-only spec
-        option (the message names the pattern).
+        option; ``grad`` without both ``lhs`` and ``rhs``, or with a granularity or format
+        the integer backward cannot honour (the message names the pattern).
 
     Example:
       >>> per_token = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)

@@ -93,12 +93,15 @@ _grad_times.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _with_act_ste(x, spec: QuantSpec, static):
     """``x``, with the gradient that ``fake_quant`` by ``spec`` with the static scale
-    ``static = (scale, zero_point)`` has (the clipped STE: zero outside the range)."""
+    ``static = (scale, zero_point)`` (or ``None``: the dynamic one) has: the clipped STE,
+    zero outside the range (a clipping calibrator's, for a dynamic scale)."""
     return x
 
 
 def _with_act_ste_fwd(x, spec, static):
-    _, vjp_fn = jax.vjp(lambda v: fake_quant(v, spec, scale=static[0], zero_point=static[1]), x)
+    scale, zero_point = (None, None) if static is None else static
+    nearest = spec.replace(rounding="nearest")  # stochastic rounding moves no value past the range
+    _, vjp_fn = jax.vjp(lambda v: fake_quant(v, nearest, scale=scale, zero_point=zero_point), x)
     return x, (vjp_fn, static)
 
 
@@ -141,6 +144,7 @@ class _FakeQuant(_PolicyHandler):
         self.scales, self.key, self.integer_forward, self.static = scales, key, integer_forward, static
         self.ranges, self.momentum = ranges or {}, momentum
         self.op_stats = op_stats_lib.Lookup(op_stats or {}, momentum)
+        self._op_occurrences: dict[str, int] = {}  # name stack -> matched ops seen in this trace
 
     def aux(self, path: str):
         return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
@@ -208,7 +212,9 @@ class _FakeQuant(_PolicyHandler):
             _check_deployable(eqn, ref, wi, rule.weight, aspec, act, w_leaf)
         if rule.grad is not None:
             forward = _served_forward(eqn, ref, wi, rule.weight, aspec, fake_path) if integer else fake_path
-            if static is not None:  # the clipped STE of the static range, before the integer backward
+            if (
+                aspec is not None
+            ):  # the clipped STE of the range (static or dynamic), before the integer backward
                 args[ai] = _with_act_ste(args[ai], aspec, static)
             return [self._int8_training(eqn, forward, args, w_leaf, static, wi, rule, ref.path)]
         if integer:
@@ -254,13 +260,18 @@ class _FakeQuant(_PolicyHandler):
         specs, statics = (lhs_spec, rhs_spec), []
         for x, spec, side in zip(invals, specs, op_stats_lib.SIDES, strict=True):
             statics.append(None if spec is None else self.op_stats.scale(scope, side, spec, x, emit))
+        # the ops sharing a name stack (two einsums in one named_scope) draw their own
+        # stochastic rounding: the n-th such op folds n into its keys
+        seen = self._op_occurrences.get(scope, 0)
+        self._op_occurrences[scope] = seen + 1
+        where = scope if seen == 0 else f"{scope}#{seen}"
 
         def forward(lhs, rhs, statics):
             operands = []
             for x, spec, side, static in zip((lhs, rhs), specs, op_stats_lib.SIDES, statics, strict=True):
                 if spec is not None:
                     scale, zero_point = static or (None, None)
-                    key = fold_in_path(self.key, f"{scope}:{side}")
+                    key = fold_in_path(self.key, f"{where}:{side}")
                     x = fake_quant(x, spec, scale=scale, zero_point=zero_point, key=key)
                 operands.append(x)
             return bind_eqn(eqn, operands)[0]
@@ -268,12 +279,13 @@ class _FakeQuant(_PolicyHandler):
         grad = self.policy.op_match(scope).value.grad
         if grad is None:
             return [forward(*invals, statics)]
-        key = fold_in_path(self.key, f"{scope}:grad")
+        key = fold_in_path(self.key, f"{where}:grad")
         if key is None and grad.rounding == "stochastic":
             raise ValueError(
                 "the grad spec rounds stochastically: pass key= to fake_quantized (a fresh key every step)"
             )
-        args = [x if st is None else _with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
+        # the clipped STE of each operand's range (static, or a clipping calibrator's)
+        args = [_with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
         backward = dot_backward(eqn.params["dimension_numbers"], lhs_spec, rhs_spec, grad)
         out = with_integer_backward(forward, backward, *args, statics, key)
         return [out.astype(eqn.outvars[0].aval.dtype)]

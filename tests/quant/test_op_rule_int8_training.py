@@ -137,3 +137,36 @@ def test_int8_step_takes_a_policy_whose_only_grad_is_on_an_op_rule():
     assert bool(jnp.isfinite(metrics["loss"])) and float(jnp.abs(state.params["w"] - params["w"]).max()) > 0
     with pytest.raises(ValueError, match="no rule of the policy has grad="):
         qp.int8_step(f, qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK)]), objective, tx, sh, bsh)
+
+
+def test_review_findings_stochastic_static_specs_keys_unsigned_grads_and_dynamic_clipping():
+    q, k, c = _data()
+    key = jax.random.key(0)
+    # a static operand spec that rounds stochastically: its clip mask is that of nearest
+    ss = qjax.QuantSpec(qjax.int8, rounding="stochastic")
+    stats = qjax.calibrate(scores, qjax.Policy([qjax.OpRule("scores/.*", lhs=ss, rhs=ss)]), {}, [(q, k)])
+    policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=ss, rhs=ss, grad=TOK)])
+    fn = qjax.fake_quantized(scores, policy, act_stats=stats, key=key)
+    assert bool(jnp.isfinite(jax.grad(lambda q: jnp.sum(fn({}, q, k) * c))(jnp.asarray(q))).all())
+    # two matched ops under one name stack draw different stochastic rounding
+    stoch = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+    twice = lambda p, q, k: scores(p, q, k) + scores(p, q, k)
+    pol = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=stoch)])
+    g2 = jax.grad(lambda q: jnp.sum(qjax.fake_quantized(twice, pol, key=key)({}, q, k) * c))(jnp.asarray(q))
+    g1 = jax.grad(lambda q: jnp.sum(qjax.fake_quantized(scores, pol, key=key)({}, q, k) * c))(jnp.asarray(q))
+    assert not np.array_equal(np.asarray(g2), 2 * np.asarray(g1))
+    # an unsigned symmetric gradient format would clamp negative gradients to 0
+    with pytest.raises(ValueError, match="unsigned format"):
+        qjax.OpRule(
+            "scores/.*", lhs=TOK, rhs=TOK, grad=qjax.QuantSpec(qjax.uint8, channel_axes=qjax.PER_TOKEN)
+        )
+    # a clipping calibrator's dynamic range keeps its clip mask under the integer backward
+    clip = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, calibration=qjax.calib.percentile(90))
+    masks = []
+    for grad in (None, TOK):
+        pol = qjax.Policy([qjax.OpRule("scores/.*", lhs=clip, rhs=TOK, grad=grad)])
+        dq = jax.grad(lambda q, pol=pol: jnp.sum(qjax.fake_quantized(scores, pol)({}, q, k) * c))(
+            jnp.asarray(q)
+        )
+        masks.append(np.asarray(dq) == 0)
+    assert masks[0].any() and np.array_equal(masks[0], masks[1])
