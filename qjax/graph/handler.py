@@ -4,8 +4,11 @@ activations; how the values it emits combine over loop iterations."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import jax
 
 from qjax.graph import loop_pooling
 from qjax.graph.weight_ref import WeightRef, materialize
@@ -42,6 +45,23 @@ class Handler:
         the calls and loops it runs in (:func:`full_scope`); ``emit`` as for
         :meth:`target`. ``None`` (default) binds it unchanged."""
         return None
+
+    @contextlib.contextmanager
+    def iteration(self, index) -> Iterator[None]:
+        """The walk of a loop body for iteration ``index`` (a traced int32 counting the
+        iterations). A handler whose ops draw randomness from its ``key`` attribute
+        (stochastic rounding) has the index folded into it meanwhile, so the iterations of
+        a loop (the layers of an ``nn.scan`` stack) draw independent noise; nothing changes
+        for the others."""
+        key = getattr(self, "key", None)
+        if key is None:
+            yield
+            return
+        self.key = jax.random.fold_in(key, index)
+        try:
+            yield
+        finally:
+            self.key = key
 
     def loop_reduction(self, key: str) -> str | None:
         """How the values emitted under ``key`` inside a ``while_loop`` body (a data-dependent

@@ -318,17 +318,19 @@ def _scan(eqn, invals, handler, emit, scope):
     xs_in = [_value(handler, x, "scan") if part is None else part[0] for x, part in zip(xs, parts)]
     body = p["jaxpr"]
 
-    def step(carry, x_slices):
+    def step(state, x_slices):
+        carry, i = state  # i counts the iterations: the handler's randomness folds it in
         local = _Emitter()
         x_vals = [x if part is None else part[1](x) for part, x in zip(parts, x_slices)]
-        outs = [
-            _value(handler, o, "scan")
-            for o in _closed(body, [*consts, *carry, *x_vals], handler, local, scope)
-        ]
-        return outs[:num_carry], (outs[num_carry:], local.values)
+        with handler.iteration(i):
+            outs = [
+                _value(handler, o, "scan")
+                for o in _closed(body, [*consts, *carry, *x_vals], handler, local, scope)
+            ]
+        return (outs[:num_carry], i + 1), (outs[num_carry:], local.values)
 
-    carry, (ys, emitted) = lax.scan(
-        step, init, xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+    (carry, _), (ys, emitted) = lax.scan(
+        step, (init, jnp.int32(0)), xs_in, length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
     )
     # a weight every iteration reads whole (a scan constant: fori_loop, nn.scan with
     # broadcast params) is one op: its per-iteration values pool as in a while_loop; a
@@ -397,16 +399,18 @@ def _while(eqn, invals, handler, emit, scope):
             p["cond_jaxpr"], [*cond_consts, *carry], handler, _no_emit("lax.while_loop's condition"), scope
         )[0]
 
-    def body_values(carry):
+    def body_values(carry, i):
         local = _Emitter()
-        body = _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local, scope)
+        with handler.iteration(i):  # i counts the iterations: the handler's randomness folds it in
+            body = _closed(p["body_jaxpr"], [*body_consts, *carry], handler, local, scope)
         outs = [_value(handler, o, "while") for o in body]
         return outs, local.values
 
     # what the body emits (an abstract pass): nothing -> the loop as it was
-    emitted = jax.eval_shape(body_values, init)[1]
+    emitted = jax.eval_shape(body_values, init, jnp.int32(0))[1]
     if not emitted:
-        return lax.while_loop(cond, lambda carry: body_values(carry)[0], init)
+        step = lambda state: (body_values(*state)[0], state[1] + 1)
+        return lax.while_loop(lambda state: cond(state[0]), step, (init, jnp.int32(0)))[0]
     how = {}
     for key in emitted:
         how[key] = handler.loop_reduction(key)
@@ -417,12 +421,12 @@ def _while(eqn, invals, handler, emit, scope):
     acc0 = {k: [loop_pooling.acc_init(how[k], v) for v in vs] for k, vs in emitted.items()}
 
     def body(state):
-        carry, acc = state
-        outs, values = body_values(carry)
+        carry, i, acc = state
+        outs, values = body_values(carry, i)
         acc = {k: [loop_pooling.acc_step(how[k], a, v) for a, v in zip(acc[k], values[k])] for k in acc}
-        return outs, acc
+        return outs, i + 1, acc
 
-    carry, acc = lax.while_loop(lambda state: cond(state[0]), body, (init, acc0))
+    carry, _, acc = lax.while_loop(lambda state: cond(state[0]), body, (init, jnp.int32(0), acc0))
     for k, accs in acc.items():
         for a in accs:
             emit(k, loop_pooling.acc_result(how[k], a))

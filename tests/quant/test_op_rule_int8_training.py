@@ -170,3 +170,43 @@ def test_review_findings_stochastic_static_specs_keys_unsigned_grads_and_dynamic
         )
         masks.append(np.asarray(dq) == 0)
     assert masks[0].any() and np.array_equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("loop", ["scan", "while_loop"])
+def test_the_iterations_of_a_loop_draw_their_own_rounding(loop):
+    """The walker folds the iteration into the transform's key: two iterations of the same
+    op on the same values (an ``nn.scan`` stack's layers) round differently."""
+    q, k, c = _data()
+    stoch = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+    pol = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=stoch)])
+    if loop == "scan":
+        twice = lambda p, q, k: jax.lax.fori_loop(
+            0, 2, lambda i, acc: acc + scores(p, q, k), jnp.zeros((5, 7))
+        )
+    else:
+        twice = lambda p, q, k, n=2: jax.lax.while_loop(
+            lambda s: s[0] < n, lambda s: (s[0] + 1, s[1] + scores(p, q, k)), (0, jnp.zeros((5, 7)))
+        )[1]
+    key = jax.random.key(3)
+    # the forward: a stochastically rounded operand
+    fwd = qjax.Policy([qjax.OpRule("scores/.*", lhs=stoch, rhs=TOK)])
+    y2 = qjax.fake_quantized(twice, fwd, key=key)({}, q, k)
+    y1 = qjax.fake_quantized(scores, fwd, key=key)({}, q, k)
+    assert not np.allclose(np.asarray(y2), 2 * np.asarray(y1))
+    if loop == "scan":  # the integer backward's gradient rounding (a while_loop has no VJP)
+        g2 = jax.grad(lambda q: jnp.sum(qjax.fake_quantized(twice, pol, key=key)({}, q, k) * c))(
+            jnp.asarray(q)
+        )
+        g1 = jax.grad(lambda q: jnp.sum(qjax.fake_quantized(scores, pol, key=key)({}, q, k) * c))(
+            jnp.asarray(q)
+        )
+        assert not np.allclose(np.asarray(g2), 2 * np.asarray(g1))
+    # and the forward's stochastic rounding of a scanned weight differs per layer too
+    w = jnp.asarray(RNG.standard_normal((8, 8)), jnp.float32)
+    stack = {"w": jnp.stack([w, w])}
+    wpol = qjax.Policy(
+        [qjax.Rule("w", weight=qjax.QuantSpec(qjax.int4, channel_axes=(0, -1), rounding="stochastic"))]
+    )
+    layers = lambda p, x: jax.lax.scan(lambda h, w: (h, x @ w), x, p["w"])[1]
+    ys = qjax.fake_quantized(layers, wpol, key=key)(stack, jnp.asarray(q))
+    assert not np.array_equal(np.asarray(ys[0]), np.asarray(ys[1]))
