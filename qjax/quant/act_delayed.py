@@ -147,7 +147,7 @@ def _check_dict(value, cls, what: str) -> None:
         raise TypeError(f"{what}; got {type(value).__name__}")
     bad = next((k for k, v in value.items() if not isinstance(v, cls)), None)
     if bad is not None:
-        raise TypeError(f"{what}; entry {bad!r} is a {type(value[bad]).__name__}")
+        raise TypeError(f"{what}; entry {bad!r} is of type {type(value[bad]).__name__}")
 
 
 def delayed_scale(key: str, current: tuple, spec, act, emit, valid=None) -> tuple:

@@ -298,9 +298,10 @@ class KVCache:
         rejected drafts): they read as unwritten, and an appending cache continues there.
 
         A side scaled per block of tokens reopens the block ``lengths`` falls in: inside the
-        block being written it is exact (the cache reads and continues as the one that never
-        received the dropped tokens); inside an already quantized block, the kept tokens
-        continue from their dequantized values (:mod:`qjax.quant.kv_rewind`).
+        block still being written it is exact (the cache reads and continues as the one that
+        never received the dropped tokens); inside a block already quantized (the dropped
+        drafts completed it) the kept tokens continue from their dequantized values, rounded
+        a second time at the next write (:mod:`qjax.quant.kv_rewind`).
 
         Args:
           lengths: the tokens to keep, an int or one per sequence ``(batch,)``; at most the

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.numerics.transposed import is_quantized
-from qjax.quant import act_delayed, act_ema, ops_ragged
+from qjax.quant import act_delayed, act_ema, ops_ragged, qat_int8
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.calibrate import ActStats
-from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
-from qjax.quant.int8_training_conv import conv_backward, conv_config
 from qjax.quant.policy import Policy, Rule, check_policy
 from qjax.quant.policy_handler import (
     _named_errors,
@@ -34,7 +32,7 @@ from qjax.quant.policy_handler import (
     _run,
     ragged_weight,
 )
-from qjax.quant.serve import _check_deployable, _conv_geometry, _operand_qarray, _quantized_op
+from qjax.quant.serve import _check_deployable, _operand_qarray, _quantized_op
 from qjax.quant.shard_scales import fake_quant_shard
 from qjax.quant.transforms import _check_scales, static_act_scales
 from qjax.rules import fold_in_path
@@ -88,29 +86,6 @@ def _grad_times(x, factor: float):
 
 
 _grad_times.defvjp(lambda x, factor: (x, None), lambda factor, _, g: (g * factor,))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _with_act_ste(x, spec: QuantSpec, static):
-    """``x``, with the gradient that ``fake_quant`` by ``spec`` with the static scale
-    ``static = (scale, zero_point)`` (or ``None``: the dynamic one) has: the clipped STE,
-    zero outside the range (a clipping calibrator's, for a dynamic scale)."""
-    return x
-
-
-def _with_act_ste_fwd(x, spec, static):
-    scale, zero_point = (None, None) if static is None else static
-    nearest = spec.replace(rounding="nearest")  # stochastic rounding moves no value past the range
-    _, vjp_fn = jax.vjp(lambda v: fake_quant(v, nearest, scale=scale, zero_point=zero_point), x)
-    return x, (vjp_fn, static)
-
-
-def _with_act_ste_bwd(spec, res, g):
-    vjp_fn, static = res
-    return vjp_fn(g)[0], jax.tree.map(jnp.zeros_like, static)
-
-
-_with_act_ste.defvjp(_with_act_ste_fwd, _with_act_ste_bwd)
 
 
 class _Aux(NamedTuple):
@@ -185,7 +160,7 @@ class _FakeQuant(_PolicyHandler):
             return None
         args = [materialize(x) for x in invals]
         if rule.grad is not None:
-            self._check_int8_training(eqn, wi, rule, ref)
+            qat_int8.check_int8_training(eqn, wi, rule, ref, self.scales)
         ai = 1 - wi
         aspec = None if rule.act is None else _resolve_act_spec(rule.act, eqn, ai)
         if aspec is not None and aspec.ste == "lsq":
@@ -215,8 +190,9 @@ class _FakeQuant(_PolicyHandler):
             if (
                 aspec is not None
             ):  # the clipped STE of the range (static or dynamic), before the integer backward
-                args[ai] = _with_act_ste(args[ai], aspec, static)
-            return [self._int8_training(eqn, forward, args, w_leaf, static, wi, rule, ref.path)]
+                args[ai] = qat_int8.with_act_ste(args[ai], aspec, static)
+            key = fold_in_path(self.key, ref.path + ":grad")
+            return [qat_int8.int8_training(eqn, forward, args, (w_leaf, static), wi, rule, ref.path, key)]
         if integer:
             op = _int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)
             return [op(act, w_leaf, static)]
@@ -279,16 +255,9 @@ class _FakeQuant(_PolicyHandler):
         grad = self.policy.op_match(scope).value.grad
         if grad is None:
             return [forward(*invals, statics)]
+        named = f"matmul at name scope {scope!r} (op rule {self.policy.op_match(scope).pattern!r})"
         key = fold_in_path(self.key, f"{where}:grad")
-        if key is None and grad.rounding == "stochastic":
-            raise ValueError(
-                "the grad spec rounds stochastically: pass key= to fake_quantized (a fresh key every step)"
-            )
-        # the clipped STE of each operand's range (static, or a clipping calibrator's)
-        args = [_with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
-        backward = dot_backward(eqn.params["dimension_numbers"], lhs_spec, rhs_spec, grad)
-        out = with_integer_backward(forward, backward, *args, statics, key)
-        return [out.astype(eqn.outvars[0].aval.dtype)]
+        return [qat_int8.op_int8_training(eqn, forward, invals, specs, statics, grad, key, named)]
 
     def _fake_weight(self, ref: WeightRef, rule: Rule, w_leaf):
         """The float leaf ``w_leaf`` of ``ref`` fake-quantized by the rule's weight spec (as
@@ -334,55 +303,6 @@ class _FakeQuant(_PolicyHandler):
         if ref.path in self.scales or any(op.operands for op in ref.ops) or any(ref.shard_axes):
             return False
         return eqn.primitive.name == "dot_general" or wi == 1
-
-    def _check_int8_training(self, eqn, wi: int, rule: Rule, ref: WeightRef) -> None:
-        """Refuse what int8 training (``grad=``) cannot run, naming the leaf and the rule."""
-        path, name = ref.path, eqn.primitive.name
-        where = f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training)"
-        if name not in ("dot_general", "conv_general_dilated"):
-            raise ValueError(
-                f"{where} covers dot_general matmuls and conv_general_dilated convolutions; {name} is not "
-                "supported"
-            )
-        if name == "conv_general_dilated" and wi != 1:
-            raise ValueError(
-                f"{where} of a convolution needs the weight as the kernel (rhs) operand; here it is the "
-                "input (lhs)"
-            )
-        check_grad_spec(rule.grad, f"{where}: the grad spec")
-        if rule.weight.ste == "lsq" or path in self.scales:
-            raise ValueError(
-                f"{where} does not learn scales: its backward pass re-quantizes the weight; use a weight "
-                "spec without ste='lsq' (and no learned scales for this leaf), or a rule without grad="
-            )
-        if fold_in_path(self.key, path + ":grad") is None and rule.grad.rounding == "stochastic":
-            raise ValueError(
-                f"{where}: the grad spec rounds stochastically: pass key= to fake_quantized (use a fresh key "
-                "every step)"
-            )
-
-    def _int8_training(self, eqn, forward, args, w_leaf, static, wi: int, rule: Rule, path: str):
-        """The op with the forward pass ``forward(act, w_leaf, static)`` (the one
-        ``fake_quantized`` runs without ``grad=``, so the one served) and the integer
-        backward pass."""
-        specs = [None, None]
-        specs[wi], specs[1 - wi] = rule.weight, rule.act
-        if eqn.primitive.name == "conv_general_dilated":
-            cfg = conv_config(
-                args[0].shape,
-                args[1].shape,
-                **_conv_geometry(eqn),
-                lhs_spec=specs[0],
-                rhs_spec=specs[1],
-                grad_spec=rule.grad,
-            )
-            backward = conv_backward(cfg)
-        else:
-            backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], rule.grad)
-        key = fold_in_path(self.key, path + ":grad")
-        run = lambda lhs, rhs, extra: forward((lhs, rhs)[1 - wi], *extra)
-        out = with_integer_backward(run, backward, *args, (w_leaf, static), key)
-        return out.astype(eqn.outvars[0].aval.dtype)
 
 
 def fake_quantized(
@@ -541,6 +461,13 @@ def fake_quantized(
                     if "ActHistory" in inner
                     else ""
                 )
+            )
+        if not act_stats:
+            warnings.warn(
+                "fake_quantized(act_stats_momentum=...): the running stats are empty, so every op keeps "
+                "dynamic activation scales; start from qjax.calibrate with per-tensor act specs (ops "
+                "without an entry stay dynamic)",
+                stacklevel=2,
             )
         params, learned = _check_scales(params, scales)
         static_act_scales(params, policy, current)  # the same checks as fixed stats

@@ -284,7 +284,7 @@ def test_misuse_is_refused_by_name():
     stats = qjax.calibrate(mlp, POLICY, p, [x])
     delayed = qjax.DelayedScaling(history=4)
     g = qjax.fake_quantized(mlp, POLICY, act_stats_momentum=delayed)
-    with pytest.raises(TypeError, match=r"DelayedScaling.init.*entry 'w1' is a ActStats"):
+    with pytest.raises(TypeError, match=r"DelayedScaling.init.*entry 'w1' is of type ActStats"):
         g(p, stats, x)  # calibrated stats given as they are
     with pytest.raises(TypeError, match="got Array"):
         g(p, x)  # the state forgotten
@@ -317,3 +317,11 @@ def test_histories_given_where_ranges_are_expected_say_so():
     lhs, rhs = sorted(hist)
     with pytest.raises(TypeError, match=r"ActHistory.*DelayedScaling.ranges"):
         qjax.kv_cache_scales(hist, keys=rhs, values=lhs, spec=A8)
+
+
+def test_empty_running_stats_warn_that_everything_stays_dynamic():
+    p, x = _params(), _x(1)
+    g = qjax.fake_quantized(mlp, POLICY, act_stats_momentum=qjax.DelayedScaling(2))
+    with pytest.warns(UserWarning, match="running stats are empty"):
+        _, new = g(p, {}, x)
+    assert new == {}

@@ -101,8 +101,9 @@ def test_fake_quantized_with_grad_rule_trains():
     x = jax.random.normal(k2, (128, 16))
     y = x @ w_true
     f = lambda p, x: x @ p["w"]
-    with pytest.raises(ValueError, match="pass key="):
+    with pytest.raises(ValueError, match=r"leaf 'w' .*rounds stochastically: pass key="):
         jax.grad(lambda p: jnp.sum(qjax.fake_quantized(f, policy)(p, x)))({"w": w_true})
+    qjax.fake_quantized(f, policy)({"w": w_true}, x)  # a forward call needs no key
     opt = optax.adam(5e-2)
 
     @jax.jit

@@ -98,8 +98,10 @@ def test_bad_op_rules_are_refused_by_name():
     stoch = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
     policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=stoch)])
     q, k, _ = _data()
+    no_key = qjax.fake_quantized(scores, policy)
+    no_key({}, q, k)  # a forward call needs no key (evaluation, checks against serving)
     with pytest.raises(ValueError, match=r"scores.*rounds stochastically: pass key="):
-        qjax.fake_quantized(scores, policy)({}, q, k)
+        jax.grad(lambda q: jnp.sum(no_key({}, q, k)))(jnp.asarray(q))
     key_fn = qjax.fake_quantized(scores, policy, key=jax.random.key(0))
     assert bool(jnp.isfinite(jax.grad(lambda q: jnp.sum(key_fn({}, q, k)))(jnp.asarray(q))).all())
 
