@@ -156,6 +156,7 @@ def test_rewinding_twice_or_to_a_lower_block_boundary_and_bf16_fp8_blocks():
     full = init.update(k, k)
     _same(full.rewind(13).rewind(9), full.rewind(9))
     at_boundary = full.rewind(8)  # blocks 0-1 kept whole: nothing re-rounded
+    np.testing.assert_array_equal(at_boundary.lengths, [8, 8])
     want = init.update(k[:, :8], k[:, :8])
     _same(at_boundary, want)
     more = _normal(B, 5, H, D).astype(jnp.bfloat16)
