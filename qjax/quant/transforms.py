@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -136,10 +137,35 @@ def quantize_params(
                 "ste='lsq' learns the scale: pass the trained scales=... (from qjax.lsq_scales) so "
                 "the quantized model matches the QAT one"
             )
+        if scale is None and path in static:
+            _warn_shared_stack_scale(path, leaf, spec, act_stats[path])
         q = quantize(leaf, spec, scale=scale, key=fold_in_path(key, path))
         return q if path not in static else q.with_act_scale(*static[path])
 
     return map_matched(q, params, policy.ruleset)
+
+
+def _warn_shared_stack_scale(path: str, leaf, spec: QuantSpec, stats) -> None:
+    """Warn when per-layer activation stats show ``leaf`` is an ``nn.scan`` stack but its
+    weight spec shares scales across the layers: the transforms scale each layer's slice, so
+    the exported model would not be the one trained or calibrated."""
+    layers = jnp.shape(stats.lo)
+    if (
+        len(layers) != 1
+        or not jnp.ndim(leaf)
+        or jnp.shape(leaf)[0] != layers[0]
+        or spec.channel_axes is PER_TOKEN
+    ):
+        return
+    if any(a % jnp.ndim(leaf) == 0 for a in spec.channel_axes):
+        return
+    warnings.warn(
+        f"leaf {path!r}: its act_stats are per layer ({layers[0]}), so it is an nn.scan stack, but "
+        f"its weight spec (channel_axes={spec.channel_axes}) shares each scale across the layers while "
+        "fake_quantized and quantized scale every layer on its own: the exported model differs from "
+        "the one trained; add axis 0 to channel_axes (e.g. (0, -1))",
+        stacklevel=3,
+    )
 
 
 def static_act_scales(params: Any, policy: Policy, act_stats: dict[str, Any] | None) -> dict[str, tuple]:

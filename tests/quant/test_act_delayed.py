@@ -325,3 +325,23 @@ def test_empty_running_stats_warn_that_everything_stays_dynamic():
     with pytest.warns(UserWarning, match="running stats are empty"):
         _, new = g(p, {}, x)
     assert new == {}
+
+
+def test_exporting_a_scan_stack_with_scales_shared_across_layers_warns():
+    """Per-layer act stats show the leaf is a stack; a weight spec without axis 0 would
+    export one scale for all layers, unlike the per-layer scales QAT trained with."""
+    r = np.random.default_rng(0)
+    p = {"w": jnp.asarray(r.normal(size=(3, 8, 8)) * 0.5, jnp.float32)}
+    f = lambda p, x: jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["w"])[0]
+    x = jnp.asarray(r.normal(size=(4, 8)), jnp.float32)
+    shared = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])  # channel_axes=(-1,)
+    per_layer = qjax.Policy([qjax.Rule("w", weight=W8.replace(channel_axes=(0, -1)), act=A8)])
+    stats = qjax.calibrate(f, shared, p, [x])
+    assert stats["w"].hi.shape == (3,)
+    with pytest.warns(UserWarning, match=r"leaf 'w'.*nn.scan stack.*add axis 0"):
+        qjax.quantize_params(p, shared, act_stats=stats)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qjax.quantize_params(p, per_layer, act_stats=stats)
