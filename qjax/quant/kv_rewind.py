@@ -45,9 +45,12 @@ def new_lengths(cache, lengths) -> jax.Array:
         host = np.broadcast_to(np.asarray(lengths), (b,)).astype(np.int64)
         have = np.asarray(current) if kvc.is_concrete(current) else None
         if host.min() < 0 or (host > (t if have is None else have)).any():
-            bound = f"lengths={have.tolist()}, the tokens written" if have is not None else f"{t}"
             if cache.lengths is None:
                 bound = f"{t}, the cache's length"
+            elif have is None:  # traced lengths: the cache's length is what is known
+                bound = f"{t}"
+            else:
+                bound = f"lengths={have.tolist()}, the tokens written"
             raise ValueError(
                 f"rewind: lengths {host.tolist()} must each lie in [0, {bound}]: a rewind only forgets tokens"
             )

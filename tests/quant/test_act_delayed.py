@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
 
 # the EMA tests' model, data and float64 quantizer
-from test_act_ema import A8, POLICY, W8, _fq, _params, _x, mlp
+from test_act_ema import A8, POLICY, W8, Stack, _fq, _params, _x, mlp
 
 import qjax
 from qjax.quant.act_delayed import ActHistory
@@ -221,17 +220,6 @@ def test_an_untaken_branch_and_a_nan_batch_keep_their_history():
 
 
 def test_scan_stack_histories_are_per_layer_and_export_exactly():
-    class Stack(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            block = nn.scan(
-                lambda m, h, _: (nn.relu(nn.Dense(16)(h)), None),
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=3,
-            )
-            return block(self, x, None)[0]
-
     x = _x(1, shape=(4, 16))
     v = Stack().init(jax.random.key(1), x)
     policy = qjax.Policy([qjax.Rule(".*kernel", weight=W8.replace(channel_axes=(0, -1)), act=A8)])

@@ -131,18 +131,21 @@ def test_an_untaken_branch_and_a_nan_batch_keep_their_ranges():
     assert bool(jnp.isfinite(later["w1"].hi))
 
 
-def test_scan_stack_ranges_are_per_layer():
-    class Stack(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            block = nn.scan(
-                lambda m, h, _: (nn.relu(nn.Dense(16)(h)), None),
-                variable_axes={"params": 0},
-                split_rngs={"params": True},
-                length=3,
-            )
-            return block(self, x, None)[0]
+class Stack(nn.Module):
+    """Three Dense + ReLU layers as one ``nn.scan`` stack (kernels ``(3, 16, 16)``)."""
 
+    @nn.compact
+    def __call__(self, x):
+        block = nn.scan(
+            lambda m, h, _: (nn.relu(nn.Dense(16)(h)), None),
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            length=3,
+        )
+        return block(self, x, None)[0]
+
+
+def test_scan_stack_ranges_are_per_layer():
     x = _x(1, shape=(4, 16))
     v = Stack().init(jax.random.key(1), x)
     policy = qjax.Policy([qjax.Rule(".*kernel", weight=W8.replace(channel_axes=(0, -1)), act=A8)])

@@ -156,7 +156,7 @@ def test_forward_equals_the_served_output(wname, act):
         np.testing.assert_allclose(got, served, rtol=1e-6, atol=1e-6 * float(jnp.abs(served).max()))
 
 
-def _q64(x, axes, bits):
+def _q64(x, axes, bits=8):
     """float64 values of symmetric absmax quantization with one float32 scale per index of
     ``axes`` (round half to even, as qjax)."""
     qmax = 2 ** (bits - 1) - 1

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_int8_training import _q64  # float64 reference quantizer
 
 import qjax
 
@@ -16,14 +17,6 @@ RNG = np.random.default_rng(0)
 def scores(p, q, k):
     with jax.named_scope("scores"):
         return jnp.einsum("qd,kd->qk", q, k)
-
-
-def _q64(x, axes, bits=8):
-    """float64 symmetric absmax quantization, one float32 scale per index of ``axes``."""
-    qmax = 2 ** (bits - 1) - 1
-    red = tuple(d for d in range(x.ndim) if d not in axes)
-    scale = (np.abs(x).max(axis=red, keepdims=True) / np.float32(qmax)).astype(np.float32).astype(np.float64)
-    return np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale
 
 
 def _data():
