@@ -96,6 +96,24 @@ def weight_operand(invals) -> int | None:
     return refs[0] if len(refs) == 1 else None
 
 
+_RAGGED_DIMS = ((((1,), (1,)), ((), ())), (0,), (0,))  # (M, K) x (G, K, N), groups along M
+
+
+def ragged_weight(eqn, invals) -> WeightRef | None:
+    """The expert weight of a ``lax.ragged_dot`` of an activation ``(M, K)`` and a params
+    leaf ``(G, K, N)`` (the standard dimension numbers), or ``None``."""
+    if eqn.primitive.name != "ragged_dot_general" or len(invals) != 3:
+        return None
+    lhs, rhs, sizes = invals
+    if not isinstance(rhs, WeightRef) or isinstance(lhs, WeightRef) or isinstance(sizes, WeightRef):
+        return None
+    d = eqn.params.get("ragged_dot_dimension_numbers")
+    dims = (d.dot_dimension_numbers, tuple(d.lhs_ragged_dimensions), tuple(d.rhs_group_dimensions))
+    if eqn.params.get("group_offset") is not None or dims != _RAGGED_DIMS:
+        return None
+    return rhs if len(eqn.invars[1].aval.shape) == 3 else None
+
+
 def materialize(value):
     """The float value of a ``WeightRef`` (dequantized, layout ops replayed); other
     values are returned as they are."""

@@ -42,18 +42,29 @@ __all__ = ["gptq", "gptq_quantize", "input_hessians"]
 
 
 def input_hessians(
-    f: Callable, params: Any, batches: Iterable, *, patterns=None, **kwargs
+    f: Callable, params: Any, batches: Iterable, *, patterns=None, grouped: bool = False, **kwargs
 ) -> dict[str, jax.Array]:
     """Mean layer-input Gram matrices ``XᵀX / rows`` per weight path, streamed over batches.
 
     Args:
-      f, params, batches, patterns, kwargs: as :func:`qjax.graph.statistics.input_statistics`.
+      f, params, batches, patterns, grouped, kwargs: as
+        :func:`qjax.graph.statistics.input_statistics`.
 
     Returns:
-      ``{path: [K, K] float32}`` with ``K`` the weight's contracted size.
+      ``{path: [K, K] float32}`` with ``K`` the weight's contracted size; leading axes for
+      stacked layers and (``grouped``) experts, each expert's divided by its own row count
+      (0 for an expert no row reached).
     """
-    stats: dict[str, InputStatistic] = input_statistics(f, params, batches, gram, patterns=patterns, **kwargs)
-    return {p: s.value / max(s.rows, 1) for p, s in stats.items()}
+    stats: dict[str, InputStatistic] = input_statistics(
+        f, params, batches, gram, patterns=patterns, grouped=grouped, **kwargs
+    )
+    return {p: _mean(s) for p, s in stats.items()}
+
+
+def _mean(st: InputStatistic) -> jax.Array:
+    """The statistic divided by its row count (per expert for a grouped one)."""
+    rows = np.maximum(np.asarray(st.rows), 1).astype(np.float32)
+    return st.value / jnp.asarray(rows).reshape(*rows.shape, *([1, 1] if rows.ndim else []))
 
 
 def _transposed_spec(spec: QuantSpec) -> QuantSpec:
@@ -137,7 +148,8 @@ def _gptq_merged(
     a, m = axes[0], len(axes)
     spec2 = _merged_spec(spec, shape, axes, path)
     flat = (*shape[:a], math.prod(shape[a : a + m]), *shape[a + m :])
-    st2 = dataclasses.replace(st, weight_axes=(a,), weight_shape=flat)
+    shift = lambda x: x if x < a else x - (m - 1)
+    st2 = dataclasses.replace(st, weight_axes=(a,), weight_shape=flat, groups=tuple(map(shift, st.groups)))
     mask2 = None if mask is None else jnp.reshape(mask, flat)
     q = _gptq_leaf(jnp.reshape(jnp.asarray(leaf), flat), st2, spec2, mask2, path, options)
     unflatten = lambda x: None if x is None else jnp.expand_dims(x, tuple(range(a + 1, a + m)))
@@ -145,21 +157,56 @@ def _gptq_merged(
     return quantize(w_hat, spec, scale=unflatten(q.scale), zero_point=unflatten(q.zero_point))
 
 
+def _slice_hessians(st: InputStatistic, slices: list[int], k: int, path: str) -> tuple[jax.Array, Callable]:
+    """The Hessians of a leaf GPTQ'd slice by slice along its axes ``slices``: ``(hs, pick)``,
+    ``hs`` stacked ``[-1, k, k]`` and ``pick(i)`` the index in ``hs`` of the ``i``-th slice
+    (row-major over ``slices``). Stacked layers and expert axes (``st.groups``) have one
+    each; the other slice axes share them. An expert that no calibration row reached gets
+    the identity (GPTQ of it is rounding to nearest), with a warning."""
+    own = {*range(st.depth), *st.groups}  # the slice axes the statistic has an axis for
+    hs = _mean(st).reshape(-1, k, k)
+    if st.groups:
+        empty = np.flatnonzero(np.asarray(st.rows).ravel() == 0)
+        if empty.size:
+            warnings.warn(
+                f"gptq: {path!r}: no calibration token reached experts {empty.tolist()} (flat index over "
+                f"leaf axes {sorted(own)}); they are rounded to nearest",
+                stacklevel=4,
+            )
+            hs = hs.at[empty].set(jnp.eye(k, dtype=hs.dtype))
+    sizes = [st.weight_shape[a] for a in slices]
+    kept = [a in own for a in slices]
+    own_sizes = [n for n, keep in zip(sizes, kept) if keep]
+
+    def pick(i: int) -> int:
+        index = np.unravel_index(i, sizes)
+        return (
+            int(np.ravel_multi_index([j for j, keep in zip(index, kept) if keep], own_sizes))
+            if own_sizes
+            else 0
+        )
+
+    return hs, pick
+
+
 def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: str, options: dict) -> QArray:
     """GPTQ of one params leaf from its layer-input statistic. A 2-D kernel directly
     (transposed when read as ``x @ w.T``); a leaf with more axes (an ``nn.scan`` stack
-    ``(L, K, N)``, expert weights ``(E, K, N)`` read by an einsum) one ``[K, N]`` slice at a
-    time, each with its layer's Hessian (the statistic is stacked per layer), slices of one
-    layer (experts that all see the layer's inputs) sharing it: as if unrolled."""
+    ``(L, K, N)``, expert weights ``(E, K, N)``) one ``[K, N]`` slice at a time, each with
+    its layer's and expert's Hessian (the statistic is stacked per layer, and per expert
+    for a matmul that gives each expert its own tokens), slices that see the same inputs
+    (experts of a dense einsum, heads) sharing it: as if unrolled."""
     if len(st.weight_axes) != 1:
         return _gptq_merged(leaf, st, spec, mask, path, options)
     shape = tuple(jnp.shape(leaf))
     ndim, c = len(shape), st.weight_axes[0]
     free = [a for a in range(st.depth, ndim) if a != c]
-    if not free:
+    outputs = [a for a in free if a not in st.groups]
+    if not outputs:
         raise ValueError(f"GPTQ of {path!r}: its matmul leaves no output axis of the leaf ({shape})")
-    o, slices = free[-1], [*range(st.depth), *free[:-1]]
-    hessian = st.value / max(st.rows, 1)
+    o = outputs[-1]
+    slices = [*range(st.depth), *(a for a in free if a != o)]
+    hessian = _mean(st)
     block_size, damp, act_order = options["block_size"], options["damp"], options["act_order"]
     if not slices and (c, o) == (0, 1):
         return gptq_quantize(leaf, hessian, spec, masks=mask, path=path, **options)
@@ -172,14 +219,13 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     sizes, (k, n) = [shape[a] for a in slices], (shape[c], shape[o])
     ws = jnp.transpose(jnp.asarray(leaf), perm).reshape(-1, k, n)
     ms = None if mask is None else jnp.transpose(mask, perm).reshape(-1, k, n)
-    hs = hessian.reshape(-1, k, k)  # one per stacked layer; the other slice axes share it
-    share = math.prod(sizes[st.depth :])
+    hs, pick = _slice_hessians(st, slices, k, path)
     # the checks once for the whole leaf, then the jitted core per slice
     group, block = _gptq_setup(spec2, (k, n), hs.shape[1:], block_size, damp, path)
     _check_finite(ws, hs, path)
     keeps = ws != 0 if ms is None else _check_mask(ms, ws.shape, path)
     parts = [
-        _gptq(ws[i], hs[i // share], keeps[i], spec2, block, group, act_order, float(damp))
+        _gptq(ws[i], hs[pick(i)], keeps[i], spec2, block, group, act_order, float(damp))
         for i in range(ws.shape[0])
     ]
     per_channel = 1 in spec2.channel_axes
@@ -217,11 +263,11 @@ def _stage_statistics(f, params, batches, todo, read, kwargs) -> dict[str, Input
     weight's, which tells which kernels a matmul reads; later passes only their own (a pattern
     for a kernel no matmul reads would be an error)."""
     if read is None:
-        return input_statistics(f, params, batches, gram, **kwargs)
+        return input_statistics(f, params, batches, gram, grouped=True, **kwargs)
     patterns = [re.escape(p) for p in todo if p in read]
     if not patterns:
         return {}
-    return input_statistics(f, params, batches, gram, patterns=patterns, **kwargs)
+    return input_statistics(f, params, batches, gram, patterns=patterns, grouped=True, **kwargs)
 
 
 def gptq(
@@ -249,8 +295,11 @@ def gptq(
 
     A leaf with more axes is quantized one ``[inputs, outputs]`` slice at a time, as the
     unrolled model would be: an ``nn.scan`` stack ``(L, K, N)`` with each layer's own
-    Hessian, expert weights ``(E, K, N)`` read by an einsum (``"nd,edf->nef"``: every
-    expert sees all tokens) with the shared one. The slice axes (leading stack axes, then
+    Hessian, expert weights ``(E, K, N)`` with each expert's own Hessian when the matmul
+    gives each expert its own tokens (a ``dot_general`` with the expert axis as a batch
+    dimension, ``"ecd,edf->ecf"``, or a ``lax.ragged_dot``; an expert no calibration token
+    reached is rounded to nearest, with a warning) and with the shared one when every
+    expert sees all tokens (``"nd,edf->nef"``). The slice axes (leading stack axes, then
     every non-contracted axis but the last: the heads of an attention ``(D, H, hd)`` q/k/v
     kernel too) must be channel axes of the spec (e.g. ``channel_axes=(0, -1)``: one scale
     per slice). A leaf whose matmul contracts several adjacent axes (an attention output
@@ -259,9 +308,7 @@ def gptq(
     ``channel_axes=(-1,)``). A leaf whose spec GPTQ cannot honour that way (per-head
     scales of an output kernel, q/k/v scales shared across heads, groups not along the
     input axis, scales along the input axis) is rounded to nearest with a warning that
-    names the leaf and the spec change that would enable GPTQ. A matmul with the expert
-    axis as a batch dimension (``"end,edf->enf"``) is refused by the statistics (names the
-    leaf).
+    names the leaf and the spec change that would enable GPTQ.
 
     With ``stages`` (path patterns, e.g. one per transformer block), the layers are
     quantized stage by stage and each stage's Hessians are collected on the model whose
@@ -338,7 +385,7 @@ def gptq(
             if path not in stats:
                 continue  # not read by a matmul (e.g. an embedding table): stays RTN
             st = stats[path]
-            if st.op != "dot_general":
+            if st.op == "conv_general_dilated":
                 warnings.warn(
                     f"gptq: {path!r} is read by {st.op!r}, not a matmul: GPTQ handles matmul weights "
                     "only, this leaf is rounded to nearest",

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from qjax.graph.interpret import Handler, WeightRef, run, weight_operand
 from qjax.graph.ops import operand_channel_axes
 from qjax.graph.trace import trace
+from qjax.graph.weight_ref import ragged_weight  # noqa: F401  (re-exported)
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.policy import Policy, Rule
 
@@ -30,24 +31,6 @@ def _resolve_act_spec(spec: QuantSpec, eqn, operand: int) -> QuantSpec:
         return spec
     ndim = len(eqn.invars[operand].aval.shape)
     return spec.replace(channel_axes=operand_channel_axes(eqn.primitive.name, eqn.params, operand, ndim))
-
-
-_RAGGED_DIMS = ((((1,), (1,)), ((), ())), (0,), (0,))  # (M, K) x (G, K, N), groups along M
-
-
-def ragged_weight(eqn, invals) -> WeightRef | None:
-    """The expert weight of a ``lax.ragged_dot`` of an activation ``(M, K)`` and a params
-    leaf ``(G, K, N)`` (the standard dimension numbers), or ``None``."""
-    if eqn.primitive.name != "ragged_dot_general" or len(invals) != 3:
-        return None
-    lhs, rhs, sizes = invals
-    if not isinstance(rhs, WeightRef) or isinstance(lhs, WeightRef) or isinstance(sizes, WeightRef):
-        return None
-    d = eqn.params.get("ragged_dot_dimension_numbers")
-    dims = (d.dot_dimension_numbers, tuple(d.lhs_ragged_dimensions), tuple(d.rhs_group_dimensions))
-    if eqn.params.get("group_offset") is not None or dims != _RAGGED_DIMS:
-        return None
-    return rhs if len(eqn.invars[1].aval.shape) == 3 else None
 
 
 def _rule_text(policy: Policy, path: str) -> str:
