@@ -84,8 +84,12 @@ def _chunks(shape_in, shape_out):
     return chunks
 
 
+INEXACT = "inexact: "  # a flag that notes an approximation instead of blocking the group
+
+
 class Walker:
-    def __init__(self):
+    def __init__(self, inexact_norms: bool = False):
+        self.inexact_norms = inexact_norms
         self.A = Atoms()
         self.splits: list[list[int]] = []  # atoms of the parts of each `split` primitive
         self.filled: set[int] = set()  # atoms a broadcast created (a fill: jnp.ones((B, 2)))
@@ -185,7 +189,11 @@ class Walker:
         return Val(tuple(shape), tuple(atoms), tuple(zs), zero, param)
 
     def reduce(self, x: Val, axes, name, shape) -> Val:
-        self.flag(x, f"reduced over by {name} (e.g. a norm's mean or a softmax over channels)", axes)
+        if self.inexact_norms and name == "reduce_sum":
+            reason = f"{INEXACT}averaged over by reduce_sum (a norm's mean): shrunk, over fewer channels"
+        else:
+            reason = f"reduced over by {name} (e.g. a norm's mean or a softmax over channels)"
+        self.flag(x, reason, axes)
         keep = [k for k in range(len(x.shape)) if k not in axes]
         z = name not in ("argmax", "argmin")
         return Val(tuple(shape), tuple(x.atoms[k] for k in keep), tuple(x.z[k] and z for k in keep))

@@ -38,6 +38,12 @@ an ``(E, H*D)`` kernel). A group is prunable unless one of its atoms
   gate kernels such as Flax's ``OptimizedLSTMCell``: each part keeps its slice).
 
 The reasons are kept per group, so users see why a group cannot be pruned.
+
+With ``inexact_norms=True`` a ``reduce_sum`` over a channel axis (the mean and variance of a
+LayerNorm / RMSNorm over the hidden dimension, as Torch-Pruning prunes it) no longer blocks
+its group: the group is prunable and lists the approximation in ``inexact``. Shrinking such
+a group is not the masked model: the shrunk norm averages over the kept channels, the masked
+one over all of them (zeros included). Fine-tune after shrinking.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from qjax.graph._atoms import occurrences, positions
-from qjax.graph._coupling_rules import Val, Walker
+from qjax.graph._coupling_rules import INEXACT, Val, Walker
 from qjax.graph.trace import trace
 
 
@@ -79,8 +85,12 @@ class ChannelGroup:
         ``head_dim`` of an ``(E, H*D)`` kernel).
       size: the number of channels.
       members: the param axes holding the group.
-      prunable: whether removing channels keeps the masked model's function.
+      prunable: whether removing channels keeps the masked model's function (or, with
+        ``inexact_norms``, keeps it up to the approximations in ``inexact``).
       reasons: why not (empty when prunable).
+      inexact: the approximations shrinking the group makes (``channel_groups(...,
+        inexact_norms=True)``: a norm's statistics over the channels); empty when shrinking
+        is exact.
     """
 
     name: str
@@ -88,6 +98,7 @@ class ChannelGroup:
     members: tuple[Member, ...]
     prunable: bool
     reasons: tuple[str, ...] = ()
+    inexact: tuple[str, ...] = ()
 
     @property
     def reason(self) -> str:
@@ -95,7 +106,7 @@ class ChannelGroup:
         return "; ".join(self.reasons)
 
 
-def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
+def channel_groups(f, params: Any, *args, inexact_norms: bool = False, **kwargs) -> list[ChannelGroup]:
     """Channel-coupling groups of ``f(params, *args, **kwargs)``.
 
     Args:
@@ -104,6 +115,11 @@ def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
         training mode returns the running statistics, which makes their axis an output).
       params: the params pytree (variables for Linen, an ``nnx.State`` for NNX).
       *args: example inputs (arrays; only shapes matter).
+      inexact_norms: let a ``reduce_sum`` over channels (LayerNorm / RMSNorm statistics
+        over a transformer's hidden dimension; also a mean over channels) leave its group
+        prunable, noted in ``ChannelGroup.inexact``: shrinking then changes the kept
+        channels' values (the norm averages over fewer channels), as in Torch-Pruning.
+        Default ``False``: such groups are not prunable.
       **kwargs: static keyword arguments of ``f`` (e.g. ``train=False``).
 
     Returns:
@@ -121,7 +137,7 @@ def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
     """
     traced = trace(f, params, *args, **kwargs)
     jaxpr = traced.jaxpr
-    w = Walker()
+    w = Walker(inexact_norms)
     invars = jaxpr.jaxpr.invars
     n = len(traced.param_paths)
     param_vals = [Val(tuple(v.aval.shape), tuple(w.A.new(s) for s in v.aval.shape), (True,) * v.aval.ndim,
@@ -154,8 +170,9 @@ def channel_groups(f, params: Any, *args, **kwargs) -> list[ChannelGroup]:
                     A.flags[r][f"appears twice in one axis of {path}"] = None
     groups = []
     for r, members in order.items():
-        reasons = tuple(A.flags[r])
-        groups.append(ChannelGroup(names[r], A.size[r], tuple(members), not reasons, reasons))
+        reasons = tuple(x for x in A.flags[r] if not x.startswith(INEXACT))
+        inexact = tuple(x[len(INEXACT) :] for x in A.flags[r] if x.startswith(INEXACT))
+        groups.append(ChannelGroup(names[r], A.size[r], tuple(members), not reasons, reasons, inexact))
     return groups
 
 
@@ -168,6 +185,8 @@ def format_groups(groups: list[ChannelGroup]) -> str:
     lines = []
     for g in groups:
         status = "prunable" if g.prunable else f"NOT prunable: {g.reason}"
+        if g.prunable and g.inexact:
+            status += f" (inexact: {'; '.join(g.inexact)})"
         lines.append(f"{g.name} (size {g.size}): {status}")
         for m in g.members:
             unit = f" x{m.unit}" if m.unit > 1 else ""

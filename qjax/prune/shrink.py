@@ -447,7 +447,13 @@ def check_multiple(multiple: Any) -> int:
 
 
 def shrink(
-    apply_fn, params: Any, masks: Any, *example_args, multiple: int = 1, vote: str = "all"
+    apply_fn,
+    params: Any,
+    masks: Any,
+    *example_args,
+    multiple: int = 1,
+    vote: str = "all",
+    inexact_norms: bool = False,
 ) -> tuple[Any, ShrinkPlan]:
     """Physically remove the channels that structured masks zero.
 
@@ -463,6 +469,10 @@ def shrink(
       vote: ``"all"``: a channel goes when every masked member zeroes its slice (the
         default); ``"any"``: when one does (per-layer output-channel masks). See
         :func:`make_plan`.
+      inexact_norms: also shrink groups a LayerNorm / RMSNorm reduces over (a
+        transformer's hidden dimension): see
+        :func:`qjax.graph.coupling.channel_groups`. The small model then differs from the
+        masked one (its norms average over the kept channels); fine-tune it.
 
     Returns:
       ``(small_params, plan)``: ``small_params = plan.apply(params)`` (unmasked values of
@@ -476,6 +486,6 @@ def shrink(
       >>> small, plan = shrink(model.apply, variables, masks, x)
       >>> y = qjax.prune.rebuild.linen_apply(model, plan=plan)(small, x)
     """
-    groups = channel_groups(apply_fn, params, *example_args)
+    groups = channel_groups(apply_fn, params, *example_args, inexact_norms=inexact_norms)
     plan = make_plan(groups, params, masks, multiple=multiple, vote=vote)
     return plan.apply(params), plan
