@@ -116,7 +116,8 @@ def contraction(
         if (lb or rb) and not grouped:
             raise ValueError(
                 f"{what} of {ref.path!r}: a dot_general with batch dimensions (expert weights read per "
-                "expert, e.g. 'ecd,edf->ecf'); per-expert statistics need grouped=True"
+                "expert, e.g. 'ecd,edf->ecf'), whose experts' inputs cannot be pooled "
+                "(input_statistics(grouped=True) keeps one per expert, as qjax.gptq does)"
             )
         return _paired(leaf_axes, *((rc, lc) if wi == 1 else (lc, rc)))
     if wi != 1:
@@ -173,6 +174,16 @@ class _Collect(Handler):
         pooled = jax.tree.map(lambda a: functools.reduce(self.combine, [a[i] for i in range(n)]), value)
         return pooled, jnp.sum(rows, axis=0)
 
+    def _note(self, path: str, meta: tuple) -> None:
+        """Record how ``path`` is read; its reads must agree on the statistic's layout (per
+        expert or pooled), or their statistics could not be added."""
+        prev = self.meta.setdefault(path, meta)
+        if prev[3] != meta[3] or prev[1] != meta[1]:
+            raise ValueError(
+                f"input statistics of {path!r}: it is read both per expert (groups along leaf axes "
+                f"{prev[3] or meta[3]}) and by ops that pool every token, whose statistics cannot be added"
+            )
+
     def _selected(self, ref: WeightRef) -> bool:
         return self.rules is None or self.rules.match(ref.path) is not None
 
@@ -184,7 +195,7 @@ class _Collect(Handler):
         ref = invals[wi]
         args = [materialize(x) for x in invals]
         rows, w_axes, groups = _rows(eqn, args[1 - wi], wi, ref, self.grouped)
-        self.meta[ref.path] = (w_axes, ref.depth, eqn.primitive.name, groups)
+        self._note(ref.path, (w_axes, ref.depth, eqn.primitive.name, groups))
         value = _per_group(self.statistic, rows.astype(jnp.float32), len(groups))
         count = rows.shape[-2]
         emit(ref.path, (value, jnp.full(rows.shape[:-2], count, jnp.int32) if groups else count))
@@ -199,12 +210,13 @@ class _Collect(Handler):
             return None
         if not self.grouped:
             raise ValueError(
-                f"input statistics of {ref.path!r}: a lax.ragged_dot (each expert reads its own rows); "
-                "per-expert statistics need grouped=True"
+                f"input statistics of {ref.path!r}: a lax.ragged_dot (each expert reads its own rows), "
+                "whose experts' inputs cannot be pooled (input_statistics(grouped=True) keeps one per "
+                "expert, as qjax.gptq does)"
             )
         group, k, _ = _view_to_leaf_axes(ref, 3)
         value, counts = _ragged_groups(self.statistic, invals[0].astype(jnp.float32), invals[2])
-        self.meta[ref.path] = ((k,), ref.depth, eqn.primitive.name, (group,))
+        self._note(ref.path, ((k,), ref.depth, eqn.primitive.name, (group,)))
         emit(ref.path, (value, counts))
         return None
 

@@ -161,22 +161,23 @@ def _slice_hessians(st: InputStatistic, slices: list[int], k: int, path: str) ->
     """The Hessians of a leaf GPTQ'd slice by slice along its axes ``slices``: ``(hs, pick)``,
     ``hs`` stacked ``[-1, k, k]`` and ``pick(i)`` the index in ``hs`` of the ``i``-th slice
     (row-major over ``slices``). Stacked layers and expert axes (``st.groups``) have one
-    each; the other slice axes share them. An expert that no calibration row reached gets
-    the identity (GPTQ of it is rounding to nearest), with a warning."""
-    own = {*range(st.depth), *st.groups}  # the slice axes the statistic has an axis for
+    each; the other slice axes share them. Warns about experts whose Hessian is 0 (no
+    calibration token reached them, or only zero rows: capacity padding)."""
+    own = [a for a in slices if a < st.depth or a in st.groups]  # the axes the statistic has
     hs = _mean(st).reshape(-1, k, k)
+    own_sizes = [st.weight_shape[a] for a in own]
     if st.groups:
-        empty = np.flatnonzero(np.asarray(st.rows).ravel() == 0)
+        empty = np.flatnonzero(~np.asarray(jnp.any(jnp.diagonal(hs, axis1=1, axis2=2) != 0, axis=1)))
         if empty.size:
+            at = [tuple(int(j) for j in np.unravel_index(i, own_sizes)) for i in empty]
+            at_text = [x[0] if len(x) == 1 else x for x in at]
             warnings.warn(
-                f"gptq: {path!r}: no calibration token reached experts {empty.tolist()} (flat index over "
-                f"leaf axes {sorted(own)}); they are rounded to nearest",
+                f"gptq: {path!r}: no calibration token reached experts {at_text} (indices along leaf axes "
+                f"{own}); they are rounded to nearest",
                 stacklevel=4,
             )
-            hs = hs.at[empty].set(jnp.eye(k, dtype=hs.dtype))
     sizes = [st.weight_shape[a] for a in slices]
     kept = [a in own for a in slices]
-    own_sizes = [n for n, keep in zip(sizes, kept) if keep]
 
     def pick(i: int) -> int:
         index = np.unravel_index(i, sizes)
@@ -203,7 +204,7 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     free = [a for a in range(st.depth, ndim) if a != c]
     outputs = [a for a in free if a not in st.groups]
     if not outputs:
-        raise ValueError(f"GPTQ of {path!r}: its matmul leaves no output axis of the leaf ({shape})")
+        raise GPTQLayoutError(f"GPTQ of {path!r}: its matmul leaves no output axis of the leaf ({shape})")
     o = outputs[-1]
     slices = [*range(st.depth), *(a for a in free if a != o)]
     hessian = _mean(st)
@@ -225,7 +226,7 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     _check_finite(ws, hs, path)
     keeps = ws != 0 if ms is None else _check_mask(ms, ws.shape, path)
     parts = [
-        _gptq(ws[i], hs[pick(i)], keeps[i], spec2, block, group, act_order, float(damp))
+        _gptq(ws[i], hs[pick(i)], keeps[i], spec2, block, group, act_order, float(damp), bool(st.groups))
         for i in range(ws.shape[0])
     ]
     per_channel = 1 in spec2.channel_axes

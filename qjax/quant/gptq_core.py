@@ -99,15 +99,21 @@ def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: 
     return pick(scale), pick(zp)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp"))
-def _gptq(w, h, keep, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float):
+@functools.partial(jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp", "keep_dead"))
+def _gptq(
+    w, h, keep, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float, keep_dead=False
+):
+    """GPTQ of one ``[K, N]`` matrix. Inputs that are always 0 in the calibration data (a
+    zero Hessian diagonal) are zeroed, as in the reference, or with ``keep_dead`` rounded
+    to nearest (an expert that saw few tokens: its dead inputs are not dead in serving)."""
     k, n = w.shape
     fmt = spec.format
     w = jnp.where(keep, w.astype(jnp.float32), 0.0)
     h = h.astype(jnp.float32)
     dead = jnp.diag(h) == 0
     h = jnp.where(jnp.diag(dead), 1.0, h)
-    w = jnp.where(dead[:, None], 0.0, w)
+    if not keep_dead:
+        w = jnp.where(dead[:, None], 0.0, w)
     lazy = group is not None and not act_order
     static_scale = static_zp = None
     if not lazy:

@@ -145,7 +145,7 @@ def test_ragged_experts_in_a_scanned_stack_take_each_layers_rows():
     inputs = np.asarray(f(w, x, sizes)[1])  # each layer's input rows
     np.testing.assert_allclose(np.asarray(st.value[1, 2]), _gram64(inputs[1][4:16]), rtol=1e-4, atol=1e-3)
     spec = qjax.QuantSpec(qjax.int8, channel_axes=(0, 1, -1))
-    with pytest.warns(UserWarning, match=r"experts \[2\]"):  # layer 0's third expert (flat index 2)
+    with pytest.warns(UserWarning, match=r"experts \[\(0, 2\)\] \(indices along leaf axes \[0, 1\]\)"):
         q = qjax.gptq(f, w, [(x, sizes)], qjax.Policy([qjax.Rule("w", weight=spec)]))
     got = np.asarray(q["w"].dequantize())
     h = input_hessians(f, w, [(x, sizes)], grouped=True)["w"]
@@ -159,12 +159,12 @@ def test_ragged_experts_in_a_scanned_stack_take_each_layers_rows():
 
 def test_without_grouped_the_statistics_refuse_experts_by_name():
     x, w, sizes = _ragged_problem()
-    with pytest.raises(ValueError, match=r"'w'.*ragged_dot.*grouped=True"):
+    with pytest.raises(ValueError, match=r"'w'.*ragged_dot.*cannot be pooled.*grouped=True"):
         input_statistics(_ragged, w, [(x, sizes)], gram, patterns="w")
     assert input_statistics(_ragged, w, [(x, sizes)], gram) == {}  # every weight: skipped, as before
     xe = jnp.ones((E, 4, D))
     we = {"w": jnp.ones((E, D, F))}
-    with pytest.raises(ValueError, match=r"'w'.*batch dimensions.*grouped=True"):
+    with pytest.raises(ValueError, match=r"'w'.*batch dimensions.*cannot be pooled.*grouped=True"):
         input_statistics(lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["w"]), we, [(xe,)], gram)
 
 
@@ -193,3 +193,64 @@ def test_gptqd_experts_serve_through_quantized_and_beat_rounding():
     ref = np.asarray(f(w, x), np.float64)
     err = lambda y: float(np.sum((np.asarray(y, np.float64) - ref) ** 2))
     assert err(served) < 0.9 * err(qjax.quantized(f, policy)(rtn, x))
+
+
+def test_an_expert_that_saw_only_padding_is_rounded_with_a_warning():
+    # capacity-padded dispatch: expert 1's slots are all zero rows, so its Hessian is 0 though
+    # its row count is not; it used to be zeroed as "dead inputs", silently
+    rng = np.random.default_rng(7)
+    x = np.array(_correlated(rng, (E, 8, D)))
+    x[1] = 0.0
+    w = {"w": jnp.asarray(rng.normal(size=(E, D, F)).astype(np.float32))}
+    f = lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["w"])
+    policy = qjax.Policy([qjax.Rule("w", weight=EXPERT_SPEC)])
+    with pytest.warns(UserWarning, match=r"'w': no calibration token reached experts \[1\]"):
+        q = qjax.gptq(f, w, [(jnp.asarray(x),)], policy)
+    rtn = qjax.quantize_params(w, policy)["w"].dequantize()
+    np.testing.assert_array_equal(np.asarray(q["w"].dequantize())[1], np.asarray(rtn[1]))
+
+
+def test_a_few_token_experts_unseen_inputs_keep_their_weights():
+    # the down projection of an expert that saw 2 tokens reads ReLU units that were 0 for
+    # both: the dense rule (zero the weights of always-zero inputs) would wipe those rows
+    rng = np.random.default_rng(10)
+    hidden = 64
+    up = jnp.asarray(rng.normal(size=(2, D, hidden)).astype(np.float32) / 4)
+    down = {"w": jnp.asarray(rng.normal(size=(2, hidden, D)).astype(np.float32) / 8)}
+    f = lambda p, x, s: jax.lax.ragged_dot(jax.nn.relu(jax.lax.ragged_dot(x, up, s)), p["w"], s)
+    x, sizes = _correlated(rng, (40, D)), jnp.asarray([38, 2], jnp.int32)
+    spec = qjax.QuantSpec(qjax.int8, channel_axes=(0, -1))
+    q = np.asarray(
+        qjax.gptq(f, down, [(x, sizes)], qjax.Policy([qjax.Rule("w", weight=spec)]))["w"].dequantize()
+    )
+    h = np.asarray(input_hessians(f, down, [(x, sizes)], grouped=True)["w"][1])
+    unseen = np.flatnonzero(np.diag(h) == 0)
+    assert unseen.size > 5
+    rtn = qjax.quantize(down["w"][1], qjax.QuantSpec(qjax.int8, channel_axes=(-1,))).dequantize()
+    np.testing.assert_array_equal(q[1][unseen], np.asarray(rtn)[unseen])  # rounded, not zeroed
+    # held-out tokens: no worse than rounding to nearest
+    xt, st = _correlated(rng, (200, D)), jnp.asarray([100, 100], jnp.int32)
+    ref = np.asarray(f(down, xt, st))[100:]
+    err = lambda v: float(np.sum((np.asarray(f({"w": v}, xt, st))[100:] - ref) ** 2))
+    rtn_all = qjax.quantize(down["w"], spec).dequantize()
+    assert err(jnp.asarray(q)) < 1.5 * err(rtn_all)
+
+
+def test_a_weight_read_per_expert_and_by_every_token_is_refused_by_name():
+    x, w, sizes = _ragged_problem()
+    y = jnp.ones((5, D))
+    both = lambda p, x, s, y: (jax.lax.ragged_dot(x, p["w"], s), jnp.einsum("nd,edf->nef", y, p["w"]))
+    with pytest.raises(
+        ValueError, match=r"'w': it is read both per expert.*and by ops that pool every token"
+    ):
+        input_statistics(both, w, [(x, sizes, y)], gram, grouped=True)
+
+
+def test_a_per_expert_vector_weight_warns_and_rounds_instead_of_failing():
+    x = jnp.ones((E, 4, D))
+    w = {"w": jax.random.normal(jax.random.key(0), (E, D))}
+    f = lambda p, x: jnp.einsum("ecd,ed->ec", x, p["w"])
+    policy = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0,)))])
+    with pytest.warns(UserWarning, match=r"'w': its matmul leaves no output axis.*rounded to nearest"):
+        q = qjax.gptq(f, w, [(x,)], policy)
+    np.testing.assert_array_equal(q["w"].values, qjax.quantize_params(w, policy)["w"].values)
