@@ -45,7 +45,7 @@ _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_ca
 _RULES = {"transpose", "squeeze", "broadcast_in_dim", "reshape", "concatenate", "split", "slice",
           "dynamic_slice", "pad", "rev", "dynamic_update_slice", "iota", "optimization_barrier", "device_put",
           "dot_general", "conv_general_dilated", "scan", "while", "cond", "reduce_window_sum",
-          "reduce_window_max", "reduce_window_min"}  # fmt: skip
+          "reduce_window_max", "reduce_window_min", "gather"}  # fmt: skip
 _SPLIT_INNER = (
     "a non-leading sub-axis of a reshape split (its size is hard-coded in the model, e.g. "
     "head_dim; only the leading one, e.g. heads, shrinks)"
@@ -82,6 +82,19 @@ def _chunks(shape_in, shape_out):
                 po, j = po * shape_out[outs[j]], j + 1
         chunks.append((ci, co))
     return chunks
+
+
+def _where(eqn) -> str:
+    """`` at file:line`` of the user code that wrote ``eqn`` (empty when unknown)."""
+    try:
+        from jax._src import source_info_util  # private: the location is a courtesy
+
+        frame = source_info_util.user_frame(eqn.source_info.traceback)
+        where = f"{frame.file_name.rsplit('/', 1)[-1]}:{frame.start_line}"
+        scope = str(eqn.source_info.name_stack)  # the module path (Linen / NNX scopes)
+        return f" in {scope} ({where})" if scope else f" at {where}"
+    except Exception:
+        return ""
 
 
 INEXACT = "inexact: "  # a flag that notes an approximation instead of blocking the group
@@ -147,7 +160,7 @@ class Walker:
         if rule is not None:
             return rule(eqn, ins, shapes)
         if name in _REDUCE:
-            return [self.reduce(ins[0], eqn.params["axes"], name, shapes[0])]
+            return [self.reduce(ins[0], eqn.params["axes"], name, shapes[0], _where(eqn))]
         if name in _CUMULATIVE:
             self.flag(ins[0], f"accumulated along by {name}", [eqn.params["axis"]])
             return [ins[0]]
@@ -188,9 +201,11 @@ class Walker:
         param = any(v.param and v.shape == tuple(shape) for v in ins)
         return Val(tuple(shape), tuple(atoms), tuple(zs), zero, param)
 
-    def reduce(self, x: Val, axes, name, shape) -> Val:
+    def reduce(self, x: Val, axes, name, shape, where: str = "") -> Val:
         if self.inexact_norms and name == "reduce_sum":
-            reason = f"{INEXACT}averaged over by reduce_sum (a norm's mean): shrunk, over fewer channels"
+            reason = (
+                f"{INEXACT}summed over by reduce_sum{where}: shrunk, the sum runs over the kept channels only"
+            )
         else:
             reason = f"reduced over by {name} (e.g. a norm's mean or a softmax over channels)"
         self.flag(x, reason, axes)
@@ -292,6 +307,35 @@ class Walker:
         bounds = zip(p["start_indices"], p["limit_indices"], shape, strides)
         full = [s == 0 and e == n and st == 1 for s, e, n, st in bounds]
         return self._passthrough(ins, shapes, full, "sliced")
+
+    def p_gather(self, eqn, ins, shapes):
+        """A lookup of whole slices (``jnp.take(table, ids, axis=0)``, an embedding): the
+        operand axes sliced whole pass through to the output's offset axes; the indexed or
+        partly sliced ones are gathered (flagged), the output's batch axes follow the
+        indices'."""
+        x, idx = ins[0], ins[1]
+        dn, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+        taken = {*dn.collapsed_slice_dims, *dn.start_index_map, *dn.operand_batching_dims}
+        whole = [k for k in range(len(x.shape)) if k not in taken and sizes[k] == x.shape[k]]
+        self.flag(
+            x,
+            "gathered along (indexed or sliced by a gather)",
+            [k for k in range(len(x.shape)) if k not in whole],
+        )
+        kept = [
+            k
+            for k in range(len(x.shape))
+            if k not in dn.collapsed_slice_dims and k not in dn.operand_batching_dims
+        ]
+        out = self.fresh(shapes[0])
+        atoms, zs = list(out.atoms), [False] * len(shapes[0])
+        for pos, k in zip(dn.offset_dims, kept):
+            if k in whole:
+                atoms[pos], zs[pos] = x.atoms[k], x.z[k]
+        batch = [pos for pos in range(len(shapes[0])) if pos not in dn.offset_dims]
+        for pos, k in zip(batch, range(len(idx.shape) - 1)):  # the index vector is the last axis
+            self.link(atoms[pos], idx.atoms[k])
+        return [Val(shapes[0], tuple(atoms), tuple(zs), x.zero)]
 
     def p_dynamic_slice(self, eqn, ins, shapes):
         full = [a == b for a, b in zip(ins[0].shape, shapes[0])]

@@ -9,7 +9,8 @@ members (Torch-Pruning's group importance), and the masks prune exactly the requ
 fraction of each group (``scope="group"``) or of all groups' channels together
 (``scope="global"``). The masks are the group-masked model (every member masked), so
 ``shrink(apply_fn, params, masks, *args)`` removes exactly those channels and equals
-``apply_masks(params, masks)``.
+``apply_masks(params, masks)`` (except groups admitted by ``inexact_norms=True``, whose
+norms run over the kept channels after shrinking).
 
 Example:
   >>> groups = channel_groups(f, variables, x)                  # f: inference mode

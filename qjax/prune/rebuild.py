@@ -59,6 +59,22 @@ def _group_size(mod: nn.GroupNorm, channels: int, plan: ShrinkPlan | None) -> in
     return size
 
 
+def _attention_sizes(mod: nn.MultiHeadDotProductAttention, args) -> dict[str, Any]:
+    """``qkv_features`` / ``out_features`` from the stored projections where Flax would infer
+    them from the (shrunk) input width instead."""
+    params = mod.variables.get("params", {})
+    if "query" not in params or "out" not in params or not args:
+        return {}
+    heads, head_dim = np.shape(params["query"]["kernel"])[-2:]
+    width, out = np.shape(args[0])[-1], np.shape(params["out"]["kernel"])[-1]
+    updates: dict[str, Any] = {}
+    if (mod.qkv_features or width) != heads * head_dim:
+        updates["qkv_features"] = int(heads * head_dim)
+    if (mod.out_features or width) != out:
+        updates["out_features"] = int(out)
+    return updates
+
+
 def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
     """Hyperparameter updates that make ``mod`` fit its stored (shrunk) variables."""
     if isinstance(mod, nn.GroupNorm):
@@ -66,6 +82,15 @@ def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
             return {}
         size = _group_size(mod, np.shape(args[0])[-1], plan)
         return {} if size is None else {"num_groups": None, "group_size": size}
+    if isinstance(mod, nn.Embed) and mod.has_variable("params", "embedding"):
+        vocab, feats = np.shape(mod.get_variable("params", "embedding"))
+        return (
+            {}
+            if (vocab, feats) == (mod.num_embeddings, mod.features)
+            else {"num_embeddings": vocab, "features": feats}
+        )
+    if isinstance(mod, nn.MultiHeadDotProductAttention):
+        return _attention_sizes(mod, args)
     if not isinstance(mod, (nn.Dense, nn.DenseGeneral, nn.Conv, nn.ConvTranspose)):
         return {}
     if not mod.has_variable("params", "kernel"):
@@ -90,10 +115,17 @@ def _resize(mod: nn.Module, args, plan: ShrinkPlan | None) -> dict[str, Any]:
 
 def _interceptor(plan: ShrinkPlan | None):
     def intercept(next_fun, args, kwargs, context):
-        updates = _resize(context.module, args, plan) if context.method_name == "__call__" else {}
+        mod = context.module
+        if isinstance(mod, nn.Embed) and context.method_name == "setup":
+            # its table is made in setup, which every method (__call__, attend) runs first on
+            # this per-apply instance: give it the stored sizes there
+            for name, value in _resize(mod, args, plan).items():
+                object.__setattr__(mod, name, value)
+            return next_fun(*args, **kwargs)
+        updates = _resize(mod, args, plan) if context.method_name == "__call__" else {}
         if not updates:
             return next_fun(*args, **kwargs)
-        return context.module.clone(parent=context.module.scope, **updates)(*args, **kwargs)
+        return mod.clone(parent=mod.scope, **updates)(*args, **kwargs)
 
     return intercept
 
@@ -263,12 +295,16 @@ def _fix_sizes(mod: nnx.Module, groups: int | None, name: str) -> None:
     elif isinstance(mod, nnx.MultiHeadAttention):
         mod.num_heads = mod.query.kernel.shape[-2]
         mod.qkv_features = mod.num_heads * mod.head_dim
+        mod.in_features, mod.in_kv_features = mod.query.kernel.shape[0], mod.key.kernel.shape[0]
+        mod.out_features = mod.out.kernel.shape[-1]
         if hasattr(mod, "num_kv_heads"):
             mod.num_kv_heads = mod.key.kernel.shape[-2]
     elif isinstance(mod, nnx.ConvTranspose):
         shape = tuple(mod.kernel.shape)
         mod.kernel_shape = shape
         mod.in_features, mod.out_features = shape[-2:][:: -1 if mod.transpose_kernel else 1]
+    elif isinstance(mod, nnx.Embed):
+        mod.num_embeddings, mod.features = np.shape(mod.embedding.get_value())
     elif isinstance(mod, nnx.GroupNorm):
         _fix_group_norm(mod, name)
     elif isinstance(mod, (nnx.BatchNorm, nnx.LayerNorm, nnx.RMSNorm)):

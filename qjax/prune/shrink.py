@@ -13,6 +13,10 @@ Example:
   >>> small_opt_state = plan.apply(opt_state)             # adam moments shrink too
   >>> masked = apply_masks(variables, plan.group_masks(variables))
   >>> # model(small) == model(masked) within float tolerance (rebuild: qjax.prune.rebuild)
+
+A plan made with ``inexact_norms=True`` may shrink groups a norm sums over
+(:attr:`GroupPlan.inexact` lists where): there the small model is the same program run at
+the smaller width (norms over the kept channels), not the masked model.
 """
 
 from __future__ import annotations
@@ -43,12 +47,15 @@ class GroupPlan:
       size: channels before.
       kept: indices of the kept channels (sorted).
       members: ``(path, axis, unit)`` of every member.
+      inexact: where shrinking the group is not the masked model
+        (:attr:`qjax.graph.coupling.ChannelGroup.inexact`); empty when it is.
     """
 
     name: str
     size: int
     kept: tuple[int, ...]
     members: tuple[tuple[str, int, int], ...]
+    inexact: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +148,8 @@ class ShrinkPlan:
     def group_masks(self, tree: Any, *, strict: bool = True) -> Any:
         """Masks that zero exactly what the plan removes: a bool array (True = kept) for
         every planned leaf, ``None`` elsewhere; ``apply_masks(params, plan.group_masks(params))``
-        is the masked model the shrunk one equals.
+        is the masked model the shrunk one equals (except in groups with
+        :attr:`GroupPlan.inexact` notes, whose norms then run over the kept channels only).
 
         Args:
           tree: a params-shaped tree (its structure is mirrored).
@@ -189,9 +197,10 @@ class ShrinkPlan:
         """Counts for reports.
 
         Returns:
-          ``{"groups", "leaves", "elements_before", "elements_after", "skipped"}``: groups
-          shrunk, leaves changed, params elements before/after, non-prunable groups whose
-          masks zeroed whole channels.
+          ``{"groups", "leaves", "elements_before", "elements_after", "skipped", "inexact"}``:
+          groups shrunk, leaves changed, params elements before/after, non-prunable groups
+          whose masks zeroed whole channels, shrunk groups that are not the masked model
+          (``inexact_norms``).
 
         Example:
           >>> plan.summary()["elements_after"] / plan.summary()["elements_before"]
@@ -201,7 +210,8 @@ class ShrinkPlan:
         before = sum(math.prod(s) for s in self.shapes.values())
         after = sum(math.prod(new.get(p, s)) for p, s in self.shapes.items())
         return {"groups": len(self.groups), "leaves": len(self.leaves), "elements_before": before,
-                "elements_after": after, "skipped": len(self.skipped)}  # fmt: skip
+                "elements_after": after, "skipped": len(self.skipped),
+                "inexact": sum(1 for g in self.groups if g.inexact)}  # fmt: skip
 
     # -- serialisation ----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -222,6 +232,7 @@ class ShrinkPlan:
                     "size": g.size,
                     "kept": list(g.kept),
                     "members": [list(m) for m in g.members],
+                    **({"inexact": list(g.inexact)} if g.inexact else {}),
                 }
                 for g in self.groups
             ],
@@ -254,6 +265,7 @@ class ShrinkPlan:
                 int(g["size"]),
                 tuple(g["kept"]),
                 tuple((p, int(a), int(u)) for p, a, u in g["members"]),
+                tuple(g.get("inexact", ())),
             )
             for g in d["groups"]
         )
@@ -356,7 +368,7 @@ def plan_from_kept(
         if alive.all():
             continue
         plans.append(GroupPlan(g.name, g.size, tuple(np.flatnonzero(alive).tolist()),
-                               tuple((m.path, m.axis, m.unit) for m in g.members)))  # fmt: skip
+                               tuple((m.path, m.axis, m.unit) for m in g.members), g.inexact))  # fmt: skip
         for m in g.members:
             removed.setdefault((m.path, m.axis), set()).update(m.positions[~alive].ravel().tolist())
     leaves: dict[str, dict[int, tuple[int, ...]]] = {}

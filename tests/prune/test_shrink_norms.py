@@ -81,7 +81,14 @@ def test_the_hidden_width_is_blocked_by_default_and_inexact_on_request():
         assert (f"params/Block_{i}/Dense_0/kernel", 0) in members
         assert (f"params/Block_{i}/Dense_1/kernel", 1) in members
     assert {("params/RMSNorm_0/scale", 0), ("params/Dense_1/kernel", 0)} <= members
-    assert "(inexact: averaged over by reduce_sum" in format_groups([g])
+    assert (
+        "(inexact: summed over by reduce_sum in Net/Block_0/LayerNorm_0 (normalization.py:"
+        in format_groups([g])
+    )
+    assert [n.split(" (")[0] for n in g.inexact] == [  # one note per module, naming it
+        f"summed over by reduce_sum in Net/{m}"
+        for m in ("Block_0/LayerNorm_0", "Block_1/LayerNorm_0", "RMSNorm_0")
+    ]
     # the MLP's hidden layer has no norm: still exact
     inner = [
         g
@@ -155,3 +162,98 @@ def test_nnx_transformer_width_shrinks_with_its_norms():
     shrink_nnx(model, plan)
     assert model.ln.num_features == D - 2 and model.rms.num_features == D - 2
     np.testing.assert_allclose(np.asarray(model(x)), want, rtol=1e-4, atol=1e-4)
+
+
+class LM(nn.Module):
+    """Embedding (tied head), pre-LN attention with Flax's default qkv_features (the input
+    width) and an MLP: the width a Torch-Pruning user prunes."""
+
+    width: int = D
+    qkv: int | None = None
+
+    @nn.compact
+    def __call__(self, tok):
+        emb = nn.Embed(11, self.width)
+        h = emb(tok)
+        h = h + nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=self.qkv)(nn.LayerNorm()(h))
+        h = h + nn.Dense(self.width)(nn.gelu(nn.Dense(HIDDEN)(nn.RMSNorm()(h))))
+        return emb.attend(nn.LayerNorm()(h))
+
+
+def _slice_width(p, k):
+    """The LM's params with only the width channels ``k``, sliced by hand."""
+    p = jax.tree.map(np.asarray, p)
+    att = p["MultiHeadDotProductAttention_0"]
+    out = {
+        "Embed_0": {"embedding": p["Embed_0"]["embedding"][:, k]},
+        "MultiHeadDotProductAttention_0": {
+            **{n: {"kernel": att[n]["kernel"][k], "bias": att[n]["bias"]} for n in ("query", "key", "value")},
+            "out": {"kernel": att["out"]["kernel"][..., k], "bias": att["out"]["bias"][k]},
+        },
+        # the outer Dense (back to the width) is built first: Dense_0; the inner one Dense_1
+        "Dense_0": {"kernel": p["Dense_0"]["kernel"][:, k], "bias": p["Dense_0"]["bias"][k]},
+        "Dense_1": {"kernel": p["Dense_1"]["kernel"][k], "bias": p["Dense_1"]["bias"]},
+        "RMSNorm_0": {"scale": p["RMSNorm_0"]["scale"][k]},
+    }
+    for n in ("LayerNorm_0", "LayerNorm_1"):
+        out[n] = {"scale": p[n]["scale"][k], "bias": p[n]["bias"][k]}
+    return out
+
+
+def test_a_language_models_width_shrinks_through_embedding_attention_and_norms():
+    model, tok = LM(), jax.random.randint(jax.random.key(0), (2, 5), 0, 11)
+    v = model.init(jax.random.key(1), tok)
+    v = jax.tree_util.tree_map_with_path(
+        lambda path, t: t + 0.3 * _rand(len(str(path)), *t.shape) if "Norm" in str(path) else t, v
+    )
+    groups = channel_groups(model.apply, v, tok, inexact_norms=True)
+    (g,) = [g for g in groups if ("params/Embed_0/embedding", 1) in {(m.path, m.axis) for m in g.members}]
+    assert g.prunable  # the embedding lookup (a gather) passes the width through
+    dead = [1, 4, 9]
+    masks = jax.tree.map(lambda a: None, v)
+    masks["params"]["Embed_0"]["embedding"] = _col_mask((11, D), dead)
+    small, plan = shrink(model.apply, v, masks, tok, inexact_norms=True)
+    assert plan.summary()["inexact"] == 1 and plan.groups[0].inexact == g.inexact
+    assert type(plan).from_json(plan.to_json()) == plan
+    keep = [i for i in range(D) if i not in dead]
+    # the reference: Flax's own layers configured for 13 channels, with the params sliced by hand
+    want = LM(width=D - 3, qkv=D).apply({"params": _slice_width(v["params"], keep)}, tok)
+    got = jax.jit(linen_apply(model, plan=plan))(small, tok)  # 13 channels, 2 heads: qkv_features restored
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
+
+
+def test_nnx_language_model_width_shrinks_with_embedding_and_attention():
+    class NnxLM(nnx.Module):
+        def __init__(self, width, rngs):
+            self.emb = nnx.Embed(11, width, rngs=rngs)
+            self.ln = nnx.LayerNorm(width, rngs=rngs)
+            self.att = nnx.MultiHeadAttention(2, width, qkv_features=D, decode=False, rngs=rngs)
+            self.rms = nnx.RMSNorm(width, rngs=rngs)
+
+        def __call__(self, tok):
+            h = self.emb(tok)
+            h = h + self.att(self.ln(h))
+            return self.emb.attend(self.rms(h))
+
+    model, tok = NnxLM(D, nnx.Rngs(0)), jax.random.randint(jax.random.key(2), (2, 5), 0, 11)
+    model.ln.bias[...] = _rand(7, D)
+    graphdef, state = nnx.split(model)
+    masks = jax.tree.map(lambda a: None, state)
+    masks["emb"]["embedding"] = _col_mask((11, D), [0, 5, 6])
+    _, plan = shrink(nnx_apply(graphdef), state, masks, tok, inexact_norms=True)
+    k = np.array([i for i in range(D) if i not in (0, 5, 6)])
+    ref = NnxLM(D - 3, nnx.Rngs(1))
+    ref.emb.embedding[...] = model.emb.embedding[...][:, k]
+    for norm in ("ln", "rms"):
+        for leaf in ("scale", "bias"):
+            if hasattr(getattr(ref, norm), leaf) and getattr(getattr(ref, norm), leaf) is not None:
+                getattr(getattr(ref, norm), leaf)[...] = getattr(getattr(model, norm), leaf)[...][k]
+    for n in ("query", "key", "value"):
+        getattr(ref.att, n).kernel[...] = getattr(model.att, n).kernel[...][k]
+        getattr(ref.att, n).bias[...] = getattr(model.att, n).bias[...]
+    ref.att.out.kernel[...] = model.att.out.kernel[...][..., k]
+    ref.att.out.bias[...] = model.att.out.bias[...][k]
+    want = ref(tok)
+    shrink_nnx(model, plan)
+    assert (model.att.in_features, model.att.out_features, model.emb.features) == (D - 3, D - 3, D - 3)
+    np.testing.assert_allclose(np.asarray(model(tok)), np.asarray(want), rtol=2e-5, atol=2e-5)
