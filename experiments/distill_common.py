@@ -169,10 +169,14 @@ def distill_train(
     y: np.ndarray,
     idx: np.ndarray,
     cache: distill.TopKTeacher | None = None,
+    key: jax.Array | None = None,
 ) -> distill.DistillState:
     """All steps of ``ds`` (built with ``jit=False``) in one jitted ``lax.scan``;
-    ``idx[step]`` are the example indices of that step's batch."""
-    return _scan(ds.step)(state, teacher_vars, jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), cache)
+    ``idx[step]`` are the example indices of that step's batch (also ``batch["index"]``, for
+    CRD's memory banks, with every example's label in ``batch["dataset_y"]``). With ``key``,
+    step ``i`` gets ``fold_in(key, i)``."""
+    args = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(idx), cache, key)
+    return _scan(ds.step)(state, teacher_vars, *args)
 
 
 _SCANS: dict[int, Callable] = {}
@@ -182,12 +186,13 @@ def _scan(step: Callable) -> Callable:
     if id(step) not in _SCANS:
 
         @jax.jit
-        def run(state, teacher_vars, x, y, idx, cache):
+        def run(state, teacher_vars, x, y, idx, cache, key):
             def body(state, i):
-                batch = {"x": x[i], "y": y[i]}
+                batch = {"x": x[i], "y": y[i], "index": i.astype(jnp.int32), "dataset_y": y}
                 if cache is not None:
                     batch["teacher"] = cache[i]
-                return step(state, teacher_vars, batch)[0], None
+                step_key = None if key is None else jax.random.fold_in(key, state.step)
+                return step(state, teacher_vars, batch, step_key)[0], None
 
             return jax.lax.scan(body, state, idx)[0]
 

@@ -12,7 +12,11 @@ Variants: the student alone (cross-entropy; and with label smoothing 0.1, a cont
 "KD is only a regularizer"); Hinton KD for T in {2, 4, 8} and
 alpha in {0.5, 0.9}; FitNets hint (student conv -> 1x1 adapter -> teacher conv2) with
 CE and with KD (T = 4, 8); KD from a cached top-3 teacher (the teacher forward skipped);
-DKD; DIST. All variants are reported (no selection).
+DKD; DIST; CRD (penultimate features -> 32-d embeddings, memory banks over the student's
+100 images, 64 negatives from the other classes, as the authors sample) with CE and with
+KD; NST (student conv vs teacher conv2), CC (penultimate features) and VID (student conv ->
+1x1 adapter -> teacher conv2) with CE, at RepDistiller's CIFAR weights (50, 0.02, 1). All
+variants are reported (no selection).
 
 Writes ``experiments/results/distill_digits.{json,md}``.
 
@@ -67,6 +71,39 @@ def dist(s, tch, batch, adapters):
     return ce(s, tch, batch, adapters) + distill.dist_loss(s.logits, tch.logits, 4.0, 2.0, 2.0)
 
 
+PENULTIMATE = "params/head/kernel"  # CRD's features: the head's input, student and teacher
+CRD_DIM, CRD_NEGATIVES, CRD_WEIGHT = 32, 64, 0.8
+
+
+def crd(base):
+    """``base`` + CRD_WEIGHT · CRD (a stateful loss: the memory banks ride in the state)."""
+
+    def loss_fn(s, tch, batch, adapters, crd_state, key):
+        es = distill.apply_adapter(adapters["embed_s"], s.features[PENULTIMATE]["input"])
+        et = distill.apply_adapter(adapters["embed_t"], tch.features[PENULTIMATE]["input"])
+        negatives = distill.class_negatives(key, batch["index"], batch["dataset_y"], CRD_NEGATIVES)
+        value, crd_state = distill.crd_loss(es, et, batch["index"], crd_state, None, negatives=negatives)
+        return base(s, tch, batch, adapters) + CRD_WEIGHT * value, {"crd": value}, crd_state
+
+    return loss_fn
+
+
+def nst(s, tch, batch, adapters):
+    fs, ft = s.features[STUDENT_GUIDED]["output"], tch.features[TEACHER_HINT]["output"]
+    return ce(s, tch, batch, adapters) + 50.0 * distill.nst_loss(fs, ft)
+
+
+def cc(s, tch, batch, adapters):
+    fs, ft = s.features[PENULTIMATE]["input"], tch.features[PENULTIMATE]["input"]
+    return ce(s, tch, batch, adapters) + 0.02 * distill.cc_loss(fs, ft)
+
+
+def vid(s, tch, batch, adapters):
+    mu = distill.apply_adapter(adapters["hint"], s.features[STUDENT_GUIDED]["output"])
+    v = distill.vid_loss(mu, tch.features[TEACHER_HINT]["output"], adapters["vid_scale"])
+    return ce(s, tch, batch, adapters) + v
+
+
 def variants() -> dict[str, dict[str, Any]]:
     v: dict[str, dict[str, Any]] = {"student alone (CE)": {"loss": ce, "teacher": False}}
     v["student alone, label smoothing 0.1 (control)"] = {"loss": ce_smooth(0.1), "teacher": False}
@@ -79,6 +116,11 @@ def variants() -> dict[str, dict[str, Any]]:
     v["KD T=4 α=0.9, cached top-3 teacher"] = {"loss": kd(4.0, 0.9), "cache_k": 3}
     v["CE + DKD (T=4, α=1, β=8)"] = {"loss": dkd}
     v["CE + DIST (T=4, β=γ=2)"] = {"loss": dist}
+    v["CE + NST (β=50)"] = {"loss": nst, "hint": True}
+    v["CE + CC (β=0.02, Gaussian P=2)"] = {"loss": cc, "penultimate": True}
+    v["CE + VID (β=1)"] = {"loss": vid, "hint": True, "vid": True}
+    v[f"CE + CRD (β={CRD_WEIGHT:g})"] = {"loss": crd(ce), "crd": True}
+    v[f"KD T=4 α=0.9 + CRD (β={CRD_WEIGHT:g})"] = {"loss": crd(kd(4.0, 0.9)), "crd": True}
     return v
 
 
@@ -106,13 +148,15 @@ def main() -> None:
 
     results: dict[str, Any] = {}
     for name, cfg in variants().items():
+        penultimate = cfg.get("crd") or cfg.get("penultimate")
         ds = distill.distill_step(
             student.apply,
             teacher.apply if cfg.get("teacher", True) and "cache_k" not in cfg else None,
             cfg["loss"],
             optax.adam(args.lr),
-            student_patterns=[STUDENT_GUIDED] if cfg.get("hint") else None,
-            teacher_patterns=[TEACHER_HINT] if cfg.get("hint") else None,
+            student_patterns=[STUDENT_GUIDED] if cfg.get("hint") else [PENULTIMATE] if penultimate else None,
+            teacher_patterns=[TEACHER_HINT] if cfg.get("hint") else [PENULTIMATE] if penultimate else None,
+            stateful_loss=cfg.get("crd", False),
             jit=False,
         )
         accs = []
@@ -127,7 +171,19 @@ def main() -> None:
             cache = None
             if "cache_k" in cfg:
                 cache = distill.cache_teacher(teacher.apply, t_vars, x, k=cfg["cache_k"], temperature=4.0)
-            state = distill_train(ds, ds.init(s_vars, adapters), t_vars, x, y, steps, cache)
+            if cfg.get("vid"):
+                adapters["vid_scale"] = distill.vid_log_scale(64)
+            key, loss_state = None, None
+            if cfg.get("crd"):
+                keys = jax.random.split(jax.random.key(200 + seed), 4)
+                features = {"embed_s": 8 * 4 * 4, "embed_t": 128}  # pooled student conv, teacher fc
+                adapters = {
+                    n: distill.init_adapter(k, d, CRD_DIM) for (n, d), k in zip(features.items(), keys)
+                }
+                loss_state, key = distill.crd_init(keys[2], len(x), CRD_DIM), keys[3]
+            state = distill_train(
+                ds, ds.init(s_vars, adapters, loss_state=loss_state), t_vars, x, y, steps, cache, key
+            )
             accs.append(s_acc(state.params["student"]))
         results[name] = summary(accs)
         print(f"{name:45s} {fmt(results[name])}  {results[name]['accs']}")

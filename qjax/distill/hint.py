@@ -67,3 +67,46 @@ def hint_loss(
         hint = "" if adapter is not None else " (pass an adapter: qjax.distill.init_adapter(key, C_s, C_t))"
         raise ValueError(f"hint_loss: student features {u.shape} vs teacher features {v.shape}{hint}")
     return jnp.mean(jnp.square(as_float(u) - v))
+
+
+def vid_log_scale(
+    channels: int, init_variance: float = 5.0, *, eps: float = 1e-5, dtype=jnp.float32
+) -> jax.Array:
+    """VID's per-channel variance parameter, ``α`` with ``softplus(α) + eps`` equal to
+    ``init_variance`` (5, the reference's default): train it with the student (an adapter).
+
+    Raises:
+      ValueError: ``init_variance <= eps``.
+    """
+    if not init_variance > eps:
+        raise ValueError(f"vid_log_scale: init_variance must exceed eps={eps}, got {init_variance}")
+    return jnp.full((channels,), jnp.log(jnp.expm1(init_variance - eps)), dtype)
+
+
+def vid_loss(prediction: jax.Array, teacher_features: jax.Array, log_scale: jax.Array, *, eps: float = 1e-5):
+    """Variational information distillation (Ahn, Hu, Damianou, Lawrence & Dai, CVPR 2019):
+    the Gaussian negative log-likelihood of the teacher's features under the student's
+    prediction ``μ`` (a regressor of the student's features, e.g. :func:`apply_adapter` or a
+    small 1×1-conv net) with a learned per-channel variance ``σ²_c = softplus(α_c) + eps``:
+
+        L_VID = mean over examples, positions, channels of ½ ((μ − t)² / σ² + log σ²)
+
+    as the authors' code (``VIDLoss``; the constant ``½ log 2π`` dropped).
+
+    Args:
+      prediction: ``μ``, ``[B, ..., C]`` channels last.
+      teacher_features: ``t``, the same shape.
+      log_scale: ``α``, ``[C]`` (:func:`vid_log_scale`).
+      eps: the variance floor.
+
+    Raises:
+      ValueError: shapes that disagree.
+    """
+    mu, t = as_float(prediction), as_float(teacher_features)
+    if mu.shape != t.shape or jnp.shape(log_scale) != mu.shape[-1:]:
+        raise ValueError(
+            f"vid_loss: prediction {mu.shape}, teacher_features {t.shape} and log_scale "
+            f"{jnp.shape(log_scale)} must be [..., C], [..., C] and [C]"
+        )
+    var = jax.nn.softplus(as_float(log_scale)) + eps
+    return jnp.mean(0.5 * (jnp.square(mu - t) / var + jnp.log(var)))

@@ -35,10 +35,23 @@ so under ``jax.jit`` with a batch sharded across devices the result is the globa
       L_PKT = mean_{i,j} P^t_ij · log((P^t_ij + ε) / (P^s_ij + ε))     (ε = 1e-7)
 
   as in the authors' code (the mean over all ``B²`` entries of the KL terms).
+
+* CC (Peng et al., "Correlation Congruence for Knowledge Distillation", ICCV 2019): the
+  correlation between examples by a Gaussian RBF kernel, ``exp(−γ‖x − y‖²)``, expanded to
+  order ``P`` for L2-normalised ``x``, ``y`` (so ``‖x − y‖² = 2 − 2xᵀy``):
+
+      C_ij = e^{−2γ} Σ_{p=0}^{P} (2γ)^p / p! · (f̂_iᵀ f̂_j)^p     (f̂: L2-normalised)
+      L_CC = ‖C_s − C_t‖²_F / B²
+
+  (``kernel="bilinear"``: ``C = F Fᵀ`` of the features as given). The paper applies it
+  to embeddings of both networks of one width (the penultimate features through linear
+  heads, :func:`qjax.distill.init_adapter`), as torchdistill's ``CCKDLoss``; here any
+  widths work, since only the ``[B, B]`` matrices meet.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -208,3 +221,46 @@ def pkt_loss(student_features: jax.Array, teacher_features: jax.Array, *, eps: f
     if ps.shape != pt.shape:
         raise ValueError(f"pkt_loss: batch sizes differ ({ps.shape[0]} vs {pt.shape[0]})")
     return jnp.mean(pt * jnp.log((pt + eps) / (ps + eps)))
+
+
+def correlation_matrix(features: jax.Array, *, kernel: str = "gaussian", gamma: float = 0.4, order: int = 2):
+    """``C`` (``[B, B]``) of CC (see the module docstring): the ``order``-term expansion of
+    the Gaussian kernel on L2-normalised features, or ``F Fᵀ`` for ``"bilinear"``.
+
+    Raises:
+      ValueError: an unknown ``kernel``, or ``order < 0``.
+    """
+    f = _flat(features, min_batch=1)
+    if kernel == "bilinear":
+        return f @ f.T
+    if kernel != "gaussian" or order < 0:
+        raise ValueError(f"correlation_matrix: kernel must be 'gaussian' or 'bilinear' and order >= 0, got "
+                         f"{kernel!r}, {order}")  # fmt: skip
+    g = _row_normalize(f) @ _row_normalize(f).T
+    terms = sum((2 * gamma) ** p / math.factorial(p) * g**p for p in range(order + 1))
+    return math.exp(-2 * gamma) * terms
+
+
+def cc_loss(
+    student_features: jax.Array,
+    teacher_features: jax.Array,
+    *,
+    kernel: str = "gaussian",
+    gamma: float = 0.4,
+    order: int = 2,
+) -> jax.Array:
+    """``‖C_s − C_t‖²_F / B²`` (correlation congruence; see the module docstring).
+
+    Args:
+      student_features, teacher_features: ``[B, ...]`` features (embeddings).
+      kernel: ``"gaussian"`` (the expansion) or ``"bilinear"``.
+      gamma, order: the Gaussian kernel's ``γ`` and expansion order ``P`` (the paper's
+        defaults 0.4 and 2).
+
+    Raises:
+      ValueError: the batch sizes differ; a bad ``kernel`` / ``order``.
+    """
+    _same_batch("cc_loss", student_features, teacher_features)
+    cs = correlation_matrix(student_features, kernel=kernel, gamma=gamma, order=order)
+    ct = correlation_matrix(teacher_features, kernel=kernel, gamma=gamma, order=order)
+    return jnp.sum(jnp.square(cs - ct)) / cs.shape[0] ** 2

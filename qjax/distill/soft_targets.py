@@ -47,7 +47,7 @@ def reduce(per_example: jax.Array, reduction: str) -> jax.Array:
     raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
-def label_validity(labels: jax.Array, num_classes: int) -> jax.Array:
+def label_validity(labels: jax.Array, num_classes: int, what: str = "labels") -> jax.Array:
     """Which integer ``labels`` lie in ``[0, num_classes)``. Concrete labels outside it
     (e.g. PyTorch's ignore index -100) are refused; traced ones cannot be, and the losses
     give NaN for their examples instead of a silently wrong value. To leave examples out
@@ -55,12 +55,14 @@ def label_validity(labels: jax.Array, num_classes: int) -> jax.Array:
     of ``reduction="none"``.
 
     Raises:
-      ValueError: naming ``labels`` and the first out-of-range values.
+      ValueError: naming ``what`` (default ``labels``) and the first out-of-range values.
     """
     labels = jnp.asarray(labels)
     if not isinstance(labels, jax.core.Tracer):
         a = np.asarray(labels)
         bad = (a < 0) | (a >= num_classes)
+        if bad.any() and what != "labels":
+            raise ValueError(f"{what} must lie in [0, {num_classes}), got {a[bad][:4].tolist()}")
         if bad.any():
             raise ValueError(
                 f"labels must be class indices in [0, {num_classes}), got {a[bad][:4].tolist()}; "

@@ -44,23 +44,27 @@ class Outputs(NamedTuple):
 
 
 class DistillState(NamedTuple):
-    """Trained params ``{"student", "adapters"}``, optimizer state, step count and (with
-    ``student_act_stats_momentum``) the student's running activation stats."""
+    """Trained params ``{"student", "adapters"}``, optimizer state, step count, (with
+    ``student_act_stats_momentum``) the student's running activation stats, and (with
+    ``stateful_loss``) the loss's own state, e.g. CRD's memory banks."""
 
     params: dict[str, Any]
     opt_state: Any
     step: jax.Array
     act_stats: Any = None
+    loss_state: Any = None
 
 
 class DistillStep(NamedTuple):
     """The functions :func:`distill_step` builds.
 
     Attributes:
-      init: ``init(student_params, adapters=None, act_stats=None) -> DistillState``.
-      loss: ``loss(params, teacher_params, batch, key=None, act_stats=None) -> (loss,
-        metrics)`` (not jitted), ``params`` being ``{"student", "adapters"}``; with running
-        stats, ``metrics["act_stats"]`` holds the updated ones.
+      init: ``init(student_params, adapters=None, act_stats=None, loss_state=None) ->
+        DistillState``.
+      loss: ``loss(params, teacher_params, batch, key=None, act_stats=None,
+        loss_state=None) -> (loss, metrics)`` (not jitted), ``params`` being ``{"student",
+        "adapters"}``; with running stats, ``metrics["act_stats"]`` holds the updated ones,
+        with a stateful loss ``metrics["loss_state"]`` the loss's new state.
       step: ``step(state, teacher_params, batch, key=None) -> (state, metrics)`` (jitted
         unless ``jit=False``); ``key``: this step's PRNG key (see :func:`distill_step`).
     """
@@ -130,6 +134,7 @@ def distill_step(
     student_key: bool = False,
     student_act_stats: dict | None = None,
     student_act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
+    stateful_loss: bool = False,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -163,6 +168,12 @@ def distill_step(
         ``None``). A :class:`qjax.DelayedScaling` instead: delayed scaling, the starting
         state ``DelayedScaling.init(qjax.calibrate(...))`` (``init`` makes it from calibrated
         stats given as they are).
+      stateful_loss: ``loss_fn`` keeps a state of its own across steps (CRD's memory banks,
+        :func:`qjax.distill.crd_loss`): it is called ``loss_fn(student, teacher, batch,
+        adapters, loss_state, key)`` and returns ``(scalar, metrics, new_loss_state)``. Give
+        the starting state to ``init(..., loss_state=...)``; the state carries it
+        (``state.loss_state``, no gradient). ``key`` is this step's key folded with a
+        constant (independent of the student's), ``None`` when the step has none.
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
@@ -205,7 +216,7 @@ def distill_step(
         (out, feats), _ = teacher(None, jax.lax.stop_gradient(teacher_params), None, *_args(batch))
         return jax.lax.stop_gradient(Outputs(out, feats))
 
-    def loss(params, teacher_params, batch, key=None, act_stats=None):
+    def loss(params, teacher_params, batch, key=None, act_stats=None, loss_state=None):
         if momentum is not None and act_stats is None:
             raise ValueError(
                 "distill_step(student_act_stats_momentum=...): pass the running stats, "
@@ -214,12 +225,24 @@ def distill_step(
         k_round, extra = _student_keys(key, student_key)
         (s_out, s_feats), new_stats = student(k_round, params["student"], act_stats, *_args(batch), *extra)
         t = teacher_outputs(teacher_params, batch)
-        result = loss_fn(Outputs(s_out, s_feats), t, batch, params["adapters"])
-        value, metrics = result if isinstance(result, tuple) else (result, {})
+        student_out = Outputs(s_out, s_feats)
+        if stateful_loss:
+            value, metrics, new_loss_state = _stateful(
+                loss_fn, student_out, t, batch, params, loss_state, key
+            )
+        else:
+            result = loss_fn(student_out, t, batch, params["adapters"])
+            value, metrics = result if isinstance(result, tuple) else (result, {})
         stats = {} if momentum is None else {"act_stats": new_stats}
-        return value, {"loss": value, **metrics, **stats}
+        carried = {"loss_state": new_loss_state} if stateful_loss else {}
+        return value, {"loss": value, **metrics, **stats, **carried}
 
-    def init(student_params, adapters=None, act_stats=None) -> DistillState:
+    def init(student_params, adapters=None, act_stats=None, loss_state=None) -> DistillState:
+        if (loss_state is None) == stateful_loss:
+            raise ValueError(
+                "init(loss_state=...) takes the starting state of a stateful_loss (and only then): "
+                f"stateful_loss={stateful_loss}, loss_state {'missing' if loss_state is None else 'given'}"
+            )
         if (act_stats is None) != (momentum is None):
             raise ValueError(
                 "init(act_stats=...) takes the starting stats of student_act_stats_momentum (and only then): "
@@ -235,18 +258,43 @@ def distill_step(
         if scales and not isinstance(student_params, LSQParams):  # ste="lsq": train the scales too
             student_params = LSQParams(student_params, scales)
         params = {"student": student_params, "adapters": {} if adapters is None else adapters}
-        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32), act_stats)
+        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32), act_stats, loss_state)
 
     def step(state: DistillState, teacher_params, batch, key=None):
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
-            state.params, teacher_params, batch, key, state.act_stats
+            state.params, teacher_params, batch, key, state.act_stats, state.loss_state
         )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         act_stats = metrics.pop("act_stats", state.act_stats)
-        return DistillState(params, opt_state, state.step + 1, act_stats), metrics
+        loss_state = metrics.pop("loss_state", state.loss_state)
+        return DistillState(params, opt_state, state.step + 1, act_stats, loss_state), metrics
 
     return DistillStep(init, loss, jax.jit(step) if jit else step)
+
+
+_LOSS_KEY = 0x4C055  # folded into the step key for a stateful loss's own randomness
+
+
+def _stateful(loss_fn, student: Outputs, teacher: Outputs, batch, params, loss_state, key):
+    """``(value, metrics, new_loss_state)`` of a stateful ``loss_fn``; checked."""
+    if loss_state is None:
+        raise ValueError(
+            "distill_step(stateful_loss=True): pass the loss state, loss(..., loss_state=state) "
+            "(step() takes it from the state: init(..., loss_state=...))"
+        )
+    loss_key = None if key is None else jax.random.fold_in(key, _LOSS_KEY)
+    result = loss_fn(student, teacher, batch, params["adapters"], loss_state, loss_key)
+    if not isinstance(result, tuple) or len(result) != 3:
+        raise ValueError(
+            "distill_step(stateful_loss=True): loss_fn must return (loss, metrics, new_loss_state), "
+            f"got {type(result).__name__}"
+            + (f" of length {len(result)}" if isinstance(result, tuple) else "")
+        )
+    value, metrics, new_state = result
+    if new_state is None:
+        raise ValueError("distill_step(stateful_loss=True): loss_fn returned None as the new loss state")
+    return value, metrics, jax.lax.stop_gradient(new_state)
 
 
 def kd_objective(temperature: float = 4.0, alpha: float = 0.9, *, label_key: str = "y", **kwargs) -> LossFn:

@@ -264,7 +264,9 @@ def distill_train_step(
         ``add_bias``, ``student_key``, ``student_act_stats``,
         ``student_act_stats_momentum`` of ``distill_step`` (with the last, the running
         stats are the step's last argument and come back in ``metrics["act_stats"]``, as
-        for :func:`qat_step`).
+        for :func:`qat_step`), and ``stateful_loss`` (the loss state, e.g. CRD's memory
+        banks, is then the step's last argument, replicated, and comes back in
+        ``metrics["loss_state"]``).
 
     The state's step key (split every step) goes to the student: stochastic rounding of
     ``student_policy`` and, with ``student_key=True``, ``student_fn``'s own randomness
@@ -272,15 +274,21 @@ def distill_train_step(
 
     Returns:
       ``step(state, batch, teacher_params) -> (state, metrics)``
-      (``step(state, batch, teacher_params, act_stats)`` with running stats).
+      (``step(state, batch, teacher_params, act_stats)`` with running stats,
+      ``step(..., loss_state)`` last with a stateful loss).
     """
     ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
     momentum = distill_kwargs.get("student_act_stats_momentum")
+    stateful = distill_kwargs.get("stateful_loss", False)
 
-    def loss(params, batch, key, teacher_params, act_stats=None):
-        return ds.loss(params, teacher_params, batch, key, act_stats)
+    def loss(params, batch, key, teacher_params, *carried):
+        act_stats = carried[0] if momentum is not None else None
+        loss_state = carried[-1] if stateful else None
+        return ds.loss(params, teacher_params, batch, key, act_stats, loss_state)
 
     stats, names = _stats_argument(state_shardings, momentum)
+    if stateful:
+        stats, names = (*stats, NamedSharding(_mesh_of(state_shardings), P())), (*names, "loss_state")
     return train_step(
         loss,
         tx,

@@ -4,6 +4,7 @@ formulas (explicit loops where that is clearer), independent of the JAX code."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 from scipy.special import log_softmax, softmax
@@ -152,3 +153,98 @@ def pkt(fs, ft, eps=1e-7):
 
     ps, pt = probs(fs), probs(ft)
     return np.mean(pt * np.log((pt + eps) / (ps + eps)))
+
+
+def crd(s, t, index, rows, mem_s, mem_t, z_s, z_t, n, tau=0.07, momentum=0.5, eps=1e-7):
+    """CRD (Tian et al. 2020, the authors' ``CRDLoss``) in float64 with explicit loops:
+    ``rows[i]`` are example ``i``'s bank rows (positive first). Returns ``(loss, mem_s,
+    mem_t, z_s, z_t)`` after the update."""
+    unit = lambda v: v / np.linalg.norm(v)
+    s = np.stack([unit(v) for v in f64(s)])
+    t = np.stack([unit(v) for v in f64(t)])
+    mem_s, mem_t = f64(mem_s).copy(), f64(mem_t).copy()
+    b, k1 = np.shape(rows)
+    exp_s = np.array([[np.exp(mem_t[rows[i][j]] @ s[i] / tau) for j in range(k1)] for i in range(b)])
+    exp_t = np.array([[np.exp(mem_s[rows[i][j]] @ t[i] / tau) for j in range(k1)] for i in range(b)])
+    z_s = exp_s.mean() * n if z_s < 0 else z_s
+    z_t = exp_t.mean() * n if z_t < 0 else z_t
+
+    def nce(p):
+        noise = (k1 - 1) / n
+        total = 0.0
+        for i in range(b):
+            total += np.log(p[i, 0] / (p[i, 0] + noise + eps))
+            total += sum(np.log(noise / (p[i, j] + noise + eps)) for j in range(1, k1))
+        return -total / b
+
+    loss = nce(exp_s / z_s) + nce(exp_t / z_t)
+    for i, row in enumerate(np.asarray(index)):
+        mem_s[row] = unit(mem_s[row] * momentum + s[i] * (1 - momentum))
+        mem_t[row] = unit(mem_t[row] * momentum + t[i] * (1 - momentum))
+    return loss, mem_s, mem_t, z_s, z_t
+
+
+def _maps(f):
+    """``[B, P, C]`` float64 of channels-last maps."""
+    f = f64(f)
+    return f.reshape(f.shape[0], -1, f.shape[-1])
+
+
+def fsp(student_pairs, teacher_pairs, weights):
+    """FSP (Yim et al. 2017): per example ``G_ij = Σ_p F1[p, i] F2[p, j] / P``, squared
+    Frobenius distances summed over pairs, averaged over examples; explicit loops."""
+    total = 0.0
+    for (s1, s2), (t1, t2), w in zip(student_pairs, teacher_pairs, weights):
+        s1, s2, t1, t2 = _maps(s1), _maps(s2), _maps(t1), _maps(t2)
+        b, p = s1.shape[:2]
+        for n in range(b):
+            gs = np.zeros((s1.shape[2], s2.shape[2]))
+            gt = np.zeros_like(gs)
+            for i in range(gs.shape[0]):
+                for j in range(gs.shape[1]):
+                    gs[i, j] = sum(s1[n, q, i] * s2[n, q, j] for q in range(p)) / p
+                    gt[i, j] = sum(t1[n, q, i] * t2[n, q, j] for q in range(p)) / p
+            total += w * ((gs - gt) ** 2).sum() / b
+    return total
+
+
+def nst(fs, ft, degree=2, bias=0.0):
+    """NST (Huang & Wang 2017): squared MMD of the normalised channel patterns, per example,
+    averaged; explicit sums over channel pairs."""
+    s, t = _maps(fs), _maps(ft)
+    out = 0.0
+    for n in range(s.shape[0]):
+        sc = [s[n, :, j] / np.linalg.norm(s[n, :, j]) for j in range(s.shape[2])]
+        tc = [t[n, :, i] / np.linalg.norm(t[n, :, i]) for i in range(t.shape[2])]
+        k = lambda a, b: np.mean([(x @ y + bias) ** degree for x in a for y in b])
+        out += (k(tc, tc) + k(sc, sc) - 2 * k(sc, tc)) / s.shape[0]
+    return out
+
+
+def cc(fs, ft, gamma=0.4, order=2, kernel="gaussian"):
+    """CC (Peng et al. 2019): ``‖C_s − C_t‖²_F / B²`` with the Taylor-expanded Gaussian
+    kernel on L2-normalised features (or the bilinear one)."""
+
+    def corr(f):
+        f = f64(f).reshape(len(f), -1)
+        if kernel == "bilinear":
+            return f @ f.T
+        f = f / np.linalg.norm(f, axis=1, keepdims=True)
+        b = len(f)
+        c = np.zeros((b, b))
+        for i in range(b):
+            for j in range(b):
+                x = f[i] @ f[j]
+                c[i, j] = np.exp(-2 * gamma) * sum(
+                    (2 * gamma) ** p / math.factorial(p) * x**p for p in range(order + 1)
+                )
+        return c
+
+    cs, ct = corr(fs), corr(ft)
+    return ((cs - ct) ** 2).sum() / len(cs) ** 2
+
+
+def vid(mu, t, log_scale, eps=1e-5):
+    """VID (Ahn et al. 2019): mean Gaussian NLL with ``σ² = softplus(α) + eps``, constant dropped."""
+    var = np.log1p(np.exp(f64(log_scale))) + eps
+    return np.mean(0.5 * ((f64(mu) - f64(t)) ** 2 / var + np.log(var)))

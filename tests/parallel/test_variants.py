@@ -249,6 +249,43 @@ def test_distill_train_step_carries_running_student_act_stats():
         assert float(metrics["act_stats"][path].hi) == pytest.approx(float(want[path].hi), rel=1e-5)
 
 
+def test_distill_train_step_carries_a_stateful_loss_state():
+    # CRD's memory banks ride as the step's last argument and come back in the metrics,
+    # equal to the single-device distill_step with the same keys
+    b = {**batch(8), "index": np.arange(16, dtype=np.int32) * 2}
+    student, teacher = MLP(hidden=16), MLP(hidden=32)
+    sp, tp = init(student, b["x"]), init(teacher, b["x"])
+    feat = "params/down/kernel"
+
+    def loss_fn(s, t, batch, adapters, crd_state, key):
+        es = qjax.distill.apply_adapter(adapters["s"], s.features[feat]["input"])
+        et = qjax.distill.apply_adapter(adapters["t"], t.features[feat]["input"])
+        value, crd_state = qjax.distill.crd_loss(es, et, batch["index"], crd_state, key, num_negatives=8)
+        return value, {"crd": value}, crd_state
+
+    adapters = {
+        "s": qjax.distill.init_adapter(jax.random.key(1), 16, 8),
+        "t": qjax.distill.init_adapter(jax.random.key(2), 32, 8),
+    }
+    crd_state = qjax.distill.crd_init(jax.random.key(3), 40, 8)
+    kw = dict(student_patterns=[feat], teacher_patterns=[feat], stateful_loss=True)
+    tx, mesh = sgd(), qp.make_mesh(2, 2, 2)
+    trained = {"student": sp, "adapters": adapters}
+    sh = qp.train_state_shardings(trained, tx, presets.hybrid(), mesh)
+    tsh = qp.shardings(tp, presets.hybrid(), mesh)
+    step = qp.distill_train_step(
+        student.apply, teacher.apply, loss_fn, tx, sh, tsh, qp.batch_shardings(mesh, b), donate=False, **kw
+    )
+    state = qp.init_train_state(trained, tx, sh, key=4)
+    _, sub = jax.random.split(state.key)
+    _, metrics = step(state, b, jax.device_put(tp, tsh), crd_state)
+    ds = qjax.distill.distill_step(student.apply, teacher.apply, loss_fn, tx, **kw)
+    want, want_metrics = ds.loss(trained, tp, b, sub, loss_state=crd_state)
+    np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+    assert_close(metrics["loss_state"], want_metrics["loss_state"])
+    assert metrics["loss_state"].student_memory.sharding.is_fully_replicated
+
+
 def test_distill_step_forwards_the_step_key_to_a_stochastic_student():
     """A stochastic-rounding student policy needs the step key (it was dropped: the step
     failed with "needs a PRNG key"); the loss is the one with the key train_step splits off."""
