@@ -9,7 +9,8 @@
 * activations (:mod:`qjax.fixed.activations`): table-based sigmoid/tanh/softmax as
   hls4ml builds them, hard sigmoid/tanh, ReLU, clip;
 * networks: :func:`fixed_point` (inference of any ``f(params, *args)`` with the
-  matmuls/convs of matched params in fixed point), :func:`fake_fixed_point` and
+  matmuls/convs of matched params in fixed point, and with ``ops=`` rules of
+  :class:`OpFormats` its merges and sigmoid/tanh as hls4ml types them), :func:`fake_fixed_point` and
   :func:`fixed_updates` (training), :func:`collect_ranges`/:func:`calibrate_formats`
   (formats from calibration statistics).
 
@@ -32,6 +33,7 @@ from qjax.fixed.calibration import (
     integer_bits,
 )
 from qjax.fixed.cast import cast, cast_mantissa, from_float, shift_right_round
+from qjax.fixed.elementwise import OpFormats
 from qjax.fixed.format import (
     DETERMINISTIC_ROUNDING,
     MAX_EXPONENT,
@@ -63,6 +65,7 @@ __all__ = [
     "FixedUpdatesState",
     "Format",
     "LayerFormats",
+    "OpFormats",
     "OpRange",
     "Table",
     "accumulator_format",

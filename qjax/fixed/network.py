@@ -17,6 +17,12 @@ params leaf to
 * ``None`` or no match — the leaf and the ops reading it stay in float ("floats at the
   critical places").
 
+``ops=`` rules (:class:`qjax.fixed.OpFormats`, matched against an op's name stack and
+primitive, :mod:`qjax.fixed.elementwise`) give the layers that read no weight their hls4ml
+types: merges (a residual ``add``, ``sub``, ``mul`` of two activations) compute exactly in
+their input format and cast to ``output``; ``jax.nn.sigmoid`` / ``tanh`` become lookup
+tables.
+
 Between the ops the graph layer carries values as the function's float dtype. Every
 value a fixed-point op emits is ``mantissa · 2^-F`` of a format of at most 24 bits
 (checked), which float32 represents exactly, and every rounding happens in an integer
@@ -35,6 +41,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from qjax.fixed import elementwise
 from qjax.fixed.arith import add
 from qjax.fixed.array import FixedArray, is_fixed, to_float
 from qjax.fixed.cast import cast, from_float
@@ -189,9 +196,31 @@ def where(path: str, m) -> str:
 
 
 class _FixedServe(Handler):
-    def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key):
-        self.rs, self.stored, self.key = rs, stored, key
+    activation_primitives = elementwise.PRIMITIVES
+
+    def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key, ops: RuleSet):
+        self.rs, self.stored, self.key, self.ops = rs, stored, key, ops
         self.pending: dict[int, tuple] = {}  # id(carrier) -> (carrier, finish, lf, what)
+        self.op_names: list[str] = []  # the name stacks of the ops ``ops`` could match
+
+    @property
+    def visits_activation_ops(self) -> bool:
+        return len(self.ops) > 0
+
+    def activation_op(self, eqn, invals, scope, emit):
+        """A merge or an activation with an ``ops`` rule, in fixed point."""
+        name = f"{scope}/{eqn.primitive.name}" if scope else eqn.primitive.name
+        self.op_names.append(name)
+        m = self.ops.match(name)
+        dtype = eqn.outvars[0].aval.dtype
+        if m is None or m.value is None or not jnp.issubdtype(dtype, jnp.floating):
+            return None
+        _carrier_check(m.value.output, dtype, f"op {name!r} (ops rule {m.index} {m.pattern!r})")
+        key = fold_in_path(self.key, f"{name}#{len(self.op_names)}")
+        try:
+            return [elementwise.apply(eqn.primitive.name, m.value, list(invals), dtype, key)]
+        except ValueError as e:
+            raise ValueError(f"op {name!r} (ops rule {m.index} {m.pattern!r}): {e}") from e
 
     def _weight(self, ref: WeightRef, fmt: Format) -> FixedArray | None:
         stored = self.stored.get(ref.path)
@@ -314,13 +343,20 @@ def _add_cast(acc: FixedArray, init: FixedArray | None, fmt: Format | None, key)
     return acc if fmt is None else cast(acc, fmt, key=key)
 
 
-def fixed_point(f: Callable, rules, *, key=None) -> Callable:
-    """``f`` with the matmuls/convs that read matched params run in fixed point.
+def fixed_point(f: Callable, rules, *, ops=(), key=None) -> Callable:
+    r"""``f`` with the matmuls/convs that read matched params run in fixed point.
 
     Args:
       f: any ``f(params, *args, **kwargs)`` (Linen ``apply``, an NNX split, a plain
         function); positional args are traced, keyword args static.
       rules: ``(pattern, LayerFormats | Format | None)`` pairs or a ``RuleSet``.
+      ops: ``(pattern, OpFormats | None)`` pairs for the layers that read no weight
+        (:mod:`qjax.fixed.elementwise`): ``pattern`` is matched (``re.fullmatch``, first
+        match wins) against ``"<name stack>/<primitive>"`` of every ``add``, ``sub``,
+        ``mul``, ``logistic`` and ``tanh`` of two activations (or an activation and a
+        constant), e.g. ``r".*/Block_\d+/add"`` for residual adds in Linen modules
+        ``Block_i``. Ops inside a ``custom_jvp`` / ``custom_vjp`` function (``jax.nn.relu``,
+        ``jax.nn.gelu``) are not seen.
       key: PRNG key, needed only if a format rounds ``STOCHASTIC``.
 
     Returns:
@@ -330,23 +366,40 @@ def fixed_point(f: Callable, rules, *, key=None) -> Callable:
 
     Raises:
       ValueError: an accumulator too wide (naming the leaf and rule), an output format
-        wider than the float carrier holds exactly.
+        wider than the float carrier holds exactly; an ``ops`` pattern that matches no op
+        (the message lists the op names seen).
+      TypeError: an ``ops`` value that is not an ``OpFormats`` or ``None``.
 
     Example:
       >>> rules = [(r".*/kernel", LayerFormats(Format(8, 2), Format(8, 3), Format(12, 5))),
       ...          (r".*/bias", Format(12, 5))]
       >>> y = jax.jit(qjax.fixed.fixed_point(model.apply, rules))(variables, x)
     """
-    rs = as_rules(rules)
+    rs, op_rules = as_rules(rules), _op_rules(ops)
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
         carriers, stored = _carriers(params, rs)
         traced = trace(f, carriers, *args, **kwargs)
-        outs, _ = run(traced, _FixedServe(rs, stored, key), list(traced.param_leaves), jax.tree.leaves(args))
+        handler = _FixedServe(rs, stored, key, op_rules)
+        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+        unused = op_rules.unused(handler.op_names)
+        if unused:
+            seen = sorted(set(handler.op_names))
+            raise ValueError(f"fixed_point: ops pattern(s) {unused} match no op; the ops seen: {seen[:40]}")
         return jax.tree.unflatten(traced.out_tree, outs)
 
     return g
+
+
+def _op_rules(ops) -> RuleSet:
+    rs = ops if isinstance(ops, RuleSet) else RuleSet(list(ops))
+    for pattern, value in rs:
+        if value is not None and not isinstance(value, elementwise.OpFormats):
+            raise TypeError(
+                f"fixed_point ops rule {pattern!r}: the value must be an OpFormats or None, got {value!r}"
+            )
+    return rs
 
 
 def unused_rules(rules, params: Any) -> list[str]:

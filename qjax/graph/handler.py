@@ -39,11 +39,15 @@ class Handler:
         ``False`` by default: such ops run unchanged."""
         return False
 
+    #: The primitives :meth:`activation_op` sees when they read no weight.
+    activation_primitives: frozenset[str] = frozenset({"dot_general"})
+
     def activation_op(self, eqn, invals: list, scope: str, emit: Callable[[str, Any], None]) -> list | None:
-        """What a ``dot_general`` between two activations (no weight operand) becomes,
-        when :attr:`visits_activation_ops`; ``scope``: its name stack joined to those of
-        the calls and loops it runs in (:func:`full_scope`); ``emit`` as for
-        :meth:`target`. ``None`` (default) binds it unchanged."""
+        """What an op of :attr:`activation_primitives` that reads no weight (by default a
+        ``dot_general`` between two activations) becomes, when
+        :attr:`visits_activation_ops`; ``scope``: its name stack joined to those of the
+        calls and loops it runs in (:func:`full_scope`); ``emit`` as for :meth:`target`.
+        ``None`` (default) binds it unchanged."""
         return None
 
     @contextlib.contextmanager

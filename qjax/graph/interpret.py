@@ -129,7 +129,7 @@ def evaluate(
     activations = handler.visits_activation_ops
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
-        visit = _has_ref(invals) or (activations and _may_hold_activation_op(eqn))
+        visit = _has_ref(invals) or (activations and _may_hold_activation_op(eqn, handler))
         outs = _eval_eqn(eqn, invals, handler, emit, scope) if visit else bind_eqn(eqn, invals)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
@@ -137,9 +137,10 @@ def evaluate(
     return [read(v) for v in jaxpr.outvars]
 
 
-def _may_hold_activation_op(eqn) -> bool:
-    """A ``dot_general``, or a call / control-flow op whose body may hold one."""
-    return eqn.primitive.name == "dot_general" or eqn.primitive.name in _RULES
+def _may_hold_activation_op(eqn, handler: Handler) -> bool:
+    """An op the handler's :meth:`~Handler.activation_op` sees (a ``dot_general``), or a
+    call / control-flow op whose body may hold one."""
+    return eqn.primitive.name in handler.activation_primitives or eqn.primitive.name in _RULES
 
 
 def full_scope(enclosing: str, eqn) -> str:
@@ -153,7 +154,7 @@ def full_scope(enclosing: str, eqn) -> str:
 def _eval_eqn(eqn, invals, handler, emit, enclosing: str = ""):
     name = eqn.primitive.name
     scope = full_scope(enclosing, eqn)
-    if name == "dot_general" and not _has_ref(invals):
+    if name in handler.activation_primitives and not _has_ref(invals):
         out = handler.activation_op(eqn, invals, scope, emit)
         return out if out is not None else bind_eqn(eqn, invals)
     if name in TARGET_PRIMITIVES:
