@@ -150,6 +150,7 @@ def int8_step(
     *,
     local_scales: bool = False,
     batch_axes: Sequence[str] = BATCH_AXES,
+    local_batch_axes: Sequence[str] | None = None,
     act_stats: Mapping[str, Any] | None = None,
     act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     donate: bool = True,
@@ -169,12 +170,21 @@ def int8_step(
         act_stats_momentum, donate: see :func:`qat_step`.
       local_scales: per-shard local scales (see above).
       batch_axes: the mesh axes the batch is split over (for ``local_scales``).
+      local_batch_axes: the same as ``local_scales=True, batch_axes=...`` in
+        :func:`qat_step`'s terms: the loss runs per shard of these axes.
 
     Raises:
-      ValueError: no rule of ``policy`` has a ``grad`` spec.
+      ValueError: no rule of ``policy`` has a ``grad`` spec; ``local_batch_axes`` together
+        with ``local_scales``.
     """
     if not any(r.grad is not None for r in (*policy.rules, *policy.op_rules)):
         raise ValueError("int8_step: no rule of the policy has grad= (int8 training); use qat_step")
+    if local_batch_axes is not None and local_scales:
+        raise ValueError(
+            "int8_step: give local_batch_axes=... or local_scales=True (with batch_axes=...), not both"
+        )
+    if local_batch_axes is None and local_scales:
+        local_batch_axes = tuple(batch_axes)
     return qat_step(
         apply_fn,
         policy,
@@ -185,7 +195,7 @@ def int8_step(
         act_stats=act_stats,
         act_stats_momentum=act_stats_momentum,
         donate=donate,
-        local_batch_axes=tuple(batch_axes) if local_scales else None,
+        local_batch_axes=None if local_batch_axes is None else tuple(local_batch_axes),
     )
 
 

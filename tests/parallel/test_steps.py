@@ -135,6 +135,22 @@ def test_explicit_axes_local_scales_with_tensor_parallel_params(preset):
     assert_close(got.params, jax.tree.map(np.asarray, auto.params), rtol=1e-6)
 
 
+def test_int8_step_takes_qat_steps_local_batch_axes_name():
+    # int8_step(local_batch_axes=...) is int8_step(local_scales=True, batch_axes=...)
+    b = batch(4)
+    mesh = qp.make_mesh(2, 2, 2)
+    params, tx = init(MLP(), b["x"]), sgd()
+    sh = qp.train_state_shardings(params, tx, presets.hybrid(), mesh)
+    bsh = qp.batch_shardings(mesh, b)
+    losses = []
+    for kw in ({"local_scales": True}, {"local_batch_axes": ("data", "fsdp")}):
+        step = qp.int8_step(MLP().apply, INT8, xent, tx, sh, bsh, donate=False, **kw)
+        losses.append(float(step(qp.init_train_state(params, tx, sh, key=7), b)[1]["loss"]))
+    assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match="not both"):
+        qp.int8_step(MLP().apply, INT8, xent, tx, sh, bsh, local_scales=True, local_batch_axes=("data",))
+
+
 def test_explicit_axes_eval_with_a_scalar_output():
     """Default output shardings on an Explicit mesh: leaves with a leading axis the batch
     axes divide are split like the batch, others (a scalar aux) replicated (it raised a bare
