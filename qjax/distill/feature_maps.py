@@ -12,7 +12,10 @@ position).
 
   as in the paper (a squared Frobenius norm per example, averaged over the batch). Student
   and teacher sections must have the same channel counts (``C₁``, ``C₂``), which FSP's
-  design assumes (the student's section mirrors the teacher's).
+  design assumes (the student's section mirrors the teacher's), and the two maps of a
+  section the same spatial size. torchdistill's ``FSPLoss`` differs: it sums the L2 norms
+  of the difference's columns (not squared) and max-pools maps of different sizes to the
+  smaller; its weights do not transfer.
 
 * NST (Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity
   Transfer", 2017). Each channel's spatial pattern ``f_k ∈ R^P`` is L2-normalised; the
@@ -40,8 +43,10 @@ from qjax.distill.topk import as_float
 def _positions(name: str, features: jax.Array) -> jax.Array:
     """``[B, P, C]``: channels-last feature maps with their spatial axes flattened."""
     f = as_float(features)
-    if f.ndim < 2:
-        raise ValueError(f"{name}: feature maps must be [batch, *spatial, channels], got shape {f.shape}")
+    if f.ndim < 2 or f.size == 0:
+        raise ValueError(
+            f"{name}: feature maps must be non-empty [batch, *spatial, channels], got shape {f.shape}"
+        )
     return f.reshape(f.shape[0], -1, f.shape[-1])
 
 

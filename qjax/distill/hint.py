@@ -20,6 +20,7 @@ with the student (see :func:`qjax.distill.distill_step`) and discarded afterward
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,8 @@ def vid_log_scale(
     """
     if not init_variance > eps:
         raise ValueError(f"vid_log_scale: init_variance must exceed eps={eps}, got {init_variance}")
-    return jnp.full((channels,), jnp.log(jnp.expm1(init_variance - eps)), dtype)
+    v = float(init_variance) - eps
+    return jnp.full((channels,), v + math.log(-math.expm1(-v)), dtype)  # softplus⁻¹(v), stable for large v
 
 
 def vid_loss(prediction: jax.Array, teacher_features: jax.Array, log_scale: jax.Array, *, eps: float = 1e-5):
@@ -103,6 +105,8 @@ def vid_loss(prediction: jax.Array, teacher_features: jax.Array, log_scale: jax.
       ValueError: shapes that disagree.
     """
     mu, t = as_float(prediction), as_float(teacher_features)
+    if mu.ndim == 0 or mu.size == 0:
+        raise ValueError(f"vid_loss: needs a non-empty prediction [..., C], got shape {mu.shape}")
     if mu.shape != t.shape or jnp.shape(log_scale) != mu.shape[-1:]:
         raise ValueError(
             f"vid_loss: prediction {mu.shape}, teacher_features {t.shape} and log_scale "

@@ -43,10 +43,12 @@ so under ``jax.jit`` with a batch sharded across devices the result is the globa
       C_ij = e^{−2γ} Σ_{p=0}^{P} (2γ)^p / p! · (f̂_iᵀ f̂_j)^p     (f̂: L2-normalised)
       L_CC = ‖C_s − C_t‖²_F / B²
 
-  (``kernel="bilinear"``: ``C = F Fᵀ`` of the features as given). The paper applies it
-  to embeddings of both networks of one width (the penultimate features through linear
-  heads, :func:`qjax.distill.init_adapter`), as torchdistill's ``CCKDLoss``; here any
-  widths work, since only the ``[B, B]`` matrices meet.
+  (``kernel="bilinear"``: ``C = F Fᵀ`` of the features as given), as in the paper. The
+  paper applies it to embeddings of both networks (the penultimate features through linear
+  heads, :func:`qjax.distill.init_adapter`); any widths work here, since only the ``[B, B]``
+  matrices meet. torchdistill's ``CCKDLoss`` differs: it expands the kernel on the raw
+  (unnormalised) embeddings and divides the unsquared distance ``‖C_s − C_t‖_F`` by
+  ``B²``; its weights do not transfer.
 """
 
 from __future__ import annotations
@@ -261,6 +263,9 @@ def cc_loss(
       ValueError: the batch sizes differ; a bad ``kernel`` / ``order``.
     """
     _same_batch("cc_loss", student_features, teacher_features)
+    for side, f in (("student", student_features), ("teacher", teacher_features)):
+        if jnp.size(f) == 0:
+            raise ValueError(f"cc_loss: the {side} features are empty (shape {jnp.shape(f)})")
     cs = correlation_matrix(student_features, kernel=kernel, gamma=gamma, order=order)
     ct = correlation_matrix(teacher_features, kernel=kernel, gamma=gamma, order=order)
     return jnp.sum(jnp.square(cs - ct)) / cs.shape[0] ** 2

@@ -7,13 +7,24 @@ the op's name stack (the Linen module path and ``jax.named_scope`` names it runs
 as for :class:`qjax.OpRule`) followed by ``/`` and the primitive: ``add``, ``sub``,
 ``mul``, ``logistic`` (``jax.nn.sigmoid``) or ``tanh``; e.g. ``"Net/Block_0/add"`` for a
 residual add in a Linen module ``Block_0``, or ``"add"`` in a plain function.
+
+Patterns must be precise. Ops inside the functions a module calls carry the module's name
+stack too: ``jax.nn.gelu``'s polynomial and ``1 + tanh``, ``silu``'s sigmoid, a Flax
+LayerNorm's ``var + eps`` and BatchNorm's ``scale * rsqrt(var)`` (a value derived from
+params counts as an activation). A broad ``.*/add`` rounds them all. Give the ops a scope
+of their own (``with jax.named_scope("residual"): h = h + y`` matches
+``.*/residual/add``); Flax NNX modules add no name stack at all, so there the scope is the
+only way to tell ops apart. A merge casts both operands to one ``input`` format: choose one
+that holds both operands' types (hls4ml's ``Add`` keeps each input's own type).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
 
 from qjax.fixed.activations import sigmoid, tanh
@@ -63,12 +74,17 @@ class OpFormats:
 def apply(primitive: str, fmts: OpFormats, operands: list, dtype, key) -> jnp.ndarray:
     """The fixed-point result of one op on float carriers, returned as a carrier of
     ``dtype``: operands cast to ``fmts.input``, then the exact merge cast to
-    ``fmts.output``, or the table of ``fmts.output`` entries."""
-    xs: list[FixedArray] = [from_float(jnp.asarray(x, dtype), fmts.input, key=key) for x in operands]
+    ``fmts.output``, or the table of ``fmts.output`` entries. A NaN / Inf operand gives
+    NaN where it reaches (a fixed-point cast would map it to a number silently). Each cast
+    rounding ``STOCHASTIC`` draws its own noise."""
+    carriers = [jnp.asarray(x, dtype) for x in operands]
+    keys = [None] * (len(carriers) + 1) if key is None else list(jax.random.split(key, len(carriers) + 1))
+    xs: list[FixedArray] = [from_float(x, fmts.input, key=k) for x, k in zip(carriers, keys)]
     if primitive in MERGES:
-        y = MERGES[primitive](xs[0], xs[1], fmts.output, key=key)
+        y = MERGES[primitive](xs[0], xs[1], fmts.output, key=keys[-1])
     else:
         fn, default_range = TABLES[primitive]
         rng = default_range if fmts.table_range is None else fmts.table_range
         y = fn(xs[0], fmts.output, table_size=int(fmts.table_size), table_range=rng)
-    return to_float(y, dtype)
+    finite = functools.reduce(jnp.logical_and, [jnp.isfinite(x) for x in carriers])
+    return jnp.where(finite, to_float(y, dtype), jnp.nan)

@@ -209,11 +209,13 @@ class _FixedServe(Handler):
 
     def activation_op(self, eqn, invals, scope, emit):
         """A merge or an activation with an ``ops`` rule, in fixed point."""
+        dtype = eqn.outvars[0].aval.dtype
+        if not jnp.issubdtype(dtype, jnp.floating):
+            return None  # integer arithmetic (positions, indices) is not a layer
         name = f"{scope}/{eqn.primitive.name}" if scope else eqn.primitive.name
         self.op_names.append(name)
         m = self.ops.match(name)
-        dtype = eqn.outvars[0].aval.dtype
-        if m is None or m.value is None or not jnp.issubdtype(dtype, jnp.floating):
+        if m is None or m.value is None:
             return None
         _carrier_check(m.value.output, dtype, f"op {name!r} (ops rule {m.index} {m.pattern!r})")
         key = fold_in_path(self.key, f"{name}#{len(self.op_names)}")
@@ -354,9 +356,10 @@ def fixed_point(f: Callable, rules, *, ops=(), key=None) -> Callable:
         (:mod:`qjax.fixed.elementwise`): ``pattern`` is matched (``re.fullmatch``, first
         match wins) against ``"<name stack>/<primitive>"`` of every ``add``, ``sub``,
         ``mul``, ``logistic`` and ``tanh`` of two activations (or an activation and a
-        constant), e.g. ``r".*/Block_\d+/add"`` for residual adds in Linen modules
-        ``Block_i``. Ops inside a ``custom_jvp`` / ``custom_vjp`` function (``jax.nn.relu``,
-        ``jax.nn.gelu``) are not seen.
+        constant), e.g. ``r".*/residual/add"`` for adds under ``jax.named_scope("residual")``.
+        Ops inside the functions a module calls (``jax.nn.gelu``, a LayerNorm) carry its
+        name stack too: keep patterns precise (:mod:`qjax.fixed.elementwise`). Ops inside a
+        ``custom_jvp`` / ``custom_vjp`` function (``jax.nn.relu``) are not seen.
       key: PRNG key, needed only if a format rounds ``STOCHASTIC``.
 
     Returns:

@@ -113,3 +113,16 @@ def test_vid_matches_the_reference_and_learns_the_variance():
         distill.vid_log_scale(6, 0.0)
     bf = distill.vid_loss(jnp.asarray(mu, jnp.bfloat16), t, alpha)
     assert bf.dtype == jnp.float32
+
+
+def test_empty_axes_and_large_initial_variances_are_handled():
+    with pytest.raises(ValueError, match="non-empty"):
+        distill.nst_loss(np.zeros((2, 3, 3, 0), np.float32), _feat(0, (2, 3, 3, 4)))
+    with pytest.raises(ValueError, match="non-empty"):
+        distill.fsp_matrix(np.zeros((0, 3, 3, 2), np.float32), np.zeros((0, 3, 3, 2), np.float32))
+    with pytest.raises(ValueError, match="the student features are empty"):
+        distill.cc_loss(np.zeros((4, 0), np.float32), _feat(1, (4, 3)))
+    with pytest.raises(ValueError, match="non-empty prediction"):
+        distill.vid_loss(np.zeros((2, 0), np.float32), np.zeros((2, 0), np.float32), jnp.zeros((0,)))
+    alpha = distill.vid_log_scale(3, 100.0)  # softplus⁻¹(100): it overflowed to inf
+    np.testing.assert_allclose(np.asarray(jax.nn.softplus(alpha) + 1e-5), 100.0, rtol=1e-6)

@@ -128,3 +128,26 @@ def test_ops_inside_a_scan_are_seen_and_errors_name_the_op():
     np.testing.assert_allclose(np.asarray(kept), 4 * np.asarray(x), rtol=1e-6)
     with pytest.raises(ValueError, match="table_size >= 2"):
         qf.OpFormats(IN, IN, table_size=1)
+
+
+def test_stochastic_casts_draw_independent_noise_and_nan_stays_visible():
+    sto = qf.Format(10, 4, rounding="STOCHASTIC", overflow="SAT")
+    x = jnp.full((20000,), 0.3)  # both operands share their fraction: one key would round them alike
+    got = qf.fixed_point(
+        lambda p, x, y: x + y, [], ops=[("add", qf.OpFormats(sto, IN))], key=jax.random.key(0)
+    )({}, x, x)
+    lsb, lo = IN.lsb, np.floor(0.3 / IN.lsb) * IN.lsb
+    one_up = np.isclose(np.asarray(got), 2 * lo + lsb)  # exactly one operand rounded up
+    assert 0.29 < one_up.mean() < 0.35  # 2 p (1 - p) with p = frac(0.3 / lsb) = 0.2: 0.32 (0 with one key)
+    bad = jnp.asarray([1.0, jnp.nan, jnp.inf, -2.0])
+    out = qf.fixed_point(lambda p, x: x * 2.0, [], ops=[("mul", qf.OpFormats(IN, IN))])({}, bad)
+    np.testing.assert_array_equal(np.isnan(np.asarray(out)), [False, True, True, False])  # not 0: visible
+
+
+def test_integer_arithmetic_is_no_layer():
+    f = lambda p, x: x + jnp.arange(3) + 1
+    with pytest.raises(ValueError, match=r"match no op; the ops seen: \['add'\]"):
+        qf.fixed_point(f, [], ops=[("add_int", qf.OpFormats(IN, IN))])({}, jnp.ones(3))
+    g = lambda p, i: (i + 1).astype(jnp.float32)  # only an integer add
+    with pytest.raises(ValueError, match=r"match no op; the ops seen: \[\]"):
+        qf.fixed_point(g, [], ops=[("add", qf.OpFormats(IN, IN))])({}, jnp.arange(3))
