@@ -23,6 +23,7 @@ Config (JSON, TOML, or YAML when PyYAML is installed); unknown keys are errors::
                        (both null: leave the matched leaves alone; first match wins)
     SPEC               {"format": "int8", "channel_axes": [-1], "group_size": 16,
                         "group_axis": 0, "pad_groups": false, "symmetric": true,
+                        "tile_size": 128, "tile_axis": -1 (2-D tiles with groups),
                         "ste": "plain" | "clipped" | "lsq",
                         "calibration": "absmax" | "minmax" | "mse" | "percentile:99.9"}
     pruning rule       {"pattern": REGEX, "sparsity": number or null (null: not pruned)}
@@ -59,6 +60,8 @@ SPEC_KEYS = (
     "channel_axes",
     "group_size",
     "group_axis",
+    "tile_size",
+    "tile_axis",
     "pad_groups",
     "symmetric",
     "ste",
@@ -255,14 +258,12 @@ def _spec(d: Any, where: str) -> Any:
                 f"'channel_axes' must be a list of integers (e.g. [-1]; [] is per-tensor), got {axes!r}",
             )
         kw["channel_axes"] = tuple(axes)
-    for key in ("group_size", "group_axis"):
+    for key in ("group_size", "group_axis", "tile_size", "tile_axis"):
         if key in d:
             v = d[key]
-            if not isinstance(v, int) or isinstance(v, bool) or (key == "group_size" and v < 1):
-                _fail(
-                    where,
-                    f"{key!r} must be {'a positive' if key == 'group_size' else 'an'} integer, got {v!r}",
-                )
+            positive = key.endswith("_size")
+            if not isinstance(v, int) or isinstance(v, bool) or (positive and v < 1):
+                _fail(where, f"{key!r} must be {'a positive' if positive else 'an'} integer, got {v!r}")
             kw[key] = v
     for key in ("symmetric", "pad_groups"):
         if key in d:

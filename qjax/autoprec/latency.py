@@ -71,7 +71,7 @@ def _view_spec(layer: Layer, op: OpInfo, spec):
         (_, _), (lb, rb) = op.params["dimension_numbers"]
         batch = set(rb if op.weight_operand == 1 else lb)
         axes = tuple(a for a in axes if a not in batch)
-    return spec.replace(channel_axes=axes, group_size=None, group_axis=None)
+    return spec.replace(channel_axes=axes, group_size=None, group_axis=None, tile_size=None, tile_axis=None)
 
 
 def _op_fn(op: OpInfo) -> Callable:

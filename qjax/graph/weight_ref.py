@@ -86,6 +86,10 @@ def spec_for_slice(spec, depth: int):
         changes["group_axis"] = shift(spec.group_axis)
     if spec.pack_axis >= 0:
         changes["pack_axis"] = max(spec.pack_axis - depth, 0)
+    if spec.tile_axis is not None:
+        if 0 <= spec.tile_axis < depth:
+            raise ValueError(f"tile_axis={spec.tile_axis} is a stacked (scanned) axis of the leaf")
+        changes["tile_axis"] = shift(spec.tile_axis)
     return spec.replace(**changes)
 
 

@@ -103,6 +103,24 @@ def _zero_point_codes(zero_point, fmt) -> jax.Array:
     return jnp.clip(z, fmt.qmin, fmt.qmax).astype(fmt.storage_dtype)
 
 
+def _grouped_axis(axis: int, layout: Layout) -> int:
+    """The negative index of the tensor's (negative) ``axis`` in ``layout``'s grouped view."""
+    return axis - 1 if layout.group_axis is not None and axis < layout.group_axis else axis
+
+
+def tiled(a: jax.Array, axis: int, size: int, op) -> jax.Array:
+    """``op`` (``jnp.min`` / ``jnp.max``) over tiles of ``size`` consecutive entries along
+    ``axis`` (negative; a short last tile reduces its own entries), repeated back over each
+    tile: the same shape as ``a``."""
+    n, pos = a.shape[axis], a.ndim + axis
+    tiles = -(-n // size)
+    widths = [(0, 0)] * a.ndim
+    widths[pos] = (0, tiles * size - n)
+    t = jnp.pad(a, widths, mode="edge").reshape(*a.shape[:pos], tiles, size, *a.shape[pos + 1 :])
+    t = jnp.broadcast_to(op(t, axis=pos + 1, keepdims=True), t.shape)
+    return jax.lax.slice_in_dim(t.reshape(*a.shape[:pos], tiles * size, *a.shape[pos + 1 :]), 0, n, axis=pos)
+
+
 def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None) -> Grouped:
     """Lay ``x`` out by ``spec``'s granularity and compute (or take) its scale.
 
@@ -116,6 +134,12 @@ def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None)
     axes = layout.grouped_reduce_axes()
     if scale is None:
         lo, hi = reduce_groups(lambda part: spec.calibration(part, axes, fmt, spec.symmetric), xg, layout)
+        tile = spec.tile(x.ndim)
+        if tile is not None:
+            lo, hi = (
+                tiled(a, _grouped_axis(tile[0], layout), tile[1], op)
+                for a, op in ((lo, jnp.min), (hi, jnp.max))
+            )
         s, zp = scale_from_range(lo, hi, fmt, spec.symmetric, spec.scale_dtype)
         check_finite = isinstance(spec.calibration, Fixed)
     else:

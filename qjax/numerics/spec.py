@@ -10,7 +10,7 @@ import numpy as np
 
 from qjax.numerics import calibration as calib
 from qjax.numerics.formats import CodebookFormat, Format, as_format
-from qjax.numerics.granularity import Layout, resolve_layout
+from qjax.numerics.granularity import Layout, normalize_axis, resolve_layout
 from qjax.numerics.scaling import POW2_SCALE_DTYPE, ROUNDING_MODES
 
 STE_MODES = ("plain", "clipped", "lsq")
@@ -75,6 +75,13 @@ class QuantSpec:
         integer and fp8/fp4 formats).
       ste: backward rule of ``fake_quant``: ``"plain"``, ``"clipped"`` or ``"lsq"``.
       pad_groups: allow a ``group_size`` that does not divide the axis (last group short).
+      tile_size: with ``tile_axis`` (one of ``channel_axes``), the channels along that axis
+        share their scale in tiles of this many consecutive channels (a short last tile
+        allowed): with ``group_size`` along the contracted axis, 2-D block scales (DeepSeek-V3's
+        and Qwix's 128 × 128 fp8 tiles). The scales are stored per channel (repeated over
+        each tile), so every consumer of a ``QArray`` reads them as it reads channel scales.
+        absmax / minmax calibration only.
+      tile_axis: the channel axis cut into tiles.
       pack: store 2-bit and 3/4-bit integers (and fp4, nf4) packed four / two to a byte.
       pack_axis: the axis along which values are packed.
       scale_dtype: how scales are stored: ``None`` (the compute dtype: float32, or float64
@@ -108,6 +115,8 @@ class QuantSpec:
     pack: bool = True
     pack_axis: int = -1
     scale_dtype: str | None = None
+    tile_size: int | None = None
+    tile_axis: int | None = None
 
     def __post_init__(self):
         fmt = as_format(self.format)
@@ -120,7 +129,7 @@ class QuantSpec:
             if name not in SCALE_DTYPES:
                 raise ValueError(f"scale_dtype must be None or one of {SCALE_DTYPES}, got {name}")
             object.__setattr__(self, "scale_dtype", None if name == "float32" else name)
-        for name in ("group_size", "group_axis", "pack_axis"):
+        for name in ("group_size", "group_axis", "pack_axis", "tile_size", "tile_axis"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _as_int(value, name))
@@ -172,6 +181,35 @@ class QuantSpec:
             raise ValueError("ste='lsq' (learned step size) supports symmetric quantization only")
         if not isinstance(self.pack_axis, int) or isinstance(self.pack_axis, bool):
             raise TypeError(f"pack_axis must be an int, got {self.pack_axis!r}")
+        self._check_tile()
+
+    def _check_tile(self) -> None:
+        if (self.tile_size is None) != (self.tile_axis is None):
+            raise ValueError(
+                "tile_size and tile_axis go together "
+                f"(got tile_size={self.tile_size}, tile_axis={self.tile_axis})"
+            )
+        if self.tile_size is None:
+            return
+        if self.tile_size < 1:
+            raise ValueError(f"tile_size must be a positive int, got {self.tile_size}")
+        if self.channel_axes is PER_TOKEN or self.tile_axis not in self.channel_axes:
+            raise ValueError(
+                f"tile_axis={self.tile_axis} must be one of channel_axes={self.channel_axes} "
+                "(written the same way)"
+            )
+        if self.calibration.name not in ("absmax", "minmax") or self.ste == "lsq":
+            raise ValueError(
+                "tile scales are the absmax / minmax of each tile: use calibration absmax or minmax and a "
+                f"ste other than 'lsq', got {self.calibration.name!r}, ste={self.ste!r}"
+            )
+
+    def tile(self, ndim: int) -> tuple[int, int] | None:
+        """``(tile axis as a negative index, tile size)`` for a rank-``ndim`` tensor, or
+        ``None`` without tiles."""
+        if self.tile_axis is None:
+            return None
+        return normalize_axis(self.tile_axis, ndim, "tile_axis"), self.tile_size
 
     @property
     def bits(self) -> int:
@@ -222,6 +260,8 @@ class QuantSpec:
             "pack": self.pack,
             "pack_axis": self.pack_axis,
             "scale_dtype": self.scale_dtype,
+            "tile_size": self.tile_size,
+            "tile_axis": self.tile_axis,
         }
 
 

@@ -10,6 +10,7 @@ from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.interop import from_awq, from_gptq, to_awq, to_gptq
+from qjax.quant.interop_fp8 import fp8_block_spec, from_fp8_blocks, to_fp8_blocks
 from qjax.quant.kv_cache import KVCache
 from qjax.quant.kv_calibration import kv_cache_scales
 from qjax.quant.lsq_params import LSQParams
@@ -37,9 +38,12 @@ __all__ = [
     "fold_batchnorm",
     "awq",
     "awq_factors",
+    "fp8_block_spec",
     "from_awq",
+    "from_fp8_blocks",
     "from_gptq",
     "to_awq",
+    "to_fp8_blocks",
     "to_gptq",
     "gptq",
     "gptq_quantize",

@@ -197,6 +197,11 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     its layer's and expert's Hessian (the statistic is stacked per layer, and per expert
     for a matmul that gives each expert its own tokens), slices that see the same inputs
     (experts of a dense einsum, heads) sharing it: as if unrolled."""
+    if spec.tile_size is not None:
+        raise GPTQLayoutError(
+            f"GPTQ of {path!r}: 2-D tile scales (tile_size={spec.tile_size}) are not supported: GPTQ sets "
+            "each column's scale as it goes"
+        )
     if len(st.weight_axes) != 1:
         return _gptq_merged(leaf, st, spec, mask, path, options)
     shape = tuple(jnp.shape(leaf))

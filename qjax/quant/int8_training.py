@@ -62,7 +62,9 @@ def check_grad_spec(spec: QuantSpec, what: str = "grad_spec") -> None:
 def backward_spec(spec: QuantSpec) -> QuantSpec:
     """The spec an operand is re-quantized with in a backward matmul: its format, rounding
     and calibration, one scale per index of the axes free in that matmul."""
-    return spec.replace(channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False)
+    return spec.replace(
+        channel_axes=PER_TOKEN, group_size=None, group_axis=None, pack=False, tile_size=None, tile_axis=None
+    )
 
 
 def _grad_spec(spec: QuantSpec) -> QuantSpec:

@@ -54,6 +54,9 @@ class Rule:
             raise ValueError(f"Rule {self.pattern!r}: qjax.PER_TOKEN is for activations, not weights")
         if self.grad is not None and (self.weight is None or self.act is None):
             raise ValueError(f"Rule {self.pattern!r}: grad= (int8 training) needs weight= and act= specs")
+        for name in ("act", "grad"):
+            if getattr(self, name) is not None and getattr(self, name).tile_size is not None:
+                raise ValueError(f"Rule {self.pattern!r}: {name}: tile scales (tile_size) are for weights")
 
     @property
     def skips(self) -> bool:
@@ -139,6 +142,8 @@ class OpRule:
                 )
             if v is not None and v.ste == "lsq":
                 raise ValueError(f"OpRule {self.pattern!r}: {name}: ste='lsq' learns a weight scale, not one")
+            if v is not None and v.tile_size is not None:
+                raise ValueError(f"OpRule {self.pattern!r}: {name}: tile scales (tile_size) are for weights")
         if self.lhs is None and self.rhs is None:
             raise ValueError(f"OpRule {self.pattern!r}: give lhs= and/or rhs= (nothing to quantize)")
         if self.grad is not None:
