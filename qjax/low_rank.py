@@ -18,8 +18,13 @@ weights.
 Layout of the adapters: a leaf whose matmul batches over its leading axes (``nn.scan``
 stacks, sliced per layer by the graph walker; experts in ``"end,edf->enf"``) and then
 contracts the next ones has ``A: (*batch, *contracted, r)`` and ``B: (*batch, r, *kept)``:
-one adapter per layer / expert. Weights read through other layouts (transposed,
-``(N, K)`` PyTorch-style, reshaped, or by a convolution) are refused, naming the leaf.
+one adapter per layer / expert. A leaf stored PyTorch-style, kept axes before contracted
+ones (``(N, K)`` read as ``x @ w.T`` or ``einsum("bk,nk->bn")``, a tied LM head reading
+the embedding table) gets PEFT's layout: ``A: (*batch, r, *contracted)`` (``lora_A``) and
+``B: (*batch, *kept, r)`` (``lora_B``), merged as ``W + (alpha / r) * B @ A``; PEFT
+adapters of such a weight load as ``{"a": lora_A, "b": lora_B}``. Weights read through
+other layouts (reshaped, permuted otherwise, or by a convolution) are refused, naming the
+leaf.
 
 QLoRA (a frozen quantized base, float adapters): ``qjax.quantized(qjax.lora(f, alpha=a),
 policy)(qparams, adapters, x)``. The adapted function keeps the base matmul ``x @ W``
@@ -53,51 +58,134 @@ from qjax.rules import RuleSet, fold_in_path, leaves_with_paths, map_with_path
 Adapters = dict[str, dict[str, jax.Array]]
 
 
-def _geometry(eqn, ref: WeightRef, wi: int) -> tuple[int, int]:
-    """``(batch, contracted)``: how many leading axes of the weight operand the matmul
-    batches over, and how many it contracts right after them.
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+    """How a matmul reads an adapted leaf: ``nb`` leading batch / stack axes, then the
+    ``nc`` contracted axes before the ``nk`` kept ones (``out_first=False``: Flax's ``(K,
+    N)``; adapters ``A (*lead, *contracted, r)``, ``B (*lead, r, *kept)``) or after them
+    (``out_first=True``: PyTorch's ``(N, K)`` read as ``x @ w.T``; PEFT's ``A (*lead, r,
+    *contracted)``, ``B (*lead, *kept, r)``). ``a_axes``: the axis of ``A`` paired with each
+    contracting dimension of the matmul, in its order."""
+
+    nb: int
+    nc: int
+    nk: int
+    out_first: bool
+    a_axes: tuple[int, ...]
+
+    def shapes(self, leaf_shape: tuple[int, ...], r: int) -> tuple[tuple, tuple]:
+        """``(A shape, B shape)`` for a leaf of ``leaf_shape`` and rank ``r``."""
+        lead, nb, nc, nk = leaf_shape[: self.nb], self.nb, self.nc, self.nk
+        if self.out_first:
+            kept, contracted = leaf_shape[nb : nb + nk], leaf_shape[nb + nk :]
+            return (*lead, r, *contracted), (*lead, *kept, r)
+        contracted, kept = leaf_shape[nb : nb + nc], leaf_shape[nb + nc :]
+        return (*lead, *contracted, r), (*lead, r, *kept)
+
+    @property
+    def b_rank_axis(self) -> int:
+        return -1 if self.out_first else self.nb
+
+
+def _leaf_axes(ref: WeightRef, ndim: int) -> list[int] | None:
+    """For each axis of the weight as the op sees it, the leaf axis it is, through
+    transposes and casts; ``None`` through other layout ops."""
+    axes = list(range(ndim))
+    for op in reversed(ref.ops):
+        if op.primitive.name == "transpose":
+            perm = op.params["permutation"]
+            axes = [perm[a] for a in axes]
+        elif op.primitive.name not in IDENTITY_LAYOUT:
+            return None
+    return axes
+
+
+def _geometry(eqn, ref: WeightRef, wi: int) -> _Geometry:
+    """How the ``dot_general`` ``eqn`` reads the weight operand ``wi`` (see
+    :class:`_Geometry`).
 
     Raises:
       ValueError: the op is not a ``dot_general``, the weight reaches it through layout
-        ops other than casts, or its batch / contracted axes are not leading (names the leaf).
+        ops other than transposes and casts, or its axes are in neither layout (names the
+        leaf).
     """
     where = f"leaf {ref.path!r}: LoRA"
     if eqn.primitive.name != "dot_general":
         raise ValueError(f"{where} adapts dot_general matmuls; this leaf is read by {eqn.primitive.name}")
-    moved = [op.primitive.name for op in ref.ops if op.primitive.name not in IDENTITY_LAYOUT]
-    if moved:
+    ndim = len(eqn.invars[wi].aval.shape)
+    leaf = _leaf_axes(ref, ndim)
+    if leaf is None:
+        moved = [op.primitive.name for op in ref.ops if op.primitive.name not in IDENTITY_LAYOUT]
         raise ValueError(
-            f"{where} needs the weight read in its stored layout; it reaches its matmul through "
-            f"{moved} (e.g. x @ w.T): store it (K, N) or leave it out of the rules"
+            f"{where} needs the weight read in its stored layout or transposed; it reaches its matmul "
+            f"through {moved}: leave it out of the rules"
         )
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     contract, batch = (lc, rc)[wi], (lb, rb)[wi]
     nb, nc = len(batch), len(contract)
-    if tuple(batch) != tuple(range(nb)) or tuple(contract) != tuple(range(nb, nb + nc)):
+    kept = [leaf[d] for d in range(ndim) if d not in contract and d not in batch]
+    c_leaf = [leaf[d] for d in contract]
+    nk = len(kept)
+    lead_ok = [leaf[d] for d in batch] == list(range(nb))
+    in_first = sorted(c_leaf) == list(range(nb, nb + nc)) and kept == list(range(nb + nc, ndim))
+    out_first = kept == list(range(nb, nb + nk)) and sorted(c_leaf) == list(range(nb + nk, ndim)) and nk > 0
+    if not lead_ok or not (in_first or out_first):
         raise ValueError(
-            f"{where} needs the matmul to batch over the weight's leading axes and contract the "
-            f"next ones; it batches over axes {tuple(batch)} and contracts axes {tuple(contract)} "
-            f"of the weight's {len(eqn.invars[wi].aval.shape)}"
+            f"{where} needs the matmul to batch over the leaf's leading axes, then contract the next ones "
+            "and keep the rest (Flax's (K, N)) or keep the next ones and contract the rest (PyTorch's "
+            f"(N, K), read as x @ w.T); it batches over leaf axes {[leaf[d] for d in batch]}, contracts "
+            f"{c_leaf} and keeps {kept} of {ndim}"
         )
-    return nb, nc
+    base = nb + nk if out_first else nb
+    offset = nb + 1 if out_first else nb  # A's first contracted axis
+    a_axes = tuple(offset + (c - base) for c in c_leaf)
+    return _Geometry(nb, nc, nk, bool(out_first and not in_first), a_axes)
 
 
-def _delta(a, b, ndim: int):
-    """``A @ B`` over the rank axis, batched over the leading axes the two share: a weight
-    of ``ndim`` axes (stacked / batch axes, contracted axes, kept axes)."""
-    nb = a.ndim + b.ndim - 2 - ndim
-    dims = (((a.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb))))
-    return lax.dot_general(a, b, dims, precision=lax.Precision.HIGHEST)
+def _layout(a, b, shape: tuple[int, ...], path: str = "") -> tuple[bool, int]:
+    """``(out_first, nb)`` of adapters ``a``, ``b`` for a leaf of ``shape``: contracted axes
+    first (``A (*lead, *contracted, r)``, ``B (*lead, r, *kept)``) or PyTorch's layout
+    (PEFT's ``A (*lead, r, *contracted)``, ``B (*lead, *kept, r)``), told apart by the shapes.
+
+    Shapes that fit both (a square weight with ``r`` equal to its sizes, which
+    :func:`lora_adapters` never makes for the PyTorch layout) are read as contracted-first.
+
+    Raises:
+      ValueError: the shapes fit neither layout.
+    """
+    shape = tuple(shape)
+    nb = a.ndim + b.ndim - 2 - len(shape)
+    in_first = nb >= 0 and a.shape[-1] == b.shape[nb] and (*a.shape[:-1], *b.shape[nb + 1 :]) == shape
+    out_first = nb >= 0 and b.shape[-1] == a.shape[nb] and (*b.shape[:-1], *a.shape[nb + 1 :]) == shape
+    if not (in_first or out_first):
+        raise ValueError(
+            f"leaf {path!r}: LoRA adapters a={a.shape}, b={b.shape} do not fit the weight {shape}"
+        )
+    return not in_first, nb
 
 
-def _check_shapes(path: str, adapter: dict, wshape: tuple, nb: int, nc: int) -> None:
+def _delta(a, b, shape: tuple[int, ...], path: str = "") -> jax.Array:
+    """The weight update ``A @ B`` (or PEFT's ``B @ A``) in the leaf's layout."""
+    out_first, nb = _layout(a, b, shape, path)
+    batch = tuple(range(nb))
+    x, y = (b, a) if out_first else (a, b)
+    return lax.dot_general(x, y, (((x.ndim - 1,), (nb,)), (batch, batch)), precision=lax.Precision.HIGHEST)
+
+
+def _rank(adapter, shape: tuple[int, ...], path: str = "") -> int:
+    """``r`` of an adapter for a leaf of ``shape``."""
+    out_first, nb = _layout(adapter["a"], adapter["b"], shape, path)
+    return adapter["a"].shape[nb] if out_first else adapter["a"].shape[-1]
+
+
+def _check_shapes(path: str, adapter: dict, leaf_shape: tuple, geo: _Geometry) -> None:
     a, b = adapter["a"], adapter["b"]
-    r = a.shape[-1] if a.ndim else None
-    want_a, want_b = (*wshape[: nb + nc], r), (*wshape[:nb], r, *wshape[nb + nc :])
+    r = a.shape[-1 if not geo.out_first else geo.nb] if a.ndim > geo.nb else None
+    want_a, want_b = geo.shapes(tuple(leaf_shape), r)
     if a.shape != want_a or b.shape != want_b:
         raise ValueError(
             f"leaf {path!r}: LoRA adapter shapes a={a.shape}, b={b.shape} do not fit the weight "
-            f"{tuple(wshape)} as its matmul reads it (expected a={want_a}, b={want_b})"
+            f"{tuple(leaf_shape)} as its matmul reads it (expected a={want_a}, b={want_b})"
         )
 
 
@@ -115,8 +203,10 @@ class _LoRA(Handler):
     def acts_on(self, ref: WeightRef) -> bool:
         return ref.aux is not None
 
-    def _scale(self, adapter) -> float:
-        return self.alpha / adapter["a"].shape[-1]
+    def _scale(self, ref: WeightRef, geo: _Geometry | None = None) -> float:
+        if geo is not None:  # the matmul's layout is known
+            return self.alpha / ref.aux["a"].shape[geo.nb if geo.out_first else -1]
+        return self.alpha / _rank(ref.aux, tuple(ref.leaf.shape), ref.path)
 
     def target(self, eqn, invals, emit):
         wi = weight_operand(invals)
@@ -125,9 +215,10 @@ class _LoRA(Handler):
         ref, x = invals[wi], invals[1 - wi]
         _check_outside_shard_map(ref)
         self.matmul_paths.add(ref.path)
-        nb, nc = _geometry(eqn, ref, wi)
+        geo = _geometry(eqn, ref, wi)
+        nb = geo.nb
         w = materialize(ref)  # the base matmul is f's own: an outer quantized() replaces it
-        _check_shapes(ref.path, ref.aux, w.shape, nb, nc)
+        _check_shapes(ref.path, ref.aux, tuple(ref.leaf.shape), geo)
         operands = [None, None]
         operands[wi], operands[1 - wi] = w, x
         base = bind_eqn(eqn, operands)[0]
@@ -136,15 +227,18 @@ class _LoRA(Handler):
         xc, xb = (lc, rc)[1 - wi], (lb, rb)[1 - wi]
         prec = eqn.params["precision"]
         t = lax.dot_general(
-            x, a, ((xc, tuple(range(nb, nb + nc))), (xb, tuple(range(nb)))), precision=prec
+            x, a, ((xc, geo.a_axes), (xb, tuple(range(nb)))), precision=prec
         )  # (batch, x kept, r)
         u = lax.dot_general(
-            t, b, (((t.ndim - 1,), (nb,)), (tuple(range(nb)), tuple(range(nb)))), precision=prec
+            t,
+            b,
+            (((t.ndim - 1,), (geo.b_rank_axis % b.ndim,)), (tuple(range(nb)), tuple(range(nb)))),
+            precision=prec,
         )  # (batch, x kept, w kept)
         if wi == 0:  # the op's output is (batch, w kept, x kept)
             nx, nw = t.ndim - 1 - nb, b.ndim - 1 - nb
             u = jnp.transpose(u, (*range(nb), *range(nb + nx, nb + nx + nw), *range(nb, nb + nx)))
-        return [base + (self._scale(ref.aux) * u).astype(base.dtype)]
+        return [base + (self._scale(ref, geo) * u).astype(base.dtype)]
 
     def read(self, ref: WeightRef, where: str) -> None:
         if ref.aux is not None:
@@ -167,7 +261,8 @@ class _LoRA(Handler):
             return materialize(ref)
         _check_outside_shard_map(ref)
         w = ref.float_leaf()
-        w = w + (self._scale(ref.aux) * _delta(ref.aux["a"], ref.aux["b"], w.ndim)).astype(w.dtype)
+        delta = _delta(ref.aux["a"], ref.aux["b"], w.shape, ref.path)
+        w = w + (self._scale(ref) * delta).astype(w.dtype)
         return materialize(dataclasses.replace(ref, leaf=w))  # the layout ops, replayed
 
 
@@ -201,13 +296,14 @@ class _Probe(Handler):
             self.weights.add(ref.path)
         if self._rank(ref.path) is None:
             return None
-        nb, nc = _geometry(eqn, ref, wi)
-        lead = ref.depth + nb
-        seen = self.found.setdefault(ref.path, (lead, nc))
-        if seen != (lead, nc):
+        geo = _geometry(eqn, ref, wi)
+        lead = ref.depth + geo.nb
+        now = (lead, geo.nc, geo.nk, geo.out_first)
+        seen = self.found.setdefault(ref.path, now)
+        if seen != now:
             raise ValueError(
-                f"leaf {ref.path!r}: LoRA needs every matmul to read it the same way; one contracts "
-                f"{seen[1]} axes after {seen[0]} leading ones, another {nc} after {lead}"
+                f"leaf {ref.path!r}: LoRA needs every matmul to read it the same way; one has (leading, "
+                f"contracted, kept, PyTorch layout) axes {seen}, another {now}"
             )
         return None
 
@@ -234,7 +330,9 @@ def lora_adapters(
     Every leaf whose first matching rule gives a rank and that a ``dot_general`` reads as
     its weight gets ``{"a": A, "b": B}``: ``A`` of shape ``(*lead, *contracted, r)``
     uniform in ``±1/sqrt(prod(contracted))`` (PEFT's default), ``B`` of shape ``(*lead, r,
-    *kept)`` zero, so ``lora(f, alpha=...)(params, adapters, ...)`` starts equal to ``f``.
+    *kept)`` zero, so ``lora(f, alpha=...)(params, adapters, ...)`` starts equal to ``f``;
+    for a leaf stored with its kept axes first (PyTorch's ``(N, K)`` read transposed)
+    ``A (*lead, r, *contracted)`` and ``B (*lead, *kept, r)``, as PEFT.
     ``lead`` are the leaf's stacked axes (``nn.scan``) and the matmul's batch axes.
     Matched leaves that no matmul reads (biases under ``".*"``) get none.
 
@@ -251,7 +349,9 @@ def lora_adapters(
 
     Raises:
       ValueError: a rule with a rank gives adapters to no leaf (names the pattern); a
-        matched leaf read by a convolution or in a layout LoRA cannot adapt (names it).
+        matched leaf read by a convolution or in a layout LoRA cannot adapt (names it); a
+        square leaf read transposed with a rank equal to its size (its adapters' shapes
+        would fit both layouts).
     """
     rules = RuleSet(rules)
     _check_rules(rules)
@@ -267,15 +367,20 @@ def lora_adapters(
                 f"dot_general reads as its weight (leaves read so: {sorted(probe.weights)})"
             )
     out = {}
-    for path, (lead, nc) in probe.found.items():
+    for path, (lead, nc, nk, out_first) in probe.found.items():
         rank, leaf = rules.match(path).value, leaves[path]
         shape = tuple(leaf.shape)
         dt = dtype or leaf.dtype
-        fan_in = math.prod(shape[lead : lead + nc])
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(fold_in_path(key, path), (*shape[: lead + nc], rank), dt, -bound, bound)
-        b = jnp.zeros((*shape[:lead], rank, *shape[lead + nc :]), dt)
-        out[path] = {"a": a, "b": b}
+        geo = _Geometry(lead, nc, nk, out_first, ())
+        a_shape, b_shape = geo.shapes(shape, rank)
+        if out_first and len(set(shape[lead:])) == 1 and rank == shape[-1]:
+            raise ValueError(
+                f"rule {rules.match(path).pattern!r}: leaf {path!r} ({shape}, read transposed) with rank "
+                f"{rank}: its adapters could not be told from the other layout's; use a rank below {rank}"
+            )
+        bound = 1.0 / math.sqrt(math.prod(shape[lead + nk :] if out_first else shape[lead : lead + nc]))
+        a = jax.random.uniform(fold_in_path(key, path), a_shape, dt, -bound, bound)
+        out[path] = {"a": a, "b": jnp.zeros(b_shape, dt)}
     return out
 
 
@@ -355,9 +460,7 @@ def merge_lora(params: Any, adapters: Adapters, *, alpha: float) -> Any:
             )
         a, b = ad["a"], ad["b"]
         wide = jnp.promote_types(w.dtype, jnp.float32)
-        delta = _delta(a.astype(wide), b.astype(wide), w.ndim)
-        if delta.shape != w.shape:
-            raise ValueError(f"leaf {path!r}: A @ B has shape {delta.shape}, the weight {w.shape}")
-        return (w.astype(wide) + (alpha / a.shape[-1]) * delta).astype(w.dtype)
+        delta = _delta(a.astype(wide), b.astype(wide), jnp.shape(w), path)
+        return (w.astype(wide) + (alpha / _rank(ad, jnp.shape(w), path)) * delta).astype(w.dtype)
 
     return map_with_path(visit, params)

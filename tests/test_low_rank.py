@@ -237,15 +237,20 @@ def test_errors_name_the_pattern_or_leaf():
         qjax.lora_adapters(mlp, [("w1", 2), ("nope.*", 2)], jax.random.key(0), P, X)
     with pytest.raises(ValueError, match="rank"):
         qjax.lora_adapters(mlp, [("w.", 0)], jax.random.key(0), P, X)
-    with pytest.raises(ValueError, match=r"'w1'.*stored layout.*transpose"):
-        qjax.lora_adapters(lambda p, x: x @ p["w1"].T.T, [("w1", 2)], jax.random.key(0), P, X)
-    with pytest.raises(ValueError, match=r"'w'.*contracts axes"):  # PyTorch (N, K) read by an einsum
+    reshaped = lambda p, x: jnp.einsum("bij,ijn->bn", x.reshape(-1, 4, 4), p["w1"].reshape(4, 4, 12))
+    with pytest.raises(ValueError, match=r"'w1'.*stored layout or transposed.*reshape"):
+        qjax.lora_adapters(reshaped, [("w1", 2)], jax.random.key(0), P, X)
+    with pytest.raises(ValueError, match=r"'w'.*batches over leaf axes \[1\]"):  # batch axis not leading
         qjax.lora_adapters(
-            lambda p, x: jnp.einsum("bk,nk->bn", x, p["w"]),
+            lambda p, x: jnp.einsum("ebk,kef->ebf", x, p["w"]),
             [("w", 2)],
             jax.random.key(0),
-            {"w": P["w1"].T},
-            X,
+            {"w": jnp.ones((16, 3, 4))},
+            jnp.ones((3, 2, 16)),
+        )
+    with pytest.raises(ValueError, match=r"rank 16: its adapters could not be told"):
+        qjax.lora_adapters(
+            lambda p, x: x @ p["w"].T, [("w", 16)], jax.random.key(0), {"w": jnp.ones((16, 16))}, X
         )
     conv = lambda p, x: jax.lax.conv(x, p["k"], (1, 1), "SAME")
     with pytest.raises(ValueError, match=r"'k'.*conv_general_dilated"):
@@ -257,3 +262,66 @@ def test_errors_name_the_pattern_or_leaf():
         qjax.lora(mlp, alpha=1.0)(P, {"w9": ad["w1"]}, X)
     with pytest.raises(ValueError, match=r"'w2'.*expected a=\(12, 2\)"):
         qjax.lora(mlp, alpha=1.0)(P, {"w2": ad["w1"]}, X)
+
+
+def _torch_reference(w, a, b, x, alpha):
+    """float64: PyTorch-layout ``w`` (N, K) with PEFT's ``A (r, K)``, ``B (N, r)``:
+    ``x @ (W + alpha/r · B @ A)ᵀ``."""
+    w, a, b, x = (np.asarray(t, np.float64) for t in (w, a, b, x))
+    return x @ (w + alpha / a.shape[0] * b @ a).T
+
+
+@pytest.mark.parametrize(
+    "read",
+    [lambda w, x: x @ w.T, lambda w, x: jnp.einsum("bk,nk->bn", x, w), lambda w, x: jax.lax.dot(x, w.T)],
+    ids=["x @ w.T", "einsum bk,nk", "lax.dot"],
+)
+def test_pytorch_layout_weights_get_peft_adapters(read):
+    w = {"w": jnp.asarray(P["w1"].T)}  # (N, K) = (12, 16)
+    f = lambda p, x: jnp.tanh(read(p["w"], x))
+    ad = qjax.lora_adapters(f, [("w", 3)], jax.random.key(0), w, X)
+    assert (ad["w"]["a"].shape, ad["w"]["b"].shape) == ((3, 16), (12, 3))  # PEFT's lora_A, lora_B
+    assert float(jnp.abs(ad["w"]["b"]).max()) == 0.0
+    ad = _random(ad)
+    got = qjax.lora(f, alpha=ALPHA)(w, ad, X)
+    want = np.tanh(_torch_reference(w["w"], ad["w"]["a"], ad["w"]["b"], X, ALPHA))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+    merged = qjax.merge_lora(w, ad, alpha=ALPHA)
+    np.testing.assert_allclose(np.asarray(f(merged, X)), want, rtol=1e-5, atol=1e-5)
+    # adapters train: the gradient reaches both
+    g = jax.grad(lambda ad: qjax.lora(f, alpha=ALPHA)(w, ad, X).sum())(ad)
+    assert float(jnp.abs(g["w"]["a"]).max()) > 0 and float(jnp.abs(g["w"]["b"]).max()) > 0
+
+
+def test_a_tied_embedding_adapts_its_lookup_and_its_head():
+    # an LM's tied head reads the (V, D) table transposed; the lookup (a gather) sees the merged table
+    emb = {"emb": jnp.asarray(RNG.standard_normal((11, 8)).astype(np.float32))}
+    tokens = jnp.asarray([[1, 5, 7], [0, 10, 3]])
+    f = lambda p, t: jnp.take(p["emb"], t, axis=0) @ p["emb"].T
+    ad = _random(qjax.lora_adapters(f, [("emb", 2)], jax.random.key(1), emb, tokens))
+    assert (ad["emb"]["a"].shape, ad["emb"]["b"].shape) == ((2, 8), (11, 2))
+    got = qjax.lora(f, alpha=ALPHA)(emb, ad, tokens)
+    e = np.asarray(emb["emb"], np.float64)
+    merged = e + ALPHA / 2 * np.asarray(ad["emb"]["b"], np.float64) @ np.asarray(ad["emb"]["a"], np.float64)
+    want = merged[np.asarray(tokens)] @ merged.T
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_stacked_pytorch_layout_weight_and_qlora():
+    # (L, N, K) read per layer as x @ w[l].T in a scan; QLoRA with an int8 base
+    w = {"w": jnp.asarray(RNG.standard_normal((2, 16, 16)).astype(np.float32) / 4)}
+
+    def f(p, x):
+        return jax.lax.scan(lambda h, wl: (jnp.tanh(h @ wl.T), None), x, p["w"])[0]
+
+    ad = _random(qjax.lora_adapters(f, [("w", 4)], jax.random.key(2), w, X))
+    assert (ad["w"]["a"].shape, ad["w"]["b"].shape) == ((2, 4, 16), (2, 16, 4))
+    h = np.asarray(X, np.float64)
+    for layer in range(2):
+        h = np.tanh(_torch_reference(w["w"][layer], ad["w"]["a"][layer], ad["w"]["b"][layer], h, ALPHA))
+    np.testing.assert_allclose(np.asarray(qjax.lora(f, alpha=ALPHA)(w, ad, X)), h, rtol=1e-5, atol=1e-5)
+    policy = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, 1)))])
+    qw = qjax.quantize_params(w, policy)
+    q = qjax.quantized(qjax.lora(f, alpha=ALPHA), policy)(qw, ad, X)
+    base = qjax.dequantize_params(qw)
+    np.testing.assert_allclose(np.asarray(q), np.asarray(qjax.lora(f, alpha=ALPHA)(base, ad, X)), atol=1e-4)
