@@ -36,6 +36,7 @@ from jax.sharding import PartitionSpec as P
 
 from qjax.parallel.mesh import BATCH_AXES, is_explicit
 from qjax.parallel.shardings import pin, place, shardings, state_shardings
+from qjax.quant.act_delayed import ActHistory
 from qjax.quant.policy import Policy
 from qjax.quant.serve import quantized
 
@@ -183,7 +184,13 @@ def _local_value_and_grad(loss_fn: Callable, mesh: Mesh, axes: tuple[str, ...], 
     def per_shard(params, batch, key, extra):
         idx = lax.axis_index(axes)
         metrics, grads = _value_and_grad(loss_fn, params, batch, jax.random.fold_in(key, idx), extra)
-        return lax.pmean((metrics, grads), axes)
+        # delayed-scaling histories are already the same on every shard (reduced with
+        # pmin / pmax): a mean could move them by a rounding; take them as they are
+        agreed = lambda m: isinstance(m, ActHistory)
+        metrics = jax.tree.map(
+            lambda m: lax.pmax(m, axes) if agreed(m) else lax.pmean(m, axes), metrics, is_leaf=agreed
+        )
+        return metrics, lax.pmean(grads, axes)
 
     def run(params, batch, key, extra):
         context = jax.sharding.get_abstract_mesh()  # under auto_axes: the mesh with Auto axes
