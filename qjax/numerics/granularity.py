@@ -24,6 +24,9 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from qjax.numerics.calibration import _unsharded
 
 
 def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
@@ -133,21 +136,53 @@ def resolve_layout(
     return Layout(shape, tuple(sorted(chans)), gaxis, group_size if gaxis is not None else None)
 
 
+def _explicit(x) -> tuple:
+    """``(mesh, per-axis spec entries)`` of ``x``'s type on an Explicit mesh, else
+    ``(None, None)``."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    if spec is None or all(e is None for e in spec):
+        return None, None
+    return sharding.mesh, [*spec, *([None] * (x.ndim - len(spec)))]
+
+
+def _reshape(x, shape, mesh, entries):
+    """``x.reshape(shape)``, with ``entries`` as the output's sharding on an Explicit mesh."""
+    if mesh is None:
+        return x.reshape(shape)
+    return jax.lax.reshape(x, shape, out_sharding=jax.sharding.NamedSharding(mesh, P(*entries)))
+
+
+def _shards(mesh, entry) -> int:
+    names = entry if isinstance(entry, tuple) else (entry,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
 def to_grouped(x: jnp.ndarray, layout: Layout, pad_mode: str = "edge") -> jnp.ndarray:
     """Split the group axis of ``x`` into ``(num_groups, group_size)``.
 
     A last group shorter than ``group_size`` is padded (``"edge"`` repeats the last
     element, which leaves min/max/absmax of that group unchanged; ``"zero"`` pads zeros).
+    On an Explicit mesh a group axis whose shards hold whole groups stays sharded (on the
+    groups); otherwise it is gathered first.
     """
     if layout.group_axis is None:
         return x
     g = x.ndim + layout.group_axis
+    mesh, entries = _explicit(x)
     extra = layout.padded_length - x.shape[g]
+    if entries is not None and entries[g] is not None:
+        if extra or layout.num_groups % _shards(mesh, entries[g]):
+            x = _unsharded(x, (g,))
+            entries[g] = None
     if extra:
         widths = [(0, 0)] * x.ndim
         widths[g] = (0, extra)
         x = jnp.pad(x, widths, mode="edge" if pad_mode == "edge" else "constant")
-    return x.reshape((*x.shape[:g], layout.num_groups, layout.group_size, *x.shape[g + 1 :]))
+    shape = (*x.shape[:g], layout.num_groups, layout.group_size, *x.shape[g + 1 :])
+    return _reshape(
+        x, shape, mesh, None if entries is None else [*entries[:g], entries[g], None, *entries[g + 1 :]]
+    )
 
 
 def from_grouped(xg: jnp.ndarray, layout: Layout) -> jnp.ndarray:
@@ -155,7 +190,9 @@ def from_grouped(xg: jnp.ndarray, layout: Layout) -> jnp.ndarray:
     if layout.group_axis is None:
         return xg
     g = xg.ndim - 1 + layout.group_axis
-    x = xg.reshape((*xg.shape[:g], layout.padded_length, *xg.shape[g + 2 :]))
+    mesh, entries = _explicit(xg)
+    merged = None if entries is None else [*entries[:g], entries[g], *entries[g + 2 :]]
+    x = _reshape(xg, (*xg.shape[:g], layout.padded_length, *xg.shape[g + 2 :]), mesh, merged)
     length = layout.shape[layout.group_axis]
     if length != layout.padded_length:
         x = _slice_axis(x, g, length)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.numerics.calibration import Fixed
+from qjax.numerics.calibration import Fixed, _unsharded
 from qjax.numerics.granularity import (
     Layout,
     from_grouped,
@@ -112,13 +112,16 @@ def tiled(a: jax.Array, axis: int, size: int, op) -> jax.Array:
     """``op`` (``jnp.min`` / ``jnp.max``) over tiles of ``size`` consecutive entries along
     ``axis`` (negative; a short last tile reduces its own entries), repeated back over each
     tile: the same shape as ``a``."""
+    a = _unsharded(a, tuple(range(-a.ndim, 0)))  # Explicit mesh axes: the (scale-sized) ranges whole
     n, pos = a.shape[axis], a.ndim + axis
     tiles = -(-n // size)
-    widths = [(0, 0)] * a.ndim
-    widths[pos] = (0, tiles * size - n)
-    t = jnp.pad(a, widths, mode="edge").reshape(*a.shape[:pos], tiles, size, *a.shape[pos + 1 :])
-    t = jnp.broadcast_to(op(t, axis=pos + 1, keepdims=True), t.shape)
-    return jax.lax.slice_in_dim(t.reshape(*a.shape[:pos], tiles * size, *a.shape[pos + 1 :]), 0, n, axis=pos)
+    if tiles * size != n:
+        widths = [(0, 0)] * a.ndim
+        widths[pos] = (0, tiles * size - n)
+        a = jnp.pad(a, widths, mode="edge")
+    t = a.reshape(*a.shape[:pos], tiles, size, *a.shape[pos + 1 :])
+    t = jnp.broadcast_to(op(t, axis=pos + 1, keepdims=True), t.shape).reshape(a.shape)
+    return t if tiles * size == n else jax.lax.slice_in_dim(t, 0, n, axis=pos)
 
 
 def scale_grouped(x: jax.Array, spec: QuantSpec, *, scale=None, zero_point=None) -> Grouped:

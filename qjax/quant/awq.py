@@ -153,8 +153,9 @@ def awq_search(
 
 
 def _clip_layout(spec: QuantSpec, shape: tuple[int, ...], axes: tuple[int, ...]) -> int | None:
-    """Rows per clipping group for a 2-D ``[K, N]`` leaf with per-column scales, else None."""
-    if len(shape) != 2 or axes != (0,) or spec.channel_axes is PER_TOKEN:
+    """Rows per clipping group for a 2-D ``[K, N]`` leaf with per-column scales, else None
+    (tile scales too: their columns share a tile's range, so per-column thresholds interact)."""
+    if len(shape) != 2 or axes != (0,) or spec.channel_axes is PER_TOKEN or spec.tile_size is not None:
         return None
     if tuple(normalize_axis(a, 2, "channel_axes") % 2 for a in spec.channel_axes) != (1,):
         return None

@@ -62,7 +62,9 @@ def _as_e4m3(weight: Any) -> np.ndarray:
     return w
 
 
-def from_fp8_blocks(weight: Any, scale_inv: Any, *, block=(128, 128), dtype=jnp.bfloat16) -> QArray:
+def from_fp8_blocks(
+    weight: Any, scale_inv: Any, *, block=(128, 128), dtype=jnp.bfloat16, layout: str = "kn"
+) -> QArray:
     """One layer of a block-wise fp8 checkpoint as the ``(K, N)`` QArray of a Flax ``Dense``.
 
     Args:
@@ -71,14 +73,19 @@ def from_fp8_blocks(weight: Any, scale_inv: Any, *, block=(128, 128), dtype=jnp.
         name, the factor the codes are multiplied by).
       block: ``(bn, bk)``, the checkpoint's ``weight_block_size`` (128, 128).
       dtype: the float dtype the QArray dequantizes to.
+      layout: ``"kn"``: the ``(K, N)`` QArray (codes transposed once, here); ``"nk"``: the
+        ``(N, K)`` QArray as stored, for a model that reads the weight as ``x @ w.T``.
 
     Returns:
-      The QArray whose ``dequantize()`` is ``weight.T · scale_inv`` per block, exactly (its
-      codes are the checkpoint's; scales float32, repeated over each block's outputs).
+      The QArray whose ``dequantize()`` is ``weight.T · scale_inv`` per block (``weight ·
+      scale_inv`` for ``"nk"``), exactly: its codes are the checkpoint's, its scales float32
+      repeated over each block's outputs, grouped by ``bk`` along K (one group when K ≤ bk),
+      as ``qjax.quantize(w, fp8_block_spec(block))`` lays them out.
 
     Raises:
       TypeError: ``weight`` is not fp8 e4m3.
-      ValueError: shapes that do not fit ``block``, NaN/Inf or non-positive scales.
+      ValueError: shapes that do not fit ``block``, NaN/Inf or non-positive scales, NaN
+        codes, an unknown ``layout``.
 
     Example:
       >>> t = safetensors.numpy.load_file("model-00001.safetensors")
@@ -94,16 +101,25 @@ def from_fp8_blocks(weight: Any, scale_inv: Any, *, block=(128, 128), dtype=jnp.
         raise ValueError(f"scale_inv must be {want} for a {w.shape} weight in {block} blocks, got {s.shape}")
     if not np.all(np.isfinite(s)) or np.any(s <= 0):
         raise ValueError("scale_inv holds NaN, Inf or non-positive scales")
+    if layout not in ("kn", "nk"):
+        raise ValueError(f"layout must be 'kn' or 'nk', got {layout!r}")
+    nan = (w.view(np.uint8) & 0x7F) == 0x7F  # e4m3fn's only NaN encodings
+    if nan.any():
+        raise ValueError(
+            f"weight holds {int(nan.sum())} NaN codes (first at (out, in) {np.argwhere(nan)[0].tolist()})"
+        )
     scale = np.repeat(s.T, bn, axis=1)[:, :n]  # (K / bk, N): each block's scale on its outputs
-    grouped = want[1] > 1
+    if layout == "nk":
+        values, scale, axes = w, scale.T, dict(channel_axes=(-2,), group_axis=-1)
+    else:
+        values, axes = w.T, dict(channel_axes=(-1,), group_axis=-2)
     return QArray(
-        jnp.asarray(np.ascontiguousarray(w.T)),
-        jnp.asarray(scale if grouped else scale[:1]),
+        jnp.asarray(np.ascontiguousarray(values)),
+        jnp.asarray(np.ascontiguousarray(scale)),
         format=fp8_e4m3,
         dtype=dtype,
-        channel_axes=(-1,),
-        group_axis=-2 if grouped else None,
-        group_size=bk if grouped else None,
+        group_size=bk,
+        **axes,
     )
 
 
@@ -125,15 +141,17 @@ def to_fp8_blocks(q: QArray, *, block=(128, 128)) -> dict[str, np.ndarray]:
     bn, bk = _block(block)
     if not isinstance(q, QArray) or q.format != fp8_e4m3 or len(q.shape) != 2 or q.zero_point is not None:
         raise ValueError("to_fp8_blocks takes a 2-D fp8_e4m3 QArray (symmetric)")
-    k, n = q.shape
+    nk = q.group_axis is not None and q.group_axis % 2 == 1  # from_fp8_blocks(layout="nk")
+    k, n = q.shape[::-1] if nk else q.shape
     groups = math.ceil(k / bk)
-    grouped_ok = q.group_axis is not None and q.group_axis % 2 == 0 and q.group_size == bk
+    grouped_ok = q.group_axis is not None and q.group_size == bk
     if not (grouped_ok or (q.group_axis is None and groups == 1)):
         raise ValueError(
-            f"to_fp8_blocks: the QArray must be grouped by {bk} along K (group_axis=0), got group_axis="
+            f"to_fp8_blocks: the QArray must be grouped by {bk} along K, got group_axis="
             f"{q.group_axis}, group_size={q.group_size}"
         )
-    s = np.broadcast_to(np.asarray(q.scale, np.float32), (groups, n))
+    scale = np.asarray(q.scale, np.float32)
+    s = np.broadcast_to(scale.T if nk else scale, (groups, n))
     tiles = math.ceil(n / bn)
     padded = np.pad(s, ((0, 0), (0, tiles * bn - n)), mode="edge").reshape(groups, tiles, bn)
     same = np.all(padded == padded[..., :1], axis=2)
@@ -143,7 +161,8 @@ def to_fp8_blocks(q: QArray, *, block=(128, 128)) -> dict[str, np.ndarray]:
             f"to_fp8_blocks: scales differ within block (in {g}, out {t}) of {block}: quantize with "
             "fp8_block_spec(block) (tile scales)"
         )
+    values = np.asarray(q.values)
     return {
-        "weight": np.ascontiguousarray(np.asarray(q.values).T),
+        "weight": np.ascontiguousarray(values if nk else values.T),
         "weight_scale_inv": np.ascontiguousarray(padded[..., 0].T),
     }

@@ -231,6 +231,7 @@ def _lean_dynamic(spec: QuantSpec) -> bool:
     return (
         not spec.format.is_float
         and spec.group_size is None
+        and spec.tile_size is None  # tiles: the tile's range, computed by quantize
         and not spec.packed
         and spec.scale_dtype is None  # a rounded scale (bfloat16, e8m0) goes through quantize
         and never_clips(spec)

@@ -59,7 +59,11 @@ def _axes_to_gather(w: jax.Array, spec: QuantSpec, shard_axes) -> list[int]:
     if len(scale.shape) != w.ndim:
         return split
     dims = []
+    tile = spec.tile(w.ndim)
     for d in split:
+        if tile is not None and d == tile[0] % w.ndim and w.shape[d] % tile[1]:
+            dims.append(d)  # tiles straddle the shards: each shard would see part of a tile
+            continue
         if scale.shape[d] == whole_shape[d]:
             continue  # one scale per element along d: nothing is shared across shards
         group = -(-whole_shape[d] // max(scale.shape[d], 1))

@@ -115,6 +115,28 @@ def test_block_fp8_checkpoints_load_exactly_and_write_back():
     back = qjax.to_fp8_blocks(q)
     np.testing.assert_array_equal(back["weight"].view(np.uint8), weight.view(np.uint8))
     np.testing.assert_array_equal(back["weight_scale_inv"], scale_inv)
+    nk = qjax.from_fp8_blocks(weight, scale_inv, dtype=jnp.float32, layout="nk")  # for x @ w.T
+    np.testing.assert_allclose(np.asarray(nk.dequantize(), np.float64), want.T, rtol=1e-7)
+    back_nk = qjax.to_fp8_blocks(nk)
+    np.testing.assert_array_equal(back_nk["weight"].view(np.uint8), weight.view(np.uint8))
+    np.testing.assert_array_equal(back_nk["weight_scale_inv"], scale_inv)
+    xk = jnp.asarray(rng.normal(size=(3, 200)), jnp.float32)
+    torch_style = qjax.quantized(
+        lambda p, x: x @ p["w"].T, qjax.Policy([qjax.Rule("w", weight=qjax.fp8_block_spec())])
+    )
+    np.testing.assert_allclose(
+        np.asarray(torch_style({"w": nk}, xk), np.float64),
+        np.asarray(xk, np.float64) @ want,
+        rtol=2e-5,
+        atol=2e-4,
+    )
+    small = qjax.from_fp8_blocks(weight[:, :100], scale_inv[:, :1])  # K <= 128: one group, as quantize makes
+    like = qjax.quantize(jnp.ones((100, 300)), qjax.fp8_block_spec())
+    assert (small.group_axis, small.group_size, small.scale.shape) == (
+        like.group_axis,
+        like.group_size,
+        like.scale.shape,
+    )
     raw = qjax.from_fp8_blocks(weight.view(np.uint8), scale_inv, dtype=jnp.float32)  # bytes work too
     np.testing.assert_array_equal(np.asarray(raw.dequantize()), np.asarray(q.dequantize()))
     # a float weight quantized with the block spec writes the checkpoint's layout
@@ -140,6 +162,10 @@ def test_errors_name_the_problem():
         qjax.from_fp8_blocks(weight, np.full((3, 2), np.nan, np.float32))
     with pytest.raises(TypeError, match="float8_e4m3fn"):
         qjax.from_fp8_blocks(weight.astype(np.float32), np.ones((3, 2), np.float32))
+    nan_codes = weight.copy()
+    nan_codes.view(np.uint8)[5, 7] = 0x7F
+    with pytest.raises(ValueError, match=r"1 NaN codes \(first at \(out, in\) \[5, 7\]\)"):
+        qjax.from_fp8_blocks(nan_codes, np.ones((3, 2), np.float32))
     with pytest.raises(ValueError, match="block must be two positive ints"):
         qjax.from_fp8_blocks(weight, np.ones((3, 2), np.float32), block=(128,))
     per_channel = qjax.quantize(jnp.ones((256, 256)), qjax.QuantSpec(qjax.fp8_e4m3, channel_axes=(-1,)))
@@ -187,3 +213,53 @@ def test_the_cli_config_takes_tiles():
     )
     with pytest.raises(CLIError, match="tile_size and tile_axis go together"):
         _spec(d, "w")
+
+
+def test_sharded_weights_get_the_whole_weights_tiles():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    w = jax.random.normal(jax.random.key(0), (256, 64)) * jnp.linspace(0.1, 3, 64)
+    spec = qjax.QuantSpec(
+        qjax.fp8_e4m3, channel_axes=(-1,), group_size=32, group_axis=0, tile_size=16, tile_axis=-1
+    )
+    want = qjax.quantize(w, spec)
+    # an Explicit mesh sharding K (the groups, FSDP-style) or N (the tiles): it raised before
+    mesh = jax.make_mesh((4, 2), ("a", "b"), axis_types=(AxisType.Explicit,) * 2)
+    for sharding in (P("a", None), P(None, "a"), P("a", "b")):
+        ws = jax.device_put(w, NamedSharding(mesh, sharding))
+        got = jax.jit(lambda x: qjax.quantize(x, spec))(ws)
+        np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(want.scale), err_msg=str(sharding))
+        np.testing.assert_array_equal(
+            np.asarray(got.values).view(np.uint8), np.asarray(want.values).view(np.uint8)
+        )
+        fq = jax.jit(lambda x: qjax.numerics.fake_quant(x, spec))(ws)
+        np.testing.assert_array_equal(np.asarray(fq), np.asarray(want.dequantize()))
+    # QAT inside shard_map: a column-parallel shard 8 wide holds half a 16-wide tile
+    auto = jax.make_mesh((8,), ("m",), axis_types=(AxisType.Auto,))
+    x = jax.random.normal(jax.random.key(1), (4, 256))
+    f = lambda p, x: x @ p["w"]
+    sharded = lambda p, x: jax.shard_map(
+        lambda w, x: x @ w, mesh=auto, in_specs=(P(None, "m"), P()), out_specs=P(None, "m")
+    )(p["w"], x)
+    policy = qjax.Policy([qjax.Rule("w", weight=spec)])
+    with jax.set_mesh(auto):
+        got = jax.jit(qjax.fake_quantized(sharded, policy))({"w": w}, x)
+    np.testing.assert_allclose(
+        np.asarray(got), np.asarray(qjax.fake_quantized(f, policy)({"w": w}, x)), atol=1e-4
+    )
+
+
+def test_the_dynamic_fast_path_keeps_the_tiles():
+    # an ungrouped integer tile spec quantized on the fly used to skip the tile ranges
+    from qjax.quant import quantized_dot_general
+
+    w = jax.random.normal(jax.random.key(2), (32, 48)) * jnp.linspace(0.1, 3, 48)
+    x = jax.random.normal(jax.random.key(3), (5, 32))
+    spec = qjax.QuantSpec(qjax.int8, channel_axes=(-1,), tile_size=16, tile_axis=-1)
+    dn = (((1,), (0,)), ((), ()))
+    on_the_fly = quantized_dot_general(x, w, dn, rhs_spec=spec)
+    stored = quantized_dot_general(x, qjax.quantize(w, spec), dn)
+    np.testing.assert_array_equal(np.asarray(on_the_fly), np.asarray(stored))
+    want = np.asarray(x, np.float64) @ np.asarray(qjax.quantize(w, spec).dequantize(), np.float64)
+    np.testing.assert_allclose(np.asarray(on_the_fly), want, rtol=1e-5, atol=1e-5)
