@@ -89,6 +89,7 @@ class Lookup:
                 + (" (an ActHistory: give DelayedScaling.ranges(histories))" if hint else "")
             )
         self.stats, self.used, self.momentum = dict(op_stats), set(), momentum
+        self.without_entry: set[str] = set()  # running stats: per-tensor operands left dynamic
 
     def scale(self, scope: str, side: str, spec: QuantSpec | None, operand=None, emit=None) -> tuple | None:
         """``(scale, zero_point)`` for operand ``side`` of the op at ``scope``, or ``None``
@@ -103,6 +104,8 @@ class Lookup:
 
         key = op_key(scope, side)
         if key not in self.stats:
+            if self.momentum is not None and self.stats and is_static(spec):
+                self.without_entry.add(key)
             return None
         self.used.add(key)
         if spec is None:

@@ -120,6 +120,7 @@ class _FakeQuant(_PolicyHandler):
         self.ranges, self.momentum = ranges or {}, momentum
         self.op_stats = op_stats_lib.Lookup(op_stats or {}, momentum)
         self._op_occurrences: dict[str, int] = {}  # name stack -> matched ops seen in this trace
+        self.without_entry: set[str] = set()  # running stats: per-tensor specs left dynamic
 
     def aux(self, path: str):
         return _Aux(self.scales.get(path), self.static.get(path), self.ranges.get(path))
@@ -137,12 +138,22 @@ class _FakeQuant(_PolicyHandler):
         if not isinstance(ref.aux, _Aux):
             return None
         if ref.aux.act_range is None:
+            if self.momentum is not None and op_stats_lib.is_static(spec):
+                self.without_entry.add(ref.path)
             return ref.aux.act
         return act_ema.moved_scale(ref.path, ref.aux.act_range, spec, act, self.momentum, emit, valid)
 
     def finish(self) -> None:
         super().finish()
         self.op_stats.check_all_used()
+        missing = sorted(self.without_entry | self.op_stats.without_entry)
+        if missing and (self.ranges or self.op_stats.stats):  # empty stats warned already
+            warnings.warn(
+                f"fake_quantized(act_stats_momentum=...): the running stats have no entry for {missing}, "
+                "whose per-tensor act specs could take static scales: they keep dynamic scales (add "
+                "their entries, e.g. from qjax.calibrate, to the starting stats)",
+                stacklevel=4,
+            )
         unused = sorted((set(self.static) | set(self.ranges)) - self._targeted)
         if unused:
             raise ValueError(

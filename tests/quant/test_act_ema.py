@@ -198,7 +198,8 @@ def test_misuse_is_refused_by_name():
 def test_only_the_given_leaves_are_static():
     p, x = _params(), _x(1)
     stats = qjax.calibrate(mlp, POLICY, p, [x])
-    y, new = qjax.fake_quantized(mlp, POLICY, act_stats_momentum=0.9)(p, {"w1": stats["w1"]}, x)
+    with pytest.warns(UserWarning, match=r"no entry for \['w2'\].*keep dynamic scales"):
+        y, new = qjax.fake_quantized(mlp, POLICY, act_stats_momentum=0.9)(p, {"w1": stats["w1"]}, x)
     assert set(new) == {"w1"}
     fixed = qjax.fake_quantized(mlp, POLICY, act_stats={"w1": new["w1"]})(p, x)  # w2 dynamic in both
     np.testing.assert_allclose(y, fixed, rtol=1e-6)

@@ -127,6 +127,16 @@ def test_running_averages_move_op_ranges_too():
     np.testing.assert_allclose(y, fixed, rtol=1e-6, atol=1e-6 * float(jnp.abs(y).max()))
 
 
+def test_running_stats_missing_an_entry_warn_by_name():
+    """A running state without an op's (or a weight's) entry leaves that operand dynamic:
+    said by name, not silently."""
+    policy = qjax.Policy([qjax.OpRule(r"attn/.*", lhs=A8, rhs=A8)])
+    stats = qjax.calibrate(scores, policy, P, CALIB)
+    partial = {k: v for k, v in stats.items() if not k.endswith(":rhs")}
+    with pytest.warns(UserWarning, match=r"no entry for \['op:attn/sd,td->st:rhs'\]"):
+        qjax.fake_quantized(scores, policy, act_stats_momentum=0.75)(P, partial, X)
+
+
 def test_flax_attention_pv_lowers_with_the_value_as_lhs():
     """The documented operand order: Flax's PV einsum lowers to ``dot_general(value, probs)``,
     so the ``:lhs`` entry is the value's range and ``:rhs`` the probabilities' (at most 1)."""
