@@ -37,6 +37,7 @@ from qjax.quant.policy_handler import (
     _run,
     ragged_weight,
 )
+from qjax.quant.shard_scales import fake_quant_shard, quantize_shard
 
 # commute with transposes
 _ELEMENTWISE_LAYOUT = ("convert_element_type", "copy", "copy_p", "stop_gradient", "optimization_barrier")
@@ -82,7 +83,9 @@ def _operand_qarray(ref: WeightRef, leaf, spec: QuantSpec | None, fold_transpose
     elif isinstance(leaf, QArray):
         w = leaf
     elif spec is not None:
-        w = quantize(leaf, spec_for_slice(spec, ref.depth))
+        w = _quantized_leaf(ref, leaf, spec_for_slice(spec, ref.depth))
+        if w is None:
+            return None, None  # a shard whose scale groups straddle shards: the float op
     else:
         return None, None
     perm = None
@@ -181,13 +184,25 @@ def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend
     return lax.transpose(out, perm)
 
 
+def _quantized_leaf(ref: WeightRef, leaf, spec: QuantSpec) -> QArray | None:
+    """A float leaf quantized by ``spec``; a shard inside a ``shard_map`` body with the
+    whole weight's scales (``None`` when its scale groups straddle the shards)."""
+    if any(ref.shard_axes) and spec.rounding == "nearest":
+        return quantize_shard(leaf, spec, ref.shard_axes)
+    return quantize(leaf, spec)
+
+
 def _dequantized_operand(ref: WeightRef, rule: Rule | None):
     """The float value an op reads from ``ref``: the stored weight dequantized, or a float
     leaf quantized by the rule's weight spec and dequantized, then the ref's layout ops."""
     leaf = ref.leaf
     if rule is None or rule.weight is None or isinstance(leaf, (QArray, TransposedQArray)):
         return materialize(ref)
-    return materialize(dataclasses.replace(ref, leaf=quantize(leaf, spec_for_slice(rule.weight, ref.depth))))
+    spec = spec_for_slice(rule.weight, ref.depth)
+    q = _quantized_leaf(ref, leaf, spec)
+    if q is None:  # a shard of a weight whose scale groups straddle the shards
+        return materialize(dataclasses.replace(ref, leaf=fake_quant_shard(leaf, spec, None, ref.shard_axes)))
+    return materialize(dataclasses.replace(ref, leaf=q))
 
 
 def op_scope(path: str) -> str:

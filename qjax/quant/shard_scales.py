@@ -18,7 +18,8 @@ import jax
 from jax import lax
 
 from qjax.numerics.fake_quant import fake_quant
-from qjax.numerics.quantize import compute_scale
+from qjax.numerics.qarray import QArray
+from qjax.numerics.quantize import compute_scale, quantize
 from qjax.numerics.spec import QuantSpec
 
 
@@ -47,6 +48,36 @@ def fake_quant_shard(
         n = w.shape[d]
         y = lax.dynamic_slice_in_dim(y, lax.axis_index(shard_axes[d]) * n, n, axis=d)
     return y
+
+
+def quantize_shard(w: jax.Array, spec: QuantSpec, shard_axes: tuple[tuple[str, ...], ...]) -> QArray | None:
+    """``quantize`` of the shard ``w`` with the whole weight's scales (what
+    ``quantize_params`` of the whole weight holds for this part), for serving a float leaf
+    inside a ``shard_map`` body; ``None`` when the whole weight's scale groups straddle
+    the shards (no QArray of the shard holds them: serve the dequantized values of
+    :func:`fake_quant_shard`).
+
+    Args:
+      w, spec, shard_axes: as :func:`fake_quant_shard` (rounding to nearest).
+    """
+    dims = _axes_to_gather(w, spec, shard_axes)
+    if not dims:
+        return quantize(w, spec)
+    whole = w
+    for d in dims:
+        whole = lax.all_gather(whole, shard_axes[d], axis=d, tiled=True)
+    scale, zero_point = compute_scale(whole, spec)
+    parts = [scale, zero_point]
+    for d in dims:
+        n, sd = w.shape[d], scale.shape[d]
+        if sd == 1:
+            continue  # one scale along d: the same on every shard
+        per = n if sd == whole.shape[d] else n // -(-whole.shape[d] // sd)  # scales per shard
+        if sd != whole.shape[d] and n % -(-whole.shape[d] // sd):
+            return None  # a group straddles two shards
+        start = lax.axis_index(shard_axes[d]) * per
+        parts = [None if a is None else lax.dynamic_slice_in_dim(a, start, per, axis=d) for a in parts]
+    return quantize(w, spec, scale=parts[0], zero_point=parts[1])
 
 
 def _axes_to_gather(w: jax.Array, spec: QuantSpec, shard_axes) -> list[int]:

@@ -162,3 +162,17 @@ def test_qat_weight_scales_inside_shard_map_are_the_whole_weights(mode, spec):
     for path in ("w1", "w2"):
         w = np.asarray(want_g[path])
         np.testing.assert_allclose(np.asarray(g[path]), w, rtol=1e-4, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.parametrize("spec", ["channel", "groups_local", "groups_split", "groups_across_n", "percentile"])
+def test_serving_float_leaves_inside_shard_map_uses_the_whole_weights_scales(spec):
+    """``quantized`` on *float* params quantizes each shard with the whole weight's scales,
+    as ``quantize_params`` of the whole weight does (a row-parallel per-channel weight took
+    per-shard scales: 0.26 off). Groups that straddle the shards run on the whole weight's
+    dequantized values."""
+    mesh, params, batches, sharded, sharded_batches = _setup(AxisType.Auto)
+    pol = qjax.Policy([qjax.Rule("w.*", weight=_WHOLE_SCALE_SPECS[spec])])
+    with jax.set_mesh(mesh):
+        y = jax.jit(qjax.quantized(_sharded_mlp(mesh), pol))(sharded, sharded_batches[0])
+    want = qjax.quantized(_mlp, pol)(qjax.quantize_params(params, pol), batches[0])
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
