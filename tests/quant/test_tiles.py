@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from test_gptq import _scan_and_unrolled
 
 import qjax
 from qjax.numerics.spec import spec_from_dict
@@ -73,19 +74,8 @@ def test_int8_minmax_tiles_and_a_stacked_leaf():
 
 
 def test_a_scanned_stack_serves_per_layer_tiles():
-    import flax.linen as nn
-
-    class Layer(nn.Module):
-        @nn.compact
-        def __call__(self, x, _):
-            return jnp.tanh(nn.Dense(32, use_bias=False, name="fc")(x)), None
-
-    class Stack(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            scan = nn.scan(Layer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-            return scan(name="layers")(x, None)[0]
-
+    stack, _ = _scan_and_unrolled()  # nn.scan of Dense(32) "fc" layers, stacked (2, 32, 32)
+    Stack = lambda: stack
     x = jax.random.normal(jax.random.key(0), (4, 32))
     v = Stack().init(jax.random.key(1), x)
     spec = qjax.QuantSpec(
