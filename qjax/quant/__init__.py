@@ -3,7 +3,7 @@
 from qjax.quant.act_delayed import ActHistory, DelayedScaling
 from qjax.quant.awq import AWQSearch, awq, awq_factors
 from qjax.quant.batchnorm import BatchNormFoldReport, fold_batchnorm
-from qjax.quant.calibrate import ActStats, calibrate
+from qjax.quant.calibrate import ActStats, Calibrator, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
@@ -55,6 +55,7 @@ __all__ = [
     "ActStats",
     "ActHistory",
     "DelayedScaling",
+    "Calibrator",
     "calibrate",
     "dispatch_report",
     "OpDispatch",

@@ -88,7 +88,7 @@ def test_negatives_never_draw_the_positive(n, b, seed):
     assert not np.any(neg == np.asarray(index)[:, None])
 
 
-_draw = jax.jit(lambda key, index, n: uniform_negatives(key, index, n, 64))  # n traced: one compile per batch size
+_draw = jax.jit(lambda key, index, n: uniform_negatives(key, index, n, 64))  # n traced: few compiles
 
 
 def test_negatives_are_uniform_over_the_other_examples():

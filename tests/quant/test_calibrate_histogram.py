@@ -167,3 +167,31 @@ def test_huge_activation_is_a_clear_error_naming_the_op():
     for batches in ([x], [jnp.ones((8, 4)), x]):
         with pytest.raises(ValueError, match=r"op reading 'w'.*cannot bin magnitudes >= 2\*\*127"):
             qjax.calibrate(lambda p, x: x @ p["w"], pol, params, batches, histogram_bins=64)
+
+
+@pytest.mark.parametrize("bins", [None, BINS], ids=["ranges", "histograms"])
+def test_a_calibrator_keeps_its_program_and_equals_calibrate(bins):
+    """``qjax.Calibrator`` traces ``f`` once; later calls (new params, new batches of the
+    same shapes) reuse the compiled program and give ``calibrate``'s result."""
+    params, batches = _data()
+    traces = []
+
+    def f(p, x):
+        traces.append(1)  # runs when f is traced
+        return _mlp(p, x)
+
+    act = qjax.QuantSpec(qjax.int8, calibration=qjax.calib.percentile(99.0))
+    policy = qjax.Policy([qjax.Rule("w.*", weight=W_SPEC, act=act)])
+    cal = qjax.Calibrator(f, policy, histogram_bins=bins)
+    first = cal(params, batches[:2])
+    n = len(traces)
+    later = jax.tree.map(lambda a: 0.5 * a, params)
+    got = cal(later, batches[2:])
+    assert len(traces) == n  # no new trace
+    want = qjax.calibrate(_mlp, policy, later, batches[2:], histogram_bins=bins)
+    for path in want:
+        np.testing.assert_array_equal(np.asarray(got[path].hi), np.asarray(want[path].hi))
+        np.testing.assert_array_equal(np.asarray(got[path].lo), np.asarray(want[path].lo))
+    assert not np.array_equal(np.asarray(first["w1"].hi), np.asarray(got["w1"].hi))
+    with pytest.raises(ValueError, match="power of two"):
+        qjax.Calibrator(f, policy, histogram_bins=3)
