@@ -45,14 +45,16 @@ class Outputs(NamedTuple):
 
 class DistillState(NamedTuple):
     """Trained params ``{"student", "adapters"}``, optimizer state, step count, (with
-    ``student_act_stats_momentum``) the student's running activation stats, and (with
-    ``stateful_loss``) the loss's own state, e.g. CRD's memory banks."""
+    ``student_act_stats_momentum``) the student's running activation stats, (with
+    ``stateful_loss``) the loss's own state, e.g. CRD's memory banks, and (with
+    ``teacher_momentum``) the teacher's params, a moving average of the student's."""
 
     params: dict[str, Any]
     opt_state: Any
     step: jax.Array
     act_stats: Any = None
     loss_state: Any = None
+    teacher: Any = None
 
 
 class DistillStep(NamedTuple):
@@ -135,6 +137,7 @@ def distill_step(
     student_act_stats: dict | None = None,
     student_act_stats_momentum: float | act_delayed.DelayedScaling | None = None,
     stateful_loss: bool = False,
+    teacher_momentum: float | None = None,
     jit: bool = True,
 ) -> DistillStep:
     """Build the init / loss / step functions of teacher–student training.
@@ -174,6 +177,11 @@ def distill_step(
         the starting state to ``init(..., loss_state=...)``; the state carries it
         (``state.loss_state``, no gradient). ``key`` is this step's key folded with a
         constant (independent of the student's), ``None`` when the step has none.
+      teacher_momentum: a momentum (mean) teacher, as in Mean Teacher and self-distillation:
+        the teacher's params are ``m · teacher + (1 − m) · student`` after every step, kept
+        in ``state.teacher`` (started from the student, or ``init(..., teacher=...)``);
+        ``teacher_fn`` must take the student's params (the same architecture, float: an
+        LSQ student is refused), and ``step`` takes ``teacher_params=None``.
       jit: jit the step.
 
     ``batch`` is a mapping with ``"x"`` (the model input, or a tuple of inputs), the
@@ -201,6 +209,10 @@ def distill_step(
                 "init(..., act_stats=...), not to student_act_stats="
             )
         momentum = act_ema.check_momentum(momentum)
+    if teacher_momentum is not None and (teacher_fn is None or not 0 <= teacher_momentum < 1):
+        raise ValueError(
+            f"teacher_momentum={teacher_momentum!r}: needs a teacher_fn and 0 <= teacher_momentum < 1"
+        )
     student = _forward(student_fn, student_patterns, add_bias, student_policy, student_act_stats, momentum)
     teacher = None if teacher_fn is None else _forward(teacher_fn, teacher_patterns, add_bias, None)
 
@@ -237,7 +249,7 @@ def distill_step(
         carried = {"loss_state": new_loss_state} if stateful_loss else {}
         return value, {"loss": value, **metrics, **stats, **carried}
 
-    def init(student_params, adapters=None, act_stats=None, loss_state=None) -> DistillState:
+    def init(student_params, adapters=None, act_stats=None, loss_state=None, teacher=None) -> DistillState:
         if (loss_state is None) == stateful_loss:
             raise ValueError(
                 "init(loss_state=...) takes the starting state of a stateful_loss (and only then): "
@@ -258,9 +270,29 @@ def distill_step(
         if scales and not isinstance(student_params, LSQParams):  # ste="lsq": train the scales too
             student_params = LSQParams(student_params, scales)
         params = {"student": student_params, "adapters": {} if adapters is None else adapters}
-        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32), act_stats, loss_state)
+        if teacher_momentum is None and teacher is not None:
+            raise ValueError(
+                "init(teacher=...) starts a momentum teacher: give distill_step(teacher_momentum=...)"
+            )
+        if teacher_momentum is not None:
+            if isinstance(student_params, LSQParams):
+                raise ValueError(
+                    "teacher_momentum: the student has learned (LSQ) scales; the teacher takes float params"
+                )
+            teacher = jax.tree.map(jnp.asarray, student_params if teacher is None else teacher)
+            if jax.tree.structure(teacher) != jax.tree.structure(student_params):
+                raise ValueError(
+                    "init(teacher=...): the momentum teacher's params must have the student's structure"
+                )
+        return DistillState(params, tx.init(params), jnp.zeros((), jnp.int32), act_stats, loss_state, teacher)
 
     def step(state: DistillState, teacher_params, batch, key=None):
+        if teacher_momentum is not None:
+            if teacher_params is not None:
+                raise ValueError(
+                    "distill_step(teacher_momentum=...): the teacher is state.teacher; pass None"
+                )
+            teacher_params = state.teacher
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(
             state.params, teacher_params, batch, key, state.act_stats, state.loss_state
         )
@@ -268,7 +300,14 @@ def distill_step(
         params = optax.apply_updates(state.params, updates)
         act_stats = metrics.pop("act_stats", state.act_stats)
         loss_state = metrics.pop("loss_state", state.loss_state)
-        return DistillState(params, opt_state, state.step + 1, act_stats, loss_state), metrics
+        teacher = state.teacher
+        if teacher_momentum is not None:  # after the update, as Mean Teacher
+            teacher = jax.tree.map(
+                lambda t, s: teacher_momentum * t + (1 - teacher_momentum) * s.astype(t.dtype),
+                teacher,
+                jax.lax.stop_gradient(params["student"]),
+            )
+        return DistillState(params, opt_state, state.step + 1, act_stats, loss_state, teacher), metrics
 
     return DistillStep(init, loss, jax.jit(step) if jit else step)
 

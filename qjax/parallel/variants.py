@@ -287,6 +287,11 @@ def distill_train_step(
       (``step(state, batch, teacher_params, act_stats)`` with running stats,
       ``step(..., loss_state)`` last with a stateful loss).
     """
+    if distill_kwargs.get("teacher_momentum") is not None:
+        raise ValueError(
+            "distill_train_step does not carry a momentum teacher (the teacher's params are an argument of "
+            "the step): use qjax.distill.distill_step(teacher_momentum=...), or update the teacher yourself"
+        )
     ds = _distill_step(student_fn, teacher_fn, loss_fn, tx, jit=False, **distill_kwargs)
     momentum = distill_kwargs.get("student_act_stats_momentum")
     stateful = distill_kwargs.get("stateful_loss", False)

@@ -331,3 +331,54 @@ def test_running_student_act_stats_move_with_each_step():
             student_policy=policy,
             student_act_stats_momentum=2,
         )
+
+
+def test_a_momentum_teacher_is_the_moving_average_of_the_student():
+    """``teacher_momentum``: the teacher (the student's architecture) is ``m·t + (1−m)·s``
+    after every step, starts from the student, takes no gradient, and the loss of step k
+    reads the teacher of step k − 1 (float64 replay)."""
+    m = 0.9
+    ds = distill.distill_step(
+        STUDENT.apply, STUDENT.apply, distill.kd_objective(4.0, 0.9), optax.sgd(0.5), teacher_momentum=m
+    )
+    state = ds.init(S_VARS)
+    assert not jax.tree.leaves(state.opt_state)  # plain sgd holds nothing: the teacher is no trained param
+    batch = {"x": X, "y": Y}
+    f64 = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+    teacher = f64(S_VARS)
+    for _ in range(3):
+        want_loss, _ = ds.loss(state.params, state.teacher, batch)
+        state, metrics = ds.step(state, None, batch)
+        np.testing.assert_allclose(float(metrics["loss"]), float(want_loss), rtol=1e-6)
+        teacher = jax.tree.map(lambda t, s: m * t + (1 - m) * s, teacher, f64(state.params["student"]))
+        jax.tree.map(
+            lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7), f64(state.teacher), teacher
+        )
+    assert not np.allclose(
+        state.teacher["params"]["body"]["kernel"], state.params["student"]["params"]["body"]["kernel"]
+    )
+
+
+def test_momentum_teacher_misuse_is_refused():
+    ds = distill.distill_step(
+        STUDENT.apply, STUDENT.apply, distill.kd_objective(), optax.sgd(0.1), teacher_momentum=0.99
+    )
+    state = ds.init(S_VARS)
+    with pytest.raises(ValueError, match=r"the teacher is state\.teacher; pass None"):
+        ds.step(state, T_VARS, {"x": X, "y": Y})
+    with pytest.raises(ValueError, match="the student's structure"):
+        ds.init(S_VARS, teacher={"params": {}})
+    with pytest.raises(ValueError, match="needs a teacher_fn"):
+        distill.distill_step(
+            STUDENT.apply, None, distill.kd_objective(), optax.sgd(0.1), teacher_momentum=0.9
+        )
+    plain = distill.distill_step(STUDENT.apply, TEACHER.apply, distill.kd_objective(), optax.sgd(0.1))
+    with pytest.raises(ValueError, match="give distill_step\\(teacher_momentum"):
+        plain.init(S_VARS, teacher=S_VARS)
+    from qjax import parallel as qp
+
+    with pytest.raises(ValueError, match="does not carry a momentum teacher"):
+        kd = distill.kd_objective()
+        qp.distill_train_step(
+            STUDENT.apply, STUDENT.apply, kd, optax.sgd(0.1), None, None, None, teacher_momentum=0.9
+        )
