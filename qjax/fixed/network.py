@@ -195,17 +195,24 @@ def where(path: str, m) -> str:
     return f"leaf {path!r}{rule}"
 
 
-class _FixedServe(Handler):
+class OpsHandler(Handler):
+    """The ``ops=`` rules of a fixed-point transform: which merges / activations they match
+    (by ``"<name stack>/<primitive>"``), and the ops seen; :meth:`run_op` says what a
+    matched op becomes (:func:`fixed_point`: exact, :func:`qjax.fixed.fake_fixed_point`:
+    the same values with straight-through gradients)."""
+
     activation_primitives = elementwise.PRIMITIVES
 
-    def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key, ops: RuleSet):
-        self.rs, self.stored, self.key, self.ops = rs, stored, key, ops
-        self.pending: dict[int, tuple] = {}  # id(carrier) -> (carrier, finish, lf, what)
+    def __init__(self, ops: RuleSet, key):
+        self.ops, self.key = ops, key
         self.op_names: list[str] = []  # the name stacks of the ops ``ops`` could match
 
     @property
     def visits_activation_ops(self) -> bool:
         return len(self.ops) > 0
+
+    def run_op(self, primitive: str, fmts: elementwise.OpFormats, invals: list, dtype, key):
+        return elementwise.apply(primitive, fmts, invals, dtype, key)
 
     def activation_op(self, eqn, invals, scope, emit):
         """A merge or an activation with an ``ops`` rule, in fixed point."""
@@ -220,9 +227,23 @@ class _FixedServe(Handler):
         _carrier_check(m.value.output, dtype, f"op {name!r} (ops rule {m.index} {m.pattern!r})")
         key = fold_in_path(self.key, f"{name}#{len(self.op_names)}")
         try:
-            return [elementwise.apply(eqn.primitive.name, m.value, list(invals), dtype, key)]
+            return [self.run_op(eqn.primitive.name, m.value, list(invals), dtype, key)]
         except ValueError as e:
             raise ValueError(f"op {name!r} (ops rule {m.index} {m.pattern!r}): {e}") from e
+
+    def check_ops_used(self, what: str) -> None:
+        """Refuse ``ops`` patterns that matched no op, listing the ops seen."""
+        unused = self.ops.unused(self.op_names)
+        if unused:
+            seen = sorted(set(self.op_names))
+            raise ValueError(f"{what}: ops pattern(s) {unused} match no op; the ops seen: {seen[:40]}")
+
+
+class _FixedServe(OpsHandler):
+    def __init__(self, rs: RuleSet, stored: dict[str, FixedArray], key, ops: RuleSet):
+        super().__init__(ops, key)
+        self.rs, self.stored = rs, stored
+        self.pending: dict[int, tuple] = {}  # id(carrier) -> (carrier, finish, lf, what)
 
     def _weight(self, ref: WeightRef, fmt: Format) -> FixedArray | None:
         stored = self.stored.get(ref.path)
@@ -378,24 +399,22 @@ def fixed_point(f: Callable, rules, *, ops=(), key=None) -> Callable:
       ...          (r".*/bias", Format(12, 5))]
       >>> y = jax.jit(qjax.fixed.fixed_point(model.apply, rules))(variables, x)
     """
-    rs, op_rules = as_rules(rules), _op_rules(ops)
+    rs, ops_rs = as_rules(rules), op_rules(ops)
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
         carriers, stored = _carriers(params, rs)
         traced = trace(f, carriers, *args, **kwargs)
-        handler = _FixedServe(rs, stored, key, op_rules)
+        handler = _FixedServe(rs, stored, key, ops_rs)
         outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
-        unused = op_rules.unused(handler.op_names)
-        if unused:
-            seen = sorted(set(handler.op_names))
-            raise ValueError(f"fixed_point: ops pattern(s) {unused} match no op; the ops seen: {seen[:40]}")
+        handler.check_ops_used("fixed_point")
         return jax.tree.unflatten(traced.out_tree, outs)
 
     return g
 
 
-def _op_rules(ops) -> RuleSet:
+def op_rules(ops) -> RuleSet:
+    """``ops=`` pairs as a checked ``RuleSet``."""
     rs = ops if isinstance(ops, RuleSet) else RuleSet(list(ops))
     for pattern, value in rs:
         if value is not None and not isinstance(value, elementwise.OpFormats):

@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from qjax.fixed import elementwise
 from qjax.fixed.arith import add
 from qjax.fixed.array import is_fixed, to_float
 from qjax.fixed.cast import from_float
 from qjax.fixed.format import Format
-from qjax.fixed.network import FLOAT_MANTISSA_BITS, as_rules, layer_rule, where
-from qjax.graph.interpret import Handler, bind_eqn, materialize, run, weight_operand
+from qjax.fixed.network import FLOAT_MANTISSA_BITS, OpsHandler, as_rules, layer_rule, op_rules, where
+from qjax.graph.interpret import bind_eqn, materialize, run, weight_operand
 from qjax.graph.trace import trace
 from qjax.rules import fold_in_path, leaves_with_paths, map_matched, map_with_path
 
@@ -113,9 +114,32 @@ def quantize_grad(x, fmt: Format, *, key=None) -> jax.Array:
     return _qgrad(jnp.asarray(x), fmt, key)
 
 
-class _FakeFixed(Handler):
-    def __init__(self, rs, key, ste: str):
-        self.rs, self.key, self.ste = rs, key, ste
+_FLOAT_OPS = {
+    "add": jnp.add,
+    "sub": jnp.subtract,
+    "mul": jnp.multiply,
+    "logistic": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+}
+
+
+def fake_op(primitive: str, fmts: elementwise.OpFormats, operands: list, dtype, key, ste: str = "clipped"):
+    """A merge / table activation as :func:`qjax.fixed.fixed_point` computes it (the same
+    values), differentiable: the gradient is the float op's through :func:`fake_fixed`
+    roundings of its operands (onto ``input``) and result (onto ``output``), i.e. STE."""
+    exact = elementwise.apply(primitive, fmts, operands, dtype, key)
+    xs = [fake_fixed(jnp.asarray(x, dtype), fmts.input, key=key, ste=ste) for x in operands]
+    y = fake_fixed(_FLOAT_OPS[primitive](*xs), fmts.output, key=key, ste=ste)
+    return jax.lax.stop_gradient(exact) + (y - jax.lax.stop_gradient(y))  # exact values, y's gradient
+
+
+class _FakeFixed(OpsHandler):
+    def __init__(self, rs, key, ste: str, ops):
+        super().__init__(ops, key)
+        self.rs, self.ste = rs, ste
+
+    def run_op(self, primitive, fmts, invals, dtype, key):
+        return fake_op(primitive, fmts, invals, dtype, key, self.ste)
 
     def target(self, eqn, invals, emit):
         wi = weight_operand(invals)
@@ -148,7 +172,7 @@ class _FakeFixed(Handler):
         return [y]
 
 
-def fake_fixed_point(f: Callable, rules, *, key=None, ste: str = "clipped") -> Callable:
+def fake_fixed_point(f: Callable, rules, *, ops=(), key=None, ste: str = "clipped") -> Callable:
     """``f`` with its matched matmuls/convs fake-fixed, for fixed-point training.
 
     Forward: leaves whose rule is a plain ``Format`` (biases, norm parameters) rounded onto
@@ -160,19 +184,23 @@ def fake_fixed_point(f: Callable, rules, *, key=None, ste: str = "clipped") -> C
     Args:
       f: ``f(params, *args, **kwargs)``.
       rules: as :func:`qjax.fixed.fixed_point` (``LayerFormats`` and ``Format`` values).
+      ops: as :func:`qjax.fixed.fixed_point`: merges and table activations with the
+        served values (:func:`fake_op`), straight-through gradients.
       key: PRNG key for stochastic formats (use a fresh key every step).
       ste: ``"clipped"`` or ``"plain"``.
 
     Returns:
       A function with ``f``'s signature, differentiable in ``params``.
     """
-    rs = as_rules(rules)
+    rs, ops_rs = as_rules(rules), op_rules(ops)
 
     @functools.wraps(f)
     def g(params, *args, **kwargs):
         params = _fake_format_leaves(params, rs, key, ste)
         traced = trace(f, params, *args, **kwargs)
-        outs, _ = run(traced, _FakeFixed(rs, key, ste), list(traced.param_leaves), jax.tree.leaves(args))
+        handler = _FakeFixed(rs, key, ste, ops_rs)
+        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+        handler.check_ops_used("fake_fixed_point")
         return jax.tree.unflatten(traced.out_tree, outs)
 
     return g

@@ -151,3 +151,29 @@ def test_integer_arithmetic_is_no_layer():
     g = lambda p, i: (i + 1).astype(jnp.float32)  # only an integer add
     with pytest.raises(ValueError, match=r"match no op; the ops seen: \[\]"):
         qf.fixed_point(g, [], ops=[("add", qf.OpFormats(IN, IN))])({}, jnp.arange(3))
+
+
+def test_fake_fixed_point_trains_through_the_same_ops():
+    """``fake_fixed_point(ops=...)``: the forward is ``fixed_point``'s (the same values);
+    the gradient is the float op's through straight-through roundings."""
+    m, x = Net(), jax.random.normal(jax.random.key(5), (3, 5))
+    v = m.init(jax.random.key(6), x)
+    layer = qf.LayerFormats(qf.Format(8, 2, **RC), qf.Format(12, 5, **RC), qf.Format(12, 4, **RC))
+    rules = [(r".*kernel", layer)]
+    ops = [(r"Net/block\d/add", qf.OpFormats(qf.Format(12, 4, **RC), qf.Format(12, 5, **RC))),
+           (r"Net/tanh", qf.OpFormats(qf.Format(12, 5, **RC), TAB))]  # fmt: skip
+    served = qf.fixed_point(m.apply, rules, ops=ops)(v, x)
+    trained = qf.fake_fixed_point(m.apply, rules, ops=ops)(v, x)
+    np.testing.assert_array_equal(np.asarray(trained), np.asarray(served))
+    g = jax.grad(lambda v: jnp.sum(qf.fake_fixed_point(m.apply, rules, ops=ops)(v, x) ** 2))(v)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(g))
+    assert float(jnp.abs(g["params"]["inp"]["kernel"]).max()) > 0
+    # a merge alone: d(x + y)/dx is 1 inside the formats' ranges, 0 where the output saturates
+    f = lambda p, x, y: x + y
+    fmts = qf.OpFormats(qf.Format(8, 3, **RC), qf.Format(8, 3, **RC))
+    dx = jax.grad(lambda x: jnp.sum(qf.fake_fixed_point(f, [], ops=[("add", fmts)])({}, x, jnp.ones(3))))(
+        jnp.asarray([0.5, 1.0, 3.5])
+    )
+    np.testing.assert_array_equal(np.asarray(dx), [1.0, 1.0, 0.0])  # 3.5 + 1 saturates at 3.98
+    with pytest.raises(ValueError, match="fake_fixed_point: ops pattern"):
+        qf.fake_fixed_point(f, [], ops=[("sub", fmts)])({}, jnp.ones(3), jnp.ones(3))
