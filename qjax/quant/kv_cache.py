@@ -206,7 +206,12 @@ class KVCache:
     # -- shape -----------------------------------------------------------------------
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(batch, length, heads, head_dim)``."""
+        """``(batch, length, heads, head_dim)``; raises ``ValueError`` for a stack of caches."""
+        if self.k.ndim != 4:  # jax.vmap(KVCache.init)(...): one cache per layer
+            raise ValueError(
+                f"this KVCache is a stack of caches (keys {self.k.shape}, leading axes {self.k.shape[:-4]}): "
+                "call its methods inside jax.lax.scan / jax.vmap over the stack"
+            )
         return tuple(self.k.shape)
 
     @property

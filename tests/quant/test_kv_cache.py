@@ -237,6 +237,8 @@ def test_a_stack_of_caches_scans_over_layers():
         x = x + cache.attend(x, 2)
         np.testing.assert_array_equal(np.asarray(stack.k.values[i]), np.asarray(cache.k.values))
     np.testing.assert_allclose(np.asarray(out), np.asarray(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"a stack of caches .*leading axes \(3,\).*scan"):
+        stack.update(ks[0], vs[0], 0)  # forgot the scan: said so (it was "too many values to unpack")
 
 
 def test_gradient_with_respect_to_queries_matches_float64():
