@@ -153,15 +153,20 @@ def _layout(a, b, shape: tuple[int, ...], path: str = "") -> tuple[bool, int]:
     Raises:
       ValueError: the shapes fit neither layout.
     """
-    shape = tuple(shape)
-    nb = a.ndim + b.ndim - 2 - len(shape)
-    in_first = nb >= 0 and a.shape[-1] == b.shape[nb] and (*a.shape[:-1], *b.shape[nb + 1 :]) == shape
-    out_first = nb >= 0 and b.shape[-1] == a.shape[nb] and (*b.shape[:-1], *a.shape[nb + 1 :]) == shape
+    in_first, out_first, nb = _fits(tuple(a.shape), tuple(b.shape), tuple(shape))
     if not (in_first or out_first):
         raise ValueError(
             f"leaf {path!r}: LoRA adapters a={a.shape}, b={b.shape} do not fit the weight {shape}"
         )
     return not in_first, nb
+
+
+def _fits(a: tuple, b: tuple, shape: tuple) -> tuple[bool, bool, int]:
+    """``(fits contracted-first, fits PyTorch layout, leading axes)`` of adapter shapes."""
+    nb = len(a) + len(b) - 2 - len(shape)
+    in_first = nb >= 0 and a[-1] == b[nb] and (*a[:-1], *b[nb + 1 :]) == shape
+    out_first = nb >= 0 and b[-1] == a[nb] and (*b[:-1], *a[nb + 1 :]) == shape
+    return in_first, out_first, nb
 
 
 def _delta(a, b, shape: tuple[int, ...], path: str = "") -> jax.Array:
@@ -373,10 +378,11 @@ def lora_adapters(
         dt = dtype or leaf.dtype
         geo = _Geometry(lead, nc, nk, out_first, ())
         a_shape, b_shape = geo.shapes(shape, rank)
-        if out_first and len(set(shape[lead:])) == 1 and rank == shape[-1]:
+        if out_first and all(_fits(a_shape, b_shape, shape)[:2]):
             raise ValueError(
                 f"rule {rules.match(path).pattern!r}: leaf {path!r} ({shape}, read transposed) with rank "
-                f"{rank}: its adapters could not be told from the other layout's; use a rank below {rank}"
+                f"{rank}: its adapters' shapes {a_shape}, {b_shape} would fit the other layout too; use "
+                "another rank"
             )
         bound = 1.0 / math.sqrt(math.prod(shape[lead + nk :] if out_first else shape[lead : lead + nc]))
         a = jax.random.uniform(fold_in_path(key, path), a_shape, dt, -bound, bound)

@@ -248,7 +248,10 @@ def test_errors_name_the_pattern_or_leaf():
             {"w": jnp.ones((16, 3, 4))},
             jnp.ones((3, 2, 16)),
         )
-    with pytest.raises(ValueError, match=r"rank 16: its adapters could not be told"):
+    ambiguous = lambda p, x: jnp.einsum("bhk,nhk->bn", x.reshape(-1, 2, 8), p["w"])  # (N, H, K) = (8, 2, 8)
+    with pytest.raises(ValueError, match=r"rank 8: its adapters' shapes \(8, 2, 8\), \(8, 8\) would fit"):
+        qjax.lora_adapters(ambiguous, [("w", 8)], jax.random.key(0), {"w": jnp.ones((8, 2, 8))}, X)
+    with pytest.raises(ValueError, match=r"rank 16: its adapters' shapes .* would fit the other layout"):
         qjax.lora_adapters(
             lambda p, x: x @ p["w"].T, [("w", 16)], jax.random.key(0), {"w": jnp.ones((16, 16))}, X
         )

@@ -179,7 +179,8 @@ def distill_step(
         constant (independent of the student's), ``None`` when the step has none.
       teacher_momentum: a momentum (mean) teacher, as in Mean Teacher and self-distillation:
         the teacher's params are ``m · teacher + (1 − m) · student`` after every step, kept
-        in ``state.teacher`` (started from the student, or ``init(..., teacher=...)``);
+        in ``state.teacher`` (started from the student, or ``init(..., teacher=...)``; in
+        float32 at least, so a bf16 student's small updates are not rounded away);
         ``teacher_fn`` must take the student's params (the same architecture, float: an
         LSQ student is refused), and ``step`` takes ``teacher_params=None``.
       jit: jit the step.
@@ -279,7 +280,9 @@ def distill_step(
                 raise ValueError(
                     "teacher_momentum: the student has learned (LSQ) scales; the teacher takes float params"
                 )
-            teacher = jax.tree.map(jnp.asarray, student_params if teacher is None else teacher)
+            # at least float32: a bf16 average with m = 0.999 would round most updates away
+            wide = lambda a: jnp.asarray(a).astype(jnp.promote_types(jnp.asarray(a).dtype, jnp.float32))
+            teacher = jax.tree.map(wide, student_params if teacher is None else teacher)
             if jax.tree.structure(teacher) != jax.tree.structure(student_params):
                 raise ValueError(
                     "init(teacher=...): the momentum teacher's params must have the student's structure"

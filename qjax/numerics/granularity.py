@@ -171,10 +171,12 @@ def to_grouped(x: jnp.ndarray, layout: Layout, pad_mode: str = "edge") -> jnp.nd
     g = x.ndim + layout.group_axis
     mesh, entries = _explicit(x)
     extra = layout.padded_length - x.shape[g]
-    if entries is not None and entries[g] is not None:
-        if extra or layout.num_groups % _shards(mesh, entries[g]):
-            x = _unsharded(x, (g,))
-            entries[g] = None
+    if entries is not None and extra:  # an edge pad cannot run on a sharded array: gather it
+        x = _unsharded(x, tuple(range(x.ndim)))
+        entries = [None] * x.ndim
+    elif entries is not None and entries[g] is not None and layout.num_groups % _shards(mesh, entries[g]):
+        x = _unsharded(x, (g,))
+        entries[g] = None
     if extra:
         widths = [(0, 0)] * x.ndim
         widths[g] = (0, extra)

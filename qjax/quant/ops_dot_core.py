@@ -331,8 +331,10 @@ def _contract_packed(a: Operand, b: Operand, dn, method: str, side: int) -> jax.
     def take(x, j):  # per-element scale / zero point along p -> field j's entries
         if x is None or x.shape[p] == 1:
             return x
-        widths = [(0, per * nbytes - length) if d == p else (0, 0) for d in range(x.ndim)]
-        return oc.strided(jnp.pad(x, widths, mode="edge"), p, j, per)
+        if per * nbytes != length:
+            widths = [(0, per * nbytes - length) if d == p else (0, 0) for d in range(x.ndim)]
+            x = jnp.pad(x, widths, mode="edge")
+        return oc.strided(x, p, j, per)
 
     def by_field(x):  # the same, for all fields side by side
         return x if x is None or x.shape[p] == 1 else jnp.concatenate([take(x, j) for j in range(per)], p)

@@ -303,6 +303,13 @@ class _Serve(_PolicyHandler):
         wspec = None if rule is None else rule.weight
         w, perm = _operand_qarray(ref, ref.leaf, wspec, fold_transposes=eqn.primitive.name == "dot_general")
         if w is None:
+            straddles = wspec is not None and not is_quantized(ref.leaf) and any(ref.shard_axes)
+            if straddles and rule.act is not None and _quantized_leaf(ref, ref.leaf, wspec) is None:
+                raise ValueError(
+                    "inside this shard_map the weight's scale groups straddle the shards, so no integer op "
+                    "of a shard holds the whole weight's scales and its act spec cannot be served: use "
+                    "groups the shards hold whole (a group size dividing the shard)"
+                )
             return None
         aspec = None if rule is None or rule.act is None else _resolve_act_spec(rule.act, eqn, 1 - wi)
         return [_quantized_op(eqn, materialize(invals[1 - wi]), w, wi, aspec, self.backend, perm)]

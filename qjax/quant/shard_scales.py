@@ -72,9 +72,10 @@ def quantize_shard(w: jax.Array, spec: QuantSpec, shard_axes: tuple[tuple[str, .
         n, sd = w.shape[d], scale.shape[d]
         if sd == 1:
             continue  # one scale along d: the same on every shard
-        per = n if sd == whole.shape[d] else n // -(-whole.shape[d] // sd)  # scales per shard
-        if sd != whole.shape[d] and n % -(-whole.shape[d] // sd):
+        group = 1 if sd == whole.shape[d] else _group_length(spec, w.ndim, d, whole.shape[d], sd)
+        if n % group:
             return None  # a group straddles two shards
+        per = n // group  # scales per shard
         start = lax.axis_index(shard_axes[d]) * per
         parts = [None if a is None else lax.dynamic_slice_in_dim(a, start, per, axis=d) for a in parts]
     return quantize(w, spec, scale=parts[0], zero_point=parts[1])
@@ -97,7 +98,16 @@ def _axes_to_gather(w: jax.Array, spec: QuantSpec, shard_axes) -> list[int]:
             continue
         if scale.shape[d] == whole_shape[d]:
             continue  # one scale per element along d: nothing is shared across shards
-        group = -(-whole_shape[d] // max(scale.shape[d], 1))
+        group = _group_length(spec, w.ndim, d, whole_shape[d], max(scale.shape[d], 1))
         if scale.shape[d] == 1 or w.shape[d] % group:
             dims.append(d)  # the scale reduces across the shards
     return dims
+
+
+def _group_length(spec: QuantSpec, ndim: int, d: int, length: int, scales: int) -> int:
+    """Elements per scale along axis ``d`` (of ``length``, with ``scales`` scales): the
+    spec's group size on its group axis (with ``pad_groups`` the last group is short, so
+    ``length / scales`` would undercount it), else ``length / scales``."""
+    if spec.group_size is not None and spec.group_axis % ndim == d:
+        return spec.group_size
+    return -(-length // scales)

@@ -359,6 +359,23 @@ def test_a_momentum_teacher_is_the_moving_average_of_the_student():
     )
 
 
+def test_a_bf16_students_momentum_teacher_keeps_float32():
+    """With m = 0.999 a bf16 average rounds most updates away; the teacher is float32."""
+    student = jax.tree.map(lambda a: a.astype(jnp.bfloat16), S_VARS)
+    ds = distill.distill_step(
+        STUDENT.apply, STUDENT.apply, distill.kd_objective(), optax.sgd(0.5), teacher_momentum=0.999
+    )
+    state = ds.init(student)
+    assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(state.teacher))
+    first = jax.tree.map(np.asarray, state.teacher)
+    for _ in range(3):
+        state, _ = ds.step(state, None, {"x": X, "y": Y})
+    moved = np.mean(
+        np.asarray(state.teacher["params"]["body"]["kernel"]) != first["params"]["body"]["kernel"]
+    )
+    assert moved > 0.9
+
+
 def test_momentum_teacher_misuse_is_refused():
     ds = distill.distill_step(
         STUDENT.apply, STUDENT.apply, distill.kd_objective(), optax.sgd(0.1), teacher_momentum=0.99

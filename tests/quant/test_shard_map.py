@@ -176,3 +176,27 @@ def test_serving_float_leaves_inside_shard_map_uses_the_whole_weights_scales(spe
         y = jax.jit(qjax.quantized(_sharded_mlp(mesh), pol))(sharded, sharded_batches[0])
     want = qjax.quantized(_mlp, pol)(qjax.quantize_params(params, pol), batches[0])
     np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5 * float(jnp.max(jnp.abs(want))))
+
+
+def test_serving_shards_with_padded_groups_and_refusing_straddled_w8a8():
+    """``pad_groups`` groups are measured by the spec's group size (a K of 40 in 4 shards
+    with groups of 12 was sliced per shard: 0.67 off); a W8A8 op whose weight groups
+    straddle the shards is refused by name instead of serving a float activation."""
+    mesh = jax.make_mesh((4,), ("model",), axis_types=(AxisType.Auto,))
+    w = jax.random.normal(jax.random.key(0), (40, 8))
+    x = jax.random.normal(jax.random.key(1), (3, 40))
+    body = lambda w, x: jax.lax.psum(x @ w, "model")
+    f = lambda p, x: jax.shard_map(
+        body, mesh=mesh, in_specs=(P("model", None), P(None, "model")), out_specs=P()
+    )(p["w"], x)
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=12, pad_groups=True)
+    pol = qjax.Policy([qjax.Rule("w", weight=spec)])
+    want = qjax.quantized(lambda p, x: x @ p["w"], pol)(qjax.quantize_params({"w": w}, pol), x)
+    with jax.set_mesh(mesh):
+        got = jax.jit(qjax.quantized(f, pol))({"w": w}, x)
+        fq = jax.jit(qjax.fake_quantized(f, pol))({"w": w}, x)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fq), np.asarray(want), rtol=1e-5, atol=1e-5)
+    w8a8 = qjax.Policy([qjax.Rule("w", weight=spec.replace(format=qjax.int8), act=qjax.QuantSpec(qjax.int8))])
+    with jax.set_mesh(mesh), pytest.raises(ValueError, match=r"'w'.*scale groups straddle the shards"):
+        qjax.quantized(f, w8a8)({"w": w}, x)

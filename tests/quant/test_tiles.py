@@ -225,6 +225,10 @@ def test_sharded_weights_get_the_whole_weights_tiles():
         )
         fq = jax.jit(lambda x: qjax.numerics.fake_quant(x, spec))(ws)
         np.testing.assert_array_equal(np.asarray(fq), np.asarray(want.dequantize()))
+    padded = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_axis=0, group_size=40, pad_groups=True)
+    ws = jax.device_put(w, NamedSharding(mesh, P(None, "a")))  # the edge pad raised on a sharded array
+    got = jax.jit(lambda x: qjax.quantize(x, padded))(ws)
+    np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(qjax.quantize(w, padded).scale))
     # QAT inside shard_map: a column-parallel shard 8 wide holds half a 16-wide tile
     auto = jax.make_mesh((8,), ("m",), axis_types=(AxisType.Auto,))
     x = jax.random.normal(jax.random.key(1), (4, 256))
