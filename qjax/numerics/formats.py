@@ -272,7 +272,11 @@ class CodebookFormat(_SymmetricRange, _Codes):
 
     def decode(self, values: jnp.ndarray, dtype) -> jnp.ndarray:
         """The table value of each code in ``dtype``."""
-        return jnp.asarray(self.values, dtype)[values.astype(jnp.int32)]
+        table, codes = jnp.asarray(self.values, dtype), values.astype(jnp.int32)
+        sharding = getattr(jax.typeof(values), "sharding", None)
+        if getattr(sharding, "spec", None) is not None and any(e is not None for e in sharding.spec):
+            return table.at[codes].get(out_sharding=sharding)  # Explicit mesh: keep the codes' sharding
+        return table[codes]
 
     def __repr__(self) -> str:
         return f"qjax.{self.name}"

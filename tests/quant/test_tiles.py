@@ -229,6 +229,10 @@ def test_sharded_weights_get_the_whole_weights_tiles():
     ws = jax.device_put(w, NamedSharding(mesh, P(None, "a")))  # the edge pad raised on a sharded array
     got = jax.jit(lambda x: qjax.quantize(x, padded))(ws)
     np.testing.assert_array_equal(np.asarray(got.scale), np.asarray(qjax.quantize(w, padded).scale))
+    nf4 = qjax.QuantSpec(qjax.nf4, channel_axes=(-1,), group_size=32, group_axis=0)  # a table lookup
+    ws = jax.device_put(w, NamedSharding(mesh, P("a", None)))
+    got = jax.jit(lambda x: qjax.quantize(x, nf4).dequantize())(ws)  # the lookup raised on Explicit meshes
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(qjax.quantize(w, nf4).dequantize()))
     # QAT inside shard_map: a column-parallel shard 8 wide holds half a 16-wide tile
     auto = jax.make_mesh((8,), ("m",), axis_types=(AxisType.Auto,))
     x = jax.random.normal(jax.random.key(1), (4, 256))
