@@ -52,6 +52,7 @@ from jax import lax
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, weight_operand
 from qjax.graph.layout import IDENTITY_LAYOUT
 from qjax.graph.trace import trace
+from qjax.graph.weight_ref import leaf_axes
 from qjax.numerics.transposed import is_quantized
 from qjax.rules import RuleSet, fold_in_path, leaves_with_paths, map_with_path
 
@@ -87,19 +88,6 @@ class _Geometry:
         return -1 if self.out_first else self.nb
 
 
-def _leaf_axes(ref: WeightRef, ndim: int) -> list[int] | None:
-    """For each axis of the weight as the op sees it, the leaf axis it is, through
-    transposes and casts; ``None`` through other layout ops."""
-    axes = list(range(ndim))
-    for op in reversed(ref.ops):
-        if op.primitive.name == "transpose":
-            perm = op.params["permutation"]
-            axes = [perm[a] for a in axes]
-        elif op.primitive.name not in IDENTITY_LAYOUT:
-            return None
-    return axes
-
-
 def _geometry(eqn, ref: WeightRef, wi: int) -> _Geometry:
     """How the ``dot_general`` ``eqn`` reads the weight operand ``wi`` (see
     :class:`_Geometry`).
@@ -113,7 +101,7 @@ def _geometry(eqn, ref: WeightRef, wi: int) -> _Geometry:
     if eqn.primitive.name != "dot_general":
         raise ValueError(f"{where} adapts dot_general matmuls; this leaf is read by {eqn.primitive.name}")
     ndim = len(eqn.invars[wi].aval.shape)
-    leaf = _leaf_axes(ref, ndim)
+    leaf = leaf_axes(ref, ndim)
     if leaf is None:
         moved = [op.primitive.name for op in ref.ops if op.primitive.name not in IDENTITY_LAYOUT]
         raise ValueError(

@@ -32,7 +32,7 @@ from jax import lax
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run
 from qjax.graph.layout import IDENTITY_LAYOUT
 from qjax.graph.trace import trace
-from qjax.graph.weight_ref import ragged_weight
+from qjax.graph.weight_ref import leaf_axes, ragged_weight
 from qjax.rules import RuleSet
 
 
@@ -70,17 +70,13 @@ class InputStatistic:
 def _view_to_leaf_axes(ref: WeightRef, view_ndim: int) -> list[int]:
     """For each axis of the weight as the op sees it, the params-leaf axis it is
     (layout ops may only be transposes and dtype conversions)."""
-    axes = list(range(view_ndim))
-    for op in reversed(ref.ops):
-        name = op.primitive.name
-        if name == "transpose":
-            perm = op.params["permutation"]
-            axes = [perm[a] for a in axes]
-        elif name not in IDENTITY_LAYOUT:
-            raise ValueError(
-                f"{ref.path!r}: the weight reaches its matmul/conv through {name!r}; only "
-                "transposes and dtype conversions can be mapped back to the params leaf's axes"
-            )
+    axes = leaf_axes(ref, view_ndim)
+    if axes is None:
+        moved = [op.primitive.name for op in ref.ops if op.primitive.name not in IDENTITY_LAYOUT]
+        raise ValueError(
+            f"{ref.path!r}: the weight reaches its matmul/conv through {moved[0]!r}; only "
+            "transposes and dtype conversions can be mapped back to the params leaf's axes"
+        )
     return [a + ref.depth for a in axes]
 
 

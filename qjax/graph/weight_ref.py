@@ -118,6 +118,20 @@ def ragged_weight(eqn, invals) -> WeightRef | None:
     return rhs if len(eqn.invars[1].aval.shape) == 3 else None
 
 
+def leaf_axes(ref: WeightRef, ndim: int) -> list[int] | None:
+    """For each axis of the weight as the op sees it (``ndim`` axes), the axis of ``ref``'s
+    leaf (a ``scan`` slice inside a loop) it is, through transposes and dtype conversions;
+    ``None`` when another layout op (a reshape, a slice) came between."""
+    axes = list(range(ndim))
+    for op in reversed(ref.ops):
+        if op.primitive.name == "transpose":
+            perm = op.params["permutation"]
+            axes = [perm[a] for a in axes]
+        elif op.primitive.name not in IDENTITY_LAYOUT:
+            return None
+    return axes
+
+
 def materialize(value):
     """The float value of a ``WeightRef`` (dequantized, layout ops replayed); other
     values are returned as they are."""
