@@ -76,17 +76,13 @@ def test_qat_step_trains_with_static_activation_scales():
     assert float(dynamic) != pytest.approx(loss, rel=1e-3)
 
 
-@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
-def test_qat_step_updates_running_activation_ranges(local):
-    """``act_stats_momentum``: the step takes the running stats and returns them updated in
-    its metrics, as the single-device ``fake_quantized`` does (with ``local_batch_axes``,
-    the mean of the shards' updates from their own rows)."""
-    b = batch(5)
+def _running_stats_step(b, momentum, local: bool, shards: int):
+    """A data-parallel W8A8 ``qat_step`` with running activation stats on ``shards``
+    devices: ``(model, params, policy, tx, state shardings, step)``."""
     model, tx = MLP(), sgd()
     params = init(model, b["x"])
     static = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
-    stats = qjax.calibrate(model.apply, static, params, [0.5 * b["x"]])
-    mesh = qp.make_mesh(8, 1, 1)
+    mesh = qp.make_mesh(shards, 1, 1, devices=jax.devices()[:shards])
     sh = qp.train_state_shardings(params, tx, presets.data_parallel(), mesh)
     step = qp.qat_step(
         model.apply,
@@ -95,10 +91,21 @@ def test_qat_step_updates_running_activation_ranges(local):
         tx,
         sh,
         qp.batch_shardings(mesh, b),
-        act_stats_momentum=0.9,
+        act_stats_momentum=momentum,
         local_batch_axes=BATCH_AXES if local else None,
         donate=False,
     )
+    return model, params, static, tx, sh, step
+
+
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_qat_step_updates_running_activation_ranges(local):
+    """``act_stats_momentum``: the step takes the running stats and returns them updated in
+    its metrics, as the single-device ``fake_quantized`` does (with ``local_batch_axes``,
+    the mean of the shards' updates from their own rows)."""
+    b = batch(5)
+    model, params, static, tx, sh, step = _running_stats_step(b, 0.9, local, 8)
+    stats = qjax.calibrate(model.apply, static, params, [0.5 * b["x"]])
     _, metrics = step(qp.init_train_state(params, tx, sh), b, stats)
     new = metrics["act_stats"]
     ema = qjax.fake_quantized(model.apply, static, act_stats_momentum=0.9)
@@ -129,24 +136,9 @@ def test_qat_step_with_delayed_scaling_pushes_the_whole_batch_amax(local, shards
     of their agreed histories moved them by a float32 rounding), and the loss is the
     single-device step's."""
     b = {k: v[: 2 * shards] for k, v in batch(5).items()}
-    model, tx = MLP(), sgd()
-    params = init(model, b["x"])
-    static = qjax.Policy([qjax.Rule(r".*/kernel", weight=W8, act=qjax.QuantSpec(qjax.int8))])
     delayed = qjax.DelayedScaling(history=3)
+    model, params, static, tx, sh, step = _running_stats_step(b, delayed, local, shards)
     hist = delayed.init(qjax.calibrate(model.apply, static, params, [0.37 * b["x"]]))
-    mesh = qp.make_mesh(shards, 1, 1, devices=jax.devices()[:shards])
-    sh = qp.train_state_shardings(params, tx, presets.data_parallel(), mesh)
-    step = qp.qat_step(
-        model.apply,
-        static,
-        xent,
-        tx,
-        sh,
-        qp.batch_shardings(mesh, b),
-        act_stats_momentum=delayed,
-        local_batch_axes=BATCH_AXES if local else None,
-        donate=False,
-    )
     _, metrics = step(qp.init_train_state(params, tx, sh), b, hist)
     new = metrics["act_stats"]
     y, want = qjax.fake_quantized(model.apply, static, act_stats_momentum=delayed)(params, hist, b["x"])
