@@ -266,7 +266,9 @@ def _channel(ctx: dict, step: Step, pruner: Any) -> dict:
     m = ctx["model"]
     x0 = next(_batches(m, 1))[0]
     masks = pruner.masks(m["params"])
-    small, plan = prune.shrink(m["apply_fn"], m["params"], masks, x0, vote="any")
+    small, plan = prune.shrink(
+        m["apply_fn"], m["params"], masks, x0, vote="any", inexact_norms=step.opts["inexact_norms"]
+    )
     small_apply = prune.linen_apply(m["module"], plan=plan)
     before = _shapes(jax.eval_shape(m["apply_fn"], m["params"], x0))
     after = _shapes(jax.eval_shape(small_apply, small, x0))

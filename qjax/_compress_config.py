@@ -15,7 +15,9 @@ Config (JSON, TOML, or YAML when PyYAML is installed); unknown keys are errors::
       qat      rules, steps (300), lr (3e-4)                   weight specs only
       prune    sparsity, type ("unstructured" | "channel" | "N:M" e.g. "2:4"),
                scope ("layer" | "global"), schedule ("gradual" | "one_shot"; N:M and
-               channel: one_shot), rules, steps (300), lr (3e-4)
+               channel: one_shot), inexact_norms (channel only, false: prune widths a
+               LayerNorm / RMSNorm averages over, as Torch-Pruning does; the shrunk model
+               then differs from the masked one), rules, steps (300), lr (3e-4)
       distill  student ("file.py:function"), student_args, temperature (4.0), alpha (0.7),
                steps (500), lr (1e-3)
 
@@ -50,7 +52,18 @@ KINDS = ("ptq", "qat", "prune", "distill")
 STEP_KEYS = {
     "ptq": ("name", "kind", "rules", "execute", "calibration_batches", "histogram_bins"),
     "qat": ("name", "kind", "rules", "steps", "lr"),
-    "prune": ("name", "kind", "sparsity", "type", "scope", "schedule", "rules", "steps", "lr"),
+    "prune": (
+        "name",
+        "kind",
+        "sparsity",
+        "type",
+        "scope",
+        "schedule",
+        "inexact_norms",
+        "rules",
+        "steps",
+        "lr",
+    ),
     "distill": ("name", "kind", "student", "student_args", "temperature", "alpha", "steps", "lr"),
 }
 RULE_KEYS = ("pattern", "weight", "act")
@@ -338,6 +351,11 @@ def _prune_opts(step: dict, opts: dict, where: str) -> tuple:
         _fail(where, f"missing 'sparsity' (the fraction of weights removed, in [0, 1)) for type {stype!r}")
     else:
         opts["sparsity"] = _fraction(step["sparsity"], where, "sparsity", hi_open=True)
+    inexact = opts.setdefault("inexact_norms", False)
+    if not isinstance(inexact, bool):
+        _fail(where, f"'inexact_norms' must be true or false, got {inexact!r}")
+    if inexact and stype != "channel":
+        _fail(where, f"'inexact_norms' applies to type 'channel' only, not {stype!r}")
     one_shot_only = bool(nm) or stype == "channel"
     opts.setdefault("schedule", "one_shot" if one_shot_only else "gradual")
     _choice(opts["schedule"], ("gradual", "one_shot"), where, "schedule")

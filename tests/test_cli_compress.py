@@ -265,6 +265,17 @@ BAD_CONFIGS = {
         {"entry": "tiny.py:build", "steps": [{"kind": "prune", "type": "channel", "sparsity": 0.5}]},
         ["must also return 'module'"],
     ),
+    "inexact_norms not a bool": (
+        {
+            "entry": "tiny.py:build",
+            "steps": [{"kind": "prune", "type": "channel", "sparsity": 0.5, "inexact_norms": 1}],
+        },
+        ["'inexact_norms' must be true or false, got 1"],
+    ),
+    "inexact_norms on unstructured pruning": (
+        {"entry": "tiny.py:build", "steps": [{"kind": "prune", "sparsity": 0.5, "inexact_norms": True}]},
+        ["'inexact_norms' applies to type 'channel' only, not 'unstructured'"],
+    ),
     "entry raising": (
         {"entry": "tiny.py:broken", "steps": [{"kind": "ptq", "rules": [INT8]}]},
         ["entry 'tiny.py:broken' raised RuntimeError: boom in user code", "--debug"],
@@ -348,3 +359,52 @@ def test_debug_shows_the_traceback(tiny, qjax_main, capsys):
 def test_run_compress_raises_cli_error(tiny):
     with pytest.raises(CLIError, match="unknown kind"):
         run_compress({"entry": "tiny.py:build", "steps": [{"kind": "x"}]}, base_dir=tiny)
+
+
+NORM_MODEL = """
+import flax.linen as nn
+import jax
+import numpy as np
+import optax
+
+
+class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.LayerNorm(name="norm")(nn.Dense(16, name="up")(x))
+        return nn.Dense(4, name="head")(nn.relu(h))
+
+
+def build(seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(64, 8)).astype(np.float32)
+    y = (x[:, :4]).argmax(-1)
+    module = Net()
+    return {
+        "apply_fn": module.apply,
+        "params": module.init(jax.random.key(seed), x[:1]),
+        "module": module,
+        "batches": [(x[:32], y[:32]), (x[32:], y[32:])],
+        "eval_fn": lambda f, p: float((f(p, x).argmax(-1) == y).mean()),
+        "loss_fn": lambda o, t: optax.softmax_cross_entropy_with_integer_labels(o, t).mean(),
+    }
+"""
+
+
+def test_channel_pruning_across_a_layer_norm_with_inexact_norms(tmp_path):
+    # the hidden width feeds a LayerNorm, which averages over it: shrinking it changes the
+    # function, so it is pruned only when the config opts in
+    (tmp_path / "norm.py").write_text(NORM_MODEL)
+    step = {"kind": "prune", "type": "channel", "sparsity": 0.5, "steps": 2}
+    skip_head = [{"pattern": ".*head/kernel", "sparsity": None}]
+    config = {
+        "entry": "norm.py:build",
+        "steps": [
+            {**step, "name": "exact", "rules": skip_head},
+            {**step, "name": "inexact", "inexact_norms": True, "rules": skip_head},
+        ],
+    }
+    rows = {r["key"]: r for r in run_compress(config, base_dir=tmp_path, quiet=True)["rows"]}
+    assert rows["exact"]["bytes"] == rows["float"]["bytes"]  # the group is blocked by the norm
+    # up (8x8 + 8), norm (8 + 8), head (8x4 + 4) float32 values
+    assert rows["inexact"]["bytes"] == 4 * (8 * 8 + 8 + 8 + 8 + 8 * 4 + 4)

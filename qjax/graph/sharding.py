@@ -1,4 +1,5 @@
-"""Rebuilding ``shard_map`` around weights the graph layer rewrites."""
+"""Shardings around the ops the graph layer rewrites: ``shard_map`` rebuilt around weights,
+and rewritten ops on Explicit-axes meshes run with the axes Auto."""
 
 from __future__ import annotations
 
@@ -10,6 +11,31 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qjax.graph.layout import unpacked
 from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray, is_quantized, swapped_spec
+
+
+def like_output(out_types, fn):
+    """``fn``, run with the mesh's Explicit axes made Auto and its outputs given the
+    shardings of ``out_types`` (an aval, e.g. the replaced equation's output type, or a
+    tuple of them), when those live on a mesh with Explicit axes; else ``fn`` itself.
+
+    A rewritten op (a quantized matmul: blocks per scale group, one contraction per int4
+    bit field, scales applied after; an integer backward pass) runs many small ops on the
+    operands. On an Explicit mesh each would need its own output sharding (a contraction
+    over axes sharded on both sides) or cannot run at all (a slice of one group out of an
+    axis split across devices). The original op's types already say where the results
+    live, so the body runs under Auto axes (the compiler places it) and the results are
+    resharded to those types, as the float op would have produced them.
+    """
+    types = out_types if isinstance(out_types, tuple) else (out_types,)
+    shardings = tuple(getattr(t, "sharding", None) for t in types)
+    meshes = [getattr(s, "mesh", None) for s in shardings]
+    if any(m is None for m in meshes) or not any(
+        jax.sharding.AxisType.Explicit in tuple(m.axis_types) for m in meshes
+    ):
+        return fn
+    return jax.sharding.auto_axes(
+        fn, out_sharding=shardings if isinstance(out_types, tuple) else shardings[0]
+    )
 
 
 def scale_spec(spec: PartitionSpec, scale_shape: tuple[int, ...]) -> PartitionSpec:

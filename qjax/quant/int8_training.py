@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax.graph.sharding import like_output
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.ops_dot import quantized_dot_general
 
@@ -86,7 +87,10 @@ def _wib_fwd(forward, backward, lhs, rhs, extra, key):
 
 def _wib_bwd(forward, backward, res, g):
     lhs, rhs, key = res
-    dlhs, drhs = backward(lhs, rhs, key, g)
+    # on an Explicit mesh the backward matmuls run with the axes Auto, and the cotangents
+    # come back in their primals' shardings (a custom VJP must return exactly those types)
+    run = like_output((jax.typeof(lhs), jax.typeof(rhs)), backward)
+    dlhs, drhs = run(lhs, rhs, key, g)
     return dlhs, drhs, None, None
 
 

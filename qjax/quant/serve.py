@@ -19,6 +19,7 @@ from jax import lax
 
 from qjax.graph.interpret import LayoutOp, WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.graph.layout import apply_layout
+from qjax.graph.sharding import like_output
 from qjax.numerics.qarray import QArray
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import QuantSpec
@@ -143,14 +144,21 @@ def _conv_geometry(eqn) -> dict:
 def _quantized_op(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str = "auto", perm=None):
     """Run a target equation on an activation and a quantized weight (operand ``wi``);
     ``perm`` (from :func:`_operand_qarray` with ``fold_transposes``): the transpose that
-    takes ``w`` to the operand, folded into a ``dot_general``'s dimension numbers."""
+    takes ``w`` to the operand, folded into a ``dot_general``'s dimension numbers. On an
+    Explicit-axes mesh the op runs with the axes Auto and its result takes the equation's
+    output sharding (:func:`qjax.graph.sharding.like_output`)."""
+    run = lambda act, w: _op_on_codes(eqn, act, w, wi, aspec, backend, perm)
+    return like_output(eqn.outvars[0].aval, run)(act, w)
+
+
+def _op_on_codes(eqn, act, w: QArray, wi: int, aspec: QuantSpec | None, backend: str, perm):
     from qjax.quant import ops  # the op library sits beside this module
 
     if perm is not None:
         ndims = [v.aval.ndim for v in eqn.invars]
         dn, out_perm = _unfold_transpose(eqn.params["dimension_numbers"], wi, perm, tuple(ndims))
         eqn = eqn.replace(params={**eqn.params, "dimension_numbers": dn})
-        out = _quantized_op(eqn, act, w, wi, aspec, backend)
+        out = _op_on_codes(eqn, act, w, wi, aspec, backend, None)
         return out if out_perm == tuple(range(out.ndim)) else lax.transpose(out, out_perm)
 
     static = {}
@@ -265,10 +273,12 @@ class _Serve(_PolicyHandler):
         static = {}
         if aspec is not None and w.act_scale is not None:
             static = {"lhs_scale": w.act_scale, "lhs_zero_point": w.act_zero_point}
+        out_aval = eqn.outvars[0].aval
+        run = lambda x, w, sizes, static: ops_ragged.quantized_ragged_dot(
+            x, w, sizes, lhs_spec=aspec, out_dtype=out_aval.dtype, **static
+        )
         with jax.named_scope(op_scope(ref.path)):
-            y = ops_ragged.quantized_ragged_dot(
-                invals[0], w, invals[2], lhs_spec=aspec, out_dtype=eqn.outvars[0].aval.dtype, **static
-            )
+            y = like_output(out_aval, run)(invals[0], w, invals[2], static)
         return [y]
 
     def quantize_activation_op(self, eqn, invals, lhs_spec, rhs_spec, scope: str, emit):
@@ -281,20 +291,22 @@ class _Serve(_PolicyHandler):
             self.op_stats.scale(scope, side, spec) or (None, None)
             for side, spec in zip(op_stats_lib.SIDES, (lhs_spec, rhs_spec), strict=True)
         )
-        p = eqn.params
+        out_aval = eqn.outvars[0].aval
+        run = lambda lhs, rhs, ls, lz, rs, rz: ops.quantized_dot_general(
+            lhs,
+            rhs,
+            eqn.params["dimension_numbers"],
+            lhs_spec=lhs_spec,
+            rhs_spec=rhs_spec,
+            lhs_scale=ls,
+            lhs_zero_point=lz,
+            rhs_scale=rs,
+            rhs_zero_point=rz,
+            out_dtype=out_aval.dtype,
+            backend="xla",
+        )
         with jax.named_scope(op_scope(scope)):
-            y = ops.quantized_dot_general(
-                *invals,
-                p["dimension_numbers"],
-                lhs_spec=lhs_spec,
-                rhs_spec=rhs_spec,
-                lhs_scale=ls,
-                lhs_zero_point=lz,
-                rhs_scale=rs,
-                rhs_zero_point=rz,
-                out_dtype=eqn.outvars[0].aval.dtype,
-                backend="xla",
-            )
+            y = like_output(out_aval, run)(*invals, ls, lz, rs, rz)
         return [y]
 
     def _op(self, eqn, invals, wi: int, ref: WeightRef, rule: Rule | None) -> list | None:
