@@ -44,15 +44,19 @@ from jax.extend import core as jcore
 
 from qjax.graph._fold_ids import _Lit, _Node, _to_rank, _transfer, _View
 from qjax.graph.layout import IDENTITY_LAYOUT, LAYOUT_PRIMITIVES
-from qjax.graph.ops import find_ops
+from qjax.graph.ops import weight_ops
 from qjax.graph.trace import trace
+from qjax.graph.weight_ref import RAGGED_DIMS
 
 # Higher-order primitives read through (their body is inlined), by the param holding it.
 _INLINE = dict.fromkeys(("jit", "pjit", "remat2", "checkpoint"), "jaxpr") | {
     "custom_vjp_call_jaxpr": "fun_jaxpr"
 }
 _INLINE |= dict.fromkeys(("closed_call", "core_call", "custom_jvp_call", "custom_vjp_call"), "call_jaxpr")
-_TARGETS = ("dot_general", "conv_general_dilated")
+# lax.ragged_dot in its standard form (RAGGED_DIMS), (M, K) rows sorted by expert x (G, K, N)
+# experts: every expert contracts K with the same activation channels, so a factor on K is
+# shared by all of them
+_TARGETS = ("dot_general", "conv_general_dilated", "ragged_dot_general")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -211,6 +215,8 @@ class _Graph:
     def weight_operand(self, node: _Node) -> int | None:
         if node.prim not in _TARGETS:
             return None
+        if node.prim == "ragged_dot_general":
+            return 1 if _standard_ragged(node) and self.view_of(node.ins[1]) is not None else None
         refs = [i for i in (0, 1) if isinstance(node.ins[i], int) and node.ins[i] in self.views]
         return refs[0] if len(refs) == 1 else None
 
@@ -366,11 +372,17 @@ class _Graph:
 
     def _consume(self, idx: int, node: _Node, wi: int, ids: np.ndarray, r: _Reach) -> None:
         view = self.views[node.ins[wi]]
-        if node.prim != "dot_general":
+        if node.prim == "conv_general_dilated":
             r.forbidden.append((ids, f"convolution {view.path!r}"))
             return None
-        (lc, rc), (lb, rb) = node.params["dimension_numbers"]
-        wc, ac, wb = (rc, lc, rb) if wi == 1 else (lc, rc, lb)
+        if node.prim == "ragged_dot_general":
+            if wi != 1 or self.view_of(node.ins[0]) is not None:
+                r.forbidden.append((ids, f"ragged dot {view.path!r}, read as its rows"))
+                return None
+            wc, ac, wb = (1,), (1,), ()  # each expert's K rows; the experts are not batch axes of x
+        else:
+            (lc, rc), (lb, rb) = node.params["dimension_numbers"]
+            wc, ac, wb = (rc, lc, rb) if wi == 1 else (lc, rc, lb)
         why = None
         if len(self.reads[view.path]) > 1:
             why = f"{view.path!r}, a weight read by several matmuls"
@@ -388,6 +400,14 @@ class _Graph:
         k_ids = np.broadcast_to(k_ids, [node.in_shapes[1 - wi][d] for d in act]).reshape(-1)
         r.terminals.append((view.path, k_ids, idx))
         return None
+
+
+def _standard_ragged(node: _Node) -> bool:
+    d = node.params.get("ragged_dot_dimension_numbers")
+    if d is None or len(node.ins) != 3 or node.params.get("group_offset") is not None:
+        return False
+    dims = (d.dot_dimension_numbers, tuple(d.lhs_ragged_dimensions), tuple(d.rhs_group_dimensions))
+    return dims == RAGGED_DIMS and len(node.in_shapes[1]) == 3
 
 
 def _reach_fixed(g: _Graph, start: int, ids: np.ndarray) -> _Reach:
@@ -486,7 +506,7 @@ def fold_groups(f, params: Any, *args, **kwargs) -> list[FoldGroup]:
     groups.sort(key=lambda t: t[0])
     out = [grp for _, grp in groups]
     covered = {p for grp in out for p in grp.paths}
-    for op in find_ops(f, params, *args, **kwargs):
+    for op in weight_ops(f, params, args, kwargs, ragged=True):
         if op.path not in covered:
             covered.add(op.path)
             out.append(FoldGroup((op.path,), False, _source(g, op.path)))

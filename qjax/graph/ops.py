@@ -13,6 +13,7 @@ from jax import lax
 
 from qjax.graph.interpret import Handler, WeightRef, run
 from qjax.graph.trace import trace
+from qjax.graph.weight_ref import ragged_weight
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,7 +22,8 @@ class OpInfo:
 
     Attributes:
       path: the params leaf path (the op's identity).
-      primitive: ``"dot_general"`` or ``"conv_general_dilated"``.
+      primitive: ``"dot_general"`` or ``"conv_general_dilated"`` (or
+        ``"ragged_dot_general"``, listed by ``weight_ops(..., ragged=True)``).
       weight_operand: 0 (lhs) or 1 (rhs).
       weight_shape: the weight operand's shape as the op sees it (after layout ops).
       activation_shape: the other operand's shape (``None`` if it is also a weight).
@@ -66,18 +68,27 @@ class _Recorder(Handler):
     def target(self, eqn, invals, emit):
         for i, x in enumerate(invals[:2]):
             if isinstance(x, WeightRef):
-                other = invals[1 - i]
-                op = OpInfo(
-                    x.path,
-                    eqn.primitive.name,
-                    i,
-                    tuple(eqn.invars[i].aval.shape),
-                    None if isinstance(other, WeightRef) else tuple(eqn.invars[1 - i].aval.shape),
-                    dict(eqn.params),
-                )
-                self.ops.append(op)
-                emit(_key(op), jnp.zeros((), jnp.float32))
+                self._record(eqn, invals, i, emit)
         return None
+
+    def other(self, eqn, invals, emit):
+        """A ``lax.ragged_dot`` reading an expert weight (standard dimension numbers)."""
+        if ragged_weight(eqn, invals) is not None:
+            self._record(eqn, invals, 1, emit)
+        return None
+
+    def _record(self, eqn, invals, i: int, emit) -> None:
+        other = invals[1 - i]
+        op = OpInfo(
+            invals[i].path,
+            eqn.primitive.name,
+            i,
+            tuple(eqn.invars[i].aval.shape),
+            None if isinstance(other, WeightRef) else tuple(eqn.invars[1 - i].aval.shape),
+            dict(eqn.params),
+        )
+        self.ops.append(op)
+        emit(_key(op), jnp.zeros((), jnp.float32))
 
 
 def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
@@ -91,6 +102,12 @@ def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
       >>> [op.path for op in qjax.graph.find_ops(model.apply, variables, x)]
       ['params/Dense_0/kernel', 'params/Dense_1/kernel']
     """
+    return weight_ops(f, params, args, kwargs)
+
+
+def weight_ops(f, params: Any, args: tuple, kwargs: dict, ragged: bool = False) -> list[OpInfo]:
+    """:func:`find_ops`, with ``ragged``: also every ``lax.ragged_dot`` reading an expert
+    weight ``(G, K, N)`` (standard dimension numbers)."""
     traced = trace(f, params, *args, **kwargs)
     recorder = _Recorder()
     # Abstract evaluation: the recorder sees every op at trace time, nothing is computed.
@@ -102,6 +119,8 @@ def find_ops(f, params: Any, *args, **kwargs) -> list[OpInfo]:
     seen, ops = set(), []
     for op in recorder.ops:
         key = _key(op)
+        if op.primitive == "ragged_dot_general" and not ragged:
+            continue
         if key not in seen:
             seen.add(key)
             count = sum(math.prod(m.shape) for m in markers.get(key, ()))

@@ -99,7 +99,8 @@ def contraction(
 ) -> tuple[tuple, tuple]:
     """``(weight leaf axes contracted, sorted; the activation axes paired with them, in the
     same order)`` of the ``dot_general``/``conv_general_dilated`` ``eqn`` whose operand
-    ``wi`` is ``ref``.
+    ``wi`` is ``ref``; of a ``lax.ragged_dot`` (standard form, ``wi = 1``), the expert
+    weight's K axis and the rows' K axis.
 
     Raises:
       ValueError: naming ``what`` and the path: the weight reaches the op through a layout
@@ -107,6 +108,8 @@ def contraction(
         ``grouped``), or a convolution is grouped or has the weight as its lhs.
     """
     leaf_axes = _view_to_leaf_axes(ref, eqn.invars[wi].aval.ndim)
+    if eqn.primitive.name == "ragged_dot_general":
+        return (leaf_axes[1],), (1,)
     if eqn.primitive.name == "dot_general":
         (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
         if (lb or rb) and not grouped:
@@ -210,9 +213,10 @@ class _Collect(Handler):
                 "whose experts' inputs cannot be pooled (input_statistics(grouped=True) keeps one per "
                 "expert, as qjax.gptq does)"
             )
-        group, k, _ = _view_to_leaf_axes(ref, 3)
+        w_axes, _ = contraction(eqn, 1, ref)
+        group = _view_to_leaf_axes(ref, 3)[0]
         value, counts = _ragged_groups(self.statistic, invals[0].astype(jnp.float32), invals[2])
-        self._note(ref.path, ((k,), ref.depth, eqn.primitive.name, (group,)))
+        self._note(ref.path, (w_axes, ref.depth, eqn.primitive.name, (group,)))
         emit(ref.path, (value, counts))
         return None
 

@@ -100,7 +100,7 @@ def weight_operand(invals) -> int | None:
     return refs[0] if len(refs) == 1 else None
 
 
-_RAGGED_DIMS = ((((1,), (1,)), ((), ())), (0,), (0,))  # (M, K) x (G, K, N), groups along M
+RAGGED_DIMS = ((((1,), (1,)), ((), ())), (0,), (0,))  # (M, K) x (G, K, N), groups along M
 
 
 def ragged_weight(eqn, invals) -> WeightRef | None:
@@ -113,7 +113,7 @@ def ragged_weight(eqn, invals) -> WeightRef | None:
         return None
     d = eqn.params.get("ragged_dot_dimension_numbers")
     dims = (d.dot_dimension_numbers, tuple(d.lhs_ragged_dimensions), tuple(d.rhs_group_dimensions))
-    if eqn.params.get("group_offset") is not None or dims != _RAGGED_DIMS:
+    if eqn.params.get("group_offset") is not None or dims != RAGGED_DIMS:
         return None
     return rhs if len(eqn.invars[1].aval.shape) == 3 else None
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -82,29 +83,42 @@ def _matrix(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
 
 
 def awq_error(
-    w: jax.Array, h: jax.Array, s: jax.Array, spec: QuantSpec, axes: tuple[int, ...] = (0,)
+    w: jax.Array,
+    h: jax.Array,
+    s: jax.Array,
+    spec: QuantSpec,
+    axes: tuple[int, ...] = (0,),
+    groups: tuple[int, ...] = (),
 ) -> jax.Array:
     """``Σ_n Δ[:, n]ᵀ H Δ[:, n]`` with ``Δ = Q(diag(s)·W)/s − W`` (leaf layout for ``Q``).
 
     Args:
       w: the float weight leaf.
-      h: ``[K, K]`` input Gram matrix (``XᵀX``, or its mean per row).
-      s: ``[K]`` factor.
+      h: ``[K, K]`` input Gram matrix (``XᵀX``, or its mean per row); for expert weights
+        (``groups``), one per expert ``[*experts, K, K]``, each expert's ``Δ`` against its own.
+      s: ``[K]`` factor (shared by the experts).
       spec: the weight's quantization spec (applied to the scaled leaf).
       axes: the leaf's contracted axes (``K``'s order).
+      groups: the leaf axes that index experts (in leaf order), ``()`` for a plain weight.
     """
     w = jnp.asarray(w, jnp.float32)
     sb = row_factor(s, w.shape, axes)
-    delta = _matrix(fake_quant(w * sb, spec) / sb - w, axes)
-    hd = jnp.dot(h, delta, precision=lax.Precision.HIGHEST)
+    delta = fake_quant(w * sb, spec) / sb - w
+    if not groups:
+        delta = _matrix(delta, axes)
+        return jnp.sum(delta * jnp.dot(h, delta, precision=lax.Precision.HIGHEST))
+    rest = [a for a in range(w.ndim) if a not in axes and a not in groups]
+    k = h.shape[-1]
+    delta = jnp.transpose(delta, (*groups, *axes, *rest)).reshape(-1, k, math.prod(w.shape[a] for a in rest))
+    hd = jnp.einsum("gkl,gln->gkn", h.reshape(-1, k, k), delta, precision=lax.Precision.HIGHEST)
     return jnp.sum(delta * hd)
 
 
-@functools.partial(jax.jit, static_argnames=("specs", "axes", "chunk"))
-def _grid_errors(x_mean, ws, hs, alphas, specs, axes, chunk):
+@functools.partial(jax.jit, static_argnames=("specs", "axes", "groups", "chunk"))
+def _grid_errors(x_mean, ws, hs, alphas, specs, axes, groups, chunk):
     def one(alpha):
         s = awq_scale(x_mean, alpha)
-        return sum(awq_error(w, h, s, spec, ax) for w, h, spec, ax in zip(ws, hs, specs, axes))
+        return sum(awq_error(*args) for args in zip(ws, hs, [s] * len(ws), specs, axes, groups))
 
     return lax.map(one, alphas, batch_size=chunk)
 
@@ -117,6 +131,7 @@ def awq_search(
     axes: list[tuple[int, ...]] | None = None,
     *,
     grid: int = 20,
+    groups: list[tuple[int, ...]] | None = None,
 ) -> AWQSearch:
     """Grid search of the AWQ factor for weights that read one activation.
 
@@ -127,6 +142,8 @@ def awq_search(
       specs: their weight specs.
       axes: their contracted axes (default ``(0,)`` each).
       grid: grid points ``α = i/grid``, ``i < grid``.
+      groups: their expert axes (default ``()`` each); an expert weight's Hessian holds
+        one ``[K, K]`` matrix per expert (see :func:`awq_error`).
 
     Returns:
       :class:`AWQSearch` with the minimising ``α`` (the smallest on ties).
@@ -134,6 +151,7 @@ def awq_search(
     if grid < 1:
         raise ValueError(f"awq: grid must be >= 1, got {grid}")
     axes = [(0,)] * len(weights) if axes is None else axes
+    groups = [()] * len(weights) if groups is None else groups
     alphas = np.arange(grid) / grid
     per_alpha = sum(int(np.prod(np.shape(w))) for w in weights) * 16
     chunk = int(max(1, min(grid, _CHUNK_BYTES // max(per_alpha, 1))))
@@ -144,6 +162,7 @@ def awq_search(
         jnp.asarray(alphas, jnp.float32),
         tuple(specs),
         tuple(tuple(a) for a in axes),
+        tuple(tuple(g) for g in groups),
         chunk,
     )
     errors = np.asarray(errors)
@@ -203,6 +222,11 @@ def awq_clip(
     )
 
 
+def _total_rows(stat) -> int:
+    """The activation rows a statistic summed (of all experts), at least 1."""
+    return max(int(np.sum(stat.rows)), 1)
+
+
 def awq_factors(
     f: Callable,
     params: Any,
@@ -215,10 +239,16 @@ def awq_factors(
 ) -> tuple[dict[tuple[str, ...], jax.Array], dict[tuple[str, ...], AWQSearch], dict[str, tuple]]:
     """Search AWQ factors for every group with a quantized weight.
 
+    Expert weights (a ``lax.ragged_dot``'s ``(G, K, N)``, or a ``dot_general`` with the
+    experts as batch dimensions) share one factor, searched on the sum of every expert's
+    error against its own tokens' Gram matrix (all divided by the tokens of all experts,
+    so each expert weighs by its share of the tokens), with ``mean|x|`` over all tokens.
+
     Returns:
       ``(factors {group paths: s}, searches {group paths: AWQSearch}, inputs {path: (H,
       axes)})`` with ``H = XᵀX / rows`` of the float model's layer input and the weight's
-      contracted axes.
+      contracted axes (for experts, ``H`` is ``[*experts, K, K]``: each expert's ``XᵀX``
+      divided by all experts' rows).
     """
     require_float_params(params, "awq")
     batches = list(batches)
@@ -236,6 +266,7 @@ def awq_factors(
         batches,
         lambda r: {"abs": jnp.sum(jnp.abs(r), 0), "gram": gram(r)},
         patterns=[re.escape(p) for p in quantized],
+        grouped=True,
         **kwargs,
     )
     leaves = dict(leaves_with_paths(params))
@@ -246,12 +277,16 @@ def awq_factors(
             if not qp:
                 continue
             for p in qp:
-                if stats[p].value["abs"].ndim != 1:
+                if stats[p].depth:
                     raise ValueError(f"awq {p!r}: the weight is read inside a scan over stacked params")
                 if policy.weight_spec(p).rounding != "nearest":
                     raise ValueError(f"awq {p!r}: the weight spec must round to nearest")
-                grams[p] = (stats[p].value["gram"] / max(stats[p].rows, 1), stats[p].weight_axes)
-            x_mean = stats[qp[0]].value["abs"] / max(stats[qp[0]].rows, 1)
+                grams[p] = (stats[p].value["gram"] / _total_rows(stats[p]), stats[p].weight_axes)
+            first = stats[qp[0]]
+            x_abs = first.value["abs"]
+            x_mean = (jnp.sum(x_abs, axis=tuple(range(len(first.groups)))) if first.groups else x_abs) / (
+                _total_rows(first)
+            )
             try:
                 search = awq_search(
                     x_mean,
@@ -260,6 +295,7 @@ def awq_factors(
                     [policy.weight_spec(p) for p in qp],
                     [stats[p].weight_axes for p in qp],
                     grid=grid,
+                    groups=[stats[p].groups for p in qp],
                 )
             except (TypeError, ValueError) as e:
                 raise type(e)(f"awq {list(qp)}: {e}") from e

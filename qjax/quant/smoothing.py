@@ -35,6 +35,7 @@ from qjax.graph.fold import FoldGroup, fold_groups, non_matmul_reads
 from qjax.graph.interpret import Handler, WeightRef, bind_eqn, materialize, run, weight_operand
 from qjax.graph.statistics import contraction
 from qjax.graph.trace import trace
+from qjax.graph.weight_ref import ragged_weight
 from qjax.numerics.transposed import is_quantized
 from qjax.rules import leaves_with_paths, map_with_path
 
@@ -44,8 +45,10 @@ _OPAQUE = frozenset({"scan", "cond", "while", "shard_map"})  # matmul reads insi
 
 def _contraction(eqn, wi: int, ref: WeightRef) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The contracted weight-leaf axes and their paired activation axes (see
-    :func:`qjax.graph.statistics.contraction`)."""
-    return contraction(eqn, wi, ref, "smoothing")
+    :func:`qjax.graph.statistics.contraction`). Expert weights read per expert (batch
+    dimensions, ``"ecd,edf->ecf"``) share one factor on their contracted axes: dividing
+    every expert's inputs by it and scaling every expert's rows keeps the product."""
+    return contraction(eqn, wi, ref, "smoothing", grouped=True)
 
 
 def _check_depth(ref: WeightRef) -> None:
@@ -65,6 +68,17 @@ class _Divide(Handler):
         wi = weight_operand(invals)
         if wi is None or invals[wi].path not in self.factors:
             return None
+        return self._divide(eqn, invals, wi)
+
+    def other(self, eqn, invals, emit):
+        """A ``lax.ragged_dot``'s rows, divided like a matmul's activation (one factor on K
+        shared by all experts)."""
+        ref = ragged_weight(eqn, invals)
+        if ref is None or ref.path not in self.factors:
+            return None
+        return self._divide(eqn, invals, 1)
+
+    def _divide(self, eqn, invals, wi: int):
         ref = invals[wi]
         _check_depth(ref)
         args = [materialize(x) for x in invals]
@@ -137,9 +151,17 @@ class _Axes(Handler):
 
     def target(self, eqn, invals, emit):
         wi = weight_operand(invals)
-        if wi is None:
-            return None
-        ref = invals[wi]
+        if wi is not None:
+            self._record(eqn, invals[wi], wi)
+        return None
+
+    def other(self, eqn, invals, emit):
+        ref = ragged_weight(eqn, invals)
+        if ref is not None:
+            self._record(eqn, ref, 1)
+        return None
+
+    def _record(self, eqn, ref: WeightRef, wi: int) -> None:
         try:
             _check_depth(ref)
             axes = _contraction(eqn, wi, ref)[0]
@@ -148,7 +170,6 @@ class _Axes(Handler):
         prev = self.axes.setdefault(ref.path, axes)
         if not isinstance(prev, Exception) and prev != axes:
             self.axes[ref.path] = ValueError(f"smoothing {ref.path!r}: read with different contracted axes")
-        return None
 
 
 def input_axes(f: Callable, params: Any, *args, **kwargs) -> dict[str, tuple[int, ...] | Exception]:

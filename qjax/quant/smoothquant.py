@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from qjax.graph.fold import FoldGroup, fold_groups
 from qjax.graph.statistics import InputStatistic, input_statistics
-from qjax.quant.smoothing import smooth
+from qjax.quant.smoothing import input_axes, smooth
 from qjax.quant.transforms import require_float_params
 from qjax.rules import leaves_with_paths
 
@@ -47,6 +47,12 @@ def weight_absmax(w: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     w = jnp.abs(jnp.asarray(w, jnp.float32))
     other = tuple(a for a in range(w.ndim) if a not in axes)
     return jnp.max(w, axis=other).reshape(-1) if other else w.reshape(-1)
+
+
+def _over_experts(stat: InputStatistic) -> jax.Array:
+    """A per-channel maximum ``[K]``, over the experts of a grouped statistic."""
+    value = stat.value
+    return jnp.max(value, axis=tuple(range(len(stat.groups)))) if stat.groups else value
 
 
 def smoothquant_factors(
@@ -86,10 +92,24 @@ def smoothquant_factors(
     if groups is None:
         groups = fold_groups(f, params, *_args(batches[0]), **kwargs)
     stats: dict[str, InputStatistic] = input_statistics(
-        f, params, batches, channel_absmax, patterns=patterns, combine=jnp.maximum, **kwargs
+        f, params, batches, channel_absmax, patterns=patterns, combine=jnp.maximum, grouped=True, **kwargs
     )
     leaves = dict(leaves_with_paths(params))
     factors: dict[tuple[str, ...], jax.Array] = {}
+    read_axes: dict = {}
+
+    def _axes(path: str) -> tuple[int, ...]:
+        """The weight's contracted leaf axes (each weight its own: experts ``(G, K, N)``
+        beside a dense ``(K, N)`` contract different leaf axes)."""
+        if path in stats:
+            return stats[path].weight_axes
+        if not read_axes:  # a group member the patterns did not select
+            read_axes.update(input_axes(f, params, *_args(batches[0]), **kwargs))
+        axes = read_axes[path]
+        if isinstance(axes, Exception):
+            raise axes
+        return axes
+
     for g in groups:
         if foldable_only and not g.foldable:
             continue
@@ -99,13 +119,13 @@ def smoothquant_factors(
             if not measured:
                 continue
             for p in measured:
-                if stats[p].value.ndim != 1:
+                if stats[p].depth:
                     raise ValueError(
                         f"smoothquant {p!r}: the weight is read inside a scan over stacked params"
                     )
-            act = jnp.max(jnp.stack([stats[p].value for p in measured]), axis=0)
-            axes = stats[measured[0]].weight_axes
-            w_max = jnp.max(jnp.stack([weight_absmax(leaves[p], axes) for p in key]), axis=0)
+            # experts (a ragged dot, or batch dimensions) share one factor: the max over experts
+            act = jnp.max(jnp.stack([_over_experts(stats[p]) for p in measured]), axis=0)
+            w_max = jnp.max(jnp.stack([weight_absmax(leaves[p], _axes(p)) for p in key]), axis=0)
             s = act**alpha / jnp.maximum(w_max, 1e-5) ** (1.0 - alpha)
             factors[key] = jnp.maximum(s, 1e-5)
     return factors
