@@ -15,7 +15,7 @@ from qjax.quant.kv_cache import KVCache
 from qjax.quant.kv_calibration import kv_cache_scales
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_ragged_dot
-from qjax.quant.policy import OpRule, Policy, Rule
+from qjax.quant.policy import GradSpecs, OpRule, Policy, Rule
 from qjax.quant.qat import fake_quantized
 from qjax.quant.serve import quantized
 from qjax.quant.smoothing import smooth, with_input_scales
@@ -63,6 +63,7 @@ __all__ = [
     "quantized",
     "Footprint",
     "LeafFootprint",
+    "GradSpecs",
     "OpRule",
     "Policy",
     "Rule",

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from qjax.graph.sharding import like_output
+from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
 from qjax.quant.ops_dot import quantized_dot_general
 
@@ -76,22 +77,72 @@ def _grad_spec(spec: QuantSpec) -> QuantSpec:
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def with_integer_backward(forward: Callable, backward: Callable, lhs, rhs, extra, key):
     """``forward(lhs, rhs, extra)``, whose VJP with respect to ``lhs`` and ``rhs`` is
-    ``backward(lhs, rhs, key, g) -> (dlhs, drhs)`` (``extra``, e.g. the stored weight
-    leaf a served forward quantizes, and ``key`` get zero cotangents)."""
+    ``backward(lhs, rhs, key, g, extra) -> (dlhs, drhs)`` (``extra``, e.g. the stored
+    weight leaf a served forward quantizes, and ``key`` get zero cotangents)."""
     return forward(lhs, rhs, extra)
 
 
 def _wib_fwd(forward, backward, lhs, rhs, extra, key):
-    return forward(lhs, rhs, extra), (lhs, rhs, key)
+    return forward(lhs, rhs, extra), (lhs, rhs, key, extra)
 
 
 def _wib_bwd(forward, backward, res, g):
-    lhs, rhs, key = res
+    lhs, rhs, key, extra = res
     # on an Explicit mesh the backward matmuls run with the axes Auto, and the cotangents
     # come back in their primals' shardings (a custom VJP must return exactly those types)
     run = like_output((jax.typeof(lhs), jax.typeof(rhs)), backward)
-    dlhs, drhs = run(lhs, rhs, key, g)
+    dlhs, drhs = run(lhs, rhs, key, g, extra)
     return dlhs, drhs, None, None
+
+
+def with_float_cotangents(
+    backward: Callable, specs, float_op: Callable, forward_operands: Callable
+) -> Callable:
+    """``backward`` (of :func:`with_integer_backward`) with the cotangent of each operand
+    whose gradient spec in ``specs`` (``(dlhs, drhs)``) is ``None`` taken from the float op
+    instead: ``float_op(lhs_hat, rhs_hat)``'s VJP at the operands as the forward pass
+    quantized them (``forward_operands(lhs, rhs, extra) -> (lhs_hat, rhs_hat)``), i.e.
+    the straight-through gradient. The integer cotangent that is not used is dead code
+    under ``jit``."""
+    if all(s is not None for s in specs):
+        return backward
+
+    def run(lhs, rhs, key, g, extra):
+        ints = backward(lhs, rhs, key, g, extra)
+        hats = forward_operands(lhs, rhs, extra)
+        _, vjp = jax.vjp(float_op, *hats)
+        floats = vjp(g.astype(jax.eval_shape(float_op, *hats).dtype))
+        return tuple(
+            i if s is not None else f.astype(x.dtype)
+            for i, f, s, x in zip(ints, floats, specs, (lhs, rhs), strict=True)
+        )
+
+    return run
+
+
+def grad_pair(grad_spec, what: str = "grad_spec") -> tuple[QuantSpec | None, QuantSpec | None]:
+    """``(dlhs spec, drhs spec)`` from a ``QuantSpec`` (both backward matmuls) or a pair
+    (``None``: that matmul in float), each checked by :func:`check_grad_spec`.
+
+    Raises:
+      TypeError: not a ``QuantSpec`` or a pair of ``QuantSpec`` / ``None``.
+      ValueError: both ``None``, or a spec :func:`check_grad_spec` refuses.
+    """
+    pair = (grad_spec, grad_spec) if isinstance(grad_spec, QuantSpec) else grad_spec
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(s is None or isinstance(s, QuantSpec) for s in pair)
+    ):
+        raise TypeError(
+            f"{what} must be a qjax.QuantSpec or a (dlhs, drhs) pair of them / None, got {grad_spec!r}"
+        )
+    if pair[0] is None and pair[1] is None:
+        raise ValueError(f"{what}: both backward matmuls are float; give at least one spec")
+    for s in pair:
+        if s is not None:
+            check_grad_spec(s, what)
+    return tuple(pair)
 
 
 with_integer_backward.defvjp(_wib_fwd, _wib_bwd)
@@ -137,26 +188,29 @@ def _grad_dot(g, other, dn, g_spec, other_spec, key, wrt: int, out_ndim: int):
     return lax.transpose(out, tuple(perm))
 
 
-def _dot_backward(dn, lhs_spec, rhs_spec, grad_spec, lhs, rhs, key, g):
+def _dot_backward(dn, lhs_spec, rhs_spec, grad_specs, lhs, rhs, key, g, extra=None):
     """Both cotangents of ``dot_general(lhs, rhs, dn)`` as integer matmuls (specs as
-    :func:`backward_spec` / :func:`_grad_spec` made them)."""
+    :func:`backward_spec` / :func:`_grad_spec` made them; ``grad_specs``: the gradient's in
+    the dlhs and drhs matmuls)."""
     k1 = k2 = None
     if key is not None:
         k1, k2 = jax.random.split(key)
     g = g.astype(lhs.dtype)
-    dlhs = _grad_dot(g, rhs, dn, grad_spec, rhs_spec, k1, 0, lhs.ndim)
-    drhs = _grad_dot(g, lhs, dn, grad_spec, lhs_spec, k2, 1, rhs.ndim)
+    dlhs = _grad_dot(g, rhs, dn, grad_specs[0], rhs_spec, k1, 0, lhs.ndim)
+    drhs = _grad_dot(g, lhs, dn, grad_specs[1], lhs_spec, k2, 1, rhs.ndim)
     return dlhs.astype(lhs.dtype), drhs.astype(rhs.dtype)
 
 
-def dot_backward(dimension_numbers, lhs_spec: QuantSpec, rhs_spec: QuantSpec, grad_spec: QuantSpec):
+def dot_backward(dimension_numbers, lhs_spec: QuantSpec, rhs_spec: QuantSpec, grad_spec):
     """The integer backward pass of ``dot_general`` for :func:`with_integer_backward`
-    (``grad_spec`` checked by :func:`check_grad_spec` first)."""
+    (``grad_spec``: a ``QuantSpec`` or a ``(dlhs, drhs)`` pair, checked by
+    :func:`check_grad_spec` first; a ``None`` side is computed with the other's spec, for
+    :func:`with_float_cotangents` to replace)."""
     (lc, rc), (lb, rb) = dimension_numbers
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
-    return functools.partial(
-        _dot_backward, dn, backward_spec(lhs_spec), backward_spec(rhs_spec), _grad_spec(grad_spec)
-    )
+    pair = (grad_spec, grad_spec) if isinstance(grad_spec, QuantSpec) else grad_spec
+    pair = tuple(_grad_spec(s if s is not None else next(t for t in pair if t is not None)) for s in pair)
+    return functools.partial(_dot_backward, dn, backward_spec(lhs_spec), backward_spec(rhs_spec), pair)
 
 
 def _dot_forward(dn, lhs_spec, rhs_spec, lhs, rhs, key):
@@ -170,7 +224,7 @@ def int8_dot_general(
     *,
     lhs_spec: QuantSpec,
     rhs_spec: QuantSpec,
-    grad_spec: QuantSpec,
+    grad_spec: QuantSpec | tuple[QuantSpec | None, QuantSpec | None],
     key: jax.Array | None = None,
 ) -> jax.Array:
     """``lax.dot_general`` trained in integers: forward and both backward matmuls run as
@@ -191,7 +245,10 @@ def int8_dot_general(
       grad_spec: format of the incoming gradient in the backward matmuls, typically
         ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")`` (one
         scale per token for the input gradient, per output channel for the weight
-        gradient); ``channel_axes=()``: one scale per tensor.
+        gradient); ``channel_axes=()``: one scale per tensor. A pair ``(dlhs, drhs)``
+        gives each backward matmul its own (AQT's ``dlhs_bits`` / ``drhs_bits``); ``None``
+        runs that one in float against the other operand as the forward pass quantized it
+        (rounded to nearest), the straight-through gradient.
       key: PRNG key, required when a spec rounds stochastically.
 
     Returns:
@@ -203,13 +260,18 @@ def int8_dot_general(
         forward matmul (as ``quantized_dot_general``); a stochastic spec without ``key``
         (``grad_spec``: at the backward pass).
     """
-    check_grad_spec(grad_spec)
+    pair = grad_pair(grad_spec)
     (lc, rc), (lb, rb) = dimension_numbers
     dn = ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
     fkey = None
     if key is not None and "stochastic" in (lhs_spec.rounding, rhs_spec.rounding):
         fkey = jax.random.fold_in(key, 2)  # the backward splits ``key`` itself
     forward = functools.partial(_dot_forward, dn, lhs_spec, rhs_spec)
-    return with_integer_backward(
-        forward, dot_backward(dn, lhs_spec, rhs_spec, grad_spec), lhs, rhs, fkey, key
+    nearest = lambda x, sp: fake_quant(x, sp.replace(rounding="nearest"))
+    backward = with_float_cotangents(
+        dot_backward(dn, lhs_spec, rhs_spec, pair),
+        pair,
+        lambda a, b: lax.dot_general(a, b, dn, preferred_element_type=jnp.float32),
+        lambda lhs, rhs, _: (nearest(lhs, lhs_spec), nearest(rhs, rhs_spec)),
     )
+    return with_integer_backward(forward, backward, lhs, rhs, fkey, key)

@@ -32,9 +32,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
-from qjax.quant.int8_training import check_grad_spec, with_integer_backward
+from qjax.quant.int8_training import grad_pair, with_float_cotangents, with_integer_backward
 from qjax.quant.ops_common import INT32_LIMIT
 from qjax.quant.ops_conv import CONV_GEOMETRY, quantized_conv_general_dilated
 
@@ -67,7 +68,13 @@ class _Config:
     groups: int  # feature_group_count
     lhs_spec: QuantSpec
     rhs_spec: QuantSpec
-    grad_spec: QuantSpec
+    grad_specs: tuple  # the output gradient's spec in the dlhs and drhs convs (None: float)
+
+    def int_grad_spec(self, side: int) -> QuantSpec:
+        """The gradient's spec in backward conv ``side`` (a float side borrows the other's:
+        its integer result is replaced by :func:`with_float_cotangents`)."""
+        spec = self.grad_specs[side]
+        return spec if spec is not None else self.grad_specs[1 - side]
 
     def conv_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -168,7 +175,8 @@ def _bound(spec: QuantSpec) -> int:
 def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
     (n_o, c_o), o_r, (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[0], cfg.dn.lhs_spec[:2]
     groups, nd = cfg.groups, rhs.ndim
-    gq, sg = _quantize(g, cfg.grad_spec, _grad_axes(cfg.grad_spec, n_o), kg, "grad")
+    grad_spec = cfg.int_grad_spec(0)
+    gq, sg = _quantize(g, grad_spec, _grad_axes(grad_spec, n_o), kg, "grad")
     # The weight with one scale per (group, input feature): split O into (groups, O / groups).
     perm = cfg.dn.rhs_spec
     w = lax.transpose(rhs, perm)  # O, I, spatial...
@@ -178,7 +186,7 @@ def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
     window = math.prod(w.shape[2:])
     acc = None
     # dx sums over the output features of a group and the window: chunk the features.
-    for start, stop in _chunks(n_out // groups, window, _bound(cfg.grad_spec) * _bound(cfg.rhs_spec)):
+    for start, stop in _chunks(n_out // groups, window, _bound(grad_spec) * _bound(cfg.rhs_spec)):
         part = _backward_conv(
             cfg,
             "lhs",
@@ -197,12 +205,13 @@ def _dlhs(cfg: _Config, g, rhs, lhs_shape, kg, kw):
 def _drhs(cfg: _Config, g, lhs, rhs_shape, kg, kx):
     (n_o, c_o), (o_r, i_r), (n_l, c_l) = cfg.dn.out_spec[:2], cfg.dn.rhs_spec[:2], cfg.dn.lhs_spec[:2]
     groups, nd = cfg.groups, lhs.ndim
-    gq, sg = _quantize(g, cfg.grad_spec, _grad_axes(cfg.grad_spec, c_o), kg, "grad")
+    grad_spec = cfg.int_grad_spec(1)
+    gq, sg = _quantize(g, grad_spec, _grad_axes(grad_spec, c_o), kg, "grad")
     xq, sx = _quantize(lhs, cfg.lhs_spec, (c_l,), kx, "activation")
     positions = math.prod(g.shape[d] for d in cfg.dn.out_spec[2:])
     acc = None
     # dw sums over the batch and the output positions: chunk the batch.
-    for start, stop in _chunks(g.shape[n_o], positions, _bound(cfg.grad_spec) * _bound(cfg.lhs_spec)):
+    for start, stop in _chunks(g.shape[n_o], positions, _bound(grad_spec) * _bound(cfg.lhs_spec)):
         part = _backward_conv(
             cfg,
             "rhs",
@@ -224,7 +233,7 @@ def _conv_forward(cfg: _Config, lhs, rhs, key):
     )
 
 
-def _conv_backward(cfg: _Config, lhs, rhs, key, g):
+def _conv_backward(cfg: _Config, lhs, rhs, key, g, extra=None):
     keys = [None] * 4
     if key is not None:
         keys = list(jax.random.split(jax.random.fold_in(key, 1), 4))
@@ -237,7 +246,8 @@ def _conv_backward(cfg: _Config, lhs, rhs, key, g):
 
 def conv_backward(cfg: _Config):
     """The integer backward pass of the conv ``cfg`` (:func:`conv_config`) for
-    :func:`qjax.quant.int8_training.with_integer_backward`."""
+    :func:`qjax.quant.int8_training.with_integer_backward` (a float side of
+    ``cfg.grad_specs`` still integer: wrap it in :func:`with_float_cotangents`)."""
     return functools.partial(_conv_backward, cfg)
 
 
@@ -266,7 +276,7 @@ def conv_config(
     batch_group_count: int = 1,
     lhs_spec: QuantSpec,
     rhs_spec: QuantSpec,
-    grad_spec: QuantSpec,
+    grad_spec,
 ) -> _Config:
     """The checked, resolved configuration of an int8-trained conv (arguments as for
     :func:`int8_conv_general_dilated`, operands given by their shapes).
@@ -274,10 +284,9 @@ def conv_config(
     Raises:
       ValueError / TypeError: as :func:`int8_conv_general_dilated`.
     """
-    lhs_spec, rhs_spec, grad_spec = (
-        _check_spec(n, s)
-        for n, s in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec), ("grad_spec", grad_spec))
-    )
+    lhs_spec, rhs_spec = (_check_spec(n, s) for n, s in (("lhs_spec", lhs_spec), ("rhs_spec", rhs_spec)))
+    pair = grad_pair(grad_spec, "int8_conv_general_dilated: grad_spec")
+    pair = tuple(None if s is None else _check_spec("grad_spec", s) for s in pair)
     if int(batch_group_count) != 1:
         raise ValueError(
             f"int8_conv_general_dilated: batch_group_count={batch_group_count} is not supported: a "
@@ -285,7 +294,6 @@ def conv_config(
             "scales of int8 training cannot be applied by the integer forward conv; use the float conv "
             "(batch-grouped convs arise as weight gradients of grouped convs, rarely in models)"
         )
-    check_grad_spec(grad_spec, "int8_conv_general_dilated: grad_spec")
     lhs_shape, rhs_shape = tuple(lhs_shape), tuple(rhs_shape)
     if len(lhs_shape) != len(rhs_shape) or len(lhs_shape) < 3:
         raise ValueError(
@@ -315,7 +323,7 @@ def conv_config(
             f"int8_conv_general_dilated: feature_group_count={feature_group_count} does not fit lhs "
             f"{lhs_shape} / rhs {rhs_shape} with dimension numbers {dn}"
         )
-    return _Config(strides, padding, ldil, rdil, dn, fgc, lhs_spec, rhs_spec, grad_spec)
+    return _Config(strides, padding, ldil, rdil, dn, fgc, lhs_spec, rhs_spec, pair)
 
 
 def int8_conv_general_dilated(
@@ -361,7 +369,9 @@ def int8_conv_general_dilated(
         use a signed format (``qjax.int8``) for the input.
       grad_spec: format of the output gradient in the backward convs, typically
         ``QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")``
-        (symmetric); ``channel_axes=()``: one scale per tensor.
+        (symmetric); ``channel_axes=()``: one scale per tensor. A pair ``(dlhs, drhs)``
+        gives each backward conv its own; ``None`` runs that one in float against the
+        other operand as the forward conv quantized it (rounded to nearest).
       key: PRNG key, required when a spec rounds stochastically (``grad_spec``: at the
         backward pass).
 
@@ -390,7 +400,14 @@ def int8_conv_general_dilated(
         grad_spec=grad_spec,
     )
     kf = None if key is None else jax.random.fold_in(key, 0)
-    return with_integer_backward(functools.partial(_conv_forward, cfg), conv_backward(cfg), lhs, rhs, kf, key)
+    nearest = lambda x, sp: fake_quant(x, sp.replace(rounding="nearest"))
+    backward = with_float_cotangents(
+        conv_backward(cfg),
+        cfg.grad_specs,
+        lambda a, b: lax.conv_general_dilated(a, b, **cfg.conv_kwargs(), preferred_element_type=jnp.float32),
+        lambda lhs, rhs, _: (nearest(lhs, cfg.lhs_spec), nearest(rhs, cfg.rhs_spec)),
+    )
+    return with_integer_backward(functools.partial(_conv_forward, cfg), backward, lhs, rhs, kf, key)
 
 
 __all__ = ["int8_conv_general_dilated"]

@@ -14,6 +14,64 @@ from qjax.rules import Match, RuleSet, compile_pattern
 
 
 @dataclasses.dataclass(frozen=True)
+class GradSpecs:
+    """Int8 training with the incoming gradient's format chosen per backward matmul (AQT's
+    ``dlhs_bits`` / ``drhs_bits``), for :class:`Rule`'s ``grad``.
+
+    A weight's op has two backward matmuls: the activation's gradient (``g · Wᵀ`` for
+    ``x @ W``, AQT's ``dlhs``) and the weight's gradient (``Xᵀ · g``, AQT's ``drhs``).
+    Each field is the gradient's spec in that matmul, as ``Rule(grad=spec)`` gives both,
+    or ``None``: that matmul runs in float against the other operand as the forward pass
+    quantized it (the straight-through gradient ``fake_quantized`` gives without
+    ``grad``, AQT's float backward with ``use_fwd_quant``). The common choice keeps the
+    weight gradient in float (``GradSpecs(activation=g8)``), which AQT users take when
+    int8 weight gradients cost accuracy.
+
+    Args:
+      activation: the gradient's spec in the activation-gradient matmul, or ``None``.
+      weight: the gradient's spec in the weight-gradient matmul, or ``None``.
+
+    Raises:
+      TypeError: a field is neither a ``qjax.QuantSpec`` nor ``None``.
+      ValueError: both are ``None`` (no integer backward: give no ``grad``).
+
+    Example:
+      >>> g8 = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN, rounding="stochastic")
+      >>> qjax.Rule(r".*/kernel", weight=w8, act=a8, grad=qjax.GradSpecs(activation=g8))
+    """
+
+    activation: QuantSpec | None = None
+    weight: QuantSpec | None = None
+
+    def __post_init__(self):
+        for name in ("activation", "weight"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, QuantSpec):
+                raise TypeError(f"GradSpecs: {name} must be a qjax.QuantSpec or None, got {v!r}")
+        if self.activation is None and self.weight is None:
+            raise ValueError(
+                "GradSpecs: both backward matmuls are float; give activation= and/or weight=, or no grad= "
+                "(fake_quantized's straight-through gradients)"
+            )
+
+    @property
+    def specs(self) -> tuple[QuantSpec, ...]:
+        """The fields that are set."""
+        return tuple(s for s in (self.activation, self.weight) if s is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "activation": None if self.activation is None else self.activation.to_dict(),
+            "weight": None if self.weight is None else self.weight.to_dict(),
+        }
+
+
+def grad_specs(grad: QuantSpec | GradSpecs) -> GradSpecs:
+    """A rule's ``grad`` as :class:`GradSpecs` (a ``QuantSpec`` serves both matmuls)."""
+    return grad if isinstance(grad, GradSpecs) else GradSpecs(grad, grad)
+
+
+@dataclasses.dataclass(frozen=True)
 class Rule:
     """One policy rule.
 
@@ -25,6 +83,8 @@ class Rule:
       grad: int8 training: how to quantize the incoming gradient of the matmuls reading
         the leaf (``fake_quantized`` then runs the forward and both backward matmuls as
         integer matmuls, AQT-style); needs ``weight`` and ``act``. ``None``: float backward.
+        A :class:`GradSpecs` chooses per backward matmul (activation / weight gradient),
+        ``None`` there keeping that one in float.
         The forward pass quantizes as ``weight`` and ``act`` say, as ``quantized`` serves
         it; the backward matmuls re-quantize the weight and activation in those formats
         with one scale per row of each matmul, and the gradient with one scale per tensor
@@ -42,20 +102,28 @@ class Rule:
     pattern: str
     weight: QuantSpec | None = None
     act: QuantSpec | None = None
-    grad: QuantSpec | None = None
+    grad: QuantSpec | GradSpecs | None = None
 
     def __post_init__(self):
         compile_pattern(self.pattern)
         for name in ("weight", "act", "grad"):
             v = getattr(self, name)
+            if name == "grad" and isinstance(v, GradSpecs):
+                continue
             if v is not None and not isinstance(v, QuantSpec):
-                raise TypeError(f"Rule {self.pattern!r}: {name} must be a qjax.QuantSpec or None, got {v!r}")
+                what = (
+                    "a qjax.QuantSpec, a qjax.GradSpecs or None"
+                    if name == "grad"
+                    else "a qjax.QuantSpec or None"
+                )
+                raise TypeError(f"Rule {self.pattern!r}: {name} must be {what}, got {v!r}")
         if self.weight is not None and self.weight.channel_axes is PER_TOKEN:
             raise ValueError(f"Rule {self.pattern!r}: qjax.PER_TOKEN is for activations, not weights")
         if self.grad is not None and (self.weight is None or self.act is None):
             raise ValueError(f"Rule {self.pattern!r}: grad= (int8 training) needs weight= and act= specs")
-        for name in ("act", "grad"):
-            if getattr(self, name) is not None and getattr(self, name).tile_size is not None:
+        for name, v in (("act", self.act), ("grad", self.grad)):
+            specs = () if v is None else grad_specs(v).specs if name == "grad" else (v,)
+            if any(sp.tile_size is not None for sp in specs):
                 raise ValueError(f"Rule {self.pattern!r}: {name}: tile scales (tile_size) are for weights")
 
     @property

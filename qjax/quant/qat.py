@@ -178,8 +178,8 @@ class _FakeQuant(_PolicyHandler):
             raise ValueError(f"rule {rule.pattern!r}: ste='lsq' is not supported for activations")
         static = None if aspec is None else self.static_scale(ref, aspec, args[ai], emit)
 
-        def fake_path(act, w_leaf, static):
-            """The QAT definition: fake-quantized operands through the original op."""
+        def fake_operands(act, w_leaf, static):
+            """The operands as QAT sees them, fake-quantized, in operand order."""
             operands = [None, None]
             w = self._fake_weight(ref, rule, w_leaf)
             for op in ref.ops:
@@ -190,7 +190,11 @@ class _FakeQuant(_PolicyHandler):
                 key = fold_in_path(self.key, ref.path + ":act")
                 act = fake_quant(act, aspec, scale=scale, zero_point=zero_point, key=key)
             operands[ai] = act
-            return bind_eqn(eqn, operands)[0]
+            return operands
+
+        def fake_path(act, w_leaf, static):
+            """The QAT definition: fake-quantized operands through the original op."""
+            return bind_eqn(eqn, fake_operands(act, w_leaf, static))[0]
 
         act, w_leaf = args[ai], ref.float_leaf()
         integer = self.integer_forward and self._integer_forward_ok(eqn, rule, aspec, ref, wi)
@@ -203,7 +207,11 @@ class _FakeQuant(_PolicyHandler):
             ):  # the clipped STE of the range (static or dynamic), before the integer backward
                 args[ai] = qat_int8.with_act_ste(args[ai], aspec, static)
             key = fold_in_path(self.key, ref.path + ":grad")
-            return [qat_int8.int8_training(eqn, forward, args, (w_leaf, static), wi, rule, ref.path, key)]
+            return [
+                qat_int8.int8_training(
+                    eqn, forward, args, (w_leaf, static), wi, rule, ref.path, key, fake_operands
+                )
+            ]
         if integer:
             op = _int_forward_fake_backward(eqn, ref, wi, rule.weight, aspec, fake_path)
             return [op(act, w_leaf, static)]

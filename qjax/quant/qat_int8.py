@@ -11,29 +11,34 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from qjax.graph.interpret import WeightRef
+from qjax.graph.interpret import WeightRef, bind_eqn
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
-from qjax.quant.int8_training import check_grad_spec, dot_backward, with_integer_backward
+from qjax.quant.int8_training import (
+    check_grad_spec,
+    dot_backward,
+    with_float_cotangents,
+    with_integer_backward,
+)
 from qjax.quant.int8_training_conv import conv_backward, conv_config
-from qjax.quant.policy import Rule
+from qjax.quant.policy import Rule, grad_specs
 from qjax.quant.serve import _conv_geometry
 
 
-def _keyed_backward(backward: Callable, grad: QuantSpec, where: str) -> Callable:
-    """``backward`` of :func:`with_integer_backward`, refusing a missing key when ``grad``
-    rounds stochastically. The check runs when the backward pass is traced, so a forward
-    call (evaluation, a check against the served model) needs no key."""
-    if grad.rounding != "stochastic":
+def _keyed_backward(backward: Callable, grads, where: str) -> Callable:
+    """``backward`` of :func:`with_integer_backward`, refusing a missing key when a spec of
+    ``grads`` rounds stochastically. The check runs when the backward pass is traced, so a
+    forward call (evaluation, a check against the served model) needs no key."""
+    if all(g is None or g.rounding != "stochastic" for g in grads):
         return backward
 
-    def run(lhs, rhs, key, g):
+    def run(lhs, rhs, key, g, extra):
         if key is None:
             raise ValueError(
                 f"{where}: the grad spec rounds stochastically: pass key= to fake_quantized (a fresh key "
                 "every step) to differentiate it"
             )
-        return backward(lhs, rhs, key, g)
+        return backward(lhs, rhs, key, g, extra)
 
     return run
 
@@ -75,7 +80,8 @@ def check_int8_training(eqn, wi: int, rule: Rule, ref: WeightRef, learned: dict)
             f"{where} of a convolution needs the weight as the kernel (rhs) operand; here it is the "
             "input (lhs)"
         )
-    check_grad_spec(rule.grad, f"{where}: the grad spec")
+    for spec in grad_specs(rule.grad).specs:
+        check_grad_spec(spec, f"{where}: the grad spec")
     if rule.weight.ste == "lsq" or path in learned:
         raise ValueError(
             f"{where} does not learn scales: its backward pass re-quantizes the weight; use a weight "
@@ -83,12 +89,16 @@ def check_int8_training(eqn, wi: int, rule: Rule, ref: WeightRef, learned: dict)
         )
 
 
-def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key):
+def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key, fake_operands):
     """The op whose forward pass is ``forward(act, *extra)`` (the one ``fake_quantized``
     runs without ``grad=``, so the one served) and whose backward pass is the integer
-    one, drawing its stochastic rounding from ``key``."""
-    specs = [None, None]
+    one, drawing its stochastic rounding from ``key``. A backward matmul that
+    :class:`qjax.GradSpecs` keeps in float takes the float op's VJP at
+    ``fake_operands(act, *extra)`` (the fake-quantized operands, in operand order)."""
+    specs, grads = [None, None], [None, None]
     specs[wi], specs[1 - wi] = rule.weight, rule.act
+    gs = grad_specs(rule.grad)
+    grads[wi], grads[1 - wi] = gs.weight, gs.activation  # each operand's cotangent matmul
     if eqn.primitive.name == "conv_general_dilated":
         cfg = conv_config(
             args[0].shape,
@@ -96,13 +106,19 @@ def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key
             **_conv_geometry(eqn),
             lhs_spec=specs[0],
             rhs_spec=specs[1],
-            grad_spec=rule.grad,
+            grad_spec=tuple(grads),
         )
         backward = conv_backward(cfg)
     else:
-        backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], rule.grad)
+        backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], tuple(grads))
+    backward = with_float_cotangents(
+        backward,
+        grads,
+        lambda a, b: bind_eqn(eqn, [a, b])[0],
+        lambda lhs, rhs, extra: fake_operands((lhs, rhs)[1 - wi], *extra),
+    )
     where = f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training)"
-    backward = _keyed_backward(backward, rule.grad, where)
+    backward = _keyed_backward(backward, grads, where)
     run = lambda lhs, rhs, extra: forward((lhs, rhs)[1 - wi], *extra)
     out = with_integer_backward(run, backward, *args, extra, key)
     return out.astype(eqn.outvars[0].aval.dtype)
@@ -113,6 +129,6 @@ def op_int8_training(eqn, forward, invals, specs, statics, grad: QuantSpec, key,
     ``forward(lhs, rhs, statics)`` and whose backward matmuls are integer ones, each
     operand's gradient clipped to its range first (static, or a clipping calibrator's)."""
     args = [with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
-    backward = _keyed_backward(dot_backward(eqn.params["dimension_numbers"], *specs, grad), grad, where)
+    backward = _keyed_backward(dot_backward(eqn.params["dimension_numbers"], *specs, grad), (grad,), where)
     out = with_integer_backward(forward, backward, *args, statics, key)
     return out.astype(eqn.outvars[0].aval.dtype)
