@@ -29,13 +29,21 @@ def like_output(out_types, fn):
     types = out_types if isinstance(out_types, tuple) else (out_types,)
     shardings = tuple(getattr(t, "sharding", None) for t in types)
     meshes = [getattr(s, "mesh", None) for s in shardings]
-    if any(m is None for m in meshes) or not any(
-        jax.sharding.AxisType.Explicit in tuple(m.axis_types) for m in meshes
-    ):
+    if any(m is None for m in meshes):
         return fn
-    return jax.sharding.auto_axes(
-        fn, out_sharding=shardings if isinstance(out_types, tuple) else shardings[0]
+    # only the Explicit axes: inside a shard_map body the manual ones stay Manual
+    explicit = tuple(
+        dict.fromkeys(
+            name
+            for m in meshes
+            for name, kind in zip(m.axis_names, m.axis_types)
+            if kind == jax.sharding.AxisType.Explicit
+        )
     )
+    if not explicit:
+        return fn
+    out = shardings if isinstance(out_types, tuple) else shardings[0]
+    return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out)
 
 
 def scale_spec(spec: PartitionSpec, scale_shape: tuple[int, ...]) -> PartitionSpec:

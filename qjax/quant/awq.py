@@ -364,6 +364,8 @@ def awq(
             spec = policy.weight_spec(path)
             if path not in grams or any(re.fullmatch(p, path) for p in skip):
                 return leaf
+            if grams[path][0].ndim != 2:  # experts (one Gram matrix each): not clipped
+                return leaf
             if _clip_layout(spec, tuple(np.shape(leaf)), grams[path][1]) is None:
                 return leaf
             s = scale_of[path]

@@ -6,6 +6,8 @@ so serving, QAT and int8 training run where the float model runs, with its outpu
 shardings, and match the same transform without a mesh.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -116,3 +118,27 @@ def test_ragged_experts_sharded_along_k(data, mesh):
         es = jax.device_put(experts, NamedSharding(mesh, P(None, "k", None)))
         xs = jax.device_put(x, NamedSharding(mesh, P(None, "k")))
         _close(jax.jit(qjax.quantized(f, policy))(es, xs, sizes), expected)
+
+
+def test_inside_a_partial_manual_shard_map(data, mesh):
+    # the manual axis stays Manual: only the Explicit ones are made Auto around the op
+    params, x = data
+    policy = qjax.Policy([qjax.Rule("w", weight=INT8_PC, act=A8, grad=A8)])
+
+    @functools.partial(jax.shard_map, in_specs=(P(), P("d")), out_specs=P("d"), axis_names={"d"})
+    def body(w, x):
+        return x @ w
+
+    f = lambda p, x: body(p["w"], x)
+    plain = lambda p, x: x @ p["w"]
+    expected = qjax.quantized(plain, policy)(params, x)
+    expected_grad = jax.grad(lambda p: qjax.fake_quantized(plain, policy)(p, x).sum())(params)["w"]
+    with jax.set_mesh(mesh):
+        ps = jax.device_put(params, NamedSharding(mesh, P()))
+        xs = jax.device_put(x, NamedSharding(mesh, P("d", None)))
+        _close(jax.jit(qjax.quantized(f, policy))(ps, xs), expected)
+        grad = jax.jit(jax.grad(lambda p: qjax.fake_quantized(f, policy)(p, xs).sum()))(ps)["w"]
+    # the gradient's per-row scales are per shard of the batch: close, not equal
+    np.testing.assert_allclose(
+        grad, expected_grad, rtol=0.02, atol=0.02 * float(jnp.abs(expected_grad).max())
+    )

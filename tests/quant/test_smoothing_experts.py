@@ -144,3 +144,17 @@ def test_smoothquant_weight_maxima_follow_each_weights_own_layout():
     (factor,) = smoothquant_factors(f, p, [(x,)], alpha=0.5).values()
     w = np.maximum(np.abs(np.asarray(p["a"])).max(1), np.abs(np.asarray(p["b"])).max(0))
     np.testing.assert_allclose(factor, np.abs(np.asarray(x)).max(0) ** 0.5 / w**0.5, rtol=1e-5)
+
+
+def test_awq_clip_leaves_experts_read_per_head_alone():
+    # a 2-D weight (K, E) read per head by batch dimensions has one Gram matrix per head:
+    # clipping (per column of a K-grouped 2-D weight) would read them as one
+    rng = np.random.default_rng(5)
+    p = {"norm": jnp.ones(32), "w": jnp.asarray(rng.normal(size=(32, 4)), jnp.float32)}
+    f = lambda p, x: jnp.einsum("bhd,dh->bh", x * p["norm"], p["w"])
+    x = jnp.asarray(rng.normal(size=(8, 4, 32)), jnp.float32)
+    spec = qjax.QuantSpec(qjax.int4, channel_axes=(-1,), group_size=8, group_axis=0)
+    policy = qjax.Policy([qjax.Rule("w", weight=spec)])
+    clipped, _ = awq(f, p, [(x,)], policy, clip=True)
+    plain, _ = awq(f, p, [(x,)], policy)
+    np.testing.assert_array_equal(qjax.dequantize(clipped["w"]), qjax.dequantize(plain["w"]))
