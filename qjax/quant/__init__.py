@@ -9,6 +9,7 @@ from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
+from qjax.quant.integer_only import integer_only
 from qjax.quant.interop import from_awq, from_gptq, to_awq, to_gptq
 from qjax.quant.interop_fp8 import fp8_block_spec, from_fp8_blocks, to_fp8_blocks
 from qjax.quant.kv_cache import KVCache
@@ -36,6 +37,7 @@ __all__ = [
     "AWQSearch",
     "BatchNormFoldReport",
     "fold_batchnorm",
+    "integer_only",
     "awq",
     "awq_factors",
     "fp8_block_spec",

@@ -1,0 +1,92 @@
+"""Dyadic numbers: a real multiplier ``m`` as ``b / 2^c`` with integers ``b`` and ``c``, and
+the integer-only rescaling of int32 values by it (HAWQ-V3's requantization).
+
+An int32 accumulator with scale ``S`` becomes codes of scale ``S'`` by multiplying by
+``m = S / S'``. Integer-only inference does that with an integer multiply and a shift:
+``round(acc · b / 2^c)``. :func:`dyadic` picks ``b`` with 15 significant bits
+(``2^14 ≤ b < 2^15``, a relative error of at most ``2^-15`` on ``m``), and
+:func:`dyadic_mul` computes the product exactly in 32-bit integer arithmetic (no int64,
+which JAX only has with ``jax_enable_x64``): the accumulator is split into its high and
+low 16 bits, each product fits in int32, and the shift is taken from the parts. Rounding
+is half up (``floor(x + 1/2)``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+MULTIPLIER_BITS = 15  # b < 2^15: (acc >> 16) * b and (acc & 0xffff) * b fit in int32
+MAX_SHIFT = 46  # |acc * b| < 2^46: a larger shift rounds every int32 accumulator to 0
+
+
+def dyadic(m) -> tuple[np.ndarray, np.ndarray]:
+    """``(b, c)`` int32 arrays with ``b / 2^c ≈ m`` for positive ``m`` (float64 array-like).
+
+    ``2^14 ≤ b < 2^15`` (15 significant bits) where the shift allows it; multipliers below
+    ``2^-(MAX_SHIFT - 14)`` get ``c = MAX_SHIFT`` (their products round to 0 or nearly), and
+    ``m = 0`` gives ``b = 0``.
+
+    Raises:
+      ValueError: ``m`` negative, not finite, or ``≥ 2^15`` (no multiplier of 15 bits with
+        a shift ``≥ 0``).
+    """
+    m = np.asarray(m, np.float64)
+    if not np.all(np.isfinite(m)) or np.any(m < 0):
+        raise ValueError("dyadic: multipliers must be finite and >= 0")
+    if np.any(m >= 2.0**MULTIPLIER_BITS):
+        raise ValueError(f"dyadic: a multiplier of {float(m.max()):g} is >= 2^{MULTIPLIER_BITS}")
+    safe = np.where(m > 0, m, 1.0)
+    c = np.clip((MULTIPLIER_BITS - 1) - np.floor(np.log2(safe)), 0, MAX_SHIFT).astype(np.int64)
+    b = np.round(safe * np.exp2(c)).astype(np.int64)
+    carry = b >= 2**MULTIPLIER_BITS  # rounding up to 2^15: one bit less
+    b = np.where(carry & (c > 0), b // 2, b)
+    c = np.where(carry & (c > 0), c - 1, c)
+    b = np.where(m > 0, np.minimum(b, 2**MULTIPLIER_BITS - 1), 0)
+    return b.astype(np.int32), c.astype(np.int32)
+
+
+def dyadic_mul(acc: jnp.ndarray, b, c) -> jnp.ndarray:
+    """``round(acc · b / 2^c)`` (half up) in int32 arithmetic, exactly.
+
+    Args:
+      acc: int32 values.
+      b: int32 multipliers, ``0 ≤ b < 2^15``, broadcastable to ``acc``.
+      c: int32 shifts, ``0 ≤ c ≤ MAX_SHIFT``, broadcastable to ``acc``.
+
+    Returns:
+      int32, exact whenever the result fits in int32 (the caller keeps it there: a
+      requantization clamps ``acc`` first, an alignment has ``b / 2^c ≤ 1``).
+    """
+    acc = jnp.asarray(acc, jnp.int32)
+    b, c = jnp.asarray(b, jnp.int32), jnp.asarray(c, jnp.int32)
+    hi = lax.shift_right_arithmetic(acc, jnp.int32(16))  # acc = hi·2^16 + lo, 0 ≤ lo < 2^16
+    lo = acc & jnp.int32(0xFFFF)
+    x, y = hi * b, lo * b  # |x| < 2^30, 0 ≤ y < 2^31
+    # c ≥ 16: acc·b = (x + y_hi)·2^16 + y_lo with y_lo < 2^16, and the low part cannot
+    # carry into floor(· / 2^c) once the rounding half (2^(c-1), a multiple of 2^16 for
+    # c ≥ 17) is added to the high part
+    z = x + lax.shift_right_logical(y, jnp.int32(16))
+    y_lo = y & jnp.int32(0xFFFF)
+    cs = jnp.maximum(c - 16, 1)
+    half = lax.shift_left(jnp.int32(1), jnp.maximum(c - 17, 0))
+    wide = jnp.where(c == 16, z + (y_lo >= 2**15).astype(jnp.int32), lax.shift_right_arithmetic(z + half, cs))
+    # c < 16: acc·b / 2^c = x·2^(16-c) + y / 2^c, the first term an integer
+    cn = jnp.clip(c, 0, 15)
+    half_n = jnp.where(cn > 0, lax.shift_left(jnp.int32(1), jnp.maximum(cn - 1, 0)), 0)
+    narrow = lax.shift_left(x, 16 - cn) + lax.shift_right_logical(y + half_n, cn)
+    return jnp.where(c >= 16, wide, narrow)
+
+
+def requantize(acc: jnp.ndarray, m, qmin: int, qmax: int) -> jnp.ndarray:
+    """int32 ``acc`` of scale ``S`` as integer codes of scale ``S / m`` in ``[qmin, qmax]``:
+    ``clip(round(acc · b / 2^c))`` with ``(b, c) = dyadic(m)`` (``m``: concrete positive
+    multipliers broadcastable to ``acc``). ``acc`` is clamped first to the values that
+    can still land inside the range, so the product never overflows. Returns int32."""
+    m = np.asarray(m, np.float64)
+    b, c = dyadic(m)
+    reach = np.where(m > 0, (max(abs(qmin), abs(qmax)) + 2) / np.maximum(m, 1e-300), 2.0**31 - 1)
+    bound = np.minimum(np.ceil(reach), 2**31 - 1).astype(np.int64).astype(np.int32)
+    acc = jnp.clip(jnp.asarray(acc, jnp.int32), -bound, bound)
+    return jnp.clip(dyadic_mul(acc, b, c), qmin, qmax)

@@ -1,0 +1,173 @@
+"""Integer-only inference (HAWQ-V3): bit-exact against a NumPy int64 reference of the same
+integer program, close to ``qjax.quantized`` (which rescales in float), integer from the
+input's quantization to the output's dequantization, and clear refusals."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax.quant.dyadic import dyadic
+
+W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+A8 = qjax.QuantSpec(qjax.int8)  # one static scale per tensor
+U8 = qjax.QuantSpec(qjax.uint8)  # post-ReLU inputs: symmetric unsigned, codes 0..255
+
+
+class _MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        h = nn.relu(nn.Dense(16)(x))  # Dense_0, then Dense_1
+        return nn.Dense(5)(h)
+
+
+class _CNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x)))
+        x = nn.max_pool(x, (2, 2), (2, 2))
+        x = x + nn.relu(nn.Conv(8, (3, 3), name="branch")(x))  # a residual add
+        x = nn.avg_pool(x, (2, 2), (2, 2))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def _quantized_model(net, x, policy, batch_stats=None):
+    variables = dict(net.init(jax.random.key(1), x))
+    if batch_stats is not None:
+        variables["batch_stats"] = batch_stats
+    stats = qjax.calibrate(net.apply, policy, variables, [(x,)])
+    return variables, qjax.quantize_params(variables, policy, act_stats=stats)
+
+
+def _reference_mlp(qp, x, policy):
+    """The integer program by hand: NumPy int64, the multipliers from qjax's dyadic()."""
+    p = qp["params"]
+    out = np.asarray(x, np.float32)
+    codes = None
+    for i, layer in enumerate(("Dense_0", "Dense_1")):
+        q = p[layer]["kernel"]
+        fmt = policy.act_spec(f"params/{layer}/kernel").format
+        s_act = float(np.asarray(q.act_scale, np.float64))
+        s_w = np.asarray(q.scale, np.float64)
+        if i == 0:
+            codes = np.clip(np.round(out / np.float32(s_act)), fmt.qmin, fmt.qmax).astype(np.int64)
+        else:
+            b, c = dyadic(scale / s_act)
+            b, c = b.astype(np.int64), c.astype(np.int64)
+            codes = np.clip(
+                (acc * b + np.where(c > 0, 1 << np.maximum(c - 1, 0), 0)) >> c, fmt.qmin, fmt.qmax
+            )
+        acc = codes @ np.asarray(q.values, np.int64)
+        scale = s_act * s_w
+        acc = acc + np.round(np.asarray(p[layer]["bias"], np.float64) / scale).astype(np.int64)
+        if i == 0:
+            acc = np.maximum(acc, 0)  # ReLU
+    return acc.astype(np.float32) * scale.astype(np.float32)
+
+
+@pytest.mark.parametrize("act", [A8, U8])
+def test_mlp_is_bit_exact_against_an_integer_reference(act):
+    net = _MLP()
+    x = jax.random.normal(jax.random.key(0), (32, 12))
+    # the first layer reads the signed input; the second its ReLU output (unsigned works)
+    policy = qjax.Policy(
+        [qjax.Rule("params/Dense_0/kernel", weight=W8, act=A8), qjax.Rule(".*kernel", weight=W8, act=act)]
+    )
+    _, qp = _quantized_model(net, x, policy)
+    got = qjax.integer_only(net.apply, policy, qp)(x)
+    np.testing.assert_array_equal(np.asarray(got), _reference_mlp(qp, x, policy))
+
+
+def _integer_ops_only(jaxpr):
+    """Every arithmetic op between the input's quantization and the output's dequantization
+    is on integers: matmuls, adds, maxima, reductions and pooling."""
+    checked = (
+        "dot_general",
+        "conv_general_dilated",
+        "add",
+        "sub",
+        "reduce_window_max",
+        "reduce_window_sum",
+        "reduce_sum",
+        "reduce_max",
+    )
+    seen = set()
+
+    def walk(j):
+        for e in j.eqns:
+            for v in e.params.values():
+                if hasattr(v, "jaxpr"):
+                    walk(v.jaxpr if hasattr(v.jaxpr, "eqns") else v)
+            if e.primitive.name in checked:
+                seen.add(e.primitive.name)
+                assert all(jnp.issubdtype(v.aval.dtype, jnp.integer) for v in e.invars), e
+
+    walk(jaxpr)
+    return seen
+
+
+def test_cnn_with_batch_norm_residual_and_pooling_runs_on_integers():
+    net = _CNN()
+    x = jax.random.normal(jax.random.key(2), (16, 8, 8, 3))
+    bn = {"BatchNorm_0": {"mean": jnp.linspace(-0.3, 0.3, 8), "var": jnp.linspace(0.5, 2.0, 8)}}
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=W8, act=A8)])
+    variables, qp = _quantized_model(net, x, policy, batch_stats=bn)
+    program = qjax.integer_only(net.apply, policy, qp)
+    got, served, ref = program(x), qjax.quantized(net.apply, policy)(qp, x), net.apply(variables, x)
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    assert rel(got, served) < 5e-3  # the same quantization, rescaled in integers instead of float
+    assert rel(got, ref) < 3e-2
+    seen = _integer_ops_only(jax.make_jaxpr(program)(x).jaxpr)
+    assert {"conv_general_dilated", "dot_general", "reduce_window_max", "reduce_window_sum", "add"} <= seen
+
+
+def test_int4_weights_and_argmax_stay_integer():
+    net = _MLP()
+    x = jax.random.normal(jax.random.key(3), (32, 12))
+    w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=w4, act=A8)])
+    _, qp = _quantized_model(net, x, policy)
+    f = lambda v, x: jnp.argmax(net.apply(v, x), axis=-1)
+    labels = qjax.integer_only(f, policy, qp)(x)
+    assert jnp.issubdtype(labels.dtype, jnp.integer)
+    served = jnp.argmax(qjax.integer_only(net.apply, policy, qp)(x), axis=-1)
+    np.testing.assert_array_equal(labels, served)
+
+
+def test_refusals_name_the_op_and_the_leaf():
+    x = jax.random.normal(jax.random.key(4), (4, 12))
+    net = _MLP()
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=W8, act=A8)])
+    variables, qp = _quantized_model(net, x, policy)
+    gelu = lambda v, x: nn.gelu(net.apply(v, x))
+    with pytest.raises(ValueError, match="has no integer form"):
+        qjax.integer_only(gelu, policy, qp)(x)
+    # no static act scale stored (quantize_params without act_stats)
+    bare = qjax.quantize_params(variables, policy)
+    with pytest.raises(ValueError, match="'params/Dense_0/kernel'.*no static activation scale"):
+        qjax.integer_only(net.apply, policy, bare)(x)
+    # dynamic per-token activations are not static scales
+    per_token = qjax.Policy(
+        [qjax.Rule(".*kernel", weight=W8, act=qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN))]
+    )
+    with pytest.raises(ValueError, match="one static scale"):
+        qjax.integer_only(net.apply, per_token, qjax.quantize_params(variables, per_token))(x)
+    # an asymmetric activation (a zero point)
+    asym = qjax.Policy([qjax.Rule(".*kernel", weight=W8, act=qjax.QuantSpec(qjax.uint8, symmetric=False))])
+    stats = qjax.calibrate(net.apply, asym, variables, [(x,)])
+    with pytest.raises(ValueError, match="no zero points"):
+        qjax.integer_only(net.apply, asym, qjax.quantize_params(variables, asym, act_stats=stats))(x)
+    # groups along K
+    g = qjax.Policy([qjax.Rule(".*kernel", weight=W8.replace(group_size=4, group_axis=0), act=A8)])
+    stats = qjax.calibrate(net.apply, g, variables, [(x,)])
+    with pytest.raises(ValueError, match="no groups"):
+        qjax.integer_only(net.apply, g, qjax.quantize_params(variables, g, act_stats=stats))(x)
+    # a matmul whose weight stays float
+    half = qjax.Policy([qjax.Rule("params/Dense_0/kernel", weight=W8, act=A8)])
+    stats = qjax.calibrate(net.apply, half, variables, [(x,)])
+    with pytest.raises(ValueError, match="reads no quantized weight"):
+        qjax.integer_only(net.apply, half, qjax.quantize_params(variables, half, act_stats=stats))(x)
+    with pytest.raises(TypeError, match="qjax.Policy"):
+        qjax.integer_only(net.apply, [qjax.Rule(".*", weight=W8)], qp)
