@@ -66,8 +66,8 @@ def run_model(name: str, data, quick: bool) -> dict:
         timing = time_interleaved(
             {
                 "float": lambda: f_float(params, x),
-                "quantized": lambda: served(qparams, x),
-                "integer_only": lambda: integer(x),
+                "quantized": lambda s=served, q=qparams: s(q, x),
+                "integer_only": lambda g=integer: g(x),
             },
             repeats=3 if quick else 9,
             target_s=0.02 if quick else 0.2,

@@ -45,7 +45,7 @@ def _reference_mlp(qp, x, policy):
     """The integer program by hand: NumPy int64, the multipliers from qjax's dyadic()."""
     p = qp["params"]
     out = np.asarray(x, np.float32)
-    codes = None
+    acc = scale = None
     for i, layer in enumerate(("Dense_0", "Dense_1")):
         q = p[layer]["kernel"]
         fmt = policy.act_spec(f"params/{layer}/kernel").format
@@ -146,7 +146,7 @@ def test_refusals_name_the_op_and_the_leaf():
         qjax.integer_only(gelu, policy, qp)(x)
     # no static act scale stored (quantize_params without act_stats)
     bare = qjax.quantize_params(variables, policy)
-    with pytest.raises(ValueError, match="'params/Dense_0/kernel'.*no static activation scale"):
+    with pytest.raises(ValueError, match=r"'params/Dense_0/kernel'.*no static activation scale"):
         qjax.integer_only(net.apply, policy, bare)(x)
     # dynamic per-token activations are not static scales
     per_token = qjax.Policy(
@@ -169,5 +169,5 @@ def test_refusals_name_the_op_and_the_leaf():
     stats = qjax.calibrate(net.apply, half, variables, [(x,)])
     with pytest.raises(ValueError, match="reads no quantized weight"):
         qjax.integer_only(net.apply, half, qjax.quantize_params(variables, half, act_stats=stats))(x)
-    with pytest.raises(TypeError, match="qjax.Policy"):
+    with pytest.raises(TypeError, match=r"qjax\.Policy"):
         qjax.integer_only(net.apply, [qjax.Rule(".*", weight=W8)], qp)
