@@ -7,10 +7,11 @@ from qjax.quant.calibrate import ActStats, Calibrator, calibrate
 from qjax.quant.dispatch_report import OpDispatch, dispatch_report
 from qjax.quant.footprint import Footprint, LeafFootprint, footprint
 from qjax.quant.gptq import gptq, gptq_quantize, input_hessians
+from qjax.quant.input_permutation import with_input_permutation
 from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.integer_only import integer_only
-from qjax.quant.interop import from_awq, from_gptq, to_awq, to_gptq
+from qjax.quant.interop import from_awq, from_gptq, from_gptq_act_order, to_awq, to_gptq
 from qjax.quant.interop_fp8 import fp8_block_spec, from_fp8_blocks, to_fp8_blocks
 from qjax.quant.kv_cache import KVCache
 from qjax.quant.kv_calibration import kv_cache_scales
@@ -44,6 +45,7 @@ __all__ = [
     "from_awq",
     "from_fp8_blocks",
     "from_gptq",
+    "from_gptq_act_order",
     "to_awq",
     "to_fp8_blocks",
     "to_gptq",
@@ -53,6 +55,7 @@ __all__ = [
     "smooth",
     "smoothquant",
     "smoothquant_factors",
+    "with_input_permutation",
     "with_input_scales",
     "ActStats",
     "ActHistory",

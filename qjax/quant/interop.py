@@ -164,8 +164,8 @@ def from_gptq(
     Raises:
       ValueError: shapes that do not fit each other or ``bits``, zero points out of range,
         NaN/Inf scales, an unknown ``checkpoint_format``, or an act-order ``g_idx`` (a
-        ``desc_act=True`` checkpoint: its groups are not contiguous rows, which a QArray
-        cannot express; re-quantize the float model with ``qjax.gptq`` instead).
+        ``desc_act=True`` checkpoint, whose groups are not contiguous rows: load it with
+        :func:`from_gptq_act_order`).
       TypeError: ``qweight`` / ``qzeros`` are not int32.
 
     Example:
@@ -174,6 +174,23 @@ def from_gptq(
       >>> parts = (t[p + ".qweight"], t[p + ".qzeros"], t[p + ".scales"])
       >>> kernel = qjax.from_gptq(*parts, bits=4, group_size=128)
     """
+    qweight, qzeros, scales, k, n, group = _gptq_parts(
+        qweight, qzeros, scales, bits, group_size, checkpoint_format
+    )
+    if g_idx is not None and np.shape(g_idx) != (k,):
+        raise ValueError(f"g_idx must have shape (K,) = ({k},), got {np.shape(g_idx)}")
+    if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // group):
+        raise ValueError(
+            "g_idx is not row // group_size: an act-order (desc_act=True) checkpoint, whose groups are not "
+            "contiguous rows; load it with qjax.from_gptq_act_order (the rows sorted by group, and the "
+            "permutation to apply to the layer's input)"
+        )
+    q, z = _gptq_codes(qweight, qzeros, bits, k, n, checkpoint_format)
+    return _qarray(q, z, scales, bits, group, dtype, pack_codes)
+
+
+def _gptq_parts(qweight, qzeros, scales, bits, group_size, checkpoint_format):
+    """Checked ``(qweight, qzeros, scales, k, n, group)`` of a GPTQ layer."""
     _check_int("bits", bits)
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"GPTQ checkpoints have 2, 3, 4 or 8 bits, got bits={bits}")
@@ -193,14 +210,11 @@ def from_gptq(
     want = (scales.shape[0], -(-n * bits // 32))
     if qzeros.shape != want:
         raise ValueError(f"qzeros has shape {qzeros.shape}, expected {want} for N={n} at {bits} bits")
-    if g_idx is not None and np.shape(g_idx) != (k,):
-        raise ValueError(f"g_idx must have shape (K,) = ({k},), got {np.shape(g_idx)}")
-    if g_idx is not None and not np.array_equal(np.asarray(g_idx), np.arange(k) // group):
-        raise ValueError(
-            "g_idx is not row // group_size: an act-order (desc_act=True) checkpoint, whose groups are not "
-            "contiguous rows; a QArray cannot express it. Re-quantize the float model with qjax.gptq "
-            "(which orders columns by activation internally and stores contiguous groups)"
-        )
+    return qweight, qzeros, scales, k, n, group
+
+
+def _gptq_codes(qweight, qzeros, bits: int, k: int, n: int, checkpoint_format: str):
+    """The unsigned codes ``(K, N)`` and zero points ``(groups, N)`` of a GPTQ layer."""
     q = _unpack_words(qweight, bits, 0, k)
     z = _unpack_words(qzeros, bits, 1, n) + (1 if checkpoint_format == "gptq" else 0)
     if checkpoint_format == "gptq" and np.any(z == 1 << bits):
@@ -209,7 +223,64 @@ def from_gptq(
             f"one, which AutoGPTQ's kernels read back as {1 << bits}, outside the {bits}-bit range. If "
             "the checkpoint is GPTQModel's v2 format, pass checkpoint_format='gptq_v2'"
         )
-    return _qarray(q, z, scales, bits, group, dtype, pack_codes)
+    return q, z
+
+
+def from_gptq_act_order(
+    qweight,
+    qzeros,
+    scales,
+    g_idx,
+    *,
+    bits: int,
+    group_size: int | None = None,
+    checkpoint_format: str = "gptq",
+    dtype=jnp.float32,
+    pack_codes: bool = True,
+) -> tuple[QArray, np.ndarray]:
+    """An act-order (``desc_act=True``) GPTQ layer: its rows sorted by group, as a ``(K, N)``
+    :class:`QArray` with contiguous groups, and the permutation of the layer's input.
+
+    GPTQ with act-order quantizes the input rows in order of decreasing activation, so the
+    rows of one scale group are scattered: ``g_idx[k]`` is row ``k``'s group. Sorting the
+    rows by group (stably, as exllama's kernels do) makes every group contiguous, which a
+    grouped QArray expresses; the layer then computes ``x[..., perm] @ kernel``, the same
+    product: serve it with :func:`qjax.with_input_permutation`.
+
+    Args:
+      qweight, qzeros, scales, bits, group_size, checkpoint_format, dtype, pack_codes: as
+        :func:`from_gptq`.
+      g_idx: ``(K,)`` int, the group of each input row (the checkpoint's ``g_idx``).
+
+    Returns:
+      ``(kernel, perm)``: ``kernel.dequantize()[i]`` is the checkpoint's row ``perm[i]``
+      (``scales[g] * (q - zeros[g])`` with ``g = g_idx[perm[i]]``); ``perm`` is int32 ``(K,)``.
+
+    Raises:
+      ValueError: as :func:`from_gptq`, or a ``g_idx`` whose groups do not each hold
+        ``group_size`` rows (``K / groups``).
+
+    Example:
+      >>> kernel, perm = qjax.from_gptq_act_order(t[p + ".qweight"], t[p + ".qzeros"],
+      ...                                         t[p + ".scales"], t[p + ".g_idx"], bits=4)
+      >>> f = qjax.with_input_permutation(model.apply, {"params/down_proj/kernel": perm})
+      >>> y = qjax.quantized(f, policy)(params, x)
+    """
+    qweight, qzeros, scales, k, n, group = _gptq_parts(
+        qweight, qzeros, scales, bits, group_size, checkpoint_format
+    )
+    g = np.asarray(g_idx)
+    if g.shape != (k,) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"g_idx must be an integer array of shape (K,) = ({k},), got {g.dtype} {g.shape}")
+    perm = np.argsort(g, kind="stable")
+    if not np.array_equal(g[perm], np.arange(k) // group):
+        counts = np.bincount(np.clip(g, 0, None), minlength=scales.shape[0])
+        raise ValueError(
+            f"g_idx does not give each of the {scales.shape[0]} groups {group} rows (counts "
+            f"{counts[:8].tolist()}...; values in [{int(g.min())}, {int(g.max())}])"
+        )
+    q, z = _gptq_codes(qweight, qzeros, bits, k, n, checkpoint_format)
+    return _qarray(q[perm], z, scales, bits, group, dtype, pack_codes), perm.astype(np.int32)
 
 
 def from_awq(
