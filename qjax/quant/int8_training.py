@@ -20,6 +20,7 @@ forward is the served op.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -27,9 +28,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from qjax.graph.ops import operand_channel_axes
 from qjax.graph.sharding import like_output
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
+from qjax.quant.ops_common import resolve_spec
 from qjax.quant.ops_dot import quantized_dot_general
 
 
@@ -90,34 +93,49 @@ def _wib_bwd(forward, backward, res, g):
     lhs, rhs, key, extra = res
     # on an Explicit mesh the backward matmuls run with the axes Auto, and the cotangents
     # come back in their primals' shardings (a custom VJP must return exactly those types)
-    run = like_output((jax.typeof(lhs), jax.typeof(rhs)), backward)
-    dlhs, drhs = run(lhs, rhs, key, g, extra)
+    types = (jax.typeof(lhs), jax.typeof(rhs))
+    if not isinstance(backward, Mixed):
+        dlhs, drhs = like_output(types, backward)(lhs, rhs, key, g, extra)
+        return dlhs, drhs, None, None
+    ints = like_output(types, backward.integer)(lhs, rhs, key, g, extra)
+    floats = backward.float_vjp(lhs, rhs, extra, g)  # the op as written, in the caller's mesh
+    dlhs, drhs = (
+        i if s is not None else f.astype(x.dtype)
+        for i, f, s, x in zip(ints, floats, backward.specs, (lhs, rhs), strict=True)
+    )
     return dlhs, drhs, None, None
 
 
-def with_float_cotangents(
-    backward: Callable, specs, float_op: Callable, forward_operands: Callable
-) -> Callable:
-    """``backward`` (of :func:`with_integer_backward`) with the cotangent of each operand
-    whose gradient spec in ``specs`` (``(dlhs, drhs)``) is ``None`` taken from the float op
-    instead: ``float_op(lhs_hat, rhs_hat)``'s VJP at the operands as the forward pass
-    quantized them (``forward_operands(lhs, rhs, extra) -> (lhs_hat, rhs_hat)``), i.e.
-    the straight-through gradient. The integer cotangent that is not used is dead code
-    under ``jit``."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class Mixed:
+    """A backward pass of :func:`with_integer_backward` whose cotangent of each operand with
+    a ``None`` spec in ``specs`` (``(dlhs, drhs)``) comes from ``float_vjp(lhs, rhs, extra,
+    g) -> (dlhs, drhs)`` (the straight-through gradient of the fake-quantized op) instead
+    of ``integer`` (the integer cotangent it replaces is dead code under ``jit``)."""
+
+    integer: Callable
+    specs: tuple
+    float_vjp: Callable
+
+
+def with_float_cotangents(backward: Callable, specs, float_vjp: Callable) -> Callable:
+    """``backward``, or a :class:`Mixed` one when a spec of ``specs`` is ``None``."""
     if all(s is not None for s in specs):
         return backward
+    return Mixed(backward, tuple(specs), float_vjp)
 
-    def run(lhs, rhs, key, g, extra):
-        ints = backward(lhs, rhs, key, g, extra)
-        hats = forward_operands(lhs, rhs, extra)
-        _, vjp = jax.vjp(float_op, *hats)
-        floats = vjp(g.astype(jax.eval_shape(float_op, *hats).dtype))
-        return tuple(
-            i if s is not None else f.astype(x.dtype)
-            for i, f, s, x in zip(ints, floats, specs, (lhs, rhs), strict=True)
-        )
 
-    return run
+def straight_through_vjp(op: Callable, lhs_spec: QuantSpec, rhs_spec: QuantSpec) -> Callable:
+    """``float_vjp`` for :class:`Mixed`: the VJP of ``op(fake_quant(lhs), fake_quant(rhs))``
+    with the operands' (resolved) forward specs rounded to nearest: their straight-through
+    gradients, clip masks included."""
+
+    def vjp(lhs, rhs, extra, g):
+        fq = lambda x, sp: fake_quant(x, sp.replace(rounding="nearest"))
+        out, pullback = jax.vjp(lambda a, b: op(fq(a, lhs_spec), fq(b, rhs_spec)), lhs, rhs)
+        return pullback(g.astype(out.dtype))
+
+    return vjp
 
 
 def grad_pair(grad_spec, what: str = "grad_spec") -> tuple[QuantSpec | None, QuantSpec | None]:
@@ -267,11 +285,13 @@ def int8_dot_general(
     if key is not None and "stochastic" in (lhs_spec.rounding, rhs_spec.rounding):
         fkey = jax.random.fold_in(key, 2)  # the backward splits ``key`` itself
     forward = functools.partial(_dot_forward, dn, lhs_spec, rhs_spec)
-    nearest = lambda x, sp: fake_quant(x, sp.replace(rounding="nearest"))
+    params = {"dimension_numbers": dn}
+    resolved = [  # PER_TOKEN as the forward resolves it: the operand's axes not contracted
+        resolve_spec(sp, operand_channel_axes("dot_general", params, i, x.ndim))
+        for i, (sp, x) in enumerate(((lhs_spec, lhs), (rhs_spec, rhs)))
+    ]
+    float_op = lambda a, b: lax.dot_general(a, b, dn, preferred_element_type=jnp.float32)
     backward = with_float_cotangents(
-        dot_backward(dn, lhs_spec, rhs_spec, pair),
-        pair,
-        lambda a, b: lax.dot_general(a, b, dn, preferred_element_type=jnp.float32),
-        lambda lhs, rhs, _: (nearest(lhs, lhs_spec), nearest(rhs, rhs_spec)),
+        dot_backward(dn, lhs_spec, rhs_spec, pair), pair, straight_through_vjp(float_op, *resolved)
     )
     return with_integer_backward(forward, backward, lhs, rhs, fkey, key)

@@ -32,11 +32,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from qjax.numerics.fake_quant import fake_quant
+from qjax.graph.ops import operand_channel_axes
 from qjax.numerics.quantize import quantize
 from qjax.numerics.spec import PER_TOKEN, QuantSpec
-from qjax.quant.int8_training import grad_pair, with_float_cotangents, with_integer_backward
-from qjax.quant.ops_common import INT32_LIMIT
+from qjax.quant.int8_training import (
+    grad_pair,
+    straight_through_vjp,
+    with_float_cotangents,
+    with_integer_backward,
+)
+from qjax.quant.ops_common import INT32_LIMIT, resolve_spec
 from qjax.quant.ops_conv import CONV_GEOMETRY, quantized_conv_general_dilated
 
 _TRANSPOSE_PARAMS = {*CONV_GEOMETRY, "precision", "preferred_element_type", "out_sharding"}
@@ -400,12 +405,16 @@ def int8_conv_general_dilated(
         grad_spec=grad_spec,
     )
     kf = None if key is None else jax.random.fold_in(key, 0)
-    nearest = lambda x, sp: fake_quant(x, sp.replace(rounding="nearest"))
+    params = {"dimension_numbers": cfg.dn}
+    resolved = [  # PER_TOKEN as the forward conv resolves it: per batch element / output feature
+        resolve_spec(sp, operand_channel_axes("conv_general_dilated", params, i, lhs.ndim))
+        for i, sp in enumerate((cfg.lhs_spec, cfg.rhs_spec))
+    ]
+    float_op = lambda a, b: lax.conv_general_dilated(
+        a, b, **cfg.conv_kwargs(), preferred_element_type=jnp.float32
+    )
     backward = with_float_cotangents(
-        conv_backward(cfg),
-        cfg.grad_specs,
-        lambda a, b: lax.conv_general_dilated(a, b, **cfg.conv_kwargs(), preferred_element_type=jnp.float32),
-        lambda lhs, rhs, _: (nearest(lhs, cfg.lhs_spec), nearest(rhs, cfg.rhs_spec)),
+        conv_backward(cfg), cfg.grad_specs, straight_through_vjp(float_op, *resolved)
     )
     return with_integer_backward(functools.partial(_conv_forward, cfg), backward, lhs, rhs, kf, key)
 

@@ -66,6 +66,15 @@ class GradSpecs:
         }
 
 
+def _grad_from_dict(d: dict[str, Any]) -> QuantSpec | GradSpecs:
+    """A rule's ``grad`` from :meth:`Rule.to_dict`: a spec, or the two fields of a
+    :class:`GradSpecs`."""
+    if isinstance(d, dict) and set(d) == {"activation", "weight"}:
+        spec = lambda v: None if v is None else spec_from_dict(v)
+        return GradSpecs(spec(d["activation"]), spec(d["weight"]))
+    return spec_from_dict(d)
+
+
 def grad_specs(grad: QuantSpec | GradSpecs) -> GradSpecs:
     """A rule's ``grad`` as :class:`GradSpecs` (a ``QuantSpec`` serves both matmuls)."""
     return grad if isinstance(grad, GradSpecs) else GradSpecs(grad, grad)
@@ -318,7 +327,7 @@ class Policy:
                         r["pattern"],
                         weight=None if r.get("weight") is None else spec_from_dict(r["weight"]),
                         act=None if r.get("act") is None else spec_from_dict(r["act"]),
-                        grad=None if r.get("grad") is None else spec_from_dict(r["grad"]),
+                        grad=None if r.get("grad") is None else _grad_from_dict(r["grad"]),
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from qjax.graph.interpret import WeightRef, bind_eqn, materialize, spec_for_slice
 from qjax.numerics.fake_quant import fake_quant
@@ -207,9 +208,31 @@ class _FakeQuant(_PolicyHandler):
             ):  # the clipped STE of the range (static or dynamic), before the integer backward
                 args[ai] = qat_int8.with_act_ste(args[ai], aspec, static)
             key = fold_in_path(self.key, ref.path + ":grad")
+
+            def float_vjp(act, w_leaf, static, g):
+                """The straight-through cotangents of the fake-quantized op: the
+                activation's through its fake quantization (clip mask included), the weight
+                view's times its elementwise STE mask (from the leaf's fake quantization,
+                laid out as the view)."""
+                operands, pull_operands = jax.vjp(lambda a: fake_operands(a, w_leaf, static), act)
+
+                def op(a, w):
+                    return bind_eqn(eqn, [a, w] if wi == 1 else [w, a])[0]
+
+                out, pull = jax.vjp(op, operands[ai], operands[wi])
+                d_act_hat, d_w_view = pull(g.astype(out.dtype))
+                zeros = [None, None]
+                zeros[ai], zeros[wi] = d_act_hat, jnp.zeros_like(operands[wi])
+                (d_act,) = pull_operands(zeros)
+                _, pull_mask = jax.vjp(lambda wl: self._fake_weight(ref, rule, wl), w_leaf)
+                (mask,) = pull_mask(jnp.ones_like(w_leaf))
+                for op in ref.ops:
+                    mask = op.apply(mask)
+                return d_act, d_w_view * mask.astype(d_w_view.dtype)
+
             return [
                 qat_int8.int8_training(
-                    eqn, forward, args, (w_leaf, static), wi, rule, ref.path, key, fake_operands
+                    eqn, forward, args, (w_leaf, static), wi, rule, ref.path, key, float_vjp
                 )
             ]
         if integer:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from qjax.graph.interpret import WeightRef, bind_eqn
+from qjax.graph.interpret import WeightRef
 from qjax.numerics.fake_quant import fake_quant
 from qjax.numerics.spec import QuantSpec
 from qjax.quant.int8_training import (
@@ -80,8 +80,12 @@ def check_int8_training(eqn, wi: int, rule: Rule, ref: WeightRef, learned: dict)
             f"{where} of a convolution needs the weight as the kernel (rhs) operand; here it is the "
             "input (lhs)"
         )
-    for spec in grad_specs(rule.grad).specs:
-        check_grad_spec(spec, f"{where}: the grad spec")
+    if isinstance(rule.grad, QuantSpec):
+        check_grad_spec(rule.grad, f"{where}: the grad spec")
+    else:
+        for side in ("activation", "weight"):
+            if getattr(rule.grad, side) is not None:
+                check_grad_spec(getattr(rule.grad, side), f"{where}: the grad spec GradSpecs.{side}")
     if rule.weight.ste == "lsq" or path in learned:
         raise ValueError(
             f"{where} does not learn scales: its backward pass re-quantizes the weight; use a weight "
@@ -89,12 +93,12 @@ def check_int8_training(eqn, wi: int, rule: Rule, ref: WeightRef, learned: dict)
         )
 
 
-def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key, fake_operands):
+def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key, float_vjp):
     """The op whose forward pass is ``forward(act, *extra)`` (the one ``fake_quantized``
     runs without ``grad=``, so the one served) and whose backward pass is the integer
     one, drawing its stochastic rounding from ``key``. A backward matmul that
-    :class:`qjax.GradSpecs` keeps in float takes the float op's VJP at
-    ``fake_operands(act, *extra)`` (the fake-quantized operands, in operand order)."""
+    :class:`qjax.GradSpecs` keeps in float takes its cotangent from
+    ``float_vjp(act, *extra, g) -> (d_act, d_weight)`` (the straight-through gradient)."""
     specs, grads = [None, None], [None, None]
     specs[wi], specs[1 - wi] = rule.weight, rule.act
     gs = grad_specs(rule.grad)
@@ -111,14 +115,14 @@ def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key
         backward = conv_backward(cfg)
     else:
         backward = dot_backward(eqn.params["dimension_numbers"], specs[0], specs[1], tuple(grads))
-    backward = with_float_cotangents(
-        backward,
-        grads,
-        lambda a, b: bind_eqn(eqn, [a, b])[0],
-        lambda lhs, rhs, extra: fake_operands((lhs, rhs)[1 - wi], *extra),
-    )
     where = f"leaf {path!r} (rule {rule.pattern!r}): grad= (int8 training)"
     backward = _keyed_backward(backward, grads, where)
+
+    def by_operand(lhs, rhs, extra, g):
+        d_act, d_weight = float_vjp((lhs, rhs)[1 - wi], *extra, g)
+        return (d_weight, d_act) if wi == 0 else (d_act, d_weight)
+
+    backward = with_float_cotangents(backward, grads, by_operand)
     run = lambda lhs, rhs, extra: forward((lhs, rhs)[1 - wi], *extra)
     out = with_integer_backward(run, backward, *args, extra, key)
     return out.astype(eqn.outvars[0].aval.dtype)

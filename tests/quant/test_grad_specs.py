@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import qjax
 from qjax.quant.int8_training import int8_dot_general
@@ -160,7 +162,7 @@ def test_bad_grad_specs():
         [qjax.Rule("w", weight=W8, act=A8, grad=qjax.GradSpecs(weight=G8.replace(channel_axes=(0,))))]
     )
     f = lambda p, x: x @ p["w"]
-    with pytest.raises(ValueError, match=r"'w'.*channel_axes=\(0,\)"):
+    with pytest.raises(ValueError, match=r"'w'.*GradSpecs\.weight has channel_axes=\(0,\)"):
         jax.grad(lambda p: qjax.fake_quantized(f, policy)(p, jnp.ones((2, 4))).sum())({"w": jnp.ones((4, 3))})
     # a stochastic side needs a key, at the backward pass
     policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8, grad=qjax.GradSpecs(activation=G8S))])
@@ -171,3 +173,55 @@ def test_bad_grad_specs():
 def test_grad_specs_in_the_policy_dict():
     rule = qjax.Rule("w", weight=W8, act=A8, grad=qjax.GradSpecs(activation=G8))
     assert rule.to_dict()["grad"] == {"activation": G8.to_dict(), "weight": None}
+
+
+def test_float_weight_gradient_keeps_the_weights_clip_mask():
+    # a weight spec that clips (absmax at half the range): the straight-through gradient is
+    # 0 outside the range, and the float side of GradSpecs is that gradient (review finding)
+    x = jax.random.normal(jax.random.key(6), (6, 16))
+    w = jax.random.normal(jax.random.key(7), (16, 8))
+    clipped = qjax.QuantSpec(qjax.int8, channel_axes=(-1,), calibration=qjax.calib.absmax(clip=0.5))
+    f = lambda p, x: x @ p["w"]
+    probe = jnp.cos(jnp.arange(48.0).reshape(6, 8))
+
+    def grad(g):
+        policy = qjax.Policy([qjax.Rule("w", weight=clipped, act=A8, grad=g)])
+        return jax.grad(lambda p: jnp.sum(qjax.fake_quantized(f, policy)(p, x) * probe))({"w": w})["w"]
+
+    mixed, ste = grad(qjax.GradSpecs(activation=G8)), grad(None)
+    np.testing.assert_allclose(mixed, ste, rtol=1e-5, atol=1e-6)
+    assert int(jnp.sum(ste == 0)) > 0  # the mask is there to keep
+
+
+def test_per_token_operands_of_the_float_side_are_resolved_like_the_forward():
+    # lhs stored (K, M), contracted on axis 0: PER_TOKEN means one scale per column m
+    xt = jax.random.normal(jax.random.key(8), (16, 6)) * jnp.linspace(0.1, 3, 6)
+    w = jax.random.normal(jax.random.key(9), (16, 8))
+    g = jax.random.normal(jax.random.key(10), (6, 8))
+    dn = (((0,), (0,)), ((), ()))
+    f = lambda a, b: int8_dot_general(a, b, dn, lhs_spec=A8, rhs_spec=W8, grad_spec=(G8, None))
+    _, dw = jax.vjp(f, xt, w)[1](g)
+    np.testing.assert_allclose(
+        dw, _rows_fq(np.asarray(xt).T, 0).T @ np.asarray(g, np.float64), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_grad_specs_on_an_explicit_mesh():
+    mesh = jax.make_mesh((4, 2), ("k", "d"), axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    x = jax.random.normal(jax.random.key(11), (8, 32))
+    params = {"w": jax.random.normal(jax.random.key(12), (32, 8))}
+    f = lambda p, x: jnp.einsum("bk,kn->bn", x, p["w"], out_sharding=P())
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8, grad=qjax.GradSpecs(activation=G8))])
+    loss = lambda p, x: jnp.sum(qjax.fake_quantized(f, policy)(p, x) ** 2)
+    with jax.set_mesh(mesh):
+        expected = jax.grad(loss, argnums=(0, 1))(params, x)
+        ps = jax.device_put(params, NamedSharding(mesh, P("k", None)))
+        xs = jax.device_put(x, NamedSharding(mesh, P(None, "k")))
+        got = jax.jit(jax.grad(loss, argnums=(0, 1)))(ps, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()))
+
+
+def test_grad_specs_round_trip_through_json():
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8, grad=qjax.GradSpecs(activation=G8S))])
+    assert qjax.Policy.from_json(policy.to_json()).rules == policy.rules
