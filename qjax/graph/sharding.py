@@ -42,6 +42,8 @@ def like_output(out_types, fn):
     )
     if not explicit:
         return fn
+    # a value typed on no mesh (an array never placed on the mesh): replicated on it
+    shardings = tuple(PartitionSpec() if not m.axis_names else s for s, m in zip(shardings, meshes))
     out = shardings if isinstance(out_types, tuple) else shardings[0]
     return jax.sharding.auto_axes(fn, axes=explicit, out_sharding=out)
 
