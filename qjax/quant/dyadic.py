@@ -85,7 +85,9 @@ def requantize(acc: jnp.ndarray, m, qmin: int, qmax: int) -> jnp.ndarray:
     multipliers broadcastable to ``acc``). ``acc`` is clamped first to the values that
     can still land inside the range, so the product never overflows. Returns int32."""
     m = np.asarray(m, np.float64)
-    b, c = dyadic(m)
+    # a multiplier of 2^15 or more saturates every nonzero accumulator already (a layer
+    # whose next range is below one of its steps): the largest dyadic one does the same
+    b, c = dyadic(np.minimum(m, 2.0**MULTIPLIER_BITS - 1))
     reach = np.where(m > 0, (max(abs(qmin), abs(qmax)) + 2) / np.maximum(m, 1e-300), 2.0**31 - 1)
     bound = np.minimum(np.ceil(reach), 2**31 - 1).astype(np.int64).astype(np.int32)
     acc = jnp.clip(jnp.asarray(acc, jnp.int32), -bound, bound)

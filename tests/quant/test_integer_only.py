@@ -171,3 +171,125 @@ def test_refusals_name_the_op_and_the_leaf():
         qjax.integer_only(net.apply, half, qjax.quantize_params(variables, half, act_stats=stats))(x)
     with pytest.raises(TypeError, match=r"qjax\.Policy"):
         qjax.integer_only(net.apply, [qjax.Rule(".*", weight=W8)], qp)
+
+
+# -- the review's cases ---------------------------------------------------------------------
+
+
+def _close_to_served(f, variables, x, policy, rtol=5e-3):
+    stats = qjax.calibrate(f, policy, variables, [(x,)])
+    qp = qjax.quantize_params(variables, policy, act_stats=stats)
+    got, served = qjax.integer_only(f, policy, qp)(x), qjax.quantized(f, policy)(qp, x)
+    err = float(jnp.linalg.norm(got - served) / jnp.linalg.norm(served))
+    assert err < rtol, err
+    return qp
+
+
+def test_sums_that_would_pass_int32_move_to_a_coarser_scale():
+    # 1024 tokens of accumulators near 127 * 127 * 256: their sum (a mean over tokens)
+    # needs 33 bits; it was computed in int32 and wrapped
+    x = jnp.ones((1, 1024, 256))
+    params = {"w": jnp.ones((256, 4))}
+    f = lambda p, x: jnp.mean(x @ p["w"], axis=1)
+    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=W8, act=A8)]), rtol=1e-5)
+
+
+def test_wide_formats_use_wide_operands_or_are_refused():
+    x = jax.random.uniform(jax.random.key(5), (4, 64))
+    params = {"w": jax.random.uniform(jax.random.key(6), (64, 8))}  # non-negative: uint8 codes
+    f = lambda p, x: x @ p["w"]
+    u8 = qjax.QuantSpec(qjax.uint8, channel_axes=(-1,))
+    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=u8, act=A8)]))
+    w16 = qjax.QuantSpec(qjax.int16, channel_axes=(-1,))
+    policy = qjax.Policy([qjax.Rule("w", weight=w16, act=qjax.QuantSpec(qjax.int16))])
+    stats = qjax.calibrate(f, policy, params, [(x,)])
+    with pytest.raises(ValueError, match="int32 accumulator can overflow"):
+        qjax.integer_only(f, policy, qjax.quantize_params(params, policy, act_stats=stats))(x)
+
+
+def test_weights_stored_transposed_or_reversed():
+    x = jax.random.normal(jax.random.key(7), (4, 12))
+    params = {"w": jax.random.normal(jax.random.key(8), (12, 6))}
+    f = lambda p, x: x @ p["w"]
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    stats = qjax.calibrate(f, policy, params, [(x,)])
+    stored = qjax.store_transposed(qjax.quantize_params(params, policy, act_stats=stats), "w")
+    np.testing.assert_allclose(
+        qjax.integer_only(f, policy, stored)(x), qjax.quantized(f, policy)(stored, x), rtol=1e-5, atol=1e-5
+    )
+    net = nn.ConvTranspose(4, (3, 3), transpose_kernel=True)  # reads the kernel reversed
+    x4 = jax.random.normal(jax.random.key(9), (2, 6, 6, 3))
+    per_tensor = qjax.Policy([qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int8), act=A8)])
+    _close_to_served(net.apply, net.init(jax.random.key(10), x4), x4, per_tensor)
+
+
+def policy_all():
+    return qjax.Policy([qjax.Rule(".*kernel", weight=W8, act=A8)])
+
+
+def test_static_factors_on_either_side_infinite_identities_and_softmax():
+    x = jax.random.normal(jax.random.key(11), (4, 12))
+    params = {
+        "w": jax.random.normal(jax.random.key(12), (12, 6)),
+        "v": jax.random.normal(jax.random.key(13), (6, 3)),
+    }
+    policy = qjax.Policy([qjax.Rule(".*", weight=W8, act=A8)])
+    f = lambda p, x: (0.5 * jnp.maximum(x @ p["w"], -jnp.inf)) @ p["v"]
+    _close_to_served(f, params, x, policy)
+    g = lambda p, x: jax.nn.softmax(x @ p["w"]) @ p["v"]
+    stats = qjax.calibrate(g, policy, params, [(x,)])
+    with pytest.raises(ValueError, match=r"'exp' .* has no integer form"):
+        qjax.integer_only(g, policy, qjax.quantize_params(params, policy, act_stats=stats))(x)
+
+
+def test_control_flow_is_refused_not_run_in_float():
+    x = jax.random.normal(jax.random.key(14), (4, 12))
+    params = {"w": jax.random.normal(jax.random.key(15), (12, 12))}
+    f = lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: jax.nn.relu(h @ p["w"]), x)
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    stats = qjax.calibrate(f, policy, params, [(x,)])
+    with pytest.raises(ValueError, match="control flow"):
+        qjax.integer_only(f, policy, qjax.quantize_params(params, policy, act_stats=stats))(x)
+
+
+class _Pools(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3))(x))
+        # per-position scales (padding excluded from the count), then a pool that strides an
+        # axis its window does not span
+        x = nn.avg_pool(x, (3, 3), (1, 1), padding="SAME", count_include_pad=False)
+        x = nn.max_pool(x, (1, 2), (2, 2))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+class _TinyBN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.BatchNorm(use_running_average=True)(nn.Conv(8, (3, 3))(x))
+        return nn.Dense(4)(nn.relu(x).reshape(x.shape[0], -1))
+
+
+def test_strided_pools_tiny_batch_norm_factors_and_dead_layers():
+    x4 = jax.random.normal(jax.random.key(16), (2, 8, 8, 3))
+    net = _Pools()
+    _close_to_served(net.apply, net.init(jax.random.key(17), x4), x4, policy_all())
+    bn = _TinyBN()
+    v = dict(bn.init(jax.random.key(18), x4))
+    v["params"] = {
+        **v["params"],
+        "BatchNorm_0": {"scale": jnp.ones(8).at[0].set(1e-7), "bias": jnp.full(8, 0.5)},
+    }
+    _close_to_served(bn.apply, v, x4, policy_all())
+    # the next layer's range is below one step of the layer before: its codes saturate
+    params = {
+        "w": jax.random.normal(jax.random.key(19), (12, 6)),
+        "v": jax.random.normal(jax.random.key(20), (6, 3)),
+    }
+    f = lambda p, x: (1e-9 * jax.nn.relu(x @ p["w"])) @ p["v"]
+    _close_to_served(
+        f,
+        params,
+        jax.random.normal(jax.random.key(21), (4, 12)),
+        qjax.Policy([qjax.Rule(".*", weight=W8, act=A8)]),
+    )
