@@ -8,12 +8,13 @@ matmul). Because ``S`` is known when the program is traced (the params are concr
 rescaling becomes an integer multiply and shift by a dyadic number
 (:mod:`qjax.quant.dyadic`):
 
-* a matmul / convolution reading a quantized weight (symmetric codes, one scale per
-  output channel or per tensor) takes its activation as codes of the weight's calibrated
+* a matmul / convolution reading a quantized weight (integer codes, one scale per
+  output channel or per tensor, zero points allowed) takes its activation as codes of the weight's calibrated
   static activation scale (``QArray.act_scale``: ``quantize_params(..., act_stats=...)``):
   the function's float input is quantized once (the program's only float op on the way
   in), an integer value is *requantized*: ``clip(round(q · b / 2^c))`` with
-  ``b / 2^c ≈ S / s_act``. The product runs int8 × int8 → int32 (int16 operands for
+  ``b / 2^c ≈ S / s_act``; with zero points both operands enter centred (codes minus
+  zero point). The product runs int8 × int8 → int32 (int16 operands for
   ``uint8`` activations), and its scale is ``s_act · s_w``;
 * a static operand added to an integer value (a bias, a folded batch norm's shift) is
   rounded onto the value's scale as int32 (HAWQ's int32 bias); a static positive factor
@@ -197,24 +198,34 @@ class _Program:
                 "has no static activation scale: quantize_params(params, policy, "
                 "act_stats=qjax.calibrate(...))"
             )
-        if q.act_zero_point is not None or q.zero_point is not None:
-            raise fail("integer-only inference takes symmetric weights and activations (no zero points)")
         if q.format.is_float or q.group_axis is not None:
             raise fail(
                 "needs integer weight codes with one scale per output channel or per tensor (no groups)"
             )
+        # zero points: both operands enter centred (codes minus zero point), so padded
+        # positions of a conv (0) stand for real 0 and no correction terms are needed
         with jax.ensure_compile_time_eval():  # the params are concrete: so are their codes
-            codes = _view(unpacked(q).values if q.packed_axis is not None else q.values, w.views, jnp)
-            w_codes = np.asarray(codes, np.int64)  # for the bound and the operand type
+            w_codes = np.asarray(
+                _view(unpacked(q).values if q.packed_axis is not None else q.values, w.views, jnp), np.int64
+            )
+        if q.zero_point is not None:
+            w_codes = w_codes - _view(np.round(np.asarray(q.zero_point, np.float64)), w.views, np).astype(
+                np.int64
+            )
         w_scale = _view(np.asarray(q.scale, np.float64), w.views, np)
         contracted = self._contracted(eqn, wi)
         if any(w_scale.shape[d] != 1 for d in contracted):
             raise fail("its scale varies along the contracted axes")
         s_act = float(np.asarray(q.act_scale, np.float64).reshape(()))
-        fmt = aspec.format
-        act = self._activation_codes(invals[1 - wi], s_act, fmt.qmin, fmt.qmax)
+        z_act = (
+            0
+            if q.act_zero_point is None
+            else int(np.round(np.asarray(q.act_zero_point, np.float64)).reshape(()))
+        )
+        lo_a, hi_a = aspec.format.qmin - z_act, aspec.format.qmax - z_act  # centred activation codes
+        act = self._activation_codes(invals[1 - wi], s_act, lo_a, hi_a)
         # |acc| <= max|activation code| * max over outputs of the sum of |weight codes| it reads
-        a_max = max(-fmt.qmin, fmt.qmax)
+        a_max = max(-lo_a, hi_a)
         bound = a_max * float(np.abs(w_codes).sum(axis=contracted).max(initial=0))
         if bound > 2.0**31 - 1:
             raise fail(
@@ -222,10 +233,10 @@ class _Program:
                 f"summing to {bound / a_max:.0f} over the contraction; use narrower formats (8 bits) or "
                 "a shorter contraction"
             )
-        lo, hi = min(fmt.qmin, int(w_codes.min(initial=0))), max(fmt.qmax, int(w_codes.max(initial=0)))
-        wide = jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16  # uint8 codes: int16 x int16
+        lo, hi = min(lo_a, int(w_codes.min(initial=0))), max(hi_a, int(w_codes.max(initial=0)))
+        wide = jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16  # uint8 / centred codes: int16
         operands = [None, None]
-        operands[wi], operands[1 - wi] = codes.astype(wide), act.astype(wide)
+        operands[wi], operands[1 - wi] = jnp.asarray(w_codes, wide), act.astype(wide)
         params = {**eqn.params, "preferred_element_type": jnp.dtype(jnp.int32)}
         acc = bind_eqn(eqn.replace(params=params), operands)[0]
         return IntValue(acc, compress(s_act * self._out_scale(eqn, wi, w_scale, acc.ndim)), bound)
@@ -294,9 +305,10 @@ def integer_only(f: Callable, policy: Policy, qparams: Any, **kwargs) -> Callabl
         (folded or not: a per-channel positive factor and shift), ReLU, residual adds,
         max / average pooling, reductions and layout ops.
       policy: the policy ``qparams`` were quantized with; each weight's rule needs an
-        integer ``act`` spec with one static scale (``channel_axes=()``, symmetric).
+        integer ``act`` spec with one static scale (``channel_axes=()``; a zero point is
+        allowed: TFLite-style ``QuantSpec(qjax.uint8, symmetric=False)``).
       qparams: ``qjax.quantize_params(params, policy, act_stats=qjax.calibrate(...))``:
-        symmetric integer weights with one scale per output channel or per tensor (int4
+        integer weights with one scale per output channel or per tensor (int4
         packed too), each holding its input's static scale. Concrete arrays (the dyadic
         multipliers are computed from them when the program is traced).
       **kwargs: static keyword arguments of ``f``.
@@ -307,8 +319,8 @@ def integer_only(f: Callable, policy: Policy, qparams: Any, **kwargs) -> Callabl
 
     Raises:
       ValueError (when ``g`` is traced): an op with no integer form (named, with its
-      module), a matmul without a quantized weight or static activation scale, zero
-      points, grouped or float weight formats.
+      module), a matmul without a quantized weight or static activation scale, grouped or
+      float weight formats, an int32 accumulator that could overflow, control flow.
 
     Example:
       >>> a8 = qjax.QuantSpec(qjax.int8)  # one static scale per tensor

@@ -154,11 +154,6 @@ def test_refusals_name_the_op_and_the_leaf():
     )
     with pytest.raises(ValueError, match="one static scale"):
         qjax.integer_only(net.apply, per_token, qjax.quantize_params(variables, per_token))(x)
-    # an asymmetric activation (a zero point)
-    asym = qjax.Policy([qjax.Rule(".*kernel", weight=W8, act=qjax.QuantSpec(qjax.uint8, symmetric=False))])
-    stats = qjax.calibrate(net.apply, asym, variables, [(x,)])
-    with pytest.raises(ValueError, match="no zero points"):
-        qjax.integer_only(net.apply, asym, qjax.quantize_params(variables, asym, act_stats=stats))(x)
     # groups along K
     g = qjax.Policy([qjax.Rule(".*kernel", weight=W8.replace(group_size=4, group_axis=0), act=A8)])
     stats = qjax.calibrate(net.apply, g, variables, [(x,)])
@@ -293,3 +288,25 @@ def test_strided_pools_tiny_batch_norm_factors_and_dead_layers():
         jax.random.normal(jax.random.key(21), (4, 12)),
         qjax.Policy([qjax.Rule(".*", weight=W8, act=A8)]),
     )
+
+
+class _PaddedCNN(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), padding="SAME")(x))  # padded positions: real 0
+        x = nn.relu(nn.Conv(8, (3, 3), padding="SAME", name="c2")(x))
+        return nn.Dense(5)(x.reshape(x.shape[0], -1))
+
+
+def test_zero_points_of_activations_and_weights():
+    # TFLite-style asymmetric uint8 activations and asymmetric weights (GPTQ-style): both
+    # operands enter centred, so a conv's zero padding still stands for 0
+    x = jax.random.uniform(jax.random.key(22), (2, 6, 6, 3))  # non-negative input
+    net = _PaddedCNN()
+    variables = net.init(jax.random.key(23), x)
+    for weight in (W8, qjax.QuantSpec(qjax.uint8, channel_axes=(-1,), symmetric=False)):
+        act = qjax.QuantSpec(qjax.uint8, symmetric=False)
+        qp = _close_to_served(
+            net.apply, variables, x, qjax.Policy([qjax.Rule(".*kernel", weight=weight, act=act)])
+        )
+        assert qp["params"]["c2"]["kernel"].act_zero_point is not None
