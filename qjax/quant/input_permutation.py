@@ -10,46 +10,23 @@ other, and ``calibrate`` / ``fake_quantized`` compose with it.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.graph.interpret import Handler, bind_eqn, materialize, run, weight_operand
-from qjax.graph.statistics import contraction
-from qjax.graph.trace import trace
+from qjax.quant.smoothing import transform_inputs
 
 
-class _Gather(Handler):
-    def __init__(self, perms: Mapping[str, np.ndarray]):
-        self.perms = perms
-        self.seen: set[str] = set()
-
-    def target(self, eqn, invals, emit):
-        wi = weight_operand(invals)
-        if wi is None or invals[wi].path not in self.perms:
-            return None
-        ref = invals[wi]
-        if ref.depth:
-            raise ValueError(
-                f"with_input_permutation {ref.path!r}: the weight is read inside a scan over stacked params"
-            )
-        args = [materialize(x) for x in invals]
-        _, a_axes = contraction(eqn, wi, ref, "with_input_permutation", grouped=True)
-        act = args[1 - wi]
-        perm = self.perms[ref.path]
-        if len(a_axes) != 1 or act.shape[a_axes[0]] != perm.shape[0]:
-            sizes = [act.shape[a] for a in a_axes]
-            raise ValueError(
-                f"with_input_permutation {ref.path!r}: a permutation of {perm.shape[0]} rows, but the "
-                f"matmul contracts axes of sizes {sizes} (one axis of that length needed)"
-            )
-        args[1 - wi] = jnp.take(act, jnp.asarray(perm), axis=a_axes[0])
-        self.seen.add(ref.path)
-        return bind_eqn(eqn, args)
+def _gather(act, a_axes, perm, path: str):
+    if len(a_axes) != 1 or act.shape[a_axes[0]] != perm.shape[0]:
+        sizes = [act.shape[a] for a in a_axes]
+        raise ValueError(
+            f"with_input_permutation {path!r}: a permutation of {perm.shape[0]} rows, but the matmul "
+            f"contracts axes of sizes {sizes} (one axis of that length needed)"
+        )
+    return jnp.take(act, jnp.asarray(perm), axis=a_axes[0])
 
 
 def _check(path: str, perm) -> np.ndarray:
@@ -89,18 +66,7 @@ def with_input_permutation(f: Callable, perms: Mapping[str, Any]) -> Callable:
     table = {path: _check(path, p) for path, p in perms.items()}
     if not table:
         return f
-
-    @functools.wraps(f)
-    def g(params, *args, **kwargs):
-        traced = trace(f, params, *args, **kwargs)
-        handler = _Gather(table)
-        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
-        missing = sorted(set(table) - handler.seen)
-        if missing:
-            raise ValueError(f"with_input_permutation: no matmul reads {missing}")
-        return jax.tree.unflatten(traced.out_tree, outs)
-
-    return g
+    return transform_inputs(f, table, _gather, "with_input_permutation")
 
 
 __all__ = ["with_input_permutation"]

@@ -59,41 +59,68 @@ def _check_depth(ref: WeightRef) -> None:
         )
 
 
-class _Divide(Handler):
-    def __init__(self, factors: Mapping[str, jax.Array]):
-        self.factors = factors
+class _InputTransform(Handler):
+    """Rebinds every matmul reading a weight of ``table`` with its activation transformed:
+    ``transform(act, act_axes, table[path], path)`` (``act_axes``: the activation axes the
+    matmul contracts, paired with the weight's contracted axes in leaf order)."""
+
+    def __init__(self, table: Mapping[str, Any], transform: Callable, what: str):
+        self.table, self.transform, self.what = table, transform, what
         self.seen: set[str] = set()
 
     def target(self, eqn, invals, emit):
         wi = weight_operand(invals)
-        if wi is None or invals[wi].path not in self.factors:
+        if wi is None or invals[wi].path not in self.table:
             return None
-        return self._divide(eqn, invals, wi)
+        return self._apply(eqn, invals, wi)
 
     def other(self, eqn, invals, emit):
-        """A ``lax.ragged_dot``'s rows, divided like a matmul's activation (one factor on K
-        shared by all experts)."""
+        """A ``lax.ragged_dot``'s rows, transformed like a matmul's activation (one factor
+        or permutation on K shared by all experts)."""
         ref = ragged_weight(eqn, invals)
-        if ref is None or ref.path not in self.factors:
+        if ref is None or ref.path not in self.table:
             return None
-        return self._divide(eqn, invals, 1)
+        return self._apply(eqn, invals, 1)
 
-    def _divide(self, eqn, invals, wi: int):
+    def _apply(self, eqn, invals, wi: int):
         ref = invals[wi]
-        _check_depth(ref)
+        if ref.depth:
+            raise ValueError(
+                f"{self.what} {ref.path!r}: the weight is read inside a scan over stacked params; one "
+                "input transform per layer of a stacked weight is not supported"
+            )
         args = [materialize(x) for x in invals]
         _, a_axes = _contraction(eqn, wi, ref)
-        act = args[1 - wi]
-        s = self.factors[ref.path]
-        sizes = [act.shape[a] for a in a_axes]
-        if s.shape != (math.prod(sizes),):
-            raise ValueError(f"input factor of {ref.path!r}: shape {s.shape}, the matmul contracts {sizes}")
-        order = np.argsort(a_axes)
-        s_nd = jnp.transpose(s.reshape(sizes), order)
-        shape = [act.shape[d] if d in a_axes else 1 for d in range(act.ndim)]
-        args[1 - wi] = (act / s_nd.reshape(shape).astype(act.dtype)).astype(act.dtype)
+        args[1 - wi] = self.transform(args[1 - wi], a_axes, self.table[ref.path], ref.path)
         self.seen.add(ref.path)
         return bind_eqn(eqn, args)
+
+
+def transform_inputs(f: Callable, table: Mapping[str, Any], transform: Callable, what: str) -> Callable:
+    """``f`` re-evaluated with the activation input of every matmul reading a weight of
+    ``table`` transformed (:class:`_InputTransform`); the weights still flow from ``params``
+    into the matmuls. Calling the result raises ``ValueError`` for a path no matmul reads."""
+
+    @functools.wraps(f)
+    def g(params, *args, **kwargs):
+        traced = trace(f, params, *args, **kwargs)
+        handler = _InputTransform(table, transform, what)
+        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
+        missing = sorted(set(table) - handler.seen)
+        if missing:
+            raise ValueError(f"{what}: no matmul/conv reads {missing}")
+        return jax.tree.unflatten(traced.out_tree, outs)
+
+    return g
+
+
+def _divide(act, a_axes, s, path: str):
+    sizes = [act.shape[a] for a in a_axes]
+    if s.shape != (math.prod(sizes),):
+        raise ValueError(f"input factor of {path!r}: shape {s.shape}, the matmul contracts {sizes}")
+    s_nd = jnp.transpose(s.reshape(sizes), np.argsort(a_axes))
+    shape = [act.shape[d] if d in a_axes else 1 for d in range(act.ndim)]
+    return (act / s_nd.reshape(shape).astype(act.dtype)).astype(act.dtype)
 
 
 def _expand(factors: Mapping[FactorKey, Any]) -> dict[str, jax.Array]:
@@ -131,18 +158,7 @@ def with_input_scales(f: Callable, factors: Mapping[FactorKey, Any]) -> Callable
     table = _expand(factors)
     if not table:
         return f
-
-    @functools.wraps(f)
-    def g(params, *args, **kwargs):
-        traced = trace(f, params, *args, **kwargs)
-        handler = _Divide(table)
-        outs, _ = run(traced, handler, list(traced.param_leaves), jax.tree.leaves(args))
-        missing = sorted(set(table) - handler.seen)
-        if missing:
-            raise ValueError(f"with_input_scales: no matmul/conv reads {missing}")
-        return jax.tree.unflatten(traced.out_tree, outs)
-
-    return g
+    return transform_inputs(f, table, _divide, "with_input_scales")
 
 
 class _Axes(Handler):

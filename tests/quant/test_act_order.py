@@ -64,7 +64,7 @@ def test_weight_on_the_right_of_a_transposed_read_and_errors():
     np.testing.assert_allclose(got, x @ w.T, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="not a permutation"):
         qjax.with_input_permutation(f, {"w": np.zeros(K, np.int32)})
-    with pytest.raises(ValueError, match=r"no matmul reads \['v'\]"):
+    with pytest.raises(ValueError, match=r"no matmul/conv reads \['v'\]"):
         qjax.with_input_permutation(f, {"v": perm})({"w": w}, x)
     with pytest.raises(ValueError, match="a permutation of 32 rows"):
         qjax.with_input_permutation(f, {"w": np.arange(32)})({"w": w}, x)
