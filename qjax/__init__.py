@@ -59,6 +59,7 @@ from qjax.quant import (
     KVCache,
     LSQParams,
     OpRule,
+    PagedKVCache,
     Policy,
     Rule,
     awq,
@@ -96,6 +97,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "KVCache",
+    "PagedKVCache",
     "kv_cache_scales",
     "autoprec",
     "kernels",

@@ -15,6 +15,7 @@ from qjax.quant.interop import from_awq, from_gptq, from_gptq_act_order, to_awq,
 from qjax.quant.interop_fp8 import fp8_block_spec, from_fp8_blocks, to_fp8_blocks
 from qjax.quant.kv_cache import KVCache
 from qjax.quant.kv_calibration import kv_cache_scales
+from qjax.quant.kv_paged import PagedKVCache
 from qjax.quant.lsq_params import LSQParams
 from qjax.quant.ops import quantized_conv_general_dilated, quantized_dot_general, quantized_ragged_dot
 from qjax.quant.policy import GradSpecs, OpRule, Policy, Rule
@@ -34,6 +35,7 @@ from qjax.quant.transforms import (
 
 __all__ = [
     "KVCache",
+    "PagedKVCache",
     "kv_cache_scales",
     "AWQSearch",
     "BatchNormFoldReport",
