@@ -180,8 +180,10 @@ class OpRule:
         the matmul, as :class:`Rule`'s ``grad`` does for weight matmuls. Needs both ``lhs``
         and ``rhs``; one scale per tensor (``channel_axes=()``) or per row
         (``qjax.PER_TOKEN``), a signed format, typically rounded stochastically (pass
-        ``key=``). The forward pass stays the fake-quant float op (the same values as the
-        integer one). ``quantized`` and ``calibrate`` ignore it.
+        ``key=``). A ``(dlhs, drhs)`` pair gives each backward matmul its own spec (AQT's
+        ``dlhs_bits`` / ``drhs_bits``; ``None`` there: the straight-through float
+        cotangent of the fake-quantized op). The forward pass stays the fake-quant float
+        op (the same values as the integer one). ``quantized`` and ``calibrate`` ignore it.
 
     ``qjax.quantized`` runs a matched op as ``qjax.quantized_dot_general`` (int8 x int8 ->
     int32 when both are integer formats); ``qjax.fake_quantized`` fake-quantizes both
@@ -207,12 +209,23 @@ class OpRule:
     pattern: str
     lhs: QuantSpec | None = None
     rhs: QuantSpec | None = None
-    grad: QuantSpec | None = None
+    grad: QuantSpec | tuple[QuantSpec | None, QuantSpec | None] | None = None
 
     def __post_init__(self):
         compile_pattern(self.pattern)
-        for name in ("lhs", "rhs", "grad"):
-            v = getattr(self, name)
+        if isinstance(self.grad, list):
+            object.__setattr__(self, "grad", tuple(self.grad))
+        grads = self.grad if isinstance(self.grad, tuple) else (self.grad,)
+        if isinstance(self.grad, tuple) and (
+            len(grads) != 2
+            or all(g is None for g in grads)
+            or not all(g is None or isinstance(g, QuantSpec) for g in grads)
+        ):
+            raise TypeError(
+                f"OpRule {self.pattern!r}: grad must be a qjax.QuantSpec, a (dlhs, drhs) pair of them with "
+                f"at most one None, or None, got {self.grad!r}"
+            )
+        for name, v in [("lhs", self.lhs), ("rhs", self.rhs), *(("grad", g) for g in grads)]:
             if v is not None and not isinstance(v, QuantSpec):
                 raise TypeError(
                     f"OpRule {self.pattern!r}: {name} must be a qjax.QuantSpec or None, got {v!r}"
@@ -231,14 +244,20 @@ class OpRule:
                     f"OpRule {self.pattern!r}: grad= (int8 training) needs lhs= and rhs= specs: both "
                     "backward matmuls re-quantize the other operand"
                 )
-            check_grad_spec(self.grad, f"OpRule {self.pattern!r}: grad")
+            for g in grads:
+                if g is not None:
+                    check_grad_spec(g, f"OpRule {self.pattern!r}: grad")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "pattern": self.pattern,
             "lhs": None if self.lhs is None else self.lhs.to_dict(),
             "rhs": None if self.rhs is None else self.rhs.to_dict(),
-            "grad": None if self.grad is None else self.grad.to_dict(),
+            "grad": None
+            if self.grad is None
+            else [None if g is None else g.to_dict() for g in self.grad]
+            if isinstance(self.grad, tuple)
+            else self.grad.to_dict(),
         }
 
 
@@ -337,7 +356,12 @@ class Policy:
             try:
                 rules.append(
                     OpRule(
-                        r["pattern"], lhs=spec(r.get("lhs")), rhs=spec(r.get("rhs")), grad=spec(r.get("grad"))
+                        r["pattern"],
+                        lhs=spec(r.get("lhs")),
+                        rhs=spec(r.get("rhs")),
+                        grad=tuple(map(spec, r["grad"]))
+                        if isinstance(r.get("grad"), list)
+                        else spec(r.get("grad")),
                     )
                 )
             except (KeyError, TypeError, ValueError) as e:

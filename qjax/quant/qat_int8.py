@@ -128,11 +128,20 @@ def int8_training(eqn, forward, args, extra, wi: int, rule: Rule, path: str, key
     return out.astype(eqn.outvars[0].aval.dtype)
 
 
-def op_int8_training(eqn, forward, invals, specs, statics, grad: QuantSpec, key, where: str):
+def op_int8_training(eqn, forward, invals, specs, statics, grad, key, where: str):
     """A matmul between two activations (an ``OpRule`` with ``grad``) whose forward pass is
     ``forward(lhs, rhs, statics)`` and whose backward matmuls are integer ones, each
-    operand's gradient clipped to its range first (static, or a clipping calibrator's)."""
+    operand's gradient clipped to its range first (static, or a clipping calibrator's).
+    ``grad``: a ``QuantSpec`` for both, or a ``(dlhs, drhs)`` pair whose ``None`` side takes
+    the straight-through cotangent of ``forward`` (the fake-quantized float op)."""
     args = [with_act_ste(x, sp, st) for x, sp, st in zip(invals, specs, statics)]
-    backward = _keyed_backward(dot_backward(eqn.params["dimension_numbers"], *specs, grad), (grad,), where)
+    grads = (grad, grad) if isinstance(grad, QuantSpec) else tuple(grad)
+    backward = _keyed_backward(dot_backward(eqn.params["dimension_numbers"], *specs, grads), grads, where)
+
+    def float_vjp(lhs, rhs, extra, g):
+        out, pull = jax.vjp(lambda a, b: forward(a, b, extra), lhs, rhs)
+        return pull(g.astype(out.dtype))
+
+    backward = with_float_cotangents(backward, grads, float_vjp)
     out = with_integer_backward(forward, backward, *args, statics, key)
     return out.astype(eqn.outvars[0].aval.dtype)

@@ -205,3 +205,25 @@ def test_the_iterations_of_a_loop_draw_their_own_rounding(loop):
     layers = lambda p, x: jax.lax.scan(lambda h, w: (h, x @ w), x, p["w"])[1]
     ys = qjax.fake_quantized(layers, wpol, key=key)(stack, jnp.asarray(q))
     assert not np.array_equal(np.asarray(ys[0]), np.asarray(ys[1]))
+
+
+def test_a_gradient_format_per_backward_matmul():
+    # (dlhs, drhs) = (int8 per token, None): dq as full int8 training gives it, dk the
+    # straight-through float cotangent of the fake-quantized op
+    q, k, c = (jnp.asarray(a) for a in _data())
+
+    def grads(grad):
+        policy = qjax.Policy([qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=grad)])
+        return jax.vjp(lambda q, k: qjax.fake_quantized(scores, policy)({}, q, k), q, k)[1](c)
+
+    (dq8, dk8), (dq_ste, dk_ste) = grads(TOK), grads(None)
+    dq, dk = grads((TOK, None))
+    np.testing.assert_array_equal(dq, dq8)
+    np.testing.assert_allclose(dk, dk_ste, rtol=1e-6, atol=1e-6)
+    dq, dk = grads([None, TOK])  # a list is read as the pair
+    np.testing.assert_allclose(dq, dq_ste, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(dk, dk8)
+    rule = qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=(TOK, None))
+    assert qjax.Policy.from_json(qjax.Policy([rule]).to_json()).op_rules == (rule,)
+    with pytest.raises(TypeError, match="at most one None"):
+        qjax.OpRule("scores/.*", lhs=TOK, rhs=TOK, grad=(None, None))
