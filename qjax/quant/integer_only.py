@@ -234,7 +234,10 @@ class _Program:
                 "a shorter contraction"
             )
         lo, hi = min(lo_a, int(w_codes.min(initial=0))), max(hi_a, int(w_codes.max(initial=0)))
-        wide = jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16  # uint8 / centred codes: int16
+        # the narrowest type holding both operands' (centred) codes: int8, int16, else int32
+        wide = (
+            jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16 if -32768 <= lo and hi <= 32767 else jnp.int32
+        )
         operands = [None, None]
         operands[wi], operands[1 - wi] = jnp.asarray(w_codes, wide), act.astype(wide)
         params = {**eqn.params, "preferred_element_type": jnp.dtype(jnp.int32)}

@@ -4,7 +4,8 @@ layout).
 Continuous batching serves many sequences of unknown final length from one pool of memory:
 the cache is cut into pages of ``page_size`` tokens, and each sequence owns a list of pages
 (its row of a *page table*, kept by the caller's scheduler, as vLLM's block manager does).
-Sequences may share pages (a common prompt prefix is stored once).
+Sequences may share full pages (a common prompt prefix, stored once and not written
+again); a row may not hold a page twice.
 
 The pool is a :class:`qjax.KVCache` whose batch axis indexes pages:
 ``(num_pages, page_size, heads, head_dim)`` codes with per-token or static scales, so a
@@ -50,6 +51,12 @@ def _table(page_table, batch: int | None, num_pages: int) -> jax.Array:
         bad = host[(host < 0) | (host >= num_pages)]
         if bad.size:
             raise ValueError(f"page_table holds page {int(bad[0])}, outside the pool's {num_pages} pages")
+        for row, pages in enumerate(host):
+            if len(set(pages.tolist())) != len(pages):
+                raise ValueError(
+                    f"page_table row {row} holds a page twice ({pages.tolist()}): a sequence's positions "
+                    "would overwrite each other (sequences may share pages, a row may not repeat one)"
+                )
     return t.astype(jnp.int32)
 
 
@@ -94,6 +101,15 @@ class PagedKVCache:
           TypeError / ValueError: as :meth:`qjax.KVCache.init`, or a spec scaled per block
             of tokens.
         """
+        for name, n in (("num_pages", num_pages), ("page_size", page_size)):
+            if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"PagedKVCache: {name} must be a positive int, got {n!r}")
+        for name, sp in (("spec", spec), ("value_spec", value_spec)):
+            if isinstance(sp, QuantSpec) and sp.group_axis is not None and sp.group_axis % 4 == 1:
+                raise ValueError(
+                    f"PagedKVCache: {name} scales per block of tokens (group_axis=1, KIVI), which keep a "
+                    "float tail per sequence and are not paged; use per-token or static scales"
+                )
         pool = KVCache.init(
             spec,
             batch=num_pages,
@@ -149,7 +165,9 @@ class PagedKVCache:
         pool = self.pool
         h, d = pool.shape[2:]
         k = jnp.asarray(k)
-        k = kvc.check_kv("k", k, k.shape[0] if k.ndim == 4 else -1, h, d)
+        if k.ndim != 4:
+            raise ValueError(f"k must have shape (batch, new_tokens, {h}, {d}), got {tuple(k.shape)}")
+        k = kvc.check_kv("k", k, k.shape[0], h, d)
         b, s = k.shape[:2]
         v = kvc.check_kv("v", v, b, h, d)
         if v.shape[1] != s:
@@ -162,17 +180,21 @@ class PagedKVCache:
         if s == 0:
             return self
         pos = idx[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]  # (B, S)
-        real = pos < capacity
+        real = (pos >= 0) & (pos < capacity)  # a traced index out of range: dropped
         if count is not None:
             real &= jnp.arange(s)[None, :] < count[:, None]
             k, v = (jnp.where(real[:, :, None, None], x, 0).astype(x.dtype) for x in (k, v))
         column = jnp.clip(pos // self.page_size, 0, table.shape[1] - 1)
-        page = jnp.where(real, jnp.take_along_axis(table, column, axis=1), self.num_pages)  # dropped
+        page = jnp.take_along_axis(table, column, axis=1)
+        real &= (page >= 0) & (page < self.num_pages)  # a traced page id outside the pool: dropped
+        page = jnp.where(real, page, self.num_pages)
         slot = pos % self.page_size
         sides = []
         for cur, spec, x in ((pool.k, pool.k_spec, k), (pool.v, pool.v_spec, v)):
             x = x.astype(cur.dtype)
-            put = lambda dest, val: dest.at[page, slot].set(val.astype(dest.dtype), mode="drop")
+            put = lambda dest, val: dest.at[page, slot].set(
+                val.astype(dest.dtype), mode="drop", wrap_negative_indices=False
+            )
             if kva.mode(cur) == "token":
                 qn = quantize(x, spec)
                 scale = put(cur.scale, qn.scale)
@@ -193,7 +215,10 @@ class PagedKVCache:
         def rows(x):  # (num_pages, page_size, ...) -> (batch, n * page_size, ...)
             if x is None:
                 return None
-            return jnp.take(x, table.reshape(-1), axis=0).reshape(b, n * x.shape[1], *x.shape[2:])
+            # a traced id outside the pool (padding, -1) reads a page of the pool, never fill
+            # values (NaN scales would reach every query through 0 x NaN)
+            y = jnp.take(x, table.reshape(-1), axis=0, mode="clip")
+            return y.reshape(b, n * x.shape[1], *x.shape[2:])
 
         def side(q):
             if kva.mode(q) == "token":
@@ -205,9 +230,20 @@ class PagedKVCache:
 
     def attend(self, q, page_table, index=None, **kwargs) -> jax.Array:
         """:meth:`qjax.KVCache.attend` over each sequence's pages (``index`` / ``mask`` and
-        the other keywords as there; positions past what was written read as unwritten
-        only through ``index`` or ``mask``)."""
-        return self.gather(page_table).attend(q, index, **kwargs)
+        the other keywords as there). Positions of pages not written for this sequence
+        (a traced padding id outside the pool reads some page of it) must be hidden by
+        ``index`` or ``mask``, as unwritten positions of a contiguous cache are.
+
+        Raises:
+          ValueError: a page table whose rows do not match ``q``'s batch; as
+            :meth:`qjax.KVCache.attend`.
+        """
+        table = _table(page_table, None, self.num_pages)
+        if np.ndim(q) >= 1 and table.shape[0] != np.shape(q)[0]:
+            raise ValueError(
+                f"page_table has {table.shape[0]} rows (sequences) but q has batch {np.shape(q)[0]}"
+            )
+        return self.gather(table).attend(q, index, **kwargs)
 
 
 __all__ = ["PagedKVCache"]

@@ -310,3 +310,13 @@ def test_zero_points_of_activations_and_weights():
             net.apply, variables, x, qjax.Policy([qjax.Rule(".*kernel", weight=weight, act=act)])
         )
         assert qp["params"]["c2"]["kernel"].act_zero_point is not None
+
+
+def test_codes_wider_than_int16_take_int32_operands():
+    # centred int16 activation codes (with a zero point) reach 32767 + |zp|
+    x = jax.random.normal(jax.random.key(24), (4, 16)) + 0.5
+    params = {"w": jax.random.normal(jax.random.key(25), (16, 4))}
+    f = lambda p, x: x @ p["w"]
+    a16 = qjax.QuantSpec(qjax.int16, symmetric=False)
+    w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
+    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=w4, act=a16)]), rtol=1e-5)

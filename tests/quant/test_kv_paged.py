@@ -110,3 +110,36 @@ def test_bad_arguments_are_refused():
     kivi = qjax.QuantSpec(qjax.int4, channel_axes=(0, 2, 3), group_size=PAGE, group_axis=1)
     with pytest.raises(ValueError, match="not paged"):
         qjax.PagedKVCache.init(kivi, num_pages=POOL, page_size=PAGE, heads=H, head_dim=D)
+
+
+def test_traced_out_of_range_ids_and_positions_touch_no_page():
+    # a traced padding id (-1) or a negative position is dropped on write and never reads
+    # fill values (a NaN scale would reach the query through 0 x NaN)
+    paged = qjax.PagedKVCache.init(
+        INT8_TOKEN, num_pages=4, page_size=2, heads=1, head_dim=4, dtype=jnp.float32
+    )
+    ones = jnp.ones((1, 2, 1, 4))
+    paged = paged.update(5 * ones, 5 * ones, jnp.array([[3, 2]]), index=0)  # page 3 holds 5s
+    write = jax.jit(lambda c, t, i: c.update(ones, ones, t, index=i))
+    after = write(paged, jnp.array([[0, -1]]), jnp.array([1]))  # positions 1 and 2: page 0 and -1
+    np.testing.assert_array_equal(after.pool.k.dequantize()[3], paged.pool.k.dequantize()[3])
+    negative = write(paged, jnp.array([[0, 1]]), jnp.array([-1]))  # positions -1 (dropped) and 0
+    np.testing.assert_array_equal(negative.pool.k.dequantize()[0, 1], jnp.zeros((1, 4)))
+    read = jax.jit(lambda c, t: c.attend(jnp.ones((1, 1, 1, 4)), t, index=0))
+    assert bool(jnp.all(jnp.isfinite(read(after, jnp.array([[0, 9]])))))
+
+
+def test_clear_errors_for_pool_sizes_repeated_pages_and_batches():
+    with pytest.raises(ValueError, match="page_size must be a positive int"):
+        qjax.PagedKVCache.init(INT8_TOKEN, num_pages=2, page_size=0, heads=1, head_dim=4)
+    kivi = qjax.QuantSpec(qjax.int4, channel_axes=(0, 2, 3), group_size=4, group_axis=1)
+    with pytest.raises(ValueError, match="not paged"):
+        qjax.PagedKVCache.init(kivi, num_pages=2, page_size=2, heads=1, head_dim=4)
+    paged = qjax.PagedKVCache.init(INT8_TOKEN, num_pages=4, page_size=2, heads=1, head_dim=4)
+    ones = jnp.ones((1, 2, 1, 4))
+    with pytest.raises(ValueError, match="holds a page twice"):
+        paged.update(ones, ones, jnp.array([[1, 1]]), index=0)
+    with pytest.raises(ValueError, match="page_table has 1 rows"):
+        paged.attend(jnp.ones((2, 1, 1, 4)), jnp.array([[0, 1]]), index=0)
+    with pytest.raises(ValueError, match="k must have shape"):
+        paged.update(jnp.ones((2, 1, 4)), jnp.ones((2, 1, 4)), jnp.array([[0, 1]]), index=0)
