@@ -32,6 +32,7 @@ from qjax.quant.gptq_core import (
     _check_mask,
     _gptq,
     _gptq_setup,
+    check_prune,
     gptq_quantize,
 )
 from qjax.quant.policy import Policy
@@ -214,6 +215,7 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     slices = [*range(st.depth), *(a for a in free if a != o)]
     hessian = _mean(st)
     block_size, damp, act_order = options["block_size"], options["damp"], options["act_order"]
+    prune = check_prune(options.get("sparsity"), options.get("n_m"), act_order, path)
     if not slices and (c, o) == (0, 1):
         return gptq_quantize(leaf, hessian, spec, masks=mask, path=path, **options)
     if not slices:  # read as x @ w.T (PyTorch layout, a tied LM head)
@@ -227,11 +229,13 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     ms = None if mask is None else jnp.transpose(mask, perm).reshape(-1, k, n)
     hs, pick = _slice_hessians(st, slices, k, path)
     # the checks once for the whole leaf, then the jitted core per slice
-    group, block = _gptq_setup(spec2, (k, n), hs.shape[1:], block_size, damp, path)
+    group, block = _gptq_setup(spec2, (k, n), hs.shape[1:], block_size, damp, path, prune)
     _check_finite(ws, hs, path)
     keeps = ws != 0 if ms is None else _check_mask(ms, ws.shape, path)
     parts = [
-        _gptq(ws[i], hs[pick(i)], keeps[i], spec2, block, group, act_order, float(damp), bool(st.groups))
+        _gptq(
+            ws[i], hs[pick(i)], keeps[i], spec2, block, group, act_order, float(damp), bool(st.groups), prune
+        )
         for i in range(ws.shape[0])
     ]
     per_channel = 1 in spec2.channel_axes
@@ -288,6 +292,8 @@ def gptq(
     stages: Sequence[str] | None = None,
     act_stats: dict[str, Any] | None = None,
     masks: Any = None,
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
     **kwargs,
 ) -> Any:
     """:func:`qjax.quantize_params` with GPTQ for every kernel a matmul reads.
@@ -324,7 +330,9 @@ def gptq(
 
     Sparsity is kept (as SparseGPT): the weights that are exactly 0, or masked out by
     ``masks``, are exactly 0 in the result, and GPTQ moves the error of fixing them at 0
-    onto the kept weights.
+    onto the kept weights. With ``sparsity`` or ``n_m`` the GPTQ'd kernels are also pruned,
+    SparseGPT's joint mode: each block of input rows chooses its pruned weights by the OBS
+    score ``w² / [H⁻¹]ᵢᵢ`` when it comes up (on top of ``masks`` and exact zeros).
 
     Args:
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, plain).
@@ -341,6 +349,11 @@ def gptq(
         every leaf (GPTQ'd, rounded or float) are 0 in the result, and the model is
         calibrated with them at 0. Default ``None``: only the exact zeros are kept at 0
         (a model already pruned with ``qjax.prune.apply_masks`` keeps its pattern).
+      sparsity: prune this fraction of every GPTQ'd kernel, block by block (SparseGPT
+        unstructured; see :func:`gptq_quantize`). Kernels rounded to nearest (convolutions,
+        unsupported layouts) are not pruned.
+      n_m: SparseGPT's ``(n, m)`` pattern instead (``n`` of every ``m`` consecutive input
+        rows pruned per output), e.g. ``(2, 4)``; needs ``act_order=False``.
       **kwargs: static keyword arguments of ``f``.
 
     Returns:
@@ -357,6 +370,7 @@ def gptq(
       >>> y = qjax.quantized(model.apply, policy)(qparams, x)
     """
     require_float_params(params, "gptq")
+    check_prune(sparsity, n_m, act_order, "gptq")  # bad pruning options fail before any pass
     for path, _ in leaves_with_paths(params):
         spec = policy.weight_spec(path)
         if spec is not None and spec.rounding != "nearest":
@@ -398,7 +412,7 @@ def gptq(
                     stacklevel=2,
                 )
                 continue
-            options = dict(block_size=block_size, damp=damp, act_order=act_order)
+            options = dict(block_size=block_size, damp=damp, act_order=act_order, sparsity=sparsity, n_m=n_m)
             try:
                 done[path] = _gptq_leaf(
                     leaves[path], st, policy.weight_spec(path), mask_of.get(path), path, options

@@ -99,13 +99,46 @@ def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: 
     return pick(scale), pick(zp)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp", "keep_dead"))
+def _prune_block(wb, ub, kb, valid, prune):
+    """SparseGPT's mask of one block of rows: the kept weights of ``kb`` minus those with the
+    smallest OBS score ``w² / U[i,i]²`` (the error their removal causes, with ``U`` the
+    upper Cholesky factor of ``H⁻¹``), from the current (error-updated) rows. ``prune``:
+    ``(fraction, None)`` prunes that fraction of the block's real entries, ``(None, (n,
+    m))`` the ``n`` smallest of every ``m`` consecutive rows of each column. Already
+    masked-out weights count as pruned."""
+    fraction, nm = prune
+    score = jnp.where(kb, wb**2 / (jnp.diag(ub)[:, None] ** 2), -1.0)  # masked: pruned first
+    if nm is not None:
+        n, m = nm
+        grouped = score.reshape(score.shape[0] // m, m, score.shape[1])
+        ranks = jnp.argsort(jnp.argsort(grouped, axis=1), axis=1)  # 0: the smallest
+        return kb & (ranks >= n).reshape(score.shape)
+    real = jnp.where(valid[:, None], score, jnp.inf).reshape(-1)  # padding rows: never counted
+    count = jnp.floor(fraction * jnp.sum(valid) * score.shape[1]).astype(jnp.int32)
+    ranks = jnp.argsort(jnp.argsort(real)).reshape(score.shape)
+    return kb & (ranks >= count)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("spec", "block", "group", "act_order", "damp", "keep_dead", "prune")
+)
 def _gptq(
-    w, h, keep, spec: QuantSpec, block: int, group: int | None, act_order: bool, damp: float, keep_dead=False
+    w,
+    h,
+    keep,
+    spec: QuantSpec,
+    block: int,
+    group: int | None,
+    act_order: bool,
+    damp: float,
+    keep_dead=False,
+    prune=None,
 ):
     """GPTQ of one ``[K, N]`` matrix. Inputs that are always 0 in the calibration data (a
     zero Hessian diagonal) are zeroed, as in the reference, or with ``keep_dead`` rounded
-    to nearest (an expert that saw few tokens: its dead inputs are not dead in serving)."""
+    to nearest (an expert that saw few tokens: its dead inputs are not dead in serving).
+    With ``prune`` (:func:`_prune_block`), SparseGPT: each block's mask is chosen when the
+    block comes up, and its pruned weights are fixed at 0 like masked-out ones."""
     k, n = w.shape
     fmt = spec.format
     w = jnp.where(keep, w.astype(jnp.float32), 0.0)
@@ -139,6 +172,8 @@ def _gptq(
         ub = lax.dynamic_slice(u, (start, start), (block, block))
         rows = lax.dynamic_slice(orig_rows, (start,), (block,))
         kb = lax.dynamic_slice(keep, (start, 0), (block, n))
+        if prune is not None:
+            kb = _prune_block(wb, ub, kb, start + jnp.arange(block) < k, prune)
         if not lazy:
             rs, rz = _row_scales(
                 static_scale.astype(jnp.float32),
@@ -215,8 +250,11 @@ def gptq_quantize(
     act_order: bool = False,
     masks: jax.Array | None = None,
     path: str = "weight",
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
 ) -> QArray:
-    """GPTQ-quantize one ``[K inputs, N outputs]`` kernel, keeping its sparsity.
+    """GPTQ-quantize one ``[K inputs, N outputs]`` kernel, keeping its sparsity (or, with
+    ``sparsity`` / ``n_m``, pruning it as SparseGPT does, in the same pass).
 
     Args:
       w: the float kernel (``x @ w`` layout).
@@ -233,10 +271,17 @@ def gptq_quantize(
         SparseGPT) and kept ones may take any code. Default ``None``: the weights that are
         exactly 0 in ``w`` stay exactly 0 (a pruned kernel keeps its pattern, N:M included).
       path: the leaf's name, used in error messages.
+      sparsity: SparseGPT (Frantar & Alistarh 2023): prune this fraction of each block of
+        ``block_size`` input rows, choosing in each block, when it comes up, the weights
+        with the smallest OBS score ``w² / [H⁻¹]ᵢᵢ`` (from the current, error-updated
+        weights); their error is fed to the later rows like a rounding error.
+      n_m: SparseGPT's ``n:m`` pattern instead: the ``n`` smallest scores of every ``m``
+        consecutive input rows of each output column (``m`` must divide ``block_size``
+        and the group size; not with ``act_order``).
 
     Returns:
       A :class:`QArray` with ``spec``'s layout (packing included), usable wherever
-      ``qjax.quantize(w, spec)`` is.
+      ``qjax.quantize(w, spec)`` is. Pruned weights dequantize to exactly 0.
 
     Raises:
       ValueError: ``w`` is not 2-D, the spec is not supported, the Hessian's or the mask's
@@ -249,13 +294,42 @@ def gptq_quantize(
       ...                                              group_size=128, group_axis=0))
     """
     w = jnp.asarray(w)
-    w_hat, scale, zp = _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path)
+    prune = check_prune(sparsity, n_m, act_order, path)
+    w_hat, scale, zp = _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path, prune)
     return quantize(w_hat.astype(w.dtype), spec, scale=scale, zero_point=zp)
 
 
-def _gptq_setup(spec, shape, hessian_shape, block_size, damp, path) -> tuple[int | None, int]:
+def check_prune(sparsity, n_m, act_order: bool, path: str):
+    """``(fraction, n_m)`` for :func:`_gptq`'s ``prune`` from the user's options, or ``None``."""
+    if sparsity is None and n_m is None:
+        return None
+    if sparsity is not None and n_m is not None:
+        raise ValueError(f"GPTQ of {path!r}: give sparsity= or n_m=, not both")
+    if n_m is not None:
+        n, m = (int(v) for v in n_m)
+        if not 0 < n <= m:
+            raise ValueError(f"GPTQ of {path!r}: n_m=({n}, {m}) needs 0 < n <= m")
+        if act_order:
+            raise ValueError(
+                f"GPTQ of {path!r}: an n:m pattern runs along the input rows in order: act_order=False"
+            )
+        return None, (n, m)
+    if not 0 <= float(sparsity) < 1:
+        raise ValueError(f"GPTQ of {path!r}: sparsity must be in [0, 1), got {sparsity}")
+    return float(sparsity), None
+
+
+def _gptq_setup(spec, shape, hessian_shape, block_size, damp, path, prune=None) -> tuple[int | None, int]:
     """Check one ``[K, N]`` GPTQ problem's spec, Hessian shape and options: ``(group, block)``
     (the group size along K or ``None``, the column block the updates run in)."""
+    if prune is not None and prune[1] is not None:
+        m = prune[1][1]
+        group = _matrix_spec(spec, tuple(shape), path)
+        if block_size % m or (group is not None and group % m) or shape[0] % m:
+            raise ValueError(
+                f"GPTQ of {path!r}: n_m's m={m} must divide the input rows ({shape[0]}), block_size "
+                f"({block_size}) and the group size ({group})"
+            )
     group = _matrix_spec(spec, tuple(shape), path)
     if hessian_shape != (shape[0], shape[0]):
         raise ValueError(f"GPTQ of {path!r}: Hessian shape {hessian_shape} != ({shape[0]}, {shape[0]})")
@@ -274,11 +348,11 @@ def _check_finite(w, hessian, path) -> None:
         raise ValueError(f"GPTQ of {path!r}: the weight or its Hessian has NaN/Inf entries")
 
 
-def _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path):
+def _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path, prune=None):
     """The checked GPTQ core of one ``[K, N]`` kernel: ``(dequantized weight, scale, zero point)``
     with the scale and zero point in ``spec``'s layout for that kernel."""
     w = jnp.asarray(w)
-    group, block = _gptq_setup(spec, w.shape, hessian.shape, block_size, damp, path)
+    group, block = _gptq_setup(spec, w.shape, hessian.shape, block_size, damp, path, prune)
     _check_finite(w, hessian, path)
     keep = w != 0 if masks is None else _check_mask(masks, w.shape, path)
-    return _gptq(w, jnp.asarray(hessian), keep, spec, block, group, act_order, float(damp))
+    return _gptq(w, jnp.asarray(hessian), keep, spec, block, group, act_order, float(damp), prune=prune)
