@@ -174,7 +174,8 @@ def _slice_hessians(st: InputStatistic, slices: list[int], k: int, path: str) ->
             at_text = [x[0] if len(x) == 1 else x for x in at]
             warnings.warn(
                 f"gptq: {path!r}: no calibration token reached experts {at_text} (indices along leaf axes "
-                f"{own}); they are rounded to nearest",
+                f"{own}); they are rounded to nearest (and with sparsity= / n_m= pruned by magnitude: "
+                "no token scores their weights)",
                 stacklevel=4,
             )
     sizes = [st.weight_shape[a] for a in slices]
@@ -331,8 +332,9 @@ def gptq(
     Sparsity is kept (as SparseGPT): the weights that are exactly 0, or masked out by
     ``masks``, are exactly 0 in the result, and GPTQ moves the error of fixing them at 0
     onto the kept weights. With ``sparsity`` or ``n_m`` the GPTQ'd kernels are also pruned,
-    SparseGPT's joint mode: each block of input rows chooses its pruned weights by the OBS
-    score ``w² / [H⁻¹]ᵢᵢ`` when it comes up (on top of ``masks`` and exact zeros).
+    SparseGPT's joint mode: each block of input rows (each group of ``m`` rows for
+    ``n_m``) chooses its pruned weights by the OBS score ``w² / [H⁻¹]ᵢᵢ`` when it comes up.
+    Exact zeros and ``masks`` count as pruned first: the fraction is a total per block.
 
     Args:
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, plain).
@@ -353,7 +355,8 @@ def gptq(
         unstructured; see :func:`gptq_quantize`). Kernels rounded to nearest (convolutions,
         unsupported layouts) are not pruned.
       n_m: SparseGPT's ``(n, m)`` pattern instead (``n`` of every ``m`` consecutive input
-        rows pruned per output), e.g. ``(2, 4)``; needs ``act_order=False``.
+        rows pruned per output), e.g. ``(2, 4)``; needs ``act_order=False``. A kernel whose
+        inputs (or block) ``m`` does not divide is rounded to nearest, with a warning.
       **kwargs: static keyword arguments of ``f``.
 
     Returns:

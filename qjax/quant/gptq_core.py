@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from qjax.numerics.granularity import normalize_axis
@@ -99,24 +100,34 @@ def _row_scales(scale: jax.Array, zp: jax.Array | None, rows: jax.Array, group: 
     return pick(scale), pick(zp)
 
 
-def _prune_block(wb, ub, kb, valid, prune):
-    """SparseGPT's mask of one block of rows: the kept weights of ``kb`` minus those with the
-    smallest OBS score ``w² / U[i,i]²`` (the error their removal causes, with ``U`` the
-    upper Cholesky factor of ``H⁻¹``), from the current (error-updated) rows. ``prune``:
-    ``(fraction, None)`` prunes that fraction of the block's real entries, ``(None, (n,
-    m))`` the ``n`` smallest of every ``m`` consecutive rows of each column. Already
-    masked-out weights count as pruned."""
-    fraction, nm = prune
-    score = jnp.where(kb, wb**2 / (jnp.diag(ub)[:, None] ** 2), -1.0)  # masked: pruned first
-    if nm is not None:
-        n, m = nm
-        grouped = score.reshape(score.shape[0] // m, m, score.shape[1])
-        ranks = jnp.argsort(jnp.argsort(grouped, axis=1), axis=1)  # 0: the smallest
-        return kb & (ranks >= n).reshape(score.shape)
-    real = jnp.where(valid[:, None], score, jnp.inf).reshape(-1)  # padding rows: never counted
+def _obs_scores(w, u_diag, keep):
+    """SparseGPT's OBS score ``w² / U[i,i]²`` (the error a weight's removal causes, with ``U``
+    the upper Cholesky factor of ``H⁻¹``); masked-out weights score lowest (pruned first)."""
+    return jnp.where(keep, w**2 / (u_diag[:, None] ** 2), -1.0)
+
+
+def _prune_block(wb, ub, kb, valid, fraction):
+    """SparseGPT's unstructured mask of one block of rows, chosen when the block comes up from
+    its current (error-updated) rows: the kept weights of ``kb`` minus the smallest scores,
+    ``fraction`` of the block's real entries (padding rows never count; masked-out weights
+    count as pruned)."""
+    score = _obs_scores(wb, jnp.diag(ub), kb)
+    real = jnp.where(valid[:, None], score, jnp.inf).reshape(-1)
     count = jnp.floor(fraction * jnp.sum(valid) * score.shape[1]).astype(jnp.int32)
     ranks = jnp.argsort(jnp.argsort(real)).reshape(score.shape)
     return kb & (ranks >= count)
+
+
+def _prune_rows(wb, ub, kb, i, nm):
+    """SparseGPT's ``n:m`` mask of rows ``i .. i + m`` of a block, chosen when row ``i`` comes
+    up (from the rows as the earlier rows of the block left them): the ``n`` smallest scores
+    of each column pruned. Returns the block's mask with those rows updated."""
+    n, m = nm
+    rows = lax.dynamic_slice(wb, (i, 0), (m, wb.shape[1]))
+    keep = lax.dynamic_slice(kb, (i, 0), (m, wb.shape[1]))
+    d = lax.dynamic_slice(jnp.diag(ub), (i,), (m,))
+    ranks = jnp.argsort(jnp.argsort(_obs_scores(rows, d, keep), axis=0), axis=0)  # 0: the smallest
+    return lax.dynamic_update_slice(kb, keep & (ranks >= n), (i, 0))
 
 
 @functools.partial(
@@ -144,7 +155,14 @@ def _gptq(
     w = jnp.where(keep, w.astype(jnp.float32), 0.0)
     h = h.astype(jnp.float32)
     dead = jnp.diag(h) == 0
-    h = jnp.where(jnp.diag(dead), 1.0, h)
+    # a dead input's Hessian entry: 1, as in the reference; for an expert's inputs it never
+    # saw but keeps (keep_dead), SparseGPT ranks them against the live ones, so the stand-in
+    # is on their scale (the mean live entry), not an absolute 1
+    fill = 1.0
+    if keep_dead and prune is not None:
+        live = jnp.sum(jnp.where(dead, 0.0, jnp.diag(h))) / jnp.maximum(jnp.sum(~dead), 1)
+        fill = jnp.where(jnp.any(~dead), live, 1.0)
+    h = jnp.where(jnp.diag(dead), fill, h)
     if not keep_dead:
         w = jnp.where(dead[:, None], 0.0, w)
     lazy = group is not None and not act_order
@@ -172,8 +190,8 @@ def _gptq(
         ub = lax.dynamic_slice(u, (start, start), (block, block))
         rows = lax.dynamic_slice(orig_rows, (start,), (block,))
         kb = lax.dynamic_slice(keep, (start, 0), (block, n))
-        if prune is not None:
-            kb = _prune_block(wb, ub, kb, start + jnp.arange(block) < k, prune)
+        if prune is not None and prune[0] is not None:
+            kb = _prune_block(wb, ub, kb, start + jnp.arange(block) < k, prune[0])
         if not lazy:
             rs, rz = _row_scales(
                 static_scale.astype(jnp.float32),
@@ -196,7 +214,11 @@ def _gptq(
             return lax.cond(i % group == 0, fresh, lambda _: s_zp, None)
 
         def row_step(i, carry):
-            wb, qb, eb, s_zp, scales, zps = carry
+            wb, qb, eb, s_zp, scales, zps, kb = carry
+            if prune is not None and prune[1] is not None:  # n:m: each group of m rows as it comes up
+                kb = lax.cond(
+                    i % prune[1][1] == 0, lambda b: _prune_rows(wb, ub, b, i, prune[1]), lambda b: b, kb
+                )
             row = wb[i]
             if lazy:
                 s_zp = group_scale(wb, i, s_zp)
@@ -210,11 +232,13 @@ def _gptq(
             err = (row - deq) / ub[i, i]
             later = jnp.where(jnp.arange(block) > i, ub[i], 0.0)
             wb = wb - later[:, None] * err[None, :]
-            return wb, qb.at[i].set(deq), eb.at[i].set(err), s_zp, scales, zps
+            return wb, qb.at[i].set(deq), eb.at[i].set(err), s_zp, scales, zps, kb
 
         zeros = jnp.zeros((block, n), jnp.float32)
         s_zp = (jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32))
-        _, qb, eb, _, scales, zps = lax.fori_loop(0, block, row_step, (wb, zeros, zeros, s_zp, scales, zps))
+        _, qb, eb, _, scales, zps, _ = lax.fori_loop(
+            0, block, row_step, (wb, zeros, zeros, s_zp, scales, zps, kb)
+        )
         # Lazy batch update of every later row with this block's errors.
         u_rows = lax.dynamic_slice(u, (start, 0), (block, kp))
         u_rows = jnp.where(jnp.arange(kp)[None, :] >= start + block, u_rows, 0.0)
@@ -276,8 +300,8 @@ def gptq_quantize(
         with the smallest OBS score ``w² / [H⁻¹]ᵢᵢ`` (from the current, error-updated
         weights); their error is fed to the later rows like a rounding error.
       n_m: SparseGPT's ``n:m`` pattern instead: the ``n`` smallest scores of every ``m``
-        consecutive input rows of each output column (``m`` must divide ``block_size``
-        and the group size; not with ``act_order``).
+        consecutive input rows of each output column, chosen when the group's first row
+        comes up (``m`` must divide the inputs and the block; not with ``act_order``).
 
     Returns:
       A :class:`QArray` with ``spec``'s layout (packing included), usable wherever
@@ -306,14 +330,17 @@ def check_prune(sparsity, n_m, act_order: bool, path: str):
     if sparsity is not None and n_m is not None:
         raise ValueError(f"GPTQ of {path!r}: give sparsity= or n_m=, not both")
     if n_m is not None:
-        n, m = (int(v) for v in n_m)
-        if not 0 < n <= m:
-            raise ValueError(f"GPTQ of {path!r}: n_m=({n}, {m}) needs 0 < n <= m")
+        ints = isinstance(n_m, (tuple, list)) and len(n_m) == 2
+        ints = ints and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in n_m)
+        if not ints or not 0 < n_m[0] < n_m[1]:
+            raise ValueError(f"GPTQ of {path!r}: n_m must be a pair of ints 0 < n < m, got {n_m!r}")
         if act_order:
             raise ValueError(
                 f"GPTQ of {path!r}: an n:m pattern runs along the input rows in order: act_order=False"
             )
-        return None, (n, m)
+        return None, (int(n_m[0]), int(n_m[1]))
+    if not isinstance(sparsity, (int, float, np.floating, np.integer)) or isinstance(sparsity, bool):
+        raise ValueError(f"GPTQ of {path!r}: sparsity must be a number in [0, 1), got {sparsity!r}")
     if not 0 <= float(sparsity) < 1:
         raise ValueError(f"GPTQ of {path!r}: sparsity must be in [0, 1), got {sparsity}")
     return float(sparsity), None
@@ -325,10 +352,11 @@ def _gptq_setup(spec, shape, hessian_shape, block_size, damp, path, prune=None) 
     if prune is not None and prune[1] is not None:
         m = prune[1][1]
         group = _matrix_spec(spec, tuple(shape), path)
-        if block_size % m or (group is not None and group % m) or shape[0] % m:
-            raise ValueError(
-                f"GPTQ of {path!r}: n_m's m={m} must divide the input rows ({shape[0]}), block_size "
-                f"({block_size}) and the group size ({group})"
+        block = block_size if group is None else group * max(1, round(block_size / group))
+        if block % m or shape[0] % m:
+            raise GPTQLayoutError(
+                f"GPTQ of {path!r}: n_m's m={m} must divide the input rows ({shape[0]}) and the block "
+                f"({block} rows: block_size, rounded to whole groups)"
             )
     group = _matrix_spec(spec, tuple(shape), path)
     if hessian_shape != (shape[0], shape[0]):

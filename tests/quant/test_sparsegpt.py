@@ -46,14 +46,20 @@ def test_unstructured_selection_is_the_obs_score_of_the_block(problem):
     assert not np.array_equal(pruned, by_magnitude)  # the score is not the magnitude
 
 
-def test_n_m_pattern_holds_and_follows_the_scores(problem):
+def test_n_m_pattern_holds_follows_the_scores_and_ignores_the_block_size(problem):
     x, w = problem
-    q = gptq_quantize(w, x.T @ x, W8, block_size=K, n_m=(2, 4))
+    h = x.T @ x
+    q = gptq_quantize(w, h, W8, block_size=K, n_m=(2, 4))
     zeros = (np.asarray(q.dequantize()) == 0).reshape(K // 4, 4, N)
     assert np.all(zeros.sum(axis=1) >= 2)
-    scores = _obs_scores(x, w).reshape(K // 4, 4, N)
-    smallest = np.argsort(scores, axis=1)[:, :2]  # per group of 4 rows and column
-    assert np.all(np.take_along_axis(zeros, smallest, axis=1))
+    # the first group of 4 rows is chosen when row 0 comes up: from the initial weights
+    first = np.argsort(_obs_scores(x, w)[:4], axis=0)[:2]
+    assert np.all(np.take_along_axis(zeros[0], first, axis=0))
+    # each group is chosen from the rows as the earlier rows left them, as in SparseGPT: the
+    # lazy-batch block size changes nothing but float rounding
+    small = gptq_quantize(w, h, W8, block_size=4, n_m=(2, 4))
+    np.testing.assert_array_equal(np.asarray(small.dequantize()) == 0, zeros.reshape(K, N))
+    np.testing.assert_allclose(small.dequantize(), q.dequantize(), rtol=1e-4, atol=1e-4)
 
 
 def test_joint_pruning_beats_magnitude_masks_then_gptq(problem):
@@ -94,7 +100,42 @@ def test_bad_pruning_options_are_refused(problem):
         gptq_quantize(w, h, W8, n_m=(2, 4), act_order=True)
     with pytest.raises(ValueError, match="must divide"):
         gptq_quantize(w, h, W8, n_m=(2, 5))
+    for bad in ((2.7, 4), (4, 4), (2,)):
+        with pytest.raises(ValueError, match="pair of ints 0 < n < m"):
+            gptq_quantize(w, h, W8, n_m=bad)
+    with pytest.raises(ValueError, match="must be a number"):
+        gptq_quantize(w, h, W8, sparsity="0.5")
     with pytest.raises(ValueError, match=r"sparsity must be in \[0, 1\)"):
         qjax.gptq(
             lambda p, x: x @ p["w"], {"w": w}, [(x,)], qjax.Policy([qjax.Rule("w", weight=W8)]), sparsity=1.0
         )
+
+
+def test_n_m_on_a_layer_it_does_not_fit_rounds_that_layer_with_a_warning():
+    # a 3-input first layer cannot take 2:4 along its inputs: that leaf alone is rounded to
+    # nearest (with a warning naming it), the others are pruned
+    model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(4)])
+    x = jax.random.normal(jax.random.key(2), (32, 3))
+    variables = model.init(jax.random.key(3), x)
+    policy = qjax.Policy([qjax.Rule(".*kernel", weight=W8)])
+    with pytest.warns(UserWarning, match="layers_0/kernel.*m=4 must divide"):
+        qp = qjax.gptq(model.apply, variables, [(x,)], policy, n_m=(2, 4), block_size=8)
+    k = np.asarray(qp["params"]["layers_2"]["kernel"].dequantize())
+    assert np.all((k.reshape(-1, 4, k.shape[1]) == 0).sum(axis=1) >= 2)
+
+
+def test_expert_inputs_never_seen_are_scored_on_the_live_scale():
+    # an expert that never saw inputs 0-3 keeps their weights (they are live in serving);
+    # which of them SparseGPT prunes must not depend on the calibration data's scale
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 32, 16)).astype(np.float32)
+    x[0, :, :4] = 0
+    params = {"w": jnp.asarray(rng.normal(size=(2, 16, 8)), jnp.float32)}
+    f = lambda p, x: jnp.einsum("ecd,edf->ecf", x, p["w"])
+    policy = qjax.Policy([qjax.Rule("w", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)))])
+    pruned = [
+        np.asarray(qjax.gptq(f, params, [(c * x,)], policy, sparsity=0.5)["w"].dequantize()[0, :4]) == 0
+        for c in (0.01, 1.0, 100.0)
+    ]
+    np.testing.assert_array_equal(pruned[0], pruned[1])
+    np.testing.assert_array_equal(pruned[1], pruned[2])
