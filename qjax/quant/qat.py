@@ -226,8 +226,8 @@ class _FakeQuant(_PolicyHandler):
                 (d_act,) = pull_operands(zeros)
                 _, pull_mask = jax.vjp(lambda wl: self._fake_weight(ref, rule, wl), w_leaf)
                 (mask,) = pull_mask(jnp.ones_like(w_leaf))
-                for op in ref.ops:
-                    mask = op.apply(mask)
+                for layout in ref.ops:
+                    mask = layout.apply(mask)
                 return d_act, d_w_view * mask.astype(d_w_view.dtype)
 
             return [
