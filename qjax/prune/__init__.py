@@ -58,6 +58,7 @@ from qjax.prune.scores import (
     wanda_score,
 )
 from qjax.prune.shrink import GroupPlan, ShrinkPlan, make_plan, shrink
+from qjax.prune.sparsegpt import sparsegpt
 from qjax.prune.sparsify import SparsifyState, get_masks, get_sparsify_state, reset_opt_state, sparsify
 from qjax.prune.sparsity import NM, Block, Channel, LeafConfig, SparsityType, Unstructured
 from qjax.prune.ste import apply_masks_ste, masked_ste
@@ -90,6 +91,7 @@ __all__ = [
     "Summary",
     "Unstructured",
     "Wanda",
+    "sparsegpt",
     "ActivationNorms",
     "activation_norms",
     "apply_masks",

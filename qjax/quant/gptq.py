@@ -34,6 +34,7 @@ from qjax.quant.gptq_core import (
     _gptq_setup,
     check_prune,
     gptq_quantize,
+    sparsegpt_prune,
 )
 from qjax.quant.policy import Policy
 from qjax.quant.transforms import quantize_params, require_float_params
@@ -147,12 +148,14 @@ def _gptq_merged(
     that leaf, and the result reshaped back."""
     shape, axes = tuple(jnp.shape(leaf)), st.weight_axes
     a, m = axes[0], len(axes)
-    spec2 = _merged_spec(spec, shape, axes, path)
+    spec2 = None if spec is None else _merged_spec(spec, shape, axes, path)
     flat = (*shape[:a], math.prod(shape[a : a + m]), *shape[a + m :])
     shift = lambda x: x if x < a else x - (m - 1)
     st2 = dataclasses.replace(st, weight_axes=(a,), weight_shape=flat, groups=tuple(map(shift, st.groups)))
     mask2 = None if mask is None else jnp.reshape(mask, flat)
     q = _gptq_leaf(jnp.reshape(jnp.asarray(leaf), flat), st2, spec2, mask2, path, options)
+    if spec is None:  # pruning only: a float leaf
+        return q.reshape(shape)
     unflatten = lambda x: None if x is None else jnp.expand_dims(x, tuple(range(a + 1, a + m)))
     w_hat = q.dequantize().reshape(shape)
     return quantize(w_hat, spec, scale=unflatten(q.scale), zero_point=unflatten(q.zero_point))
@@ -199,7 +202,7 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     its layer's and expert's Hessian (the statistic is stacked per layer, and per expert
     for a matmul that gives each expert its own tokens), slices that see the same inputs
     (experts of a dense einsum, heads) sharing it: as if unrolled."""
-    if spec.tile_size is not None:
+    if spec is not None and spec.tile_size is not None:
         raise GPTQLayoutError(
             f"GPTQ of {path!r}: 2-D tile scales (tile_size={spec.tile_size}) are not supported: GPTQ sets "
             "each column's scale as it goes"
@@ -217,13 +220,20 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
     hessian = _mean(st)
     block_size, damp, act_order = options["block_size"], options["damp"], options["act_order"]
     prune = check_prune(options.get("sparsity"), options.get("n_m"), act_order, path)
+    if spec is None and not slices:  # pruning only (SparseGPT without rounding)
+        transposed = (c, o) != (0, 1)
+        w2 = jnp.asarray(leaf).T if transposed else leaf
+        m2 = mask.T if transposed and mask is not None else mask
+        opts = dict(sparsity=options.get("sparsity"), n_m=options.get("n_m"))
+        pruned = sparsegpt_prune(w2, hessian, block_size=block_size, damp=damp, masks=m2, path=path, **opts)
+        return pruned.T if transposed else pruned
     if not slices and (c, o) == (0, 1):
         return gptq_quantize(leaf, hessian, spec, masks=mask, path=path, **options)
     if not slices:  # read as x @ w.T (PyTorch layout, a tied LM head)
         mask = None if mask is None else mask.T
         q = gptq_quantize(leaf.T, hessian, _transposed_spec(spec), masks=mask, path=path, **options)
         return transpose_storage(q).stored
-    spec2 = _slice_spec(spec, ndim, slices, c, o, path)
+    spec2 = None if spec is None else _slice_spec(spec, ndim, slices, c, o, path)
     perm = (*slices, c, o)
     sizes, (k, n) = [shape[a] for a in slices], (shape[c], shape[o])
     ws = jnp.transpose(jnp.asarray(leaf), perm).reshape(-1, k, n)
@@ -239,13 +249,15 @@ def _gptq_leaf(leaf: Any, st: InputStatistic, spec: QuantSpec, mask: Any, path: 
         )
         for i in range(ws.shape[0])
     ]
-    per_channel = 1 in spec2.channel_axes
+    per_channel = spec2 is None or 1 in spec2.channel_axes
 
     def assemble(arrays):  # per-slice [a, b] arrays -> the leaf's layout
         arrays = [a if per_channel else a[:, :1] for a in arrays]  # per tensor: one column
         return jnp.transpose(jnp.stack(arrays).reshape(*sizes, *arrays[0].shape), np.argsort(perm))
 
     w_hat = assemble([w for w, _, _ in parts])
+    if spec is None:  # pruning only
+        return w_hat.astype(jnp.asarray(leaf).dtype)
     scale = assemble([s for _, s, _ in parts])
     zp = None if parts[0][2] is None else assemble([z for _, _, z in parts])
     return quantize(w_hat.astype(jnp.asarray(leaf).dtype), spec, scale=scale, zero_point=zp)

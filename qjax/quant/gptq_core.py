@@ -52,6 +52,8 @@ def _matrix_spec(spec: QuantSpec, shape: tuple[int, ...], path: str) -> int | No
     """Check ``spec`` is one GPTQ handles for a ``[K, N]`` kernel; the group size or None."""
     if len(shape) != 2:
         raise ValueError(f"GPTQ of {path!r}: needs a 2-D [inputs, outputs] kernel, got shape {shape}")
+    if spec is None:  # pruning only (SparseGPT without quantization)
+        return None
     if spec.format.is_float:
         raise ValueError(f"GPTQ of {path!r}: integer formats only, got {spec.format.name}")
     if spec.rounding != "nearest":
@@ -151,7 +153,7 @@ def _gptq(
     With ``prune`` (:func:`_prune_block`), SparseGPT: each block's mask is chosen when the
     block comes up, and its pruned weights are fixed at 0 like masked-out ones."""
     k, n = w.shape
-    fmt = spec.format
+    fmt = None if spec is None else spec.format  # None: prune only, kept weights unrounded
     w = jnp.where(keep, w.astype(jnp.float32), 0.0)
     h = h.astype(jnp.float32)
     dead = jnp.diag(h) == 0
@@ -167,7 +169,7 @@ def _gptq(
         w = jnp.where(dead[:, None], 0.0, w)
     lazy = group is not None and not act_order
     static_scale = static_zp = None
-    if not lazy:
+    if not lazy and spec is not None:
         static_scale, static_zp = compute_scale(w, spec)
     perm = jnp.argsort(-jnp.diag(h), stable=True) if act_order else jnp.arange(k)
     w, h, keep = w[perm], h[perm][:, perm], keep[perm]
@@ -179,7 +181,7 @@ def _gptq(
     u = _inverse_cholesky(h, lam)
     orig_rows = jnp.concatenate([perm, jnp.arange(k, kp)])
     n_groups = kp // group if lazy else 1
-    asym = not spec.symmetric
+    asym = spec is not None and not spec.symmetric
     scales0 = jnp.ones((n_groups, n), jnp.float32)
     zps0 = jnp.zeros((n_groups, n), jnp.float32) if asym else None
 
@@ -192,7 +194,7 @@ def _gptq(
         kb = lax.dynamic_slice(keep, (start, 0), (block, n))
         if prune is not None and prune[0] is not None:
             kb = _prune_block(wb, ub, kb, start + jnp.arange(block) < k, prune[0])
-        if not lazy:
+        if not lazy and spec is not None:
             rs, rz = _row_scales(
                 static_scale.astype(jnp.float32),
                 None if static_zp is None else static_zp.astype(jnp.float32),
@@ -226,9 +228,10 @@ def _gptq(
                 scales = scales.at[g].set(s_zp[0])
                 zps = None if zps is None else zps.at[g].set(s_zp[1])
                 s_i, z_i = s_zp[0], (s_zp[1] if asym else None)
-            else:
+            elif spec is not None:
                 s_i, z_i = rs[i], None if rz is None else rz[i]
-            deq = jnp.where(kb[i], _code(row, s_i, z_i, fmt)[1], 0.0)  # masked out: exactly 0
+            kept = row if spec is None else _code(row, s_i, z_i, fmt)[1]
+            deq = jnp.where(kb[i], kept, 0.0)  # masked out: exactly 0
             err = (row - deq) / ub[i, i]
             later = jnp.where(jnp.arange(block) > i, ub[i], 0.0)
             wb = wb - later[:, None] * err[None, :]
@@ -321,6 +324,41 @@ def gptq_quantize(
     prune = check_prune(sparsity, n_m, act_order, path)
     w_hat, scale, zp = _gptq_matrix(w, hessian, spec, block_size, damp, act_order, masks, path, prune)
     return quantize(w_hat.astype(w.dtype), spec, scale=scale, zero_point=zp)
+
+
+def sparsegpt_prune(
+    w: jax.Array,
+    hessian: jax.Array,
+    *,
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
+    block_size: int = 128,
+    damp: float = 0.01,
+    masks: jax.Array | None = None,
+    path: str = "weight",
+) -> jax.Array:
+    """SparseGPT (Frantar & Alistarh 2023) pruning of one ``[K inputs, N outputs]`` float
+    kernel: :func:`gptq_quantize`'s pass without the rounding. Each block of input rows (each
+    group of ``m`` rows for ``n_m``) prunes its smallest OBS scores ``w² / [H⁻¹]ᵢᵢ`` when
+    it comes up, and the error of pruning them is moved onto the later rows.
+
+    Args:
+      w: the float kernel; hessian: ``[K, K]`` ``XᵀX`` of its inputs.
+      sparsity, n_m, block_size, damp, masks, path: as :func:`gptq_quantize` (exact zeros
+        and ``masks`` count as pruned).
+
+    Returns:
+      The pruned kernel (``w``'s dtype): its zeros are the pruned weights.
+
+    Raises:
+      ValueError: neither or both of ``sparsity`` / ``n_m``, bad values, shapes, NaN/Inf.
+    """
+    prune = check_prune(sparsity, n_m, False, path)
+    if prune is None:
+        raise ValueError(f"SparseGPT of {path!r}: give sparsity= or n_m=")
+    w = jnp.asarray(w)
+    w_hat, _, _ = _gptq_matrix(w, hessian, None, block_size, damp, False, masks, path, prune)
+    return w_hat.astype(w.dtype)
 
 
 def check_prune(sparsity, n_m, act_order: bool, path: str):

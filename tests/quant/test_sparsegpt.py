@@ -139,3 +139,84 @@ def test_expert_inputs_never_seen_are_scored_on_the_live_scale():
     ]
     np.testing.assert_array_equal(pruned[0], pruned[1])
     np.testing.assert_array_equal(pruned[1], pruned[2])
+
+
+# -- pruning without quantization (qjax.prune.sparsegpt) ----------------------------------
+
+
+def _reference_sparsegpt(x, w, sparsity=None, n_m=None, block=8, damp=0.01):
+    """Float64 SparseGPT in the (inputs, outputs) layout, written from the paper's algorithm:
+    per block of rows (per group of m rows for n:m), the mask from w² / U_ii² of the current
+    rows, then row by row: fix the pruned weights at 0 and move the error onto later rows."""
+    w = w.astype(np.float64).copy()
+    k, n = w.shape
+    h = x.astype(np.float64).T @ x
+    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    out = np.zeros_like(w)
+    for b0 in range(0, k, block):
+        b1 = min(b0 + block, k)
+        keep = np.ones((b1 - b0, n), bool)
+        if sparsity is not None:
+            score = w[b0:b1] ** 2 / np.diag(u)[b0:b1, None] ** 2
+            count = int(np.floor(sparsity * score.size))
+            keep.ravel()[np.argsort(score.ravel(), kind="stable")[:count]] = False
+        for i in range(b0, b1):
+            if n_m is not None and (i - b0) % n_m[1] == 0:
+                rows = slice(i, i + n_m[1])
+                score = w[rows] ** 2 / np.diag(u)[rows, None] ** 2
+                smallest = np.argsort(score, axis=0, kind="stable")[: n_m[0]]
+                np.put_along_axis(keep[i - b0 : i - b0 + n_m[1]], smallest, False, axis=0)
+            q = np.where(keep[i - b0], w[i], 0.0)
+            err = (w[i] - q) / u[i, i]
+            w[i + 1 :] -= np.outer(u[i, i + 1 :], err)
+            out[i] = q
+    return out
+
+
+@pytest.mark.parametrize("mode", [dict(sparsity=0.5), dict(sparsity=0.3), dict(n_m=(2, 4))])
+def test_float_pruning_equals_a_float64_sparsegpt(problem, mode):
+    x, w = problem
+    params = {"w": jnp.asarray(w)}
+    f = lambda p, x: x @ p["w"]
+    pruned, masks = qjax.prune.sparsegpt(f, params, [(jnp.asarray(x),)], patterns="w", block_size=8, **mode)
+    want = _reference_sparsegpt(x, w, block=8, **mode)
+    np.testing.assert_array_equal(np.asarray(masks["w"]), want != 0)
+    np.testing.assert_allclose(
+        np.asarray(pruned["w"], np.float64), want, rtol=2e-3, atol=2e-3 * np.abs(want).max()
+    )
+    error = lambda v: np.linalg.norm(x @ (v - w)) / np.linalg.norm(x @ w)
+    magnitude = np.where(np.abs(w) > np.median(np.abs(w)), w, 0)
+    if mode.get("sparsity") == 0.5:
+        assert error(np.asarray(pruned["w"], np.float64)) < 0.8 * error(magnitude)
+
+
+def test_float_pruning_of_a_model_stack_and_transposed_reads():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(nn.Dense(32)(x))
+            w = self.param("head", nn.initializers.normal(1.0), (4, 32))  # PyTorch (out, in)
+            return h @ w.T
+
+    net = Net()
+    x = jax.random.normal(jax.random.key(5), (64, 16))
+    variables = net.init(jax.random.key(6), x)
+    pruned, masks = qjax.prune.sparsegpt(
+        net.apply, variables, [(x,)], 0.5, patterns=[".*kernel", ".*head"], block_size=8
+    )
+    assert masks["params"]["Dense_0"]["bias"] is None
+    for path, axis in (("Dense_0/kernel", 0), ("head", 1)):
+        leaf = pruned["params"]
+        for part in path.split("/"):
+            leaf = leaf[part]
+        # every block of 8 input rows loses half its entries (the head's inputs run along axis 1)
+        zeros = np.asarray(leaf) == 0
+        blocks = np.moveaxis(zeros, axis, 0).reshape(-1, 8, zeros.shape[1 - axis])
+        assert np.all(blocks.sum(axis=(1, 2)) == 8 * zeros.shape[1 - axis] // 2)
+    y = net.apply(pruned, x)
+    assert bool(jnp.all(jnp.isfinite(y)))
+    with pytest.raises(ValueError, match=r"give sparsity= .* or n_m="):
+        qjax.prune.sparsegpt(net.apply, variables, [(x,)])
+    with pytest.raises(ValueError, match="matched no"):
+        qjax.prune.sparsegpt(net.apply, variables, [(x,)], 0.5, patterns="nothing")
