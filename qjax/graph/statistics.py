@@ -177,6 +177,11 @@ class _Collect(Handler):
         """Record how ``path`` is read; its reads must agree on the statistic's layout (per
         expert or pooled), or their statistics could not be added."""
         prev = self.meta.setdefault(path, meta)
+        if prev[0] != meta[0]:
+            raise ValueError(
+                f"input statistics of {path!r}: it is read with different contracted axes ({prev[0]} and "
+                f"{meta[0]}: x @ w and y @ w.T, say), whose statistics cannot be added"
+            )
         if prev[3] != meta[3] or prev[1] != meta[1]:
             raise ValueError(
                 f"input statistics of {path!r}: it is read both per expert (groups along leaf axes "

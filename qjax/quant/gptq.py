@@ -148,6 +148,20 @@ def _gptq_merged(
     that leaf, and the result reshaped back."""
     shape, axes = tuple(jnp.shape(leaf)), st.weight_axes
     a, m = axes[0], len(axes)
+    if spec is None and axes != tuple(range(a, a + m)):
+        # pruning has no scales to keep: bring the contracted axes together (in leaf order,
+        # the statistic's), prune that leaf, and put the axes back
+        others = [x for x in range(len(shape)) if x not in axes]
+        perm = [x for x in others if x < a] + list(axes) + [x for x in others if x > a]
+        st_t = dataclasses.replace(
+            st,
+            weight_axes=tuple(range(a, a + m)),
+            weight_shape=tuple(shape[x] for x in perm),
+            groups=tuple(perm.index(g) for g in st.groups),
+        )
+        mask_t = None if mask is None else jnp.transpose(mask, perm)
+        out = _gptq_merged(jnp.transpose(jnp.asarray(leaf), perm), st_t, None, mask_t, path, options)
+        return jnp.transpose(out, np.argsort(perm))
     spec2 = None if spec is None else _merged_spec(spec, shape, axes, path)
     flat = (*shape[:a], math.prod(shape[a : a + m]), *shape[a + m :])
     shift = lambda x: x if x < a else x - (m - 1)

@@ -220,3 +220,28 @@ def test_float_pruning_of_a_model_stack_and_transposed_reads():
         qjax.prune.sparsegpt(net.apply, variables, [(x,)])
     with pytest.raises(ValueError, match="matched no"):
         qjax.prune.sparsegpt(net.apply, variables, [(x,)], 0.5, patterns="nothing")
+
+
+def test_float_pruning_of_a_kernel_contracting_non_adjacent_axes(problem):
+    # w (H, D, hd) read as "nhk,hdk->nd": the contracted axes 0 and 2 are brought together
+    # (in leaf order) for pruning, and put back
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(64, 2, 8)) * np.linspace(0.2, 6, 8)).astype(np.float32)
+    w = rng.normal(size=(2, 4, 8)).astype(np.float32)
+    f = lambda p, x: jnp.einsum("nhk,hdk->nd", x, p["w"])
+    pruned, _ = qjax.prune.sparsegpt(
+        f, {"w": jnp.asarray(w)}, [(jnp.asarray(x),)], 0.5, patterns="w", block_size=8
+    )
+    flat_w = np.transpose(w, (0, 2, 1)).reshape(16, 4)  # inputs (h, k) in leaf order
+    want = _reference_sparsegpt(x.reshape(64, 16), flat_w, sparsity=0.5, block=8)
+    got = np.transpose(np.asarray(pruned["w"]), (0, 2, 1)).reshape(16, 4)
+    np.testing.assert_array_equal(got != 0, want != 0)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3 * np.abs(want).max())
+
+
+def test_a_weight_read_with_different_contractions_is_refused():
+    # x @ w and y @ w.T: their Gram matrices are over different inputs and cannot be added
+    w = jnp.asarray(np.random.default_rng(8).normal(size=(8, 8)), jnp.float32)
+    f = lambda p, x: x @ p["w"] + x @ p["w"].T
+    with pytest.raises(ValueError, match="read with different contracted axes"):
+        qjax.prune.sparsegpt(f, {"w": w}, [(jnp.ones((4, 8)),)], 0.5, patterns="w")
