@@ -209,7 +209,10 @@ class PagedKVCache:
         """Each sequence's pages as a contiguous :class:`qjax.KVCache`
         ``(batch, pages_per_sequence · page_size, heads, head_dim)`` (the codes and scales
         copied, not dequantized)."""
-        table = _table(page_table, None, self.num_pages)
+        return self._gather(_table(page_table, None, self.num_pages))
+
+    def _gather(self, table: jax.Array) -> KVCache:
+        """:meth:`gather` of a checked int32 page table."""
         b, n = table.shape
 
         def rows(x):  # (num_pages, page_size, ...) -> (batch, n * page_size, ...)
@@ -243,7 +246,7 @@ class PagedKVCache:
             raise ValueError(
                 f"page_table has {table.shape[0]} rows (sequences) but q has batch {np.shape(q)[0]}"
             )
-        return self.gather(table).attend(q, index, **kwargs)
+        return self._gather(table).attend(q, index, **kwargs)  # the table is checked once
 
 
 __all__ = ["PagedKVCache"]
