@@ -92,3 +92,30 @@ def requantize(acc: jnp.ndarray, m, qmin: int, qmax: int) -> jnp.ndarray:
     bound = np.minimum(np.ceil(reach), 2**31 - 1).astype(np.int64).astype(np.int32)
     acc = jnp.clip(jnp.asarray(acc, jnp.int32), -bound, bound)
     return jnp.clip(dyadic_mul(acc, b, c), qmin, qmax)
+
+
+def fine_dyadic(m) -> tuple[np.ndarray, ...]:
+    """``(b1, c1, b2, c2, s2)``: ``m ≈ b1 / 2^c1 + s2 · b2 / 2^c2`` for non-negative ``m``
+    (float64 array-like), two 15-bit dyadic numbers, the second the first's remainder: 30
+    significant bits where :func:`dyadic` has 15."""
+    m = np.asarray(m, np.float64)
+    b1, c1 = dyadic(m)
+    rest = m - b1 / np.exp2(c1.astype(np.float64))
+    b2, c2 = dyadic(np.abs(rest))
+    return b1, c1, b2, c2, np.where(rest < 0, -1, 1).astype(np.int32)
+
+
+def fine_dyadic_mul(acc: jnp.ndarray, terms) -> jnp.ndarray:
+    """``acc · m`` for ``terms = fine_dyadic(m)``: the two dyadic products summed (each
+    rounded half up, so within one unit of ``round(acc · m)``), int32."""
+    b1, c1, b2, c2, s2 = terms
+    return dyadic_mul(acc, b1, c1) + jnp.asarray(s2) * dyadic_mul(acc, b2, c2)
+
+
+def fine_dyadic_mul_reference(acc, terms) -> np.ndarray:
+    """:func:`fine_dyadic_mul` in NumPy int64 (bit-identical)."""
+    b1, c1, b2, c2, s2 = (np.asarray(t, np.int64) for t in terms)
+    one = lambda b, c: (
+        (np.asarray(acc, np.int64) * b + np.where(c > 0, np.int64(1) << np.maximum(c - 1, 0), 0)) >> c
+    )
+    return one(b1, c1) + s2 * one(b2, c2)

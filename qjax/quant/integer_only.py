@@ -35,7 +35,7 @@ normalisation) run as written.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -49,6 +49,9 @@ from qjax.graph.trace import trace
 from qjax.numerics.qarray import QArray
 from qjax.numerics.spec import PER_TOKEN
 from qjax.numerics.transposed import TransposedQArray
+from qjax.quant import integer_chains as chains
+from qjax.quant import integer_ranges as ranges_lib
+from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.dyadic import requantize
 from qjax.quant.integer_values import NOOP, SUPPORTED, IntValue, compress, on_integers
 from qjax.quant.policy import Policy, check_policy
@@ -95,7 +98,11 @@ def _static(x):
 
 
 def _is_static(x) -> bool:
-    return not isinstance(x, (IntValue, _Weight, jax.core.Tracer))
+    return not isinstance(x, (IntValue, chains.Chain, _Weight, jax.core.Tracer))
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (IntValue, chains.Chain))
 
 
 def _sub_jaxprs(eqn) -> bool:
@@ -108,8 +115,44 @@ def _sub_jaxprs(eqn) -> bool:
 
 
 class _Program:
-    def __init__(self, policy: Policy):
+    def __init__(self, policy: Policy, op_stats: dict, ranges: list | None = None, margin: float = 2.0):
         self.policy = policy
+        self.op_stats = op_stats_lib.Lookup(op_stats)
+        self.ranges, self.margin = ranges, margin
+        self._position = 0  # the equation's index in the walk (the key of its calibrated range)
+        self._evaluated: dict[int, tuple] = {}  # id(chain) -> (chain, its IntValue)
+        self._input_ranges: dict[int, tuple] = {}  # id(input) -> (input, calibrated |range|)
+        self._inputs: dict[int, tuple] = {}  # id(input) -> (input, its IntValue)
+
+    def input_value(self, x, where: str) -> IntValue:
+        """The float input ``x`` as 16-bit codes over the range calibrated where a matmul
+        read it (a residual ``x + attention(x)``): the input's second quantization, finer
+        than the matmul's, clipping where the matmul's does."""
+        if id(x) in self._inputs:
+            return self._inputs[id(x)][1]
+        if id(x) not in self._input_ranges:
+            raise ValueError(
+                f"integer_only: an op at {where} meets the float input before any quantized matmul "
+                "reads it, so it has no calibrated range to be quantized with (quantize it by a matmul "
+                "first, or pass it through a quantized layer)"
+            )
+        reach = self._input_ranges[id(x)][1]
+        s16 = reach / (2**15 - 1)
+        codes = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / np.float32(s16)), -(2**15 - 1), 2**15 - 1)
+        value = IntValue(codes.astype(jnp.int32), np.full((1,) * jnp.ndim(x), s16), 2.0**15 - 1)
+        self._inputs[id(x)] = (x, value)
+        return value
+
+    def value(self, x, where: str):
+        """``x`` with an unevaluated chain evaluated (once per chain: a softmax's ``exp``
+        is read by its sum and its division, which must see the same codes)."""
+        if not isinstance(x, chains.Chain):
+            return x
+        if id(x) not in self._evaluated:
+            what = " → ".join(x.ops)
+            root = ranges_lib.clip_to_range(x.root, self.margin, where, what)
+            self._evaluated[id(x)] = (x, chains.evaluate(dataclasses.replace(x, root=root), where))
+        return self._evaluated[id(x)][1]
 
     # -- the walk ------------------------------------------------------------------------
 
@@ -124,7 +167,18 @@ class _Program:
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             where = "/".join(s for s in (scope, str(eqn.source_info.name_stack)) if s) or "top level"
+            position = self._position
+            self._position += 1
             outs = self._eqn(eqn, invals, where)
+            if self.ranges is not None:
+                if position >= len(self.ranges):
+                    raise ValueError(
+                        "integer_only: the calibration batches' program differs from this call's"
+                    )
+                outs = [
+                    dataclasses.replace(o, real_bound=r) if isinstance(o, IntValue) and r >= 0 else o
+                    for o, r in zip(outs, self.ranges[position])
+                ]
             for v, x in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = x
@@ -136,7 +190,7 @@ class _Program:
             sub = eqn.params[_INLINE[name]]
             inner, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, [])
             return self.evaluate(inner, consts, invals, where)
-        if _sub_jaxprs(eqn) and any(isinstance(x, (_Weight, IntValue, _FromWeight)) for x in invals):
+        if _sub_jaxprs(eqn) and any(isinstance(x, (_Weight, _FromWeight)) or _is_int(x) for x in invals):
             raise ValueError(
                 f"integer_only: {name!r} at {where} runs a body that reads quantized weights or integer "
                 "values: control flow (scan, nn.scan, cond, while, map) is not followed; unroll it"
@@ -145,25 +199,52 @@ class _Program:
             return self._static_eqn(eqn, invals)
         weights = [i for i, x in enumerate(invals[:2]) if isinstance(x, _Weight)]
         if name in ("dot_general", "conv_general_dilated"):
-            if len(weights) != 1:
-                via = [x for x in invals[:2] if isinstance(x, _FromWeight)]
-                why = (
-                    f"reads weight {via[0].path!r} through {via[0].via!r} (only transposes and reversals "
-                    "of a quantized weight are followed)"
-                    if via
-                    else "reads no quantized weight (every matmul needs a QArray weight with a static act "
-                    "scale: quantize_params with a rule for it and act_stats)"
-                )
-                raise ValueError(f"integer_only: the {name} at {where} {why}")
-            return [self._matmul(eqn, invals, weights[0], where)]
-        if not any(isinstance(x, IntValue) for x in invals):  # the float input, before quantization
+            invals = [self.value(x, where) for x in invals]
+            if len(weights) == 1:
+                return [self._matmul(eqn, invals, weights[0], where)]
+            if name == "dot_general" and not weights and not any(isinstance(x, _FromWeight) for x in invals):
+                return [self._activation_matmul(eqn, invals, where)]
+            via = [x for x in invals[:2] if isinstance(x, _FromWeight)]
+            why = (
+                f"reads weight {via[0].path!r} through {via[0].via!r} (only transposes and reversals "
+                "of a quantized weight are followed)"
+                if via
+                else "reads no quantized weight (every matmul needs a QArray weight with a static act "
+                "scale: quantize_params with a rule for it and act_stats)"
+            )
+            raise ValueError(f"integer_only: the {name} at {where} {why}")
+        if not any(_is_int(x) for x in invals):  # the float input, before quantization
             return bind_eqn(eqn, [_static(x) for x in invals])
-        if any(isinstance(x, jax.core.Tracer) for x in invals):
-            raise ValueError(f"integer_only: {name!r} at {where} mixes an integer value with the float input")
+        for i, x in enumerate(invals):  # the float input meeting an integer value (not as a mask)
+            if isinstance(x, jax.core.Tracer) and not (name == "select_n" and i == 0):
+                if not jnp.issubdtype(x.dtype, jnp.floating):
+                    raise ValueError(
+                        f"integer_only: {name!r} at {where} mixes an integer value with an integer input"
+                    )
+                invals[i] = self.input_value(x, where)
+        invals = [x if _is_int(x) or isinstance(x, jax.core.Tracer) else _static(x) for x in invals]
+        if chains.wants_chain(eqn, invals):
+            chain = chains.extend(eqn, invals)
+            if chain is not None:
+                return [chain]
+        raw = invals
+        invals = [self.value(x, where) for x in invals]
         fail = lambda why: ValueError(
             f"integer_only: {name!r} at {where} {why} (integer-only inference covers {SUPPORTED})"
         )
-        return on_integers(eqn, [_static(x) for x in invals], fail)
+        ints = [x for x in invals if isinstance(x, IntValue)]
+        if name == "mul" and len(ints) == 2:  # a product: its operands at their measured ranges
+            invals = [ranges_lib.clip_to_range(x, self.margin, where, "a product") for x in invals]
+        outs = on_integers(eqn, [_static(x) for x in invals], fail)
+        bounded = name == "div" and len(ints) == 2  # a normalisation's quotients are in [0, 1]
+        if any(x.loose for x in ints) and not bounded:
+            outs = [dataclasses.replace(o, loose=True) if isinstance(o, IntValue) else o for o in outs]
+        if name in chains.LINEAR or name in ("mul", "div"):  # eager, and still part of its chain
+            chain = chains.extend(eqn, raw)
+            fresh = isinstance(outs[0], IntValue) and outs[0] is not raw[0] and outs[0].chain is None
+            if chain is not None and fresh:
+                outs = [dataclasses.replace(outs[0], chain=(chain.root, chain.fn, chain.ops))]
+        return outs
 
     @staticmethod
     def _static_eqn(eqn, invals) -> list:
@@ -244,6 +325,60 @@ class _Program:
         acc = bind_eqn(eqn.replace(params=params), operands)[0]
         return IntValue(acc, compress(s_act * self._out_scale(eqn, wi, w_scale, acc.ndim)), bound)
 
+    def _activation_matmul(self, eqn, invals, where: str) -> IntValue:
+        """A matmul of two activations (attention's ``QKᵀ`` and ``PV``) that an ``OpRule``
+        matches: both operands as codes of their calibrated static scales (``op_stats``),
+        int8 × int8 → int32, scale ``s_lhs · s_rhs``."""
+        m = self.policy.op_match(where)
+        if m is None:
+            raise ValueError(
+                f"integer_only: the dot_general at {where} reads no quantized weight, and no OpRule matches "
+                "its name stack (a matmul of two activations needs an OpRule with static integer specs and "
+                "op_stats=qjax.calibrate(...))"
+            )
+        operands, a_max, scale = [], 1.0, 1.0
+        for side, spec, x in zip(op_stats_lib.SIDES, (m.value.lhs, m.value.rhs), invals[:2], strict=True):
+            fail = lambda why, side=side: ValueError(
+                f"integer_only: {side} of the matmul at {where} (op rule {m.index} {m.pattern!r}): {why}"
+            )
+            if spec is None or spec.format.is_float or not op_stats_lib.is_static(spec):
+                raise fail("needs an integer spec with one static scale (channel_axes=())")
+            try:
+                with jax.ensure_compile_time_eval():  # the stats are concrete: so is the scale
+                    found = self.op_stats.scale(where, side, spec)
+            except ValueError as e:
+                raise fail(str(e)) from None
+            if found is None:
+                raise fail(
+                    f"has no static scale: give integer_only(..., op_stats=qjax.calibrate(...)) (key "
+                    f"{op_stats_lib.op_key(where, side)!r})"
+                )
+            s_op = float(np.asarray(found[0], np.float64).reshape(()))
+            z_op = 0 if found[1] is None else int(np.round(np.asarray(found[1], np.float64)).reshape(()))
+            lo, hi = spec.format.qmin - z_op, spec.format.qmax - z_op
+            operands.append((self._activation_codes(x, s_op, lo, hi), lo, hi))
+            a_max *= max(-lo, hi)
+            scale *= s_op
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        bound = a_max * float(
+            np.prod(
+                [
+                    invals[0].data.shape[d] if isinstance(invals[0], IntValue) else np.shape(invals[0])[d]
+                    for d in lc
+                ]
+            )
+        )
+        if bound > 2.0**31 - 1:
+            raise ValueError(f"integer_only: the int32 accumulator of the matmul at {where} can overflow")
+        lo = min(o[1] for o in operands)
+        hi = max(o[2] for o in operands)
+        wide = (
+            jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16 if -32768 <= lo and hi <= 32767 else jnp.int32
+        )
+        params = {**eqn.params, "preferred_element_type": jnp.dtype(jnp.int32)}
+        acc = bind_eqn(eqn.replace(params=params), [o[0].astype(wide) for o in operands])[0]
+        return IntValue(acc, np.full((1,) * acc.ndim, scale), bound)
+
     @staticmethod
     def _contracted(eqn, wi: int) -> tuple[int, ...]:
         if eqn.primitive.name == "dot_general":
@@ -272,17 +407,20 @@ class _Program:
             return s.reshape(s.shape[:nb] + (1,) * n_act_free + s.shape[nb:])
         return s.reshape(s.shape + (1,) * n_act_free)
 
-    @staticmethod
-    def _activation_codes(x, s_act: float, qmin: int, qmax: int) -> jax.Array:
-        if isinstance(x, IntValue):
+    def _activation_codes(self, x, s_act: float, qmin: int, qmax: int) -> jax.Array:
+        if isinstance(x, IntValue):  # (chains are evaluated before a matmul reads them)
             return requantize(x.data, x.scale / s_act, qmin, qmax)
+        if isinstance(x, jax.core.Tracer):  # its range, for an op that meets it unquantized
+            reach = s_act * max(-qmin, qmax)
+            self._input_ranges[id(x)] = (x, max(reach, self._input_ranges.get(id(x), (x, 0.0))[1]))
         x = _static(x)  # the float input's one quantization
         return jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / np.float32(s_act)), qmin, qmax).astype(
             jnp.int32
         )
 
 
-def _output(x):
+def _output(x, program: _Program):
+    x = program.value(x, "the output")
     if isinstance(x, IntValue):
         return x.data.astype(jnp.float32) * jnp.asarray(x.scale, jnp.float32)
     return _static(x)
@@ -297,7 +435,16 @@ def _leaf(path: str, leaf):
     return leaf
 
 
-def integer_only(f: Callable, policy: Policy, qparams: Any, **kwargs) -> Callable:
+def integer_only(
+    f: Callable,
+    policy: Policy,
+    qparams: Any,
+    *,
+    op_stats: dict | None = None,
+    calibration: Iterable | None = None,
+    margin: float = 2.0,
+    **kwargs,
+) -> Callable:
     """``f`` run integer-only on quantized params (HAWQ-V3): int8 × int8 → int32 matmuls,
     int32 biases, dyadic (integer multiply-and-shift) requantization between layers, ReLU
     and pooling on integers; float only to quantize the input and dequantize the output.
@@ -333,14 +480,27 @@ def integer_only(f: Callable, policy: Policy, qparams: Any, **kwargs) -> Callabl
       >>> logits = qjax.integer_only(model.apply, policy, qparams)(x)
     """
     check_policy(policy)
-    program = _Program(policy)
+    if op_stats is not None and not isinstance(op_stats, dict):
+        raise TypeError(f"op_stats must be the dict qjax.calibrate returns, got {type(op_stats).__name__}")
+    ops_only = op_stats_lib.split(op_stats)[1]
+    op_stats_lib.Lookup(ops_only)  # the entries' types, checked now rather than when traced
+    if not (isinstance(margin, (int, float)) and margin >= 1):
+        raise ValueError(f"integer_only: margin must be a number >= 1, got {margin!r}")
+    ranges = (
+        None
+        if calibration is None
+        else ranges_lib.calibrated_ranges(f, qparams, calibration, _INLINE, kwargs)
+    )
 
     def run(*args):
+        program = _Program(policy, ops_only, ranges, float(margin))
         traced = trace(f, qparams, *args, **kwargs)
         leaves = [_leaf(path, leaf) for path, leaf in zip(traced.param_paths, traced.param_leaves)]
         closed = traced.jaxpr
         outs = program.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree.leaves(args)])
-        return jax.tree.unflatten(traced.out_tree, [_output(o) for o in outs])
+        outs = [_output(o, program) for o in outs]
+        program.op_stats.check_all_used()
+        return jax.tree.unflatten(traced.out_tree, outs)
 
     return jax.jit(run)
 

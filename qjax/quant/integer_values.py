@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.graph.interpret import bind_eqn
-from qjax.quant.dyadic import dyadic, dyadic_mul
+from qjax.quant.dyadic import fine_dyadic, fine_dyadic_mul
+from qjax.quant.integer_arith import divide, mul_shift
 
 LIMIT = 2.0**31 - 2**20  # the largest bound kept (headroom for rounding)
 NOOP = ("convert_element_type", "copy", "copy_p", "optimization_barrier", "reduce_precision", "stop_gradient")
@@ -25,19 +26,50 @@ _REDUCE = ("reduce_sum", "reduce_max", "reduce_min", "argmax", "argmin")
 _WINDOW = ("reduce_window_sum", "reduce_window_max", "reduce_window_min")
 _LAYOUT = ("reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice", "rev")
 SUPPORTED = (
-    "dot_general, conv_general_dilated (quantized weights), add, sub, mul / div by a static "
-    "factor, neg, max / min (ReLU), reshape, transpose, broadcast_in_dim, squeeze, slice, rev, "
-    "pad, concatenate, reduce_sum / max / min, argmax / argmin, reduce_window_sum / max / min"
+    "dot_general, conv_general_dilated (quantized weights, or two activations an OpRule with static "
+    "scales matches), add, sub, mul, div by a static factor or a normalising sum, neg, max / min, "
+    "element-wise functions of one value (exp, tanh, erf, logistic, rsqrt, integer_pow, ...: GELU, "
+    "SiLU, softmax, LayerNorm / RMSNorm), select_n on a mask, reshape, transpose, broadcast_in_dim, "
+    "squeeze, slice, rev, pad, concatenate, reduce_sum / max / min, argmax / argmin, "
+    "reduce_window_sum / max / min"
 )
+PRODUCT_BITS = 30  # a product of two values is shifted to stay below 2^PRODUCT_BITS
+QUOTIENT_BITS = 24  # a normalisation's quotients: codes of 2^-QUOTIENT_BITS
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class IntValue:
-    """``data`` (int32) standing for ``data · scale``; ``|data| ≤ bound``."""
+    """``data`` (int32) standing for ``data · scale``; ``|data| ≤ bound``.
+
+    ``real_bound`` / ``loose``: :mod:`qjax.quant.integer_ranges`.
+    ``sign``: ``1`` when every element is known ``≥ 0`` (after a ReLU, an ``exp``), ``-1``
+    when ``≤ 0`` (``x - max(x)``), else ``0``. ``chain``: ``(root, fn, ops)`` when the value
+    is ``fn(root)`` element-wise (:mod:`qjax.quant.integer_chains`). ``reduced``: a
+    :class:`Reduced` when the value is a ``max`` / ``sum`` of another, laid out to meet it
+    again (a softmax's ``x - max(x)`` and ``e / sum(e)``)."""
 
     data: jax.Array
     scale: np.ndarray
     bound: float
+    sign: int = 0
+    chain: tuple | None = None
+    reduced: Reduced | None = None
+    real_bound: float | None = None  # max |value| measured on calibration data
+    loose: bool = False  # the bound compounds a product's (see qjax.quant.integer_ranges)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Reduced:
+    """The value is ``kind`` (``"max"`` / ``"sum"``) of ``source`` over ``axes``; ``summed``
+    is the value the reduction actually read (``source`` rescaled to one scale along the
+    axes, and coarsened for a sum); ``aligned``: laid out as ``source`` with the reduced
+    axes kept (size 1 or broadcast back), so it meets ``source`` element by element."""
+
+    kind: str
+    source: IntValue
+    summed: IntValue
+    axes: tuple[int, ...]
+    aligned: bool = False
 
 
 def compress(scale: np.ndarray) -> np.ndarray:
@@ -56,9 +88,28 @@ def align(a: IntValue, scale: np.ndarray) -> IntValue:
     ratio = compress(np.broadcast_to(a.scale, shape) / np.broadcast_to(scale, shape))
     scale = compress(np.broadcast_to(scale, shape).copy())
     if np.all(ratio == 1):
-        return IntValue(a.data, scale, a.bound)
-    b, c = dyadic(ratio)
-    return IntValue(dyadic_mul(a.data, b, c), scale, a.bound * float(ratio.max()) + 1)
+        return IntValue(a.data, scale, a.bound, sign=a.sign)
+    data = fine_dyadic_mul(a.data, fine_dyadic(ratio))  # 30-bit ratios: within a unit of exact
+    return IntValue(data, scale, a.bound * float(ratio.max()) + 2, sign=a.sign)
+
+
+def common_scale(scales, bounds) -> np.ndarray:
+    """The scale values of ``scales`` (broadcastable) meet at: their maximum, or where they
+    differ, that maximum divided by the power of two (up to ``2^14``) that keeps the
+    rescaled bounds' sum below half of :data:`LIMIT` (rounding onto a finer scale costs
+    less than onto the coarsest)."""
+    ndim = max(np.ndim(s) for s in scales)
+    ranked = [_rank(np.asarray(s, np.float64), ndim) for s in scales]
+    top = ranked[0]
+    for s in ranked[1:]:
+        top = np.maximum(top, s)
+    top = compress(top)
+    shape = np.broadcast_shapes(*(s.shape for s in ranked))
+    if all(np.array_equal(np.broadcast_to(s, shape), np.broadcast_to(top, shape)) for s in ranked):
+        return top
+    total = sum(float(b) * float(np.max(s / top)) for s, b in zip(ranked, bounds))
+    k = int(np.clip(np.floor(np.log2(LIMIT / 2 / max(total, 1.0))), 0, 14))
+    return top / 2.0**k
 
 
 def coarsen(a: IntValue, growth: float) -> IntValue:
@@ -84,11 +135,17 @@ def on_integers(eqn, invals, fail) -> list:
         return list(invals) if name == "optimization_barrier" else [invals[0]]
     if name == "neg":
         a = invals[0]
-        return [IntValue(-a.data, a.scale, a.bound)]
+        return [IntValue(-a.data, a.scale, a.bound, sign=-a.sign)]
     if name in ("add", "sub", "max", "min"):
         return [_binary(eqn, invals, fail)]
+    if name == "mul" and all(isinstance(x, IntValue) for x in invals):
+        return [_product(eqn, *invals)]
+    if name == "div" and all(isinstance(x, IntValue) for x in invals):
+        return [_normalized(*invals, fail)]
     if name in ("mul", "div"):
         return [_scaled(eqn, invals, fail)]
+    if name == "select_n":
+        return [_select(eqn, invals, fail)]
     if name in _REDUCE or name in _WINDOW:
         return [_reduce(eqn, invals[0])]
     if name == "concatenate":
@@ -106,8 +163,19 @@ def _binary(eqn, invals, fail) -> IntValue:
     name = eqn.primitive.name
     x, y = invals
     if isinstance(x, IntValue) and isinstance(y, IntValue):
-        scale = compress(np.maximum(_rank(x.scale, y.scale.ndim), _rank(y.scale, x.scale.ndim)))
+        # x - max(x): x rescaled exactly as the max read it, so no difference rounds above 0
+        own_max = name == "sub" and _is_reduction_of(y, "max", x)
+        scale = y.scale if own_max else common_scale([x.scale, y.scale], [x.bound, y.bound])
         xa, ya = align(x, scale), align(y, scale)
+        sign = 0
+        if own_max:
+            sign = -1  # x - max(x) along the reduced axes
+        elif name == "add" and x.sign == y.sign:
+            sign = x.sign
+        elif name == "max" and 1 in (x.sign, y.sign):
+            sign = 1
+        elif name == "min" and -1 in (x.sign, y.sign):
+            sign = -1
         if name in ("add", "sub"):
             grow = (xa.bound + ya.bound) / max(xa.bound, ya.bound, 1.0)
             xa, ya = coarsen(xa, grow), coarsen(ya, grow)
@@ -117,7 +185,7 @@ def _binary(eqn, invals, fail) -> IntValue:
             bound = xa.bound + ya.bound
         else:
             bound = max(xa.bound, ya.bound)
-        return IntValue(bind_eqn(eqn, [xa.data, ya.data])[0], xa.scale, bound)
+        return IntValue(bind_eqn(eqn, [xa.data, ya.data])[0], xa.scale, bound, sign=sign)
     int_first = isinstance(x, IntValue)
     a, other = (x, y) if int_first else (y, x)
     v = np.asarray(other, np.float64)
@@ -139,7 +207,16 @@ def _binary(eqn, invals, fail) -> IntValue:
     const = jnp.asarray(compress(np.round(v / scale)).astype(np.int32))
     args = [a.data, const] if int_first else [const, a.data]
     bound = float(np.max(total)) if np.size(total) else a.bound
-    return IntValue(bind_eqn(eqn, args)[0], _rank(a.scale, max(a.data.ndim, v.ndim)), bound)
+    sign = 0
+    if name == "max" and (a.sign > 0 or np.all(v >= 0)):
+        sign = 1
+    elif name == "min" and (a.sign < 0 or np.all(v <= 0)):
+        sign = -1
+    elif name == "add" and a.sign and np.all(np.sign(v) * a.sign >= 0):
+        sign = a.sign
+    elif name == "sub" and a.sign and np.all(-np.sign(v) * a.sign >= 0) and int_first:
+        sign = a.sign
+    return IntValue(bind_eqn(eqn, args)[0], _rank(a.scale, max(a.data.ndim, v.ndim)), bound, sign=sign)
 
 
 def _scaled(eqn, invals, fail) -> IntValue:
@@ -162,15 +239,20 @@ def _scaled(eqn, invals, fail) -> IntValue:
         * mag
     )
     data = a.data if np.all(sign == 1) else a.data * jnp.asarray(compress(sign))
-    return IntValue(data, _rank(scale, data.ndim), a.bound)
+    new_sign = a.sign if np.all(sign >= 0) else (-a.sign if np.all(sign <= 0) else 0)
+    return IntValue(data, _rank(scale, data.ndim), a.bound, sign=new_sign)
 
 
-def _uniform(a: IntValue, axes) -> IntValue:
-    """``a`` rescaled so that its scale is constant along ``axes`` (their maximum)."""
+def _uniform(a: IntValue, axes, finer: bool = False) -> IntValue:
+    """``a`` rescaled so that its scale is constant along ``axes``: their maximum, or with
+    ``finer`` that maximum divided by the power of two (up to ``2^14``) its bound allows."""
     axes = tuple(d for d in axes if a.scale.shape[d] > 1)
     if not axes:
         return a
-    return align(a, np.max(a.scale, axis=axes, keepdims=True))
+    top = np.max(a.scale, axis=axes, keepdims=True)
+    if finer:
+        top = top / 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(a.bound, 1.0))), 0, 14))
+    return align(a, top)
 
 
 def _reduce(eqn, a: IntValue) -> IntValue:
@@ -185,15 +267,115 @@ def _reduce(eqn, a: IntValue) -> IntValue:
         a = _uniform(a, axes)
         grow = math.prod(p["window_dimensions"]) if name == "reduce_window_sum" else 1
         a = coarsen(a, grow)
-        return IntValue(bind_eqn(eqn, [a.data])[0], a.scale, a.bound * grow)
+        return IntValue(bind_eqn(eqn, [a.data])[0], a.scale, a.bound * grow, sign=a.sign)
     axes = tuple(p["axes"])
-    a = _uniform(a, axes)
+    source = a
+    a = _uniform(a, axes, finer=name != "reduce_sum")
     grow = math.prod(a.data.shape[d] for d in axes) if name == "reduce_sum" else 1
     a = coarsen(a, grow)
     out = bind_eqn(eqn, [a.data])[0]
     if name in ("argmax", "argmin"):
         return out  # indices: plain integers, no scale
-    return IntValue(out, np.squeeze(a.scale, axis=axes), a.bound * grow)
+    kind = {"reduce_max": "max", "reduce_sum": "sum"}.get(name)
+    reduced = None if kind is None else Reduced(kind, source, a, axes)
+    return IntValue(out, np.squeeze(a.scale, axis=axes), a.bound * grow, sign=a.sign, reduced=reduced)
+
+
+def _is_reduction_of(y: IntValue, kind: str, x: IntValue) -> bool:
+    """Whether ``y`` is ``kind`` of ``x`` laid out to meet ``x`` element by element."""
+    r = y.reduced
+    return r is not None and r.kind == kind and r.source is x and r.aligned
+
+
+def _kept_layout(a: IntValue, eqn, data) -> Reduced | None:
+    """``a``'s reduction tag after a layout op: kept (and marked aligned) when the op only
+    puts the reduced axes back in place (keepdims), else dropped."""
+    r = a.reduced
+    if r is None:
+        return None
+    name, p = eqn.primitive.name, eqn.params
+    src = r.source.data.shape
+    kept = [d for d in range(len(src)) if d not in r.axes]
+    fits = len(data.shape) == len(src) and all(
+        data.shape[d] == src[d] or (d in r.axes and data.shape[d] == 1) for d in range(len(src))
+    )
+    if not fits:
+        return None
+    if name == "broadcast_in_dim":
+        dims = tuple(p["broadcast_dimensions"])
+        if dims != (tuple(kept) if a.data.ndim == len(kept) else tuple(range(a.data.ndim))):
+            return None
+    elif name not in ("reshape", "expand_dims"):
+        return None
+    return dataclasses.replace(r, aligned=True)
+
+
+def _product(eqn, x: IntValue, y: IntValue) -> IntValue:
+    """Two integer values multiplied: the exact 64-bit product shifted right by the bits
+    the bounds need to stay below ``2^PRODUCT_BITS`` (one rounding)."""
+    need = x.bound * y.bound / 2.0**PRODUCT_BITS
+    shift = 0 if need <= 1 else math.ceil(math.log2(need))
+    if shift > 62:
+        raise ValueError(
+            f"integer_only: a product of values bounded by {x.bound:g} and {y.bound:g} has no int32 form"
+        )
+    data = mul_shift(x.data, y.data, shift)
+    xs, ys = _rank(x.scale, data.ndim), _rank(y.scale, data.ndim)
+    scale = compress(np.broadcast_to(xs * ys, np.broadcast_shapes(xs.shape, ys.shape)) * 2.0**shift)
+    sign = x.sign * y.sign if x.sign and y.sign else 0
+    return IntValue(data, scale, x.bound * y.bound / 2.0**shift + 1, sign=sign, loose=True)
+
+
+def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
+    """``x / y`` where ``y`` is the sum of ``x ≥ 0`` along some axes (a softmax's
+    ``e / sum(e)``): a quotient in ``[0, 1]`` by long division, codes of
+    ``2^-QUOTIENT_BITS``. Any other division by an integer value raises."""
+    if not (_is_reduction_of(y, "sum", x) and x.sign > 0):
+        raise fail("divides by an integer value (only x / sum(x) of a non-negative x has an integer form)")
+    # one rounding: the summands shifted so their sum stays below 2^30, and summed again
+    # (the jaxpr's own sum was coarsened for int32; its result is left unused)
+    r = y.reduced
+    summands = _uniform(r.source, r.axes)
+    count = math.prod(summands.data.shape[d] for d in r.axes)
+    shift = max(0, math.ceil(math.log2(max(summands.bound * count, 1.0) / 2.0**30)))
+    num = summands.data
+    if shift:
+        num = jnp.right_shift(num + jnp.int32(1 << (shift - 1)), shift)
+    den = jnp.sum(num, axis=r.axes, keepdims=True)
+    q = divide(
+        num, den, QUOTIENT_BITS, den_bound=min(summands.bound * count / 2.0**shift + count, 2.0**30 - 1)
+    )
+    q = jnp.broadcast_to(q, np.broadcast_shapes(q.shape, x.data.shape))
+    return IntValue(q, np.full((1,) * q.ndim, 2.0**-QUOTIENT_BITS), 2.0**QUOTIENT_BITS, sign=1)
+
+
+def _select(eqn, invals, fail) -> IntValue:
+    """``select_n(pred, *cases)`` with a mask ``pred`` (not an integer value): the cases
+    at one scale, constants rounded onto it (a ``-inf`` / very negative fill clamped to
+    ``-2^30`` codes, below every value)."""
+    pred, *cases = invals
+    if isinstance(pred, IntValue):
+        raise fail("selects by an integer value's codes")
+    ints = [c for c in cases if isinstance(c, IntValue)]
+    scale = ints[0].scale
+    for c in ints[1:]:
+        scale = compress(np.maximum(_rank(scale, c.scale.ndim), _rank(c.scale, scale.ndim)))
+    parts, bound = [], max(c.bound for c in ints)
+    for c in cases:
+        if isinstance(c, IntValue):
+            a = align(c, scale)
+            parts.append(a.data)
+            bound = max(bound, a.bound)
+        else:
+            v = np.asarray(c, np.float64)
+            if np.any(np.isnan(v)):
+                raise fail("selects a NaN constant")
+            codes = np.clip(np.round(v / _rank(scale, v.ndim)), -(2.0**30), 2.0**30)
+            bound = max(bound, float(np.max(np.abs(codes), initial=0)))
+            parts.append(jnp.asarray(compress(codes).astype(np.int32)))
+    out_shape = eqn.outvars[0].aval.shape
+    data = bind_eqn(eqn, [pred, *(jnp.broadcast_to(p, out_shape) for p in parts)])[0]
+    return IntValue(data, _rank(scale, data.ndim), bound)
 
 
 def _layout(eqn, invals) -> IntValue:
@@ -230,7 +412,7 @@ def _layout(eqn, invals) -> IntValue:
             keep += 1
         moved = np.broadcast_to(s, s.shape[:keep] + a.data.shape[keep:])
         scale = compress(moved.reshape(s.shape[:keep] + data.shape[keep:]))
-    return IntValue(data, scale, a.bound)
+    return IntValue(data, scale, a.bound, sign=a.sign, reduced=_kept_layout(a, eqn, data))
 
 
 def _concatenate(eqn, invals) -> IntValue:

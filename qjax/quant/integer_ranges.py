@@ -1,0 +1,131 @@
+"""Calibrated ranges of the intermediate values of :func:`qjax.integer_only`.
+
+Integer-only inference bounds every value statically (from the weights' codes and the
+activations' formats). Those bounds are exact but loose, and products compound them: a
+LayerNorm's output ``(x - mean) · rsqrt(var + eps)`` is bounded by ``1 / √eps`` times the
+loose bound of ``x - mean``, so a second norm's ``x²`` over that range keeps no bits of the
+real values. I-BERT and TFLite measure every tensor's range on calibration data instead,
+and saturate beyond it. Here, with ``integer_only(..., calibration=batches)``, the
+function's program is run in float (weights dequantized) on the batches, and the largest
+``|value|`` of every equation's output is recorded by its position in the walk; the
+integer program then clips a value to ``margin`` times that range where its static bound
+would cost precision: before an element-wise function is evaluated on it and before it
+enters a product.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend import core as jcore
+
+from qjax.graph.interpret import bind_eqn
+from qjax.graph.trace import trace
+
+
+def walk_positions(jaxpr, inline: dict):
+    """The equations of ``jaxpr`` in the order :func:`qjax.integer_only` walks them,
+    bodies of the ``inline`` primitives (name → param of their jaxpr) entered in place."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        if eqn.primitive.name in inline:
+            sub = eqn.params[inline[eqn.primitive.name]]
+            yield from walk_positions(sub.jaxpr if hasattr(sub, "consts") else sub, inline)
+
+
+def _record(jaxpr, consts, args, inline: dict, out: list) -> list:
+    """Evaluate ``jaxpr`` in float, appending each equation's outputs' ``max |value|``
+    (``-1`` for non-float outputs) to ``out`` in walk order."""
+    env: dict = {}
+    read = lambda v: v.val if isinstance(v, jcore.Literal) else env[v]
+    env.update(zip(jaxpr.constvars, consts))
+    env.update(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        slot = len(out)
+        out.append(None)
+        name = eqn.primitive.name
+        if name in inline:
+            sub = eqn.params[inline[name]]
+            inner, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, [])
+            outs = _record(inner, sub_consts, invals, inline, out)
+        else:
+            outs = bind_eqn(eqn, invals)
+        out[slot] = [
+            jnp.max(jnp.abs(o)).astype(jnp.float32)
+            if jnp.issubdtype(jnp.result_type(o), jnp.floating) and jnp.size(o)
+            else jnp.float32(-1)
+            for o in outs
+        ]
+        for v, o in zip(eqn.outvars, outs):
+            if not isinstance(v, jcore.DropVar):
+                env[v] = o
+    return [read(v) for v in jaxpr.outvars]
+
+
+def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> list[list[float]]:
+    """Per equation (walk order), per output: the largest ``|value|`` over ``batches`` of
+    ``f``'s program run in float with the quantized weights dequantized.
+
+    Raises:
+      ValueError: no batches, or batches whose programs differ (a different equation count).
+    """
+    from qjax.numerics.qarray import QArray
+    from qjax.numerics.transposed import TransposedQArray
+
+    found: list | None = None
+    count = 0
+    for batch in batches:
+        args = batch if isinstance(batch, tuple) else (batch,)
+        traced = trace(f, qparams, *args, **kwargs)
+        leaves = [
+            leaf.dequantize() if isinstance(leaf, (QArray, TransposedQArray)) else leaf
+            for leaf in traced.param_leaves
+        ]
+        closed = traced.jaxpr
+
+        def run(leaves, flat, closed=closed):
+            out: list = []
+            _record(closed.jaxpr, closed.consts, [*leaves, *flat], inline, out)
+            return out
+
+        values = jax.device_get(jax.jit(run)(leaves, jax.tree.leaves(args)))
+        values = [[float(v) for v in outs] for outs in values]
+        if found is not None and len(values) != len(found):
+            raise ValueError("integer_only: calibration batches give programs of different lengths")
+        found = (
+            values if found is None else [[max(a, b) for a, b in zip(x, y)] for x, y in zip(found, values)]
+        )
+        count += 1
+    if not count:
+        raise ValueError("integer_only: calibration= holds no batch")
+    return found
+
+
+def clip_to_range(x, margin: float, where: str, what: str):
+    """``x`` (an :class:`~qjax.quant.integer_values.IntValue`) clipped to ``margin`` times
+    its calibrated range where that is below its static bound.
+
+    Raises:
+      ValueError: ``x``'s bound compounds a product's and no range was calibrated for it.
+    """
+    import dataclasses
+
+    if x.real_bound is None:
+        if x.loose:
+            raise ValueError(
+                f"integer_only: at {where}, {what} reads a value whose static range compounds a "
+                "product's (a normalisation's output, say), which would leave it no precision: give "
+                "integer_only(..., calibration=[(x,), ...]) so its range is measured"
+            )
+        return x
+    reach = np.ceil(margin * x.real_bound / np.asarray(x.scale, np.float64))
+    if np.all(reach >= x.bound):
+        return x
+    reach = np.minimum(reach, x.bound)
+    r = jnp.asarray(reach.astype(np.int32))
+    data = jnp.clip(x.data, -r, r)
+    if x.sign > 0:
+        data = jnp.maximum(data, 0)
+    return dataclasses.replace(x, data=data, bound=float(reach.max()))

@@ -1,0 +1,226 @@
+"""Integer-only transformers (I-BERT's scope): GELU and other activations, softmax,
+LayerNorm / RMSNorm and attention's activation matmuls run on integers. Each is checked
+against float64 applied to the same integer inputs, against ``qjax.quantized`` (the same
+quantization rescaled in float), and for integer arithmetic between the input's
+quantization and the output's dequantization."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special as sp
+from jax.extend import core as jcore
+
+import qjax
+
+W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
+W8_HEADS = qjax.QuantSpec(qjax.int8, channel_axes=(-2, -1))  # q/k/v kernels (D, H, hd)
+A8 = qjax.QuantSpec(qjax.int8)
+P8 = qjax.QuantSpec(qjax.uint8)  # attention probabilities: [0, 1]
+
+
+def _assert_integer_program(program, *args):
+    """Everything computed from an integer matmul's result stays on integers until the
+    output's dequantization: no float rescale, no transcendental function in float."""
+    closed = jax.make_jaxpr(program)(*args)
+    derived: set = set()
+    live = lambda v: not isinstance(v, jcore.Literal) and v in derived
+    matmuls = 0
+
+    def walk(jaxpr):
+        nonlocal matmuls
+        for e in jaxpr.eqns:
+            for sub in (v for v in e.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")):
+                inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
+                inner = inner if hasattr(inner, "eqns") else inner.jaxpr
+                derived.update(iv for iv, ov in zip(inner.invars, e.invars) if live(ov))
+                walk(inner)
+                derived.update(ov for ov, iv in zip(e.outvars, inner.outvars) if live(iv))
+            is_int_matmul = e.primitive.name in ("dot_general", "conv_general_dilated") and jnp.issubdtype(
+                e.outvars[0].aval.dtype, jnp.integer
+            )
+            matmuls += is_int_matmul
+            if not (is_int_matmul or any(live(v) for v in e.invars)):
+                continue
+            for v in e.outvars:
+                derived.add(v)
+                if jnp.issubdtype(v.aval.dtype, jnp.floating):  # only the output's dequantization
+                    assert e.primitive.name in ("convert_element_type", "mul"), e
+
+    walk(closed.jaxpr)
+    assert matmuls
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _setup(f, params, x, policy, calibrate_ops=False):
+    stats = qjax.calibrate(f, policy, params, [(x,)])
+    qp = qjax.quantize_params(params, policy, act_stats=stats)
+    return qp, (stats if calibrate_ops else None)
+
+
+_ACTIVATIONS = {
+    "gelu_tanh": (jax.nn.gelu, lambda v: 0.5 * v * (1 + np.tanh(np.sqrt(2 / np.pi) * (v + 0.044715 * v**3)))),
+    "gelu_erf": (lambda h: jax.nn.gelu(h, approximate=False), lambda v: 0.5 * v * sp.erfc(-v / np.sqrt(2))),
+    "silu": (jax.nn.silu, lambda v: v * sp.expit(v)),
+    "tanh": (jnp.tanh, np.tanh),
+    "sigmoid": (jax.nn.sigmoid, sp.expit),
+    "elu": (jax.nn.elu, lambda v: np.where(v > 0, v, np.expm1(v))),
+    "softplus": (jax.nn.softplus, lambda v: np.logaddexp(v, 0)),
+}
+
+
+def _mlp_params():
+    return {
+        "w": jax.random.normal(jax.random.key(1), (32, 64)) / 4,
+        "v": jax.random.normal(jax.random.key(2), (64, 16)) / 8,
+    }
+
+
+@pytest.mark.parametrize("name", list(_ACTIVATIONS))
+def test_activations_match_float64_on_the_same_integers(name):
+    act, reference = _ACTIVATIONS[name]
+    x = jax.random.normal(jax.random.key(0), (8, 32))
+    params = _mlp_params()
+    policy = qjax.Policy([qjax.Rule("(w|v)", weight=W8, act=A8)])
+    pre = lambda p, x: x @ p["w"]
+    f = lambda p, x: act(x @ p["w"])
+    qp, _ = _setup(lambda p, x: f(p, x) @ p["v"], params, x, policy)
+    # the integer pre-activations, dequantized exactly; the activation of them in float64
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    got = np.asarray(qjax.integer_only(f, policy, qp)(x), np.float64)
+    want = reference(h)
+    assert np.max(np.abs(got - want)) <= 1e-5 * np.max(np.abs(want)) + 1e-6, name
+    # a layer after it: as qjax.quantized serves it (a code may flip at a rounding tie)
+    g = lambda p, x: f(p, x) @ p["v"]
+    program = qjax.integer_only(g, policy, qp)
+    assert _rel(program(x), qjax.quantized(g, policy)(qp, x)) < 3e-3
+    _assert_integer_program(program, x)
+
+
+def test_softmax_and_layer_norm_match_float64_on_the_same_integers():
+    x = jax.random.normal(jax.random.key(3), (6, 32))
+    params = _mlp_params()
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    pre = lambda p, x: x @ p["w"]
+    qp, _ = _setup(pre, params, x, policy)
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    # softmax: exp evaluated within 2^-19, the quotient to 2^-24; rows sum to 1
+    probs = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x)), policy, qp)(x)
+    e = np.exp(h - h.max(-1, keepdims=True))
+    np.testing.assert_allclose(probs, e / e.sum(-1, keepdims=True), atol=2e-6)
+    np.testing.assert_allclose(np.sum(probs, -1), 1.0, atol=1e-4)
+    # LayerNorm (Flax's fast variance), scale and bias per channel
+    ln = nn.LayerNorm()
+    lv = {"params": {"scale": jnp.linspace(0.5, 1.5, 64), "bias": jnp.linspace(-0.2, 0.2, 64)}}
+    got = qjax.integer_only(lambda p, x: ln.apply(lv, pre(p, x)), policy, qp)(x)
+    mu, var = h.mean(-1, keepdims=True), h.var(-1, keepdims=True)
+    want = (h - mu) / np.sqrt(var + 1e-6) * np.linspace(0.5, 1.5, 64) + np.linspace(-0.2, 0.2, 64)
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))
+    # RMSNorm
+    rms = nn.RMSNorm()
+    rv = {"params": {"scale": jnp.ones(64)}}
+    got = qjax.integer_only(lambda p, x: rms.apply(rv, pre(p, x)), policy, qp)(x)
+    want = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(got, want, atol=2e-3 * np.max(np.abs(want)))
+
+
+class _Block(nn.Module):
+    """A BERT-style encoder block."""
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        h = nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(x, x, mask=mask)
+        x = nn.LayerNorm(name="ln1")(x + h)
+        h = nn.Dense(32, name="down")(nn.gelu(nn.Dense(128, name="up")(x), approximate=False))
+        return nn.LayerNorm(name="ln2")(x + h)
+
+
+_BLOCK_POLICY = qjax.Policy(
+    [
+        qjax.Rule(r".*attn/(query|key|value)/kernel", weight=W8_HEADS, act=A8),
+        qjax.Rule(r".*(attn/out|up|down)/kernel", weight=W8, act=A8),
+        qjax.OpRule(r".*attn/.*qhd,.*khd->.*", lhs=A8, rhs=A8),  # QKᵀ
+        qjax.OpRule(r".*attn/.*hqk,.*khd->.*", lhs=A8, rhs=P8),  # PV: (value, probs)
+    ]
+)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_encoder_block_runs_integer_only(causal):
+    net = _Block()
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    variables = net.init(jax.random.key(1), x)
+    mask = nn.make_causal_mask(jnp.ones((2, 16))) if causal else None
+    f = lambda v, x: net.apply(v, x, mask=mask)
+    stats = qjax.calibrate(f, _BLOCK_POLICY, variables, [(x,)])
+    qp = qjax.quantize_params(variables, _BLOCK_POLICY, act_stats=stats)
+    program = qjax.integer_only(f, _BLOCK_POLICY, qp, op_stats=stats, calibration=[(x,)])
+    got = program(x)
+    served = qjax.quantized(f, _BLOCK_POLICY, op_stats=stats)(qp, x)
+    assert _rel(got, served) < 5e-3
+    assert _rel(got, f(variables, x)) < 3e-2
+    _assert_integer_program(program, x)
+    # the second LayerNorm reads a sum of the first one's products: its static range
+    # would leave x² no bits, so without measured ranges it is refused, not wrong
+    with pytest.raises(ValueError, match="calibration="):
+        qjax.integer_only(f, _BLOCK_POLICY, qp, op_stats=stats)(x)
+
+
+def test_refusals_name_what_is_missing():
+    x = jax.random.normal(jax.random.key(0), (2, 8, 16))
+    attn = nn.MultiHeadDotProductAttention(num_heads=2, name="attn")
+    variables = attn.init(jax.random.key(1), x, x)
+    f = lambda v, x: attn.apply(v, x, x)
+    weight_rules = [
+        qjax.Rule(".*(query|key|value)/kernel", weight=W8_HEADS, act=A8),
+        qjax.Rule(".*out/kernel", weight=W8, act=A8),
+    ]
+    weights_only = qjax.Policy(weight_rules)
+    stats = qjax.calibrate(f, weights_only, variables, [(x,)])
+    qp = qjax.quantize_params(variables, weights_only, act_stats=stats)
+    with pytest.raises(ValueError, match="no OpRule matches its name stack"):
+        qjax.integer_only(f, weights_only, qp)(x)
+    policy = qjax.Policy([*weight_rules, qjax.OpRule(".*attn/.*", lhs=A8, rhs=A8)])
+    with pytest.raises(ValueError, match=r"lhs of the matmul at .* has no static scale.*op_stats="):
+        qjax.integer_only(f, policy, qp)(x)
+    per_token = qjax.QuantSpec(qjax.int8, channel_axes=qjax.PER_TOKEN)
+    dynamic = qjax.Policy([*weight_rules, qjax.OpRule(".*attn/.*", lhs=per_token, rhs=A8)])
+    with pytest.raises(ValueError, match="one static scale"):
+        qjax.integer_only(f, dynamic, qp)(x)
+    stats = qjax.calibrate(f, policy, variables, [(x,)])
+    extra = {**stats, "op:nowhere:lhs": stats[next(k for k in stats if k.startswith("op:"))]}
+    with pytest.raises(ValueError, match="op:nowhere:lhs"):
+        qjax.integer_only(f, policy, qp, op_stats=extra)(x)
+    with pytest.raises(ValueError, match="margin"):
+        qjax.integer_only(f, policy, qp, margin=0.5)
+    with pytest.raises(ValueError, match="no batch"):
+        qjax.integer_only(f, policy, qp, calibration=[])
+
+
+def test_element_wise_refusals():
+    x = jax.random.normal(jax.random.key(4), (4, 32))
+    params = _mlp_params()
+    policy = qjax.Policy([qjax.Rule("(w|v)", weight=W8, act=A8)])
+    qp, _ = _setup(lambda p, x: (x @ p["w"]) @ p["v"], params, x, policy)
+    cases = {
+        # a quotient of two unrelated values has no static range
+        "divides by an integer value": lambda p, x: (
+            (x @ p["w"]) / (1.0 + jnp.abs(x @ p["w"]).sum(-1, keepdims=True))
+        ),
+        # a comparison of one value masking another
+        "comparison": lambda p, x: jnp.where((x @ p["w"]) > 0, jnp.flip(x @ p["w"], -1), 0.0),
+        # the input meets an integer value before any matmul has quantized it
+        "before any quantized matmul": lambda p, x: (
+            jnp.concatenate([x, x], -1) * 0 + (x[:, :1] + (x @ p["w"])[:, :1])
+        ),
+        # log of a value that reaches 0
+        "not finite": lambda p, x: jnp.log(jax.nn.relu(x @ p["w"])),
+    }
+    for message, f in cases.items():
+        with pytest.raises(ValueError, match=message):
+            qjax.integer_only(f, policy, qp)(x)
