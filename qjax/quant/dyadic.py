@@ -13,6 +13,7 @@ is half up (``floor(x + 1/2)``).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -59,24 +60,36 @@ def dyadic_mul(acc: jnp.ndarray, b, c) -> jnp.ndarray:
       int32, exact whenever the result fits in int32 (the caller keeps it there: a
       requantization clamps ``acc`` first, an alignment has ``b / 2^c ≤ 1``).
     """
+    # a concrete shift (NumPy or Python) takes one branch below, not both (half the ops)
+    static = None if isinstance(c, jax.Array) else np.asarray(c)
     acc = jnp.asarray(acc, jnp.int32)
     b, c = jnp.asarray(b, jnp.int32), jnp.asarray(c, jnp.int32)
     hi = lax.shift_right_arithmetic(acc, jnp.int32(16))  # acc = hi·2^16 + lo, 0 ≤ lo < 2^16
     lo = acc & jnp.int32(0xFFFF)
     x, y = hi * b, lo * b  # |x| < 2^30, 0 ≤ y < 2^31
+
     # c ≥ 16: acc·b = (x + y_hi)·2^16 + y_lo with y_lo < 2^16, and the low part cannot
     # carry into floor(· / 2^c) once the rounding half (2^(c-1), a multiple of 2^16 for
     # c ≥ 17) is added to the high part
-    z = x + lax.shift_right_logical(y, jnp.int32(16))
-    y_lo = y & jnp.int32(0xFFFF)
-    cs = jnp.maximum(c - 16, 1)
-    half = lax.shift_left(jnp.int32(1), jnp.maximum(c - 17, 0))
-    wide = jnp.where(c == 16, z + (y_lo >= 2**15).astype(jnp.int32), lax.shift_right_arithmetic(z + half, cs))
-    # c < 16: acc·b / 2^c = x·2^(16-c) + y / 2^c, the first term an integer
-    cn = jnp.clip(c, 0, 15)
-    half_n = jnp.where(cn > 0, lax.shift_left(jnp.int32(1), jnp.maximum(cn - 1, 0)), 0)
-    narrow = lax.shift_left(x, 16 - cn) + lax.shift_right_logical(y + half_n, cn)
-    return jnp.where(c >= 16, wide, narrow)
+    def wide():
+        z = x + lax.shift_right_logical(y, jnp.int32(16))
+        y_lo = y & jnp.int32(0xFFFF)
+        cs = jnp.maximum(c - 16, 1)
+        half = lax.shift_left(jnp.int32(1), jnp.maximum(c - 17, 0))
+        return jnp.where(
+            c == 16, z + (y_lo >= 2**15).astype(jnp.int32), lax.shift_right_arithmetic(z + half, cs)
+        )
+
+    def narrow():  # c < 16: acc·b / 2^c = x·2^(16-c) + y / 2^c, the first term an integer
+        cn = jnp.clip(c, 0, 15)
+        half_n = jnp.where(cn > 0, lax.shift_left(jnp.int32(1), jnp.maximum(cn - 1, 0)), 0)
+        return lax.shift_left(x, 16 - cn) + lax.shift_right_logical(y + half_n, cn)
+
+    if static is not None and np.all(static >= 16):
+        return wide()
+    if static is not None and np.all(static < 16):
+        return narrow()
+    return jnp.where(c >= 16, wide(), narrow())
 
 
 def requantize(acc: jnp.ndarray, m, qmin: int, qmax: int) -> jnp.ndarray:
@@ -107,7 +120,7 @@ def fine_dyadic(m) -> tuple[np.ndarray, ...]:
 
 def fine_dyadic_mul(acc: jnp.ndarray, terms) -> jnp.ndarray:
     """``acc · m`` for ``terms = fine_dyadic(m)``: the two dyadic products summed (each
-    rounded half up, so within one unit of ``round(acc · m)``), int32."""
+    rounded half up, so within two units of ``acc · m``), int32."""
     b1, c1, b2, c2, s2 = terms
     return dyadic_mul(acc, b1, c1) + jnp.asarray(s2) * dyadic_mul(acc, b2, c2)
 

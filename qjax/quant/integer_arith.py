@@ -78,15 +78,35 @@ def divide(num: jnp.ndarray, den: jnp.ndarray, bits: int, den_bound: float = 2.0
     per_step = max(1, min(7, 31 - math.ceil(math.log2(den_bound + 1))))
     num = jnp.asarray(num, jnp.int32)
     den = jnp.maximum(jnp.asarray(den, jnp.int32), 1)
-    q, r = num // den, num % den
+    num, den = jnp.broadcast_arrays(num, den)
+    q, r = lax.div(num, den), lax.rem(num, den)  # non-negative: truncation is the floor
     done = 0
     while done < bits:
         step = min(per_step, bits - done)
         r = lax.shift_left(r, jnp.int32(step))  # r < den: r · 2^step < 2^31
-        q = lax.shift_left(q, jnp.int32(step)) + r // den
-        r = r % den
+        q = lax.shift_left(q, jnp.int32(step)) + lax.div(r, den)
+        r = lax.rem(r, den)
         done += step
     return q
 
 
-__all__ = ["divide", "mul_shift"]
+def normalize(num: jnp.ndarray, den: jnp.ndarray, bits: int) -> jnp.ndarray:
+    """``num / den`` as codes of ``2^-bits`` (within one code of the floor), for int32
+    ``0 ≤ num ≤ den < 2^30`` with ``den`` broadcast along some axes of ``num`` (a row's
+    sum): one reciprocal per ``den`` element by long division, then one exact wide
+    product per ``num`` element. A ``den`` below 1 is taken as 1.
+
+    Returns:
+      int32 in ``[0, 2^bits]`` (``bits ≤ 29``).
+    """
+    if not 0 <= bits <= 29:
+        raise ValueError(f"normalize: bits must be in [0, 29], got {bits}")
+    den = jnp.maximum(jnp.asarray(den, jnp.int32), 1)
+    shift = lax.clz(den) - 2  # den · 2^shift in [2^29, 2^30)
+    den = lax.shift_left(den, shift)
+    num = lax.shift_left(jnp.asarray(num, jnp.int32), shift)  # num <= den: still < 2^30
+    inverse = divide(jnp.full(den.shape, 2**29, jnp.int32), den, 30, den_bound=2**30 - 1)  # 2^59 / den
+    return jnp.clip(mul_shift(num, inverse, 59 - bits), 0, 2**bits)
+
+
+__all__ = ["divide", "mul_shift", "normalize"]

@@ -81,6 +81,7 @@ class Chain:
     ops: tuple[str, ...]
     shape: tuple[int, ...]
     boolean: bool = False
+    real_bound: float | None = None  # max |value| measured on calibration data
 
 
 def root_of(x) -> tuple[IntValue, Callable, tuple[str, ...]] | None:
@@ -121,6 +122,8 @@ def extend(eqn, invals) -> Chain | None:
         return None
     roots = [root_of(x) for x in invals]
     live = [r for r in roots if r is not None]
+    if name in _IDENTITY and len(invals) == 1 and isinstance(invals[0], Chain):
+        return invals[0]  # a cast between float types: the same chain (one object, one evaluation)
     if not live or any(r[0] is not live[0][0] for r in live):
         return None
     statics = []
@@ -161,9 +164,12 @@ def wants_chain(eqn, invals) -> bool:
     return False
 
 
-def evaluate(chain: Chain, where: str) -> IntValue:
-    """The chain's function on its root's codes, on integers: the root at one scale (its
-    largest), then a fitted :class:`~qjax.quant.integer_functions.IntegerFunction`.
+def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
+    """The chain's function on its root's codes, on integers: the root at one scale (a
+    power-of-two fraction of its largest; its smallest, saturating the rest, when a few
+    elements sit on far coarser scales), then a fitted
+    :class:`~qjax.quant.integer_functions.IntegerFunction` (over the inputs where the
+    function stays within ``margin`` times its calibrated range, when it has one).
 
     Raises:
       ValueError: a comparison's result used outside a chain, or a function that is not
@@ -178,20 +184,35 @@ def evaluate(chain: Chain, where: str) -> IntValue:
             "element-wise chain (as a mask or an index), which has no integer form"
         )
     root = chain.root
-    s = float(np.max(root.scale))
-    if np.any(root.scale != s):  # per-channel scales: one finer scale, so rounding onto it costs little
+    scale = np.asarray(root.scale, np.float64)
+    s = float(np.max(scale))
+    if float(np.min(scale)) < s * 2.0**-8:
+        # a few elements moved far coarser (a -1e9 additive mask): the finest scale, those
+        # elements saturated at the int32 range (far beyond where any function still bends)
+        s = float(np.min(scale))
+        far = scale / s > 2.0**14  # beyond a 15-bit multiplier: saturated outright
+        reach = np.floor(LIMIT / np.minimum(scale / s, 2.0**14))
+        data = jnp.clip(root.data, jnp.asarray(-reach.astype(np.int32)), jnp.asarray(reach.astype(np.int32)))
+        if far.any():
+            data = jnp.where(jnp.asarray(far), jnp.sign(data) * jnp.int32(int(LIMIT)), data)
+            scale = np.where(far, s, scale)
+        root = IntValue(data, scale, root.bound, sign=root.sign)
+    elif np.any(scale != s):  # per-channel scales: one finer scale, so rounding onto it costs little
         s /= 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(root.bound, 1.0))), 0, 14))
     ratio = compress(np.asarray(root.scale, np.float64) / s)
     data = root.data if np.all(ratio == 1) else fine_dyadic_mul(root.data, fine_dyadic(ratio))
-    root = IntValue(
-        data, np.full((1,) * root.data.ndim, s), root.bound * float(ratio.max()) + 1, sign=root.sign
-    )
+    bound = min(root.bound * float(ratio.max()) + 2, LIMIT)
+    root = IntValue(data, np.full((1,) * root.data.ndim, s), bound, sign=root.sign)
     b = int(np.ceil(root.bound))
     lo, hi = (0 if root.sign > 0 else -b), (0 if root.sign < 0 else b)
+    limit = None if chain.real_bound is None else margin * chain.real_bound
     try:
-        f = fit_integer_function(chain.fn, s, lo, hi, name=what)
+        f = fit_integer_function(chain.fn, s, lo, hi, name=what, out_limit=limit)
     except ValueError as e:
-        raise ValueError(f"integer_only: at {where}: {e}") from None
+        hint = ""
+        if "exp" in chain.ops and "not finite" in str(e):
+            hint = " (an exp of a value not known to be <= 0: subtract the max of that same value first)"
+        raise ValueError(f"integer_only: at {where}: {e}{hint}") from None
     data = f(root.data)
     # a function with no negative (positive) value on the sample is clamped to it: the
     # sign is what a later softmax division or a root's domain relies on
@@ -199,4 +220,4 @@ def evaluate(chain: Chain, where: str) -> IntValue:
     if sign:
         data = jnp.maximum(data, 0) if sign > 0 else jnp.minimum(data, 0)
     data = jnp.broadcast_to(data, chain.shape)
-    return IntValue(data, np.full((1,) * len(chain.shape), f.out_scale), f.bound, sign=sign)
+    return IntValue(data, np.full((1,) * len(chain.shape), f.out_scale), f.bound, sign=sign, bounded=True)

@@ -35,7 +35,7 @@ from qjax.quant.dyadic import dyadic_mul, fine_dyadic, fine_dyadic_mul, fine_dya
 T_BITS = 14  # the local coordinate t in [0, 1], as an integer of T_BITS fraction bits
 OUT_BITS = 27  # |output codes| <= 2^OUT_BITS: headroom for sums and adds
 FIT_BITS = 20  # each piece is fitted within 2^-FIT_BITS of its value (or of the range, near 0)
-MIN_BITS = 7  # a function whose values near |x| = 1 would keep fewer bits raises
+KEEP_BITS = 14  # a function whose values near |x| = 1 would keep fewer bits raises
 FAIL_BITS = 12  # a measured error beyond 2^-FAIL_BITS of the output range raises
 _SEGMENTS = (16, 64, 256, 1024, 4096)  # uniform segment counts tried, fewest first
 _SUB_BITS = (2, 4, 6)  # octave mode: 2^s segments per octave
@@ -110,6 +110,8 @@ class IntegerFunction:
         acc = coeffs[..., 3]
         for i in (2, 1, 0):
             acc = _dyadic_mul_reference(acc, t, T_BITS) + coeffs[..., i]
+            if np.any(np.abs(acc) >= 2**31 - 1):  # the int32 program would wrap
+                raise ValueError("a partial sum of the fitted polynomial overflows int32")
         if self.guard:
             acc = (acc + (1 << (self.guard - 1))) >> self.guard
         if self.left is not None:
@@ -125,10 +127,13 @@ class IntegerFunction:
         seg, t = (
             _octave_index(qm, self.width_bits) if self.octave else _uniform_index(qm - qa, self.width_bits)
         )
-        coeffs = jnp.take(jnp.asarray(self.table), seg, axis=0, mode="clip")
-        acc = coeffs[..., 3]
+        # computed once: without the barrier XLA recomputes the index (and all that feeds it)
+        # inside each of the four gathers' fusions
+        seg, t, q = lax.optimization_barrier((jnp.clip(seg, 0, len(self.table) - 1), t, q))
+        coeff = lambda i: jnp.take(jnp.asarray(self.table[:, i]), seg, mode="clip")  # one column each
+        acc = coeff(3)
         for i in (2, 1, 0):
-            acc = dyadic_mul(acc, t, T_BITS) + coeffs[..., i]
+            acc = dyadic_mul(acc, t, T_BITS) + coeff(i)
         if self.guard:
             acc = lax.shift_right_arithmetic(acc + (1 << (self.guard - 1)), jnp.int32(self.guard))
         if self.left is not None:
@@ -287,18 +292,15 @@ def _fit(g, rows, qa: int, qb: int, tol):
         starts = np.array([rows[i][0] for i in idx], np.int64)
         codes = starts[:, None] + r[None, :]
         inside = (codes >= qa) & (codes <= qb)
-        y = g(np.clip(codes, qa, qb).astype(np.float64))
-        full = inside.all(axis=1)
-        if full.any():
-            sol = np.linalg.lstsq(vander, y[full].T, rcond=None)[0].T
-            coeffs[np.asarray(idx)[full], : deg + 1] = sol
-            err = max(err, float(np.max(np.abs(sol @ vander.T - y[full]) / tol(y[full]))))
-        for j in np.flatnonzero(~full):
-            keep = inside[j]
-            d = min(deg, int(keep.sum()) - 1)
-            sol = np.linalg.lstsq(vander[keep, : d + 1], y[j, keep], rcond=None)[0]
-            coeffs[idx[j], : d + 1] = sol
-            err = max(err, float(np.max(np.abs(vander[keep, : d + 1] @ sol - y[j, keep]) / tol(y[j, keep]))))
+        # a row the range's end cuts is fitted over its whole width, g continued past the
+        # end (where finite): fitted only inside, a few codes would make a wild cubic
+        y = g(codes.astype(np.float64))
+        clipped = g(np.clip(codes, qa, qb).astype(np.float64))
+        y = np.where(inside | ~np.isfinite(y), clipped, y)
+        sol = np.linalg.lstsq(vander, y.T, rcond=None)[0].T
+        coeffs[np.asarray(idx), : deg + 1] = sol
+        miss = np.where(inside, np.abs(sol @ vander.T - y) / tol(y), 0.0)
+        err = max(err, float(np.max(miss)))
     return coeffs, err
 
 
@@ -308,8 +310,67 @@ def _tail(line, scale_out: float) -> _Tail:
     return _Tail(1 if slope >= 0 else -1, terms, round(value0 / scale_out))
 
 
+def _within(gq, samples, values, lo: int, hi: int, limit: float) -> tuple[int, int]:
+    """The widest run of consecutive sampled codes where ``|g| ≤ limit`` (a measured output
+    range: an ``rsqrt(var + eps)`` kept away from its pole), as the new ``(lo, hi)``."""
+    ok = np.isfinite(values) & (np.abs(values) <= limit)
+    if ok.all() or not ok.any():
+        return lo, hi
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
+    starts, ends = edges[::2], edges[1::2] - 1
+    best = int(np.argmax(ends - starts))
+    a, b = starts[best], ends[best]
+    inside = lambda c: bool(np.abs(gq(np.array([c]))[0]) <= limit)
+    new_lo = int(samples[a]) if a == 0 else _edge(int(samples[a - 1]), int(samples[a]), inside)
+    new_hi = int(samples[b]) if b == len(samples) - 1 else _edge(int(samples[b + 1]), int(samples[b]), inside)
+    return new_lo, new_hi
+
+
+def _edge(out: int, inn: int, inside) -> int:
+    """The code nearest ``out`` between ``out`` (outside) and ``inn`` (inside), by bisection."""
+    while abs(inn - out) > 1:
+        mid = (inn + out) // 2
+        if inside(mid):
+            inn = mid
+        else:
+            out = mid
+    return inn
+
+
+def _check_precision(gq, samples, values, span: float, lo: int, hi: int, scale: float, name: str) -> None:
+    """Refuse a function whose values at inputs of magnitude about 1 would keep fewer than
+    ``KEEP_BITS`` bits of the output scale its range sets: a pole (``rsqrt(x + 1e-12)``
+    near ``x = 0``) or exponential growth (``exp`` of an unbounded input). Polynomial
+    growth over a loose range (``x²``) passes: that is what the range's looseness costs."""
+    near = np.round(np.array([-1.0, 1.0]) / scale)
+    near = near[(near >= lo) & (near <= hi)]  # the inputs ±1 the range holds
+    if not near.size:
+        return
+    with np.errstate(all="ignore"):
+        typical = float(np.max(np.abs(gq(near))))
+    if not 0 < typical < span * 2.0 ** (KEEP_BITS - OUT_BITS):
+        return
+    big = np.abs(values) >= span / 2
+    at = float(np.min(np.abs(samples[big]))) * scale  # the nearest input to 0 where g is large
+    reach = max(abs(lo), abs(hi)) * scale
+    if at >= 1 and span <= typical * max(reach, 1.0) ** 4:
+        return
+    raise ValueError(
+        f"{name} reaches {span:g} on its input's range [{lo * scale:g}, {hi * scale:g}] (at {at:g}) but "
+        f"{typical:g} at inputs of magnitude 1, which would keep fewer than {KEEP_BITS} bits: measure the "
+        "ranges (integer_only(..., calibration=...)), or bound the input first (subtract the max before "
+        "an exp; a larger epsilon under an rsqrt)"
+    )
+
+
 def fit_integer_function(
-    g: Callable[[np.ndarray], np.ndarray], scale: float, lo: int, hi: int, *, name: str = "g"
+    g: Callable[[np.ndarray], np.ndarray],
+    scale: float,
+    lo: int,
+    hi: int,
+    *,
+    name: str = "g",
+    out_limit: float | None = None,
 ) -> IntegerFunction:
     """:class:`IntegerFunction` for ``g`` on codes ``q ∈ [lo, hi]`` of ``scale``.
 
@@ -318,19 +379,29 @@ def fit_integer_function(
       scale: the input's (positive) scale.
       lo, hi: the input codes' static range, ``-2^31 < lo ≤ hi < 2^31``.
       name: what ``g`` is, for errors.
+      out_limit: a measured bound of ``|g|`` (calibration): the inputs are first clipped to
+        the widest interval where ``|g|`` stays within it, so a pole outside the measured
+        values does not set the output scale.
 
     Returns:
       The integer evaluator, its output scale, bound and measured error.
 
     Raises:
-      ValueError: ``g`` is not finite somewhere on the range, or cannot be approximated
-        within ``2^-12`` of its output range.
+      ValueError: ``g`` is not finite somewhere on the range, cannot be approximated
+        within ``2^-12`` of its output range, or would keep fewer than ``KEEP_BITS`` bits at
+        inputs of magnitude 1 (a pole or exponential growth over the range).
     """
     lo, hi = int(lo), int(hi)
     gq = lambda codes: np.asarray(g(np.asarray(codes, np.float64) * scale), np.float64)
     with np.errstate(all="ignore"):
         samples = _sample_codes(lo, hi)
         values = gq(samples)
+    if out_limit is not None:  # keep to the inputs where |g| stays within its measured range
+        with np.errstate(all="ignore"):
+            lo, hi = _within(gq, samples, values, lo, hi, out_limit)
+        samples = samples[(samples >= lo) & (samples <= hi)]
+        with np.errstate(all="ignore"):
+            values = gq(samples)
     if not np.all(np.isfinite(values)):
         bad = float(samples[~np.isfinite(values)][0]) * scale
         raise ValueError(
@@ -339,18 +410,7 @@ def fit_integer_function(
     span = float(np.max(np.abs(values)))
     if span == 0:
         span = 1.0
-    near = np.clip(np.round(np.array([-1.0, 0.0, 1.0]) / scale), lo, hi)  # inputs of magnitude <= 1
-    with np.errstate(all="ignore"):
-        typical = float(np.max(np.abs(gq(near))))
-    reach = max(abs(lo), abs(hi)) * scale
-    # exponential growth (exp of an unbounded input) leaves values near |x| = 1 no bits;
-    # polynomial growth (x² of a loosely bounded x) is what a range's looseness costs anyway
-    if 0 < typical < span * 2.0 ** (MIN_BITS - OUT_BITS) and span > typical * max(reach, 1.0) ** 4:
-        raise ValueError(
-            f"{name} reaches {span:g} on its input's static range [{lo * scale:g}, {hi * scale:g}] but "
-            f"{typical:g} at inputs of magnitude 1, which would keep fewer than {MIN_BITS} bits: bound its "
-            "input first (subtract the max before an exp) or measure the ranges (calibration=)"
-        )
+    _check_precision(gq, samples, values, span, lo, hi, scale, name)
     out_scale = span / 2.0**OUT_BITS
     # the error allowed at a value: relative where the value is large against the range's
     # 2^-8 (rsqrt near its pole, exp near 1), absolute below it
@@ -418,7 +478,10 @@ def _measured(fn: IntegerFunction, gq, samples, span: float, name: str, scale: f
     codes = np.unique(np.concatenate([samples, extra]))
     with np.errstate(all="ignore"):
         want = gq(codes)
-    got = fn.reference(codes).astype(np.float64)
+    try:
+        got = fn.reference(codes).astype(np.float64)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e} on [{lo_real:g}, {hi_real:g}]") from None
     error = float(np.max(np.abs(got * fn.out_scale - want)))
     if error > span * 2.0**-FAIL_BITS:
         raise ValueError(

@@ -19,17 +19,31 @@ rescaling becomes an integer multiply and shift by a dyadic number
 * a static operand added to an integer value (a bias, a folded batch norm's shift) is
   rounded onto the value's scale as int32 (HAWQ's int32 bias); a static positive factor
   (a batch norm's ``γ / σ``, an average's ``1 / n``) only changes the scale;
-* two integer values meet (a residual ``add``, ``max``) at the larger of their scales,
-  each rescaled by its dyadic ratio ``≤ 1``;
+* two integer values meet (a residual ``add``, ``max``) at one scale: the larger of
+  theirs, or a power-of-two fraction of it where they differ (30-bit dyadic ratios);
 * ReLU (``max`` with 0), max / sum pooling, reductions, and layout ops act on the
   integers directly (the scale follows; where it would vary along a reduced or merged
   axis, the value is first rescaled to one scale along it);
+* transformers (I-BERT's scope): every value computed element-wise from one integer value
+  and scalar constants (a GELU in either form, SiLU, tanh, a softmax's ``exp``, a norm's
+  ``rsqrt(var + eps)``) is evaluated at once on integers by fitted fixed-point pieces
+  (:mod:`qjax.quant.integer_chains`, :mod:`qjax.quant.integer_functions`); two integer
+  values multiply exactly (64-bit product, one shift); a softmax's ``e / sum(e)`` is a
+  fixed-point quotient; matmuls of two activations (``QKᵀ``, ``PV``) run int8 × int8 when
+  an ``OpRule`` with static scales (``op_stats``) matches them; a mask selects or adds a
+  saturated fill;
 * the output is dequantized once (``q · S`` in float32).
 
-Ops the scheme cannot run on integers (GELU, softmax, a division by an activation, a
-matmul of an unquantized weight, control flow) raise, naming the primitive and the
-module; ops on the float input before its first quantized matmul (a reshape, a
-normalisation) run as written.
+Static bounds compound through products (a LayerNorm's output is bounded by ``1 / √eps``
+times its input's bound): with ``calibration=`` the float program's ranges are measured
+and values clipped to them before functions and products (:mod:`qjax.quant.integer_ranges`,
+as I-BERT's and TFLite's calibrated activation ranges); without it, a value whose bound
+compounds a product's, or a function that would keep too few bits, is refused.
+
+Ops the scheme cannot run on integers (a ``cumsum``, a division by an unrelated value, a
+matmul of an unquantized weight, control flow, a log of a value reaching 0) raise, naming
+the primitive and the module; ops on the float input before its first quantized matmul
+(an embedding lookup, a normalisation) run as written.
 """
 
 from __future__ import annotations
@@ -151,7 +165,10 @@ class _Program:
         if id(x) not in self._evaluated:
             what = " → ".join(x.ops)
             root = ranges_lib.clip_to_range(x.root, self.margin, where, what)
-            self._evaluated[id(x)] = (x, chains.evaluate(dataclasses.replace(x, root=root), where))
+            self._evaluated[id(x)] = (
+                x,
+                chains.evaluate(dataclasses.replace(x, root=root), where, self.margin),
+            )
         return self._evaluated[id(x)][1]
 
     # -- the walk ------------------------------------------------------------------------
@@ -175,8 +192,11 @@ class _Program:
                     raise ValueError(
                         "integer_only: the calibration batches' program differs from this call's"
                     )
+                passed = lambda o, ins=invals: any(o is x for x in ins)  # an input returned as it is
                 outs = [
-                    dataclasses.replace(o, real_bound=r) if isinstance(o, IntValue) and r >= 0 else o
+                    dataclasses.replace(o, real_bound=r)
+                    if isinstance(o, (IntValue, chains.Chain)) and r >= 0 and not passed(o)
+                    else o
                     for o, r in zip(outs, self.ranges[position])
                 ]
             for v, x in zip(eqn.outvars, outs):
@@ -452,15 +472,25 @@ def integer_only(
     Args:
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, a plain
         function): matmuls, convolutions, bias adds, batch norms in inference mode
-        (folded or not: a per-channel positive factor and shift), ReLU, residual adds,
-        max / average pooling, reductions and layout ops.
+        (folded or not), ReLU, residual adds, max / average pooling, reductions, layout
+        ops, element-wise functions (GELU, SiLU, tanh, ...), softmax (also masked),
+        LayerNorm / RMSNorm, and attention's activation matmuls.
       policy: the policy ``qparams`` were quantized with; each weight's rule needs an
         integer ``act`` spec with one static scale (``channel_axes=()``; a zero point is
-        allowed: TFLite-style ``QuantSpec(qjax.uint8, symmetric=False)``).
+        allowed: TFLite-style ``QuantSpec(qjax.uint8, symmetric=False)``). Matmuls of two
+        activations need an ``OpRule`` with integer per-tensor specs.
       qparams: ``qjax.quantize_params(params, policy, act_stats=qjax.calibrate(...))``:
         integer weights with one scale per output channel or per tensor (int4
         packed too), each holding its input's static scale. Concrete arrays (the dyadic
         multipliers are computed from them when the program is traced).
+      op_stats: the ``qjax.calibrate`` result whose ``"op:..."`` entries give the
+        ``OpRule`` operands their static scales (other entries are ignored).
+      calibration: batches of ``f``'s arguments (tuples, as ``qjax.calibrate`` takes):
+        the float program is run on them and every intermediate value's range recorded;
+        the integer program clips to ``margin`` times those ranges before functions and
+        products. Needed where bounds compound (a second LayerNorm after a first, a small
+        epsilon); recommended for transformers.
+      margin: the headroom over the measured ranges (``≥ 1``).
       **kwargs: static keyword arguments of ``f``.
 
     Returns:
@@ -469,8 +499,11 @@ def integer_only(
 
     Raises:
       ValueError (when ``g`` is traced): an op with no integer form (named, with its
-      module), a matmul without a quantized weight or static activation scale, grouped or
-      float weight formats, an int32 accumulator that could overflow, control flow.
+      module), a matmul without a quantized weight / ``OpRule`` or static scale, grouped
+      or float weight formats, an int32 accumulator that could overflow, control flow, a
+      function not finite or without enough bits on its input's range, a bound that
+      compounds a product's without ``calibration``; (when called) an unused ``op_stats``
+      entry, a bad ``margin``, empty ``calibration``.
 
     Example:
       >>> a8 = qjax.QuantSpec(qjax.int8)  # one static scale per tensor
@@ -478,6 +511,13 @@ def integer_only(
       >>> stats = qjax.calibrate(model.apply, policy, variables, calib)
       >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)
       >>> logits = qjax.integer_only(model.apply, policy, qparams)(x)
+      >>> # a transformer: attention's matmuls by OpRule, ranges measured on calib
+      >>> policy = qjax.Policy([qjax.Rule(".*kernel", weight=w8, act=a8),
+      ...                       qjax.OpRule(".*attn/.*", lhs=a8, rhs=a8)])
+      >>> stats = qjax.calibrate(model.apply, policy, variables, calib)
+      >>> qparams = qjax.quantize_params(variables, policy, act_stats=stats)
+      >>> hidden = qjax.integer_only(model.apply, policy, qparams, op_stats=stats,
+      ...                            calibration=calib)(x)
     """
     check_policy(policy)
     if op_stats is not None and not isinstance(op_stats, dict):

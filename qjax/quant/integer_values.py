@@ -18,7 +18,7 @@ import numpy as np
 
 from qjax.graph.interpret import bind_eqn
 from qjax.quant.dyadic import fine_dyadic, fine_dyadic_mul
-from qjax.quant.integer_arith import divide, mul_shift
+from qjax.quant.integer_arith import mul_shift, normalize
 
 LIMIT = 2.0**31 - 2**20  # the largest bound kept (headroom for rounding)
 NOOP = ("convert_element_type", "copy", "copy_p", "optimization_barrier", "reduce_precision", "stop_gradient")
@@ -56,6 +56,7 @@ class IntValue:
     reduced: Reduced | None = None
     real_bound: float | None = None  # max |value| measured on calibration data
     loose: bool = False  # the bound compounds a product's (see qjax.quant.integer_ranges)
+    bounded: bool = False  # an evaluated function's output: its bound is the function's range
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -191,9 +192,18 @@ def _binary(eqn, invals, fail) -> IntValue:
     v = np.asarray(other, np.float64)
     if name in ("max", "min") and np.all(v == (-np.inf if name == "max" else np.inf)):
         return a  # max with -inf / min with +inf: the identity
-    if not np.all(np.isfinite(v)):
-        raise fail("meets an infinite constant (a softmax's -inf mask, say)")
+    if np.any(np.isnan(v)):
+        raise fail("meets a NaN constant")
     scale = _rank(a.scale, v.ndim)
+    fill = mask_fill(v, scale, a.bound) if name in ("add", "sub") else None
+    if fill is not None:  # an additive mask: its huge entries saturated, not the value coarsened
+        q = np.abs(fill)
+        const = jnp.asarray(compress(fill).astype(np.int32))
+        args = [a.data, const] if int_first else [const, a.data]
+        data = bind_eqn(eqn, args)[0]
+        return IntValue(data, _rank(a.scale, max(a.data.ndim, v.ndim)), a.bound + float(np.max(q, initial=0)))
+    if not np.all(np.isfinite(v)):
+        raise fail("meets an infinite constant")
     q = np.abs(np.round(v / scale))
     total = a.bound + q if name in ("add", "sub") else np.maximum(a.bound, q)
     if np.any(total > LIMIT):
@@ -217,6 +227,28 @@ def _binary(eqn, invals, fail) -> IntValue:
     elif name == "sub" and a.sign and np.all(-np.sign(v) * a.sign >= 0) and int_first:
         sign = a.sign
     return IntValue(bind_eqn(eqn, args)[0], _rank(a.scale, max(a.data.ndim, v.ndim)), bound, sign=sign)
+
+
+MASK_MAGNITUDE = 1e8  # a constant this large (or infinite) that does not fit is a mask's fill
+FILL_CODES = 2**29  # where a mask's fill saturates, in codes of the value it meets
+
+
+def mask_fill(v: np.ndarray, scale: np.ndarray, bound: float) -> np.ndarray | None:
+    """The codes of constant ``v`` on ``scale`` (int64) with its mask entries saturated at
+    ``±FILL_CODES`` (a ``-1e9`` / ``finfo.min`` / ``-inf`` attention mask), or ``None`` when
+    ``v`` has no such entries that would not fit, or the saturated fill would not stay far
+    from the values (``|value| ≤ bound`` codes ≤ ``2^28``, fill ``≥ 10^4`` in value)."""
+    huge = ~np.isfinite(v) | (np.abs(v) >= MASK_MAGNITUDE)
+    with np.errstate(all="ignore"):
+        codes = np.round(np.where(huge, 0.0, v) / scale)
+    if not huge.any() or bound > FILL_CODES / 2 or np.any(np.abs(codes) > FILL_CODES / 2):
+        return None
+    fits = np.abs(np.where(huge, v, 0.0)) / scale <= LIMIT - bound
+    if np.all(fits[np.broadcast_to(huge, fits.shape)]):
+        return None  # every entry fits as it is
+    if np.any(np.broadcast_to(FILL_CODES * scale, huge.shape)[huge] < 1e4):
+        return None
+    return np.where(huge, np.sign(v) * FILL_CODES, codes).astype(np.int64)
 
 
 def _scaled(eqn, invals, fail) -> IntValue:
@@ -323,7 +355,10 @@ def _product(eqn, x: IntValue, y: IntValue) -> IntValue:
     xs, ys = _rank(x.scale, data.ndim), _rank(y.scale, data.ndim)
     scale = compress(np.broadcast_to(xs * ys, np.broadcast_shapes(xs.shape, ys.shape)) * 2.0**shift)
     sign = x.sign * y.sign if x.sign and y.sign else 0
-    return IntValue(data, scale, x.bound * y.bound / 2.0**shift + 1, sign=sign, loose=True)
+    # loose unless both factors are functions' outputs (a gate's sigmoid · tanh): their
+    # bounds are their ranges, so the product's is tight; x · rsqrt(var) compounds x's
+    loose = x.loose or y.loose or not (x.bounded and y.bounded)
+    return IntValue(data, scale, x.bound * y.bound / 2.0**shift + 1, sign=sign, loose=loose)
 
 
 def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
@@ -332,27 +367,26 @@ def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
     ``2^-QUOTIENT_BITS``. Any other division by an integer value raises."""
     if not (_is_reduction_of(y, "sum", x) and x.sign > 0):
         raise fail("divides by an integer value (only x / sum(x) of a non-negative x has an integer form)")
-    # one rounding: the summands shifted so their sum stays below 2^30, and summed again
+    # one rounding: the summands shifted so their sum stays below 2^29, and summed again
     # (the jaxpr's own sum was coarsened for int32; its result is left unused)
     r = y.reduced
     summands = _uniform(r.source, r.axes)
     count = math.prod(summands.data.shape[d] for d in r.axes)
-    shift = max(0, math.ceil(math.log2(max(summands.bound * count, 1.0) / 2.0**30)))
+    shift = max(0, math.ceil(math.log2(max(summands.bound * count, 1.0) / 2.0**29)))  # den < 2^30
     num = summands.data
     if shift:
         num = jnp.right_shift(num + jnp.int32(1 << (shift - 1)), shift)
     den = jnp.sum(num, axis=r.axes, keepdims=True)
-    q = divide(
-        num, den, QUOTIENT_BITS, den_bound=min(summands.bound * count / 2.0**shift + count, 2.0**30 - 1)
-    )
+    q = normalize(num, den, QUOTIENT_BITS)
     q = jnp.broadcast_to(q, np.broadcast_shapes(q.shape, x.data.shape))
     return IntValue(q, np.full((1,) * q.ndim, 2.0**-QUOTIENT_BITS), 2.0**QUOTIENT_BITS, sign=1)
 
 
 def _select(eqn, invals, fail) -> IntValue:
     """``select_n(pred, *cases)`` with a mask ``pred`` (not an integer value): the cases
-    at one scale, constants rounded onto it (a ``-inf`` / very negative fill clamped to
-    ``-2^30`` codes, below every value)."""
+    at one scale, constants rounded onto it (a mask's ``-inf`` / ``finfo.min`` fill
+    saturated at ``-2^29`` codes, :func:`mask_fill`); other constants too large for it
+    raise."""
     pred, *cases = invals
     if isinstance(pred, IntValue):
         raise fail("selects by an integer value's codes")
@@ -370,7 +404,16 @@ def _select(eqn, invals, fail) -> IntValue:
             v = np.asarray(c, np.float64)
             if np.any(np.isnan(v)):
                 raise fail("selects a NaN constant")
-            codes = np.clip(np.round(v / _rank(scale, v.ndim)), -(2.0**30), 2.0**30)
+            sv = _rank(scale, v.ndim)
+            codes = mask_fill(v, sv, bound)
+            if codes is None:
+                with np.errstate(all="ignore"):
+                    codes = np.round(v / sv)
+                if not np.all(np.abs(codes) <= LIMIT - bound):
+                    raise fail(
+                        "selects a constant too large for the other case's integer scale (a mask's fill "
+                        f"is saturated only from {MASK_MAGNITUDE:g} on, or -inf)"
+                    )
             bound = max(bound, float(np.max(np.abs(codes), initial=0)))
             parts.append(jnp.asarray(compress(codes).astype(np.int32)))
     out_shape = eqn.outvars[0].aval.shape

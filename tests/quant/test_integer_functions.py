@@ -82,6 +82,8 @@ _CASES = {
     "zero": (lambda x: 0 * x, 1.0, -5, 5),
     "one_code": (np.exp, 0.5, 3, 3),
     "full_int32": (np.tanh, 2**-20, -(2**31) + 1, 2**31 - 1),
+    # the last uniform segment holds 27 of its 8192 codes (was fitted as a constant)
+    "cut_segment": (lambda v: (v / 64) ** 2, 0.0022648270552345917, -204813, 204813),
 }
 
 
@@ -107,6 +109,16 @@ def test_values_beyond_the_range_saturate_at_its_ends():
     f = fit_integer_function(np.tanh, 1e-2, -500, 500)
     got = np.asarray(f(jnp.asarray([-(2**31), -501, 501, 2**31 - 1], jnp.int32)))
     np.testing.assert_array_equal(got, f.reference([-500, -500, 500, 500]))
+
+
+def test_a_measured_output_range_keeps_a_pole_out():
+    rsqrt = lambda v: 1 / np.sqrt(np.maximum(v, 0) + 1e-12)
+    with pytest.raises(ValueError, match="fewer than 14 bits"):
+        fit_integer_function(rsqrt, 1e-3, 0, 2**30, name="rsqrt")
+    f = fit_integer_function(rsqrt, 1e-3, 0, 2**30, name="rsqrt", out_limit=0.2)  # var >= 25 measured
+    assert f.lo >= round(1 / 0.2**2 / 1e-3) - 1000
+    q = np.arange(25_000, 2**30, 7919)
+    np.testing.assert_allclose(f.reference(q) * f.out_scale, rsqrt(q * 1e-3), rtol=1e-5)
 
 
 def test_not_finite_or_discontinuous_functions_raise():

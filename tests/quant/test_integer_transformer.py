@@ -220,7 +220,66 @@ def test_element_wise_refusals():
         ),
         # log of a value that reaches 0
         "not finite": lambda p, x: jnp.log(jax.nn.relu(x @ p["w"])),
+        # an exp of a value not known to be <= 0 (no max subtracted): no bits left near 0
+        "subtract the max": lambda p, x: jnp.exp(x @ p["w"]) / 64.0,
+        # a constant case far too large for the value's integer scale (not a mask's fill)
+        "constant too large": lambda p, x: jnp.where(jnp.arange(64) % 2 == 0, (x @ p["w"]) * 1e-6, 100.0),
     }
     for message, f in cases.items():
         with pytest.raises(ValueError, match=message):
             qjax.integer_only(f, policy, qp)(x)
+
+
+def _logits_program():
+    x = jax.random.normal(jax.random.key(3), (6, 32))
+    params = _mlp_params()
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    pre = lambda p, x: x @ p["w"]
+    qp, _ = _setup(pre, params, x, policy)
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    return x, policy, qp, pre, h
+
+
+def _softmax64(z):
+    e = np.exp(z - z.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+@pytest.mark.parametrize("fill", [-1e4, -1e9, float(jnp.finfo(jnp.float32).min), -np.inf])
+def test_masked_softmax_additive_or_selected(fill):
+    x, policy, qp, pre, h = _logits_program()
+    mask = np.arange(64)[None, :] < np.array([64, 40, 10, 1, 64, 64])[:, None]
+    want = _softmax64(np.where(mask, h, -np.inf))
+    if np.isfinite(fill):  # an additive bias (T5 / Hugging Face style)
+        bias = np.where(mask, 0.0, fill).astype(np.float32)
+        got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x) + bias), policy, qp)(x)
+        np.testing.assert_allclose(got, want, atol=5e-5)
+    got = qjax.integer_only(lambda p, x: jax.nn.softmax(jnp.where(mask, pre(p, x), fill)), policy, qp)(x)
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    assert np.all(np.asarray(got)[~mask] == 0)  # masked keys get exactly nothing
+
+
+def test_bf16_logits_softmax():
+    # jnp.sum upcasts bf16: the exp chain is read through a cast by the sum, not by the division
+    x, policy, qp, pre, h = _logits_program()
+    got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x).astype(jnp.bfloat16)), policy, qp)(x)
+    np.testing.assert_allclose(np.asarray(got, np.float64), _softmax64(h), atol=1e-5)
+
+
+def test_small_epsilon_and_large_activations_need_measured_ranges():
+    x, policy, qp, pre, h = _logits_program()
+    x = x * 3
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    ln = nn.LayerNorm(epsilon=1e-12, use_scale=False, use_bias=False)  # BERT's epsilon
+    f = lambda p, x: ln.apply({}, pre(p, x))
+    # rsqrt(var + 1e-12)'s range is 10^6 at var = 0: unmeasured, var ≈ 300 would keep a few codes
+    with pytest.raises(ValueError, match=r"rsqrt .* fewer than 14 bits.*calibration="):
+        qjax.integer_only(f, policy, qp)(x)
+    got = qjax.integer_only(f, policy, qp, calibration=[(x,)])(x)
+    want = (h - h.mean(-1, keepdims=True)) / np.sqrt(h.var(-1, keepdims=True) + 1e-12)
+    assert _rel(got, want) < 1e-4
+    rms = nn.RMSNorm(epsilon=1e-6, use_scale=False)
+    big = lambda p, x: rms.apply({}, 300.0 * pre(p, x))  # a residual stream in the hundreds
+    got = qjax.integer_only(big, policy, qp, calibration=[(x,)])(x)
+    want = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + 1e-6 / 300.0**2)
+    assert _rel(got, want) < 1e-4
