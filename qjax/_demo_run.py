@@ -175,7 +175,7 @@ def run_demo(
     """Run the digits demo and return its results (the content of ``results.json``).
 
     Args:
-      fast: fewer training epochs (for tests and smoke runs).
+      fast: fewer training epochs and latency repeats (for tests and smoke runs).
       seed: seeds the data split, the initialisation and the batch order.
       quiet: no progress bars.
       log: where progress lines go (default: stderr unless ``quiet``).
@@ -203,7 +203,7 @@ def run_demo(
         fp = qjax.footprint(tree)
         nbytes = fp.total if nbytes is None else nbytes
         if serve is not None:
-            ms = latency_ms(serve[0], serve[1], x_lat)
+            ms = latency_ms(serve[0], serve[1], x_lat, repeats=10 if fast else 60)
             extra["latency_ms"] = ms
             extra["latency_ratio"] = ms / rows[0]["latency_ms"] if rows else 1.0
         rows.append(

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             "held and time per method. " + NOTE
         ),
     )
-    demo.add_argument("--fast", action="store_true", help="fewer training epochs (a quick check)")
+    demo.add_argument(
+        "--fast", action="store_true", help="fewer training epochs and timing repeats (a quick check)"
+    )
     demo.add_argument("--out", metavar="DIR", help="write report.md and results.json to DIR")
     demo.add_argument("--seed", type=seed_arg, default=0, metavar="N", help="random seed (default 0)")
     demo.add_argument("--quiet", action="store_true", help="no progress output; print only the results")
