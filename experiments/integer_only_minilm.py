@@ -27,7 +27,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from ptq_minilm import BATCH, KERNELS, SENTENCES, SEQ, batches, metrics, w_spec
+from ptq_minilm import BATCH, KERNELS, SEQ, batches, metrics, sentence_split, w_spec
 from report import machine, write
 from timing import time_interleaved
 
@@ -57,13 +57,7 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true", help="few sentences, short timing (smoke test)")
     args = ap.parse_args()
     model, variables, tok = load_minilm()
-    sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    calib_s = sentences[::3]
-    eval_s = [s for i, s in enumerate(sentences) if i % 3]
-    if args.fast:
-        calib_s, eval_s = calib_s[:8], eval_s[:16]
-    calib = batches(tok, calib_s, 16)
-    data = batches(tok, eval_s, 32)
+    calib_s, eval_s, calib, data = sentence_split(tok, args.fast)
     hidden = lambda v, ids, mask, types: model.apply(v, ids, mask, types, return_hidden=True)
 
     t0 = time.perf_counter()

@@ -79,6 +79,17 @@ def batches(tok, sentences: list[str], size: int, padding: str = "longest") -> l
     return out
 
 
+def sentence_split(tok, fast: bool) -> tuple[list[str], list[str], list[tuple], list[tuple]]:
+    """``(calibration sentences, evaluation sentences, their batches)``: every 3rd sentence
+    calibrates (batches of 16), the rest are evaluated (batches of 32)."""
+    sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
+    calib_s = sentences[::3]
+    eval_s = [s for i, s in enumerate(sentences) if i % 3]
+    if fast:
+        calib_s, eval_s = calib_s[:8], eval_s[:16]
+    return calib_s, eval_s, batches(tok, calib_s, 16), batches(tok, eval_s, 32)
+
+
 def embed(apply: Callable, params: Any, data: list[tuple]) -> np.ndarray:
     fn = jax.jit(apply)
     return np.concatenate([np.asarray(fn(params, *b)) for b in data])
@@ -183,13 +194,7 @@ def main() -> None:
     ap.add_argument("--fast", action="store_true", help="few sentences, short timing (smoke test)")
     args = ap.parse_args()
     model, variables, tok = load_minilm()
-    sentences = [s for s in SENTENCES.read_text().splitlines() if s.strip()]
-    calib_s = sentences[::3]
-    eval_s = [s for i, s in enumerate(sentences) if i % 3]
-    if args.fast:
-        calib_s, eval_s = calib_s[:8], eval_s[:16]
-    calib = batches(tok, calib_s, 16)
-    data = batches(tok, eval_s, 32)
+    calib_s, eval_s, calib, data = sentence_split(tok, args.fast)
     ref = embed(model.apply, variables, data)
     variants = qjax_variants(model, variables, calib, args.fast)
     variants.update(qwix_variants(model, variables, data[0]))

@@ -102,13 +102,18 @@ def test_activations_match_float64_on_the_same_integers(name):
     _assert_integer_program(program, x)
 
 
-def test_softmax_and_layer_norm_match_float64_on_the_same_integers():
+def _logits_program():
     x = jax.random.normal(jax.random.key(3), (6, 32))
     params = _mlp_params()
     policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
     pre = lambda p, x: x @ p["w"]
     qp, _ = _setup(pre, params, x, policy)
     h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    return x, policy, qp, pre, h
+
+
+def test_softmax_and_layer_norm_match_float64_on_the_same_integers():
+    x, policy, qp, pre, h = _logits_program()
     # softmax: exp evaluated within 2^-19, the quotient to 2^-24; rows sum to 1
     probs = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x)), policy, qp)(x)
     e = np.exp(h - h.max(-1, keepdims=True))
@@ -228,16 +233,6 @@ def test_element_wise_refusals():
     for message, f in cases.items():
         with pytest.raises(ValueError, match=message):
             qjax.integer_only(f, policy, qp)(x)
-
-
-def _logits_program():
-    x = jax.random.normal(jax.random.key(3), (6, 32))
-    params = _mlp_params()
-    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
-    pre = lambda p, x: x @ p["w"]
-    qp, _ = _setup(pre, params, x, policy)
-    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
-    return x, policy, qp, pre, h
 
 
 def _softmax64(z):
