@@ -166,8 +166,7 @@ def wants_chain(eqn, invals) -> bool:
 
 def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     """The chain's function on its root's codes, on integers: the root at one scale (a
-    power-of-two fraction of its largest; its smallest, saturating the rest, when a few
-    elements sit on far coarser scales), then a fitted
+    power-of-two fraction of its largest), then a fitted
     :class:`~qjax.quant.integer_functions.IntegerFunction` (over the inputs where the
     function stays within ``margin`` times its calibrated range, when it has one).
 
@@ -186,18 +185,7 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     root = chain.root
     scale = np.asarray(root.scale, np.float64)
     s = float(np.max(scale))
-    if float(np.min(scale)) < s * 2.0**-8:
-        # a few elements moved far coarser (a -1e9 additive mask): the finest scale, those
-        # elements saturated at the int32 range (far beyond where any function still bends)
-        s = float(np.min(scale))
-        far = scale / s > 2.0**14  # beyond a 15-bit multiplier: saturated outright
-        reach = np.floor(LIMIT / np.minimum(scale / s, 2.0**14))
-        data = jnp.clip(root.data, jnp.asarray(-reach.astype(np.int32)), jnp.asarray(reach.astype(np.int32)))
-        if far.any():
-            data = jnp.where(jnp.asarray(far), jnp.sign(data) * jnp.int32(int(LIMIT)), data)
-            scale = np.where(far, s, scale)
-        root = IntValue(data, scale, root.bound, sign=root.sign)
-    elif np.any(scale != s):  # per-channel scales: one finer scale, so rounding onto it costs little
+    if np.any(scale != s):  # per-channel scales: one finer scale, so rounding onto it costs little
         s /= 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(root.bound, 1.0))), 0, 14))
     ratio = compress(np.asarray(root.scale, np.float64) / s)
     data = root.data if np.all(ratio == 1) else fine_dyadic_mul(root.data, fine_dyadic(ratio))
@@ -211,7 +199,10 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     except ValueError as e:
         hint = ""
         if "exp" in chain.ops and "not finite" in str(e):
-            hint = " (an exp of a value not known to be <= 0: subtract the max of that same value first)"
+            hint = (
+                " (an exp of a value not known to be <= 0: subtract the max of that same value first; "
+                "mask with jnp.where(mask, x, -inf) before jax.nn.softmax rather than softmax(where=))"
+            )
         raise ValueError(f"integer_only: at {where}: {e}{hint}") from None
     data = f(root.data)
     # a function with no negative (positive) value on the sample is clamped to it: the

@@ -311,14 +311,17 @@ def _tail(line, scale_out: float) -> _Tail:
 
 
 def _within(gq, samples, values, lo: int, hi: int, limit: float) -> tuple[int, int]:
-    """The widest run of consecutive sampled codes where ``|g| ≤ limit`` (a measured output
-    range: an ``rsqrt(var + eps)`` kept away from its pole), as the new ``(lo, hi)``."""
+    """The run of consecutive sampled codes where ``|g| ≤ limit`` (a measured output range:
+    an ``rsqrt(var + eps)`` kept away from its pole) that holds input 0, else the widest,
+    as the new ``(lo, hi)``."""
     ok = np.isfinite(values) & (np.abs(values) <= limit)
     if ok.all() or not ok.any():
         return lo, hi
     edges = np.flatnonzero(np.diff(np.concatenate([[0], ok.astype(np.int8), [0]])))
     starts, ends = edges[::2], edges[1::2] - 1
-    best = int(np.argmax(ends - starts))
+    holds_zero = (samples[starts] <= 0) & (samples[ends] >= 0)
+    # the run around input 0 (GELU's, where its dip splits the range), else the widest
+    best = int(np.argmax(holds_zero)) if holds_zero.any() else int(np.argmax(ends - starts))
     a, b = starts[best], ends[best]
     inside = lambda c: bool(np.abs(gq(np.array([c]))[0]) <= limit)
     new_lo = int(samples[a]) if a == 0 else _edge(int(samples[a - 1]), int(samples[a]), inside)
@@ -337,7 +340,9 @@ def _edge(out: int, inn: int, inside) -> int:
     return inn
 
 
-def _check_precision(gq, samples, values, span: float, lo: int, hi: int, scale: float, name: str) -> None:
+def _check_precision(
+    gq, samples, values, span: float, lo: int, hi: int, scale: float, name: str, measured: bool = False
+) -> None:
     """Refuse a function whose values at inputs of magnitude about 1 would keep fewer than
     ``KEEP_BITS`` bits of the output scale its range sets: a pole (``rsqrt(x + 1e-12)``
     near ``x = 0``) or exponential growth (``exp`` of an unbounded input). Polynomial
@@ -355,11 +360,16 @@ def _check_precision(gq, samples, values, span: float, lo: int, hi: int, scale: 
     reach = max(abs(lo), abs(hi)) * scale
     if at >= 1 and span <= typical * max(reach, 1.0) ** 4:
         return
+    remedy = (
+        "the calibration data itself reaches it (a row of zero variance under an rsqrt?): calibrate "
+        "without such rows, or use a larger epsilon"
+        if measured
+        else "measure the ranges (integer_only(..., calibration=...)), or bound the input first (subtract "
+        "the max before an exp; a larger epsilon under an rsqrt)"
+    )
     raise ValueError(
         f"{name} reaches {span:g} on its input's range [{lo * scale:g}, {hi * scale:g}] (at {at:g}) but "
-        f"{typical:g} at inputs of magnitude 1, which would keep fewer than {KEEP_BITS} bits: measure the "
-        "ranges (integer_only(..., calibration=...)), or bound the input first (subtract the max before "
-        "an exp; a larger epsilon under an rsqrt)"
+        f"{typical:g} at inputs of magnitude 1, which would keep fewer than {KEEP_BITS} bits: {remedy}"
     )
 
 
@@ -410,7 +420,7 @@ def fit_integer_function(
     span = float(np.max(np.abs(values)))
     if span == 0:
         span = 1.0
-    _check_precision(gq, samples, values, span, lo, hi, scale, name)
+    _check_precision(gq, samples, values, span, lo, hi, scale, name, measured=out_limit is not None)
     out_scale = span / 2.0**OUT_BITS
     # the error allowed at a value: relative where the value is large against the range's
     # 2^-8 (rsqrt near its pole, exp near 1), absolute below it

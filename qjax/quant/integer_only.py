@@ -100,25 +100,36 @@ class _Program(IntegerMatmuls):
         self._evaluated: dict[int, tuple] = {}  # id(chain) -> (chain, its IntValue)
         self._input_ranges: dict[int, tuple] = {}  # id(input) -> (input, calibrated |range|)
         self._inputs: dict[int, tuple] = {}  # id(input) -> (input, its IntValue)
+        self._measured: dict[int, tuple] = {}  # id(float input value) -> (value, measured |range|)
 
     def input_value(self, x, where: str) -> IntValue:
         """The float input ``x`` as 16-bit codes over the range calibrated where a matmul
-        read it (a residual ``x + attention(x)``): the input's second quantization, finer
-        than the matmul's, clipping where the matmul's does."""
+        read it (a residual ``x + attention(x)``; the input's second quantization, finer
+        than the matmul's, clipping where the matmul's does), else over ``margin`` times
+        its range measured by ``calibration``."""
         if id(x) in self._inputs:
             return self._inputs[id(x)][1]
-        if id(x) not in self._input_ranges:
+        if id(x) in self._input_ranges:
+            reach = self._input_ranges[id(x)][1]
+        elif id(x) in self._measured:
+            reach = self.margin * self._measured[id(x)][1]
+        else:
             raise ValueError(
-                f"integer_only: an op at {where} meets the float input before any quantized matmul "
-                "reads it, so it has no calibrated range to be quantized with (quantize it by a matmul "
-                "first, or pass it through a quantized layer)"
+                f"integer_only: an op at {where} meets a float input value that no quantized matmul reads "
+                "directly and whose range was not measured (a pre-norm block's residual): give "
+                "integer_only(..., calibration=...) to measure it"
             )
-        reach = self._input_ranges[id(x)][1]
         s16 = reach / (2**15 - 1)
         codes = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / np.float32(s16)), -(2**15 - 1), 2**15 - 1)
         value = IntValue(codes.astype(jnp.int32), np.full((1,) * jnp.ndim(x), s16), 2.0**15 - 1)
         self._inputs[id(x)] = (x, value)
         return value
+
+    def measure_inputs(self, flat, ranges) -> None:
+        """The arguments' measured ranges (``calibration``), for :meth:`input_value`."""
+        for x, r in zip(flat, ranges):
+            if isinstance(x, jax.core.Tracer) and r >= 0:
+                self._measured[id(x)] = (x, r)
 
     def value(self, x, where: str):
         """``x`` with an unevaluated chain evaluated (once per chain: a softmax's ``exp``
@@ -151,10 +162,14 @@ class _Program(IntegerMatmuls):
             self._position += 1
             outs = self._eqn(eqn, invals, where)
             if self.ranges is not None:
+                position += 1  # entry 0: the arguments
                 if position >= len(self.ranges):
                     raise ValueError(
                         "integer_only: the calibration batches' program differs from this call's"
                     )
+                for o, r in zip(outs, self.ranges[position]):
+                    if isinstance(o, jax.core.Tracer) and r >= 0:  # a float op on the input
+                        self._measured[id(o)] = (o, r)
                 passed = lambda o, ins=invals: any(o is x for x in ins)  # an input returned as it is
                 outs = [
                     dataclasses.replace(o, real_bound=r)
@@ -347,7 +362,10 @@ def integer_only(
         traced = trace(f, qparams, *args, **kwargs)
         leaves = [_leaf(path, leaf) for path, leaf in zip(traced.param_paths, traced.param_leaves)]
         closed = traced.jaxpr
-        outs = program.evaluate(closed.jaxpr, closed.consts, [*leaves, *jax.tree.leaves(args)])
+        flat = jax.tree.leaves(args)
+        if ranges is not None:
+            program.measure_inputs(flat, ranges[0])
+        outs = program.evaluate(closed.jaxpr, closed.consts, [*leaves, *flat])
         outs = [_output(o, program) for o in outs]
         program.op_stats.check_all_used()
         return jax.tree.unflatten(traced.out_tree, outs)

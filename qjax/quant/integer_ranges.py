@@ -52,21 +52,24 @@ def _record(jaxpr, consts, args, inline: dict, out: list) -> list:
             outs = _record(inner, sub_consts, invals, inline, out)
         else:
             outs = bind_eqn(eqn, invals)
-        out[slot] = [
-            jnp.max(jnp.abs(o)).astype(jnp.float32)
-            if jnp.issubdtype(jnp.result_type(o), jnp.floating) and jnp.size(o)
-            else jnp.float32(-1)
-            for o in outs
-        ]
+        out[slot] = [_absmax(o) for o in outs]
         for v, o in zip(eqn.outvars, outs):
             if not isinstance(v, jcore.DropVar):
                 env[v] = o
     return [read(v) for v in jaxpr.outvars]
 
 
+def _absmax(x):
+    """``max |x|`` of a float array (float32), ``-1`` for anything else."""
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating) and jnp.size(x):
+        return jnp.max(jnp.abs(x)).astype(jnp.float32)
+    return jnp.float32(-1)
+
+
 def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> list[list[float]]:
     """Per equation (walk order), per output: the largest ``|value|`` over ``batches`` of
-    ``f``'s program run in float with the quantized weights dequantized.
+    ``f``'s program run in float with the quantized weights dequantized; the first entry
+    holds the (flattened) arguments' ranges.
 
     Raises:
       ValueError: no batches, or batches whose programs differ (a different equation count).
@@ -86,7 +89,8 @@ def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> list[l
         closed = traced.jaxpr
 
         def run(leaves, flat, closed=closed):
-            out: list = []
+            # the arguments' ranges first (the walk's position -1), then each equation's
+            out: list = [[_absmax(a) for a in flat]]
             _record(closed.jaxpr, closed.consts, [*leaves, *flat], inline, out)
             return out
 

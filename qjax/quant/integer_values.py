@@ -30,7 +30,7 @@ SUPPORTED = (
     "scales matches), add, sub, mul, div by a static factor or a normalising sum, neg, max / min, "
     "element-wise functions of one value (exp, tanh, erf, logistic, rsqrt, integer_pow, ...: GELU, "
     "SiLU, softmax, LayerNorm / RMSNorm), select_n on a mask, reshape, transpose, broadcast_in_dim, "
-    "squeeze, slice, rev, pad, concatenate, reduce_sum / max / min, argmax / argmin, "
+    "squeeze, slice, rev, pad, concatenate, stack, split, reduce_sum / max / min, argmax / argmin, "
     "reduce_window_sum / max / min"
 )
 PRODUCT_BITS = 30  # a product of two values is shifted to stay below 2^PRODUCT_BITS
@@ -151,6 +151,10 @@ def on_integers(eqn, invals, fail) -> list:
         return [_reduce(eqn, invals[0])]
     if name == "concatenate":
         return [_concatenate(eqn, invals)]
+    if name == "stack":
+        return [_stack(eqn, invals)]
+    if name == "split":
+        return _split(eqn, invals[0])
     if name == "pad":
         return [_pad(eqn, invals, fail)]
     if name in _LAYOUT:
@@ -367,19 +371,45 @@ def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
     ``2^-QUOTIENT_BITS``. Any other division by an integer value raises."""
     if not (_is_reduction_of(y, "sum", x) and x.sign > 0):
         raise fail("divides by an integer value (only x / sum(x) of a non-negative x has an integer form)")
-    # one rounding: the summands shifted so their sum stays below 2^29, and summed again
-    # (the jaxpr's own sum was coarsened for int32; its result is left unused)
+    # the jaxpr's own sum was coarsened for int32 (its result is left unused): here the
+    # summands are shifted once so their sum stays below 2^29, and the denominator is the
+    # exact sum (two int32 words) shifted once, so a long row's many small terms that
+    # round to 0 as numerators still count in it (a vocabulary's softmax)
     r = y.reduced
     summands = _uniform(r.source, r.axes)
     count = math.prod(summands.data.shape[d] for d in r.axes)
-    shift = max(0, math.ceil(math.log2(max(summands.bound * count, 1.0) / 2.0**29)))  # den < 2^30
+    total = max(summands.bound * count, 1.0)
+    shift = max(0, math.ceil(math.log2(total / 2.0**29)))  # den < 2^30
     num = summands.data
     if shift:
         num = jnp.right_shift(num + jnp.int32(1 << (shift - 1)), shift)
-    den = jnp.sum(num, axis=r.axes, keepdims=True)
+    den = _exact_sum_shifted(summands.data, r.axes, count, total, shift)
+    if den is None:
+        den = jnp.sum(num, axis=r.axes, keepdims=True)
+    num = jnp.minimum(num, den)
     q = normalize(num, den, QUOTIENT_BITS)
     q = jnp.broadcast_to(q, np.broadcast_shapes(q.shape, x.data.shape))
     return IntValue(q, np.full((1,) * q.ndim, 2.0**-QUOTIENT_BITS), 2.0**QUOTIENT_BITS, sign=1)
+
+
+def _exact_sum_shifted(data, axes, count: int, total: float, shift: int):
+    """``round(sum(data) / 2^shift)`` along ``axes`` (keepdims) for ``data ≥ 0`` whose exact
+    sum (``≤ total``) may pass int32: the high and low ``b`` bits summed apart. ``None``
+    when no split keeps both sums in int32."""
+    if not shift:
+        return jnp.sum(data, axis=axes, keepdims=True)
+    b = max(0, math.ceil(math.log2(total) - 30))  # sum of the high parts <= 2^30
+    if count * 2.0**b >= 2**31 or b > 30:
+        return None
+    mask = jnp.int32((1 << b) - 1)
+    hi = jnp.sum(jnp.right_shift(data, b), axis=axes, keepdims=True)
+    lo = jnp.sum(data & mask, axis=axes, keepdims=True)  # < count · 2^b
+    t = hi + jnp.right_shift(lo, b)  # the sum is t · 2^b + (lo mod 2^b)
+    rest = lo & mask
+    if shift >= b:
+        k = shift - b
+        return jnp.right_shift(t + jnp.int32((1 << (k - 1)) if k else 0), k)
+    return jnp.left_shift(t, b - shift) + jnp.right_shift(rest + jnp.int32(1 << (shift - 1)), shift)
 
 
 def _select(eqn, invals, fail) -> IntValue:
@@ -469,6 +499,26 @@ def _concatenate(eqn, invals) -> IntValue:
     ]
     data = bind_eqn(eqn, [x.data for x in parts])[0]
     return IntValue(data, compress(np.concatenate(scales, axis=dim)), max(x.bound for x in parts))
+
+
+def _stack(eqn, invals) -> IntValue:
+    axis = eqn.params["axis"]
+    parts = [x if isinstance(x, IntValue) else _zeros(x) for x in invals]
+    ndim = max(x.data.ndim for x in parts)
+    size = [max(_rank(x.scale, ndim).shape[d] for x in parts) for d in range(ndim)]
+    scales = [np.expand_dims(np.broadcast_to(_rank(x.scale, ndim), size), axis) for x in parts]
+    data = bind_eqn(eqn, [x.data for x in parts])[0]
+    return IntValue(data, compress(np.concatenate(scales, axis=axis)), max(x.bound for x in parts))
+
+
+def _split(eqn, a: IntValue) -> list:
+    axis, sizes = eqn.params["axis"], [int(n) for n in eqn.params["sizes"]]
+    outs = bind_eqn(eqn, [a.data])
+    if a.scale.shape[axis] == 1:
+        scales = [a.scale] * len(sizes)
+    else:
+        scales = np.split(a.scale, np.cumsum(sizes)[:-1], axis=axis)
+    return [IntValue(o, compress(s), a.bound, sign=a.sign) for o, s in zip(outs, scales)]
 
 
 def _zeros(x) -> IntValue:

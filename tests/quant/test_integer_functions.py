@@ -121,6 +121,15 @@ def test_a_measured_output_range_keeps_a_pole_out():
     np.testing.assert_allclose(f.reference(q) * f.out_scale, rsqrt(q * 1e-3), rtol=1e-5)
 
 
+def test_a_measured_range_keeps_the_run_around_zero():
+    # |GELU| <= 0.12 on [-6, 6] in two runs (its negative dip splits them): the one at 0
+    gelu = lambda v: 0.5 * v * sp.erfc(-v / np.sqrt(2))
+    f = fit_integer_function(gelu, 1e-3, -6000, 6000, out_limit=0.12)
+    assert -400 < f.lo < -300 and 150 < f.hi < 300  # GELU(x) = -0.12 near -0.32, 0.12 near 0.21
+    q = np.arange(-300, 201)
+    np.testing.assert_allclose(f.reference(q) * f.out_scale, gelu(q * 1e-3), atol=1e-6)
+
+
 def test_not_finite_or_discontinuous_functions_raise():
     with pytest.raises(ValueError, match=r"log is not finite at 0"):
         fit_integer_function(np.log, 1e-3, 0, 1000, name="log")

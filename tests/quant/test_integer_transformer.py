@@ -220,7 +220,7 @@ def test_element_wise_refusals():
         # a comparison of one value masking another
         "comparison": lambda p, x: jnp.where((x @ p["w"]) > 0, jnp.flip(x @ p["w"], -1), 0.0),
         # the input meets an integer value before any matmul has quantized it
-        "before any quantized matmul": lambda p, x: (
+        "no quantized matmul reads directly": lambda p, x: (
             jnp.concatenate([x, x], -1) * 0 + (x[:, :1] + (x @ p["w"])[:, :1])
         ),
         # log of a value that reaches 0
@@ -278,3 +278,57 @@ def test_small_epsilon_and_large_activations_need_measured_ranges():
     got = qjax.integer_only(big, policy, qp, calibration=[(x,)])(x)
     want = h / np.sqrt(np.mean(h**2, -1, keepdims=True) + 1e-6 / 300.0**2)
     assert _rel(got, want) < 1e-4
+
+
+def test_gelu_after_a_channel_with_tiny_weights():
+    # per-channel scales 10^6 apart (a nearly dead or pruned channel): the chain's root meets
+    # at a finer power of two of the largest scale, not at the smallest (which saturated all
+    # other channels)
+    w = np.asarray(jax.random.normal(jax.random.key(1), (32, 64))) / 4
+    w[:, 0] *= 1e-6
+    params = {"w": jnp.asarray(w), "v": jax.random.normal(jax.random.key(2), (64, 16)) / 8}
+    x = jax.random.normal(jax.random.key(0), (8, 32))
+    policy = qjax.Policy([qjax.Rule("(w|v)", weight=W8, act=A8)])
+    pre = lambda p, x: x @ p["w"]
+    f = lambda p, x: jax.nn.gelu(pre(p, x), approximate=False)
+    qp, _ = _setup(lambda p, x: f(p, x) @ p["v"], params, x, policy)
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    got = qjax.integer_only(f, policy, qp)(x)
+    np.testing.assert_allclose(got, 0.5 * h * sp.erfc(-h / np.sqrt(2)), atol=1e-4)
+
+
+def test_long_rows_keep_their_small_terms_in_the_denominator():
+    # a vocabulary's softmax: 32000 terms, most of whose numerators round to 0
+    params = {"w": jax.random.normal(jax.random.key(1), (32, 32000)) * 0.5}
+    x = jax.random.normal(jax.random.key(0), (3, 32))
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    pre = lambda p, x: x @ p["w"]
+    qp, _ = _setup(pre, params, x, policy)
+    h = np.asarray(qjax.integer_only(pre, policy, qp)(x), np.float64)
+    got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x)), policy, qp)(x)
+    want = _softmax64(h)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(np.max(got, -1), np.max(want, -1), rtol=1e-4)  # was 1% too high
+
+
+def test_split_stack_gates_and_a_pre_norm_residual():
+    x = jax.random.normal(jax.random.key(0), (4, 32))
+    params = {
+        "w": jax.random.normal(jax.random.key(1), (32, 64)) / 4,
+        "v": jax.random.normal(jax.random.key(2), (32, 32)) / 4,
+    }
+    policy = qjax.Policy([qjax.Rule("(w|v)", weight=W8, act=A8)])
+    glu = lambda p, x: nn.glu(x @ p["w"]) @ p["v"]  # jnp.split
+    stacked = lambda p, x: jnp.stack(jnp.split(x @ p["w"], 2, -1), -1).sum(-1) @ p["v"]
+    for f in (glu, stacked):
+        qp, _ = _setup(f, params, x, policy)
+        assert _rel(qjax.integer_only(f, policy, qp)(x), qjax.quantized(f, policy)(qp, x)) < 3e-3
+    # a pre-norm block: the residual reads the raw input, which only the norm reads
+    rms = nn.RMSNorm()
+    rv = {"params": {"scale": jnp.ones(32)}}
+    pre_norm = lambda p, x: x + rms.apply(rv, x) @ p["v"]
+    qp, _ = _setup(pre_norm, params, x, policy)
+    with pytest.raises(ValueError, match="calibration="):
+        qjax.integer_only(pre_norm, policy, qp)(x)
+    got = qjax.integer_only(pre_norm, policy, qp, calibration=[(x,)])(x)
+    assert _rel(got, qjax.quantized(pre_norm, policy)(qp, x)) < 3e-3
