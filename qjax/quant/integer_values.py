@@ -61,14 +61,12 @@ class IntValue:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Reduced:
-    """The value is ``kind`` (``"max"`` / ``"sum"``) of ``source`` over ``axes``; ``summed``
-    is the value the reduction actually read (``source`` rescaled to one scale along the
-    axes, and coarsened for a sum); ``aligned``: laid out as ``source`` with the reduced
-    axes kept (size 1 or broadcast back), so it meets ``source`` element by element."""
+    """The value is ``kind`` (``"max"`` / ``"sum"``) of ``source`` over ``axes``;
+    ``aligned``: laid out as ``source`` with the reduced axes kept (size 1 or broadcast
+    back), so it meets ``source`` element by element."""
 
     kind: str
     source: IntValue
-    summed: IntValue
     axes: tuple[int, ...]
     aligned: bool = False
 
@@ -313,7 +311,7 @@ def _reduce(eqn, a: IntValue) -> IntValue:
     if name in ("argmax", "argmin"):
         return out  # indices: plain integers, no scale
     kind = {"reduce_max": "max", "reduce_sum": "sum"}.get(name)
-    reduced = None if kind is None else Reduced(kind, source, a, axes)
+    reduced = None if kind is None else Reduced(kind, source, axes)
     return IntValue(out, np.squeeze(a.scale, axis=axes), a.bound * grow, sign=a.sign, reduced=reduced)
 
 
