@@ -30,7 +30,8 @@ SUPPORTED = (
     "scales matches), add, sub, mul, div by a static factor or a normalising sum, neg, max / min, "
     "element-wise functions of one value (exp, tanh, erf, logistic, rsqrt, integer_pow, ...: GELU, "
     "SiLU, softmax, LayerNorm / RMSNorm), select_n on a mask, reshape, transpose, broadcast_in_dim, "
-    "squeeze, slice, rev, pad, concatenate, stack, split, reduce_sum / max / min, argmax / argmin, "
+    "squeeze, slice, rev, pad, concatenate, stack, split, gather / dynamic_slice by static indices, "
+    "reduce_sum / max / min, argmax / argmin, "
     "reduce_window_sum / max / min"
 )
 PRODUCT_BITS = 30  # a product of two values is shifted to stay below 2^PRODUCT_BITS
@@ -149,6 +150,10 @@ def on_integers(eqn, invals, fail) -> list:
         return [_reduce(eqn, invals[0])]
     if name == "concatenate":
         return [_concatenate(eqn, invals)]
+    if name in _MOVES:
+        if any(isinstance(x, IntValue) for x in invals[1:]) or not isinstance(invals[0], IntValue):
+            raise fail("indexes by an integer value")
+        return [_moved(eqn, invals)]
     if name == "stack":
         return [_stack(eqn, invals)]
     if name == "split":
@@ -497,6 +502,25 @@ def _concatenate(eqn, invals) -> IntValue:
     ]
     data = bind_eqn(eqn, [x.data for x in parts])[0]
     return IntValue(data, compress(np.concatenate(scales, axis=dim)), max(x.bound for x in parts))
+
+
+_MOVES = ("gather", "dynamic_slice")  # elements moved by static indices
+
+
+def _moved(eqn, invals) -> IntValue:
+    """A gather / dynamic slice by static indices (``x[..., perm]``, a rotary embedding's
+    half swap): the codes moved, and the scale moved with them (the same op on the
+    elements' flat positions, so the scale stays exact in float64)."""
+    a = invals[0]
+    data = bind_eqn(eqn, [a.data, *invals[1:]])[0]
+    if a.scale.size == 1:
+        return IntValue(data, np.ones((1,) * data.ndim) * a.scale.reshape(()), a.bound, sign=a.sign)
+    size = int(np.prod(a.data.shape))
+    with jax.ensure_compile_time_eval():  # the indices are static: so are the positions
+        positions = jnp.arange(size, dtype=jnp.int32).reshape(a.data.shape)
+        moved = np.asarray(bind_eqn(eqn, [positions, *invals[1:]])[0])
+    full = np.broadcast_to(a.scale, a.data.shape).reshape(-1)
+    return IntValue(data, compress(full[moved]), a.bound, sign=a.sign)
 
 
 def _stack(eqn, invals) -> IntValue:

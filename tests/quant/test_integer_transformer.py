@@ -332,3 +332,31 @@ def test_split_stack_gates_and_a_pre_norm_residual():
         qjax.integer_only(pre_norm, policy, qp)(x)
     got = qjax.integer_only(pre_norm, policy, qp, calibration=[(x,)])(x)
     assert _rel(got, qjax.quantized(pre_norm, policy)(qp, x)) < 3e-3
+
+
+def test_rotary_embedding_by_a_static_permutation():
+    # rotate_half as x[..., perm] (a gather), positions' cos / sin as static per-element factors
+    x = jax.random.normal(jax.random.key(0), (2, 6, 32))
+    params = {
+        "w": jax.random.normal(jax.random.key(1), (32, 16)) / 4,
+        "v": jax.random.normal(jax.random.key(2), (16, 8)) / 4,
+    }
+    policy = qjax.Policy([qjax.Rule("(w|v)", weight=W8, act=A8)])
+    angle = np.arange(6)[:, None] * np.exp(-np.arange(8) / 4.0)[None, :]
+    cos, sin = np.tile(np.cos(angle), 2), np.tile(np.sin(angle), 2)
+    perm = np.concatenate([np.arange(8, 16), np.arange(8)])
+    sign = np.concatenate([-np.ones(8), np.ones(8)])
+
+    def f(p, x):
+        q = x @ p["w"]
+        return (q * cos + q[..., perm] * sign * sin) @ p["v"]
+
+    qp, _ = _setup(f, params, x, policy)
+    program = qjax.integer_only(f, policy, qp)
+    assert _rel(program(x), qjax.quantized(f, policy)(qp, x)) < 3e-3
+    _assert_integer_program(program, x)
+    params["u"] = jax.random.normal(jax.random.key(3), (8, 8)) / 4
+    dyn = lambda p, x: jax.lax.dynamic_slice_in_dim(x @ p["w"], 4, 8, axis=-1) @ p["u"]
+    policy = qjax.Policy([qjax.Rule("(w|u)", weight=W8, act=A8)])
+    qp, _ = _setup(dyn, params, x, policy)
+    assert _rel(qjax.integer_only(dyn, policy, qp)(x), qjax.quantized(dyn, policy)(qp, x)) < 3e-3
