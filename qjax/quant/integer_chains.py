@@ -193,6 +193,9 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     root = IntValue(data, np.full((1,) * root.data.ndim, s), bound, sign=root.sign)
     b = int(np.ceil(root.bound))
     lo, hi = (0 if root.sign > 0 else -b), (0 if root.sign < 0 else b)
+    least = chain.root.least
+    if least is not None and least > 0 and root.sign >= 0:  # a sum with a peak in it: a log's domain
+        lo = max(lo, int(np.floor(least * float(np.min(chain.root.scale)) / s)))
     limit = None if chain.real_bound is None else margin * chain.real_bound
     try:
         f = fit_integer_function(chain.fn, s, lo, hi, name=what, out_limit=limit)
@@ -211,4 +214,8 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     if sign:
         data = jnp.maximum(data, 0) if sign > 0 else jnp.minimum(data, 0)
     data = jnp.broadcast_to(data, chain.shape)
-    return IntValue(data, np.full((1,) * len(chain.shape), f.out_scale), f.bound, sign=sign, bounded=True)
+    peak = None
+    if chain.root.peak is not None and chain.root.peak[1] == 0 and sign > 0:  # exp(x - max(x)) has exp(0)
+        peak = (chain.root.peak[0], int(max(f.reference(np.array([0]))[0], 0)))
+    scale = np.full((1,) * len(chain.shape), f.out_scale)
+    return IntValue(data, scale, f.bound, sign=sign, bounded=True, peak=peak)

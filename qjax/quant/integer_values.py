@@ -42,7 +42,9 @@ QUOTIENT_BITS = 24  # a normalisation's quotients: codes of 2^-QUOTIENT_BITS
 class IntValue:
     """``data`` (int32) standing for ``data · scale``; ``|data| ≤ bound``.
 
-    ``real_bound`` / ``loose``: :mod:`qjax.quant.integer_ranges`.
+    ``real_bound`` / ``loose``: :mod:`qjax.quant.integer_ranges`. ``peak`` / ``least``:
+    ``x - max(x)`` has a 0 along the reduced axes, so ``exp`` of it has ``exp(0)``'s codes
+    there, and their sum is at least that (a ``log_softmax``'s ``log(sum(exp))``).
     ``sign``: ``1`` when every element is known ``≥ 0`` (after a ReLU, an ``exp``), ``-1``
     when ``≤ 0`` (``x - max(x)``), else ``0``. ``chain``: ``(root, fn, ops)`` when the value
     is ``fn(root)`` element-wise (:mod:`qjax.quant.integer_chains`). ``reduced``: a
@@ -55,6 +57,8 @@ class IntValue:
     sign: int = 0
     chain: tuple | None = None
     reduced: Reduced | None = None
+    peak: tuple | None = None  # (axes, codes): along axes, some element has exactly these codes
+    least: float | None = None  # every element's codes are at least this (a sum with a peak)
     real_bound: float | None = None  # max |value| measured on calibration data
     loose: bool = False  # the bound compounds a product's (see qjax.quant.integer_ranges)
     bounded: bool = False  # an evaluated function's output: its bound is the function's range
@@ -193,7 +197,8 @@ def _binary(eqn, invals, fail) -> IntValue:
             bound = xa.bound + ya.bound
         else:
             bound = max(xa.bound, ya.bound)
-        return IntValue(bind_eqn(eqn, [xa.data, ya.data])[0], xa.scale, bound, sign=sign)
+        peak = (y.reduced.axes, 0) if own_max else None  # the max element's difference is 0
+        return IntValue(bind_eqn(eqn, [xa.data, ya.data])[0], xa.scale, bound, sign=sign, peak=peak)
     int_first = isinstance(x, IntValue)
     a, other = (x, y) if int_first else (y, x)
     v = np.asarray(other, np.float64)
@@ -317,7 +322,13 @@ def _reduce(eqn, a: IntValue) -> IntValue:
         return out  # indices: plain integers, no scale
     kind = {"reduce_max": "max", "reduce_sum": "sum"}.get(name)
     reduced = None if kind is None else Reduced(kind, source, axes)
-    return IntValue(out, np.squeeze(a.scale, axis=axes), a.bound * grow, sign=a.sign, reduced=reduced)
+    least = None
+    if source.peak is not None and set(source.peak[0]) == set(axes) and a.sign > 0:
+        # a sum of non-negative codes, one of them the peak's (rescaled: within 2 units)
+        ratio = float(np.max(source.scale) / np.min(a.scale))
+        least = source.peak[1] * ratio - 2 if kind in ("sum", "max") else None
+    scale = np.squeeze(a.scale, axis=axes)
+    return IntValue(out, scale, a.bound * grow, sign=a.sign, reduced=reduced, least=least)
 
 
 def _is_reduction_of(y: IntValue, kind: str, x: IntValue) -> bool:
@@ -488,7 +499,7 @@ def _layout(eqn, invals) -> IntValue:
             keep += 1
         moved = np.broadcast_to(s, s.shape[:keep] + a.data.shape[keep:])
         scale = compress(moved.reshape(s.shape[:keep] + data.shape[keep:]))
-    return IntValue(data, scale, a.bound, sign=a.sign, reduced=_kept_layout(a, eqn, data))
+    return IntValue(data, scale, a.bound, sign=a.sign, reduced=_kept_layout(a, eqn, data), least=a.least)
 
 
 def _concatenate(eqn, invals) -> IntValue:

@@ -119,6 +119,10 @@ def test_softmax_and_layer_norm_match_float64_on_the_same_integers():
     e = np.exp(h - h.max(-1, keepdims=True))
     np.testing.assert_allclose(probs, e / e.sum(-1, keepdims=True), atol=2e-6)
     np.testing.assert_allclose(np.sum(probs, -1), 1.0, atol=1e-4)
+    # log_softmax: the log of a sum known to be >= exp(0) (the max's own term)
+    got = qjax.integer_only(lambda p, x: jax.nn.log_softmax(pre(p, x)), policy, qp)(x)
+    z = h - h.max(-1, keepdims=True)
+    np.testing.assert_allclose(got, z - np.log(np.exp(z).sum(-1, keepdims=True)), atol=1e-5)
     # LayerNorm (Flax's fast variance), scale and bias per channel
     ln = nn.LayerNorm()
     lv = {"params": {"scale": jnp.linspace(0.5, 1.5, 64), "bias": jnp.linspace(-0.2, 0.2, 64)}}
