@@ -65,7 +65,7 @@ from qjax.quant import integer_chains as chains
 from qjax.quant import integer_ranges as ranges_lib
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value
-from qjax.quant.integer_values import NOOP, SUPPORTED, IntValue, on_integers
+from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers
 from qjax.quant.policy import Policy, check_policy
 
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
@@ -92,11 +92,13 @@ def _sub_jaxprs(eqn) -> bool:
 
 
 class _Program(IntegerMatmuls):
-    def __init__(self, policy: Policy, op_stats: dict, ranges: list | None = None, margin: float = 2.0):
+    def __init__(
+        self, policy: Policy, op_stats: dict, ranges: ranges_lib.Ranges | None = None, margin: float = 2.0
+    ):
         self.policy = policy
         self.op_stats = op_stats_lib.Lookup(op_stats)
         self.ranges, self.margin = ranges, margin
-        self._position = 0  # the equation's index in the walk (the key of its calibrated range)
+        self.position = 0  # the equation's index in the walk (the key of its calibrated range)
         self._evaluated: dict[int, tuple] = {}  # id(chain) -> (chain, its IntValue)
         self._input_ranges: dict[int, tuple] = {}  # id(input) -> (input, calibrated |range|)
         self._inputs: dict[int, tuple] = {}  # id(input) -> (input, its IntValue)
@@ -112,12 +114,20 @@ class _Program(IntegerMatmuls):
         if id(x) in self._input_ranges:
             reach = self._input_ranges[id(x)][1]
         elif id(x) in self._measured:
-            reach = self.margin * self._measured[id(x)][1]
+            reach = self._measured[id(x)][1]
+            if not np.isfinite(reach) or reach >= MASK_MAGNITUDE:
+                raise ValueError(
+                    f"integer_only: an op at {where} meets a float input value measured up to {reach:g} "
+                    "(a mask or bias of -1e9 / -inf passed as an argument?): 16-bit codes over that range "
+                    "would leave the value it meets no precision; pass a boolean mask and write "
+                    "jnp.where(mask, x, -jnp.inf), or make the bias a constant"
+                )
+            reach = self.margin * reach
         else:
             raise ValueError(
                 f"integer_only: an op at {where} meets a float input value that no quantized matmul reads "
-                "directly and whose range was not measured (a pre-norm block's residual): give "
-                "integer_only(..., calibration=...) to measure it"
+                "directly and that has no measured nonzero range (a pre-norm block's residual): give "
+                "integer_only(..., calibration=...) with batches where it is nonzero"
             )
         s16 = reach / (2**15 - 1)
         codes = jnp.clip(jnp.round(jnp.asarray(x, jnp.float32) / np.float32(s16)), -(2**15 - 1), 2**15 - 1)
@@ -127,8 +137,12 @@ class _Program(IntegerMatmuls):
 
     def measure_inputs(self, flat, ranges) -> None:
         """The arguments' measured ranges (``calibration``), for :meth:`input_value`."""
+        if len(flat) != len(ranges):
+            raise ValueError(
+                f"integer_only: the calibration batches hold {len(ranges)} arrays, this call {len(flat)}"
+            )
         for x, r in zip(flat, ranges):
-            if isinstance(x, jax.core.Tracer) and r >= 0:
+            if isinstance(x, jax.core.Tracer) and r > 0:  # 0: never nonzero on the batches
                 self._measured[id(x)] = (x, r)
 
     def value(self, x, where: str):
@@ -158,24 +172,26 @@ class _Program(IntegerMatmuls):
         for eqn in jaxpr.eqns:
             invals = [read(v) for v in eqn.invars]
             where = "/".join(s for s in (scope, str(eqn.source_info.name_stack)) if s) or "top level"
-            position = self._position
-            self._position += 1
+            position = self.position
+            self.position += 1
             outs = self._eqn(eqn, invals, where)
             if self.ranges is not None:
                 position += 1  # entry 0: the arguments
-                if position >= len(self.ranges):
+                names = self.ranges.names
+                if position >= len(names) or names[position] != eqn.primitive.name:
                     raise ValueError(
-                        "integer_only: the calibration batches' program differs from this call's"
+                        f"integer_only: the calibration batches' program differs from this call's at {where} "
+                        "(other argument dtypes, weak types or structure?)"
                     )
-                for o, r in zip(outs, self.ranges[position]):
-                    if isinstance(o, jax.core.Tracer) and r >= 0:  # a float op on the input
+                for o, r in zip(outs, self.ranges.values[position]):
+                    if isinstance(o, jax.core.Tracer) and r > 0:  # a float op on the input
                         self._measured[id(o)] = (o, r)
                 passed = lambda o, ins=invals: any(o is x for x in ins)  # an input returned as it is
                 outs = [
                     dataclasses.replace(o, real_bound=r)
                     if isinstance(o, (IntValue, chains.Chain)) and r >= 0 and not passed(o)
                     else o
-                    for o, r in zip(outs, self.ranges[position])
+                    for o, r in zip(outs, self.ranges.values[position])
                 ]
             for v, x in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
@@ -364,8 +380,13 @@ def integer_only(
         closed = traced.jaxpr
         flat = jax.tree.leaves(args)
         if ranges is not None:
-            program.measure_inputs(flat, ranges[0])
+            program.measure_inputs(flat, ranges.values[0])
         outs = program.evaluate(closed.jaxpr, closed.consts, [*leaves, *flat])
+        if ranges is not None and program.position + 1 != len(ranges.names):
+            raise ValueError(
+                "integer_only: the calibration batches' program differs from this call's (it has "
+                f"{len(ranges.names) - 1} equations, this call {program.position})"
+            )
         outs = [_output(o, program) for o in outs]
         program.op_stats.check_all_used()
         return jax.tree.unflatten(traced.out_tree, outs)

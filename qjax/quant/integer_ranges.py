@@ -15,6 +15,8 @@ enters a product.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,18 +68,28 @@ def _absmax(x):
     return jnp.float32(-1)
 
 
-def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> list[list[float]]:
-    """Per equation (walk order), per output: the largest ``|value|`` over ``batches`` of
-    ``f``'s program run in float with the quantized weights dequantized; the first entry
-    holds the (flattened) arguments' ranges.
+@dataclasses.dataclass(frozen=True)
+class Ranges:
+    """``values[i]``: per output of the ``i``-th equation in walk order (``i = 0``: the
+    flattened arguments), the largest ``|value|`` measured; ``names[i]``: its primitive,
+    which the integer walk checks it meets at the same position."""
+
+    names: tuple[str, ...]
+    values: list[list[float]]
+
+
+def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> Ranges:
+    """The :class:`Ranges` of ``f``'s program run in float over ``batches`` with the
+    quantized weights dequantized.
 
     Raises:
-      ValueError: no batches, or batches whose programs differ (a different equation count).
+      ValueError: no batches, or batches whose programs differ.
     """
     from qjax.numerics.qarray import QArray
     from qjax.numerics.transposed import TransposedQArray
 
     found: list | None = None
+    names: tuple | None = None
     count = 0
     for batch in batches:
         args = batch if isinstance(batch, tuple) else (batch,)
@@ -96,15 +108,17 @@ def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> list[l
 
         values = jax.device_get(jax.jit(run)(leaves, jax.tree.leaves(args)))
         values = [[float(v) for v in outs] for outs in values]
-        if found is not None and len(values) != len(found):
-            raise ValueError("integer_only: calibration batches give programs of different lengths")
+        batch_names = ("<arguments>", *(e.primitive.name for e in walk_positions(closed.jaxpr, inline)))
+        if names is not None and batch_names != names:
+            raise ValueError("integer_only: calibration batches give different programs")
+        names = batch_names
         found = (
             values if found is None else [[max(a, b) for a, b in zip(x, y)] for x, y in zip(found, values)]
         )
         count += 1
     if not count:
         raise ValueError("integer_only: calibration= holds no batch")
-    return found
+    return Ranges(names, found)
 
 
 def clip_to_range(x, margin: float, where: str, what: str):
@@ -114,8 +128,6 @@ def clip_to_range(x, margin: float, where: str, what: str):
     Raises:
       ValueError: ``x``'s bound compounds a product's and no range was calibrated for it.
     """
-    import dataclasses
-
     if x.real_bound is None:
         if x.loose:
             raise ValueError(

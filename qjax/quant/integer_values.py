@@ -325,7 +325,7 @@ def _reduce(eqn, a: IntValue) -> IntValue:
     least = None
     if source.peak is not None and set(source.peak[0]) == set(axes) and a.sign > 0:
         # a sum of non-negative codes, one of them the peak's (rescaled: within 2 units)
-        ratio = float(np.max(source.scale) / np.min(a.scale))
+        ratio = float(np.min(source.scale) / np.max(a.scale))  # the least the peak's codes can shrink to
         least = source.peak[1] * ratio - 2 if kind in ("sum", "max") else None
     scale = np.squeeze(a.scale, axis=axes)
     return IntValue(out, scale, a.bound * grow, sign=a.sign, reduced=reduced, least=least)
@@ -413,17 +413,14 @@ def _exact_sum_shifted(data, axes, count: int, total: float, shift: int):
     if not shift:
         return jnp.sum(data, axis=axes, keepdims=True)
     b = max(0, math.ceil(math.log2(total) - 30))  # sum of the high parts <= 2^30
-    if count * 2.0**b >= 2**31 or b > 30:
+    if count * 2.0**b >= 2**31 or b > 30 or shift <= b:
         return None
     mask = jnp.int32((1 << b) - 1)
     hi = jnp.sum(jnp.right_shift(data, b), axis=axes, keepdims=True)
     lo = jnp.sum(data & mask, axis=axes, keepdims=True)  # < count · 2^b
-    t = hi + jnp.right_shift(lo, b)  # the sum is t · 2^b + (lo mod 2^b)
-    rest = lo & mask
-    if shift >= b:
-        k = shift - b
-        return jnp.right_shift(t + jnp.int32((1 << (k - 1)) if k else 0), k)
-    return jnp.left_shift(t, b - shift) + jnp.right_shift(rest + jnp.int32(1 << (shift - 1)), shift)
+    t = hi + jnp.right_shift(lo, b)  # the sum is t · 2^b + (lo mod 2^b), the rest below 2^b
+    k = shift - b  # >= 1: shift = ceil(log2 total) - 29, b = ceil(log2 total) - 30 or 0
+    return jnp.right_shift(t + jnp.int32(1 << (k - 1)), k)
 
 
 def _select(eqn, invals, fail) -> IntValue:

@@ -237,6 +237,10 @@ def test_element_wise_refusals():
     for message, f in cases.items():
         with pytest.raises(ValueError, match=message):
             qjax.integer_only(f, policy, qp)(x)
+    # ranges measured on another program than the call's (Python branching on a shape)
+    branchy = lambda p, x: jnp.tanh(x @ p["w"]) if x.shape[0] > 2 else x @ p["w"]
+    with pytest.raises(ValueError, match="program differs"):
+        qjax.integer_only(branchy, policy, qp, calibration=[(x,)])(x[:2])
 
 
 def _softmax64(z):
@@ -336,6 +340,13 @@ def test_split_stack_gates_and_a_pre_norm_residual():
         qjax.integer_only(pre_norm, policy, qp)(x)
     got = qjax.integer_only(pre_norm, policy, qp, calibration=[(x,)])(x)
     assert _rel(got, qjax.quantized(pre_norm, policy)(qp, x)) < 3e-3
+    # float arguments a measured range cannot serve: a -1e9 mask (no precision left for what
+    # it meets), a bias that was 0 on every calibration batch (a zero scale)
+    biased = lambda p, x, b: jax.nn.softmax(x @ p["v"] + b)
+    mask = jnp.where(jnp.arange(32) < 20, 0.0, -1e9)
+    for calib_bias, message in ((mask, "a mask or bias"), (mask * 0, "nonzero range")):
+        with pytest.raises(ValueError, match=message):
+            qjax.integer_only(biased, policy, qp, calibration=[(x, calib_bias)])(x, mask)
 
 
 def test_rotary_embedding_by_a_static_permutation():
