@@ -15,9 +15,13 @@ Given ``g`` (float64, element-wise) and an int32 value ``q`` standing for ``q ·
   as integer coefficients (a gathered table); Horner's rule runs in int32 with
   :func:`qjax.quant.dyadic.dyadic_mul` (``acc · t / 2^14``, exact).
 
-The integer evaluator is then run on a dense sample of codes (every segment's ends
+The integer program's NumPy int64 mirror (:meth:`IntegerFunction.reference`, bit-identical
+to the jnp evaluator) is then run on a dense sample of codes (every segment's ends
 included) and its error against ``g`` in float64 is recorded as ``max_error``; a function
-that cannot be brought within ``2^-12`` of its output range raises.
+that cannot be brought within ``2^-12`` of its output range raises, and so does one whose
+values at inputs of magnitude 1 would keep fewer than ``KEEP_BITS`` bits of the output
+scale its range sets (a pole, exponential growth). A measured output range
+(``out_limit``) first restricts the inputs to where ``|g|`` stays within it.
 """
 
 from __future__ import annotations
