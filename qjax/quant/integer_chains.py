@@ -24,9 +24,8 @@ import jax
 import numpy as np
 import scipy.special as sp
 
-from qjax.quant.dyadic import fine_dyadic, fine_dyadic_mul
 from qjax.quant.integer_functions import fit_integer_function
-from qjax.quant.integer_values import LIMIT, IntValue, compress
+from qjax.quant.integer_values import IntValue, align, finer
 
 _UNARY = {
     "neg": np.negative,
@@ -186,11 +185,8 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     scale = np.asarray(root.scale, np.float64)
     s = float(np.max(scale))
     if np.any(scale != s):  # per-channel scales: one finer scale, so rounding onto it costs little
-        s /= 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(root.bound, 1.0))), 0, 14))
-    ratio = compress(np.asarray(root.scale, np.float64) / s)
-    data = root.data if np.all(ratio == 1) else fine_dyadic_mul(root.data, fine_dyadic(ratio))
-    bound = min(root.bound * float(ratio.max()) + 2, LIMIT)
-    root = IntValue(data, np.full((1,) * root.data.ndim, s), bound, sign=root.sign)
+        s = finer(s, root.bound)
+    root = align(root, np.full((1,) * root.data.ndim, s))  # finer() keeps its bound in int32
     b = int(np.ceil(root.bound))
     lo, hi = (0 if root.sign > 0 else -b), (0 if root.sign < 0 else b)
     least = chain.root.least

@@ -97,6 +97,13 @@ def align(a: IntValue, scale: np.ndarray) -> IntValue:
     return IntValue(data, scale, a.bound * float(ratio.max()) + 2, sign=a.sign)
 
 
+def finer(scale, bound: float):
+    """``scale`` divided by the power of two (up to ``2^14``) that keeps codes bounded by
+    ``bound`` (at ``scale``) below half of :data:`LIMIT`: where values meet on one scale,
+    rounding onto a finer one costs less than onto the coarsest."""
+    return scale / 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(bound, 1.0))), 0, 14))
+
+
 def common_scale(scales, bounds) -> np.ndarray:
     """The scale values of ``scales`` (broadcastable) meet at: their maximum, or where they
     differ, that maximum divided by the power of two (up to ``2^14``) that keeps the
@@ -111,9 +118,7 @@ def common_scale(scales, bounds) -> np.ndarray:
     shape = np.broadcast_shapes(*(s.shape for s in ranked))
     if all(np.array_equal(np.broadcast_to(s, shape), np.broadcast_to(top, shape)) for s in ranked):
         return top
-    total = sum(float(b) * float(np.max(s / top)) for s, b in zip(ranked, bounds))
-    k = int(np.clip(np.floor(np.log2(LIMIT / 2 / max(total, 1.0))), 0, 14))
-    return top / 2.0**k
+    return finer(top, sum(float(b) * float(np.max(s / top)) for s, b in zip(ranked, bounds)))
 
 
 def coarsen(a: IntValue, growth: float) -> IntValue:
@@ -287,15 +292,15 @@ def _scaled(eqn, invals, fail) -> IntValue:
     return IntValue(data, _rank(scale, data.ndim), a.bound, sign=new_sign)
 
 
-def _uniform(a: IntValue, axes, finer: bool = False) -> IntValue:
+def _uniform(a: IntValue, axes, refine: bool = False) -> IntValue:
     """``a`` rescaled so that its scale is constant along ``axes``: their maximum, or with
-    ``finer`` that maximum divided by the power of two (up to ``2^14``) its bound allows."""
+    ``refine`` that maximum divided by the power of two (up to ``2^14``) its bound allows."""
     axes = tuple(d for d in axes if a.scale.shape[d] > 1)
     if not axes:
         return a
     top = np.max(a.scale, axis=axes, keepdims=True)
-    if finer:
-        top = top / 2.0 ** int(np.clip(np.floor(np.log2(LIMIT / 2 / max(a.bound, 1.0))), 0, 14))
+    if refine:
+        top = finer(top, a.bound)
     return align(a, top)
 
 
@@ -314,7 +319,7 @@ def _reduce(eqn, a: IntValue) -> IntValue:
         return IntValue(bind_eqn(eqn, [a.data])[0], a.scale, a.bound * grow, sign=a.sign)
     axes = tuple(p["axes"])
     source = a
-    a = _uniform(a, axes, finer=name != "reduce_sum")
+    a = _uniform(a, axes, refine=name != "reduce_sum")
     grow = math.prod(a.data.shape[d] for d in axes) if name == "reduce_sum" else 1
     a = coarsen(a, grow)
     out = bind_eqn(eqn, [a.data])[0]
