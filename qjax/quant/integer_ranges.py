@@ -90,23 +90,29 @@ def calibrated_ranges(f, qparams, batches, inline: dict, kwargs: dict) -> Ranges
 
     found: list | None = None
     names: tuple | None = None
+    programs: dict = {}
     count = 0
     for batch in batches:
         args = batch if isinstance(batch, tuple) else (batch,)
-        traced = trace(f, qparams, *args, **kwargs)
-        leaves = [
-            leaf.dequantize() if isinstance(leaf, (QArray, TransposedQArray)) else leaf
-            for leaf in traced.param_leaves
-        ]
-        closed = traced.jaxpr
+        flat = jax.tree.leaves(args)
+        key = (jax.tree.structure(args), tuple((jnp.shape(a), jnp.result_type(a)) for a in flat))
+        if key not in programs:  # one trace and one compile per argument shape, not per batch
+            traced = trace(f, qparams, *args, **kwargs)
+            leaves = [
+                leaf.dequantize() if isinstance(leaf, (QArray, TransposedQArray)) else leaf
+                for leaf in traced.param_leaves
+            ]
+            closed = traced.jaxpr
 
-        def run(leaves, flat, closed=closed):
-            # the arguments' ranges first (the walk's position -1), then each equation's
-            out: list = [[_absmax(a) for a in flat]]
-            _record(closed.jaxpr, closed.consts, [*leaves, *flat], inline, out)
-            return out
+            def run(leaves, flat, closed=closed):
+                # the arguments' ranges first (the walk's position -1), then each equation's
+                out: list = [[_absmax(a) for a in flat]]
+                _record(closed.jaxpr, closed.consts, [*leaves, *flat], inline, out)
+                return out
 
-        values = jax.device_get(jax.jit(run)(leaves, jax.tree.leaves(args)))
+            programs[key] = (jax.jit(run), leaves, closed)
+        run_jit, leaves, closed = programs[key]
+        values = jax.device_get(run_jit(leaves, flat))
         values = [[float(v) for v in outs] for outs in values]
         batch_names = ("<arguments>", *(e.primitive.name for e in walk_positions(closed.jaxpr, inline)))
         if names is not None and batch_names != names:
