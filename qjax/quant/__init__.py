@@ -12,6 +12,7 @@ from qjax.quant.int8_training import int8_dot_general
 from qjax.quant.int8_training_conv import int8_conv_general_dilated
 from qjax.quant.integer_only import integer_only
 from qjax.quant.interop import from_awq, from_gptq, from_gptq_act_order, to_awq, to_gptq
+from qjax.quant.interop_bnb import from_bnb_4bit, to_bnb_4bit
 from qjax.quant.interop_fp8 import fp8_block_spec, from_fp8_blocks, to_fp8_blocks
 from qjax.quant.kv_cache import KVCache
 from qjax.quant.kv_calibration import kv_cache_scales
@@ -45,10 +46,12 @@ __all__ = [
     "awq_factors",
     "fp8_block_spec",
     "from_awq",
+    "from_bnb_4bit",
     "from_fp8_blocks",
     "from_gptq",
     "from_gptq_act_order",
     "to_awq",
+    "to_bnb_4bit",
     "to_fp8_blocks",
     "to_gptq",
     "gptq",

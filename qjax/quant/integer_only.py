@@ -32,6 +32,9 @@ rescaling becomes an integer multiply and shift by a dyadic number
   fixed-point quotient; matmuls of two activations (``QKᵀ``, ``PV``) run int8 × int8 when
   an ``OpRule`` with static scales (``op_stats``) matches them; a mask selects or adds a
   saturated fill;
+* a ``scan`` (an ``nn.scan`` layer stack, ``lax.map``, a ``fori_loop`` with static bounds)
+  is unrolled, each iteration on its layer's codes and scales
+  (:mod:`qjax.quant.integer_scan`);
 * the output is dequantized once (``q · S`` in float32).
 
 Static bounds compound through products (a LayerNorm's output is bounded by ``1 / √eps``
@@ -41,7 +44,7 @@ as I-BERT's and TFLite's calibrated activation ranges); without it, a value whos
 compounds a product's, or a function that would keep too few bits, is refused.
 
 Ops the scheme cannot run on integers (a ``cumsum``, a division by an unrelated value, a
-matmul of an unquantized weight, control flow, a log of a value reaching 0) raise, naming
+matmul of an unquantized weight, a ``cond`` or ``while_loop``, a log of a value reaching 0) raise, naming
 the primitive and the module; ops on the float input before its first quantized matmul
 (an embedding lookup, a normalisation) run as written.
 """
@@ -63,9 +66,10 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.transposed import TransposedQArray
 from qjax.quant import integer_chains as chains
 from qjax.quant import integer_ranges as ranges_lib
+from qjax.quant import integer_scan
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value
-from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers
+from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers, stack_values
 from qjax.quant.policy import Policy, check_policy
 
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
@@ -80,6 +84,17 @@ def _is_static(x) -> bool:
 
 def _is_int(x) -> bool:
     return isinstance(x, (IntValue, chains.Chain))
+
+
+def _same_operand(a, b) -> bool:
+    """Whether two operands are the same value: the same traced or integer value, or equal
+    static arrays of one dtype."""
+    if a is b:
+        return True
+    if not (_is_static(a) and _is_static(b)):
+        return False
+    a, b = np.asarray(static_value(a)), np.asarray(static_value(b))
+    return a.dtype == b.dtype and a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
 
 
 def _sub_jaxprs(eqn) -> bool:
@@ -103,6 +118,7 @@ class _Program(IntegerMatmuls):
         self._input_ranges: dict[int, tuple] = {}  # id(input) -> (input, calibrated |range|)
         self._inputs: dict[int, tuple] = {}  # id(input) -> (input, its IntValue)
         self._measured: dict[int, tuple] = {}  # id(float input value) -> (value, measured |range|)
+        self._selects: list[tuple] = []  # (operands, outputs) of the selects of integer values
 
     def input_value(self, x, where: str) -> IntValue:
         """The float input ``x`` as 16-bit codes over the range calibrated where a matmul
@@ -204,10 +220,21 @@ class _Program(IntegerMatmuls):
             sub = eqn.params[_INLINE[name]]
             inner, consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, [])
             return self.evaluate(inner, consts, invals, where)
+        if name == "scan":  # unrolled: each iteration's values have their own static scales
+            length = eqn.params["length"]
+            return integer_scan.unrolled(
+                eqn,
+                invals,
+                lambda body, consts, args: self.evaluate(body, consts, args, where),
+                lambda x, i: self._iteration_slice(x, i, length, where),
+                lambda values: self._stacked(values, where),
+                lambda aval: np.zeros(aval.shape, aval.dtype),
+            )
         if _sub_jaxprs(eqn) and any(isinstance(x, (Weight, FromWeight)) or _is_int(x) for x in invals):
             raise ValueError(
                 f"integer_only: {name!r} at {where} runs a body that reads quantized weights or integer "
-                "values: control flow (scan, nn.scan, cond, while, map) is not followed; unroll it"
+                "values: cond and while_loop are not followed (a scan, nn.scan, lax.map or a fori_loop "
+                "with static bounds is unrolled); write it as one of those, or unroll it"
             )
         if all(_is_static(x) or isinstance(x, Weight) for x in invals):
             return self._static_eqn(eqn, invals)
@@ -246,10 +273,16 @@ class _Program(IntegerMatmuls):
         fail = lambda why: ValueError(
             f"integer_only: {name!r} at {where} {why} (integer-only inference covers {SUPPORTED})"
         )
+        if name == "select_n":  # the same select again (softmax(where=) masks x twice): the same value
+            for seen, outs in self._selects:
+                if len(seen) == len(invals) and all(map(_same_operand, seen, invals)):
+                    return outs
         ints = [x for x in invals if isinstance(x, IntValue)]
         if name == "mul" and len(ints) == 2:  # a product: its operands at their measured ranges
             invals = [ranges_lib.clip_to_range(x, self.margin, where, "a product") for x in invals]
         outs = on_integers(eqn, [static_value(x) for x in invals], fail)
+        if name == "select_n":
+            self._selects.append((invals, outs))
         bounded = name == "div" and len(ints) == 2  # a normalisation's quotients are in [0, 1]
         if any(x.loose for x in ints) and not bounded:
             outs = [dataclasses.replace(o, loose=True) if isinstance(o, IntValue) else o for o in outs]
@@ -259,6 +292,51 @@ class _Program(IntegerMatmuls):
             if chain is not None and fresh:
                 outs = [dataclasses.replace(outs[0], chain=(chain.root, chain.fn, chain.ops))]
         return outs
+
+    def _iteration_slice(self, x, i: int, length: int, where: str):
+        """Iteration ``i``'s slice of a scanned input: a stacked quantized weight's layer
+        (codes and per-layer scales), an integer value's row (with its scales), else
+        ``x[i]``."""
+        x = self.value(x, where)
+        if isinstance(x, Weight):
+            views = []
+            for kind, arg in x.views:  # the weight's views, less the layer axis
+                if (arg[0] != 0) if kind == "transpose" else (0 in arg):
+                    raise ValueError(
+                        f"integer_only: leaf {x.path!r} reaches the scan at {where} through a {kind} "
+                        "that moves its layer axis: a scanned weight is sliced along axis 0 as stored"
+                    )
+                views.append(
+                    (
+                        kind,
+                        tuple(a - 1 for a in arg[1:]) if kind == "transpose" else tuple(a - 1 for a in arg),
+                    )
+                )
+            return Weight(x.path, integer_scan.layer_of(x.q, i, length, x.path), tuple(views))
+        if isinstance(x, IntValue):
+            scale = x.scale[i] if x.scale.shape[0] > 1 else x.scale[0]
+            return IntValue(
+                x.data[i], scale, x.bound, x.sign, real_bound=x.real_bound, loose=x.loose, bounded=x.bounded
+            )
+        if isinstance(x, jax.core.Tracer):
+            return x[i]
+        with jax.ensure_compile_time_eval():
+            if isinstance(x, FromWeight):
+                return FromWeight(x.value[i], x.path, x.via)
+            return x[i]
+
+    def _stacked(self, values: list, where: str):
+        """One scan output's per-iteration values stacked along a new leading axis."""
+        values = [self.value(v, where) for v in values]
+        if any(isinstance(v, IntValue) for v in values):
+            values = [self.input_value(v, where) if isinstance(v, jax.core.Tracer) else v for v in values]
+            return stack_values([static_value(v) if _is_static(v) else v for v in values], 0)
+        sources = [v for v in values if isinstance(v, (Weight, FromWeight))]
+        if any(isinstance(v, jax.core.Tracer) for v in values):
+            return jnp.stack([static_value(v) for v in values])
+        with jax.ensure_compile_time_eval():
+            out = jnp.stack([static_value(v) for v in values])
+        return FromWeight(out, sources[0].path, "scan") if sources else out
 
     @staticmethod
     def _static_eqn(eqn, invals) -> list:
@@ -314,8 +392,10 @@ def integer_only(
       f: ``f(params, *args, **kwargs)`` (Linen ``apply``, ``qjax.nnx_apply``, a plain
         function): matmuls, convolutions, bias adds, batch norms in inference mode
         (folded or not), ReLU, residual adds, max / average pooling, reductions, layout
-        ops, element-wise functions (GELU, SiLU, tanh, ...), softmax (also masked),
-        LayerNorm / RMSNorm, and attention's activation matmuls.
+        ops, element-wise functions (GELU, SiLU, tanh, ...), softmax (also masked, and
+        ``jax.nn.softmax(where=)``), LayerNorm / RMSNorm, attention's activation matmuls,
+        and scans (``nn.scan`` layer stacks, ``lax.map``, ``fori_loop`` with static
+        bounds), unrolled.
       policy: the policy ``qparams`` were quantized with; each weight's rule needs an
         integer ``act`` spec with one static scale (``channel_axes=()``; a zero point is
         allowed: TFLite-style ``QuantSpec(qjax.uint8, symmetric=False)``). Matmuls of two
@@ -341,10 +421,10 @@ def integer_only(
     Raises:
       ValueError (when ``g`` is traced): an op with no integer form (named, with its
       module), a matmul without a quantized weight / ``OpRule`` or static scale, grouped
-      or float weight formats, an int32 accumulator that could overflow, control flow, a
-      function not finite or without enough bits on its input's range, a bound that
-      compounds a product's without ``calibration``; (when called) an unused ``op_stats``
-      entry, a bad ``margin``, empty ``calibration``.
+      or float weight formats, an int32 accumulator that could overflow, a ``cond`` or
+      ``while_loop`` on integer values, a function not finite or without enough bits on
+      its input's range, a bound that compounds a product's without ``calibration``;
+      (when called) an unused ``op_stats`` entry, a bad ``margin``, empty ``calibration``.
 
     Example:
       >>> a8 = qjax.QuantSpec(qjax.int8)  # one static scale per tensor

@@ -24,16 +24,21 @@ from jax.extend import core as jcore
 
 from qjax.graph.interpret import bind_eqn
 from qjax.graph.trace import trace
+from qjax.quant import integer_scan
 
 
 def walk_positions(jaxpr, inline: dict):
     """The equations of ``jaxpr`` in the order :func:`qjax.integer_only` walks them,
-    bodies of the ``inline`` primitives (name → param of their jaxpr) entered in place."""
+    bodies of the ``inline`` primitives (name → param of their jaxpr) entered in place, a
+    ``scan``'s body once per iteration (:mod:`qjax.quant.integer_scan`)."""
     for eqn in jaxpr.eqns:
         yield eqn
         if eqn.primitive.name in inline:
             sub = eqn.params[inline[eqn.primitive.name]]
             yield from walk_positions(sub.jaxpr if hasattr(sub, "consts") else sub, inline)
+        elif eqn.primitive.name == "scan":  # unrolled: the body once per iteration
+            for _ in range(eqn.params["length"]):
+                yield from walk_positions(eqn.params["jaxpr"].jaxpr, inline)
 
 
 def _record(jaxpr, consts, args, inline: dict, out: list) -> list:
@@ -52,6 +57,15 @@ def _record(jaxpr, consts, args, inline: dict, out: list) -> list:
             sub = eqn.params[inline[name]]
             inner, sub_consts = (sub.jaxpr, sub.consts) if hasattr(sub, "consts") else (sub, [])
             outs = _record(inner, sub_consts, invals, inline, out)
+        elif name == "scan":
+            outs = integer_scan.unrolled(
+                eqn,
+                invals,
+                lambda body, body_consts, args: _record(body, body_consts, args, inline, out),
+                lambda x, i: x[i],
+                jnp.stack,
+                lambda aval: jnp.zeros(aval.shape, aval.dtype),
+            )
         else:
             outs = bind_eqn(eqn, invals)
         out[slot] = [_absmax(o) for o in outs]

@@ -66,7 +66,8 @@ class IntValue:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Reduced:
-    """The value is ``kind`` (``"max"`` / ``"sum"``) of ``source`` over ``axes``;
+    """The value is ``kind`` (``"max"`` / ``"sum"``) of ``source`` over ``axes``, or
+    (``"masked"``, no axes) ``source`` with some elements set to 0;
     ``aligned``: laid out as ``source`` with the reduced axes kept (size 1 or broadcast
     back), so it meets ``source`` element by element."""
 
@@ -164,7 +165,7 @@ def on_integers(eqn, invals, fail) -> list:
             raise fail("indexes by an integer value")
         return [_moved(eqn, invals)]
     if name == "stack":
-        return [_stack(eqn, invals)]
+        return [stack_values(invals, eqn.params["axis"])]
     if name == "split":
         return _split(eqn, invals[0])
     if name == "pad":
@@ -386,16 +387,22 @@ def _product(eqn, x: IntValue, y: IntValue) -> IntValue:
 
 def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
     """``x / y`` where ``y`` is the sum of ``x ≥ 0`` along some axes (a softmax's
-    ``e / sum(e)``): a quotient in ``[0, 1]`` by long division, codes of
-    ``2^-QUOTIENT_BITS``. Any other division by an integer value raises."""
-    if not (_is_reduction_of(y, "sum", x) and x.sign > 0):
-        raise fail("divides by an integer value (only x / sum(x) of a non-negative x has an integer form)")
+    ``e / sum(e)``), or of ``where(mask, x, 0)`` (``softmax(where=)``, whose masked ``e`` are
+    ``exp(-inf) = 0`` in float: their quotients are 0 here): a quotient in ``[0, 1]`` by
+    long division, codes of ``2^-QUOTIENT_BITS``. Any other division by an integer value
+    raises."""
+    r = y.reduced
+    masked = r is not None and r.kind == "sum" and r.aligned and _is_reduction_of(r.source, "masked", x)
+    if not ((_is_reduction_of(y, "sum", x) or masked) and x.sign > 0):
+        raise fail(
+            "divides by an integer value (only x / sum(x) of a non-negative x, or x / sum(where(mask, "
+            "x, 0)), has an integer form)"
+        )
     # the jaxpr's own sum was coarsened for int32 (its result is left unused): here the
     # summands are shifted once so their sum stays below 2^29, and the denominator is the
     # exact sum (two int32 words) shifted once, so a long row's many small terms that
     # round to 0 as numerators still count in it (a vocabulary's softmax)
-    r = y.reduced
-    summands = _uniform(r.source, r.axes)
+    summands = _uniform(r.source, r.axes)  # x, or where(mask, x, 0): its masked quotients are 0
     count = math.prod(summands.data.shape[d] for d in r.axes)
     total = max(summands.bound * count, 1.0)
     shift = max(0, math.ceil(math.log2(total / 2.0**29)))  # den < 2^30
@@ -464,6 +471,11 @@ def _select(eqn, invals, fail) -> IntValue:
             parts.append(jnp.asarray(compress(codes).astype(np.int32)))
     out_shape = eqn.outvars[0].aval.shape
     data = bind_eqn(eqn, [pred, *(jnp.broadcast_to(p, out_shape) for p in parts)])[0]
+    zeros = [c for c in cases if not isinstance(c, IntValue)]
+    if len(ints) == 1 and ints[0].sign > 0 and zeros and all(np.all(np.asarray(c) == 0) for c in zeros):
+        # a non-negative value with masked elements zeroed (softmax(where=)'s sum reads it)
+        masked = Reduced("masked", ints[0], (), aligned=True)
+        return IntValue(data, _rank(scale, data.ndim), bound, sign=1, reduced=masked)
     return IntValue(data, _rank(scale, data.ndim), bound)
 
 
@@ -536,14 +548,17 @@ def _moved(eqn, invals) -> IntValue:
     return IntValue(data, compress(full[moved]), a.bound, sign=a.sign)
 
 
-def _stack(eqn, invals) -> IntValue:
-    axis = eqn.params["axis"]
+def stack_values(invals, axis: int) -> IntValue:
+    """Integer values (and exact zero blocks) stacked along a new ``axis``, each keeping
+    its scale (a scanned layer's outputs stacked over the layers, ``jnp.stack``)."""
     parts = [x if isinstance(x, IntValue) else _zeros(x) for x in invals]
     ndim = max(x.data.ndim for x in parts)
     size = [max(_rank(x.scale, ndim).shape[d] for x in parts) for d in range(ndim)]
     scales = [np.expand_dims(np.broadcast_to(_rank(x.scale, ndim), size), axis) for x in parts]
-    data = bind_eqn(eqn, [x.data for x in parts])[0]
-    return IntValue(data, compress(np.concatenate(scales, axis=axis)), max(x.bound for x in parts))
+    data = jnp.stack([x.data for x in parts], axis=axis)
+    sign = parts[0].sign if all(x.sign == parts[0].sign for x in parts) else 0
+    bound = max(x.bound for x in parts)
+    return IntValue(data, compress(np.concatenate(scales, axis=axis)), bound, sign=sign)
 
 
 def _split(eqn, a: IntValue) -> list:

@@ -235,16 +235,6 @@ def test_static_factors_on_either_side_infinite_identities_and_softmax():
     _close_to_served(g, params, x, policy)
 
 
-def test_control_flow_is_refused_not_run_in_float():
-    x = jax.random.normal(jax.random.key(14), (4, 12))
-    params = {"w": jax.random.normal(jax.random.key(15), (12, 12))}
-    f = lambda p, x: jax.lax.fori_loop(0, 2, lambda i, h: jax.nn.relu(h @ p["w"]), x)
-    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
-    stats = qjax.calibrate(f, policy, params, [(x,)])
-    with pytest.raises(ValueError, match="control flow"):
-        qjax.integer_only(f, policy, qjax.quantize_params(params, policy, act_stats=stats))(x)
-
-
 class _Pools(nn.Module):
     @nn.compact
     def __call__(self, x):

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special as sp
-from jax.extend import core as jcore
 
 import qjax
 
@@ -18,38 +17,6 @@ W8 = qjax.QuantSpec(qjax.int8, channel_axes=(-1,))
 W8_HEADS = qjax.QuantSpec(qjax.int8, channel_axes=(-2, -1))  # q/k/v kernels (D, H, hd)
 A8 = qjax.QuantSpec(qjax.int8)
 P8 = qjax.QuantSpec(qjax.uint8)  # attention probabilities: [0, 1]
-
-
-def _assert_integer_program(program, *args):
-    """Everything computed from an integer matmul's result stays on integers until the
-    output's dequantization: no float rescale, no transcendental function in float."""
-    closed = jax.make_jaxpr(program)(*args)
-    derived: set = set()
-    live = lambda v: not isinstance(v, jcore.Literal) and v in derived
-    matmuls = 0
-
-    def walk(jaxpr):
-        nonlocal matmuls
-        for e in jaxpr.eqns:
-            for sub in (v for v in e.params.values() if hasattr(v, "jaxpr") or hasattr(v, "eqns")):
-                inner = sub.jaxpr if hasattr(sub, "jaxpr") else sub
-                inner = inner if hasattr(inner, "eqns") else inner.jaxpr
-                derived.update(iv for iv, ov in zip(inner.invars, e.invars) if live(ov))
-                walk(inner)
-                derived.update(ov for ov, iv in zip(e.outvars, inner.outvars) if live(iv))
-            is_int_matmul = e.primitive.name in ("dot_general", "conv_general_dilated") and jnp.issubdtype(
-                e.outvars[0].aval.dtype, jnp.integer
-            )
-            matmuls += is_int_matmul
-            if not (is_int_matmul or any(live(v) for v in e.invars)):
-                continue
-            for v in e.outvars:
-                derived.add(v)
-                if jnp.issubdtype(v.aval.dtype, jnp.floating):  # only the output's dequantization
-                    assert e.primitive.name in ("convert_element_type", "mul"), e
-
-    walk(closed.jaxpr)
-    assert matmuls
 
 
 def _rel(a, b):
@@ -82,7 +49,7 @@ def _mlp_params():
 
 
 @pytest.mark.parametrize("name", list(_ACTIVATIONS))
-def test_activations_match_float64_on_the_same_integers(name):
+def test_activations_match_float64_on_the_same_integers(name, integer_program):
     act, reference = _ACTIVATIONS[name]
     x = jax.random.normal(jax.random.key(0), (8, 32))
     params = _mlp_params()
@@ -99,7 +66,7 @@ def test_activations_match_float64_on_the_same_integers(name):
     g = lambda p, x: f(p, x) @ p["v"]
     program = qjax.integer_only(g, policy, qp)
     assert _rel(program(x), qjax.quantized(g, policy)(qp, x)) < 3e-3
-    _assert_integer_program(program, x)
+    integer_program(program, x)
 
 
 def _logits_program():
@@ -160,7 +127,7 @@ _BLOCK_POLICY = qjax.Policy(
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_encoder_block_runs_integer_only(causal):
+def test_encoder_block_runs_integer_only(causal, integer_program):
     net = _Block()
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
     variables = net.init(jax.random.key(1), x)
@@ -173,7 +140,7 @@ def test_encoder_block_runs_integer_only(causal):
     served = qjax.quantized(f, _BLOCK_POLICY, op_stats=stats)(qp, x)
     assert _rel(got, served) < 5e-3
     assert _rel(got, f(variables, x)) < 3e-2
-    _assert_integer_program(program, x)
+    integer_program(program, x)
     # the second LayerNorm reads a sum of the first one's products: its static range
     # would leave x² no bits, so without measured ranges it is refused, not wrong
     with pytest.raises(ValueError, match="calibration="):
@@ -260,6 +227,32 @@ def test_masked_softmax_additive_or_selected(fill):
     got = qjax.integer_only(lambda p, x: jax.nn.softmax(jnp.where(mask, pre(p, x), fill)), policy, qp)(x)
     np.testing.assert_allclose(got, want, atol=5e-5)
     assert np.all(np.asarray(got)[~mask] == 0)  # masked keys get exactly nothing
+
+
+@pytest.mark.parametrize("traced_mask", [True, False])
+def test_softmax_where_argument(traced_mask):
+    # jax.nn.softmax(x, where=m) masks x twice (for its max and for exp) and sums
+    # where(m, e, 0): both masks are one value, the sum's masked terms are exact zeros
+    x, policy, qp, pre, h = _logits_program()
+    mask = np.array(jax.random.bernoulli(jax.random.key(5), 0.6, h.shape))
+    mask[2] = False  # a row with every key masked: zeros, as in float
+    mask[3] = False
+    mask[3, 7] = True  # one key left: probability 1
+    want = np.zeros(h.shape)
+    rows = mask.any(-1)
+    want[rows] = np.where(mask[rows], _softmax64(np.where(mask, h, -np.inf)[rows]), 0)
+    if traced_mask:
+        f = lambda p, x, m: jax.nn.softmax(pre(p, x), where=m)
+        got = qjax.integer_only(f, policy, qp)(x, jnp.asarray(mask))
+    else:
+        got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x), where=mask), policy, qp)(x)
+    np.testing.assert_allclose(got, want, atol=5e-5)
+    assert np.all(np.asarray(got)[~mask] == 0) and np.asarray(got)[3, 7] == 1
+    # a division by the masked sum of another value still has no integer form
+    sig = lambda p, x, sign: jax.nn.sigmoid(sign * pre(p, x))
+    g = lambda p, x: sig(p, x, 1) / jnp.sum(jnp.where(mask, sig(p, x, -1), 0), -1, keepdims=True)
+    with pytest.raises(ValueError, match="divides by an integer value"):
+        qjax.integer_only(g, policy, qp)(x)
 
 
 def test_bf16_logits_softmax():
@@ -349,7 +342,7 @@ def test_split_stack_gates_and_a_pre_norm_residual():
             qjax.integer_only(biased, policy, qp, calibration=[(x, calib_bias)])(x, mask)
 
 
-def test_rotary_embedding_by_a_static_permutation():
+def test_rotary_embedding_by_a_static_permutation(integer_program):
     # rotate_half as x[..., perm] (a gather), positions' cos / sin as static per-element factors
     x = jax.random.normal(jax.random.key(0), (2, 6, 32))
     params = {
@@ -369,7 +362,7 @@ def test_rotary_embedding_by_a_static_permutation():
     qp, _ = _setup(f, params, x, policy)
     program = qjax.integer_only(f, policy, qp)
     assert _rel(program(x), qjax.quantized(f, policy)(qp, x)) < 3e-3
-    _assert_integer_program(program, x)
+    integer_program(program, x)
     params["u"] = jax.random.normal(jax.random.key(3), (8, 8)) / 4
     dyn = lambda p, x: jax.lax.dynamic_slice_in_dim(x @ p["w"], 4, 8, axis=-1) @ p["u"]
     policy = qjax.Policy([qjax.Rule("(w|u)", weight=W8, act=A8)])

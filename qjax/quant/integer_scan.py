@@ -1,0 +1,106 @@
+"""Scans in :func:`qjax.integer_only`: ``lax.scan``, Flax's ``nn.scan`` layer stacks,
+``lax.map`` and ``fori_loop`` with static bounds, run unrolled.
+
+An integer value carries a *static* scale and bound, and each layer of a stack has its own:
+its weight's per-channel scales, its calibrated activation scale, the bounds its outputs
+reach. One traced loop body cannot hold values whose scales differ per iteration, so the
+integer program evaluates the body once per iteration, on that iteration's slices of the
+scanned inputs (a stacked weight's codes *and* scales), carrying the values from one to
+the next, and stacks the per-iteration outputs. The float calibration walk
+(:mod:`qjax.quant.integer_ranges`) unrolls the same way, so both walks meet every
+equation at the same position.
+
+The program grows with the number of iterations (a 6-layer stack is six layers' ops),
+which is what integer hardware runs anyway; the compile time grows with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax.graph._primitives import scan_counts
+from qjax.graph.layout import leading_slice
+from qjax.numerics.qarray import QArray
+
+
+def unrolled(eqn, invals: list, run_body: Callable, take: Callable, stack: Callable, empty: Callable) -> list:
+    """The outputs of the ``scan`` equation ``eqn`` on ``invals``, its body run once per
+    iteration (in reverse order for ``reverse=True``).
+
+    Args:
+      eqn: a ``scan`` equation.
+      invals: its inputs (consts, initial carry, scanned inputs).
+      run_body: ``run_body(jaxpr, consts, args)`` evaluates the body's open jaxpr.
+      take: ``take(x, i)``: iteration ``i``'s slice of the scanned input ``x``.
+      stack: ``stack(values)``: one body output's per-iteration values stacked on axis 0.
+      empty: ``empty(aval)``: a scanned output of a scan of length 0.
+
+    Returns:
+      The final carry, then the stacked outputs, as the equation's outputs.
+    """
+    p = eqn.params
+    num_consts, num_carry = scan_counts(p)
+    consts = invals[:num_consts]
+    carry = list(invals[num_consts : num_consts + num_carry])
+    xs = invals[num_consts + num_carry :]
+    length, body = p["length"], p["jaxpr"]
+    ys: list = [None] * length
+    for i in range(length - 1, -1, -1) if p["reverse"] else range(length):
+        outs = run_body(body.jaxpr, body.consts, [*consts, *carry, *(take(x, i) for x in xs)])
+        carry, ys[i] = list(outs[:num_carry]), outs[num_carry:]
+    scanned = eqn.outvars[num_carry:]
+    if not length:
+        return [*carry, *(empty(v.aval) for v in scanned)]
+    return [*carry, *(stack([y[j] for y in ys]) for j in range(len(scanned)))]
+
+
+def layer_of(q: QArray, i: int, length: int, path: str) -> QArray:
+    """Layer ``i`` of a quantized weight stacked along axis 0 (``nn.scan`` params): its
+    codes, and its scales, zero points and static activation scale where they are per
+    layer (leading axis ``length``), else the shared ones.
+
+    Raises:
+      ValueError: a part with another leading size, or packed / grouped along axis 0
+        (naming ``path``).
+    """
+    ndim = q.values.ndim
+    if not ndim or q.values.shape[0] != length:
+        raise ValueError(
+            f"integer_only: leaf {path!r} is scanned {length} times but its codes have shape "
+            f"{q.values.shape}: a scanned weight must be stacked along axis 0"
+        )
+
+    def cut(part, full_rank: bool):
+        if part is None or not np.ndim(part):
+            return part
+        lead = np.shape(part)[0]
+        if lead == length:
+            return part[i]
+        if lead == 1 and full_rank:
+            return part[0]
+        if np.size(part) == 1 and not full_rank:
+            return jnp.reshape(part, ())
+        raise ValueError(
+            f"integer_only: leaf {path!r} is scanned {length} times, but a part of it has shape "
+            f"{np.shape(part)}: its leading axis must be {length} (one per layer) or 1 (shared)"
+        )
+
+    with jax.ensure_compile_time_eval():
+        children = [
+            q.values[i],
+            cut(q.scale, True),
+            cut(q.zero_point, True),
+            cut(q.act_scale, False),
+            cut(q.act_zero_point, False),
+        ]
+    try:
+        return leading_slice(q.replace_children(children))
+    except ValueError as e:
+        raise ValueError(f"integer_only: leaf {path!r}: {e}") from e
+
+
+__all__ = ["layer_of", "unrolled"]
