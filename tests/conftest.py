@@ -49,3 +49,20 @@ def pytest_unconfigure(config):
     if not _WORKER and os.environ.get("JAX_COMPILATION_CACHE_DIR") == _XLA_CACHE:
         for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_RUN}-*")):
             shutil.rmtree(path, ignore_errors=True)
+
+
+# The longest tests (tens of seconds each: the demo, end-to-end scripts) run first, so no
+# worker is left running one alone at the end of `make test -n 2` (longest first keeps the
+# two workers' finishing times close).
+_LONGEST_FIRST = (
+    "tests/test_cli.py::test_demo_runs_and_writes_results",
+    "tests/kernels/test_bench_dry_run.py::",
+    "tests/parallel/test_loop.py::test_killed_and_restarted_run_is_bit_identical",
+    "tests/test_cli_compress.py::test_example_fast_config_end_to_end",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = lambda item: next((i for i, p in enumerate(_LONGEST_FIRST) if item.nodeid.startswith(p)), None)
+    first = sorted((it for it in items if rank(it) is not None), key=rank)
+    items[:] = first + [it for it in items if rank(it) is None]

@@ -71,8 +71,11 @@ def _quant_state(tensors: Mapping[str, Any], name: str) -> dict:
         state = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"bitsandbytes weight {name!r}: its quant state is not JSON text ({e})") from e
-    for key in ("blocksize", "shape", "dtype"):
-        if key not in state:
+    needed = ("blocksize", "shape", "dtype") + (
+        ("nested_blocksize", "nested_offset") if any(k.startswith("nested_") for k in state) else ()
+    )
+    for key in needed:
+        if key not in state or state[key] is None:
             raise ValueError(f"bitsandbytes weight {name!r}: its quant state has no {key!r} ({state})")
     return state
 
@@ -103,9 +106,12 @@ def _block_scales(tensors: Mapping[str, Any], name: str, state: dict, blocks: in
                 f"bitsandbytes weight {name!r}: {outer.size} nested absmax values for {blocks} blocks of "
                 f"{nested}"
             )
-        # bitsandbytes' dequantize_blockwise, then + offset, all in float32
-        scales = table[absmax.astype(np.int64)] * np.repeat(outer, nested)[:blocks]
-        scales = (scales + np.float32(state["nested_offset"])).astype(np.float32)
+        # bitsandbytes' dequantize_blockwise into nested_dtype (float32 but for the 0.44 CPU /
+        # XPU backend's bf16 / fp16 absmax), then + offset in that dtype, then float32
+        inner = jnp.dtype(state.get("nested_dtype", "float32"))
+        scales = (table[absmax.astype(np.int64)] * np.repeat(outer, nested)[:blocks]).astype(inner)
+        offset = np.float32(state["nested_offset"])
+        scales = (scales.astype(np.float32) + offset).astype(inner).astype(np.float32)
     if not np.all(np.isfinite(scales)):
         raise ValueError(f"bitsandbytes weight {name!r}: its absmax holds NaN or Inf")
     return scales
@@ -140,8 +146,12 @@ def from_bnb_4bit(tensors: Mapping[str, Any], name: str, *, dtype=None, pack_cod
       >>> names = [k for k in t if k + ".quant_state.bitsandbytes__nf4" in t]  # every 4-bit weight
     """
     state = _quant_state(tensors, name)
-    shape = tuple(int(d) for d in state["shape"])
-    block = int(state["blocksize"])
+    try:
+        shape, block = tuple(int(d) for d in state["shape"]), int(state["blocksize"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(
+            f"bitsandbytes weight {name!r}: bad shape / blocksize in its quant state ({state})"
+        ) from e
     if len(shape) != 2:
         raise ValueError(
             f"bitsandbytes weight {name!r} has shape {shape}: only 2-D (out, in) weights are read"
@@ -211,8 +221,9 @@ def to_bnb_4bit(w: QArray, name: str) -> dict[str, np.ndarray]:
     scales = np.asarray(w.scale, np.float32)
     if (w.group_axis not in (None, -2)) or scales.shape != (k // block, n):
         raise ValueError(
-            f"to_bnb_4bit needs scales per group along K (axis -2) and output channel, shape "
-            f"({k // block}, {n}); got {scales.shape} (group axis {w.group_axis})"
+            f"to_bnb_4bit needs one scale per group along K and output channel (bitsandbytes' blocks, "
+            f"QuantSpec(qjax.nf4, channel_axes=(-1,), group_size=64, group_axis=-2)): scales of shape "
+            f"({k // block}, {n}), got {scales.shape} (group axis {w.group_axis})"
         )
     codes = np.asarray(w.unpacked_values(), np.uint8).T.reshape(-1)  # (N, K) row-major
     if codes.size % 2:

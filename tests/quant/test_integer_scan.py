@@ -231,7 +231,7 @@ def test_other_control_flow_and_moved_layer_axes_are_refused():
             qjax.integer_only(f, policy, w0)(x)
 
 
-@settings(deadline=None, max_examples=15)
+@settings(deadline=None, max_examples=8)
 @given(
     layers=st.integers(1, 4),
     k=st.integers(1, 9),
