@@ -198,10 +198,7 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     except ValueError as e:
         hint = ""
         if "exp" in chain.ops and "not finite" in str(e):
-            hint = (
-                " (an exp of a value not known to be <= 0: subtract the max of that same value first; "
-                "mask with jnp.where(mask, x, -inf) before jax.nn.softmax rather than softmax(where=))"
-            )
+            hint = " (an exp of a value not known to be <= 0: subtract the max of that same value first)"
         raise ValueError(f"integer_only: at {where}: {e}{hint}") from None
     data = f(root.data)
     # a function with no negative (positive) value on the sample is clamped to it: the
@@ -213,5 +210,11 @@ def evaluate(chain: Chain, where: str, margin: float = 2.0) -> IntValue:
     peak = None
     if chain.root.peak is not None and chain.root.peak[1] == 0 and sign > 0:  # exp(x - max(x)) has exp(0)
         peak = (chain.root.peak[0], int(max(f.reference(np.array([0]))[0], 0)))
+    mask = None
+    if chain.root.mask is not None and chain.root.mask[1] == "-inf":  # where the root stands for -inf
+        with np.errstate(all="ignore"):
+            at_fill = chain.fn(np.array([-np.inf]))
+        if np.all(at_fill == 0):  # exp(-inf - max): 0 there, as softmax(where=)'s masked sum assumes
+            mask = (chain.root.mask[0], "0")
     scale = np.full((1,) * len(chain.shape), f.out_scale)
-    return IntValue(data, scale, f.bound, sign=sign, bounded=True, peak=peak)
+    return IntValue(data, scale, f.bound, sign=sign, bounded=True, peak=peak, mask=mask)

@@ -86,15 +86,32 @@ def _is_int(x) -> bool:
     return isinstance(x, (IntValue, chains.Chain))
 
 
-def _same_operand(a, b) -> bool:
-    """Whether two operands are the same value: the same traced or integer value, or equal
-    static arrays of one dtype."""
-    if a is b:
-        return True
-    if not (_is_static(a) and _is_static(b)):
-        return False
-    a, b = np.asarray(static_value(a)), np.asarray(static_value(b))
-    return a.dtype == b.dtype and a.shape == b.shape and bool(np.all((a == b) | (np.isnan(a) & np.isnan(b))))
+# ops whose repeats (the same op on the same operands) return the first result: a mask
+# broadcast and compared again, a select written twice (softmax(where=) masks x once for
+# its max and once for exp), so that both uses see one value
+_REPEATABLE = frozenset(
+    {"select_n", "broadcast_in_dim", "convert_element_type", "reshape", "squeeze", "expand_dims"}
+    | {"transpose", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "not", "stop_gradient"}
+)
+_SMALL = 4096  # static operands compared by value up to this size (else by identity)
+
+
+def _repeat_key(eqn, invals):
+    """A key equal for the same :data:`_REPEATABLE` op on the same operands (traced and
+    integer values by identity, small static arrays by value), else ``None``."""
+    if eqn.primitive.name not in _REPEATABLE or not invals:
+        return None
+    parts = []
+    for x in invals:
+        if isinstance(x, (IntValue, chains.Chain, jax.core.Tracer)):
+            parts.append(("id", id(x)))
+        elif isinstance(x, (Weight, FromWeight)) or np.size(x) > _SMALL:
+            return None
+        else:
+            a = np.asarray(x)
+            parts.append(("value", a.dtype.str, a.shape, a.tobytes()))
+    params = tuple(sorted((k, repr(v)) for k, v in eqn.params.items()))
+    return eqn.primitive.name, params, tuple(parts)
 
 
 def _sub_jaxprs(eqn) -> bool:
@@ -118,7 +135,7 @@ class _Program(IntegerMatmuls):
         self._input_ranges: dict[int, tuple] = {}  # id(input) -> (input, calibrated |range|)
         self._inputs: dict[int, tuple] = {}  # id(input) -> (input, its IntValue)
         self._measured: dict[int, tuple] = {}  # id(float input value) -> (value, measured |range|)
-        self._selects: list[tuple] = []  # (operands, outputs) of the selects of integer values
+        self._repeated: dict = {}  # _repeat_key -> (operands, outputs): an op seen before
 
     def input_value(self, x, where: str) -> IntValue:
         """The float input ``x`` as 16-bit codes over the range calibrated where a matmul
@@ -190,29 +207,45 @@ class _Program(IntegerMatmuls):
             where = "/".join(s for s in (scope, str(eqn.source_info.name_stack)) if s) or "top level"
             position = self.position
             self.position += 1
+            key = _repeat_key(eqn, invals)
+            if key is not None and key in self._repeated:  # the same op on the same operands
+                outs = self._repeated[key][1]
+                if self.ranges is not None:
+                    self._check_position(position + 1, eqn, where)
+                for v, x in zip(eqn.outvars, outs):
+                    if not isinstance(v, jcore.DropVar):
+                        env[v] = x
+                continue
             outs = self._eqn(eqn, invals, where)
             if self.ranges is not None:
                 position += 1  # entry 0: the arguments
-                names = self.ranges.names
-                if position >= len(names) or names[position] != eqn.primitive.name:
-                    raise ValueError(
-                        f"integer_only: the calibration batches' program differs from this call's at {where} "
-                        "(other argument dtypes, weak types or structure?)"
-                    )
+                self._check_position(position, eqn, where)
                 for o, r in zip(outs, self.ranges.values[position]):
                     if isinstance(o, jax.core.Tracer) and r > 0:  # a float op on the input
                         self._measured[id(o)] = (o, r)
-                passed = lambda o, ins=invals: any(o is x for x in ins)  # an input returned as it is
+                # not an input returned as it is, nor a value measured at an inner position (a
+                # jit's result): a copy would not be the object a repeated op returns
+                passed = lambda o, ins=invals: any(o is x for x in ins) or o.real_bound is not None
                 outs = [
                     dataclasses.replace(o, real_bound=r)
                     if isinstance(o, (IntValue, chains.Chain)) and r >= 0 and not passed(o)
                     else o
                     for o, r in zip(outs, self.ranges.values[position])
                 ]
+            if key is not None:  # kept with its operands (their ids stay theirs)
+                self._repeated[key] = (invals, outs)
             for v, x in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = x
         return [read(v) for v in jaxpr.outvars]
+
+    def _check_position(self, position: int, eqn, where: str) -> None:
+        names = self.ranges.names
+        if position >= len(names) or names[position] != eqn.primitive.name:
+            raise ValueError(
+                f"integer_only: the calibration batches' program differs from this call's at {where} "
+                "(other argument dtypes, weak types or structure?)"
+            )
 
     def _eqn(self, eqn, invals, where: str) -> list:
         name = eqn.primitive.name
@@ -273,16 +306,10 @@ class _Program(IntegerMatmuls):
         fail = lambda why: ValueError(
             f"integer_only: {name!r} at {where} {why} (integer-only inference covers {SUPPORTED})"
         )
-        if name == "select_n":  # the same select again (softmax(where=) masks x twice): the same value
-            for seen, outs in self._selects:
-                if len(seen) == len(invals) and all(map(_same_operand, seen, invals)):
-                    return outs
         ints = [x for x in invals if isinstance(x, IntValue)]
         if name == "mul" and len(ints) == 2:  # a product: its operands at their measured ranges
             invals = [ranges_lib.clip_to_range(x, self.margin, where, "a product") for x in invals]
         outs = on_integers(eqn, [static_value(x) for x in invals], fail)
-        if name == "select_n":
-            self._selects.append((invals, outs))
         bounded = name == "div" and len(ints) == 2  # a normalisation's quotients are in [0, 1]
         if any(x.loose for x in ints) and not bounded:
             outs = [dataclasses.replace(o, loose=True) if isinstance(o, IntValue) else o for o in outs]
@@ -299,20 +326,18 @@ class _Program(IntegerMatmuls):
         ``x[i]``."""
         x = self.value(x, where)
         if isinstance(x, Weight):
-            views = []
+            views, layer = [], i
             for kind, arg in x.views:  # the weight's views, less the layer axis
-                if (arg[0] != 0) if kind == "transpose" else (0 in arg):
+                if kind == "transpose" and arg[0] != 0:
                     raise ValueError(
-                        f"integer_only: leaf {x.path!r} reaches the scan at {where} through a {kind} "
+                        f"integer_only: leaf {x.path!r} reaches the scan at {where} through a transpose "
                         "that moves its layer axis: a scanned weight is sliced along axis 0 as stored"
                     )
-                views.append(
-                    (
-                        kind,
-                        tuple(a - 1 for a in arg[1:]) if kind == "transpose" else tuple(a - 1 for a in arg),
-                    )
-                )
-            return Weight(x.path, integer_scan.layer_of(x.q, i, length, x.path), tuple(views))
+                if kind == "rev" and 0 in arg:  # w[::-1]: the layers in reverse order
+                    layer = length - 1 - layer
+                rest = arg[1:] if kind == "transpose" else tuple(a for a in arg if a != 0)
+                views.append((kind, tuple(a - 1 for a in rest)))
+            return Weight(x.path, integer_scan.layer_of(x.q, layer, length, x.path), tuple(views))
         if isinstance(x, IntValue):
             scale = x.scale[i] if x.scale.shape[0] > 1 else x.scale[0]
             return IntValue(
@@ -343,6 +368,9 @@ class _Program(IntegerMatmuls):
         """An op on params and constants: computed now; a transpose / reversal of a quantized
         weight is followed (codes and scale alike), any other op on one dequantizes it."""
         name = eqn.primitive.name
+        layer = _one_layer(eqn, invals)
+        if layer is not None:
+            return [layer]
         if len(invals) == 1 and isinstance(invals[0], Weight):
             w = invals[0]
             if name in NOOP:
@@ -356,6 +384,38 @@ class _Program(IntegerMatmuls):
         if sources:
             return [FromWeight(o, sources[0].path, name) for o in outs]
         return outs
+
+
+def _one_layer(eqn, invals) -> Weight | None:
+    """``w[i]`` of a stacked quantized weight ``w`` read as stored (a ``fori_loop`` over
+    layers, its counter static once unrolled): a slice / dynamic slice of one index along
+    axis 0 and the whole of every other axis keeps it a weight (that layer, axis kept),
+    and squeezing that axis gives the layer; ``None`` for anything else."""
+    if not invals:
+        return None
+    w, name = invals[0], eqn.primitive.name
+    if not isinstance(w, Weight) or w.views or not w.q.ndim:
+        return None
+    shape, p = w.q.shape, eqn.params
+    if name == "squeeze":
+        if tuple(p["dimensions"]) != (0,) or shape[0] != 1:
+            return None
+        return Weight(w.path, integer_scan.layer_of(w.q, 0, 1, w.path))
+    if name == "slice":
+        start, sizes = (
+            list(p["start_indices"]),
+            [b - a for a, b in zip(p["start_indices"], p["limit_indices"])],
+        )
+        if any(st not in (None, 1) for st in p["strides"] or ()):
+            return None
+    elif name == "dynamic_slice" and all(_is_static(x) for x in invals[1:]):
+        sizes = list(p["slice_sizes"])
+        start = [int(np.clip(int(np.asarray(v)), 0, n - k)) for v, n, k in zip(invals[1:], shape, sizes)]
+    else:
+        return None
+    if sizes[0] != 1 or any(a != 0 or k != n for a, k, n in zip(start[1:], sizes[1:], shape[1:])):
+        return None
+    return Weight(w.path, integer_scan.layer_of(w.q, start[0], shape[0], w.path, keep_axis=True))
 
 
 def _output(x, program: _Program):

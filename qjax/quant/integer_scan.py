@@ -58,10 +58,11 @@ def unrolled(eqn, invals: list, run_body: Callable, take: Callable, stack: Calla
     return [*carry, *(stack([y[j] for y in ys]) for j in range(len(scanned)))]
 
 
-def layer_of(q: QArray, i: int, length: int, path: str) -> QArray:
+def layer_of(q: QArray, i: int, length: int, path: str, keep_axis: bool = False) -> QArray:
     """Layer ``i`` of a quantized weight stacked along axis 0 (``nn.scan`` params): its
     codes, and its scales, zero points and static activation scale where they are per
-    layer (leading axis ``length``), else the shared ones.
+    layer (leading axis ``length``), else the shared ones. With ``keep_axis`` the layer
+    keeps a leading axis of size 1 (``w[i:i + 1]``; ``w[i]`` is that squeezed).
 
     Raises:
       ValueError: a part with another leading size, or packed / grouped along axis 0
@@ -79,9 +80,9 @@ def layer_of(q: QArray, i: int, length: int, path: str) -> QArray:
             return part
         lead = np.shape(part)[0]
         if lead == length:
-            return part[i]
+            return part[i : i + 1] if keep_axis and full_rank else part[i]
         if lead == 1 and full_rank:
-            return part[0]
+            return part if keep_axis else part[0]
         if np.size(part) == 1 and not full_rank:
             return jnp.reshape(part, ())
         raise ValueError(
@@ -91,12 +92,14 @@ def layer_of(q: QArray, i: int, length: int, path: str) -> QArray:
 
     with jax.ensure_compile_time_eval():
         children = [
-            q.values[i],
+            q.values[i : i + 1] if keep_axis else q.values[i],
             cut(q.scale, True),
             cut(q.zero_point, True),
             cut(q.act_scale, False),
             cut(q.act_zero_point, False),
         ]
+    if keep_axis:
+        return q.replace_children(children)
     try:
         return leading_slice(q.replace_children(children))
     except ValueError as e:

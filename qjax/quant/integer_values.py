@@ -45,6 +45,9 @@ class IntValue:
     ``real_bound`` / ``loose``: :mod:`qjax.quant.integer_ranges`. ``peak`` / ``least``:
     ``x - max(x)`` has a 0 along the reduced axes, so ``exp`` of it has ``exp(0)``'s codes
     there, and their sum is at least that (a ``log_softmax``'s ``log(sum(exp))``).
+    ``mask``: ``(pred, "-inf")`` for ``where(pred, x, -inf)`` (its fill saturated) and
+    ``x - max(x)`` of it; ``(pred, "0")`` for a function of that which is 0 at ``-inf``
+    (``exp``): what ``jax.nn.softmax(where=)``'s masked sum relies on.
     ``sign``: ``1`` when every element is known ``≥ 0`` (after a ReLU, an ``exp``), ``-1``
     when ``≤ 0`` (``x - max(x)``), else ``0``. ``chain``: ``(root, fn, ops)`` when the value
     is ``fn(root)`` element-wise (:mod:`qjax.quant.integer_chains`). ``reduced``: a
@@ -62,6 +65,7 @@ class IntValue:
     real_bound: float | None = None  # max |value| measured on calibration data
     loose: bool = False  # the bound compounds a product's (see qjax.quant.integer_ranges)
     bounded: bool = False  # an evaluated function's output: its bound is the function's range
+    mask: tuple | None = None  # (pred, "-inf" | "0"): where pred is False the value stands for that
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -204,7 +208,9 @@ def _binary(eqn, invals, fail) -> IntValue:
         else:
             bound = max(xa.bound, ya.bound)
         peak = (y.reduced.axes, 0) if own_max else None  # the max element's difference is 0
-        return IntValue(bind_eqn(eqn, [xa.data, ya.data])[0], xa.scale, bound, sign=sign, peak=peak)
+        mask = x.mask if own_max and x.mask is not None and x.mask[1] == "-inf" else None  # -inf - max
+        data = bind_eqn(eqn, [xa.data, ya.data])[0]
+        return IntValue(data, xa.scale, bound, sign=sign, peak=peak, mask=mask)
     int_first = isinstance(x, IntValue)
     a, other = (x, y) if int_first else (y, x)
     v = np.asarray(other, np.float64)
@@ -471,12 +477,42 @@ def _select(eqn, invals, fail) -> IntValue:
             parts.append(jnp.asarray(compress(codes).astype(np.int32)))
     out_shape = eqn.outvars[0].aval.shape
     data = bind_eqn(eqn, [pred, *(jnp.broadcast_to(p, out_shape) for p in parts)])[0]
-    zeros = [c for c in cases if not isinstance(c, IntValue)]
-    if len(ints) == 1 and ints[0].sign > 0 and zeros and all(np.all(np.asarray(c) == 0) for c in zeros):
-        # a non-negative value with masked elements zeroed (softmax(where=)'s sum reads it)
-        masked = Reduced("masked", ints[0], (), aligned=True)
-        return IntValue(data, _rank(scale, data.ndim), bound, sign=1, reduced=masked)
-    return IntValue(data, _rank(scale, data.ndim), bound)
+    out = IntValue(data, _rank(scale, data.ndim), bound)
+    if len(cases) != 2 or not isinstance(cases[1], IntValue) or isinstance(cases[0], IntValue):
+        return out
+    x, fill = cases[1], np.asarray(cases[0], np.float64)  # where(pred, x, fill)
+    if np.all(~np.isfinite(fill) & (fill < 0)) or np.all(fill <= -MASK_MAGNITUDE):
+        return dataclasses.replace(out, mask=(pred, "-inf"))  # saturated: stands for -inf
+    if (
+        np.all(fill == 0)
+        and x.sign > 0
+        and x.mask is not None
+        and x.mask[1] == "0"
+        and same_operand(x.mask[0], pred)
+    ):
+        # x is 0 where pred is False (exp of a value masked by pred): this equals x, and
+        # x / sum(this) is softmax(where=)'s normalisation
+        return dataclasses.replace(out, sign=1, reduced=Reduced("masked", x, (), aligned=True))
+    return out
+
+
+def same_operand(a, b) -> bool:
+    """Whether two operands are one value: the same object, or equal static arrays of one
+    dtype and shape (NaNs equal)."""
+    if a is b:
+        return True
+    if isinstance(a, (IntValue, jax.core.Tracer)) or isinstance(b, (IntValue, jax.core.Tracer)):
+        return False
+    try:
+        a, b = np.asarray(a), np.asarray(b)
+    except (TypeError, ValueError):
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    same = a == b
+    if np.issubdtype(a.dtype, np.inexact):
+        same = same | (np.isnan(a) & np.isnan(b))
+    return bool(np.all(same))
 
 
 def _layout(eqn, invals) -> IntValue:
@@ -558,7 +594,11 @@ def stack_values(invals, axis: int) -> IntValue:
     data = jnp.stack([x.data for x in parts], axis=axis)
     sign = parts[0].sign if all(x.sign == parts[0].sign for x in parts) else 0
     bound = max(x.bound for x in parts)
-    return IntValue(data, compress(np.concatenate(scales, axis=axis)), bound, sign=sign)
+    measured = [x.real_bound for x in parts if isinstance(x, IntValue)]
+    real_bound = max(measured) if all(r is not None for r in measured) else None
+    loose = any(x.loose for x in parts)  # a part's bound compounds a product's: so does the stack's
+    scale = compress(np.concatenate(scales, axis=axis))
+    return IntValue(data, scale, bound, sign=sign, real_bound=real_bound, loose=loose)
 
 
 def _split(eqn, a: IntValue) -> list:

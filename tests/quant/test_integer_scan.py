@@ -216,6 +216,51 @@ def test_fori_loop_with_static_bounds_and_scans_of_length_zero_and_one():
     np.testing.assert_array_equal(ys, h[None])
 
 
+def test_layer_loops_indexing_or_reversing_the_stack():
+    # fori_loop(..., lambda i, h: f(h @ w[i])): the counter is static once unrolled, so w[i] is
+    # layer i of the stack; a stack reversed before a scan runs its layers last to first
+    x = jax.random.normal(jax.random.key(8), (4, 12))
+    params = _stacked_params()
+    indexed = lambda p, x: jax.lax.fori_loop(0, 3, lambda i, h: jax.nn.relu(h @ p["w"][i]), x)
+    reversed_ = lambda p, x: jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, p["w"][::-1])[0]
+
+    def unrolled(order):
+        def f(p, x):
+            for i in order:
+                x = jax.nn.relu(x @ p[f"l{i}"])
+            return x
+
+        return f
+
+    policy, qp, loose = _quantized(indexed, params, x)
+    got = qjax.integer_only(indexed, policy, qp)(x)
+    np.testing.assert_array_equal(got, qjax.integer_only(unrolled((0, 1, 2)), policy, loose)(x))
+    assert _rel(got, qjax.quantized(indexed, policy)(qp, x)) < 1e-2
+    # (calibrate does not follow a reversed stack into the scan: its act scales come from
+    # the forward scan's calibration here)
+    forward = lambda p, x: jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, p["w"])[0]
+    policy, qp, loose = _quantized(forward, params, x)
+    got = qjax.integer_only(reversed_, policy, qp)(x)
+    np.testing.assert_array_equal(got, qjax.integer_only(unrolled((2, 1, 0)), policy, loose)(x))
+
+
+def _layer_norm(h):
+    mu = h.mean(-1, keepdims=True)
+    return (h - mu) * jax.lax.rsqrt(((h - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
+
+
+def test_a_scans_stacked_outputs_keep_their_loose_bounds():
+    # a product of normalised values needs measured ranges, scanned or not: refused without
+    # calibration= (it would keep no bits), right with it
+    x = jax.random.normal(jax.random.key(9), (4, 12))
+    f = lambda p, x: jnp.square(jax.lax.scan(lambda c, w: (c, _layer_norm(c @ w)), x, p["w"])[1])
+    policy, qp, _ = _quantized(f, _stacked_params(), x)
+    with pytest.raises(ValueError, match="calibration="):
+        qjax.integer_only(f, policy, qp)(x)
+    got = qjax.integer_only(f, policy, qp, calibration=[(x,)])(x)
+    assert _rel(got, qjax.quantized(f, policy)(qp, x)) < 1e-3
+
+
 def test_other_control_flow_and_moved_layer_axes_are_refused():
     x = jax.random.normal(jax.random.key(7), (4, 12))
     params = _stacked_params()

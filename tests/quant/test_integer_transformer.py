@@ -248,6 +248,22 @@ def test_softmax_where_argument(traced_mask):
         got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x), where=mask), policy, qp)(x)
     np.testing.assert_allclose(got, want, atol=5e-5)
     assert np.all(np.asarray(got)[~mask] == 0) and np.asarray(got)[3, 7] == 1
+    # a mask broadcast from (K,) (an attention padding mask), traced, with measured ranges
+    f = lambda p, x, m: jax.nn.softmax(pre(p, x), where=m)
+    keys = np.asarray(mask[0])
+    want_k = np.where(keys, _softmax64(np.where(keys, h, -np.inf)), 0)
+    got = qjax.integer_only(f, policy, qp, calibration=[(x, jnp.asarray(keys))])(x, jnp.asarray(keys))
+    np.testing.assert_allclose(got, want_k, atol=5e-5)
+
+    # e / sum(e, where=mask) of an e not masked itself is e / s at the masked keys in float,
+    # which can exceed 1: refused (it must not come out 0 there)
+    def unmasked(p, x):
+        z = pre(p, x)
+        e = jnp.exp(z - jnp.max(z, -1, keepdims=True))
+        return e / jnp.sum(e, -1, keepdims=True, where=mask)
+
+    with pytest.raises(ValueError, match="divides by an integer value"):
+        qjax.integer_only(unmasked, policy, qp)(x)
     # a division by the masked sum of another value still has no integer form
     sig = lambda p, x, sign: jax.nn.sigmoid(sign * pre(p, x))
     g = lambda p, x: sig(p, x, 1) / jnp.sum(jnp.where(mask, sig(p, x, -1), 0), -1, keepdims=True)
