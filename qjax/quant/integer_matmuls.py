@@ -20,7 +20,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.spec import PER_TOKEN
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.dyadic import requantize
-from qjax.quant.integer_values import IntValue, compress
+from qjax.quant.integer_values import IntValue, _uniform, coarsen, compress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +54,17 @@ def view(x, views, xp):
 
 def static_value(x):
     if isinstance(x, Weight):
-        return view(x.q.dequantize(), x.views, jnp)
+        with jax.ensure_compile_time_eval():  # the params are concrete: so is their value
+            return view(x.q.dequantize(), x.views, jnp)
     return x.value if isinstance(x, FromWeight) else x
+
+
+def _narrowest(lo: int, hi: int, codes: np.ndarray | None = None):
+    """The narrowest integer type (int8, int16, else int32) holding ``[lo, hi]`` and ``codes``
+    (both operands' centred codes)."""
+    if codes is not None:
+        lo, hi = min(lo, int(codes.min(initial=0))), max(hi, int(codes.max(initial=0)))
+    return jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16 if -32768 <= lo and hi <= 32767 else jnp.int32
 
 
 class IntegerMatmuls:
@@ -76,24 +85,36 @@ class IntegerMatmuls:
                 "has no static activation scale: quantize_params(params, policy, "
                 "act_stats=qjax.calibrate(...))"
             )
-        if q.format.is_float or q.group_axis is not None:
-            raise fail(
-                "needs integer weight codes with one scale per output channel or per tensor (no groups)"
-            )
+        if q.format.is_float:
+            raise fail("needs integer weight codes (not a float or codebook format)")
         # zero points: both operands enter centred (codes minus zero point), so padded
         # positions of a conv (0) stand for real 0 and no correction terms are needed
         with jax.ensure_compile_time_eval():  # the params are concrete: so are their codes
             w_codes = np.asarray(
                 view(unpacked(q).values if q.packed_axis is not None else q.values, w.views, jnp), np.int64
             )
-        if q.zero_point is not None:
-            w_codes = w_codes - view(np.round(np.asarray(q.zero_point, np.float64)), w.views, np).astype(
-                np.int64
-            )
         w_scale = view(np.asarray(q.scale, np.float64), w.views, np)
         contracted = self._contracted(eqn, wi)
-        if any(w_scale.shape[d] != 1 for d in contracted):
-            raise fail("its scale varies along the contracted axes")
+        varying = [d for d in contracted if w_scale.shape[d] != 1]
+        grouped = None  # the contracted axis the weight's groups lie along
+        if varying:
+            c = varying[0]
+            if not (
+                len(varying) == 1
+                and eqn.primitive.name == "dot_general"
+                and q.group_size is not None
+                and w_scale.shape[c] * q.group_size == w_codes.shape[c]
+            ):
+                raise fail(
+                    "its scale varies along the contracted axes (other than groups of a dot_general's one "
+                    "contracted axis)"
+                )
+            grouped = c
+        if q.zero_point is not None:
+            zp = view(np.round(np.asarray(q.zero_point, np.float64)), w.views, np).astype(np.int64)
+            if grouped is not None:  # one zero point per group: repeated over the group's rows
+                zp = np.repeat(zp, q.group_size, axis=grouped)
+            w_codes = w_codes - zp
         s_act = float(np.asarray(q.act_scale, np.float64).reshape(()))
         z_act = (
             0
@@ -104,6 +125,10 @@ class IntegerMatmuls:
         act = self._activation_codes(invals[1 - wi], s_act, lo_a, hi_a)
         # |acc| <= max|activation code| * max over outputs of the sum of |weight codes| it reads
         a_max = max(-lo_a, hi_a)
+        if grouped is not None:
+            return self._grouped_matmul(
+                eqn, wi, act, w_codes, w_scale, grouped, q.group_size, s_act, (lo_a, hi_a), fail
+            )
         bound = a_max * float(np.abs(w_codes).sum(axis=contracted).max(initial=0))
         if bound > 2.0**31 - 1:
             raise fail(
@@ -111,16 +136,53 @@ class IntegerMatmuls:
                 f"summing to {bound / a_max:.0f} over the contraction; use narrower formats (8 bits) or "
                 "a shorter contraction"
             )
-        lo, hi = min(lo_a, int(w_codes.min(initial=0))), max(hi_a, int(w_codes.max(initial=0)))
-        # the narrowest type holding both operands' (centred) codes: int8, int16, else int32
-        wide = (
-            jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16 if -32768 <= lo and hi <= 32767 else jnp.int32
-        )
+        wide = _narrowest(lo_a, hi_a, w_codes)
         operands = [None, None]
         operands[wi], operands[1 - wi] = jnp.asarray(w_codes, wide), act.astype(wide)
         params = {**eqn.params, "preferred_element_type": jnp.dtype(jnp.int32)}
         acc = bind_eqn(eqn.replace(params=params), operands)[0]
         return IntValue(acc, compress(s_act * self._out_scale(eqn, wi, w_scale, acc.ndim)), bound)
+
+    def _grouped_matmul(self, eqn, wi, act, w_codes, w_scale, c, group_size, s_act, act_range, fail):
+        """A dot_general whose weight has a scale per group of ``group_size`` along its one
+        contracted axis ``c`` (GPTQ / AWQ / int4 g128): the contraction split into groups (a
+        batch axis of the int32 product), each group's partial sums rescaled onto one finer
+        scale by 30-bit dyadic ratios, and summed (one unit of that scale per group)."""
+        (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+        mine_c, other_c, mine_b, other_b = (rc, lc, rb, lb) if wi == 1 else (lc, rc, lb, rb)
+        a = other_c[list(mine_c).index(c)]  # the activation's axis contracted with c
+        groups = w_codes.shape[c] // group_size
+
+        def split(x, axis, size):  # axis -> (groups, size)
+            return x.reshape((*x.shape[:axis], groups, size, *x.shape[axis + 1 :]))
+
+        def contracted(dims, axis):  # after the split: the group's rows are contracted
+            return tuple(d + 1 if d >= axis else d for d in dims)
+
+        def batch(dims, axis):  # after the split: the groups join the batch axes
+            return (*(d + (d > axis) for d in dims), axis)
+
+        w_c, a_c = contracted(mine_c, c), contracted(other_c, a)
+        w_b, a_b = batch(mine_b, c), batch(other_b, a)
+        dims = ((a_c, w_c), (a_b, w_b)) if wi == 1 else ((w_c, a_c), (w_b, a_b))
+        group_eqn = eqn.replace(
+            params={**eqn.params, "dimension_numbers": dims, "preferred_element_type": jnp.dtype(jnp.int32)}
+        )
+        w_split = split(w_codes, c, group_size)
+        a_max = max(-act_range[0], act_range[1])
+        bound = a_max * float(np.abs(w_split).sum(axis=w_c).max(initial=0))
+        if bound > 2.0**31 - 1:
+            raise fail(f"its int32 accumulator can overflow within a group of {group_size}")
+        wide = _narrowest(*act_range, w_split)
+        operands = [None, None]
+        operands[wi], operands[1 - wi] = jnp.asarray(w_split, wide), split(act, a, group_size).astype(wide)
+        acc = bind_eqn(group_eqn, operands)[0]  # (batch..., groups, free...)
+        g_axis = len(w_b) - 1
+        scale = s_act * self._out_scale(group_eqn, wi, split(w_scale, c, 1), acc.ndim)
+        parts = coarsen(_uniform(IntValue(acc, compress(scale), bound), (g_axis,), refine=True), groups)
+        return IntValue(
+            jnp.sum(parts.data, axis=g_axis), np.squeeze(parts.scale, g_axis), parts.bound * groups
+        )
 
     def _activation_matmul(self, eqn, invals, where: str) -> IntValue:
         """A matmul of two activations (attention's ``QKᵀ`` and ``PV``) that an ``OpRule``
@@ -167,11 +229,7 @@ class IntegerMatmuls:
         )
         if bound > 2.0**31 - 1:
             raise ValueError(f"integer_only: the int32 accumulator of the matmul at {where} can overflow")
-        lo = min(o[1] for o in operands)
-        hi = max(o[2] for o in operands)
-        wide = (
-            jnp.int8 if -128 <= lo and hi <= 127 else jnp.int16 if -32768 <= lo and hi <= 32767 else jnp.int32
-        )
+        wide = _narrowest(min(o[1] for o in operands), max(o[2] for o in operands))
         params = {**eqn.params, "preferred_element_type": jnp.dtype(jnp.int32)}
         acc = bind_eqn(eqn.replace(params=params), [o[0].astype(wide) for o in operands])[0]
         return IntValue(acc, np.full((1,) * acc.ndim, scale), bound)

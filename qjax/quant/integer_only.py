@@ -68,7 +68,7 @@ from qjax.quant import integer_chains as chains
 from qjax.quant import integer_ranges as ranges_lib
 from qjax.quant import integer_scan
 from qjax.quant import op_stats as op_stats_lib
-from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value
+from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value, view
 from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers, stack_values
 from qjax.quant.policy import Policy, check_policy
 
@@ -103,13 +103,16 @@ def _repeat_key(eqn, invals):
         return None
     parts = []
     for x in invals:
-        if isinstance(x, (IntValue, chains.Chain, jax.core.Tracer)):
-            parts.append(("id", id(x)))
-        elif isinstance(x, (Weight, FromWeight)) or np.size(x) > _SMALL:
+        if isinstance(x, (Weight, FromWeight)):
             return None
+        dtype = getattr(x, "dtype", None)
+        if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            return None  # a typed PRNG key: no NumPy value to compare
+        if isinstance(x, (IntValue, chains.Chain, jax.core.Tracer)) or np.size(x) > _SMALL:
+            parts.append(("id", id(x)))  # kept alive by the memo entry: the id stays its own
         else:
             a = np.asarray(x)
-            parts.append(("value", a.dtype.str, a.shape, a.tobytes()))
+            parts.append(("value", str(a.dtype), a.shape, a.tobytes()))  # dtype.str is "<V1" for fp8
     params = tuple(sorted((k, repr(v)) for k, v in eqn.params.items()))
     return eqn.primitive.name, params, tuple(parts)
 
@@ -326,18 +329,15 @@ class _Program(IntegerMatmuls):
         ``x[i]``."""
         x = self.value(x, where)
         if isinstance(x, Weight):
-            views, layer = [], i
-            for kind, arg in x.views:  # the weight's views, less the layer axis
-                if kind == "transpose" and arg[0] != 0:
-                    raise ValueError(
-                        f"integer_only: leaf {x.path!r} reaches the scan at {where} through a transpose "
-                        "that moves its layer axis: a scanned weight is sliced along axis 0 as stored"
-                    )
-                if kind == "rev" and 0 in arg:  # w[::-1]: the layers in reverse order
-                    layer = length - 1 - layer
-                rest = arg[1:] if kind == "transpose" else tuple(a for a in arg if a != 0)
-                views.append((kind, tuple(a - 1 for a in rest)))
-            return Weight(x.path, integer_scan.layer_of(x.q, layer, length, x.path), tuple(views))
+            kept = integer_scan.views_without_layer_axis(x.views)
+            if kept is None:
+                raise ValueError(
+                    f"integer_only: leaf {x.path!r} reaches the scan at {where} through a transpose "
+                    "that moves its layer axis: a scanned weight is sliced along axis 0 as stored"
+                )
+            views, reversed_ = kept
+            layer = length - 1 - i if reversed_ else i  # w[::-1]: the layers last to first
+            return Weight(x.path, integer_scan.layer_of(x.q, layer, length, x.path), views)
         if isinstance(x, IntValue):
             scale = x.scale[i] if x.scale.shape[0] > 1 else x.scale[0]
             return IntValue(
@@ -387,20 +387,23 @@ class _Program(IntegerMatmuls):
 
 
 def _one_layer(eqn, invals) -> Weight | None:
-    """``w[i]`` of a stacked quantized weight ``w`` read as stored (a ``fori_loop`` over
-    layers, its counter static once unrolled): a slice / dynamic slice of one index along
-    axis 0 and the whole of every other axis keeps it a weight (that layer, axis kept),
-    and squeezing that axis gives the layer; ``None`` for anything else."""
-    if not invals:
+    """``w[i]`` of a stacked quantized weight ``w`` (rank 3 or more, not packed or grouped
+    along its layer axis; a ``fori_loop`` over layers, its counter static once unrolled): a
+    slice / dynamic slice of one index along axis 0 and the whole of every other axis keeps
+    it a weight (that layer, axis kept), and squeezing that axis gives the layer; ``None``
+    for anything else."""
+    if not invals or not isinstance(invals[0], Weight):
         return None
-    w, name = invals[0], eqn.primitive.name
-    if not isinstance(w, Weight) or w.views or not w.q.ndim:
+    w, name, p = invals[0], eqn.primitive.name, eqn.params
+    q, kept = w.q, integer_scan.views_without_layer_axis(w.views)
+    stacked_on_0 = q.ndim >= 3 and all(a is None or a % q.ndim != 0 for a in (q.packed_axis, q.group_axis))
+    if not stacked_on_0 or kept is None:
         return None
-    shape, p = w.q.shape, eqn.params
+    shape = view(np.broadcast_to(np.int8(0), q.shape), w.views, np).shape  # as the op sees it
     if name == "squeeze":
         if tuple(p["dimensions"]) != (0,) or shape[0] != 1:
             return None
-        return Weight(w.path, integer_scan.layer_of(w.q, 0, 1, w.path))
+        return Weight(w.path, integer_scan.layer_of(q, 0, 1, w.path), kept[0])
     if name == "slice":
         start, sizes = (
             list(p["start_indices"]),
@@ -415,7 +418,8 @@ def _one_layer(eqn, invals) -> Weight | None:
         return None
     if sizes[0] != 1 or any(a != 0 or k != n for a, k, n in zip(start[1:], sizes[1:], shape[1:])):
         return None
-    return Weight(w.path, integer_scan.layer_of(w.q, start[0], shape[0], w.path, keep_axis=True))
+    layer = shape[0] - 1 - start[0] if kept[1] else start[0]  # the stored layer of a reversed view
+    return Weight(w.path, integer_scan.layer_of(q, layer, shape[0], w.path, keep_axis=True), w.views)
 
 
 def _output(x, program: _Program):

@@ -58,6 +58,21 @@ def unrolled(eqn, invals: list, run_body: Callable, take: Callable, stack: Calla
     return [*carry, *(stack([y[j] for y in ys]) for j in range(len(scanned)))]
 
 
+def views_without_layer_axis(views: tuple) -> tuple[tuple, bool] | None:
+    """A stacked weight's ``("transpose", perm)`` / ``("rev", dims)`` views with its layer
+    axis (axis 0) dropped, and whether they reverse the layers (``w[::-1]``); ``None`` when
+    a transpose moves the layer axis."""
+    out, reversed_ = [], False
+    for kind, arg in views:
+        if kind == "transpose" and arg[0] != 0:
+            return None
+        if kind == "rev" and 0 in arg:
+            reversed_ = not reversed_
+        rest = arg[1:] if kind == "transpose" else tuple(a for a in arg if a != 0)
+        out.append((kind, tuple(a - 1 for a in rest)))
+    return tuple(out), reversed_
+
+
 def layer_of(q: QArray, i: int, length: int, path: str, keep_axis: bool = False) -> QArray:
     """Layer ``i`` of a quantized weight stacked along axis 0 (``nn.scan`` params): its
     codes, and its scales, zero points and static activation scale where they are per
@@ -106,4 +121,4 @@ def layer_of(q: QArray, i: int, length: int, path: str, keep_axis: bool = False)
         raise ValueError(f"integer_only: leaf {path!r}: {e}") from e
 
 
-__all__ = ["layer_of", "unrolled"]
+__all__ = ["layer_of", "unrolled", "views_without_layer_axis"]

@@ -154,10 +154,13 @@ def test_refusals_name_the_op_and_the_leaf():
     )
     with pytest.raises(ValueError, match="one static scale"):
         qjax.integer_only(net.apply, per_token, qjax.quantize_params(variables, per_token))(x)
-    # groups along K
-    g = qjax.Policy([qjax.Rule(".*kernel", weight=W8.replace(group_size=4, group_axis=0), act=A8)])
+    # groups along an output axis: the scale varies along the contraction (per input row)
+    rows = qjax.QuantSpec(qjax.int8, channel_axes=(0,), group_size=4, group_axis=1)
+    g = qjax.Policy(
+        [qjax.Rule(".*Dense_0/kernel", weight=rows, act=A8), qjax.Rule(".*kernel", weight=W8, act=A8)]
+    )
     stats = qjax.calibrate(net.apply, g, variables, [(x,)])
-    with pytest.raises(ValueError, match="no groups"):
+    with pytest.raises(ValueError, match="scale varies along the contracted axes"):
         qjax.integer_only(net.apply, g, qjax.quantize_params(variables, g, act_stats=stats))(x)
     # a matmul whose weight stays float
     half = qjax.Policy([qjax.Rule("params/Dense_0/kernel", weight=W8, act=A8)])
@@ -166,6 +169,64 @@ def test_refusals_name_the_op_and_the_leaf():
         qjax.integer_only(net.apply, half, qjax.quantize_params(variables, half, act_stats=stats))(x)
     with pytest.raises(TypeError, match=r"qjax\.Policy"):
         qjax.integer_only(net.apply, [qjax.Rule(".*", weight=W8)], qp)
+
+
+@pytest.mark.parametrize(
+    "fmt, group, symmetric", [(qjax.int4, 32, True), (qjax.int8, 64, True), (qjax.int4, 32, False)]
+)
+def test_weights_grouped_along_k_split_the_contraction(fmt, group, symmetric):
+    # GPTQ / AWQ-style weights (a scale, and zero point, per group of K rows and output):
+    # one int32 partial per group, each rescaled onto one scale; against float64 applied to
+    # the same activation codes and the dequantized weight
+    x = jax.random.normal(jax.random.key(0), (2, 3, 128))
+    params = {"w": jax.random.normal(jax.random.key(1), (128, 24)) / 8}
+    spec = qjax.QuantSpec(fmt, channel_axes=(-1,), group_size=group, group_axis=-2, symmetric=symmetric)
+    policy = qjax.Policy([qjax.Rule("w", weight=spec, act=A8)])
+    f = lambda p, x: x @ p["w"]
+    qp = qjax.quantize_params(params, policy, act_stats=qjax.calibrate(f, policy, params, [(x,)]))
+    got = np.asarray(qjax.integer_only(f, policy, qp)(x), np.float64)
+    s_act = float(qp["w"].act_scale)
+    codes = np.clip(np.round(np.asarray(x, np.float64) / np.float32(s_act)), -127, 127)
+    want = (codes * s_act) @ np.asarray(qp["w"].dequantize(), np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * np.abs(want).max())
+    # stored (N, K), as qjax.store_transposed (and the Pallas kernels) keep it: the same program
+    transposed = qjax.store_transposed(qp, "w")
+    np.testing.assert_array_equal(qjax.integer_only(f, policy, transposed)(x), got.astype(np.float32))
+    _close_to_served(lambda p, x: jax.nn.relu(f(p, x)), params, x, policy, rtol=1e-5)
+
+
+def test_repeated_ops_merge_only_equal_operands_and_rows_of_quantized_leaves():
+    # integer_only returns one value for the same op on the same operands (a mask broadcast
+    # twice); constants of two fp8 formats with equal bytes, and a typed PRNG key, are
+    # neither merged nor compared as bytes
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = jax.random.normal(jax.random.key(3), (6, 32))
+    params = {
+        "w": jax.random.normal(jax.random.key(1), (32, 16)) / 4,
+        "e": jax.random.normal(jax.random.key(4), (8, 16)),
+    }
+    byte = np.full((16,), 0x3C, np.uint8)  # 1.5 as e4m3fn, 0.75 as e4m3fnuz
+    c1 = jnp.asarray(byte.view(ml_dtypes.float8_e4m3fn))
+    c2 = jnp.asarray(byte.view(ml_dtypes.float8_e4m3fnuz))
+
+    def f(p, x):
+        z = x @ p["w"]
+        noise = jax.random.normal(jax.random.split(jax.random.key(0))[1], (16,)) * 0.01
+        return z * c1.astype(jnp.float32), z * c2.astype(jnp.float32), z + noise
+
+    policy = qjax.Policy([qjax.Rule("w", weight=W8, act=A8)])
+    qp = qjax.quantize_params(params, policy, act_stats=qjax.calibrate(f, policy, params, [(x,)]))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    got = qjax.integer_only(f, policy, qp)(x)
+    assert [rel(g, s) < 1e-4 for g, s in zip(got, qjax.quantized(f, policy)(qp, x))] == [True] * 3
+    np.testing.assert_allclose(got[1], got[0] / 2, rtol=1e-6)  # 0.75 against 1.5: not merged
+    # a row of a quantized table (not a layer stack), packed or grouped along its rows too:
+    # its dequantized values, as before
+    for spec in (W8, qjax.QuantSpec(qjax.int4, channel_axes=(-1,), pack=True, pack_axis=0)):
+        rows = qjax.Policy([qjax.Rule("w", weight=W8, act=A8), qjax.Rule("e", weight=spec)])
+        g = lambda p, x: x @ p["w"] + p["e"][0] + p["e"][:1]
+        qp = qjax.quantize_params(params, rows, act_stats=qjax.calibrate(g, rows, params, [(x,)]))
+        assert rel(qjax.integer_only(g, rows, qp)(x), qjax.quantized(g, rows)(qp, x)) < 1e-4
 
 
 # -- the review's cases ---------------------------------------------------------------------

@@ -236,6 +236,9 @@ def test_layer_loops_indexing_or_reversing_the_stack():
     got = qjax.integer_only(indexed, policy, qp)(x)
     np.testing.assert_array_equal(got, qjax.integer_only(unrolled((0, 1, 2)), policy, loose)(x))
     assert _rel(got, qjax.quantized(indexed, policy)(qp, x)) < 1e-2
+    # the stack stored (N, K) (qjax.store_transposed): the same program
+    transposed = qjax.store_transposed(qp, "w")
+    np.testing.assert_array_equal(qjax.integer_only(indexed, policy, transposed)(x), got)
     # (calibrate does not follow a reversed stack into the scan: its act scales come from
     # the forward scan's calibration here)
     forward = lambda p, x: jax.lax.scan(lambda h, w: (jax.nn.relu(h @ w), None), x, p["w"])[0]

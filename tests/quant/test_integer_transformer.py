@@ -264,6 +264,13 @@ def test_softmax_where_argument(traced_mask):
 
     with pytest.raises(ValueError, match="divides by an integer value"):
         qjax.integer_only(unmasked, policy, qp)(x)
+    # attention-sized rows (past the size up to which constants are compared by value)
+    wide = {"w": jax.random.normal(jax.random.key(6), (32, 1024)) / 4}
+    wide_q = qjax.quantize_params(wide, policy, act_stats=qjax.calibrate(pre, policy, wide, [(x,)]))
+    z = np.asarray(qjax.integer_only(pre, policy, wide_q)(x), np.float64)
+    keys = np.arange(1024) % 3 != 0
+    got = qjax.integer_only(lambda p, x: jax.nn.softmax(pre(p, x), where=keys), policy, wide_q)(x)
+    np.testing.assert_allclose(got, np.where(keys, _softmax64(np.where(keys, z, -np.inf)), 0), atol=5e-5)
     # a division by the masked sum of another value still has no integer form
     sig = lambda p, x, sign: jax.nn.sigmoid(sign * pre(p, x))
     g = lambda p, x: sig(p, x, 1) / jnp.sum(jnp.where(mask, sig(p, x, -1), 0), -1, keepdims=True)
