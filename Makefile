@@ -16,7 +16,7 @@ GPU_JAX ?= 0.11.2
 $(VENV)/.stamp-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$*]'
+	$(PY) -m pip install -q --no-compile -e '.[$*]'
 	touch $@
 
 demo: $(VENV)/.stamp-experiments

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 import qjax
 from qjax.quant.integer_scan import layer_of
@@ -94,47 +95,71 @@ def test_nn_scan_stack_is_bit_identical_to_its_unrolled_loop(spec, integer_progr
     integer_program(program, x)
 
 
-class _Block(nn.Module):
-    """A BERT-style encoder block, as a scanned layer."""
+_T, _D, _HEADS, _KV_HEADS, _HD = 8, 32, 4, 2, 8
+
+
+def _rotary(x):
+    """Rotary embedding as Llama writes it: static cos / sin and a half swap (a gather)."""
+    angle = np.arange(_T)[:, None] * np.exp(-np.arange(_HD // 2) / 2.0)[None, :]
+    cos, sin = (np.tile(f(angle), 2)[:, None, :] for f in (np.cos, np.sin))
+    half = np.concatenate([np.arange(_HD // 2, _HD), np.arange(_HD // 2)])
+    sign = np.concatenate([-np.ones(_HD // 2), np.ones(_HD // 2)])
+    return x * cos + x[..., half] * sign * sin
+
+
+class _LlamaLayer(nn.Module):
+    """A Llama decoder layer: RMSNorm, grouped-query causal attention with rotary
+    embeddings, a SiLU-gated MLP, pre-norm residuals."""
 
     @nn.compact
     def __call__(self, x, _):
-        h = nn.MultiHeadDotProductAttention(num_heads=4, name="attn")(x, x)
-        x = nn.LayerNorm(name="ln1")(x + h)
-        h = nn.Dense(32, name="down")(nn.gelu(nn.Dense(64, name="up")(x)))
-        return nn.LayerNorm(name="ln2")(x + h), None
+        h = nn.RMSNorm(name="attn_norm")(x)
+        q = _rotary(nn.DenseGeneral((_HEADS, _HD), use_bias=False, name="q")(h))
+        k = _rotary(nn.DenseGeneral((_KV_HEADS, _HD), use_bias=False, name="k")(h))
+        v = nn.DenseGeneral((_KV_HEADS, _HD), use_bias=False, name="v")(h)
+        k, v = (jnp.repeat(a, _HEADS // _KV_HEADS, axis=2) for a in (k, v))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(_HD)
+        probs = jax.nn.softmax(jnp.where(np.tril(np.ones((_T, _T), bool)), scores, -jnp.inf))
+        o = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        x = x + nn.DenseGeneral(_D, axis=(-2, -1), use_bias=False, name="o")(o)
+        h = nn.RMSNorm(name="mlp_norm")(x)
+        gate, up = (nn.Dense(64, use_bias=False, name=n)(h) for n in ("gate", "up"))
+        return x + nn.Dense(_D, use_bias=False, name="down")(jax.nn.silu(gate) * up), None
 
 
-class _Encoder(nn.Module):
+class _Llama(nn.Module):
     @nn.compact
     def __call__(self, x):
-        stack = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
-        return stack(name="layers")(x, None)[0]
+        stack = nn.scan(_LlamaLayer, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)
+        return nn.RMSNorm(name="norm")(stack(name="layers")(x, None)[0])
 
 
-def test_scanned_encoder_layers_with_attention_and_layer_norms(integer_program):
-    heads = qjax.QuantSpec(qjax.int8, channel_axes=(0, -2, -1))  # q/k/v kernels (L, D, H, hd)
+def test_a_scanned_llama_stack_with_int4_group_weights(integer_program):
+    # scans, grouped int4 weights, GQA, rotary, causal softmax, SiLU gates and RMSNorms together
     policy = qjax.Policy(
         [
-            qjax.Rule(r".*attn/(query|key|value)/kernel", weight=heads, act=A8),
             qjax.Rule(
-                r".*(attn/out|up|down)/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)), act=A8
+                r".*/(q|k|v)/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -2, -1)), act=A8
             ),
-            qjax.OpRule(r".*attn/.*qhd,.*khd->.*", lhs=A8, rhs=A8),
-            qjax.OpRule(r".*attn/.*hqk,.*khd->.*", lhs=A8, rhs=qjax.QuantSpec(qjax.uint8)),
+            qjax.Rule(r".*/o/kernel", weight=qjax.QuantSpec(qjax.int8, channel_axes=(0, -1)), act=A8),
+            qjax.Rule(
+                r".*/(gate|up|down)/kernel",
+                weight=qjax.QuantSpec(qjax.int4, channel_axes=(0, -1), group_size=16, group_axis=-2),
+                act=A8,
+            ),
+            qjax.OpRule(r".*bqhd,bkhd->bhqk", lhs=A8, rhs=A8),
+            qjax.OpRule(r".*bhqk,bkhd->bqhd", lhs=qjax.QuantSpec(qjax.uint8), rhs=A8),
         ]
     )
-    net = _Encoder()
-    x = jax.random.normal(jax.random.key(2), (2, 8, 32))
-    variables = net.init(jax.random.key(3), x)
+    net = _Llama()
+    x = jax.random.normal(jax.random.key(11), (2, _T, _D))
+    variables = net.init(jax.random.key(12), x)
     stats = qjax.calibrate(net.apply, policy, variables, [(x,)])
     qp = qjax.quantize_params(variables, policy, act_stats=stats)
     program = qjax.integer_only(net.apply, policy, qp, op_stats=stats, calibration=[(x,)])
     got = program(x)
     served = qjax.quantized(net.apply, policy, op_stats=stats)(qp, x)
     exact = net.apply(variables, x)
-    # two layers of integer GELU / softmax / LayerNorm: about as far from float as the served
-    # model (measured 0.0195 against 0.0192), 1% from it
     assert _rel(got, served) < 2e-2
     assert _rel(got, exact) < 1.25 * _rel(served, exact)
     integer_program(program, x)
@@ -279,11 +304,11 @@ def test_other_control_flow_and_moved_layer_axes_are_refused():
             qjax.integer_only(f, policy, w0)(x)
 
 
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=examples(4))  # make fuzz scales it up
 @given(
     layers=st.integers(1, 4),
-    k=st.integers(1, 9),
-    n=st.sampled_from([2, 4, 6]),
+    k=st.sampled_from([1, 7]),  # few shapes: each compiles its quantize / dequantize
+    n=st.sampled_from([2, 6]),
     bits=st.sampled_from([4, 8]),
     per_layer=st.booleans(),
     act_per_layer=st.booleans(),

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from hypothesis_budget import examples
 
 import qjax
 from qjax.numerics.formats import NF4_VALUES
@@ -138,10 +139,10 @@ def test_safetensors_file_and_other_quant_storage(tmp_path):
     )
 
 
-@settings(deadline=None, max_examples=8)
+@settings(deadline=None, max_examples=examples(4))  # make fuzz scales it up
 @given(
-    k_groups=st.integers(1, 4),
-    n=st.integers(1, 9),
+    k_groups=st.sampled_from([1, 3]),  # few shapes: each compiles its quantize / dequantize
+    n=st.sampled_from([1, 5]),
     block=st.sampled_from([32, 64]),
     per_channel=st.booleans(),
     seed=st.integers(0, 2**16),
