@@ -17,6 +17,9 @@ $(VENV)/.stamp-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q --no-compile -e '.[$*]'
+	@# byte-compile on both cores (pip does it on one); the bytecode must exist up front, as
+	@# some machines set PYTHONDONTWRITEBYTECODE and would recompile jax at every import
+	-$(PY) -m compileall -q -j $(JOBS) $(VENV)/lib qjax > /dev/null
 	touch $@
 
 demo: $(VENV)/.stamp-experiments

@@ -126,7 +126,7 @@ _BLOCK_POLICY = qjax.Policy(
 )
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal", [False])  # causal attention: the scanned Llama test (test_integer_scan.py)
 def test_encoder_block_runs_integer_only(causal, integer_program):
     net = _Block()
     x = jax.random.normal(jax.random.key(0), (2, 16, 32))
