@@ -16,10 +16,7 @@ GPU_JAX ?= 0.11.2
 $(VENV)/.stamp-%: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[$*]'
-	@# byte-compile on both cores (pip does it on one); the bytecode must exist up front, as
-	@# some machines set PYTHONDONTWRITEBYTECODE and would recompile jax at every import
-	-$(PY) -m compileall -q -j $(JOBS) $(VENV)/lib qjax > /dev/null
+	$(PY) -m pip install -q -e '.[$*]'
 	touch $@
 
 demo: $(VENV)/.stamp-experiments
