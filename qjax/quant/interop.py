@@ -103,7 +103,6 @@ def _groups(k: int, scales: np.ndarray, group_size: int | None) -> int:
 def _qarray(q: np.ndarray, z: np.ndarray, scales: np.ndarray, bits: int, group: int, dtype, pack_codes: bool):
     """The QArray of unsigned codes ``q`` ``(K, N)``, zero points ``z`` and ``scales``
     ``(K / group, N)``, grouped along K (per channel when ``group == K``)."""
-    k, n = q.shape
     if np.any(z < 0) or np.any(z >= 1 << bits):
         raise ValueError(
             f"zero points outside [0, {1 << bits}) for {bits}-bit codes: the qzeros do not fit bits={bits}"
@@ -114,6 +113,14 @@ def _qarray(q: np.ndarray, z: np.ndarray, scales: np.ndarray, bits: int, group: 
     mid = 1 << (bits - 1)
     codes = jnp.asarray(q - mid, fmt.storage_dtype)
     zero_point = None if np.all(z == mid) else jnp.asarray(z - mid, fmt.storage_dtype)
+    return kn_grouped(codes, scales, zero_point, fmt, group, dtype, pack_codes)
+
+
+def kn_grouped(codes, scales, zero_point, fmt, group: int, dtype, pack_codes: bool) -> QArray:
+    """The ``(K, N)`` QArray of ``codes`` (``fmt``'s storage) with ``scales`` (and zero
+    points) ``(K / group, N)``: grouped along K, per channel when ``group == K``, packed
+    along N when ``pack_codes`` and the format packs."""
+    k, n = codes.shape
     grouped = group != k
     packed = pack_codes and fmt.pack_bits is not None
     return QArray(

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax.numerics.formats import NF4_VALUES, nf4
-from qjax.numerics.packing import pack
 from qjax.numerics.qarray import QArray
+from qjax.quant.interop import kn_grouped
 
 _STATE = ".quant_state.bitsandbytes__"
 _BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # what bitsandbytes 0.45+ dequantizes
@@ -177,19 +177,7 @@ def from_bnb_4bit(tensors: Mapping[str, Any], name: str, *, dtype=None, pack_cod
     codes = codes[: n * k].reshape(n, k).T  # (K, N)
     scales = _block_scales(tensors, name, state, n * k // block).reshape(n, k // block).T
     out_dtype = jnp.dtype(dtype if dtype is not None else state["dtype"])
-    grouped = block != k
-    values = jnp.asarray(codes)
-    return QArray(
-        pack(values, nf4.pack_bits, -1) if pack_codes else values,
-        jnp.asarray(scales),
-        format=nf4,
-        dtype=out_dtype,
-        channel_axes=(-1,),
-        group_axis=-2 if grouped else None,
-        group_size=block if grouped else None,
-        packed_axis=-1 if pack_codes else None,
-        packed_length=n if pack_codes else None,
-    )
+    return kn_grouped(jnp.asarray(codes), scales, None, nf4, block, out_dtype, pack_codes)
 
 
 def to_bnb_4bit(w: QArray, name: str) -> dict[str, np.ndarray]:
