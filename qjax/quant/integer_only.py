@@ -68,8 +68,8 @@ from qjax.quant import integer_chains as chains
 from qjax.quant import integer_ranges as ranges_lib
 from qjax.quant import integer_scan
 from qjax.quant import op_stats as op_stats_lib
-from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value, view
-from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers, stack_values
+from qjax.quant.integer_matmuls import FromWeight, IntegerMatmuls, Weight, static_value
+from qjax.quant.integer_values import MASK_MAGNITUDE, NOOP, SUPPORTED, IntValue, on_integers
 from qjax.quant.policy import Policy, check_policy
 
 _INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
@@ -126,7 +126,7 @@ def _sub_jaxprs(eqn) -> bool:
     return False
 
 
-class _Program(IntegerMatmuls):
+class _Program(IntegerMatmuls, integer_scan.ScannedValues):
     def __init__(
         self, policy: Policy, op_stats: dict, ranges: ranges_lib.Ranges | None = None, margin: float = 2.0
     ):
@@ -323,52 +323,12 @@ class _Program(IntegerMatmuls):
                 outs = [dataclasses.replace(outs[0], chain=(chain.root, chain.fn, chain.ops))]
         return outs
 
-    def _iteration_slice(self, x, i: int, length: int, where: str):
-        """Iteration ``i``'s slice of a scanned input: a stacked quantized weight's layer
-        (codes and per-layer scales), an integer value's row (with its scales), else
-        ``x[i]``."""
-        x = self.value(x, where)
-        if isinstance(x, Weight):
-            kept = integer_scan.views_without_layer_axis(x.views)
-            if kept is None:
-                raise ValueError(
-                    f"integer_only: leaf {x.path!r} reaches the scan at {where} through a transpose "
-                    "that moves its layer axis: a scanned weight is sliced along axis 0 as stored"
-                )
-            views, reversed_ = kept
-            layer = length - 1 - i if reversed_ else i  # w[::-1]: the layers last to first
-            return Weight(x.path, integer_scan.layer_of(x.q, layer, length, x.path), views)
-        if isinstance(x, IntValue):
-            scale = x.scale[i] if x.scale.shape[0] > 1 else x.scale[0]
-            return IntValue(
-                x.data[i], scale, x.bound, x.sign, real_bound=x.real_bound, loose=x.loose, bounded=x.bounded
-            )
-        if isinstance(x, jax.core.Tracer):
-            return x[i]
-        with jax.ensure_compile_time_eval():
-            if isinstance(x, FromWeight):
-                return FromWeight(x.value[i], x.path, x.via)
-            return x[i]
-
-    def _stacked(self, values: list, where: str):
-        """One scan output's per-iteration values stacked along a new leading axis."""
-        values = [self.value(v, where) for v in values]
-        if any(isinstance(v, IntValue) for v in values):
-            values = [self.input_value(v, where) if isinstance(v, jax.core.Tracer) else v for v in values]
-            return stack_values([static_value(v) if _is_static(v) else v for v in values], 0)
-        sources = [v for v in values if isinstance(v, (Weight, FromWeight))]
-        if any(isinstance(v, jax.core.Tracer) for v in values):
-            return jnp.stack([static_value(v) for v in values])
-        with jax.ensure_compile_time_eval():
-            out = jnp.stack([static_value(v) for v in values])
-        return FromWeight(out, sources[0].path, "scan") if sources else out
-
     @staticmethod
     def _static_eqn(eqn, invals) -> list:
         """An op on params and constants: computed now; a transpose / reversal of a quantized
         weight is followed (codes and scale alike), any other op on one dequantizes it."""
         name = eqn.primitive.name
-        layer = _one_layer(eqn, invals)
+        layer = integer_scan.one_layer(eqn, invals)
         if layer is not None:
             return [layer]
         if len(invals) == 1 and isinstance(invals[0], Weight):
@@ -384,42 +344,6 @@ class _Program(IntegerMatmuls):
         if sources:
             return [FromWeight(o, sources[0].path, name) for o in outs]
         return outs
-
-
-def _one_layer(eqn, invals) -> Weight | None:
-    """``w[i]`` of a stacked quantized weight ``w`` (rank 3 or more, not packed or grouped
-    along its layer axis; a ``fori_loop`` over layers, its counter static once unrolled): a
-    slice / dynamic slice of one index along axis 0 and the whole of every other axis keeps
-    it a weight (that layer, axis kept), and squeezing that axis gives the layer; ``None``
-    for anything else."""
-    if not invals or not isinstance(invals[0], Weight):
-        return None
-    w, name, p = invals[0], eqn.primitive.name, eqn.params
-    q, kept = w.q, integer_scan.views_without_layer_axis(w.views)
-    stacked_on_0 = q.ndim >= 3 and all(a is None or a % q.ndim != 0 for a in (q.packed_axis, q.group_axis))
-    if not stacked_on_0 or kept is None:
-        return None
-    shape = view(np.broadcast_to(np.int8(0), q.shape), w.views, np).shape  # as the op sees it
-    if name == "squeeze":
-        if tuple(p["dimensions"]) != (0,) or shape[0] != 1:
-            return None
-        return Weight(w.path, integer_scan.layer_of(q, 0, 1, w.path), kept[0])
-    if name == "slice":
-        start, sizes = (
-            list(p["start_indices"]),
-            [b - a for a, b in zip(p["start_indices"], p["limit_indices"])],
-        )
-        if any(st not in (None, 1) for st in p["strides"] or ()):
-            return None
-    elif name == "dynamic_slice" and all(_is_static(x) for x in invals[1:]):
-        sizes = list(p["slice_sizes"])
-        start = [int(np.clip(int(np.asarray(v)), 0, n - k)) for v, n, k in zip(invals[1:], shape, sizes)]
-    else:
-        return None
-    if sizes[0] != 1 or any(a != 0 or k != n for a, k, n in zip(start[1:], sizes[1:], shape[1:])):
-        return None
-    layer = shape[0] - 1 - start[0] if kept[1] else start[0]  # the stored layer of a reversed view
-    return Weight(w.path, integer_scan.layer_of(q, layer, shape[0], w.path, keep_axis=True), w.views)
 
 
 def _output(x, program: _Program):
