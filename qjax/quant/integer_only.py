@@ -215,32 +215,34 @@ class _Program(IntegerMatmuls, integer_scan.ScannedValues):
                 outs = self._repeated[key][1]
                 if self.ranges is not None:
                     self._check_position(position + 1, eqn, where)
-                for v, x in zip(eqn.outvars, outs):
-                    if not isinstance(v, jcore.DropVar):
-                        env[v] = x
-                continue
-            outs = self._eqn(eqn, invals, where)
-            if self.ranges is not None:
-                position += 1  # entry 0: the arguments
-                self._check_position(position, eqn, where)
-                for o, r in zip(outs, self.ranges.values[position]):
-                    if isinstance(o, jax.core.Tracer) and r > 0:  # a float op on the input
-                        self._measured[id(o)] = (o, r)
-                # not an input returned as it is, nor a value measured at an inner position (a
-                # jit's result): a copy would not be the object a repeated op returns
-                passed = lambda o, ins=invals: any(o is x for x in ins) or o.real_bound is not None
-                outs = [
-                    dataclasses.replace(o, real_bound=r)
-                    if isinstance(o, (IntValue, chains.Chain)) and r >= 0 and not passed(o)
-                    else o
-                    for o, r in zip(outs, self.ranges.values[position])
-                ]
-            if key is not None:  # kept with its operands (their ids stay theirs)
-                self._repeated[key] = (invals, outs)
+            else:
+                outs = self._evaluate_eqn(eqn, invals, where, position)
+                if key is not None:  # kept with its operands (their ids stay theirs)
+                    self._repeated[key] = (invals, outs)
             for v, x in zip(eqn.outvars, outs):
                 if not isinstance(v, jcore.DropVar):
                     env[v] = x
         return [read(v) for v in jaxpr.outvars]
+
+    def _evaluate_eqn(self, eqn, invals, where: str, position: int) -> list:
+        """``eqn`` on integers, its outputs given their calibrated ranges (``position``)."""
+        outs = self._eqn(eqn, invals, where)
+        if self.ranges is not None:
+            position += 1  # entry 0: the arguments
+            self._check_position(position, eqn, where)
+            for o, r in zip(outs, self.ranges.values[position]):
+                if isinstance(o, jax.core.Tracer) and r > 0:  # a float op on the input
+                    self._measured[id(o)] = (o, r)
+            # not an input returned as it is, nor a value measured at an inner position (a
+            # jit's result): a copy would not be the object a repeated op returns
+            passed = lambda o, ins=invals: any(o is x for x in ins) or o.real_bound is not None
+            outs = [
+                dataclasses.replace(o, real_bound=r)
+                if isinstance(o, (IntValue, chains.Chain)) and r >= 0 and not passed(o)
+                else o
+                for o, r in zip(outs, self.ranges.values[position])
+            ]
+        return outs
 
     def _check_position(self, position: int, eqn, where: str) -> None:
         names = self.ranges.names

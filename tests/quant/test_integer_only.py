@@ -192,7 +192,7 @@ def test_weights_grouped_along_k_split_the_contraction(fmt, group, symmetric):
     # stored (N, K), as qjax.store_transposed (and the Pallas kernels) keep it: the same program
     transposed = qjax.store_transposed(qp, "w")
     np.testing.assert_array_equal(qjax.integer_only(f, policy, transposed)(x), got.astype(np.float32))
-    _close_to_served(lambda p, x: jax.nn.relu(f(p, x)), params, x, policy, rtol=1e-5)
+    _assert_close_to_served(lambda p, x: jax.nn.relu(f(p, x)), params, x, policy, rtol=1e-5)
 
 
 def test_repeated_ops_merge_only_equal_operands_and_rows_of_quantized_leaves():
@@ -232,7 +232,7 @@ def test_repeated_ops_merge_only_equal_operands_and_rows_of_quantized_leaves():
 # -- the review's cases ---------------------------------------------------------------------
 
 
-def _close_to_served(f, variables, x, policy, rtol=5e-3):
+def _assert_close_to_served(f, variables, x, policy, rtol=5e-3):
     stats = qjax.calibrate(f, policy, variables, [(x,)])
     qp = qjax.quantize_params(variables, policy, act_stats=stats)
     got, served = qjax.integer_only(f, policy, qp)(x), qjax.quantized(f, policy)(qp, x)
@@ -247,7 +247,7 @@ def test_sums_that_would_pass_int32_move_to_a_coarser_scale():
     x = jnp.ones((1, 1024, 256))
     params = {"w": jnp.ones((256, 4))}
     f = lambda p, x: jnp.mean(x @ p["w"], axis=1)
-    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=W8, act=A8)]), rtol=1e-5)
+    _assert_close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=W8, act=A8)]), rtol=1e-5)
 
 
 def test_wide_formats_use_wide_operands_or_are_refused():
@@ -255,7 +255,7 @@ def test_wide_formats_use_wide_operands_or_are_refused():
     params = {"w": jax.random.uniform(jax.random.key(6), (64, 8))}  # non-negative: uint8 codes
     f = lambda p, x: x @ p["w"]
     u8 = qjax.QuantSpec(qjax.uint8, channel_axes=(-1,))
-    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=u8, act=A8)]))
+    _assert_close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=u8, act=A8)]))
     w16 = qjax.QuantSpec(qjax.int16, channel_axes=(-1,))
     policy = qjax.Policy([qjax.Rule("w", weight=w16, act=qjax.QuantSpec(qjax.int16))])
     stats = qjax.calibrate(f, policy, params, [(x,)])
@@ -276,7 +276,7 @@ def test_weights_stored_transposed_or_reversed():
     net = nn.ConvTranspose(4, (3, 3), transpose_kernel=True)  # reads the kernel reversed
     x4 = jax.random.normal(jax.random.key(9), (2, 6, 6, 3))
     per_tensor = qjax.Policy([qjax.Rule(".*kernel", weight=qjax.QuantSpec(qjax.int8), act=A8)])
-    _close_to_served(net.apply, net.init(jax.random.key(10), x4), x4, per_tensor)
+    _assert_close_to_served(net.apply, net.init(jax.random.key(10), x4), x4, per_tensor)
 
 
 def policy_all():
@@ -291,9 +291,9 @@ def test_static_factors_on_either_side_infinite_identities_and_softmax():
     }
     policy = qjax.Policy([qjax.Rule(".*", weight=W8, act=A8)])
     f = lambda p, x: (0.5 * jnp.maximum(x @ p["w"], -jnp.inf)) @ p["v"]
-    _close_to_served(f, params, x, policy)
+    _assert_close_to_served(f, params, x, policy)
     g = lambda p, x: jax.nn.softmax(x @ p["w"]) @ p["v"]  # on integers too (test_integer_transformer)
-    _close_to_served(g, params, x, policy)
+    _assert_close_to_served(g, params, x, policy)
 
 
 class _Pools(nn.Module):
@@ -317,21 +317,21 @@ class _TinyBN(nn.Module):
 def test_strided_pools_tiny_batch_norm_factors_and_dead_layers():
     x4 = jax.random.normal(jax.random.key(16), (2, 8, 8, 3))
     net = _Pools()
-    _close_to_served(net.apply, net.init(jax.random.key(17), x4), x4, policy_all())
+    _assert_close_to_served(net.apply, net.init(jax.random.key(17), x4), x4, policy_all())
     bn = _TinyBN()
     v = dict(bn.init(jax.random.key(18), x4))
     v["params"] = {
         **v["params"],
         "BatchNorm_0": {"scale": jnp.ones(8).at[0].set(1e-7), "bias": jnp.full(8, 0.5)},
     }
-    _close_to_served(bn.apply, v, x4, policy_all())
+    _assert_close_to_served(bn.apply, v, x4, policy_all())
     # the next layer's range is below one step of the layer before: its codes saturate
     params = {
         "w": jax.random.normal(jax.random.key(19), (12, 6)),
         "v": jax.random.normal(jax.random.key(20), (6, 3)),
     }
     f = lambda p, x: (1e-9 * jax.nn.relu(x @ p["w"])) @ p["v"]
-    _close_to_served(
+    _assert_close_to_served(
         f,
         params,
         jax.random.normal(jax.random.key(21), (4, 12)),
@@ -355,7 +355,7 @@ def test_zero_points_of_activations_and_weights():
     variables = net.init(jax.random.key(23), x)
     for weight in (W8, qjax.QuantSpec(qjax.uint8, channel_axes=(-1,), symmetric=False)):
         act = qjax.QuantSpec(qjax.uint8, symmetric=False)
-        qp = _close_to_served(
+        qp = _assert_close_to_served(
             net.apply, variables, x, qjax.Policy([qjax.Rule(".*kernel", weight=weight, act=act)])
         )
         assert qp["params"]["c2"]["kernel"].act_zero_point is not None
@@ -368,4 +368,4 @@ def test_codes_wider_than_int16_take_int32_operands():
     f = lambda p, x: x @ p["w"]
     a16 = qjax.QuantSpec(qjax.int16, symmetric=False)
     w4 = qjax.QuantSpec(qjax.int4, channel_axes=(-1,))
-    _close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=w4, act=a16)]), rtol=1e-5)
+    _assert_close_to_served(f, params, x, qjax.Policy([qjax.Rule("w", weight=w4, act=a16)]), rtol=1e-5)
