@@ -20,7 +20,7 @@ from qjax.numerics.qarray import QArray
 from qjax.numerics.spec import PER_TOKEN
 from qjax.quant import op_stats as op_stats_lib
 from qjax.quant.dyadic import requantize
-from qjax.quant.integer_values import IntValue, _uniform, coarsen, compress
+from qjax.quant.integer_values import IntValue, coarsen, compress, uniform
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +179,7 @@ class IntegerMatmuls:
         acc = bind_eqn(group_eqn, operands)[0]  # (batch..., groups, free...)
         g_axis = len(w_b) - 1
         scale = s_act * self._out_scale(group_eqn, wi, split(w_scale, c, 1), acc.ndim)
-        parts = coarsen(_uniform(IntValue(acc, compress(scale), bound), (g_axis,), refine=True), groups)
+        parts = coarsen(uniform(IntValue(acc, compress(scale), bound), (g_axis,), refine=True), groups)
         return IntValue(
             jnp.sum(parts.data, axis=g_axis), np.squeeze(parts.scale, g_axis), parts.bound * groups
         )

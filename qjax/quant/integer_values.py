@@ -299,7 +299,7 @@ def _scaled(eqn, invals, fail) -> IntValue:
     return IntValue(data, _rank(scale, data.ndim), a.bound, sign=new_sign)
 
 
-def _uniform(a: IntValue, axes, refine: bool = False) -> IntValue:
+def uniform(a: IntValue, axes, refine: bool = False) -> IntValue:
     """``a`` rescaled so that its scale is constant along ``axes``: their maximum, or with
     ``refine`` that maximum divided by the power of two (up to ``2^14``) its bound allows."""
     axes = tuple(d for d in axes if a.scale.shape[d] > 1)
@@ -320,13 +320,13 @@ def _reduce(eqn, a: IntValue) -> IntValue:
             for d, k in enumerate(p["window_dimensions"])
             if k > 1 or out_shape[d] != a.data.shape[d]  # pooled, strided or padded
         ]
-        a = _uniform(a, axes)
+        a = uniform(a, axes)
         grow = math.prod(p["window_dimensions"]) if name == "reduce_window_sum" else 1
         a = coarsen(a, grow)
         return IntValue(bind_eqn(eqn, [a.data])[0], a.scale, a.bound * grow, sign=a.sign)
     axes = tuple(p["axes"])
     source = a
-    a = _uniform(a, axes, refine=name != "reduce_sum")
+    a = uniform(a, axes, refine=name != "reduce_sum")
     grow = math.prod(a.data.shape[d] for d in axes) if name == "reduce_sum" else 1
     a = coarsen(a, grow)
     out = bind_eqn(eqn, [a.data])[0]
@@ -408,7 +408,7 @@ def _normalized(x: IntValue, y: IntValue, fail) -> IntValue:
     # summands are shifted once so their sum stays below 2^29, and the denominator is the
     # exact sum (two int32 words) shifted once, so a long row's many small terms that
     # round to 0 as numerators still count in it (a vocabulary's softmax)
-    summands = _uniform(r.source, r.axes)  # x, or where(mask, x, 0): its masked quotients are 0
+    summands = uniform(r.source, r.axes)  # x, or where(mask, x, 0): its masked quotients are 0
     count = math.prod(summands.data.shape[d] for d in r.axes)
     total = max(summands.bound * count, 1.0)
     shift = max(0, math.ceil(math.log2(total / 2.0**29)))  # den < 2^30
